@@ -1,0 +1,249 @@
+"""The master <-> node wire protocol: framing, handshake, message names.
+
+The only module that speaks msgpack for the protocol. Grammar:
+
+    frame      := LENGTH(4 bytes, big endian) PAYLOAD(LENGTH bytes)
+    PAYLOAD    := msgpack map with a string key "t" naming the message
+
+Handshake (mutual HMAC-SHA256 challenge-response over the shared cluster key;
+each side proves it knows the key before it learns anything):
+
+    node   -> master  {"t": "hello", "v": VERSION, "nonce": Nn}          32 random bytes
+    master -> node    {"t": "challenge", "v": VERSION, "nonce": Nm,
+                       "mac": HMAC(key, "bpfs-master" Nn Nm)}
+    node   -> master  {"t": "auth", "mac": HMAC(key, "bpfs-node" Nm Nn)}
+    master -> node    {"t": "ok"}  |  {"t": "refused", "errno": E, "message": M}
+
+The domain tags keep one side's answer from ever being replayed as the
+other's. A version mismatch or a wrong MAC is refused (EACCES / EPROTO) and the
+connection closed. After the handshake, messages (all maps, "t" first):
+
+    node   -> master  register   node: int|None, facts: FACTS
+    master -> node    welcome    node: int, heartbeat: float (seconds)
+                      refused    errno, message      (then the master closes)
+    node   -> master  state      state: str          ("up" once booted)
+    node   -> master  facts      facts: FACTS        (the heartbeat; every `heartbeat` s)
+    master -> node    ctl        cmd: "reboot" | "halt" | "pwroff"
+
+    FACTS := {"hostname", "cpus", "arch", "kernel", "load": [l1, l5, l15],
+              "mem_total", "mem_available", "uptime"}
+
+A frame larger than the stream's limit, or a payload that is not a map with a
+string "t", raises ProtocolError: the caller closes that one connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from typing import Any
+
+import msgpack
+import trio
+
+from bpfs.errors import BpfsError
+
+VERSION = 1
+DEFAULT_PORT = 2223
+HANDSHAKE_MAX_FRAME = 4096
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+NONCE_BYTES = 32
+HANDSHAKE_TIMEOUT = 10.0
+
+Message = dict[str, Any]
+
+
+class ProtocolError(BpfsError):
+    """The peer broke the protocol; close its connection, keep serving others."""
+
+    def __init__(self, message: str, err: int = errno.EPROTO) -> None:
+        super().__init__(err, message)
+
+
+class AuthError(ProtocolError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.EACCES)
+
+
+def pack(msg: Message) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    return len(body).to_bytes(4, "big") + body
+
+
+def unpack(body: bytes) -> Message:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise ProtocolError(f"undecodable frame: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise ProtocolError("frame is not a message map with a string 't'")
+    return msg
+
+
+class FrameStream:
+    """Length-prefixed msgpack messages over a trio stream.
+
+    `receive` raises ProtocolError on an oversized or malformed frame and
+    EOFError when the peer closed cleanly between frames.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._send_lock = trio.Lock()
+
+    async def send(self, msg: Message) -> None:
+        data = pack(msg)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def _fill(self, n: int) -> bool:
+        while len(self._buf) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            if not chunk:
+                return False
+            self._buf += chunk
+        return True
+
+    async def receive(self) -> Message:
+        if not await self._fill(4):
+            if self._buf:
+                raise ProtocolError("connection closed inside a frame header")
+            raise EOFError("peer closed the connection")
+        length = int.from_bytes(self._buf[:4], "big")
+        if length > self.max_frame:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        if not await self._fill(4 + length):
+            raise ProtocolError("connection closed inside a frame")
+        body = bytes(self._buf[4:4 + length])
+        del self._buf[:4 + length]
+        return unpack(body)
+
+    async def expect(self, kind: str) -> Message:
+        msg = await self.receive()
+        if msg["t"] == "refused":
+            raise BpfsError(int(msg.get("errno", errno.EACCES)), str(msg.get("message", "refused")))
+        if msg["t"] != kind:
+            raise ProtocolError(f"expected {kind!r}, got {msg['t']!r}")
+        return msg
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+# ---- keys -------------------------------------------------------------------
+
+def create_key(path: str) -> bytes:
+    """Write a fresh random cluster key to `path` with mode 0600 (atomically)."""
+    key = secrets.token_hex(32).encode()
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return key
+
+
+def load_key(path: str) -> bytes:
+    """Read the cluster key; refuse one that group or others may read (EACCES)."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise BpfsError(exc.errno or errno.ENOENT, f"cluster key {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BpfsError(errno.EACCES, f"cluster key {path} is readable by others (chmod 600 it)")
+    if len(key) < 16:
+        raise BpfsError(errno.EINVAL, f"cluster key {path} is too short")
+    return key
+
+
+def _mac(key: bytes, tag: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(key, tag + a + b, hashlib.sha256).digest()
+
+
+def _nonce(msg: Message) -> bytes:
+    n = msg.get("nonce")
+    if not isinstance(n, bytes) or len(n) != NONCE_BYTES:
+        raise ProtocolError("bad nonce in handshake")
+    return n
+
+
+# ---- handshake ----------------------------------------------------------------
+
+async def client_handshake(fs: FrameStream, key: bytes) -> None:
+    """Node side. Raises AuthError if the master does not know the key or refuses us."""
+    nn = secrets.token_bytes(NONCE_BYTES)
+    await fs.send({"t": "hello", "v": VERSION, "nonce": nn})
+    ch = await fs.expect("challenge")
+    nm = _nonce(ch)
+    if not hmac.compare_digest(_mac(key, b"bpfs-master", nn, nm), bytes(ch.get("mac", b""))):
+        raise AuthError("the master does not know the cluster key")
+    await fs.send({"t": "auth", "mac": _mac(key, b"bpfs-node", nm, nn)})
+    try:
+        await fs.expect("ok")
+    except ProtocolError:
+        raise
+    except BpfsError as exc:
+        raise AuthError(f"master refused us: {exc.message}") from None
+
+
+async def server_handshake(fs: FrameStream, key: bytes) -> None:
+    """Master side. Raises AuthError (after telling the peer) on a wrong key or version."""
+    hello = await fs.expect("hello")
+    if hello.get("v") != VERSION:
+        await _refuse(fs, errno.EPROTO, f"protocol version {hello.get('v')!r} unsupported, want {VERSION}")
+        raise ProtocolError(f"peer speaks protocol version {hello.get('v')!r}")
+    nn = _nonce(hello)
+    nm = secrets.token_bytes(NONCE_BYTES)
+    await fs.send({"t": "challenge", "v": VERSION, "nonce": nm,
+                   "mac": _mac(key, b"bpfs-master", nn, nm)})
+    auth = await fs.expect("auth")
+    if not hmac.compare_digest(_mac(key, b"bpfs-node", nm, nn), bytes(auth.get("mac", b""))):
+        await _refuse(fs, errno.EACCES, "wrong cluster key")
+        raise AuthError("peer does not know the cluster key")
+    await fs.send({"t": "ok"})
+
+
+async def _refuse(fs: FrameStream, err: int, message: str) -> None:
+    try:
+        await fs.send({"t": "refused", "errno": err, "message": message})
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def connect(host: str, port: int, key: bytes) -> FrameStream:
+    """Open an authenticated connection to the master (node side)."""
+    stream = await trio.open_tcp_stream(host, port)
+    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await client_handshake(fs, key)
+    except BaseException:
+        await stream.aclose()
+        raise
+    fs.max_frame = DEFAULT_MAX_FRAME
+    return fs
+
+
+async def accept(stream: trio.abc.Stream, key: bytes) -> FrameStream:
+    """Authenticate a freshly accepted connection (master side); the caller closes on error."""
+    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await server_handshake(fs, key)
+    except EOFError:
+        raise AuthError("peer hung up during the handshake (it may hold another key)") from None
+    except trio.TooSlowError:
+        raise ProtocolError("handshake timed out", errno.ETIMEDOUT) from None
+    fs.max_frame = DEFAULT_MAX_FRAME
+    return fs
