@@ -17,6 +17,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWPID = 0x20000000
 
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
@@ -69,3 +70,54 @@ def set_pdeathsig(sig: int) -> None:
 def set_comm(name: str) -> None:
     """Set the name `ps -o comm`, `top` and pgrep show (15 bytes at most)."""
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+# ---- command line, as ps shows it ---------------------------------------------
+
+PR_SET_MM = 35
+PR_SET_MM_MAP = 14
+
+
+class _PrctlMmMap(ctypes.Structure):
+    """struct prctl_mm_map of <linux/prctl.h>."""
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+        "start_stack", "arg_start", "arg_end", "env_start", "env_end", "auxv")] + [
+        ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+
+
+_cmdline_buffers: list[ctypes.Array] = []    # must outlive the process's use of them
+
+
+def set_cmdline(argv: list[str]) -> bool:
+    """Make /proc/self/cmdline (what ps shows) read `argv`; False if the kernel said no.
+
+    For node daemons forked (not exec'd) by `bpfs up`, which would otherwise show
+    the command line of `bpfs up`. PR_SET_MM_MAP replaces the whole memory
+    descriptor map, so every other field is copied from /proc/self/stat (proc(5)
+    fields 26-28 and 45-51) and brk from sbrk(0). Unlike the single-field
+    PR_SET_MM_ARG_START it needs no CAP_SYS_RESOURCE (which this machine's root
+    lacks), only CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE.
+    """
+    raw = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    field = lambda n: int(fields[n - 3])  # noqa: E731  (proc(5) numbers from 1; ")" ends field 2)
+    sbrk = _libc.sbrk
+    sbrk.restype = ctypes.c_void_p
+    start = ctypes.addressof(buf)
+    mm = _PrctlMmMap(start_code=field(26), end_code=field(27), start_data=field(45),
+                     end_data=field(46), start_brk=field(47), brk=sbrk(ctypes.c_long(0)) or 0,
+                     start_stack=field(28), arg_start=start, arg_end=start + len(raw),
+                     env_start=field(50), env_end=field(51), auxv=0, auxv_size=0,
+                     exe_fd=0xFFFFFFFF)
+    ret = _libc.prctl(PR_SET_MM, ctypes.c_ulong(PR_SET_MM_MAP), ctypes.c_ulong(ctypes.addressof(mm)),
+                      ctypes.c_ulong(ctypes.sizeof(mm)), ctypes.c_ulong(0))
+    if ret != 0:
+        return False
+    _cmdline_buffers.append(buf)
+    return True

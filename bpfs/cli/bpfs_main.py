@@ -1,0 +1,136 @@
+"""bpfs: run a master, or a whole embedded cluster on this machine.
+
+    bpfs master [--mount DIR] [--listen H] [--port P] [--key FILE] [--state-file F]
+                [--nodes K] [--ping-timeout S] [--heartbeat S]
+    bpfs up --nodes K [--mount DIR] [--port P] [--state-dir DIR] [--ping-timeout S]
+            [--hide DIR]... [--detach] [--timeout S]
+    bpfs down [--mount DIR] [--state-dir DIR]
+
+`main(argv=None) -> int`. The mount defaults to $BPROC_MOUNT, else /bproc.
+Errors go through bpfs.cli.common.run: `bpfs: message` on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import click
+
+from bpfs.cli import common
+
+DEFAULT_PORT = 2223
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+mount_option = click.option(
+    "--mount", metavar="DIR", default=None,
+    help="Where /bproc is mounted (default: $BPROC_MOUNT, else /bproc).")
+state_dir_option = click.option(
+    "--state-dir", metavar="DIR", default=None,
+    help="Keys, PID records and logs of the embedded cluster (default: /var/lib/bpfs for "
+         "/bproc, /var/lib/bpfs/mounts/<escaped mount> for any other mount).")
+
+
+@click.group(context_settings=CONTEXT)
+def cli() -> None:
+    """bpfs: BProc's single process space for a cluster, as files under /bproc.
+
+    `bpfs up` starts a master and simulated nodes on this machine (root);
+    `bpfs master` and `bpslave` make a real cluster.
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@mount_option
+@click.option("--listen", default="0.0.0.0", show_default=True, metavar="HOST",
+              help="Address the node port listens on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="The node port.")
+@click.option("--key", "key_file", default="/etc/bpfs/cluster.key", show_default=True,
+              metavar="FILE", help="Cluster key file (mode 0600), shared with every node.")
+@click.option("--state-file", default="/var/lib/bpfs/state", show_default=True, metavar="FILE",
+              help="Where the master keeps node ACLs and states across restarts.")
+@click.option("--nodes", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+              help="Configured node count: nodes/0..K-1 exist from the start.")
+@click.option("--ping-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="S", help="A node silent this long is marked down.")
+@click.option("--heartbeat", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              metavar="S", help="How often nodes send their facts.")
+def master(mount: str | None, listen: str, port: int, key_file: str, state_file: str,
+           nodes: int, ping_timeout: float, heartbeat: float) -> int:
+    """Run the master daemon in the foreground: serve the node port, mount /bproc.
+
+    SIGTERM or SIGINT unmounts cleanly and exits 0.
+    """
+    from bpfs.master import MasterConfig, run_master
+    cfg = MasterConfig(mount=common.mount_point(mount), listen=listen, port=port,
+                       key_file=key_file, state_file=state_file, nodes=nodes,
+                       ping_timeout=ping_timeout, heartbeat=heartbeat)
+    return run_master(cfg)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--nodes", type=click.IntRange(min=1), required=True, metavar="K",
+              help="How many simulated nodes (numbered 0..K-1, hostnames n0..nK-1).")
+@mount_option
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="The master's node port (on 127.0.0.1).")
+@state_dir_option
+@click.option("--ping-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="S", help="A node silent this long is marked down.")
+@click.option("--hide", multiple=True, metavar="DIR",
+              help="Cover DIR with an empty tmpfs inside every node (so something exists "
+                   "only on the master). Repeatable.")
+@click.option("--detach", is_flag=True,
+              help="Return once the mount answers and every node is up (the cluster keeps "
+                   "running; stop it with `bpfs down`). Without it, stay in the foreground "
+                   "and tear everything down on Ctrl-C or SIGTERM.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="S",
+              help="Give up (and stop what was started) if not ready after S seconds "
+                   "(default 30 + 0.25 per node).")
+def up(nodes: int, mount: str | None, port: int, state_dir: str | None, ping_timeout: float,
+       hide: tuple[str, ...], detach: bool, timeout: float | None) -> int:
+    """Start an embedded cluster: a master and K simulated nodes on this machine.
+
+    Each node is a real bpslave, PID 1 of its own PID, mount and UTS namespaces
+    (hostname nN, its own /proc, a private tmpfs on /scratch), talking to the
+    master over loopback. Needs root. Refuses (EBUSY) if a cluster is already up
+    on the mount. The cluster key is created in the state directory if missing.
+    """
+    from bpfs.node import embedded
+    layout = embedded.Layout.make(common.mount_point(mount), state_dir)
+    opts = embedded.UpOptions(nodes=nodes, port=port, ping_timeout=ping_timeout,
+                              hide=list(hide), detach=detach, timeout=timeout)
+    return embedded.up(layout, opts)
+
+
+@cli.command(context_settings=CONTEXT)
+@mount_option
+@state_dir_option
+def down(mount: str | None, state_dir: str | None) -> int:
+    """Stop the embedded cluster on the mount: exactly the processes `bpfs up`
+    recorded (SIGTERM, then SIGKILL after 5 s), then unmount. Idempotent."""
+    from bpfs.node import embedded
+    return embedded.down(embedded.Layout.make(common.mount_point(mount), state_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    def body() -> int:
+        try:
+            rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bpfs",
+                          standalone_mode=False)
+        except click.UsageError as exc:
+            exc.show()
+            return common.EXIT_USAGE
+        except click.ClickException as exc:
+            exc.show()
+            return exc.exit_code
+        except click.exceptions.Abort:
+            raise KeyboardInterrupt from None
+        return rv if isinstance(rv, int) else 0
+    return common.run("bpfs", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

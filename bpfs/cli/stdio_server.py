@@ -1,0 +1,616 @@
+"""bpsh's side of the stdio links: accept the nodes' connections, forward, reap, time out.
+
+One `StdioServer` serves one bpsh run. It knows the run's processes (`add_process`:
+rank, node, PID, which of fds 0/1/2 come back as links), then `run()` loops until
+every process is reaped and every output link it will ever get has reached EOF:
+
+- the listening socket: a node connects once per remote fd whose IO is "socket" and
+  sends `bpfs.execreq` header first; a connection whose header is not this run's
+  (wrong token, unknown PID, garbage, too long) is closed and forgotten. An `err`
+  header means the migration of that PID failed: `N: strerror(errno)` on stderr, and
+  nothing more is expected from that PID.
+- stdin: what is read from `stdin_fd` is broadcast to every fd-0 link. The buffer is
+  kept until every process that may still connect its stdin has consumed it (so a
+  node that connects late still gets all of stdin, as in bproc); reading stops while
+  the buffer is full. At EOF each stdin link gets shutdown(SHUT_WR) once it has
+  everything. Data or EOF arriving *on* a stdin link closes it (the process is gone).
+- stdout/stderr links: copied to `stdout_fd`/`stderr_fd` unbuffered (big reads,
+  `os.write`), or by whole lines (`line_buffered`; `prefix` adds "%3d: " with the
+  node number), or in node order (`sequential`: only the current rank's links are
+  read, the others wait in their sockets; `dividers` prints bproc's divider line).
+  If our stdout is a broken pipe, every stdout link is closed so the remote
+  programs get EPIPE as they would in a local pipeline.
+- launch failures: bpsh's children report a failed ctl write or execve as fixed-size
+  records on `status_fd` (see `pack_failure`); the server prints the message and
+  expects no links from that rank.
+- children: SIGCHLD wakes the loop (signal.set_wakeup_fd) and each known PID is
+  reaped with waitpid(WNOHANG). Links a reaped PID never connected are waited for
+  `late_grace` seconds more (a connection made before the process ran can still be
+  in flight), then given up: nothing hangs, and no output that was sent is lost.
+- signals to bpsh (INT, QUIT, TERM, HUP, USR1, USR2, CONT) are forwarded to every
+  live child (the ghosts forward them to the real processes); TSTP is forwarded and
+  then stops bpsh itself. After the third SIGINT the children get SIGKILL.
+
+Errors: OSErrors from our own stdout/stderr other than EPIPE propagate to the caller;
+errors on a link close that link only.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import select
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bpfs.execreq import HEADER_MAX, parse_header
+
+DIVIDER = "-" * 69
+RAW_CHUNK = 1 << 20             # read size for unbuffered output links
+STDIN_BUFFER = 4 << 20          # the most of stdin held for slow readers
+LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID
+FORWARDED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP,
+             signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGTSTP)
+TERMINATING = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+
+# launch failure records written by bpsh's children on the status pipe
+STAGE_CTL, STAGE_EXEC = 1, 2
+_RECORD = struct.Struct("=iii")     # rank, stage, errno (12 bytes: atomic in a pipe)
+
+
+def pack_failure(rank: int, stage: int, err: int) -> bytes:
+    return _RECORD.pack(rank, stage, err)
+
+
+@dataclass
+class OutputOptions:
+    """bpsh's -L, -p, -s, -d and -b."""
+    line_buffered: bool = False
+    prefix: bool = False
+    sequential: bool = False
+    dividers: bool = False
+    buffer_size: int = 4096
+
+
+@dataclass(eq=False)
+class Proc:
+    """One rank: a child of bpsh (its ghost) and the links it sends back."""
+    rank: int
+    node: int
+    pid: int
+    expect: set[int]                        # fds not yet connected
+    links: list["Link"] = field(default_factory=list)   # open stdout/stderr links
+    stdin_link: "Link | None" = None
+    status: int | None = None               # waitpid status once reaped
+    reaped_at: float = 0.0
+    failed: bool = False                    # never ran: expect nothing more
+
+    def settled(self, now: float, grace: float) -> bool:
+        """Reaped, all its output drained, and no link still worth waiting for."""
+        if self.status is None or self.links:
+            return False
+        waiting = (self.expect - {0}) and not self.failed
+        return not waiting or now >= self.reaped_at + grace
+
+
+@dataclass(eq=False)
+class Link:
+    sock: socket.socket
+    proc: Proc
+    fd: int
+    pending: bytearray = field(default_factory=bytearray)   # partial line (line mode)
+    events: int = 0                                          # what the selector watches
+
+
+class _Sink:
+    """bpsh's stdout or stderr: whole writes, even to a non-blocking fd; notes a broken pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.broken = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    select.select([], [self.fd], [], 1.0)
+                    continue
+                view = view[n:]
+        except BrokenPipeError:
+            self.broken = True
+
+
+class _Stdin:
+    """The stdin broadcast buffer: an absolute offset per reader, trimmed to the slowest."""
+
+    def __init__(self, fd: int | None, capacity: int) -> None:
+        self.fd = fd
+        self.capacity = capacity
+        self.buf = bytearray()
+        self.base = 0               # absolute offset of buf[0]
+        self.eof = fd is None
+        self.readers: dict[Proc, int] = {}      # proc -> absolute offset it has been sent
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    def wants_input(self) -> bool:
+        return not self.eof and bool(self.readers) and len(self.buf) < self.capacity
+
+    def read(self) -> None:
+        assert self.fd is not None
+        try:
+            data = os.read(self.fd, min(RAW_CHUNK, self.capacity - len(self.buf)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
+    def has_pending(self, proc: Proc) -> bool:
+        return self.readers.get(proc, self.end) < self.end
+
+    def pending(self, proc: Proc) -> memoryview:
+        return memoryview(self.buf)[self.readers[proc] - self.base:]
+
+    def consumed(self, proc: Proc, n: int) -> None:
+        self.readers[proc] += n
+        self._trim()
+
+    def drop(self, proc: Proc) -> None:
+        if self.readers.pop(proc, None) is not None:
+            self._trim()
+
+    def _trim(self) -> None:
+        low = min(self.readers.values(), default=self.end)
+        if low > self.base:
+            del self.buf[:low - self.base]
+            self.base = low
+
+
+class StdioServer:
+    """Serves one bpsh run; see the module docstring. Use from the main thread."""
+
+    def __init__(self, listener: socket.socket | None, token: str,
+                 options: OutputOptions | None = None, *, stdin_fd: int | None = 0,
+                 stdout_fd: int = 1, stderr_fd: int = 2, status_fd: int | None = None,
+                 command: str = "", prog: str = "bpsh", late_grace: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.listener = listener
+        self.token = token
+        self.opt = options or OutputOptions()
+        self.out, self.err = _Sink(stdout_fd), _Sink(stderr_fd)
+        self.stdin = _Stdin(stdin_fd, max(STDIN_BUFFER, self.opt.buffer_size))
+        self.status_fd = status_fd
+        self.command, self.prog = command, prog
+        self.grace = LATE_GRACE if late_grace is None else late_grace
+        self.clock = clock
+        self.procs: list[Proc] = []
+        self.by_pid: dict[int, Proc] = {}
+        self.sel = selectors.PollSelector()     # poll, unlike epoll, takes regular files
+        self.chunk = bytearray(max(RAW_CHUNK, self.opt.buffer_size))
+        self.current = 0                        # sequential: index of the rank being shown
+        self.signals: list[int] = []            # signals bpsh received, in order
+        self._stdin_registered = False
+        self._wake_r = self._wake_w = -1
+        self._sigchld = True
+        self._last_reap = 0.0
+
+    # ---- set-up ---------------------------------------------------------------------
+
+    def add_process(self, rank: int, node: int, pid: int, expect: set[int]) -> Proc:
+        """Register a child; `expect` holds the fds (0, 1, 2) it will connect back."""
+        proc = Proc(rank, node, pid, set(expect))
+        self.procs.append(proc)
+        self.by_pid[pid] = proc
+        if 0 in proc.expect:
+            self.stdin.readers[proc] = self.stdin.base
+        return proc
+
+    def add_link(self, proc: Proc, fd: int, sock: socket.socket) -> None:
+        """A link that exists already (a local child's socketpair end)."""
+        sock.setblocking(False)
+        proc.expect.discard(fd)
+        self._attach(proc, fd, sock)
+
+    def install_signals(self) -> None:
+        """Catch SIGCHLD and the forwarded signals; call before forking (run() does too)."""
+        if self._wake_r >= 0:
+            return
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
+        self._old_handlers = {sig: signal.signal(sig, _noop)
+                              for sig in (signal.SIGCHLD, *FORWARDED)}
+
+    # ---- the loop -------------------------------------------------------------------
+
+    def run(self) -> list[Proc]:
+        """Serve until every process is settled; returns the processes in rank order."""
+        self.install_signals()
+        try:
+            self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+            if self.listener is not None:
+                self.listener.setblocking(False)
+                self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
+            if self.status_fd is not None:
+                self.sel.register(self.status_fd, selectors.EVENT_READ, self._on_status)
+            if self.opt.dividers and self.procs:
+                self._divider()
+            while True:
+                if self._sigchld or self.clock() - self._last_reap >= 1.0:
+                    self._reap()
+                self._advance()
+                if self._done():
+                    break
+                self._update_interest()
+                for key, events in self.sel.select(self._timeout()):
+                    key.data(events)
+        finally:
+            self._restore_signals()
+            self._close_all()
+        return sorted(self.procs, key=lambda p: p.rank)
+
+    def _done(self) -> bool:
+        now = self.clock()
+        return self.current >= len(self.procs) and all(
+            p.settled(now, self.grace) for p in self.procs)
+
+    def _timeout(self) -> float:
+        now = self.clock()
+        waits = [p.reaped_at + self.grace - now for p in self.procs
+                 if p.status is not None and not p.failed and p.expect - {0}]
+        if waits:
+            return max(0.0, min(waits)) + 0.001
+        return 1.0      # a backstop for a lost SIGCHLD
+
+    def _advance(self) -> None:
+        """Sequential mode: move to the next rank once the current one is settled."""
+        if not self.opt.sequential:
+            self.current = len(self.procs)
+            return
+        now = self.clock()
+        while self.current < len(self.procs) and \
+                self.procs[self.current].settled(now, self.grace):
+            self.current += 1
+            if self.opt.dividers and self.current < len(self.procs):
+                self._divider()
+
+    def _divider(self) -> None:
+        self.out.write(f"{self.procs[self.current].node}\t{DIVIDER}\n".encode())
+
+    def _update_interest(self) -> None:
+        want = self.stdin.wants_input()
+        if want != self._stdin_registered:
+            assert self.stdin.fd is not None
+            if want:
+                self.sel.register(self.stdin.fd, selectors.EVENT_READ, self._on_stdin)
+            else:
+                self.sel.unregister(self.stdin.fd)
+            self._stdin_registered = want
+        shown = self.procs[self.current].rank \
+            if self.opt.sequential and self.current < len(self.procs) else None
+        for proc in self.procs:
+            link = proc.stdin_link
+            if link is not None:
+                events = selectors.EVENT_READ
+                if self.stdin.has_pending(proc):
+                    events |= selectors.EVENT_WRITE
+                self._watch(link, events, self._on_stdin_link)
+            if shown is None or proc.rank == shown:
+                for link in proc.links:
+                    self._watch(link, selectors.EVENT_READ, self._on_output)
+
+    def _watch(self, link: Link, events: int, handler: Callable[[Link, int], None]) -> None:
+        if link.events == events:
+            return
+        callback = lambda ev, link=link: handler(link, ev)  # noqa: E731
+        if link.events:
+            self.sel.modify(link.sock, events, callback)
+        else:
+            self.sel.register(link.sock, events, callback)
+        link.events = events
+
+    # ---- connections ----------------------------------------------------------------
+
+    def _on_accept(self, events: int) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._warn(f"accept: {os.strerror(e.errno or _errno.EIO)}")
+                if e.errno not in (_errno.EMFILE, _errno.ENFILE, _errno.ECONNABORTED):
+                    self.sel.unregister(self.listener)
+                return
+            sock.setblocking(False)
+            got = bytearray()
+            self.sel.register(sock, selectors.EVENT_READ,
+                              lambda ev, sock=sock, got=got: self._on_header(sock, got))
+
+    def _on_header(self, sock: socket.socket, got: bytearray) -> None:
+        """Read the header line without reading past it: peek, then take what is header."""
+        try:
+            peek = sock.recv(HEADER_MAX - len(got), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            peek = b""
+        nl = peek.find(b"\n")
+        if not peek or (nl < 0 and len(got) + len(peek) >= HEADER_MAX):
+            self._drop(sock)
+            return
+        got += sock.recv(nl + 1 if nl >= 0 else len(peek))
+        if nl < 0:
+            return                                  # the rest of the header later
+        self.sel.unregister(sock)
+        header = parse_header(bytes(got), self.token)
+        proc = self.by_pid.get(header.pid) if header else None
+        if header is None or proc is None:
+            sock.close()
+        elif header.fd < 0:
+            sock.close()
+            self._migration_failed(proc, header.errno)
+        elif header.fd not in proc.expect or proc.failed:
+            if not proc.failed:
+                self._warn(f"too many connections from pid {proc.pid} (fd {header.fd})")
+            sock.close()
+        else:
+            proc.expect.discard(header.fd)
+            self._attach(proc, header.fd, sock)
+
+    def _attach(self, proc: Proc, fd: int, sock: socket.socket) -> None:
+        link = Link(sock, proc, fd)
+        if fd == 0:
+            if proc.status is not None or proc not in self.stdin.readers:
+                sock.close()                        # too late: the process is gone
+                return
+            proc.stdin_link = link
+            self._maybe_finish_stdin(proc)
+        elif (fd == 1 and self.out.broken) or (fd == 2 and self.err.broken):
+            sock.close()
+        else:
+            proc.links.append(link)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self.sel.unregister(sock)
+        sock.close()
+
+    def _migration_failed(self, proc: Proc, err: int) -> None:
+        if not proc.failed:
+            self._warn_raw(f"{proc.node}: {os.strerror(err)}")
+        self._give_up(proc)
+
+    def _give_up(self, proc: Proc) -> None:
+        proc.failed = True
+        self._close_stdin_link(proc)
+        self.stdin.drop(proc)
+
+    def _on_status(self, events: int) -> None:
+        self._read_status()
+
+    def _read_status(self) -> None:
+        """Launch failure records from the children (see STAGE_*)."""
+        if self.status_fd is None:
+            return
+        try:
+            data = os.read(self.status_fd, _RECORD.size * 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self.sel.unregister(self.status_fd)
+            os.close(self.status_fd)
+            self.status_fd = None
+            return
+        for off in range(0, len(data) - _RECORD.size + 1, _RECORD.size):
+            rank, stage, err = _RECORD.unpack_from(data, off)
+            proc = next((p for p in self.procs if p.rank == rank), None)
+            if stage == STAGE_CTL:
+                self._warn_raw(f"{proc.node if proc else rank}: {os.strerror(err)}")
+            else:
+                self._warn(f"{self.command}: {os.strerror(err)}")
+            if proc is not None:
+                self._give_up(proc)
+
+    # ---- stdin ------------------------------------------------------------------------
+
+    def _on_stdin(self, events: int) -> None:
+        self.stdin.read()
+        if self.stdin.eof:
+            for proc in self.procs:
+                self._maybe_finish_stdin(proc)
+
+    def _on_stdin_link(self, link: Link, events: int) -> None:
+        proc = link.proc
+        if events & selectors.EVENT_READ:
+            self._close_stdin_link(proc)            # the remote end went away
+            return
+        try:
+            n = link.sock.send(self.stdin.pending(proc))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close_stdin_link(proc)
+            return
+        self.stdin.consumed(proc, n)
+        self._maybe_finish_stdin(proc)
+
+    def _maybe_finish_stdin(self, proc: Proc) -> None:
+        """At stdin's EOF, once a link has all of it: shutdown(SHUT_WR), watch for its close."""
+        link = proc.stdin_link
+        if link is None or not self.stdin.eof or self.stdin.has_pending(proc) \
+                or proc not in self.stdin.readers:
+            return
+        try:
+            link.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.stdin.drop(proc)
+
+    def _close_stdin_link(self, proc: Proc) -> None:
+        self.stdin.drop(proc)
+        link, proc.stdin_link = proc.stdin_link, None
+        if link is not None:
+            if link.events:
+                self.sel.unregister(link.sock)
+            link.sock.close()
+
+    # ---- stdout and stderr ------------------------------------------------------------
+
+    def _on_output(self, link: Link, events: int) -> None:
+        try:
+            n = link.sock.recv_into(self.chunk)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        sink = self.out if link.fd == 1 else self.err
+        if n == 0:
+            self._flush_partial(link, sink)
+            self._close_output(link)
+            return
+        data = memoryview(self.chunk)[:n]
+        if self.opt.line_buffered:
+            self._lines(link, sink, data)
+        else:
+            sink.write(data)
+        if sink.broken:
+            self._close_broken(link.fd)
+
+    def _lines(self, link: Link, sink: _Sink, data: memoryview) -> None:
+        """Write whole lines only; a line longer than the buffer goes in buffer-sized pieces
+        (with -p each piece gets the prefix and a newline, as bproc's do_line_buff_io)."""
+        buf, size = link.pending, self.opt.buffer_size
+        buf += data
+        pre = self._prefix(link)
+        out, start = [], 0
+        while True:
+            nl = buf.find(b"\n", start, start + size)
+            if nl >= 0:
+                out += (pre, buf[start:nl + 1])
+                start = nl + 1
+            elif len(buf) - start >= size:
+                out += (pre, buf[start:start + size], b"\n" if pre else b"")
+                start += size
+            else:
+                break
+        del buf[:start]
+        if out:
+            sink.write(b"".join(out))
+
+    def _prefix(self, link: Link) -> bytes:
+        return b"%3d: " % link.proc.node if self.opt.prefix else b""
+
+    def _flush_partial(self, link: Link, sink: _Sink) -> None:
+        if link.pending:
+            nl = b"\n" if self.opt.prefix else b""
+            sink.write(self._prefix(link) + bytes(link.pending) + nl)
+            link.pending.clear()
+
+    def _close_output(self, link: Link) -> None:
+        link.proc.links.remove(link)
+        if link.events:
+            self.sel.unregister(link.sock)
+        link.sock.close()
+
+    def _close_broken(self, fd: int) -> None:
+        """Our stdout (or stderr) is a broken pipe: close every link that feeds it."""
+        for proc in self.procs:
+            for link in [lk for lk in proc.links if lk.fd == fd]:
+                link.pending.clear()
+                self._close_output(link)
+
+    # ---- children and signals ---------------------------------------------------------
+
+    def _reap(self) -> None:
+        self._sigchld = False
+        self._last_reap = self.clock()
+        for proc in self.procs:
+            if proc.status is not None:
+                continue
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = proc.pid, 255 << 8    # reaped by someone else: unknown
+            if pid:
+                self._read_status()                 # a launch failure is written before exit
+                proc.status, proc.reaped_at = status, self.clock()
+                self._close_stdin_link(proc)
+
+    def _on_wakeup(self, events: int) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for sig in data:
+            if sig == signal.SIGCHLD:
+                self._sigchld = True
+            elif sig in FORWARDED:
+                self._forward(sig)
+
+    def _forward(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == signal.SIGINT and self.signals.count(signal.SIGINT) >= 3:
+            sig = signal.SIGKILL
+        for proc in self.procs:
+            if proc.status is None:
+                try:
+                    os.kill(proc.pid, sig)
+                except OSError:
+                    pass
+        if sig == signal.SIGTSTP:                   # stop ourselves too, like a shell job;
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)   # SIGCONT is forwarded on resume
+            os.kill(os.getpid(), signal.SIGTSTP)
+            signal.signal(signal.SIGTSTP, _noop)
+
+    def _restore_signals(self) -> None:
+        if self._wake_r < 0:
+            return
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+    # ---- misc -------------------------------------------------------------------------
+
+    def _warn(self, message: str) -> None:
+        self._warn_raw(f"{self.prog}: {message}")
+
+    def _warn_raw(self, line: str) -> None:
+        self.err.write(f"{line}\n".encode())
+
+    def _close_all(self) -> None:
+        for key in list(self.sel.get_map().values()):
+            obj = key.fileobj
+            if isinstance(obj, socket.socket) and obj is not self.listener:
+                obj.close()
+        self.sel.close()
+        if self.status_fd is not None:
+            os.close(self.status_fd)
+            self.status_fd = None
+        for proc in self.procs:
+            for link in proc.links:
+                link.sock.close()
+            if proc.stdin_link is not None:
+                proc.stdin_link.sock.close()
+
+
+def _noop(signum: int, frame: object) -> None:
+    """Signal handler: the work is done by the loop, woken through the wakeup fd."""

@@ -1,0 +1,142 @@
+"""Control messages written to /bproc ctl files, Plan 9 Cmdtab style.
+
+A write holds one command per line; each line is split into words like a
+POSIX shell does (quotes group words: `exec sh -c 'echo hi'`). Each command
+is looked up in a table of `Command(name, (min_args, max_args), handler)`;
+adding a command is adding a row. Lines run in order and the first failure
+stops the write: its BpfsError is the write's result (commands on earlier
+lines have run). The handler's text (`ok`, or later `ok PID`) is what reading
+the ctl handle back gives.
+
+Refusals, all EINVAL unless the command says otherwise:
+    empty write, not UTF-8, NUL or other control bytes, more than MAX_CTL_WRITE
+    bytes, unbalanced quotes; "unknown control message 'foo'";
+    "wrong number of arguments for 'state'".
+
+nodes/N/ctl commands:
+    state STATE              root only (EPERM); up|unavailable|error (EINVAL);
+                             node down: EHOSTDOWN
+    reboot | halt | pwroff   root only (EPERM); the master sends
+                             {"t": "ctl", "cmd": ...} to the node daemon;
+                             node down: EHOSTDOWN
+"""
+
+from __future__ import annotations
+
+import errno
+import shlex
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+from bpfs.errors import BpfsError, einval
+from bpfs.model import POWER_COMMANDS, Caller, Cluster
+
+MAX_CTL_WRITE = 4096
+
+
+class Services(Protocol):
+    """What ctl handlers and the fs adapter need from the master."""
+
+    cluster: Cluster
+
+    async def send_node(self, node: int, msg: dict[str, Any]) -> None:
+        """Send a wire message to node `node`'s daemon; EHOSTDOWN if not connected."""
+
+    async def persist(self) -> None:
+        """Write the state file if persistent data changed; returns once it is on disk."""
+
+
+@dataclass(frozen=True)
+class CtlContext:
+    services: Services
+    caller: Caller
+    target: int               # the node number (nodes/N/ctl) or pid (procs/P/ctl)
+
+
+Handler = Callable[[CtlContext, list[str]], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    nargs: tuple[int, int | None]     # min, max (None: unbounded)
+    handler: Handler
+
+
+def parse(data: bytes) -> list[list[str]]:
+    """Split a ctl write into commands (lists of words); EINVAL for garbage."""
+    if len(data) > MAX_CTL_WRITE:
+        raise einval(f"control message longer than {MAX_CTL_WRITE} bytes")
+    if b"\0" in data:
+        raise einval("control message contains NUL bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise einval("control message is not UTF-8 text") from None
+    if any(not ch.isprintable() and ch not in "\t\n\r" for ch in text):
+        raise einval("control message contains binary data")
+    commands = [_split(line) for line in text.split("\n")]
+    commands = [c for c in commands if c]
+    if not commands:
+        raise einval("empty control message")
+    return commands
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as exc:
+        raise einval(f"bad quoting in control message: {exc}") from None
+
+
+def lookup(table: Sequence[Command], words: list[str]) -> Command:
+    """The table row for `words`; EINVAL naming the command when it does not fit."""
+    name, args = words[0], words[1:]
+    for cmd in table:
+        if cmd.name == name:
+            lo, hi = cmd.nargs
+            if len(args) < lo or (hi is not None and len(args) > hi):
+                raise einval(f"wrong number of arguments for '{name}'")
+            return cmd
+    raise einval(f"unknown control message '{_printable(name)}'")
+
+
+def _printable(name: str) -> str:
+    return name if len(name) <= 64 else name[:61] + "..."
+
+
+async def execute(table: Sequence[Command], ctx: CtlContext, data: bytes) -> str:
+    """Run every command of a write in order; the last one's result text."""
+    result = ""
+    for words in parse(data):
+        cmd = lookup(table, words)
+        result = await cmd.handler(ctx, words[1:])
+    return result
+
+
+# ---- nodes/N/ctl ---------------------------------------------------------------
+
+async def _state(ctx: CtlContext, args: list[str]) -> str:
+    ctx.services.cluster.set_admin_state(ctx.target, args[0], ctx.caller)
+    await ctx.services.persist()
+    return "ok"
+
+
+def _power(cmd: str) -> Handler:
+    async def handler(ctx: CtlContext, args: list[str]) -> str:
+        cluster = ctx.services.cluster
+        cluster.check_power(ctx.target, cmd, ctx.caller)
+        cluster.mark_power(ctx.target, cmd)
+        await ctx.services.send_node(ctx.target, {"t": "ctl", "cmd": cmd})
+        return "ok"
+    return handler
+
+
+NODE_CTL: tuple[Command, ...] = (
+    Command("state", (1, 1), _state),
+    *(Command(c, (0, 0), _power(c)) for c in POWER_COMMANDS),
+)
+
+
+def node_down(n: int) -> BpfsError:
+    return BpfsError(errno.EHOSTDOWN, f"node {n} is down")

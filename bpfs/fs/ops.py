@@ -1,0 +1,360 @@
+"""pyfuse3 Operations for /bproc: thin handlers over the model and the tree tables.
+
+Permissions: mounted *without* default_permissions, because a node directory's
+mode is an ACL for running processes, not for reading: every node's status and
+info are readable by all even when its directory is 0100. So the kernel checks
+nothing and these handlers do: read-only files refuse opening for writing
+(EACCES), setattr on a node directory is chmod/chown/chgrp by the model's
+rules, ctl commands check permission per command.
+
+Errors: `fuse_errors` is the one place a BpfsError becomes FUSEError(errno);
+any other exception is logged with its traceback and becomes EIO, so no bad
+input or bug in a handler takes the daemon down.
+
+Callers: uid/gid come from the request; supplementary groups from /proc
+(bpfs/fs/procfs.py). pyfuse3 gives `write` no request context, so a ctl
+handle's caller is the one who opened it (Unix credentials-at-open semantics).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import select
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from bpfs import ctl, formats
+from bpfs.errors import BpfsError
+from bpfs.fs import procfs
+from bpfs.fs.inodes import Ino, Kind, NODE_KINDS, PROC_KINDS
+from bpfs.fs.tree import (FILES, NODE_FILES, PROC_FILES, ROOT_DIRS, ROOT_FILES, FileSpec,
+                          parse_number, spec_named)
+from bpfs.model import Caller
+
+log = logging.getLogger("bpfs.fs")
+
+SIGNAL_POLL = 0.2          # seconds between checks for a signal to a blocked events reader
+ATTR_TIMEOUT = 0.0         # everything is dynamic: no kernel caching of attrs or entries
+
+T = TypeVar("T")
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map BpfsError to FUSEError(errno); log anything else and answer EIO."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except BpfsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def caller_from_ctx(ctx: Any, *, with_groups: bool = True) -> Caller:
+    groups = procfs.groups(ctx.pid) if with_groups else frozenset()
+    return Caller(ctx.uid, ctx.gid, groups, ctx.pid)
+
+
+@dataclass
+class Handle:
+    ino: Ino
+    caller: Caller
+    spec: FileSpec | None = None           # None for directories
+    data: bytes = b""                       # rendered content, or a ctl's last result
+    cursor: int = 0                         # events: next sequence number wanted
+    pending: bytes = b""                    # events: rendered, not yet read
+    nonblock: bool = False
+    entries: list[tuple[str, Ino]] = field(default_factory=list)   # directories
+    poll_handle: Any = None
+
+
+class BpfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, services: ctl.Services) -> None:
+        super().__init__()
+        self.services = services
+        self.cluster = services.cluster
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._changed = trio.Event()
+        self._time_ns = time.time_ns()
+        self.cluster.events.subscribe(self._wake)
+
+    # ---- events wakeup ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        for h in self._handles.values():
+            if h.poll_handle is not None:
+                ph, h.poll_handle = h.poll_handle, None
+                ph.notify()
+
+    # ---- resolving names and inodes -------------------------------------------------
+
+    def _check(self, ino: Ino) -> Ino:
+        """`ino` if what it names still exists, else ENOENT."""
+        if ino.kind in NODE_KINDS and not self.cluster.has_node(ino.id):
+            raise BpfsError(errno.ENOENT, f"no node {ino.id}")
+        if ino.kind in PROC_KINDS:
+            p = self.cluster.procs.get(ino.id)
+            if p is None or p.gen != ino.gen:
+                raise BpfsError(errno.ENOENT, f"no process {ino.id}")
+        return ino
+
+    def _decode(self, inode: int) -> Ino:
+        try:
+            return self._check(Ino.decode(inode))
+        except ValueError:
+            raise BpfsError(errno.ENOENT, f"no inode {inode}") from None
+
+    def _child(self, parent: Ino, name: str) -> Ino:
+        if parent.kind == Kind.ROOT:
+            for spec in ROOT_FILES:
+                if spec.name == name:
+                    return Ino(spec.kind)
+            for dname, kind in ROOT_DIRS:
+                if dname == name:
+                    return Ino(kind)
+        elif parent.kind == Kind.NODES:
+            n = parse_number(name)
+            if n is not None and self.cluster.has_node(n):
+                return Ino(Kind.NODE_DIR, n)
+        elif parent.kind == Kind.PROCS:
+            pid = parse_number(name)
+            p = self.cluster.procs.get(pid) if pid is not None else None
+            if p is not None:
+                return Ino(Kind.PROC_DIR, p.pid, p.gen)
+        elif parent.kind in (Kind.NODE_DIR, Kind.PROC_DIR):
+            spec = spec_named(NODE_FILES if parent.kind == Kind.NODE_DIR else PROC_FILES, name)
+            if spec is not None:
+                return Ino(spec.kind, parent.id, parent.gen)
+        else:
+            raise BpfsError(errno.ENOTDIR, "not a directory")
+        raise BpfsError(errno.ENOENT, f"no {name!r} here")
+
+    def _entries(self, d: Ino) -> list[tuple[str, Ino]]:
+        if d.kind == Kind.ROOT:
+            return [(s.name, Ino(s.kind)) for s in ROOT_FILES] + \
+                   [(name, Ino(kind)) for name, kind in ROOT_DIRS]
+        if d.kind == Kind.NODES:
+            return [(str(n.number), Ino(Kind.NODE_DIR, n.number)) for n in self.cluster.nodes()]
+        if d.kind == Kind.PROCS:
+            return [(str(p.pid), Ino(Kind.PROC_DIR, p.pid, p.gen))
+                    for p in sorted(self.cluster.procs.values(), key=lambda p: p.pid)]
+        table = NODE_FILES if d.kind == Kind.NODE_DIR else PROC_FILES
+        return [(s.name, Ino(s.kind, d.id, d.gen)) for s in table]
+
+    def _attr(self, ino: Ino) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino.encode()
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        a.st_uid = a.st_gid = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._time_ns
+        a.st_blksize = 4096
+        if ino.is_dir:
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o555, 2, 0
+            if ino.kind == Kind.NODE_DIR:
+                node = self.cluster.node(ino.id)
+                a.st_mode, a.st_uid, a.st_gid = stat.S_IFDIR | node.mode, node.uid, node.gid
+            elif ino.kind == Kind.PROC_DIR:
+                p = self.cluster.proc(ino.id)
+                a.st_uid, a.st_gid = p.uid, p.gid
+            return a
+        spec = FILES[ino.kind]
+        a.st_mode, a.st_nlink = stat.S_IFREG | spec.mode, 1
+        a.st_size = len(spec.read(self.cluster, ino.id).encode()) if spec.read else 0
+        if ino.kind in PROC_KINDS:
+            p = self.cluster.proc(ino.id)
+            a.st_uid, a.st_gid = p.uid, p.gid
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    # ---- metadata ----------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attr(self._child(self._decode(parent_inode), os.fsdecode(name)))
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attr(self._decode(inode))
+
+    async def forget(self, inode_list: Any) -> None:
+        pass    # nothing is kept per inode
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        """chmod/chown/chgrp of node directories; truncating a ctl file is a no-op.
+
+        Time updates are ignored everywhere (touch succeeds and changes nothing).
+        """
+        ino = self._decode(inode)
+        changes_owner = fields.update_mode or fields.update_uid or fields.update_gid
+        if ino.kind == Kind.NODE_DIR and changes_owner:
+            await self._chattr(ino.id, attr, fields, caller_from_ctx(ctx))
+        elif changes_owner:
+            raise BpfsError(errno.EPERM, "only node directories change mode or owner")
+        elif fields.update_size and (ino.is_dir or FILES[ino.kind].write is None):
+            raise BpfsError(errno.EISDIR if ino.is_dir else errno.EACCES, "read-only file")
+        return self._attr(ino)
+
+    async def _chattr(self, n: int, attr: Any, fields: Any, caller: Caller) -> None:
+        if fields.update_uid or fields.update_gid:
+            self.cluster.chown(n, attr.st_uid if fields.update_uid else None,
+                               attr.st_gid if fields.update_gid else None, caller)
+        if fields.update_mode:
+            self.cluster.chmod(n, attr.st_mode & 0o7777, caller)
+        await self.services.persist()
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        """Everything may be read and traversed by all; only ctl files are writable."""
+        ino = self._decode(inode)
+        if mode & os.W_OK:
+            return not ino.is_dir and FILES[ino.kind].write is not None
+        return True
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    # ---- directories ---------------------------------------------------------------------
+
+    def _new_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = h
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise BpfsError(errno.EBADF, f"no open handle {fh}") from None
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        ino = self._decode(inode)
+        if not ino.is_dir:
+            raise BpfsError(errno.ENOTDIR, "not a directory")
+        return self._new_handle(Handle(ino, caller_from_ctx(ctx, with_groups=False),
+                                       entries=self._entries(ino)))
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._handle(fh).entries
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            try:
+                attr = self._attr(self._check(ino))
+            except BpfsError:
+                continue        # vanished since opendir
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, i + 1):
+                break
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # ---- files ------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        ino = self._decode(inode)
+        if ino.is_dir:
+            raise BpfsError(errno.EISDIR, "is a directory")
+        spec = FILES[ino.kind]
+        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        if writing and spec.write is None:
+            raise BpfsError(errno.EACCES, f"{spec.name} is read-only")
+        h = Handle(ino, caller_from_ctx(ctx, with_groups=spec.write is not None), spec,
+                   nonblock=bool(flags & os.O_NONBLOCK))
+        if spec.read is not None:
+            h.data = spec.read(self.cluster, ino.id).encode()
+        if spec.stream:
+            h.cursor = self.cluster.events.cursor()
+        fh = self._new_handle(h)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=spec.stream)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        assert h.spec is not None
+        if h.spec.stream:
+            return await self._read_events(h, size)
+        if h.spec.read is not None and off == 0:
+            self._check(h.ino)
+            h.data = h.spec.read(self.cluster, h.ino.id).encode()   # re-read from 0: fresh
+        return h.data[off:off + size]
+
+    async def _read_events(self, h: Handle, size: int) -> bytes:
+        """Block until an event after the handle's cursor exists; EINTR if the reader is signalled."""
+        while not h.pending:
+            events, h.cursor = self.cluster.events.since(h.cursor)
+            if events:
+                h.pending = "".join(formats.render_event(e) for e in events).encode()
+                break
+            if h.nonblock:
+                raise BpfsError(errno.EAGAIN, "no new events")
+            with trio.move_on_after(SIGNAL_POLL):
+                await self._changed.wait()
+            if procfs.interrupting_signal(h.caller.pid):
+                raise BpfsError(errno.EINTR, "interrupted")
+        out, h.pending = h.pending[:size], h.pending[size:]
+        return out
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """Run the ctl commands in `buf`; the errno of the first failure is the write's."""
+        h = self._handle(fh)
+        if h.spec is None or h.spec.write is None:
+            raise BpfsError(errno.EBADF, "not writable")
+        self._check(h.ino)
+        context = ctl.CtlContext(self.services, h.caller, h.ino.id)
+        try:
+            result = await ctl.execute(h.spec.write, context, bytes(buf))
+        except BpfsError as exc:
+            h.data = f"{exc.message}\n".encode()
+            raise
+        h.data = f"{result}\n".encode()
+        return len(buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @fuse_errors
+    async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: Any) -> int:
+        """events is readable when it has news; every other file always is."""
+        h = self._handle(fh)
+        if h.spec is None or not h.spec.stream:
+            return select.POLLIN | select.POLLOUT
+        if h.pending or self.cluster.events.cursor() > h.cursor:
+            return select.POLLIN
+        if poll_handle is not None:
+            h.poll_handle = poll_handle
+        return 0

@@ -1,0 +1,100 @@
+"""The /bproc tree as tables: which names each directory holds, and how each
+file is read and written. Rendering goes through bpfs.formats, so the text is
+exactly what the CLIs parse.
+
+    /status /events /nodes/ /procs/
+    /nodes/N/   status ctl info procs         (dir mode/uid/gid = node ACL)
+    /procs/P/   status node                   (dir owned by the process's uid)
+
+Adding a file is adding a `FileSpec` row (and a Kind in inodes.py). `read`
+renders the whole content from the model; `write` is a ctl command table; a
+`stream` file (events) is read by the fs layer from its per-handle cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from bpfs import formats
+from bpfs.ctl import NODE_CTL, Command
+from bpfs.fs.inodes import Kind
+from bpfs.model import Cluster
+
+Renderer = Callable[[Cluster, int], str]
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    name: str
+    kind: Kind
+    mode: int
+    read: Renderer | None           # None: content is per handle (ctl result, events)
+    write: Sequence[Command] | None = None
+    stream: bool = False
+
+
+def render_cluster_status(cluster: Cluster, _: int = 0) -> str:
+    return formats.render_status(
+        formats.NodeRow(n.number, n.state, n.mode, formats.user_name(n.uid),
+                        formats.group_name(n.gid), n.address)
+        for n in cluster.nodes())
+
+
+def render_node_status(cluster: Cluster, n: int) -> str:
+    return formats.render_word(cluster.node(n).state)
+
+
+def render_node_info(cluster: Cluster, n: int) -> str:
+    node = cluster.node(n)
+    f = node.facts
+    return formats.render_info(formats.NodeInfo(
+        node.address, f.hostname, f.cpus, f.arch, f.kernel, f.load, f.mem_total,
+        f.mem_available, f.uptime, len(cluster.procs_on(n))))
+
+
+def render_node_procs(cluster: Cluster, n: int) -> str:
+    return formats.render_pids(cluster.procs_on(n))
+
+
+def render_proc_status(cluster: Cluster, pid: int) -> str:
+    p = cluster.proc(pid)
+    return formats.render_proc_status(formats.ProcStatus(
+        p.pid, p.node, p.state, p.uid, p.gid, p.cmd, p.started, p.exit))
+
+
+def render_proc_node(cluster: Cluster, pid: int) -> str:
+    return formats.render_word(cluster.proc(pid).node)
+
+
+ROOT_FILES: tuple[FileSpec, ...] = (
+    FileSpec("status", Kind.STATUS, 0o444, render_cluster_status),
+    FileSpec("events", Kind.EVENTS, 0o444, None, stream=True),
+)
+ROOT_DIRS: tuple[tuple[str, Kind], ...] = (("nodes", Kind.NODES), ("procs", Kind.PROCS))
+
+NODE_FILES: tuple[FileSpec, ...] = (
+    FileSpec("status", Kind.NODE_STATUS, 0o444, render_node_status),
+    FileSpec("ctl", Kind.NODE_CTL, 0o666, None, NODE_CTL),
+    FileSpec("info", Kind.NODE_INFO, 0o444, render_node_info),
+    FileSpec("procs", Kind.NODE_PROCS, 0o444, render_node_procs),
+)
+
+PROC_FILES: tuple[FileSpec, ...] = (
+    FileSpec("status", Kind.PROC_STATUS, 0o444, render_proc_status),
+    FileSpec("node", Kind.PROC_NODE, 0o444, render_proc_node),
+)
+
+FILES: dict[Kind, FileSpec] = {s.kind: s for s in (*ROOT_FILES, *NODE_FILES, *PROC_FILES)}
+
+
+def spec_named(table: Sequence[FileSpec], name: str) -> FileSpec | None:
+    return next((s for s in table if s.name == name), None)
+
+
+def parse_number(name: str) -> int | None:
+    """A directory name that is a canonical decimal number (no sign, no leading 0)."""
+    if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")) \
+            and len(name) <= 10:
+        return int(name)
+    return None

@@ -1,0 +1,336 @@
+"""The bpfs master daemon: node server, cluster model, /bproc mount.
+
+    run_master(MasterConfig(...)) -> int        blocking; SIGTERM/SIGINT: unmount, return 0
+    await nursery.start(serve_master, cfg)      for tests; started() with the bound port
+    python -m bpfs.master --help                the same from a shell
+
+Node connections (protocol in bpfs/wire.py): authenticate (`wire.accept`),
+then `register` -> `welcome` (or `refused` and close), then the node's
+messages are dispatched by `NODE_MESSAGES`; every message counts as a
+heartbeat. A node silent for `ping_timeout` seconds, or whose connection
+drops, is marked down. A wrong key, a malformed or oversized frame closes that
+connection only, with a log line naming the peer. Data the user set (ACLs,
+admin states, node numbers) is written to the state file before the command
+that changed it returns.
+
+Errors that stop the master (unreadable key, corrupt state file, port in use,
+mount point busy) are logged as one line and `run_master` returns 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from bpfs import statefile, wire
+from bpfs.errors import BpfsError
+from bpfs.fs import mount as fsmount
+from bpfs.fs.ops import BpfsOperations
+from bpfs.model import Cluster, Facts
+
+log = logging.getLogger("bpfs.master")
+
+MAX_NODE_FRAME = 16 * 1024 * 1024     # what a node may send us in one frame
+REGISTER_TIMEOUT = 10.0
+SEND_TIMEOUT = 10.0
+
+
+@dataclass
+class MasterConfig:
+    mount: str = "/bproc"
+    listen: str = "0.0.0.0"           # host to listen on; the embedded cluster uses 127.0.0.1
+    port: int = 2223
+    key_file: str = "/etc/bpfs/cluster.key"
+    state_file: str = "/var/lib/bpfs/state"
+    nodes: int = 0                     # configured node count: nodes/0..K-1 exist (down) from the start
+    ping_timeout: float = 5.0          # node marked down when no heartbeat for this long
+    heartbeat: float = 1.0             # interval told to nodes in `welcome`
+
+
+@dataclass
+class NodeConn:
+    number: int
+    stream: wire.FrameStream
+    peer: str
+    scope: trio.CancelScope
+
+
+NodeHandler = Callable[["Master", NodeConn, dict[str, Any], float], Awaitable[None]]
+
+
+async def _on_facts(master: "Master", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+    master.cluster.heartbeat(conn.number, Facts.from_wire(msg.get("facts")), now)
+
+
+async def _on_state(master: "Master", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+    try:
+        master.cluster.reported_state(conn.number, str(msg.get("state")), now)
+    except BpfsError as exc:
+        log.warning("node %d (%s): %s", conn.number, conn.peer, exc)
+
+
+# Messages a registered node may send; add a row for a new one.
+NODE_MESSAGES: dict[str, NodeHandler] = {"facts": _on_facts, "state": _on_state}
+
+
+class Master:
+    """The master's services (ctl.Services): the model, node connections, persistence."""
+
+    def __init__(self, cfg: MasterConfig, cluster: Cluster, key: bytes) -> None:
+        self.cfg = cfg
+        self.cluster = cluster
+        self.key = key
+        self.conns: dict[int, NodeConn] = {}
+        self._persist_lock = trio.Lock()
+        self._saved_revision = -1
+
+    # ---- ctl.Services ------------------------------------------------------------
+
+    async def send_node(self, node: int, msg: dict[str, Any]) -> None:
+        conn = self.conns.get(node)
+        if conn is None:
+            raise BpfsError(errno.EHOSTDOWN, f"node {node} is down")
+        try:
+            with trio.fail_after(SEND_TIMEOUT):
+                await conn.stream.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            conn.scope.cancel()
+            raise BpfsError(errno.EHOSTDOWN, f"node {node}: connection lost") from None
+
+    async def persist(self) -> None:
+        """Write the state file if ACLs, admin states or node numbers changed (EIO if it fails)."""
+        async with self._persist_lock:
+            revision = self.cluster.revision
+            if revision == self._saved_revision:
+                return
+            saved = self.cluster.saved()
+            try:
+                await trio.to_thread.run_sync(statefile.save, self.cfg.state_file, saved)
+            except OSError as exc:
+                log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+                raise BpfsError(errno.EIO, f"state not saved: {exc.strerror}") from None
+            self._saved_revision = revision
+
+    # ---- node connections ----------------------------------------------------------
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """One node daemon's connection, start to end; never raises."""
+        peer = _peer(stream)
+        try:
+            await self._serve_connection(stream, peer)
+        except Exception:
+            log.exception("node connection from %s failed", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
+        try:
+            fs = await wire.accept(stream, self.key)
+        except wire.AuthError as exc:
+            log.warning("refused node connection from %s: %s", peer, exc)
+            return
+        except (BpfsError, EOFError, trio.BrokenResourceError, OSError) as exc:
+            log.warning("bad handshake from %s: %s", peer, exc)
+            return
+        fs.max_frame = MAX_NODE_FRAME
+        number = await self._register(fs, peer)
+        if number is not None:
+            await self._serve_node(NodeConn(number, fs, peer, trio.CancelScope()))
+
+    async def _register(self, fs: wire.FrameStream, peer: str) -> int | None:
+        try:
+            with trio.fail_after(REGISTER_TIMEOUT):
+                msg = await fs.expect("register")
+            requested = msg.get("node")
+            if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool)):
+                raise BpfsError(errno.EINVAL, f"node number {requested!r} is not an integer")
+            number = self.cluster.attach(requested, peer.rsplit(":", 1)[0],
+                                         Facts.from_wire(msg.get("facts")), trio.current_time())
+        except BpfsError as exc:
+            log.warning("refused registration from %s: %s", peer, exc)
+            await _refuse(fs, exc)
+            return None
+        except (trio.TooSlowError, EOFError, trio.BrokenResourceError, OSError) as exc:
+            log.warning("no registration from %s: %s", peer, exc or type(exc).__name__)
+            return None
+        log.info("node %d registered from %s", number, peer)
+        return number
+
+    async def _serve_node(self, conn: NodeConn) -> None:
+        n = conn.number
+        self.conns[n] = conn
+        try:
+            with conn.scope:
+                await conn.stream.send({"t": "welcome", "node": n, "heartbeat": self.cfg.heartbeat})
+                await self._persist_quietly()
+                await self._receive_loop(conn)
+        except wire.ProtocolError as exc:
+            log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)
+        except EOFError:
+            log.info("node %d (%s) closed its connection", n, conn.peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("node %d (%s): connection lost: %s", n, conn.peer, exc)
+        finally:
+            if self.conns.get(n) is conn:
+                del self.conns[n]
+                self.cluster.detach(n)
+        if conn.scope.cancelled_caught:
+            log.info("node %d (%s): connection closed by the master", n, conn.peer)
+
+    async def _receive_loop(self, conn: NodeConn) -> None:
+        while True:
+            msg = await conn.stream.receive()
+            now = trio.current_time()
+            handler = NODE_MESSAGES.get(msg["t"])
+            if handler is None:
+                self.cluster.heartbeat(conn.number, None, now)
+                log.warning("node %d sent unknown message %r; ignored", conn.number, msg["t"][:40])
+                continue
+            await handler(self, conn, msg, now)
+
+    async def _persist_quietly(self) -> None:
+        try:
+            await self.persist()
+        except BpfsError:
+            pass        # logged by persist; the node may still serve
+
+    async def watchdog(self) -> None:
+        """Close the connections of nodes silent for longer than ping_timeout."""
+        timeout = self.cfg.ping_timeout
+        while True:
+            await trio.sleep(max(0.05, min(timeout / 4, 1.0)))
+            for n in self.cluster.stale(trio.current_time(), timeout):
+                conn = self.conns.get(n)
+                log.warning("node %d: no heartbeat for %.1f s; marking it down", n, timeout)
+                if conn is not None:
+                    del self.conns[n]
+                    conn.scope.cancel()
+                self.cluster.detach(n)
+
+
+async def _refuse(fs: wire.FrameStream, exc: BpfsError) -> None:
+    try:
+        with trio.move_on_after(2):
+            await fs.send({"t": "refused", "errno": exc.errno, "message": exc.message})
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError):
+        return "?"
+
+
+# ---- the daemon ------------------------------------------------------------------------
+
+async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled or unmounted from outside; `task_status.started(port)`.
+
+    Raises BpfsError (key, state file, mount) or OSError (port) before starting.
+    """
+    key = wire.load_key(cfg.key_file)
+    cluster = Cluster(cfg.nodes)
+    saved = statefile.load(cfg.state_file)
+    if saved:
+        cluster.restore(saved)
+    master = Master(cfg, cluster, key)
+    await master.persist()
+    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.listen)
+    port = listeners[0].socket.getsockname()[1]
+    ops = BpfsOperations(master)
+    try:
+        fsmount.mount(ops, cfg.mount)
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    log.info("master serving %s, nodes on %s:%d (%d configured)", cfg.mount, cfg.listen, port,
+             len(cluster.nodes()))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            nursery.start_soon(trio.serve_listeners, master.handle_connection, listeners)
+            nursery.start_soon(master.watchdog)
+            task_status.started(port)
+    finally:
+        fsmount.unmount()
+        log.info("unmounted %s", cfg.mount)
+
+
+async def _run_fuse(scope: trio.CancelScope) -> None:
+    await fsmount.serve()
+    log.warning("the filesystem was unmounted from outside; stopping")
+    scope.cancel()
+
+
+async def _run(cfg: MasterConfig) -> int:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                await serve_master(cfg, task_status=task_status)
+                nursery.cancel_scope.cancel()
+            await nursery.start(serve)
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def run_master(cfg: MasterConfig) -> int:
+    """Run the master until SIGTERM/SIGINT (0) or a fatal error (logged, 1)."""
+    setup_logging()
+    try:
+        return trio.run(_run, cfg)
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        if not all(isinstance(e, (BpfsError, OSError)) for e in leaves):
+            raise
+        for e in leaves:
+            log.error("master: %s", e)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = MasterConfig()
+    p = argparse.ArgumentParser(prog="python -m bpfs.master", description="Run the bpfs master daemon.")
+    p.add_argument("--mount", default=d.mount)
+    p.add_argument("--listen", default=d.listen, help="host to listen on for node daemons")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--key-file", default=d.key_file)
+    p.add_argument("--state-file", default=d.state_file)
+    p.add_argument("--nodes", type=int, default=d.nodes, help="configured node count")
+    p.add_argument("--ping-timeout", type=float, default=d.ping_timeout)
+    p.add_argument("--heartbeat", type=float, default=d.heartbeat)
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    setup_logging(logging.DEBUG if a.debug else logging.INFO)
+    return run_master(MasterConfig(a.mount, a.listen, a.port, a.key_file, a.state_file, a.nodes,
+                                   a.ping_timeout, a.heartbeat))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

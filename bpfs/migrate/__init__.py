@@ -1,0 +1,56 @@
+"""The migration engine: dump a process at its entry point on the master, restore it on a node.
+
+Master side (every call for one tracee from ONE thread: ptrace accepts only the tracer thread)::
+
+    seize_for_exec(pid) -> None
+        PTRACE_SEIZE a running process that will execve by itself (a bpsh child), with
+        PTRACE_O_TRACEEXEC | PTRACE_O_EXITKILL (if the master dies, the ghost dies).
+    wait_exec_and_dump(pid, timeout) -> Image
+        Wait for its exec, refuse set-uid/set-gid/file-capability programs (EPERM), run it to
+        AT_ENTRY, dump it and leave it stopped under ptrace: the ghost. ETIMEDOUT, ESRCH.
+    launch(argv, env=None, cwd=None) -> pid      fork+exec traced, stopped at AT_ENTRY
+    dump(pid) -> Image                           dump a tracee stopped at AT_ENTRY
+    kill(pid) -> None                            SIGKILL a tracee (and reap it if our child)
+    read_contents(image, hashes) -> {hash: bytes}  file contents a node lacks (ESTALE if changed)
+
+Image (`bpfs.migrate.image`, format documented there): `.pid`, `.argv`, `.comm`, `.exe_path`,
+`.cwd`, `.uid`, `.gid`, `.groups`, `.file_refs()` -> [FileRef(hash, size, path)],
+`.contents` (inline file contents, usually empty); `dumps(img) -> bytes`, `loads(bytes)`
+(EINVAL "corrupt image: ..." on any defect).
+
+File negotiation (two steps, the node keeps a cache so repeats are by reference only)::
+
+    master: data = dumps(img)                              -> node
+    node:   restorer.missing(loads(data)) -> [hash]         -> master
+    master: read_contents(img, missing)   -> {hash: bytes}  -> node
+    node:   restorer.restore(img, ..., file_content=those)
+
+Node side (from a process inside the target PID namespace, one thread)::
+
+    Restorer(cache_dir=None)            holds the pre-cleaned helper; close() or `with`
+    Restorer.missing(image) -> [hash]
+    Restorer.restore(image, *, pid=None, uid, gid, groups=(), fds=(0, 1, 2),
+                     file_content=None) -> pid
+        The process is a CHILD of the caller (waitpid it), running, not traced, with PID `pid`
+        (default image.pid), the given credentials (never root unless uid 0), fds 0-2 = `fds`,
+        cwd = image.cwd if it exists and the user may enter it, else "/".
+        Errors (BpfsError/MigrateError): EINVAL corrupt image or bad content, ENOENT a file the
+        node lacks was not sent, ENOEXEC other kernel build, EOPNOTSUPP CPU lacks features,
+        EEXIST the PID is taken, EPERM/EACCES as the kernel says.
+    FileCache(dir)                      received file contents keyed by hash
+    Restorer.host -> Host               this node's kernel/vdso/CPU facts
+
+`bpfs.migrate.loopnode.LoopNode` runs a Restorer as PID 1 of new PID + mount namespaces, for
+tests and benchmarks.
+"""
+
+from bpfs.migrate.master import (kill, launch, read_contents, seize_for_exec,
+                               wait_exec_and_dump)
+from bpfs.migrate.master import dump
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.filecache import FileCache
+from bpfs.migrate.image import FileRef, Host, Image, dumps, loads
+from bpfs.migrate.restore import Restorer
+
+__all__ = ["seize_for_exec", "wait_exec_and_dump", "launch", "dump", "kill", "read_contents",
+           "Image", "FileRef", "Host", "dumps", "loads", "Restorer", "FileCache", "MigrateError"]

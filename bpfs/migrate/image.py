@@ -1,0 +1,358 @@
+"""The migration image: one process stopped at its entry point, as msgpack. Owned by this module.
+
+Grammar (msgpack; every map below has exactly these string keys; ints are unsigned unless said)::
+
+    image    = { "magic": "bpfs-image", "version": 1,
+                 "pid": int, "argv": [str], "comm": str, "exe": int (index into files),
+                 "cwd": str, "uid": int, "gid": int, "groups": [int],
+                 "umask": int, "personality": int,
+                 "regs": bin(216)   (struct user_regs_struct),
+                 "xstate": bin      (NT_X86_XSTATE as GETREGSET returned it),
+                 "auxv": bin        (16-byte pairs ending with AT_NULL),
+                 "mm": mm, "sigmask": int,
+                 "sigactions": [[sig, handler, flags, restorer, mask]],   only non-default ones
+                 "rseq": nil | [addr, size, signature],
+                 "robust": nil | [head, len], "tid_address": nil | int,
+                 "special": { name: [start, end] }   name in vvar, vvar_vclock, vdso, vsyscall
+                 "host": host, "files": [file], "regions": [region],
+                 "contents": { hash: bin } }        file contents carried inline (may be empty)
+    mm       = { start_code, end_code, start_data, end_data, start_brk, brk, start_stack,
+                 arg_start, arg_end, env_start, env_end: int }
+    host     = { "kernel": str, "vdso": str (hash of the vdso bytes), "cpu_flags": [str],
+                 "xcr0": int, "xstate_size": int }
+    file     = { "hash": "sha256:" hex64, "size": int, "path": str }
+    region   = { "start": int, "end": int, "prot": int (PROT_* bits), "kind": "anon" | "file",
+                 "growsdown": bool, "file": int (index into files, -1 for anon),
+                 "offset": int, "pages": [[addr, bin]] }   page runs that must be written
+
+Addresses are page-aligned and below 2**47; regions are sorted and disjoint and do not meet the
+special mappings; page runs lie inside their region. `loads` checks all of that and raises
+`MigrateError(EINVAL, "corrupt image: ...")`, so a restore never starts from a bad image.
+Version 1 is the first; a reader refuses any other version rather than guess.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import msgpack
+
+from bpfs.migrate.errors import MigrateError, corrupt
+from bpfs.migrate.ptrace import REGS_SIZE, Regs
+
+MAGIC = "bpfs-image"
+VERSION = 1
+PAGE = 4096
+TASK_SIZE = 1 << 47
+MAX_IMAGE = 1 << 34
+SPECIAL_NAMES = ("vvar", "vvar_vclock", "vdso", "vsyscall")
+MM_KEYS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+           "start_stack", "arg_start", "arg_end", "env_start", "env_end")
+HASH_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+
+
+@dataclass
+class FileRef:
+    """A file some region maps: who it is (content hash, size) and where the master had it."""
+
+    hash: str
+    size: int
+    path: str
+
+
+@dataclass
+class Region:
+    """One private mapping to recreate, with the page runs whose content must be written."""
+
+    start: int
+    end: int
+    prot: int
+    kind: str  # "anon" or "file"
+    growsdown: bool = False
+    file: int = -1
+    offset: int = 0
+    pages: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Host:
+    """Facts of the master a node must match to run the image (kernel build, CPU features)."""
+
+    kernel: str
+    vdso: str
+    cpu_flags: list[str]
+    xcr0: int
+    xstate_size: int
+
+
+@dataclass
+class Image:
+    pid: int
+    argv: list[str]
+    comm: str
+    exe: int
+    cwd: str
+    uid: int
+    gid: int
+    groups: list[int]
+    umask: int
+    personality: int
+    regs: bytes
+    xstate: bytes
+    auxv: bytes
+    mm: dict[str, int]
+    sigmask: int
+    sigactions: list[tuple[int, int, int, int, int]]
+    rseq: tuple[int, int, int] | None
+    robust: tuple[int, int] | None
+    tid_address: int | None
+    special: dict[str, tuple[int, int]]
+    host: Host
+    files: list[FileRef]
+    regions: list[Region]
+    contents: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def exe_path(self) -> str:
+        return self.files[self.exe].path
+
+    def file_refs(self) -> list[FileRef]:
+        """The files this image maps by reference (the node must have each, or get it)."""
+        return list(self.files)
+
+    def registers(self) -> Regs:
+        return Regs.unpack(self.regs)
+
+    def page_bytes(self) -> int:
+        return sum(len(d) for r in self.regions for _, d in r.pages)
+
+
+# ---- encoding ----
+
+def _to_obj(img: Image) -> dict[str, Any]:
+    return {
+        "magic": MAGIC, "version": VERSION, "pid": img.pid, "argv": img.argv, "comm": img.comm,
+        "exe": img.exe, "cwd": img.cwd, "uid": img.uid, "gid": img.gid, "groups": img.groups,
+        "umask": img.umask, "personality": img.personality, "regs": img.regs,
+        "xstate": img.xstate, "auxv": img.auxv, "mm": img.mm, "sigmask": img.sigmask,
+        "sigactions": [list(a) for a in img.sigactions],
+        "rseq": list(img.rseq) if img.rseq else None,
+        "robust": list(img.robust) if img.robust else None, "tid_address": img.tid_address,
+        "special": {k: list(v) for k, v in img.special.items()},
+        "host": {"kernel": img.host.kernel, "vdso": img.host.vdso,
+                 "cpu_flags": img.host.cpu_flags, "xcr0": img.host.xcr0,
+                 "xstate_size": img.host.xstate_size},
+        "files": [{"hash": f.hash, "size": f.size, "path": f.path} for f in img.files],
+        "regions": [{"start": r.start, "end": r.end, "prot": r.prot, "kind": r.kind,
+                     "growsdown": r.growsdown, "file": r.file, "offset": r.offset,
+                     "pages": [[a, d] for a, d in r.pages]} for r in img.regions],
+        "contents": img.contents,
+    }
+
+
+def dumps(img: Image) -> bytes:
+    return msgpack.packb(_to_obj(img), use_bin_type=True)
+
+
+def dump(img: Image, fp: BinaryIO) -> None:
+    fp.write(dumps(img))
+
+
+def loads(data: bytes) -> Image:
+    """Decode and check an image; any defect raises MigrateError(EINVAL, "corrupt image: ...")."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise corrupt("not bytes")
+    if len(data) > MAX_IMAGE:
+        raise corrupt("too large")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False,
+                              max_bin_len=MAX_IMAGE, max_str_len=1 << 24)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise corrupt(f"not msgpack ({type(exc).__name__})") from exc
+    return _from_obj(obj)
+
+
+def load(fp: BinaryIO) -> Image:
+    return loads(fp.read())
+
+
+# ---- checking ----
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise corrupt(what)
+
+
+def _map(obj: Any, keys: tuple[str, ...], what: str) -> dict:
+    _check(isinstance(obj, dict), f"{what} is not a map")
+    missing = [k for k in keys if k not in obj]
+    _check(not missing, f"{what} lacks {', '.join(missing)}")
+    extra = [k for k in obj if k not in keys]
+    _check(not extra, f"{what} has unknown keys {extra!r}")
+    return obj
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    _check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+           f"{what} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    _check(isinstance(v, str), f"{what} is not a string")
+    return v
+
+
+def _bin(v: Any, what: str) -> bytes:
+    _check(isinstance(v, bytes), f"{what} is not binary")
+    return v
+
+
+def _addr(v: Any, what: str, aligned: bool = True) -> int:
+    _int(v, what, 0, TASK_SIZE)
+    _check(not aligned or v % PAGE == 0, f"{what} is not page-aligned")
+    return v
+
+
+def _list(v: Any, what: str) -> list:
+    _check(isinstance(v, list), f"{what} is not a list")
+    return v
+
+
+_TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "umask",
+        "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "rseq", "robust",
+        "tid_address", "special", "host", "files", "regions", "contents")
+
+
+def _from_obj(obj: Any) -> Image:
+    _check(isinstance(obj, dict), "top level is not a map")
+    _check(obj.get("magic") == MAGIC, "bad magic")
+    if obj.get("version") != VERSION:
+        raise corrupt(f"unsupported image version {obj.get('version')!r} (want {VERSION})")
+    _map(obj, _TOP, "image")
+    files = [_file(f, i) for i, f in enumerate(_list(obj["files"], "files"))]
+    special = _special(obj["special"])
+    regions = [_region(r, i, len(files)) for i, r in enumerate(_list(obj["regions"], "regions"))]
+    _check_layout(regions, special)
+    img = Image(
+        pid=_int(obj["pid"], "pid", 1, 1 << 22),
+        argv=[_str(a, "argv item") for a in _list(obj["argv"], "argv")],
+        comm=_str(obj["comm"], "comm"), exe=_int(obj["exe"], "exe", 0, max(len(files) - 1, 0)),
+        cwd=_str(obj["cwd"], "cwd"), uid=_int(obj["uid"], "uid", 0, 2**32 - 2),
+        gid=_int(obj["gid"], "gid", 0, 2**32 - 2),
+        groups=[_int(g, "group", 0, 2**32 - 2) for g in _list(obj["groups"], "groups")],
+        umask=_int(obj["umask"], "umask", 0, 0o777),
+        personality=_int(obj["personality"], "personality", 0, 2**32 - 1),
+        regs=_bin(obj["regs"], "regs"), xstate=_bin(obj["xstate"], "xstate"),
+        auxv=_bin(obj["auxv"], "auxv"), mm=_mm(obj["mm"]),
+        sigmask=_int(obj["sigmask"], "sigmask"), sigactions=_sigactions(obj["sigactions"]),
+        rseq=_tuple(obj["rseq"], 3, "rseq"), robust=_tuple(obj["robust"], 2, "robust"),
+        tid_address=None if obj["tid_address"] is None else _addr(obj["tid_address"],
+                                                                  "tid_address", False),
+        special=special, host=_host(obj["host"]), files=files, regions=regions,
+        contents=_contents(obj["contents"], files))
+    _check(len(files) > 0, "no executable file")
+    _check(len(img.regs) == REGS_SIZE, f"regs is {len(img.regs)} bytes, want {REGS_SIZE}")
+    _check(576 <= len(img.xstate) <= 16384 and len(img.xstate) == img.host.xstate_size,
+           "xstate size")
+    _check(0 < len(img.auxv) <= 1024 and len(img.auxv) % 16 == 0, "auxv size")
+    _check(len(img.comm.encode()) < 16, "comm longer than 15 bytes")
+    return img
+
+
+def _file(obj: Any, i: int) -> FileRef:
+    _map(obj, ("hash", "size", "path"), f"files[{i}]")
+    _check(isinstance(obj["hash"], str) and bool(HASH_RE.match(obj["hash"])),
+           f"files[{i}].hash is not sha256:<hex>")
+    return FileRef(obj["hash"], _int(obj["size"], f"files[{i}].size", 0, 1 << 40),
+                   _str(obj["path"], f"files[{i}].path"))
+
+
+def _special(obj: Any) -> dict[str, tuple[int, int]]:
+    _check(isinstance(obj, dict), "special is not a map")
+    out = {}
+    for name, rng in obj.items():
+        _check(name in SPECIAL_NAMES, f"unknown special mapping {name!r}")
+        start, end = _tuple(rng, 2, f"special {name}", aligned=name != "vsyscall")
+        _check(start < end, f"special {name} is empty")
+        out[name] = (start, end)
+    _check("vdso" in out and "vvar" in out, "vdso or vvar missing")
+    return out
+
+
+def _region(obj: Any, i: int, nfiles: int) -> Region:
+    what = f"regions[{i}]"
+    _map(obj, ("start", "end", "prot", "kind", "growsdown", "file", "offset", "pages"), what)
+    start, end = _addr(obj["start"], f"{what}.start"), _addr(obj["end"], f"{what}.end")
+    _check(start < end, f"{what} is empty or reversed")
+    kind = obj["kind"]
+    _check(kind in ("anon", "file"), f"{what}.kind {kind!r} is not anon or file")
+    fidx = _int(obj["file"], f"{what}.file", -1, nfiles - 1)
+    _check((kind == "file") == (fidx >= 0), f"{what}.file does not match its kind")
+    _check(isinstance(obj["growsdown"], bool), f"{what}.growsdown is not a bool")
+    pages = []
+    last = start
+    for j, run in enumerate(_list(obj["pages"], f"{what}.pages")):
+        addr, data = _tuple(run, 2, f"{what}.pages[{j}]", raw=True)
+        _addr(addr, f"{what}.pages[{j}].addr")
+        _bin(data, f"{what}.pages[{j}].data")
+        _check(len(data) > 0 and len(data) % PAGE == 0, f"{what}.pages[{j}] size")
+        _check(last <= addr and addr + len(data) <= end, f"{what}.pages[{j}] outside region")
+        last = addr + len(data)
+        pages.append((addr, data))
+    return Region(start, end, _int(obj["prot"], f"{what}.prot", 0, 7), kind, obj["growsdown"],
+                  fidx, _addr(obj["offset"], f"{what}.offset", True) if kind == "file"
+                  else _int(obj["offset"], f"{what}.offset", 0, 0), pages)
+
+
+def _check_layout(regions: list[Region], special: dict[str, tuple[int, int]]) -> None:
+    spans = sorted([(r.start, r.end, f"region at {r.start:#x}") for r in regions] +
+                   [(s, e, name) for name, (s, e) in special.items() if name != "vsyscall"])
+    for (s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:]):
+        _check(e1 <= s2, f"{n1} overlaps {n2}")
+    starts = [r.start for r in regions]
+    _check(starts == sorted(starts), "regions are not sorted")
+
+
+def _mm(obj: Any) -> dict[str, int]:
+    _map(obj, MM_KEYS, "mm")
+    return {k: _addr(obj[k], f"mm.{k}", False) for k in MM_KEYS}
+
+
+def _sigactions(obj: Any) -> list[tuple[int, int, int, int, int]]:
+    out = []
+    for i, act in enumerate(_list(obj, "sigactions")):
+        sig, handler, flags, restorer, mask = _tuple(act, 5, f"sigactions[{i}]", aligned=False)
+        _check(1 <= sig <= 64 and sig not in (9, 19), f"sigactions[{i}] signal {sig}")
+        out.append((sig, handler, flags, restorer, mask))
+    return out
+
+
+def _tuple(obj: Any, n: int, what: str, aligned: bool = False, raw: bool = False) -> Any:
+    if obj is None and not raw:
+        return None
+    _check(isinstance(obj, list) and len(obj) == n, f"{what} is not a list of {n}")
+    if raw:
+        return tuple(obj)
+    return tuple(_int(v, what) if not aligned else _addr(v, what) for v in obj)
+
+
+def _host(obj: Any) -> Host:
+    _map(obj, ("kernel", "vdso", "cpu_flags", "xcr0", "xstate_size"), "host")
+    return Host(_str(obj["kernel"], "host.kernel"), _str(obj["vdso"], "host.vdso"),
+                [_str(f, "cpu flag") for f in _list(obj["cpu_flags"], "host.cpu_flags")],
+                _int(obj["xcr0"], "host.xcr0"), _int(obj["xstate_size"], "host.xstate_size"))
+
+
+def _contents(obj: Any, files: list[FileRef]) -> dict[str, bytes]:
+    _check(isinstance(obj, dict), "contents is not a map")
+    sizes = {f.hash: f.size for f in files}
+    for h, data in obj.items():
+        _check(h in sizes, f"contents for unknown file {h!r}")
+        _check(isinstance(data, bytes) and len(data) == sizes[h], f"contents of {h} size")
+    return dict(obj)
+
+
+__all__ = ["Image", "Region", "FileRef", "Host", "dumps", "dump", "loads", "load", "MigrateError"]

@@ -1,0 +1,407 @@
+"""Master side: start or catch a program at its entry point and dump it into an `Image`.
+
+All functions here issue ptrace requests, so one thread must make every call for a given tracee
+(the kernel only accepts requests from the tracer thread). Errors are `MigrateError` with errno:
+EPERM for set-user-ID, set-group-ID and file-capability executables, ETIMEDOUT when no exec
+came, ESRCH when the process died, EOPNOTSUPP for state that cannot migrate (shared mappings).
+
+Stop point: AT_ENTRY, after the dynamic loader mapped the master's libraries, so the node needs
+none of them. A hardware breakpoint (DR0) stops it there without writing to its text, so no code
+page turns into a private copy that would have to travel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import stat
+import struct
+import time
+from typing import Mapping as TMapping, Sequence
+
+from bpfs.migrate import hostinfo, procfs
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError, from_oserror
+from bpfs.migrate.filecache import HashCache, hash_bytes
+from bpfs.migrate.image import FileRef, Image, Region
+from bpfs.migrate.procfs import PAGE, Mapping
+
+SIGTRAP = signal.SIGTRAP
+TRACE_OPTIONS = pt.O_EXITKILL | pt.O_TRACEEXEC
+GLIBC_TID_OFFSET = 0x2D0  # offsetof(struct pthread, tid) in glibc 2.3x on x86_64
+ZERO_PAGE = bytes(PAGE)
+
+hashes = HashCache()  # shared by every dump of this process: libc is hashed once
+
+
+# ---- starting and catching ----
+
+def _ignored_signals() -> list[int]:
+    """Signals this process ignores: exec keeps them ignored, so the child must reset them."""
+    mask = int(procfs.parse_status(procfs.read_text(os.getpid(), "status"))["SigIgn"], 16)
+    return [s for s in range(1, 65) if mask >> (s - 1) & 1]
+
+
+def _child(argv: Sequence[str], env: dict[str, str], cwd: str | None, ignored: list[int],
+           report: int) -> None:
+    """In the forked child: become traceable, clean up what exec would leak, exec. Never returns."""
+    try:
+        pt.traceme()
+        dfl = bytes(32)  # struct kernel_sigaction with SIG_DFL; signal.signal needs the main thread
+        for sig in ignored:
+            pt.syscall(pt.SYS["rt_sigaction"], sig, _addr(dfl), 0, 8)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if cwd is not None:
+            os.chdir(cwd)
+        os.closerange(3, report)
+        os.closerange(report + 1, 1 << 20)
+        os.execve(argv[0], list(argv), env)
+    except OSError as exc:
+        os.write(report, struct.pack("<i", exc.errno or errno.EIO))
+    except BaseException:
+        os.write(report, struct.pack("<i", errno.EIO))
+    finally:
+        os._exit(127)
+
+
+def _addr(data: bytes) -> int:
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+def launch(argv: Sequence[str], env: TMapping[str, str] | None = None,
+           cwd: str | None = None) -> int:
+    """fork + execve `argv` (argv[0] a path) traced, and leave it stopped at its entry point.
+
+    The child gets default signal dispositions, an empty signal mask and only fds 0-2 before
+    execve. Exec failures raise MigrateError with the execve errno. Returns the pid.
+    """
+    if not argv:
+        raise MigrateError(errno.EINVAL, "empty argv")
+    env = dict(os.environ if env is None else env)
+    ignored = _ignored_signals()
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        _child(argv, env, cwd, ignored, wfd)
+    os.close(wfd)
+    try:
+        err = os.read(rfd, 4)
+    finally:
+        os.close(rfd)
+    if err:
+        os.waitpid(pid, 0)
+        code = struct.unpack("<i", err)[0]
+        raise MigrateError(code, f"cannot execute {argv[0]}: {os.strerror(code)}")
+    try:
+        stop = pt.wait_stop(pid)
+        if pt.stop_signal(stop) != SIGTRAP:
+            raise MigrateError(errno.EIO, f"unexpected stop {stop:#x} after exec", pid)
+        pt.setoptions(pid, TRACE_OPTIONS)
+        run_to_entry(pid)
+    except BaseException:
+        kill(pid)
+        raise
+    return pid
+
+
+def seize_for_exec(pid: int) -> None:
+    """PTRACE_SEIZE a running process that is about to execve (a bpsh child)."""
+    pt.seize(pid, TRACE_OPTIONS)
+
+
+def wait_exec_and_dump(pid: int, timeout: float) -> Image:
+    """Wait for the seized `pid` to exec, run it to its entry point and dump it.
+
+    The process is left stopped under ptrace (the ghost); it never runs the program here.
+    Signals that arrive before the exec are passed on. EPERM for set-ID or file-capability
+    executables (the process is left stopped: the caller kills it); ETIMEDOUT if no exec came.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while True:
+        status = pt.wait(pid, os.WNOHANG)
+        if status == 0:
+            if time.monotonic() > deadline:
+                raise MigrateError(errno.ETIMEDOUT, f"process {pid} did not exec in time", pid)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
+            continue
+        if not os.WIFSTOPPED(status):
+            raise MigrateError(errno.ESRCH, f"process {pid} ended before exec", pid)
+        stop = status >> 8
+        if pt.stop_event(stop) == pt.EVENT_EXEC:
+            break
+        sig = pt.stop_signal(stop)
+        # a group-stop (EVENT_STOP) or a signal-delivery-stop: let it go on, signal included
+        pt.cont(pid, 0 if pt.stop_event(stop) or sig == SIGTRAP else sig)
+    check_executable(pid)
+    run_to_entry(pid)
+    return dump(pid)
+
+
+def check_executable(pid: int) -> None:
+    """Refuse set-user-ID, set-group-ID and file-capability programs (EPERM)."""
+    exe = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(exe)
+        caps = _has_file_caps(exe)
+    except OSError as exc:
+        raise from_oserror(exc, f"checking the executable of {pid}", pid) from exc
+    what = ("set-user-ID" if st.st_mode & stat.S_ISUID else
+            "set-group-ID" if st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP else
+            "file-capability" if caps else None)
+    if what:
+        name = os.readlink(exe)
+        raise MigrateError(errno.EPERM, f"{name}: {what} programs cannot migrate", pid)
+
+
+def _has_file_caps(path: str) -> bool:
+    try:
+        os.getxattr(path, "security.capability")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return False
+        raise
+    return True
+
+
+def run_to_entry(pid: int) -> None:
+    """From the exec stop, run `pid` until rip == AT_ENTRY, by a hardware breakpoint."""
+    entry = procfs.parse_auxv(procfs.read_bytes(pid, "auxv"))[procfs.AT_ENTRY]
+    pt.set_debugreg(pid, 0, entry)
+    pt.set_debugreg(pid, 7, 1)  # L0: local enable, execute, length 1
+    try:
+        while True:
+            pt.cont(pid)
+            stop = pt.wait_stop(pid)
+            sig = pt.stop_signal(stop)
+            if sig == SIGTRAP and pt.getregs(pid).rip == entry:
+                break
+            if sig != SIGTRAP:  # a signal meant for the program: it runs after migration
+                raise MigrateError(errno.EINTR, f"signal {sig} before the entry point", pid)
+    finally:
+        pt.set_debugreg(pid, 7, 0)
+        pt.set_debugreg(pid, 0, 0)
+
+
+def kill(pid: int) -> None:
+    """SIGKILL a tracee and reap it if it is our child."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        while True:
+            _, status = os.waitpid(pid, pt.WALL)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                return
+    except ChildProcessError:
+        pass
+
+
+# ---- dumping ----
+
+def dump(pid: int) -> Image:
+    """Dump a process stopped under our ptrace (at its entry point) into an Image."""
+    check_executable(pid)
+    regs = pt.getregs(pid)
+    xstate = pt.get_xstate(pid)
+    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
+    mm = procfs.parse_stat(procfs.read_text(pid, "stat"))
+    special = {m.path.strip("[]"): (m.start, m.end) for m in maps if m.path in procfs.SPECIAL}
+    gadget = _vdso_gadget(pid, special)
+    mm["brk"] = _brk(pid, regs, gadget, maps, mm["start_brk"])
+    files, regions = _regions(pid, maps)
+    exe = _exe_index(pid, files)
+    pt.setregs(pid, regs)
+    ids = lambda key: [int(x) for x in status[key].split()]  # noqa: E731
+    return Image(
+        pid=pid, argv=_argv(pid), comm=procfs.read_text(pid, "comm").rstrip("\n"), exe=exe,
+        cwd=_readlink(pid, "cwd"), uid=ids("Uid")[0], gid=ids("Gid")[0], groups=ids("Groups"),
+        umask=int(status.get("Umask", "0022"), 8),
+        personality=int(procfs.read_text(pid, "personality"), 16),
+        regs=regs.pack(), xstate=xstate, auxv=procfs.auxv_bytes(procfs.read_bytes(pid, "auxv")),
+        mm=mm, sigmask=pt.get_sigmask(pid),
+        sigactions=_sigactions(pid, regs, gadget, status),
+        rseq=pt.get_rseq(pid), robust=_robust(pid), tid_address=_tid_address(pid, regs),
+        special=special, host=hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)),
+        files=files, regions=regions)
+
+
+def _readlink(pid: int, name: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except OSError as exc:
+        raise from_oserror(exc, f"reading /proc/{pid}/{name}", pid) from exc
+
+
+def _argv(pid: int) -> list[str]:
+    raw = procfs.read_bytes(pid, "cmdline")
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]]
+
+
+_gadget_offset: int | None = None
+
+
+def _vdso_gadget(pid: int, special: dict[str, tuple[int, int]]) -> int:
+    """Address of a `syscall` instruction (0f 05) in the tracee's vdso, for injections."""
+    global _gadget_offset
+    start, end = special["vdso"]
+    if _gadget_offset is None:
+        off = pt.read_memory(pid, [(start, end - start)]).find(b"\x0f\x05")
+        if off < 0:
+            raise MigrateError(errno.ENOEXEC, "no syscall instruction in the vdso", pid)
+        _gadget_offset = off
+    return start + _gadget_offset
+
+
+def _brk(pid: int, regs: pt.Regs, gadget: int, maps: list[Mapping], start_brk: int) -> int:
+    if not any(m.path == "[heap]" for m in maps):
+        return start_brk
+    return pt.inject(pid, regs, gadget, pt.SYS["brk"], 0)
+
+
+def _robust(pid: int) -> tuple[int, int] | None:
+    head, length = pt.get_robust_list(pid)
+    return (head, length) if head else None
+
+
+def _tid_address(pid: int, regs: pt.Regs) -> int | None:
+    """glibc's set_tid_address target (&THREAD_SELF->tid), if the TCB holds our pid there."""
+    if not regs.fs_base:
+        return None
+    addr = regs.fs_base + GLIBC_TID_OFFSET
+    try:
+        tid = struct.unpack("<i", pt.read_memory(pid, [(addr, 4)]))[0]
+    except MigrateError:
+        return None
+    return addr if tid == pid else None
+
+
+def _sigactions(pid: int, regs: pt.Regs, gadget: int,
+                status: dict[str, str]) -> list[tuple[int, int, int, int, int]]:
+    """Non-default dispositions; handlers are read by injecting rt_sigaction(sig, NULL, buf)."""
+    ign, cgt = int(status["SigIgn"], 16), int(status["SigCgt"], 16)
+    out = []
+    buf = ((regs.rsp - 4096) & ~15)  # below the red zone: dead stack space
+    for sig in range(1, 65):
+        bit = 1 << (sig - 1)
+        if ign & bit:
+            out.append((sig, 1, 0, 0, 0))
+        elif cgt & bit:
+            res = pt.inject(pid, regs, gadget, pt.SYS["rt_sigaction"], sig, 0, buf, 8)
+            if res < 0:
+                raise MigrateError(-res, f"reading the handler of signal {sig}", pid)
+            out.append((sig, *struct.unpack("<QQQQ", pt.read_memory(pid, [(buf, 32)]))))
+    return out
+
+
+def _regions(pid: int, maps: list[Mapping]) -> tuple[list[FileRef], list[Region]]:
+    files: list[FileRef] = []
+    by_inode: dict[tuple[str, int], int] = {}
+    regions: list[Region] = []
+    wanted: list[tuple[Region, list[tuple[int, int]], bool]] = []
+    pm = procfs.open_pagemap(pid)
+    try:
+        for m in maps:
+            if m.path in procfs.SPECIAL:
+                continue
+            if m.shared:
+                raise MigrateError(errno.EOPNOTSUPP,
+                                   f"shared mapping {m.path or 'anonymous'} cannot migrate", pid)
+            region = Region(m.start, m.end, m.prot, "file" if m.file_backed else "anon",
+                            growsdown=m.path == "[stack]")
+            if m.file_backed:
+                key = (m.dev, m.inode)
+                if key not in by_inode:
+                    by_inode[key] = _add_file(pid, files, m)
+                region.file, region.offset = by_inode[key], m.offset
+            if m.prot:
+                runs = procfs.page_runs(procfs.read_pagemap(pm, m.start, m.end), m.start,
+                                        anon=not m.file_backed)
+                if runs:
+                    wanted.append((region, runs, not m.file_backed))
+            regions.append(region)
+    finally:
+        os.close(pm)
+    _read_pages(pid, wanted)
+    return files, regions
+
+
+def _add_file(pid: int, files: list[FileRef], m: Mapping) -> int:
+    path = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening the file mapped at {m.start:#x}", pid) from exc
+    try:
+        digest, size = hashes.hash_fd(fd)
+    finally:
+        os.close(fd)
+    name = m.path.removesuffix(" (deleted)")
+    for i, f in enumerate(files):
+        if f.hash == digest and f.path == name:
+            return i
+    files.append(FileRef(digest, size, name))
+    return len(files) - 1
+
+
+def _exe_index(pid: int, files: list[FileRef]) -> int:
+    name = _readlink(pid, "exe").removesuffix(" (deleted)")
+    for i, f in enumerate(files):
+        if f.path == name:
+            return i
+    digest, size = hashes.hash_path(f"/proc/{pid}/exe")
+    files.append(FileRef(digest, size, name))
+    return len(files) - 1
+
+
+def _read_pages(pid: int, wanted: list[tuple[Region, list[tuple[int, int]], bool]]) -> None:
+    """Read every wanted run in one process_vm_readv; anonymous zero pages are dropped."""
+    ranges = [r for _, runs, _ in wanted for r in runs]
+    if not ranges:
+        return
+    data = pt.read_memory(pid, ranges)
+    pos = 0
+    for region, runs, anon in wanted:
+        for addr, size in runs:
+            chunk = data[pos:pos + size]
+            pos += size
+            region.pages.extend(_split_zero(addr, chunk) if anon else [(addr, chunk)])
+
+
+def _split_zero(addr: int, chunk: bytes) -> list[tuple[int, bytes]]:
+    """Runs of non-zero pages of an anonymous chunk (zero pages come free from mmap)."""
+    out: list[tuple[int, bytes]] = []
+    start = None
+    for off in range(0, len(chunk) + PAGE, PAGE):
+        nonzero = off < len(chunk) and chunk[off:off + PAGE] != ZERO_PAGE
+        if nonzero and start is None:
+            start = off
+        elif not nonzero and start is not None:
+            out.append((addr + start, chunk[start:off]))
+            start = None
+    return out
+
+
+def read_contents(image: Image, wanted: Sequence[str]) -> dict[str, bytes]:
+    """Contents of the image's files named by hash in `wanted`, read on the master.
+
+    ESTALE if a file changed since the dump (its hash no longer matches).
+    """
+    out = {}
+    for ref in image.files:
+        if ref.hash in wanted and ref.hash not in out:
+            try:
+                with open(ref.path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise from_oserror(exc, f"reading {ref.path}") from exc
+            if hash_bytes(data) != ref.hash:
+                raise MigrateError(errno.ESTALE, f"{ref.path} changed since the dump")
+            out[ref.hash] = data
+    return out

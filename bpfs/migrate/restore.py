@@ -1,0 +1,383 @@
+"""Node side: rebuild an `Image` as a running child of the calling process.
+
+How, and why so:
+
+* One **helper** per `Restorer`, forked once, traced, and cleaned once: rseq unregistered, a
+  scratch area mapped at `SCRATCH` holding the syscall-batch loop (`stub`), every fd closed,
+  every signal disposition default, no altstack, and every mapping but the scratch area and the
+  vvar/vdso pages unmapped. It then stays parked in a ptrace stop.
+* Per restore the helper runs `clone3(CLONE_PARENT, set_tid=[pid])`: the new process inherits the
+  clean state (so it costs one tiny fork), has the wanted PID in the caller's PID namespace, is a
+  **child of the caller** (so the node daemon can waitpid it) and is auto-attached to our tracer.
+* Then two batches run in the new process: (A) take the mapped files and fds 0-2 from the
+  restorer with pidfd_getfd, PR_SET_MM_MAP (before the target's mappings exist: EBUSY otherwise),
+  move vvar/vdso to the image's addresses, map every region, restore dispositions, personality,
+  umask, name, robust list, credentials (setgroups/setresgid/setresuid to the caller's choice)
+  and cwd; page runs are written in one process_vm_writev; (B) mprotect back to the final
+  protections and register rseq (after the writes, so the kernel's cpu_id update is not
+  overwritten). A single-stepped munmap removes the scratch area, registers and xstate are set
+  and the process is detached, running.
+
+Files are used only when identical to the master's (hash check on an fd the restorer opened, so
+there is no check-then-open race); otherwise their content must be in the `FileCache` or be
+supplied, else ENOENT and nothing is created. The restorer must run in one thread (ptrace).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+from typing import Mapping, Sequence
+
+from bpfs.migrate import hostinfo, image as imagefmt, procfs, stub
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.filecache import FileCache, HashCache, hash_bytes
+from bpfs.migrate.image import Image, Region
+
+SCRATCH = 0x2000_0000_0000
+SCRATCH_SIZE = 0x10_0000
+BOUNCE = SCRATCH + SCRATCH_SIZE  # free address space to move vvar/vdso through
+RESERVED = (SCRATCH, SCRATCH + 2 * SCRATCH_SIZE)
+
+PROT_RWX, PROT_WRITE = 7, 2
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
+MAP_GROWSDOWN, MAP_FIXED_NOREPLACE = 0x100, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 4, 15, 35, 14
+CLONE_PARENT = 0x8000
+F_SETFD = 2
+SS_DISABLE = 2
+RSEQ_FLAG_UNREGISTER = 1
+HELPER_OPTIONS = pt.O_EXITKILL | pt.O_TRACECLONE | pt.O_TRACEFORK | pt.O_TRACEVFORK
+PIDFD_SLOT = 1000  # where the pidfd waits while fds 0-2 are installed
+MOVABLE = ("vvar", "vvar_vclock", "vdso")
+
+
+class Helper:
+    """A forked, traced, emptied process parked at int3 in its scratch area."""
+
+    def __init__(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child only stops; the tracer rebuilds it
+            try:
+                pt.traceme()
+                os.kill(os.getpid(), signal.SIGSTOP)
+            finally:
+                os._exit(127)
+        self.pid = pid
+        try:
+            self._clean()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _clean(self) -> None:
+        pid = self.pid
+        if pt.stop_signal(pt.wait_stop(pid)) != signal.SIGSTOP:
+            raise MigrateError(errno.EIO, "restore helper did not stop", pid)
+        pt.setoptions(pid, HELPER_OPTIONS)
+        regs = pt.getregs(pid)
+        gadget = regs.rip - 2
+        if pt.read_memory(pid, [(gadget, 2)]) != b"\x0f\x05":
+            raise MigrateError(errno.EIO, "restore helper stopped outside a syscall", pid)
+        rseq = pt.get_rseq(pid)
+        if rseq:  # else the kernel writes into TLS that is about to vanish: SIGSEGV
+            _check(pt.inject(pid, regs, gadget, pt.SYS["rseq"], rseq[0], rseq[1],
+                             RSEQ_FLAG_UNREGISTER, rseq[2]), "rseq unregister", pid)
+        res = pt.inject(pid, regs, gadget, pt.SYS["mmap"], SCRATCH, SCRATCH_SIZE, PROT_RWX,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        _check(res, "mapping the scratch area", pid)
+        stub.install(pid, SCRATCH)
+        maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
+        self.special = {m.path.strip("[]"): (m.start, m.end) for m in maps
+                        if m.path in procfs.SPECIAL}
+        vdso = pt.read_memory(pid, [(self.special["vdso"][0],
+                                     self.special["vdso"][1] - self.special["vdso"][0])])
+        self.vdso_gadget = vdso.find(b"\x0f\x05")
+        xstate = pt.get_xstate(pid)
+        self.host = hostinfo.host(pt.xstate_xcr0(xstate), len(xstate))
+        self.regs = regs
+        b = stub.Batch(SCRATCH)
+        b.call("close_range", 0, 2**32 - 1, 0)
+        b.call("set_tid_address", 0)
+        b.call("sigaltstack", b.data(struct.pack("<QiiQ", 0, SS_DISABLE, 0, 0)), 0)
+        dfl = b.data(bytes(32))
+        for sig in range(1, 65):
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                b.call("rt_sigaction", sig, dfl, 0, 8)
+        b.call("prctl", PR_SET_NAME, b.cstr("bpfs-helper"))
+        for m in maps:
+            if m.path not in procfs.SPECIAL and m.start != SCRATCH:
+                b.call("munmap", m.start, m.end - m.start)
+        pt.set_sigmask(pid, 0)
+        b.run(pid, regs)
+
+    def clone(self, target_pid: int) -> int:
+        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced."""
+        b = stub.Batch(SCRATCH)
+        tids = b.data(struct.pack("<i", target_pid))
+        args = b.data(struct.pack("<11Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, tids, 1, 0))
+        b.call("clone3", args, 88)
+        pt.write_memory(self.pid, b.writes())
+        stub.start(self.pid, self.regs, SCRATCH, 1)
+        stop = pt.wait_stop(self.pid)
+        if pt.stop_event(stop) != pt.EVENT_CLONE:
+            try:
+                stub.finish(self.pid, b, stop)
+            except MigrateError as exc:
+                code = errno.EEXIST if exc.errno == errno.EEXIST else exc.errno
+                raise MigrateError(code, f"cannot create process {target_pid}: "
+                                   f"{os.strerror(code)}" + (" (PID taken)" if code ==
+                                                             errno.EEXIST else "")) from exc
+            raise MigrateError(errno.EIO, f"helper stopped by {stop:#x} instead of clone", 0)
+        child = pt.geteventmsg(self.pid)
+        pt.cont(self.pid)
+        stub.finish(self.pid, b, pt.wait_stop(self.pid))
+        if pt.stop_signal(pt.wait_stop(child)) != signal.SIGSTOP:
+            raise MigrateError(errno.EIO, "new process did not stop", child)
+        return child
+
+    def kill(self) -> None:
+        _kill(self.pid)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, pt.WALL)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _check(res: int, what: str, pid: int) -> int:
+    if res < 0:
+        raise MigrateError(-res, f"{what} in process {pid}: {os.strerror(-res)}", pid)
+    return res
+
+
+class Restorer:
+    """Restores images as children of the calling process (see the module docstring).
+
+    `cache_dir`: where received file contents are kept by hash (on a filesystem that allows
+    exec); None keeps them in memory files for the restore only.
+    """
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self.cache = FileCache(cache_dir) if cache_dir else None
+        self.hashes = HashCache()
+        self.helper = Helper()
+
+    @property
+    def host(self) -> imagefmt.Host:
+        return self.helper.host
+
+    def close(self) -> None:
+        self.helper.kill()
+
+    def __enter__(self) -> "Restorer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- files ----
+
+    def missing(self, image: Image) -> list[str]:
+        """Hashes of the image's files this node has neither identical on disk nor cached."""
+        out = []
+        for ref in image.files:
+            if ref.hash in image.contents or ref.hash in out:
+                continue
+            fd = self._open_file(ref.path, ref.hash, {})
+            if fd is None:
+                out.append(ref.hash)
+            else:
+                os.close(fd)
+        return out
+
+    def _open_file(self, path: str, digest: str, content: Mapping[str, bytes]) -> int | None:
+        """An fd of a file with content `digest`: the node's own file, cached or supplied."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                if self.hashes.hash_fd(fd)[0] == digest:
+                    return fd
+            except MigrateError:
+                pass
+            os.close(fd)
+        if self.cache is not None:
+            if digest in content:
+                self.cache.put(digest, content[digest])
+            return self.cache.open(digest)
+        if digest in content:
+            return _memfd(digest, content[digest])
+        return None
+
+    def _open_files(self, image: Image, content: Mapping[str, bytes]) -> list[int]:
+        fds: list[int] = []
+        try:
+            for ref in image.files:
+                fd = self._open_file(ref.path, ref.hash, content)
+                if fd is None:
+                    raise MigrateError(errno.ENOENT, f"{ref.path}: this node lacks the "
+                                       f"master's file ({ref.hash[:19]}...) and it was not sent")
+                fds.append(fd)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    # ---- restore ----
+
+    def restore(self, image: Image, *, pid: int | None = None, uid: int, gid: int,
+                groups: Sequence[int] = (), fds: Sequence[int] = (0, 1, 2),
+                file_content: Mapping[str, bytes] | None = None) -> int:
+        """Create `image` as process `pid` (default image.pid), running as uid/gid/groups with
+        `fds` as its 0, 1, 2; returns its pid. It is our child, running, not traced."""
+        pid = image.pid if pid is None else pid
+        hostinfo.check_compatible(image.host, image.special, self.host)
+        _check_reserved(image)
+        content = {**image.contents, **(file_content or {})}
+        for h, data in content.items():
+            if hash_bytes(data) != h:
+                raise MigrateError(errno.EINVAL, f"supplied content does not match {h}")
+        files = self._open_files(image, content)
+        try:
+            child = self.helper.clone(pid)
+            try:
+                self._build(child, image, files, list(fds), uid, gid, list(groups))
+            except BaseException:
+                _kill(child)
+                raise
+        finally:
+            for fd in files:
+                os.close(fd)
+        return child
+
+    def _build(self, child: int, image: Image, files: list[int], fds: list[int], uid: int,
+               gid: int, groups: list[int]) -> None:
+        if len(fds) != 3:
+            raise MigrateError(errno.EINVAL, "fds must be three descriptors for 0, 1, 2")
+        regs = self.helper.regs
+        a = stub.Batch(SCRATCH)
+        a.call("pidfd_open", os.getpid(), 0)  # becomes fd 0: the table starts empty
+        for fd in files:
+            a.call("pidfd_getfd", 0, fd, 0)  # file i lands on fd i + 1
+        self._mm_map(a, image)
+        self._move_special(a, image)
+        writable = self._map_regions(a, image)
+        a.call("close_range", 1, 2**32 - 1, 0)
+        self._process_state(a, image)
+        a.call("dup3", 0, PIDFD_SLOT, 0)
+        a.call("close", 0)
+        for fd in fds:
+            a.call("pidfd_getfd", PIDFD_SLOT, fd, 0)
+        a.call("close", PIDFD_SLOT)
+        for fd in range(3):
+            a.call("fcntl", fd, F_SETFD, 0)  # pidfd_getfd set close-on-exec
+        a.call("setgroups", len(groups), a.data(struct.pack(f"<{len(groups)}I", *groups)))
+        a.call("setresgid", gid, gid, gid)
+        a.call("setresuid", uid, uid, uid)
+        a.call("prctl", PR_SET_DUMPABLE, 1)  # a uid change cleared it
+        a.call("chdir", a.cstr("/"))
+        a.call("chdir", a.cstr(image.cwd), may_fail=True)  # as the user: else stay at /
+        a.run(child, regs)
+        pt.write_memory(child, [run for r in image.regions for run in r.pages])
+        b = stub.Batch(SCRATCH)
+        for r in writable:
+            b.call("mprotect", r.start, r.end - r.start, r.prot)
+        if image.rseq:
+            b.call("rseq", image.rseq[0], image.rseq[1], 0, image.rseq[2])
+        b.run(child, regs)
+        gadget = image.special["vdso"][0] + self.helper.vdso_gadget
+        _check(pt.inject(child, regs, gadget, pt.SYS["munmap"], SCRATCH, SCRATCH_SIZE),
+               "unmapping the scratch area", child)
+        final = image.registers()
+        final.orig_rax = 2**64 - 1  # no syscall restart on resume
+        pt.setregs(child, final)
+        pt.set_xstate(child, image.xstate)
+        pt.set_sigmask(child, image.sigmask)
+        pt.detach(child)
+
+    def _mm_map(self, a: stub.Batch, image: Image) -> None:
+        mm = image.mm
+        auxv = a.data(image.auxv)
+        fields = [mm[k] for k in imagefmt.MM_KEYS]
+        prctl_map = struct.pack("<12QII", *fields, auxv, len(image.auxv), image.exe + 1)
+        a.call("prctl", PR_SET_MM, PR_SET_MM_MAP, a.data(prctl_map), len(prctl_map), 0)
+
+    def _move_special(self, a: stub.Batch, image: Image) -> None:
+        """mremap vvar/vvar_vclock/vdso to the image's addresses, via BOUNCE if ranges meet."""
+        have = self.helper.special
+        moves = [(have[n], image.special[n]) for n in MOVABLE if n in have and n in image.special]
+        if all(src == dst for src, dst in moves):
+            return
+        clash = any(d[0] < s[1] and s[0] < d[1] for _, d in moves for s, _ in moves)
+        if clash:
+            base = min(s[0] for s, _ in moves)
+            bounced = []
+            for src, dst in moves:
+                tmp = BOUNCE + src[0] - base
+                a.call("mremap", src[0], src[1] - src[0], src[1] - src[0],
+                       MREMAP_MAYMOVE | MREMAP_FIXED, tmp)
+                bounced.append(((tmp, tmp + src[1] - src[0]), dst))
+            moves = bounced
+        for src, dst in moves:
+            a.call("mremap", src[0], src[1] - src[0], src[1] - src[0],
+                   MREMAP_MAYMOVE | MREMAP_FIXED, dst[0])
+
+    def _map_regions(self, a: stub.Batch, image: Image) -> list[Region]:
+        """mmap every region; those with pages to write get PROT_WRITE until batch B."""
+        writable = []
+        for r in image.regions:
+            prot = r.prot
+            if r.pages and not prot & PROT_WRITE:
+                prot |= PROT_WRITE
+                writable.append(r)
+            if r.kind == "anon":
+                flags = MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | (MAP_GROWSDOWN if r.growsdown
+                                                                   else 0)
+                a.call("mmap", r.start, r.end - r.start, prot, flags, -1, 0)
+            else:
+                a.call("mmap", r.start, r.end - r.start, prot, MAP_PRIVATE | MAP_FIXED,
+                       r.file + 1, r.offset)
+        return writable
+
+    def _process_state(self, a: stub.Batch, image: Image) -> None:
+        for sig, handler, flags, restorer, mask in image.sigactions:
+            a.call("rt_sigaction", sig, a.data(struct.pack("<4Q", handler, flags, restorer,
+                                                           mask)), 0, 8)
+        a.call("personality", image.personality)
+        a.call("umask", image.umask)
+        a.call("prctl", PR_SET_NAME, a.cstr(image.comm))
+        if image.robust:
+            a.call("set_robust_list", image.robust[0], image.robust[1])
+        if image.tid_address:
+            a.call("set_tid_address", image.tid_address)
+
+
+def _check_reserved(image: Image) -> None:
+    lo, hi = RESERVED
+    for r in image.regions:
+        if r.start < hi and lo < r.end:
+            raise MigrateError(errno.EOPNOTSUPP, f"image maps {r.start:#x}-{r.end:#x}, which "
+                               "this restorer reserves for its scratch area")
+
+
+def _memfd(digest: str, data: bytes) -> int:
+    fd = os.memfd_create(digest[:40], os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

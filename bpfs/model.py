@@ -1,0 +1,421 @@
+"""The cluster model: nodes, their ACLs and states, migrated processes, events.
+
+Pure: no I/O, no trio, no clock but the one passed in. The master daemon, the
+FUSE adapter and the ctl commands are thin layers around one `Cluster`; every
+rule of DESIGN §2 lives here and every refusal is a `BpfsError` whose errno the
+caller of a /bproc file gets.
+
+Node state is *derived*, never stored, so it cannot drift from the facts:
+
+    not connected                      -> "down"
+    connected, reboot/halt/pwroff sent -> that command (until the link drops)
+    connected, not yet reported "up"   -> "boot"
+    booted, admin state set            -> "unavailable" or "error"
+    booted                             -> "up"
+
+Decisions (tests hold them):
+- ACL: a node directory's mode/uid/gid. Only the x bits mean anything; any
+  other bits given to chmod are *ignored* (masked off), so `chmod 755` stores
+  0111 and `ls -l` shows what counts. Setuid/setgid/sticky are masked too.
+- chmod: owner or root (EPERM). chown to another uid: root only (EPERM).
+  chgrp: root, or the owner to a group they belong to (their gid or a
+  supplementary group), as for files (EPERM). On a node that is not connected:
+  EBUSY (checked after permission, so a stranger learns nothing).
+- A node number never seen before starts with mode 0111 root:root. The ACL
+  belongs to the number and survives reconnects, reboots and master restarts
+  (see bpfs/statefile.py).
+- The admin state (`state unavailable|error`, root only) survives the node's
+  reconnects and master restarts until root sets `state up`. A down node
+  refuses it (EHOSTDOWN); other values are EINVAL naming the allowed ones.
+- reboot/halt/pwroff show until the connection drops; then the node is
+  "down" like any lost node (bproc semantics), and boot -> up again if it
+  re-registers.
+- may_run: the node must be up; root ignores the x bits, others need the x bit
+  of owner (uid matches), else group (gid or a supplementary group matches),
+  else other — the first class that matches decides, as for files.
+
+Events (see bpfs/formats.py for the line format): `node N state S` on every
+change of the derived state, `node N mode 0MMM`, `node N owner UID GID`.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NewType
+
+from bpfs.errors import BpfsError
+from bpfs.formats import Event
+
+NodeId = NewType("NodeId", int)
+Pid = NewType("Pid", int)
+
+ADMIN_STATES = ("up", "unavailable", "error")
+POWER_COMMANDS = ("reboot", "halt", "pwroff")
+NEW_NODE_MODE = 0o111
+ACL_BITS = 0o111
+MAX_NODE = 65535
+EVENT_CAPACITY = 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: uid, gid, supplementary groups, and the (thread) id of the process."""
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+    pid: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a node daemon reports about itself (wire.py's FACTS), sanitized."""
+    hostname: str = ""
+    cpus: int = 0
+    arch: str = ""
+    kernel: str = ""
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mem_total: int = 0
+    mem_available: int = 0
+    uptime: float = 0.0
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "Facts":
+        """Never raises: a value of the wrong type or shape becomes the default."""
+        if not isinstance(d, dict):
+            return cls()
+        load = d.get("load")
+        if not (isinstance(load, (list, tuple)) and len(load) == 3
+                and all(_is_num(x) for x in load)):
+            load = (0.0, 0.0, 0.0)
+        return cls(_word(d.get("hostname")), _int(d.get("cpus")), _word(d.get("arch")),
+                   _word(d.get("kernel")), tuple(float(x) for x in load),  # type: ignore[arg-type]
+                   _int(d.get("mem_total")), _int(d.get("mem_available")),
+                   float(d["uptime"]) if _is_num(d.get("uptime")) else 0.0)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> int:
+    return int(x) if _is_num(x) and x >= 0 else 0
+
+
+def _word(x: Any) -> str:
+    """A single printable word of at most 64 chars (it goes into key: value lines)."""
+    if not isinstance(x, str):
+        return ""
+    x = "".join(ch for ch in x if ch.isprintable() and not ch.isspace())
+    return x[:64]
+
+
+@dataclass
+class Node:
+    number: int
+    mode: int = NEW_NODE_MODE
+    uid: int = 0
+    gid: int = 0
+    admin: str | None = None          # "unavailable" | "error" | None
+    connected: bool = False
+    booted: bool = False
+    transient: str | None = None      # "reboot" | "halt" | "pwroff" | None
+    address: str = ""
+    facts: Facts = field(default_factory=Facts)
+    last_heartbeat: float = 0.0       # the master's monotonic clock
+
+    @property
+    def state(self) -> str:
+        if not self.connected:
+            return "down"
+        if self.transient:
+            return self.transient
+        if not self.booted:
+            return "boot"
+        return self.admin or "up"
+
+
+@dataclass(frozen=True)
+class SavedNode:
+    """What the state file keeps of a node: its number, ACL and admin state."""
+    number: int
+    mode: int = NEW_NODE_MODE
+    uid: int = 0
+    gid: int = 0
+    admin: str | None = None
+
+
+@dataclass
+class Proc:
+    """A migrated process. `gen` tells a reused PID from the process it replaced."""
+    pid: int
+    node: int
+    uid: int
+    gid: int
+    cmd: str
+    started: float
+    state: str = "running"            # "running" | "stopped" | "exited"
+    exit: str = "-"                   # "-", "0".."255", or "signal N"
+    gen: int = 0
+
+
+class EventLog:
+    """A bounded ring of events with sequence numbers.
+
+    A reader keeps a cursor (the sequence number of the next event it wants);
+    `cursor()` is where a new reader starts. A reader that falls more than
+    `capacity` events behind silently skips the lost ones.
+    """
+
+    def __init__(self, capacity: int = EVENT_CAPACITY,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._ring: deque[Event] = deque(maxlen=capacity)
+        self._next = 0
+        self._clock = clock
+        self._listeners: list[Callable[[], None]] = []
+
+    def cursor(self) -> int:
+        return self._next
+
+    def append(self, kind: str, id: int, what: str, detail: str = "") -> Event:
+        ev = Event(self._clock(), kind, id, what, detail)
+        self._ring.append(ev)
+        self._next += 1
+        for fn in list(self._listeners):
+            fn()
+        return ev
+
+    def since(self, cursor: int) -> tuple[list[Event], int]:
+        """Events from `cursor` on, and the cursor to use next time."""
+        first = self._next - len(self._ring)
+        start = max(cursor, first) - first
+        return list(self._ring)[start:], self._next
+
+    def subscribe(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` after every append (the fs layer wakes blocked readers)."""
+        self._listeners.append(fn)
+
+
+class Cluster:
+    """All nodes and processes. Methods raise BpfsError with the errno to return."""
+
+    def __init__(self, configured: int = 0, *, clock: Callable[[], float] = time.time,
+                 event_capacity: int = EVENT_CAPACITY) -> None:
+        self._nodes: dict[int, Node] = {n: Node(n) for n in range(configured)}
+        self.procs: dict[int, Proc] = {}
+        self.events = EventLog(event_capacity, clock)
+        self.revision = 0        # bumped when persistent data (SavedNode fields) changes
+
+    # ---- lookup --------------------------------------------------------------
+
+    def node(self, n: int) -> Node:
+        try:
+            return self._nodes[n]
+        except KeyError:
+            raise BpfsError(errno.ENOENT, f"no node {n}") from None
+
+    def has_node(self, n: int) -> bool:
+        return n in self._nodes
+
+    def nodes(self) -> list[Node]:
+        return [self._nodes[n] for n in sorted(self._nodes)]
+
+    def _add_node(self, n: int) -> Node:
+        node = self._nodes[n] = Node(n)
+        self.revision += 1
+        return node
+
+    def _changed(self, node: Node, before: str) -> None:
+        if node.state != before:
+            self.events.append("node", node.number, "state", node.state)
+
+    # ---- ACL -------------------------------------------------------------------
+
+    def chmod(self, n: int, mode: int, caller: Caller) -> None:
+        node = self.node(n)
+        if not (caller.is_root or caller.uid == node.uid):
+            raise BpfsError(errno.EPERM, f"only the owner or root may chmod node {n}")
+        self._require_connected(node, errno.EBUSY)
+        mode &= ACL_BITS
+        if mode != node.mode:
+            node.mode = mode
+            self.revision += 1
+            self.events.append("node", n, "mode", f"{mode:04o}")
+
+    def chown(self, n: int, uid: int | None, gid: int | None, caller: Caller) -> None:
+        """Change owner and/or group (None: unchanged), all or nothing."""
+        node = self.node(n)
+        if uid is not None and uid != node.uid and not caller.is_root:
+            raise BpfsError(errno.EPERM, f"only root may change the owner of node {n}")
+        if gid is not None and gid != node.gid and not caller.is_root:
+            if caller.uid != node.uid:
+                raise BpfsError(errno.EPERM, f"only the owner or root may change the group of node {n}")
+            if not caller.in_group(gid):
+                raise BpfsError(errno.EPERM, f"you are not a member of group {gid}")
+        self._require_connected(node, errno.EBUSY)
+        new_uid = node.uid if uid is None else uid
+        new_gid = node.gid if gid is None else gid
+        if (new_uid, new_gid) != (node.uid, node.gid):
+            node.uid, node.gid = new_uid, new_gid
+            self.revision += 1
+            self.events.append("node", n, "owner", f"{new_uid} {new_gid}")
+
+    def may_run(self, n: int, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
+        node = self._nodes.get(n)
+        if node is None or node.state != "up":
+            return False
+        if uid == 0:
+            return True
+        if uid == node.uid:
+            return bool(node.mode & 0o100)
+        if gid == node.gid or node.gid in set(groups):
+            return bool(node.mode & 0o010)
+        return bool(node.mode & 0o001)
+
+    def check_run(self, n: int, caller: Caller) -> None:
+        """Raise EHOSTDOWN if node `n` is not up, EACCES if the caller may not use it."""
+        node = self.node(n)
+        if node.state != "up":
+            raise BpfsError(errno.EHOSTDOWN, f"node {n} is {node.state}")
+        if not self.may_run(n, caller.uid, caller.gid, caller.groups):
+            raise BpfsError(errno.EACCES, f"no permission to run on node {n}")
+
+    # ---- states set by root ------------------------------------------------------
+
+    def set_admin_state(self, n: int, state: str, caller: Caller) -> None:
+        node = self.node(n)
+        _require_root(caller, f"only root may set the state of node {n}")
+        if state not in ADMIN_STATES:
+            raise BpfsError(errno.EINVAL, f"bad state {state!r}: must be one of {', '.join(ADMIN_STATES)}")
+        self._require_connected(node, errno.EHOSTDOWN)
+        admin = None if state == "up" else state
+        if admin != node.admin:
+            before = node.state
+            node.admin = admin
+            self.revision += 1
+            self._changed(node, before)
+
+    def check_power(self, n: int, cmd: str, caller: Caller) -> None:
+        """May `caller` send reboot/halt/pwroff to node `n`? EPERM, EHOSTDOWN."""
+        node = self.node(n)
+        _require_root(caller, f"only root may {cmd} node {n}")
+        self._require_connected(node, errno.EHOSTDOWN)
+
+    def mark_power(self, n: int, cmd: str) -> None:
+        """Show `cmd` as the node's state until its connection drops."""
+        if cmd not in POWER_COMMANDS:
+            raise BpfsError(errno.EINVAL, f"not a power command: {cmd!r}")
+        node = self.node(n)
+        if node.connected:
+            before = node.state
+            node.transient = cmd
+            self._changed(node, before)
+
+    def _require_connected(self, node: Node, err: int) -> None:
+        if not node.connected:
+            raise BpfsError(err, f"node {node.number} is down")
+
+    # ---- node daemon lifecycle (called by the master's node server) --------------
+
+    def attach(self, requested: int | None, address: str, facts: Facts, now: float) -> int:
+        """A node daemon registers: give it `requested`, or the lowest free number.
+
+        EBUSY if another live connection holds `requested`; EINVAL for a number
+        outside 0..MAX_NODE. The node starts in "boot".
+        """
+        n = self._pick_number(requested)
+        node = self._nodes.get(n) or self._add_node(n)
+        before = node.state
+        node.connected, node.booted, node.transient = True, False, None
+        node.address, node.facts, node.last_heartbeat = address, facts, now
+        self._changed(node, before)
+        return n
+
+    def _pick_number(self, requested: int | None) -> int:
+        if requested is not None:
+            if isinstance(requested, bool) or not 0 <= requested <= MAX_NODE:
+                raise BpfsError(errno.EINVAL, f"node number {requested!r} out of range 0..{MAX_NODE}")
+            node = self._nodes.get(requested)
+            if node is not None and node.connected:
+                raise BpfsError(errno.EBUSY, f"node {requested} is held by another connection")
+            return requested
+        free = [n for n in sorted(self._nodes) if not self._nodes[n].connected]
+        if free:
+            return free[0]
+        nxt = max(self._nodes, default=-1) + 1
+        if nxt > MAX_NODE:
+            raise BpfsError(errno.ENOSPC, "no free node number")
+        return nxt
+
+    def reported_state(self, n: int, state: str, now: float) -> None:
+        """The node daemon says "up" (booted) or "boot"; anything else is EINVAL."""
+        node = self.node(n)
+        if state not in ("up", "boot"):
+            raise BpfsError(errno.EINVAL, f"node {n} reported unknown state {state!r}")
+        node.last_heartbeat = now
+        before = node.state
+        node.booted = state == "up"
+        self._changed(node, before)
+
+    def heartbeat(self, n: int, facts: Facts | None, now: float) -> None:
+        node = self.node(n)
+        node.last_heartbeat = now
+        if facts is not None:
+            node.facts = facts
+
+    def detach(self, n: int) -> None:
+        """The node's connection is gone: it is down (an event if it was not)."""
+        node = self.node(n)
+        before = node.state
+        node.connected, node.booted, node.transient = False, False, None
+        self._changed(node, before)
+
+    def stale(self, now: float, timeout: float) -> list[int]:
+        """Connected nodes whose last heartbeat is older than `timeout`."""
+        return [n.number for n in self.nodes()
+                if n.connected and now - n.last_heartbeat > timeout]
+
+    # ---- processes -----------------------------------------------------------------
+
+    def add_proc(self, proc: Proc) -> None:
+        self.procs[proc.pid] = proc
+
+    def proc(self, pid: int, gen: int | None = None) -> Proc:
+        p = self.procs.get(pid)
+        if p is None or (gen is not None and p.gen != gen):
+            raise BpfsError(errno.ESRCH, f"no process {pid}")
+        return p
+
+    def remove_proc(self, pid: int) -> None:
+        self.procs.pop(pid, None)
+
+    def procs_on(self, n: int) -> list[int]:
+        return sorted(p.pid for p in self.procs.values() if p.node == n and p.state != "exited")
+
+    # ---- persistence -------------------------------------------------------------------
+
+    def saved(self) -> list[SavedNode]:
+        return [SavedNode(n.number, n.mode, n.uid, n.gid, n.admin) for n in self.nodes()]
+
+    def restore(self, saved: Iterable[SavedNode]) -> None:
+        """Load numbers, ACLs and admin states (at start, before any node connects)."""
+        for s in saved:
+            node = self._nodes.get(s.number) or Node(s.number)
+            node.mode, node.uid, node.gid = s.mode & ACL_BITS, s.uid, s.gid
+            node.admin = s.admin if s.admin in ADMIN_STATES[1:] else None
+            self._nodes[s.number] = node
+
+
+def _require_root(caller: Caller, message: str) -> None:
+    if not caller.is_root:
+        raise BpfsError(errno.EPERM, message)

@@ -1,0 +1,155 @@
+"""The image format alone: round trip, generated images, and corrupt input refused with EINVAL."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bpfs.errors import BpfsError
+from bpfs.migrate import image
+from bpfs.migrate.image import FileRef, Host, Image, Region
+
+pytestmark = pytest.mark.timeout(60)
+PAGE = image.PAGE
+HASH = "sha256:" + "ab" * 32
+
+
+def sample(**over) -> Image:
+    base = 0x5555_0000_0000
+    img = Image(
+        pid=4242, argv=["/bin/true", "x"], comm="true", exe=0, cwd="/home/u", uid=1000,
+        gid=1000, groups=[1000, 27], umask=0o022, personality=0, regs=bytes(range(216)),
+        xstate=bytes(2696), auxv=bytes(16 * 3), mm={k: base for k in image.MM_KEYS},
+        sigmask=1 << 12, sigactions=[(13, 1, 0, 0, 0), (10, base + 16, 0x04000000, base, 0)],
+        rseq=(base + 64, 32, 0x53053053), robust=(base + 128, 24), tid_address=base + 720,
+        special={"vvar": (0x7FFF_0000_0000, 0x7FFF_0000_4000),
+                 "vdso": (0x7FFF_0000_6000, 0x7FFF_0000_8000)},
+        host=Host("Linux 6.18", "sha256:" + "0" * 64, ["avx2", "sse"], 0x2E7, 2696),
+        files=[FileRef(HASH, 35664, "/usr/bin/true")],
+        regions=[Region(base, base + 4 * PAGE, 5, "file", False, 0, 0, []),
+                 Region(base + 4 * PAGE, base + 6 * PAGE, 3, "file", False, 0, 4 * PAGE,
+                        [(base + 5 * PAGE, b"\x01" * PAGE)]),
+                 Region(0x7FFE_0000_0000, 0x7FFE_0002_1000, 3, "anon", True, -1, 0,
+                        [(0x7FFE_0002_0000, b"\x02" * PAGE)])])
+    return dataclasses.replace(img, **over)
+
+
+def test_round_trip() -> None:
+    img = sample()
+    assert image.loads(image.dumps(img)) == img
+    assert image.dumps(image.loads(image.dumps(img))) == image.dumps(img)
+
+
+def test_round_trip_with_contents_and_file_refs() -> None:
+    img = sample(contents={HASH: b"z" * 35664})
+    back = image.loads(image.dumps(img))
+    assert back.contents == {HASH: b"z" * 35664}
+    assert [f.hash for f in back.file_refs()] == [HASH]
+
+
+page_runs = st.lists(st.tuples(st.integers(0, 7), st.integers(1, 3)), max_size=4)
+
+
+@st.composite
+def images(draw) -> Image:
+    regions, addr = [], 0x1000_0000
+    for _ in range(draw(st.integers(1, 6))):
+        n = draw(st.integers(1, 12))
+        anon = draw(st.booleans())
+        pages, at = [], addr
+        for gap, length in draw(page_runs):
+            start = at + gap * PAGE
+            if start + length * PAGE > addr + n * PAGE:
+                break
+            pages.append((start, draw(st.binary(min_size=1, max_size=8)).ljust(length * PAGE,
+                                                                                 b"\0")))
+            at = start + length * PAGE
+        regions.append(Region(addr, addr + n * PAGE, draw(st.integers(0, 7)),
+                              "anon" if anon else "file", draw(st.booleans()),
+                              -1 if anon else 0, 0 if anon else draw(st.integers(0, 9)) * PAGE,
+                              pages))
+        addr += (n + draw(st.integers(0, 3))) * PAGE
+    return sample(regions=regions, pid=draw(st.integers(1, 1 << 22)),
+                  argv=draw(st.lists(st.text(max_size=20), max_size=4)),
+                  comm=draw(st.text(max_size=3)), cwd=draw(st.text(max_size=30)),
+                  groups=draw(st.lists(st.integers(0, 2**32 - 2), max_size=5)),
+                  sigmask=draw(st.integers(0, 2**64 - 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(images())
+def test_generated_round_trip(img: Image) -> None:
+    assert image.loads(image.dumps(img)) == img
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_mutated_bytes_never_half_load(data) -> None:
+    """Any byte flipped either still decodes to a checked image or is refused with EINVAL."""
+    raw = bytearray(image.dumps(sample()))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= data.draw(st.integers(1, 255))
+    try:
+        image.loads(bytes(raw))
+    except BpfsError as exc:
+        assert exc.errno == errno.EINVAL and exc.message.startswith("corrupt image")
+
+
+def _raw(**changes) -> bytes:
+    obj = msgpack.unpackb(image.dumps(sample()), raw=False)
+    for path, value in changes.items():
+        target = obj
+        keys = path.split(".")
+        for k in keys[:-1]:
+            target = target[int(k)] if isinstance(target, list) else target[k]
+        last = keys[-1]
+        if value is KeyError:
+            del target[last]
+        elif isinstance(target, list):
+            target[int(last)] = value
+        else:
+            target[last] = value
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+CORRUPT = {
+    "truncated": image.dumps(sample())[:-10],
+    "not msgpack": b"\xc1\xc1\xc1",
+    "not a map": msgpack.packb([1, 2]),
+    "bad magic": _raw(magic="criu"),
+    "future version": _raw(version=2),
+    "missing key": _raw(pid=KeyError),
+    "unknown key": _raw(**{"host.extra": 1}),
+    "regs size": _raw(regs=b"\0" * 100),
+    "xstate size": _raw(xstate=b"\0" * 100),
+    "unaligned region": _raw(**{"regions.0.start": 0x5555_0000_0001}),
+    "reversed region": _raw(**{"regions.0.end": 0x5554_0000_0000}),
+    "kernel address": _raw(**{"regions.2.end": 1 << 48}),
+    "bad kind": _raw(**{"regions.0.kind": "shm"}),
+    "file index": _raw(**{"regions.0.file": 5}),
+    "anon with file": _raw(**{"regions.2.file": 0}),
+    "page outside": _raw(**{"regions.1.pages.0.0": 0x5555_0000_0000}),
+    "page size": _raw(**{"regions.1.pages.0.1": b"x" * 100}),
+    "overlap": _raw(**{"regions.1.start": 0x5555_0000_2000}),
+    "meets vdso": _raw(**{"regions.2.start": 0x7FFF_0000_0000,
+                          "regions.2.end": 0x7FFF_0000_7000}),
+    "bad hash": _raw(**{"files.0.hash": "md5:00"}),
+    "bad signal": _raw(**{"sigactions.0.0": 9}),
+    "bool as int": _raw(pid=True),
+    "negative uid": _raw(uid=-1),
+    "contents size": _raw(contents={HASH: b"short"}),
+    "contents unknown": _raw(contents={"sha256:" + "cd" * 32: b""}),
+    "long comm": _raw(comm="x" * 40),
+}
+
+
+@pytest.mark.parametrize("name", CORRUPT)
+def test_corrupt_refused(name: str) -> None:
+    with pytest.raises(BpfsError) as info:
+        image.loads(CORRUPT[name])
+    assert info.value.errno == errno.EINVAL
+    assert info.value.message.startswith("corrupt image: ")

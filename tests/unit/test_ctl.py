@@ -1,0 +1,139 @@
+"""The ctl command table: parsing garbage, lookup errors, node commands."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+
+from bpfs import ctl
+from bpfs.errors import BpfsError
+from bpfs.model import Caller, Cluster, Facts
+
+ROOT = Caller(0, 0)
+ALICE = Caller(1000, 1000)
+
+
+class FakeServices:
+    """Implements ctl.Services over a real Cluster; records what would go to nodes."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.sent: list[tuple[int, dict[str, Any]]] = []
+        self.persisted = 0
+
+    async def send_node(self, node: int, msg: dict[str, Any]) -> None:
+        if not self.cluster.node(node).connected:
+            raise BpfsError(errno.EHOSTDOWN, f"node {node} is down")
+        self.sent.append((node, msg))
+
+    async def persist(self) -> None:
+        self.persisted += 1
+
+
+def services(up: int = 2, configured: int = 3) -> FakeServices:
+    c = Cluster(configured)
+    for n in range(up):
+        c.attach(n, "a", Facts(), 0.0)
+        c.reported_state(n, "up", 0.0)
+    return FakeServices(c)
+
+
+async def run(s: FakeServices, data: bytes, caller: Caller = ROOT, node: int = 0) -> str:
+    return await ctl.execute(ctl.NODE_CTL, ctl.CtlContext(s, caller, node), data)
+
+
+def einval_message(data: bytes) -> str:
+    with pytest.raises(BpfsError) as info:
+        ctl.parse(data)
+    assert info.value.errno == errno.EINVAL
+    return info.value.message
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"reboot\n", [["reboot"]]),
+    (b"state up", [["state", "up"]]),
+    (b"  state   error  \r\n\nreboot\n", [["state", "error"], ["reboot"]]),
+    (b"exec sh -c 'echo hi there'\n", [["exec", "sh", "-c", "echo hi there"]]),
+])
+def test_parse(data, words):
+    assert ctl.parse(data) == words
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"", "empty"),
+    (b"\n \n\t\n", "empty"),
+    (b"state\0up", "NUL"),
+    (b"\xff\xfe state", "UTF-8"),
+    (b"state \x01up", "binary"),
+    (b"x" * (ctl.MAX_CTL_WRITE + 1), str(ctl.MAX_CTL_WRITE)),
+    (b"state 'up", "quoting"),
+])
+def test_garbage_is_einval_with_a_readable_message(data, needle):
+    assert needle in einval_message(data)
+
+
+def test_lookup_messages():
+    with pytest.raises(BpfsError) as info:
+        ctl.lookup(ctl.NODE_CTL, ["foo"])
+    assert (info.value.errno, info.value.message) == (errno.EINVAL, "unknown control message 'foo'")
+    with pytest.raises(BpfsError) as info:
+        ctl.lookup(ctl.NODE_CTL, ["state"])
+    assert info.value.message == "wrong number of arguments for 'state'"
+    with pytest.raises(BpfsError) as info:
+        ctl.lookup(ctl.NODE_CTL, ["reboot", "now"])
+    assert info.value.message == "wrong number of arguments for 'reboot'"
+    with pytest.raises(BpfsError) as info:
+        ctl.lookup(ctl.NODE_CTL, ["x" * 1000])
+    assert len(info.value.message) < 120
+
+
+async def test_adding_a_command_is_a_table_row():
+    async def hello(ctx: ctl.CtlContext, args: list[str]) -> str:
+        return f"ok {ctx.target} {' '.join(args)}"
+    table = ctl.NODE_CTL + (ctl.Command("hello", (0, None), hello),)
+    s = services()
+    assert await ctl.execute(table, ctl.CtlContext(s, ROOT, 1), b"hello a b c") == "ok 1 a b c"
+
+
+async def test_state_command():
+    s = services()
+    assert await run(s, b"state unavailable\n") == "ok"
+    assert s.cluster.node(0).state == "unavailable" and s.persisted == 1
+    await run(s, b"state up")
+    assert s.cluster.node(0).state == "up"
+
+
+@pytest.mark.parametrize("data, caller, node, err", [
+    (b"state error", ALICE, 0, errno.EPERM),
+    (b"state down", ROOT, 0, errno.EINVAL),
+    (b"state halt", ROOT, 0, errno.EINVAL),
+    (b"state error", ROOT, 2, errno.EHOSTDOWN),
+    (b"reboot", ALICE, 0, errno.EPERM),
+    (b"halt", ROOT, 2, errno.EHOSTDOWN),
+    (b"pwroff", ALICE, 2, errno.EPERM),
+])
+async def test_refusals(data, caller, node, err):
+    s = services()
+    with pytest.raises(BpfsError) as info:
+        await run(s, data, caller, node)
+    assert info.value.errno == err
+    assert s.sent == []
+
+
+@pytest.mark.parametrize("cmd", ["reboot", "halt", "pwroff"])
+async def test_power_commands_go_to_the_node_and_show(cmd):
+    s = services()
+    assert await run(s, cmd.encode() + b"\n", node=1) == "ok"
+    assert s.sent == [(1, {"t": "ctl", "cmd": cmd})]
+    assert s.cluster.node(1).state == cmd
+
+
+async def test_lines_run_in_order_and_stop_at_the_first_failure():
+    s = services()
+    with pytest.raises(BpfsError) as info:
+        await run(s, b"state error\nbogus\nreboot\n")
+    assert info.value.errno == errno.EINVAL
+    assert s.cluster.node(0).state == "error"     # the first line ran
+    assert s.sent == []                           # the third did not

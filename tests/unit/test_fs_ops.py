@@ -1,0 +1,301 @@
+"""The FUSE operations called directly, without a mount (s3ql's t3 layer)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import pytest
+import trio
+
+from bpfs import formats
+from bpfs.fs import procfs
+from bpfs.fs.inodes import Ino, Kind
+from bpfs.fs.ops import BpfsOperations
+from bpfs.model import Caller, Proc
+from tests.unit.test_ctl import FakeServices, services
+
+
+@dataclass
+class Ctx:
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+@dataclass
+class Fields:
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+
+
+ROOT = Ctx()
+ALICE = Ctx(1000, 1000)
+
+
+def make(up: int = 2, configured: int = 3) -> tuple[BpfsOperations, FakeServices]:
+    s = services(up, configured)
+    return BpfsOperations(s), s
+
+
+async def errno_of(coro) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await coro
+    return info.value.errno
+
+
+async def path_ino(ops: BpfsOperations, path: str) -> int:
+    ino = pyfuse3.ROOT_INODE
+    for part in path.strip("/").split("/"):
+        if part:
+            ino = (await ops.lookup(ino, part.encode(), ROOT)).st_ino
+    return ino
+
+
+async def read_all(ops: BpfsOperations, path: str, ctx: Ctx = ROOT) -> str:
+    fi = await ops.open(await path_ino(ops, path), os.O_RDONLY, ctx)
+    try:
+        out, off = b"", 0
+        while chunk := await ops.read(fi.fh, off, 7):     # small reads: offsets must work
+            out, off = out + chunk, off + len(chunk)
+        return out.decode()
+    finally:
+        await ops.release(fi.fh)
+
+
+async def listdir(ops: BpfsOperations, path: str, monkeypatch) -> list[str]:
+    names: list[str] = []
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda tok, name, attr, nxt: names.append(name.decode()) or True)
+    fh = await ops.opendir(await path_ino(ops, path), ROOT)
+    await ops.readdir(fh, 0, None)
+    await ops.releasedir(fh)
+    return names
+
+
+def test_inode_encoding_round_trips():
+    for ino in (Ino(Kind.ROOT), Ino(Kind.NODE_CTL, 65535), Ino(Kind.PROC_STATUS, 4194304, 77)):
+        assert Ino.decode(ino.encode()) == ino
+    assert Ino(Kind.ROOT).encode() == pyfuse3.ROOT_INODE
+
+
+async def test_tree_listing(monkeypatch):
+    ops, _ = make()
+    assert await listdir(ops, "/", monkeypatch) == ["status", "events", "nodes", "procs"]
+    assert await listdir(ops, "/nodes", monkeypatch) == ["0", "1", "2"]
+    assert await listdir(ops, "/nodes/1", monkeypatch) == ["status", "ctl", "info", "procs"]
+    assert await listdir(ops, "/procs", monkeypatch) == []
+
+
+async def test_lookup_refusals():
+    ops, _ = make()
+    root = pyfuse3.ROOT_INODE
+    assert await errno_of(ops.lookup(root, b"nope", ROOT)) == errno.ENOENT
+    nodes = await path_ino(ops, "/nodes")
+    for name in (b"3", b"01", b"-1", b"x", b"\xff"):
+        assert await errno_of(ops.lookup(nodes, name, ROOT)) == errno.ENOENT
+    status = await path_ino(ops, "/status")
+    assert await errno_of(ops.lookup(status, b"x", ROOT)) == errno.ENOTDIR
+    assert await errno_of(ops.getattr(0xFE, ROOT)) == errno.ENOENT
+
+
+async def test_every_file_renders_through_the_formats_parsers():
+    ops, s = make()
+    s.cluster.add_proc(Proc(4242, 1, 1000, 100, "sleep 100", 1732170000.5, gen=1))
+    rows = formats.parse_status(await read_all(ops, "/status"))
+    assert [(r.number, r.state, r.mode, r.user, r.group) for r in rows] == [
+        (0, "up", 0o111, "root", "root"), (1, "up", 0o111, "root", "root"),
+        (2, "down", 0o111, "root", "root")]
+    assert formats.parse_node_state(await read_all(ops, "/nodes/2/status")) == "down"
+    info = formats.parse_info(await read_all(ops, "/nodes/1/info"))
+    assert info.address == "a" and info.procs == 1
+    assert formats.parse_pids(await read_all(ops, "/nodes/1/procs")) == [4242]
+    p = formats.parse_proc_status(await read_all(ops, "/procs/4242/status"))
+    assert (p.pid, p.node, p.cmd, p.uid) == (4242, 1, "sleep 100", 1000)
+    assert formats.parse_word(await read_all(ops, "/procs/4242/node")) == "1"
+
+
+async def test_size_is_content_length_and_modes():
+    ops, _ = make()
+    for path in ("/status", "/nodes/0/status", "/nodes/0/info", "/nodes/0/procs"):
+        attr = await ops.getattr(await path_ino(ops, path), ROOT)
+        assert attr.st_size == len((await read_all(ops, path)).encode())
+        assert stat.S_IMODE(attr.st_mode) == 0o444
+    ctl = await ops.getattr(await path_ino(ops, "/nodes/0/ctl"), ROOT)
+    assert stat.S_IMODE(ctl.st_mode) == 0o666
+    d = await ops.getattr(await path_ino(ops, "/nodes/0"), ROOT)
+    assert stat.S_ISDIR(d.st_mode) and stat.S_IMODE(d.st_mode) == 0o111
+
+
+async def test_stale_proc_inode_is_enoent_after_pid_reuse():
+    ops, s = make()
+    s.cluster.add_proc(Proc(50, 0, 0, 0, "a", 1.0, gen=1))
+    old = await path_ino(ops, "/procs/50/status")
+    s.cluster.add_proc(Proc(50, 0, 0, 0, "b", 2.0, gen=2))
+    assert await errno_of(ops.getattr(old, ROOT)) == errno.ENOENT
+    assert (await ops.getattr(await path_ino(ops, "/procs/50/status"), ROOT)).st_ino != old
+
+
+async def test_read_only_files_refuse_writing():
+    ops, _ = make()
+    for path in ("/status", "/events", "/nodes/0/status", "/nodes/0/info"):
+        ino = await path_ino(ops, path)
+        assert await errno_of(ops.open(ino, os.O_WRONLY, ROOT)) == errno.EACCES
+        assert await ops.access(ino, os.W_OK, ROOT) is False
+        assert await ops.access(ino, os.R_OK, ALICE) is True
+    assert await errno_of(ops.open(await path_ino(ops, "/nodes"), os.O_RDONLY, ROOT)) == errno.EISDIR
+
+
+async def test_ctl_write_result_and_error_text():
+    ops, s = make()
+    fi = await ops.open(await path_ino(ops, "/nodes/0/ctl"), os.O_RDWR, ROOT)
+    assert await ops.read(fi.fh, 0, 100) == b""
+    assert await ops.write(fi.fh, 0, b"state error\n") == 12
+    assert await ops.read(fi.fh, 0, 100) == b"ok\n"
+    assert s.cluster.node(0).state == "error"
+    assert await errno_of(ops.write(fi.fh, 0, b"frobnicate")) == errno.EINVAL
+    assert await ops.read(fi.fh, 0, 100) == b"unknown control message 'frobnicate'\n"
+    assert await errno_of(ops.write(fi.fh, 0, b"\xff\x00")) == errno.EINVAL
+    await ops.release(fi.fh)
+
+
+async def test_ctl_uses_the_openers_credentials():
+    ops, s = make()
+    fi = await ops.open(await path_ino(ops, "/nodes/0/ctl"), os.O_WRONLY, ALICE)
+    assert await errno_of(ops.write(fi.fh, 0, b"reboot")) == errno.EPERM
+    assert s.sent == []
+    await ops.release(fi.fh)
+
+
+async def test_ctl_truncate_is_accepted():
+    ops, _ = make()
+    ino = await path_ino(ops, "/nodes/0/ctl")
+    await ops.setattr(ino, pyfuse3.EntryAttributes(), Fields(update_size=True), None, ROOT)
+    status = await path_ino(ops, "/nodes/0/status")
+    assert await errno_of(ops.setattr(status, pyfuse3.EntryAttributes(), Fields(update_size=True),
+                                      None, ROOT)) == errno.EACCES
+
+
+def attrs(mode: int = 0, uid: int = 0, gid: int = 0) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_mode, a.st_uid, a.st_gid = stat.S_IFDIR | mode, uid, gid
+    return a
+
+
+async def test_chmod_chown_through_setattr():
+    ops, s = make()
+    ino = await path_ino(ops, "/nodes/1")
+    a = await ops.setattr(ino, attrs(0o755), Fields(update_mode=True), None, ROOT)
+    assert stat.S_IMODE(a.st_mode) == 0o111
+    a = await ops.setattr(ino, attrs(0, 1000, 100), Fields(update_uid=True, update_gid=True), None, ROOT)
+    assert (a.st_uid, a.st_gid) == (1000, 100)
+    a = await ops.setattr(ino, attrs(0o100), Fields(update_mode=True), None, ALICE)
+    assert stat.S_IMODE(a.st_mode) == 0o100
+    assert s.persisted == 3
+    assert await errno_of(ops.setattr(ino, attrs(0, 1001), Fields(update_uid=True), None, ALICE)) == errno.EPERM
+    assert await errno_of(ops.setattr(ino, attrs(0, 0, 4242), Fields(update_gid=True), None, ALICE)) == errno.EPERM
+    down = await path_ino(ops, "/nodes/2")
+    assert await errno_of(ops.setattr(down, attrs(0o100), Fields(update_mode=True), None, ROOT)) == errno.EBUSY
+    status = await path_ino(ops, "/nodes/1/status")
+    assert await errno_of(ops.setattr(status, attrs(0o777), Fields(update_mode=True), None, ROOT)) == errno.EPERM
+    # time updates (touch) change nothing and do not fail
+    await ops.setattr(ino, attrs(), Fields(update_atime=True, update_mtime=True), None, ALICE)
+
+
+async def test_events_block_until_news_then_return_lines():
+    ops, s = make()
+    fi = await ops.open(await path_ino(ops, "/events"), os.O_RDONLY, Ctx(pid=os.getpid()))
+    assert fi.nonseekable and fi.direct_io
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        async def reader() -> None:
+            got.append(await ops.read(fi.fh, 0, 65536))
+        nursery.start_soon(reader)
+        await trio.sleep(0.3)
+        assert got == []                       # nothing new: still blocked
+        s.cluster.chmod(0, 0o100, Caller(0, 0))
+    events = formats.parse_events(got[0].decode())
+    assert [(e.id, e.what, e.detail) for e in events] == [(0, "mode", "0100")]
+    await ops.release(fi.fh)
+
+
+async def test_events_reads_split_long_news_by_size():
+    ops, s = make()
+    fi = await ops.open(await path_ino(ops, "/events"), os.O_RDONLY, ROOT)
+    s.cluster.detach(0)
+    s.cluster.detach(1)
+    first = await ops.read(fi.fh, 0, 10)
+    rest = await ops.read(fi.fh, 0, 65536)
+    assert len(first) == 10
+    assert [e.id for e in formats.parse_events((first + rest).decode())] == [0, 1]
+
+
+async def test_events_nonblocking_is_eagain():
+    ops, _ = make()
+    fi = await ops.open(await path_ino(ops, "/events"), os.O_RDONLY | os.O_NONBLOCK, ROOT)
+    assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EAGAIN
+
+
+async def test_events_reader_with_a_pending_signal_gets_eintr():
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        os.kill(child.pid, signal.SIGTERM)     # stays pending while stopped
+        time.sleep(0.1)
+        assert procfs.interrupting_signal(child.pid)
+        ops, _ = make()
+        fi = await ops.open(await path_ino(ops, "/events"), os.O_RDONLY, Ctx(pid=child.pid))
+        with trio.fail_after(5):
+            assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EINTR
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_procfs_quiet_signals_do_not_interrupt():
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(0.1)
+        assert not procfs.interrupting_signal(child.pid)
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        os.kill(child.pid, signal.SIGTSTP)     # a stop signal: not a reason to fail a read
+        time.sleep(0.1)
+        assert not procfs.interrupting_signal(child.pid)
+        assert not procfs.interrupting_signal(2**30)   # no such task
+        assert procfs.groups(os.getpid()) == frozenset(os.getgroups())
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_poll_on_events():
+    ops, s = make()
+    ino = await path_ino(ops, "/events")
+    fi = await ops.open(ino, os.O_RDONLY, ROOT)
+    assert await ops.poll(ino, fi.fh, None, ROOT) == 0
+    s.cluster.detach(0)
+    assert await ops.poll(ino, fi.fh, None, ROOT) != 0
+
+
+async def test_internal_errors_become_eio_and_are_logged(caplog):
+    ops, s = make()
+
+    def boom(*a):
+        raise RuntimeError("bug")
+    s.cluster.node = boom  # type: ignore[method-assign]
+    ino = Ino(Kind.NODE_STATUS, 0).encode()
+    assert await errno_of(ops.getattr(ino, ROOT)) == errno.EIO
+    assert "internal error" in caplog.text

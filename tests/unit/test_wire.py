@@ -1,0 +1,264 @@
+"""The wire protocol: framing, the mutual HMAC handshake, key files.
+
+Both ends run over `trio.testing.memory_stream_pair`, the real stream
+interface, so no sockets are involved.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfs import wire
+from bpfs.errors import BpfsError
+
+KEY = b"k" * 64
+OTHER = b"o" * 64
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
+                    st.floats(allow_nan=False), st.text(max_size=50), st.binary(max_size=50))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=20)
+messages = st.builds(lambda t, rest: {"t": t, **rest},
+                     st.text(min_size=1, max_size=20),
+                     st.dictionaries(st.text(max_size=10).filter(lambda k: k != "t"), values,
+                                     max_size=6))
+
+
+def pair(max_frame: int = wire.DEFAULT_MAX_FRAME) -> tuple[wire.FrameStream, wire.FrameStream]:
+    a, b = trio.testing.memory_stream_pair()
+    return wire.FrameStream(a, max_frame), wire.FrameStream(b, max_frame)
+
+
+# ---- framing ----------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=5))
+def test_frames_round_trip(msgs):
+    async def go():
+        a, b = pair()
+        for m in msgs:
+            await a.send(m)
+        got = [await b.receive() for _ in msgs]
+        assert got == msgs
+    trio.run(go)
+
+
+@given(messages)
+def test_pack_unpack_round_trip(msg):
+    frame = wire.pack(msg)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    assert wire.unpack(frame[4:]) == msg
+
+
+async def test_frames_split_across_reads_reassemble():
+    a, b = trio.testing.memory_stream_pair()
+    fs = wire.FrameStream(b)
+    data = wire.pack({"t": "x", "n": 1}) + wire.pack({"t": "y"})
+    for i in range(len(data)):
+        await a.send_all(data[i:i + 1])
+    assert await fs.receive() == {"t": "x", "n": 1}
+    assert await fs.receive() == {"t": "y"}
+
+
+async def test_oversized_frame_is_a_protocol_error():
+    a, b = trio.testing.memory_stream_pair()
+    fs = wire.FrameStream(b, max_frame=100)
+    await a.send_all((101).to_bytes(4, "big") + b"x" * 101)
+    with pytest.raises(wire.ProtocolError, match="exceeds"):
+        await fs.receive()
+
+
+@pytest.mark.parametrize("body", [
+    b"\xc1",                                    # never used byte in msgpack
+    msgpack.packb([1, 2, 3]),                   # not a map
+    msgpack.packb({"x": 1}),                    # no "t"
+    msgpack.packb({"t": 5}),                    # "t" not a string
+    msgpack.packb({"t": "a"}) + b"\x00",        # trailing garbage
+])
+async def test_garbage_frames_are_protocol_errors(body):
+    a, b = trio.testing.memory_stream_pair()
+    fs = wire.FrameStream(b)
+    await a.send_all(len(body).to_bytes(4, "big") + body)
+    with pytest.raises(wire.ProtocolError):
+        await fs.receive()
+
+
+async def test_eof_between_frames_and_inside_one():
+    a, b = trio.testing.memory_stream_pair()
+    fs = wire.FrameStream(b)
+    await a.aclose()
+    with pytest.raises(EOFError):
+        await fs.receive()
+    a, b = trio.testing.memory_stream_pair()
+    fs = wire.FrameStream(b)
+    await a.send_all(wire.pack({"t": "x"})[:-1])
+    await a.aclose()
+    with pytest.raises(wire.ProtocolError):
+        await fs.receive()
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_never_raise_anything_but_protocol_errors(data):
+    async def go():
+        a, b = trio.testing.memory_stream_pair()
+        fs = wire.FrameStream(b, max_frame=1000)
+        await a.send_all(data)
+        await a.aclose()
+        try:
+            while True:
+                await fs.receive()
+        except (wire.ProtocolError, EOFError):
+            pass
+    trio.run(go)
+
+
+async def test_expect_turns_refused_into_bpfs_error():
+    a, b = pair()
+    await a.send({"t": "refused", "errno": errno.EBUSY, "message": "node 3 is taken"})
+    with pytest.raises(BpfsError) as info:
+        await b.expect("welcome")
+    assert info.value.errno == errno.EBUSY and "taken" in info.value.message
+    await a.send({"t": "other"})
+    with pytest.raises(wire.ProtocolError):
+        await b.expect("welcome")
+
+
+# ---- handshake -------------------------------------------------------------------
+
+async def handshake(node_key: bytes, master_key: bytes):
+    """Run both sides; return (node outcome, master outcome), each None or the exception."""
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    out: dict[str, BaseException | None] = {}
+
+    async def side(name, fn, fs, key):
+        try:
+            await fn(fs, key)
+            out[name] = None
+        except BaseException as exc:
+            out[name] = exc
+            await fs.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "node", wire.client_handshake, n, node_key)
+        nursery.start_soon(side, "master", wire.server_handshake, m, master_key)
+    return out["node"], out["master"]
+
+
+async def test_handshake_ok():
+    assert await handshake(KEY, KEY) == (None, None)
+
+
+async def test_node_with_wrong_key_is_refused():
+    # The node cannot tell that the master knows the key: it gives up first.
+    node, master = await handshake(OTHER, KEY)
+    assert isinstance(node, wire.AuthError)
+    assert master is not None
+
+
+async def test_master_with_wrong_key_is_not_trusted():
+    node, master = await handshake(KEY, OTHER)
+    assert isinstance(node, wire.AuthError) and "master" in str(node)
+    assert master is not None
+
+
+async def test_master_refuses_a_node_that_fails_auth():
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    out = {}
+
+    async def bad_node():
+        await n.send({"t": "hello", "v": wire.VERSION, "nonce": os.urandom(32)})
+        await n.expect("challenge")
+        await n.send({"t": "auth", "mac": b"\0" * 32})
+        with pytest.raises(BpfsError) as info:
+            await n.expect("ok")
+        out["node"] = info.value
+
+    async def master():
+        with pytest.raises(wire.AuthError):
+            await wire.server_handshake(m, KEY)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bad_node)
+        nursery.start_soon(master)
+    assert out["node"].errno == errno.EACCES
+
+
+async def test_version_mismatch_is_refused():
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    await n.send({"t": "hello", "v": wire.VERSION + 1, "nonce": os.urandom(32)})
+    with pytest.raises(wire.ProtocolError, match="version"):
+        await wire.server_handshake(m, KEY)
+    with pytest.raises(BpfsError) as info:
+        await n.expect("challenge")
+    assert info.value.errno == errno.EPROTO
+
+
+async def test_bad_nonce_is_a_protocol_error():
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    await n.send({"t": "hello", "v": wire.VERSION, "nonce": b"short"})
+    with pytest.raises(wire.ProtocolError, match="nonce"):
+        await wire.server_handshake(m, KEY)
+
+
+async def test_connect_and_accept_over_tcp():
+    async def serve(stream):
+        try:
+            fs = await wire.accept(stream, KEY)
+            await fs.send({"t": "hi"})
+        except wire.ProtocolError:
+            pass
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0,
+                                                          host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        fs = await wire.connect("127.0.0.1", port, KEY)
+        assert await fs.receive() == {"t": "hi"}
+        await fs.aclose()
+        with pytest.raises(wire.AuthError):
+            await wire.connect("127.0.0.1", port, OTHER)
+        nursery.cancel_scope.cancel()
+
+
+# ---- key files -------------------------------------------------------------------
+
+def test_create_key_is_0600_and_loads(tmp_path):
+    path = tmp_path / "cluster.key"
+    key = wire.create_key(str(path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert wire.load_key(str(path)) == key
+    assert len(key) >= 32
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_key_readable_by_others_is_refused(tmp_path, mode):
+    path = tmp_path / "cluster.key"
+    wire.create_key(str(path))
+    os.chmod(path, mode)
+    with pytest.raises(BpfsError) as info:
+        wire.load_key(str(path))
+    assert info.value.errno == errno.EACCES and "chmod 600" in info.value.message
+
+
+def test_missing_and_short_keys(tmp_path):
+    with pytest.raises(BpfsError) as info:
+        wire.load_key(str(tmp_path / "nope"))
+    assert info.value.errno == errno.ENOENT
+    short = tmp_path / "short"
+    short.write_bytes(b"abc\n")
+    os.chmod(short, 0o600)
+    with pytest.raises(BpfsError) as info:
+        wire.load_key(str(short))
+    assert info.value.errno == errno.EINVAL
