@@ -102,7 +102,8 @@ def test_state_change_by_a_user_is_refused(cluster: Cluster, users) -> None:
     r = cluster.run("bpctl", "-S", "0", "-s", "unavailable", user=bob)
     assert r.returncode == 1
     assert "0: Operation not permitted" in r.stderr.decode()
-    r = cluster.sh(f"echo 'state unavailable' > {cluster.mount}/nodes/0/ctl", user=bob)
+    # dash's builtin echo reports any write error as EIO: use coreutils' echo
+    r = cluster.sh(f"/bin/echo 'state unavailable' > {cluster.mount}/nodes/0/ctl", user=bob)
     assert r.returncode != 0 and "Operation not permitted" in r.stderr.decode()
     assert cluster.read("nodes/0/status") == "up\n"
 
