@@ -12,7 +12,6 @@ page turns into a private copy that would have to travel.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -27,6 +26,7 @@ from bpfs.migrate.errors import MigrateError, from_oserror
 from bpfs.migrate.filecache import HashCache, hash_bytes
 from bpfs.migrate.image import FileRef, Image, Region
 from bpfs.migrate.procfs import PAGE, Mapping
+from bpfs.migrate.spawn import spawn_traced
 
 SIGTRAP = signal.SIGTRAP
 TRACE_OPTIONS = pt.O_EXITKILL | pt.O_TRACEEXEC
@@ -38,63 +38,16 @@ hashes = HashCache()  # shared by every dump of this process: libc is hashed onc
 
 # ---- starting and catching ----
 
-def _ignored_signals() -> list[int]:
-    """Signals this process ignores: exec keeps them ignored, so the child must reset them."""
-    mask = int(procfs.parse_status(procfs.read_text(os.getpid(), "status"))["SigIgn"], 16)
-    return [s for s in range(1, 65) if mask >> (s - 1) & 1]
-
-
-def _child(argv: Sequence[str], env: dict[str, str], cwd: str | None, ignored: list[int],
-           report: int) -> None:
-    """In the forked child: become traceable, clean up what exec would leak, exec. Never returns."""
-    try:
-        pt.traceme()
-        dfl = bytes(32)  # struct kernel_sigaction with SIG_DFL; signal.signal needs the main thread
-        for sig in ignored:
-            pt.syscall(pt.SYS["rt_sigaction"], sig, _addr(dfl), 0, 8)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if cwd is not None:
-            os.chdir(cwd)
-        os.closerange(3, report)
-        os.closerange(report + 1, 1 << 20)
-        os.execve(argv[0], list(argv), env)
-    except OSError as exc:
-        os.write(report, struct.pack("<i", exc.errno or errno.EIO))
-    except BaseException:
-        os.write(report, struct.pack("<i", errno.EIO))
-    finally:
-        os._exit(127)
-
-
-def _addr(data: bytes) -> int:
-    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-
-
 def launch(argv: Sequence[str], env: TMapping[str, str] | None = None,
            cwd: str | None = None) -> int:
-    """fork + execve `argv` (argv[0] a path) traced, and leave it stopped at its entry point.
+    """Start `argv` (argv[0] a path) traced and leave it stopped at its entry point.
 
     The child gets default signal dispositions, an empty signal mask and only fds 0-2 before
-    execve. Exec failures raise MigrateError with the execve errno. Returns the pid.
+    execve (see `spawn`). Exec failures raise MigrateError with the execve errno.
     """
     if not argv:
         raise MigrateError(errno.EINVAL, "empty argv")
-    env = dict(os.environ if env is None else env)
-    ignored = _ignored_signals()
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        _child(argv, env, cwd, ignored, wfd)
-    os.close(wfd)
-    try:
-        err = os.read(rfd, 4)
-    finally:
-        os.close(rfd)
-    if err:
-        os.waitpid(pid, 0)
-        code = struct.unpack("<i", err)[0]
-        raise MigrateError(code, f"cannot execute {argv[0]}: {os.strerror(code)}")
+    pid = spawn_traced(argv, dict(os.environ if env is None else env), cwd)
     try:
         stop = pt.wait_stop(pid)
         if pt.stop_signal(stop) != SIGTRAP:

@@ -240,3 +240,37 @@ def test_master_restart_keeps_acls_and_states(make_cluster, users) -> None:
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o110, alice.uid, alice.gid)
     assert c.read("nodes/1/status") == "unavailable\n"
     assert c.read("nodes/0/status") == "up\n"
+
+
+def test_a_node_killed_with_sigkill_goes_down_and_events_say_so(make_cluster) -> None:
+    c = make_cluster(nodes=2)
+    pid = int(open(os.path.join(c.state_dir, "pids", "node-1.pid")).read().split()[0])
+    fd = os.open(os.path.join(c.mount, "events"), os.O_RDONLY)
+    try:
+        killed = time.monotonic()
+        os.kill(pid, 9)
+        c.wait_for(lambda: c.read("nodes/1/status") == "down\n", timeout=2 + 3,
+                   what="node 1 to be marked down within the ping timeout (2 s)")
+        took = time.monotonic() - killed
+        events = formats.parse_events(os.read(fd, 65536).decode())
+        assert any(e.kind == "node" and e.id == 1 and "down" in f"{e.what} {e.detail}"
+                   for e in events), events
+    finally:
+        os.close(fd)
+    assert took < 2 + 1.5
+    assert c.read("nodes/0/status") == "up\n"
+    rows = ok(c.run("bpstat")).splitlines()[1:]
+    assert ["1", "down"] in [r.split()[:2] for r in rows]
+
+
+def test_a_node_with_the_wrong_key_is_refused_and_logged(cluster: Cluster, tmp_path) -> None:
+    key = tmp_path / "wrong.key"
+    key.write_text("f" * 64 + "\n")
+    key.chmod(0o600)
+    r = cluster.run("bpslave", "--master", f"127.0.0.1:{cluster.port}", "--key", str(key),
+                    "--node", "7", timeout=30)
+    assert r.returncode != 0
+    assert "key" in r.stderr.decode().lower()
+    assert not os.path.exists(os.path.join(cluster.mount, "nodes/7"))
+    log = open(os.path.join(cluster.state_dir, "logs", "master.log")).read()
+    assert "127.0.0.1" in log and "key" in log.lower()

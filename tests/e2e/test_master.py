@@ -451,7 +451,7 @@ async def test_acl_rules_for_other_users(master: Master, users: Any) -> None:
         assert r.returncode != 0 and b"Operation not permitted" in r.stderr
         out = ok(await trio.to_thread.run_sync(as_user, bob, f"cat {d}/status {d}/info {master.mount}/status"))
         assert out.startswith("up\naddress: 127.0.0.1\n")
-        r = await trio.to_thread.run_sync(as_user, bob, f"echo reboot > {d}/ctl")
+        r = await trio.to_thread.run_sync(as_user, bob, f"/bin/echo reboot > {d}/ctl")
         assert r.returncode != 0 and b"Operation not permitted" in r.stderr
 
 
