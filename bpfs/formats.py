@@ -21,6 +21,9 @@ Every file is UTF-8 text ending in a newline.
     event_line    := TIME SP KIND SP ID SP WHAT (SP DETAIL)? NL
     TIME          := seconds since the epoch, 3 decimals
     KIND          := "node" | "proc"
+    node WHAT DETAIL := "state" SP STATE            every change of the node's state
+                      | "mode" SP OCTAL             chmod, 4 octal digits: "0110"
+                      | "owner" SP UID SP GID       chown/chgrp, numeric ids
     e.g.  "1732170000.123 node 3 state down", "1732170000.200 proc 4242 exit 0"
 
 Parsers raise ValueError on text that breaks the grammar: a CLI that meets one

@@ -33,7 +33,7 @@ from bpfs import statefile, wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
-from bpfs.model import Cluster, Facts
+from bpfs.model import MAX_NODE, Cluster, Facts
 
 log = logging.getLogger("bpfs.master")
 
@@ -118,6 +118,15 @@ class Master:
                 raise BpfsError(errno.EIO, f"state not saved: {exc.strerror}") from None
             self._saved_revision = revision
 
+    def save_now(self) -> None:
+        """Blocking last save at shutdown, for a change whose persist() was cancelled."""
+        if self.cluster.revision != self._saved_revision:
+            try:
+                statefile.save(self.cfg.state_file, self.cluster.saved())
+                self._saved_revision = self.cluster.revision
+            except OSError as exc:
+                log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+
     # ---- node connections ----------------------------------------------------------
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
@@ -168,8 +177,8 @@ class Master:
         self.conns[n] = conn
         try:
             with conn.scope:
+                await self._persist_quietly()       # a new number is on disk before it is used
                 await conn.stream.send({"t": "welcome", "node": n, "heartbeat": self.cfg.heartbeat})
-                await self._persist_quietly()
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)
@@ -227,7 +236,7 @@ def _peer(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
         return f"{host}:{port}"
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return "?"
 
 
@@ -238,6 +247,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
 
     Raises BpfsError (key, state file, mount) or OSError (port) before starting.
     """
+    check_config(cfg)
     key = wire.load_key(cfg.key_file)
     cluster = Cluster(cfg.nodes)
     saved = statefile.load(cfg.state_file)
@@ -245,7 +255,11 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
         cluster.restore(saved)
     master = Master(cfg, cluster, key)
     await master.persist()
-    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.listen)
+    try:
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.listen)
+    except OSError as exc:
+        raise BpfsError(exc.errno or errno.EADDRNOTAVAIL,
+                        f"cannot listen on {cfg.listen}:{cfg.port}: {exc.strerror or exc}") from None
     port = listeners[0].socket.getsockname()[1]
     ops = BpfsOperations(master)
     try:
@@ -265,6 +279,18 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
     finally:
         fsmount.unmount()
         log.info("unmounted %s", cfg.mount)
+        master.save_now()
+
+
+def check_config(cfg: MasterConfig) -> None:
+    """EINVAL for settings that cannot work (nodes would time out between heartbeats...)."""
+    if not 0 <= cfg.nodes <= MAX_NODE + 1:
+        raise BpfsError(errno.EINVAL, f"--nodes must be 0..{MAX_NODE + 1}, not {cfg.nodes}")
+    if not 0 < cfg.heartbeat < cfg.ping_timeout:
+        raise BpfsError(errno.EINVAL, f"heartbeat ({cfg.heartbeat} s) must be positive and shorter "
+                        f"than ping_timeout ({cfg.ping_timeout} s)")
+    if not 0 <= cfg.port <= 65535:
+        raise BpfsError(errno.EINVAL, f"bad port {cfg.port}")
 
 
 async def _run_fuse(scope: trio.CancelScope) -> None:

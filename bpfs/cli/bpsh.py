@@ -53,8 +53,8 @@ from bpfs.execreq import ExecMove
 PROG = "bpsh"
 DEFAULT_BUFFER = 4096
 EXIT_NOT_FOUND = 1          # bproc's bpsh: `bpsh: X: command not found`, exit 1
-# Tests replace this with a fake node (argv prefix exec'd instead of the command:
-# PREFIX... PATH ARGV...); empty in real use.
+# Tests put a fake node here: then PREFIX... NODE PATH ARGV... is exec'd instead of
+# the command (the fake reads nodes/NODE/ctl and does the node's part). Empty in use.
 EXEC_PREFIX: list[str] = []
 
 USAGE = f"""\
@@ -281,6 +281,8 @@ def resolve_nodes(args: Args, mount: str) -> list[int] | None:
     """The node list, or None when the spec names this machine (run the command here)."""
     text = "allup" if args.all_up else "allnotdown" if args.all_avail else args.nodespec
     assert text is not None
+    if text == "-1":
+        text = "master"
     rows = common.read_status(mount)
     pairs = [(r.number, r.state) for r in rows]
     try:
@@ -384,9 +386,9 @@ def _reset_child(keep: int) -> None:
     os.closerange(keep + 1, 1 << 20)
 
 
-def _exec_argv(job: Job) -> tuple[str, list[str]]:
+def _exec_argv(job: Job, node: int) -> tuple[str, list[str]]:
     if EXEC_PREFIX:
-        return EXEC_PREFIX[0], [*EXEC_PREFIX, job.path, *job.argv]
+        return EXEC_PREFIX[0], [*EXEC_PREFIX, str(node), job.path, *job.argv]
     return job.path, job.argv
 
 
@@ -398,7 +400,7 @@ def _remote_child(job: Job, node: int, line: bytes, env: dict[str, str], status_
     except OSError as e:
         _report(status_w, rank, STAGE_CTL, e.errno)
         os._exit(1)
-    _execve(job, env, status_w, rank)
+    _execve(job, node, env, status_w, rank)
 
 
 def write_request(mount: str, node: int, line: bytes) -> None:
@@ -413,8 +415,8 @@ def write_request(mount: str, node: int, line: bytes) -> None:
         os.close(fd)
 
 
-def _execve(job: Job, env: dict[str, str], status_w: int, rank: int) -> None:
-    path, argv = _exec_argv(job)
+def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) -> None:
+    path, argv = _exec_argv(job, node) if node != nodeset.MASTER else (job.path, job.argv)
     try:
         os.execve(path, argv, env)
     except OSError as e:
@@ -456,7 +458,7 @@ def _local_child(job: Job, pairs: dict[int, tuple[socket.socket, socket.socket]]
         _report(status_w, rank, STAGE_CTL, e.errno)
         os._exit(1)
     _reset_child(status_w)
-    _execve(job, env, status_w, rank)
+    _execve(job, nodeset.MASTER, env, status_w, rank)
 
 
 def exit_status(procs: Sequence[Proc], received: Sequence[int], stderr_fd: int = 2
@@ -496,7 +498,7 @@ def _direct_execmove(job: Job, node: int) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError):
                 pass
-    path, argv = _exec_argv(job)
+    path, argv = _exec_argv(job, node)
     env = dict(os.environ if job.env is None else job.env, BPROC_PROGNAME=job.path,
                BPROC_RANK="0000000")
     sys.stdout.flush()

@@ -238,6 +238,12 @@ class BpfsOperations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    async def _read_only_tree(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    # Names are made by the master, never by users.
+    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _read_only_tree
+
     # ---- directories ---------------------------------------------------------------------
 
     def _new_handle(self, h: Handle) -> int:

@@ -13,6 +13,7 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
                  "sigactions": [[sig, handler, flags, restorer, mask]],   only non-default ones
                  "rseq": nil | [addr, size, signature],
                  "robust": nil | [head, len], "tid_address": nil | int,
+                 "rlimits": [[resource, soft, hard]]    (RLIM_INFINITY is 2**64 - 1)
                  "special": { name: [start, end] }   name in vvar, vvar_vclock, vdso, vsyscall
                  "host": host, "files": [file], "regions": [region],
                  "contents": { hash: bin } }        file contents carried inline (may be empty)
@@ -23,10 +24,11 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
     file     = { "hash": "sha256:" hex64, "size": int, "path": str }
     region   = { "start": int, "end": int, "prot": int (PROT_* bits), "kind": "anon" | "file",
                  "growsdown": bool, "file": int (index into files, -1 for anon),
-                 "offset": int, "pages": [[addr, bin]] }   page runs that must be written
+                 "offset": int, "pages": [[addr, bin]] }   byte runs to write over the mapping
 
 Addresses are page-aligned and below 2**47; regions are sorted and disjoint and do not meet the
-special mappings; page runs lie inside their region. `loads` checks all of that and raises
+special mappings; byte runs are ordered, disjoint and inside their region (they need not be
+whole pages: only bytes that differ from zero, or from the mapped file, travel). `loads` checks all of that and raises
 `MigrateError(EINVAL, "corrupt image: ...")`, so a restore never starts from a bad image.
 Version 1 is the first; a reader refuses any other version rather than guess.
 """
@@ -108,6 +110,7 @@ class Image:
     rseq: tuple[int, int, int] | None
     robust: tuple[int, int] | None
     tid_address: int | None
+    rlimits: list[tuple[int, int, int]]
     special: dict[str, tuple[int, int]]
     host: Host
     files: list[FileRef]
@@ -140,6 +143,7 @@ def _to_obj(img: Image) -> dict[str, Any]:
         "sigactions": [list(a) for a in img.sigactions],
         "rseq": list(img.rseq) if img.rseq else None,
         "robust": list(img.robust) if img.robust else None, "tid_address": img.tid_address,
+        "rlimits": [list(r) for r in img.rlimits],
         "special": {k: list(v) for k, v in img.special.items()},
         "host": {"kernel": img.host.kernel, "vdso": img.host.vdso,
                  "cpu_flags": img.host.cpu_flags, "xcr0": img.host.xcr0,
@@ -223,7 +227,7 @@ def _list(v: Any, what: str) -> list:
 
 _TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "umask",
         "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "rseq", "robust",
-        "tid_address", "special", "host", "files", "regions", "contents")
+        "tid_address", "rlimits", "special", "host", "files", "regions", "contents")
 
 
 def _from_obj(obj: Any) -> Image:
@@ -251,7 +255,7 @@ def _from_obj(obj: Any) -> Image:
         rseq=_tuple(obj["rseq"], 3, "rseq"), robust=_tuple(obj["robust"], 2, "robust"),
         tid_address=None if obj["tid_address"] is None else _addr(obj["tid_address"],
                                                                   "tid_address", False),
-        special=special, host=_host(obj["host"]), files=files, regions=regions,
+        rlimits=_rlimits(obj["rlimits"]), special=special, host=_host(obj["host"]), files=files, regions=regions,
         contents=_contents(obj["contents"], files))
     _check(len(files) > 0, "no executable file")
     _check(len(img.regs) == REGS_SIZE, f"regs is {len(img.regs)} bytes, want {REGS_SIZE}")
@@ -296,9 +300,9 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
     last = start
     for j, run in enumerate(_list(obj["pages"], f"{what}.pages")):
         addr, data = _tuple(run, 2, f"{what}.pages[{j}]", raw=True)
-        _addr(addr, f"{what}.pages[{j}].addr")
+        _addr(addr, f"{what}.pages[{j}].addr", aligned=False)
         _bin(data, f"{what}.pages[{j}].data")
-        _check(len(data) > 0 and len(data) % PAGE == 0, f"{what}.pages[{j}] size")
+        _check(len(data) > 0, f"{what}.pages[{j}] is empty")
         _check(last <= addr and addr + len(data) <= end, f"{what}.pages[{j}] outside region")
         last = addr + len(data)
         pages.append((addr, data))
@@ -327,6 +331,15 @@ def _sigactions(obj: Any) -> list[tuple[int, int, int, int, int]]:
         sig, handler, flags, restorer, mask = _tuple(act, 5, f"sigactions[{i}]", aligned=False)
         _check(1 <= sig <= 64 and sig not in (9, 19), f"sigactions[{i}] signal {sig}")
         out.append((sig, handler, flags, restorer, mask))
+    return out
+
+
+def _rlimits(obj: Any) -> list[tuple[int, int, int]]:
+    out = []
+    for i, lim in enumerate(_list(obj, "rlimits")):
+        res, soft, hard = _tuple(lim, 3, f"rlimits[{i}]")
+        _check(res < 16 and soft <= hard, f"rlimits[{i}] is not a resource with soft <= hard")
+        out.append((res, soft, hard))
     return out
 
 

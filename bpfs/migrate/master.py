@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import resource
 import signal
 import stat
 import struct
@@ -31,7 +33,6 @@ from bpfs.migrate.spawn import spawn_traced
 SIGTRAP = signal.SIGTRAP
 TRACE_OPTIONS = pt.O_EXITKILL | pt.O_TRACEEXEC
 GLIBC_TID_OFFSET = 0x2D0  # offsetof(struct pthread, tid) in glibc 2.3x on x86_64
-ZERO_PAGE = bytes(PAGE)
 
 hashes = HashCache()  # shared by every dump of this process: libc is hashed once
 
@@ -163,6 +164,8 @@ def dump(pid: int) -> Image:
     regs = pt.getregs(pid)
     xstate = pt.get_xstate(pid)
     status = procfs.parse_status(procfs.read_text(pid, "status"))
+    if status.get("Threads", "1") != "1":
+        raise MigrateError(errno.EOPNOTSUPP, "multi-threaded processes cannot migrate yet", pid)
     maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
     mm = procfs.parse_stat(procfs.read_text(pid, "stat"))
     special = {m.path.strip("[]"): (m.start, m.end) for m in maps if m.path in procfs.SPECIAL}
@@ -181,6 +184,7 @@ def dump(pid: int) -> Image:
         mm=mm, sigmask=pt.get_sigmask(pid),
         sigactions=_sigactions(pid, regs, gadget, status),
         rseq=pt.get_rseq(pid), robust=_robust(pid), tid_address=_tid_address(pid, regs),
+        rlimits=_rlimits(pid),
         special=special, host=hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)),
         files=files, regions=regions)
 
@@ -216,6 +220,19 @@ def _brk(pid: int, regs: pt.Regs, gadget: int, maps: list[Mapping], start_brk: i
     if not any(m.path == "[heap]" for m in maps):
         return start_brk
     return pt.inject(pid, regs, gadget, pt.SYS["brk"], 0)
+
+
+def _rlimits(pid: int) -> list[tuple[int, int, int]]:
+    """Resource limits (the user's ulimits go with the process), RLIM_INFINITY as 2**64 - 1."""
+    out = []
+    for res in range(16):
+        try:
+            soft, hard = resource.prlimit(pid, res)
+        except (OSError, ValueError):
+            continue
+        inf = lambda v: 2**64 - 1 if v == resource.RLIM_INFINITY else v  # noqa: E731
+        out.append((res, inf(soft), inf(hard)))
+    return out
 
 
 def _robust(pid: int) -> tuple[int, int] | None:
@@ -314,47 +331,92 @@ def _exe_index(pid: int, files: list[FileRef]) -> int:
 
 
 def _read_pages(pid: int, wanted: list[tuple[Region, list[tuple[int, int]], bool]]) -> None:
-    """Read every wanted run in one process_vm_readv; anonymous zero pages are dropped."""
+    """Read every wanted run in one process_vm_readv and keep only the bytes that matter:
+    in anonymous memory the non-zero ones, in a file's private copy those that differ from
+    the file (the node maps the identical file, so the rest is already there)."""
     ranges = [r for _, runs, _ in wanted for r in runs]
     if not ranges:
         return
     data = pt.read_memory(pid, ranges)
     pos = 0
     for region, runs, anon in wanted:
-        for addr, size in runs:
-            chunk = data[pos:pos + size]
-            pos += size
-            region.pages.extend(_split_zero(addr, chunk) if anon else [(addr, chunk)])
+        src = -1 if anon else _open_mapped(pid, region)
+        try:
+            for addr, size in runs:
+                chunk = data[pos:pos + size]
+                pos += size
+                base = None if anon else _file_bytes(src, region.offset + addr - region.start,
+                                                     size)
+                region.pages.extend(sparse(addr, chunk, base))
+        finally:
+            if src >= 0:
+                os.close(src)
 
 
-def _split_zero(addr: int, chunk: bytes) -> list[tuple[int, bytes]]:
-    """Runs of non-zero pages of an anonymous chunk (zero pages come free from mmap)."""
-    out: list[tuple[int, bytes]] = []
-    start = None
-    for off in range(0, len(chunk) + PAGE, PAGE):
-        nonzero = off < len(chunk) and chunk[off:off + PAGE] != ZERO_PAGE
-        if nonzero and start is None:
-            start = off
-        elif not nonzero and start is not None:
-            out.append((addr + start, chunk[start:off]))
-            start = None
-    return out
+# A run of bytes to write; equal (or zero) stretches shorter than 32 bytes stay inside a run,
+# since each run costs about 13 bytes of framing.
+_DIFFERENT = re.compile(rb"[^\x00](?:\x00{0,31}[^\x00])*")
 
 
-def read_contents(image: Image, wanted: Sequence[str]) -> dict[str, bytes]:
+def sparse(addr: int, chunk: bytes, base: bytes | None) -> list[tuple[int, bytes]]:
+    """(addr, bytes) runs where `chunk` differs from `base` (or from zeros if None)."""
+    if base is None:
+        diff = chunk
+    else:
+        n = len(chunk)
+        diff = (int.from_bytes(chunk, "little") ^ int.from_bytes(base, "little")).to_bytes(
+            n, "little")
+    return [(addr + m.start(), chunk[m.start():m.end()]) for m in _DIFFERENT.finditer(diff)]
+
+
+def _open_mapped(pid: int, region: Region) -> int:
+    path = f"/proc/{pid}/map_files/{region.start:x}-{region.end:x}"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening the file mapped at {region.start:#x}", pid) from exc
+
+
+def _file_bytes(fd: int, offset: int, size: int) -> bytes:
+    """The file's bytes behind a mapping; past the end of the file a mapping reads zeros."""
+    data = os.pread(fd, size, offset)
+    return data + bytes(size - len(data))
+
+
+def read_contents(image: Image, wanted: Sequence[str], pid: int | None = None
+                  ) -> dict[str, bytes]:
     """Contents of the image's files named by hash in `wanted`, read on the master.
 
-    ESTALE if a file changed since the dump (its hash no longer matches).
+    With `pid` (the ghost, still stopped) files are found among its mappings by hash, so the
+    content is the very file that was mapped even if its path was replaced since; otherwise,
+    or if not mapped, by path. ESTALE if what is read no longer has the dumped hash.
     """
+    sources = _mapped_sources(pid, set(wanted)) if pid is not None else {}
     out = {}
     for ref in image.files:
         if ref.hash in wanted and ref.hash not in out:
+            path = sources.get(ref.hash, ref.path)
             try:
-                with open(ref.path, "rb") as f:
+                with open(path, "rb") as f:
                     data = f.read()
             except OSError as exc:
                 raise from_oserror(exc, f"reading {ref.path}") from exc
             if hash_bytes(data) != ref.hash:
                 raise MigrateError(errno.ESTALE, f"{ref.path} changed since the dump")
             out[ref.hash] = data
+    return out
+
+
+def _mapped_sources(pid: int, wanted: set[str]) -> dict[str, str]:
+    """hash -> /proc/PID/map_files/... for the wanted files `pid` maps."""
+    out: dict[str, str] = {}
+    seen: set[tuple[str, int]] = set()
+    for m in procfs.parse_maps(procfs.read_text(pid, "maps")):
+        if not m.file_backed or (m.dev, m.inode) in seen:
+            continue
+        seen.add((m.dev, m.inode))
+        path = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+        digest = hashes.hash_path(path)[0]
+        if digest in wanted:
+            out.setdefault(digest, path)
     return out

@@ -49,7 +49,7 @@ SYS = dict(
     rt_sigprocmask=14, mremap=25, getpid=39, kill=62, fcntl=72, chdir=80, umask=95,
     setgroups=116, setresuid=117, setresgid=119, sigaltstack=131, personality=135, prctl=157,
     gettid=186, set_tid_address=218, set_robust_list=273, get_robust_list=274, dup3=292,
-    process_vm_readv=310, process_vm_writev=311, rseq=334, pidfd_open=434, clone3=435,
+    prlimit64=302, process_vm_readv=310, process_vm_writev=311, rseq=334, pidfd_open=434, clone3=435,
     close_range=436, pidfd_getfd=438,
 )
 

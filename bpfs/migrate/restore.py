@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
+import stat
 import struct
 from typing import Mapping, Sequence
 
@@ -36,6 +38,7 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import FileCache, HashCache, hash_bytes
 from bpfs.migrate.image import Image, Region
+from bpfs.migrate.spawn import fork_stopped
 
 SCRATCH = 0x2000_0000_0000
 SCRATCH_SIZE = 0x10_0000
@@ -56,18 +59,15 @@ PIDFD_SLOT = 1000  # where the pidfd waits while fds 0-2 are installed
 MOVABLE = ("vvar", "vvar_vclock", "vdso")
 
 
+class CloneRefused(MigrateError):
+    """clone3 itself failed (PID taken, pid_max...): the helper is fine and stays."""
+
+
 class Helper:
     """A forked, traced, emptied process parked at int3 in its scratch area."""
 
     def __init__(self) -> None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child only stops; the tracer rebuilds it
-            try:
-                pt.traceme()
-                os.kill(os.getpid(), signal.SIGSTOP)
-            finally:
-                os._exit(127)
-        self.pid = pid
+        self.pid = fork_stopped()
         try:
             self._clean()
         except BaseException:
@@ -128,10 +128,9 @@ class Helper:
             try:
                 stub.finish(self.pid, b, stop)
             except MigrateError as exc:
-                code = errno.EEXIST if exc.errno == errno.EEXIST else exc.errno
-                raise MigrateError(code, f"cannot create process {target_pid}: "
-                                   f"{os.strerror(code)}" + (" (PID taken)" if code ==
-                                                             errno.EEXIST else "")) from exc
+                taken = " (PID taken)" if exc.errno == errno.EEXIST else ""
+                raise CloneRefused(exc.errno, f"cannot create process {target_pid}: "
+                                   f"{os.strerror(exc.errno)}{taken}") from exc
             raise MigrateError(errno.EIO, f"helper stopped by {stop:#x} instead of clone", 0)
         child = pt.geteventmsg(self.pid)
         pt.cont(self.pid)
@@ -168,14 +167,23 @@ class Restorer:
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache = FileCache(cache_dir) if cache_dir else None
         self.hashes = HashCache()
-        self.helper = Helper()
+        self._helper: Helper | None = Helper()
+
+    @property
+    def helper(self) -> Helper:
+        """The clean helper; a new one if the last one broke (killed, or a clone went wrong)."""
+        if self._helper is None:
+            self._helper = Helper()
+        return self._helper
 
     @property
     def host(self) -> imagefmt.Host:
         return self.helper.host
 
     def close(self) -> None:
-        self.helper.kill()
+        if self._helper is not None:
+            self._helper.kill()
+            self._helper = None
 
     def __enter__(self) -> "Restorer":
         return self
@@ -228,6 +236,7 @@ class Restorer:
                     raise MigrateError(errno.ENOENT, f"{ref.path}: this node lacks the "
                                        f"master's file ({ref.hash[:19]}...) and it was not sent")
                 fds.append(fd)
+            _refuse_setid(fds[image.exe], image.exe_path)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -250,7 +259,7 @@ class Restorer:
                 raise MigrateError(errno.EINVAL, f"supplied content does not match {h}")
         files = self._open_files(image, content)
         try:
-            child = self.helper.clone(pid)
+            child = self._clone(pid)
             try:
                 self._build(child, image, files, list(fds), uid, gid, list(groups))
             except BaseException:
@@ -261,11 +270,18 @@ class Restorer:
                 os.close(fd)
         return child
 
+    def _clone(self, pid: int) -> int:
+        try:
+            return self.helper.clone(pid)
+        except MigrateError as exc:
+            if not isinstance(exc, CloneRefused):  # the helper itself is in doubt
+                self.close()
+            raise
+
     def _build(self, child: int, image: Image, files: list[int], fds: list[int], uid: int,
                gid: int, groups: list[int]) -> None:
         if len(fds) != 3:
             raise MigrateError(errno.EINVAL, "fds must be three descriptors for 0, 1, 2")
-        regs = self.helper.regs
         a = stub.Batch(SCRATCH)
         a.call("pidfd_open", os.getpid(), 0)  # becomes fd 0: the table starts empty
         for fd in files:
@@ -275,30 +291,45 @@ class Restorer:
         writable = self._map_regions(a, image)
         a.call("close_range", 1, 2**32 - 1, 0)
         self._process_state(a, image)
+        self._stdio(a, fds)
+        self._credentials(a, image, uid, gid, groups)
+        a.run(child, self.helper.regs)
+        pt.write_memory(child, [run for r in image.regions for run in r.pages])
+        self._finish(child, image, writable)
+
+    def _stdio(self, a: stub.Batch, fds: list[int]) -> None:
+        """fds 0-2 from the restorer's `fds`, through the pidfd parked at PIDFD_SLOT."""
         a.call("dup3", 0, PIDFD_SLOT, 0)
         a.call("close", 0)
         for fd in fds:
-            a.call("pidfd_getfd", PIDFD_SLOT, fd, 0)
+            a.call("pidfd_getfd", PIDFD_SLOT, fd, 0)  # lands on 0, 1, 2 in turn
         a.call("close", PIDFD_SLOT)
         for fd in range(3):
             a.call("fcntl", fd, F_SETFD, 0)  # pidfd_getfd set close-on-exec
+
+    def _credentials(self, a: stub.Batch, image: Image, uid: int, gid: int,
+                     groups: list[int]) -> None:
+        """Resource limits, the user's ids (root's capabilities go with uid 0), then the cwd."""
+        for res, soft, hard in image.rlimits:
+            a.call("prlimit64", 0, res, a.data(_rlimit_payload(res, soft, hard)), 0)
         a.call("setgroups", len(groups), a.data(struct.pack(f"<{len(groups)}I", *groups)))
         a.call("setresgid", gid, gid, gid)
         a.call("setresuid", uid, uid, uid)
         a.call("prctl", PR_SET_DUMPABLE, 1)  # a uid change cleared it
         a.call("chdir", a.cstr("/"))
-        a.call("chdir", a.cstr(image.cwd), may_fail=True)  # as the user: else stay at /
-        a.run(child, regs)
-        pt.write_memory(child, [run for r in image.regions for run in r.pages])
+        a.call("chdir", a.cstr(image.cwd), may_fail=True)  # missing or not allowed: stay at /
+
+    def _finish(self, child: int, image: Image, writable: list[Region]) -> None:
+        """Final protections, rseq, scratch gone, registers and mask set, detached: running."""
         b = stub.Batch(SCRATCH)
         for r in writable:
             b.call("mprotect", r.start, r.end - r.start, r.prot)
-        if image.rseq:
+        if image.rseq:  # after the page writes, so the kernel's cpu_id update stays
             b.call("rseq", image.rseq[0], image.rseq[1], 0, image.rseq[2])
-        b.run(child, regs)
+        b.run(child, self.helper.regs)
         gadget = image.special["vdso"][0] + self.helper.vdso_gadget
-        _check(pt.inject(child, regs, gadget, pt.SYS["munmap"], SCRATCH, SCRATCH_SIZE),
-               "unmapping the scratch area", child)
+        _check(pt.inject(child, self.helper.regs, gadget, pt.SYS["munmap"], SCRATCH,
+                         SCRATCH_SIZE), "unmapping the scratch area", child)
         final = image.registers()
         final.orig_rax = 2**64 - 1  # no syscall restart on resume
         pt.setregs(child, final)
@@ -369,6 +400,31 @@ def _check_reserved(image: Image) -> None:
         if r.start < hi and lo < r.end:
             raise MigrateError(errno.EOPNOTSUPP, f"image maps {r.start:#x}-{r.end:#x}, which "
                                "this restorer reserves for its scratch area")
+
+
+def _rlimit_payload(res: int, soft: int, hard: int) -> bytes:
+    """struct rlimit64 for prlimit64 in the target, clamped to what we may raise to.
+
+    A hard limit can only be raised with CAP_SYS_RESOURCE (root in a container may lack it),
+    so limits above this restorer's own hard limit (inherited by the target) are lowered to it.
+    """
+    own = resource.getrlimit(res)[1]
+    own = 2**64 - 1 if own == resource.RLIM_INFINITY else own
+    hard = min(hard, own)
+    return struct.pack("<QQ", min(soft, hard), hard)
+
+
+def _refuse_setid(fd: int, name: str) -> None:
+    """EPERM for a set-user-ID, set-group-ID or file-capability executable (as on the master)."""
+    mode = os.fstat(fd).st_mode
+    try:
+        os.getxattr(fd, "security.capability")
+        caps = True
+    except OSError:
+        caps = False
+    if mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP) or caps:
+        raise MigrateError(errno.EPERM, f"{name}: set-ID or file-capability programs cannot "
+                           "migrate")
 
 
 def _memfd(digest: str, data: bytes) -> int:

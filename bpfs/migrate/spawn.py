@@ -35,22 +35,47 @@ CODE = bytes.fromhex(
     "004489e7488d733031d241ba080000000f0541ffc4ebd3b8b4010000bf03000000beffffffff31d20f05488b"
     "7b184885ff740cb8500000000f054885c0752ab80e000000bf02000000488d735031d241ba080000000f05b8"
     "3b000000488b3b488b7308488b53100f0548894328b83c000000bf7f0000000f05f4")
+# fork_stopped(): fork(); child: ptrace(TRACEME); kill(getpid(), SIGSTOP); _exit(127)
+FORK_STOPPED = bytes.fromhex(
+    "b8390000000f054885c07401c3b86500000031ff31f631d24531d20f05b8270000000f0589c7b83e000000"
+    "be130000000f05b83c000000bf7f0000000f05f4")
+FORK_OFFSET = 256
 STACK = 1 << 16
 _REQ = struct.Struct("<6Q32s8s")  # path argv envp cwd stack_top err | zero sigaction | zero mask
 
 _code_map: mmap.mmap | None = None
-_entry = None
+_entries: dict[str, ctypes._CFuncPtr] = {}
 
 
-def _routine():
-    global _code_map, _entry
-    if _entry is None:
+def _routine(name: str = "spawn"):
+    global _code_map
+    if not _entries:
         _code_map = mmap.mmap(-1, mmap.PAGESIZE,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         _code_map.write(CODE)
+        _code_map.seek(FORK_OFFSET)
+        _code_map.write(FORK_STOPPED)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(_code_map))
-        _entry = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(addr)
-    return _entry
+        _entries["spawn"] = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(addr)
+        _entries["fork"] = ctypes.CFUNCTYPE(ctypes.c_long)(addr + FORK_OFFSET)
+    return _entries[name]
+
+
+def fork_stopped() -> int:
+    """fork() from native code; the child makes itself traced by us and stops (SIGSTOP).
+
+    No Python runs in the child, so this is safe in a threaded process. At the stop, rip - 2
+    is the child's `syscall` instruction (kill), usable for injections.
+    """
+    fn = _routine("fork")
+    old = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+    try:
+        pid = fn()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if pid < 0:
+        raise MigrateError(-pid, f"fork: {os.strerror(-pid)}")
+    return pid
 
 
 def _strings(items: Sequence[bytes]) -> ctypes.Array:
@@ -63,7 +88,7 @@ def spawn_traced(argv: Sequence[str], env: Mapping[str, str], cwd: str | None) -
     The child stops with SIGTRAP after its execve; exec failures raise MigrateError with the
     execve (or chdir) errno and leave no process behind.
     """
-    fn = _routine()
+    fn = _routine("spawn")
     args = [os.fsencode(a) for a in argv]
     envs = [os.fsencode(f"{k}={v}") for k, v in env.items()]
     argv_arr, env_arr = _strings(args), _strings(envs)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import Sequence
-
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 
@@ -107,12 +105,3 @@ def finish(pid: int, batch: "Batch", stop: int) -> None:
 
 def install(pid: int, base: int) -> None:
     pt.write_memory(pid, [(base, CODE)])
-
-
-def entry_result(pid: int, batch: Batch, index: int) -> int:
-    raw = pt.read_memory(pid, [(batch.base + TABLE_OFFSET + index * ENTRY + 56, 8)])
-    return struct.unpack("<q", raw)[0]
-
-
-def packed(fmt: str, values: Sequence[int]) -> bytes:
-    return struct.pack(fmt, *values)

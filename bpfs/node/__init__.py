@@ -1,0 +1,15 @@
+"""The node side of bpfs: the bpslave daemon and the embedded (simulated) cluster.
+
+    daemon.py     bpslave's command line; `start(cfg, spec)` is what it runs
+    config.py     NodeConfig, exit statuses, --master parsing (no heavy imports)
+    launcher.py   new PID + mount (+ UTS) namespaces; the daemon runs as their PID 1
+    nsutil.py     ctypes: unshare, mount, umount2, sethostname, prctl
+    service.py    the daemon proper (trio): sessions, heartbeats, HANDLERS table
+    init.py       PID 1 duties: the Reaper (exit statuses by pid), kill_namespace
+    facts.py      the FACTS map sent with register and every heartbeat
+    embedded.py   `bpfs up` / `bpfs down`: master + K simulated nodes, PID records
+
+Import discipline: daemon, config, launcher and nsutil must not import trio,
+msgpack or psutil (the launcher that stays behind is a bare interpreter);
+service, init and facts may.
+"""

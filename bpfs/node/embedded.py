@@ -12,9 +12,11 @@ empty tmpfs), then waits until the mount answers and every node is connected.
 Nodes are forked from this process rather than exec'd: the node code (trio,
 msgpack, psutil) is imported once here and shared copy-on-write, which makes
 `bpfs up --nodes 64` take well under a second of CPU instead of one interpreter
-start-up per node. Each forked node runs exactly what `bpslave` runs
-(bpfs.node.daemon.start) and rewrites its command line to the equivalent
-`bpslave ...` so ps shows what it is.
+start-up per node. Each is forked straight into its own new PID namespace (no
+launcher process in between, unlike `bpslave`), sets its namespaces up as
+`bpslave` does (bpfs.node.launcher.setup_namespaces), runs exactly bpslave's
+daemon (bpfs.node.daemon.start), and rewrites its command line to the
+equivalent `bpslave ...` so ps shows what it is. One process per node.
 
 Everything started is recorded in STATE_DIR/pids/NAME.pid as "PID STARTTIME"
 (STARTTIME: field 22 of /proc/PID/stat), and `down` signals a PID only through
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -44,7 +47,7 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from bpfs import formats
 from bpfs.cli.common import CliError
@@ -164,14 +167,6 @@ def read_records(layout: Layout) -> list[Record]:
     return out
 
 
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
 # ---- mounts ---------------------------------------------------------------------
 
 def mount_type(path: str) -> str | None:
@@ -246,8 +241,9 @@ def up(layout: Layout, opts: UpOptions) -> int:
             return 0
         return _foreground(layout, master)
     except Interrupted as exc:
-        print(f"bpfs: {exc}: stopping the cluster", file=sys.stderr, flush=True)
-        _stop(layout, quiet=True)
+        if started:     # never stop a cluster this `up` did not start (it may be refusing)
+            print(f"bpfs: {exc}: stopping the cluster", file=sys.stderr, flush=True)
+            _stop(layout, quiet=True)
         return 130
     except BaseException:
         if started:
@@ -319,32 +315,59 @@ def node_argv(layout: Layout, opts: UpOptions, n: int) -> list[str]:
 def _start_nodes(layout: Layout, opts: UpOptions) -> list[Record]:
     from bpfs.node import daemon, service  # noqa: F401  (import once, share with every fork)
     out = []
-    for n in range(opts.nodes):
-        pid = _fork_node(layout, opts, n)
-        rec = record(layout, f"node-{n}", pid)
-        if rec is not None:
-            out.append(rec)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for n in range(opts.nodes):
+            pid = _fork_node(layout, opts, n, own_pidns)
+            rec = record(layout, f"node-{n}", pid)
+            if rec is not None:
+                out.append(rec)
+    finally:
+        os.close(own_pidns)
     return out
 
 
-def _fork_node(layout: Layout, opts: UpOptions, n: int) -> int:
-    from bpfs.node import daemon, nsutil
-    log_path = layout.path("logs", f"node-{n}.log")
-    pid = os.fork()
+def _fork_node(layout: Layout, opts: UpOptions, n: int, own_pidns: int) -> int:
+    """Fork node n straight into a new PID namespace, as its PID 1; return its PID.
+
+    unshare(CLONE_NEWPID) only decides where our next child goes, and the
+    kernel refuses a second one while it points elsewhere, so after each fork
+    setns() points it back to our own namespace. Unlike `bpslave`, no launcher
+    stays between us and the daemon: it is our child (or, detached, init's).
+    """
+    from bpfs.node import nsutil
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)     # no Interrupted inside the child
+    nsutil.unshare(nsutil.CLONE_NEWPID)
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() != 1:
+            nsutil.setns(own_pidns, nsutil.CLONE_NEWPID)
     if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         return pid
+    _node_main(layout, opts, n)
+
+
+def _node_main(layout: Layout, opts: UpOptions, n: int) -> NoReturn:
+    from bpfs.node import daemon, launcher, nsutil
     code = 1
     try:
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        _redirect_stdio(log_path)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _redirect_stdio(layout.path("logs", f"node-{n}.log"))
         nsutil.set_cmdline(node_argv(layout, opts, n))
+        nsutil.set_comm("bpslave")
         cfg = NodeConfig(host="127.0.0.1", port=opts.port, key_file=layout.key_file, node=n,
                          reconnect=True, backoff_min=0.05, backoff_max=1.0)
         spec = NamespaceSpec(f"n{n}", [SCRATCH], [os.path.abspath(d) for d in opts.hide],
                              [layout.mount])
-        code = daemon.start(cfg, spec, label=f"n{n}")
+        daemon.setup_logging(logging.INFO, f"n{n}")
+        launcher.setup_namespaces(spec)
+        code = daemon.start(cfg, spec, label=f"n{n}", namespaces=False)
     except BaseException as exc:
         print(f"bpfs: node {n}: {exc}", file=sys.stderr)
     finally:
@@ -448,10 +471,6 @@ def down(layout: Layout, grace: float = GRACE) -> int:
 def _stop(layout: Layout, grace: float = GRACE, quiet: bool = False) -> int | None:
     """SIGTERM, then SIGKILL after `grace`; unmount; forget the records. None if nothing ran."""
     records = [r for r in read_records(layout) if r.alive()]
-    # a node's launcher forwards SIGTERM to its daemon; include the daemons so a
-    # stubborn one is SIGKILLed too (it would die with its launcher anyway: PDEATHSIG)
-    records += [Record(f"{r.name}-daemon", c, st) for r in records if r.name != "master"
-                for c in children(r.pid) if (st := start_time(c)) is not None]
     was_mounted = (mount_type(layout.mount) or "").startswith("fuse")
     for r in records:
         r.signal(signal.SIGTERM)

@@ -47,6 +47,11 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """Join the namespace open at `fd`; for CLONE_NEWPID only future children move."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
 def mount(source: Optional[str], target: str, fstype: Optional[str] = None,
           flags: int = 0, data: Optional[str] = None) -> None:
     ret = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
@@ -115,8 +120,9 @@ def set_cmdline(argv: list[str]) -> bool:
                      start_stack=field(28), arg_start=start, arg_end=start + len(raw),
                      env_start=field(50), env_end=field(51), auxv=0, auxv_size=0,
                      exe_fd=0xFFFFFFFF)
-    ret = _libc.prctl(PR_SET_MM, ctypes.c_ulong(PR_SET_MM_MAP), ctypes.c_ulong(ctypes.addressof(mm)),
-                      ctypes.c_ulong(ctypes.sizeof(mm)), ctypes.c_ulong(0))
+    ret = _libc.prctl(PR_SET_MM, ctypes.c_ulong(PR_SET_MM_MAP),
+                      ctypes.c_ulong(ctypes.addressof(mm)), ctypes.c_ulong(ctypes.sizeof(mm)),
+                      ctypes.c_ulong(0))
     if ret != 0:
         return False
     _cmdline_buffers.append(buf)

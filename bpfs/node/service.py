@@ -190,6 +190,9 @@ class Node:
             log.log(logging.INFO if self.cfg.reconnect else logging.ERROR,
                     "cannot reach the master at %s: %s", self.cfg.address, _why(exc))
             return Outcome.LOST, EXIT_LOST
+        except BpfsError as exc:            # refused during the handshake (protocol version)
+            log.error("the master at %s refused us: %s", self.cfg.address, exc)
+            return Outcome.LOST, EXIT_REFUSED
         try:
             return await self._session(fs)
         finally:

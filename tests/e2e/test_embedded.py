@@ -83,11 +83,6 @@ def alive(pid: int, start: int | None = None) -> bool:
     return rest[0] != b"Z" and (start is None or int(rest[19]) == start)
 
 
-def daemon_of(launcher: int) -> int:
-    (pid,) = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-    return int(pid)
-
-
 @pytest.fixture
 def where() -> Iterator[Where]:
     base = tempfile.mkdtemp(prefix="bpfs-emb-")
@@ -123,7 +118,7 @@ def test_up_detach_then_down(where: Where) -> None:
     for n in range(3):
         info = formats.parse_info(Path(where.mount, f"nodes/{n}/info").read_text())
         assert info.hostname == f"n{n}"
-        d = daemons[n] = daemon_of(recs[f"node-{n}"][0])
+        d = daemons[n] = recs[f"node-{n}"][0]        # the daemon itself, PID 1 inside
         nspid = Path(f"/proc/{d}/status").read_text().split("NSpid:")[1].splitlines()[0]
         assert nspid.split() == [str(d), "1"]
         mounts = Path(f"/proc/{d}/mounts").read_text()

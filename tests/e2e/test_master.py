@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import signal
 import socket
@@ -27,7 +28,6 @@ import pytest
 import trio
 
 from bpfs import formats, wire
-from bpfs.errors import BpfsError
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -514,5 +514,28 @@ async def test_rss_with_64_nodes(master: Master) -> None:
         assert master.proc is not None
         status = Path(f"/proc/{master.proc.pid}/status").read_text()
         rss_kb = int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1])
+        print(f"master RSS with 64 nodes: {rss_kb} kB")
         assert rss_kb <= 80 * 1024, f"master RSS {rss_kb} kB"
         stop.set()
+
+
+async def test_poll_on_events_wakes_on_news(master: Master) -> None:
+    fd = os.open(master.path("events"), os.O_RDONLY)
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        assert p.poll(200) == []
+        async with fake_node(master):
+            ready = await trio.to_thread.run_sync(p.poll, 5000)
+            assert ready and ready[0][1] & select.POLLIN
+            assert formats.parse_events(os.read(fd, 65536).decode())
+    finally:
+        os.close(fd)
+
+
+def test_names_cannot_be_created_or_removed(master: Master) -> None:
+    for script in (f"touch {master.path('x')}", f"mkdir {master.path('nodes/9')}",
+                   f"rm -f {master.path('status')}", f"mv {master.path('status')} {master.path('s')}"):
+        r = sh(script)
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, (script, r.stderr)
+    assert sorted(os.listdir(master.mount)) == ["events", "nodes", "procs", "status"]

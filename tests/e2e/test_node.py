@@ -6,6 +6,7 @@ need neither the master daemon nor FUSE; they need root for the namespaces.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -17,13 +18,13 @@ import pytest
 import trio
 
 from bpfs import wire
+from bpfs.errors import BpfsError
+from bpfs.node.config import parse_master
+from bpfs.node.service import Backoff
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="bpslave needs root for its namespaces"),
-    pytest.mark.timeout(60),
-]
+pytestmark = pytest.mark.timeout(60)
 
 
 @dataclass
@@ -104,6 +105,8 @@ def make_key(path: Path) -> bytes:
 
 
 async def start_node(tmp_path: Path, port: int, key: Path, *args: str) -> trio.Process:
+    if os.geteuid() != 0:
+        pytest.skip("bpslave needs root for its namespaces")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log = open(tmp_path / f"node-{len(list(tmp_path.glob('node-*')))}.log", "wb")
     return await trio.lowlevel.open_process(
@@ -112,6 +115,12 @@ async def start_node(tmp_path: Path, port: int, key: Path, *args: str) -> trio.P
 
 
 async def stop(proc: trio.Process) -> None:
+    """SIGTERM first: the launcher then reaps its daemon (a SIGKILLed launcher's daemon
+    dies by PDEATHSIG and is left to the machine's init to reap)."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(5):
+            await proc.wait()
     if proc.returncode is None:
         proc.send_signal(signal.SIGKILL)
     await proc.wait()
@@ -318,5 +327,51 @@ async def test_lost_master_kills_the_processes_the_node_holds(tmp_path, master):
         again = await master.next_conn()                 # and -r brings it back
         assert again.register["node"] == 7
         assert proc.returncode is None
+    finally:
+        await stop(proc)
+
+
+# ---- pure parts of the daemon --------------------------------------------------------
+
+@pytest.mark.parametrize("text, want", [
+    ("master", ("master", 2223)), ("10.0.0.1:2300", ("10.0.0.1", 2300)),
+    ("[::1]:99", ("::1", 99)), ("[fe80::1]", ("fe80::1", 2223)), ("::1", ("::1", 2223)),
+])
+def test_parse_master(text, want):
+    assert parse_master(text) == want
+
+
+@pytest.mark.parametrize("text", ["", ":1", "h:", "h:x", "h:0", "h:70000", "[::1", "[::1]x"])
+def test_parse_master_rejects(text):
+    with pytest.raises(BpfsError):
+        parse_master(text)
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets():
+    b = Backoff(0.1, 1.0)
+    assert [round(b.step(), 2) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    b.reset()
+    assert b.step() == 0.1
+
+
+async def test_master_refusing_the_handshake_is_reported(tmp_path, nursery):
+    """A master that refuses at once (as on a protocol version mismatch)."""
+    key = tmp_path / "key"
+    make_key(key)
+
+    async def refuse(stream):
+        fs = wire.FrameStream(stream)
+        await fs.expect("hello")
+        await fs.send({"t": "refused", "errno": 71, "message": "protocol version 1 unsupported"})
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, refuse, 0,
+                                                      host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    proc = await start_node(tmp_path, port, key)
+    try:
+        with trio.fail_after(10):
+            assert await proc.wait() == 3
+        assert "version 1 unsupported" in (tmp_path / "node-0.log").read_text()
     finally:
         await stop(proc)

@@ -50,8 +50,9 @@ SIMPLE = [
 
 @pytest.mark.parametrize("argv", SIMPLE, ids=lambda a: " ".join(a)[:40])
 def test_same_as_local(node, argv) -> None:
-    got = migrate(node, argv)
-    assert got.triple() == local(argv).triple()
+    """Byte for byte; `df` may race with other mounts on this machine, hence before/after."""
+    before, got = local(argv), migrate(node, argv)
+    assert got.triple() == before.triple() or got.triple() == local(argv).triple()
 
 
 @pytest.mark.parametrize("prog", [["/bin/cat"], ["/usr/bin/wc"], ["/usr/bin/sort"],
@@ -64,11 +65,15 @@ def test_filters_on_a_file(node, text_file, prog) -> None:
 
 
 def test_ls_root(node) -> None:
-    """`ls -la /`: equal except the /proc line (each PID namespace mounts its own /proc)."""
+    """`ls -la /`: equal except the /proc line (each PID namespace mounts its own /proc).
+
+    Other users of this machine change /tmp's time now and then, so the migrated output must
+    equal a local run made just before or just after it.
+    """
     argv = ["/bin/ls", "-la", "/"]
-    strip = lambda b: re.sub(rb"\n[^\n]* proc\n", b"\n", b)  # noqa: E731
-    got, ref = migrate(node, argv), local(argv)
-    assert (strip(got.stdout), got.stderr, got.code) == (strip(ref.stdout), ref.stderr, ref.code)
+    strip = lambda r: (re.sub(rb"\n[^\n]* proc\n", b"\n", r.stdout), r.stderr, r.code)  # noqa
+    before, got, after = local(argv), migrate(node, argv), local(argv)
+    assert strip(got) in (strip(before), strip(after))
 
 
 def test_shell_pid_is_the_masters(node) -> None:
@@ -90,6 +95,17 @@ def test_environment_is_the_images(node) -> None:
     env = dict(ENV, BPROC_RANK="0000003", ODD="a b\tc")
     got = migrate(node, ["/usr/bin/env"], env=env)
     assert got.stdout == "".join(f"{k}={v}\n" for k, v in env.items()).encode()
+
+
+def test_rlimits_travel(node) -> None:
+    import resource
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (321, old[1]))
+    try:
+        got = migrate(node, ["/bin/sh", "-c", "ulimit -n"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+    assert got.stdout == b"321\n"
 
 
 def test_signal_dispositions_reset_and_fds_closed(node) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from typing import Iterator
 
 import pytest
@@ -74,6 +73,18 @@ def test_setid_and_file_caps_refused(setid_copies, kind) -> None:
         _dumped([setid_copies[kind]])
     assert info.value.errno == errno.EPERM
     assert "cannot migrate" in info.value.message
+
+
+def test_node_refuses_setid_file_too(node, tmp_path) -> None:
+    """The node checks the file it would map as the executable, not only the master."""
+    os.chmod(tmp_path, 0o755)
+    prog = tmp_path / "later-suid"
+    shutil.copy("/usr/bin/true", prog)
+    img = _dumped([str(prog)])
+    os.chmod(prog, 0o4755)  # same content, so the node's file is used by reference
+    with pytest.raises(BpfsError) as info:
+        migrate_image(node, image.dumps(img), img)
+    assert info.value.errno == errno.EPERM
 
 
 def test_corrupt_image_refused(node) -> None:
@@ -145,6 +156,22 @@ def test_changed_library_is_sent_by_content(greet, tmp_path) -> None:
         assert info.value.errno == errno.ENOENT
         got = migrate_image(node, data, img, contents=dump.read_contents(img, [lib.hash]))
         assert got.stdout == b"master library\n"
+        ghost = dump.launch(argv, ENV, "/")  # the file replaced on the master after the dump:
+        try:                                 # read it through the ghost's mapping
+            img3 = dump.dump(ghost)
+            saved = greet["lib"] + ".saved"
+            os.rename(greet["lib"], saved)
+            shutil.copy(greet["node_lib"], greet["lib"])
+            try:
+                with pytest.raises(BpfsError) as info:
+                    dump.read_contents(img3, [lib.hash])
+                assert info.value.errno == errno.ESTALE
+                assert dump.read_contents(img3, [lib.hash], pid=ghost) == {
+                    lib.hash: open(saved, "rb").read()}
+            finally:
+                os.replace(saved, greet["lib"])
+        finally:
+            dump.kill(ghost)
         img2 = _dumped(argv)  # the second migration sends references only
         assert node.missing(image.dumps(img2)) == []
         assert migrate_image(node, image.dumps(img2), img2).stdout == b"master library\n"

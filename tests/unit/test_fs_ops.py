@@ -299,3 +299,12 @@ async def test_internal_errors_become_eio_and_are_logged(caplog):
     ino = Ino(Kind.NODE_STATUS, 0).encode()
     assert await errno_of(ops.getattr(ino, ROOT)) == errno.EIO
     assert "internal error" in caplog.text
+
+
+async def test_the_tree_cannot_be_changed_by_name_operations():
+    ops, _ = make()
+    root = pyfuse3.ROOT_INODE
+    assert await errno_of(ops.mkdir(root, b"x", 0o755, ROOT)) == errno.EACCES
+    assert await errno_of(ops.create(root, b"x", 0o644, os.O_WRONLY, ROOT)) == errno.EACCES
+    assert await errno_of(ops.unlink(root, b"status", ROOT)) == errno.EACCES
+    assert await errno_of(ops.rename(root, b"status", root, b"s", 0, ROOT)) == errno.EACCES
