@@ -25,6 +25,16 @@ connection closed. After the handshake, messages (all maps, "t" first):
     node   -> master  facts      facts: FACTS        (the heartbeat; every `heartbeat` s)
     master -> node    ctl        cmd: "reboot" | "halt" | "pwroff"
 
+  Migration (bpsh, issue 4); ID is the master's number for one migration:
+    master -> node    restore    id, image: bytes (bpfs.migrate.dumps), uid, gid, groups: [int],
+                                 io: [IO, IO, IO] (bpfs.execreq), port, token
+    node   -> master  need       id, hashes: [hash]      file contents the node lacks
+    master -> node    files      id, contents: {hash: bytes}
+    node   -> master  restored   id, pid                 the process runs on the node
+                      failed     id, errno, message      nothing runs; stdio links closed
+    master -> node    signal     pid, sig                 forward a signal to a process
+    node   -> master  exited     pid, code: int|None, signal: int|None
+
     FACTS := {"hostname", "cpus", "arch", "kernel", "load": [l1, l5, l15],
               "mem_total", "mem_available", "uptime"}
 
