@@ -23,12 +23,11 @@ nodes/N/ctl commands:
 
 from __future__ import annotations
 
-import errno
 import shlex
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from bpfs.errors import BpfsError, einval
+from bpfs.errors import einval
 from bpfs.model import POWER_COMMANDS, Caller, Cluster
 
 MAX_CTL_WRITE = 4096
@@ -136,7 +135,3 @@ NODE_CTL: tuple[Command, ...] = (
     Command("state", (1, 1), _state),
     *(Command(c, (0, 0), _power(c)) for c in POWER_COMMANDS),
 )
-
-
-def node_down(n: int) -> BpfsError:
-    return BpfsError(errno.EHOSTDOWN, f"node {n} is down")

@@ -353,20 +353,24 @@ def _read_pages(pid: int, wanted: list[tuple[Region, list[tuple[int, int]], bool
                 os.close(src)
 
 
-# A run of bytes to write; equal (or zero) stretches shorter than 32 bytes stay inside a run,
-# since each run costs about 13 bytes of framing.
-_DIFFERENT = re.compile(rb"[^\x00](?:\x00{0,31}[^\x00])*")
+BLOCK = 128  # granularity of what travels: a run costs ~13 bytes of framing, a compare ~60 ns
 
 
 def sparse(addr: int, chunk: bytes, base: bytes | None) -> list[tuple[int, bytes]]:
-    """(addr, bytes) runs where `chunk` differs from `base` (or from zeros if None)."""
-    if base is None:
-        diff = chunk
-    else:
-        n = len(chunk)
-        diff = (int.from_bytes(chunk, "little") ^ int.from_bytes(base, "little")).to_bytes(
-            n, "little")
-    return [(addr + m.start(), chunk[m.start():m.end()]) for m in _DIFFERENT.finditer(diff)]
+    """(addr, bytes) runs of BLOCK-sized blocks where `chunk` differs from `base` (or zeros)."""
+    ref = base if base is not None else bytes(len(chunk))
+    out: list[tuple[int, bytes]] = []
+    start = -1
+    for off in range(0, len(chunk), BLOCK):
+        differs = chunk[off:off + BLOCK] != ref[off:off + BLOCK]
+        if differs and start < 0:
+            start = off
+        elif not differs and start >= 0:
+            out.append((addr + start, chunk[start:off]))
+            start = -1
+    if start >= 0:
+        out.append((addr + start, chunk[start:]))
+    return out
 
 
 def _open_mapped(pid: int, region: Region) -> int:

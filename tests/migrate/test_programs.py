@@ -4,6 +4,7 @@ in the same kind of namespaces."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -73,7 +74,9 @@ def test_ls_root(node) -> None:
     argv = ["/bin/ls", "-la", "/"]
     strip = lambda r: (re.sub(rb"\n[^\n]* proc\n", b"\n", r.stdout), r.stderr, r.code)  # noqa
     before, got, after = local(argv), migrate(node, argv), local(argv)
-    assert strip(got) in (strip(before), strip(after))
+    diff = "".join(difflib.unified_diff(before.stdout.decode().splitlines(True),
+                                        got.stdout.decode().splitlines(True)))
+    assert strip(got) in (strip(before), strip(after)), diff
 
 
 def test_shell_pid_is_the_masters(node) -> None:
