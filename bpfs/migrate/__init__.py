@@ -40,6 +40,15 @@ Node side (from a process inside the target PID namespace, one thread)::
     FileCache(dir)                      received file contents keyed by hash
     Restorer.host -> Host               this node's kernel/vdso/CPU facts
 
+Threads: ptrace answers only the tracer thread, so all master-side calls for a tracee, and all
+uses of one Restorer, must come from one thread each (a Restorer checks and raises EINVAL).
+The node must not waitpid(-1) while a restore runs in another thread (it would steal ptrace
+stops); waiting for the restored pids, or reaping between restores, is fine.
+
+Not yet migrated (refused or not carried): processes with several threads (EOPNOTSUPP), shared
+mappings (EOPNOTSUPP), fds beyond 0-2, pending signals, timers, SysV IPC, seccomp. The stop
+point is the entry point; bproc_move of a running process is a later step on the same code.
+
 `bpfs.migrate.loopnode.LoopNode` runs a Restorer as PID 1 of new PID + mount namespaces, for
 tests and benchmarks.
 """

@@ -249,10 +249,8 @@ def inject(pid: int, base: Regs, gadget: int, nr: int, *args: int) -> int:
 
 
 def _iovecs(items: Sequence[tuple[int, int]]) -> ctypes.Array:
-    arr = (IoVec * len(items))()
-    for i, (addr, size) in enumerate(items):
-        arr[i].base, arr[i].len = addr, size
-    return arr
+    flat = [v for pair in items for v in pair]
+    return (IoVec * len(items)).from_buffer_copy(struct.pack(f"<{len(flat)}Q", *flat))
 
 
 _IOV_MAX = 1024
@@ -281,19 +279,22 @@ def read_memory(pid: int, ranges: Sequence[tuple[int, int]]) -> bytes:
 
 
 def write_memory(pid: int, runs: Iterable[tuple[int, bytes]]) -> None:
-    """process_vm_writev of (addr, data) runs into writable memory of `pid`."""
+    """process_vm_writev of (addr, data) runs into writable memory of `pid`.
+
+    The data is joined into one local buffer (one C-level copy) so only the remote side needs
+    an iovec per run; at most IOV_MAX runs per call.
+    """
     runs = list(runs)
     for i in range(0, len(runs), _IOV_MAX):
         chunk = runs[i:i + _IOV_MAX]
-        keep = [ctypes.c_char_p(data) for _, data in chunk]  # points into the bytes, no copy
-        local = _iovecs([(ctypes.cast(k, ctypes.c_void_p).value or 0, len(d))
-                         for k, (_, d) in zip(keep, chunk)])
+        data = b"".join(d for _, d in chunk)
+        keep = ctypes.c_char_p(data)  # points into the bytes object, no copy
+        local = IoVec(ctypes.cast(keep, ctypes.c_void_p).value or 0, len(data))
         remote = _iovecs([(addr, len(d)) for addr, d in chunk])
-        want = sum(len(d) for _, d in chunk)
-        got = _libc.syscall(ctypes.c_long(SYS["process_vm_writev"]), ctypes.c_long(pid), local,
-                            ctypes.c_long(len(chunk)), remote, ctypes.c_long(len(chunk)),
-                            ctypes.c_long(0))
-        if got != want:
+        got = _libc.syscall(ctypes.c_long(SYS["process_vm_writev"]), ctypes.c_long(pid),
+                            ctypes.byref(local), ctypes.c_long(1), remote,
+                            ctypes.c_long(len(chunk)), ctypes.c_long(0))
+        if got != len(data):
             if got < 0:
                 raise _fail("process_vm_writev", pid)
             raise MigrateError(errno.EFAULT, f"process_vm_writev (pid {pid}): short write", pid)

@@ -2,25 +2,29 @@
 
 How, and why so:
 
-* One **helper** per `Restorer`, forked once, traced, and cleaned once: rseq unregistered, a
-  scratch area mapped at `SCRATCH` holding the syscall-batch loop (`stub`), every fd closed,
-  every signal disposition default, no altstack, and every mapping but the scratch area and the
-  vvar/vdso pages unmapped. It then stays parked in a ptrace stop.
+* One **helper** per `Restorer`, forked once (from native code, so it is safe in a threaded
+  daemon), traced, and cleaned once: rseq unregistered, a scratch area mapped at `SCRATCH`
+  holding the syscall-batch loop (`stub`), every fd closed, every signal disposition default,
+  no altstack, and every mapping but the scratch area and the vvar/vdso pages unmapped. It then
+  stays parked in a ptrace stop. This replaces a pool of pre-forked helpers: one clean helper
+  that forks per restore is cheaper than many, and never runs out.
 * Per restore the helper runs `clone3(CLONE_PARENT, set_tid=[pid])`: the new process inherits the
   clean state (so it costs one tiny fork), has the wanted PID in the caller's PID namespace, is a
   **child of the caller** (so the node daemon can waitpid it) and is auto-attached to our tracer.
 * Then two batches run in the new process: (A) take the mapped files and fds 0-2 from the
   restorer with pidfd_getfd, PR_SET_MM_MAP (before the target's mappings exist: EBUSY otherwise),
   move vvar/vdso to the image's addresses, map every region, restore dispositions, personality,
-  umask, name, robust list, credentials (setgroups/setresgid/setresuid to the caller's choice)
-  and cwd; page runs are written in one process_vm_writev; (B) mprotect back to the final
-  protections and register rseq (after the writes, so the kernel's cpu_id update is not
-  overwritten). A single-stepped munmap removes the scratch area, registers and xstate are set
-  and the process is detached, running.
+  umask, name, robust list, resource limits, credentials (setgroups/setresgid/setresuid to the
+  caller's choice) and cwd; the byte runs are written in one process_vm_writev; (B) mprotect
+  back to the final protections and register rseq (after the writes, so the kernel's cpu_id
+  update is not overwritten). A single-stepped munmap removes the scratch area, registers and
+  xstate are set and the process is detached, running.
 
 Files are used only when identical to the master's (hash check on an fd the restorer opened, so
 there is no check-then-open race); otherwise their content must be in the `FileCache` or be
-supplied, else ENOENT and nothing is created. The restorer must run in one thread (ptrace).
+supplied, else ENOENT and nothing is created. A failure after the clone kills the new process
+before it ever ran: nothing is half-restored. The restorer must run in one thread (ptrace), and
+must not wait for "any child" while a restore is under way (that would steal ptrace stops).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import resource
 import signal
 import stat
 import struct
+import threading
 from typing import Mapping, Sequence
 
 from bpfs.migrate import hostinfo, image as imagefmt, procfs, stub
@@ -167,6 +172,7 @@ class Restorer:
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache = FileCache(cache_dir) if cache_dir else None
         self.hashes = HashCache()
+        self._thread = threading.get_ident()
         self._helper: Helper | None = Helper()
 
     @property
@@ -251,6 +257,9 @@ class Restorer:
         """Create `image` as process `pid` (default image.pid), running as uid/gid/groups with
         `fds` as its 0, 1, 2; returns its pid. It is our child, running, not traced."""
         pid = image.pid if pid is None else pid
+        if threading.get_ident() != self._thread:
+            raise MigrateError(errno.EINVAL, "a Restorer must be used from the thread that "
+                               "created it (ptrace only answers the tracer thread)")
         hostinfo.check_compatible(image.host, image.special, self.host)
         _check_reserved(image)
         content = {**image.contents, **(file_content or {})}

@@ -60,11 +60,14 @@ class Batch:
         return len(self.entries) - 1
 
     def table(self) -> bytes:
-        out = bytearray()
+        flat: list[int] = []
+        mask = 2**64 - 1
         for _name, nr, args, flags in self.entries:
-            vals = [a & (2**64 - 1) for a in args] + [0] * (6 - len(args))
-            out += struct.pack("<9Q", nr, *vals, 0, flags)
-        return bytes(out)
+            flat.append(nr)
+            flat.extend(a & mask for a in args)
+            flat.extend([0] * (7 - len(args)))  # unused args and the result slot
+            flat.append(flags)
+        return struct.pack(f"<{len(flat)}Q", *flat)
 
     def writes(self) -> list[tuple[int, bytes]]:
         table = self.table()

@@ -49,3 +49,26 @@ def test_python_threads_and_signals(node) -> None:
     got = migrate(node, argv)
     assert got.triple() == local(argv).triple()
     assert got.stdout.endswith(b"got [10] True\n")
+
+
+def test_restored_layout_is_the_masters(node) -> None:
+    """No trace of the helper: same mappings as dumped, vdso where it was, not traced."""
+    from bpfs.migrate import image, master
+    from bpfs.migrate.restore import SCRATCH
+    from tests.migrate.conftest import ENV, migrate_image
+
+    pid = master.launch(["/bin/cat", "/proc/self/maps", "/proc/self/status"], ENV, "/")
+    try:
+        img = master.dump(pid)
+    finally:
+        master.kill(pid)
+    got = migrate_image(node, image.dumps(img), img)
+    assert got.code == 0
+    text = got.stdout.decode()
+    assert f"{SCRATCH:x}" not in text
+    vdso = img.special["vdso"]
+    assert f"{vdso[0]:x}-{vdso[1]:x} r-xp 00000000 00:00 0" in text
+    for r in img.regions:
+        if r.kind == "file":
+            assert f"{r.start:x}-{r.end:x}" in text or r.prot & 2  # data may merge with brk
+    assert "\nTracerPid:\t0\n" in text
