@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -176,7 +177,7 @@ def test_stdin_is_broadcast_to_every_node(cluster: Cluster) -> None:
 def test_redirections_are_master_files_50mb_byte_for_byte(cluster: Cluster, tmp_path) -> None:
     src, dst = tmp_path / "in", tmp_path / "out"
     src.write_bytes(os.urandom(50 * 1024 * 1024))
-    r = cluster.sh(f"{' '.join(command('bpsh'))} 2 cat < {src} > {dst}", timeout=60)
+    r = cluster.sh(f"{shlex.join(command('bpsh'))} 2 cat < {src} > {dst}", timeout=60)
     assert r.returncode == 0, r.stderr
     assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
 

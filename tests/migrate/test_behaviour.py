@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.migrate.conftest import local, migrate
+from tests.migrate.support import local, migrate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +55,7 @@ def test_restored_layout_is_the_masters(node) -> None:
     """No trace of the helper: same mappings as dumped, vdso where it was, not traced."""
     from bpfs.migrate import image, master
     from bpfs.migrate.restore import SCRATCH
-    from tests.migrate.conftest import ENV, migrate_image
+    from tests.migrate.support import ENV, migrate_image
 
     pid = master.launch(["/bin/cat", "/proc/self/maps", "/proc/self/status"], ENV, "/")
     try:
