@@ -19,14 +19,26 @@ nodes/N/ctl commands:
     reboot | halt | pwroff   root only (EPERM); the master sends
                              {"t": "ctl", "cmd": ...} to the node daemon;
                              node down: EHOSTDOWN
+    execmove OPTIONS         the writer's next execve runs on the node
+                             (bpfs.execreq grammar, EINVAL); node down:
+                             EHOSTDOWN; no x permission: EACCES; the writer
+                             is traced before the write returns. `ok PID`.
+
+procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited):
+    kill | stop | cont       SIGKILL, SIGSTOP, SIGCONT to the real process
+
+procs/P/signal: one word, a number (9) or a name (KILL, SIGKILL, kill); EINVAL
+otherwise. The table row named ANY matches every word and gets it as argument.
 """
 
 from __future__ import annotations
 
 import shlex
+import signal
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from bpfs import execreq
 from bpfs.errors import einval
 from bpfs.model import POWER_COMMANDS, Caller, Cluster
 
@@ -43,6 +55,15 @@ class Services(Protocol):
 
     async def persist(self) -> None:
         """Write the state file if persistent data changed; returns once it is on disk."""
+
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
+        """Arm the migration of the writer's next execve to `node`; its pid.
+
+        ENOSYS when this master cannot migrate; the writer must be traceable (ESRCH).
+        """
+
+    async def signal_proc(self, pid: int, sig: int) -> None:
+        """Send `sig` to migrated process `pid` on its node (permission already checked)."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +109,16 @@ def _split(line: str) -> list[str]:
         raise einval(f"bad quoting in control message: {exc}") from None
 
 
+ANY = "*"      # a row that matches every first word and gets the whole line as arguments
+
+
 def lookup(table: Sequence[Command], words: list[str]) -> Command:
     """The table row for `words`; EINVAL naming the command when it does not fit."""
     name, args = words[0], words[1:]
     for cmd in table:
-        if cmd.name == name:
+        if cmd.name == ANY:
+            name, args = "argument", words
+        if cmd.name in (name, ANY):
             lo, hi = cmd.nargs
             if len(args) < lo or (hi is not None and len(args) > hi):
                 raise einval(f"wrong number of arguments for '{name}'")
@@ -109,7 +135,7 @@ async def execute(table: Sequence[Command], ctx: CtlContext, data: bytes) -> str
     result = ""
     for words in parse(data):
         cmd = lookup(table, words)
-        result = await cmd.handler(ctx, words[1:])
+        result = await cmd.handler(ctx, words if cmd.name == ANY else words[1:])
     return result
 
 
@@ -131,7 +157,57 @@ def _power(cmd: str) -> Handler:
     return handler
 
 
+async def _execmove(ctx: CtlContext, args: list[str]) -> str:
+    ctx.services.cluster.check_run(ctx.target, ctx.caller)
+    req = execreq.parse_execmove(args)
+    pid = await ctx.services.execmove(ctx.target, ctx.caller, req)
+    return f"ok {pid}"
+
+
 NODE_CTL: tuple[Command, ...] = (
     Command("state", (1, 1), _state),
     *(Command(c, (0, 0), _power(c)) for c in POWER_COMMANDS),
+    Command("execmove", (0, None), _execmove),
 )
+
+
+# ---- procs/P/ctl and procs/P/signal ------------------------------------------------
+
+def parse_signal(word: str) -> int:
+    """`9`, `KILL`, `SIGKILL`, `kill` -> 9; EINVAL for anything else (0 is no signal)."""
+    if word.isdigit():
+        n = int(word)
+        if 1 <= n < signal.NSIG:
+            return n
+        raise einval(f"no signal number {word}")
+    name = word.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise einval(f"unknown signal {word[:32]!r}") from None
+
+
+async def send_signal(ctx: CtlContext, sig: int) -> str:
+    ctx.services.cluster.check_signal(ctx.target, ctx.caller)
+    await ctx.services.signal_proc(ctx.target, sig)
+    return "ok"
+
+
+def _signal_cmd(sig: int) -> Handler:
+    async def handler(ctx: CtlContext, args: list[str]) -> str:
+        return await send_signal(ctx, sig)
+    return handler
+
+
+async def _signal_word(ctx: CtlContext, args: list[str]) -> str:
+    return await send_signal(ctx, parse_signal(args[0]))
+
+
+PROC_CTL: tuple[Command, ...] = (
+    Command("kill", (0, 0), _signal_cmd(signal.SIGKILL)),
+    Command("stop", (0, 0), _signal_cmd(signal.SIGSTOP)),
+    Command("cont", (0, 0), _signal_cmd(signal.SIGCONT)),
+)
+
+PROC_SIGNAL: tuple[Command, ...] = (Command(ANY, (1, 1), _signal_word),)

@@ -35,13 +35,20 @@ Decisions (tests hold them):
   else other — the first class that matches decides, as for files.
 
 Events (see bpfs/formats.py for the line format): `node N state S` on every
-change of the derived state, `node N mode 0MMM`, `node N owner UID GID`.
+change of the derived state, `node N mode 0MMM`, `node N owner UID GID`;
+`proc PID start N`, `proc PID signal SIG`, `proc PID exit CODE|signal N`.
+
+Processes: `start_proc` gives each migrated process a fresh generation (a
+serial), so a reused PID never reaches a stale inode. Signalling one
+(`check_signal`) is for its uid or root (EPERM), like kill(2); `exited` records
+the real status once, and `remove_proc` drops it when the ghost is gone.
 """
 
 from __future__ import annotations
 
 import errno
 import math
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,6 +66,7 @@ NEW_NODE_MODE = 0o111
 ACL_BITS = 0o111
 MAX_NODE = 65535
 EVENT_CAPACITY = 1024
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,7 @@ class Cluster:
         self.procs: dict[int, Proc] = {}
         self.events = EventLog(event_capacity, clock)
         self.revision = 0        # bumped when persistent data (SavedNode fields) changes
+        self._proc_serial = 0
 
     # ---- lookup --------------------------------------------------------------
 
@@ -398,6 +407,43 @@ class Cluster:
 
     def remove_proc(self, pid: int) -> None:
         self.procs.pop(pid, None)
+
+    def start_proc(self, pid: int, node: int, uid: int, gid: int, cmd: str, now: float) -> Proc:
+        """A migrated process runs on `node`: record it with a new generation; event."""
+        self._proc_serial += 1
+        p = Proc(pid, node, uid, gid, cmd, now, gen=self._proc_serial)
+        self.procs[pid] = p
+        self.events.append("proc", pid, "start", str(node))
+        return p
+
+    def check_signal(self, pid: int, caller: Caller) -> Proc:
+        """ESRCH if `pid` is not a live migrated process, EPERM unless its uid or root."""
+        p = self.proc(pid)
+        if p.state == "exited":
+            raise BpfsError(errno.ESRCH, f"process {pid} has exited")
+        if not (caller.is_root or caller.uid == p.uid):
+            raise BpfsError(errno.EPERM, f"not allowed to signal process {pid}")
+        return p
+
+    def signalled(self, pid: int, sig: int) -> None:
+        """A signal went to `pid`'s real process: event; stop/cont change its state."""
+        p = self.procs.get(pid)
+        if p is None or p.state == "exited":
+            return
+        if sig in STOP_SIGNALS:
+            p.state = "stopped"
+        elif sig == signal.SIGCONT:
+            p.state = "running"
+        self.events.append("proc", pid, "signal", str(sig))
+
+    def exited(self, pid: int, code: int | None, sig: int | None) -> None:
+        """The process ended with exit `code` or by signal `sig` (the first report counts)."""
+        p = self.procs.get(pid)
+        if p is None or p.state == "exited":
+            return
+        p.state = "exited"
+        p.exit = f"signal {sig}" if sig else str(code if code is not None else 0)
+        self.events.append("proc", pid, "exit", p.exit)
 
     def procs_on(self, n: int) -> list[int]:
         return sorted(p.pid for p in self.procs.values() if p.node == n and p.state != "exited")

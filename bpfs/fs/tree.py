@@ -4,7 +4,7 @@ exactly what the CLIs parse.
 
     /status /events /nodes/ /procs/
     /nodes/N/   status ctl info procs         (dir mode/uid/gid = node ACL)
-    /procs/P/   status node                   (dir owned by the process's uid)
+    /procs/P/   status node signal ctl        (dir owned by the process's uid)
 
 Adding a file is adding a `FileSpec` row (and a Kind in inodes.py). `read`
 renders the whole content from the model; `write` is a ctl command table; a
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from bpfs import formats
-from bpfs.ctl import NODE_CTL, Command
+from bpfs.ctl import NODE_CTL, PROC_CTL, PROC_SIGNAL, Command
 from bpfs.fs.inodes import Kind
 from bpfs.model import Cluster
 
@@ -83,6 +83,8 @@ NODE_FILES: tuple[FileSpec, ...] = (
 PROC_FILES: tuple[FileSpec, ...] = (
     FileSpec("status", Kind.PROC_STATUS, 0o444, render_proc_status),
     FileSpec("node", Kind.PROC_NODE, 0o444, render_proc_node),
+    FileSpec("signal", Kind.PROC_SIGNAL, 0o200, None, PROC_SIGNAL),
+    FileSpec("ctl", Kind.PROC_CTL, 0o600, None, PROC_CTL),
 )
 
 FILES: dict[Kind, FileSpec] = {s.kind: s for s in (*ROOT_FILES, *NODE_FILES, *PROC_FILES)}

@@ -11,7 +11,9 @@ Master side (every call for one tracee from ONE thread: ptrace accepts only the 
     launch(argv, env=None, cwd=None) -> pid      fork+exec traced, stopped at AT_ENTRY
     dump(pid) -> Image                           dump a tracee stopped at AT_ENTRY
     kill(pid) -> None                            SIGKILL a tracee (and reap it if our child)
-    read_contents(image, hashes) -> {hash: bytes}  file contents a node lacks (ESTALE if changed)
+    read_contents(image, hashes, pid=None) -> {hash: bytes}
+        Contents of files a node lacks; with the ghost's pid they are read through its own
+        mappings (right even if the path was replaced since); ESTALE if the content changed.
 
 Image (`bpfs.migrate.image`, format documented there): `.pid`, `.argv`, `.comm`, `.exe_path`,
 `.cwd`, `.uid`, `.gid`, `.groups`, `.file_refs()` -> [FileRef(hash, size, path)],
@@ -36,7 +38,8 @@ Node side (from a process inside the target PID namespace, one thread)::
         cwd = image.cwd if it exists and the user may enter it, else "/".
         Errors (BpfsError/MigrateError): EINVAL corrupt image or bad content, ENOENT a file the
         node lacks was not sent, ENOEXEC other kernel build, EOPNOTSUPP CPU lacks features,
-        EEXIST the PID is taken, EPERM/EACCES as the kernel says.
+        EEXIST the PID is taken, EPERM a set-ID/file-capability executable (checked again
+        on the node's file), or as the kernel says.
     FileCache(dir)                      received file contents keyed by hash
     Restorer.host -> Host               this node's kernel/vdso/CPU facts
 
@@ -45,12 +48,18 @@ uses of one Restorer, must come from one thread each (a Restorer checks and rais
 The node must not waitpid(-1) while a restore runs in another thread (it would steal ptrace
 stops); waiting for the restored pids, or reaping between restores, is fine.
 
+Carried besides memory and registers: signal dispositions, mask and pending signals, rseq,
+robust list, umask, personality, comm, resource limits (clamped to the node's hard limits).
 Not yet migrated (refused or not carried): processes with several threads (EOPNOTSUPP), shared
-mappings (EOPNOTSUPP), fds beyond 0-2, pending signals, timers, SysV IPC, seccomp. The stop
+mappings (EOPNOTSUPP), fds beyond 0-2, timers, SysV IPC, seccomp filters, sigaltstack. The stop
 point is the entry point; bproc_move of a running process is a later step on the same code.
 
-`bpfs.migrate.loopnode.LoopNode` runs a Restorer as PID 1 of new PID + mount namespaces, for
-tests and benchmarks.
+Modules: `ptrace` (thin ctypes binding, syscall injection), `spawn` (vfork-style traced start,
+native fork for the helper), `procfs` (/proc parsers), `image` (the format), `filecache`
+(hashes, FileCache), `hostinfo` (kernel/CPU compatibility), `master` (launch, seize, dump),
+`stub` (syscall batches run inside a tracee), `restore` (Restorer), `loopnode` (a minimal
+node as PID 1 of new PID + mount namespaces, for tests and benchmarks). Note: the package
+attribute `dump` is the function; the module is `bpfs.migrate.master`.
 """
 
 from bpfs.migrate.master import (kill, launch, read_contents, seize_for_exec,

@@ -11,6 +11,7 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
                  "auxv": bin        (16-byte pairs ending with AT_NULL),
                  "mm": mm, "sigmask": int,
                  "sigactions": [[sig, handler, flags, restorer, mask]],   only non-default ones
+                 "pending": [sig]   signals pending at the dump, sent again once restored
                  "rseq": nil | [addr, size, signature],
                  "robust": nil | [head, len], "tid_address": nil | int,
                  "rlimits": [[resource, soft, hard]]    (RLIM_INFINITY is 2**64 - 1)
@@ -107,6 +108,7 @@ class Image:
     mm: dict[str, int]
     sigmask: int
     sigactions: list[tuple[int, int, int, int, int]]
+    pending: list[int]
     rseq: tuple[int, int, int] | None
     robust: tuple[int, int] | None
     tid_address: int | None
@@ -140,7 +142,7 @@ def _to_obj(img: Image) -> dict[str, Any]:
         "exe": img.exe, "cwd": img.cwd, "uid": img.uid, "gid": img.gid, "groups": img.groups,
         "umask": img.umask, "personality": img.personality, "regs": img.regs,
         "xstate": img.xstate, "auxv": img.auxv, "mm": img.mm, "sigmask": img.sigmask,
-        "sigactions": [list(a) for a in img.sigactions],
+        "sigactions": [list(a) for a in img.sigactions], "pending": img.pending,
         "rseq": list(img.rseq) if img.rseq else None,
         "robust": list(img.robust) if img.robust else None, "tid_address": img.tid_address,
         "rlimits": [list(r) for r in img.rlimits],
@@ -226,7 +228,7 @@ def _list(v: Any, what: str) -> list:
 
 
 _TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "umask",
-        "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "rseq", "robust",
+        "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "pending", "rseq", "robust",
         "tid_address", "rlimits", "special", "host", "files", "regions", "contents")
 
 
@@ -252,6 +254,7 @@ def _from_obj(obj: Any) -> Image:
         regs=_bin(obj["regs"], "regs"), xstate=_bin(obj["xstate"], "xstate"),
         auxv=_bin(obj["auxv"], "auxv"), mm=_mm(obj["mm"]),
         sigmask=_int(obj["sigmask"], "sigmask"), sigactions=_sigactions(obj["sigactions"]),
+        pending=[_int(x, "pending signal", 1, 64) for x in _list(obj["pending"], "pending")],
         rseq=_tuple(obj["rseq"], 3, "rseq"), robust=_tuple(obj["robust"], 2, "robust"),
         tid_address=None if obj["tid_address"] is None else _addr(obj["tid_address"],
                                                                   "tid_address", False),

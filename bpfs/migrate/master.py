@@ -35,6 +35,7 @@ TRACE_OPTIONS = pt.O_EXITKILL | pt.O_TRACEEXEC
 GLIBC_TID_OFFSET = 0x2D0  # offsetof(struct pthread, tid) in glibc 2.3x on x86_64
 
 hashes = HashCache()  # shared by every dump of this process: libc is hashed once
+_held: dict[int, list[int]] = {}  # pid -> signals that arrived before its entry point
 
 
 # ---- starting and catching ----
@@ -134,8 +135,8 @@ def run_to_entry(pid: int) -> None:
             sig = pt.stop_signal(stop)
             if sig == SIGTRAP and pt.getregs(pid).rip == entry:
                 break
-            if sig != SIGTRAP:  # a signal meant for the program: it runs after migration
-                raise MigrateError(errno.EINTR, f"signal {sig} before the entry point", pid)
+            if sig != SIGTRAP and pt.stop_event(stop) == 0:  # meant for the program: held, and sent again after migration
+                _held.setdefault(pid, []).append(sig)
     finally:
         pt.set_debugreg(pid, 7, 0)
         pt.set_debugreg(pid, 0, 0)
@@ -143,6 +144,7 @@ def run_to_entry(pid: int) -> None:
 
 def kill(pid: int) -> None:
     """SIGKILL a tracee and reap it if it is our child."""
+    _held.pop(pid, None)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -182,7 +184,7 @@ def dump(pid: int) -> Image:
         personality=int(procfs.read_text(pid, "personality"), 16),
         regs=regs.pack(), xstate=xstate, auxv=procfs.auxv_bytes(procfs.read_bytes(pid, "auxv")),
         mm=mm, sigmask=pt.get_sigmask(pid),
-        sigactions=_sigactions(pid, regs, gadget, status),
+        sigactions=_sigactions(pid, regs, gadget, status), pending=_pending(pid, status),
         rseq=pt.get_rseq(pid), robust=_robust(pid), tid_address=_tid_address(pid, regs),
         rlimits=_rlimits(pid),
         special=special, host=hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)),
@@ -220,6 +222,13 @@ def _brk(pid: int, regs: pt.Regs, gadget: int, maps: list[Mapping], start_brk: i
     if not any(m.path == "[heap]" for m in maps):
         return start_brk
     return pt.inject(pid, regs, gadget, pt.SYS["brk"], 0)
+
+
+def _pending(pid: int, status: dict[str, str]) -> list[int]:
+    """Signals held on the way to the entry point, then those queued (blocked) in the process."""
+    mask = int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)
+    held = _held.pop(pid, [])
+    return held + [s for s in range(1, 65) if mask >> (s - 1) & 1 and s not in held]
 
 
 def _rlimits(pid: int) -> list[tuple[int, int, int]]:

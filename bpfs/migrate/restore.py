@@ -344,6 +344,8 @@ class Restorer:
         pt.setregs(child, final)
         pt.set_xstate(child, image.xstate)
         pt.set_sigmask(child, image.sigmask)
+        for sig in image.pending:  # queued while stopped: seen first thing after the detach
+            os.kill(child, sig)
         pt.detach(child)
 
     def _mm_map(self, a: stub.Batch, image: Image) -> None:

@@ -130,6 +130,18 @@ static int proc(void) {
     return 0;
 }
 
+static int pending(void) {
+    sigset_t set;
+    signal(SIGUSR1, on_signal);
+    sigpending(&set);
+    printf("USR1 pending at start %d\n", sigismember(&set, SIGUSR1));
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    printf("handler got %d\n", got);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "hello";
     if (!strcmp(mode, "threads")) return threads();
@@ -139,6 +151,7 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "clocks")) return clocks();
     if (!strcmp(mode, "getcpu")) return cpu_mode();
     if (!strcmp(mode, "proc")) return proc();
+    if (!strcmp(mode, "pending")) return pending();
     printf("hello from %s\n", argv[0]);
     return 3;
 }

@@ -72,3 +72,43 @@ def test_restored_layout_is_the_masters(node) -> None:
         if r.kind == "file":
             assert f"{r.start:x}-{r.end:x}" in text or r.prot & 2  # data may merge with brk
     assert "\nTracerPid:\t0\n" in text
+
+
+def test_pending_signal_travels(node, cprogs) -> None:
+    """A signal blocked and pending across execve is pending in the restored process too."""
+    import signal
+    import subprocess
+
+    from bpfs.migrate import image, master
+    from tests.migrate.support import ENV, migrate_image
+
+    argv = [cprogs["dynamic"], "pending"]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.read(r, 1)
+            os.execve(argv[0], argv, ENV)
+        finally:
+            os._exit(127)
+    os.close(r)
+    try:
+        master.seize_for_exec(pid)
+        os.write(w, b"x")
+        img = master.wait_exec_and_dump(pid, timeout=10)
+    finally:
+        os.close(w)
+        master.kill(pid)
+    assert img.pending == [signal.SIGUSR1]
+    got = migrate_image(node, image.dumps(img), img)
+
+    def block_and_raise() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    ref = subprocess.run(argv, capture_output=True, env=ENV, preexec_fn=block_and_raise)
+    assert got.triple() == (ref.stdout, ref.stderr, ref.returncode)
+    assert got.stdout == b"USR1 pending at start 1\nhandler got 10\n"

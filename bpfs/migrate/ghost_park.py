@@ -1,0 +1,276 @@
+"""Ghost surgery: what the tracer does to ONE stopped tracee (park it, wake it, end it).
+
+A ghost is the master's copy of a migrated process, kept so that its PID, parent and command line
+stay real on the master. `park` turns a process dumped at its entry point into one:
+
+    sigmask := {}                       (a blocked signal would never reach the tracer)
+    rseq unregistered, robust list and clear-child-tid cleared
+                                        (the kernel would write into memory we are about to unmap;
+                                         an rseq area that is gone means SIGSEGV on preemption)
+    munmap everything but the argument/environment pages and [vvar]/[vvar_vclock]/[vdso]
+                                        (/proc/PID/cmdline and environ read those pages, so `ps`
+                                         still shows the command line)
+    rip := a `syscall` in the vdso, rax := pause, orig_rax := -1, PTRACE_CONT
+
+The ghost then sleeps in pause() (ps state S). Any signal sent to it produces a
+signal-delivery-stop for the tracer, which suppresses it; the kernel then restarts pause()
+(-ERESTARTNOHAND with no handler run), so the ghost never leaves the vdso instruction and never
+runs program code. Its memory is the argument pages plus the vdso: a few pages.
+
+`halt` stops a running (parked) ghost with PTRACE_INTERRUPT; `aim_exit` and `aim_signal` make a
+stopped ghost end with an exit code or by a signal, so its parent's wait status is the real one.
+
+Every function runs in the tracer thread. Signals that arrive while a function waits for the
+tracee are suppressed and appended to the caller's `signals` list (the tracer reports them).
+A tracee that dies meanwhile raises `Gone` carrying its raw wait status (already consumed).
+Other failures are `MigrateError` (errno and pid).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+
+from bpfs.migrate import procfs
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.procfs import PAGE
+
+SYS_PAUSE, SYS_EXIT_GROUP, SYS_RSEQ = 34, 231, 334
+PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
+RSEQ_FLAG_UNREGISTER = 1
+ROBUST_LIST_HEAD_SIZE = 24
+NO_SYSCALL = 2**64 - 1  # orig_rax = -1: the kernel does not rewrite rip for a syscall restart
+SIGSET_SIZE = 8
+
+# Signals whose default action does not end a process: a ghost cannot "die" of them.
+NOT_FATAL = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+                       signal.SIGCONT, signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH})
+
+
+class Gone(Exception):
+    """The tracee ended while we waited for it; `status` is its raw wait status (consumed)."""
+
+    def __init__(self, pid: int, status: int) -> None:
+        super().__init__(f"process {pid} ended (wait status {status:#x})")
+        self.pid = pid
+        self.status = status
+
+
+# ---- waiting and injecting ----
+
+def wait_stop(pid: int) -> int:
+    """Consume the next event of `pid`: its raw status if a ptrace-stop, else raise Gone."""
+    status = pt.wait(pid)
+    if os.WIFSTOPPED(status):
+        return status
+    raise Gone(pid, status)
+
+
+def stop_parts(status: int) -> tuple[int, int]:
+    """(signal, ptrace event) of a stopped wait status."""
+    return (status >> 8) & 0xFF, (status >> 16) & 0xFF
+
+
+def inject(pid: int, base: pt.Regs, gadget: int, signals: list[int], nr: int, *args: int) -> int:
+    """Run one syscall in the stopped `pid` by single-stepping the `syscall` at `gadget`.
+
+    Unlike `ptrace.inject`, a signal that arrives first (a signal-delivery-stop before the step)
+    is suppressed, recorded in `signals`, and the step is retried. Returns rax (-errno on error).
+    """
+    regs = base.copy()
+    regs.rax, regs.orig_rax, regs.rip = nr, NO_SYSCALL, gadget
+    for name, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        setattr(regs, name, val & (2**64 - 1))
+    pt.setregs(pid, regs)
+    while True:
+        pt.singlestep(pid)
+        sig, event = stop_parts(wait_stop(pid))
+        now = pt.getregs(pid)
+        if now.rip != gadget:  # the instruction ran
+            if sig != signal.SIGTRAP:
+                signals.append(sig)
+            return now.rax - 2**64 if now.rax >= 2**63 else now.rax
+        if event == 0:
+            signals.append(sig)
+
+
+def halt(pid: int, signals: list[int]) -> None:
+    """Bring a running seized tracee into a ptrace-stop (PTRACE_INTERRUPT), catching signals."""
+    pt.ptrace(pt.INTERRUPT, pid)
+    while True:
+        sig, event = stop_parts(wait_stop(pid))
+        if event == pt.EVENT_STOP:
+            return
+        if event == 0:
+            signals.append(sig)
+        pt.cont(pid, 0)
+
+
+# ---- the vdso: a syscall instruction and 32 zero bytes ----
+
+_vdso_offsets: dict[bytes, tuple[int, int]] = {}
+
+
+def vdso(pid: int) -> tuple[int, int, int]:
+    """(start, syscall gadget, address of 32 zero bytes) in the vdso of `pid`.
+
+    The vdso is the same image in every process of this kernel, so offsets are found once.
+    The zero bytes serve as a `struct sigaction` meaning SIG_DFL (the kernel only reads it).
+    """
+    maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
+    found = [(m.start, m.end) for m in maps if m.path == "[vdso]"]
+    if not found:
+        raise MigrateError(errno.ENOEXEC, "process has no vdso", pid)
+    start, end = found[0]
+    data = pt.read_memory(pid, [(start, end - start)])
+    key = data[:4096]
+    if key not in _vdso_offsets:
+        _vdso_offsets[key] = (data.find(b"\x0f\x05"), _zeros(data))
+    gadget, zeros = _vdso_offsets[key]
+    if gadget < 0 or zeros < 0:
+        raise MigrateError(errno.ENOEXEC, "vdso lacks a syscall instruction or zero bytes", pid)
+    return start, start + gadget, start + zeros
+
+
+def _zeros(data: bytes) -> int:
+    off = data.find(bytes(32))
+    while off >= 0 and off % 8:
+        off = data.find(bytes(32), off + 1)
+    return off
+
+
+# ---- parking ----
+
+def vm_rss_kb(pid: int) -> int:
+    """VmRSS of `pid` in kB (0 if the line is missing, as for a zombie)."""
+    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    return int(status.get("VmRSS", "0 kB").split()[0])
+
+
+def park(pid: int, signals: list[int], name: bytes | None = None) -> None:
+    """Shrink the stopped `pid` to its argument pages and leave it asleep in pause().
+
+    `name` (at most 15 bytes) renames the process first (PR_SET_NAME), for the tracer's own
+    doorbell; ghosts keep their name.
+    """
+    regs = pt.getregs(pid)
+    start, gadget, _ = vdso(pid)
+    pt.set_sigmask(pid, 0)
+    rseq = pt.get_rseq(pid)
+    if rseq:
+        _check(pid, "rseq unregister", inject(pid, regs, gadget, signals, SYS_RSEQ, rseq[0],
+                                               rseq[1], RSEQ_FLAG_UNREGISTER, rseq[2]))
+    inject(pid, regs, gadget, signals, pt.SYS["set_robust_list"], 0, ROBUST_LIST_HEAD_SIZE)
+    inject(pid, regs, gadget, signals, pt.SYS["set_tid_address"], 0)
+    if name:
+        _rename(pid, regs, gadget, signals, name)
+    for lo, hi in unmap_ranges(pid):
+        _check(pid, f"munmap {lo:#x}-{hi:#x}",
+               inject(pid, regs, gadget, signals, pt.SYS["munmap"], lo, hi - lo))
+    sleep_in_pause(pid, regs, gadget)
+
+
+def sleep_in_pause(pid: int, base: pt.Regs, gadget: int) -> None:
+    regs = base.copy()
+    regs.rip, regs.rax, regs.orig_rax = gadget, SYS_PAUSE, NO_SYSCALL
+    pt.setregs(pid, regs)
+    pt.cont(pid, 0)
+
+
+def _rename(pid: int, regs: pt.Regs, gadget: int, signals: list[int], name: bytes) -> None:
+    """PR_SET_NAME from a string written below the stack pointer (memory unmapped next)."""
+    addr = (regs.rsp - 4096) & ~15
+    pt.write_memory(pid, [(addr, name[:15] + b"\0")])
+    _check(pid, "PR_SET_NAME", inject(pid, regs, gadget, signals, pt.SYS["prctl"],
+                                      PR_SET_NAME, addr))
+
+
+def _check(pid: int, what: str, res: int) -> int:
+    if res < 0:
+        raise MigrateError(-res, f"{what} in ghost: {os.strerror(-res)}", pid)
+    return res
+
+
+def unmap_ranges(pid: int) -> list[tuple[int, int]]:
+    """The address ranges to munmap: all mappings but the kept ones, as few ranges as possible.
+
+    Kept: the pages holding the argument and environment strings (mm->arg_start..env_end) and
+    the kernel's special mappings. [vsyscall] lies above the user address space: untouched.
+    """
+    maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
+    mm = procfs.parse_stat(procfs.read_text(pid, "stat"))
+    keep = [(m.start, m.end) for m in maps if m.path in procfs.SPECIAL and
+            m.path != "[vsyscall]"]
+    lo = min(mm["arg_start"], mm["env_start"]) & ~(PAGE - 1)
+    hi = (max(mm["arg_end"], mm["env_end"]) + PAGE - 1) & ~(PAGE - 1)
+    if hi > lo:
+        keep.append((lo, hi))
+    top = max(m.end for m in maps if m.path != "[vsyscall]")
+    return _gaps(sorted(keep), maps[0].start, top)
+
+
+def _gaps(keep: list[tuple[int, int]], bottom: int, top: int) -> list[tuple[int, int]]:
+    out, pos = [], bottom
+    for lo, hi in keep:
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if top > pos:
+        out.append((pos, top))
+    return out
+
+
+# ---- ending ----
+
+def aim_exit(pid: int, code: int) -> None:
+    """Make the stopped `pid` call exit_group(code) when resumed, and resume it."""
+    _, gadget, _ = vdso(pid)
+    regs = pt.getregs(pid)
+    regs.rip, regs.rax, regs.orig_rax, regs.rdi = gadget, SYS_EXIT_GROUP, NO_SYSCALL, code
+    pt.setregs(pid, regs)
+    pt.cont(pid, 0)
+
+
+def aim_signal(pid: int, sig: int, signals: list[int]) -> None:
+    """Make the stopped `pid` die by `sig` with its default action, without a core dump.
+
+    The disposition is reset to SIG_DFL if the program inherited SIG_IGN; RLIMIT_CORE := 0 and
+    PR_SET_DUMPABLE := 0 (the latter also stops a core_pattern pipe). Then `sig` is queued, the
+    ghost resumed, and at its signal-delivery-stop the signal is let through.
+    """
+    _, gadget, zeros = vdso(pid)
+    regs = pt.getregs(pid)
+    pt.set_sigmask(pid, 0)
+    if _ignored(pid, sig):
+        _check(pid, "rt_sigaction", inject(pid, regs, gadget, signals, pt.SYS["rt_sigaction"],
+                                           sig, zeros, 0, SIGSET_SIZE))
+    resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+    inject(pid, regs, gadget, signals, pt.SYS["prctl"], PR_SET_DUMPABLE, 0)
+    os.kill(pid, sig)
+    sleep_in_pause(pid, regs, gadget)
+    while True:
+        got, event = stop_parts(wait_stop(pid))
+        if event == 0 and got == sig:
+            pt.cont(pid, sig)
+            return
+        if event == 0:
+            signals.append(got)
+        pt.cont(pid, 0)
+
+
+def _ignored(pid: int, sig: int) -> bool:
+    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    return bool(int(status["SigIgn"], 16) >> (sig - 1) & 1)
+
+
+def still_traced(pid: int) -> bool:
+    """True if `pid` is still ours to wait for (not yet reaped or released)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT | pt.WALL)
+    except ChildProcessError:
+        return False
+    return True
+

@@ -1,0 +1,134 @@
+"""fds 0, 1, 2 of a process the node restores, from the IO specs of `bpfs.execreq`.
+
+    "socket"     a TCP connection to bpsh (the master's host, the run's port) that starts
+                 with the stdio-link header `TOKEN PID FD`; then it is the fd itself, blocking:
+                 the process reads its stdin from it or writes its output into it.
+                 Connected by `connect_links` in the event loop, all at once.
+    "null"       /dev/null.
+    "file:PATH"  PATH on the node, opened *as the user* (`RestoreThread.as_user`): stdin
+                 O_RDONLY; stdout/stderr O_WRONLY|O_CREAT|O_TRUNC with mode 0666 & ~the
+                 process's umask. A relative PATH is taken from the process's cwd (or /).
+                 The same file for stdout and stderr is opened once and shared, as `>f 2>&1`.
+                 Opened with O_NONBLOCK (cleared after): a FIFO without a reader is ENXIO
+                 rather than a hung restore thread.
+
+Every fd here is the node's copy: the restored process gets its own (pidfd_getfd), and the
+caller closes these once the restore is over, whatever its outcome, so bpsh sees EOF when
+the process ends. Errors are BpfsError with the errno of the failed connect or open and a
+message naming the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Sequence
+
+import trio
+
+from bpfs import execreq
+from bpfs.errors import BpfsError
+
+LINK_TIMEOUT = 10.0
+O_FLAGS = os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+IN_FLAGS = os.O_RDONLY | O_FLAGS
+OUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_FLAGS
+
+
+def close_all(fds: Sequence[int | None]) -> None:
+    for fd in set(fds):
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+async def connect_links(host: str, port: int, token: str, pid: int,
+                        io: Sequence[str]) -> list[int | None]:
+    """For each fd whose IO is "socket", a connected link to bpsh (header sent); None else."""
+    fds: list[int | None] = [None] * len(io)
+    try:
+        async with trio.open_nursery() as nursery:
+            for n, spec in enumerate(io):
+                if spec == "socket":
+                    nursery.start_soon(_connect_one, fds, host, port, token, pid, n)
+    except BaseException as exc:
+        close_all(fds)
+        if isinstance(exc, BaseExceptionGroup):
+            raise _first_bpfs_error(exc) from None
+        raise
+    return fds
+
+
+async def _connect_one(fds: list[int | None], host: str, port: int, token: str, pid: int,
+                       n: int) -> None:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with trio.fail_after(LINK_TIMEOUT):
+            stream = await trio.open_tcp_stream(host, port)
+            try:
+                await stream.send_all(execreq.render_header(token, pid, n))
+            except BaseException:
+                await stream.aclose()
+                raise
+    except trio.TooSlowError:
+        raise BpfsError(errno.ETIMEDOUT, f"connecting fd {n} to bpsh at {where}: "
+                        "timed out") from None
+    except OSError as exc:
+        err = _errno_of(exc)
+        raise BpfsError(err, f"connecting fd {n} to bpsh at {where}: "
+                        f"{os.strerror(err)}") from None
+    except trio.BrokenResourceError:
+        raise BpfsError(errno.ECONNRESET, f"bpsh at {where} closed the fd {n} link") from None
+    fd = stream.socket.detach()
+    os.set_blocking(fd, True)
+    fds[n] = fd
+
+
+def _errno_of(exc: BaseException) -> int:
+    """trio's open_tcp_stream hides the connect errno in a group in __cause__."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return _errno_of(cause.exceptions[-1])
+    if isinstance(cause, BaseException):
+        return _errno_of(cause)
+    return errno.ECONNREFUSED
+
+
+def _first_bpfs_error(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_bpfs_error(exc)
+        if isinstance(exc, BpfsError):
+            return exc
+    return group.exceptions[0]
+
+
+def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -> None:
+    """Fill the non-socket entries of `fds` (call as the user, in the restore thread)."""
+    base = cwd if os.path.isdir(cwd) else "/"
+    old = os.umask(umask)          # the restore thread's own umask (CLONE_FS unshared)
+    try:
+        for n, spec in enumerate(io):
+            if spec == "socket":
+                continue
+            if n == 2 and spec == io[1] and spec.startswith("file:") and fds[1] is not None:
+                fds[2] = fds[1]    # one open file description, as the shell's >f 2>&1
+                continue
+            path = "/dev/null" if spec == "null" else os.path.join(base, spec[5:])
+            fds[n] = _open(path, IN_FLAGS if n == 0 else OUT_FLAGS)
+    finally:
+        os.umask(old)
+
+
+def _open(path: str, flags: int) -> int:
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        raise BpfsError(err, f"{path}: {os.strerror(err)}") from None
+    os.set_blocking(fd, True)
+    return fd
