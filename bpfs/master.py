@@ -13,6 +13,10 @@ connection only, with a log line naming the peer. Data the user set (ACLs,
 admin states, node numbers) is written to the state file before the command
 that changed it returns.
 
+Migrated processes (execmove, ghosts, signals, exits) are bpfs/master_procs.py's
+`ProcService`, which owns the ptrace thread; `need`, `restored`, `failed` and
+`exited` are handed to it, and a lost node's ghosts die with it.
+
 Errors that stop the master (unreadable key, corrupt state file, port in use,
 mount point busy) are logged as one line and `run_master` returns 1.
 """
@@ -29,11 +33,12 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from bpfs import statefile, wire
+from bpfs import execreq, statefile, wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
-from bpfs.model import MAX_NODE, Cluster, Facts
+from bpfs.master_procs import ProcService
+from bpfs.model import MAX_NODE, Caller, Cluster, Facts
 
 log = logging.getLogger("bpfs.master")
 
@@ -76,8 +81,18 @@ async def _on_state(master: "Master", conn: NodeConn, msg: dict[str, Any], now: 
         log.warning("node %d (%s): %s", conn.number, conn.peer, exc)
 
 
+def _to_procs(name: str) -> NodeHandler:
+    async def handler(master: "Master", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+        master.cluster.heartbeat(conn.number, None, now)
+        getattr(master.procs, f"on_{name}")(conn.number, msg)
+    return handler
+
+
 # Messages a registered node may send; add a row for a new one.
-NODE_MESSAGES: dict[str, NodeHandler] = {"facts": _on_facts, "state": _on_state}
+NODE_MESSAGES: dict[str, NodeHandler] = {
+    "facts": _on_facts, "state": _on_state,
+    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited")},
+}
 
 
 class Master:
@@ -90,6 +105,7 @@ class Master:
         self.conns: dict[int, NodeConn] = {}
         self._persist_lock = trio.Lock()
         self._saved_revision = -1
+        self.procs = ProcService(cluster, self.send_node)
 
     # ---- ctl.Services ------------------------------------------------------------
 
@@ -103,6 +119,12 @@ class Master:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             conn.scope.cancel()
             raise BpfsError(errno.EHOSTDOWN, f"node {node}: connection lost") from None
+
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
+        return await self.procs.execmove(node, caller, req)
+
+    async def signal_proc(self, pid: int, sig: int) -> None:
+        await self.procs.signal_proc(pid, sig)
 
     async def persist(self) -> None:
         """Write the state file if ACLs, admin states or node numbers changed (EIO if it fails)."""
@@ -187,9 +209,12 @@ class Master:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("node %d (%s): connection lost: %s", n, conn.peer, exc)
         finally:
-            if self.conns.get(n) is conn:
+            current = self.conns.get(n)
+            if current is conn:
                 del self.conns[n]
                 self.cluster.detach(n)
+            if current in (conn, None):
+                self.procs.node_lost(n)
         if conn.scope.cancelled_caught:
             log.info("node %d (%s): connection closed by the master", n, conn.peer)
 
@@ -272,6 +297,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
              len(cluster.nodes()))
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(master.procs.run)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             nursery.start_soon(trio.serve_listeners, master.handle_connection, listeners)
             nursery.start_soon(master.watchdog)

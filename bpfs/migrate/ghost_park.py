@@ -17,8 +17,10 @@ signal-delivery-stop for the tracer, which suppresses it; the kernel then restar
 (-ERESTARTNOHAND with no handler run), so the ghost never leaves the vdso instruction and never
 runs program code. Its memory is the argument pages plus the vdso: a few pages.
 
-`halt` stops a running (parked) ghost with PTRACE_INTERRUPT; `aim_exit` and `aim_signal` make a
-stopped ghost end with an exit code or by a signal, so its parent's wait status is the real one.
+`halt` stops a running (parked) ghost with PTRACE_INTERRUPT; `settle` steps a tracee out of an
+exec event stop (inside execve, where new registers would be overwritten) without running any
+of its code; `aim_exit` and `aim_signal` make a stopped ghost end with an exit code or by a
+signal, so its parent's wait status is the real one.
 
 Every function runs in the tracer thread. Signals that arrive while a function waits for the
 tracee are suppressed and appended to the caller's `signals` list (the tracer reports them).
@@ -28,10 +30,12 @@ Other failures are `MigrateError` (errno and pid).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import resource
 import signal
+import struct
 
 from bpfs.migrate import procfs
 from bpfs.migrate import ptrace as pt
@@ -97,6 +101,32 @@ def inject(pid: int, base: pt.Regs, gadget: int, signals: list[int], nr: int, *a
             signals.append(sig)
 
 
+EXEC_STOP_CODE = signal.SIGTRAP | pt.EVENT_EXEC << 8
+
+
+def settle(pid: int, signals: list[int]) -> None:
+    """Get the stopped `pid` out of an in-syscall stop before its registers are changed.
+
+    The exec event stop (PTRACE_EVENT_EXEC) lies inside execve: resumed from there, the
+    syscall's return value would overwrite rax. A single-step from it traps at the syscall's
+    exit, before any instruction of the program runs. Other stops (signal-delivery, interrupt,
+    group-stop) are already outside any syscall: nothing to do.
+    """
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError as exc:
+        if exc.errno == errno.EINVAL:  # a group-stop: outside any syscall
+            return
+        raise
+    if struct.unpack_from("<i", info.raw, 8)[0] != EXEC_STOP_CODE:
+        return
+    pt.singlestep(pid)
+    sig, event = stop_parts(wait_stop(pid))
+    if event == 0 and sig != signal.SIGTRAP:
+        signals.append(sig)  # it came first; its stop is outside the syscall too
+
+
 def halt(pid: int, signals: list[int]) -> None:
     """Bring a running seized tracee into a ptrace-stop (PTRACE_INTERRUPT), catching signals."""
     pt.ptrace(pt.INTERRUPT, pid)
@@ -156,8 +186,9 @@ def park(pid: int, signals: list[int], name: bytes | None = None) -> None:
     `name` (at most 15 bytes) renames the process first (PR_SET_NAME), for the tracer's own
     doorbell; ghosts keep their name.
     """
+    settle(pid, signals)
     regs = pt.getregs(pid)
-    start, gadget, _ = vdso(pid)
+    _, gadget, _ = vdso(pid)
     pt.set_sigmask(pid, 0)
     rseq = pt.get_rseq(pid)
     if rseq:
@@ -225,8 +256,9 @@ def _gaps(keep: list[tuple[int, int]], bottom: int, top: int) -> list[tuple[int,
 
 # ---- ending ----
 
-def aim_exit(pid: int, code: int) -> None:
+def aim_exit(pid: int, code: int, signals: list[int]) -> None:
     """Make the stopped `pid` call exit_group(code) when resumed, and resume it."""
+    settle(pid, signals)
     _, gadget, _ = vdso(pid)
     regs = pt.getregs(pid)
     regs.rip, regs.rax, regs.orig_rax, regs.rdi = gadget, SYS_EXIT_GROUP, NO_SYSCALL, code
@@ -237,20 +269,26 @@ def aim_exit(pid: int, code: int) -> None:
 def aim_signal(pid: int, sig: int, signals: list[int]) -> None:
     """Make the stopped `pid` die by `sig` with its default action, without a core dump.
 
-    The disposition is reset to SIG_DFL if the program inherited SIG_IGN; RLIMIT_CORE := 0 and
+    The disposition is reset to SIG_DFL if it is not the default; RLIMIT_CORE := 0 and
     PR_SET_DUMPABLE := 0 (the latter also stops a core_pattern pipe). Then `sig` is queued, the
     ghost resumed, and at its signal-delivery-stop the signal is let through.
     """
+    settle(pid, signals)
     _, gadget, zeros = vdso(pid)
     regs = pt.getregs(pid)
     pt.set_sigmask(pid, 0)
-    if _ignored(pid, sig):
+    if _not_default(pid, sig):
         _check(pid, "rt_sigaction", inject(pid, regs, gadget, signals, pt.SYS["rt_sigaction"],
                                            sig, zeros, 0, SIGSET_SIZE))
     resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
     inject(pid, regs, gadget, signals, pt.SYS["prctl"], PR_SET_DUMPABLE, 0)
     os.kill(pid, sig)
     sleep_in_pause(pid, regs, gadget)
+    _let_through(pid, sig, signals)
+
+
+def _let_through(pid: int, sig: int, signals: list[int]) -> None:
+    """At the signal-delivery-stop for `sig`, deliver it; other signals are suppressed."""
     while True:
         got, event = stop_parts(wait_stop(pid))
         if event == 0 and got == sig:
@@ -261,9 +299,11 @@ def aim_signal(pid: int, sig: int, signals: list[int]) -> None:
         pt.cont(pid, 0)
 
 
-def _ignored(pid: int, sig: int) -> bool:
+def _not_default(pid: int, sig: int) -> bool:
+    """Ignored (inherited SIG_IGN) or caught (a process finished before its exec)."""
     status = procfs.parse_status(procfs.read_text(pid, "status"))
-    return bool(int(status["SigIgn"], 16) >> (sig - 1) & 1)
+    mask = int(status["SigIgn"], 16) | int(status["SigCgt"], 16)
+    return bool(mask >> (sig - 1) & 1)
 
 
 def still_traced(pid: int) -> bool:

@@ -94,10 +94,18 @@ class RestoreThread:
         self._thread = threading.Thread(target=self._main, name="bpfs-restore", daemon=True)
 
     def start(self) -> None:
-        """Start the thread and wait until it runs (the Restorer is made by its first job)."""
+        """Start the thread and wait until its Restorer (with its clean helper) is made, so the
+        node registers ready to restore. A failure is logged; restores retry it."""
         self._thread.start()
         self._started.wait()
-        self.submit(lambda rt: rt.restorer, lambda result: None)
+        made = threading.Event()
+
+        def done(result: outcome.Outcome) -> None:
+            _log_failure(result)
+            made.set()
+
+        self.submit(lambda rt: rt.restorer, done)
+        made.wait()
 
     def stop(self) -> None:
         self._jobs.put(None)

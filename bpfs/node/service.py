@@ -11,6 +11,11 @@ the session going, or an `Outcome` that ends it. Later features (restore a
 migrated image, forward a signal, ...) add entries with `@handler("name")`; a
 handler that runs long starts a task in `session.nursery`.
 
+Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
+restore thread that owns the ptrace-based Restorer, and the reaper that keeps off
+its children, are bpfs/node/restorethread.py. The Restorer is made when the
+daemon starts, so its helper is ready before the first migration.
+
 Outcomes: REBOOT closes the connection, kills what the node holds, and comes
 back on a fresh connection asking for the same number; HALT (halt, pwroff)
 exits 0; LOST (the connection dropped or broke the protocol) exits 1, or with
@@ -25,15 +30,17 @@ import errno
 import logging
 import os
 import signal
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
 from bpfs import wire
 from bpfs.errors import BpfsError
 from bpfs.node import facts as node_facts
+from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
-from bpfs.node.init import Reaper, kill_namespace
+from bpfs.node.init import kill_namespace
+from bpfs.node.restorethread import NodeReaper, RestoreThread, setup_cache_dir
 
 log = logging.getLogger("bpslave")
 
@@ -72,6 +79,21 @@ async def _on_ctl(session: "Session", msg: wire.Message) -> Outcome | None:
     return outcome
 
 
+@handler("restore")
+async def _on_restore(session: "Session", msg: wire.Message) -> None:
+    await procs.on_restore(session, msg)
+
+
+@handler("files")
+async def _on_files(session: "Session", msg: wire.Message) -> None:
+    await procs.on_files(session, msg)
+
+
+@handler("signal")
+async def _on_signal(session: "Session", msg: wire.Message) -> None:
+    await procs.on_signal(session, msg)
+
+
 class Backoff:
     """0.1 s, 0.2 s, 0.4 s ... capped; `reset` after every successful registration."""
 
@@ -94,9 +116,25 @@ class Session:
         self.fs = fs
         self.nursery: trio.Nursery | None = None     # set while `run` runs
         self.heartbeat = 1.0
+        self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
+        self._reports, self._report_queue = trio.open_memory_channel[wire.Message](
+            float("inf"))
 
     async def send(self, msg: wire.Message) -> None:
         await self.fs.send(msg)
+
+    def report(self, msg: wire.Message) -> None:
+        """Queue `msg` (an exit report) for sending from synchronous code; dropped once the
+        session is over: the master that should hear it is gone."""
+        try:
+            self._reports.send_nowait(msg)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            log.debug("not reported, the session is over: %s", msg)
+
+    async def send_reports(self) -> Outcome:
+        async for msg in self._report_queue:
+            await self.send(msg)
+        return Outcome.LOST
 
     async def register(self) -> int:
         """Raises BpfsError when the master refuses us (number taken, unknown node...)."""
@@ -121,10 +159,13 @@ class Session:
         `self.nursery` must do the same.
         """
         outcomes: list[Outcome] = []
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            for task in (self.heartbeats, self.dispatch):
-                nursery.start_soon(self._guard, task, outcomes, nursery.cancel_scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                for task in (self.heartbeats, self.dispatch, self.send_reports):
+                    nursery.start_soon(self._guard, task, outcomes, nursery.cancel_scope)
+        finally:
+            self._reports.close()
         return outcomes[0] if outcomes else Outcome.LOST
 
     @staticmethod
@@ -161,8 +202,15 @@ class Node:
         self.cfg = cfg
         self.key = key
         self.number: int | None = cfg.node
-        self.reaper = Reaper()
+        self.restore_thread = RestoreThread(None)
+        self.reaper = NodeReaper(self.restore_thread)
+        self.procs = procs.ProcessTable(self.reaper)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
+
+    def start(self) -> None:
+        """Mount the file cache and start the restore thread (its Restorer comes next)."""
+        self.restore_thread.cache_dir = setup_cache_dir()
+        self.restore_thread.start()
 
     async def serve(self) -> int:
         """Sessions until halted, or until a failure ends us without -r. Returns the exit status."""
@@ -221,6 +269,7 @@ class Node:
         """bproc: a node that loses (or reboots away from) its master kills what it held."""
         if kill_namespace():
             log.info("killed the processes of the node's PID namespace")
+            self.restore_thread.renew()         # kill(-1) took the Restorer's helper too
         self.reaper.reap()
 
 
@@ -242,6 +291,7 @@ def _num(n: int | None) -> str:
 
 async def _main(cfg: NodeConfig, key: bytes) -> int:
     node = Node(cfg, key)
+    node.start()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.reaper.run)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)

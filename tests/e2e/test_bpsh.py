@@ -96,12 +96,12 @@ def test_df_shows_the_nodes_own_scratch(cluster: Cluster) -> None:
 
 
 def test_dollar_dollar_is_the_ghost_pid_that_ps_shows(cluster: Cluster) -> None:
-    bg = Background(cluster, "2", "sh", "-c", "echo $$; sleep 30")
+    bg = Background(cluster, "2", "sh", "-c", "echo $$; exec sleep 30")
     try:
         ps = subprocess.run(["ps", "-o", "pid=,ppid=,comm=,args=", "-p", str(bg.pid)],
                             capture_output=True, text=True).stdout.split(None, 3)
         assert int(ps[0]) == bg.pid and int(ps[1]) == bg.p.pid
-        assert ps[2] == "sh" and "echo $$; sleep 30" in ps[3]
+        assert ps[2] == "sh" and "echo $$; exec sleep 30" in ps[3]
         assert real_process(cluster, 2, bg.pid) is not None
     finally:
         os.kill(bg.pid, signal.SIGKILL)

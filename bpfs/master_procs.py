@@ -1,0 +1,392 @@
+"""Migrated processes, master side: execmove, ghosts, signals, exits (DESIGN §3).
+
+    procs = ProcService(cluster, send_node)
+    await nursery.start(procs.run)        starts the ptrace thread; stops it (every ghost
+                                          killed) when cancelled
+    await procs.execmove(node, caller, req)   from nodes/N/ctl: seize the writer, return its pid
+    procs.on_need/on_restored/on_failed/on_exited(node, msg)   node -> master messages
+    procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
+    await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
+
+One migration (ID = our serial), bpsh's child being the writer W:
+
+    ctl write      tracer.seize(W), done before the write returns; a task starts
+    task           tracer.capture(W) -> Image (W execs right after its write returns; the
+                   tracer dumps it at its entry point and parks it as the ghost)
+                   -> node: restore {id, image, uid, gid, groups, io, port, token}
+                   <- need {id, hashes}  -> files {id, contents}   (repeatable)
+                   <- restored {id, pid}: the process runs; procs/PID appears, event start
+                   <- failed {id, errno, message}, or any error on our side: bpsh gets the
+                   execreq error header (if it listens) and the ghost exits 255
+    ghost life     a signal to the ghost -> node: signal {pid, sig}, event signal
+                   node: exited {pid, code, signal} -> the ghost ends the same way
+                   the ghost died first (kill -9 on the master) -> node: signal {pid, 9}
+                   the ghost is gone -> event exit (once), procs/PID removed
+
+The tracer (bpfs.migrate.ghost.Tracer) runs ptrace in its own thread; its Futures are
+awaited here with `wait_future`, and its callbacks (`on_signal`, `on_exit`, called in its
+thread) are moved into trio with the trio token. Errors: execmove raises BpfsError (the
+ctl write's errno); everything after the write returns is logged and reported to bpsh.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import itertools
+import logging
+import os
+import signal as _signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from bpfs import execreq
+from bpfs.errors import BpfsError
+from bpfs.model import Caller, Cluster
+
+log = logging.getLogger("bpfs.master.procs")
+
+CAPTURE_TIMEOUT = 10.0      # the writer execs right after its ctl write returns
+RESTORE_TIMEOUT = 60.0      # from `restore` sent to `restored` (file contents may travel)
+REPORT_TIMEOUT = 5.0        # connecting to bpsh to report a failure
+FAILED_EXIT = 255
+
+SendNode = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+
+async def wait_future(fut: "concurrent.futures.Future[Any]") -> Any:
+    """The result of a Future completed by another thread, without blocking trio."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: Any) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+    fut.add_done_callback(wake)
+    await done.wait()
+    return fut.result()
+
+
+def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, int], None]) -> Any:
+    """The ptrace thread, started; None if this build has none (execmove is then ENOSYS)."""
+    try:
+        from bpfs.migrate.ghost import Tracer
+    except ImportError as exc:
+        log.warning("no ghost tracer (%s): migration disabled", exc)
+        return None
+    tracer = Tracer(on_signal=on_signal, on_exit=on_exit)
+    try:
+        tracer.start()
+    except BpfsError as exc:
+        log.error("cannot start the ghost tracer (%s): migration disabled", exc)
+        return None
+    return tracer
+
+
+@dataclass(eq=False)
+class Migration:
+    id: int
+    node: int
+    pid: int
+    caller: Caller
+    req: execreq.ExecMove
+    send: trio.MemorySendChannel = field(repr=False)
+    receive: trio.MemoryReceiveChannel = field(repr=False)
+    started: bool = False               # restored: the process runs on the node
+    ghost_gone: bool = False
+    cmd: str = "?"
+    signals: list[int] = field(default_factory=list)   # caught before the process ran
+
+
+class ProcService:
+    """Migrations in flight and the ghosts of migrated processes."""
+
+    def __init__(self, cluster: Cluster, send_node: SendNode,
+                 tracer_factory: Callable[..., Any] = make_tracer) -> None:
+        self.cluster = cluster
+        self.send_node = send_node
+        self._factory = tracer_factory
+        self.tracer: Any = None
+        self._migrations: dict[int, Migration] = {}
+        self._by_pid: dict[int, Migration] = {}
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # ---- lifetime ----------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the tracer, serve until cancelled, then stop it (every ghost dies)."""
+        self._token = trio.lowlevel.current_trio_token()
+        self.tracer = self._factory(on_signal=self._tracer_signal, on_exit=self._tracer_exit)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            if self.tracer is not None:
+                self.tracer.stop()
+
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    def _from_tracer(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` in trio's thread (we are in the tracer's)."""
+        if self._token is None:
+            return
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    # ---- execmove ----------------------------------------------------------------
+
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
+        """Seize the writer before its write returns; the rest happens in a task."""
+        if self.tracer is None or self._nursery is None:
+            raise BpfsError(errno.ENOSYS, "this master cannot migrate processes")
+        pid = caller.pid
+        if pid <= 0 or pid in self._by_pid or pid in self.cluster.procs:
+            raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
+        await wait_future(self.tracer.seize(pid))
+        send, receive = trio.open_memory_channel[dict[str, Any]](64)
+        m = Migration(next(self._ids), node, pid, caller, req, send, receive)
+        self._migrations[m.id] = m
+        self._by_pid[pid] = m
+        self._spawn(self._migrate, m)
+        log.info("migration %d: pid %d to node %d armed", m.id, pid, node)
+        return pid
+
+    async def _migrate(self, m: Migration) -> None:
+        try:
+            image = await self._capture(m)
+            if image is not None:
+                await self._restore(m, image)
+        except BpfsError as exc:
+            await self._failed(m, exc)
+        except Exception:
+            log.exception("migration %d of pid %d failed", m.id, m.pid)
+            await self._failed(m, BpfsError(errno.EIO, "internal error in the master"))
+        finally:
+            self._migrations.pop(m.id, None)
+            self._by_pid.pop(m.pid, None)
+
+    async def _capture(self, m: Migration) -> Any:
+        """The dumped image; None if the writer ended without exec'ing (nothing to do)."""
+        try:
+            image = await wait_future(self.tracer.capture(m.pid, CAPTURE_TIMEOUT))
+            m.cmd = _command(image.argv, image.comm)
+            return image
+        except BpfsError as exc:
+            if exc.errno == errno.ESRCH or m.ghost_gone:
+                log.info("migration %d: pid %d ended before exec (%s)", m.id, m.pid, exc)
+                return None
+            raise
+
+    async def _restore(self, m: Migration, image: Any) -> None:
+        from bpfs.migrate import dumps
+        c = m.caller
+        try:
+            with trio.fail_after(RESTORE_TIMEOUT):
+                data = await trio.to_thread.run_sync(dumps, image)
+                await self.send_node(m.node, {
+                    "t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
+                    "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
+                    "token": m.req.token})
+                await self._negotiate(m, image)
+        except trio.TooSlowError:
+            raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
+
+    async def _negotiate(self, m: Migration, image: Any) -> None:
+        from bpfs.migrate import read_contents
+        async for msg in m.receive:
+            kind = msg["t"]
+            if kind == "need":
+                hashes = [h for h in msg.get("hashes") or [] if isinstance(h, str)]
+                contents = await trio.to_thread.run_sync(read_contents, image, hashes)
+                await self.send_node(m.node, {"t": "files", "id": m.id, "contents": contents})
+            elif kind == "restored":
+                return
+            else:
+                raise BpfsError(_int(msg.get("errno"), errno.EIO),
+                                str(msg.get("message") or "migration failed"))
+
+    async def _failed(self, m: Migration, exc: BpfsError) -> None:
+        """Nothing runs on the node: tell bpsh (N: strerror), end the ghost with 255."""
+        log.warning("migration %d of pid %d to node %d failed: %s", m.id, m.pid, m.node, exc)
+        with trio.CancelScope(shield=True):
+            if "socket" in m.req.io:
+                await _report(m.req.token, m.pid, exc.errno, exc.message, m.req.port)
+            if m.ghost_gone or self.tracer is None:
+                return
+            try:
+                await wait_future(self.tracer.finish(m.pid, exit_code=FAILED_EXIT))
+            except BpfsError as exc2:
+                log.info("pid %d: cannot end it with %d (%s); killing it", m.pid, FAILED_EXIT, exc2)
+                self._kill_ghost(m.pid)
+
+    # ---- node messages -----------------------------------------------------------
+
+    def _migration(self, node: int, msg: dict[str, Any]) -> Migration | None:
+        m = self._migrations.get(msg.get("id"))  # type: ignore[arg-type]
+        if m is None or m.node != node:
+            log.warning("node %d: %s for unknown migration %r; ignored", node, msg["t"],
+                        msg.get("id"))
+            return None
+        return m
+
+    def on_need(self, node: int, msg: dict[str, Any]) -> None:
+        self._deliver(node, msg)
+
+    def on_failed(self, node: int, msg: dict[str, Any]) -> None:
+        self._deliver(node, msg)
+
+    def _deliver(self, node: int, msg: dict[str, Any]) -> None:
+        m = self._migration(node, msg)
+        if m is not None:
+            try:
+                m.send.send_nowait(msg)
+            except trio.WouldBlock:
+                log.warning("node %d floods migration %d; message dropped", node, m.id)
+
+    def on_restored(self, node: int, msg: dict[str, Any]) -> None:
+        """Recorded here, in message order, so an `exited` right behind finds the process."""
+        m = self._migration(node, msg)
+        if m is None:
+            return
+        if msg.get("pid") != m.pid:
+            log.warning("node %d restored migration %d as pid %r, not %d", node, m.id,
+                        msg.get("pid"), m.pid)
+        m.started = True
+        c = m.caller
+        self.cluster.start_proc(m.pid, node, c.uid, c.gid, m.cmd, time.time())
+        self._deliver(node, msg)
+        if m.ghost_gone:
+            self._ghost_gone(m.pid, _signal.SIGKILL)
+        for sig in m.signals:
+            self._forward(m.pid, sig)
+
+    def on_exited(self, node: int, msg: dict[str, Any]) -> None:
+        pid = msg.get("pid")
+        p = self.cluster.procs.get(pid) if isinstance(pid, int) else None
+        if p is None or p.node != node:
+            log.info("node %d: exit of unknown pid %r; ignored", node, pid)
+            return
+        code, sig = msg.get("code"), msg.get("signal")
+        sig = sig if isinstance(sig, int) and sig > 0 else None
+        code = _int(code, 0) & 0xFF
+        self.cluster.exited(pid, code, sig)
+        self._spawn(self._finish, pid, code, sig)
+
+    async def _finish(self, pid: int, code: int, sig: int | None) -> None:
+        if self.tracer is None:
+            return
+        try:
+            if sig:
+                await wait_future(self.tracer.finish(pid, signal=sig))
+            else:
+                await wait_future(self.tracer.finish(pid, exit_code=code))
+        except BpfsError as exc:
+            log.info("pid %d: ending the ghost: %s", pid, exc)
+
+    def node_lost(self, node: int) -> None:
+        """The node's processes are gone: their ghosts die by SIGKILL, migrations fail."""
+        for m in list(self._migrations.values()):
+            if m.node == node and not m.started:
+                self._deliver(node, {"t": "failed", "id": m.id, "errno": errno.EHOSTDOWN,
+                                     "message": f"node {node} went down"})
+        for pid in self.cluster.procs_on(node):
+            self.cluster.exited(pid, None, _signal.SIGKILL)
+            self._kill_ghost(pid)
+
+    def _kill_ghost(self, pid: int) -> None:
+        if self.tracer is None:
+            return
+        try:
+            self.tracer.kill(pid)
+        except BpfsError as exc:
+            log.info("pid %d: kill: %s", pid, exc)
+
+    # ---- signals -----------------------------------------------------------------
+
+    async def signal_proc(self, pid: int, sig: int) -> None:
+        """procs/P/signal: straight to the real process (the caller's write waits for it)."""
+        p = self.cluster.proc(pid)
+        await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig})
+        self.cluster.signalled(pid, sig)
+
+    def _forward(self, pid: int, sig: int) -> None:
+        p = self.cluster.procs.get(pid)
+        if p is not None:
+            self.cluster.signalled(pid, sig)
+            self._spawn(self._send_signal, p.node, pid, sig)
+
+    async def _send_signal(self, node: int, pid: int, sig: int) -> None:
+        try:
+            await self.send_node(node, {"t": "signal", "pid": pid, "sig": sig})
+        except BpfsError as exc:
+            log.info("pid %d: signal %d not forwarded: %s", pid, sig, exc)
+
+    # ---- tracer callbacks (tracer thread) ----------------------------------------
+
+    def _tracer_signal(self, pid: int, sig: int) -> None:
+        self._from_tracer(self._ghost_signal, pid, sig)
+
+    def _tracer_exit(self, pid: int, status: int) -> None:
+        self._from_tracer(self._ghost_exit, pid, status)
+
+    def _ghost_signal(self, pid: int, sig: int) -> None:
+        m = self._by_pid.get(pid)
+        if m is not None and not m.started:
+            m.signals.append(sig)
+        elif pid in self.cluster.procs:
+            self._forward(pid, sig)
+
+    def _ghost_exit(self, pid: int, status: int) -> None:
+        m = self._by_pid.get(pid)
+        if m is not None and not m.started:
+            m.ghost_gone = True     # on_restored kills what the node started
+            self._deliver(m.node, {"t": "failed", "id": m.id, "errno": errno.ESRCH,
+                                   "message": f"process {pid} was killed"})
+            return
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        self._ghost_gone(pid, sig, code)
+
+    def _ghost_gone(self, pid: int, sig: int | None, code: int | None = None) -> None:
+        p = self.cluster.procs.get(pid)
+        if p is None:
+            return
+        if p.state != "exited":     # the ghost died first: the real process follows it
+            self._spawn(self._send_signal, p.node, pid, _signal.SIGKILL)
+            self.cluster.exited(pid, code, sig)
+        self.cluster.remove_proc(pid)
+
+
+async def _report(token: str, pid: int, err: int, message: str, port: int) -> None:
+    """Send bpsh the execreq error header for `pid` (bpsh listens on all addresses)."""
+    try:
+        with trio.fail_after(REPORT_TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(execreq.render_error(token, pid, err, message))
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        log.info("cannot tell bpsh (port %d) that pid %d failed: %s", port, pid, exc)
+
+
+def _command(argv: list[str], comm: str) -> str:
+    """One printable line for procs/P/status: the argv, else the command name."""
+    cmd = " ".join(argv) or comm or "?"
+    return "".join(ch if ch.isprintable() else "?" for ch in cmd)[:256]
+
+
+def _int(x: Any, default: int) -> int:
+    return x if isinstance(x, int) and not isinstance(x, bool) else default

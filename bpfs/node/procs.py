@@ -1,0 +1,305 @@
+"""The node side of migration: restore, files, signal; and the exit reports.
+
+Messages (grammar in bpfs/wire.py):
+
+    master -> node  restore  id, image, uid, gid, groups, io, port, token
+    node -> master  need     id, hashes              only if the node lacks file contents
+    master -> node  files    id, contents
+    node -> master  restored id, pid   |   failed id, errno, message
+    master -> node  signal   pid, sig
+    node -> master  exited   pid, code, signal       once per restored process
+
+One restore runs as a task of the session, so the session keeps dispatching (a `files`
+reply, other restores) and heart-beating while it works:
+
+  1. load the image and ask the Restorer what file contents are missing (restore thread);
+     a corrupt image is `failed` EINVAL;
+  2. if something is missing: `need`, then wait for the `files` with the same id
+     (FILES_TIMEOUT, else ETIMEDOUT);
+  3. connect the stdio links to bpsh (the header carries the image's PID, which the process
+     gets on the node too) and open the null/file fds as the user (bpfs/node/stdio.py);
+  4. restore (restore thread; shielded: once started it finishes, so a session that ends
+     meanwhile still finds the process and kills it with the rest);
+  5. close the node's copies of the fds; `restored`; hand the process to the reaper.
+
+Any BpfsError before the process runs: the links are closed and the reply is `failed`
+with its errno; nothing runs. A malformed request is `failed` EINVAL (ignored, with a
+warning, when it has no usable id). The master tells bpsh (the stdio link's `err` header):
+only it knows the PID when the image itself is unreadable.
+
+Exits: the reaper hands each restored process's wait status to `ProcessTable`, which sends
+`exited` on the session that restored it, if that session is still the live one. When a
+session ends, the node kills everything it holds (bproc semantics, service.Node); those
+exits are not reported to anyone. `signal` reaches only processes the session holds;
+others are ignored (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal as signals
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from bpfs import execreq, wire
+from bpfs.errors import BpfsError, einval
+from bpfs.migrate import Image, loads
+from bpfs.node import stdio
+from bpfs.node.restorethread import NodeReaper, RestoreThread
+
+if TYPE_CHECKING:
+    from bpfs.node.service import Session
+
+log = logging.getLogger("bpslave")
+
+FILES_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    id: int
+    image: bytes
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    io: tuple[str, str, str]
+    port: int
+    token: str
+
+
+def parse_restore(msg: wire.Message) -> RestoreRequest:
+    """The request in `msg`, or BpfsError EINVAL naming the bad field."""
+    def need(key: str, kind: type) -> Any:
+        value = msg.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise einval(f"restore: bad or missing {key!r}")
+        return value
+
+    groups, io = need("groups", list), need("io", list)
+    if not all(isinstance(g, int) and g >= 0 for g in groups):
+        raise einval("restore: groups must be ids")
+    if len(io) != 3 or not all(isinstance(s, str) for s in io):
+        raise einval("restore: io must be three IO specs")
+    req = RestoreRequest(need("id", int), need("image", bytes), need("uid", int),
+                         need("gid", int), tuple(groups),
+                         tuple(execreq.parse_io(s) for s in io),  # type: ignore[arg-type]
+                         need("port", int), need("token", str))
+    if req.uid < 0 or req.gid < 0:
+        raise einval("restore: negative uid or gid")
+    if "socket" in req.io and not (0 < req.port < 65536
+                                   and execreq.TOKEN_RE.fullmatch(req.token)):
+        raise einval("restore: socket IO needs a port and a 32-hex-digit token")
+    return req
+
+
+@dataclass
+class Held:
+    session: "Session"
+    id: int
+    argv0: str
+
+
+class ProcessTable:
+    """The restored processes the node holds, each with the session it reports to."""
+
+    def __init__(self, reaper: NodeReaper) -> None:
+        self.reaper = reaper
+        self.held: dict[int, Held] = {}
+
+    def hold(self, pid: int, held: Held) -> None:
+        self.held[pid] = held
+
+    def adopt(self, pid: int) -> None:
+        """From now on its exit is reaped and reported (after `restored` was sent)."""
+        self.reaper.adopt(pid, self._exited)
+
+    def _exited(self, pid: int, status: int) -> None:
+        held = self.held.pop(pid, None)
+        if held is None:
+            return
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        log.debug("process %d (%s) exited: code %s, signal %s", pid, held.argv0, code, sig)
+        held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig})
+
+    def signal(self, session: "Session", pid: Any, sig: Any) -> None:
+        held = self.held.get(pid) if isinstance(pid, int) else None
+        if held is None or held.session is not session:
+            log.debug("signal %r for pid %r, which this node does not hold: ignored", sig, pid)
+            return
+        if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < signals.NSIG:
+            log.debug("bad signal number %r for pid %d: ignored", sig, pid)
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            log.debug("signal %d for pid %d, which is gone", sig, pid)
+
+
+# ---- handlers (registered in bpfs/node/service.py) ----------------------------------
+
+async def on_restore(session: "Session", msg: wire.Message) -> None:
+    try:
+        req = parse_restore(msg)
+    except BpfsError as exc:
+        mid = msg.get("id")
+        if not isinstance(mid, int) or isinstance(mid, bool):
+            log.warning("ignoring a restore request without an id: %s", exc)
+            return
+        log.warning("restore %d refused: %s", mid, exc)
+        await session.send({"t": "failed", "id": mid, "errno": exc.errno,
+                            "message": exc.message})
+        return
+    assert session.nursery is not None
+    session.nursery.start_soon(_restore_task, session, req)
+
+
+async def on_files(session: "Session", msg: wire.Message) -> None:
+    rid = msg.get("id")
+    waiter = session.files.pop(rid, None) if isinstance(rid, int) else None
+    contents = msg.get("contents")
+    if waiter is None:
+        log.debug("files for %r, which no restore waits for: ignored", rid)
+    elif not isinstance(contents, dict) or not all(
+            isinstance(k, str) and isinstance(v, bytes) for k, v in contents.items()):
+        waiter.send_nowait(einval("files: contents must map hashes to bytes"))
+    else:
+        waiter.send_nowait(contents)
+
+
+async def on_signal(session: "Session", msg: wire.Message) -> None:
+    session.node.procs.signal(session, msg.get("pid"), msg.get("sig"))
+
+
+async def _restore_task(session: "Session", req: RestoreRequest) -> None:
+    """One restore, from request to reply; never raises (a lost connection ends the session
+    through its other tasks)."""
+    try:
+        await _restore(session, req)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.debug("restore %d: cannot reply, the connection is gone (%s)", req.id, exc)
+
+
+async def _restore(session: "Session", req: RestoreRequest) -> None:
+    steps = Steps()
+    fds: list[int | None] = [None, None, None]
+    try:
+        image, pid = await _prepare_and_restore(session, req, fds, steps)
+    except BpfsError as exc:
+        stdio.close_all(fds)
+        log.warning("restore %d failed: %s", req.id, exc)
+        await session.send({"t": "failed", "id": req.id, "errno": exc.errno,
+                            "message": exc.message})
+        return
+    except Exception as exc:        # a bug of ours: say so, keep the node serving
+        stdio.close_all(fds)
+        log.exception("restore %d failed", req.id)
+        await session.send({"t": "failed", "id": req.id, "errno": errno.EIO,
+                            "message": f"node error: {type(exc).__name__}: {exc}"})
+        return
+    except BaseException:           # cancelled: the session is over
+        stdio.close_all(fds)
+        raise
+    stdio.close_all(fds)
+    procs = session.node.procs
+    procs.hold(pid, Held(session, req.id, image.argv[0] if image.argv else image.comm))
+    try:
+        await session.send({"t": "restored", "id": req.id, "pid": pid})
+        steps.mark("reply")
+        log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
+                  steps)
+    finally:
+        procs.adopt(pid)
+
+
+class Steps:
+    """Node-side time of one restore, by step; the wait for the master's `files` apart."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.steps: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps.append((name, now - self.t))
+        self.t = now
+
+    def __str__(self) -> str:
+        node = sum(dt for name, dt in self.steps if name != "wait for files")
+        parts = ", ".join(f"{name} {dt * 1e3:.1f}" for name, dt in self.steps)
+        return f"{node * 1e3:.1f} ms on the node ({parts})"
+
+
+async def _prepare_and_restore(session: "Session", req: RestoreRequest, fds: list[int | None],
+                               steps: Steps) -> tuple[Image, int]:
+    """Steps 1-4 of the module docstring; `fds` receives the node's copies of fds 0-2."""
+    thread: RestoreThread = session.node.restore_thread
+    image, missing = await thread.call(_load, req.image)
+    steps.mark("load")
+    content: dict[str, bytes] = {}
+    if missing:
+        content = await _fetch(session, req.id, missing)
+        steps.mark("wait for files")
+    fds[:] = await stdio.connect_links(session.node.cfg.host, req.port, req.token, image.pid,
+                                       req.io)
+    steps.mark("links")
+    with trio.CancelScope(shield=True):
+        pid = await thread.call(_restore_job, image, req, fds, content)
+    steps.mark("restore")
+    return image, pid
+
+
+async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, bytes]:
+    """Ask the master for the contents the node lacks; wait for its `files`."""
+    send, receive = trio.open_memory_channel[Any](1)
+    session.files[rid] = send
+    try:
+        await session.send({"t": "need", "id": rid, "hashes": missing})
+        with trio.move_on_after(FILES_TIMEOUT):
+            got = await receive.receive()
+            if isinstance(got, BpfsError):
+                raise got
+            return got
+        raise BpfsError(errno.ETIMEDOUT, f"the master did not send the {len(missing)} "
+                        "file contents this node lacks")
+    finally:
+        session.files.pop(rid, None)
+
+
+# ---- jobs of the restore thread ----------------------------------------------------
+
+def _load(thread: RestoreThread, data: bytes) -> tuple[Image, list[str]]:
+    image = loads(data)
+    return image, thread.restorer.missing(image)
+
+
+def _restore_job(thread: RestoreThread, image: Image, req: RestoreRequest,
+                 fds: list[int | None], content: dict[str, bytes]) -> int:
+    """Open the local stdio files as the user into `fds` (the caller closes them), restore."""
+    content = _store(thread, content)
+    with thread.as_user(req.uid, req.gid, req.groups):
+        stdio.open_local(req.io, fds, image.cwd, image.umask)
+    return thread.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
+                                   groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
+                                   file_content=content)
+
+
+def _store(thread: RestoreThread, content: dict[str, bytes]) -> dict[str, bytes]:
+    """Put received contents into the Restorer's cache ourselves, executable; what is left
+    to pass to `restore` (everything when there is no cache).
+
+    WORKAROUND: FileCache.put stores content with mode 0444, and PR_SET_MM_MAP refuses a
+    non-executable exe file (EACCES, even for root), so a program whose executable had to be
+    sent could not be restored. Drop this once the cache stores files executable.
+    """
+    cache = thread.restorer.cache
+    if cache is None:
+        return content
+    for digest, data in content.items():
+        os.chmod(cache.put(digest, data), 0o555)      # EINVAL if data is not `digest`'s
+    return {}
