@@ -94,7 +94,7 @@ class FileCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o444)  # mapped read-only by every user's processes
+            os.chmod(tmp, 0o555)  # mapped by every user's processes; PR_SET_MM_MAP wants an executable exe
             os.rename(tmp, final)
         except BaseException:
             if os.path.exists(tmp):

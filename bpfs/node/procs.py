@@ -290,16 +290,12 @@ def _restore_job(thread: RestoreThread, image: Image, req: RestoreRequest,
 
 
 def _store(thread: RestoreThread, content: dict[str, bytes]) -> dict[str, bytes]:
-    """Put received contents into the Restorer's cache ourselves, executable; what is left
-    to pass to `restore` (everything when there is no cache).
-
-    WORKAROUND: FileCache.put stores content with mode 0444, and PR_SET_MM_MAP refuses a
-    non-executable exe file (EACCES, even for root), so a program whose executable had to be
-    sent could not be restored. Drop this once the cache stores files executable.
-    """
+    """Put received contents into the Restorer's cache (EINVAL if data is not its digest's),
+    so the next migration of the same program goes by reference; what is left to pass to
+    `restore` (everything when there is no cache)."""
     cache = thread.restorer.cache
     if cache is None:
         return content
     for digest, data in content.items():
-        os.chmod(cache.put(digest, data), 0o555)      # EINVAL if data is not `digest`'s
+        cache.put(digest, data)
     return {}
