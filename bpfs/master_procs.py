@@ -52,6 +52,7 @@ log = logging.getLogger("bpfs.master.procs")
 CAPTURE_TIMEOUT = 10.0      # the writer execs right after its ctl write returns
 RESTORE_TIMEOUT = 60.0      # from `restore` sent to `restored` (file contents may travel)
 REPORT_TIMEOUT = 5.0        # connecting to bpsh to report a failure
+FINISH_TIMEOUT = 2.0        # a failed migration's ghost ends with 255 by then, else SIGKILL
 FAILED_EXIT = 255
 
 SendNode = Callable[[int, dict[str, Any]], Awaitable[None]]
@@ -186,7 +187,7 @@ class ProcService:
             m.cmd = _command(image.argv, image.comm)
             return image
         except BpfsError as exc:
-            if exc.errno == errno.ESRCH or m.ghost_gone:
+            if exc.errno in (errno.ESRCH, errno.ECANCELED) or m.ghost_gone:
                 log.info("migration %d: pid %d ended before exec (%s)", m.id, m.pid, exc)
                 return None
             raise
@@ -228,9 +229,11 @@ class ProcService:
             if m.ghost_gone or self.tracer is None:
                 return
             try:
-                await wait_future(self.tracer.finish(m.pid, exit_code=FAILED_EXIT))
-            except BpfsError as exc2:
-                log.info("pid %d: cannot end it with %d (%s); killing it", m.pid, FAILED_EXIT, exc2)
+                with trio.fail_after(FINISH_TIMEOUT):
+                    await wait_future(self.tracer.finish(m.pid, exit_code=FAILED_EXIT))
+            except (BpfsError, trio.TooSlowError) as exc2:
+                log.warning("pid %d: cannot end it with %d (%s); killing it", m.pid,
+                            FAILED_EXIT, exc2 or "timed out")
                 self._kill_ghost(m.pid)
 
     # ---- node messages -----------------------------------------------------------

@@ -116,6 +116,9 @@ def users() -> Iterator[dict[str, User]]:
                     cmd += ["-G", extra[u]]
                 subprocess.run(cmd + [u], check=True)
                 created_users.append(u)
+        for u, g in extra.items():  # repair users an interrupted run left without their group
+            if g not in [x.gr_name for x in grp.getgrall() if u in x.gr_mem]:
+                subprocess.run(["usermod", "-a", "-G", g, u], check=True)
         out = {}
         for u in USERS:
             pw = pwd.getpwnam(u)

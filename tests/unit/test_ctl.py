@@ -31,6 +31,13 @@ class FakeServices:
     async def persist(self) -> None:
         self.persisted += 1
 
+    async def execmove(self, node: int, caller: Caller, req: Any) -> int:
+        self.sent.append((node, {"t": "execmove", "pid": caller.pid, "req": req}))
+        return caller.pid
+
+    async def signal_proc(self, pid: int, sig: int) -> None:
+        self.sent.append((self.cluster.proc(pid).node, {"t": "signal", "pid": pid, "sig": sig}))
+
 
 def services(up: int = 2, configured: int = 3) -> FakeServices:
     c = Cluster(configured)
@@ -137,3 +144,61 @@ async def test_lines_run_in_order_and_stop_at_the_first_failure():
     assert info.value.errno == errno.EINVAL
     assert s.cluster.node(0).state == "error"     # the first line ran
     assert s.sent == []                           # the third did not
+
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+async def test_execmove_checks_then_arms():
+    s = services()
+    s.cluster.chmod(0, 0o100, ROOT)
+    req = f"execmove --port 5 --token {TOKEN} --stdout null".encode()
+    for data, caller, node, err in [
+        (req, Caller(1000, 1000, pid=7), 0, errno.EACCES),
+        (req, Caller(0, 0, pid=7), 2, errno.EHOSTDOWN),
+        (b"execmove --port 5", Caller(0, 0, pid=7), 0, errno.EINVAL),
+        (b"execmove --port 5 --token xyz", Caller(0, 0, pid=7), 0, errno.EINVAL),
+    ]:
+        with pytest.raises(BpfsError) as info:
+            await run(s, data, caller, node)
+        assert info.value.errno == err, data
+    assert s.sent == []
+    assert await run(s, req, Caller(0, 0, pid=7), 0) == "ok 7"
+    (node, msg), = s.sent
+    assert node == 0 and msg["req"].port == 5 and msg["req"].io == ("socket", "null", "socket")
+
+
+@pytest.mark.parametrize("word, sig", [("9", 9), ("KILL", 9), ("sigkill", 9), ("SIGTERM", 15),
+                                       ("usr1", 10), ("64", 64)])
+def test_parse_signal(word, sig):
+    assert ctl.parse_signal(word) == sig
+
+
+@pytest.mark.parametrize("word", ["0", "65", "FOO", "SIG", "-9", "9x", "SIGKILLX"])
+def test_parse_signal_refuses(word):
+    with pytest.raises(BpfsError) as info:
+        ctl.parse_signal(word)
+    assert info.value.errno == errno.EINVAL
+
+
+async def test_proc_ctl_and_signal_files():
+    s = services()
+    s.cluster.start_proc(42, 1, 1000, 1000, "sleep", 1.0)
+    ctx = lambda caller: ctl.CtlContext(s, caller, 42)  # noqa: E731
+    assert await ctl.execute(ctl.PROC_CTL, ctx(ALICE), b"stop\n") == "ok"
+    assert await ctl.execute(ctl.PROC_SIGNAL, ctx(ROOT), b"HUP\n") == "ok"
+    assert [m["sig"] for _, m in s.sent] == [19, 1]
+    for table, data, caller, err in [
+        (ctl.PROC_CTL, b"kill", Caller(1001, 1000), errno.EPERM),
+        (ctl.PROC_SIGNAL, b"9", Caller(1001, 1000), errno.EPERM),
+        (ctl.PROC_SIGNAL, b"9 9", ROOT, errno.EINVAL),
+        (ctl.PROC_SIGNAL, b"NOPE", ROOT, errno.EINVAL),
+        (ctl.PROC_CTL, b"kill now", ROOT, errno.EINVAL),
+    ]:
+        with pytest.raises(BpfsError) as info:
+            await ctl.execute(table, ctx(caller), data)
+        assert info.value.errno == err, data
+    s.cluster.exited(42, 0, None)
+    with pytest.raises(BpfsError) as info:
+        await ctl.execute(ctl.PROC_CTL, ctx(ROOT), b"kill")
+    assert info.value.errno == errno.ESRCH

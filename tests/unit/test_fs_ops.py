@@ -96,6 +96,11 @@ async def test_tree_listing(monkeypatch):
     assert await listdir(ops, "/nodes", monkeypatch) == ["0", "1", "2"]
     assert await listdir(ops, "/nodes/1", monkeypatch) == ["status", "ctl", "info", "procs"]
     assert await listdir(ops, "/procs", monkeypatch) == []
+    ops.cluster.start_proc(77, 1, 1000, 100, "sleep", 1.0)
+    assert await listdir(ops, "/procs", monkeypatch) == ["77"]
+    assert await listdir(ops, "/procs/77", monkeypatch) == ["status", "node", "signal", "ctl"]
+    d = await ops.getattr(await path_ino(ops, "/procs/77"), ROOT)
+    assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1000, 100, 0o555)
 
 
 async def test_lookup_refusals():

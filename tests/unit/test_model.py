@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 
 import pytest
 
@@ -225,6 +226,31 @@ def test_procs_table():
     assert errno_of(c.proc, 42, 4) == errno.ESRCH
     c.remove_proc(42)
     assert errno_of(c.proc, 42) == errno.ESRCH
+
+
+def test_migrated_process_life_events_and_signal_permission():
+    c = up_cluster()
+    cursor = c.events.cursor()
+    a = c.start_proc(42, 1, 1000, 100, "sleep 9", 5.0)
+    b = c.start_proc(43, 1, 1000, 100, "x", 5.0)
+    assert a.gen != b.gen and c.proc(42, a.gen) is a
+    alice, bob = Caller(1000, 100), Caller(1001, 100, frozenset({100}))
+    assert c.check_signal(42, alice) is a and c.check_signal(42, ROOT) is a
+    assert errno_of(c.check_signal, 42, bob) == errno.EPERM
+    assert errno_of(c.check_signal, 99, ROOT) == errno.ESRCH
+    c.signalled(42, signal.SIGSTOP)
+    assert a.state == "stopped"
+    c.signalled(42, signal.SIGCONT)
+    c.exited(42, None, signal.SIGSEGV)
+    c.exited(42, 0, None)                       # only the first report counts
+    c.signalled(42, signal.SIGTERM)             # nor do signals after the end
+    assert (a.state, a.exit) == ("exited", "signal 11")
+    assert errno_of(c.check_signal, 42, ROOT) == errno.ESRCH
+    assert c.procs_on(1) == [43]
+    c.exited(43, 3, None)
+    got = [(e.id, e.what, e.detail) for e in c.events.since(cursor)[0]]
+    assert got == [(42, "start", "1"), (43, "start", "1"), (42, "signal", "19"),
+                   (42, "signal", "18"), (42, "exit", "signal 11"), (43, "exit", "3")]
 
 
 def test_saved_and_restore_round_trip():
