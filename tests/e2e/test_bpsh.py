@@ -263,3 +263,17 @@ def test_nothing_is_left_behind(cluster: Cluster) -> None:
                              text=True).stdout.split("\n")
     mine = [z for z in zombies if z.startswith("Z") and int(z.split()[1]) == os.getpid()]
     assert mine == []
+
+
+def test_bpcp_copies_to_a_node_and_back_byte_for_byte(cluster: Cluster, tmp_path) -> None:
+    src, back = tmp_path / "src", tmp_path / "back"
+    src.write_bytes(os.urandom(5 * 1024 * 1024))
+    try:
+        ok(cluster.run("bpcp", str(src), "1:/scratch/bpcp-copy", timeout=60))
+        assert ok(bpsh(cluster, "1", "stat", "-c", "%s", "/scratch/bpcp-copy")) == \
+            f"{5 * 1024 * 1024}\n"
+        assert "bpcp-copy" not in ok(bpsh(cluster, "0", "ls", "/scratch"))
+        ok(cluster.run("bpcp", "1:/scratch/bpcp-copy", str(back), timeout=60))
+        assert back.read_bytes() == src.read_bytes()
+    finally:
+        bpsh(cluster, "1", "rm", "-f", "/scratch/bpcp-copy")
