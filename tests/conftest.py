@@ -208,13 +208,7 @@ def make_cluster(src_dir: str) -> Iterator:
     made: list[Cluster] = []
 
     def make(nodes: int = 3, extra: Sequence[str] = ()) -> Cluster:
-        base = tempfile.mkdtemp(prefix="bpfs-test-")
-        os.chmod(base, 0o755)
-        mount, state = os.path.join(base, "mnt"), os.path.join(base, "state")
-        os.mkdir(mount)
-        os.mkdir(state)
-        env = dict(os.environ, PYTHONPATH=src_dir, BPROC_MOUNT=mount, PYTHONDONTWRITEBYTECODE="1")
-        c = Cluster(mount, state, free_port(), nodes, src_dir, env)
+        c = _new_cluster(src_dir, nodes)
         made.append(c)
         c.up(extra)
         return c
@@ -224,6 +218,17 @@ def make_cluster(src_dir: str) -> Iterator:
     finally:
         for c in made:
             _teardown(c)
+
+
+def _new_cluster(src_dir: str, nodes: int) -> Cluster:
+    """A Cluster (not yet up) on a fresh temporary mount point and state directory."""
+    base = tempfile.mkdtemp(prefix="bpfs-test-")
+    os.chmod(base, 0o755)
+    mount, state = os.path.join(base, "mnt"), os.path.join(base, "state")
+    os.mkdir(mount)
+    os.mkdir(state)
+    env = dict(os.environ, PYTHONPATH=src_dir, BPROC_MOUNT=mount, PYTHONDONTWRITEBYTECODE="1")
+    return Cluster(mount, state, free_port(), nodes, src_dir, env)
 
 
 def _teardown(c: Cluster) -> None:
@@ -241,13 +246,7 @@ def cluster(src_dir: str, request) -> Iterator[Cluster]:
     """One 3-node cluster shared by a module's tests (tests must leave it as they found it)."""
     if not is_root():
         pytest.skip("the embedded cluster needs root (FUSE mount, namespaces)")
-    base = tempfile.mkdtemp(prefix="bpfs-test-")
-    os.chmod(base, 0o755)
-    mount, state = os.path.join(base, "mnt"), os.path.join(base, "state")
-    os.mkdir(mount)
-    os.mkdir(state)
-    env = dict(os.environ, PYTHONPATH=src_dir, BPROC_MOUNT=mount, PYTHONDONTWRITEBYTECODE="1")
-    c = Cluster(mount, state, free_port(), 3, src_dir, env)
+    c = _new_cluster(src_dir, 3)
     try:
         c.up()
         yield c
