@@ -114,6 +114,25 @@ def down(mount: str | None, state_dir: str | None) -> int:
     return embedded.down(embedded.Layout.make(common.mount_point(mount), state_dir))
 
 
+@cli.command()
+@click.option("--key", "key_file", default="/etc/bpfs/cluster.key", show_default=True,
+              metavar="FILE", help="Where to write the key (its directory is created).")
+@click.option("--force", is_flag=True, help="Replace an existing key (every node needs the new one).")
+def keygen(key_file: str, force: bool) -> int:
+    """Create a cluster key for a real cluster: a random secret in a 0600 file. Copy it to
+    every node (`bpslave --key FILE`) over a channel you trust; `bpfs up` makes its own."""
+    import errno
+    import os
+    from bpfs import wire
+    from bpfs.errors import BpfsError
+    if os.path.exists(key_file) and not force:
+        raise BpfsError(errno.EEXIST, f"{key_file} exists (use --force to replace it)")
+    os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
+    wire.create_key(key_file)
+    click.echo(f"bpfs: wrote a new cluster key to {key_file}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     def body() -> int:

@@ -262,3 +262,16 @@ def test_missing_and_short_keys(tmp_path):
     with pytest.raises(BpfsError) as info:
         wire.load_key(str(short))
     assert info.value.errno == errno.EINVAL
+
+
+def test_bpfs_keygen_writes_a_0600_key_and_refuses_to_overwrite(tmp_path, capsys) -> None:
+    from bpfs.cli.bpfs_main import main
+    key = tmp_path / "etc" / "cluster.key"
+    assert main(["keygen", "--key", str(key)]) == 0
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = wire.load_key(str(key))
+    assert main(["keygen", "--key", str(key)]) != 0
+    assert "exists" in capsys.readouterr().err
+    assert wire.load_key(str(key)) == first
+    assert main(["keygen", "--key", str(key), "--force"]) == 0
+    assert wire.load_key(str(key)) != first
