@@ -24,6 +24,10 @@ Every file is UTF-8 text ending in a newline.
     node WHAT DETAIL := "state" SP STATE            every change of the node's state
                       | "mode" SP OCTAL             chmod, 4 octal digits: "0110"
                       | "owner" SP UID SP GID       chown/chgrp, numeric ids
+    proc WHAT DETAIL := "start" SP NODE             procs/PID appears (state starting)
+                      | "signal" SP SIG             a signal went to the real process
+                      | "exit" SP (CODE | "signal" SP SIG | "failed" SP ENAME)
+                                                    ENAME: errno name of a failed start
     e.g.  "1732170000.123 node 3 state down", "1732170000.200 proc 4242 exit 0"
 
 Parsers raise ValueError on text that breaks the grammar: a CLI that meets one
@@ -207,12 +211,15 @@ def parse_info(text: str) -> NodeInfo:
 class ProcStatus:
     pid: int
     node: int
-    state: str          # "running", "stopped", "exited"
+    # "starting": the master holds the ghost and the node is restoring it (procs/PID
+    # appears then, before the program can print anything); then "running", "stopped",
+    # "exited". A start that fails removes procs/PID (event `exit failed ENAME`).
+    state: str
     uid: int
     gid: int
     cmd: str
     started: float      # epoch seconds
-    exit: str = "-"     # "-" while running, "0".."255", or "signal N"
+    exit: str = "-"     # "-" while running, "0".."255", "signal N" (or "failed ENAME")
 
 
 def render_proc_status(p: ProcStatus) -> str:

@@ -7,18 +7,26 @@
     procs.on_need/on_restored/on_failed/on_exited(node, msg)   node -> master messages
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
+    procs.expect(pid, launch)             the master's own child `pid` will execmove
+                                          (nodes/N/ctl exec, bpfs.master_exec): the
+                                          Launch hears how its migration ends
 
 One migration (ID = our serial), bpsh's child being the writer W:
 
     ctl write      tracer.seize(W), done before the write returns; a task starts
     task           tracer.capture(W) -> Image (W execs right after its write returns; the
                    tracer dumps it at its entry point and parks it as the ghost)
+                   procs/PID appears now, state "starting", event start: before the node
+                   can run the program, so before bpsh can see any of its output
                    -> node: restore {id, image, uid, gid, groups, io, port, token}
                    <- need {id, hashes}  -> files {id, contents}   (repeatable)
-                   <- restored {id, pid}: the process runs; procs/PID appears, event start
+                   <- restored {id, pid}: the process runs; state "running"
                    <- failed {id, errno, message}, or any error on our side: bpsh gets the
-                   execreq error header (if it listens) and the ghost exits 255
+                   execreq error header (if it listens), the ghost exits 255, procs/PID
+                   goes away with the event `exit failed ENAME`
     ghost life     a signal to the ghost -> node: signal {pid, sig}, event signal
+                   (one that comes while "starting", to the ghost or to procs/PID/signal,
+                   waits for `restored` and is forwarded then)
                    node: exited {pid, code, signal} -> the ghost ends the same way
                    the ghost died first (kill -9 on the master) -> node: signal {pid, 9}
                    the ghost is gone -> event exit (once), procs/PID removed
@@ -45,7 +53,7 @@ import trio
 
 from bpfs import execreq
 from bpfs.errors import BpfsError
-from bpfs.model import Caller, Cluster
+from bpfs.model import Caller, Cluster, ProcOutput
 
 log = logging.getLogger("bpfs.master.procs")
 
@@ -90,6 +98,25 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
 
 
 @dataclass(eq=False)
+class Launch:
+    """A process the master forked itself (`exec`): how far its migration got.
+
+    `armed` once its execmove seized it; `done` once it runs on the node (`error` None)
+    or will never run (`error` says why). Its procs/PID keeps `output` and is not
+    removed when the ghost goes: bpfs.master_exec decides when.
+    """
+    output: ProcOutput
+    armed: bool = False
+    error: BpfsError | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def finish(self, error: BpfsError | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+@dataclass(eq=False)
 class Migration:
     id: int
     node: int
@@ -102,6 +129,8 @@ class Migration:
     ghost_gone: bool = False
     cmd: str = "?"
     signals: list[int] = field(default_factory=list)   # caught before the process ran
+    gen: int = 0                        # of its Proc, once published
+    launch: Launch | None = None
 
 
 class ProcService:
@@ -115,6 +144,7 @@ class ProcService:
         self.tracer: Any = None
         self._migrations: dict[int, Migration] = {}
         self._by_pid: dict[int, Migration] = {}
+        self._launches: dict[int, Launch] = {}
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -150,16 +180,31 @@ class ProcService:
 
     # ---- execmove ----------------------------------------------------------------
 
-    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
-        """Seize the writer before its write returns; the rest happens in a task."""
+    def check_ready(self) -> None:
+        """ENOSYS unless this master can migrate processes."""
         if self.tracer is None or self._nursery is None:
             raise BpfsError(errno.ENOSYS, "this master cannot migrate processes")
+
+    def expect(self, pid: int, launch: Launch) -> None:
+        """The master's child `pid` is about to write execmove: report to `launch`."""
+        self._launches[pid] = launch
+
+    def forget(self, pid: int) -> None:
+        self._launches.pop(pid, None)
+
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
+        """Seize the writer before its write returns; the rest happens in a task."""
+        self.check_ready()
         pid = caller.pid
-        if pid <= 0 or pid in self._by_pid or pid in self.cluster.procs:
+        p = self.cluster.procs.get(pid)
+        if pid <= 0 or pid in self._by_pid or (p is not None and p.state != "exited"):
             raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
         await wait_future(self.tracer.seize(pid))
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
-        m = Migration(next(self._ids), node, pid, caller, req, send, receive)
+        m = Migration(next(self._ids), node, pid, caller, req, send, receive,
+                      launch=self._launches.pop(pid, None))
+        if m.launch is not None:
+            m.launch.armed = True
         self._migrations[m.id] = m
         self._by_pid[pid] = m
         self._spawn(self._migrate, m)
@@ -170,6 +215,7 @@ class ProcService:
         try:
             image = await self._capture(m)
             if image is not None:
+                self._publish(m)
                 await self._restore(m, image)
         except BpfsError as exc:
             await self._failed(m, exc)
@@ -179,6 +225,19 @@ class ProcService:
         finally:
             self._migrations.pop(m.id, None)
             self._by_pid.pop(m.pid, None)
+            if m.launch is not None:
+                m.launch.finish(BpfsError(errno.ESRCH, f"process {m.pid} ended before exec"))
+
+    def _publish(self, m: Migration) -> None:
+        """procs/PID, "starting": the ghost is held, the node has not run it yet."""
+        c = m.caller
+        old = self.cluster.procs.get(m.pid)
+        if old is not None and old.output is not None:
+            old.output.close()          # a lingering exec'd process of a reused pid
+        p = self.cluster.start_proc(m.pid, m.node, c.uid, c.gid, m.cmd, time.time(),
+                                    state="starting",
+                                    output=m.launch.output if m.launch else None)
+        m.gen = p.gen
 
     async def _capture(self, m: Migration) -> Any:
         """The dumped image; None if the writer ended without exec'ing (nothing to do)."""
@@ -223,8 +282,12 @@ class ProcService:
     async def _failed(self, m: Migration, exc: BpfsError) -> None:
         """Nothing runs on the node: tell bpsh (N: strerror), end the ghost with 255."""
         log.warning("migration %d of pid %d to node %d failed: %s", m.id, m.pid, m.node, exc)
+        if m.gen:
+            self.cluster.start_failed(m.pid, exc.errno, m.gen)
+        if m.launch is not None:
+            m.launch.finish(exc)
         with trio.CancelScope(shield=True):
-            if "socket" in m.req.io:
+            if "socket" in m.req.io and m.launch is None:
                 await _report(m.req.token, m.pid, exc.errno, exc.message, m.req.port)
             if m.ghost_gone or self.tracer is None:
                 return
@@ -269,9 +332,10 @@ class ProcService:
             log.warning("node %d restored migration %d as pid %r, not %d", node, m.id,
                         msg.get("pid"), m.pid)
         m.started = True
-        c = m.caller
-        self.cluster.start_proc(m.pid, node, c.uid, c.gid, m.cmd, time.time())
+        self.cluster.proc_running(m.pid)
         self._deliver(node, msg)
+        if m.launch is not None:
+            m.launch.finish()
         if m.ghost_gone:
             self._ghost_gone(m.pid, _signal.SIGKILL)
         for sig in m.signals:
@@ -307,6 +371,9 @@ class ProcService:
                 self._deliver(node, {"t": "failed", "id": m.id, "errno": errno.EHOSTDOWN,
                                      "message": f"node {node} went down"})
         for pid in self.cluster.procs_on(node):
+            m = self._by_pid.get(pid)
+            if m is not None and not m.started:
+                continue        # its migration fails (above) and says so
             self.cluster.exited(pid, None, _signal.SIGKILL)
             self._kill_ghost(pid)
 
@@ -321,8 +388,13 @@ class ProcService:
     # ---- signals -----------------------------------------------------------------
 
     async def signal_proc(self, pid: int, sig: int) -> None:
-        """procs/P/signal: straight to the real process (the caller's write waits for it)."""
+        """procs/P/signal: straight to the real process (the caller's write waits for it);
+        while it is "starting", queued like a signal to the ghost, forwarded at `restored`."""
         p = self.cluster.proc(pid)
+        m = self._by_pid.get(pid)
+        if m is not None and not m.started:
+            m.signals.append(sig)
+            return
         await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig})
         self.cluster.signalled(pid, sig)
 
@@ -371,7 +443,8 @@ class ProcService:
         if p.state != "exited":     # the ghost died first: the real process follows it
             self._spawn(self._send_signal, p.node, pid, _signal.SIGKILL)
             self.cluster.exited(pid, code, sig)
-        self.cluster.remove_proc(pid)
+        if p.output is None:        # an exec'd one stays for its output (master_exec)
+            self.cluster.remove_proc(pid)
 
 
 async def _report(token: str, pid: int, err: int, message: str, port: int) -> None:

@@ -42,6 +42,20 @@ Processes: `start_proc` gives each migrated process a fresh generation (a
 serial), so a reused PID never reaches a stale inode. Signalling one
 (`check_signal`) is for its uid or root (EPERM), like kill(2); `exited` records
 the real status once, and `remove_proc` drops it when the ghost is gone.
+
+A process is published (`start_proc`, event `proc PID start N`) as soon as the
+master holds its ghost, in state "starting", before the node has restored it:
+so procs/PID exists before the program can print anything. `proc_running`
+makes it "running" once the node has restored it; `start_failed` ends one that
+never ran: event `proc PID exit failed ENAME` (the errno's name), and it is
+removed at once.
+
+Output (`ProcOutput`, for processes started by `exec` on nodes/N/ctl): stdout
+and stderr kept as two bounded rings of the newest OUTPUT_CAPACITY bytes each;
+a stream is at EOF once the process has ended *and* its link delivered
+everything (`link_done`). The master feeds and closes the links; the fs layer
+reads with per-handle offsets. `Cluster.subscribe` hears every event and every
+change of any output.
 """
 
 from __future__ import annotations
@@ -66,6 +80,8 @@ NEW_NODE_MODE = 0o111
 ACL_BITS = 0o111
 MAX_NODE = 65535
 EVENT_CAPACITY = 1024
+OUTPUT_CAPACITY = 1 << 20           # bytes kept per output stream of a process
+OUTPUT_STREAMS = ("stdout", "stderr")
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
@@ -163,6 +179,92 @@ class SavedNode:
     admin: str | None = None
 
 
+class OutputRing:
+    """What a process wrote to one stream: the newest `capacity` bytes, by absolute offset.
+
+    Offsets count every byte ever received; `first` is the oldest one kept, `end` the
+    next to come. A reader keeps its own offset; one that falls more than `capacity`
+    behind skips what was dropped (as events readers do). EOF: `closed` and offset at
+    `end`. `eof_read` records that someone has read it to EOF.
+    """
+
+    def __init__(self, capacity: int = OUTPUT_CAPACITY) -> None:
+        self.capacity = capacity
+        self._buf = bytearray()
+        self.first = 0
+        self.link_done = False          # the link is over (EOF), or will never come
+        self.closed = False             # nothing more will be appended
+        self.eof_read = False
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self._buf)
+
+    def append(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        if len(data) >= self.capacity:
+            self.first += len(self._buf) + len(data) - self.capacity
+            self._buf = bytearray(data[-self.capacity:])
+            return
+        self._buf += data
+        excess = len(self._buf) - self.capacity
+        if excess > 0:
+            del self._buf[:excess]
+            self.first += excess
+
+    def read(self, offset: int, size: int) -> tuple[bytes, int]:
+        """Up to `size` bytes from `offset` (or the oldest kept), and the offset after them."""
+        start = max(offset, self.first)
+        i = start - self.first
+        data = bytes(self._buf[i:i + size])
+        return data, start + len(data)
+
+    def at_eof(self, offset: int) -> bool:
+        return self.closed and offset >= self.end
+
+
+class ProcOutput:
+    """stdout and stderr of a process the master started itself (see the module doc)."""
+
+    def __init__(self, capacity: int = OUTPUT_CAPACITY,
+                 notify: Callable[[], None] = lambda: None) -> None:
+        self.streams = {name: OutputRing(capacity) for name in OUTPUT_STREAMS}
+        self.notify = notify
+        self.ended = False
+
+    def append(self, name: str, data: bytes) -> None:
+        self.streams[name].append(data)
+        self.notify()
+
+    def link_over(self, name: str) -> None:
+        """The stream's link reached EOF or will never come."""
+        self.streams[name].link_done = True
+        self._update()
+
+    def end(self) -> None:
+        """The process has ended (or never ran): streams close as their links finish."""
+        self.ended = True
+        self._update()
+
+    def close(self) -> None:
+        """Give up on every link (a bound was reached): everything is at EOF now."""
+        self.ended = True
+        for ring in self.streams.values():
+            ring.link_done = True
+        self._update()
+
+    def _update(self) -> None:
+        for ring in self.streams.values():
+            if self.ended and ring.link_done:
+                ring.closed = True
+        self.notify()
+
+    @property
+    def all_read(self) -> bool:
+        return all(ring.eof_read for ring in self.streams.values())
+
+
 @dataclass
 class Proc:
     """A migrated process. `gen` tells a reused PID from the process it replaced."""
@@ -172,9 +274,10 @@ class Proc:
     gid: int
     cmd: str
     started: float
-    state: str = "running"            # "running" | "stopped" | "exited"
-    exit: str = "-"                   # "-", "0".."255", or "signal N"
+    state: str = "running"            # "starting" | "running" | "stopped" | "exited"
+    exit: str = "-"                   # "-", "0".."255", "signal N", or "failed ENAME"
     gen: int = 0
+    output: ProcOutput | None = field(default=None, repr=False)
 
 
 class EventLog:
@@ -224,6 +327,17 @@ class Cluster:
         self.events = EventLog(event_capacity, clock)
         self.revision = 0        # bumped when persistent data (SavedNode fields) changes
         self._proc_serial = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` after every event and every change of a process's output."""
+        self._listeners.append(fn)
+        self.events.subscribe(fn)
+
+    def output_changed(self) -> None:
+        """A ProcOutput's `notify`: wake the subscribers."""
+        for fn in list(self._listeners):
+            fn()
 
     # ---- lookup --------------------------------------------------------------
 
@@ -405,16 +519,39 @@ class Cluster:
             raise BpfsError(errno.ESRCH, f"no process {pid}")
         return p
 
-    def remove_proc(self, pid: int) -> None:
-        self.procs.pop(pid, None)
+    def remove_proc(self, pid: int, gen: int | None = None) -> None:
+        """Drop `pid` (only if it is still generation `gen`, when given)."""
+        p = self.procs.get(pid)
+        if p is not None and (gen is None or p.gen == gen):
+            del self.procs[pid]
 
-    def start_proc(self, pid: int, node: int, uid: int, gid: int, cmd: str, now: float) -> Proc:
-        """A migrated process runs on `node`: record it with a new generation; event."""
+    def start_proc(self, pid: int, node: int, uid: int, gid: int, cmd: str, now: float,
+                   state: str = "running", output: ProcOutput | None = None) -> Proc:
+        """A migrated process is (or is about to be) on `node`: record it with a new
+        generation; event `start`. It replaces an exited one of the same pid."""
         self._proc_serial += 1
-        p = Proc(pid, node, uid, gid, cmd, now, gen=self._proc_serial)
+        p = Proc(pid, node, uid, gid, cmd, now, state, gen=self._proc_serial, output=output)
         self.procs[pid] = p
         self.events.append("proc", pid, "start", str(node))
         return p
+
+    def proc_running(self, pid: int) -> None:
+        """The node restored a "starting" process: it runs."""
+        p = self.procs.get(pid)
+        if p is not None and p.state == "starting":
+            p.state = "running"
+
+    def start_failed(self, pid: int, err: int, gen: int | None = None) -> None:
+        """A "starting" process never ran: event `exit failed ENAME`, and it is removed."""
+        p = self.procs.get(pid)
+        if p is None or p.state != "starting" or (gen is not None and p.gen != gen):
+            return
+        p.state = "exited"
+        p.exit = f"failed {errno.errorcode.get(err, str(err))}"
+        self.events.append("proc", pid, "exit", p.exit)
+        if p.output is not None:
+            p.output.close()
+        del self.procs[pid]
 
     def check_signal(self, pid: int, caller: Caller) -> Proc:
         """ESRCH if `pid` is not a live migrated process, EPERM unless its uid or root."""
@@ -444,6 +581,8 @@ class Cluster:
         p.state = "exited"
         p.exit = f"signal {sig}" if sig else str(code if code is not None else 0)
         self.events.append("proc", pid, "exit", p.exit)
+        if p.output is not None:
+            p.output.end()
 
     def procs_on(self, n: int) -> list[int]:
         return sorted(p.pid for p in self.procs.values() if p.node == n and p.state != "exited")

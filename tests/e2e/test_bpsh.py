@@ -68,10 +68,7 @@ class Background:
         line = self.p.stdout.readline()
         assert line.strip().isdigit(), (line, self.p.stderr.read() if self.p.poll() else "")
         self.pid = int(line)
-        # The program's first output can reach bpsh a few ms before the master has handled
-        # the node's `restored` message and published procs/PID: wait for it.
-        proc_dir = os.path.join(c.mount, "procs", str(self.pid))
-        c.wait_for(lambda: os.path.exists(proc_dir), 5, f"{proc_dir} to appear")
+        # procs/PID exists from the capture on, before the program can print anything.
 
     def wait(self, timeout: float = 20) -> tuple[int, str]:
         try:

@@ -51,8 +51,15 @@ async def restored(m: Master, node: Any, proc: subprocess.Popen) -> dict[str, An
     msg = messages(node, "restore")[seen]
     node.answered = seen + 1
     await node.fs.send({"t": "restored", "id": msg["id"], "pid": proc.pid})
-    await wait_for(lambda: os.path.exists(m.path(f"procs/{proc.pid}")), what="procs/PID")
+    await wait_for(lambda: proc_state(m, proc.pid) == "running", what="procs/PID running")
     return msg
+
+
+def proc_state(m: Master, pid: int) -> str | None:
+    try:
+        return formats.parse_proc_status(m.read(f"procs/{pid}/status")).state
+    except FileNotFoundError:
+        return None
 
 
 async def wait_exit(proc: subprocess.Popen, timeout: float = 10) -> int:
@@ -207,3 +214,60 @@ async def test_writer_that_never_execs_leaves_nothing(master: Master) -> None:
         finally:
             for p in procs:
                 reap(p)
+
+
+def read_events(fd: int) -> list[formats.Event]:
+    try:
+        return formats.parse_events(os.read(fd, 65536).decode())
+    except BlockingIOError:
+        return []
+
+
+async def test_procs_pid_exists_while_starting_and_queues_signals(master: Master) -> None:
+    """procs/PID appears when the ghost is held, before `restore` is answered: state
+    starting; a signal written then reaches the node once it has restored the process."""
+    events = os.open(master.path("events"), os.O_RDONLY | os.O_NONBLOCK)
+    async with fake_node(master) as node:
+        await wait_for(lambda: master.read("nodes/0/status") == "up\n")
+        proc = writer(master, 0, request())
+        try:
+            await wait_for(lambda: messages(node, "restore"), what="restore")
+            msg = messages(node, "restore")[0]
+            assert proc_state(master, proc.pid) == "starting"   # before any `restored`
+            d = master.path(f"procs/{proc.pid}")
+            assert write_errno(f"{d}/signal", b"USR1\n") == 0
+            os.kill(proc.pid, signal.SIGUSR2)                  # to the ghost, also queued
+            await trio.sleep(0.2)
+            assert not messages(node, "signal")
+            node.answered = 1
+            await node.fs.send({"t": "restored", "id": msg["id"], "pid": proc.pid})
+            await wait_for(lambda: len(messages(node, "signal")) == 2, what="queued signals")
+            assert sorted(s["sig"] for s in messages(node, "signal")) == [
+                signal.SIGUSR1, signal.SIGUSR2]
+            assert proc_state(master, proc.pid) == "running"
+            await node.fs.send({"t": "exited", "pid": proc.pid, "code": 0, "signal": None})
+            assert await wait_exit(proc) == 0
+            got = [(e.what, e.detail) for e in read_events(events) if e.id == proc.pid]
+            assert got[0] == ("start", "0") and got[-1] == ("exit", "0")
+        finally:
+            reap(proc)
+            os.close(events)
+
+
+async def test_failed_start_removes_procs_pid_with_an_exit_event(master: Master) -> None:
+    events = os.open(master.path("events"), os.O_RDONLY | os.O_NONBLOCK)
+    async with fake_node(master) as node:
+        await wait_for(lambda: master.read("nodes/0/status") == "up\n")
+        proc = writer(master, 0, request())
+        try:
+            await wait_for(lambda: messages(node, "restore"), what="restore")
+            assert proc_state(master, proc.pid) == "starting"
+            await node.fs.send({"t": "failed", "id": messages(node, "restore")[0]["id"],
+                                "errno": errno.ENOEXEC, "message": "other kernel"})
+            assert await wait_exit(proc) == 255
+            assert proc_state(master, proc.pid) is None
+            got = [(e.what, e.detail) for e in read_events(events) if e.id == proc.pid]
+            assert got == [("start", "0"), ("exit", "failed ENOEXEC")]
+        finally:
+            reap(proc)
+            os.close(events)

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from bpfs.errors import BpfsError
-from bpfs.model import Caller, Cluster, EventLog, Facts, Proc, SavedNode
+from bpfs.model import Caller, Cluster, EventLog, Facts, OutputRing, Proc, ProcOutput, SavedNode
 
 ROOT = Caller(0, 0)
 ALICE = Caller(1000, 1000, frozenset({100, 2000}))
@@ -265,3 +265,61 @@ def test_saved_and_restore_round_trip():
     assert d.saved() == saved
     assert d.node(1).state == "down"
     assert d.saved()[1] == SavedNode(1, 0o111, 1000, 100, "unavailable")
+
+
+def test_starting_process_runs_or_fails_and_is_removed():
+    c = up_cluster()
+    cursor = c.events.cursor()
+    a = c.start_proc(42, 1, 1000, 100, "sleep 9", 5.0, state="starting")
+    assert c.procs_on(1) == [42] and c.check_signal(42, ROOT) is a
+    c.proc_running(42)
+    assert a.state == "running"
+    c.start_failed(42, errno.EHOSTDOWN)          # it ran: not a failed start
+    assert c.proc(42) is a
+    b = c.start_proc(43, 1, 1000, 100, "x", 5.0, state="starting")
+    c.start_failed(43, errno.ENOEXEC, gen=b.gen + 1)     # another generation: ignored
+    c.start_failed(43, errno.ENOEXEC, gen=b.gen)
+    assert 43 not in c.procs and b.exit == "failed ENOEXEC"
+    got = [(e.id, e.what, e.detail) for e in c.events.since(cursor)[0]]
+    assert got == [(42, "start", "1"), (43, "start", "1"), (43, "exit", "failed ENOEXEC")]
+    c.remove_proc(42, gen=a.gen + 1)
+    assert 42 in c.procs
+    c.remove_proc(42, gen=a.gen)
+    assert 42 not in c.procs
+
+
+def test_output_ring_keeps_the_newest_bytes_and_readers_skip_what_was_dropped():
+    r = OutputRing(capacity=8)
+    r.append(b"abcdef")
+    assert r.read(0, 4) == (b"abcd", 4) and r.read(4, 100) == (b"ef", 6)
+    r.append(b"ghijk")                           # 11 bytes received, 8 kept
+    assert (r.first, r.end) == (3, 11)
+    assert r.read(0, 100) == (b"defghijk", 11)   # a reader behind skips d..: from 3
+    r.append(b"0123456789")                      # bigger than the ring
+    assert (r.first, r.end) == (13, 21) and r.read(11, 3) == (b"234", 16)
+    assert not r.at_eof(21)
+    r.closed = True
+    assert r.at_eof(21) and not r.at_eof(20)
+
+
+def test_proc_output_is_at_eof_once_the_process_ended_and_its_link_is_over():
+    woken = []
+    c = up_cluster()
+    c.subscribe(lambda: woken.append(1))
+    out = ProcOutput(capacity=64, notify=c.output_changed)
+    p = c.start_proc(42, 1, 0, 0, "x", 1.0, state="starting", output=out)
+    c.proc_running(42)
+    out.append("stdout", b"hi\n")
+    out.link_over("stdout")                      # closed its stdout, still running
+    assert not out.streams["stdout"].closed
+    c.exited(42, 3, None)
+    assert out.streams["stdout"].closed and not out.streams["stderr"].closed
+    out.link_over("stderr")
+    assert out.streams["stderr"].closed and p.output is out
+    assert not out.all_read
+    out.streams["stdout"].eof_read = out.streams["stderr"].eof_read = True
+    assert out.all_read and woken
+    out2 = ProcOutput(capacity=64)
+    c.start_proc(43, 1, 0, 0, "y", 1.0, state="starting", output=out2)
+    c.start_failed(43, errno.EIO)
+    assert all(r.closed for r in out2.streams.values())
