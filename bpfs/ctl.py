@@ -23,6 +23,15 @@ nodes/N/ctl commands:
                              (bpfs.execreq grammar, EINVAL); node down:
                              EHOSTDOWN; no x permission: EACCES; the writer
                              is traced before the write returns. `ok PID`.
+    exec [--] ARGV...        the master runs ARGV as the writer (uid, gid,
+                             groups, cwd, environment, umask of the handle's
+                             opener) and migrates it (bpfs/master_exec.py);
+                             stdin /dev/null, output in procs/PID/stdout and
+                             stderr. No options: a first word starting with
+                             "-" other than "--" is EINVAL. No command: EINVAL;
+                             node down: EHOSTDOWN; no x permission: EACCES;
+                             not found in the writer's PATH: ENOENT. The write
+                             returns once the process runs on the node. `ok PID`.
 
 procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited):
     kill | stop | cont       SIGKILL, SIGSTOP, SIGCONT to the real process
@@ -64,6 +73,10 @@ class Services(Protocol):
 
     async def signal_proc(self, pid: int, sig: int) -> None:
         """Send `sig` to migrated process `pid` on its node (permission already checked)."""
+
+    async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
+        """Run `argv` as `caller` migrated to `node` (permission checked); its pid once it
+        runs there. Errors: see bpfs/master_exec.py."""
 
 
 @dataclass(frozen=True)
@@ -164,10 +177,30 @@ async def _execmove(ctx: CtlContext, args: list[str]) -> str:
     return f"ok {pid}"
 
 
+def parse_exec(args: list[str]) -> list[str]:
+    """`[--] ARGV...` -> ARGV; EINVAL for an option (there are none) or no command."""
+    if args and args[0] == "--":
+        args = args[1:]
+    elif args and args[0].startswith("-"):
+        raise einval(f"exec: unknown option {_printable(args[0])!r} (no options; "
+                     "put -- before a command starting with -)")
+    if not args:
+        raise einval("exec: no command")
+    return args
+
+
+async def _exec(ctx: CtlContext, args: list[str]) -> str:
+    argv = parse_exec(args)
+    ctx.services.cluster.check_run(ctx.target, ctx.caller)
+    pid = await ctx.services.exec_command(ctx.target, ctx.caller, argv)
+    return f"ok {pid}"
+
+
 NODE_CTL: tuple[Command, ...] = (
     Command("state", (1, 1), _state),
     *(Command(c, (0, 0), _power(c)) for c in POWER_COMMANDS),
     Command("execmove", (0, None), _execmove),
+    Command("exec", (0, None), _exec),
 )
 
 

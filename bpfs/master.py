@@ -15,7 +15,10 @@ that changed it returns.
 
 Migrated processes (execmove, ghosts, signals, exits) are bpfs/master_procs.py's
 `ProcService`, which owns the ptrace thread; `need`, `restored`, `failed` and
-`exited` are handed to it, and a lost node's ghosts die with it.
+`exited` are handed to it, and a lost node's ghosts die with it. `exec` on
+nodes/N/ctl (the master starts the command itself, as the writer, and keeps its
+output) is bpfs/master_exec.py's `ExecService`, with its stdio endpoint listening
+on the same host as the node server.
 
 Errors that stop the master (unreadable key, corrupt state file, port in use,
 mount point busy) are logged as one line and `run_master` returns 1.
@@ -37,6 +40,7 @@ from bpfs import execreq, statefile, wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
+from bpfs.master_exec import ExecService
 from bpfs.master_procs import ProcService
 from bpfs.model import MAX_NODE, Caller, Cluster, Facts
 
@@ -106,6 +110,7 @@ class Master:
         self._persist_lock = trio.Lock()
         self._saved_revision = -1
         self.procs = ProcService(cluster, self.send_node)
+        self.execs = ExecService(cluster, self.procs, cfg.mount)
 
     # ---- ctl.Services ------------------------------------------------------------
 
@@ -125,6 +130,9 @@ class Master:
 
     async def signal_proc(self, pid: int, sig: int) -> None:
         await self.procs.signal_proc(pid, sig)
+
+    async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
+        return await self.execs.start(node, caller, argv)
 
     async def persist(self) -> None:
         """Write the state file if ACLs, admin states or node numbers changed (EIO if it fails)."""
@@ -298,6 +306,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(master.procs.run)
+            await nursery.start(master.execs.serve, cfg.listen)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             nursery.start_soon(trio.serve_listeners, master.handle_connection, listeners)
             nursery.start_soon(master.watchdog)

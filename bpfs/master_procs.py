@@ -7,7 +7,7 @@
     procs.on_need/on_restored/on_failed/on_exited(node, msg)   node -> master messages
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
-    procs.expect(pid, launch)             the master's own child `pid` will execmove
+    await procs.execmove(node, caller, req, launch)   the same for the master's own child
                                           (nodes/N/ctl exec, bpfs.master_exec): the
                                           Launch hears how its migration ends
 
@@ -144,7 +144,6 @@ class ProcService:
         self.tracer: Any = None
         self._migrations: dict[int, Migration] = {}
         self._by_pid: dict[int, Migration] = {}
-        self._launches: dict[int, Launch] = {}
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -185,14 +184,8 @@ class ProcService:
         if self.tracer is None or self._nursery is None:
             raise BpfsError(errno.ENOSYS, "this master cannot migrate processes")
 
-    def expect(self, pid: int, launch: Launch) -> None:
-        """The master's child `pid` is about to write execmove: report to `launch`."""
-        self._launches[pid] = launch
-
-    def forget(self, pid: int) -> None:
-        self._launches.pop(pid, None)
-
-    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove,
+                       launch: Launch | None = None) -> int:
         """Seize the writer before its write returns; the rest happens in a task."""
         self.check_ready()
         pid = caller.pid
@@ -201,10 +194,9 @@ class ProcService:
             raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
         await wait_future(self.tracer.seize(pid))
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
-        m = Migration(next(self._ids), node, pid, caller, req, send, receive,
-                      launch=self._launches.pop(pid, None))
-        if m.launch is not None:
-            m.launch.armed = True
+        m = Migration(next(self._ids), node, pid, caller, req, send, receive, launch=launch)
+        if launch is not None:
+            launch.armed = True
         self._migrations[m.id] = m
         self._by_pid[pid] = m
         self._spawn(self._migrate, m)

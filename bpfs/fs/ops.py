@@ -35,9 +35,9 @@ from bpfs import ctl, formats
 from bpfs.errors import BpfsError
 from bpfs.fs import procfs
 from bpfs.fs.inodes import Ino, Kind, NODE_KINDS, PROC_KINDS
-from bpfs.fs.tree import (FILES, NODE_FILES, PROC_FILES, ROOT_DIRS, ROOT_FILES, FileSpec,
-                          parse_number, spec_named)
-from bpfs.model import Caller
+from bpfs.fs.tree import (FILES, NODE_FILES, ROOT_DIRS, ROOT_FILES, FileSpec, parse_number,
+                          proc_files, spec_named)
+from bpfs.model import Caller, OutputRing
 
 log = logging.getLogger("bpfs.fs")
 
@@ -82,6 +82,7 @@ class Handle:
     nonblock: bool = False
     entries: list[tuple[str, Ino]] = field(default_factory=list)   # directories
     poll_handle: Any = None
+    output: OutputRing | None = None        # procs/P/stdout, stderr: cursor is its offset
 
 
 class BpfsOperations(pyfuse3.Operations):
@@ -96,7 +97,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._changed = trio.Event()
         self._time_ns = time.time_ns()
-        self.cluster.events.subscribe(self._wake)
+        self.cluster.subscribe(self._wake)          # events and process output
 
     # ---- events wakeup ------------------------------------------------------------
 
@@ -144,7 +145,8 @@ class BpfsOperations(pyfuse3.Operations):
             if p is not None:
                 return Ino(Kind.PROC_DIR, p.pid, p.gen)
         elif parent.kind in (Kind.NODE_DIR, Kind.PROC_DIR):
-            spec = spec_named(NODE_FILES if parent.kind == Kind.NODE_DIR else PROC_FILES, name)
+            spec = spec_named(NODE_FILES if parent.kind == Kind.NODE_DIR
+                              else proc_files(self.cluster, parent.id), name)
             if spec is not None:
                 return Ino(spec.kind, parent.id, parent.gen)
         else:
@@ -160,7 +162,7 @@ class BpfsOperations(pyfuse3.Operations):
         if d.kind == Kind.PROCS:
             return [(str(p.pid), Ino(Kind.PROC_DIR, p.pid, p.gen))
                     for p in sorted(self.cluster.procs.values(), key=lambda p: p.pid)]
-        table = NODE_FILES if d.kind == Kind.NODE_DIR else PROC_FILES
+        table = NODE_FILES if d.kind == Kind.NODE_DIR else proc_files(self.cluster, d.id)
         return [(s.name, Ino(s.kind, d.id, d.gen)) for s in table]
 
     def _attr(self, ino: Ino) -> pyfuse3.EntryAttributes:
@@ -301,7 +303,10 @@ class BpfsOperations(pyfuse3.Operations):
                    nonblock=bool(flags & os.O_NONBLOCK))
         if spec.read is not None:
             h.data = spec.read(self.cluster, ino.id).encode()
-        if spec.stream:
+        if spec.output is not None:
+            h.output = self._output(ino, spec.output, h.caller)
+            h.cursor = h.output.first
+        elif spec.stream:
             h.cursor = self.cluster.events.cursor()
         fh = self._new_handle(h)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=spec.stream)
@@ -310,6 +315,8 @@ class BpfsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
         assert h.spec is not None
+        if h.output is not None:
+            return await self._read_output(h, h.output, size)
         if h.spec.stream:
             return await self._read_events(h, size)
         if h.spec.read is not None and off == 0:
@@ -332,6 +339,32 @@ class BpfsOperations(pyfuse3.Operations):
                 raise BpfsError(errno.EINTR, "interrupted")
         out, h.pending = h.pending[:size], h.pending[size:]
         return out
+
+    def _output(self, ino: Ino, name: str, caller: Caller) -> OutputRing:
+        """The output ring behind procs/P/stdout or stderr: its uid and root only (EACCES)."""
+        p = self.cluster.proc(ino.id, ino.gen)
+        if p.output is None:
+            raise BpfsError(errno.ENOENT, f"process {ino.id} keeps no output")
+        if not (caller.is_root or caller.uid == p.uid):
+            raise BpfsError(errno.EACCES, f"the output of process {ino.id} is its owner's")
+        return p.output.streams[name]
+
+    async def _read_output(self, h: Handle, ring: OutputRing, size: int) -> bytes:
+        """Like a pipe: block until output or EOF (process ended, all received); EINTR if
+        the reader is signalled. Handles opened before procs/P went keep reading."""
+        while True:
+            data, h.cursor = ring.read(h.cursor, size)
+            if data:
+                return data
+            if ring.at_eof(h.cursor):
+                ring.eof_read = True
+                return b""
+            if h.nonblock:
+                raise BpfsError(errno.EAGAIN, "no output yet")
+            with trio.move_on_after(SIGNAL_POLL):
+                await self._changed.wait()
+            if procfs.interrupting_signal(h.caller.pid):
+                raise BpfsError(errno.EINTR, "interrupted")
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -360,10 +393,17 @@ class BpfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: Any) -> int:
-        """events is readable when it has news; every other file always is."""
+        """events and process output are readable when they have news (or EOF); every
+        other file always is."""
         h = self._handle(fh)
         if h.spec is None or not h.spec.stream:
             return select.POLLIN | select.POLLOUT
+        if h.output is not None:
+            if h.output.read(h.cursor, 1)[0] or h.output.at_eof(h.cursor):
+                return select.POLLIN
+            if poll_handle is not None:
+                h.poll_handle = poll_handle
+            return 0
         if h.pending or self.cluster.events.cursor() > h.cursor:
             return select.POLLIN
         if poll_handle is not None:

@@ -5,10 +5,13 @@ exactly what the CLIs parse.
     /status /events /nodes/ /procs/
     /nodes/N/   status ctl info procs         (dir mode/uid/gid = node ACL)
     /procs/P/   status node signal ctl        (dir owned by the process's uid)
+                stdout stderr                 (only for processes started by `exec`)
 
 Adding a file is adding a `FileSpec` row (and a Kind in inodes.py). `read`
 renders the whole content from the model; `write` is a ctl command table; a
-`stream` file (events) is read by the fs layer from its per-handle cursor.
+`stream` file is read by the fs layer from its per-handle cursor: events, or
+the process output ring named by `output` (readable by the process's uid and
+root only; present only when the process has output, see `proc_files`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class FileSpec:
     read: Renderer | None           # None: content is per handle (ctl result, events)
     write: Sequence[Command] | None = None
     stream: bool = False
+    output: str | None = None       # "stdout" | "stderr": a ProcOutput stream
 
 
 def render_cluster_status(cluster: Cluster, _: int = 0) -> str:
@@ -85,9 +89,18 @@ PROC_FILES: tuple[FileSpec, ...] = (
     FileSpec("node", Kind.PROC_NODE, 0o444, render_proc_node),
     FileSpec("signal", Kind.PROC_SIGNAL, 0o200, None, PROC_SIGNAL),
     FileSpec("ctl", Kind.PROC_CTL, 0o600, None, PROC_CTL),
+    FileSpec("stdout", Kind.PROC_STDOUT, 0o400, None, stream=True, output="stdout"),
+    FileSpec("stderr", Kind.PROC_STDERR, 0o400, None, stream=True, output="stderr"),
 )
 
 FILES: dict[Kind, FileSpec] = {s.kind: s for s in (*ROOT_FILES, *NODE_FILES, *PROC_FILES)}
+
+
+def proc_files(cluster: Cluster, pid: int) -> tuple[FileSpec, ...]:
+    """The files of procs/PID: stdout and stderr only if the process keeps its output."""
+    p = cluster.procs.get(pid)
+    has_output = p is not None and p.output is not None
+    return tuple(s for s in PROC_FILES if s.output is None or has_output)
 
 
 def spec_named(table: Sequence[FileSpec], name: str) -> FileSpec | None:

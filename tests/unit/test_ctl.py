@@ -38,6 +38,10 @@ class FakeServices:
     async def signal_proc(self, pid: int, sig: int) -> None:
         self.sent.append((self.cluster.proc(pid).node, {"t": "signal", "pid": pid, "sig": sig}))
 
+    async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
+        self.sent.append((node, {"t": "exec", "uid": caller.uid, "argv": argv}))
+        return 4242
+
 
 def services(up: int = 2, configured: int = 3) -> FakeServices:
     c = Cluster(configured)
@@ -202,3 +206,31 @@ async def test_proc_ctl_and_signal_files():
     with pytest.raises(BpfsError) as info:
         await ctl.execute(ctl.PROC_CTL, ctx(ROOT), b"kill")
     assert info.value.errno == errno.ESRCH
+
+
+@pytest.mark.parametrize("args, argv", [
+    (["hostname"], ["hostname"]),
+    (["--", "hostname"], ["hostname"]),
+    (["--", "-weird", "x"], ["-weird", "x"]),
+    (["sh", "-c", "echo --"], ["sh", "-c", "echo --"]),
+])
+def test_parse_exec(args, argv):
+    assert ctl.parse_exec(args) == argv
+
+
+async def test_exec_checks_then_starts():
+    s = services()
+    s.cluster.chmod(1, 0o100, ROOT)
+    for data, caller, node, err in [
+        (b"exec", ROOT, 0, errno.EINVAL),
+        (b"exec --", ROOT, 0, errno.EINVAL),
+        (b"exec -x hostname", ROOT, 0, errno.EINVAL),
+        (b"exec hostname", ALICE, 1, errno.EACCES),
+        (b"exec hostname", ROOT, 2, errno.EHOSTDOWN),
+    ]:
+        with pytest.raises(BpfsError) as info:
+            await run(s, data, caller, node)
+        assert info.value.errno == err, data
+    assert s.sent == []
+    assert await run(s, b"exec sh -c 'echo hi'\n", ALICE, 0) == "ok 4242"
+    assert s.sent == [(0, {"t": "exec", "uid": 1000, "argv": ["sh", "-c", "echo hi"]})]

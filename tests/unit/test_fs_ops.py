@@ -18,7 +18,7 @@ from bpfs import formats
 from bpfs.fs import procfs
 from bpfs.fs.inodes import Ino, Kind
 from bpfs.fs.ops import BpfsOperations
-from bpfs.model import Caller, Proc
+from bpfs.model import Caller, Proc, ProcOutput
 from tests.unit.test_ctl import FakeServices, services
 
 
@@ -313,3 +313,93 @@ async def test_the_tree_cannot_be_changed_by_name_operations():
     assert await errno_of(ops.create(root, b"x", 0o644, os.O_WRONLY, ROOT)) == errno.EACCES
     assert await errno_of(ops.unlink(root, b"status", ROOT)) == errno.EACCES
     assert await errno_of(ops.rename(root, b"status", root, b"s", 0, ROOT)) == errno.EACCES
+
+
+def with_output(ops: BpfsOperations, pid: int = 77, uid: int = 1000) -> ProcOutput:
+    out = ProcOutput(capacity=16, notify=ops.cluster.output_changed)
+    ops.cluster.start_proc(pid, 1, uid, 100, "x", 1.0, output=out)
+    return out
+
+
+async def test_output_files_exist_only_for_processes_that_keep_output(monkeypatch):
+    ops, _ = make()
+    ops.cluster.start_proc(76, 1, 1000, 100, "sleep", 1.0)
+    with_output(ops)
+    assert await listdir(ops, "/procs/76", monkeypatch) == ["status", "node", "signal", "ctl"]
+    assert await errno_of(ops.lookup(await path_ino(ops, "/procs/76"), b"stdout", ROOT)) \
+        == errno.ENOENT
+    assert await listdir(ops, "/procs/77", monkeypatch) == [
+        "status", "node", "signal", "ctl", "stdout", "stderr"]
+    attr = await ops.getattr(await path_ino(ops, "/procs/77/stdout"), ROOT)
+    assert (stat.S_IMODE(attr.st_mode), attr.st_uid) == (0o400, 1000)
+
+
+async def test_output_is_the_owners_and_roots_only():
+    ops, _ = make()
+    with_output(ops)
+    ino = await path_ino(ops, "/procs/77/stderr")
+    assert await errno_of(ops.open(ino, os.O_RDONLY, Ctx(1001, 100))) == errno.EACCES
+    assert await errno_of(ops.open(ino, os.O_WRONLY, ROOT)) == errno.EACCES
+    for ctx in (ALICE, ROOT):
+        await ops.release((await ops.open(ino, os.O_RDONLY, ctx)).fh)
+
+
+async def test_output_reads_block_like_a_pipe_until_eof():
+    ops, _ = make()
+    out = with_output(ops)
+    ino = await path_ino(ops, "/procs/77/stdout")
+    fi = await ops.open(ino, os.O_RDONLY, Ctx(pid=os.getpid()))
+    assert fi.nonseekable and await ops.poll(ino, fi.fh, None, ROOT) == 0
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        async def reader() -> None:
+            while chunk := await ops.read(fi.fh, 0, 4):
+                got.append(chunk)
+        nursery.start_soon(reader)
+        await trio.sleep(0.1)
+        out.append("stdout", b"hello\n")
+        await trio.sleep(0.1)
+        assert b"".join(got) == b"hello\n"
+        ops.cluster.exited(77, 0, None)          # ended, but the link still open
+        await trio.sleep(0.1)
+        assert nursery.child_tasks
+        out.append("stdout", b"late\n")
+        out.link_over("stdout")
+    assert b"".join(got) == b"hello\nlate\n"
+    assert out.streams["stdout"].eof_read and not out.all_read
+    assert await ops.poll(ino, fi.fh, None, ROOT) != 0
+    ops.cluster.remove_proc(77)                  # an open handle still reads (EOF)
+    assert await ops.read(fi.fh, 0, 100) == b""
+    await ops.release(fi.fh)
+
+
+async def test_output_beyond_the_ring_is_dropped_oldest_first():
+    ops, _ = make()
+    out = with_output(ops)                       # 16 bytes kept per stream
+    fi = await ops.open(await path_ino(ops, "/procs/77/stdout"), os.O_RDONLY, ROOT)
+    out.append("stdout", b"0123456789")
+    assert await ops.read(fi.fh, 0, 4) == b"0123"
+    out.append("stdout", b"abcdefghijklmnop")     # the reader was at 4; 10 were dropped
+    assert await ops.read(fi.fh, 0, 100) == b"abcdefghijklmnop"
+    fi2 = await ops.open(await path_ino(ops, "/procs/77/stdout"), os.O_RDONLY | os.O_NONBLOCK,
+                         ROOT)
+    assert await ops.read(fi2.fh, 0, 100) == b"abcdefghijklmnop"
+    assert await errno_of(ops.read(fi2.fh, 0, 100)) == errno.EAGAIN
+
+
+async def test_output_reader_with_a_pending_signal_gets_eintr():
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        os.kill(child.pid, signal.SIGTERM)
+        time.sleep(0.1)
+        ops, _ = make()
+        with_output(ops)
+        fi = await ops.open(await path_ino(ops, "/procs/77/stderr"), os.O_RDONLY,
+                            Ctx(pid=child.pid))
+        with trio.fail_after(5):
+            assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EINTR
+    finally:
+        child.kill()
+        child.wait()
