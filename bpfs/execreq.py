@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from bpfs.record import record
 
 from bpfs.errors import einval
 
@@ -43,7 +43,7 @@ def parse_io(text: str) -> str:
     raise einval(f"bad stdio spec {text!r}: want socket, null or file:PATH")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExecMove:
     port: int
     token: str
@@ -109,7 +109,7 @@ def render_error(token: str, pid: int, err: int, message: str) -> bytes:
     return f"{token} {pid} err {err} {message}\n".encode()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Header:
     pid: int
     fd: int             # 0, 1, 2; -1 for an error report

@@ -33,7 +33,7 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from bpfs.record import record
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 from bpfs import __version__
@@ -57,7 +57,7 @@ Copy files between this machine and cluster nodes; a file is PATH or NODE:PATH.
 """
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Place:
     """One SRC or DEST word: a node number (None: here) and a path."""
     node: int | None
@@ -92,7 +92,7 @@ def parse_node(text: str) -> int:
     common.fail(f"Invalid node number: {text}")
 
 
-@dataclass
+@record
 class Copier:
     mount: str
     recursive: bool

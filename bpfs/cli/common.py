@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn, TypeVar
+TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations only
+if TYPE_CHECKING:
+    from typing import Callable, NoReturn, TypeVar
+
+    T = TypeVar("T")
 
 from bpfs import formats
 from bpfs.errors import BpfsError
 
 DEFAULT_MOUNT = "/bproc"
-T = TypeVar("T")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -69,6 +72,17 @@ def run(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
+
+
+def exit_now(status: int) -> "NoReturn":
+    """Flush and leave without the interpreter's shutdown (~5-8 ms of a short command's
+    life here); for console entry points only, once nothing else is left to do."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def warn(prog: str, message: str) -> None:

@@ -45,8 +45,10 @@ import signal
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from bpfs.record import Factory, record
+TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
+if TYPE_CHECKING:
+    from typing import Callable
 
 from bpfs.execreq import HEADER_MAX, parse_header
 
@@ -67,7 +69,7 @@ def pack_failure(rank: int, stage: int, err: int) -> bytes:
     return _RECORD.pack(rank, stage, err)
 
 
-@dataclass
+@record
 class OutputOptions:
     """bpsh's -L, -p, -s, -d and -b."""
     line_buffered: bool = False
@@ -77,14 +79,14 @@ class OutputOptions:
     buffer_size: int = 4096
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class Proc:
     """One rank: a child of bpsh (its ghost) and the links it sends back."""
     rank: int
     node: int
     pid: int
     expect: set[int]                        # fds not yet connected
-    links: list["Link"] = field(default_factory=list)   # open stdout/stderr links
+    links: list["Link"] = Factory(list)   # open stdout/stderr links
     stdin_link: "Link | None" = None
     status: int | None = None               # waitpid status once reaped
     reaped_at: float = 0.0
@@ -98,12 +100,12 @@ class Proc:
         return not waiting or now >= self.reaped_at + grace
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class Link:
     sock: socket.socket
     proc: Proc
     fd: int
-    pending: bytearray = field(default_factory=bytearray)   # partial line (line mode)
+    pending: bytearray = Factory(bytearray)   # partial line (line mode)
     events: int = 0                                          # what the selector watches
 
 
