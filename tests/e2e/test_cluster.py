@@ -15,7 +15,7 @@ import time
 import pytest
 
 from bpfs import formats
-from tests.conftest import Cluster, mounted
+from tests.conftest import Cluster, command, mounted
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,7 +145,26 @@ def test_procs_is_empty_and_bpstat_p_lists_no_process(cluster: Cluster) -> None:
 
 
 def test_contract_every_file_parses_with_the_cli_parsers(cluster: Cluster) -> None:
-    """Walk the whole tree; every readable file must parse with the functions the CLIs use."""
+    """Walk the whole tree, a migrated process and an `exec`'d one running; every readable
+    file must parse with the functions the CLIs use."""
+    m = cluster.mount
+    sleeper = subprocess.Popen(command("bpsh") + ["1", "sleep", "60"], env=cluster.env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    fd = os.open(f"{m}/nodes/2/ctl", os.O_RDWR)
+    try:
+        os.write(fd, b"exec sleep 60\n")
+        exec_pid = int(os.pread(fd, 100, 0).decode().split()[1])
+        cluster.wait_for(lambda: len(os.listdir(f"{m}/procs")) == 2, 10, "two procs")
+        _walk_and_parse(cluster)
+        assert sorted(formats.parse_pids(cluster.read("nodes/2/procs"))) == [exec_pid]
+    finally:
+        os.close(fd)
+        for pid in [int(p) for p in os.listdir(f"{m}/procs")]:
+            os.kill(pid, 9)
+        sleeper.wait(20)
+
+
+def _walk_and_parse(cluster: Cluster) -> None:
     m = cluster.mount
     rows = formats.parse_status(cluster.read("status"))
     assert [r.number for r in rows] == list(range(cluster.nodes))
@@ -157,6 +176,15 @@ def test_contract_every_file_parses_with_the_cli_parsers(cluster: Cluster) -> No
             rel = os.path.relpath(os.path.join(dirpath, f), m)
             seen.add(rel)
             if rel in ("events",) or f == "ctl" or f == "signal":
+                continue
+            if f in ("stdout", "stderr"):      # pipes: readable without blocking, then skip
+                fd = os.open(os.path.join(m, rel), os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    os.read(fd, 4096)
+                except BlockingIOError:
+                    pass
+                finally:
+                    os.close(fd)
                 continue
             text = cluster.read(rel)
             assert text.endswith("\n") or text == "", rel
@@ -177,6 +205,9 @@ def test_contract_every_file_parses_with_the_cli_parsers(cluster: Cluster) -> No
         for f in ("status", "ctl", "info", "procs"):
             assert f"nodes/{n}/{f}" in seen
     assert {"status", "events"} <= seen
+    procs = [f for f in seen if f.startswith("procs/")]
+    for f in ("status", "node", "signal", "ctl"):
+        assert len([p for p in procs if p.endswith("/" + f)]) == 2, (f, procs)
 
 
 def test_events_block_until_a_change_then_report_it(cluster: Cluster) -> None:
