@@ -245,6 +245,8 @@ class ProcService:
 
     async def _restore(self, m: Migration, image: Any) -> None:
         from bpfs.migrate import dumps
+        if m.ghost_gone:
+            raise BpfsError(errno.ESRCH, f"process {m.pid} was killed before it moved")
         c = m.caller
         try:
             with trio.fail_after(RESTORE_TIMEOUT):
@@ -318,7 +320,9 @@ class ProcService:
     def on_restored(self, node: int, msg: dict[str, Any]) -> None:
         """Recorded here, in message order, so an `exited` right behind finds the process."""
         m = self._migration(node, msg)
-        if m is None:
+        if m is None:       # we gave up on it (timeout, ghost gone): nothing may run
+            if isinstance(msg.get("pid"), int):
+                self._spawn(self._send_signal, node, msg["pid"], _signal.SIGKILL)
             return
         if msg.get("pid") != m.pid:
             log.warning("node %d restored migration %d as pid %r, not %d", node, m.id,
@@ -420,9 +424,11 @@ class ProcService:
     def _ghost_exit(self, pid: int, status: int) -> None:
         m = self._by_pid.get(pid)
         if m is not None and not m.started:
-            m.ghost_gone = True     # on_restored kills what the node started
-            self._deliver(m.node, {"t": "failed", "id": m.id, "errno": errno.ESRCH,
-                                   "message": f"process {pid} was killed"})
+            # The node may be restoring it right now: its answer decides. `restored` ->
+            # on_restored kills what it started; `failed` -> nothing runs. (Failing the
+            # migration here would forget it, and a `restored` already on its way would
+            # leave the real process running with no ghost.)
+            m.ghost_gone = True
             return
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None

@@ -274,3 +274,20 @@ def test_bpcp_copies_to_a_node_and_back_byte_for_byte(cluster: Cluster, tmp_path
         assert back.read_bytes() == src.read_bytes()
     finally:
         bpsh(cluster, "1", "rm", "-f", "/scratch/bpcp-copy")
+
+
+def test_kill_9_right_after_start_always_reaches_the_node(cluster: Cluster) -> None:
+    """The ghost killed while the node may still be restoring: the node's answer must not
+    be lost (it once was, 1 run in 30, leaving the real process and bpsh running)."""
+    for _ in range(20):
+        p = subprocess.Popen(command("bpsh") + ["1", "sh", "-c", "echo $$; exec sleep 100"],
+                             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            os.kill(int(p.stdout.readline()), signal.SIGKILL)
+            p.communicate(timeout=10)
+            assert p.returncode == 255
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    cluster.wait_for(lambda: os.listdir(f"{cluster.mount}/procs") == [], 5, "procs/ to empty")
