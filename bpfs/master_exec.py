@@ -79,6 +79,7 @@ from bpfs import execreq
 from bpfs.errors import BpfsError
 from bpfs.master_procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
+from bpfs.preexec import reset_signals
 
 log = logging.getLogger("bpfs.master.exec")
 
@@ -399,14 +400,7 @@ def _child(argv: list[bytes], env: dict[bytes, bytes], cred: tuple[int, int, lis
     """Become the writer, wait for "go", exec; never returns (see the module doc)."""
     stage = STAGE_SETUP
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in signal.valid_signals():
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        reset_signals()
         os.setsid()
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)

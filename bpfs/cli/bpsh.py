@@ -41,6 +41,7 @@ import signal
 import socket
 import sys
 import time
+from bpfs.preexec import reset_signals
 from bpfs.record import Factory, record
 TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
@@ -382,14 +383,7 @@ def _reset_child(keep: int) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass
-    signal.set_wakeup_fd(-1)
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    reset_signals()
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 20)
 
@@ -500,12 +494,7 @@ def _direct_execmove(job: Job, node: int) -> int:
     except OSError as e:
         sys.stderr.write(f"{node}: {os.strerror(e.errno or _errno.EIO)}\n")
         return 1
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
+    reset_signals()
     path, argv = _exec_argv(job, node)
     env = dict(os.environ if job.env is None else job.env, BPROC_PROGNAME=job.path,
                BPROC_RANK="0000000")
