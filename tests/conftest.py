@@ -32,6 +32,18 @@ CLI_MODULES = {
     "bpfs": "bpfs.cli.bpfs_main", "bpslave": "bpfs.node.daemon", "bpstat": "bpfs.cli.bpstat",
     "bpctl": "bpfs.cli.bpctl", "bpsh": "bpfs.cli.bpsh", "bpcp": "bpfs.cli.bpcp",
 }
+# Writes argv[2] to the ctl file argv[1] through one O_RDWR handle, prints "ERRNO TEXT" with
+# the handle's text read back (what a shell user sees with `exec 3<>ctl`).
+CTL_WRITER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    os.write(fd, sys.argv[2].encode())
+    err = 0
+except OSError as e:
+    err = e.errno
+print(err, os.pread(fd, 4096, 0).decode().strip())
+"""
 USERS = ("bpfs-alice", "bpfs-bob", "bpfs-carol")
 TEAM = "bpfs-team"          # alice is a member; bob and carol are not
 OTHER_GROUP = "bpfs-other"  # carol is a member

@@ -17,20 +17,11 @@ import time
 import pytest
 
 from bpfs import formats
-from tests.conftest import PY, Cluster, User, as_user
+from tests.conftest import CTL_WRITER, PY, Cluster, User, as_user
 
 pytestmark = pytest.mark.timeout(120)
 
-WRITER = """
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-try:
-    os.write(fd, sys.argv[2].encode())
-    err = 0
-except OSError as e:
-    err = e.errno
-print(err, os.pread(fd, 4096, 0).decode().strip())
-"""
+WRITER = CTL_WRITER
 
 
 def exec_ctl(c: Cluster, node: int, line: str, user: User | None = None, cwd: str = "/",

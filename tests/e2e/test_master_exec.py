@@ -23,19 +23,11 @@ import trio
 from bpfs import execreq, formats
 from bpfs.master_exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
 from bpfs.model import Cluster, ProcOutput
+from tests.conftest import CTL_WRITER
 from tests.e2e.test_master import Master, fake_node, master, wait_for  # noqa: F401
 from tests.e2e.test_master_procs import messages, proc_state, read_events
 
-WRITER = """
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-try:
-    os.write(fd, sys.argv[2].encode())
-    err = 0
-except OSError as e:
-    err = e.errno
-print(err, os.pread(fd, 4096, 0).decode().strip())
-"""
+WRITER = CTL_WRITER
 
 
 async def exec_ctl(m: Master, node: int, line: str) -> tuple[int, str]:
