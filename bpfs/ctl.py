@@ -23,6 +23,9 @@ nodes/N/ctl commands:
                              (bpfs.execreq grammar, EINVAL); node down:
                              EHOSTDOWN; no x permission: EACCES; the writer
                              is traced before the write returns. `ok PID`.
+                             With --nodes (a multi-node run) each rank is
+                             checked alone; the write fails only if no rank
+                             may run, and bpsh hears of the others' errors.
     exec [--] ARGV...        the master runs ARGV as the writer (uid, gid,
                              groups, cwd, environment, umask of the handle's
                              opener) and migrates it (bpfs/master_exec.py);
@@ -42,13 +45,14 @@ otherwise. The table row named ANY matches every word and gets it as argument.
 
 from __future__ import annotations
 
+import errno
 import shlex
 import signal
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from bpfs import execreq
-from bpfs.errors import einval
+from bpfs.errors import BpfsError, einval
 from bpfs.model import POWER_COMMANDS, Caller, Cluster
 
 MAX_CTL_WRITE = 4096
@@ -65,9 +69,11 @@ class Services(Protocol):
     async def persist(self) -> None:
         """Write the state file if persistent data changed; returns once it is on disk."""
 
-    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove,
+                       rank_errors: Sequence[BpfsError | None] = ()) -> int:
         """Arm the migration of the writer's next execve to `node`; its pid.
 
+        With req.nodes, `rank_errors` says which ranks may not run (and why).
         ENOSYS when this master cannot migrate; the writer must be traceable (ESRCH).
         """
 
@@ -171,10 +177,35 @@ def _power(cmd: str) -> Handler:
 
 
 async def _execmove(ctx: CtlContext, args: list[str]) -> str:
-    ctx.services.cluster.check_run(ctx.target, ctx.caller)
     req = execreq.parse_execmove(args)
-    pid = await ctx.services.execmove(ctx.target, ctx.caller, req)
+    if req.nodes is None:
+        ctx.services.cluster.check_run(ctx.target, ctx.caller)
+        pid = await ctx.services.execmove(ctx.target, ctx.caller, req)
+        return f"ok {pid}"
+    if ctx.target not in req.nodes:
+        raise einval(f"execmove --nodes: write it to the ctl of one of its nodes, "
+                     f"not nodes/{ctx.target}/ctl")
+    errors = rank_errors(ctx.services.cluster, req.nodes, ctx.caller)
+    if all(errors):
+        raise errors[0]         # type: ignore[misc]
+    pid = await ctx.services.execmove(ctx.target, ctx.caller, req, errors)
     return f"ok {pid}"
+
+
+def rank_errors(cluster: Cluster, nodes: Sequence[int], caller: Caller
+                ) -> list[BpfsError | None]:
+    """Why each rank of a multi-node run may not run (None: it may), as bproc's
+    vexecmove reported per node; a node that does not exist is ENODEV, as for a single
+    node whose ctl file is missing."""
+    errors: list[BpfsError | None] = []
+    for n in nodes:
+        try:
+            cluster.check_run(n, caller)
+            errors.append(None)
+        except BpfsError as exc:
+            errors.append(BpfsError(errno.ENODEV, exc.message)
+                          if exc.errno == errno.ENOENT else exc)
+    return errors
 
 
 def parse_exec(args: list[str]) -> list[str]:

@@ -4,7 +4,11 @@ One module owns both formats, so bpsh, the master and the node daemon agree.
 
 execmove request: one ctl line, shell-quoted words (shlex):
 
-    execmove --port PORT --token TOKEN --rank RANK [--stdin IO] [--stdout IO] [--stderr IO]
+    execmove --port PORT --token TOKEN --rank RANK [--nodes LIST]
+             [--stdin IO] [--stdout IO] [--stderr IO]
+    LIST := N ("," N)*      a multi-node run (bproc's vexecmove), written to the ctl of
+                            one of the nodes listed; rank k runs on the k-th node (order
+                            and duplicates kept; at most MAX_RANKS); --rank must be 0
     IO := "socket"          connect this fd back to bpsh (default)
         | "null"            /dev/null on the node
         | "file:" PATH      PATH opened on the node (stdin read-only; stdout/stderr
@@ -12,7 +16,10 @@ execmove request: one ctl line, shell-quoted words (shlex):
     TOKEN := 32 lowercase hex digits, random per bpsh run
 
 The writer's *next execve* is migrated to the node; bpsh's child writes the request
-and then calls execve itself.
+and then calls execve itself. With --nodes the master dumps that one execve once and
+makes one ghost per rank (the writer stands for the first rank that may run, clones
+of it for the others), then sends every node the same image; the environment should
+hold `BPROC_RANK=XXXXXXX`, which each node overwrites with its rank.
 
 stdio link: for each fd whose IO is "socket", the node opens one TCP connection to
 bpsh (at the master's address, port PORT) and sends one header line, then the data:
@@ -20,9 +27,15 @@ bpsh (at the master's address, port PORT) and sends one header line, then the da
     header := TOKEN SP PID SP FD NL          FD in 0, 1, 2
     error  := TOKEN SP PID SP "err" SP ERRNO SP MESSAGE NL
 
+    ranks  := TOKEN SP PID SP "ranks" NL  BODY EOF      (the master, for --nodes)
+    BODY   := R (SP R)* NL      R: the PID of rank k's ghost, or -ERRNO: rank k never ran
+
 A connection whose first line does not start with the run's token is dropped. The
 error form tells bpsh that the migration of PID failed before the program ran
-(printed as `N: strerror(ERRNO)`); the ghost then exits with status 255.
+(printed as `N: strerror(ERRNO)`); the ghost then exits with status 255. The ranks
+link (PID is the writer's) tells bpsh which of its children stands for which rank;
+the master sends it before any node is asked to restore, but links are separate
+connections: bpsh holds the headers of PIDs it does not know yet until it arrives.
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ from bpfs.errors import einval
 
 TOKEN_RE = re.compile(r"[0-9a-f]{32}")
 HEADER_MAX = 512
+MAX_RANKS = 65536
+RANKS_FD = -2           # Header.fd of a ranks link
 
 
 def parse_io(text: str) -> str:
@@ -51,6 +66,7 @@ class ExecMove:
     stdin: str = "socket"
     stdout: str = "socket"
     stderr: str = "socket"
+    nodes: tuple[int, ...] | None = None     # a multi-node run: rank k on nodes[k]
 
     @property
     def io(self) -> tuple[str, str, str]:
@@ -60,10 +76,12 @@ class ExecMove:
         words = ["execmove", "--port", str(self.port), "--token", self.token,
                  "--rank", str(self.rank), "--stdin", self.stdin, "--stdout", self.stdout,
                  "--stderr", self.stderr]
+        if self.nodes is not None:
+            words += ["--nodes", ",".join(map(str, self.nodes))]
         return " ".join(shlex.quote(w) for w in words) + "\n"
 
 
-_OPTS = {"--port": "port", "--token": "token", "--rank": "rank",
+_OPTS = {"--port": "port", "--token": "token", "--rank": "rank", "--nodes": "nodes",
          "--stdin": "stdin", "--stdout": "stdout", "--stderr": "stderr"}
 
 
@@ -87,8 +105,21 @@ def parse_execmove(args: list[str]) -> ExecMove:
         raise einval("execmove: --port and --rank take numbers") from None
     if not 0 < port < 65536 or rank < 0:
         raise einval("execmove: port or rank out of range")
+    nodes = _parse_nodes(vals["nodes"]) if "nodes" in vals else None
+    if nodes is not None and rank:
+        raise einval("execmove: --nodes numbers its ranks from 0; --rank must be 0")
     return ExecMove(port, vals["token"], rank, *(parse_io(vals.get(k, "socket"))
-                                                  for k in ("stdin", "stdout", "stderr")))
+                                                  for k in ("stdin", "stdout", "stderr")),
+                    nodes=nodes)
+
+
+def _parse_nodes(text: str) -> tuple[int, ...]:
+    words = text.split(",")
+    if not all(w.isdigit() and len(w) < 10 for w in words):
+        raise einval("execmove: --nodes takes node numbers separated by commas")
+    if len(words) > MAX_RANKS:
+        raise einval(f"execmove: more than {MAX_RANKS} ranks")
+    return tuple(int(w) for w in words)
 
 
 def split_ctl_words(line: str) -> list[str]:
@@ -104,6 +135,20 @@ def render_header(token: str, pid: int, fd: int) -> bytes:
     return f"{token} {pid} {fd}\n".encode()
 
 
+def render_ranks(token: str, pid: int, ranks: list[int]) -> bytes:
+    """The ranks link, header and body: rank k's ghost PID, or -ERRNO if it never ran."""
+    return f"{token} {pid} ranks\n{' '.join(map(str, ranks))}\n".encode()
+
+
+def parse_ranks(body: bytes, count: int) -> list[int] | None:
+    """The body of a ranks link, or None unless it is `count` PIDs or -ERRNOs."""
+    try:
+        ranks = [int(w) for w in body.decode("ascii").split()]
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return ranks if len(ranks) == count and all(r != 0 for r in ranks) else None
+
+
 def render_error(token: str, pid: int, err: int, message: str) -> bytes:
     message = " ".join(message.split())[:300]
     return f"{token} {pid} err {err} {message}\n".encode()
@@ -112,7 +157,7 @@ def render_error(token: str, pid: int, err: int, message: str) -> bytes:
 @record(frozen=True)
 class Header:
     pid: int
-    fd: int             # 0, 1, 2; -1 for an error report
+    fd: int             # 0, 1, 2; -1 for an error report, RANKS_FD for a ranks link
     errno: int = 0
     message: str = ""
 
@@ -129,6 +174,8 @@ def parse_header(line: bytes, token: str) -> Header | None:
     pid = int(parts[1])
     if parts[2] == "err" and len(parts) >= 4 and parts[3].isdigit():
         return Header(pid, -1, int(parts[3]), parts[4] if len(parts) == 5 else "")
+    if parts[2] == "ranks" and len(parts) == 3:
+        return Header(pid, RANKS_FD)
     if parts[2] in ("0", "1", "2") and len(parts) == 3:
         return Header(pid, int(parts[2]))
     return None

@@ -32,7 +32,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -125,8 +125,9 @@ class Master:
             conn.scope.cancel()
             raise BpfsError(errno.EHOSTDOWN, f"node {node}: connection lost") from None
 
-    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove) -> int:
-        return await self.procs.execmove(node, caller, req)
+    async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove,
+                       rank_errors: Sequence[BpfsError | None] = ()) -> int:
+        return await self.procs.execmove(node, caller, req, rank_errors=rank_errors)
 
     async def signal_proc(self, pid: int, sig: int) -> None:
         await self.procs.signal_proc(pid, sig)

@@ -31,6 +31,14 @@ One migration (ID = our serial), bpsh's child being the writer W:
                    the ghost died first (kill -9 on the master) -> node: signal {pid, 9}
                    the ghost is gone -> event exit (once), procs/PID removed
 
+A multi-node run (`execmove --nodes`, bproc's vexecmove) is one capture and one dump:
+the writer stands for the first rank that may run, and the tracer clones its parked
+ghost once for every other rank (the clones are bpsh's children too). bpsh gets the
+ranks link (rank -> ghost PID, or -ERRNO for a rank that may not run) before any node
+is asked to restore; then every rank is one Migration like any other, all sending the
+same image bytes, with `pid` and `rank` added so the node gives the process its ghost's
+PID and its BPROC_RANK.
+
 The tracer (bpfs.migrate.ghost.Tracer) runs ptrace in its own thread; its Futures are
 awaited here with `wait_future`, and its callbacks (`on_signal`, `on_exit`, called in its
 thread) are moved into trio with the trio token. Errors: execmove raises BpfsError (the
@@ -47,7 +55,7 @@ import os
 import signal as _signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -131,6 +139,9 @@ class Migration:
     signals: list[int] = field(default_factory=list)   # caught before the process ran
     gen: int = 0                        # of its Proc, once published
     launch: Launch | None = None
+    rank: int | None = None             # a rank of a multi-node run
+    ranks: list[BpfsError | None] | None = None   # the writer's, until it fans out:
+                                        # why each rank may not run (None: it may)
 
 
 class ProcService:
@@ -185,9 +196,20 @@ class ProcService:
             raise BpfsError(errno.ENOSYS, "this master cannot migrate processes")
 
     async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove,
-                       launch: Launch | None = None) -> int:
-        """Seize the writer before its write returns; the rest happens in a task."""
+                       launch: Launch | None = None,
+                       rank_errors: Sequence[BpfsError | None] = ()) -> int:
+        """Seize the writer before its write returns; the rest happens in a task.
+
+        With req.nodes, `rank_errors` (one per rank, None where it may run; at least one
+        None) says which ranks get a ghost; the writer is the first of those."""
         self.check_ready()
+        ranks: list[BpfsError | None] | None = None
+        if req.nodes is not None:
+            ranks = list(rank_errors) or [None] * len(req.nodes)
+            if len(ranks) != len(req.nodes) or all(ranks):
+                raise BpfsError(errno.EINVAL, "execmove --nodes: no rank may run")
+            first = ranks.index(None)
+            node = req.nodes[first]
         pid = caller.pid
         p = self.cluster.procs.get(pid)
         if pid <= 0 or pid in self._by_pid or (p is not None and p.state != "exited"):
@@ -195,6 +217,8 @@ class ProcService:
         await wait_future(self.tracer.seize(pid))
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         m = Migration(next(self._ids), node, pid, caller, req, send, receive, launch=launch)
+        if ranks is not None:
+            m.ranks, m.rank = ranks, ranks.index(None)
         if launch is not None:
             launch.armed = True
         self._migrations[m.id] = m
@@ -204,11 +228,29 @@ class ProcService:
         return pid
 
     async def _migrate(self, m: Migration) -> None:
-        try:
+        async def move() -> None:
             image = await self._capture(m)
-            if image is not None:
-                self._publish(m)
-                await self._restore(m, image)
+            if image is None:
+                return
+            data = None
+            if m.ranks is not None:
+                data = await self._fan_out(m, image)
+            self._publish(m)
+            await self._restore(m, image, data)
+        await self._guarded(m, move)
+
+    async def _move_rank(self, m: Migration, image: Any, data: bytes) -> None:
+        """A further rank of a multi-node run: its ghost exists, its image is `data`."""
+        async def move() -> None:
+            self._publish(m)
+            await self._restore(m, image, data)
+        await self._guarded(m, move)
+
+    async def _guarded(self, m: Migration, move: Callable[[], Awaitable[None]]) -> None:
+        """Run one migration's steps; any failure ends it cleanly (_failed), and it is
+        forgotten afterwards whatever happened."""
+        try:
+            await move()
         except BpfsError as exc:
             await self._failed(m, exc)
         except Exception:
@@ -219,6 +261,40 @@ class ProcService:
             self._by_pid.pop(m.pid, None)
             if m.launch is not None:
                 m.launch.finish(BpfsError(errno.ESRCH, f"process {m.pid} ended before exec"))
+
+    async def _fan_out(self, m: Migration, image: Any) -> bytes:
+        """The writer is dumped: one ghost per further rank, bpsh told who is who; the
+        image serialized once. Each further rank then moves in a task of its own."""
+        from bpfs.migrate import dumps
+        assert m.ranks is not None and m.req.nodes is not None
+        ranks, nodes = m.ranks, m.req.nodes
+        m.ranks = None
+        may_run = [k for k, err in enumerate(ranks) if err is None]
+        clones = await wait_future(self.tracer.clone(m.pid, len(may_run) - 1)) \
+            if len(may_run) > 1 else []
+        pids = [-(err.errno or errno.EIO) if err else 0 for err in ranks]
+        pids[may_run[0]] = m.pid
+        alive = set(self.tracer.ghosts())
+        moves: list[Migration] = []
+        for k, pid in zip(may_run[1:], clones):
+            pids[k] = pid
+            if pid < 0:
+                log.warning("migration %d: no ghost for rank %d (%s)", m.id, k,
+                            os.strerror(-pid))
+                continue
+            send, receive = trio.open_memory_channel[dict[str, Any]](64)
+            r = Migration(next(self._ids), nodes[k], pid, m.caller, m.req, send, receive,
+                          cmd=m.cmd, rank=k, ghost_gone=pid not in alive)
+            self._migrations[r.id] = r
+            self._by_pid[pid] = r
+            moves.append(r)
+        await _tell_bpsh(m.req.port, execreq.render_ranks(m.req.token, m.pid, pids),
+                         f"the ranks of pid {m.pid}")      # bpsh listens, whatever the IO
+        data = await trio.to_thread.run_sync(dumps, image)
+        for r in moves:
+            self._spawn(self._move_rank, r, image, data)
+        log.info("migration %d: pid %d fans out to %d ranks", m.id, m.pid, len(ranks))
+        return data
 
     def _publish(self, m: Migration) -> None:
         """procs/PID, "starting": the ghost is held, the node has not run it yet."""
@@ -243,18 +319,21 @@ class ProcService:
                 return None
             raise
 
-    async def _restore(self, m: Migration, image: Any) -> None:
+    async def _restore(self, m: Migration, image: Any, data: bytes | None = None) -> None:
         from bpfs.migrate import dumps
         if m.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {m.pid} was killed before it moved")
         c = m.caller
         try:
             with trio.fail_after(RESTORE_TIMEOUT):
-                data = await trio.to_thread.run_sync(dumps, image)
-                await self.send_node(m.node, {
-                    "t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
-                    "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
-                    "token": m.req.token})
+                if data is None:
+                    data = await trio.to_thread.run_sync(dumps, image)
+                msg = {"t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
+                       "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
+                       "token": m.req.token}
+                if m.rank is not None:
+                    msg.update(pid=m.pid, rank=m.rank)
+                await self.send_node(m.node, msg)
                 await self._negotiate(m, image)
         except trio.TooSlowError:
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
@@ -282,7 +361,8 @@ class ProcService:
             m.launch.finish(exc)
         with trio.CancelScope(shield=True):
             if "socket" in m.req.io and m.launch is None:
-                await _report(m.req.token, m.pid, exc.errno, exc.message, m.req.port)
+                await _tell_bpsh(m.req.port, execreq.render_error(
+                    m.req.token, m.pid, exc.errno, exc.message), f"that pid {m.pid} failed")
             if m.ghost_gone or self.tracer is None:
                 return
             try:
@@ -445,15 +525,15 @@ class ProcService:
             self.cluster.remove_proc(pid)
 
 
-async def _report(token: str, pid: int, err: int, message: str, port: int) -> None:
-    """Send bpsh the execreq error header for `pid` (bpsh listens on all addresses)."""
+async def _tell_bpsh(port: int, data: bytes, what: str) -> None:
+    """One link to bpsh (it listens on all addresses): an error header, or the ranks."""
     try:
         with trio.fail_after(REPORT_TIMEOUT):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
-                await stream.send_all(execreq.render_error(token, pid, err, message))
+                await stream.send_all(data)
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        log.info("cannot tell bpsh (port %d) that pid %d failed: %s", port, pid, exc)
+        log.info("cannot tell bpsh (port %d) %s: %s", port, what, exc)
 
 
 def _command(argv: list[str], comm: str) -> str:

@@ -10,7 +10,15 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
 2. Look the command up in bpsh's PATH (bproc's `which`): `bpsh: X: command not found`,
    exit 1. Resolve NODESPEC against $MOUNT/status (`bpfs.nodeset`).
 3. Listen on a TCP port (all addresses, ephemeral), make a random 32-hex token.
-4. Fork one child per node in the list (order and duplicates kept; rank = index).
+4. Several remote nodes (bproc's vexecmove): fork ONE child, the writer of
+   `execmove --nodes N0,N1,...` (to the first listed node whose ctl exists), with
+   BPROC_RANK=XXXXXXX in its environment; it execs once, the master dumps it once and
+   makes a ghost per rank, each node writing its own rank over the Xs, and tells bpsh
+   which PID is which rank (the ranks link, see stdio_server). A failed write is
+   `N: strerror` for every rank; a rank that may not run (no x, node down) is
+   `N: strerror` for it alone, the others run.
+   Otherwise (one node, or the master among them, or a test's fake node), fork one
+   child per node in the list (order and duplicates kept; rank = index).
    The child goes to its own process group (bpsh forwards signals itself), resets
    every signal disposition and the signal mask, closes every fd but 0-2 and the
    status pipe, writes one `execmove` request line to nodes/N/ctl and execve's the
@@ -49,8 +57,8 @@ if TYPE_CHECKING:
 
 from bpfs import __version__, nodeset
 from bpfs.cli import common
-from bpfs.cli.stdio_server import (STAGE_CTL, STAGE_EXEC, OutputOptions, Proc, StdioServer,
-                                   TERMINATING, pack_failure)
+from bpfs.cli.stdio_server import (ALL_RANKS, STAGE_CTL, STAGE_EXEC, OutputOptions, Proc,
+                                   StdioServer, TERMINATING, pack_failure)
 from bpfs.execreq import ExecMove
 
 PROG = "bpsh"
@@ -327,7 +335,9 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     received meanwhile. Launch failures are printed on `stderr_fd` as they happen.
     """
     sockets = "socket" in job.io
-    listener = _listen() if sockets and any(n != nodeset.MASTER for n in job.nodes) else None
+    vector = len(job.nodes) > 1 and nodeset.MASTER not in job.nodes and not EXEC_PREFIX
+    listener = _listen() if vector or (sockets and any(n != nodeset.MASTER
+                                                       for n in job.nodes)) else None
     token = os.urandom(16).hex()
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     server = StdioServer(listener, token, job.output, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
@@ -338,7 +348,12 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     server.install_signals()
     try:
         port = listener.getsockname()[1] if listener else 0
-        for rank, node in enumerate(job.nodes):
+        if vector:
+            line = ExecMove(port, token, 0, *job.io, nodes=tuple(job.nodes)).render().encode()
+            env = dict(base_env, BPROC_RANK="X" * 7)
+            pid = _fork(lambda: _vector_child(job, line, env, status_w))
+            server.add_vector(list(enumerate(job.nodes)), pid, expect)
+        for rank, node in enumerate(job.nodes if not vector else ()):
             env = dict(base_env, BPROC_RANK=f"{rank:07d}")
             if node == nodeset.MASTER:
                 _start_local(server, job, rank, env, expect, status_w)
@@ -403,6 +418,26 @@ def _remote_child(job: Job, node: int, line: bytes, env: dict[str, str], status_
         _report(status_w, rank, STAGE_CTL, e.errno)
         os._exit(1)
     _execve(job, node, env, status_w, rank)
+
+
+def _vector_child(job: Job, line: bytes, env: dict[str, str], status_w: int) -> None:
+    """The writer of a multi-node run: the request goes to the first listed node whose
+    ctl file exists (the master checks every rank itself)."""
+    _reset_child(status_w)
+    err = _errno.ENODEV
+    for node in dict.fromkeys(job.nodes):
+        try:
+            write_request(job.mount, node, line)
+            err = 0
+            break
+        except OSError as e:
+            err = e.errno or _errno.EIO
+            if err != _errno.ENODEV:        # that node's ctl exists: its answer stands
+                break
+    if err:
+        _report(status_w, ALL_RANKS, STAGE_CTL, err)
+        os._exit(1)
+    _execve(job, job.nodes[0], env, status_w, ALL_RANKS)
 
 
 def write_request(mount: str, node: int, line: bytes) -> None:

@@ -20,6 +20,14 @@ every process is reaped and every output link it will ever get has reached EOF:
   read, the others wait in their sockets; `dividers` prints bproc's divider line).
   If our stdout is a broken pipe, every stdout link is closed so the remote
   programs get EPIPE as they would in a local pipeline.
+- a multi-node run (`add_vector`): bpsh forked one child, the writer of
+  `execmove --nodes`; the master makes a ghost per rank and sends the ranks link
+  (rank -> PID, or -ERRNO for a rank that may not run). Until it comes, the ranks'
+  PIDs are unknown: headers of unknown PIDs are held, and only the writer is reaped
+  or signalled. If the writer ends first, the ranks link is waited for `late_grace`
+  seconds (it may be on its way), then every rank ends with the writer's status. An
+  `err` header for the writer, or a failed ctl write (rank -1 on the status pipe),
+  before the ranks link means no rank runs.
 - launch failures: bpsh's children report a failed ctl write or execve as fixed-size
   records on `status_fd` (see `pack_failure`); the server prints the message and
   expects no links from that rank.
@@ -50,7 +58,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
     from typing import Callable
 
-from bpfs.execreq import HEADER_MAX, parse_header
+from bpfs.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
 
 DIVIDER = "-" * 69
 RAW_CHUNK = 1 << 20             # read size for unbuffered output links
@@ -63,6 +71,8 @@ TERMINATING = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 # launch failure records written by bpsh's children on the status pipe
 STAGE_CTL, STAGE_EXEC = 1, 2
 _RECORD = struct.Struct("=iii")     # rank, stage, errno (12 bytes: atomic in a pipe)
+ALL_RANKS = -1                      # the rank of a failure of a multi-node run's writer
+RANKS_MAX = 16 << 20                # the most a ranks link may carry
 
 
 def pack_failure(rank: int, stage: int, err: int) -> bytes:
@@ -98,6 +108,17 @@ class Proc:
             return False
         waiting = (self.expect - {0}) and not self.failed
         return not waiting or now >= self.reaped_at + grace
+
+
+@record(eq=False)
+class Vector:
+    """A multi-node run whose ranks link has not come yet (see the module docstring)."""
+    writer: int                             # bpsh's child, the writer of the request
+    procs: list[Proc]                       # the ranks, PIDs unknown (0)
+    failed: bool = False                    # no rank will run: only the writer's end counts
+    status: int | None = None               # the writer's, if reaped before the ranks
+    reaped_at: float = 0.0
+    held: list[tuple[Header, socket.socket]] = Factory(list)   # links of unknown PIDs
 
 
 @record(eq=False)
@@ -203,6 +224,7 @@ class StdioServer:
         self.clock = clock
         self.procs: list[Proc] = []
         self.by_pid: dict[int, Proc] = {}
+        self.vector: Vector | None = None       # a multi-node run waiting for its ranks
         self.sel = selectors.PollSelector()     # poll, unlike epoll, takes regular files
         self.chunk = bytearray(max(RAW_CHUNK, self.opt.buffer_size))
         self.current = 0                        # sequential: index of the rank being shown
@@ -222,6 +244,16 @@ class StdioServer:
         if 0 in proc.expect:
             self.stdin.readers[proc] = self.stdin.base
         return proc
+
+    def add_vector(self, ranks: list[tuple[int, int]], writer: int, expect: set[int]) -> None:
+        """A multi-node run: `ranks` are (rank, node) pairs, `writer` the one child forked;
+        each rank's PID comes with the ranks link."""
+        procs = [Proc(rank, node, 0, set(expect)) for rank, node in ranks]
+        self.procs += procs
+        for proc in procs:
+            if 0 in proc.expect:
+                self.stdin.readers[proc] = self.stdin.base
+        self.vector = Vector(writer, procs)
 
     def add_link(self, proc: Proc, fd: int, sock: socket.socket) -> None:
         """A link that exists already (a local child's socketpair end)."""
@@ -268,6 +300,9 @@ class StdioServer:
 
     def _done(self) -> bool:
         now = self.clock()
+        vec = self.vector
+        if vec is not None and vec.status is not None and now >= vec.reaped_at + self.grace:
+            self._vector_dead(vec)          # the writer ended and no ranks link came
         return self.current >= len(self.procs) and all(
             p.settled(now, self.grace) for p in self.procs)
 
@@ -275,6 +310,9 @@ class StdioServer:
         now = self.clock()
         waits = [p.reaped_at + self.grace - now for p in self.procs
                  if p.status is not None and not p.failed and p.expect - {0}]
+        vec = self.vector
+        if vec is not None and vec.status is not None:
+            waits.append(vec.reaped_at + self.grace - now)
         if waits:
             return max(0.0, min(waits)) + 0.001
         return 1.0      # a backstop for a lost SIGCHLD
@@ -362,8 +400,23 @@ class StdioServer:
             return                                  # the rest of the header later
         self.sel.unregister(sock)
         header = parse_header(bytes(got), self.token)
-        proc = self.by_pid.get(header.pid) if header else None
-        if header is None or proc is None:
+        if header is None:
+            sock.close()
+        else:
+            self._dispatch(header, sock)
+
+    def _dispatch(self, header: Header, sock: socket.socket) -> None:
+        proc = self.by_pid.get(header.pid)
+        vec = self.vector
+        if vec is not None and header.pid == vec.writer and header.fd < 0:
+            if header.fd == RANKS_FD:
+                self._read_ranks(sock)
+            else:
+                sock.close()
+                self._vector_failed(vec, header.errno)
+        elif proc is None and vec is not None and not vec.failed:
+            vec.held.append((header, sock))         # a rank's link, before the ranks link
+        elif proc is None:
             sock.close()
         elif header.fd < 0:
             sock.close()
@@ -375,6 +428,83 @@ class StdioServer:
         else:
             proc.expect.discard(header.fd)
             self._attach(proc, header.fd, sock)
+
+    # ---- multi-node runs -------------------------------------------------------------
+
+    def _read_ranks(self, sock: socket.socket) -> None:
+        """Read the ranks link's body to its EOF (small: a PID per rank), then use it."""
+        body = bytearray()
+
+        def more(events: int) -> None:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if data and len(body) + len(data) <= RANKS_MAX:
+                body.extend(data)
+                return
+            self._drop(sock)
+            vec = self.vector
+            ranks = parse_ranks(bytes(body), len(vec.procs)) if vec is not None else None
+            if vec is None or ranks is None or data:
+                self._warn("the master sent a bad ranks link; ignored")
+            else:
+                self._ranks(vec, ranks)
+        self.sel.register(sock, selectors.EVENT_READ, more)
+
+    def _ranks(self, vec: Vector, ranks: list[int]) -> None:
+        """Every rank gets its ghost's PID; a rank that may not run says why."""
+        self.vector = None
+        for proc, pid in zip(vec.procs, ranks):
+            if pid < 0:
+                self._warn_raw(f"{proc.node}: {os.strerror(-pid)}")
+                proc.status, proc.reaped_at = 1 << 8, self.clock()   # as a failed ctl write
+                self._give_up(proc)
+                continue
+            proc.pid = pid
+            self.by_pid[pid] = proc
+            if pid == vec.writer and vec.status is not None:
+                proc.status, proc.reaped_at = vec.status, vec.reaped_at
+                self._close_stdin_link(proc)
+        for header, sock in vec.held:
+            self._dispatch(header, sock)
+        self._sigchld = True                        # reap what ended meanwhile
+
+    def _vector_failed(self, vec: Vector, err: int) -> None:
+        """Nothing runs anywhere: say so for every rank; the writer's end decides."""
+        if not vec.failed:
+            for proc in vec.procs:
+                self._warn_raw(f"{proc.node}: {os.strerror(err)}")
+        self._vector_dead(vec)
+
+    def _vector_dead(self, vec: Vector) -> None:
+        vec.failed = True
+        for proc in vec.procs:
+            self._give_up(proc)
+        for _, sock in vec.held:
+            sock.close()
+        vec.held.clear()
+        self._vector_settle(vec)
+
+    def _vector_settle(self, vec: Vector) -> None:
+        """Once it failed and the writer is reaped, every rank has the writer's status."""
+        if vec.failed and vec.status is not None:
+            self.vector = None
+            for proc in vec.procs:
+                proc.status, proc.reaped_at = vec.status, vec.reaped_at
+
+    def _reap_writer(self, vec: Vector) -> None:
+        try:
+            pid, status = os.waitpid(vec.writer, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = vec.writer, 255 << 8
+        if pid:
+            self._read_status()
+            if self.vector is vec:
+                vec.status, vec.reaped_at = status, self.clock()
+                self._vector_settle(vec)
 
     def _attach(self, proc: Proc, fd: int, sock: socket.socket) -> None:
         link = Link(sock, proc, fd)
@@ -421,6 +551,14 @@ class StdioServer:
             return
         for off in range(0, len(data) - _RECORD.size + 1, _RECORD.size):
             rank, stage, err = _RECORD.unpack_from(data, off)
+            vec = self.vector
+            if rank == ALL_RANKS and vec is not None:
+                if stage == STAGE_CTL:
+                    self._vector_failed(vec, err)
+                else:
+                    self._warn(f"{self.command}: {os.strerror(err)}")
+                    self._vector_dead(vec)
+                continue
             proc = next((p for p in self.procs if p.rank == rank), None)
             if stage == STAGE_CTL:
                 self._warn_raw(f"{proc.node if proc else rank}: {os.strerror(err)}")
@@ -542,8 +680,10 @@ class StdioServer:
     def _reap(self) -> None:
         self._sigchld = False
         self._last_reap = self.clock()
+        if self.vector is not None:
+            self._reap_writer(self.vector)
         for proc in self.procs:
-            if proc.status is not None:
+            if proc.status is not None or not proc.pid:
                 continue
             try:
                 pid, status = os.waitpid(proc.pid, os.WNOHANG)
@@ -569,12 +709,14 @@ class StdioServer:
         self.signals.append(sig)
         if sig == signal.SIGINT and self.signals.count(signal.SIGINT) >= 3:
             sig = signal.SIGKILL
-        for proc in self.procs:
-            if proc.status is None:
-                try:
-                    os.kill(proc.pid, sig)
-                except OSError:
-                    pass
+        pids = [p.pid for p in self.procs if p.status is None and p.pid]
+        if self.vector is not None and self.vector.status is None:
+            pids.append(self.vector.writer)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
         if sig == signal.SIGTSTP:                   # stop ourselves too, like a shell job;
             signal.signal(signal.SIGTSTP, signal.SIG_DFL)   # SIGCONT is forwarded on resume
             os.kill(os.getpid(), signal.SIGTSTP)
@@ -599,6 +741,9 @@ class StdioServer:
         self.err.write(f"{line}\n".encode())
 
     def _close_all(self) -> None:
+        if self.vector is not None:
+            for _, sock in self.vector.held:
+                sock.close()
         for key in list(self.sel.get_map().values()):
             obj = key.fileobj
             if isinstance(obj, socket.socket) and obj is not self.listener:

@@ -67,8 +67,8 @@ from bpfs.migrate.master import (kill, launch, read_contents, seize_for_exec,
 from bpfs.migrate.master import dump
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import FileCache
-from bpfs.migrate.image import FileRef, Host, Image, dumps, loads
+from bpfs.migrate.image import FileRef, Host, Image, dumps, loads, set_rank
 from bpfs.migrate.restore import Restorer
 
 __all__ = ["seize_for_exec", "wait_exec_and_dump", "launch", "dump", "kill", "read_contents",
-           "Image", "FileRef", "Host", "dumps", "loads", "Restorer", "FileCache", "MigrateError"]
+           "Image", "FileRef", "Host", "dumps", "loads", "set_rank", "Restorer", "FileCache", "MigrateError"]

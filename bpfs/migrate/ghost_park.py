@@ -22,6 +22,16 @@ exec event stop (inside execve, where new registers would be overwritten) withou
 of its code; `aim_exit` and `aim_signal` make a stopped ghost end with an exit code or by a
 signal, so its parent's wait status is the real one.
 
+`copy` makes a halted ghost fork a sibling (clone with CLONE_PARENT, for one dump run as many
+ranks): ptrace'd from birth by the same thread, already parked (the parked memory is all it
+inherits; a fork does inherit the rseq registration, but the ghost has none left; robust list
+and clear-child-tid are never inherited), it only needs `sleep_in_pause` at the same gadget.
+Kernel facts it relies on: with CLONE_PARENT the child's exit_signal is the caller's own
+whatever the flags say, but the flags' signal still chooses the ptrace event (SIGCHLD:
+PTRACE_EVENT_FORK, needing PTRACE_O_TRACEFORK; anything else PTRACE_EVENT_CLONE), so both
+options are set; the child of a seized tracee starts with a PTRACE_EVENT_STOP; a signal
+arriving during the fork makes clone fail with -ERESTARTNOINTR and no child: injected again.
+
 Every function runs in the tracer thread. Signals that arrive while a function waits for the
 tracee are suppressed and appended to the caller's `signals` list (the tracer reports them).
 A tracee that dies meanwhile raises `Gone` carrying its raw wait status (already consumed).
@@ -42,7 +52,16 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.procfs import PAGE
 
-SYS_PAUSE, SYS_EXIT_GROUP, SYS_RSEQ = 34, 231, 334
+SYS_PAUSE, SYS_CLONE, SYS_EXIT_GROUP, SYS_RSEQ = 34, 56, 231, 334
+CLONE_PARENT = 0x8000
+# clone(2) flags for a copy of a ghost: a fork whose parent is the ghost's parent. The CSIGNAL
+# byte is ignored with CLONE_PARENT (the child gets the caller's own exit_signal), but it picks
+# the ptrace event: SIGCHLD there means PTRACE_EVENT_FORK, anything else PTRACE_EVENT_CLONE.
+CLONE_FLAGS = CLONE_PARENT | signal.SIGCHLD
+TRACE_COPIES = pt.O_TRACEFORK | pt.O_TRACECLONE  # either event: the child is ours at once
+COPY_EVENTS = (pt.EVENT_FORK, pt.EVENT_CLONE)
+# -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK: a signal came first
+RESTART = frozenset({512, 513, 514, 516})
 PR_SET_DUMPABLE, PR_SET_NAME = 4, 15
 RSEQ_FLAG_UNREGISTER = 1
 ROBUST_LIST_HEAD_SIZE = 24
@@ -141,6 +160,7 @@ def halt(pid: int, signals: list[int]) -> None:
 
 # ---- the vdso: a syscall instruction and 32 zero bytes ----
 
+SYSCALL_INSN = b"\x0f\x05"
 _vdso_offsets: dict[bytes, tuple[int, int]] = {}
 
 
@@ -158,11 +178,29 @@ def vdso(pid: int) -> tuple[int, int, int]:
     data = pt.read_memory(pid, [(start, end - start)])
     key = data[:4096]
     if key not in _vdso_offsets:
-        _vdso_offsets[key] = (data.find(b"\x0f\x05"), _zeros(data))
+        _vdso_offsets[key] = (data.find(SYSCALL_INSN), _zeros(data))
     gadget, zeros = _vdso_offsets[key]
     if gadget < 0 or zeros < 0:
         raise MigrateError(errno.ENOEXEC, "vdso lacks a syscall instruction or zero bytes", pid)
     return start, start + gadget, start + zeros
+
+
+def sleeping_gadget(pid: int, regs: pt.Regs) -> int:
+    """The `syscall` instruction where a parked ghost, now halted, was asleep in pause().
+
+    Halted in pause() its rip is just after the instruction; halted on its way back in after a
+    suppressed signal (the kernel rewound rip to restart pause), at it. Two bytes read, not the
+    vdso scanned; `vdso` if neither holds (not a parked ghost).
+    """
+    try:
+        code = pt.read_memory(pid, [(regs.rip - 2, 4)])
+    except MigrateError:
+        code = b""
+    if code[:2] == SYSCALL_INSN:
+        return regs.rip - 2
+    if code[2:] == SYSCALL_INSN:
+        return regs.rip
+    return vdso(pid)[1]
 
 
 def _zeros(data: bytes) -> int:
@@ -202,6 +240,52 @@ def park(pid: int, signals: list[int], name: bytes | None = None) -> None:
         _check(pid, f"munmap {lo:#x}-{hi:#x}",
                inject(pid, regs, gadget, signals, pt.SYS["munmap"], lo, hi - lo))
     sleep_in_pause(pid, regs, gadget)
+
+
+def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: list[int],
+         flags: int | None = None) -> int:
+    """Make a sibling of the stopped, parked `pid`: inject clone(CLONE_FLAGS) at `gadget`.
+
+    `pid` must have TRACE_COPIES among its ptrace options: the kernel then attaches the child to
+    this thread before it runs, and the child starts with a ptrace-stop of its own (an
+    EVENT_STOP, since the parent was seized) that this function does NOT consume. The child is
+    a fork: a private copy of the parked memory (argument pages and vdso, so the same
+    /proc/PID/cmdline and environ), the same name, signal dispositions, empty signal mask,
+    process group and session; no rseq, robust list or clear-child-tid (rseq would be
+    inherited, but is unregistered in a ghost; the other two never are). Its parent is the
+    parent of `pid`, its exit_signal that of `pid`.
+
+    The new pid is appended to `children` as soon as it is known (the fork/clone event stop),
+    so the caller learns of it even if `pid` ends before the syscall completes (Gone, or
+    MigrateError ESRCH when killed right at that stop). Returns the new pid, or -errno if
+    clone failed (EAGAIN: pid or process limits). `pid` is left stopped after the syscall.
+    """
+    regs = base.copy()
+    regs.rax, regs.orig_rax, regs.rip = SYS_CLONE, NO_SYSCALL, gadget
+    regs.rdi = CLONE_FLAGS if flags is None else flags
+    regs.rsi = regs.rdx = regs.r10 = regs.r8 = 0  # same stack, no tids, no tls
+    pt.setregs(pid, regs)
+    child = 0
+    while True:
+        pt.singlestep(pid)
+        sig, event = stop_parts(wait_stop(pid))
+        if event in COPY_EVENTS:  # inside clone, after the child was made
+            child = pt.geteventmsg(pid)
+            children.append(child)
+            continue
+        if event:  # another event stop: the step's SIGTRAP still comes before any instruction
+            continue
+        now = pt.getregs(pid)
+        if now.rip == gadget:  # a signal came before the instruction: suppressed, step again
+            signals.append(sig)
+            continue
+        if sig != signal.SIGTRAP:
+            signals.append(sig)
+        res = now.rax - 2**64 if now.rax >= 2**63 else now.rax
+        if -res in RESTART and not child:  # a signal arrived during fork: it was undone
+            pt.setregs(pid, regs)
+            continue
+        return res
 
 
 def sleep_in_pause(pid: int, base: pt.Regs, gadget: int) -> None:

@@ -2,7 +2,7 @@
 
 Messages (grammar in bpfs/wire.py):
 
-    master -> node  restore  id, image, uid, gid, groups, io, port, token
+    master -> node  restore  id, image, uid, gid, groups, io, port, token [, pid, rank]
     node -> master  need     id, hashes              only if the node lacks file contents
     master -> node  files    id, contents
     node -> master  restored id, pid   |   failed id, errno, message
@@ -13,7 +13,9 @@ One restore runs as a task of the session, so the session keeps dispatching (a `
 reply, other restores) and heart-beating while it works:
 
   1. load the image and ask the Restorer what file contents are missing (restore thread);
-     a corrupt image is `failed` EINVAL;
+     a corrupt image is `failed` EINVAL. A multi-node run (bproc's vexecmove) sends every
+     node the same image with `pid` (the rank's ghost) and `rank`: the process gets that
+     PID, and the rank is written over the Xs of `BPROC_RANK=XXXXXXX` in its environment;
   2. if something is missing: `need`, then wait for the `files` with the same id
      (FILES_TIMEOUT, else ETIMEDOUT);
   3. connect the stdio links to bpsh (the header carries the image's PID, which the process
@@ -36,6 +38,7 @@ others are ignored (logged at debug level).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -48,7 +51,7 @@ import trio
 
 from bpfs import execreq, wire
 from bpfs.errors import BpfsError, einval
-from bpfs.migrate import Image, loads
+from bpfs.migrate import Image, loads, set_rank
 from bpfs.node import stdio
 from bpfs.node.restorethread import NodeReaper, RestoreThread
 
@@ -70,6 +73,8 @@ class RestoreRequest:
     io: tuple[str, str, str]
     port: int
     token: str
+    pid: int | None = None      # a rank of a multi-node run: its ghost's PID ...
+    rank: int | None = None     # ... and its rank, for BPROC_RANK
 
 
 def parse_restore(msg: wire.Message) -> RestoreRequest:
@@ -91,6 +96,12 @@ def parse_restore(msg: wire.Message) -> RestoreRequest:
                          need("port", int), need("token", str))
     if req.uid < 0 or req.gid < 0:
         raise einval("restore: negative uid or gid")
+    pid, rank = msg.get("pid"), msg.get("rank")
+    if pid is not None or rank is not None:
+        if not (isinstance(pid, int) and isinstance(rank, int)) or isinstance(pid, bool) \
+                or isinstance(rank, bool) or not 0 < pid < 1 << 22 or not 0 <= rank < 10**7:
+            raise einval("restore: pid and rank go together: a PID and a 7-digit rank")
+        req = dataclasses.replace(req, pid=pid, rank=rank)
     if "socket" in req.io and not (0 < req.port < 65536
                                    and execreq.TOKEN_RE.fullmatch(req.token)):
         raise einval("restore: socket IO needs a port and a 32-hex-digit token")
@@ -239,7 +250,7 @@ async def _prepare_and_restore(session: "Session", req: RestoreRequest, fds: lis
                                steps: Steps) -> tuple[Image, int]:
     """Steps 1-4 of the module docstring; `fds` receives the node's copies of fds 0-2."""
     thread: RestoreThread = session.node.restore_thread
-    image, missing = await thread.call(_load, req.image)
+    image, missing = await thread.call(_load, req)
     steps.mark("load")
     content: dict[str, bytes] = {}
     if missing:
@@ -273,8 +284,12 @@ async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, 
 
 # ---- jobs of the restore thread ----------------------------------------------------
 
-def _load(thread: RestoreThread, data: bytes) -> tuple[Image, list[str]]:
-    image = loads(data)
+def _load(thread: RestoreThread, req: RestoreRequest) -> tuple[Image, list[str]]:
+    image = loads(req.image)
+    if req.pid is not None and req.rank is not None:
+        image.pid = req.pid
+        if not set_rank(image, req.rank):
+            log.debug("restore %d: no BPROC_RANK=XXXXXXX in the environment", req.id)
     return image, thread.restorer.missing(image)
 
 

@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
+from bpfs.migrate import ghost_park
+from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.ghost import Tracer
 
@@ -65,9 +67,12 @@ def spawn(req):
     live.add(pid)
     say("pid", pid)
 
-def reap(flags):
-    while live:
-        pid, status = os.waitpid(-1, flags)
+def reap(flags):  # every child: also the copies of a ghost (Tracer.clone), never spawned here
+    while True:
+        try:
+            pid, status = os.waitpid(-1, flags)
+        except ChildProcessError:
+            return
         if pid == 0:
             return
         live.discard(pid)
@@ -506,3 +511,240 @@ def test_a_killed_doorbell_is_replaced(rig: Rig) -> None:
     rig.rec.wait(lambda: (pid, signal.SIGHUP) in rig.rec.signals)
     rig.tracer.finish(pid, exit_code=3).result(5)
     assert os.WEXITSTATUS(rig.bpsh.status(pid)) == 3
+
+
+# ---- copies of a ghost (Tracer.clone, for vexecmove: one dump, many ranks) ----
+
+def status_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (ln.partition(":") for ln in f)}
+
+
+def read(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
+def exit_signal(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[35])  # field 38
+
+
+def probe(pid: int) -> tuple:
+    """In the tracer thread: halt a parked ghost, read what only a stopped tracee tells, park it
+    again (rseq registration, robust list, where it sleeps, the trap flag)."""
+    signals: list[int] = []
+    ghost_park.halt(pid, signals)
+    regs = pt.getregs(pid)
+    _, gadget, _ = ghost_park.vdso(pid)
+    out = (pt.get_rseq(pid), pt.get_robust_list(pid)[0], regs.rip in (gadget, gadget + 2),
+           regs.eflags & 0x100, signals)
+    ghost_park.sleep_in_pause(pid, regs, gadget)
+    return out
+
+
+def clones(rig: Rig, pid: int, count: int) -> list[int]:
+    pids = rig.tracer.clone(pid, count).result(10)
+    assert len(pids) == count and all(p > 0 for p in pids), pids
+    return pids
+
+
+def test_clones_look_like_the_original(rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100", "--", "a b"])
+    copies = clones(rig, pid, 3)
+    assert len(set(copies) | {pid}) == 4
+    assert rig.tracer.ghosts() == sorted([pid, *copies])
+    orig = status_of(pid)
+
+    def ps_of(p: int) -> str:
+        return subprocess.run(["ps", "-o", "ppid=,stat=,comm=,args=", "-p", str(p)],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert ps_of(pid).split(None, 3) == [str(rig.bpsh.proc.pid), "S", "sleep",
+                                         f"{SLEEP} 100 -- a b\n"]
+    for c in [pid, *copies]:
+        assert asleep(c)
+        st = status_of(c)
+        assert st["PPid"] == orig["PPid"] == str(rig.bpsh.proc.pid)
+        assert st["TracerPid"] == orig["TracerPid"] != "0"
+        assert (st["Name"], st["SigBlk"], st["SigIgn"], st["SigCgt"], st["Threads"]) == (
+            "sleep", "0" * 16, orig["SigIgn"], orig["SigCgt"], "1")
+        for name in ("cmdline", "environ", "comm"):
+            assert read(c, name) == read(pid, name)
+        assert ps_of(c) == ps_of(pid)
+        assert exit_signal(c) == signal.SIGCHLD  # the caller's, CLONE_PARENT or not
+        # the original's figures; a copy may show less: fork copies no page tables of the
+        # vdso, its code page counts once it ran there
+        assert rig.tracer.park_rss[c] == rig.tracer.park_rss[pid]
+        assert vm_rss_kb(c) <= rig.tracer.park_rss[c][1] <= 16
+        # no rseq, no robust list; asleep in the vdso's syscall; never single-stepping
+        assert rig.tracer.submit(probe, c).result(5) == (None, 0, True, 0, [])
+    assert rig.rec.signals == [] and rig.rec.exits == {}
+    with open(f"/proc/{copies[0]}/maps") as f:
+        assert len(f.readlines()) <= 5  # the argument pages and [vvar]/[vdso]
+
+
+def test_a_signal_to_a_clone_is_reported_with_its_pid(rig: Rig) -> None:
+    pid, _ = rig.ghost([TRUE])  # /bin/true would exit at once if it ran
+    copies = clones(rig, pid, 2)
+    for c, sig in ((copies[0], signal.SIGINT), (copies[1], signal.SIGTERM),
+                   (copies[0], signal.SIGSTOP), (pid, signal.SIGUSR1)):
+        os.kill(c, sig)
+        rig.rec.wait(lambda: (c, sig) in rig.rec.signals)
+    assert rig.rec.signals == [(copies[0], signal.SIGINT), (copies[1], signal.SIGTERM),
+                               (copies[0], signal.SIGSTOP), (pid, signal.SIGUSR1)]
+    assert all(asleep(p) and rig.bpsh.running(p) for p in [pid, *copies])
+    assert rig.tracer.ghosts() == sorted([pid, *copies])
+
+
+def test_clones_finish_and_die_one_by_one(rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    a, b, c, d = clones(rig, pid, 4)
+    rig.tracer.finish(a, exit_code=42).result(5)
+    status = rig.bpsh.status(a)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 42
+    assert rig.rec.exits[a] == status
+    rig.tracer.finish(b, signal=signal.SIGTERM).result(5)
+    status = rig.bpsh.status(b)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert not os.WCOREDUMP(status)
+    rig.tracer.kill(c).result(5)
+    assert os.WTERMSIG(rig.bpsh.status(c)) == signal.SIGKILL
+    assert rig.tracer.ghosts() == sorted([pid, d])
+    assert all(asleep(p) and rig.bpsh.running(p) for p in (pid, d))
+    os.kill(d, signal.SIGHUP)  # the rest still works as ghosts
+    rig.rec.wait(lambda: (d, signal.SIGHUP) in rig.rec.signals)
+    rig.tracer.finish(pid, exit_code=3).result(5)  # the original first: the copy lives on
+    assert os.WEXITSTATUS(rig.bpsh.status(pid)) == 3
+    assert asleep(d) and rig.bpsh.running(d)
+    more = clones(rig, d, 2)  # a copy can be copied
+    rig.tracer.finish(d, exit_code=4).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(d)) == 4
+    for i, p in enumerate(more):
+        rig.tracer.finish(p, exit_code=10 + i).result(5)
+        assert os.WEXITSTATUS(rig.bpsh.status(p)) == 10 + i
+    assert rig.tracer.ghosts() == []
+    time.sleep(0.05)
+    assert all(gone(p) for p in (pid, a, b, c, d, *more))  # reaped by bpsh
+    assert rig.rec.signals == [(d, signal.SIGHUP)]
+
+
+def test_stop_kills_the_clones_too(rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    copies = clones(rig, pid, 5)
+    rig.tracer.stop()
+    for p in [pid, *copies]:
+        status = rig.bpsh.status(p)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert rig.rec.exits[p] == status
+    time.sleep(0.05)
+    assert all(gone(p) for p in [pid, *copies])
+
+
+def test_clone_is_refused_for_unknown_or_busy_processes(rig: Rig) -> None:
+    def errno_of(fut) -> int:
+        with pytest.raises(MigrateError) as exc:
+            fut.result(5)
+        return exc.value.errno
+
+    assert errno_of(rig.tracer.clone(2**22 + 1, 1)) == errno.ESRCH
+    seized = rig.bpsh.spawn([TRUE])  # seized, never exec'd: no ghost yet
+    rig.tracer.seize(seized).result(5)
+    assert errno_of(rig.tracer.clone(seized, 1)) == errno.EBUSY
+    pid, _ = rig.ghost([TRUE])
+    assert errno_of(rig.tracer.clone(pid, -1)) == errno.EINVAL
+    assert rig.tracer.clone(pid, 0).result(5) == []
+    rig.tracer.kill(seized).result(5)
+    assert rig.tracer.ghosts() == [pid] and asleep(pid)
+
+
+def test_a_failed_clone_is_an_errno_entry(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    monkeypatch.setattr(ghost_park, "CLONE_FLAGS", 0x10000)  # CLONE_THREAD alone: EINVAL
+    assert rig.tracer.clone(pid, 3).result(5) == [-errno.EINVAL] * 3
+    monkeypatch.undo()
+    assert rig.tracer.ghosts() == [pid] and asleep(pid)
+    os.kill(pid, signal.SIGINT)  # still a ghost
+    rig.rec.wait(lambda: (pid, signal.SIGINT) in rig.rec.signals)
+    [c] = clones(rig, pid, 1)
+    rig.tracer.finish(pid, exit_code=5).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(pid)) == 5
+    assert asleep(c) and rig.bpsh.running(c)
+
+
+def traced_by(tid: int) -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and status_of(int(d)).get("TracerPid") == str(tid):
+                out.add(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def test_killing_the_original_while_it_is_cloned(rig: Rig) -> None:
+    """SIGKILL at any moment of a clone: every copy made is held (none left stopped and
+    unknown), the tracer goes on, the original's end is reported."""
+    tid = rig.tracer.submit(threading.get_native_id).result(5)
+    bell = traced_by(tid)
+    made: set[int] = set()
+    for i in range(20):
+        pid, _ = rig.ghost([TRUE])
+        fut = rig.tracer.clone(pid, 40)
+        time.sleep(i * 0.0003)
+        os.kill(pid, signal.SIGKILL)
+        pids = fut.result(10)
+        assert len(pids) == 40
+        ok = [p for p in pids if p > 0]
+        assert all(p == -errno.ESRCH for p in pids[len(ok):]), pids
+        made |= set(ok)
+        rig.rec.wait(lambda: pid in rig.rec.exits)
+        assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGKILL
+        assert rig.tracer.ghosts() == sorted(made)
+        assert traced_by(tid) - bell == made
+        assert all(asleep(p) for p in ok)
+    print(f"\n{len(made)} copies made in 20 clones of 40 killed at once")
+    live = rig.tracer.ghosts()
+    rig.tracer.stop()
+    assert all(os.WTERMSIG(rig.bpsh.status(p)) == signal.SIGKILL for p in live)
+
+
+def test_signals_while_cloning_are_reported_and_not_inherited(rig: Rig) -> None:
+    """A signal pending during fork makes clone restart (-ERESTARTNOINTR): every one sent to
+    the original is still reported once, with its pid, and the copies get none of them."""
+    pid, _ = rig.ghost([TRUE])
+    sig, sent = signal.SIGRTMIN + 1, 300  # real-time: queued one by one, never merged
+    fut = None
+
+    def hammer() -> None:
+        for _ in range(sent):
+            os.kill(pid, sig)
+            if fut is not None and not fut.done():
+                time.sleep(0.00005)
+
+    sender = threading.Thread(target=hammer)
+    sender.start()
+    fut = rig.tracer.clone(pid, 200)
+    sender.join()
+    copies = fut.result(10)
+    assert all(p > 0 for p in copies)
+    rig.rec.wait(lambda: len(rig.rec.signals) == sent)
+    time.sleep(0.05)
+    assert rig.rec.signals == [(pid, sig)] * sent
+    assert all(asleep(p) for p in [pid, *copies])
+    assert all(status_of(p)["SigPnd"] == "0" * 16 for p in copies)
+
+
+def test_clone_time(rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    clones(rig, pid, 10)  # warm up
+    times = []
+    for n in (1, 10, 100, 200):
+        t0 = time.perf_counter()
+        clones(rig, pid, n)
+        times.append((n, (time.perf_counter() - t0) / n))
+    print("\nTracer.clone, time per copy: " +
+          ", ".join(f"{n} at once {dt * 1e6:.0f} us" for n, dt in times))
+    assert times[-1][1] < 0.001
+    assert len(rig.tracer.ghosts()) == 1 + 10 + 311

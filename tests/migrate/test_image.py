@@ -157,3 +157,49 @@ def test_corrupt_refused(name: str) -> None:
         image.loads(CORRUPT[name])
     assert info.value.errno == errno.EINVAL
     assert info.value.message.startswith("corrupt image: ")
+
+
+# ---- set_rank: one image, many ranks (bproc's vexecmove) ----
+
+STACK = 0x7FFE_0002_0000
+
+
+def _with_env(strings: list[bytes], argv: list[bytes] = [b"prog"]) -> Image:
+    """An image whose stack page holds argv then the environment, as the kernel lays it out."""
+    args = b"".join(a + b"\0" for a in argv)
+    env = b"".join(s + b"\0" for s in strings)
+    arg_start = STACK + 0x800
+    env_start = arg_start + len(args)
+    mm = dict(sample().mm, arg_start=arg_start, arg_end=env_start, env_start=env_start,
+              env_end=env_start + len(env))
+    run = b"\x02" * 0x800 + args + env
+    return sample(mm=mm, regions=[*sample().regions[:2],
+                                  Region(0x7FFE_0000_0000, STACK + PAGE, 3, "anon", True, -1, 0,
+                                         [(STACK, run)])])
+
+
+def _env(img: Image) -> list[bytes]:
+    (addr, data), = img.regions[-1].pages
+    lo, hi = img.mm["env_start"] - addr, img.mm["env_end"] - addr
+    return data[lo:hi].split(b"\0")[:-1]
+
+
+def test_set_rank_writes_seven_digits_over_the_placeholder() -> None:
+    img = _with_env([b"A=1", b"BPROC_RANK=XXXXXXX", b"B=2"])
+    assert image.set_rank(img, 31)
+    assert _env(img) == [b"A=1", b"BPROC_RANK=0000031", b"B=2"]
+    assert image.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 0)
+
+
+def test_set_rank_only_touches_a_whole_environment_string() -> None:
+    img = _with_env([b"X_BPROC_RANK=XXXXXXX", b"BPROC_RANK=XXXXXXXY"],
+                    argv=[b"echo", b"BPROC_RANK=XXXXXXX"])
+    before = image.dumps(img)
+    assert not image.set_rank(img, 5)
+    assert image.dumps(img) == before
+
+
+def test_set_rank_refuses_a_rank_of_eight_digits() -> None:
+    with pytest.raises(BpfsError) as err:
+        image.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 10**7)
+    assert err.value.errno == errno.EINVAL

@@ -27,7 +27,8 @@ import pytest
 
 from bpfs.cli import bpsh
 from bpfs.cli.stdio_server import OutputOptions, Proc, StdioServer
-from bpfs.execreq import ExecMove, parse_execmove, render_error, render_header, split_ctl_words
+from bpfs.execreq import (ExecMove, parse_execmove, render_error, render_header, render_ranks,
+                          split_ctl_words)
 from bpfs.formats import NodeRow, render_status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -644,3 +645,67 @@ def test_server_50mb_byte_for_byte(tmp_path, children):
     out = s.output()[0]
     assert len(out) == len(data) and out == data
     print(f"50 MiB through the stdio server in {took:.3f}s ({50 / took:.0f} MiB/s)")
+
+
+# ---- a multi-node run: one writer, the ranks link, links held until it comes ----------
+
+def _ranks_link(s: Served, writer: int, ranks: list[int]) -> None:
+    c = socket.create_connection(("127.0.0.1", s.port))
+    c.sendall(render_ranks(s.token, writer, ranks))
+    c.close()
+
+
+def test_server_vector_holds_links_until_the_ranks_link(tmp_path, children):
+    s = Served(tmp_path)
+    writer, clone = children.spawn(3), children.spawn(5)
+    s.server.add_vector([(0, 4), (1, 6), (2, 9)], writer, {1, 2})
+
+    def feed():
+        early = s.connect(clone, 1)             # before the ranks link: held, not dropped
+        early.sendall(b"from rank 2\n")
+        early.close()
+        time.sleep(0.2)
+        _ranks_link(s, writer, [-errno.EACCES, writer, clone])
+        for pid in (writer, clone):
+            s.connect(pid, 2).close()
+        late = s.connect(writer, 1)
+        late.sendall(b"from rank 1\n")
+        late.close()
+        children.release(writer)
+        children.release(clone)
+
+    procs = s.run(feed)
+    out, err = s.output()
+    assert sorted(out.splitlines()) == [b"from rank 1", b"from rank 2"]
+    assert err == b"4: Permission denied\n"
+    assert [(p.rank, p.node, p.pid) for p in procs] == [(0, 4, 0), (1, 6, writer),
+                                                        (2, 9, clone)]
+    assert [os.WEXITSTATUS(p.status) for p in procs] == [1, 3, 5]
+
+
+def test_server_vector_writer_failed_before_the_ranks(tmp_path, children):
+    s = Served(tmp_path, grace=30)
+    writer = children.spawn(255)
+    s.server.add_vector([(0, 1), (1, 2)], writer, {1, 2})
+
+    def feed():
+        c = socket.create_connection(("127.0.0.1", s.port))
+        c.sendall(render_error(s.token, writer, errno.EHOSTDOWN, "gone"))
+        c.close()
+        time.sleep(0.1)
+        children.release(writer)
+
+    start = time.monotonic()
+    procs = s.run(feed)
+    assert time.monotonic() - start < 10
+    assert s.output() == (b"", b"1: Host is down\n2: Host is down\n")
+    assert [os.WEXITSTATUS(p.status) for p in procs] == [255, 255]
+
+
+def test_server_vector_writer_killed_and_no_ranks_link(tmp_path, children):
+    s = Served(tmp_path, grace=0.3)
+    writer = children.spawn(sig=signal.SIGKILL)
+    s.server.add_vector([(0, 1), (1, 2)], writer, {1})
+    procs = s.run(lambda: children.release(writer))
+    assert [os.WTERMSIG(p.status) for p in procs] == [signal.SIGKILL] * 2
+    assert bpsh.exit_status(procs, [], stderr_fd=s.err.fileno())[0] == 255

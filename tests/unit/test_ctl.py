@@ -31,8 +31,9 @@ class FakeServices:
     async def persist(self) -> None:
         self.persisted += 1
 
-    async def execmove(self, node: int, caller: Caller, req: Any) -> int:
-        self.sent.append((node, {"t": "execmove", "pid": caller.pid, "req": req}))
+    async def execmove(self, node: int, caller: Caller, req: Any, rank_errors: Any = ()) -> int:
+        self.sent.append((node, {"t": "execmove", "pid": caller.pid, "req": req,
+                                 "errors": [e.errno if e else 0 for e in rank_errors]}))
         return caller.pid
 
     async def signal_proc(self, pid: int, sig: int) -> None:
@@ -170,6 +171,28 @@ async def test_execmove_checks_then_arms():
     assert await run(s, req, Caller(0, 0, pid=7), 0) == "ok 7"
     (node, msg), = s.sent
     assert node == 0 and msg["req"].port == 5 and msg["req"].io == ("socket", "null", "socket")
+
+
+async def test_execmove_nodes_checks_each_rank_and_fails_only_if_none_may_run():
+    s = services(up=2, configured=4)            # 0, 1 up; 2, 3 down; 7 does not exist
+    s.cluster.chmod(1, 0o100, ROOT)
+    alice = Caller(1000, 1000, pid=9)
+    req = f"execmove --port 5 --token {TOKEN} --nodes 0,1,2,7,0".encode()
+    assert await run(s, req, alice, 0) == "ok 9"
+    (node, msg), = s.sent
+    assert msg["req"].nodes == (0, 1, 2, 7, 0)
+    assert msg["errors"] == [0, errno.EACCES, errno.EHOSTDOWN, errno.ENODEV, 0]
+    for data, node, err in [
+        (f"execmove --port 5 --token {TOKEN} --nodes 1,2".encode(), 1, errno.EACCES),
+        (f"execmove --port 5 --token {TOKEN} --nodes 0,1".encode(), 3, errno.EINVAL),
+        (f"execmove --port 5 --token {TOKEN} --nodes 0,x".encode(), 0, errno.EINVAL),
+        (f"execmove --port 5 --token {TOKEN} --nodes 0,1 --rank 2".encode(), 0, errno.EINVAL),
+        (f"execmove --port 5 --token {TOKEN} --nodes ,".encode(), 0, errno.EINVAL),
+    ]:
+        with pytest.raises(BpfsError) as info:
+            await run(s, data, alice, node)
+        assert info.value.errno == err, data
+    assert len(s.sent) == 1
 
 
 @pytest.mark.parametrize("word, sig", [("9", 9), ("KILL", 9), ("sigkill", 9), ("SIGTERM", 15),
