@@ -331,8 +331,9 @@ class ProcService:
                 msg = {"t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
                        "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
                        "token": m.req.token}
+                msg["pid"] = m.pid          # the node connects bpsh's links at once
                 if m.rank is not None:
-                    msg.update(pid=m.pid, rank=m.rank)
+                    msg["rank"] = m.rank
                 await self.send_node(m.node, msg)
                 await self._negotiate(m, image)
         except trio.TooSlowError:

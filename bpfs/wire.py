@@ -28,8 +28,9 @@ connection closed. After the handshake, messages (all maps, "t" first):
   Migration (bpsh, issue 4); ID is the master's number for one migration:
     master -> node    restore    id, image: bytes (bpfs.migrate.dumps), uid, gid, groups: [int],
                                  io: [IO, IO, IO] (bpfs.execreq), port, token,
-                                 [pid, rank]  a rank of a multi-node run: the process
-                                 gets PID, and RANK goes into BPROC_RANK=XXXXXXX
+                                 [pid]     the ghost's PID (else the image's)
+                                 [rank]    with pid, a rank of a multi-node run: it
+                                           goes into BPROC_RANK=XXXXXXX
     node   -> master  need       id, hashes: [hash]      file contents the node lacks
     master -> node    files      id, contents: {hash: bytes}
     node   -> master  restored   id, pid                 the process runs on the node

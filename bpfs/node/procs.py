@@ -2,7 +2,7 @@
 
 Messages (grammar in bpfs/wire.py):
 
-    master -> node  restore  id, image, uid, gid, groups, io, port, token [, pid, rank]
+    master -> node  restore  id, image, uid, gid, groups, io, port, token [, pid [, rank]]
     node -> master  need     id, hashes              only if the node lacks file contents
     master -> node  files    id, contents
     node -> master  restored id, pid   |   failed id, errno, message
@@ -13,9 +13,11 @@ One restore runs as a task of the session, so the session keeps dispatching (a `
 reply, other restores) and heart-beating while it works:
 
   1. load the image and ask the Restorer what file contents are missing (restore thread);
-     a corrupt image is `failed` EINVAL. A multi-node run (bproc's vexecmove) sends every
-     node the same image with `pid` (the rank's ghost) and `rank`: the process gets that
-     PID, and the rank is written over the Xs of `BPROC_RANK=XXXXXXX` in its environment;
+     a corrupt image is `failed` EINVAL. The process gets `pid` (the ghost's; the image's
+     if absent). A multi-node run (bproc's vexecmove) sends every node the same image,
+     each with its `pid` and `rank`: the rank is written over the Xs of
+     `BPROC_RANK=XXXXXXX` in the environment. With `pid` given, step 3 comes first and
+     steps 1 and 4 are one job of the restore thread;
   2. if something is missing: `need`, then wait for the `files` with the same id
      (FILES_TIMEOUT, else ETIMEDOUT);
   3. connect the stdio links to bpsh (the header carries the image's PID, which the process
@@ -73,8 +75,8 @@ class RestoreRequest:
     io: tuple[str, str, str]
     port: int
     token: str
-    pid: int | None = None      # a rank of a multi-node run: its ghost's PID ...
-    rank: int | None = None     # ... and its rank, for BPROC_RANK
+    pid: int | None = None      # the ghost's PID (else the image's) ...
+    rank: int | None = None     # ... and, for a rank of a multi-node run, its BPROC_RANK
 
 
 def parse_restore(msg: wire.Message) -> RestoreRequest:
@@ -98,14 +100,19 @@ def parse_restore(msg: wire.Message) -> RestoreRequest:
         raise einval("restore: negative uid or gid")
     pid, rank = msg.get("pid"), msg.get("rank")
     if pid is not None or rank is not None:
-        if not (isinstance(pid, int) and isinstance(rank, int)) or isinstance(pid, bool) \
-                or isinstance(rank, bool) or not 0 < pid < 1 << 22 or not 0 <= rank < 10**7:
-            raise einval("restore: pid and rank go together: a PID and a 7-digit rank")
+        if not _is_int(pid) or not 0 < pid < 1 << 22:
+            raise einval("restore: pid must be a PID")
+        if rank is not None and (not _is_int(rank) or not 0 <= rank < 10**7):
+            raise einval("restore: rank must be a number of at most 7 digits")
         req = dataclasses.replace(req, pid=pid, rank=rank)
     if "socket" in req.io and not (0 < req.port < 65536
                                    and execreq.TOKEN_RE.fullmatch(req.token)):
         raise einval("restore: socket IO needs a port and a 32-hex-digit token")
     return req
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -248,21 +255,32 @@ class Steps:
 
 async def _prepare_and_restore(session: "Session", req: RestoreRequest, fds: list[int | None],
                                steps: Steps) -> tuple[Image, int]:
-    """Steps 1-4 of the module docstring; `fds` receives the node's copies of fds 0-2."""
+    """Steps 1-4 of the module docstring; `fds` receives the node's copies of fds 0-2.
+
+    With the PID in the request (our master always sends it), the links are connected
+    first and one job of the restore thread loads, checks and restores: one hand-over
+    to the thread per restore unless file contents must be fetched.
+    """
     thread: RestoreThread = session.node.restore_thread
-    image, missing = await thread.call(_load, req)
-    steps.mark("load")
-    content: dict[str, bytes] = {}
-    if missing:
+    host = session.node.cfg.host
+    loaded: tuple[Image, list[str]] | None = None
+    if req.pid is None:             # only the image knows the PID: load it first
+        loaded = await thread.call(_load, req)
+        steps.mark("load")
+    pid = req.pid if loaded is None else loaded[0].pid
+    fds[:] = await stdio.connect_links(host, req.port, req.token, pid, req.io)
+    steps.mark("links")
+    with trio.CancelScope(shield=True):     # once the job starts, it finishes
+        image, missing, restored = await thread.call(_restore_job, req, fds, loaded, {})
+    if restored is None:
         content = await _fetch(session, req.id, missing)
         steps.mark("wait for files")
-    fds[:] = await stdio.connect_links(session.node.cfg.host, req.port, req.token, image.pid,
-                                       req.io)
-    steps.mark("links")
-    with trio.CancelScope(shield=True):
-        pid = await thread.call(_restore_job, image, req, fds, content)
+        with trio.CancelScope(shield=True):
+            image, _, restored = await thread.call(_restore_job, req, fds, (image, []),
+                                                   content)
     steps.mark("restore")
-    return image, pid
+    assert restored is not None
+    return image, restored
 
 
 async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, bytes]:
@@ -286,22 +304,29 @@ async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, 
 
 def _load(thread: RestoreThread, req: RestoreRequest) -> tuple[Image, list[str]]:
     image = loads(req.image)
-    if req.pid is not None and req.rank is not None:
+    if req.pid is not None:
         image.pid = req.pid
-        if not set_rank(image, req.rank):
-            log.debug("restore %d: no BPROC_RANK=XXXXXXX in the environment", req.id)
+    if req.rank is not None and not set_rank(image, req.rank):
+        log.debug("restore %d: no BPROC_RANK=XXXXXXX in the environment", req.id)
     return image, thread.restorer.missing(image)
 
 
-def _restore_job(thread: RestoreThread, image: Image, req: RestoreRequest,
-                 fds: list[int | None], content: dict[str, bytes]) -> int:
-    """Open the local stdio files as the user into `fds` (the caller closes them), restore."""
+def _restore_job(thread: RestoreThread, req: RestoreRequest, fds: list[int | None],
+                 loaded: tuple[Image, list[str]] | None, content: dict[str, bytes]
+                 ) -> tuple[Image, list[str], int | None]:
+    """Load the image (unless `loaded`); if file contents are missing and not in
+    `content`, stop there: (image, missing, None). Else open the local stdio files as
+    the user into `fds` (the caller closes them) and restore: (image, [], pid)."""
+    image, missing = loaded if loaded is not None else _load(thread, req)
+    if missing and not content:
+        return image, missing, None
     content = _store(thread, content)
     with thread.as_user(req.uid, req.gid, req.groups):
         stdio.open_local(req.io, fds, image.cwd, image.umask)
-    return thread.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
-                                   groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
-                                   file_content=content)
+    pid = thread.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
+                                  groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
+                                  file_content=content)
+    return image, [], pid
 
 
 def _store(thread: RestoreThread, content: dict[str, bytes]) -> dict[str, bytes]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Sequence
 
 import trio
@@ -46,65 +47,58 @@ def close_all(fds: Sequence[int | None]) -> None:
 
 async def connect_links(host: str, port: int, token: str, pid: int,
                         io: Sequence[str]) -> list[int | None]:
-    """For each fd whose IO is "socket", a connected link to bpsh (header sent); None else."""
+    """For each fd whose IO is "socket", a connected link to bpsh (header sent); None else.
+
+    Plain non-blocking sockets, all connects started at once and then waited for: on
+    loopback they complete inside connect(), on a network in one round trip together.
+    """
     fds: list[int | None] = [None] * len(io)
-    try:
-        async with trio.open_nursery() as nursery:
-            for n, spec in enumerate(io):
-                if spec == "socket":
-                    nursery.start_soon(_connect_one, fds, host, port, token, pid, n)
-    except BaseException as exc:
-        close_all(fds)
-        if isinstance(exc, BaseExceptionGroup):
-            raise _first_bpfs_error(exc) from None
-        raise
-    return fds
-
-
-async def _connect_one(fds: list[int | None], host: str, port: int, token: str, pid: int,
-                       n: int) -> None:
+    wanted = [n for n, spec in enumerate(io) if spec == "socket"]
+    if not wanted:
+        return fds
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    socks: list[tuple[int, socket.socket, int]] = []
+    n = wanted[0]
     try:
         with trio.fail_after(LINK_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
-            try:
-                await stream.send_all(execreq.render_header(token, pid, n))
-            except BaseException:
-                await stream.aclose()
-                raise
+            family, _, _, _, addr = (await trio.socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM))[0]
+            for n in wanted:
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK |
+                                     socket.SOCK_CLOEXEC)
+                socks.append((n, sock, sock.connect_ex(addr)))
+            for n, sock, err in socks:
+                if err == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+                header = execreq.render_header(token, pid, n)
+                if sock.send(header) != len(header):     # a fresh connection: never short
+                    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
     except trio.TooSlowError:
+        _close_socks(socks)
         raise BpfsError(errno.ETIMEDOUT, f"connecting fd {n} to bpsh at {where}: "
                         "timed out") from None
     except OSError as exc:
-        err = _errno_of(exc)
+        _close_socks(socks)
+        err = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else \
+            errno.EHOSTUNREACH          # a name that does not resolve (gaierror)
         raise BpfsError(err, f"connecting fd {n} to bpsh at {where}: "
                         f"{os.strerror(err)}") from None
-    except trio.BrokenResourceError:
-        raise BpfsError(errno.ECONNRESET, f"bpsh at {where} closed the fd {n} link") from None
-    fd = stream.socket.detach()
-    os.set_blocking(fd, True)
-    fds[n] = fd
+    except BaseException:
+        _close_socks(socks)
+        raise
+    for n, sock, _ in socks:
+        fd = sock.detach()
+        os.set_blocking(fd, True)
+        fds[n] = fd
+    return fds
 
 
-def _errno_of(exc: BaseException) -> int:
-    """trio's open_tcp_stream hides the connect errno in a group in __cause__."""
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        return _errno_of(cause.exceptions[-1])
-    if isinstance(cause, BaseException):
-        return _errno_of(cause)
-    return errno.ECONNREFUSED
-
-
-def _first_bpfs_error(group: BaseExceptionGroup) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            exc = _first_bpfs_error(exc)
-        if isinstance(exc, BpfsError):
-            return exc
-    return group.exceptions[0]
+def _close_socks(socks: list[tuple[int, socket.socket, int]]) -> None:
+    for _, sock, _ in socks:
+        sock.close()
 
 
 def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -> None:
