@@ -239,7 +239,12 @@ def _check(cond: bool, what: str) -> None:
         raise corrupt(what)
 
 
+# Every checker returns at once when the value is good and formats its message only when
+# it is not: a node checks every image it restores, and eager f-strings were most of it.
+
 def _map(obj: Any, keys: tuple[str, ...], what: str) -> dict:
+    if type(obj) is dict and len(obj) == len(keys) and all(k in obj for k in keys):
+        return obj
     _check(isinstance(obj, dict), f"{what} is not a map")
     missing = [k for k in keys if k not in obj]
     _check(not missing, f"{what} lacks {', '.join(missing)}")
@@ -249,30 +254,34 @@ def _map(obj: Any, keys: tuple[str, ...], what: str) -> dict:
 
 
 def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
-    _check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
-           f"{what} is not an integer in [{lo}, {hi}]")
-    return v
+    if type(v) is int and lo <= v <= hi:
+        return v
+    raise corrupt(f"{what} is not an integer in [{lo}, {hi}]")
 
 
 def _str(v: Any, what: str) -> str:
-    _check(isinstance(v, str), f"{what} is not a string")
-    return v
+    if type(v) is str:
+        return v
+    raise corrupt(f"{what} is not a string")
 
 
 def _bin(v: Any, what: str) -> bytes:
-    _check(isinstance(v, bytes), f"{what} is not binary")
-    return v
+    if type(v) is bytes:
+        return v
+    raise corrupt(f"{what} is not binary")
 
 
 def _addr(v: Any, what: str, aligned: bool = True) -> int:
+    if type(v) is int and 0 <= v <= TASK_SIZE and (not aligned or v % PAGE == 0):
+        return v
     _int(v, what, 0, TASK_SIZE)
-    _check(not aligned or v % PAGE == 0, f"{what} is not page-aligned")
-    return v
+    raise corrupt(f"{what} is not page-aligned")
 
 
 def _list(v: Any, what: str) -> list:
-    _check(isinstance(v, list), f"{what} is not a list")
-    return v
+    if type(v) is list:
+        return v
+    raise corrupt(f"{what} is not a list")
 
 
 _TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "umask",
@@ -349,12 +358,19 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
     _check(isinstance(obj["growsdown"], bool), f"{what}.growsdown is not a bool")
     pages = []
     last = start
-    for j, run in enumerate(_list(obj["pages"], f"{what}.pages")):
-        addr, data = _tuple(run, 2, f"{what}.pages[{j}]", raw=True)
-        _addr(addr, f"{what}.pages[{j}].addr", aligned=False)
-        _bin(data, f"{what}.pages[{j}].data")
-        _check(len(data) > 0, f"{what}.pages[{j}] is empty")
-        _check(last <= addr and addr + len(data) <= end, f"{what}.pages[{j}] outside region")
+    runs = _list(obj["pages"], f"{what}.pages")
+    for j, run in enumerate(runs):
+        # the common case in one expression; the checks below only name what is wrong
+        if type(run) is list and len(run) == 2 and type(run[0]) is int \
+                and type(run[1]) is bytes and run[1] and last <= run[0] \
+                and run[0] + len(run[1]) <= end:
+            addr, data = run
+        else:
+            addr, data = _tuple(run, 2, f"{what}.pages[{j}]", raw=True)
+            _addr(addr, f"{what}.pages[{j}].addr", aligned=False)
+            _bin(data, f"{what}.pages[{j}].data")
+            _check(len(data) > 0, f"{what}.pages[{j}] is empty")
+            _check(last <= addr and addr + len(data) <= end, f"{what}.pages[{j}] outside region")
         last = addr + len(data)
         pages.append((addr, data))
     return Region(start, end, _int(obj["prot"], f"{what}.prot", 0, 7), kind, obj["growsdown"],
@@ -403,10 +419,16 @@ def _tuple(obj: Any, n: int, what: str, aligned: bool = False, raw: bool = False
     return tuple(_int(v, what) if not aligned else _addr(v, what) for v in obj)
 
 
+def _strings(items: list, what: str) -> list[str]:
+    if not all(type(x) is str for x in items):
+        _check(False, f"a {what} is not a string")
+    return items
+
+
 def _host(obj: Any) -> Host:
     _map(obj, ("kernel", "vdso", "cpu_flags", "xcr0", "xstate_size"), "host")
     return Host(_str(obj["kernel"], "host.kernel"), _str(obj["vdso"], "host.vdso"),
-                [_str(f, "cpu flag") for f in _list(obj["cpu_flags"], "host.cpu_flags")],
+                _strings(_list(obj["cpu_flags"], "host.cpu_flags"), "cpu flag"),
                 _int(obj["xcr0"], "host.xcr0"), _int(obj["xstate_size"], "host.xstate_size"))
 
 
