@@ -40,16 +40,45 @@ connections: bpsh holds the headers of PIDs it does not know yet until it arrive
 
 from __future__ import annotations
 
-import re
-import shlex
 from bpfs.record import record
 
 from bpfs.errors import einval
 
-TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+# bpsh imports this module at start-up: no `re` and no `shlex` at module level (with
+# `enum` and `functools` behind them, ~3 ms of every bpsh run). `is_token` checks a token
+# by hand, `quote` is shlex.quote's rule; the parsing side imports shlex when it is used.
+HEX_DIGITS = "0123456789abcdef"
+TOKEN_LEN = 32
 HEADER_MAX = 512
 MAX_RANKS = 65536
 RANKS_FD = -2           # Header.fd of a ranks link
+
+
+def is_token(text: str) -> bool:
+    """True for TOKEN: exactly 32 lowercase hex digits (TOKEN_RE.fullmatch, without `re`)."""
+    return len(text) == TOKEN_LEN and not text.strip(HEX_DIGITS)
+
+
+def __getattr__(name: str):
+    """TOKEN_RE, the compiled pattern of a token, made on first use (it needs `re`)."""
+    if name == "TOKEN_RE":
+        import re
+        pattern = globals()["TOKEN_RE"] = re.compile(r"[0-9a-f]{32}")
+        return pattern
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# shlex.quote's safe characters: ASCII letters and digits and these (its [\w@%+=:,./-]).
+_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-"
+
+
+def quote(word: str) -> str:
+    """shlex.quote(word), without importing shlex (and `re`)."""
+    if not word:
+        return "''"
+    if not word.strip(_SAFE):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
 
 
 def parse_io(text: str) -> str:
@@ -78,7 +107,7 @@ class ExecMove:
                  "--stderr", self.stderr]
         if self.nodes is not None:
             words += ["--nodes", ",".join(map(str, self.nodes))]
-        return " ".join(shlex.quote(w) for w in words) + "\n"
+        return " ".join(quote(w) for w in words) + "\n"
 
 
 _OPTS = {"--port": "port", "--token": "token", "--rank": "rank", "--nodes": "nodes",
@@ -97,7 +126,7 @@ def parse_execmove(args: list[str]) -> ExecMove:
     for need in ("port", "token"):
         if need not in vals:
             raise einval(f"execmove: --{need} is required")
-    if not TOKEN_RE.fullmatch(vals["token"]):
+    if not is_token(vals["token"]):
         raise einval("execmove: --token must be 32 hex digits")
     try:
         port, rank = int(vals["port"]), int(vals.get("rank", "0"))
@@ -123,6 +152,7 @@ def _parse_nodes(text: str) -> tuple[int, ...]:
 
 
 def split_ctl_words(line: str) -> list[str]:
+    import shlex        # the master's side only; see the top of the module
     try:
         return shlex.split(line)
     except ValueError as exc:

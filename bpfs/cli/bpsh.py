@@ -38,15 +38,20 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
 With -N and a single remote node (and no -t), bpsh does the execmove itself
 without forking, as bproc documents: bpsh becomes the ghost.
 
-Kept light on purpose (no click/trio): start-up time is part of every bpsh run.
+Kept light on purpose: start-up time is part of every bpsh run. No click or trio, and
+not even `socket`, `signal`, `selectors`, `re`, `shlex`, `typing` or `dataclasses`: they
+(and `enum`, `functools`, `collections` behind them) were ~2/3 of bpsh's imports. The C
+modules `_socket` and `_signal` do the same work; `bpfs.nodeset` (and `bpfs.formats`) are
+imported only for a NODESPEC that is not plain node numbers. tests/unit/test_startup.py
+keeps it so.
 """
 
 from __future__ import annotations
 
+import _signal
+import _socket
 import errno as _errno
 import os
-import signal
-import socket
 import sys
 import time
 from bpfs.preexec import reset_signals
@@ -55,7 +60,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
     from typing import Sequence
 
-from bpfs import __version__, nodeset
+from bpfs import __version__
 from bpfs.cli import common
 from bpfs.cli.stdio_server import (ALL_RANKS, STAGE_CTL, STAGE_EXEC, OutputOptions, Proc,
                                    StdioServer, TERMINATING, pack_failure)
@@ -67,6 +72,7 @@ EXIT_NOT_FOUND = 1          # bproc's bpsh: `bpsh: X: command not found`, exit 1
 # Tests put a fake node here: then PREFIX... NODE PATH ARGV... is exec'd instead of
 # the command (the fake reads nodes/NODE/ctl and does the node's part). Empty in use.
 EXEC_PREFIX: list[str] = []
+MASTER = -1                 # the master's node number (as bpfs.nodeset's)
 
 USAGE = f"""\
 usage: {PROG} [options] NODESPEC command [args...]
@@ -294,12 +300,10 @@ def resolve_nodes(args: Args, mount: str) -> list[int] | None:
     assert text is not None
     if text == "-1":
         text = "master"
-    try:
-        spec = nodeset.parse(text)
-        if spec.only_numbers and os.path.exists(os.path.join(mount, "status")):
-            return spec.resolve([], keep_unknown=True)  # the ctl write checks each node
-    except ValueError:
-        pass
+    numbers = _plain_numbers(text)
+    if numbers is not None and os.path.exists(os.path.join(mount, "status")):
+        return numbers                  # no node list needed: the ctl write checks each node
+    from bpfs import nodeset            # the rest of the grammar needs the node list
     rows = common.read_status(mount)
     pairs = [(r.number, r.state) for r in rows]
     try:
@@ -308,9 +312,25 @@ def resolve_nodes(args: Args, mount: str) -> list[int] | None:
         by_address = [r.number for r in rows if r.address and r.address == text]
         if by_address:
             return by_address
-        if text in ("localhost", "n-1", socket.gethostname()):
+        if text in ("localhost", "n-1", _socket.gethostname()):
             return None
         common.fail(f'Invalid node specification "{text}": {e}')
+
+
+def _plain_numbers(text: str) -> list[int] | None:
+    """The nodes of a spec made only of node numbers (N, nN, .N) and `master`, as
+    `nodeset.parse(text).resolve([], keep_unknown=True)` gives them when `only_numbers`;
+    None for anything else (then bpfs.nodeset decides)."""
+    out = []
+    for chunk in text.split(","):
+        if chunk == "master":
+            out.append(MASTER)
+        elif chunk:
+            digits = chunk[1:] if chunk[0] in "n." else chunk
+            if not (digits.isascii() and digits.isdigit()):
+                return None
+            out.append(int(digits))
+    return out or None
 
 
 # ---- running ----------------------------------------------------------------------------
@@ -335,8 +355,8 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     received meanwhile. Launch failures are printed on `stderr_fd` as they happen.
     """
     sockets = "socket" in job.io
-    vector = len(job.nodes) > 1 and nodeset.MASTER not in job.nodes and not EXEC_PREFIX
-    listener = _listen() if vector or (sockets and any(n != nodeset.MASTER
+    vector = len(job.nodes) > 1 and MASTER not in job.nodes and not EXEC_PREFIX
+    listener = _listen() if vector or (sockets and any(n != MASTER
                                                        for n in job.nodes)) else None
     token = os.urandom(16).hex()
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -355,7 +375,7 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
             server.add_vector(list(enumerate(job.nodes)), pid, expect)
         for rank, node in enumerate(job.nodes if not vector else ()):
             env = dict(base_env, BPROC_RANK=f"{rank:07d}")
-            if node == nodeset.MASTER:
+            if node == MASTER:
                 _start_local(server, job, rank, env, expect, status_w)
             else:
                 line = ExecMove(port or 1, token, rank, *job.io).render().encode()
@@ -371,8 +391,8 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
             listener.close()
 
 
-def _listen() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listen() -> _socket.socket:
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     sock.bind(("0.0.0.0", 0))
     sock.listen(1024)
     return sock
@@ -453,7 +473,7 @@ def write_request(mount: str, node: int, line: bytes) -> None:
 
 
 def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) -> None:
-    path, argv = _exec_argv(job, node) if node != nodeset.MASTER else (job.path, job.argv)
+    path, argv = _exec_argv(job, node) if node != MASTER else (job.path, job.argv)
     try:
         os.execve(path, argv, env)
     except OSError as e:
@@ -471,15 +491,15 @@ def _report(status_w: int, rank: int, stage: int, err: int | None) -> None:
 def _start_local(server: StdioServer, job: Job, rank: int, env: dict[str, str],
                  expect: set[int], status_w: int) -> None:
     """Node -1: run the command here, its "socket" fds being socketpairs to the server."""
-    pairs = {fd: socket.socketpair() for fd in expect}
+    pairs = {fd: _socket.socketpair() for fd in expect}
     pid = _fork(lambda: _local_child(job, pairs, env, status_w, rank))
-    proc = server.add_process(rank, nodeset.MASTER, pid, expect)
+    proc = server.add_process(rank, MASTER, pid, expect)
     for fd, (ours, theirs) in pairs.items():
         theirs.close()
         server.add_link(proc, fd, ours)
 
 
-def _local_child(job: Job, pairs: dict[int, tuple[socket.socket, socket.socket]],
+def _local_child(job: Job, pairs: dict[int, tuple[_socket.socket, _socket.socket]],
                  env: dict[str, str], status_w: int, rank: int) -> None:
     try:
         for fd, spec in enumerate(job.io):
@@ -495,7 +515,7 @@ def _local_child(job: Job, pairs: dict[int, tuple[socket.socket, socket.socket]]
         _report(status_w, rank, STAGE_CTL, e.errno)
         os._exit(1)
     _reset_child(status_w)
-    _execve(job, nodeset.MASTER, env, status_w, rank)
+    _execve(job, MASTER, env, status_w, rank)
 
 
 def exit_status(procs: Sequence[Proc], received: Sequence[int], stderr_fd: int = 2
@@ -560,7 +580,7 @@ def _run(args: Args) -> int:
     if not nodes:
         return 0
     job = Job(mount, nodes, path, args.command, tuple(args.io), args.output)
-    if args.io == ["null"] * 3 and len(nodes) == 1 and nodes[0] != nodeset.MASTER \
+    if args.io == ["null"] * 3 and len(nodes) == 1 and nodes[0] != MASTER \
             and not args.time:
         return _direct_execmove(job, nodes[0])
     start = time.monotonic()
@@ -571,7 +591,7 @@ def _run(args: Args) -> int:
         sys.stdout.flush()
     if die_of is not None:
         sys.stdout.flush()
-        signal.signal(die_of, signal.SIG_DFL)
+        _signal.signal(die_of, _signal.SIG_DFL)
         os.kill(os.getpid(), die_of)
         return 128 + die_of
     return code

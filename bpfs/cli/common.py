@@ -5,8 +5,9 @@ body and maps `CliError`, `BpfsError` and `OSError` to `prog: what: strerror` on
 stderr and an exit status, never a traceback. Exit statuses: 0 success, 1 an
 operation failed, 2 bad usage, 130 interrupted (Ctrl-C).
 
-Kept light on purpose (stdlib and bpfs.formats only): it is imported by every
-CLI at start-up, and start-up time is most of a bpstat run.
+Kept light on purpose (os, sys and bpfs.errors; bpfs.formats only once /bproc/status is
+read): it is imported by every CLI at start-up, and start-up time is most of a bpstat
+run or a bpsh run.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations
 if TYPE_CHECKING:
     from typing import Callable, NoReturn, TypeVar
 
+    from bpfs import formats
+
     T = TypeVar("T")
 
-from bpfs import formats
 from bpfs.errors import BpfsError
 
 DEFAULT_MOUNT = "/bproc"
@@ -114,6 +116,7 @@ def read_file(path: str) -> str:
 
 def read_status(mount: str) -> list[formats.NodeRow]:
     """The rows of $MOUNT/status; a missing file means bpfs is not mounted there."""
+    from bpfs import formats        # not at start-up: bpsh seldom needs it
     path = os.path.join(mount, "status")
     try:
         text = read_file(path)

@@ -45,18 +45,22 @@ errors on a link close that link only.
 
 from __future__ import annotations
 
+# The C modules on purpose: `socket`, `signal` and `selectors` wrap them with enums and
+# import `enum`, `functools`, `collections`... (~5 ms of every bpsh run). So: `_socket`
+# sockets (socket.socket is a subclass: callers may pass either), `_signal` (plain ints),
+# and `_Poller` below on select.poll in place of selectors.PollSelector.
+import _signal
+import _socket
 import errno as _errno
+import math
 import os
 import select
-import selectors
-import signal
-import socket
-import struct
 import time
+from _struct import Struct
 from bpfs.record import Factory, record
 TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Any, Callable
 
 from bpfs.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
 
@@ -64,13 +68,14 @@ DIVIDER = "-" * 69
 RAW_CHUNK = 1 << 20             # read size for unbuffered output links
 STDIN_BUFFER = 4 << 20          # the most of stdin held for slow readers
 LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID
-FORWARDED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP,
-             signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGTSTP)
-TERMINATING = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP,
+             _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGTSTP)
+TERMINATING = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP)
+EVENT_READ, EVENT_WRITE = 1, 2      # as selectors'
 
 # launch failure records written by bpsh's children on the status pipe
 STAGE_CTL, STAGE_EXEC = 1, 2
-_RECORD = struct.Struct("=iii")     # rank, stage, errno (12 bytes: atomic in a pipe)
+_RECORD = Struct("=iii")            # rank, stage, errno (12 bytes: atomic in a pipe)
 ALL_RANKS = -1                      # the rank of a failure of a multi-node run's writer
 RANKS_MAX = 16 << 20                # the most a ranks link may carry
 
@@ -118,12 +123,12 @@ class Vector:
     failed: bool = False                    # no rank will run: only the writer's end counts
     status: int | None = None               # the writer's, if reaped before the ranks
     reaped_at: float = 0.0
-    held: list[tuple[Header, socket.socket]] = Factory(list)   # links of unknown PIDs
+    held: list[tuple[Header, _socket.socket]] = Factory(list)   # links of unknown PIDs
 
 
 @record(eq=False)
 class Link:
-    sock: socket.socket
+    sock: _socket.socket
     proc: Proc
     fd: int
     pending: bytearray = Factory(bytearray)   # partial line (line mode)
@@ -208,7 +213,7 @@ class _Stdin:
 class StdioServer:
     """Serves one bpsh run; see the module docstring. Use from the main thread."""
 
-    def __init__(self, listener: socket.socket | None, token: str,
+    def __init__(self, listener: _socket.socket | None, token: str,
                  options: OutputOptions | None = None, *, stdin_fd: int | None = 0,
                  stdout_fd: int = 1, stderr_fd: int = 2, status_fd: int | None = None,
                  command: str = "", prog: str = "bpsh", late_grace: float | None = None,
@@ -225,7 +230,7 @@ class StdioServer:
         self.procs: list[Proc] = []
         self.by_pid: dict[int, Proc] = {}
         self.vector: Vector | None = None       # a multi-node run waiting for its ranks
-        self.sel = selectors.PollSelector()     # poll, unlike epoll, takes regular files
+        self.sel = _Poller()                    # poll, unlike epoll, takes regular files
         self.chunk = bytearray(max(RAW_CHUNK, self.opt.buffer_size))
         self.current = 0                        # sequential: index of the rank being shown
         self.signals: list[int] = []            # signals bpsh received, in order
@@ -255,7 +260,7 @@ class StdioServer:
                 self.stdin.readers[proc] = self.stdin.base
         self.vector = Vector(writer, procs)
 
-    def add_link(self, proc: Proc, fd: int, sock: socket.socket) -> None:
+    def add_link(self, proc: Proc, fd: int, sock: _socket.socket) -> None:
         """A link that exists already (a local child's socketpair end)."""
         sock.setblocking(False)
         proc.expect.discard(fd)
@@ -266,9 +271,9 @@ class StdioServer:
         if self._wake_r >= 0:
             return
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
-        self._old_handlers = {sig: signal.signal(sig, _noop)
-                              for sig in (signal.SIGCHLD, *FORWARDED)}
+        self._old_wakeup = _signal.set_wakeup_fd(self._wake_w)
+        self._old_handlers = {sig: _signal.signal(sig, _noop)
+                              for sig in (_signal.SIGCHLD, *FORWARDED)}
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -276,12 +281,12 @@ class StdioServer:
         """Serve until every process is settled; returns the processes in rank order."""
         self.install_signals()
         try:
-            self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+            self.sel.register(self._wake_r, EVENT_READ, self._on_wakeup)
             if self.listener is not None:
                 self.listener.setblocking(False)
-                self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
+                self.sel.register(self.listener, EVENT_READ, self._on_accept)
             if self.status_fd is not None:
-                self.sel.register(self.status_fd, selectors.EVENT_READ, self._on_status)
+                self.sel.register(self.status_fd, EVENT_READ, self._on_status)
             if self.opt.dividers and self.procs:
                 self._divider()
             while True:
@@ -291,8 +296,8 @@ class StdioServer:
                 if self._done():
                     break
                 self._update_interest()
-                for key, events in self.sel.select(self._timeout()):
-                    key.data(events)
+                for callback, events in self.sel.select(self._timeout()):
+                    callback(events)
         finally:
             self._restore_signals()
             self._close_all()
@@ -337,7 +342,7 @@ class StdioServer:
         if want != self._stdin_registered:
             assert self.stdin.fd is not None
             if want:
-                self.sel.register(self.stdin.fd, selectors.EVENT_READ, self._on_stdin)
+                self.sel.register(self.stdin.fd, EVENT_READ, self._on_stdin)
             else:
                 self.sel.unregister(self.stdin.fd)
             self._stdin_registered = want
@@ -346,13 +351,13 @@ class StdioServer:
         for proc in self.procs:
             link = proc.stdin_link
             if link is not None:
-                events = selectors.EVENT_READ
+                events = EVENT_READ
                 if self.stdin.has_pending(proc):
-                    events |= selectors.EVENT_WRITE
+                    events |= EVENT_WRITE
                 self._watch(link, events, self._on_stdin_link)
             if shown is None or proc.rank == shown:
                 for link in proc.links:
-                    self._watch(link, selectors.EVENT_READ, self._on_output)
+                    self._watch(link, EVENT_READ, self._on_output)
 
     def _watch(self, link: Link, events: int, handler: Callable[[Link, int], None]) -> None:
         if link.events == events:
@@ -370,7 +375,7 @@ class StdioServer:
         assert self.listener is not None
         while True:
             try:
-                sock, _ = self.listener.accept()
+                fd, _ = self.listener._accept()     # socket.accept without the wrapper
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -378,15 +383,17 @@ class StdioServer:
                 if e.errno not in (_errno.EMFILE, _errno.ENFILE, _errno.ECONNABORTED):
                     self.sel.unregister(self.listener)
                 return
+            lst = self.listener
+            sock = _socket.socket(lst.family, lst.type, lst.proto, fd)
             sock.setblocking(False)
             got = bytearray()
-            self.sel.register(sock, selectors.EVENT_READ,
+            self.sel.register(sock, EVENT_READ,
                               lambda ev, sock=sock, got=got: self._on_header(sock, got))
 
-    def _on_header(self, sock: socket.socket, got: bytearray) -> None:
+    def _on_header(self, sock: _socket.socket, got: bytearray) -> None:
         """Read the header line without reading past it: peek, then take what is header."""
         try:
-            peek = sock.recv(HEADER_MAX - len(got), socket.MSG_PEEK)
+            peek = sock.recv(HEADER_MAX - len(got), _socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -405,7 +412,7 @@ class StdioServer:
         else:
             self._dispatch(header, sock)
 
-    def _dispatch(self, header: Header, sock: socket.socket) -> None:
+    def _dispatch(self, header: Header, sock: _socket.socket) -> None:
         proc = self.by_pid.get(header.pid)
         vec = self.vector
         if vec is not None and header.pid == vec.writer and header.fd < 0:
@@ -431,7 +438,7 @@ class StdioServer:
 
     # ---- multi-node runs -------------------------------------------------------------
 
-    def _read_ranks(self, sock: socket.socket) -> None:
+    def _read_ranks(self, sock: _socket.socket) -> None:
         """Read the ranks link's body to its EOF (small: a PID per rank), then use it."""
         body = bytearray()
 
@@ -452,7 +459,7 @@ class StdioServer:
                 self._warn("the master sent a bad ranks link; ignored")
             else:
                 self._ranks(vec, ranks)
-        self.sel.register(sock, selectors.EVENT_READ, more)
+        self.sel.register(sock, EVENT_READ, more)
 
     def _ranks(self, vec: Vector, ranks: list[int]) -> None:
         """Every rank gets its ghost's PID; a rank that may not run says why."""
@@ -506,7 +513,7 @@ class StdioServer:
                 vec.status, vec.reaped_at = status, self.clock()
                 self._vector_settle(vec)
 
-    def _attach(self, proc: Proc, fd: int, sock: socket.socket) -> None:
+    def _attach(self, proc: Proc, fd: int, sock: _socket.socket) -> None:
         link = Link(sock, proc, fd)
         if fd == 0:
             if proc.status is not None or proc not in self.stdin.readers:
@@ -519,7 +526,7 @@ class StdioServer:
         else:
             proc.links.append(link)
 
-    def _drop(self, sock: socket.socket) -> None:
+    def _drop(self, sock: _socket.socket) -> None:
         self.sel.unregister(sock)
         sock.close()
 
@@ -577,7 +584,7 @@ class StdioServer:
 
     def _on_stdin_link(self, link: Link, events: int) -> None:
         proc = link.proc
-        if events & selectors.EVENT_READ:
+        if events & EVENT_READ:
             self._close_stdin_link(proc)            # the remote end went away
             return
         try:
@@ -597,7 +604,7 @@ class StdioServer:
                 or proc not in self.stdin.readers:
             return
         try:
-            link.sock.shutdown(socket.SHUT_WR)
+            link.sock.shutdown(_socket.SHUT_WR)
         except OSError:
             pass
         self.stdin.drop(proc)
@@ -700,15 +707,15 @@ class StdioServer:
         except (BlockingIOError, InterruptedError):
             return
         for sig in data:
-            if sig == signal.SIGCHLD:
+            if sig == _signal.SIGCHLD:
                 self._sigchld = True
             elif sig in FORWARDED:
                 self._forward(sig)
 
     def _forward(self, sig: int) -> None:
         self.signals.append(sig)
-        if sig == signal.SIGINT and self.signals.count(signal.SIGINT) >= 3:
-            sig = signal.SIGKILL
+        if sig == _signal.SIGINT and self.signals.count(_signal.SIGINT) >= 3:
+            sig = _signal.SIGKILL
         pids = [p.pid for p in self.procs if p.status is None and p.pid]
         if self.vector is not None and self.vector.status is None:
             pids.append(self.vector.writer)
@@ -717,17 +724,17 @@ class StdioServer:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        if sig == signal.SIGTSTP:                   # stop ourselves too, like a shell job;
-            signal.signal(signal.SIGTSTP, signal.SIG_DFL)   # SIGCONT is forwarded on resume
-            os.kill(os.getpid(), signal.SIGTSTP)
-            signal.signal(signal.SIGTSTP, _noop)
+        if sig == _signal.SIGTSTP:                  # stop ourselves too, like a shell job;
+            _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)    # SIGCONT is forwarded on resume
+            os.kill(os.getpid(), _signal.SIGTSTP)
+            _signal.signal(_signal.SIGTSTP, _noop)
 
     def _restore_signals(self) -> None:
         if self._wake_r < 0:
             return
         for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        signal.set_wakeup_fd(self._old_wakeup)
+            _signal.signal(sig, old)
+        _signal.set_wakeup_fd(self._old_wakeup)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._wake_r = self._wake_w = -1
@@ -744,9 +751,8 @@ class StdioServer:
         if self.vector is not None:
             for _, sock in self.vector.held:
                 sock.close()
-        for key in list(self.sel.get_map().values()):
-            obj = key.fileobj
-            if isinstance(obj, socket.socket) and obj is not self.listener:
+        for obj in self.sel.registered():
+            if isinstance(obj, _socket.socket) and obj is not self.listener:
                 obj.close()
         self.sel.close()
         if self.status_fd is not None:
@@ -761,3 +767,90 @@ class StdioServer:
 
 def _noop(signum: int, frame: object) -> None:
     """Signal handler: the work is done by the loop, woken through the wakeup fd."""
+
+
+class _Poller:
+    """What StdioServer used of selectors.PollSelector, on select.poll itself.
+
+    register/modify/unregister take a socket or an fd (a closed socket is found by
+    identity), with PollSelector's errors: KeyError for a second register or an unknown
+    object, ValueError for bad events or fd. `select` returns (data, events) pairs; a
+    hang-up or an error counts as both EVENT_READ and EVENT_WRITE, masked by what is
+    watched, exactly as PollSelector reports them.
+    """
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._map: dict[int, list[Any]] = {}        # fd -> [fileobj, events, data]
+
+    @staticmethod
+    def _fd(fileobj: Any) -> int:
+        fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
+        if fd < 0:
+            raise ValueError(f"Invalid file descriptor: {fd}")
+        return fd
+
+    def _lookup(self, fileobj: Any) -> int:
+        try:
+            fd = self._fd(fileobj)
+        except ValueError:
+            fd = next((fd for fd, entry in self._map.items() if entry[0] is fileobj), -1)
+        if fd not in self._map:
+            raise KeyError(f"{fileobj!r} is not registered")
+        return fd
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        if not events or events & ~(EVENT_READ | EVENT_WRITE):
+            raise ValueError(f"Invalid events: {events!r}")
+        return (select.POLLIN if events & EVENT_READ else 0) | \
+            (select.POLLOUT if events & EVENT_WRITE else 0)
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> None:
+        mask = self._mask(events)
+        fd = self._fd(fileobj)
+        if fd in self._map:
+            raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
+        self._poll.register(fd, mask)
+        self._map[fd] = [fileobj, events, data]
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> None:
+        fd = self._lookup(fileobj)
+        entry = self._map[fd]
+        if events != entry[1]:
+            try:
+                self._poll.modify(fd, self._mask(events))
+            except BaseException:
+                self.unregister(fileobj)
+                raise
+        entry[1:] = [events, data]
+
+    def unregister(self, fileobj: Any) -> None:
+        fd = self._lookup(fileobj)
+        del self._map[fd]
+        try:
+            self._poll.unregister(fd)
+        except (OSError, KeyError):
+            pass                    # the fd was closed since it was registered
+
+    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+        if timeout is not None:
+            timeout = 0 if timeout <= 0 else math.ceil(timeout * 1e3)
+        try:
+            ready = self._poll.poll(timeout)
+        except InterruptedError:
+            return []
+        out = []
+        for fd, got in ready:
+            events = (EVENT_WRITE if got & ~select.POLLIN else 0) | \
+                (EVENT_READ if got & ~select.POLLOUT else 0)
+            entry = self._map.get(fd)
+            if entry is not None:
+                out.append((entry[2], events & entry[1]))
+        return out
+
+    def registered(self) -> list[Any]:
+        return [entry[0] for entry in self._map.values()]
+
+    def close(self) -> None:
+        self._map.clear()
