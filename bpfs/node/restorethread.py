@@ -50,7 +50,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.migrate import Restorer
 from bpfs.node import nsutil
-from bpfs.node.init import ExitCallback, Reaper
+from bpfs.node.init import ExitCallback, Reaper, task_children
 
 log = logging.getLogger("bpslave")
 
@@ -236,16 +236,16 @@ class NodeReaper(Reaper):
         self.reap()
 
     def children(self) -> list[int]:
-        pids = super().children()
         tid = self.thread.tid
         if tid is None:
-            return pids
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                hidden = {int(p) for p in f.read().split()} - self._adopted
-        except OSError:
-            return pids
-        return [p for p in pids if p not in hidden]
+            return super().children()
+        pids: list[int] = []
+        for task in os.listdir("/proc/self/task"):
+            kids = task_children(task)
+            if task == str(tid):                # the Restorer's: only what was adopted
+                kids = [p for p in kids if p in self._adopted]
+            pids += kids
+        return pids
 
     def reap(self) -> int:
         if not self.thread.lock.acquire(blocking=False):
