@@ -265,7 +265,6 @@ class ProcService:
     async def _fan_out(self, m: Migration, image: Any) -> bytes:
         """The writer is dumped: one ghost per further rank, bpsh told who is who; the
         image serialized once. Each further rank then moves in a task of its own."""
-        from bpfs.migrate import dumps
         assert m.ranks is not None and m.req.nodes is not None
         ranks, nodes = m.ranks, m.req.nodes
         m.ranks = None
@@ -290,7 +289,7 @@ class ProcService:
             moves.append(r)
         await _tell_bpsh(m.req.port, execreq.render_ranks(m.req.token, m.pid, pids),
                          f"the ranks of pid {m.pid}")      # bpsh listens, whatever the IO
-        data = await trio.to_thread.run_sync(dumps, image)
+        data = await _serialize(image)
         for r in moves:
             self._spawn(self._move_rank, r, image, data)
         log.info("migration %d: pid %d fans out to %d ranks", m.id, m.pid, len(ranks))
@@ -320,14 +319,13 @@ class ProcService:
             raise
 
     async def _restore(self, m: Migration, image: Any, data: bytes | None = None) -> None:
-        from bpfs.migrate import dumps
         if m.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {m.pid} was killed before it moved")
         c = m.caller
         try:
             with trio.fail_after(RESTORE_TIMEOUT):
                 if data is None:
-                    data = await trio.to_thread.run_sync(dumps, image)
+                    data = await _serialize(image)
                 msg = {"t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
                        "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
                        "token": m.req.token}
@@ -524,6 +522,18 @@ class ProcService:
             self.cluster.exited(pid, code, sig)
         if p.output is None:        # an exec'd one stays for its output (master_exec)
             self.cluster.remove_proc(pid)
+
+
+INLINE_IMAGE = 1 << 20      # smaller images are serialized in trio's thread (~50 us)
+
+
+async def _serialize(image: Any) -> bytes:
+    """The image's bytes; a big one in a worker thread so trio keeps serving meanwhile
+    (a thread hand-over costs more than serializing a usual, by-reference image)."""
+    from bpfs.migrate import dumps
+    if image.page_bytes() + sum(map(len, image.contents.values())) < INLINE_IMAGE:
+        return dumps(image)
+    return await trio.to_thread.run_sync(dumps, image)
 
 
 async def _tell_bpsh(port: int, data: bytes, what: str) -> None:

@@ -343,8 +343,8 @@ def _gaps(keep: list[tuple[int, int]], bottom: int, top: int) -> list[tuple[int,
 def aim_exit(pid: int, code: int, signals: list[int]) -> None:
     """Make the stopped `pid` call exit_group(code) when resumed, and resume it."""
     settle(pid, signals)
-    _, gadget, _ = vdso(pid)
     regs = pt.getregs(pid)
+    gadget = sleeping_gadget(pid, regs)     # a parked ghost: no need to read its maps
     regs.rip, regs.rax, regs.orig_rax, regs.rdi = gadget, SYS_EXIT_GROUP, NO_SYSCALL, code
     pt.setregs(pid, regs)
     pt.cont(pid, 0)
