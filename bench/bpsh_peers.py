@@ -146,7 +146,15 @@ class Bench:
         self.cluster_started = False
         self.cmds: dict[str, Cmd] = {}
         self.failures: list[str] = []
-        self.bpsh = f"{PY} -c 'import sys; from bpfs.cli.bpsh import main; sys.exit(main())'"
+        # bpsh as bootstrap installs it (/usr/local/bin/bpsh: an `-IS` launcher), here
+        # pointing at the checkout under test.
+        launcher = os.path.join(self.base, "bpsh")
+        with open(launcher, "w") as f:
+            f.write(f"#!{PY} -IS\nimport sys\nsys.path.insert(0, {str(self.src)!r})\n"
+                    "from bpfs.cli.bpsh import console\nconsole()\n")
+        os.chmod(launcher, 0o755)
+        os.chmod(self.base, 0o755)
+        self.bpsh = launcher
         self.profile_lines: list[str] = []
         self.hf_version = ""
 
