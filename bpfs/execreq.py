@@ -55,17 +55,8 @@ RANKS_FD = -2           # Header.fd of a ranks link
 
 
 def is_token(text: str) -> bool:
-    """True for TOKEN: exactly 32 lowercase hex digits (TOKEN_RE.fullmatch, without `re`)."""
+    """True for TOKEN: exactly 32 lowercase hex digits (checked by hand: no `re`)."""
     return len(text) == TOKEN_LEN and not text.strip(HEX_DIGITS)
-
-
-def __getattr__(name: str):
-    """TOKEN_RE, the compiled pattern of a token, made on first use (it needs `re`)."""
-    if name == "TOKEN_RE":
-        import re
-        pattern = globals()["TOKEN_RE"] = re.compile(r"[0-9a-f]{32}")
-        return pattern
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # shlex.quote's safe characters: ASCII letters and digits and these (its [\w@%+=:,./-]).

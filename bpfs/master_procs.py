@@ -204,6 +204,7 @@ class ProcService:
         None) says which ranks get a ghost; the writer is the first of those."""
         self.check_ready()
         ranks: list[BpfsError | None] | None = None
+        first: int | None = None
         if req.nodes is not None:
             ranks = list(rank_errors) or [None] * len(req.nodes)
             if len(ranks) != len(req.nodes) or all(ranks):
@@ -217,8 +218,7 @@ class ProcService:
         await wait_future(self.tracer.seize(pid))
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         m = Migration(next(self._ids), node, pid, caller, req, send, receive, launch=launch)
-        if ranks is not None:
-            m.ranks, m.rank = ranks, ranks.index(None)
+        m.ranks, m.rank = ranks, first
         if launch is not None:
             launch.armed = True
         self._migrations[m.id] = m
@@ -328,8 +328,8 @@ class ProcService:
                     data = await _serialize(image)
                 msg = {"t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
                        "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
-                       "token": m.req.token}
-                msg["pid"] = m.pid          # the node connects bpsh's links at once
+                       "token": m.req.token,
+                       "pid": m.pid}        # so the node connects bpsh's links at once
                 if m.rank is not None:
                     msg["rank"] = m.rank
                 await self.send_node(m.node, msg)

@@ -242,10 +242,12 @@ class StdioServer:
     # ---- set-up ---------------------------------------------------------------------
 
     def add_process(self, rank: int, node: int, pid: int, expect: set[int]) -> Proc:
-        """Register a child; `expect` holds the fds (0, 1, 2) it will connect back."""
+        """Register a child; `expect` holds the fds (0, 1, 2) it will connect back.
+        PID 0: not known yet (a rank of a multi-node run, see add_vector)."""
         proc = Proc(rank, node, pid, set(expect))
         self.procs.append(proc)
-        self.by_pid[pid] = proc
+        if pid:
+            self.by_pid[pid] = proc
         if 0 in proc.expect:
             self.stdin.readers[proc] = self.stdin.base
         return proc
@@ -253,12 +255,8 @@ class StdioServer:
     def add_vector(self, ranks: list[tuple[int, int]], writer: int, expect: set[int]) -> None:
         """A multi-node run: `ranks` are (rank, node) pairs, `writer` the one child forked;
         each rank's PID comes with the ranks link."""
-        procs = [Proc(rank, node, 0, set(expect)) for rank, node in ranks]
-        self.procs += procs
-        for proc in procs:
-            if 0 in proc.expect:
-                self.stdin.readers[proc] = self.stdin.base
-        self.vector = Vector(writer, procs)
+        self.vector = Vector(writer, [self.add_process(rank, node, 0, expect)
+                                      for rank, node in ranks])
 
     def add_link(self, proc: Proc, fd: int, sock: _socket.socket) -> None:
         """A link that exists already (a local child's socketpair end)."""
@@ -466,9 +464,8 @@ class StdioServer:
         self.vector = None
         for proc, pid in zip(vec.procs, ranks):
             if pid < 0:
-                self._warn_raw(f"{proc.node}: {os.strerror(-pid)}")
+                self._migration_failed(proc, -pid)
                 proc.status, proc.reaped_at = 1 << 8, self.clock()   # as a failed ctl write
-                self._give_up(proc)
                 continue
             proc.pid = pid
             self.by_pid[pid] = proc
@@ -481,9 +478,8 @@ class StdioServer:
 
     def _vector_failed(self, vec: Vector, err: int) -> None:
         """Nothing runs anywhere: say so for every rank; the writer's end decides."""
-        if not vec.failed:
-            for proc in vec.procs:
-                self._warn_raw(f"{proc.node}: {os.strerror(err)}")
+        for proc in vec.procs:
+            self._migration_failed(proc, err)
         self._vector_dead(vec)
 
     def _vector_dead(self, vec: Vector) -> None:

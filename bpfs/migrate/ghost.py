@@ -605,7 +605,7 @@ class Tracer:
             while len(pids) < count:
                 made: list[int] = []  # the new pid, once its fork event stop came
                 try:
-                    res = gp.copy(pid, regs, gadget, signals, made, gp.CLONE_FLAGS)
+                    res = gp.copy(pid, regs, gadget, signals, made)
                 except (gp.Gone, MigrateError):
                     if not made:  # killed before the fork event stop: the child may exist
                         made.extend(self._strays())

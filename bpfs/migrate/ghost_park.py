@@ -242,8 +242,7 @@ def park(pid: int, signals: list[int], name: bytes | None = None) -> None:
     sleep_in_pause(pid, regs, gadget)
 
 
-def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: list[int],
-         flags: int | None = None) -> int:
+def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: list[int]) -> int:
     """Make a sibling of the stopped, parked `pid`: inject clone(CLONE_FLAGS) at `gadget`.
 
     `pid` must have TRACE_COPIES among its ptrace options: the kernel then attaches the child to
@@ -262,7 +261,7 @@ def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: lis
     """
     regs = base.copy()
     regs.rax, regs.orig_rax, regs.rip = SYS_CLONE, NO_SYSCALL, gadget
-    regs.rdi = CLONE_FLAGS if flags is None else flags
+    regs.rdi = CLONE_FLAGS
     regs.rsi = regs.rdx = regs.r10 = regs.r8 = 0  # same stack, no tids, no tls
     pt.setregs(pid, regs)
     child = 0

@@ -106,7 +106,7 @@ def parse_restore(msg: wire.Message) -> RestoreRequest:
             raise einval("restore: rank must be a number of at most 7 digits")
         req = dataclasses.replace(req, pid=pid, rank=rank)
     if "socket" in req.io and not (0 < req.port < 65536
-                                   and execreq.TOKEN_RE.fullmatch(req.token)):
+                                   and execreq.is_token(req.token)):
         raise einval("restore: socket IO needs a port and a 32-hex-digit token")
     return req
 
@@ -150,7 +150,7 @@ class ProcessTable:
         if held is None or held.session is not session:
             log.debug("signal %r for pid %r, which this node does not hold: ignored", sig, pid)
             return
-        if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < signals.NSIG:
+        if not _is_int(sig) or not 0 < sig < signals.NSIG:
             log.debug("bad signal number %r for pid %d: ignored", sig, pid)
             return
         try:
@@ -166,7 +166,7 @@ async def on_restore(session: "Session", msg: wire.Message) -> None:
         req = parse_restore(msg)
     except BpfsError as exc:
         mid = msg.get("id")
-        if not isinstance(mid, int) or isinstance(mid, bool):
+        if not _is_int(mid):
             log.warning("ignoring a restore request without an id: %s", exc)
             return
         log.warning("restore %d refused: %s", mid, exc)

@@ -138,14 +138,6 @@ def test_is_token_is_the_token_pattern(text):
     assert execreq.is_token(text) == bool(_TOKEN.fullmatch(text))
 
 
-def test_token_re_is_still_there_for_the_node_and_the_master():
-    from bpfs.execreq import TOKEN_RE
-    assert TOKEN_RE is execreq.TOKEN_RE and TOKEN_RE.pattern == _TOKEN.pattern
-    assert TOKEN_RE.fullmatch("0" * 32) and not TOKEN_RE.fullmatch("0" * 31 + "G")
-    with pytest.raises(AttributeError):
-        execreq.NO_SUCH_NAME  # noqa: B018
-
-
 @given(st.text(alphabet="0123456789n.,-!amsterlupdow٣", max_size=12))
 def test_plain_numbers_are_nodeset_only_numbers(text):
     assert bpsh.MASTER == nodeset.MASTER
