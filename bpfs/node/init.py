@@ -20,6 +20,8 @@ from typing import Callable
 
 import trio
 
+from bpfs.node import nsutil
+
 log = logging.getLogger("bpslave")
 
 ExitCallback = Callable[[int, int], None]     # (pid, wait status)
@@ -74,8 +76,15 @@ class Reaper:
             log.exception("exit callback of pid %d failed", pid)
 
     async def run(self) -> None:
-        """Reap on every SIGCHLD, and every few seconds in any case; runs until cancelled."""
+        """Reap on every SIGCHLD, and every few seconds in any case; runs until cancelled.
+
+        SIGCHLD comes for exits only (`nsutil.sigchld_exits_only`): the ptrace stops of
+        the restore thread's children would wake the loop for nothing."""
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            try:
+                nsutil.sigchld_exits_only()
+            except OSError as exc:
+                log.warning("SIGCHLD also for stops: %s", exc)
             self.reap()
             while True:
                 with trio.move_on_after(SWEEP_INTERVAL):

@@ -10,6 +10,7 @@ proper imports trio.
 from __future__ import annotations
 
 import ctypes
+import signal
 import os
 from typing import Optional
 
@@ -127,3 +128,32 @@ def set_cmdline(argv: list[str]) -> bool:
         return False
     _cmdline_buffers.append(buf)
     return True
+
+
+# ---- SIGCHLD for exits only ---------------------------------------------------
+
+SA_NOCLDSTOP = 1
+
+
+class _Sigaction(ctypes.Structure):
+    """glibc's struct sigaction on x86_64 (handler, 1024-bit mask, flags, restorer)."""
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_uint64 * 16),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
+def sigchld_exits_only() -> None:
+    """Add SA_NOCLDSTOP to the SIGCHLD handler Python (trio) installed.
+
+    The node daemon's restore thread ptraces the processes it builds, and every
+    ptrace stop of a child sends its process a SIGCHLD: half a dozen wake-ups of the
+    event loop per restore, each for a reaper sweep that finds nothing (profiled:
+    most of the main thread's loop iterations). With SA_NOCLDSTOP the kernel still
+    wakes waitpid() but signals only exits, which are what the reaper is for.
+    Python's signal module offers no sa_flags, hence sigaction through ctypes.
+    """
+    act = _Sigaction()
+    _check(_libc.sigaction(signal.SIGCHLD, None, ctypes.byref(act)), "sigaction")
+    if act.handler in (None, 0, 1):          # SIG_DFL, SIG_IGN: no handler to change
+        return
+    act.flags |= SA_NOCLDSTOP
+    _check(_libc.sigaction(signal.SIGCHLD, ctypes.byref(act), None), "sigaction")
