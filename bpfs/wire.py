@@ -115,6 +115,12 @@ class FrameStream:
         async with self._send_lock:
             await self.stream.send_all(data)
 
+    async def send_many(self, msgs: list[Message]) -> None:
+        """Several messages in one write (one trip through the event loop, one segment)."""
+        data = b"".join(pack(m) for m in msgs)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
             chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))

@@ -12,19 +12,20 @@ Messages (grammar in bpfs/wire.py):
 One restore runs as a task of the session, so the session keeps dispatching (a `files`
 reply, other restores) and heart-beating while it works:
 
-  1. load the image and ask the Restorer what file contents are missing (restore thread);
+  1. load the image and ask the Restorer what file contents are missing;
      a corrupt image is `failed` EINVAL. The process gets `pid` (the ghost's; the image's
      if absent). A multi-node run (bproc's vexecmove) sends every node the same image,
      each with its `pid` and `rank`: the rank is written over the Xs of
      `BPROC_RANK=XXXXXXX` in the environment. With `pid` given, step 3 comes first and
-     steps 1 and 4 are one job of the restore thread;
+     steps 1 and 4 are one synchronous call;
   2. if something is missing: `need`, then wait for the `files` with the same id
      (FILES_TIMEOUT, else ETIMEDOUT);
   3. connect the stdio links to bpsh (the header carries the image's PID, which the process
      gets on the node too) and open the null/file fds as the user (bpfs/node/stdio.py);
-  4. restore (restore thread; shielded: once started it finishes, so a session that ends
-     meanwhile still finds the process and kills it with the rest);
-  5. close the node's copies of the fds; `restored`; hand the process to the reaper.
+  4. restore (bpfs/node/restorer.py: a synchronous call in the event loop's thread, so
+     nothing can cancel it halfway; a session that ends meanwhile still finds the process
+     and kills it with the rest);
+  5. close the node's copies of the fds; queue `restored`; hand the process to the reaper.
 
 Any BpfsError before the process runs: the links are closed and the reply is `failed`
 with its errno; nothing runs. A malformed request is `failed` EINVAL (ignored, with a
@@ -55,7 +56,7 @@ from bpfs import execreq, wire
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.node import stdio
-from bpfs.node.restorethread import NodeReaper, RestoreThread
+from bpfs.node.restorer import NodeReaper, NodeRestorer
 
 if TYPE_CHECKING:
     from bpfs.node.service import Session
@@ -226,13 +227,13 @@ async def _restore(session: "Session", req: RestoreRequest) -> None:
     stdio.close_all(fds)
     procs = session.node.procs
     procs.hold(pid, Held(session, req.id, image.argv[0] if image.argv else image.comm))
-    try:
-        await session.send({"t": "restored", "id": req.id, "pid": pid})
-        steps.mark("reply")
-        log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
-                  steps)
-    finally:
-        procs.adopt(pid)
+    # `restored` goes through the report queue, and the process is adopted before anything
+    # can run: its `exited` (same queue) can only follow, and no sweep of the reaper in
+    # between can take its status for an orphan's.
+    session.report({"t": "restored", "id": req.id, "pid": pid})
+    procs.adopt(pid)
+    log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
+              steps)
 
 
 class Steps:
@@ -258,26 +259,23 @@ async def _prepare_and_restore(session: "Session", req: RestoreRequest, fds: lis
     """Steps 1-4 of the module docstring; `fds` receives the node's copies of fds 0-2.
 
     With the PID in the request (our master always sends it), the links are connected
-    first and one job of the restore thread loads, checks and restores: one hand-over
-    to the thread per restore unless file contents must be fetched.
+    first and one synchronous call loads, checks and restores; the loop waits only
+    for the links and, when the node lacks some file contents, for the master's `files`.
     """
-    thread: RestoreThread = session.node.restore_thread
+    node = session.node.restorer
     host = session.node.cfg.host
     loaded: tuple[Image, list[str]] | None = None
     if req.pid is None:             # only the image knows the PID: load it first
-        loaded = await thread.call(_load, req)
+        loaded = _load(node, req)
         steps.mark("load")
     pid = req.pid if loaded is None else loaded[0].pid
     fds[:] = await stdio.connect_links(host, req.port, req.token, pid, req.io)
     steps.mark("links")
-    with trio.CancelScope(shield=True):     # once the job starts, it finishes
-        image, missing, restored = await thread.call(_restore_job, req, fds, loaded, {})
+    image, missing, restored = _restore_job(node, req, fds, loaded, {})
     if restored is None:
         content = await _fetch(session, req.id, missing)
         steps.mark("wait for files")
-        with trio.CancelScope(shield=True):
-            image, _, restored = await thread.call(_restore_job, req, fds, (image, []),
-                                                   content)
+        image, _, restored = _restore_job(node, req, fds, (image, []), content)
     steps.mark("restore")
     assert restored is not None
     return image, restored
@@ -300,40 +298,40 @@ async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, 
         session.files.pop(rid, None)
 
 
-# ---- jobs of the restore thread ----------------------------------------------------
+# ---- synchronous steps (the Restorer's thread is the event loop's) -------------------
 
-def _load(thread: RestoreThread, req: RestoreRequest) -> tuple[Image, list[str]]:
+def _load(node: NodeRestorer, req: RestoreRequest) -> tuple[Image, list[str]]:
     image = loads(req.image)
     if req.pid is not None:
         image.pid = req.pid
     if req.rank is not None and not set_rank(image, req.rank):
         log.debug("restore %d: no BPROC_RANK=XXXXXXX in the environment", req.id)
-    return image, thread.restorer.missing(image)
+    return image, node.restorer.missing(image)
 
 
-def _restore_job(thread: RestoreThread, req: RestoreRequest, fds: list[int | None],
+def _restore_job(node: NodeRestorer, req: RestoreRequest, fds: list[int | None],
                  loaded: tuple[Image, list[str]] | None, content: dict[str, bytes]
                  ) -> tuple[Image, list[str], int | None]:
     """Load the image (unless `loaded`); if file contents are missing and not in
     `content`, stop there: (image, missing, None). Else open the local stdio files as
     the user into `fds` (the caller closes them) and restore: (image, [], pid)."""
-    image, missing = loaded if loaded is not None else _load(thread, req)
+    image, missing = loaded if loaded is not None else _load(node, req)
     if missing and not content:
         return image, missing, None
-    content = _store(thread, content)
-    with thread.as_user(req.uid, req.gid, req.groups):
+    content = _store(node, content)
+    with node.as_user(req.uid, req.gid, req.groups):
         stdio.open_local(req.io, fds, image.cwd, image.umask)
-    pid = thread.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
+    pid = node.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
                                   groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
                                   file_content=content)
     return image, [], pid
 
 
-def _store(thread: RestoreThread, content: dict[str, bytes]) -> dict[str, bytes]:
+def _store(node: NodeRestorer, content: dict[str, bytes]) -> dict[str, bytes]:
     """Put received contents into the Restorer's cache (EINVAL if data is not its digest's),
     so the next migration of the same program goes by reference; what is left to pass to
     `restore` (everything when there is no cache)."""
-    cache = thread.restorer.cache
+    cache = node.restorer.cache
     if cache is None:
         return content
     for digest, data in content.items():

@@ -12,9 +12,9 @@ migrated image, forward a signal, ...) add entries with `@handler("name")`; a
 handler that runs long starts a task in `session.nursery`.
 
 Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
-restore thread that owns the ptrace-based Restorer, and the reaper that keeps off
-its children, are bpfs/node/restorethread.py. The Restorer is made when the
-daemon starts, so its helper is ready before the first migration.
+ptrace-based Restorer (used from the event loop's thread) and the reaper that keeps
+off its helper are bpfs/node/restorer.py. The Restorer is made when the daemon
+starts, so its helper is ready before the first migration.
 
 Outcomes: REBOOT closes the connection, kills what the node holds, and comes
 back on a fresh connection asking for the same number; HALT (halt, pwroff)
@@ -40,7 +40,7 @@ from bpfs.node import facts as node_facts
 from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import kill_namespace
-from bpfs.node.restorethread import NodeReaper, RestoreThread, setup_cache_dir
+from bpfs.node.restorer import NodeReaper, NodeRestorer, setup_cache_dir
 
 log = logging.getLogger("bpslave")
 
@@ -124,16 +124,23 @@ class Session:
         await self.fs.send(msg)
 
     def report(self, msg: wire.Message) -> None:
-        """Queue `msg` (an exit report) for sending from synchronous code; dropped once the
-        session is over: the master that should hear it is gone."""
+        """Queue `msg` (`restored`, `exited`) for sending from synchronous code, in order;
+        dropped once the session is over: the master that should hear it is gone."""
         try:
             self._reports.send_nowait(msg)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             log.debug("not reported, the session is over: %s", msg)
 
     async def send_reports(self) -> Outcome:
+        """Send what `report` queued; what queued up meanwhile goes in the same write."""
         async for msg in self._report_queue:
-            await self.send(msg)
+            batch = [msg]
+            while True:
+                try:
+                    batch.append(self._report_queue.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self.fs.send_many(batch)
         return Outcome.LOST
 
     async def register(self) -> int:
@@ -202,15 +209,15 @@ class Node:
         self.cfg = cfg
         self.key = key
         self.number: int | None = cfg.node
-        self.restore_thread = RestoreThread(None)
-        self.reaper = NodeReaper(self.restore_thread)
+        self.restorer = NodeRestorer(None)
+        self.reaper = NodeReaper(self.restorer)
         self.procs = procs.ProcessTable(self.reaper)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
 
     def start(self) -> None:
-        """Mount the file cache and start the restore thread (its Restorer comes next)."""
-        self.restore_thread.cache_dir = setup_cache_dir()
-        self.restore_thread.start()
+        """Mount the file cache and make the Restorer (in the event loop's thread)."""
+        self.restorer.cache_dir = setup_cache_dir()
+        self.restorer.start()
 
     async def serve(self) -> int:
         """Sessions until halted, or until a failure ends us without -r. Returns the exit status."""
@@ -269,7 +276,7 @@ class Node:
         """bproc: a node that loses (or reboots away from) its master kills what it held."""
         if kill_namespace():
             log.info("killed the processes of the node's PID namespace")
-            self.restore_thread.renew()         # kill(-1) took the Restorer's helper too
+            self.restorer.renew()               # kill(-1) took the Restorer's helper too
         self.reaper.reap()
 
 

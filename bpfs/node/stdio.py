@@ -5,7 +5,7 @@
                  the process reads its stdin from it or writes its output into it.
                  Connected by `connect_links` in the event loop, all at once.
     "null"       /dev/null.
-    "file:PATH"  PATH on the node, opened *as the user* (`RestoreThread.as_user`): stdin
+    "file:PATH"  PATH on the node, opened *as the user* (`NodeRestorer.as_user`): stdin
                  O_RDONLY; stdout/stderr O_WRONLY|O_CREAT|O_TRUNC with mode 0666 & ~the
                  process's umask. A relative PATH is taken from the process's cwd (or /).
                  The same file for stdout and stderr is opened once and shared, as `>f 2>&1`.
@@ -120,9 +120,12 @@ def _close_socks(socks: list[tuple[int, socket.socket, int]]) -> None:
 
 
 def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -> None:
-    """Fill the non-socket entries of `fds` (call as the user, in the restore thread)."""
+    """Fill the non-socket entries of `fds` (call as the user, in the Restorer's thread).
+
+    The umask is the process's; it is the image's only for the length of this
+    synchronous call, in which the daemon does nothing else."""
     base = cwd if os.path.isdir(cwd) else "/"
-    old = os.umask(umask)          # the restore thread's own umask (CLONE_FS unshared)
+    old = os.umask(umask)
     try:
         for n, spec in enumerate(io):
             if spec == "socket":

@@ -1,0 +1,178 @@
+"""The node's `Restorer`, run in the event loop's own thread, and a reaper that keeps off
+its helper.
+
+ptrace answers only the thread that attached, so every call to one `Restorer` must come
+from one thread. That thread is the daemon's main thread, the one trio runs in: a restore
+is a synchronous call of about a millisecond, made from the session's task, and the loop
+waits for it. An earlier design ran restores in a thread of their own; handing each job
+over and back (a queue, a wake-up of the loop, two more trips through it, and the GIL
+going back and forth) cost as much as the restore's own Python code, and 32 simulated
+nodes on two cores pay that 32 times per `bpsh -a`. A restore has nothing to wait for
+but its own new process's ptrace stops (microseconds), and a node's restores were
+serialised in that one thread anyway.
+
+The Restorer is made when the daemon starts, so its helper is ready before the first
+request and the first migration is as fast as the others. After kill(-1) took the helper
+(`renew`) a fresh one is made at once.
+
+Credentials: user files (stdio `file:` specs) are opened with the user's fsuid, fsgid and
+groups set on this thread alone (raw syscalls, not glibc's process-wide setxid broadcast),
+and root's are back right after the open (`as_user`). Nothing else runs on the thread
+meanwhile: the call is synchronous.
+
+Reaping (the daemon is PID 1, see bpfs/node/init.py): the helper is a child of this
+thread, parked in a ptrace stop; `NodeReaper` never waits for it. A process under
+construction exists only inside a restore call, when the reaper cannot run. A restored
+process that exits before it is adopted stays a zombie until then: its status is never
+lost, and the master hears `restored` before `exited`.
+
+Cache: received file contents are kept by hash in a tmpfs mounted on CACHE_DIR inside the
+node's own mount namespace (the node daemon is PID 1 of new PID and mount namespaces, and its
+mounts are private). Each node, real or simulated, so has its own cache: it lives as long as
+the daemon, costs memory only for content the node had to be sent, and simulated nodes sharing
+the host's filesystem do not see each other's. Only the empty mount point is created on the
+host's filesystem. If it cannot be mounted, restores use memory files and nothing is cached.
+
+Errors: BpfsError from the migration engine reaches the caller; if the Restorer cannot be
+created, every restore fails with that error until one can.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from bpfs.errors import BpfsError
+from bpfs.migrate import Restorer
+from bpfs.node import nsutil
+from bpfs.node.init import ExitCallback, Reaper
+
+log = logging.getLogger("bpslave")
+
+CACHE_DIR = "/var/cache/bpfs/node"
+SYS_SETGROUPS, SYS_SETFSUID, SYS_SETFSGID = 116, 122, 123   # x86_64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def setup_cache_dir() -> str | None:
+    """Mount the node's private tmpfs cache on CACHE_DIR; None (no cache) if we cannot."""
+    if os.getpid() != 1:       # not in namespaces of our own: a mount would reach the host
+        log.info("not PID 1 of a namespace: received file contents are not cached")
+        return None
+    try:
+        os.makedirs(CACHE_DIR, mode=0o755, exist_ok=True)
+        nsutil.mount("bpfs-cache", CACHE_DIR, "tmpfs", nsutil.MS_NOSUID | nsutil.MS_NODEV,
+                     "mode=0700")
+    except OSError as exc:
+        log.warning("no file cache (cannot mount a tmpfs on %s: %s)", CACHE_DIR,
+                    exc.strerror or exc)
+        return None
+    return CACHE_DIR
+
+
+class NodeRestorer:
+    """The node's Restorer, used from the thread that calls `start` (the event loop's)."""
+
+    def __init__(self, cache_dir: str | None) -> None:
+        self.cache_dir = cache_dir
+        self.tid: int | None = None           # the owning thread, once started
+        self._restorer: Restorer | None = None
+        self._root_groups: list[int] = []
+
+    def start(self) -> None:
+        """Take the calling thread as the owner and make the Restorer (with its clean
+        helper) now, so the node registers ready to restore. A failure is logged; the
+        first restore tries again."""
+        self.tid = threading.get_native_id()
+        self._root_groups = os.getgroups()
+        try:
+            self.restorer
+        except BpfsError as exc:
+            log.error("cannot prepare the restorer: %s", exc)
+
+    @property
+    def restorer(self) -> Restorer:
+        """The Restorer; a new one if the last one was dropped."""
+        if threading.get_native_id() != self.tid:
+            raise RuntimeError("the node's Restorer used outside its thread")
+        if self._restorer is None:
+            self._restorer = Restorer(self.cache_dir)
+        return self._restorer
+
+    def helper_pid(self) -> int | None:
+        """The parked helper's PID (the reaper's to leave alone), if there is one."""
+        helper = self._restorer._helper if self._restorer is not None else None
+        return helper.pid if helper is not None else None
+
+    def renew(self) -> None:
+        """Drop the Restorer and make a fresh one (after kill(-1) took its helper)."""
+        self.close()
+        try:
+            self.restorer
+        except BpfsError as exc:
+            log.error("cannot prepare the restorer: %s", exc)
+
+    def close(self) -> None:
+        if self._restorer is not None:
+            restorer, self._restorer = self._restorer, None
+            restorer.close()
+
+    # ---- the user's credentials, on this thread only ----
+
+    @contextmanager
+    def as_user(self, uid: int, gid: int, groups: Sequence[int]) -> Iterator[None]:
+        """Filesystem access as uid/gid/groups for the body (root: unchanged). EPERM if the
+        kernel would not switch; root's credentials are back when the body ends."""
+        if threading.get_native_id() != self.tid:
+            raise RuntimeError("as_user outside the restorer's thread")
+        if uid == 0:
+            yield
+            return
+        try:
+            _setgroups(groups)
+            _setfsid(SYS_SETFSGID, gid)
+            _setfsid(SYS_SETFSUID, uid)
+            yield
+        finally:
+            _setfsid(SYS_SETFSUID, 0)
+            _setfsid(SYS_SETFSGID, 0)
+            _setgroups(self._root_groups)
+
+
+def _setgroups(groups: Sequence[int]) -> None:
+    arr = (ctypes.c_uint32 * max(len(groups), 1))(*groups)
+    if _libc.syscall(ctypes.c_long(SYS_SETGROUPS), ctypes.c_long(len(groups)), arr) != 0:
+        err = ctypes.get_errno()
+        raise BpfsError(err, f"setgroups: {os.strerror(err)}")
+
+
+def _setfsid(nr: int, value: int) -> None:
+    """setfsuid/setfsgid never fail visibly: ask again (with -1) to learn what we are."""
+    _libc.syscall(ctypes.c_long(nr), ctypes.c_long(value))
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(0xFFFFFFFF)) != value:
+        raise BpfsError(errno.EPERM, f"cannot take filesystem id {value}")
+
+
+class NodeReaper(Reaper):
+    """PID 1's reaper, kept off the Restorer's helper (see the module docstring)."""
+
+    def __init__(self, restorer: NodeRestorer) -> None:
+        super().__init__()
+        self.restorer = restorer
+
+    def adopt(self, pid: int, callback: ExitCallback) -> None:
+        """`pid`, a restored process, is reaped like any child from now on (and now)."""
+        self.on_exit(pid, callback)
+        self.reap()
+
+    def children(self) -> list[int]:
+        helper = self.restorer.helper_pid()
+        kids = super().children()
+        return kids if helper is None else [p for p in kids if p != helper]
