@@ -579,6 +579,8 @@ def _run(args: Args) -> int:
         os.execv(path, args.command)
     if not nodes:
         return 0
+    if args.io[0] == "socket" and _is_dev_null(0):
+        args.io[0] = "null"                 # the same EOF, without a link per process
     job = Job(mount, nodes, path, args.command, tuple(args.io), args.output)
     if args.io == ["null"] * 3 and len(nodes) == 1 and nodes[0] != MASTER \
             and not args.time:
@@ -595,6 +597,19 @@ def _run(args: Args) -> int:
         os.kill(os.getpid(), die_of)
         return 128 + die_of
     return code
+
+
+DEV_NULL = os.makedev(1, 3)
+
+
+def _is_dev_null(fd: int) -> bool:
+    """Is `fd` the null device? Then a process reading it on a node gets what it would
+    here (EOF at once) from the node's own /dev/null, as with -n."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_mode & 0o170000 == 0o020000 and st.st_rdev == DEV_NULL
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,6 +175,18 @@ def test_stdin_is_broadcast_to_every_node(cluster: Cluster) -> None:
     assert out == "hi\n" * cluster.nodes
 
 
+def test_stdin_from_dev_null_is_the_nodes_dev_null_and_a_pipe_is_a_link(cluster: Cluster
+                                                                          ) -> None:
+    """bpsh's stdin /dev/null needs no link: the process reads the node's /dev/null (the
+    same EOF); any other stdin is forwarded through a link (a socket on the node)."""
+    bpsh_cmd = shlex.join(command("bpsh"))
+    r = cluster.sh(f"{bpsh_cmd} 0,1 readlink /proc/self/fd/0 < /dev/null")
+    assert ok(r) == "/dev/null\n" * 2
+    r = cluster.sh(f"echo | {bpsh_cmd} 1 readlink /proc/self/fd/0")
+    assert ok(r).startswith("socket:[")
+    assert ok(cluster.sh(f"{bpsh_cmd} 1 cat < /dev/null; echo $?")) == "0\n"
+
+
 def test_redirections_are_master_files_50mb_byte_for_byte(cluster: Cluster, tmp_path) -> None:
     src, dst = tmp_path / "in", tmp_path / "out"
     src.write_bytes(os.urandom(50 * 1024 * 1024))
