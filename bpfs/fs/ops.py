@@ -83,6 +83,7 @@ class Handle:
     entries: list[tuple[str, Ino]] = field(default_factory=list)   # directories
     poll_handle: Any = None
     output: OutputRing | None = None        # procs/P/stdout, stderr: cursor is its offset
+    fresh: bool = False                     # data rendered by open, not read yet
 
 
 class BpfsOperations(pyfuse3.Operations):
@@ -302,7 +303,7 @@ class BpfsOperations(pyfuse3.Operations):
         h = Handle(ino, caller_from_ctx(ctx, with_groups=spec.write is not None), spec,
                    nonblock=bool(flags & os.O_NONBLOCK))
         if spec.read is not None:
-            h.data = spec.read(self.cluster, ino.id).encode()
+            h.data, h.fresh = spec.read(self.cluster, ino.id).encode(), True
         if spec.output is not None:
             h.output = self._output(ino, spec.output, h.caller)
             h.cursor = h.output.first
@@ -321,7 +322,9 @@ class BpfsOperations(pyfuse3.Operations):
             return await self._read_events(h, size)
         if h.spec.read is not None and off == 0:
             self._check(h.ino)
-            h.data = h.spec.read(self.cluster, h.ino.id).encode()   # re-read from 0: fresh
+            if not h.fresh:                 # read again from 0: render again
+                h.data = h.spec.read(self.cluster, h.ino.id).encode()
+            h.fresh = False
         return h.data[off:off + size]
 
     async def _read_events(self, h: Handle, size: int) -> bytes:

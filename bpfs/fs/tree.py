@@ -39,10 +39,21 @@ class FileSpec:
 
 
 def render_cluster_status(cluster: Cluster, _: int = 0) -> str:
+    """Every node's line; each owner's name is looked up once (nodes mostly share owners,
+    and a passwd/group lookup reads the files again every time)."""
+    users: dict[int, str] = {}
+    groups: dict[int, str] = {}
     return formats.render_status(
-        formats.NodeRow(n.number, n.state, n.mode, formats.user_name(n.uid),
-                        formats.group_name(n.gid), n.address)
+        formats.NodeRow(n.number, n.state, n.mode, _name(users, formats.user_name, n.uid),
+                        _name(groups, formats.group_name, n.gid), n.address)
         for n in cluster.nodes())
+
+
+def _name(seen: dict[int, str], lookup: Callable[[int], str], id_: int) -> str:
+    name = seen.get(id_)
+    if name is None:
+        name = seen[id_] = lookup(id_)
+    return name
 
 
 def render_node_status(cluster: Cluster, n: int) -> str:
