@@ -9,8 +9,10 @@ Messages (grammar in bpfs/wire.py):
     master -> node  signal   pid, sig
     node -> master  exited   pid, code, signal       once per restored process
 
-One restore runs as a task of the session, so the session keeps dispatching (a `files`
-reply, other restores) and heart-beating while it works:
+A restore is an `Attempt`. Usually nothing in it waits (the PID is in the request, the
+links to bpsh are connected when connect() returns, the node has every file), and the
+handler does it all. Otherwise the rest runs as a task of the session, so the session
+keeps dispatching (a `files` reply, other restores) and heart-beating while it waits:
 
   1. load the image and ask the Restorer what file contents are missing;
      a corrupt image is `failed` EINVAL. The process gets `pid` (the ghost's; the image's
@@ -171,11 +173,13 @@ async def on_restore(session: "Session", msg: wire.Message) -> None:
             log.warning("ignoring a restore request without an id: %s", exc)
             return
         log.warning("restore %d refused: %s", mid, exc)
-        await session.send({"t": "failed", "id": mid, "errno": exc.errno,
-                            "message": exc.message})
+        session.report({"t": "failed", "id": mid, "errno": exc.errno,
+                        "message": exc.message})
         return
-    assert session.nursery is not None
-    session.nursery.start_soon(_restore_task, session, req)
+    attempt = Attempt(session, req)
+    if not attempt.at_once():
+        assert session.nursery is not None
+        session.nursery.start_soon(attempt.run)
 
 
 async def on_files(session: "Session", msg: wire.Message) -> None:
@@ -195,45 +199,105 @@ async def on_signal(session: "Session", msg: wire.Message) -> None:
     session.node.procs.signal(session, msg.get("pid"), msg.get("sig"))
 
 
-async def _restore_task(session: "Session", req: RestoreRequest) -> None:
-    """One restore, from request to reply; never raises (a lost connection ends the session
-    through its other tasks)."""
-    try:
-        await _restore(session, req)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.debug("restore %d: cannot reply, the connection is gone (%s)", req.id, exc)
+class Attempt:
+    """One restore, from request to reply (`restored` or `failed`, queued with `report`).
 
+    `at_once` does it all in the handler when nothing needs waiting for, the usual case:
+    the PID is in the request, the node has every file, the links are connected when
+    connect() returns (loopback). Else it stops before anything waits and `run`, a task of
+    the session, goes on from there: links still connecting, file contents to fetch.
+    """
 
-async def _restore(session: "Session", req: RestoreRequest) -> None:
-    steps = Steps()
-    fds: list[int | None] = [None, None, None]
-    try:
-        image, pid = await _prepare_and_restore(session, req, fds, steps)
-    except BpfsError as exc:
-        stdio.close_all(fds)
-        log.warning("restore %d failed: %s", req.id, exc)
-        await session.send({"t": "failed", "id": req.id, "errno": exc.errno,
-                            "message": exc.message})
-        return
-    except Exception as exc:        # a bug of ours: say so, keep the node serving
-        stdio.close_all(fds)
-        log.exception("restore %d failed", req.id)
-        await session.send({"t": "failed", "id": req.id, "errno": errno.EIO,
-                            "message": f"node error: {type(exc).__name__}: {exc}"})
-        return
-    except BaseException:           # cancelled: the session is over
-        stdio.close_all(fds)
-        raise
-    stdio.close_all(fds)
-    procs = session.node.procs
-    procs.hold(pid, Held(session, req.id, image.argv[0] if image.argv else image.comm))
-    # `restored` goes through the report queue, and the process is adopted before anything
-    # can run: its `exited` (same queue) can only follow, and no sweep of the reaper in
-    # between can take its status for an orphan's.
-    session.report({"t": "restored", "id": req.id, "pid": pid})
-    procs.adopt(pid)
-    log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
-              steps)
+    def __init__(self, session: "Session", req: RestoreRequest) -> None:
+        self.session, self.req = session, req
+        self.node: NodeRestorer = session.node.restorer
+        self.steps = Steps()
+        self.links: stdio.Links | None = None
+        self.fds: list[int | None] = [None, None, None]
+        self.loaded: tuple[Image, list[str]] | None = None
+
+    def at_once(self) -> bool:
+        """True if the restore is over (either way); False: `run` must finish it."""
+        req = self.req
+        try:
+            if req.pid is None:
+                return False
+            self.links = stdio.Links(self.session.node.cfg.host, req.port, req.token,
+                                     req.pid, req.io)
+            if not self.links.ready():
+                return False
+            self.fds[:] = self.links.fds()
+            self.steps.mark("links")
+            image, missing, pid = _restore_job(self.node, req, self.fds, None, {})
+            if pid is None:
+                self.loaded = (image, missing)
+                return False
+        except BaseException as exc:
+            self._failed(exc)
+            return True
+        self._restored(image, pid)
+        return True
+
+    async def run(self) -> None:
+        """The rest of the restore; never raises but for cancellation (the session is over)."""
+        try:
+            image, pid = await self._prepare_and_restore()
+        except BaseException as exc:
+            self._failed(exc)
+            return
+        self._restored(image, pid)
+
+    async def _prepare_and_restore(self) -> tuple[Image, int]:
+        """Steps 1-4 of the module docstring, from where `at_once` stopped."""
+        req, node = self.req, self.node
+        if self.links is None:
+            if req.pid is None:         # only the image knows the PID: load it first
+                self.loaded = _load(node, req)
+                self.steps.mark("load")
+            pid = req.pid if self.loaded is None else self.loaded[0].pid
+            self.links = stdio.Links(self.session.node.cfg.host, req.port, req.token, pid,
+                                     req.io)
+        if self.links.socks:
+            if not self.links.ready():
+                await self.links.wait()
+            self.fds[:] = self.links.fds()
+            self.steps.mark("links")
+        image, missing, restored = _restore_job(node, req, self.fds, self.loaded, {})
+        if restored is None:
+            content = await _fetch(self.session, req.id, missing)
+            self.steps.mark("wait for files")
+            image, _, restored = _restore_job(node, req, self.fds, (image, []), content)
+        self.steps.mark("restore")
+        assert restored is not None
+        return image, restored
+
+    def _restored(self, image: Image, pid: int) -> None:
+        stdio.close_all(self.fds)
+        req, procs = self.req, self.session.node.procs
+        procs.hold(pid, Held(self.session, req.id, image.argv[0] if image.argv else image.comm))
+        # `restored` goes through the report queue, and the process is adopted before
+        # anything else can run: its `exited` (same queue) can only follow, and no sweep of
+        # the reaper in between can take its status for an orphan's.
+        self.session.report({"t": "restored", "id": req.id, "pid": pid})
+        procs.adopt(pid)
+        log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
+                  self.steps)
+
+    def _failed(self, exc: BaseException) -> None:
+        """Nothing runs: close what was opened; tell the master why (unless cancelled)."""
+        stdio.close_all(self.fds)
+        if self.links is not None:
+            self.links.close()
+        rid = self.req.id
+        if isinstance(exc, BpfsError):
+            log.warning("restore %d failed: %s", rid, exc)
+            err, message = exc.errno, exc.message
+        elif isinstance(exc, Exception):        # a bug of ours: say so, keep serving
+            log.error("restore %d failed", rid, exc_info=exc)
+            err, message = errno.EIO, f"node error: {type(exc).__name__}: {exc}"
+        else:                                   # cancelled: the session is over
+            raise exc
+        self.session.report({"t": "failed", "id": rid, "errno": err, "message": message})
 
 
 class Steps:
@@ -252,33 +316,6 @@ class Steps:
         node = sum(dt for name, dt in self.steps if name != "wait for files")
         parts = ", ".join(f"{name} {dt * 1e3:.1f}" for name, dt in self.steps)
         return f"{node * 1e3:.1f} ms on the node ({parts})"
-
-
-async def _prepare_and_restore(session: "Session", req: RestoreRequest, fds: list[int | None],
-                               steps: Steps) -> tuple[Image, int]:
-    """Steps 1-4 of the module docstring; `fds` receives the node's copies of fds 0-2.
-
-    With the PID in the request (our master always sends it), the links are connected
-    first and one synchronous call loads, checks and restores; the loop waits only
-    for the links and, when the node lacks some file contents, for the master's `files`.
-    """
-    node = session.node.restorer
-    host = session.node.cfg.host
-    loaded: tuple[Image, list[str]] | None = None
-    if req.pid is None:             # only the image knows the PID: load it first
-        loaded = _load(node, req)
-        steps.mark("load")
-    pid = req.pid if loaded is None else loaded[0].pid
-    fds[:] = await stdio.connect_links(host, req.port, req.token, pid, req.io)
-    steps.mark("links")
-    image, missing, restored = _restore_job(node, req, fds, loaded, {})
-    if restored is None:
-        content = await _fetch(session, req.id, missing)
-        steps.mark("wait for files")
-        image, _, restored = _restore_job(node, req, fds, (image, []), content)
-    steps.mark("restore")
-    assert restored is not None
-    return image, restored
 
 
 async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, bytes]:

@@ -3,7 +3,7 @@
     "socket"     a TCP connection to bpsh (the master's host, the run's port) that starts
                  with the stdio-link header `TOKEN PID FD`; then it is the fd itself, blocking:
                  the process reads its stdin from it or writes its output into it.
-                 Connected by `connect_links` in the event loop, all at once.
+                 Connected by `Links`, all at once, mostly without waiting.
     "null"       /dev/null.
     "file:PATH"  PATH on the node, opened *as the user* (`NodeRestorer.as_user`): stdin
                  O_RDONLY; stdout/stderr O_WRONLY|O_CREAT|O_TRUNC with mode 0666 & ~the
@@ -21,6 +21,7 @@ message naming the target.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
@@ -46,77 +47,140 @@ def close_all(fds: Sequence[int | None]) -> None:
                 pass
 
 
-async def connect_links(host: str, port: int, token: str, pid: int,
-                        io: Sequence[str]) -> list[int | None]:
-    """For each fd whose IO is "socket", a connected link to bpsh (header sent); None else.
+class Links:
+    """The links of one restore's "socket" fds: connects started at once, headers sent
+    as each completes; `fds()` hands them over as blocking fds (None for other specs).
 
-    Plain non-blocking sockets, all connects started at once and then waited for: on
-    loopback they are over when connect() returns (though it says EINPROGRESS), on a
-    network they take one round trip together.
+    On loopback a non-blocking connect says EINPROGRESS but is over when connect()
+    returns, so `ready()` (one poll(0)) is normally True at once and the node restores
+    without a trip through the event loop; on a network the connects take one round
+    trip together (`wait`). Errors are BpfsError with the connect's errno.
     """
-    fds: list[int | None] = [None] * len(io)
-    wanted = [n for n, spec in enumerate(io) if spec == "socket"]
-    if not wanted:
-        return fds
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    socks: list[tuple[int, socket.socket, int]] = []
-    n = wanted[0]
-    try:
-        with trio.fail_after(LINK_TIMEOUT):
-            family, _, _, _, addr = (await trio.socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM))[0]
+
+    def __init__(self, host: str, port: int, token: str, pid: int, io: Sequence[str]) -> None:
+        self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.token, self.pid, self.io = token, pid, io
+        self.socks: dict[int, socket.socket] = {}      # fd number -> socket
+        self.pending: set[int] = set()                 # fd numbers still connecting
+        wanted = [n for n, spec in enumerate(io) if spec == "socket"]
+        if not wanted:
+            return
+        family, addr = _address(host, port)
+        try:
             for n in wanted:
                 sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK |
                                      socket.SOCK_CLOEXEC)
-                socks.append((n, sock, sock.connect_ex(addr)))
-            ready = _connected([sock for _, sock, err in socks if err == errno.EINPROGRESS])
-            for n, sock, err in socks:
+                self.socks[n] = sock
+                err = sock.connect_ex(addr)
                 if err == errno.EINPROGRESS:
-                    if sock.fileno() not in ready:
-                        await trio.lowlevel.wait_writable(sock)
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-                header = execreq.render_header(token, pid, n)
-                if sock.send(header) != len(header):     # a fresh connection: never short
-                    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-    except trio.TooSlowError:
-        _close_socks(socks)
-        raise BpfsError(errno.ETIMEDOUT, f"connecting fd {n} to bpsh at {where}: "
-                        "timed out") from None
-    except OSError as exc:
-        _close_socks(socks)
-        err = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else \
-            errno.EHOSTUNREACH          # a name that does not resolve (gaierror)
-        raise BpfsError(err, f"connecting fd {n} to bpsh at {where}: "
-                        f"{os.strerror(err)}") from None
-    except BaseException:
-        _close_socks(socks)
-        raise
-    for n, sock, _ in socks:
-        fd = sock.detach()
-        os.set_blocking(fd, True)
-        fds[n] = fd
-    return fds
+                    self.pending.add(n)
+                elif err:
+                    raise self._error(n, err)
+                else:
+                    self._hello(n)
+        except BaseException:
+            self.close()
+            raise
+
+    def ready(self) -> bool:
+        """Finish, without waiting, the connects that are over; True if none is left."""
+        if self.pending:
+            poller = select.poll()
+            for n in self.pending:
+                poller.register(self.socks[n], select.POLLOUT)
+            done = {fd for fd, _ in poller.poll(0)}
+            for n in [n for n in self.pending if self.socks[n].fileno() in done]:
+                self._connected(n)
+        return not self.pending
+
+    async def wait(self) -> None:
+        """Wait for the connects still under way (LINK_TIMEOUT in all)."""
+        try:
+            with trio.fail_after(LINK_TIMEOUT):
+                for n in sorted(self.pending):
+                    await trio.lowlevel.wait_writable(self.socks[n])
+                    self._connected(n)
+        except trio.TooSlowError:
+            n = min(self.pending)
+            self.close()
+            raise BpfsError(errno.ETIMEDOUT, f"connecting fd {n} to bpsh at {self.where}: "
+                            "timed out") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def fds(self) -> list[int | None]:
+        """The connected links as blocking fds, by fd number; the caller owns them now."""
+        assert not self.pending
+        fds: list[int | None] = [None] * len(self.io)
+        for n, sock in self.socks.items():
+            fd = sock.detach()
+            os.set_blocking(fd, True)
+            fds[n] = fd
+        self.socks.clear()
+        return fds
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+        self.socks.clear()
+        self.pending.clear()
+
+    def _connected(self, n: int) -> None:
+        self.pending.discard(n)
+        err = self.socks[n].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.close()
+            raise self._error(n, err)
+        self._hello(n)
+
+    def _hello(self, n: int) -> None:
+        header = execreq.render_header(self.token, self.pid, n)
+        try:
+            sent = self.socks[n].send(header)
+        except OSError as exc:
+            self.close()
+            raise self._error(n, exc.errno or errno.EIO) from None
+        if sent != len(header):                     # a fresh connection: never short
+            self.close()
+            raise self._error(n, errno.EAGAIN)
+
+    def _error(self, n: int, err: int) -> BpfsError:
+        return BpfsError(err, f"connecting fd {n} to bpsh at {self.where}: {os.strerror(err)}")
 
 
-def _connected(socks: list[socket.socket]) -> set[int]:
-    """The fds among `socks` whose connect is already over (either way), without waiting.
-
-    A non-blocking TCP connect says EINPROGRESS even on loopback, where the handshake is
-    in fact done before connect() returns; one poll(0) then spares a trip through the
-    event loop per link (three per restore)."""
-    if not socks:
-        return set()
-    poller = select.poll()
-    for sock in socks:
-        poller.register(sock, select.POLLOUT)
-    return {fd for fd, _ in poller.poll(0)}
+def _address(host: str, port: int) -> tuple[int, tuple]:
+    """(family, sockaddr) of bpsh's host (the master's) at `port`."""
+    family, addr = _resolve(host)
+    return family, (addr[0], port, *addr[2:])
 
 
-def _close_socks(socks: list[tuple[int, socket.socket, int]]) -> None:
-    for _, sock, _ in socks:
-        sock.close()
+@functools.lru_cache(maxsize=8)
+def _resolve(host: str) -> tuple[int, tuple]:
+    """A numeric host at once; a name through the resolver, once per daemon (the event
+    loop waits for it: the master's name, which the node has just resolved to connect).
+    EHOSTUNREACH if it does not resolve (not cached: asked again next time)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family, (host, 0)
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        raise BpfsError(errno.EHOSTUNREACH, f"connecting to bpsh at {host}: "
+                        f"{os.strerror(errno.EHOSTUNREACH)}") from None
+    return family, addr
+
+
+async def connect_links(host: str, port: int, token: str, pid: int,
+                        io: Sequence[str]) -> list[int | None]:
+    """For each fd whose IO is "socket", a connected link to bpsh (header sent); None else."""
+    links = Links(host, port, token, pid, io)
+    if not links.ready():
+        await links.wait()
+    return links.fds()
 
 
 def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -> None:
