@@ -119,8 +119,7 @@ class Master:
         if conn is None:
             raise BpfsError(errno.EHOSTDOWN, f"node {node} is down")
         try:
-            with trio.fail_after(SEND_TIMEOUT):
-                await conn.stream.send(msg)
+            await conn.stream.send(msg, SEND_TIMEOUT)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             conn.scope.cancel()
             raise BpfsError(errno.EHOSTDOWN, f"node {node}: connection lost") from None

@@ -109,17 +109,45 @@ class FrameStream:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+        sock = getattr(stream, "socket", None)
+        self._fd: int | None = sock.fileno() if sock is not None else None
 
-    async def send(self, msg: Message) -> None:
-        data = pack(msg)
-        async with self._send_lock:
-            await self.stream.send_all(data)
+    async def send(self, msg: Message, timeout: float | None = None) -> None:
+        """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
+        await self._send(pack(msg), timeout)
 
-    async def send_many(self, msgs: list[Message]) -> None:
-        """Several messages in one write (one trip through the event loop, one segment)."""
-        data = b"".join(pack(m) for m in msgs)
+    async def send_many(self, msgs: list[Message], timeout: float | None = None) -> None:
+        """Several messages in one write."""
+        await self._send(b"".join(pack(m) for m in msgs), timeout)
+
+    async def _send(self, data: bytes, timeout: float | None) -> None:
+        """A frame usually fits in the socket's buffer: written at once with one write(),
+        without a lock wait, a cancel scope or a trip through the event loop (trio's
+        send_all makes two: the lock's checkpoint and its own). Whatever does not fit,
+        or any send while another waits, goes through trio (with `timeout`)."""
+        if self._fd is not None and not self._send_lock.locked():
+            self._send_lock.acquire_nowait()
+            try:
+                try:
+                    sent = os.write(self._fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"send: {exc.strerror}") from exc
+                if sent < len(data):
+                    await self._send_all(memoryview(data)[sent:], timeout)
+            finally:
+                self._send_lock.release()
+            return
         async with self._send_lock:
+            await self._send_all(data, timeout)
+
+    async def _send_all(self, data: bytes | memoryview, timeout: float | None) -> None:
+        if timeout is None:
             await self.stream.send_all(data)
+        else:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(data)
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
