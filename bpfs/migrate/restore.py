@@ -76,6 +76,7 @@ class Helper:
         self.pid = fork_stopped()
         try:
             self._clean()
+            self._clone_batch, self._tid_addr = self._write_clone_batch()
         except BaseException:
             self.kill()
             raise
@@ -123,13 +124,20 @@ class Helper:
         pt.set_sigmask(pid, 0)
         b.run(pid, regs)
 
-    def clone(self, target_pid: int) -> int:
-        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced."""
+    def _write_clone_batch(self) -> tuple[stub.Batch, int]:
+        """The clone3 batch, written once: each clone only writes its PID into set_tid (the
+        clones run their own batches in their copies of the scratch area)."""
         b = stub.Batch(SCRATCH)
-        tids = b.data(struct.pack("<i", target_pid))
+        tids = b.data(bytes(8))
         args = b.data(struct.pack("<11Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, tids, 1, 0))
         b.call("clone3", args, 88)
         pt.write_memory(self.pid, b.writes())
+        return b, tids
+
+    def clone(self, target_pid: int) -> int:
+        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced."""
+        b = self._clone_batch
+        pt.write_memory(self.pid, [(self._tid_addr, struct.pack("<i", target_pid))])
         stub.start(self.pid, self.regs, SCRATCH, 1)
         stop = pt.wait_stop(self.pid)
         if pt.stop_event(stop) != pt.EVENT_CLONE:
