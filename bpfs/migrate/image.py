@@ -36,6 +36,7 @@ Version 1 is the first; a reader refuses any other version rather than guess.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import re
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ SPECIAL_NAMES = ("vvar", "vvar_vclock", "vdso", "vsyscall")
 MM_KEYS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
            "start_stack", "arg_start", "arg_end", "env_start", "env_end")
 HASH_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_FILE_KEYS = frozenset(("hash", "size", "path"))
+_REGION_KEYS = frozenset(("start", "end", "prot", "kind", "growsdown", "file", "offset", "pages"))
+_STR, _INT = frozenset((str,)), {int}
 
 
 @dataclass
@@ -295,28 +299,29 @@ def _from_obj(obj: Any) -> Image:
     if obj.get("version") != VERSION:
         raise corrupt(f"unsupported image version {obj.get('version')!r} (want {VERSION})")
     _map(obj, _TOP, "image")
-    files = [_file(f, i) for i, f in enumerate(_list(obj["files"], "files"))]
+    files = _files(obj["files"])
     special = _special(obj["special"])
-    regions = [_region(r, i, len(files)) for i, r in enumerate(_list(obj["regions"], "regions"))]
+    regions = _regions(obj["regions"], len(files))
     _check_layout(regions, special)
     img = Image(
         pid=_int(obj["pid"], "pid", 1, 1 << 22),
-        argv=[_str(a, "argv item") for a in _list(obj["argv"], "argv")],
+        argv=_strings(_list(obj["argv"], "argv"), "argv item"),
         comm=_str(obj["comm"], "comm"), exe=_int(obj["exe"], "exe", 0, max(len(files) - 1, 0)),
         cwd=_str(obj["cwd"], "cwd"), uid=_int(obj["uid"], "uid", 0, 2**32 - 2),
         gid=_int(obj["gid"], "gid", 0, 2**32 - 2),
-        groups=[_int(g, "group", 0, 2**32 - 2) for g in _list(obj["groups"], "groups")],
+        groups=_ints(_list(obj["groups"], "groups"), "group", 0, 2**32 - 2),
         umask=_int(obj["umask"], "umask", 0, 0o777),
         personality=_int(obj["personality"], "personality", 0, 2**32 - 1),
         regs=_bin(obj["regs"], "regs"), xstate=_bin(obj["xstate"], "xstate"),
         auxv=_bin(obj["auxv"], "auxv"), mm=_mm(obj["mm"]),
         sigmask=_int(obj["sigmask"], "sigmask"), sigactions=_sigactions(obj["sigactions"]),
-        pending=[_int(x, "pending signal", 1, 64) for x in _list(obj["pending"], "pending")],
-        rseq=_tuple(obj["rseq"], 3, "rseq"), robust=_tuple(obj["robust"], 2, "robust"),
+        pending=_ints(_list(obj["pending"], "pending"), "pending signal", 1, 64),
+        rseq=_optional_tuple(obj["rseq"], 3, "rseq"),
+        robust=_optional_tuple(obj["robust"], 2, "robust"),
         tid_address=None if obj["tid_address"] is None else _addr(obj["tid_address"],
                                                                   "tid_address", False),
-        rlimits=_rlimits(obj["rlimits"]), special=special, host=_host(obj["host"]), files=files, regions=regions,
-        contents=_contents(obj["contents"], files))
+        rlimits=_rlimits(obj["rlimits"]), special=special, host=_host(obj["host"]), files=files,
+        regions=regions, contents=_contents(obj["contents"], files))
     _check(len(files) > 0, "no executable file")
     _check(len(img.regs) == REGS_SIZE, f"regs is {len(img.regs)} bytes, want {REGS_SIZE}")
     _check(576 <= len(img.xstate) <= 16384 and len(img.xstate) == img.host.xstate_size,
@@ -324,6 +329,96 @@ def _from_obj(obj: Any) -> Image:
     _check(0 < len(img.auxv) <= 1024 and len(img.auxv) % 16 == 0, "auxv size")
     _check(len(img.comm.encode()) < 16, "comm longer than 15 bytes")
     return img
+
+
+# The lists an image is made of (files, regions and their byte runs, rlimits) are checked in
+# one pass that only says yes or no; when it says no, the naming checks below run over the
+# same list and raise with the defect's place. The fast pass must never accept what the naming
+# checks refuse (tests/migrate/test_image.py compares the two on mutated images).
+
+def _files(obj: Any) -> list[FileRef]:
+    out = _files_fast(obj)
+    if out is None:
+        out = [_file(f, i) for i, f in enumerate(_list(obj, "files"))]
+    return out
+
+
+def _files_fast(obj: Any) -> list[FileRef] | None:
+    if type(obj) is not list:
+        return None
+    out = []
+    for f in obj:
+        if type(f) is not dict or f.keys() != _FILE_KEYS:
+            return None
+        digest, size, path = f["hash"], f["size"], f["path"]
+        if type(digest) is not str or not HASH_RE.match(digest) or type(size) is not int \
+                or not 0 <= size <= 1 << 40 or type(path) is not str:
+            return None
+        out.append(FileRef(digest, size, path))
+    return out
+
+
+def _regions(obj: Any, nfiles: int) -> list[Region]:
+    out = _regions_fast(obj, nfiles)
+    if out is None:
+        out = [_region(r, i, nfiles) for i, r in enumerate(_list(obj, "regions"))]
+    return out
+
+
+def _regions_fast(obj: Any, nfiles: int) -> list[Region] | None:
+    if type(obj) is not list:
+        return None
+    out = []
+    for r in obj:
+        if type(r) is not dict or r.keys() != _REGION_KEYS:
+            return None
+        start, end, prot, kind = r["start"], r["end"], r["prot"], r["kind"]
+        growsdown, fidx, offset = r["growsdown"], r["file"], r["offset"]
+        if not (type(start) is int and type(end) is int and 0 <= start < end <= TASK_SIZE
+                and not (start | end) & (PAGE - 1) and type(prot) is int and 0 <= prot <= 7
+                and type(growsdown) is bool and type(fidx) is int and type(offset) is int):
+            return None
+        if kind == "file":
+            if not (0 <= fidx < nfiles and 0 <= offset <= TASK_SIZE and not offset & (PAGE - 1)):
+                return None
+        elif kind != "anon" or fidx != -1 or offset != 0:
+            return None
+        pages = _runs_fast(r["pages"], start, end)
+        if pages is None:
+            return None
+        out.append(Region(start, end, prot, kind, growsdown, fidx, offset, pages))
+    return out
+
+
+def _runs_fast(runs: Any, start: int, end: int) -> list[tuple[int, bytes]] | None:
+    """The byte runs of a region if they are ordered, disjoint, non-empty and inside it."""
+    if type(runs) is not list:
+        return None
+    pages = []
+    last = start
+    for run in runs:
+        if type(run) is not list or len(run) != 2:
+            return None
+        addr, data = run
+        if type(addr) is not int or type(data) is not bytes or not data or addr < last:
+            return None
+        last = addr + len(data)
+        pages.append((addr, data))
+    return pages if last <= end else None
+
+
+def _strings(items: list, what: str) -> list[str]:
+    if set(map(type, items)) <= _STR:
+        return items
+    raise corrupt(f"a {what} is not a string")
+
+
+def _ints(items: list, what: str, lo: int, hi: int) -> list[int]:
+    if not items or (set(map(type, items)) == _INT and lo <= min(items) and max(items) <= hi):
+        return items
+    for v in items:
+        _int(v, what, lo, hi)
+    return items
 
 
 def _file(obj: Any, i: int) -> FileRef:
@@ -339,6 +434,10 @@ def _special(obj: Any) -> dict[str, tuple[int, int]]:
     out = {}
     for name, rng in obj.items():
         _check(name in SPECIAL_NAMES, f"unknown special mapping {name!r}")
+        if type(rng) is list and len(rng) == 2 and type(rng[0]) is int and type(rng[1]) is int \
+                and 0 <= rng[0] < rng[1] <= TASK_SIZE and not (rng[0] | rng[1]) & (PAGE - 1):
+            out[name] = (rng[0], rng[1])
+            continue
         start, end = _tuple(rng, 2, f"special {name}", aligned=name != "vsyscall")
         _check(start < end, f"special {name} is empty")
         out[name] = (start, end)
@@ -379,6 +478,34 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
 
 
 def _check_layout(regions: list[Region], special: dict[str, tuple[int, int]]) -> None:
+    """Regions sorted and disjoint, none meeting a special mapping; the slow pass names which."""
+    spans = sorted(v for k, v in special.items() if k != "vsyscall")
+    last = 0
+    for r in regions:
+        if r.start < last:
+            break
+        last = r.end
+    else:
+        if _clear_of(regions, spans):
+            return
+    _check_layout_slow(regions, special)
+
+
+def _clear_of(regions: list[Region], spans: list[tuple[int, int]]) -> bool:
+    """Whether sorted, disjoint `regions` and the sorted `spans` overlap neither each other nor
+    themselves."""
+    starts = [r.start for r in regions]
+    for (s1, e1), (s2, _e2) in zip(spans, spans[1:]):
+        if e1 > s2:
+            return False
+    for s, e in spans:
+        i = bisect.bisect_right(starts, s)
+        if (i and regions[i - 1].end > s) or (i < len(regions) and starts[i] < e):
+            return False
+    return True
+
+
+def _check_layout_slow(regions: list[Region], special: dict[str, tuple[int, int]]) -> None:
     spans = sorted([(r.start, r.end, f"region at {r.start:#x}") for r in regions] +
                    [(s, e, name) for name, (s, e) in special.items() if name != "vsyscall"])
     for (s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:]):
@@ -389,6 +516,9 @@ def _check_layout(regions: list[Region], special: dict[str, tuple[int, int]]) ->
 
 def _mm(obj: Any) -> dict[str, int]:
     _map(obj, MM_KEYS, "mm")
+    values = obj.values()
+    if set(map(type, values)) == _INT and min(values) >= 0 and max(values) <= TASK_SIZE:
+        return {k: obj[k] for k in MM_KEYS}
     return {k: _addr(obj[k], f"mm.{k}", False) for k in MM_KEYS}
 
 
@@ -403,26 +533,34 @@ def _sigactions(obj: Any) -> list[tuple[int, int, int, int, int]]:
 
 def _rlimits(obj: Any) -> list[tuple[int, int, int]]:
     out = []
-    for i, lim in enumerate(_list(obj, "rlimits")):
-        res, soft, hard = _tuple(lim, 3, f"rlimits[{i}]")
-        _check(res < 16 and soft <= hard, f"rlimits[{i}] is not a resource with soft <= hard")
+    for lim in _list(obj, "rlimits"):
+        if type(lim) is not list or len(lim) != 3:
+            break
+        res, soft, hard = lim
+        if type(res) is not int or type(soft) is not int or type(hard) is not int \
+                or not (0 <= res < 16 and 0 <= soft <= hard <= 2**64 - 1):
+            break
         out.append((res, soft, hard))
-    return out
+    else:
+        return out
+    return [_rlimit(lim, i) for i, lim in enumerate(obj)]
+
+
+def _rlimit(obj: Any, i: int) -> tuple[int, int, int]:
+    res, soft, hard = _tuple(obj, 3, f"rlimits[{i}]")
+    _check(res < 16 and soft <= hard, f"rlimits[{i}] is not a resource with soft <= hard")
+    return res, soft, hard
+
+
+def _optional_tuple(obj: Any, n: int, what: str) -> Any:
+    return None if obj is None else _tuple(obj, n, what)
 
 
 def _tuple(obj: Any, n: int, what: str, aligned: bool = False, raw: bool = False) -> Any:
-    if obj is None and not raw:
-        return None
     _check(isinstance(obj, list) and len(obj) == n, f"{what} is not a list of {n}")
     if raw:
         return tuple(obj)
     return tuple(_int(v, what) if not aligned else _addr(v, what) for v in obj)
-
-
-def _strings(items: list, what: str) -> list[str]:
-    if not all(type(x) is str for x in items):
-        _check(False, f"a {what} is not a string")
-    return items
 
 
 def _host(obj: Any) -> Host:

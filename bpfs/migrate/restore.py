@@ -60,6 +60,7 @@ F_SETFD = 2
 SS_DISABLE = 2
 RSEQ_FLAG_UNREGISTER = 1
 HELPER_OPTIONS = pt.O_EXITKILL | pt.O_TRACECLONE | pt.O_TRACEFORK | pt.O_TRACEVFORK
+RLIMITS = 16  # RLIMIT_CPU .. RLIMIT_RTTIME
 PIDFD_SLOT = 1000  # where the pidfd waits while fds 0-2 are installed
 MOVABLE = ("vvar", "vvar_vclock", "vdso")
 
@@ -75,6 +76,7 @@ class Helper:
         self.pid = fork_stopped()
         try:
             self._clean()
+            self._clone_batch, self._tid_addr = self._write_clone_batch()
         except BaseException:
             self.kill()
             raise
@@ -105,6 +107,8 @@ class Helper:
         xstate = pt.get_xstate(pid)
         self.host = hostinfo.host(pt.xstate_xcr0(xstate), len(xstate))
         self.regs = regs
+        # what every clone inherits (forked from us now): a restore sets only other limits
+        self.rlimits = [_rlimit64(resource.getrlimit(res)) for res in range(RLIMITS)]
         b = stub.Batch(SCRATCH)
         b.call("close_range", 0, 2**32 - 1, 0)
         b.call("set_tid_address", 0)
@@ -120,13 +124,20 @@ class Helper:
         pt.set_sigmask(pid, 0)
         b.run(pid, regs)
 
-    def clone(self, target_pid: int) -> int:
-        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced."""
+    def _write_clone_batch(self) -> tuple[stub.Batch, int]:
+        """The clone3 batch, written once: each clone only writes its PID into set_tid (the
+        clones run their own batches in their copies of the scratch area)."""
         b = stub.Batch(SCRATCH)
-        tids = b.data(struct.pack("<i", target_pid))
+        tids = b.data(bytes(8))
         args = b.data(struct.pack("<11Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, tids, 1, 0))
         b.call("clone3", args, 88)
         pt.write_memory(self.pid, b.writes())
+        return b, tids
+
+    def clone(self, target_pid: int) -> int:
+        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced."""
+        b = self._clone_batch
+        pt.write_memory(self.pid, [(self._tid_addr, struct.pack("<i", target_pid))])
         stub.start(self.pid, self.regs, SCRATCH, 1)
         stop = pt.wait_stop(self.pid)
         if pt.stop_event(stop) != pt.EVENT_CLONE:
@@ -302,9 +313,12 @@ class Restorer:
         self._process_state(a, image)
         self._stdio(a, fds)
         self._credentials(a, image, uid, gid, groups)
+        a.pause()  # the byte runs are written here
+        self._protect(a, image, writable)
         a.run(child, self.helper.regs)
         pt.write_memory(child, [run for r in image.regions for run in r.pages])
-        self._finish(child, image, writable)
+        a.resume(child)
+        self._finish(child, image)
 
     def _stdio(self, a: stub.Batch, fds: list[int]) -> None:
         """fds 0-2 from the restorer's `fds`, through the pidfd parked at PIDFD_SLOT."""
@@ -319,8 +333,11 @@ class Restorer:
     def _credentials(self, a: stub.Batch, image: Image, uid: int, gid: int,
                      groups: list[int]) -> None:
         """Resource limits, the user's ids (root's capabilities go with uid 0), then the cwd."""
+        have = self.helper.rlimits
         for res, soft, hard in image.rlimits:
-            a.call("prlimit64", 0, res, a.data(_rlimit_payload(res, soft, hard)), 0)
+            want = _rlimit_wanted(soft, hard, have[res][1])
+            if want != have[res]:
+                a.call("prlimit64", 0, res, a.data(struct.pack("<QQ", *want)), 0)
         a.call("setgroups", len(groups), a.data(struct.pack(f"<{len(groups)}I", *groups)))
         a.call("setresgid", gid, gid, gid)
         a.call("setresuid", uid, uid, uid)
@@ -328,14 +345,16 @@ class Restorer:
         a.call("chdir", a.cstr("/"))
         a.call("chdir", a.cstr(image.cwd), may_fail=True)  # missing or not allowed: stay at /
 
-    def _finish(self, child: int, image: Image, writable: list[Region]) -> None:
-        """Final protections, rseq, scratch gone, registers and mask set, detached: running."""
-        b = stub.Batch(SCRATCH)
+    def _protect(self, a: stub.Batch, image: Image, writable: list[Region]) -> None:
+        """The part after the page writes: final protections, then rseq (after the writes, so
+        the kernel's cpu_id update stays)."""
         for r in writable:
-            b.call("mprotect", r.start, r.end - r.start, r.prot)
-        if image.rseq:  # after the page writes, so the kernel's cpu_id update stays
-            b.call("rseq", image.rseq[0], image.rseq[1], 0, image.rseq[2])
-        b.run(child, self.helper.regs)
+            a.call("mprotect", r.start, r.end - r.start, r.prot)
+        if image.rseq:
+            a.call("rseq", image.rseq[0], image.rseq[1], 0, image.rseq[2])
+
+    def _finish(self, child: int, image: Image) -> None:
+        """Scratch gone, registers and mask set, detached: running."""
         gadget = image.special["vdso"][0] + self.helper.vdso_gadget
         _check(pt.inject(child, self.helper.regs, gadget, pt.SYS["munmap"], SCRATCH,
                          SCRATCH_SIZE), "unmapping the scratch area", child)
@@ -413,16 +432,19 @@ def _check_reserved(image: Image) -> None:
                                "this restorer reserves for its scratch area")
 
 
-def _rlimit_payload(res: int, soft: int, hard: int) -> bytes:
-    """struct rlimit64 for prlimit64 in the target, clamped to what we may raise to.
+def _rlimit64(lim: tuple[int, int]) -> tuple[int, int]:
+    """(soft, hard) as the kernel's struct rlimit64 has them (RLIM_INFINITY is 2**64 - 1)."""
+    return tuple(2**64 - 1 if v == resource.RLIM_INFINITY else v for v in lim)  # type: ignore
+
+
+def _rlimit_wanted(soft: int, hard: int, own_hard: int) -> tuple[int, int]:
+    """The image's limit clamped to what the target may raise to.
 
     A hard limit can only be raised with CAP_SYS_RESOURCE (root in a container may lack it),
-    so limits above this restorer's own hard limit (inherited by the target) are lowered to it.
+    so limits above the hard limit the target inherited from the helper are lowered to it.
     """
-    own = resource.getrlimit(res)[1]
-    own = 2**64 - 1 if own == resource.RLIM_INFINITY else own
-    hard = min(hard, own)
-    return struct.pack("<QQ", min(soft, hard), hard)
+    hard = min(hard, own_hard)
+    return min(soft, hard), hard
 
 
 def _refuse_setid(fd: int, name: str) -> None:

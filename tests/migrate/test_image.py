@@ -203,3 +203,50 @@ def test_set_rank_refuses_a_rank_of_eight_digits() -> None:
     with pytest.raises(BpfsError) as err:
         image.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 10**7)
     assert err.value.errno == errno.EINVAL
+
+
+# ---- the one-pass checks against the naming checks ----
+
+ODD = [-1, 0, 1, 7, 8, True, False, 4095, 4096, 2**47, 2**47 + 4096, 2**64 - 1, 1.0, "x", "file",
+       "anon", b"", b"x", None, [], [1], [0, b"x"], {}]
+FIELDS = ([f"regions.{i}.{k}" for i in range(3) for k in ("start", "end", "prot", "kind",
+                                                          "growsdown", "file", "offset")]
+          + ["regions.1.pages.0", "regions.1.pages.0.0", "regions.1.pages.0.1", "regions.2.pages",
+             "regions.1", "files.0.size", "files.0.path", "files.0.hash", "rlimits.0",
+             "rlimits.1.0", "rlimits.1.1", "mm.brk", "special.vdso", "special.vvar.1",
+             "groups.0", "argv.1", "sigactions.0", "rseq", "robust", "pending.0", "host.cpu_flags.0"])
+
+
+def _slow_from_obj(obj) -> image.Image:
+    """`_from_obj` with every one-pass check refusing, so only the naming checks decide."""
+    saved = {n: getattr(image, n) for n in ("_regions_fast", "_files_fast", "_clear_of")}
+    image._regions_fast = image._files_fast = lambda *a: None
+    image._clear_of = lambda *a: False
+    try:
+        return image._from_obj(obj)
+    finally:
+        for n, f in saved.items():
+            setattr(image, n, f)
+
+
+def _outcome(fn, obj):
+    try:
+        return fn(msgpack.unpackb(msgpack.packb(obj), raw=False, strict_map_key=False))
+    except BpfsError as exc:
+        assert exc.errno == errno.EINVAL and exc.message.startswith("corrupt image: ")
+        return ("refused", exc.message)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(FIELDS), st.sampled_from(ODD))
+def test_fast_checks_agree_with_the_naming_checks(path: str, value) -> None:
+    """An odd value anywhere: both ways accept the same image or refuse with the same message."""
+    obj = msgpack.unpackb(_raw(**{path: value}), raw=False, strict_map_key=False)
+    assert _outcome(image._from_obj, obj) == _outcome(_slow_from_obj, obj)
+
+
+def test_overlap_with_a_special_mapping_is_named() -> None:
+    raw = _raw(**{"regions.2.start": 0x7FFF_0000_0000, "regions.2.end": 0x7FFF_0000_7000,
+                  "regions.2.pages": []})
+    with pytest.raises(BpfsError, match="vvar overlaps region at 0x7fff00000000"):
+        image.loads(raw)
