@@ -108,8 +108,7 @@ class NodeRestorer:
 
     def helper_pid(self) -> int | None:
         """The parked helper's PID (the reaper's to leave alone), if there is one."""
-        helper = self._restorer._helper if self._restorer is not None else None
-        return helper.pid if helper is not None else None
+        return self._restorer.helper_pid if self._restorer is not None else None
 
     def renew(self) -> None:
         """Drop the Restorer and make a fresh one (after kill(-1) took its helper)."""
