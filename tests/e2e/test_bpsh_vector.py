@@ -40,6 +40,19 @@ def test_every_rank_runs_on_its_node_with_its_rank_and_pid(cluster: Cluster) -> 
     assert fan_outs(cluster)[before:] == [4]        # one capture for the four ranks
 
 
+def test_twenty_ranks_cloned_in_chunks_each_run_once(cluster: Cluster) -> None:
+    """More ranks than the master clones in its first chunks (3, then 9, then the rest):
+    every rank runs exactly once, with its own PID, whichever chunk made its ghost."""
+    before = len(fan_outs(cluster))
+    spec = ",".join(str(n % cluster.nodes) for n in range(20))
+    r = cluster.run("bpsh", spec, "sh", "-c", 'echo "$BPROC_RANK $(hostname) $$"')
+    ranks = sorted(line.split() for line in ok(r).splitlines())
+    assert [(rank, host) for rank, host, _ in ranks] == [
+        (f"{n:07d}", f"n{n % cluster.nodes}") for n in range(20)]
+    assert len({pid for _, _, pid in ranks}) == 20
+    assert fan_outs(cluster)[before:] == [20]
+
+
 def test_ghosts_are_bpsh_children_and_a_signal_reaches_only_its_rank(cluster: Cluster
                                                                      ) -> None:
     p = subprocess.Popen(command("bpsh") + ["0,1,2", "sh", "-c",

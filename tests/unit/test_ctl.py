@@ -257,3 +257,12 @@ async def test_exec_checks_then_starts():
     assert s.sent == []
     assert await run(s, b"exec sh -c 'echo hi'\n", ALICE, 0) == "ok 4242"
     assert s.sent == [(0, {"t": "exec", "uid": 1000, "argv": ["sh", "-c", "echo hi"]})]
+
+
+def test_fan_out_chunks_cover_every_rank_once_in_order():
+    from bpfs.master_procs import _chunks
+    assert _chunks([], (3, 9)) == []
+    assert _chunks([1, 2], (3, 9)) == [[1, 2]]
+    assert _chunks(list(range(5)), (3, 9)) == [[0, 1, 2], [3, 4]]
+    assert _chunks(list(range(31)), (3, 9)) == [list(range(3)), list(range(3, 12)),
+                                                 list(range(12, 31))]
