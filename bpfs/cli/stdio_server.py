@@ -683,8 +683,8 @@ class StdioServer:
     def _reap(self) -> None:
         self._sigchld = False
         self._last_reap = self.clock()
-        if self.vector is not None:
-            self._reap_writer(self.vector)
+        if self.vector is not None and self.vector.status is None:
+            self._reap_writer(self.vector)      # once: a second waitpid finds no child
         for proc in self.procs:
             if proc.status is not None or not proc.pid:
                 continue

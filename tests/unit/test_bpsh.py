@@ -377,6 +377,8 @@ class Children:
         pid = os.fork()
         if pid == 0:
             os.close(w)
+            for gate in self.gates.values():    # the others' gates: each child ends alone
+                os.close(gate)
             os.read(r, 1)
             if sig:
                 os.kill(os.getpid(), sig)
@@ -709,3 +711,27 @@ def test_server_vector_writer_killed_and_no_ranks_link(tmp_path, children):
     procs = s.run(lambda: children.release(writer))
     assert [os.WTERMSIG(p.status) for p in procs] == [signal.SIGKILL] * 2
     assert bpsh.exit_status(procs, [], stderr_fd=s.err.fileno())[0] == 255
+
+
+def test_server_vector_writer_ends_first_and_its_status_survives_later_reaps(tmp_path,
+                                                                             children):
+    """The writer's rank may end before the ranks link comes (the master sends it once
+    every ghost exists): its status is kept, however many SIGCHLDs (other ranks ending)
+    come in between, and given to its rank when the link arrives."""
+    s = Served(tmp_path, grace=5)
+    writer, other, third = children.spawn(3), children.spawn(0), children.spawn(0)
+    s.server.add_vector([(0, 4), (1, 6), (2, 7)], writer, {1})
+
+    def feed():
+        children.release(writer)
+        time.sleep(0.2)                  # the writer is reaped ...
+        children.release(other)          # ... and other ranks end: more reaps
+        time.sleep(0.2)
+        _ranks_link(s, writer, [writer, other, third])
+        time.sleep(0.1)
+        children.release(third)
+        for pid in (writer, other, third):
+            s.connect(pid, 1).close()
+
+    procs = s.run(feed)
+    assert [os.WEXITSTATUS(p.status) for p in procs] == [3, 0, 0]
