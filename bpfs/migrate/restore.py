@@ -194,11 +194,6 @@ class Restorer:
         return self._helper
 
     @property
-    def helper_pid(self) -> int | None:
-        """The parked helper's PID, if there is one now (a reaper must leave it alone)."""
-        return self._helper.pid if self._helper is not None else None
-
-    @property
     def host(self) -> imagefmt.Host:
         return self.helper.host
 

@@ -7,7 +7,7 @@
     service.py    the daemon proper (trio): sessions, heartbeats, HANDLERS table
     init.py       PID 1 duties: the Reaper (exit statuses by pid), kill_namespace
     procs.py      migration on the node: restore, files, signal; exit reports
-    restorer.py   the Restorer in the event loop's thread; the reaper that spares its helper
+    restorer.py   the Restorer, used from the event loop's thread; user credentials
     stdio.py      fds 0-2 of a restored process: links to bpsh, /dev/null, user files
     facts.py      the FACTS map sent with register and every heartbeat
     embedded.py   `bpfs up` / `bpfs down`: master + K simulated nodes, PID records

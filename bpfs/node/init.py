@@ -1,12 +1,13 @@
 """What the node daemon owes its PID namespace as its PID 1: reaping, and killing.
 
 Orphans of the namespace are re-parented to PID 1, which must wait for them or
-they stay zombies. But a blanket `waitpid(-1)` would also swallow the statuses
-the migration code needs (ptrace stops of a helper being restored, the exit of
-a migrated process that must be reported to the master). So the reaper walks
-its own children (/proc/self/task/TID/children), skips the ones `claim`ed by
-someone who waits for them itself, and hands each exit status to the callback
-registered with `on_exit` (or drops it, for a plain orphan).
+they stay zombies. The reaper waits for any child (`waitpid(-1, WNOHANG)`) and
+hands each exit status to the callback registered with `on_exit` (or drops it,
+for a plain orphan). That is safe only because nobody else in the daemon waits
+for a child while the reaper can run: the Restorer (bpfs/node/restorer.py)
+waits for its helper's and new processes' ptrace stops inside a synchronous
+call in the same thread, and leaves none pending when it returns. A stop that
+does come (someone signalled the parked helper) is left alone.
 
 Errors: reaping never raises; a callback's exception is logged.
 """
@@ -30,40 +31,31 @@ SWEEP_INTERVAL = 5.0                           # in case a SIGCHLD was coalesced
 
 class Reaper:
     def __init__(self) -> None:
-        self._claimed: set[int] = set()
         self._callbacks: dict[int, ExitCallback] = {}
-
-    def claim(self, pid: int) -> None:
-        """The caller waits for `pid` itself (e.g. a ptrace'd helper); leave it alone."""
-        self._claimed.add(pid)
-
-    def release(self, pid: int) -> None:
-        self._claimed.discard(pid)
 
     def on_exit(self, pid: int, callback: ExitCallback) -> None:
         """Call `callback(pid, status)` once `pid`, our child, has been reaped."""
         self._callbacks[pid] = callback
 
-    def children(self) -> list[int]:
-        pids: list[int] = []
-        for task in os.listdir("/proc/self/task"):   # listdir, not glob: no lstat per task
-            pids += task_children(task)
-        return pids
+    def adopt(self, pid: int, callback: ExitCallback) -> None:
+        """`pid`, a restored process, is reaped from now on (and now, if it has ended)."""
+        self.on_exit(pid, callback)
+        self.reap()
 
     def reap(self) -> int:
-        """Collect every exited, unclaimed child now; return how many."""
+        """Collect every child that has ended, now; return how many."""
         n = 0
-        for pid in self.children():
-            if pid in self._claimed:
-                continue
+        while True:
             try:
-                wpid, status = os.waitpid(pid, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                continue
-            if wpid:
-                n += 1
-                self._dispatch(pid, status)
-        return n
+                return n
+            if not pid:
+                return n
+            if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+                continue            # the Restorer's traced helper, signalled: not an end
+            n += 1
+            self._dispatch(pid, status)
 
     def _dispatch(self, pid: int, status: int) -> None:
         callback = self._callbacks.pop(pid, None)
@@ -90,15 +82,6 @@ class Reaper:
                 with trio.move_on_after(SWEEP_INTERVAL):
                     await signals.__anext__()
                 self.reap()
-
-
-def task_children(task: str | int) -> list[int]:
-    """The children of one of our threads (empty if the thread ended meanwhile)."""
-    try:
-        with open(f"/proc/self/task/{task}/children", "rb") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def kill_namespace() -> int:

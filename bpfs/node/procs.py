@@ -58,7 +58,8 @@ from bpfs import execreq, wire
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.node import stdio
-from bpfs.node.restorer import NodeReaper, NodeRestorer
+from bpfs.node.init import Reaper
+from bpfs.node.restorer import NodeRestorer
 
 if TYPE_CHECKING:
     from bpfs.node.service import Session
@@ -128,7 +129,7 @@ class Held:
 class ProcessTable:
     """The restored processes the node holds, each with the session it reports to."""
 
-    def __init__(self, reaper: NodeReaper) -> None:
+    def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
         self.held: dict[int, Held] = {}
 

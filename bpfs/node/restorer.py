@@ -1,5 +1,4 @@
-"""The node's `Restorer`, run in the event loop's own thread, and a reaper that keeps off
-its helper.
+"""The node's `Restorer`, run in the event loop's own thread.
 
 ptrace answers only the thread that attached, so every call to one `Restorer` must come
 from one thread. That thread is the daemon's main thread, the one trio runs in: a restore
@@ -20,11 +19,12 @@ groups set on this thread alone (raw syscalls, not glibc's process-wide setxid b
 and root's are back right after the open (`as_user`). Nothing else runs on the thread
 meanwhile: the call is synchronous.
 
-Reaping (the daemon is PID 1, see bpfs/node/init.py): the helper is a child of this
-thread, parked in a ptrace stop; `NodeReaper` never waits for it. A process under
-construction exists only inside a restore call, when the reaper cannot run. A restored
-process that exits before it is adopted stays a zombie until then: its status is never
-lost, and the master hears `restored` before `exited`.
+Reaping (the daemon is PID 1, see bpfs/node/init.py): the helper and a process under
+construction are children of this thread whose ptrace stops the Restorer waits for, by
+PID, inside a restore call, when the reaper (which waits for any child) cannot run; none
+is left pending when the call returns. A restored process is adopted in the same
+synchronous step that queues its `restored`: its status is never lost, and the master
+hears `restored` before `exited`.
 
 Cache: received file contents are kept by hash in a tmpfs mounted on CACHE_DIR inside the
 node's own mount namespace (the node daemon is PID 1 of new PID and mount namespaces, and its
@@ -50,7 +50,6 @@ from typing import Iterator, Sequence
 from bpfs.errors import BpfsError
 from bpfs.migrate import Restorer
 from bpfs.node import nsutil
-from bpfs.node.init import ExitCallback, Reaper
 
 log = logging.getLogger("bpslave")
 
@@ -106,10 +105,6 @@ class NodeRestorer:
             self._restorer = Restorer(self.cache_dir)
         return self._restorer
 
-    def helper_pid(self) -> int | None:
-        """The parked helper's PID (the reaper's to leave alone), if there is one."""
-        return self._restorer.helper_pid if self._restorer is not None else None
-
     def renew(self) -> None:
         """Drop the Restorer and make a fresh one (after kill(-1) took its helper)."""
         self.close()
@@ -157,21 +152,3 @@ def _setfsid(nr: int, value: int) -> None:
     _libc.syscall(ctypes.c_long(nr), ctypes.c_long(value))
     if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(0xFFFFFFFF)) != value:
         raise BpfsError(errno.EPERM, f"cannot take filesystem id {value}")
-
-
-class NodeReaper(Reaper):
-    """PID 1's reaper, kept off the Restorer's helper (see the module docstring)."""
-
-    def __init__(self, restorer: NodeRestorer) -> None:
-        super().__init__()
-        self.restorer = restorer
-
-    def adopt(self, pid: int, callback: ExitCallback) -> None:
-        """`pid`, a restored process, is reaped like any child from now on (and now)."""
-        self.on_exit(pid, callback)
-        self.reap()
-
-    def children(self) -> list[int]:
-        helper = self.restorer.helper_pid()
-        kids = super().children()
-        return kids if helper is None else [p for p in kids if p != helper]

@@ -12,8 +12,8 @@ migrated image, forward a signal, ...) add entries with `@handler("name")`; a
 handler that runs long starts a task in `session.nursery`.
 
 Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
-ptrace-based Restorer (used from the event loop's thread) and the reaper that keeps
-off its helper are bpfs/node/restorer.py. The Restorer is made when the daemon
+ptrace-based Restorer (used from the event loop's thread) is bpfs/node/restorer.py,
+the reaper bpfs/node/init.py. The Restorer is made when the daemon
 starts, so its helper is ready before the first migration.
 
 Outcomes: REBOOT closes the connection, kills what the node holds, and comes
@@ -39,8 +39,8 @@ from bpfs.errors import BpfsError
 from bpfs.node import facts as node_facts
 from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
-from bpfs.node.init import kill_namespace
-from bpfs.node.restorer import NodeReaper, NodeRestorer, setup_cache_dir
+from bpfs.node.init import Reaper, kill_namespace
+from bpfs.node.restorer import NodeRestorer, setup_cache_dir
 
 log = logging.getLogger("bpslave")
 
@@ -210,7 +210,7 @@ class Node:
         self.key = key
         self.number: int | None = cfg.node
         self.restorer = NodeRestorer(None)
-        self.reaper = NodeReaper(self.restorer)
+        self.reaper = Reaper()
         self.procs = procs.ProcessTable(self.reaper)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
 
