@@ -109,8 +109,7 @@ class FrameStream:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._send_lock = trio.Lock()
-        sock = getattr(stream, "socket", None)
-        self._fd: int | None = sock.fileno() if sock is not None else None
+        self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
 
     async def send(self, msg: Message, timeout: float | None = None) -> None:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
@@ -125,11 +124,12 @@ class FrameStream:
         without a lock wait, a cancel scope or a trip through the event loop (trio's
         send_all makes two: the lock's checkpoint and its own). Whatever does not fit,
         or any send while another waits, goes through trio (with `timeout`)."""
-        if self._fd is not None and not self._send_lock.locked():
+        fd = self._sock.fileno() if self._sock is not None else -1   # -1 once closed
+        if fd >= 0 and not self._send_lock.locked():
             self._send_lock.acquire_nowait()
             try:
                 try:
-                    sent = os.write(self._fd, data)
+                    sent = os.write(fd, data)
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:

@@ -275,3 +275,39 @@ def test_bpfs_keygen_writes_a_0600_key_and_refuses_to_overwrite(tmp_path, capsys
     assert wire.load_key(str(key)) == first
     assert main(["keygen", "--key", str(key), "--force"]) == 0
     assert wire.load_key(str(key)) != first
+
+
+# ---- over a real socket: the write-at-once path ---------------------------------------
+
+async def _socket_pair() -> tuple[wire.FrameStream, wire.FrameStream]:
+    a, b = trio.socket.socketpair()
+    return wire.FrameStream(trio.SocketStream(a)), wire.FrameStream(trio.SocketStream(b))
+
+
+async def test_socket_frames_written_at_once_and_a_big_one_in_parts():
+    """Small frames go out in one write; one bigger than the socket buffer is finished by
+    trio while the reader drains it; order and content are kept either way."""
+    x, y = await _socket_pair()
+    big = {"t": "big", "data": os.urandom(8 << 20)}
+    got = []
+
+    async def read() -> None:
+        for _ in range(3):
+            got.append(await y.receive())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(read)
+        await x.send({"t": "a"})
+        await x.send(big, timeout=10)
+        await x.send_many([{"t": "b"}])
+    assert got == [{"t": "a"}, big, {"t": "b"}]
+
+
+async def test_socket_send_after_close_never_writes_to_a_reused_fd(tmp_path):
+    x, _y = await _socket_pair()
+    await x.stream.aclose()
+    with open(tmp_path / "victim", "wb") as f:           # may take the freed fd number
+        with pytest.raises(trio.ClosedResourceError):
+            await x.send({"t": "late"})
+        f.flush()
+    assert (tmp_path / "victim").read_bytes() == b""
