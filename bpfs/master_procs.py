@@ -432,18 +432,25 @@ class ProcService:
         sig = sig if isinstance(sig, int) and sig > 0 else None
         code = _int(code, 0) & 0xFF
         self.cluster.exited(pid, code, sig)
-        self._spawn(self._finish, pid, code, sig)
+        self._finish(pid, code, sig)
 
-    async def _finish(self, pid: int, code: int, sig: int | None) -> None:
+    def _finish(self, pid: int, code: int, sig: int | None) -> None:
+        """The ghost ends the same way. Nothing here waits for it: the tracer thread does
+        it, and only a failure is worth a word (no trio task, no wake-up per exit)."""
         if self.tracer is None:
             return
         try:
-            if sig:
-                await wait_future(self.tracer.finish(pid, signal=sig))
-            else:
-                await wait_future(self.tracer.finish(pid, exit_code=code))
+            fut = self.tracer.finish(pid, signal=sig) if sig else \
+                self.tracer.finish(pid, exit_code=code)
         except BpfsError as exc:
             log.info("pid %d: ending the ghost: %s", pid, exc)
+            return
+
+        def ended(f: "concurrent.futures.Future[Any]") -> None:     # in the tracer thread
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                log.info("pid %d: ending the ghost: %s", pid, exc)
+        fut.add_done_callback(ended)
 
     def node_lost(self, node: int) -> None:
         """The node's processes are gone: their ghosts die by SIGKILL, migrations fail."""
