@@ -646,7 +646,7 @@ class Bench:
             "",
             f"- machine: Linux {sh(['uname', '-r'])}, {os.cpu_count()} cores ({model}), "
             f"{int(mem) / 1024 / 1024:.1f} GiB memory; load average at the end {load} "
-            "(other engineers' tests were running: medians of interleaved rounds)",
+            "(the benchmark's own and whatever else ran: medians of interleaved rounds)",
             f"- {self.hf_version}, `-N --warmup {a.warmup} --runs {a.runs}` "
             f"({a.runs_big} for the {n}-node group) per round, {a.rounds} rounds, command order "
             "reversed every other round; stdin and stdout /dev/null; the rounds' raw times "
