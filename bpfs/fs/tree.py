@@ -41,19 +41,12 @@ class FileSpec:
 def render_cluster_status(cluster: Cluster, _: int = 0) -> str:
     """Every node's line; each owner's name is looked up once (nodes mostly share owners,
     and a passwd/group lookup reads the files again every time)."""
-    users: dict[int, str] = {}
-    groups: dict[int, str] = {}
+    nodes = cluster.nodes()
+    users = {uid: formats.user_name(uid) for uid in {n.uid for n in nodes}}
+    groups = {gid: formats.group_name(gid) for gid in {n.gid for n in nodes}}
     return formats.render_status(
-        formats.NodeRow(n.number, n.state, n.mode, _name(users, formats.user_name, n.uid),
-                        _name(groups, formats.group_name, n.gid), n.address)
-        for n in cluster.nodes())
-
-
-def _name(seen: dict[int, str], lookup: Callable[[int], str], id_: int) -> str:
-    name = seen.get(id_)
-    if name is None:
-        name = seen[id_] = lookup(id_)
-    return name
+        formats.NodeRow(n.number, n.state, n.mode, users[n.uid], groups[n.gid], n.address)
+        for n in nodes)
 
 
 def render_node_status(cluster: Cluster, n: int) -> str:

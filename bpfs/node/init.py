@@ -71,7 +71,7 @@ class Reaper:
         """Reap on every SIGCHLD, and every few seconds in any case; runs until cancelled.
 
         SIGCHLD comes for exits only (`nsutil.sigchld_exits_only`): the ptrace stops of
-        the restore thread's children would wake the loop for nothing."""
+        the processes a restore builds would wake the loop for nothing."""
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
             try:
                 nsutil.sigchld_exits_only()

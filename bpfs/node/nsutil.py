@@ -10,8 +10,8 @@ proper imports trio.
 from __future__ import annotations
 
 import ctypes
-import signal
 import os
+import signal
 from typing import Optional
 
 CLONE_NEWNS = 0x00020000
@@ -144,7 +144,7 @@ class _Sigaction(ctypes.Structure):
 def sigchld_exits_only() -> None:
     """Add SA_NOCLDSTOP to the SIGCHLD handler Python (trio) installed.
 
-    The node daemon's restore thread ptraces the processes it builds, and every
+    The node daemon's Restorer ptraces the processes it builds, and every
     ptrace stop of a child sends its process a SIGCHLD: half a dozen wake-ups of the
     event loop per restore, each for a reaper sweep that finds nothing (profiled:
     most of the main thread's loop iterations). With SA_NOCLDSTOP the kernel still

@@ -360,8 +360,8 @@ def _restore_job(node: NodeRestorer, req: RestoreRequest, fds: list[int | None],
     with node.as_user(req.uid, req.gid, req.groups):
         stdio.open_local(req.io, fds, image.cwd, image.umask)
     pid = node.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
-                                  groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
-                                  file_content=content)
+                                groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
+                                file_content=content)
     return image, [], pid
 
 

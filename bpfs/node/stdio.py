@@ -10,7 +10,7 @@
                  process's umask. A relative PATH is taken from the process's cwd (or /).
                  The same file for stdout and stderr is opened once and shared, as `>f 2>&1`.
                  Opened with O_NONBLOCK (cleared after): a FIFO without a reader is ENXIO
-                 rather than a hung restore thread.
+                 rather than a hung daemon (the open runs in the event loop's thread).
 
 Every fd here is the node's copy: the restored process gets its own (pidfd_getfd), and the
 caller closes these once the restore is over, whatever its outcome, so bpsh sees EOF when
@@ -172,15 +172,6 @@ def _resolve(host: str) -> tuple[int, tuple]:
         raise BpfsError(errno.EHOSTUNREACH, f"connecting to bpsh at {host}: "
                         f"{os.strerror(errno.EHOSTUNREACH)}") from None
     return family, addr
-
-
-async def connect_links(host: str, port: int, token: str, pid: int,
-                        io: Sequence[str]) -> list[int | None]:
-    """For each fd whose IO is "socket", a connected link to bpsh (header sent); None else."""
-    links = Links(host, port, token, pid, io)
-    if not links.ready():
-        await links.wait()
-    return links.fds()
 
 
 def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -> None:

@@ -250,12 +250,20 @@ async def test_file_io_on_the_node(node, shared_dir):
     assert str(missing) in reply["message"]
 
 
-async def test_missing_file_content_is_asked_for_and_cached(node, tmp_path):
-    prog = tmp_path / "echo-copy"                   # a path the node will not have
+def images_of_a_copy(tmp_path: Path, *args: list[str]
+                     ) -> tuple[bytes, list[tuple[bytes, migrate.Image]]]:
+    """A copy of /bin/echo at a path the node will not have (gone once dumped): its
+    content, and an image of it per argument list."""
+    prog = tmp_path / "echo-copy"
     shutil.copy("/bin/echo", prog)
     content = prog.read_bytes()
-    images = [make_image([str(prog), "copy", str(i)]) for i in range(3)]
+    images = [make_image([str(prog), *a]) for a in args]
     prog.unlink()
+    return content, images
+
+
+async def test_missing_file_content_is_asked_for_and_cached(node, tmp_path):
+    content, images = images_of_a_copy(tmp_path, *(["copy", str(i)] for i in range(3)))
     want = hash_bytes(content)
 
     facts_before = len(node.conn.inbox)
@@ -326,11 +334,7 @@ async def test_with_the_pid_the_handler_restores_or_a_task_fetches_files_first(n
     assert await node.bpsh.read_all(img.pid, 1) == b"quick\n"
     assert (await node.exited(img.pid))["code"] == 0
 
-    prog = tmp_path / "echo-copy"                   # a path the node will not have
-    shutil.copy("/bin/echo", prog)
-    content = prog.read_bytes()
-    data, img = make_image([str(prog), "fetched"])
-    prog.unlink()
+    content, [(data, img)] = images_of_a_copy(tmp_path, ["fetched"])
     req = node.request(data)
     req["pid"] = img.pid
     await node.conn.fs.send(req)
@@ -341,84 +345,6 @@ async def test_with_the_pid_the_handler_restores_or_a_task_fetches_files_first(n
     reply = await node.wait(lambda m: m["t"] in ("restored", "failed") and m["id"] == req["id"])
     assert (reply["t"], reply["pid"]) == ("restored", img.pid)
     assert await node.bpsh.read_all(img.pid, 1) == b"fetched\n"
-
-
-async def test_missing_file_content_is_asked_for_and_cached(node, tmp_path):
-    prog = tmp_path / "echo-copy"                   # a path the node will not have
-    shutil.copy("/bin/echo", prog)
-    content = prog.read_bytes()
-    images = [make_image([str(prog), "copy", str(i)]) for i in range(3)]
-    prog.unlink()
-    want = hash_bytes(content)
-
-    facts_before = len(node.conn.inbox)
-    req = node.request(images[0][0])
-    await node.conn.fs.send(req)
-    need = await node.wait(lambda m: m["t"] == "need")
-    assert (need["id"], need["hashes"]) == (req["id"], [want])
-    await trio.sleep(0.5)          # the node keeps heart-beating while it waits
-    assert sum(m["t"] == "facts" for m in node.conn.inbox[facts_before:]) >= 3
-    await node.conn.fs.send({"t": "files", "id": req["id"], "contents": {want: b"forged"}})
-    bad = await node.wait(lambda m: m["t"] == "failed" and m["id"] == req["id"])
-    assert bad["errno"] == errno.EINVAL
-
-    req = node.request(images[1][0])
-    await node.conn.fs.send(req)
-    need = await node.wait(lambda m: m["t"] == "need" and m["id"] == req["id"])
-    await node.conn.fs.send({"t": "files", "id": req["id"], "contents": {want: content}})
-    await node.wait(lambda m: m["t"] == "restored" and m["id"] == req["id"])
-    assert await node.bpsh.read_all(images[1][1].pid, 1) == b"copy 1\n"
-
-    needs = sum(m["t"] == "need" for m in node.conn.inbox)
-    reply = await node.restore(images[2][0])       # the node cached the content: no need
-    assert reply["t"] == "restored"
-    assert await node.bpsh.read_all(images[2][1].pid, 1) == b"copy 2\n"
-    assert sum(m["t"] == "need" for m in node.conn.inbox) == needs
-
-
-async def test_corrupt_image_fails_with_einval_and_nothing_runs(node):
-    data, img = make_image(["/bin/echo", "never"])
-    for bad in (b"not an image", data[: len(data) // 2]):
-        reply = await node.restore(bad)
-        assert (reply["t"], reply["errno"]) == ("failed", errno.EINVAL)
-        assert "corrupt image" in reply["message"]
-    await node.conn.fs.send({"t": "restore", "id": 77, "image": data})      # fields missing
-    reply = await node.wait(lambda m: m["t"] == "failed" and m["id"] == 77)
-    assert reply["errno"] == errno.EINVAL
-    assert not node.held() and not node.bpsh.links
-
-
-@pytest.mark.parametrize("with_pid", [False, True])
-async def test_unreachable_bpsh_fails_and_nothing_runs(node, with_pid):
-    """Without a PID the image is loaded first (a task); with one (our master's way) the
-    handler connects and restores at once: both fail the same way."""
-    data, img = make_image(["/bin/echo", "never"])
-    req = node.request(data)
-    if with_pid:
-        req["pid"] = img.pid
-    with trio.socket.socket() as s:                 # a port nobody listens on
-        await s.bind(("127.0.0.1", 0))
-        req["port"] = s.getsockname()[1]
-    await node.conn.fs.send(req)
-    reply = await node.wait(lambda m: m["t"] == "failed" and m["id"] == req["id"])
-    assert reply["errno"] == errno.ECONNREFUSED
-    assert not node.held()
-    img2, _ = await node.run(["/bin/echo", "after"])       # the node still restores
-    assert await node.bpsh.read_all(img2.pid, 1) == b"after\n"
-
-
-async def test_a_request_with_the_pid_is_restored_at_once_even_when_files_are_missing(
-        node, tmp_path):
-    """The master's way (pid given): restored in the handler, or, lacking file contents,
-    finished by a task after `need`/`files`."""
-    data, img = make_image(["/bin/echo", "quick"])
-    req = node.request(data)
-    req["pid"] = img.pid
-    await node.conn.fs.send(req)
-    reply = await node.wait(lambda m: m["t"] in ("restored", "failed") and m["id"] == req["id"])
-    assert (reply["t"], reply["pid"]) == ("restored", img.pid)
-    assert await node.bpsh.read_all(img.pid, 1) == b"quick\n"
-    assert (await node.exited(img.pid))["code"] == 0
 
 
 async def test_restore_runs_as_the_user(node, users, shared_dir):
