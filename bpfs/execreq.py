@@ -13,6 +13,9 @@ execmove request: one ctl line, shell-quoted words (shlex):
         | "null"            /dev/null on the node
         | "file:" PATH      PATH opened on the node (stdin read-only; stdout/stderr
                             created/truncated, mode 0666 & ~umask)
+        | "stdout"          --stderr only: fd 2 is the process's fd 1, as `2>&1` (bpsh
+                            asks for it when its own stdout and stderr are one file, so
+                            one link carries both)
     TOKEN := 32 lowercase hex digits, random per bpsh run
 
 The writer's *next execve* is migrated to the node; bpsh's child writes the request
@@ -72,10 +75,14 @@ def quote(word: str) -> str:
     return "'" + word.replace("'", "'\"'\"'") + "'"
 
 
-def parse_io(text: str) -> str:
+def parse_io(text: str, fd: int = 0) -> str:
+    """IO spec `text` for fd `fd` (0, 1, 2), or EINVAL."""
     if text in ("socket", "null") or (text.startswith("file:") and len(text) > 5):
         return text
-    raise einval(f"bad stdio spec {text!r}: want socket, null or file:PATH")
+    if text == "stdout" and fd == 2:
+        return text
+    raise einval(f"bad stdio spec {text!r} for fd {fd}: want socket, null or file:PATH"
+                 + (" or stdout" if fd == 2 else ""))
 
 
 @record(frozen=True)
@@ -128,8 +135,9 @@ def parse_execmove(args: list[str]) -> ExecMove:
     nodes = _parse_nodes(vals["nodes"]) if "nodes" in vals else None
     if nodes is not None and rank:
         raise einval("execmove: --nodes numbers its ranks from 0; --rank must be 0")
-    return ExecMove(port, vals["token"], rank, *(parse_io(vals.get(k, "socket"))
-                                                  for k in ("stdin", "stdout", "stderr")),
+    return ExecMove(port, vals["token"], rank, *(parse_io(vals.get(k, "socket"), fd)
+                                                  for fd, k in enumerate(("stdin", "stdout",
+                                                                          "stderr"))),
                     nodes=nodes)
 
 

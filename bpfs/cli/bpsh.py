@@ -505,6 +505,8 @@ def _local_child(job: Job, pairs: dict[int, tuple[_socket.socket, _socket.socket
         for fd, spec in enumerate(job.io):
             if spec == "socket":
                 os.dup2(pairs[fd][1].fileno(), fd)
+            elif spec == "stdout":
+                os.dup2(1, 2)
             else:
                 name = "/dev/null" if spec == "null" else spec[len("file:"):]
                 flags = os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -579,8 +581,7 @@ def _run(args: Args) -> int:
         os.execv(path, args.command)
     if not nodes:
         return 0
-    if args.io[0] == "socket" and _is_dev_null(0):
-        args.io[0] = "null"                 # the same EOF, without a link per process
+    plan_io(args.io)
     job = Job(mount, nodes, path, args.command, tuple(args.io), args.output)
     if args.io == ["null"] * 3 and len(nodes) == 1 and nodes[0] != MASTER \
             and not args.time:
@@ -600,16 +601,41 @@ def _run(args: Args) -> int:
 
 
 DEV_NULL = os.makedev(1, 3)
+S_IFMT, S_IFCHR, S_IFREG = 0o170000, 0o020000, 0o100000
 
 
-def _is_dev_null(fd: int) -> bool:
-    """Is `fd` the null device? Then a process reading it on a node gets what it would
-    here (EOF at once) from the node's own /dev/null, as with -n."""
+def plan_io(io: list[str], fds: Sequence[int] = (0, 1, 2)) -> None:
+    """Forward only what needs a link; `io` (specs of fds 0-2) is changed in place.
+
+    An fd of ours that is the null device becomes the node's /dev/null ("null", as -n
+    does for stdin): a process reading it gets EOF at once, and what it writes is lost,
+    as it would be here, and it sees the same device. If our stdout and stderr are one
+    file (a terminal, a pipe, `>f 2>&1`: the same inode, and for a regular file the same
+    offset), the remote fd 2 is its fd 1 ("stdout"), as with 2>&1: one link per process
+    carries both, in the order they were written. `fds` are ours for 0, 1, 2 (tests).
+    """
+    st: list[os.stat_result | None] = []
+    for n, fd in enumerate(fds):
+        try:
+            st.append(os.fstat(fd))
+        except OSError:
+            st.append(None)
+        s = st[n]
+        if io[n] == "socket" and s is not None and s.st_mode & S_IFMT == S_IFCHR \
+                and s.st_rdev == DEV_NULL:
+            io[n] = "null"
+    out, err = st[1], st[2]
+    if io[1] == io[2] == "socket" and out is not None and err is not None \
+            and (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino) \
+            and (out.st_mode & S_IFMT != S_IFREG or _offset(fds[1]) == _offset(fds[2])):
+        io[2] = "stdout"
+
+
+def _offset(fd: int) -> int | None:
     try:
-        st = os.fstat(fd)
+        return os.lseek(fd, 0, os.SEEK_CUR)
     except OSError:
-        return False
-    return st.st_mode & 0o170000 == 0o020000 and st.st_rdev == DEV_NULL
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,8 @@ def parse_restore(msg: wire.Message) -> RestoreRequest:
         raise einval("restore: io must be three IO specs")
     req = RestoreRequest(need("id", int), need("image", bytes), need("uid", int),
                          need("gid", int), tuple(groups),
-                         tuple(execreq.parse_io(s) for s in io),  # type: ignore[arg-type]
+                         tuple(execreq.parse_io(s, fd)  # type: ignore[arg-type]
+                               for fd, s in enumerate(io)),
                          need("port", int), need("token", str))
     if req.uid < 0 or req.gid < 0:
         raise einval("restore: negative uid or gid")

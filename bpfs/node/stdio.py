@@ -5,6 +5,8 @@
                  the process reads its stdin from it or writes its output into it.
                  Connected by `Links`, all at once, mostly without waiting.
     "null"       /dev/null.
+    "stdout"     (fd 2 only) the same open file as fd 1, whatever that is: bpsh's stdout
+                 and stderr are one file, and one link carries both.
     "file:PATH"  PATH on the node, opened *as the user* (`NodeRestorer.as_user`): stdin
                  O_RDONLY; stdout/stderr O_WRONLY|O_CREAT|O_TRUNC with mode 0666 & ~the
                  process's umask. A relative PATH is taken from the process's cwd (or /).
@@ -175,7 +177,8 @@ def _resolve(host: str) -> tuple[int, tuple]:
 
 
 def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -> None:
-    """Fill the non-socket entries of `fds` (call as the user, in the Restorer's thread).
+    """Fill the non-socket entries of `fds`, the links already in (call as the user, in
+    the Restorer's thread).
 
     The umask is the process's; it is the image's only for the length of this
     synchronous call, in which the daemon does nothing else."""
@@ -184,6 +187,9 @@ def open_local(io: Sequence[str], fds: list[int | None], cwd: str, umask: int) -
     try:
         for n, spec in enumerate(io):
             if spec == "socket":
+                continue
+            if n == 2 and spec == "stdout":
+                fds[2] = fds[1]    # the caller closes each fd once (close_all)
                 continue
             if n == 2 and spec == io[1] and spec.startswith("file:") and fds[1] is not None:
                 fds[2] = fds[1]    # one open file description, as the shell's >f 2>&1

@@ -187,6 +187,37 @@ def test_stdin_from_dev_null_is_the_nodes_dev_null_and_a_pipe_is_a_link(cluster:
     assert ok(cluster.sh(f"{bpsh_cmd} 1 cat < /dev/null; echo $?")) == "0\n"
 
 
+def test_stdout_and_stderr_links_follow_what_they_are_on_the_master(cluster: Cluster,
+                                                                    tmp_path) -> None:
+    """/dev/null is the node's /dev/null; stdout and stderr that are one file here are one
+    link there (fd 2 the same socket as fd 1, as 2>&1), separate files separate links."""
+    b = shlex.join(command("bpsh"))
+    fds = 'echo "$(readlink /proc/$$/fd/1 /proc/$$/fd/2)"'    # the shell's own fds
+    ok(cluster.sh(f"{b} 1 sh -c '{fds} > /scratch/fds' > /dev/null 2>&1"))
+    assert ok(cluster.sh(f"{b} 1 cat /scratch/fds")) == "/dev/null\n/dev/null\n"
+    r = cluster.sh(f"{b} 1 sh -c '{fds} >&2' > /dev/null")
+    assert r.returncode == 0 and r.stdout == b""
+    out, err = r.stderr.decode().splitlines()
+    assert out == "/dev/null" and err.startswith("socket:[")
+    log = tmp_path / "log"
+    ok(cluster.sh(f"{b} -p 0,1 sh -c '{fds}; echo err >&2; echo end' > {log} 2>&1"))
+    lines = log.read_text().splitlines()
+    for n in (0, 1):
+        one, two, e, end = [ln[5:] for ln in lines if ln.startswith(f"  {n}: ")]
+        assert one == two and one.startswith("socket:[") and (e, end) == ("err", "end")
+    r = cluster.sh(f"{b} 1 sh -c '{fds}'")
+    one, two = ok(r).splitlines()
+    assert one != two and one.startswith("socket:[") and two.startswith("socket:[")
+
+
+def test_all_stdio_on_dev_null_still_gives_the_exit_status(cluster: Cluster) -> None:
+    """Nothing to forward: bpsh becomes the ghost itself (as with -N), one node or many."""
+    b = shlex.join(command("bpsh"))
+    for nodes in ("1", "0,1"):
+        r = cluster.sh(f"{b} {nodes} sh -c 'exit 42' </dev/null >/dev/null 2>&1; echo $?")
+        assert ok(r) == "42\n"
+
+
 def test_redirections_are_master_files_50mb_byte_for_byte(cluster: Cluster, tmp_path) -> None:
     src, dst = tmp_path / "in", tmp_path / "out"
     src.write_bytes(os.urandom(50 * 1024 * 1024))

@@ -53,6 +53,8 @@ for fd, spec in enumerate(req.io):
         s.sendall(render_header(req.token, pid, fd))
         os.dup2(s.fileno(), fd)
         s.close()
+    elif spec == "stdout":
+        os.dup2(1, 2)
     else:
         name = "/dev/null" if spec == "null" else spec[5:]
         flags = os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -99,9 +101,10 @@ class Runner:
 
     def __call__(self, *args: str, prog: str = "bpsh", input: bytes | None = b"",
                  env: dict | None = None, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
         return subprocess.run([PY, str(self.script), prog, *args], input=input,
-                              capture_output=True, timeout=timeout,
-                              env=dict(self.env, **(env or {})), **kw)
+                              timeout=timeout, env=dict(self.env, **(env or {})), **kw)
 
 
 @pytest.fixture
@@ -245,6 +248,58 @@ def test_requests_one_per_node(run, mount):
 def test_request_io(run, mount, opts, io):
     assert run(*opts, "3", "true", env={"FAKE_NO_LINKS": "1"}).returncode == 0
     assert _request(mount, 3).io == io
+
+
+def test_request_io_follows_what_our_fds_are(run, mount, tmp_path):
+    """/dev/null needs no link; stdout and stderr that are one file need one link."""
+    def io(**kw) -> tuple[str, ...]:
+        r = run("3", "true", env={"FAKE_NO_LINKS": "1"}, **kw)
+        assert r.returncode == 0, r.stderr
+        return _request(mount, 3).io
+    with open(os.devnull, "r+b") as null:
+        assert io(input=None, stdin=null, stdout=null, stderr=null) == ("null",) * 3
+    assert io(stderr=subprocess.STDOUT) == ("socket", "socket", "stdout")
+    with open(tmp_path / "log", "wb") as log:
+        assert io(input=None, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT) \
+            == ("socket", "socket", "stdout")
+
+
+def test_merged_output_arrives_in_order(run):
+    r = run("-p", "0,1", "sh", "-c", "echo out; echo err >&2; echo out2",
+            stderr=subprocess.STDOUT)
+    assert r.returncode == 0
+    for n in (0, 1):
+        assert [ln for ln in r.stdout.decode().splitlines() if ln.startswith(f"  {n}:")] \
+            == [f"  {n}: out", f"  {n}: err", f"  {n}: out2"]
+
+
+def test_plan_io_on_real_fds(tmp_path):
+    null = os.open(os.devnull, os.O_RDWR)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    f = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    g = os.open(tmp_path / "f", os.O_WRONLY)        # the same file, another description
+    try:
+        def plan(fds, io=("socket",) * 3):
+            io = list(io)
+            bpsh.plan_io(io, fds)
+            return io
+        assert plan((null, null, null)) == ["null"] * 3
+        assert plan((null, null, null), ("socket", "file:/o", "socket")) == \
+            ["null", "file:/o", "null"]
+        assert plan((r1, w1, w1)) == ["socket", "socket", "stdout"]
+        assert plan((r1, w1, w2)) == ["socket"] * 3
+        assert plan((r1, w1, null)) == ["socket", "socket", "null"]
+        assert plan((r1, w1, w1), ("socket", "socket", "file:/e")) == \
+            ["socket", "socket", "file:/e"]
+        assert plan((r1, f, f)) == ["socket", "socket", "stdout"]
+        assert plan((r1, f, g)) == ["socket", "socket", "stdout"]    # both at offset 0
+        os.write(f, b"x")
+        assert plan((r1, f, g)) == ["socket"] * 3    # writes through g would land elsewhere
+        assert plan((r1, 99999, w1)) == ["socket"] * 3      # a closed fd: left alone
+    finally:
+        for fd in (null, r1, w1, r2, w2, f, g):
+            os.close(fd)
 
 
 def test_no_io_single_node_execmoves_itself(run, mount):

@@ -9,6 +9,7 @@ import pytest
 
 from bpfs import ctl
 from bpfs.errors import BpfsError
+from bpfs.execreq import parse_execmove
 from bpfs.model import Caller, Cluster, Facts
 
 ROOT = Caller(0, 0)
@@ -171,6 +172,15 @@ async def test_execmove_checks_then_arms():
     assert await run(s, req, Caller(0, 0, pid=7), 0) == "ok 7"
     (node, msg), = s.sent
     assert node == 0 and msg["req"].port == 5 and msg["req"].io == ("socket", "null", "socket")
+
+
+def test_execmove_stderr_may_be_stdout_and_nothing_else_may():
+    words = ["--port", "5", "--token", TOKEN]
+    assert parse_execmove(words + ["--stderr", "stdout"]).io == ("socket", "socket", "stdout")
+    for opt in ("--stdin", "--stdout"):
+        with pytest.raises(BpfsError) as info:
+            parse_execmove(words + [opt, "stdout"])
+        assert info.value.errno == errno.EINVAL and "for fd" in info.value.message
 
 
 async def test_execmove_nodes_checks_each_rank_and_fails_only_if_none_may_run():
