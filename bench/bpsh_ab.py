@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`bpsh -a true` on K nodes for several git revisions, side by side in one sitting.
 
-    sudo /opt/bpfs/venv/bin/python bench/bpsh_ab.py [--nodes 32] [--runs 10] [--rounds 4] REV...
+    sudo /opt/bpfs/venv/bin/python bench/bpsh_ab.py [--nodes 32] [--runs 10] [--rounds 4]
+                                                    [--output null|pipe] REV...
 
 What a change to the run's hot path is worth, measured where it matters (a whole
 multi-node run, 32 simulated nodes on this machine) and robustly enough on a
@@ -82,6 +83,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10, help="runs per revision per round")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--port", type=int, default=2400, help="first master port")
+    ap.add_argument("--output", choices=("null", "pipe"), default="null",
+                    help="bpsh's stdout: /dev/null (hyperfine's default, as bpsh_peers.py "
+                         "runs every peer) or a pipe that is read; stdin and stderr are "
+                         "/dev/null either way, as under hyperfine")
     a = ap.parse_args()
     base = tempfile.mkdtemp(prefix="bpfs-ab-")
     variants: list[dict] = []
@@ -106,7 +111,9 @@ def main() -> int:
                 for _ in range(a.runs):
                     t = time.perf_counter()
                     subprocess.run([v["bpsh"], "-a", "true"], env=v["env"], check=True,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL if a.output == "null"
+                                   else subprocess.PIPE)
                     v["wall"].append(time.perf_counter() - t)
                 kids1 = os.times()
                 bpsh = (kids1.children_user + kids1.children_system
