@@ -17,7 +17,11 @@ In one run:
        8 nodes  bpsh 0-7 true | srun -N8 true | pdsh -w n[0-7] true | clush -w n[0-7] true
        32 nodes bpsh -a true | pdsh -w n[0-31] true | clush -w n[0-31] true
        stdio    bpsh 1 cat FILE | ssh n0 cat FILE (fresh, warm) | cat FILE, FILE 100 MiB,
-                stdout to /dev/null (hyperfine --output=null)
+                stdout a pipe hyperfine reads (--output=pipe)
+     stdin, stdout and stderr are /dev/null (hyperfine's default) but for the stdio group
+     and one more bpsh row in each of the others, "stdout a pipe": bpsh gives a node the
+     node's /dev/null for an fd that is /dev/null here, so those rows show what one link
+     per rank costs;
      srun is timed twice: through $PEERS_SRUN (nsenter + env: two more execs) next to the
      others, and by a hyperfine run inside the Slurm netns (as the peers' baselines did),
      which is the figure the targets use;
@@ -67,7 +71,7 @@ FILE_MIB = 100
 T1_RATIO = 0.75         # bpsh 1 true / srun -N1 true
 T2_RATIO = 1.0          # bpsh 0-7 true / srun -N8 true (strictly below)
 T3_SPEEDUP = 10.0       # pdsh n[0-31] / bpsh -a (32 nodes)
-T4_MIBS = 800.0         # bpsh 1 cat 100 MiB > /dev/null
+T4_MIBS = 800.0         # bpsh 1 cat 100 MiB | (hyperfine's pipe)
 
 
 def log(msg: str) -> None:
@@ -101,6 +105,7 @@ class Cmd:
     group: str
     argv: str               # the command as hyperfine gets it
     netns: bool = False     # run by a hyperfine inside the Slurm netns
+    output: str = "null"    # hyperfine --output: stdout on /dev/null, or a pipe it reads
     times: list[float] = field(default_factory=list)
 
     @property
@@ -250,35 +255,41 @@ class Bench:
         p, b, n = self.peers_env, self.bpsh, self.args.nodes
         f = self.file
         last = n - 1
+        pipe = "pipe"
         rows = [
-            ("bpsh 1 true", "1", f"{b} 1 true"),
-            ("srun -N1 true ($PEERS_SRUN)", "1", f"{p['PEERS_SRUN']} srun -N1 true"),
-            ("srun -N1 true (in netns)", "1", "srun -N1 true", True),
-            ("ssh n0 true", "1", f"{p['PEERS_SSH']} n0 true"),
-            ("ssh n0 true (TCP_NODELAY both ends)", "1", f"{p['PEERS_SSH_FAST']} n0 true"),
-            ("ssh n0 true (warm mux)", "1", f"{p['PEERS_SSH_MUX']} n0 true"),
-            ("/bin/true", "1", "/bin/true"),
-            ("bpsh 0-7 true", "8", f"{b} 0-7 true"),
-            ("srun -N8 true ($PEERS_SRUN)", "8", f"{p['PEERS_SRUN']} srun -N8 true"),
-            ("srun -N8 true (in netns)", "8", "srun -N8 true", True),
-            ("pdsh -w n[0-7] true", "8", f"{p['PEERS_PDSH']} -w 'n[0-7]' true"),
-            ("clush -w n[0-7] true", "8", f"{p['PEERS_CLUSH']} -w 'n[0-7]' true"),
-            (f"bpsh -a true ({n} nodes)", "32", f"{b} -a true"),
-            (f"pdsh -w n[0-{last}] true", "32", f"{p['PEERS_PDSH']} -w 'n[0-{last}]' true"),
-            (f"clush -w n[0-{last}] true", "32", f"{p['PEERS_CLUSH']} -w 'n[0-{last}]' true"),
-            ("bpsh 1 cat FILE", "stdio", f"{b} 1 cat {f}"),
-            ("ssh n0 cat FILE", "stdio", f"{p['PEERS_SSH']} n0 cat {f}"),
-            ("ssh n0 cat FILE (warm mux)", "stdio", f"{p['PEERS_SSH_MUX']} n0 cat {f}"),
-            ("cat FILE (local)", "stdio", f"cat {f}"),
+            Cmd("bpsh 1 true", "1", f"{b} 1 true"),
+            Cmd("bpsh 1 true (stdout a pipe)", "1", f"{b} 1 true", output=pipe),
+            Cmd("srun -N1 true ($PEERS_SRUN)", "1", f"{p['PEERS_SRUN']} srun -N1 true"),
+            Cmd("srun -N1 true (in netns)", "1", "srun -N1 true", netns=True),
+            Cmd("ssh n0 true", "1", f"{p['PEERS_SSH']} n0 true"),
+            Cmd("ssh n0 true (TCP_NODELAY both ends)", "1", f"{p['PEERS_SSH_FAST']} n0 true"),
+            Cmd("ssh n0 true (warm mux)", "1", f"{p['PEERS_SSH_MUX']} n0 true"),
+            Cmd("/bin/true", "1", "/bin/true"),
+            Cmd("bpsh 0-7 true", "8", f"{b} 0-7 true"),
+            Cmd("bpsh 0-7 true (stdout a pipe)", "8", f"{b} 0-7 true", output=pipe),
+            Cmd("srun -N8 true ($PEERS_SRUN)", "8", f"{p['PEERS_SRUN']} srun -N8 true"),
+            Cmd("srun -N8 true (in netns)", "8", "srun -N8 true", netns=True),
+            Cmd("pdsh -w n[0-7] true", "8", f"{p['PEERS_PDSH']} -w 'n[0-7]' true"),
+            Cmd("clush -w n[0-7] true", "8", f"{p['PEERS_CLUSH']} -w 'n[0-7]' true"),
+            Cmd(f"bpsh -a true ({n} nodes)", "32", f"{b} -a true"),
+            Cmd(f"bpsh -a true ({n} nodes, stdout a pipe)", "32", f"{b} -a true", output=pipe),
+            Cmd(f"pdsh -w n[0-{last}] true", "32", f"{p['PEERS_PDSH']} -w 'n[0-{last}]' true"),
+            Cmd(f"clush -w n[0-{last}] true", "32",
+                f"{p['PEERS_CLUSH']} -w 'n[0-{last}]' true"),
+            # through a pipe: bpsh's stdout on /dev/null would be the node's /dev/null
+            Cmd("bpsh 1 cat FILE", "stdio", f"{b} 1 cat {f}", output=pipe),
+            Cmd("ssh n0 cat FILE", "stdio", f"{p['PEERS_SSH']} n0 cat {f}", output=pipe),
+            Cmd("ssh n0 cat FILE (warm mux)", "stdio", f"{p['PEERS_SSH_MUX']} n0 cat {f}",
+                output=pipe),
+            Cmd("cat FILE (local)", "stdio", f"cat {f}", output=pipe),
         ]
-        for row in rows:
-            key, group, argv = row[:3]
-            self.cmds[key] = Cmd(key, group, argv, netns=len(row) > 3)
+        self.cmds = {c.key: c for c in rows}
 
     def hyperfine(self, cmds: list[Cmd], tag: str, runs: int, warmup: int) -> None:
+        """One hyperfine run of `cmds` (same netns and output) adding to their times."""
         out = os.path.join(self.jsondir, f"{tag}.json")
         hf = ["hyperfine", "-N", "--warmup", str(warmup), "--runs", str(runs),
-              "--output=null", "--style", "none", "--export-json", out]
+              f"--output={cmds[0].output}", "--style", "none", "--export-json", out]
         env = self.env
         if cmds[0].netns:
             hf = self.peers_env["PEERS_NSENTER"].split() + [
@@ -303,18 +314,19 @@ class Bench:
         for rnd in range(a.rounds):
             order = groups if rnd % 2 == 0 else groups[::-1]
             for g in order:
-                main = [c for c in self.cmds.values() if c.group == g and not c.netns]
-                ns = [c for c in self.cmds.values() if c.group == g and c.netns]
-                if rnd % 2:
-                    main = main[::-1]
+                cmds = [c for c in self.cmds.values() if c.group == g]
+                batches: dict[tuple[bool, str], list[Cmd]] = {}
+                for c in cmds:                  # one hyperfine per netns and output
+                    batches.setdefault((c.netns, c.output), []).append(c)
+                keys = list(batches) if rnd % 2 == 0 else list(batches)[::-1]
                 runs = a.runs_big if g == "32" else a.runs
-                log(f"round {rnd + 1}/{a.rounds}: group {g} ({len(main) + len(ns)} commands, "
+                log(f"round {rnd + 1}/{a.rounds}: group {g} ({len(cmds)} commands, "
                     f"{runs} runs each)")
-                if ns and rnd % 2:
-                    self.hyperfine(ns, f"r{rnd}-{g}-netns", runs, a.warmup)
-                self.hyperfine(main, f"r{rnd}-{g}", runs, a.warmup)
-                if ns and not rnd % 2:
-                    self.hyperfine(ns, f"r{rnd}-{g}-netns", runs, a.warmup)
+                for netns, output in keys:
+                    batch = batches[netns, output]
+                    tag = f"r{rnd}-{g}" + ("-netns" if netns else "") + \
+                        ("" if output == "null" else f"-{output}")
+                    self.hyperfine(batch[::-1] if rnd % 2 else batch, tag, runs, a.warmup)
 
     # ---- results ----------------------------------------------------------------------
 
@@ -327,7 +339,7 @@ class Bench:
         bpsh_of = {"1": "bpsh 1 true", "8": "bpsh 0-7 true", "32": f"bpsh -a true ({n} nodes)",
                    "stdio": "bpsh 1 cat FILE"}
         titles = {"1": "one node", "8": "8 nodes", "32": f"{n} nodes",
-                  "stdio": f"stdio, {FILE_MIB} MiB to /dev/null"}
+                  "stdio": f"stdio, {FILE_MIB} MiB through a pipe"}
         lines = ["| group | command | median ms | p25–p75 ms | runs | MiB/s | bpsh ÷ this |",
                  "|---|---|---:|---:|---:|---:|---:|"]
         for g in ("1", "8", "32", "stdio"):
@@ -373,7 +385,7 @@ class Bench:
             None if sp is None else sp >= T3_SPEEDUP)
         bc, sc = self.med("bpsh 1 cat FILE"), self.med("ssh n0 cat FILE")
         mibs = FILE_MIB / bc if bc else None
-        add(f"bpsh 1 cat {FILE_MIB} MiB > /dev/null", bc, sc,
+        add(f"bpsh 1 cat {FILE_MIB} MiB through a pipe", bc, sc,
             "–" if mibs is None else f"{mibs:.0f} MiB/s", f"≥ {T4_MIBS:.0f} MiB/s",
             None if mibs is None else mibs >= T4_MIBS)
         notes = []
@@ -384,6 +396,16 @@ class Bench:
         if b8 and b8p:
             notes.append(f"- Against `$PEERS_SRUN srun -N8 true` ({b8p * 1e3:.1f} ms) the "
                          f"ratio is {b8 / b8p:.2f}.")
+        for g, key in (("1", "bpsh 1 true"), ("8", "bpsh 0-7 true"),
+                       ("32", f"bpsh -a true ({n} nodes)")):
+            bn, bp = self.med(key), self.med(key[:-1] + ", stdout a pipe)" if key.endswith(")")
+                                             else key + " (stdout a pipe)")
+            if bn and bp:
+                peer = {"1": s1, "8": s8, "32": pa}[g]
+                vs = "" if not peer else (f"; {peer / bp:.1f}× faster than pdsh" if g == "32"
+                                          else f"; ratio to srun {bp / peer:.2f}")
+                notes.append(f"- `{key}` with its stdout a pipe (hyperfine --output=pipe: one "
+                             f"link per rank; on /dev/null none): {bp * 1e3:.1f} ms{vs}.")
         ca = self.med(f"clush -w n[0-{n - 1}] true")
         if ba and ca:
             notes.append(f"- Against clush on {n} nodes ({ca * 1e3:.0f} ms) bpsh -a is "
@@ -649,8 +671,9 @@ class Bench:
             "(the benchmark's own and whatever else ran: medians of interleaved rounds)",
             f"- {self.hf_version}, `-N --warmup {a.warmup} --runs {a.runs}` "
             f"({a.runs_big} for the {n}-node group) per round, {a.rounds} rounds, command order "
-            "reversed every other round; stdin and stdout /dev/null; the rounds' raw times "
-            "pooled before the medians",
+            "reversed every other round; stdin, stdout and stderr /dev/null (rows marked "
+            "\"stdout a pipe\" and the stdio group: stdout a pipe hyperfine reads, "
+            "`--output=pipe`); the rounds' raw times pooled before the medians",
             f"- bpfs: embedded cluster of {n} nodes (`bpfs up --nodes {n} --detach`), the "
             f"code from {self.src} (`PYTHONPATH`), bytecode cached (`PYTHONPYCACHEPREFIX`), "
             f"interpreter {PY}",
