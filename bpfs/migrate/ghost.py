@@ -7,7 +7,8 @@ PID, same parent (bpsh), its own name and command line in `ps`, asleep (see `gho
 surgery). Every signal sent to it is intercepted, reported and suppressed, so the master can
 forward it to the real process; SIGKILL cannot be intercepted: the ghost dies and its end is
 reported. When the real process ends, `finish` makes the ghost end the same way, so bpsh's
-waitpid sees the real status. If the master dies, the ghosts die (PTRACE_O_EXITKILL), and so
+waitpid sees the real status; a parked ghost is interrupted and aimed at its end when its stop
+comes in, so ghosts that end together are halted together, not one after the other. If the master dies, the ghosts die (PTRACE_O_EXITKILL), and so
 they do when the tracer thread ends.
 
 API (every ptrace request comes from one thread, the tracer's; the methods only queue work)::
@@ -110,6 +111,7 @@ SEIZED = "seized"        # running towards its execve
 CAPTURING = "capturing"  # capture() waits for its exec
 GHOST = "ghost"          # parked, asleep in pause()
 STOPPED = "stopped"      # held in a ptrace-stop (a failed capture)
+HALTING = "halting"      # a parked ghost interrupted to be finished; its stop is due
 FINISHING = "finishing"  # aimed at its end; waiting for it
 
 
@@ -123,6 +125,7 @@ class _Tracee:
     timeout: float = 0.0
     deadline: float = 0.0
     waiters: list[Future] = field(default_factory=list)
+    aim: tuple[int | None, int | None] = (None, None)   # HALTING: (exit code, signal)
 
 
 class _Doorbell:
@@ -462,9 +465,13 @@ class Tracer:
         pt.cont(t.pid, 0 if event or sig == _signal.SIGTRAP else sig)
 
     def _ghost_stop(self, t: _Tracee, status: int) -> None:
-        """A stop of a ghost: suppress and report a signal; any other stop, just resume."""
+        """A stop of a ghost: suppress and report a signal; any other stop, just resume.
+        A HALTING ghost's interrupt stop is where it is aimed at its end (`_aim`)."""
         sig, event = gp.stop_parts(status)
-        if t.state in (GHOST, FINISHING):
+        if t.state == HALTING and event == pt.EVENT_STOP:
+            self._aim(t)
+            return
+        if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
         if event == 0:
             self._report(t.pid, [sig])
@@ -540,7 +547,10 @@ class Tracer:
             self._kill(fut, pid)
             return
         t.waiters.append(fut)
-        if t.state == FINISHING or t.killed:
+        if t.state in (FINISHING, HALTING) or t.killed:
+            return
+        if t.state == GHOST:
+            self._interrupt(t, fut, code, sig)
             return
         signals: list[int] = []
         try:
@@ -558,6 +568,40 @@ class Tracer:
             raise
         finally:
             self._report(pid, signals)
+
+    def _interrupt(self, t: _Tracee, fut: Future, code: int | None, sig: int | None) -> None:
+        """Interrupt the parked ghost `t` and return: its stop comes as an event like any
+        other (`_ghost_stop`), and is where it is aimed at its end. The thread does not wait
+        for a ghost to be scheduled (on a busy machine, the ghosts that end together would
+        otherwise be halted one after the other); their stops come in any order."""
+        try:
+            pt.ptrace(pt.INTERRUPT, t.pid)
+        except MigrateError as exc:
+            if exc.errno != errno.ESRCH:
+                t.waiters.remove(fut)
+                raise
+            return              # killed meanwhile: its end follows, and resolves `fut`
+        t.state, t.aim = HALTING, (code, sig)
+
+    def _aim(self, t: _Tracee) -> None:
+        """The HALTING ghost `t` is in its interrupt stop: make it end as `finish` asked."""
+        code, sig = t.aim
+        signals: list[int] = []
+        try:
+            if code is not None:
+                gp.aim_exit(t.pid, code, signals)
+            else:
+                gp.aim_signal(t.pid, sig, signals)
+            t.state = FINISHING
+        except gp.Gone as gone:
+            self._gone(t, gone.status)
+        except MigrateError as exc:
+            t.state = STOPPED  # wherever it was left, it never runs the program
+            waiters, t.waiters = t.waiters, []
+            for fut in waiters:
+                _resolve(fut, exc=exc)
+        finally:
+            self._report(t.pid, signals)
 
     def _halt(self, t: _Tracee, signals: list[int]) -> None:
         """Bring `t` into a ptrace-stop, whatever its state."""

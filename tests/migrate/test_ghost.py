@@ -629,6 +629,34 @@ def test_clones_finish_and_die_one_by_one(rig: Rig) -> None:
     assert rig.rec.signals == [(d, signal.SIGHUP)]
 
 
+def test_many_finished_at_once_each_ends_its_own_way(rig: Rig) -> None:
+    """Finishes that come together are all under way at once (the thread does not wait for
+    one ghost's halt before the next): every ghost still ends as asked, a second finish of
+    the same ghost waits for the first, a kill overtakes a finish, and a signal sent while
+    a ghost is being halted is reported, not lost."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    copies = clones(rig, pid, 12)
+    os.kill(copies[3], signal.SIGUSR2)
+
+    def together():     # queued from the tracer thread: run back to back, before any event
+        return ([rig.tracer.finish(p, exit_code=20 + i) for i, p in enumerate(copies)],
+                rig.tracer.finish(copies[5], exit_code=99), rig.tracer.kill(copies[7]))
+    futs, again, killed = rig.tracer.submit(together).result(5)
+    for fut in [*futs, again, killed]:
+        assert fut.result(5) is None
+    for i, p in enumerate(copies):
+        status = rig.bpsh.status(p)
+        if p == copies[7]:
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        else:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 20 + i, p
+        assert rig.rec.exits[p] == status
+    rig.rec.wait(lambda: (copies[3], signal.SIGUSR2) in rig.rec.signals)
+    assert rig.tracer.ghosts() == [pid]
+    rig.tracer.finish(pid, exit_code=7).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(pid)) == 7
+
+
 def test_stop_kills_the_clones_too(rig: Rig) -> None:
     pid, _ = rig.ghost([SLEEP, "100"])
     copies = clones(rig, pid, 5)
