@@ -8,7 +8,7 @@ What a change to the run's hot path is worth, measured where it matters (a whole
 multi-node run, 32 simulated nodes on this machine) and robustly enough on a
 machine where other work comes and goes: every revision gets its own embedded
 cluster (a clean `git archive` export on PYTHONPATH, its own mount and port, bpsh
-through an `-IS` launcher as bootstrap installs it), and the revisions take turns,
+through an `-ISOO` launcher as bootstrap installs it), and the revisions take turns,
 --runs each per round, the order reversed every other round. Prints, per revision,
 the median and first quartile of the wall time and the median CPU per run of the
 whole cluster (master and node daemons, with their children) plus bpsh and its
@@ -37,14 +37,15 @@ TICK = os.sysconf("SC_CLK_TCK")
 def export(rev: str, dest: str) -> None:
     os.makedirs(dest)
     subprocess.run(f"git -C {ROOT} archive {rev} | tar -x -C {dest}", shell=True, check=True)
-    subprocess.run([PY, "-m", "compileall", "-q", f"{dest}/bpfs"], check=True)
+    for opt in ([], ["-OO"]):       # the daemons' bytecode, and the bpsh launcher's
+        subprocess.run([PY, *opt, "-m", "compileall", "-q", f"{dest}/bpfs"], check=True)
 
 
 def launcher(src: str) -> str:
     path = os.path.join(src, "bpsh-fast")
     site = next(p for p in sys.path if p.endswith("site-packages"))
     with open(path, "w") as f:
-        f.write(f"#!{PY} -IS\nimport sys\nsys.path.insert(0, {src!r})\n"
+        f.write(f"#!{PY} -ISOO\nimport sys\nsys.path.insert(0, {src!r})\n"
                 f"sys.path.append({site!r})\nfrom bpfs.cli.bpsh import console\nconsole()\n")
     os.chmod(path, 0o755)
     return path

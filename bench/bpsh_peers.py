@@ -151,11 +151,11 @@ class Bench:
         self.cluster_started = False
         self.cmds: dict[str, Cmd] = {}
         self.failures: list[str] = []
-        # bpsh as bootstrap installs it (/usr/local/bin/bpsh: an `-IS` launcher), here
+        # bpsh as bootstrap installs it (/usr/local/bin/bpsh: an `-ISOO` launcher), here
         # pointing at the checkout under test.
         launcher = os.path.join(self.base, "bpsh")
         with open(launcher, "w") as f:
-            f.write(f"#!{PY} -IS\nimport sys\nsys.path.insert(0, {str(self.src)!r})\n"
+            f.write(f"#!{PY} -ISOO\nimport sys\nsys.path.insert(0, {str(self.src)!r})\n"
                     "from bpfs.cli.bpsh import console\nconsole()\n")
         os.chmod(launcher, 0o755)
         os.chmod(self.base, 0o755)

@@ -104,11 +104,14 @@ def test_bootstrap_writes_an_isolated_launcher(tmp_path):
     subprocess.run(["sh", "-c", f'{func}\nwrite_bpsh_launcher "$1"', "sh", str(target)],
                    check=True, env=dict(os.environ, VENV=sys.prefix), timeout=30)
     lines = target.read_text().splitlines()
-    assert lines[0] == f"#!{sys.prefix}/bin/python3 -IS"
+    assert lines[0] == f"#!{sys.prefix}/bin/python3 -ISOO"
     assert os.access(target, os.X_OK)
     site = ast.literal_eval(lines[3][len("sys.path.append("):-1])
     if not (Path(site) / "bpfs" / "cli" / "bpsh.py").exists():
         pytest.skip("bpfs is not installed in this venv")
+    opt2 = Path(site) / "bpfs" / "cli" / "__pycache__" / \
+        f"bpsh.{sys.implementation.cache_tag}.opt-2.pyc"
+    assert opt2.exists(), "bootstrap compiles the -OO bytecode the launcher loads"
     r = subprocess.run([str(target), "--version"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0 and r.stdout.startswith("bpsh version"), r.stderr
