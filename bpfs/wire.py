@@ -110,6 +110,7 @@ class FrameStream:
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
+        self._rest = b""        # the end of a frame `send_nowait` could not write whole
 
     async def send(self, msg: Message, timeout: float | None = None) -> None:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
@@ -119,28 +120,61 @@ class FrameStream:
         """Several messages in one write."""
         await self._send(b"".join(pack(m) for m in msgs), timeout)
 
+    def send_nowait(self, msg: Message) -> bool:
+        """Write `msg` now, from synchronous code, if no other send is under way.
+
+        True: it is on its way, written whole, or its end kept (`pending`) to go first with
+        the next send or `flush`, which the caller must then make. False: nothing was
+        written (another send holds the stream, the socket is full, or not a socket, or
+        closed): send it with `send`. BrokenResourceError if the connection is broken.
+        """
+        fd = self._sock.fileno() if self._sock is not None else -1   # -1 once closed
+        if fd < 0 or self._send_lock.locked() or self._rest:
+            return False
+        data = pack(msg)
+        sent = self._write(fd, data)
+        self._rest = data[sent:]
+        return sent > 0
+
+    @property
+    def pending(self) -> bool:
+        """Part of a frame from `send_nowait` still waits to be written (see `flush`)."""
+        return bool(self._rest)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Write what `send_nowait` left, if anything."""
+        await self._send(b"", timeout)
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> int:
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send: {exc.strerror}") from exc
+
     async def _send(self, data: bytes, timeout: float | None) -> None:
         """A frame usually fits in the socket's buffer: written at once with one write(),
         without a lock wait, a cancel scope or a trip through the event loop (trio's
         send_all makes two: the lock's checkpoint and its own). Whatever does not fit,
-        or any send while another waits, goes through trio (with `timeout`)."""
+        or any send while another waits, goes through trio (with `timeout`). What
+        `send_nowait` left goes first."""
         fd = self._sock.fileno() if self._sock is not None else -1   # -1 once closed
         if fd >= 0 and not self._send_lock.locked():
             self._send_lock.acquire_nowait()
             try:
-                try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send: {exc.strerror}") from exc
+                data, self._rest = self._rest + data, b""
+                sent = self._write(fd, data) if data else 0
                 if sent < len(data):
                     await self._send_all(memoryview(data)[sent:], timeout)
             finally:
                 self._send_lock.release()
             return
         async with self._send_lock:
-            await self._send_all(data, timeout)
+            data, self._rest = self._rest + data, b""
+            if data:
+                await self._send_all(data, timeout)
 
     async def _send_all(self, data: bytes | memoryview, timeout: float | None) -> None:
         if timeout is None:

@@ -117,30 +117,51 @@ class Session:
         self.nursery: trio.Nursery | None = None     # set while `run` runs
         self.heartbeat = 1.0
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
-        self._reports, self._report_queue = trio.open_memory_channel[wire.Message](
+        self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
+        self._queued = 0                # reports in the queue, not yet taken to be sent
 
     async def send(self, msg: wire.Message) -> None:
         await self.fs.send(msg)
 
     def report(self, msg: wire.Message) -> None:
-        """Queue `msg` (`restored`, `exited`) for sending from synchronous code, in order;
-        dropped once the session is over: the master that should hear it is gone."""
+        """Send `msg` (`restored`, `exited`, `failed`) from synchronous code, in order: at
+        once when nothing is queued and the stream is free (no wake-up of the sending task,
+        the usual case), else through the queue; dropped once the session is over: the
+        master that should hear it is gone."""
+        try:
+            if not self._queued and self.fs.send_nowait(msg):
+                if self.fs.pending:             # the rest of it: from the sending task
+                    self._queue(None)
+                return
+        except trio.BrokenResourceError:
+            log.debug("not reported, the connection broke: %s", msg)
+            return
+        self._queue(msg)
+
+    def _queue(self, msg: wire.Message | None) -> None:
         try:
             self._reports.send_nowait(msg)
+            self._queued += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             log.debug("not reported, the session is over: %s", msg)
 
     async def send_reports(self) -> Outcome:
-        """Send what `report` queued; what queued up meanwhile goes in the same write."""
-        async for msg in self._report_queue:
-            batch = [msg]
+        """Send what `report` queued; what queued up meanwhile goes in the same write
+        (None: only the rest of a report written in part)."""
+        async for first in self._report_queue:
+            batch = [first]
             while True:
                 try:
                     batch.append(self._report_queue.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self.fs.send_many(batch)
+            self._queued -= len(batch)
+            msgs = [m for m in batch if m is not None]
+            if msgs:
+                await self.fs.send_many(msgs)
+            else:
+                await self.fs.flush()
         return Outcome.LOST
 
     async def register(self) -> int:

@@ -311,3 +311,67 @@ async def test_socket_send_after_close_never_writes_to_a_reused_fd(tmp_path):
             await x.send({"t": "late"})
         f.flush()
     assert (tmp_path / "victim").read_bytes() == b""
+
+
+async def test_send_nowait_writes_at_once_keeps_the_rest_and_yields_to_a_send_under_way():
+    """From synchronous code: a frame goes out at once; one the socket cannot take whole
+    leaves its end for the next send or flush (which write it first); while a send holds
+    the stream, or a rest is pending, nothing is written; frames arrive whole, in order."""
+    x, y = await _socket_pair()
+    assert x.send_nowait({"t": "a"}) and not x.pending
+    assert await y.receive() == {"t": "a"}
+    big = {"t": "big", "data": os.urandom(8 << 20)}
+    assert x.send_nowait(big) and x.pending          # far more than the socket buffer
+    assert not x.send_nowait({"t": "later"})          # the rest goes first
+    got = []
+
+    async def read() -> None:
+        for _ in range(3):
+            got.append(await y.receive())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(read)
+        await x.send({"t": "b"}, timeout=10)           # writes the rest, then its own
+        assert not x.pending
+        await x.flush()                                # nothing left: a no-op
+        async with x._send_lock:                       # another send under way
+            assert not x.send_nowait({"t": "c"})
+        assert x.send_nowait({"t": "c"})
+    assert got == [big, {"t": "b"}, {"t": "c"}]
+
+
+async def test_send_nowait_on_a_closed_or_broken_stream():
+    x, y = await _socket_pair()
+    await y.stream.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):                           # the peer's RST comes after a write
+            x.send_nowait({"t": "x", "pad": b"." * 65536})
+            await trio.sleep(0.01)
+    await x.stream.aclose()
+    assert not x.send_nowait({"t": "late"})
+
+
+async def test_node_reports_go_at_once_or_queued_always_in_order():
+    """The node's Session.report: at once when the stream is free; a report the socket
+    could not take whole, and everything after it, from the sending task; in order."""
+    from bpfs.node.service import Session
+
+    x, y = await _socket_pair()
+    session = Session(node=None, fs=x)      # report/send_reports use only the stream
+    big = {"t": "exited", "pid": 1, "pad": os.urandom(4 << 20)}
+    session.report({"t": "restored", "id": 1, "pid": 1})
+    assert await y.receive() == {"t": "restored", "id": 1, "pid": 1}   # no task ran
+    session.report(big)                     # written in part: the rest is queued work
+    session.report({"t": "restored", "id": 2, "pid": 2})
+    session.report({"t": "exited", "pid": 2, "code": 0, "signal": None})
+    got = []
+    async with trio.open_nursery() as n:
+        n.start_soon(session.send_reports)
+        for _ in range(3):
+            got.append(await y.receive())
+        session.report({"t": "restored", "id": 3, "pid": 3})
+        got.append(await y.receive())
+        n.cancel_scope.cancel()
+    assert got == [big, {"t": "restored", "id": 2, "pid": 2},
+                   {"t": "exited", "pid": 2, "code": 0, "signal": None},
+                   {"t": "restored", "id": 3, "pid": 3}]
