@@ -762,7 +762,10 @@ def main() -> int:
     ap.add_argument("--runs-big", type=int, default=20,
                     help="runs per round for the 32-node group (default 20)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="untimed runs of each command before its timed ones (default 10: "
+                         "the first command timed after a group switch ran slow for its "
+                         "first half second or so, and with 3 that was bpsh's alone)")
     ap.add_argument("--profile", action="store_true",
                     help="profile bpsh even if every target is met")
     ap.add_argument("--no-profile", action="store_true", help="never profile")
