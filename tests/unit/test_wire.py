@@ -284,19 +284,19 @@ async def _socket_pair() -> tuple[wire.FrameStream, wire.FrameStream]:
     return wire.FrameStream(trio.SocketStream(a)), wire.FrameStream(trio.SocketStream(b))
 
 
+async def _receive_into(fs: wire.FrameStream, n: int, got: list[wire.Message]) -> None:
+    for _ in range(n):
+        got.append(await fs.receive())
+
+
 async def test_socket_frames_written_at_once_and_a_big_one_in_parts():
     """Small frames go out in one write; one bigger than the socket buffer is finished by
     trio while the reader drains it; order and content are kept either way."""
     x, y = await _socket_pair()
     big = {"t": "big", "data": os.urandom(8 << 20)}
-    got = []
-
-    async def read() -> None:
-        for _ in range(3):
-            got.append(await y.receive())
-
+    got: list[wire.Message] = []
     async with trio.open_nursery() as n:
-        n.start_soon(read)
+        n.start_soon(_receive_into, y, 3, got)
         await x.send({"t": "a"})
         await x.send(big, timeout=10)
         await x.send_many([{"t": "b"}])
@@ -323,14 +323,9 @@ async def test_send_nowait_writes_at_once_keeps_the_rest_and_yields_to_a_send_un
     big = {"t": "big", "data": os.urandom(8 << 20)}
     assert x.send_nowait(big) and x.pending          # far more than the socket buffer
     assert not x.send_nowait({"t": "later"})          # the rest goes first
-    got = []
-
-    async def read() -> None:
-        for _ in range(3):
-            got.append(await y.receive())
-
+    got: list[wire.Message] = []
     async with trio.open_nursery() as n:
-        n.start_soon(read)
+        n.start_soon(_receive_into, y, 3, got)
         await x.send({"t": "b"}, timeout=10)           # writes the rest, then its own
         assert not x.pending
         await x.flush()                                # nothing left: a no-op
