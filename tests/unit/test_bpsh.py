@@ -529,6 +529,36 @@ def test_server_right_token_flows_wrong_token_dropped(tmp_path, children):
     assert os.WEXITSTATUS(procs[0].status) == 3
 
 
+def test_server_headers_whole_in_pieces_late_or_never(tmp_path, children):
+    """A header is taken when the connection is accepted if it is there, else as it comes,
+    byte by byte if need be; a link that never sends one, or sends too much, is dropped."""
+    s = Served(tmp_path)
+    pid = children.spawn(0)
+    s.server.add_process(0, 5, pid, {1, 2})
+
+    def feed():
+        silent = socket.create_connection(("127.0.0.1", s.port))
+        endless = socket.create_connection(("127.0.0.1", s.port))
+        endless.sendall(b"y" * 300)
+        time.sleep(0.05)
+        endless.sendall(b"y" * 300)                  # past HEADER_MAX with no newline
+        late = socket.create_connection(("127.0.0.1", s.port))
+        time.sleep(0.05)                             # accepted before its header comes
+        for byte in render_header(s.token, pid, 2):
+            late.sendall(bytes([byte]))
+            time.sleep(0.002)
+        late.sendall(b"late\n")
+        whole = s.connect(pid, 1)
+        whole.sendall(b"whole\n")
+        for c in (silent, endless, late, whole):
+            c.close()
+        children.release(pid)
+
+    procs = s.run(feed)
+    assert s.output() == (b"whole\n", b"late\n")
+    assert os.WEXITSTATUS(procs[0].status) == 0
+
+
 def test_server_stdin_broadcast(tmp_path, children):
     data = os.urandom(3 << 20)
     s = Served(tmp_path, stdin=data)
