@@ -384,33 +384,26 @@ class StdioServer:
             lst = self.listener
             sock = _socket.socket(lst.family, lst.type, lst.proto, fd)
             sock.setblocking(False)
-            self._on_header(sock, bytearray(), registered=False)
+            got = bytearray()
+            self.sel.register(sock, EVENT_READ,
+                              lambda ev, sock=sock, got=got: self._on_header(sock, got))
 
-    def _on_header(self, sock: _socket.socket, got: bytearray, registered: bool = True) -> None:
-        """Read the header line without reading past it: peek, then take what is header.
-        Tried as soon as the connection is accepted (the node sends the header with it,
-        so it is usually there: no trip through the poll loop); else when data comes."""
+    def _on_header(self, sock: _socket.socket, got: bytearray) -> None:
+        """Read the header line without reading past it: peek, then take what is header."""
         try:
-            peek: bytes | None = sock.recv(HEADER_MAX - len(got), _socket.MSG_PEEK)
+            peek = sock.recv(HEADER_MAX - len(got), _socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            peek = None                             # nothing yet
+            return
         except OSError:
             peek = b""
-        nl = peek.find(b"\n") if peek else -1
-        if peek is not None:
-            if not peek or (nl < 0 and len(got) + len(peek) >= HEADER_MAX):
-                if registered:
-                    self.sel.unregister(sock)
-                sock.close()
-                return
-            got += sock.recv(nl + 1 if nl >= 0 else len(peek))
-        if nl < 0:                                  # the rest of the header later
-            if not registered:
-                self.sel.register(sock, EVENT_READ,
-                                  lambda ev, sock=sock, got=got: self._on_header(sock, got))
+        nl = peek.find(b"\n")
+        if not peek or (nl < 0 and len(got) + len(peek) >= HEADER_MAX):
+            self._drop(sock)
             return
-        if registered:
-            self.sel.unregister(sock)
+        got += sock.recv(nl + 1 if nl >= 0 else len(peek))
+        if nl < 0:
+            return                                  # the rest of the header later
+        self.sel.unregister(sock)
         header = parse_header(bytes(got), self.token)
         if header is None:
             sock.close()
