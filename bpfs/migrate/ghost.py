@@ -8,8 +8,8 @@ surgery). Every signal sent to it is intercepted, reported and suppressed, so th
 forward it to the real process; SIGKILL cannot be intercepted: the ghost dies and its end is
 reported. When the real process ends, `finish` makes the ghost end the same way, so bpsh's
 waitpid sees the real status; a parked ghost is interrupted and aimed at its end when its stop
-comes in, so ghosts that end together are halted together, not one after the other. If the master dies, the ghosts die (PTRACE_O_EXITKILL), and so
-they do when the tracer thread ends.
+comes in, so ghosts that end together are halted together, not one after the other. If the
+master dies, the ghosts die (PTRACE_O_EXITKILL), and so they do when the tracer thread ends.
 
 API (every ptrace request comes from one thread, the tracer's; the methods only queue work)::
 
