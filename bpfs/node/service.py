@@ -119,7 +119,6 @@ class Session:
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
-        self._queued = 0                # reports in the queue, not yet taken to be sent
 
     async def send(self, msg: wire.Message) -> None:
         await self.fs.send(msg)
@@ -130,7 +129,8 @@ class Session:
         the usual case), else through the queue; dropped once the session is over: the
         master that should hear it is gone."""
         try:
-            if not self._queued and self.fs.send_nowait(msg):
+            queued = self._reports.statistics().current_buffer_used
+            if not queued and self.fs.send_nowait(msg):
                 if self.fs.pending:             # the rest of it: from the sending task
                     self._queue(None)
                 return
@@ -142,7 +142,6 @@ class Session:
     def _queue(self, msg: wire.Message | None) -> None:
         try:
             self._reports.send_nowait(msg)
-            self._queued += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             log.debug("not reported, the session is over: %s", msg)
 
@@ -156,7 +155,6 @@ class Session:
                     batch.append(self._report_queue.receive_nowait())
                 except trio.WouldBlock:
                     break
-            self._queued -= len(batch)
             msgs = [m for m in batch if m is not None]
             if msgs:
                 await self.fs.send_many(msgs)
