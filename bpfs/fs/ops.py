@@ -334,12 +334,7 @@ class BpfsOperations(pyfuse3.Operations):
             if events:
                 h.pending = "".join(formats.render_event(e) for e in events).encode()
                 break
-            if h.nonblock:
-                raise BpfsError(errno.EAGAIN, "no new events")
-            with trio.move_on_after(SIGNAL_POLL):
-                await self._changed.wait()
-            if procfs.interrupting_signal(h.caller.pid):
-                raise BpfsError(errno.EINTR, "interrupted")
+            await self._wait_for_more(h, "no new events")
         out, h.pending = h.pending[:size], h.pending[size:]
         return out
 
@@ -362,12 +357,17 @@ class BpfsOperations(pyfuse3.Operations):
             if ring.at_eof(h.cursor):
                 ring.eof_read = True
                 return b""
-            if h.nonblock:
-                raise BpfsError(errno.EAGAIN, "no output yet")
-            with trio.move_on_after(SIGNAL_POLL):
-                await self._changed.wait()
-            if procfs.interrupting_signal(h.caller.pid):
-                raise BpfsError(errno.EINTR, "interrupted")
+            await self._wait_for_more(h, "no output yet")
+
+    async def _wait_for_more(self, h: Handle, nothing: str) -> None:
+        """A blocking read's wait: EAGAIN (`nothing`) for a non-blocking handle; else until
+        the cluster changes or SIGNAL_POLL passes, then EINTR if the reader is signalled."""
+        if h.nonblock:
+            raise BpfsError(errno.EAGAIN, nothing)
+        with trio.move_on_after(SIGNAL_POLL):
+            await self._changed.wait()
+        if procfs.interrupting_signal(h.caller.pid):
+            raise BpfsError(errno.EINTR, "interrupted")
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
