@@ -484,6 +484,11 @@ class Served:
                                   stdout_fd=self.out.fileno(), stderr_fd=self.err.fileno(),
                                   late_grace=grace)
 
+    def send_error(self, pid: int, err: int) -> None:
+        """The `err` link a node (or the master) sends when the migration of `pid` failed."""
+        with socket.create_connection(("127.0.0.1", self.port)) as c:
+            c.sendall(render_error(self.token, pid, err, "failed"))
+
     def connect(self, pid: int, fd: int, token: str | None = None) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port))
         s.sendall(render_header(token or self.token, pid, fd))
@@ -594,9 +599,7 @@ def test_server_err_header(tmp_path, children):
     s.server.add_process(0, 7, pid, {1, 2})
 
     def feed():
-        c = socket.create_connection(("127.0.0.1", s.port))
-        c.sendall(render_error(s.token, pid, errno.EACCES, "no"))
-        c.close()
+        s.send_error(pid, errno.EACCES)
         time.sleep(0.2)
         children.release(pid)
 
@@ -776,9 +779,7 @@ def test_server_vector_writer_failed_before_the_ranks(tmp_path, children):
     s.server.add_vector([(0, 1), (1, 2)], writer, {1, 2})
 
     def feed():
-        c = socket.create_connection(("127.0.0.1", s.port))
-        c.sendall(render_error(s.token, writer, errno.EHOSTDOWN, "gone"))
-        c.close()
+        s.send_error(writer, errno.EHOSTDOWN)
         time.sleep(0.1)
         children.release(writer)
 
