@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
 
 import trio
 
@@ -25,7 +24,7 @@ from bpfs.master_exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
 from bpfs.model import Cluster, ProcOutput
 from tests.conftest import CTL_WRITER
 from tests.e2e.test_master import Master, fake_node, master, wait_for  # noqa: F401
-from tests.e2e.test_master_procs import messages, proc_state, read_events
+from tests.e2e.test_master_procs import first_restore, messages, proc_state, read_events
 
 WRITER = CTL_WRITER
 
@@ -76,8 +75,7 @@ async def test_exec_output_links_and_the_ghost_the_master_reaps(master: Master) 
         async def write() -> None:
             result.append(await exec_ctl(master, 0, "exec -- sleep 30"))
         nursery.start_soon(write)
-        await wait_for(lambda: messages(node, "restore"), what="restore")
-        msg: dict[str, Any] = messages(node, "restore")[0]
+        msg = await first_restore(node)
         assert msg["io"] == ["null", "socket", "socket"] and (msg["uid"], msg["gid"]) == (0, 0)
         port, token = msg["port"], msg["token"]
         [pid] = [int(p) for p in os.listdir(master.path("procs"))]
@@ -149,8 +147,7 @@ async def test_a_failed_restore_is_the_writes_errno(master: Master) -> None:
             async def write() -> None:
                 result.append(await exec_ctl(master, 0, "exec sleep 30"))
             nursery.start_soon(write)
-            await wait_for(lambda: messages(node, "restore"), what="restore")
-            msg = messages(node, "restore")[0]
+            msg = await first_restore(node)
             [pid] = [int(p) for p in os.listdir(master.path("procs"))]
             await node.fs.send({"t": "failed", "id": msg["id"], "errno": errno.ENOEXEC,
                                 "message": "other kernel"})
@@ -173,7 +170,7 @@ async def test_a_node_lost_while_restoring_is_ehostdown(master: Master) -> None:
             async def write() -> None:
                 result.append(await exec_ctl(master, 0, "exec sleep 30"))
             nursery.start_soon(write)
-            await wait_for(lambda: messages(node, "restore"), what="restore")
+            await first_restore(node)
         await wait_for(lambda: result, what="the exec write")
     assert result[0][0] == errno.EHOSTDOWN
     assert os.listdir(master.path("procs")) == []

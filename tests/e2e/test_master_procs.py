@@ -41,6 +41,12 @@ def messages(node: Any, kind: str) -> list[dict[str, Any]]:
     return [msg for msg in node.received if msg["t"] == kind]
 
 
+async def first_restore(node: Any) -> dict[str, Any]:
+    """The first `restore` the fake node received, once it has come."""
+    await wait_for(lambda: messages(node, "restore"), what="restore")
+    return messages(node, "restore")[0]
+
+
 async def restored(m: Master, node: Any, proc: subprocess.Popen) -> dict[str, Any]:
     """Wait for the `restore` of `proc` (the node's next one), answer `restored`, wait for
     procs/PID."""
@@ -169,8 +175,7 @@ async def test_failed_restore_reports_to_bpsh_and_ghost_exits_255(master: Master
         await wait_for(lambda: master.read("nodes/0/status") == "up\n")
         proc = writer(master, 0, request(port, "socket"))
         try:
-            await wait_for(lambda: messages(node, "restore"), what="restore")
-            msg = messages(node, "restore")[0]
+            msg = await first_restore(node)
             assert msg["port"] == port and msg["io"] == ["socket"] * 3
             await node.fs.send({"t": "failed", "id": msg["id"], "errno": errno.ENOEXEC,
                                 "message": "other kernel"})
@@ -231,8 +236,7 @@ async def test_procs_pid_exists_while_starting_and_queues_signals(master: Master
         await wait_for(lambda: master.read("nodes/0/status") == "up\n")
         proc = writer(master, 0, request())
         try:
-            await wait_for(lambda: messages(node, "restore"), what="restore")
-            msg = messages(node, "restore")[0]
+            msg = await first_restore(node)
             assert proc_state(master, proc.pid) == "starting"   # before any `restored`
             d = master.path(f"procs/{proc.pid}")
             assert write_errno(f"{d}/signal", b"USR1\n") == 0
@@ -260,9 +264,9 @@ async def test_failed_start_removes_procs_pid_with_an_exit_event(master: Master)
         await wait_for(lambda: master.read("nodes/0/status") == "up\n")
         proc = writer(master, 0, request())
         try:
-            await wait_for(lambda: messages(node, "restore"), what="restore")
+            msg = await first_restore(node)
             assert proc_state(master, proc.pid) == "starting"
-            await node.fs.send({"t": "failed", "id": messages(node, "restore")[0]["id"],
+            await node.fs.send({"t": "failed", "id": msg["id"],
                                 "errno": errno.ENOEXEC, "message": "other kernel"})
             assert await wait_exit(proc) == 255
             assert proc_state(master, proc.pid) is None
