@@ -209,7 +209,8 @@ def rank_errors(cluster: Cluster, nodes: Sequence[int], caller: Caller
 
 
 def parse_exec(args: list[str]) -> list[str]:
-    """`[--] ARGV...` -> ARGV; EINVAL for an option (there are none) or no command."""
+    """`[--] ARGV...` -> ARGV; EINVAL for an option (there are none), no command or an
+    empty command name (`exec ""`: no PATH lookup can find it)."""
     if args and args[0] == "--":
         args = args[1:]
     elif args and args[0].startswith("-"):
@@ -217,6 +218,8 @@ def parse_exec(args: list[str]) -> list[str]:
                      "put -- before a command starting with -)")
     if not args:
         raise einval("exec: no command")
+    if not args[0]:
+        raise einval("exec: the command name is empty")
     return args
 
 
@@ -238,8 +241,10 @@ NODE_CTL: tuple[Command, ...] = (
 # ---- procs/P/ctl and procs/P/signal ------------------------------------------------
 
 def parse_signal(word: str) -> int:
-    """`9`, `KILL`, `SIGKILL`, `kill` -> 9; EINVAL for anything else (0 is no signal)."""
-    if word.isdigit():
+    """`9`, `KILL`, `SIGKILL`, `kill` -> 9; EINVAL for anything else (0 is no signal).
+
+    Digits are ASCII only: str.isdigit() and int() also take '٩' or '９' as 9."""
+    if word.isascii() and word.isdigit():
         n = int(word)
         if 1 <= n < signal.NSIG:
             return n

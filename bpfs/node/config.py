@@ -44,6 +44,6 @@ def parse_master(text: str) -> tuple[str, int]:
         port = rest[1:] or port
     elif text.count(":") == 1:
         host, _, port = text.partition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise BpfsError(errno.EINVAL, f"bad master address {text!r} (want HOST:PORT)")
     return host, int(port)

@@ -127,6 +127,8 @@ def test_refused_without_x_on_the_node(cluster: Cluster, users) -> None:
 @pytest.mark.parametrize("line, code, words", [
     ("exec", errno.EINVAL, "no command"),
     ("exec --", errno.EINVAL, "no command"),
+    ("exec ''", errno.EINVAL, "command name is empty"),
+    ("exec -- ''", errno.EINVAL, "command name is empty"),
     ("exec -v hostname", errno.EINVAL, "unknown option"),
     ("exec bpfs-no-such-command", errno.ENOENT, "bpfs-no-such-command: command not found"),
     ("exec /etc/passwd", errno.EACCES, "Permission denied"),

@@ -349,7 +349,8 @@ def test_parse_master(text, want):
     assert parse_master(text) == want
 
 
-@pytest.mark.parametrize("text", ["", ":1", "h:", "h:x", "h:0", "h:70000", "[::1", "[::1]x"])
+@pytest.mark.parametrize("text", ["", ":1", "h:", "h:x", "h:0", "h:70000", "[::1", "[::1]x",
+                                  "h:\u0669\u0669", "h:\uff12\uff12\uff12\uff13"])
 def test_parse_master_rejects(text):
     with pytest.raises(BpfsError):
         parse_master(text)

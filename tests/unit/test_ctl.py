@@ -211,7 +211,8 @@ def test_parse_signal(word, sig):
     assert ctl.parse_signal(word) == sig
 
 
-@pytest.mark.parametrize("word", ["0", "65", "FOO", "SIG", "-9", "9x", "SIGKILLX"])
+@pytest.mark.parametrize("word", ["0", "65", "FOO", "SIG", "-9", "9x", "SIGKILLX",
+                                  "\u0669", "\uff19", "1\u0665", "\u00b2"])
 def test_parse_signal_refuses(word):
     with pytest.raises(BpfsError) as info:
         ctl.parse_signal(word)
@@ -249,6 +250,13 @@ async def test_proc_ctl_and_signal_files():
 ])
 def test_parse_exec(args, argv):
     assert ctl.parse_exec(args) == argv
+
+
+@pytest.mark.parametrize("args", [[], ["--"], [""], ["--", ""], ["", "x"]])
+def test_parse_exec_refuses_no_command_or_an_empty_name(args):
+    with pytest.raises(BpfsError) as info:
+        ctl.parse_exec(args)
+    assert info.value.errno == errno.EINVAL
 
 
 async def test_exec_checks_then_starts():
