@@ -10,14 +10,14 @@ name, checked, then renamed), so the second migration of the same program sends 
 
 Who may read a cached file: the directory is root's alone (0700, made so if it was not; EPERM
 if another user owns it), and a file is stored execute-only (PRIVATE, 0511: root reads it,
-every user may still exec it, as /proc/PID/exe) because the content may be an execute-only
-program (mode 0711) that its user may run but not read. A file becomes readable by all
+any user may still execute it, as a process re-executing /proc/self/exe does) because the
+content may be an execute-only program (mode 0711) that its user may run but not read. A file becomes readable by all
 (PUBLIC, 0555) once a dumpable process maps it (`open(digest, public=True)`): the kernel made
 that process dumpable only because its user could read the same content on the master (its
 executable and interpreter by would_dump; its libraries, which its loader opened itself).
 The only way in besides root's is /proc/PID/exe of a process one may trace (a dumpable one of
-one's own), so a process's own executable stays readable to it exactly when it was on the
-master. Once public a file stays public: it holds content some user proved readable, and
+one's own; /proc/PID/map_files wants CAP_SYS_ADMIN), so a process's own executable stays
+readable to its user exactly when it was on the master. Once public a file stays public: it holds content some user proved readable, and
 nobody but root can reach it by path.
 """
 
@@ -131,6 +131,10 @@ class FileCache:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if public and os.fstat(fd).st_mode & 0o777 != PUBLIC:
-            os.fchmod(fd, PUBLIC)
+        try:
+            if public and os.fstat(fd).st_mode & 0o777 != PUBLIC:
+                os.fchmod(fd, PUBLIC)
+        except OSError as exc:
+            os.close(fd)
+            raise from_oserror(exc, f"making the cached {digest} readable") from exc
         return fd

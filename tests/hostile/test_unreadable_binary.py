@@ -11,6 +11,8 @@ binary stays dumpable, so its owner's gdb, strace and /proc keep working.
 Each case runs `cat` copied as root into a directory, mode 0711 (or 0755 for the
 readable counterpart): migrated with `bpsh 1 ./copy`, it echoes a line (it runs), is
 probed while it waits, and exits 0 at the end of its input (it still ends normally).
+The local premise and the readable counterparts passed before the fix as well: they show the
+rule being kept and keep the fix from reaching too far; every other test here failed before.
 """
 
 from __future__ import annotations
