@@ -16,7 +16,7 @@ Master side (every call for one tracee from ONE thread: ptrace accepts only the 
         mappings (right even if the path was replaced since); ESTALE if the content changed.
 
 Image (`bpfs.migrate.image`, format documented there): `.pid`, `.argv`, `.comm`, `.exe_path`,
-`.cwd`, `.uid`, `.gid`, `.groups`, `.file_refs()` -> [FileRef(hash, size, path)],
+`.cwd`, `.uid`, `.gid`, `.groups`, `.dumpable`, `.file_refs()` -> [FileRef(hash, size, path)],
 `.contents` (inline file contents, usually empty); `dumps(img) -> bytes`, `loads(bytes)`
 (EINVAL "corrupt image: ..." on any defect).
 
@@ -49,7 +49,9 @@ The node must not waitpid(-1) while a restore runs in another thread (it would s
 stops); waiting for the restored pids, or reaping between restores, is fine.
 
 Carried besides memory and registers: signal dispositions, mask and pending signals, rseq,
-robust list, umask, personality, comm, resource limits (clamped to the node's hard limits).
+robust list, umask, personality, comm, resource limits (clamped to the node's hard limits),
+dumpability (the kernel's, read at the dump: a program its user may run but not read stays
+non-dumpable on the node, and the node's copy of its content stays unreadable to users).
 Not yet migrated (refused or not carried): processes with several threads (EOPNOTSUPP), shared
 mappings (EOPNOTSUPP), fds beyond 0-2, timers, SysV IPC, seccomp filters, sigaltstack. The stop
 point is the entry point; bproc_move of a running process is a later step on the same code.

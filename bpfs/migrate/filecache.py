@@ -7,6 +7,18 @@ mtime and ctime, and ctime cannot be set from user space.
 
 `FileCache(dir)` stores content received from a master under its hash (written to a temporary
 name, checked, then renamed), so the second migration of the same program sends references only.
+
+Who may read a cached file: the directory is root's alone (0700, made so if it was not; EPERM
+if another user owns it), and a file is stored execute-only (PRIVATE, 0511: root reads it,
+any user may still execute it, as a process re-executing /proc/self/exe does) because the
+content may be an execute-only program (mode 0711) that its user may run but not read. A file becomes readable by all
+(PUBLIC, 0555) once a dumpable process maps it (`open(digest, public=True)`): the kernel made
+that process dumpable only because its user could read the same content on the master (its
+executable and interpreter by would_dump; its libraries, which its loader opened itself).
+The only way in besides root's is /proc/PID/exe of a process one may trace (a dumpable one of
+one's own; /proc/PID/map_files wants CAP_SYS_ADMIN), so a process's own executable stays
+readable to its user exactly when it was on the master. Once public a file stays public: it holds content some user proved readable, and
+nobody but root can reach it by path.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import tempfile
 from bpfs.migrate.errors import MigrateError, from_oserror
 
 _CHUNK = 1 << 20
+PRIVATE, PUBLIC = 0o511, 0o555  # cached content: execute-only, or readable by all
 
 
 def hash_bytes(data: bytes) -> str:
@@ -71,11 +84,20 @@ class HashCache:
 
 
 class FileCache:
-    """Received file contents, one file per hash in `directory` (created 0700 if missing)."""
+    """Received file contents, one file per hash in `directory` (root's alone: 0700)."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            st = os.stat(directory)
+            if st.st_uid != os.geteuid():
+                raise MigrateError(errno.EPERM, f"file cache {directory} belongs to uid "
+                                   f"{st.st_uid}: its content would not be root's alone")
+            if st.st_mode & 0o077:
+                os.chmod(directory, 0o700)
+        except OSError as exc:
+            raise from_oserror(exc, f"preparing the file cache {directory}") from exc
 
     def path(self, digest: str) -> str:
         return os.path.join(self.directory, digest.replace(":", "-"))
@@ -94,7 +116,7 @@ class FileCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o555)  # mapped by every user's processes; PR_SET_MM_MAP wants an executable exe
+            os.chmod(tmp, PRIVATE)  # x: PR_SET_MM_MAP wants an executable exe; r: see above
             os.rename(tmp, final)
         except BaseException:
             if os.path.exists(tmp):
@@ -102,9 +124,17 @@ class FileCache:
             raise
         return final
 
-    def open(self, digest: str) -> int | None:
-        """An O_RDONLY fd of the cached content, or None if absent."""
+    def open(self, digest: str, public: bool = False) -> int | None:
+        """An O_RDONLY fd of the cached content, or None if absent. `public`: a dumpable
+        process will map it, so its user could read this content: make it readable."""
         try:
-            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        try:
+            if public and os.fstat(fd).st_mode & 0o777 != PUBLIC:
+                os.fchmod(fd, PUBLIC)
+        except OSError as exc:
+            os.close(fd)
+            raise from_oserror(exc, f"making the cached {digest} readable") from exc
+        return fd

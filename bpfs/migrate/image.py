@@ -2,9 +2,11 @@
 
 Grammar (msgpack; every map below has exactly these string keys; ints are unsigned unless said)::
 
-    image    = { "magic": "bpfs-image", "version": 1,
+    image    = { "magic": "bpfs-image", "version": 2,
                  "pid": int, "argv": [str], "comm": str, "exe": int (index into files),
                  "cwd": str, "uid": int, "gid": int, "groups": [int],
+                 "dumpable": bool   true: its user may read and trace it (the kernel's
+                                    PR_GET_DUMPABLE was 1); false: restored non-dumpable
                  "umask": int, "personality": int,
                  "regs": bin(216)   (struct user_regs_struct),
                  "xstate": bin      (NT_X86_XSTATE as GETREGSET returned it),
@@ -31,7 +33,9 @@ Addresses are page-aligned and below 2**47; regions are sorted and disjoint and 
 special mappings; byte runs are ordered, disjoint and inside their region (they need not be
 whole pages: only bytes that differ from zero, or from the mapped file, travel). `loads` checks all of that and raises
 `MigrateError(EINVAL, "corrupt image: ...")`, so a restore never starts from a bad image.
-Version 1 is the first; a reader refuses any other version rather than guess.
+Version 2 added "dumpable" (version 1 had no such key, and its reader restores every process
+dumpable: an execute-only program's memory would be readable on the node). A reader refuses
+any other version rather than guess.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from bpfs.migrate.errors import MigrateError, corrupt
 from bpfs.migrate.ptrace import REGS_SIZE, Regs
 
 MAGIC = "bpfs-image"
-VERSION = 1
+VERSION = 2
 PAGE = 4096
 TASK_SIZE = 1 << 47
 MAX_IMAGE = 1 << 34
@@ -105,6 +109,7 @@ class Image:
     uid: int
     gid: int
     groups: list[int]
+    dumpable: bool  # False: the user could not read its executable or interpreter (would_dump)
     umask: int
     personality: int
     regs: bytes
@@ -145,8 +150,9 @@ def _to_obj(img: Image) -> dict[str, Any]:
     return {
         "magic": MAGIC, "version": VERSION, "pid": img.pid, "argv": img.argv, "comm": img.comm,
         "exe": img.exe, "cwd": img.cwd, "uid": img.uid, "gid": img.gid, "groups": img.groups,
-        "umask": img.umask, "personality": img.personality, "regs": img.regs,
-        "xstate": img.xstate, "auxv": img.auxv, "mm": img.mm, "sigmask": img.sigmask,
+        "dumpable": img.dumpable, "umask": img.umask, "personality": img.personality,
+        "regs": img.regs, "xstate": img.xstate, "auxv": img.auxv, "mm": img.mm,
+        "sigmask": img.sigmask,
         "sigactions": [list(a) for a in img.sigactions], "pending": img.pending,
         "rseq": list(img.rseq) if img.rseq else None,
         "robust": list(img.robust) if img.robust else None, "tid_address": img.tid_address,
@@ -269,6 +275,12 @@ def _str(v: Any, what: str) -> str:
     raise corrupt(f"{what} is not a string")
 
 
+def _bool(v: Any, what: str) -> bool:
+    if type(v) is bool:
+        return v
+    raise corrupt(f"{what} is not a bool")
+
+
 def _bin(v: Any, what: str) -> bytes:
     if type(v) is bytes:
         return v
@@ -288,9 +300,10 @@ def _list(v: Any, what: str) -> list:
     raise corrupt(f"{what} is not a list")
 
 
-_TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "umask",
-        "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "pending", "rseq", "robust",
-        "tid_address", "rlimits", "special", "host", "files", "regions", "contents")
+_TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "dumpable",
+        "umask", "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "pending",
+        "rseq", "robust", "tid_address", "rlimits", "special", "host", "files", "regions",
+        "contents")
 
 
 def _from_obj(obj: Any) -> Image:
@@ -310,6 +323,7 @@ def _from_obj(obj: Any) -> Image:
         cwd=_str(obj["cwd"], "cwd"), uid=_int(obj["uid"], "uid", 0, 2**32 - 2),
         gid=_int(obj["gid"], "gid", 0, 2**32 - 2),
         groups=_ints(_list(obj["groups"], "groups"), "group", 0, 2**32 - 2),
+        dumpable=_bool(obj["dumpable"], "dumpable"),
         umask=_int(obj["umask"], "umask", 0, 0o777),
         personality=_int(obj["personality"], "personality", 0, 2**32 - 1),
         regs=_bin(obj["regs"], "regs"), xstate=_bin(obj["xstate"], "xstate"),

@@ -8,6 +8,10 @@ came, ESRCH when the process died, EOPNOTSUPP for state that cannot migrate (sha
 Stop point: AT_ENTRY, after the dynamic loader mapped the master's libraries, so the node needs
 none of them. A hardware breakpoint (DR0) stops it there without writing to its text, so no code
 page turns into a private copy that would have to travel.
+
+Dumpability: the image carries whether the kernel made the process dumpable at its exec
+(PR_GET_DUMPABLE, injected): a program its user may run but not read (mode 0711) is not,
+so that user cannot read its memory or attach to it, and the node restores it so.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bpfs.migrate.spawn import spawn_traced
 SIGTRAP = signal.SIGTRAP
 TRACE_OPTIONS = pt.O_EXITKILL | pt.O_TRACEEXEC
 GLIBC_TID_OFFSET = 0x2D0  # offsetof(struct pthread, tid) in glibc 2.3x on x86_64
+PR_GET_DUMPABLE, SUID_DUMP_USER = 3, 1
 
 hashes = HashCache()  # shared by every dump of this process: libc is hashed once
 _held: dict[int, list[int]] = {}  # pid -> signals that arrived before its entry point
@@ -173,6 +178,7 @@ def dump(pid: int) -> Image:
     special = {m.path.strip("[]"): (m.start, m.end) for m in maps if m.path in procfs.SPECIAL}
     gadget = _vdso_gadget(pid, special)
     mm["brk"] = _brk(pid, regs, gadget, maps, mm["start_brk"])
+    dumpable = _dumpable(pid, regs, gadget)
     files, regions = _regions(pid, maps)
     exe = _exe_index(pid, files)
     pt.setregs(pid, regs)
@@ -180,6 +186,7 @@ def dump(pid: int) -> Image:
     return Image(
         pid=pid, argv=_argv(pid), comm=procfs.read_text(pid, "comm").rstrip("\n"), exe=exe,
         cwd=_readlink(pid, "cwd"), uid=ids("Uid")[0], gid=ids("Gid")[0], groups=ids("Groups"),
+        dumpable=dumpable,
         umask=int(status.get("Umask", "0022"), 8),
         personality=int(procfs.read_text(pid, "personality"), 16),
         regs=regs.pack(), xstate=xstate, auxv=procfs.auxv_bytes(procfs.read_bytes(pid, "auxv")),
@@ -222,6 +229,22 @@ def _brk(pid: int, regs: pt.Regs, gadget: int, maps: list[Mapping], start_brk: i
     if not any(m.path == "[heap]" for m in maps):
         return start_brk
     return pt.inject(pid, regs, gadget, pt.SYS["brk"], 0)
+
+
+def _dumpable(pid: int, regs: pt.Regs, gadget: int) -> bool:
+    """Whether the kernel lets the process's user read and trace it: PR_GET_DUMPABLE is 1.
+
+    The exec decided it (would_dump in fs/exec.c): 0 (or 2, fs.suid_dumpable) when the user
+    may not read the executable or its ELF interpreter, or the exec changed credentials. The
+    libraries the loader mapped since were opened by the process itself, so its user could
+    read them. Asked of the process rather than worked out from file modes, so ACLs, LSMs,
+    capabilities and user namespaces count exactly as the kernel counted them. Only 1 counts
+    as dumpable: the node sets 0 for anything else (prctl cannot set 2, and 0 is stricter).
+    """
+    res = pt.inject(pid, regs, gadget, pt.SYS["prctl"], PR_GET_DUMPABLE)
+    if res < 0:
+        raise MigrateError(-res, "reading whether the process is dumpable", pid)
+    return res == SUID_DUMP_USER
 
 
 def _pending(pid: int, status: dict[str, str]) -> list[int]:

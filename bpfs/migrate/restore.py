@@ -15,7 +15,8 @@ How, and why so:
   restorer with pidfd_getfd, PR_SET_MM_MAP (before the target's mappings exist: EBUSY otherwise),
   move vvar/vdso to the image's addresses, map every region, restore dispositions, personality,
   umask, name, robust list, resource limits, credentials (setgroups/setresgid/setresuid to the
-  caller's choice) and cwd; the byte runs are written in one process_vm_writev; (B) mprotect
+  caller's choice), then dumpability (PR_SET_DUMPABLE as the image says: the credential
+  change reset it) and cwd; the byte runs are written in one process_vm_writev; (B) mprotect
   back to the final protections and register rseq (after the writes, so the kernel's cpu_id
   update is not overwritten). A single-stepped munmap removes the scratch area, registers and
   xstate are set and the process is detached, running.
@@ -41,7 +42,7 @@ from typing import Mapping, Sequence
 from bpfs.migrate import hostinfo, image as imagefmt, procfs, stub
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.filecache import FileCache, HashCache, hash_bytes
+from bpfs.migrate.filecache import PRIVATE, PUBLIC, FileCache, HashCache, hash_bytes
 from bpfs.migrate.image import Image, Region
 from bpfs.migrate.spawn import fork_stopped
 
@@ -223,8 +224,11 @@ class Restorer:
                 os.close(fd)
         return out
 
-    def _open_file(self, path: str, digest: str, content: Mapping[str, bytes]) -> int | None:
-        """An fd of a file with content `digest`: the node's own file, cached or supplied."""
+    def _open_file(self, path: str, digest: str, content: Mapping[str, bytes],
+                   public: bool = False) -> int | None:
+        """An fd of a file with content `digest`: the node's own file, cached or supplied.
+        A cached or supplied copy is readable by users only if `public` (the process that
+        maps it is dumpable: see bpfs.migrate.filecache)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -239,16 +243,16 @@ class Restorer:
         if self.cache is not None:
             if digest in content:
                 self.cache.put(digest, content[digest])
-            return self.cache.open(digest)
+            return self.cache.open(digest, public)
         if digest in content:
-            return _memfd(digest, content[digest])
+            return _memfd(digest, content[digest], public)
         return None
 
     def _open_files(self, image: Image, content: Mapping[str, bytes]) -> list[int]:
         fds: list[int] = []
         try:
             for ref in image.files:
-                fd = self._open_file(ref.path, ref.hash, content)
+                fd = self._open_file(ref.path, ref.hash, content, image.dumpable)
                 if fd is None:
                     raise MigrateError(errno.ENOENT, f"{ref.path}: this node lacks the "
                                        f"master's file ({ref.hash[:19]}...) and it was not sent")
@@ -341,7 +345,11 @@ class Restorer:
         a.call("setgroups", len(groups), a.data(struct.pack(f"<{len(groups)}I", *groups)))
         a.call("setresgid", gid, gid, gid)
         a.call("setresuid", uid, uid, uid)
-        a.call("prctl", PR_SET_DUMPABLE, 1)  # a uid change cleared it
+        # The kernel's rule for an exec, kept across the move. commit_creds has just set it
+        # to fs.suid_dumpable (a uid change), or left the helper's 1 (root): neither is the
+        # process's own. Not dumpable (the master's kernel found its executable or interpreter
+        # unreadable by its user): 0, and nothing after this turns it back on.
+        a.call("prctl", PR_SET_DUMPABLE, 1 if image.dumpable else 0)
         a.call("chdir", a.cstr("/"))
         a.call("chdir", a.cstr(image.cwd), may_fail=True)  # missing or not allowed: stay at /
 
@@ -460,9 +468,11 @@ def _refuse_setid(fd: int, name: str) -> None:
                            "migrate")
 
 
-def _memfd(digest: str, data: bytes) -> int:
+def _memfd(digest: str, data: bytes, public: bool) -> int:
+    """The content in a memory file, with the mode a cached copy would have (not 0777)."""
     fd = os.memfd_create(digest[:40], os.MFD_CLOEXEC)
     try:
+        os.fchmod(fd, PUBLIC if public else PRIVATE)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

@@ -32,6 +32,9 @@ mounts are private). Each node, real or simulated, so has its own cache: it live
 the daemon, costs memory only for content the node had to be sent, and simulated nodes sharing
 the host's filesystem do not see each other's. Only the empty mount point is created on the
 host's filesystem. If it cannot be mounted, restores use memory files and nothing is cached.
+The mount is root's alone (0700), and a cached file is execute-only until a dumpable process
+maps it (bpfs/migrate/filecache.py): content of a program its user may run but not read is
+never readable by users on the node.
 
 Errors: BpfsError from the migration engine reaches the caller; if the Restorer cannot be
 created, every restore fails with that error until one can.

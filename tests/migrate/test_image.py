@@ -22,7 +22,8 @@ def sample(**over) -> Image:
     base = 0x5555_0000_0000
     img = Image(
         pid=4242, argv=["/bin/true", "x"], comm="true", exe=0, cwd="/home/u", uid=1000,
-        gid=1000, groups=[1000, 27], umask=0o022, personality=0, regs=bytes(range(216)),
+        gid=1000, groups=[1000, 27], dumpable=True, umask=0o022, personality=0,
+        regs=bytes(range(216)),
         xstate=bytes(2696), auxv=bytes(16 * 3), mm={k: base for k in image.MM_KEYS},
         sigmask=1 << 12, sigactions=[(13, 1, 0, 0, 0), (10, base + 16, 0x04000000, base, 0)], pending=[10],
         rseq=(base + 64, 32, 0x53053053), robust=(base + 128, 24), tid_address=base + 720,
@@ -43,6 +44,13 @@ def test_round_trip() -> None:
     img = sample()
     assert image.loads(image.dumps(img)) == img
     assert image.dumps(image.loads(image.dumps(img))) == image.dumps(img)
+
+
+def test_round_trip_keeps_a_process_not_dumpable() -> None:
+    """An execute-only program's image says so, and the node reads it back so."""
+    back = image.loads(image.dumps(sample(dumpable=False)))
+    assert back.dumpable is False
+    assert image.loads(image.dumps(sample())).dumpable is True
 
 
 def test_round_trip_with_contents_and_file_refs() -> None:
@@ -78,7 +86,7 @@ def images(draw) -> Image:
                   argv=draw(st.lists(st.text(max_size=20), max_size=4)),
                   comm=draw(st.text(max_size=3)), cwd=draw(st.text(max_size=30)),
                   groups=draw(st.lists(st.integers(0, 2**32 - 2), max_size=5)),
-                  sigmask=draw(st.integers(0, 2**64 - 1)))
+                  dumpable=draw(st.booleans()), sigmask=draw(st.integers(0, 2**64 - 1)))
 
 
 @settings(max_examples=60, deadline=None)
@@ -122,7 +130,10 @@ CORRUPT = {
     "not msgpack": b"\xc1\xc1\xc1",
     "not a map": msgpack.packb([1, 2]),
     "bad magic": _raw(magic="criu"),
-    "future version": _raw(version=2),
+    "future version": _raw(version=image.VERSION + 1),
+    "version 1": _raw(version=1, dumpable=KeyError),  # its reader restores all dumpable
+    "missing dumpable": _raw(dumpable=KeyError),
+    "dumpable as int": _raw(dumpable=0),
     "missing key": _raw(pid=KeyError),
     "unknown key": _raw(**{"host.extra": 1}),
     "regs size": _raw(regs=b"\0" * 100),
@@ -214,7 +225,8 @@ FIELDS = ([f"regions.{i}.{k}" for i in range(3) for k in ("start", "end", "prot"
           + ["regions.1.pages.0", "regions.1.pages.0.0", "regions.1.pages.0.1", "regions.2.pages",
              "regions.1", "files.0.size", "files.0.path", "files.0.hash", "rlimits.0",
              "rlimits.1.0", "rlimits.1.1", "mm.brk", "special.vdso", "special.vvar.1",
-             "groups.0", "argv.1", "sigactions.0", "rseq", "robust", "pending.0", "host.cpu_flags.0"])
+             "groups.0", "argv.1", "sigactions.0", "rseq", "robust", "pending.0", "host.cpu_flags.0"]
+          + ["dumpable"])
 
 
 def _slow_from_obj(obj) -> image.Image:
