@@ -11,19 +11,20 @@ A node is alive while it sends: every frame counts (master.py stamps
 `facts` every `heartbeat` seconds when they have nothing else to say.
 
 The stamp alone is not enough. Under load (a fan-out of hundreds of restores on
-a loaded machine) the master's event loop runs seconds late: measured with 512
-embedded nodes on 2 cores, the watchdog woke 1.8 to 3.0 s late during the first
-`bpsh -a hostname`, while the nodes' own heartbeats were at most 0.7 s late.
-When the loop gets going again, the receive tasks and the watchdog wake in the
-same batch, and a receive task that has read a frame yields once before it
-stamps it, so the watchdog judges every node on the stamps from before the
-stall: with --ping-timeout 2, 503 of 512 nodes were marked down, each with
-~500 bytes of heartbeats unread in its socket. So the watchdog never takes
-the master's stamp as the last word: for a node that looks silent it asks the
+a loaded machine) the master's event loop runs late: with 512 embedded nodes on
+2 cores the watchdog woke up to 3.0 s late during a `bpsh -a hostname`, while the
+nodes' own heartbeats were at most 0.7 s late. When the loop gets going again,
+the receive tasks and the watchdog wake in the same batch, and a receive task
+that has read a frame yields once before it stamps it, so the watchdog judged
+every node on the stamps from before the stall: with --ping-timeout 2, 503 and
+then 512 of 512 nodes were marked down, each with ~500 bytes of heartbeats
+unread in its socket; with 128 nodes, --ping-timeout 0.5 and heartbeats every
+0.1 s, all 128 on two fan-outs of four. So the watchdog never takes the
+master's stamp as the last word: for a node that looks silent it asks the
 kernel when data last arrived on that socket (TCP_INFO's tcpi_last_data_recv),
 which the kernel keeps up to date whether or not the master has read it. The
 check may run late, and a silent node is then marked down late; it can no
-longer mark a node down for the master's own delay.
+longer mark a node down for the master's own delay (the same runs: none).
 
 TCP_INFO is Linux's; elsewhere, or for a stream that is not a TCP socket,
 `silence` says None and the stamp decides.

@@ -2,14 +2,14 @@
 
 What broke: on a 1,024-node embedded cluster the first 1,015-rank `bpsh` ran, and
 4.4 s later the master marked 442 nodes down ("no heartbeat for 5.0 s"). Measured
-here with 512 nodes on 2 cores and --ping-timeout 2: the master's event loop woke its
-watchdog 1.8 to 3 s late during the first fan-out, while the nodes' heartbeats were
-at most 0.7 s late; when the loop resumed, the watchdog judged every node on
-timestamps from before the stall and marked all 512 down, each with ~500 bytes of
-heartbeats unread in its socket. A stopped master (SIGSTOP) is that stall, made
-exact: the node daemons keep sending, nothing reads, and after SIGCONT the watchdog
-and the receive tasks wake together. And `bpfs up --ping-timeout 0.5` used to be
-accepted, then the master exited because the heartbeat stayed at 1 s.
+with 512 nodes on 2 cores: the master's event loop woke its watchdog up to 3 s late
+during a fan-out, while the nodes' heartbeats were at most 0.7 s late; when the loop
+resumed, the watchdog judged every node on timestamps from before the stall (with
+--ping-timeout 2 it marked 503, then 512 of 512 down, each with ~500 bytes of
+heartbeats unread in its socket). A stopped master (SIGSTOP) is that stall, made
+exact: the nodes keep sending, nothing reads, and after SIGCONT the watchdog and the
+receive tasks wake together. And `bpfs up --ping-timeout 0.5` used to be accepted,
+then the master exited because the heartbeat stayed at 1 s.
 """
 
 from __future__ import annotations
