@@ -8,7 +8,10 @@ Node connections (protocol in bpfs/wire.py): authenticate (`wire.accept`),
 then `register` -> `welcome` (or `refused` and close), then the node's
 messages are dispatched by `NODE_MESSAGES`; every message counts as a
 heartbeat. A node silent for `ping_timeout` seconds, or whose connection
-drops, is marked down. A wrong key, a malformed or oversized frame closes that
+drops, is marked down; silent means nothing arrived, which the watchdog asks
+the kernel before it believes the master's own stamps, as frames wait unread
+while the master is busy (bpfs/liveness.py). The heartbeat interval told to
+nodes is a fifth of `ping_timeout`, at most 1 s, unless set. A wrong key, a malformed or oversized frame closes that
 connection only, with a log line naming the peer. Data the user set (ACLs,
 admin states, node numbers) is written to the state file before the command
 that changed it returns.
@@ -36,7 +39,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from bpfs import execreq, statefile, wire
+from bpfs import execreq, liveness, statefile, wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
@@ -60,7 +63,12 @@ class MasterConfig:
     state_file: str = "/var/lib/bpfs/state"
     nodes: int = 0                     # configured node count: nodes/0..K-1 exist (down) from the start
     ping_timeout: float = 5.0          # node marked down when no heartbeat for this long
-    heartbeat: float = 1.0             # interval told to nodes in `welcome`
+    heartbeat: float | None = None     # interval told to nodes in `welcome`; None: derived
+                                       # from ping_timeout (liveness.heartbeat_for)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat is None:
+            self.heartbeat = liveness.heartbeat_for(self.ping_timeout)
 
 
 @dataclass
@@ -244,17 +252,39 @@ class Master:
             pass        # logged by persist; the node may still serve
 
     async def watchdog(self) -> None:
-        """Close the connections of nodes silent for longer than ping_timeout."""
+        """Close the connections of nodes silent for longer than ping_timeout (bpfs/liveness.py).
+
+        It may run late when the loop is busy; it then marks a silent node down late,
+        never a node whose frames wait unread because the master was slow."""
         timeout = self.cfg.ping_timeout
         while True:
-            await trio.sleep(max(0.05, min(timeout / 4, 1.0)))
-            for n in self.cluster.stale(trio.current_time(), timeout):
-                conn = self.conns.get(n)
-                log.warning("node %d: no heartbeat for %.1f s; marking it down", n, timeout)
-                if conn is not None:
-                    del self.conns[n]
-                    conn.scope.cancel()
-                self.cluster.detach(n)
+            await trio.sleep(liveness.check_interval(timeout))
+            self.judge_silence(trio.current_time(), timeout)
+
+    def judge_silence(self, now: float, timeout: float) -> None:
+        """Mark down the nodes that sent nothing for `timeout`: by the master's stamp, unless
+        the kernel received data on the connection since (then that is its heartbeat)."""
+        unread: list[float] = []
+        for n in self.cluster.stale(now, timeout):
+            conn = self.conns.get(n)
+            quiet = liveness.silence(conn.stream.stream) if conn is not None else None
+            last = self.cluster.node(n).last_heartbeat
+            if quiet is not None and quiet <= timeout:
+                unread.append(now - last)
+                self.cluster.heartbeat(n, None, now - quiet)
+            else:
+                self._mark_silent_down(n, conn, now - last if quiet is None else quiet)
+        if unread:
+            log.warning("master busy: %d node(s) unread for up to %.1f s; the kernel received "
+                        "their frames in time, so they stay up", len(unread), max(unread))
+
+    def _mark_silent_down(self, n: int, conn: NodeConn | None, silent_for: float) -> None:
+        log.warning("node %d: no heartbeat for %.1f s; marking it down", n, silent_for)
+        if conn is not None:
+            del self.conns[n]
+            conn.scope.cancel()
+        self.cluster.detach(n)
+
 
 
 async def _refuse(fs: wire.FrameStream, exc: BpfsError) -> None:
@@ -321,9 +351,9 @@ def check_config(cfg: MasterConfig) -> None:
     """EINVAL for settings that cannot work (nodes would time out between heartbeats...)."""
     if not 0 <= cfg.nodes <= MAX_NODE + 1:
         raise BpfsError(errno.EINVAL, f"--nodes must be 0..{MAX_NODE + 1}, not {cfg.nodes}")
-    if not 0 < cfg.heartbeat < cfg.ping_timeout:
-        raise BpfsError(errno.EINVAL, f"heartbeat ({cfg.heartbeat} s) must be positive and shorter "
-                        f"than ping_timeout ({cfg.ping_timeout} s)")
+    problem = liveness.settings_problem(cfg.ping_timeout, cfg.heartbeat)
+    if problem:
+        raise BpfsError(errno.EINVAL, problem)
     if not 0 <= cfg.port <= 65535:
         raise BpfsError(errno.EINVAL, f"bad port {cfg.port}")
 
@@ -385,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-file", default=d.state_file)
     p.add_argument("--nodes", type=int, default=d.nodes, help="configured node count")
     p.add_argument("--ping-timeout", type=float, default=d.ping_timeout)
-    p.add_argument("--heartbeat", type=float, default=d.heartbeat)
+    p.add_argument("--heartbeat", type=float, default=None,
+                   help="default: a fifth of --ping-timeout, at most 1 s")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     setup_logging(logging.DEBUG if a.debug else logging.INFO)

@@ -54,14 +54,19 @@ def cli() -> None:
               help="Configured node count: nodes/0..K-1 exist from the start.")
 @click.option("--ping-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               metavar="S", help="A node silent this long is marked down.")
-@click.option("--heartbeat", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
-              metavar="S", help="How often nodes send their facts.")
+@click.option("--heartbeat", type=click.FloatRange(min=0.01), default=None, metavar="S",
+              help="How often nodes send their facts; shorter than --ping-timeout "
+                   "(default: a fifth of it, at most 1 s).")
 def master(mount: str | None, listen: str, port: int, key_file: str, state_file: str,
-           nodes: int, ping_timeout: float, heartbeat: float) -> int:
+           nodes: int, ping_timeout: float, heartbeat: float | None) -> int:
     """Run the master daemon in the foreground: serve the node port, mount /bproc.
 
     SIGTERM or SIGINT unmounts cleanly and exits 0.
     """
+    from bpfs import liveness
+    problem = liveness.settings_problem(ping_timeout, heartbeat)
+    if problem:
+        raise click.UsageError(problem)
     from bpfs.master import MasterConfig, run_master
     cfg = MasterConfig(mount=common.mount_point(mount), listen=listen, port=port,
                        key_file=key_file, state_file=state_file, nodes=nodes,
@@ -77,7 +82,8 @@ def master(mount: str | None, listen: str, port: int, key_file: str, state_file:
               help="The master's node port (on 127.0.0.1).")
 @state_dir_option
 @click.option("--ping-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              metavar="S", help="A node silent this long is marked down.")
+              metavar="S", help="A node silent this long is marked down; nodes send a "
+                                "heartbeat every fifth of it (at most every second).")
 @click.option("--hide", multiple=True, metavar="DIR",
               help="Cover DIR with an empty tmpfs inside every node (so something exists "
                    "only on the master). Repeatable.")
