@@ -27,6 +27,9 @@ import pytest
 
 from tests.conftest import (Cluster, User, _new_cluster, _teardown, as_user, command,
                             is_root, pid_alive)
+from tests.e2e.test_master import Master, master  # noqa: F401 - a fixture
+from tests.e2e.test_master_procs import (fake_node, reap, request, restored, wait_exit,
+                                         wait_for, writer)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -141,3 +144,25 @@ def test_the_tracer_goes_on_for_the_others(capless: Cluster, users) -> None:
     assert r.returncode == 7, r
     r, _ = ended_soon(capless, ["bpsh", "0", "sh", "-c", "kill -HUP $$"], bob)
     assert r.returncode == 255, r
+
+
+# ---- a node's report the tracer cannot act on: the ghost still ends ----
+
+async def test_an_end_no_process_can_have_still_ends_the_ghost(master: Master) -> None:
+    """A node (buggy or hostile) reports that the process ended by a signal that ends no
+    process (SIGSTOP, SIGCHLD, 99): the tracer refuses such a finish (EINVAL), which once
+    left the ghost parked and its parent waiting for ever. It dies by SIGKILL instead, the
+    real status being unknowable; procs/P goes."""
+    async with fake_node(master) as node:
+        await wait_for(lambda: master.read("nodes/0/status") == "up\n")
+        for bad in (signal.SIGSTOP, signal.SIGCHLD, 99):
+            proc = writer(master, 0, request())
+            try:
+                await restored(master, node, proc)
+                await node.fs.send({"t": "exited", "pid": proc.pid, "code": None,
+                                    "signal": bad})
+                assert await wait_exit(proc, SOON) == -signal.SIGKILL
+                await wait_for(lambda: not os.path.exists(master.path(f"procs/{proc.pid}")),
+                               what="procs/PID removed")
+            finally:
+                reap(proc)
