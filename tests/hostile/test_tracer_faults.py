@@ -18,6 +18,7 @@ so root's execs (the master, the nodes) never get it back.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -144,6 +145,22 @@ def test_the_tracer_goes_on_for_the_others(capless: Cluster, users) -> None:
     assert r.returncode == 7, r
     r, _ = ended_soon(capless, ["bpsh", "0", "sh", "-c", "kill -HUP $$"], bob)
     assert r.returncode == 255, r
+
+
+def test_a_users_limits_go_with_the_process(capless: Cluster, users) -> None:
+    """The dump reads the process's resource limits; prlimit() on another user's process
+    needs CAP_SYS_RESOURCE even to read, and every limit was silently left behind."""
+    bob = users["bob"]
+    r, _ = ended_soon(capless, ["bpsh", "1", "sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -c"],
+                      bob)
+    here = subprocess.run(as_user(["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -c"], bob),
+                          capture_output=True, text=True).stdout
+    assert r.returncode == 0 and r.stdout.decode() == here, (r, here)
+    script = ("ulimit -Sn 77; ulimit -Hn 99; ulimit -c 0; exec " + shlex.join(command("bpsh"))
+              + " 1 sh -c 'ulimit -Sn; ulimit -Hn; ulimit -c'")
+    r = subprocess.run(as_user(["sh", "-c", script], bob), capture_output=True, text=True,
+                       timeout=HANG, env=capless.env, cwd="/")
+    assert (r.returncode, r.stdout) == (0, "77\n99\n0\n"), r
 
 
 # ---- a node's report the tracer cannot act on: the ghost still ends ----
