@@ -62,7 +62,8 @@ cannot be resumed, a capture that fails other than by MigrateError, a copy that 
 parked: the tracee dies by SIGKILL at once, its end comes in `on_exit` like any other, and
 the futures waiting for it get the failure once it is gone. A failed clone puts the ghost back
 to sleep, or kills it if even that fails. The other tracees go on; the thread never dies of
-one tracee. Left as they were: a process whose dump failed with MigrateError (above) and a
+one tracee. Capabilities: ending a ghost by a signal needs none but CAP_KILL (its core limit
+is lowered by the ghost itself); a kill needs none (PTRACE_KILL when kill() is refused). Left as they were: a process whose dump failed with MigrateError (above) and a
 ghost given bad arguments (EINVAL, EBUSY), which the caller must end.
 
 How the thread waits, and its latency: it blocks in `waitid(P_ALL, WNOWAIT | __WALL |
@@ -194,10 +195,24 @@ class _Doorbell:
 
 
 def _send_kill(pid: int) -> bool:
+    """SIGKILL to a tracee; False if there is no such process.
+
+    A master without CAP_KILL may not signal another user's process; PTRACE_KILL then
+    does it (since Linux 5.19 a plain SIGKILL from the kernel, no permission asked). If
+    even that fails it is logged, never raised: one tracee must not end the thread.
+    """
     try:
         os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         return False
+    except OSError as exc:
+        try:
+            pt.ptrace(pt.KILL, pid)
+        except MigrateError as again:
+            if again.errno == errno.ESRCH:
+                return False
+            log.error("tracer: cannot kill process %d (%s; PTRACE_KILL: %s)", pid, exc,
+                      again)
     return True
 
 

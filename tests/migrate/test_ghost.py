@@ -311,7 +311,7 @@ def test_finish_by_signal_without_core_dump(rig: Rig) -> None:
     assert rig.rec.signals == []  # our own signal was not reported as one sent to the ghost
 
 
-CAP_SYS_RESOURCE = 24
+CAP_KILL, CAP_SYS_RESOURCE = 5, 24
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -364,6 +364,26 @@ def test_a_users_ghost_ends_by_its_signal_without_cap_sys_resource(rig: Rig, use
     other, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
     rig.tracer.finish(other, exit_code=3).result(5)
     assert os.WEXITSTATUS(rig.bpsh.status(other)) == 3
+
+
+@pytest.mark.timeout(30)
+def test_a_users_ghost_is_killed_without_cap_kill(rig: Rig, users) -> None:
+    """Without CAP_KILL the master may not signal another user's process: its ghost is
+    killed all the same (PTRACE_KILL), and one it cannot end by a signal is killed too,
+    the caller told why (EPERM), never left parked."""
+    bob = users["bob"]
+    rig.tracer.submit(drop_cap_in_this_thread, CAP_KILL).result(5)
+    a, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    b, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    rig.tracer.kill(a).result(5)
+    assert os.WTERMSIG(rig.bpsh.status(a, 5)) == signal.SIGKILL
+    with pytest.raises(MigrateError) as exc:
+        rig.tracer.finish(b, signal=signal.SIGTERM).result(5)
+    assert exc.value.errno == errno.EPERM
+    assert os.WTERMSIG(rig.bpsh.status(b, 5)) == signal.SIGKILL
+    c, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    rig.tracer.finish(c, exit_code=6).result(5)  # the tracer goes on
+    assert os.WEXITSTATUS(rig.bpsh.status(c)) == 6
 
 
 # ---- faults: whatever fails for one ghost, it ends and the others go on ----
