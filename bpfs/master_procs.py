@@ -440,7 +440,12 @@ class ProcService:
 
     def _finish(self, pid: int, code: int, sig: int | None) -> None:
         """The ghost ends the same way. Nothing here waits for it: the tracer thread does
-        it, and only a failure is worth a word (no trio task, no wake-up per exit)."""
+        it, and only a failure is worth a word (no trio task, no wake-up per exit).
+
+        If it cannot end that way (a signal that ends no process, from a buggy node; the
+        tracer failing), it is killed: a ghost must never outlive its process, or its
+        parent (bpsh) waits for ever. The tracer kills it itself when it fails; a kill of
+        what is gone already is a no-op."""
         if self.tracer is None:
             return
         try:
@@ -452,8 +457,14 @@ class ProcService:
 
         def ended(f: "concurrent.futures.Future[Any]") -> None:     # in the tracer thread
             exc = None if f.cancelled() else f.exception()
-            if exc is not None:
+            if exc is None:
+                return
+            if isinstance(exc, BpfsError) and exc.errno == errno.ESRCH:
                 log.info("pid %d: ending the ghost: %s", pid, exc)
+                return
+            log.warning("pid %d: cannot end the ghost with %s (%s); killing it", pid,
+                        f"signal {sig}" if sig else f"exit code {code}", exc)
+            self._kill_ghost(pid)
         fut.add_done_callback(ended)
 
     def node_lost(self, node: int) -> None:

@@ -22,6 +22,7 @@ API (every ptrace request comes from one thread, the tracer's; the methods only 
                                         wait for its exec, dump it at its entry point, park it
     t.finish(pid, exit_code=N | signal=S) -> Future[None]
                                         end the ghost that way; resolves once it is gone
+                                        (MigrateError if it had to be killed instead)
     t.kill(pid) -> Future[None]         SIGKILL; resolves once it is gone
     t.clone(pid, count) -> Future[list[int]]
                                         `count` more ghosts just like the parked ghost `pid`
@@ -35,7 +36,8 @@ API (every ptrace request comes from one thread, the tracer's; the methods only 
 command line and environment (a copy of the kept argument pages), exit signal, dispositions and
 ptrace options, asleep in pause(): a ghost like any other (signals reported with its own pid,
 `finish`, `kill`, `ghosts`, `stop`). The list has `count` entries in order: a new pid, or
--errno where that clone failed (EAGAIN: process limits), the others are still made; if the
+-errno where that clone failed (EAGAIN: process limits), the others are still made (if a
+step fails otherwise, the ghost is put back to sleep and the rest are that errno); if the
 ghost ends meanwhile, the copies made so far are kept and the rest are -ESRCH. An entry may
 name a copy that has already ended (its `on_exit` came first). The ghost's parent must reap
 the copies like its own children. A copy is in the ghost's process group and session: a signal
@@ -50,7 +52,19 @@ ESRCH (not held here, or it ended), EBUSY (wrong state, e.g. capture twice, or c
 not a parked ghost), ETIMEDOUT (no exec in time: the process stays seized, `kill` it),
 EPERM/EINTR/... from the dump (the process stays stopped, never having run the program:
 `finish(pid, exit_code=255)` or `kill` it), EINVAL (bad finish arguments, a negative clone
-count), ECANCELED (a capture overtaken by finish/kill), ESHUTDOWN (tracer stopped).
+count), ECANCELED (a capture overtaken by finish/kill), ESHUTDOWN (tracer stopped); a bug in
+the tracer is EIO (logged with its traceback), so callers need catch only `BpfsError`.
+
+Faults: whatever fails while the thread handles one tracee (a ptrace request refused, a step
+of `ghost_park` failing, a bug), that tracee never stays parked or stopped for ever (its
+parent would wait for ever) and never runs its program here. A finish that fails, a stop that
+cannot be resumed, a capture that fails other than by MigrateError, a copy that cannot be
+parked: the tracee dies by SIGKILL at once, its end comes in `on_exit` like any other, and
+the futures waiting for it get the failure once it is gone. A failed clone puts the ghost back
+to sleep, or kills it if even that fails. The other tracees go on; the thread never dies of
+one tracee. Capabilities: ending a ghost by a signal needs none but CAP_KILL (its core limit
+is lowered by the ghost itself); a kill needs none (PTRACE_KILL when kill() is refused). Left as they were: a process whose dump failed with MigrateError (above) and a
+ghost given bad arguments (EINVAL, EBUSY), which the caller must end.
 
 How the thread waits, and its latency: it blocks in `waitid(P_ALL, WNOWAIT | __WALL |
 __WNOTHREAD)`, which wakes for any event of *its own* tracees and children only (__WNOTHREAD:
@@ -92,7 +106,8 @@ from typing import Any, Callable
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import procfs
 from bpfs.migrate import ptrace as pt
-from bpfs.migrate.errors import MigrateError
+from bpfs.errors import BpfsError
+from bpfs.migrate.errors import MigrateError, from_oserror
 from bpfs.migrate.image import Image
 from bpfs.migrate.master import TRACE_OPTIONS, seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.spawn import spawn_traced
@@ -126,6 +141,8 @@ class _Tracee:
     deadline: float = 0.0
     waiters: list[Future] = field(default_factory=list)
     aim: tuple[int | None, int | None] = (None, None)   # HALTING: (exit code, signal)
+    failure: MigrateError | None = None   # why the tracer killed it (`_fail`)
+    failed: list[Future] = field(default_factory=list)  # they get `failure` at its end
 
 
 class _Doorbell:
@@ -178,10 +195,24 @@ class _Doorbell:
 
 
 def _send_kill(pid: int) -> bool:
+    """SIGKILL to a tracee; False if there is no such process.
+
+    A master without CAP_KILL may not signal another user's process; PTRACE_KILL then
+    does it (since Linux 5.19 a plain SIGKILL from the kernel, no permission asked). If
+    even that fails it is logged, never raised: one tracee must not end the thread.
+    """
     try:
         os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         return False
+    except OSError as exc:
+        try:
+            pt.ptrace(pt.KILL, pid)
+        except MigrateError as again:
+            if again.errno == errno.ESRCH:
+                return False
+            log.error("tracer: cannot kill process %d (%s; PTRACE_KILL: %s)", pid, exc,
+                      again)
     return True
 
 
@@ -205,6 +236,17 @@ def _resolve(fut: Future, result: Any = None, exc: BaseException | None = None) 
         fut.set_result(result)
     else:
         fut.set_exception(exc)
+
+
+def _as_error(exc: BaseException, what: str, pid: int | None) -> MigrateError:
+    """Any failure as the MigrateError a caller can handle (an errno and a message)."""
+    if isinstance(exc, MigrateError):
+        return exc
+    if isinstance(exc, BpfsError):
+        return MigrateError(exc.errno, exc.message, pid)
+    if isinstance(exc, OSError):
+        return from_oserror(exc, what, pid)
+    return MigrateError(errno.EIO, f"{what}: internal error in the tracer ({exc!r})", pid)
 
 
 class Tracer:
@@ -261,7 +303,7 @@ class Tracer:
         Called from the tracer thread itself (a callback), the work runs after the callback
         returns: do not wait for the Future there.
         """
-        return self._deferred(lambda fut: fut.set_result(fn(*args)))
+        return self._deferred(lambda fut: fut.set_result(fn(*args)), raw=True)
 
     def seize(self, pid: int) -> Future[None]:
         return self._deferred(self._seize, pid)
@@ -283,8 +325,10 @@ class Tracer:
         with self._lock:
             return sorted(self._ghosts)
 
-    def _deferred(self, fn: Callable[..., None], *args: Any) -> Future:
-        """Queue fn(fut, *args); fn resolves `fut` now or later; what it raises goes in `fut`."""
+    def _deferred(self, fn: Callable[..., None], *args: Any, raw: bool = False) -> Future:
+        """Queue fn(fut, *args); fn resolves `fut` now or later; what it raises goes in `fut`,
+        as a MigrateError unless `raw` (a bug is logged with its traceback, and the caller
+        still gets an errno it can handle)."""
         fut: Future = Future()
 
         def item() -> None:
@@ -292,6 +336,11 @@ class Tracer:
                 return
             try:
                 fn(fut, *args)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                if not (raw or isinstance(exc, BpfsError)):
+                    log.exception("tracer: %s%r failed", fn.__name__, args)
+                _resolve(fut, exc=exc if raw else _as_error(exc, fn.__name__.strip("_"),
+                                                            None))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 _resolve(fut, exc=exc)
         self._enqueue(item, fut)
@@ -417,11 +466,8 @@ class Tracer:
                 self._ghost_stop(t, gp.wait_stop(pid))
         except gp.Gone as gone:
             self._gone(t, gone.status)
-        except MigrateError as exc:
-            if exc.errno != errno.ESRCH:  # ESRCH: killed meanwhile, its end follows
-                log.warning("tracer: process %d: %s", pid, exc)
-        except Exception:  # noqa: BLE001 - one tracee's trouble must not end the others
-            log.exception("tracer: handling an event of process %d failed", pid)
+        except Exception as exc:  # noqa: BLE001 - one tracee's trouble must not end the others
+            self._fail(t, "handling its stop", exc)
 
     def _stranger(self, pid: int) -> None:
         """A child of this thread that is no tracee: never reap it; poll around it a while."""
@@ -471,10 +517,10 @@ class Tracer:
         if t.state == HALTING and event == pt.EVENT_STOP:
             self._aim(t)
             return
+        if event == 0:
+            self._report(t.pid, [sig])   # first: reported even if it cannot be resumed
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
-        if event == 0:
-            self._report(t.pid, [sig])
 
     def _expire_captures(self) -> None:
         now = time.monotonic()
@@ -522,8 +568,12 @@ class Tracer:
             t.capture = fut
             self._gone(t, gone.status)
             return
-        except Exception as exc:  # noqa: BLE001 - MigrateError, or a bug: the caller hears of it
+        except MigrateError as exc:  # the caller hears of it, and ends it
             self._capture_failed(t, fut, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug: who knows where it was left
+            t.capture = fut
+            self._fail(t, "capture", exc)
             return
         t.state = GHOST
         self.park_rss[t.pid] = (before, after)
@@ -550,7 +600,7 @@ class Tracer:
         if t.state in (FINISHING, HALTING) or t.killed:
             return
         if t.state == GHOST:
-            self._interrupt(t, fut, code, sig)
+            self._interrupt(t, code, sig)
             return
         signals: list[int] = []
         try:
@@ -562,25 +612,21 @@ class Tracer:
             t.state = FINISHING
         except gp.Gone as gone:
             self._gone(t, gone.status)
-        except MigrateError:
-            t.waiters.remove(fut)
-            t.state = STOPPED  # wherever it was left, it never runs the program
-            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the process must end
+            self._fail(t, "finish", exc)
         finally:
             self._report(pid, signals)
 
-    def _interrupt(self, t: _Tracee, fut: Future, code: int | None, sig: int | None) -> None:
+    def _interrupt(self, t: _Tracee, code: int | None, sig: int | None) -> None:
         """Interrupt the parked ghost `t` and return: its stop comes as an event like any
         other (`_ghost_stop`), and is where it is aimed at its end. The thread does not wait
         for a ghost to be scheduled (on a busy machine, the ghosts that end together would
         otherwise be halted one after the other); their stops come in any order."""
         try:
             pt.ptrace(pt.INTERRUPT, t.pid)
-        except MigrateError as exc:
-            if exc.errno != errno.ESRCH:
-                t.waiters.remove(fut)
-                raise
-            return              # killed meanwhile: its end follows, and resolves `fut`
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the process must end
+            self._fail(t, "finish", exc)   # ESRCH: killed meanwhile, its end follows
+            return
         t.state, t.aim = HALTING, (code, sig)
 
     def _aim(self, t: _Tracee) -> None:
@@ -595,11 +641,8 @@ class Tracer:
             t.state = FINISHING
         except gp.Gone as gone:
             self._gone(t, gone.status)
-        except MigrateError as exc:
-            t.state = STOPPED  # wherever it was left, it never runs the program
-            waiters, t.waiters = t.waiters, []
-            for fut in waiters:
-                _resolve(fut, exc=exc)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the process must end
+            self._fail(t, "finish", exc)
         finally:
             self._report(t.pid, signals)
 
@@ -623,7 +666,40 @@ class Tracer:
         t.waiters.append(fut)
         self._cancel_capture(t)
         t.killed, t.held = True, False
-        os.kill(pid, _signal.SIGKILL)
+        _send_kill(pid)
+
+    def _fail(self, t: _Tracee, what: str, exc: BaseException) -> None:
+        """Handling `t` failed (`exc`): it dies by SIGKILL now.
+
+        Whatever state the failure left it in (a ptrace-stop, half aimed at its end, half
+        parked), it must neither stay parked for ever (its parent would wait for ever) nor
+        run the program here. Its end comes as an event like any other: `on_exit` reports
+        it, and the futures that waited for it (finish) or for its capture get the failure
+        as a MigrateError once it is gone. ESRCH from ptrace means it was killed meanwhile:
+        the SIGKILL only makes sure, and its end resolves the futures as usual.
+        """
+        if not gp.still_traced(t.pid):  # its end was consumed (or stolen): nothing to kill
+            log.warning("tracer: process %d: %s failed (%s), and it is gone", t.pid, what, exc)
+            self._lost(t.pid)
+            return
+        t.killed, t.held = True, False
+        with self._lock:
+            self._ghosts.discard(t.pid)
+        if isinstance(exc, MigrateError) and exc.errno == errno.ESRCH:
+            _send_kill(t.pid)
+            return
+        err = _as_error(exc, what, t.pid)
+        if err is exc:
+            log.warning("tracer: process %d: %s failed (%s); killing it", t.pid, what, err)
+        else:
+            log.error("tracer: process %d: %s failed; killing it", t.pid, what, exc_info=exc)
+        t.failure = t.failure or err
+        t.failed += t.waiters
+        t.waiters = []
+        if t.capture is not None:
+            fut, t.capture = t.capture, None
+            _resolve(fut, exc=err)
+        _send_kill(t.pid)
 
     def _clone(self, fut: Future, pid: int, count: int) -> None:
         """`count` copies of the ghost `pid` (see `gp.copy`), made from it halted once.
@@ -640,6 +716,7 @@ class Tracer:
         signals: list[int] = []
         pids: list[int] = []  # new pids and -errno, in order
         err = gadget = 0
+        regs: pt.Regs | None = None
         rss = self.park_rss.get(pid)
         try:
             gp.halt(pid, signals)
@@ -650,7 +727,7 @@ class Tracer:
                 made: list[int] = []  # the new pid, once its fork event stop came
                 try:
                     res = gp.copy(pid, regs, gadget, signals, made)
-                except (gp.Gone, MigrateError):
+                except Exception:
                     if not made:  # killed before the fork event stop: the child may exist
                         made.extend(self._strays())
                     raise
@@ -665,19 +742,35 @@ class Tracer:
         except gp.Gone as gone:
             err = errno.ESRCH
             self._gone(t, gone.status)
-        except MigrateError as exc:
-            err = exc.errno
-            if exc.errno != errno.ESRCH:  # ESRCH: killed meanwhile, its end follows
-                log.warning("tracer: cloning ghost %d: %s", pid, exc)
-                t.state = STOPPED  # left in some ptrace-stop; it never runs the program
-                with self._lock:
-                    self._ghosts.discard(pid)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the ghost goes on or ends
+            err = self._repark(t, regs, gadget, exc)
         finally:
             self._report(pid, signals)
             for child in pids:
                 if child > 0:
                     self._adopt(self._tracees[child], gadget, rss)
         fut.set_result(pids + [-err] * (count - len(pids)))
+
+    def _repark(self, t: _Tracee, regs: pt.Regs | None, gadget: int, exc: Exception) -> int:
+        """A clone of the ghost `t` failed (`exc`) with `t` halted at `regs`: put it back to
+        sleep, a ghost as before; if that fails too (or it was not halted), `_fail`.
+
+        Returns the errno for the copies not made: ESRCH if `t` was killed meanwhile (a
+        dying process gives other errors too, e.g. ENOEXEC for its vanished vdso; then
+        putting it back fails with ESRCH)."""
+        err = _as_error(exc, "clone", t.pid)
+        if regs is not None and err.errno != errno.ESRCH:
+            try:
+                pt.setoptions(t.pid, TRACE_OPTIONS)
+                gp.sleep_in_pause(t.pid, regs, gadget)
+            except Exception as again:  # noqa: BLE001 - it cannot stay halted
+                exc = again
+            else:
+                log.warning("tracer: cloning ghost %d: %s; parked again", t.pid, err)
+                return err.errno
+        self._fail(t, "clone", exc)
+        killed = isinstance(exc, MigrateError) and exc.errno == errno.ESRCH
+        return errno.ESRCH if killed else err.errno
 
     def _adopt(self, c: _Tracee, gadget: int, rss: tuple[int, int] | None) -> None:
         """Make the new `c`, made by a clone, a ghost: consume its first stop, park it.
@@ -698,11 +791,8 @@ class Tracer:
         except gp.Gone as gone:
             self._gone(c, gone.status)
             return
-        except MigrateError as exc:
-            if exc.errno != errno.ESRCH:  # ESRCH: killed meanwhile, its end follows
-                log.warning("tracer: parking clone %d: %s", c.pid, exc)
-                c.killed = True
-                _send_kill(c.pid)
+        except Exception as exc:  # noqa: BLE001 - it cannot stay in its first stop
+            self._fail(c, "parking a clone", exc)
             return
         finally:
             self._report(c.pid, signals)
@@ -735,6 +825,8 @@ class Tracer:
                                                              "its exec", t.pid))
         for fut in t.waiters:
             _resolve(fut)
+        for fut in t.failed:
+            _resolve(fut, exc=t.failure)
         self._call(self._on_exit, t.pid, status)
 
     def _lost(self, pid: int) -> None:
@@ -745,7 +837,7 @@ class Tracer:
         log.warning("tracer: process %d vanished (another thread waited for it?)", pid)
         self._forget(t)
         self._cancel_capture(t)
-        for fut in t.waiters:
+        for fut in t.waiters + t.failed:
             _resolve(fut, exc=MigrateError(errno.ESRCH, f"process {pid} vanished", pid))
 
     def _forget(self, t: _Tracee) -> None:

@@ -355,6 +355,13 @@ def aim_signal(pid: int, sig: int, signals: list[int]) -> None:
     The disposition is reset to SIG_DFL if it is not the default; RLIMIT_CORE := 0 and
     PR_SET_DUMPABLE := 0 (the latter also stops a core_pattern pipe). Then `sig` is queued, the
     ghost resumed, and at its signal-delivery-stop the signal is let through.
+
+    Every change is a syscall the ghost makes itself (injected), so none needs a capability:
+    a process may always lower its own limits, while prlimit() on another user's process
+    needs CAP_SYS_RESOURCE, which a master often lacks (Docker's default set; a root whose
+    bounding set was trimmed). The 32 zero bytes of the vdso serve as the new
+    `struct rlimit` {0, 0}. A failed step raises MigrateError: the ghost has not been
+    resumed, and the caller must end it another way (the tracer kills it).
     """
     settle(pid, signals)
     _, gadget, zeros = vdso(pid)
@@ -363,8 +370,10 @@ def aim_signal(pid: int, sig: int, signals: list[int]) -> None:
     if _not_default(pid, sig):
         _check(pid, "rt_sigaction", inject(pid, regs, gadget, signals, pt.SYS["rt_sigaction"],
                                            sig, zeros, 0, SIGSET_SIZE))
-    resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
-    inject(pid, regs, gadget, signals, pt.SYS["prctl"], PR_SET_DUMPABLE, 0)
+    _check(pid, "prlimit RLIMIT_CORE", inject(pid, regs, gadget, signals, pt.SYS["prlimit64"],
+                                              0, resource.RLIMIT_CORE, zeros, 0))
+    _check(pid, "PR_SET_DUMPABLE", inject(pid, regs, gadget, signals, pt.SYS["prctl"],
+                                          PR_SET_DUMPABLE, 0))
     os.kill(pid, sig)
     sleep_in_pause(pid, regs, gadget)
     _let_through(pid, sig, signals)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import resource
 import signal
 import stat
 import struct
@@ -255,16 +254,11 @@ def _pending(pid: int, status: dict[str, str]) -> list[int]:
 
 
 def _rlimits(pid: int) -> list[tuple[int, int, int]]:
-    """Resource limits (the user's ulimits go with the process), RLIM_INFINITY as 2**64 - 1."""
-    out = []
-    for res in range(16):
-        try:
-            soft, hard = resource.prlimit(pid, res)
-        except (OSError, ValueError):
-            continue
-        inf = lambda v: 2**64 - 1 if v == resource.RLIM_INFINITY else v  # noqa: E731
-        out.append((res, inf(soft), inf(hard)))
-    return out
+    """Resource limits (the user's ulimits go with the process), RLIM_INFINITY as 2**64 - 1.
+
+    Read from /proc/PID/limits: prlimit() would need CAP_SYS_RESOURCE for another user's
+    process, and without it every limit was silently left behind."""
+    return procfs.parse_limits(procfs.read_text(pid, "limits"))
 
 
 def _robust(pid: int) -> tuple[int, int] | None:

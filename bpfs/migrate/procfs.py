@@ -1,4 +1,4 @@
-"""Parsers for the /proc/PID files a dump reads: maps, stat, status, auxv, pagemap.
+"""Parsers for the /proc/PID files a dump reads: maps, stat, status, limits, auxv, pagemap.
 
 Each parser takes the file's text (or bytes) so it can be tested without a process; the
 `read_*` helpers add the I/O and turn OSError into MigrateError naming the pid.
@@ -76,6 +76,34 @@ def parse_status(text: str) -> dict[str, str]:
     for line in text.splitlines():
         key, _, val = line.partition(":")
         out[key] = val.strip()
+    return out
+
+
+# /proc/PID/limits names each limit (fs/proc/base.c `lnames`), in RLIMIT_* order.
+_LIMIT_NAMES = {name: res for res, name in enumerate((
+    "Max cpu time", "Max file size", "Max data size", "Max stack size", "Max core file size",
+    "Max resident set", "Max processes", "Max open files", "Max locked memory",
+    "Max address space", "Max file locks", "Max pending signals", "Max msgqueue size",
+    "Max nice priority", "Max realtime priority", "Max realtime timeout"))}
+RLIM_INFINITY = 2**64 - 1
+
+
+def parse_limits(text: str) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) from /proc/PID/limits, "unlimited" as RLIM_INFINITY.
+
+    That file, not prlimit(), because anyone may read it: prlimit() on another user's
+    process needs CAP_SYS_RESOURCE even to read, which a master may lack. Columns are
+    separated by two spaces or more (names have single spaces; units may be empty);
+    lines with an unknown name are skipped.
+    """
+    out = []
+    for line in text.splitlines()[1:]:
+        cols = re.split(r"\s{2,}", line.strip())
+        res = _LIMIT_NAMES.get(cols[0])
+        if res is None or len(cols) < 3:
+            continue
+        soft, hard = (RLIM_INFINITY if v == "unlimited" else int(v) for v in cols[1:3])
+        out.append((res, soft, hard))
     return out
 
 

@@ -9,9 +9,11 @@ Every process is killed and reaped in `finally`.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -24,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
+from bpfs.migrate import ghost as ghost_mod
 from bpfs.migrate import ghost_park
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
@@ -51,6 +54,10 @@ def child(gate, req):
             signal.signal(sig, signal.SIG_IGN)
         if req.get("core"):
             resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+        if "uid" in req:                               # a user's process, not root's
+            os.setgroups([])
+            os.setgid(req["gid"])
+            os.setuid(req["uid"])
         os.chdir(req.get("cwd", "/"))
         os.execv(req["argv"][0], req["argv"])
     finally:
@@ -302,6 +309,182 @@ def test_finish_by_signal_without_core_dump(rig: Rig) -> None:
             assert not os.WCOREDUMP(status)
         assert os.listdir(cwd) == []
     assert rig.rec.signals == []  # our own signal was not reported as one sent to the ghost
+
+
+CAP_KILL, CAP_SYS_RESOURCE = 5, 24
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def drop_cap_in_this_thread(cap: int) -> None:
+    """Drop `cap` from this thread's effective, permitted and inheritable sets for good
+    (capset acts on the calling thread only: the rest of the test process keeps it)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()                 # 2 x {effective, permitted, inheritable}
+    if _libc.syscall(125, header, data) != 0:      # capget
+        raise OSError(ctypes.get_errno(), "capget")
+    word, bit = divmod(cap, 32)
+    for i in range(3):
+        data[word * 3 + i] &= ~(1 << bit)
+    if _libc.syscall(126, header, data) != 0:      # capset
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def prlimit_core_from_here(pid: int) -> int:
+    """What the old `aim_signal` did first, from the calling thread: 0, or the errno."""
+    try:
+        resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                 signal.SIGSEGV, signal.SIGQUIT],
+                         ids=lambda s: signal.Signals(s).name)
+def test_a_users_ghost_ends_by_its_signal_without_cap_sys_resource(rig: Rig, users,
+                                                                   sig: int) -> None:
+    """The tracer thread lacks CAP_SYS_RESOURCE (dropped here, so this holds on any machine)
+    and the ghost is another user's: prlimit() on it from the master fails with EPERM, which
+    once left the ghost in its ptrace-stop for ever. It ends by that signal, no core
+    dumped, and the tracer goes on."""
+    bob = users["bob"]
+    rig.tracer.submit(drop_cap_in_this_thread, CAP_SYS_RESOURCE).result(5)
+    with tempfile.TemporaryDirectory() as cwd:
+        os.chmod(cwd, 0o777)
+        pid, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid, cwd=cwd, core=True)
+        assert rig.tracer.submit(prlimit_core_from_here, pid).result(5) == errno.EPERM
+        t0 = time.monotonic()
+        rig.tracer.finish(pid, signal=sig).result(5)
+        status = rig.bpsh.status(pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig, hex(status)
+        assert not os.WCOREDUMP(status) and os.listdir(cwd) == []
+        assert time.monotonic() - t0 < 2
+    assert rig.rec.exits[pid] == status and rig.rec.signals == []
+    other, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    rig.tracer.finish(other, exit_code=3).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(other)) == 3
+
+
+@pytest.mark.timeout(30)
+def test_a_users_ghost_is_killed_without_cap_kill(rig: Rig, users) -> None:
+    """Without CAP_KILL the master may not signal another user's process: its ghost is
+    killed all the same (PTRACE_KILL), and one it cannot end by a signal is killed too,
+    the caller told why (EPERM), never left parked."""
+    bob = users["bob"]
+    rig.tracer.submit(drop_cap_in_this_thread, CAP_KILL).result(5)
+    a, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    b, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    rig.tracer.kill(a).result(5)
+    assert os.WTERMSIG(rig.bpsh.status(a, 5)) == signal.SIGKILL
+    with pytest.raises(MigrateError) as exc:
+        rig.tracer.finish(b, signal=signal.SIGTERM).result(5)
+    assert exc.value.errno == errno.EPERM
+    assert os.WTERMSIG(rig.bpsh.status(b, 5)) == signal.SIGKILL
+    c, _ = rig.ghost([SLEEP, "100"], uid=bob.uid, gid=bob.gid)
+    rig.tracer.finish(c, exit_code=6).result(5)  # the tracer goes on
+    assert os.WEXITSTATUS(rig.bpsh.status(c)) == 6
+
+
+# ---- faults: whatever fails for one ghost, it ends and the others go on ----
+# Failures are made by replacing one step of our own code (never the kernel) with one that
+# raises: a MigrateError as the kernel's refusals come, or a plain bug.
+
+def failing(exc: Exception, only: int | None = None, real: Callable | None = None):
+    """A stand-in for one step that raises `exc` (for the pid `only`, if given)."""
+    def step(pid: int, *args, **kw):
+        if only is None or pid == only:
+            raise exc
+        return real(pid, *args, **kw)
+    return step
+
+
+def ends_killed(rig: Rig, pid: int) -> None:
+    status = rig.bpsh.status(pid, 5)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, hex(status)
+    rig.rec.wait(lambda: rig.rec.exits.get(pid) == status)
+    assert pid not in rig.tracer.ghosts()
+
+
+def failure_of(fut) -> MigrateError:
+    with pytest.raises(MigrateError) as exc:
+        fut.result(5)
+    return exc.value
+
+
+@pytest.mark.timeout(30)
+def test_a_finish_that_fails_kills_the_ghost_and_says_why(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    parked = [rig.ghost([SLEEP, "100"])[0] for _ in range(3)]
+    seized = rig.bpsh.spawn([TRUE])  # never released: it never execs, never parked
+    rig.tracer.seize(seized).result(5)
+    monkeypatch.setattr(ghost_park, "aim_exit", failing(MigrateError(errno.EFAULT, "bad")))
+    monkeypatch.setattr(ghost_park, "aim_signal", failing(ZeroDivisionError("a bug")))
+    futs = [rig.tracer.finish(parked[0], exit_code=3),
+            rig.tracer.finish(parked[1], signal=signal.SIGTERM),
+            rig.tracer.finish(seized, exit_code=255)]
+    errnos = [failure_of(f).errno for f in futs]
+    assert errnos == [errno.EFAULT, errno.EIO, errno.EFAULT]
+    for pid in (parked[0], parked[1], seized):
+        ends_killed(rig, pid)
+    monkeypatch.undo()
+    assert rig.tracer.ghosts() == [parked[2]] and asleep(parked[2])
+    rig.tracer.finish(parked[2], signal=signal.SIGUSR1).result(5)
+    assert os.WTERMSIG(rig.bpsh.status(parked[2])) == signal.SIGUSR1
+
+
+@pytest.mark.timeout(30)
+def test_a_capture_that_fails_by_a_bug_kills_the_process(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody knows where a bug left it (it might even run the program here): killed; the
+    capture's caller gets an errno (EIO), not the bug's own exception."""
+    monkeypatch.setattr(ghost_mod, "wait_exec_and_dump", failing(AttributeError("a bug")))
+    pid = rig.bpsh.spawn([SLEEP, "100"])
+    rig.tracer.seize(pid).result(5)
+    rig.bpsh.go(pid)
+    assert failure_of(rig.tracer.capture(pid, 5)).errno == errno.EIO
+    ends_killed(rig, pid)
+    monkeypatch.undo()
+    other, _ = rig.ghost([SLEEP, "100"])
+    rig.tracer.finish(other, exit_code=5).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(other)) == 5
+
+
+@pytest.mark.timeout(30)
+def test_a_ghost_that_cannot_be_resumed_after_a_signal_is_killed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal's stop that cannot be resumed once left the ghost stopped for ever, and a
+    later finish waiting for ever for its interrupt stop."""
+    victim, _ = rig.ghost([SLEEP, "100"])
+    other, _ = rig.ghost([SLEEP, "100"])
+    monkeypatch.setattr(pt, "cont", failing(MigrateError(errno.EIO, "no"), victim, pt.cont))
+    os.kill(victim, signal.SIGINT)
+    ends_killed(rig, victim)
+    assert (victim, signal.SIGINT) in rig.rec.signals  # reported all the same
+    os.kill(other, signal.SIGINT)
+    rig.rec.wait(lambda: (other, signal.SIGINT) in rig.rec.signals)
+    rig.tracer.finish(other, exit_code=9).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(other)) == 9
+
+
+@pytest.mark.timeout(30)
+def test_a_clone_that_fails_parks_the_ghost_again_or_kills_it(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    monkeypatch.setattr(ghost_park, "copy", failing(KeyError("a bug")))
+    assert rig.tracer.clone(pid, 2).result(5) == [-errno.EIO] * 2
+    monkeypatch.undo()
+    assert rig.tracer.ghosts() == [pid] and asleep(pid)
+    os.kill(pid, signal.SIGHUP)  # a ghost as before: signals reported, copies, finish
+    rig.rec.wait(lambda: (pid, signal.SIGHUP) in rig.rec.signals)
+    [c] = clones(rig, pid, 1)
+    monkeypatch.setattr(ghost_park, "copy", failing(MigrateError(errno.EFAULT, "no")))
+    monkeypatch.setattr(ghost_park, "sleep_in_pause", failing(MigrateError(errno.EIO, "no")))
+    assert rig.tracer.clone(pid, 1).result(5) == [-errno.EFAULT]
+    ends_killed(rig, pid)  # it could not be parked again
+    monkeypatch.undo()
+    rig.tracer.finish(c, exit_code=4).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(c)) == 4
 
 
 def test_finish_and_kill_are_refused_for_unknown_or_wrong_arguments(rig: Rig) -> None:
@@ -722,7 +905,11 @@ def test_killing_the_original_while_it_is_cloned(rig: Rig) -> None:
         fut = rig.tracer.clone(pid, 40)
         time.sleep(i * 0.0003)
         os.kill(pid, signal.SIGKILL)
-        pids = fut.result(10)
+        try:
+            pids = fut.result(10)
+        except MigrateError as exc:  # its end came before the clone began: none to make
+            assert exc.errno == errno.ESRCH
+            pids = [-errno.ESRCH] * 40
         assert len(pids) == 40
         ok = [p for p in pids if p > 0]
         assert all(p == -errno.ESRCH for p in pids[len(ok):]), pids
