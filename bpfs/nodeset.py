@@ -201,13 +201,26 @@ def compact(numbers: Iterable[int]) -> str:
     return ",".join(run_text(r) for r in runs(numbers))
 
 
-def expand(text: str) -> list[int]:
-    """The numbers of a spec made only of numbers, closed ranges and `master` (no node list)."""
+def expand(text: str, limit: int | None = None) -> list[int]:
+    """The numbers of a spec made only of numbers, closed ranges and `master` (no node list).
+
+    With `limit`, a spec of more numbers is a ValueError before any is listed, so a
+    short text ("0-999999999") cannot make a long list.
+    """
     if not text:
         return []
-    out: list[int] = []
-    for chunk in parse(text)._chunks:
+    chunks = parse(text)._chunks
+    for chunk in chunks:
         if not isinstance(chunk, (_Range, _Master)):
             raise ValueError(f"'{text}' needs the node list to expand")
-        out.extend(chunk.numbers())
+        if isinstance(chunk, _Range) and chunk.hi is None:
+            raise ValueError(f"open range '{chunk.lo}-' needs the node list")
+    if limit is not None:
+        count = sum(c.hi - c.lo + 1 if isinstance(c, _Range) and c.hi is not None else 1
+                    for c in chunks)
+        if count > limit:
+            raise ValueError(f"{count} nodes, more than {limit}")
+    out: list[int] = []
+    for chunk in chunks:
+        out.extend(chunk.numbers())     # type: ignore[attr-defined]
     return out
