@@ -62,8 +62,9 @@ if TYPE_CHECKING:
 
 from bpfs import __version__
 from bpfs.cli import common
-from bpfs.cli.stdio_server import (ALL_RANKS, STAGE_CTL, STAGE_EXEC, OutputOptions, Proc,
-                                   StdioServer, TERMINATING, pack_failure)
+from bpfs.cli.stdio_server import (ALL_RANKS, NODE_REFUSALS, REASON_MAX, STAGE_CTL,
+                                   STAGE_EXEC, OutputOptions, Proc, StdioServer, TERMINATING,
+                                   one_line, pack_failure)
 from bpfs.execreq import ExecMove
 
 PROG = "bpsh"
@@ -435,7 +436,7 @@ def _remote_child(job: Job, node: int, line: bytes, env: dict[str, str], status_
     try:
         write_request(job.mount, node, line)
     except OSError as e:
-        _report(status_w, rank, STAGE_CTL, e.errno)
+        _report(status_w, rank, STAGE_CTL, e.errno, _reason(e))
         os._exit(1)
     _execve(job, node, env, status_w, rank)
 
@@ -444,32 +445,52 @@ def _vector_child(job: Job, line: bytes, env: dict[str, str], status_w: int) -> 
     """The writer of a multi-node run: the request goes to the first listed node whose
     ctl file exists (the master checks every rank itself)."""
     _reset_child(status_w)
-    err = _errno.ENODEV
+    err, reason = _errno.ENODEV, ""
     for node in dict.fromkeys(job.nodes):
         try:
             write_request(job.mount, node, line)
             err = 0
             break
         except OSError as e:
-            err = e.errno or _errno.EIO
+            err, reason = e.errno or _errno.EIO, _reason(e)
             if err != _errno.ENODEV:        # that node's ctl exists: its answer stands
                 break
     if err:
-        _report(status_w, ALL_RANKS, STAGE_CTL, err)
+        _report(status_w, ALL_RANKS, STAGE_CTL, err, reason)
         os._exit(1)
     _execve(job, job.nodes[0], env, status_w, ALL_RANKS)
 
 
+class RequestRefused(OSError):
+    """A ctl write that failed; `reason` is the master's text for it ("" if none)."""
+    reason = ""
+
+
 def write_request(mount: str, node: int, line: bytes) -> None:
-    """One write of one line to nodes/N/ctl; a node that does not exist is ENODEV."""
+    """One write of one line to nodes/N/ctl; a node that does not exist is ENODEV.
+
+    A refused write raises RequestRefused with the master's reason, read back from the
+    same handle (the ctl file keeps the last error text of each open handle)."""
     try:
-        fd = os.open(common.node_dir(mount, node) + "/ctl", os.O_WRONLY)
+        fd = os.open(common.node_dir(mount, node) + "/ctl", os.O_RDWR)
     except FileNotFoundError:
         raise OSError(_errno.ENODEV, os.strerror(_errno.ENODEV)) from None
     try:
         os.write(fd, line)
+    except OSError as e:
+        refused = RequestRefused(e.errno, e.strerror)
+        if e.errno not in NODE_REFUSALS:
+            try:
+                refused.reason = one_line(os.pread(fd, REASON_MAX, 0).decode("utf-8", "replace"))
+            except OSError:
+                pass
+        raise refused from None
     finally:
         os.close(fd)
+
+
+def _reason(e: OSError) -> str:
+    return getattr(e, "reason", "")
 
 
 def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) -> None:
@@ -481,9 +502,9 @@ def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) 
     os._exit(127)
 
 
-def _report(status_w: int, rank: int, stage: int, err: int | None) -> None:
+def _report(status_w: int, rank: int, stage: int, err: int | None, reason: str = "") -> None:
     try:
-        os.write(status_w, pack_failure(rank, stage, err or _errno.EIO))
+        os.write(status_w, pack_failure(rank, stage, err or _errno.EIO, reason))
     except OSError:
         pass
 
@@ -549,6 +570,8 @@ def _direct_execmove(job: Job, node: int) -> int:
     try:
         write_request(job.mount, node, line)
     except OSError as e:
+        if _reason(e):
+            sys.stderr.write(f"{PROG}: {_reason(e)}\n")
         sys.stderr.write(f"{node}: {os.strerror(e.errno or _errno.EIO)}\n")
         return 1
     reset_signals()

@@ -7,8 +7,11 @@ every process is reaped and every output link it will ever get has reached EOF:
 - the listening socket: a node connects once per remote fd whose IO is "socket" and
   sends `bpfs.execreq` header first; a connection whose header is not this run's
   (wrong token, unknown PID, garbage, too long) is closed and forgotten. An `err`
-  header means the migration of that PID failed: `N: strerror(errno)` on stderr, and
-  nothing more is expected from that PID.
+  header means the migration of that PID failed: the master's reason (`bpsh: REASON`,
+  e.g. "/usr/bin/passwd: set-user-ID programs cannot migrate") then bproc's
+  `N: strerror(errno)` on stderr, and nothing more is expected from that PID.
+  The reason is left out for bproc's own per-node refusals (NODE_REFUSALS: no x
+  permission, node down, no such node), which `N: strerror` says in full.
 - stdin: what is read from `stdin_fd` is broadcast to every fd-0 link. The buffer is
   kept until every process that may still connect its stdin has consumed it (so a
   node that connects late still gets all of stdin, as in bproc); reading stops while
@@ -28,9 +31,11 @@ every process is reaped and every output link it will ever get has reached EOF:
   seconds (it may be on its way), then every rank ends with the writer's status. An
   `err` header for the writer, or a failed ctl write (rank -1 on the status pipe),
   before the ranks link means no rank runs.
-- launch failures: bpsh's children report a failed ctl write or execve as fixed-size
-  records on `status_fd` (see `pack_failure`); the server prints the message and
-  expects no links from that rank.
+- launch failures: bpsh's children report a failed ctl write or execve as records on
+  `status_fd` (see `pack_failure`: rank, stage, errno and the master's reason, read
+  back from the ctl handle; one atomic write each, read back in whatever pieces come);
+  the server prints them as above and expects no links from that rank. A multi-node
+  request refused whole prints its reason once, then `N: strerror` for every rank.
 - children: SIGCHLD wakes the loop (signal.set_wakeup_fd) and each known PID is
   reaped with waitpid(WNOHANG). Links a reaped PID never connected are waited for
   `late_grace` seconds more (a connection made before the process ran can still be
@@ -73,15 +78,28 @@ FORWARDED = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP,
 TERMINATING = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP)
 EVENT_READ, EVENT_WRITE = 1, 2      # as selectors'
 
-# launch failure records written by bpsh's children on the status pipe
+# launch failure records written by bpsh's children on the status pipe: a fixed part,
+# then the master's reason (UTF-8, REASON_MAX bytes at most: a record is one atomic write)
 STAGE_CTL, STAGE_EXEC = 1, 2
-_RECORD = Struct("=iii")            # rank, stage, errno (12 bytes: atomic in a pipe)
+_RECORD = Struct("=iiiH")           # rank, stage, errno, length of the reason
+REASON_MAX = 1024
 ALL_RANKS = -1                      # the rank of a failure of a multi-node run's writer
 RANKS_MAX = 16 << 20                # the most a ranks link may carry
+# bproc's own per-node refusals (no x permission, node down, no such node): `N: strerror`
+# says it all, and the ranks link carries no reason for them; other failures (a request
+# the master refused, a program that may not migrate, a restore that failed) come with
+# the master's reason, printed once before the `N: strerror` lines.
+NODE_REFUSALS = (_errno.EACCES, _errno.EHOSTDOWN, _errno.ENODEV)
 
 
-def pack_failure(rank: int, stage: int, err: int) -> bytes:
-    return _RECORD.pack(rank, stage, err)
+def pack_failure(rank: int, stage: int, err: int, reason: str = "") -> bytes:
+    data = one_line(reason).encode("utf-8", "replace")[:REASON_MAX]
+    return _RECORD.pack(rank, stage, err, len(data)) + data
+
+
+def one_line(text: str) -> str:
+    """A reason as one line of printable text."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
 @record
@@ -238,6 +256,7 @@ class StdioServer:
         self._wake_r = self._wake_w = -1
         self._sigchld = True
         self._last_reap = 0.0
+        self._status_buf = bytearray()          # a partial failure record
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -418,14 +437,14 @@ class StdioServer:
                 self._read_ranks(sock)
             else:
                 sock.close()
-                self._vector_failed(vec, header.errno)
+                self._vector_failed(vec, header.errno, header.message)
         elif proc is None and vec is not None and not vec.failed:
             vec.held.append((header, sock))         # a rank's link, before the ranks link
         elif proc is None:
             sock.close()
         elif header.fd < 0:
             sock.close()
-            self._migration_failed(proc, header.errno)
+            self._migration_failed(proc, header.errno, header.message)
         elif header.fd not in proc.expect or proc.failed:
             if not proc.failed:
                 self._warn(f"too many connections from pid {proc.pid} (fd {header.fd})")
@@ -476,10 +495,9 @@ class StdioServer:
             self._dispatch(header, sock)
         self._sigchld = True                        # reap what ended meanwhile
 
-    def _vector_failed(self, vec: Vector, err: int) -> None:
+    def _vector_failed(self, vec: Vector, err: int, reason: str = "") -> None:
         """Nothing runs anywhere: say so for every rank; the writer's end decides."""
-        for proc in vec.procs:
-            self._migration_failed(proc, err)
+        self._say_failed([p for p in vec.procs if not p.failed], err, reason)
         self._vector_dead(vec)
 
     def _vector_dead(self, vec: Vector) -> None:
@@ -526,10 +544,20 @@ class StdioServer:
         self.sel.unregister(sock)
         sock.close()
 
-    def _migration_failed(self, proc: Proc, err: int) -> None:
+    def _migration_failed(self, proc: Proc, err: int, reason: str = "") -> None:
         if not proc.failed:
-            self._warn_raw(f"{proc.node}: {os.strerror(err)}")
+            self._say_failed([proc], err, reason)
         self._give_up(proc)
+
+    def _say_failed(self, procs: list[Proc], err: int, reason: str = "") -> None:
+        """bproc's `N: strerror` for each rank, after the master's reason (once) when it
+        says more than that (see NODE_REFUSALS)."""
+        lines = [f"{p.node}: {os.strerror(err)}" for p in procs]
+        reason = one_line(reason)
+        if reason and err not in NODE_REFUSALS and lines:
+            lines.insert(0, f"{self.prog}: {reason}")
+        if lines:
+            self._warn_raw("\n".join(lines))
 
     def _give_up(self, proc: Proc) -> None:
         proc.failed = True
@@ -544,7 +572,7 @@ class StdioServer:
         if self.status_fd is None:
             return
         try:
-            data = os.read(self.status_fd, _RECORD.size * 256)
+            data = os.read(self.status_fd, 65536)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
@@ -552,23 +580,34 @@ class StdioServer:
             os.close(self.status_fd)
             self.status_fd = None
             return
-        for off in range(0, len(data) - _RECORD.size + 1, _RECORD.size):
-            rank, stage, err = _RECORD.unpack_from(data, off)
-            vec = self.vector
-            if rank == ALL_RANKS and vec is not None:
-                if stage == STAGE_CTL:
-                    self._vector_failed(vec, err)
-                else:
-                    self._warn(f"{self.command}: {os.strerror(err)}")
-                    self._vector_dead(vec)
-                continue
-            proc = next((p for p in self.procs if p.rank == rank), None)
+        buf = self._status_buf
+        buf += data
+        while len(buf) >= _RECORD.size:
+            rank, stage, err, n = _RECORD.unpack_from(buf)
+            if len(buf) < _RECORD.size + n:
+                break                               # the rest of it in the next read
+            reason = buf[_RECORD.size:_RECORD.size + n].decode("utf-8", "replace")
+            del buf[:_RECORD.size + n]
+            self._launch_failed(rank, stage, err, reason)
+
+    def _launch_failed(self, rank: int, stage: int, err: int, reason: str) -> None:
+        vec = self.vector
+        if rank == ALL_RANKS and vec is not None:
             if stage == STAGE_CTL:
-                self._warn_raw(f"{proc.node if proc else rank}: {os.strerror(err)}")
+                self._vector_failed(vec, err, reason)
             else:
                 self._warn(f"{self.command}: {os.strerror(err)}")
-            if proc is not None:
-                self._give_up(proc)
+                self._vector_dead(vec)
+            return
+        proc = next((p for p in self.procs if p.rank == rank), None)
+        if stage != STAGE_CTL:
+            self._warn(f"{self.command}: {os.strerror(err)}")
+        elif proc is not None:
+            self._say_failed([proc], err, reason)
+        else:
+            self._warn_raw(f"{rank}: {os.strerror(err)}")
+        if proc is not None:
+            self._give_up(proc)
 
     # ---- stdin ------------------------------------------------------------------------
 
