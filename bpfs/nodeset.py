@@ -33,8 +33,6 @@ TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations
 if TYPE_CHECKING:
     from typing import Iterable, Sequence
 
-from bpfs.formats import NODE_STATES
-
 MASTER = -1
 Row = tuple[int, str]          # (node number, state) as in /bproc/status
 
@@ -108,8 +106,11 @@ class NodeSpec:
         return f"NodeSpec({self.text!r})"
 
 
-def parse(text: str, states: Sequence[str] = NODE_STATES) -> NodeSpec:
+def parse(text: str, states: Sequence[str] | None = None) -> NodeSpec:
     """Parse a NODESPEC; ValueError names the chunk that breaks the grammar."""
+    if states is None:
+        from bpfs.formats import NODE_STATES    # not at import: bpsh renders a node
+        states = NODE_STATES                    # list with `compact` alone
     pieces = [p for p in text.split(",") if p]
     if not pieces:
         raise ValueError("empty node specification")
