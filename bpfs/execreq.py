@@ -38,7 +38,8 @@ bpsh (at the master's address, port PORT) and sends one header line, then the da
 
 A connection whose first line does not start with the run's token is dropped. The
 error form tells bpsh that the migration of PID failed before the program ran
-(printed as `N: strerror(ERRNO)`); the ghost then exits with status 255. The ranks
+(printed as `bpsh: MESSAGE`, then `N: strerror(ERRNO)`); the ghost then exits with
+status 255. The ranks
 link (PID is the writer's) tells bpsh which of its children stands for which rank;
 the master sends it before any node is asked to restore, but links are separate
 connections: bpsh holds the headers of PIDs it does not know yet until it arrives.

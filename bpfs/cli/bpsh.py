@@ -15,7 +15,8 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
    BPROC_RANK=XXXXXXX in its environment; it execs once, the master dumps it once and
    makes a ghost per rank, each node writing its own rank over the Xs, and tells bpsh
    which PID is which rank (the ranks link, see stdio_server). A failed write is
-   `N: strerror` for every rank; a rank that may not run (no x, node down) is
+   `N: strerror` for every rank (after the master's reason, read back from the ctl
+   handle, as `bpsh: REASON`); a rank that may not run (no x, node down) is
    `N: strerror` for it alone, the others run.
    Otherwise (one node, or the master among them, or a test's fake node), fork one
    child per node in the list (order and duplicates kept; rank = index).
@@ -28,7 +29,9 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
    A failed ctl write is reported as `N: strerror` (child exit 1), a failed execve as
    `bpsh: X: strerror` (exit 127). Node -1 (`master`, `-1`) runs the command here,
    with the same stdio handling through socketpairs.
-5. `stdio_server.StdioServer` forwards stdio and reaps the children.
+5. `stdio_server.StdioServer` forwards stdio and reaps the children. Links still open
+   after a rank's ghost is reaped are closed once its node is down (`node_gone` reads
+   nodes/N/status): a node daemon that hangs does not keep bpsh waiting.
 6. Exit status: the largest exit status; a child killed by a signal prints
    `bpsh: Child process on node N exited abnormally.` and makes it 255. If bpsh was
    itself interrupted (SIGINT, SIGTERM, SIGHUP, SIGQUIT are forwarded to the
@@ -363,7 +366,8 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     server = StdioServer(listener, token, job.output, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
                          stderr_fd=stderr_fd, status_fd=status_r, command=job.argv[0],
-                         late_grace=late_grace)
+                         late_grace=late_grace,
+                         node_gone=lambda node: node_gone(job.mount, node))
     base_env = dict(os.environ if job.env is None else job.env, BPROC_PROGNAME=job.path)
     expect = {fd for fd, spec in enumerate(job.io) if spec == "socket"}
     server.install_signals()
@@ -390,6 +394,16 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
             os.close(status_w)
         if listener is not None:
             listener.close()
+
+
+def node_gone(mount: str, node: int) -> bool:
+    """True if node `node` is down (or the mount does not answer): the master has given
+    up on it and killed its ghosts, and whatever still runs there is no longer ours."""
+    try:
+        with open(common.node_dir(mount, node) + "/status", "rb") as f:
+            return f.read().strip() == b"down"
+    except OSError:
+        return True
 
 
 def _listen() -> _socket.socket:

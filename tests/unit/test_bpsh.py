@@ -476,7 +476,7 @@ class Served:
     """A StdioServer with files as stdout/stderr and a listener on loopback."""
 
     def __init__(self, tmp: Path, options: OutputOptions | None = None,
-                 stdin: bytes | None = None, grace: float = 0.5,
+                 stdin: bytes | None = None, grace: float = 0.5, node_gone=None,
                  status_fd: int | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -490,7 +490,7 @@ class Served:
             stdin_fd = self.inp.fileno()
         self.server = StdioServer(self.listener, self.token, options, stdin_fd=stdin_fd,
                                   stdout_fd=self.out.fileno(), stderr_fd=self.err.fileno(),
-                                  late_grace=grace, status_fd=status_fd)
+                                  late_grace=grace, node_gone=node_gone, status_fd=status_fd)
 
     def send_error(self, pid: int, err: int) -> None:
         """The `err` link a node (or the master) sends when the migration of `pid` failed."""
@@ -721,6 +721,112 @@ def test_server_waits_for_output_of_reaped_process(tmp_path, children):
 
     s.run(feed)
     assert s.output()[0] == b"late but whole\n"
+
+
+def test_node_gone_reads_the_node_status(tmp_path):
+    for n, state in enumerate(["up", "down", "boot", "unavailable"]):
+        (tmp_path / "nodes" / str(n)).mkdir(parents=True)
+        (tmp_path / "nodes" / str(n) / "status").write_text(state + "\n")
+    assert [bpsh.node_gone(str(tmp_path), n) for n in range(5)] == \
+        [False, True, False, False, True]           # node 4 does not exist: gone
+
+
+class Nodes:
+    """node_gone for the server: which nodes are down, and what it was asked."""
+
+    def __init__(self, *down: int) -> None:
+        self.down = set(down)
+        self.asked: list[tuple[int, float]] = []
+
+    def __call__(self, node: int) -> bool:
+        self.asked.append((node, time.monotonic()))
+        return node in self.down
+
+
+@pytest.mark.parametrize("options", [OutputOptions(), OutputOptions(line_buffered=True),
+                                     OutputOptions(sequential=True)])
+def test_server_ends_with_the_ghost_of_a_gone_node(tmp_path, children, options):
+    """Links a reaped rank left open on a node that is down (its daemon stopped, not dead:
+    what runs there keeps them open) are closed after the grace, with what they sent."""
+    nodes = Nodes(4)
+    s = Served(tmp_path, options, grace=0.3, node_gone=nodes)
+    pid = children.spawn(sig=signal.SIGKILL)         # as the master ends a gone node's ghost
+    s.server.add_process(0, 4, pid, {1, 2})
+    held = []
+
+    def feed():
+        out, err = s.connect(pid, 1), s.connect(pid, 2)
+        out.sendall(b"sent before\nand a partial line")
+        err.sendall(b"oops\n")
+        held.extend((out, err))                     # never closed by "the node"
+        time.sleep(0.2)
+        children.release(pid)
+
+    start = time.monotonic()
+    procs = s.run(feed)
+    took = time.monotonic() - start
+    for c in held:
+        c.close()
+    assert took < 3, took
+    assert s.output() == (b"sent before\nand a partial line", b"oops\n")
+    assert os.WTERMSIG(procs[0].status) == signal.SIGKILL
+    assert [n for n, _ in nodes.asked] == [4]
+
+
+def test_server_keeps_the_links_of_a_reaped_rank_while_its_node_is_up(tmp_path, children):
+    """On a node that is up, links that outlive the ghost (a background child holds them)
+    stay open until they end, as a local pipe would; the node is asked every grace."""
+    nodes = Nodes()
+    s = Served(tmp_path, grace=0.2, node_gone=nodes)
+    pid, local = children.spawn(), children.spawn()
+    s.server.add_process(0, 3, pid, {1})
+    s.server.add_process(1, -1, local, {1})         # bpsh's own (node -1): never asked
+
+    def feed():
+        out, here = s.connect(pid, 1), s.connect(local, 1)
+        children.release(pid)
+        children.release(local)
+        for i in range(5):
+            time.sleep(0.2)
+            out.sendall(b"late %d\n" % i)
+            here.sendall(b"here %d\n" % i)
+        time.sleep(0.5)
+        out.sendall(b"last\n")
+        out.close()
+        here.close()
+
+    s.run(feed)
+    out = s.output()[0]
+    assert sorted(out.splitlines()) == sorted([b"late %d" % i for i in range(5)] +
+                                              [b"here %d" % i for i in range(5)] + [b"last"])
+    assert {n for n, _ in nodes.asked} == {3} and len(nodes.asked) >= 2
+
+
+def test_server_sequential_asks_only_about_the_rank_it_shows(tmp_path, children):
+    """-s: a later rank's links wait in their sockets (in order) while an earlier one runs,
+    so its node is not asked about until its turn."""
+    nodes = Nodes(7)
+    s = Served(tmp_path, OutputOptions(sequential=True), grace=0.2, node_gone=nodes)
+    first, second = children.spawn(), children.spawn(sig=signal.SIGKILL)
+    s.server.add_process(0, 6, first, {1})
+    s.server.add_process(1, 7, second, {1})
+    held = []
+
+    def feed():
+        a, b = s.connect(first, 1), s.connect(second, 1)
+        b.sendall(b"second\n")
+        held.append(b)
+        children.release(second)
+        time.sleep(1.0)
+        a.sendall(b"first\n")
+        a.close()
+        children.release(first)
+
+    s.run(feed)
+    for c in held:
+        c.close()
+    assert s.output()[0] == b"first\nsecond\n"
+    assert [n for n, _ in nodes.asked] == [7]
 
 
 def test_server_reasons_on_the_status_pipe_in_pieces(tmp_path, children):
