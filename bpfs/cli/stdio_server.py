@@ -381,11 +381,14 @@ class StdioServer:
         up they stay open, checked every `grace` seconds, until what holds them ends
         (a background child of the program, say), as a local pipe would."""
         now = self.clock()
+        gone: dict[int, bool] = {}              # asked once a round per node
         for proc in self._lingering():
             if now < self._next_check(proc):
                 continue
             proc.checked_at = now
-            if self.node_gone(proc.node):       # type: ignore[misc]
+            if proc.node not in gone:
+                gone[proc.node] = self.node_gone(proc.node)     # type: ignore[misc]
+            if gone[proc.node]:
                 for link in list(proc.links):
                     self._drain_and_close(link)
 

@@ -750,17 +750,19 @@ def test_server_ends_with_the_ghost_of_a_gone_node(tmp_path, children, options):
     what runs there keeps them open) are closed after the grace, with what they sent."""
     nodes = Nodes(4)
     s = Served(tmp_path, options, grace=0.3, node_gone=nodes)
-    pid = children.spawn(sig=signal.SIGKILL)         # as the master ends a gone node's ghost
-    s.server.add_process(0, 4, pid, {1, 2})
+    pid, twin = children.spawn(sig=signal.SIGKILL), children.spawn(sig=signal.SIGKILL)
+    s.server.add_process(0, 4, pid, {1, 2})         # as the master ends a gone node's ghosts
+    s.server.add_process(1, 4, twin, {1})
     held = []
 
     def feed():
-        out, err = s.connect(pid, 1), s.connect(pid, 2)
+        out, err, other = s.connect(pid, 1), s.connect(pid, 2), s.connect(twin, 1)
         out.sendall(b"sent before\nand a partial line")
         err.sendall(b"oops\n")
-        held.extend((out, err))                     # never closed by "the node"
+        held.extend((out, err, other))              # never closed by "the node"
         time.sleep(0.2)
         children.release(pid)
+        children.release(twin)
 
     start = time.monotonic()
     procs = s.run(feed)
@@ -770,7 +772,8 @@ def test_server_ends_with_the_ghost_of_a_gone_node(tmp_path, children, options):
     assert took < 3, took
     assert s.output() == (b"sent before\nand a partial line", b"oops\n")
     assert os.WTERMSIG(procs[0].status) == signal.SIGKILL
-    assert [n for n, _ in nodes.asked] == [4]
+    # once for both ranks; with -s, once for each in its turn
+    assert [n for n, _ in nodes.asked] == [4] * (1 + options.sequential)
 
 
 def test_server_keeps_the_links_of_a_reaped_rank_while_its_node_is_up(tmp_path, children):
