@@ -11,7 +11,8 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
    exit 1. Resolve NODESPEC against $MOUNT/status (`bpfs.nodeset`).
 3. Listen on a TCP port (all addresses, ephemeral), make a random 32-hex token.
 4. Several remote nodes (bproc's vexecmove): fork ONE child, the writer of
-   `execmove --nodes N0,N1,...` (to the first listed node whose ctl exists), with
+   `execmove --nodes LIST` (the node list in its compact form, `0-1023`, so that
+   the request stays one ctl write; to the first listed node whose ctl exists), with
    BPROC_RANK=XXXXXXX in its environment; it execs once, the master dumps it once and
    makes a ghost per rank, each node writing its own rank over the Xs, and tells bpsh
    which PID is which rank (the ranks link, see stdio_server). A failed write is
