@@ -10,7 +10,8 @@ the ctl handle back gives.
 
 Refusals, all EINVAL unless the command says otherwise:
     empty write, not UTF-8, NUL or other control bytes, more than MAX_CTL_WRITE
-    bytes, unbalanced quotes; "unknown control message 'foo'";
+    bytes ("control message 'execmove' is 5391 bytes, over the 4096-byte limit"),
+    unbalanced quotes; "unknown control message 'foo'";
     "wrong number of arguments for 'state'".
 
 nodes/N/ctl commands:
@@ -105,7 +106,8 @@ class Command:
 def parse(data: bytes) -> list[list[str]]:
     """Split a ctl write into commands (lists of words); EINVAL for garbage."""
     if len(data) > MAX_CTL_WRITE:
-        raise einval(f"control message longer than {MAX_CTL_WRITE} bytes")
+        raise einval(f"control message {_first_word(data)}is {len(data)} bytes, over the "
+                     f"{MAX_CTL_WRITE}-byte limit")
     if b"\0" in data:
         raise einval("control message contains NUL bytes")
     try:
@@ -119,6 +121,16 @@ def parse(data: bytes) -> list[list[str]]:
     if not commands:
         raise einval("empty control message")
     return commands
+
+
+def _first_word(data: bytes) -> str:
+    """What an over-long write was, for its error: its first word, quoted and cut short,
+    and a space ("" for a write of blanks)."""
+    words = data[:80].split(maxsplit=1)
+    if not words:
+        return ""
+    text = "".join(ch if ch.isprintable() else "?" for ch in words[0].decode("utf-8", "replace"))
+    return f"{_printable(text)!r} "
 
 
 def _split(line: str) -> list[str]:

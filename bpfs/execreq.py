@@ -6,9 +6,12 @@ execmove request: one ctl line, shell-quoted words (shlex):
 
     execmove --port PORT --token TOKEN --rank RANK [--nodes LIST]
              [--stdin IO] [--stdout IO] [--stderr IO]
-    LIST := N ("," N)*      a multi-node run (bproc's vexecmove), written to the ctl of
+    LIST := NODESPEC        a multi-node run (bproc's vexecmove), written to the ctl of
                             one of the nodes listed; rank k runs on the k-th node (order
-                            and duplicates kept; at most MAX_RANKS); --rank must be 0
+                            and duplicates kept; at most MAX_RANKS); --rank must be 0.
+                            Node numbers and closed ranges only, in the compact form of
+                            `bpfs.nodeset` ("0-1023", "3,1,3", "0-5,7"): the request is
+                            one ctl write, at most ctl.MAX_CTL_WRITE bytes
     IO := "socket"          connect this fd back to bpsh (default)
         | "null"            /dev/null on the node
         | "file:" PATH      PATH opened on the node (stdin read-only; stdout/stderr
@@ -35,7 +38,8 @@ bpsh (at the master's address, port PORT) and sends one header line, then the da
 
 A connection whose first line does not start with the run's token is dropped. The
 error form tells bpsh that the migration of PID failed before the program ran
-(printed as `N: strerror(ERRNO)`); the ghost then exits with status 255. The ranks
+(printed as `bpsh: MESSAGE`, then `N: strerror(ERRNO)`); the ghost then exits with
+status 255. The ranks
 link (PID is the writer's) tells bpsh which of its children stands for which rank;
 the master sends it before any node is asked to restore, but links are separate
 connections: bpsh holds the headers of PIDs it does not know yet until it arrives.
@@ -54,6 +58,7 @@ HEX_DIGITS = "0123456789abcdef"
 TOKEN_LEN = 32
 HEADER_MAX = 512
 MAX_RANKS = 65536
+MAX_NODE = 999_999_999  # the largest node number a request may name
 RANKS_FD = -2           # Header.fd of a ranks link
 
 
@@ -104,7 +109,8 @@ class ExecMove:
                  "--rank", str(self.rank), "--stdin", self.stdin, "--stdout", self.stdout,
                  "--stderr", self.stderr]
         if self.nodes is not None:
-            words += ["--nodes", ",".join(map(str, self.nodes))]
+            from bpfs.nodeset import compact    # multi-node runs only (see the top)
+            words += ["--nodes", compact(self.nodes)]
         return " ".join(quote(w) for w in words) + "\n"
 
 
@@ -142,12 +148,16 @@ def parse_execmove(args: list[str]) -> ExecMove:
 
 
 def _parse_nodes(text: str) -> tuple[int, ...]:
-    words = text.split(",")
-    if not all(w.isdigit() and len(w) < 10 for w in words):
-        raise einval("execmove: --nodes takes node numbers separated by commas")
-    if len(words) > MAX_RANKS:
-        raise einval(f"execmove: more than {MAX_RANKS} ranks")
-    return tuple(int(w) for w in words)
+    """LIST -> the node of each rank; EINVAL for anything but numbers and closed ranges."""
+    from bpfs import nodeset
+    try:
+        nodes = nodeset.expand(text, limit=MAX_RANKS)
+    except ValueError as exc:
+        raise einval(f"execmove: --nodes: {exc}") from None
+    if not nodes or min(nodes) < 0 or max(nodes) > MAX_NODE:
+        raise einval("execmove: --nodes takes node numbers and ranges (0-1023,2000), "
+                     "not the master")
+    return tuple(nodes)
 
 
 def split_ctl_words(line: str) -> list[str]:

@@ -33,8 +33,6 @@ TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations
 if TYPE_CHECKING:
     from typing import Iterable, Sequence
 
-from bpfs.formats import NODE_STATES
-
 MASTER = -1
 Row = tuple[int, str]          # (node number, state) as in /bproc/status
 
@@ -108,8 +106,11 @@ class NodeSpec:
         return f"NodeSpec({self.text!r})"
 
 
-def parse(text: str, states: Sequence[str] = NODE_STATES) -> NodeSpec:
+def parse(text: str, states: Sequence[str] | None = None) -> NodeSpec:
     """Parse a NODESPEC; ValueError names the chunk that breaks the grammar."""
+    if states is None:
+        from bpfs.formats import NODE_STATES    # not at import: bpsh renders a node
+        states = NODE_STATES                    # list with `compact` alone
     pieces = [p for p in text.split(",") if p]
     if not pieces:
         raise ValueError("empty node specification")
@@ -201,13 +202,26 @@ def compact(numbers: Iterable[int]) -> str:
     return ",".join(run_text(r) for r in runs(numbers))
 
 
-def expand(text: str) -> list[int]:
-    """The numbers of a spec made only of numbers, closed ranges and `master` (no node list)."""
+def expand(text: str, limit: int | None = None) -> list[int]:
+    """The numbers of a spec made only of numbers, closed ranges and `master` (no node list).
+
+    With `limit`, a spec of more numbers is a ValueError before any is listed, so a
+    short text ("0-999999999") cannot make a long list.
+    """
     if not text:
         return []
-    out: list[int] = []
-    for chunk in parse(text)._chunks:
+    chunks = parse(text)._chunks
+    for chunk in chunks:
         if not isinstance(chunk, (_Range, _Master)):
             raise ValueError(f"'{text}' needs the node list to expand")
-        out.extend(chunk.numbers())
+        if isinstance(chunk, _Range) and chunk.hi is None:
+            raise ValueError(f"open range '{chunk.lo}-' needs the node list")
+    if limit is not None:
+        count = sum(c.hi - c.lo + 1 if isinstance(c, _Range) and c.hi is not None else 1
+                    for c in chunks)
+        if count > limit:
+            raise ValueError(f"{count} nodes, more than {limit}")
+    out: list[int] = []
+    for chunk in chunks:
+        out.extend(chunk.numbers())     # type: ignore[attr-defined]
     return out

@@ -11,11 +11,13 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
    exit 1. Resolve NODESPEC against $MOUNT/status (`bpfs.nodeset`).
 3. Listen on a TCP port (all addresses, ephemeral), make a random 32-hex token.
 4. Several remote nodes (bproc's vexecmove): fork ONE child, the writer of
-   `execmove --nodes N0,N1,...` (to the first listed node whose ctl exists), with
+   `execmove --nodes LIST` (the node list in its compact form, `0-1023`, so that
+   the request stays one ctl write; to the first listed node whose ctl exists), with
    BPROC_RANK=XXXXXXX in its environment; it execs once, the master dumps it once and
    makes a ghost per rank, each node writing its own rank over the Xs, and tells bpsh
    which PID is which rank (the ranks link, see stdio_server). A failed write is
-   `N: strerror` for every rank; a rank that may not run (no x, node down) is
+   `N: strerror` for every rank (after the master's reason, read back from the ctl
+   handle, as `bpsh: REASON`); a rank that may not run (no x, node down) is
    `N: strerror` for it alone, the others run.
    Otherwise (one node, or the master among them, or a test's fake node), fork one
    child per node in the list (order and duplicates kept; rank = index).
@@ -28,7 +30,9 @@ How one run goes (the request and link formats are `bpfs.execreq`'s):
    A failed ctl write is reported as `N: strerror` (child exit 1), a failed execve as
    `bpsh: X: strerror` (exit 127). Node -1 (`master`, `-1`) runs the command here,
    with the same stdio handling through socketpairs.
-5. `stdio_server.StdioServer` forwards stdio and reaps the children.
+5. `stdio_server.StdioServer` forwards stdio and reaps the children. Links still open
+   after a rank's ghost is reaped are closed once its node is down (`node_gone` reads
+   nodes/N/status): a node daemon that hangs does not keep bpsh waiting.
 6. Exit status: the largest exit status; a child killed by a signal prints
    `bpsh: Child process on node N exited abnormally.` and makes it 255. If bpsh was
    itself interrupted (SIGINT, SIGTERM, SIGHUP, SIGQUIT are forwarded to the
@@ -62,8 +66,9 @@ if TYPE_CHECKING:
 
 from bpfs import __version__
 from bpfs.cli import common
-from bpfs.cli.stdio_server import (ALL_RANKS, STAGE_CTL, STAGE_EXEC, OutputOptions, Proc,
-                                   StdioServer, TERMINATING, pack_failure)
+from bpfs.cli.stdio_server import (ALL_RANKS, NODE_REFUSALS, REASON_MAX, STAGE_CTL,
+                                   STAGE_EXEC, OutputOptions, Proc, StdioServer, TERMINATING,
+                                   one_line, pack_failure)
 from bpfs.execreq import ExecMove
 
 PROG = "bpsh"
@@ -362,7 +367,8 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     server = StdioServer(listener, token, job.output, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
                          stderr_fd=stderr_fd, status_fd=status_r, command=job.argv[0],
-                         late_grace=late_grace)
+                         late_grace=late_grace,
+                         node_gone=lambda node: node_gone(job.mount, node))
     base_env = dict(os.environ if job.env is None else job.env, BPROC_PROGNAME=job.path)
     expect = {fd for fd, spec in enumerate(job.io) if spec == "socket"}
     server.install_signals()
@@ -389,6 +395,16 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
             os.close(status_w)
         if listener is not None:
             listener.close()
+
+
+def node_gone(mount: str, node: int) -> bool:
+    """True if node `node` is down (or the mount does not answer): the master has given
+    up on it and killed its ghosts, and whatever still runs there is no longer ours."""
+    try:
+        with open(common.node_dir(mount, node) + "/status", "rb") as f:
+            return f.read().strip() == b"down"
+    except OSError:
+        return True
 
 
 def _listen() -> _socket.socket:
@@ -435,7 +451,7 @@ def _remote_child(job: Job, node: int, line: bytes, env: dict[str, str], status_
     try:
         write_request(job.mount, node, line)
     except OSError as e:
-        _report(status_w, rank, STAGE_CTL, e.errno)
+        _report(status_w, rank, STAGE_CTL, e.errno, _reason(e))
         os._exit(1)
     _execve(job, node, env, status_w, rank)
 
@@ -444,32 +460,52 @@ def _vector_child(job: Job, line: bytes, env: dict[str, str], status_w: int) -> 
     """The writer of a multi-node run: the request goes to the first listed node whose
     ctl file exists (the master checks every rank itself)."""
     _reset_child(status_w)
-    err = _errno.ENODEV
+    err, reason = _errno.ENODEV, ""
     for node in dict.fromkeys(job.nodes):
         try:
             write_request(job.mount, node, line)
             err = 0
             break
         except OSError as e:
-            err = e.errno or _errno.EIO
+            err, reason = e.errno or _errno.EIO, _reason(e)
             if err != _errno.ENODEV:        # that node's ctl exists: its answer stands
                 break
     if err:
-        _report(status_w, ALL_RANKS, STAGE_CTL, err)
+        _report(status_w, ALL_RANKS, STAGE_CTL, err, reason)
         os._exit(1)
     _execve(job, job.nodes[0], env, status_w, ALL_RANKS)
 
 
+class RequestRefused(OSError):
+    """A ctl write that failed; `reason` is the master's text for it ("" if none)."""
+    reason = ""
+
+
 def write_request(mount: str, node: int, line: bytes) -> None:
-    """One write of one line to nodes/N/ctl; a node that does not exist is ENODEV."""
+    """One write of one line to nodes/N/ctl; a node that does not exist is ENODEV.
+
+    A refused write raises RequestRefused with the master's reason, read back from the
+    same handle (the ctl file keeps the last error text of each open handle)."""
     try:
-        fd = os.open(common.node_dir(mount, node) + "/ctl", os.O_WRONLY)
+        fd = os.open(common.node_dir(mount, node) + "/ctl", os.O_RDWR)
     except FileNotFoundError:
         raise OSError(_errno.ENODEV, os.strerror(_errno.ENODEV)) from None
     try:
         os.write(fd, line)
+    except OSError as e:
+        refused = RequestRefused(e.errno, e.strerror)
+        if e.errno not in NODE_REFUSALS:
+            try:
+                refused.reason = one_line(os.pread(fd, REASON_MAX, 0).decode("utf-8", "replace"))
+            except OSError:
+                pass
+        raise refused from None
     finally:
         os.close(fd)
+
+
+def _reason(e: OSError) -> str:
+    return getattr(e, "reason", "")
 
 
 def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) -> None:
@@ -481,9 +517,9 @@ def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) 
     os._exit(127)
 
 
-def _report(status_w: int, rank: int, stage: int, err: int | None) -> None:
+def _report(status_w: int, rank: int, stage: int, err: int | None, reason: str = "") -> None:
     try:
-        os.write(status_w, pack_failure(rank, stage, err or _errno.EIO))
+        os.write(status_w, pack_failure(rank, stage, err or _errno.EIO, reason))
     except OSError:
         pass
 
@@ -549,6 +585,8 @@ def _direct_execmove(job: Job, node: int) -> int:
     try:
         write_request(job.mount, node, line)
     except OSError as e:
+        if _reason(e):
+            sys.stderr.write(f"{PROG}: {_reason(e)}\n")
         sys.stderr.write(f"{node}: {os.strerror(e.errno or _errno.EIO)}\n")
         return 1
     reset_signals()

@@ -7,8 +7,11 @@ every process is reaped and every output link it will ever get has reached EOF:
 - the listening socket: a node connects once per remote fd whose IO is "socket" and
   sends `bpfs.execreq` header first; a connection whose header is not this run's
   (wrong token, unknown PID, garbage, too long) is closed and forgotten. An `err`
-  header means the migration of that PID failed: `N: strerror(errno)` on stderr, and
-  nothing more is expected from that PID.
+  header means the migration of that PID failed: the master's reason (`bpsh: REASON`,
+  e.g. "/usr/bin/passwd: set-user-ID programs cannot migrate") then bproc's
+  `N: strerror(errno)` on stderr, and nothing more is expected from that PID.
+  The reason is left out for bproc's own per-node refusals (NODE_REFUSALS: no x
+  permission, node down, no such node), which `N: strerror` says in full.
 - stdin: what is read from `stdin_fd` is broadcast to every fd-0 link. The buffer is
   kept until every process that may still connect its stdin has consumed it (so a
   node that connects late still gets all of stdin, as in bproc); reading stops while
@@ -28,13 +31,27 @@ every process is reaped and every output link it will ever get has reached EOF:
   seconds (it may be on its way), then every rank ends with the writer's status. An
   `err` header for the writer, or a failed ctl write (rank -1 on the status pipe),
   before the ranks link means no rank runs.
-- launch failures: bpsh's children report a failed ctl write or execve as fixed-size
-  records on `status_fd` (see `pack_failure`); the server prints the message and
-  expects no links from that rank.
+- launch failures: bpsh's children report a failed ctl write or execve as records on
+  `status_fd` (see `pack_failure`: rank, stage, errno and the master's reason, read
+  back from the ctl handle; one atomic write each, read back in whatever pieces come);
+  the server prints them as above and expects no links from that rank. A multi-node
+  request refused whole prints its reason once, then `N: strerror` for every rank.
 - children: SIGCHLD wakes the loop (signal.set_wakeup_fd) and each known PID is
   reaped with waitpid(WNOHANG). Links a reaped PID never connected are waited for
   `late_grace` seconds more (a connection made before the process ran can still be
   in flight), then given up: nothing hangs, and no output that was sent is lost.
+- links that outlive their process: a reaped rank's output links are read to their
+  EOF, however long that takes, while its node is up (the last output may come after
+  the exit, and a slow reader of ours keeps megabytes in the sockets; a background
+  child may hold them, as it would a local pipe). `late_grace` seconds after the reap,
+  and every `late_grace` seconds after that, `node_gone(node)` is asked; once the node
+  is down, the master has killed the ghost and whatever still holds the links there is
+  an orphan (a node daemon stopped rather than dead keeps it alive until it resumes):
+  what has arrived is printed and the links are closed, so bpsh ends with its ghost as
+  when the node dies. Measured on a loaded machine (32-node `bpsh -a` with output,
+  load average 15-21 on 2 cores): the last EOF came at most 151 ms after the reap, so
+  a healthy run almost never asks. Not asked for bpsh's own processes (node -1), nor,
+  in sequential mode, for ranks not being shown.
 - signals to bpsh (INT, QUIT, TERM, HUP, USR1, USR2, CONT) are forwarded to every
   live child (the ghosts forward them to the real processes); TSTP is forwarded and
   then stops bpsh itself. After the third SIGINT the children get SIGKILL.
@@ -67,21 +84,37 @@ from bpfs.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
 DIVIDER = "-" * 69
 RAW_CHUNK = 1 << 20             # read size for unbuffered output links
 STDIN_BUFFER = 4 << 20          # the most of stdin held for slow readers
-LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID
+LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID, and
+                                # between checks of the node of a reaped PID's open links
+DRAIN_MAX = 64 << 20            # the most read from a gone node's link before it is closed
+LOCAL = -1                      # the node number of a process bpsh runs here
 FORWARDED = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP,
              _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGTSTP)
 TERMINATING = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP)
 EVENT_READ, EVENT_WRITE = 1, 2      # as selectors'
 
-# launch failure records written by bpsh's children on the status pipe
+# launch failure records written by bpsh's children on the status pipe: a fixed part,
+# then the master's reason (UTF-8, REASON_MAX bytes at most: a record is one atomic write)
 STAGE_CTL, STAGE_EXEC = 1, 2
-_RECORD = Struct("=iii")            # rank, stage, errno (12 bytes: atomic in a pipe)
+_RECORD = Struct("=iiiH")           # rank, stage, errno, length of the reason
+REASON_MAX = 1024
 ALL_RANKS = -1                      # the rank of a failure of a multi-node run's writer
 RANKS_MAX = 16 << 20                # the most a ranks link may carry
+# bproc's own per-node refusals (no x permission, node down, no such node): `N: strerror`
+# says it all, and the ranks link carries no reason for them; other failures (a request
+# the master refused, a program that may not migrate, a restore that failed) come with
+# the master's reason, printed once before the `N: strerror` lines.
+NODE_REFUSALS = (_errno.EACCES, _errno.EHOSTDOWN, _errno.ENODEV)
 
 
-def pack_failure(rank: int, stage: int, err: int) -> bytes:
-    return _RECORD.pack(rank, stage, err)
+def pack_failure(rank: int, stage: int, err: int, reason: str = "") -> bytes:
+    data = one_line(reason).encode("utf-8", "replace")[:REASON_MAX]
+    return _RECORD.pack(rank, stage, err, len(data)) + data
+
+
+def one_line(text: str) -> str:
+    """A reason as one line of printable text."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
 @record
@@ -106,6 +139,7 @@ class Proc:
     status: int | None = None               # waitpid status once reaped
     reaped_at: float = 0.0
     failed: bool = False                    # never ran: expect nothing more
+    checked_at: float = 0.0                 # when its node was last asked about (node_gone)
 
     def settled(self, now: float, grace: float) -> bool:
         """Reaped, all its output drained, and no link still worth waiting for."""
@@ -217,6 +251,7 @@ class StdioServer:
                  options: OutputOptions | None = None, *, stdin_fd: int | None = 0,
                  stdout_fd: int = 1, stderr_fd: int = 2, status_fd: int | None = None,
                  command: str = "", prog: str = "bpsh", late_grace: float | None = None,
+                 node_gone: Callable[[int], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.listener = listener
         self.token = token
@@ -226,6 +261,7 @@ class StdioServer:
         self.status_fd = status_fd
         self.command, self.prog = command, prog
         self.grace = LATE_GRACE if late_grace is None else late_grace
+        self.node_gone = node_gone
         self.clock = clock
         self.procs: list[Proc] = []
         self.by_pid: dict[int, Proc] = {}
@@ -238,6 +274,7 @@ class StdioServer:
         self._wake_r = self._wake_w = -1
         self._sigchld = True
         self._last_reap = 0.0
+        self._status_buf = bytearray()          # a partial failure record
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -290,6 +327,7 @@ class StdioServer:
             while True:
                 if self._sigchld or self.clock() - self._last_reap >= 1.0:
                     self._reap()
+                self._close_orphans()
                 self._advance()
                 if self._done():
                     break
@@ -313,12 +351,59 @@ class StdioServer:
         now = self.clock()
         waits = [p.reaped_at + self.grace - now for p in self.procs
                  if p.status is not None and not p.failed and p.expect - {0}]
+        waits += [self._next_check(p) - now for p in self._lingering()]
         vec = self.vector
         if vec is not None and vec.status is not None:
             waits.append(vec.reaped_at + self.grace - now)
         if waits:
             return max(0.0, min(waits)) + 0.001
         return 1.0      # a backstop for a lost SIGCHLD
+
+    # ---- links that outlive their process ------------------------------------------
+
+    def _lingering(self) -> list[Proc]:
+        """Reaped remote ranks whose output links are open and read now (sequential mode
+        leaves the others' in their sockets)."""
+        if self.node_gone is None:
+            return []
+        shown = self.procs if not self.opt.sequential else self.procs[self.current:
+                                                                       self.current + 1]
+        return [p for p in shown if p.status is not None and p.links and p.node != LOCAL]
+
+    def _next_check(self, proc: Proc) -> float:
+        return max(proc.reaped_at, proc.checked_at) + self.grace
+
+    def _close_orphans(self) -> None:
+        """A reaped rank's links still open `grace` seconds on: if its node is gone (the
+        master marked it down, and killed the ghost), whatever still holds them there is
+        an orphan the master no longer answers for (a node daemon that is stopped rather
+        than dead keeps them open): print what has come, close them. On a node that is
+        up they stay open, checked every `grace` seconds, until what holds them ends
+        (a background child of the program, say), as a local pipe would."""
+        now = self.clock()
+        gone: dict[int, bool] = {}              # asked once a round per node
+        for proc in self._lingering():
+            if now < self._next_check(proc):
+                continue
+            proc.checked_at = now
+            if proc.node not in gone:
+                gone[proc.node] = self.node_gone(proc.node)     # type: ignore[misc]
+            if gone[proc.node]:
+                for link in list(proc.links):
+                    self._drain_and_close(link)
+
+    def _drain_and_close(self, link: Link) -> None:
+        """Read what is there now (DRAIN_MAX at most: an orphan may write for ever), then
+        close the link as at its EOF."""
+        total = 0
+        while total < DRAIN_MAX and link in link.proc.links:
+            n = self._read_output(link)
+            if n <= 0:
+                break
+            total += n
+        if link in link.proc.links:
+            self._flush_partial(link, self.out if link.fd == 1 else self.err)
+            self._close_output(link)
 
     def _advance(self) -> None:
         """Sequential mode: move to the next rank once the current one is settled."""
@@ -418,14 +503,14 @@ class StdioServer:
                 self._read_ranks(sock)
             else:
                 sock.close()
-                self._vector_failed(vec, header.errno)
+                self._vector_failed(vec, header.errno, header.message)
         elif proc is None and vec is not None and not vec.failed:
             vec.held.append((header, sock))         # a rank's link, before the ranks link
         elif proc is None:
             sock.close()
         elif header.fd < 0:
             sock.close()
-            self._migration_failed(proc, header.errno)
+            self._migration_failed(proc, header.errno, header.message)
         elif header.fd not in proc.expect or proc.failed:
             if not proc.failed:
                 self._warn(f"too many connections from pid {proc.pid} (fd {header.fd})")
@@ -476,10 +561,9 @@ class StdioServer:
             self._dispatch(header, sock)
         self._sigchld = True                        # reap what ended meanwhile
 
-    def _vector_failed(self, vec: Vector, err: int) -> None:
+    def _vector_failed(self, vec: Vector, err: int, reason: str = "") -> None:
         """Nothing runs anywhere: say so for every rank; the writer's end decides."""
-        for proc in vec.procs:
-            self._migration_failed(proc, err)
+        self._say_failed([p for p in vec.procs if not p.failed], err, reason)
         self._vector_dead(vec)
 
     def _vector_dead(self, vec: Vector) -> None:
@@ -526,10 +610,20 @@ class StdioServer:
         self.sel.unregister(sock)
         sock.close()
 
-    def _migration_failed(self, proc: Proc, err: int) -> None:
+    def _migration_failed(self, proc: Proc, err: int, reason: str = "") -> None:
         if not proc.failed:
-            self._warn_raw(f"{proc.node}: {os.strerror(err)}")
+            self._say_failed([proc], err, reason)
         self._give_up(proc)
+
+    def _say_failed(self, procs: list[Proc], err: int, reason: str = "") -> None:
+        """bproc's `N: strerror` for each rank, after the master's reason (once) when it
+        says more than that (see NODE_REFUSALS)."""
+        lines = [f"{p.node}: {os.strerror(err)}" for p in procs]
+        reason = one_line(reason)
+        if reason and err not in NODE_REFUSALS and lines:
+            lines.insert(0, f"{self.prog}: {reason}")
+        if lines:
+            self._warn_raw("\n".join(lines))
 
     def _give_up(self, proc: Proc) -> None:
         proc.failed = True
@@ -544,7 +638,7 @@ class StdioServer:
         if self.status_fd is None:
             return
         try:
-            data = os.read(self.status_fd, _RECORD.size * 256)
+            data = os.read(self.status_fd, 65536)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
@@ -552,23 +646,34 @@ class StdioServer:
             os.close(self.status_fd)
             self.status_fd = None
             return
-        for off in range(0, len(data) - _RECORD.size + 1, _RECORD.size):
-            rank, stage, err = _RECORD.unpack_from(data, off)
-            vec = self.vector
-            if rank == ALL_RANKS and vec is not None:
-                if stage == STAGE_CTL:
-                    self._vector_failed(vec, err)
-                else:
-                    self._warn(f"{self.command}: {os.strerror(err)}")
-                    self._vector_dead(vec)
-                continue
-            proc = next((p for p in self.procs if p.rank == rank), None)
+        buf = self._status_buf
+        buf += data
+        while len(buf) >= _RECORD.size:
+            rank, stage, err, n = _RECORD.unpack_from(buf)
+            if len(buf) < _RECORD.size + n:
+                break                               # the rest of it in the next read
+            reason = buf[_RECORD.size:_RECORD.size + n].decode("utf-8", "replace")
+            del buf[:_RECORD.size + n]
+            self._launch_failed(rank, stage, err, reason)
+
+    def _launch_failed(self, rank: int, stage: int, err: int, reason: str) -> None:
+        vec = self.vector
+        if rank == ALL_RANKS and vec is not None:
             if stage == STAGE_CTL:
-                self._warn_raw(f"{proc.node if proc else rank}: {os.strerror(err)}")
+                self._vector_failed(vec, err, reason)
             else:
                 self._warn(f"{self.command}: {os.strerror(err)}")
-            if proc is not None:
-                self._give_up(proc)
+                self._vector_dead(vec)
+            return
+        proc = next((p for p in self.procs if p.rank == rank), None)
+        if stage != STAGE_CTL:
+            self._warn(f"{self.command}: {os.strerror(err)}")
+        elif proc is not None:
+            self._say_failed([proc], err, reason)
+        else:
+            self._warn_raw(f"{rank}: {os.strerror(err)}")
+        if proc is not None:
+            self._give_up(proc)
 
     # ---- stdin ------------------------------------------------------------------------
 
@@ -616,17 +721,22 @@ class StdioServer:
     # ---- stdout and stderr ------------------------------------------------------------
 
     def _on_output(self, link: Link, events: int) -> None:
+        self._read_output(link)
+
+    def _read_output(self, link: Link) -> int:
+        """One read of an output link, passed on: the bytes read, 0 at its EOF (then the
+        link is closed), -1 if nothing was there."""
         try:
             n = link.sock.recv_into(self.chunk)
         except (BlockingIOError, InterruptedError):
-            return
+            return -1
         except OSError:
             n = 0
         sink = self.out if link.fd == 1 else self.err
         if n == 0:
             self._flush_partial(link, sink)
             self._close_output(link)
-            return
+            return 0
         data = memoryview(self.chunk)[:n]
         if self.opt.line_buffered:
             self._lines(link, sink, data)
@@ -634,6 +744,7 @@ class StdioServer:
             sink.write(data)
         if sink.broken:
             self._close_broken(link.fd)
+        return n
 
     def _lines(self, link: Link, sink: _Sink, data: memoryview) -> None:
         """Write whole lines only; a line longer than the buffer goes in buffer-sized pieces

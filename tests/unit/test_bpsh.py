@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from bpfs.cli import bpsh
-from bpfs.cli.stdio_server import OutputOptions, Proc, StdioServer
+from bpfs.cli.stdio_server import (REASON_MAX, STAGE_CTL, OutputOptions, Proc, StdioServer,
+                                   pack_failure)
 from bpfs.execreq import (ExecMove, parse_execmove, render_error, render_header, render_ranks,
                           split_ctl_words)
 from bpfs.formats import NodeRow, render_status
@@ -43,7 +44,8 @@ with open(os.path.join(os.environ["FAKE_MOUNT"], "nodes", node, "ctl")) as f:
 pid = os.getpid()
 if os.environ.get("FAKE_FAIL"):
     s = socket.create_connection(("127.0.0.1", req.port))
-    s.sendall(render_error(req.token, pid, int(os.environ["FAKE_FAIL"]), "failed"))
+    s.sendall(render_error(req.token, pid, int(os.environ["FAKE_FAIL"]),
+                           f"node {node}: no route\\nto it"))
     os._exit(255)
 if os.environ.get("FAKE_NO_LINKS"):
     os.execv(path, argv)
@@ -326,10 +328,15 @@ def test_ctl_failure_is_reported_per_node(run, mount):
 
 
 def test_migration_error_header(run):
+    """A failed migration: the master's reason (one line), then bproc's `N: strerror`."""
     r = run("0,1", "true", env={"FAKE_FAIL": str(errno.EHOSTUNREACH)})
     assert r.returncode == 255
-    assert sorted(r.stderr.decode().splitlines()) == ["0: No route to host",
-                                                      "1: No route to host"]
+    lines = r.stderr.decode().splitlines()
+    assert sorted(lines) == ["0: No route to host", "1: No route to host",
+                             "bpsh: node 0: no route to it", "bpsh: node 1: no route to it"]
+    for n in (0, 1):
+        assert lines.index(f"bpsh: node {n}: no route to it") + 1 == \
+            lines.index(f"{n}: No route to host")
 
 
 # ---- stdio through the fake node -------------------------------------------------------------
@@ -469,7 +476,8 @@ class Served:
     """A StdioServer with files as stdout/stderr and a listener on loopback."""
 
     def __init__(self, tmp: Path, options: OutputOptions | None = None,
-                 stdin: bytes | None = None, grace: float = 0.5) -> None:
+                 stdin: bytes | None = None, grace: float = 0.5, node_gone=None,
+                 status_fd: int | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.token = os.urandom(16).hex()
@@ -482,7 +490,7 @@ class Served:
             stdin_fd = self.inp.fileno()
         self.server = StdioServer(self.listener, self.token, options, stdin_fd=stdin_fd,
                                   stdout_fd=self.out.fileno(), stderr_fd=self.err.fileno(),
-                                  late_grace=grace)
+                                  late_grace=grace, node_gone=node_gone, status_fd=status_fd)
 
     def send_error(self, pid: int, err: int) -> None:
         """The `err` link a node (or the master) sends when the migration of `pid` failed."""
@@ -713,6 +721,145 @@ def test_server_waits_for_output_of_reaped_process(tmp_path, children):
 
     s.run(feed)
     assert s.output()[0] == b"late but whole\n"
+
+
+def test_node_gone_reads_the_node_status(tmp_path):
+    for n, state in enumerate(["up", "down", "boot", "unavailable"]):
+        (tmp_path / "nodes" / str(n)).mkdir(parents=True)
+        (tmp_path / "nodes" / str(n) / "status").write_text(state + "\n")
+    assert [bpsh.node_gone(str(tmp_path), n) for n in range(5)] == \
+        [False, True, False, False, True]           # node 4 does not exist: gone
+
+
+class Nodes:
+    """node_gone for the server: which nodes are down, and what it was asked."""
+
+    def __init__(self, *down: int) -> None:
+        self.down = set(down)
+        self.asked: list[tuple[int, float]] = []
+
+    def __call__(self, node: int) -> bool:
+        self.asked.append((node, time.monotonic()))
+        return node in self.down
+
+
+@pytest.mark.parametrize("options", [OutputOptions(), OutputOptions(line_buffered=True),
+                                     OutputOptions(sequential=True)])
+def test_server_ends_with_the_ghost_of_a_gone_node(tmp_path, children, options):
+    """Links a reaped rank left open on a node that is down (its daemon stopped, not dead:
+    what runs there keeps them open) are closed after the grace, with what they sent."""
+    nodes = Nodes(4)
+    s = Served(tmp_path, options, grace=0.3, node_gone=nodes)
+    pid, twin = children.spawn(sig=signal.SIGKILL), children.spawn(sig=signal.SIGKILL)
+    s.server.add_process(0, 4, pid, {1, 2})         # as the master ends a gone node's ghosts
+    s.server.add_process(1, 4, twin, {1})
+    held = []
+
+    def feed():
+        out, err, other = s.connect(pid, 1), s.connect(pid, 2), s.connect(twin, 1)
+        out.sendall(b"sent before\nand a partial line")
+        err.sendall(b"oops\n")
+        held.extend((out, err, other))              # never closed by "the node"
+        time.sleep(0.2)
+        children.release(pid)
+        children.release(twin)
+
+    start = time.monotonic()
+    procs = s.run(feed)
+    took = time.monotonic() - start
+    for c in held:
+        c.close()
+    assert took < 3, took
+    assert s.output() == (b"sent before\nand a partial line", b"oops\n")
+    assert os.WTERMSIG(procs[0].status) == signal.SIGKILL
+    # once a round for the ranks due (both, if reaped in one pass), and nothing else
+    assert [n for n, _ in nodes.asked] in ([4], [4, 4])
+
+
+def test_server_keeps_the_links_of_a_reaped_rank_while_its_node_is_up(tmp_path, children):
+    """On a node that is up, links that outlive the ghost (a background child holds them)
+    stay open until they end, as a local pipe would; the node is asked every grace."""
+    nodes = Nodes()
+    s = Served(tmp_path, grace=0.2, node_gone=nodes)
+    pid, local = children.spawn(), children.spawn()
+    s.server.add_process(0, 3, pid, {1})
+    s.server.add_process(1, -1, local, {1})         # bpsh's own (node -1): never asked
+
+    def feed():
+        out, here = s.connect(pid, 1), s.connect(local, 1)
+        children.release(pid)
+        children.release(local)
+        for i in range(5):
+            time.sleep(0.2)
+            out.sendall(b"late %d\n" % i)
+            here.sendall(b"here %d\n" % i)
+        time.sleep(0.5)
+        out.sendall(b"last\n")
+        out.close()
+        here.close()
+
+    s.run(feed)
+    out = s.output()[0]
+    assert sorted(out.splitlines()) == sorted([b"late %d" % i for i in range(5)] +
+                                              [b"here %d" % i for i in range(5)] + [b"last"])
+    assert {n for n, _ in nodes.asked} == {3} and len(nodes.asked) >= 2
+
+
+def test_server_sequential_asks_only_about_the_rank_it_shows(tmp_path, children):
+    """-s: a later rank's links wait in their sockets (in order) while an earlier one runs,
+    so its node is not asked about until its turn."""
+    nodes = Nodes(7)
+    s = Served(tmp_path, OutputOptions(sequential=True), grace=0.2, node_gone=nodes)
+    first, second = children.spawn(), children.spawn(sig=signal.SIGKILL)
+    s.server.add_process(0, 6, first, {1})
+    s.server.add_process(1, 7, second, {1})
+    held = []
+
+    def feed():
+        a, b = s.connect(first, 1), s.connect(second, 1)
+        b.sendall(b"second\n")
+        held.append(b)
+        children.release(second)
+        time.sleep(1.0)
+        a.sendall(b"first\n")
+        a.close()
+        children.release(first)
+
+    s.run(feed)
+    for c in held:
+        c.close()
+    assert s.output()[0] == b"first\nsecond\n"
+    assert [n for n, _ in nodes.asked] == [7]
+
+
+def test_server_reasons_on_the_status_pipe_in_pieces(tmp_path, children):
+    """Launch failure records carry the master's reason; a record may come in pieces.
+    The reason of a per-node refusal (no x permission...) is not printed: bproc's line
+    says it all."""
+    r, w = os.pipe()
+    s = Served(tmp_path, status_fd=r)
+    a, b, c = children.spawn(1), children.spawn(1), children.spawn(1)
+    for rank, pid in enumerate((a, b, c)):
+        s.server.add_process(rank, rank + 4, pid, {1, 2})
+    data = (pack_failure(0, STAGE_CTL, errno.EINVAL, "control message 'execmove' is\n"
+                                                     "5000 bytes")
+            + pack_failure(1, STAGE_CTL, errno.EACCES, "no permission to run on node 5")
+            + pack_failure(2, STAGE_CTL, errno.EPERM, "é" * 2000))
+
+    def feed():
+        for i in range(0, len(data), 7):
+            os.write(w, data[i:i + 7])
+            time.sleep(0.001)
+        os.close(w)
+        for pid in (a, b, c):
+            children.release(pid)
+
+    s.run(feed)
+    lines = s.output()[1].decode().splitlines()
+    assert lines[:4] == ["bpsh: control message 'execmove' is 5000 bytes",
+                         "4: Invalid argument", "5: Permission denied",
+                         "bpsh: " + "é" * (REASON_MAX // 2)]
+    assert lines[4:] == ["6: Operation not permitted"]
 
 
 def test_server_50mb_byte_for_byte(tmp_path, children):

@@ -6,10 +6,11 @@ import errno
 from typing import Any
 
 import pytest
+from hypothesis import given, strategies as st
 
 from bpfs import ctl
 from bpfs.errors import BpfsError
-from bpfs.execreq import parse_execmove
+from bpfs.execreq import ExecMove, parse_execmove, split_ctl_words
 from bpfs.model import Caller, Cluster, Facts
 
 ROOT = Caller(0, 0)
@@ -203,6 +204,48 @@ async def test_execmove_nodes_checks_each_rank_and_fails_only_if_none_may_run():
             await run(s, data, alice, node)
         assert info.value.errno == err, data
     assert len(s.sent) == 1
+
+
+def test_an_over_long_write_names_its_command_and_size():
+    assert einval_message(b"execmove --nodes " + b"1," * 3000) == \
+        "control message 'execmove' is 6017 bytes, over the 4096-byte limit"
+    assert einval_message(b" \n" * 3000) == \
+        "control message is 6000 bytes, over the 4096-byte limit"
+    message = einval_message(b"\x01" * 100 + b"x" * 5000)
+    assert message.isprintable() and len(message) < 140, message
+
+
+def test_a_request_for_1024_ranks_is_short_and_reads_back_the_same():
+    """bpsh -a on 1,024 nodes: the node list goes compact ("0-1023"), far under the ctl
+    limit (its plain list, 4,131 bytes, was over it), and parses back rank for rank."""
+    nodes = tuple(range(1024))
+    line = ExecMove(65535, TOKEN, 0, nodes=nodes).render().encode()
+    assert len(line) < 200 and b"--nodes 0-1023" in line
+    assert ctl.parse(line) == [split_ctl_words(line.decode())]
+    assert parse_execmove(split_ctl_words(line.decode())[1:]).nodes == nodes
+
+
+@given(st.lists(st.integers(0, 1200), min_size=1, max_size=1500))
+def test_node_lists_keep_order_and_duplicates_through_the_request(nodes):
+    req = ExecMove(2223, TOKEN, 0, nodes=tuple(nodes))
+    words = split_ctl_words(req.render())
+    assert parse_execmove(words[1:]) == req
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("0-70000", "70001 nodes, more than 65536"),
+    ("0-4294967295", "more than 65536"),          # counted, never listed
+    ("3-", "open range"),
+    ("master", "not the master"),
+    ("0,-1", "bad node specification"),
+    ("1000000000", "not the master"),
+    ("up", "needs the node list"),
+])
+def test_request_node_lists_that_are_refused(text, needle):
+    with pytest.raises(BpfsError) as info:
+        parse_execmove(["--port", "5", "--token", TOKEN, "--nodes", text])
+    assert info.value.errno == errno.EINVAL and needle in info.value.message, \
+        info.value.message
 
 
 @pytest.mark.parametrize("word, sig", [("9", 9), ("KILL", 9), ("sigkill", 9), ("SIGTERM", 15),

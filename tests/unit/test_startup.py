@@ -89,6 +89,25 @@ def test_a_run_on_a_node_state_reads_the_node_list_still_light(tmp_path, mount):
     assert imported.isdisjoint(HEAVY), sorted(imported & set(HEAVY))
 
 
+def test_a_multi_node_request_on_plain_numbers_stays_light(tmp_path):
+    """The --nodes list is rendered by nodeset.compact (one grammar with NODESPEC), which
+    costs bpsh nodeset itself (~0.3 ms) but not bpfs.formats nor anything heavy."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import bpfs.cli.bpsh
+before = set(sys.modules)
+line = bpfs.cli.bpsh.ExecMove(1, "a" * 32, 0, nodes=(0, 1, 2, 3, 7)).render()
+assert line.endswith(" --nodes 0-3,7\\n"), line
+print("\\n".join(sorted(set(sys.modules) - before)))
+""")
+    r = subprocess.run([PY, "-I", "-S", str(script)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["bpfs.nodeset"]
+
+
 def test_checkout_launcher_runs_isolated():
     r = subprocess.run([str(ROOT / "bin" / "bpsh"), "--version"], capture_output=True,
                        text=True, timeout=30, env=dict(os.environ, BPFS_PYTHON=PY))
