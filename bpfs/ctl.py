@@ -21,7 +21,7 @@ nodes/N/ctl commands:
                              {"t": "ctl", "cmd": ...} to the node daemon;
                              node down: EHOSTDOWN
     execmove OPTIONS         the writer's next execve runs on the node
-                             (bpfs.execreq grammar, EINVAL); node down:
+                             (bpfs.wire.execreq grammar, EINVAL); node down:
                              EHOSTDOWN; no x permission: EACCES; the writer
                              is traced before the write returns. `ok PID`.
                              With --nodes (a multi-node run) each rank is
@@ -52,7 +52,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from bpfs import execreq
+from bpfs.wire import execreq
 from bpfs.errors import BpfsError, einval
 from bpfs.model import POWER_COMMANDS, Caller, Cluster
 

@@ -4,7 +4,7 @@
     await nursery.start(serve_master, cfg)      for tests; started() with the bound port
     python -m bpfs.master --help                the same from a shell
 
-Node connections (protocol in bpfs/wire.py): authenticate (`wire.accept`),
+Node connections (protocol in bpfs/wire/framing.py): authenticate (`wire.accept`),
 then `register` -> `welcome` (or `refused` and close), then the node's
 messages are dispatched by `NODE_MESSAGES`; every message counts as a
 heartbeat. A node silent for `ping_timeout` seconds, or whose connection
@@ -39,7 +39,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from bpfs import execreq, liveness, statefile, wire
+from bpfs import liveness, statefile
+from bpfs.wire import execreq, framing as wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations

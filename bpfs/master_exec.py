@@ -37,7 +37,7 @@ serves would wait forever. The master arms the migration for it, in process.
    `ok PID`) or failed (the write returns that errno; procs/PID is gone).
 5. The node connects stdout and stderr back to our endpoint (a TCP listener on the host
    nodes reach us at, port chosen by the kernel) with the stdio-link header of
-   bpfs.execreq; a link whose token, pid or fd is not one we wait for is closed.
+   bpfs.wire.execreq; a link whose token, pid or fd is not one we wait for is closed.
 
 Reaping: the ghost's parent is the master, so the tracer reaps it (bpfs.migrate.ghost) and
 its end comes through ProcService as for any ghost. A child that failed before it was
@@ -75,7 +75,7 @@ from typing import Any
 
 import trio
 
-from bpfs import execreq
+from bpfs.wire import execreq
 from bpfs.errors import BpfsError
 from bpfs.master_procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput

@@ -63,7 +63,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from bpfs import execreq
+from bpfs.wire import execreq
 from bpfs.errors import BpfsError
 from bpfs.model import Caller, Cluster, ProcOutput
 

@@ -103,7 +103,7 @@ class Caller:
 
 @dataclass(frozen=True)
 class Facts:
-    """What a node daemon reports about itself (wire.py's FACTS), sanitized."""
+    """What a node daemon reports about itself (wire/framing.py's FACTS), sanitized."""
     hostname: str = ""
     cpus: int = 0
     arch: str = ""

@@ -129,7 +129,7 @@ def keygen(key_file: str, force: bool) -> int:
     every node (`bpslave --key FILE`) over a channel you trust; `bpfs up` makes its own."""
     import errno
     import os
-    from bpfs import wire
+    from bpfs.wire import framing as wire
     from bpfs.errors import BpfsError
     if os.path.exists(key_file) and not force:
         raise BpfsError(errno.EEXIST, f"{key_file} exists (use --force to replace it)")

@@ -3,7 +3,7 @@
     bpsh [options] NODESPEC command [args...]
     bpsh -a|-A [options] command [args...]
 
-How one run goes (the request and link formats are `bpfs.execreq`'s):
+How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
 1. Parse options the way bproc's getopt loop did: options may come before and after
    NODESPEC, and the first word after NODESPEC (or after -a/-A) is the command; all
    that follows belongs to the command (`bpsh 1 ls -la`).
@@ -69,7 +69,7 @@ from bpfs.cli import common
 from bpfs.cli.stdio_server import (ALL_RANKS, NODE_REFUSALS, REASON_MAX, STAGE_CTL,
                                    STAGE_EXEC, OutputOptions, Proc, StdioServer, TERMINATING,
                                    one_line, pack_failure)
-from bpfs.execreq import ExecMove
+from bpfs.wire.execreq import ExecMove
 
 PROG = "bpsh"
 DEFAULT_BUFFER = 4096

@@ -5,7 +5,7 @@ rank, node, PID, which of fds 0/1/2 come back as links), then `run()` loops unti
 every process is reaped and every output link it will ever get has reached EOF:
 
 - the listening socket: a node connects once per remote fd whose IO is "socket" and
-  sends `bpfs.execreq` header first; a connection whose header is not this run's
+  sends `bpfs.wire.execreq` header first; a connection whose header is not this run's
   (wrong token, unknown PID, garbage, too long) is closed and forgotten. An `err`
   header means the migration of that PID failed: the master's reason (`bpsh: REASON`,
   e.g. "/usr/bin/passwd: set-user-ID programs cannot migrate") then bproc's
@@ -79,7 +79,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from bpfs.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
+from bpfs.wire.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
 
 DIVIDER = "-" * 69
 RAW_CHUNK = 1 << 20             # read size for unbuffered output links

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bpfs.errors import BpfsError
 
-DEFAULT_PORT = 2223            # = bpfs.wire.DEFAULT_PORT (not imported: it pulls in trio)
+DEFAULT_PORT = 2223            # = bpfs.wire.framing.DEFAULT_PORT (not imported: it pulls in trio)
 DEFAULT_KEY_FILE = "/etc/bpfs/cluster.key"
 
 # Exit statuses of bpslave (documented in its --help).

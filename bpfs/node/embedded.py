@@ -262,7 +262,7 @@ def _prepare(layout: Layout, opts: UpOptions) -> None:
     os.makedirs(layout.mount, exist_ok=True)
     os.makedirs(SCRATCH, exist_ok=True)
     if not os.path.exists(layout.key_file):
-        from bpfs import wire
+        from bpfs.wire import framing as wire
         wire.create_key(layout.key_file)
 
 

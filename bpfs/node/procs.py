@@ -1,6 +1,6 @@
 """The node side of migration: restore, files, signal; and the exit reports.
 
-Messages (grammar in bpfs/wire.py):
+Messages (grammar in bpfs/wire/framing.py):
 
     master -> node  restore  id, image, uid, gid, groups, io, port, token [, pid [, rank]]
     node -> master  need     id, hashes              only if the node lacks file contents
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from bpfs import execreq, wire
+from bpfs.wire import execreq, framing as wire
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.node import stdio

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from bpfs import wire
+from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
 from bpfs.node import facts as node_facts
 from bpfs.node import procs

@@ -1,4 +1,4 @@
-"""fds 0, 1, 2 of a process the node restores, from the IO specs of `bpfs.execreq`.
+"""fds 0, 1, 2 of a process the node restores, from the IO specs of `bpfs.wire.execreq`.
 
     "socket"     a TCP connection to bpsh (the master's host, the run's port) that starts
                  with the stdio-link header `TOKEN PID FD`; then it is the fd itself, blocking:
@@ -31,7 +31,7 @@ from typing import Sequence
 
 import trio
 
-from bpfs import execreq
+from bpfs.wire import execreq
 from bpfs.errors import BpfsError
 
 LINK_TIMEOUT = 10.0

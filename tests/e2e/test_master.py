@@ -27,7 +27,8 @@ from typing import Any, AsyncIterator, Iterator
 import pytest
 import trio
 
-from bpfs import formats, wire
+from bpfs import formats
+from bpfs.wire import framing as wire
 
 pytestmark = [
     pytest.mark.timeout(90),

@@ -19,7 +19,8 @@ import sys
 
 import trio
 
-from bpfs import execreq, formats
+from bpfs import formats
+from bpfs.wire import execreq
 from bpfs.master_exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
 from bpfs.model import Cluster, ProcOutput
 from tests.conftest import CTL_WRITER

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from bpfs import wire
+from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
 from bpfs.node.config import parse_master
 from bpfs.node.service import Backoff

@@ -4,7 +4,7 @@ images, against a fake master (the real wire protocol) and the test acting as bp
 Images come from `bpfs.migrate.launch` + `dump` in this process (the program is then killed
 here); their PID is free in the node's fresh PID namespace, and the node must give it to the
 restored process. The test plays bpsh: a listening socket that takes the node's stdio links
-(`bpfs.execreq` header with this run's token) and the program's output.
+(`bpfs.wire.execreq` header with this run's token) and the program's output.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import trio
 
-from bpfs import execreq, migrate, wire
+from bpfs import migrate
+from bpfs.wire import execreq, framing as wire
 from bpfs.migrate.filecache import hash_bytes
 from tests.e2e.test_node import Conn, FakeMaster, children, make_key, start_node, stop
 

@@ -6,7 +6,7 @@ Two kinds of tests:
 - bpsh run for real against a fake $MOUNT (a `status` file and plain `nodes/N/ctl`
   files) with a fake node: `bpsh.EXEC_PREFIX` makes each child exec `fake_node.py`
   (written below) instead of the command. It reads the request bpsh's child wrote to
-  nodes/N/ctl, connects the "socket" fds back with the header of bpfs.execreq (or
+  nodes/N/ctl, connects the "socket" fds back with the header of bpfs.wire.execreq (or
   sends the `err` header), puts them on fds 0-2 and execs the command: exactly the
   node's part, done in place, with the same PID as the "ghost".
 """
@@ -28,7 +28,7 @@ import pytest
 from bpfs.cli import bpsh
 from bpfs.cli.stdio_server import (REASON_MAX, STAGE_CTL, OutputOptions, Proc, StdioServer,
                                    pack_failure)
-from bpfs.execreq import (ExecMove, parse_execmove, render_error, render_header, render_ranks,
+from bpfs.wire.execreq import (ExecMove, parse_execmove, render_error, render_header, render_ranks,
                           split_ctl_words)
 from bpfs.formats import NodeRow, render_status
 
@@ -37,7 +37,7 @@ PY = sys.executable
 
 FAKE_NODE = '''
 import os, socket, sys
-from bpfs.execreq import parse_execmove, render_error, render_header, split_ctl_words
+from bpfs.wire.execreq import parse_execmove, render_error, render_header, split_ctl_words
 node, path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 with open(os.path.join(os.environ["FAKE_MOUNT"], "nodes", node, "ctl")) as f:
     req = parse_execmove(split_ctl_words(f.readline())[1:])

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from bpfs import ctl
 from bpfs.errors import BpfsError
-from bpfs.execreq import ExecMove, parse_execmove, split_ctl_words
+from bpfs.wire.execreq import ExecMove, parse_execmove, split_ctl_words
 from bpfs.model import Caller, Cluster, Facts
 
 ROOT = Caller(0, 0)

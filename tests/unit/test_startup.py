@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from bpfs import execreq, nodeset
+from bpfs import nodeset
+from bpfs.wire import execreq
 from bpfs.cli import bpsh
 from bpfs.cli.stdio_server import EVENT_READ, EVENT_WRITE, _Poller
 from tests.unit.test_bpsh import FAKE_NODE, mount  # noqa: F401  (fixture)

@@ -18,7 +18,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfs import wire
+from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
 
 KEY = b"k" * 64

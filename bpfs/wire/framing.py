@@ -27,7 +27,7 @@ connection closed. After the handshake, messages (all maps, "t" first):
 
   Migration (bpsh, issue 4); ID is the master's number for one migration:
     master -> node    restore    id, image: bytes (bpfs.migrate.dumps), uid, gid, groups: [int],
-                                 io: [IO, IO, IO] (bpfs.execreq), port, token,
+                                 io: [IO, IO, IO] (bpfs.wire.execreq), port, token,
                                  [pid]     the ghost's PID (else the image's)
                                  [rank]    with pid, a rank of a multi-node run: it
                                            goes into BPROC_RANK=XXXXXXX
