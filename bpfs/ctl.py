@@ -29,7 +29,7 @@ nodes/N/ctl commands:
                              may run, and bpsh hears of the others' errors.
     exec [--] ARGV...        the master runs ARGV as the writer (uid, gid,
                              groups, cwd, environment, umask of the handle's
-                             opener) and migrates it (bpfs/master_exec.py);
+                             opener) and migrates it (bpfs/master/exec.py);
                              stdin /dev/null, output in procs/PID/stdout and
                              stderr. No options: a first word starting with
                              "-" other than "--" is EINVAL. No command: EINVAL;
@@ -83,7 +83,7 @@ class Services(Protocol):
 
     async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
         """Run `argv` as `caller` migrated to `node` (permission checked); its pid once it
-        runs there. Errors: see bpfs/master_exec.py."""
+        runs there. Errors: see bpfs/master/exec.py."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ Decisions (tests hold them):
   EBUSY (checked after permission, so a stranger learns nothing).
 - A node number never seen before starts with mode 0111 root:root. The ACL
   belongs to the number and survives reconnects, reboots and master restarts
-  (see bpfs/statefile.py).
+  (see bpfs/master/statefile.py).
 - The admin state (`state unavailable|error`, root only) survives the node's
   reconnects and master restarts until root sets `state up`. A down node
   refuses it (EHOSTDOWN); other values are EINVAL naming the allowed ones.

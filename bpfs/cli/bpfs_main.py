@@ -63,11 +63,11 @@ def master(mount: str | None, listen: str, port: int, key_file: str, state_file:
 
     SIGTERM or SIGINT unmounts cleanly and exits 0.
     """
-    from bpfs import liveness
+    from bpfs.master import liveness
     problem = liveness.settings_problem(ping_timeout, heartbeat)
     if problem:
         raise click.UsageError(problem)
-    from bpfs.master import MasterConfig, run_master
+    from bpfs.master.daemon import MasterConfig, run_master
     cfg = MasterConfig(mount=common.mount_point(mount), listen=listen, port=port,
                        key_file=key_file, state_file=state_file, nodes=nodes,
                        ping_timeout=ping_timeout, heartbeat=heartbeat)

@@ -21,7 +21,7 @@ import trio
 
 from bpfs import formats
 from bpfs.wire import execreq
-from bpfs.master_exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
+from bpfs.master.exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
 from bpfs.model import Cluster, ProcOutput
 from tests.conftest import CTL_WRITER
 from tests.e2e.test_master import Master, fake_node, master, wait_for  # noqa: F401

@@ -28,7 +28,7 @@ from typing import Iterator
 import pytest
 import trio
 
-from bpfs import liveness
+from bpfs.master import liveness
 from bpfs.wire import framing as wire
 from tests.conftest import ROOT
 from tests.e2e.test_master import Master, fake_node, mounted, node_state, wait_for

@@ -1,4 +1,4 @@
-"""bpfs/liveness.py: the timing rules, and the kernel's word on when data last arrived."""
+"""bpfs/master/liveness.py: the timing rules, and the kernel's word on when data last arrived."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from bpfs import liveness
-from bpfs.master import MasterConfig
+from bpfs.master import liveness
+from bpfs.master.daemon import MasterConfig
 
 
 @pytest.mark.parametrize("timeout, beat", [(5.0, 1.0), (60.0, 1.0), (0.5, 0.1), (0.1, 0.02),

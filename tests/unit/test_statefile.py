@@ -9,7 +9,7 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from bpfs import statefile
+from bpfs.master import statefile
 from bpfs.errors import BpfsError
 from bpfs.model import SavedNode
 

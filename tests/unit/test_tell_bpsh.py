@@ -11,7 +11,7 @@ import threading
 import pytest
 import trio
 
-from bpfs import master_procs
+from bpfs.master import procs as master_procs
 
 pytestmark = pytest.mark.timeout(30)
 

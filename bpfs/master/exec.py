@@ -32,7 +32,7 @@ serves would wait forever. The master arms the migration for it, in process.
    BPROC_PROGNAME=the path found. Any failure in the child is one record (stage, errno)
    on the close-on-exec status pipe, then _exit(127): the write's error (ENOENT,
    "X: command not found", for a command not in PATH). EOF on the pipe after "go"
-   means the exec happened. Then the handler awaits the Launch (bpfs.master_procs):
+   means the exec happened. Then the handler awaits the Launch (bpfs.master.procs):
    captured (procs/PID appears, "starting"), restored ("running": the write returns
    `ok PID`) or failed (the write returns that errno; procs/PID is gone).
 5. The node connects stdout and stderr back to our endpoint (a TCP listener on the host
@@ -77,7 +77,7 @@ import trio
 
 from bpfs.wire import execreq
 from bpfs.errors import BpfsError
-from bpfs.master_procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
+from bpfs.master.procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
 from bpfs.preexec import reset_signals
 

@@ -8,7 +8,7 @@
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
     await procs.execmove(node, caller, req, launch)   the same for the master's own child
-                                          (nodes/N/ctl exec, bpfs.master_exec): the
+                                          (nodes/N/ctl exec, bpfs.master.exec): the
                                           Launch hears how its migration ends
 
 One migration (ID = our serial), bpsh's child being the writer W:
@@ -115,7 +115,7 @@ class Launch:
 
     `armed` once its execmove seized it; `done` once it runs on the node (`error` None)
     or will never run (`error` says why). Its procs/PID keeps `output` and is not
-    removed when the ghost goes: bpfs.master_exec decides when.
+    removed when the ghost goes: bpfs.master.exec decides when.
     """
     output: ProcOutput
     armed: bool = False
@@ -548,7 +548,7 @@ class ProcService:
         if p.state != "exited":     # the ghost died first: the real process follows it
             self._spawn(self._send_signal, p.node, pid, _signal.SIGKILL)
             self.cluster.exited(pid, code, sig)
-        if p.output is None:        # an exec'd one stays for its output (master_exec)
+        if p.output is None:        # an exec'd one stays for its output (master/exec)
             self.cluster.remove_proc(pid)
 
 

@@ -10,17 +10,17 @@ messages are dispatched by `NODE_MESSAGES`; every message counts as a
 heartbeat. A node silent for `ping_timeout` seconds, or whose connection
 drops, is marked down; silent means nothing arrived, which the watchdog asks
 the kernel before it believes the master's own stamps, as frames wait unread
-while the master is busy (bpfs/liveness.py). The heartbeat interval told to
+while the master is busy (bpfs/master/liveness.py). The heartbeat interval told to
 nodes is a fifth of `ping_timeout`, at most 1 s, unless set. A wrong key, a malformed or oversized frame closes that
 connection only, with a log line naming the peer. Data the user set (ACLs,
 admin states, node numbers) is written to the state file before the command
 that changed it returns.
 
-Migrated processes (execmove, ghosts, signals, exits) are bpfs/master_procs.py's
+Migrated processes (execmove, ghosts, signals, exits) are bpfs/master/procs.py's
 `ProcService`, which owns the ptrace thread; `need`, `restored`, `failed` and
 `exited` are handed to it, and a lost node's ghosts die with it. `exec` on
 nodes/N/ctl (the master starts the command itself, as the writer, and keeps its
-output) is bpfs/master_exec.py's `ExecService`, with its stdio endpoint listening
+output) is bpfs/master/exec.py's `ExecService`, with its stdio endpoint listening
 on the same host as the node server.
 
 Errors that stop the master (unreadable key, corrupt state file, port in use,
@@ -39,13 +39,13 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from bpfs import liveness, statefile
+from bpfs.master import liveness, statefile
 from bpfs.wire import execreq, framing as wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
-from bpfs.master_exec import ExecService
-from bpfs.master_procs import ProcService
+from bpfs.master.exec import ExecService
+from bpfs.master.procs import ProcService
 from bpfs.model import MAX_NODE, Caller, Cluster, Facts
 
 log = logging.getLogger("bpfs.master")
@@ -253,7 +253,7 @@ class Master:
             pass        # logged by persist; the node may still serve
 
     async def watchdog(self) -> None:
-        """Close the connections of nodes silent for longer than ping_timeout (bpfs/liveness.py).
+        """Close the connections of nodes silent for longer than ping_timeout (master/liveness.py).
 
         It may run late when the loop is busy; it then marks a silent node down late,
         never a node whose frames wait unread because the master was slow."""
