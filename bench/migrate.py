@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bpfs.migrate import image, master as dump  # noqa: E402
+from bpfs.migrate import dump, image  # noqa: E402
 from bpfs.migrate.loopnode import LoopNode  # noqa: E402
 
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C", "HOME": "/"}

@@ -9,7 +9,7 @@ Master side (every call for one tracee from ONE thread: ptrace accepts only the 
         Wait for its exec, refuse set-uid/set-gid/file-capability programs (EPERM), run it to
         AT_ENTRY, dump it and leave it stopped under ptrace: the ghost. ETIMEDOUT, ESRCH.
     launch(argv, env=None, cwd=None) -> pid      fork+exec traced, stopped at AT_ENTRY
-    dump(pid) -> Image                           dump a tracee stopped at AT_ENTRY
+    dump.dump(pid) -> Image                      dump a tracee stopped at AT_ENTRY
     kill(pid) -> None                            SIGKILL a tracee (and reap it if our child)
     read_contents(image, hashes, pid=None) -> {hash: bytes}
         Contents of files a node lacks; with the ghost's pid they are read through its own
@@ -58,15 +58,14 @@ point is the entry point; bproc_move of a running process is a later step on the
 
 Modules: `ptrace` (thin ctypes binding, syscall injection), `spawn` (vfork-style traced start,
 native fork for the helper), `procfs` (/proc parsers), `image` (the format), `filecache`
-(hashes, FileCache), `hostinfo` (kernel/CPU compatibility), `master` (launch, seize, dump),
+(hashes, FileCache), `hostinfo` (kernel/CPU compatibility), `dump` (launch, seize, dump),
 `stub` (syscall batches run inside a tracee), `restore` (Restorer), `loopnode` (a minimal
 node as PID 1 of new PID + mount namespaces, for tests and benchmarks). Note: the package
-attribute `dump` is the function; the module is `bpfs.migrate.master`.
+attribute `dump` is the module; the function is `dump.dump`.
 """
 
-from bpfs.migrate.master import (kill, launch, read_contents, seize_for_exec,
-                               wait_exec_and_dump)
-from bpfs.migrate.master import dump
+from bpfs.migrate.dump import (kill, launch, read_contents, seize_for_exec,
+                             wait_exec_and_dump)
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import FileCache
 from bpfs.migrate.image import FileRef, Host, Image, dumps, loads, set_rank

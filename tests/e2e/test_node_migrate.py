@@ -38,7 +38,7 @@ def make_image(argv: list[str], cwd: str = "/") -> tuple[bytes, migrate.Image]:
     """Start argv here, stopped at its entry point; dump it; kill it. (bytes, image)."""
     pid = migrate.launch(argv, ENV, cwd)
     try:
-        img = migrate.dump(pid)
+        img = migrate.dump.dump(pid)
     finally:
         migrate.kill(pid)
     return migrate.dumps(img), img

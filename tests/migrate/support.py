@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Sequence
 
-from bpfs.migrate import image, master as dump
+from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
 
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C", "LC_ALL": "C", "HOME": "/", "TZ": "UTC"}

@@ -53,15 +53,15 @@ def test_python_threads_and_signals(node) -> None:
 
 def test_restored_layout_is_the_masters(node) -> None:
     """No trace of the helper: same mappings as dumped, vdso where it was, not traced."""
-    from bpfs.migrate import image, master
+    from bpfs.migrate import dump, image
     from bpfs.migrate.restore import SCRATCH
     from tests.migrate.support import ENV, migrate_image
 
-    pid = master.launch(["/bin/cat", "/proc/self/maps", "/proc/self/status"], ENV, "/")
+    pid = dump.launch(["/bin/cat", "/proc/self/maps", "/proc/self/status"], ENV, "/")
     try:
-        img = master.dump(pid)
+        img = dump.dump(pid)
     finally:
-        master.kill(pid)
+        dump.kill(pid)
     got = migrate_image(node, image.dumps(img), img)
     assert got.code == 0
     text = got.stdout.decode()
@@ -79,7 +79,7 @@ def test_pending_signal_travels(node, cprogs) -> None:
     import signal
     import subprocess
 
-    from bpfs.migrate import image, master
+    from bpfs.migrate import dump, image
     from tests.migrate.support import ENV, migrate_image
 
     argv = [cprogs["dynamic"], "pending"]
@@ -96,12 +96,12 @@ def test_pending_signal_travels(node, cprogs) -> None:
             os._exit(127)
     os.close(r)
     try:
-        master.seize_for_exec(pid)
+        dump.seize_for_exec(pid)
         os.write(w, b"x")
-        img = master.wait_exec_and_dump(pid, timeout=10)
+        img = dump.wait_exec_and_dump(pid, timeout=10)
     finally:
         os.close(w)
-        master.kill(pid)
+        dump.kill(pid)
     assert img.pending == [signal.SIGUSR1]
     got = migrate_image(node, image.dumps(img), img)
 

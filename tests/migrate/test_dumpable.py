@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from bpfs.migrate import image, master as dump
+from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
 from tests.migrate.support import ENV, migrate_image
 

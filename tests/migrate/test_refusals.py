@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from bpfs.errors import BpfsError
-from bpfs.migrate import image, master as dump
+from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
 from tests.migrate.support import ENV, local, migrate, migrate_image
 
