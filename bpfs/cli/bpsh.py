@@ -58,7 +58,7 @@ import errno as _errno
 import os
 import sys
 import time
-from bpfs.preexec import reset_signals
+from bpfs.child import reset_signals
 from bpfs.record import Factory, record
 TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:

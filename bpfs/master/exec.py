@@ -79,7 +79,7 @@ from bpfs.wire import execreq
 from bpfs.errors import BpfsError
 from bpfs.master.procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
-from bpfs.preexec import reset_signals
+from bpfs.child import reset_signals
 
 log = logging.getLogger("bpfs.master.exec")
 
