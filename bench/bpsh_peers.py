@@ -720,7 +720,7 @@ def _mark(k): _ev.append((k, time.monotonic()))
 def _child_mark(k):
     fd = os.open(_F + ".child", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(fd, f"{k} {time.monotonic()!r}\n".encode()); os.close(fd)
-from bpfs.cli import bpsh as B, stdio_server as S
+from bpfs.cli.bpsh import run as B, stdio as S
 _mark("imported")
 def _wrap(obj, name, before=None, after=None):
     f = getattr(obj, name)

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from bpfs.cli import bpsh
-from bpfs.cli.stdio_server import (REASON_MAX, STAGE_CTL, OutputOptions, Proc, StdioServer,
-                                   pack_failure)
+from bpfs.cli.bpsh.stdio import (REASON_MAX, STAGE_CTL, OutputOptions, Proc, StdioServer,
+                                 pack_failure)
 from bpfs.wire.execreq import (ExecMove, parse_execmove, render_error, render_header, render_ranks,
                           split_ctl_words)
 from bpfs.formats import NodeRow, render_status
@@ -68,7 +68,7 @@ os.execv(path, argv)
 
 RUNNER = '''
 import sys
-import bpfs.cli.bpsh as b, bpfs.cli.bpcp as c, bpfs.cli.stdio_server as s
+import bpfs.cli.bpsh as b, bpfs.cli.bpcp as c, bpfs.cli.bpsh.stdio as s
 b.EXEC_PREFIX[:] = [sys.executable, {fake!r}]
 s.LATE_GRACE = {grace!r}
 sys.exit((c if sys.argv[1] == "bpcp" else b).main(sys.argv[2:]))

@@ -24,8 +24,8 @@ from hypothesis import given, strategies as st
 
 from bpfs import nodeset
 from bpfs.wire import execreq
-from bpfs.cli import bpsh
-from bpfs.cli.stdio_server import EVENT_READ, EVENT_WRITE, _Poller
+from bpfs.cli.bpsh import run as bpsh
+from bpfs.cli.bpsh.stdio import EVENT_READ, EVENT_WRITE, _Poller
 from tests.unit.test_bpsh import FAKE_NODE, mount  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ import sys
 sys.path.insert(0, {str(ROOT)!r})
 import bpfs.cli.bpsh
 before = set(sys.modules)
-line = bpfs.cli.bpsh.ExecMove(1, "a" * 32, 0, nodes=(0, 1, 2, 3, 7)).render()
+line = bpfs.wire.execreq.ExecMove(1, "a" * 32, 0, nodes=(0, 1, 2, 3, 7)).render()
 assert line.endswith(" --nodes 0-3,7\\n"), line
 print("\\n".join(sorted(set(sys.modules) - before)))
 """)
@@ -127,10 +127,10 @@ def test_bootstrap_writes_an_isolated_launcher(tmp_path):
     assert lines[0] == f"#!{sys.prefix}/bin/python3 -ISOO"
     assert os.access(target, os.X_OK)
     site = ast.literal_eval(lines[3][len("sys.path.append("):-1])
-    if not (Path(site) / "bpfs" / "cli" / "bpsh.py").exists():
+    if not (Path(site) / "bpfs" / "cli" / "bpsh" / "__init__.py").exists():
         pytest.skip("bpfs is not installed in this venv")
-    opt2 = Path(site) / "bpfs" / "cli" / "__pycache__" / \
-        f"bpsh.{sys.implementation.cache_tag}.opt-2.pyc"
+    opt2 = Path(site) / "bpfs" / "cli" / "bpsh" / "__pycache__" / \
+        f"__init__.{sys.implementation.cache_tag}.opt-2.pyc"
     assert opt2.exists(), "bootstrap compiles the -OO bytecode the launcher loads"
     r = subprocess.run([str(target), "--version"], capture_output=True, text=True,
                        timeout=30)

@@ -15,7 +15,7 @@ How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
    the request stays one ctl write; to the first listed node whose ctl exists), with
    BPROC_RANK=XXXXXXX in its environment; it execs once, the master dumps it once and
    makes a ghost per rank, each node writing its own rank over the Xs, and tells bpsh
-   which PID is which rank (the ranks link, see stdio_server). A failed write is
+   which PID is which rank (the ranks link, see stdio). A failed write is
    `N: strerror` for every rank (after the master's reason, read back from the ctl
    handle, as `bpsh: REASON`); a rank that may not run (no x, node down) is
    `N: strerror` for it alone, the others run.
@@ -30,7 +30,7 @@ How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
    A failed ctl write is reported as `N: strerror` (child exit 1), a failed execve as
    `bpsh: X: strerror` (exit 127). Node -1 (`master`, `-1`) runs the command here,
    with the same stdio handling through socketpairs.
-5. `stdio_server.StdioServer` forwards stdio and reaps the children. Links still open
+5. `stdio.StdioServer` forwards stdio and reaps the children. Links still open
    after a rank's ghost is reaped are closed once its node is down (`node_gone` reads
    nodes/N/status): a node daemon that hangs does not keep bpsh waiting.
 6. Exit status: the largest exit status; a child killed by a signal prints
@@ -66,9 +66,9 @@ if TYPE_CHECKING:
 
 from bpfs import __version__
 from bpfs.cli import common
-from bpfs.cli.stdio_server import (ALL_RANKS, NODE_REFUSALS, REASON_MAX, STAGE_CTL,
-                                   STAGE_EXEC, OutputOptions, Proc, StdioServer, TERMINATING,
-                                   one_line, pack_failure)
+from bpfs.cli.bpsh.stdio import (ALL_RANKS, NODE_REFUSALS, REASON_MAX, STAGE_CTL,
+                                 STAGE_EXEC, OutputOptions, Proc, StdioServer, TERMINATING,
+                                 one_line, pack_failure)
 from bpfs.wire.execreq import ExecMove
 
 PROG = "bpsh"
