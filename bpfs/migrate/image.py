@@ -348,7 +348,7 @@ def _from_obj(obj: Any) -> Image:
 # The lists an image is made of (files, regions and their byte runs, rlimits) are checked in
 # one pass that only says yes or no; when it says no, the naming checks below run over the
 # same list and raise with the defect's place. The fast pass must never accept what the naming
-# checks refuse (tests/migrate/test_image.py compares the two on mutated images).
+# checks refuse (tests/engine/test_image.py compares the two on mutated images).
 
 def _files(obj: Any) -> list[FileRef]:
     out = _files_fast(obj)

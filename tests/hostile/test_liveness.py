@@ -31,7 +31,7 @@ import trio
 from bpfs.master import liveness
 from bpfs.wire import framing as wire
 from tests.conftest import ROOT
-from tests.e2e.test_master import Master, fake_node, mounted, node_state, wait_for
+from tests.cluster.test_master import Master, fake_node, mounted, node_state, wait_for
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting with allow_other needs root"),

@@ -28,9 +28,9 @@ import pytest
 
 from tests.conftest import (Cluster, User, _new_cluster, _teardown, as_user, command,
                             is_root, pid_alive)
-from tests.e2e.test_master import Master, master  # noqa: F401 - a fixture
-from tests.e2e.test_master_procs import (fake_node, reap, request, restored, wait_exit,
-                                         wait_for, writer)
+from tests.cluster.test_master import Master, master  # noqa: F401 - a fixture
+from tests.cluster.test_master_procs import (fake_node, reap, request, restored, wait_exit,
+                                             wait_for, writer)
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,7 +16,7 @@ import pytest
 
 from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
-from tests.migrate.support import ENV, migrate_image
+from tests.engine.support import ENV, migrate_image
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,8 +20,8 @@ from typing import Any
 import trio
 
 from bpfs import formats
-from tests.e2e.test_master import (Master, as_user, fake_node, master, wait_for,  # noqa: F401
-                                   write_errno)
+from tests.cluster.test_master import (Master, as_user, fake_node, master, wait_for,  # noqa: F401
+                                       write_errno)
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

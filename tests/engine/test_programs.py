@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from bpfs.migrate.loopnode import LoopNode
-from tests.migrate.support import ENV, local, migrate
+from tests.engine.support import ENV, local, migrate
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.migrate.support import local, migrate
+from tests.engine.support import local, migrate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +55,7 @@ def test_restored_layout_is_the_masters(node) -> None:
     """No trace of the helper: same mappings as dumped, vdso where it was, not traced."""
     from bpfs.migrate import dump, image
     from bpfs.migrate.restore import SCRATCH
-    from tests.migrate.support import ENV, migrate_image
+    from tests.engine.support import ENV, migrate_image
 
     pid = dump.launch(["/bin/cat", "/proc/self/maps", "/proc/self/status"], ENV, "/")
     try:
@@ -80,7 +80,7 @@ def test_pending_signal_travels(node, cprogs) -> None:
     import subprocess
 
     from bpfs.migrate import dump, image
-    from tests.migrate.support import ENV, migrate_image
+    from tests.engine.support import ENV, migrate_image
 
     argv = [cprogs["dynamic"], "pending"]
     r, w = os.pipe()

@@ -24,8 +24,8 @@ from bpfs.wire import execreq
 from bpfs.master.exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
 from bpfs.model import Cluster, ProcOutput
 from tests.conftest import CTL_WRITER
-from tests.e2e.test_master import Master, fake_node, master, wait_for  # noqa: F401
-from tests.e2e.test_master_procs import first_restore, messages, proc_state, read_events
+from tests.cluster.test_master import Master, fake_node, master, wait_for  # noqa: F401
+from tests.cluster.test_master_procs import first_restore, messages, proc_state, read_events
 
 WRITER = CTL_WRITER
 

@@ -27,7 +27,7 @@ import trio
 from bpfs import migrate
 from bpfs.wire import execreq, framing as wire
 from bpfs.migrate.filecache import hash_bytes
-from tests.e2e.test_node import Conn, FakeMaster, children, make_key, start_node, stop
+from tests.cluster.test_node import Conn, FakeMaster, children, make_key, start_node, stop
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import pytest
 from bpfs.errors import BpfsError
 from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
-from tests.migrate.support import ENV, local, migrate, migrate_image
+from tests.engine.support import ENV, local, migrate, migrate_image
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.conftest import Cluster, command, pid_alive
-from tests.e2e.test_bpsh import ok, real_process
+from tests.cluster.test_bpsh import ok, real_process
 
 pytestmark = pytest.mark.timeout(120)
 
