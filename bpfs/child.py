@@ -1,14 +1,39 @@
-"""What every process about to be migrated does before its execve.
+"""What every process about to be migrated does before its execve, and how it reports.
 
 MIGRATION.md, dump step 1: the migrated program must not inherit the launcher's
 ignored or caught signals, nor its signal mask (bpsh and the master are Python
 programs with handlers of their own). Callers close their own extra fds.
 
-`_signal`, not `signal`: the same functions without the enum wrappers (`signal`
-imports `enum`, ~2 ms of every bpsh run); bpsh imports this module at start-up.
+A child that fails before its program runs tells its parent on a status pipe, one
+`Report` a failure, each one atomic write (at most PIPE_BUF bytes):
+
+    report := RANK(i32) STAGE(i32) ERRNO(i32) LEN(u16) REASON(LEN bytes, UTF-8)    native order
+    STAGE  := READY      the child is set up and waits (no failure; the master's exec)
+            | SETUP      credentials, fds, umask: before anything else
+            | CTL        the execmove request written to nodes/N/ctl was refused
+            | CWD        changing to the writer's cwd (the master's exec)
+            | EXEC       execve itself
+    RANK   := the child's rank, or -1 for a multi-node run's one writer
+    REASON := the master's reason for a refused request, as one line of printable
+              text, cut at REASON_MAX bytes; empty for the others
+
+The parent reads reports until EOF: EOF without one means the child exec'd (the
+pipe is close-on-exec) or died.
+
+`_signal` and `_struct`, not `signal` and `struct`: the same functions without the
+enum wrappers (`signal` imports `enum`, ~2 ms of every bpsh run); bpsh imports this
+module at start-up.
 """
 
 import _signal
+from _struct import Struct
+
+from bpfs.record import record
+
+READY, SETUP, CTL, CWD, EXEC = 0, 1, 2, 3, 4
+ALL_RANKS = -1
+REASON_MAX = 1024
+_HEAD = Struct("=iiiH")             # rank, stage, errno, length of the reason
 
 
 def reset_signals() -> None:
@@ -21,3 +46,35 @@ def reset_signals() -> None:
             except (OSError, ValueError):
                 pass
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+
+
+@record(frozen=True)
+class Report:
+    """One record on the status pipe (see the module docstring)."""
+    rank: int
+    stage: int
+    errno: int
+    reason: str = ""
+
+    def pack(self) -> bytes:
+        """The record's bytes: the reason made one line and cut at REASON_MAX bytes."""
+        data = _one_line(self.reason).encode("utf-8", "replace")[:REASON_MAX]
+        return _HEAD.pack(self.rank, self.stage, self.errno, len(data)) + data
+
+    @staticmethod
+    def take(buf: bytearray) -> "Report | None":
+        """The first whole record in `buf`, removed from it; None while it holds less."""
+        if len(buf) < _HEAD.size:
+            return None
+        rank, stage, err, n = _HEAD.unpack_from(buf)
+        end = _HEAD.size + n
+        if len(buf) < end:
+            return None
+        reason = bytes(buf[_HEAD.size:end]).decode("utf-8", "replace")
+        del buf[:end]
+        return Report(rank, stage, err, reason)
+
+
+def _one_line(text: str) -> str:
+    """A reason as one line of printable text."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
