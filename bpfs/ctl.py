@@ -23,6 +23,11 @@ nodes/N/ctl commands:
                              (bpfs.execreq grammar, EINVAL); node down:
                              EHOSTDOWN; no x permission: EACCES; the writer
                              is traced before the write returns. `ok PID`.
+                             The writer is the handle's opener, pinned at
+                             open (bpfs/fs/ops.py): ESRCH once it has ended
+                             (its PID may be another process's by now),
+                             EPERM once it is not the user it was (it ran a
+                             set-user-ID program since); nothing is done.
                              With --nodes (a multi-node run) each rank is
                              checked alone; the write fails only if no rank
                              may run, and bpsh hears of the others' errors.
@@ -33,8 +38,10 @@ nodes/N/ctl commands:
                              stderr. No options: a first word starting with
                              "-" other than "--" is EINVAL. No command: EINVAL;
                              node down: EHOSTDOWN; no x permission: EACCES;
-                             not found in the writer's PATH: ENOENT. The write
-                             returns once the process runs on the node. `ok PID`.
+                             not found in the writer's PATH: ENOENT; the
+                             opener gone or changed: ESRCH, EPERM, as for
+                             execmove. The write returns once the process
+                             runs on the node. `ok PID`.
 
 procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited):
     kill | stop | cont       SIGKILL, SIGSTOP, SIGCONT to the real process
@@ -74,7 +81,8 @@ class Services(Protocol):
         """Arm the migration of the writer's next execve to `node`; its pid.
 
         With req.nodes, `rank_errors` says which ranks may not run (and why).
-        ENOSYS when this master cannot migrate; the writer must be traceable (ESRCH).
+        ENOSYS when this master cannot migrate; the writer is `caller.pin`'s process,
+        only while the pin proves it (ESRCH: gone, EPERM: not the user it was).
         """
 
     async def signal_proc(self, pid: int, sig: int) -> None:

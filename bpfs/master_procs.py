@@ -13,7 +13,9 @@
 
 One migration (ID = our serial), bpsh's child being the writer W:
 
-    ctl write      tracer.seize(W), done before the write returns; a task starts
+    ctl write      tracer.seize(W, pin.check), done before the write returns (W is the
+                   pinned opener of the ctl handle, proven alive and the same user before
+                   and after the seize: ESRCH, EPERM); a task starts
     task           tracer.capture(W) -> Image (W execs right after its write returns; the
                    tracer dumps it at its entry point and parks it as the ghost)
                    procs/PID appears now, state "starting", event start: before the node
@@ -204,6 +206,12 @@ class ProcService:
                        rank_errors: Sequence[BpfsError | None] = ()) -> int:
         """Seize the writer before its write returns; the rest happens in a task.
 
+        The writer is `caller.pin`'s process (the ctl handle's opener), and only while the
+        pin proves it: ESRCH if there is no pin or its process has ended (its number may
+        be anyone's now), EPERM if it is no longer the user it was; checked before and
+        after the seize (bpfs.migrate.ghost.Tracer.seize releases a process seized by
+        mistake).
+
         With req.nodes, `rank_errors` (one per rank, None where it may run; at least one
         None) says which ranks get a ghost; the writer is the first of those."""
         self.check_ready()
@@ -215,11 +223,16 @@ class ProcService:
                 raise BpfsError(errno.EINVAL, "execmove --nodes: no rank may run")
             first = ranks.index(None)
             node = req.nodes[first]
-        pid = caller.pid
+        pin = caller.pin
+        if pin is None:
+            raise BpfsError(errno.ESRCH, f"process {caller.pid} is not pinned: nothing "
+                            "may act on it")
+        pin.check()
+        pid = pin.tid
         p = self.cluster.procs.get(pid)
-        if pid <= 0 or pid in self._by_pid or (p is not None and p.state != "exited"):
+        if pid in self._by_pid or (p is not None and p.state != "exited"):
             raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
-        await wait_future(self.tracer.seize(pid))
+        await wait_future(self.tracer.seize(pid, pin.check))
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         m = Migration(next(self._ids), node, pid, caller, req, send, receive, launch=launch)
         m.ranks, m.rank = ranks, first

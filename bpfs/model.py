@@ -87,11 +87,16 @@ STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: uid, gid, supplementary groups, and the (thread) id of the process."""
+    """Who asks: uid, gid, supplementary groups, and the (thread) id of the process.
+
+    `pid` is only a number, good for messages and lookups: acting on that process later
+    needs `pin` (a bpfs.pin.Pin taken while the caller was known to hold the number), which
+    proves it is still the same process. None: not pinned, so nothing may act on it."""
     uid: int
     gid: int
     groups: frozenset[int] = frozenset()
     pid: int = 0
+    pin: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_root(self) -> bool:

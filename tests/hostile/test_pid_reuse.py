@@ -1,0 +1,241 @@
+"""A ctl handle outlives its opener, and the opener's PID goes to root (issue: what must
+never happen, 1).
+
+execmove and exec act on the process that opened nodes/N/ctl (pyfuse3 tells `write` nothing
+of its caller). bpfs-alice opens the file in a child that hands the fd to its parent and
+exits; the test gives the child's PID to a root process (ns_last_pid = PID - 1, then fork;
+again until it lands, since other processes fork too) and alice writes `execmove` through
+the surviving fd. The write must fail (ESRCH) and root's process must not notice: never
+traced, its next exec runs here, its exit code its own. Likewise an opener that ran a
+set-user-ID program after opening is no longer alice (EPERM), and the plain case (bpsh)
+still works. The pins cost the master no file descriptor once their handles are closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import PY, Cluster, User, as_user
+
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+TOKEN = "0123456789abcdef0123456789abcdef"
+REQUEST = (f"execmove --port 1 --token {TOKEN} --rank 0 --stdin null --stdout null "
+           "--stderr null")
+
+# Run as alice: a child opens argv[1] (nodes/N/ctl) for writing, hands the fd over a
+# socket and exits (argv[2] == "exit", reaped here) or execs argv[2] (a set-user-ID
+# program). Prints the child's PID, then for each line on stdin writes it through the fd
+# and prints "ERRNO TEXT" (the handle's text read back). Ends at EOF.
+OPENER = r"""
+import os, socket, sys
+ctl, mode = sys.argv[1], sys.argv[2]
+a, b = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    fd = os.open(ctl, os.O_RDWR)
+    socket.send_fds(b, [b"x"], [fd])
+    if mode == "exit":
+        os._exit(0)
+    os.execv(mode, [mode, "60"])
+_, fds, _, _ = socket.recv_fds(a, 1, 1)
+if mode == "exit":
+    os.waitpid(pid, 0)
+print(pid, flush=True)
+for line in sys.stdin:
+    try:
+        os.write(fds[0], line.encode())
+        err = 0
+    except OSError as e:
+        err = e.errno
+    print(err, os.pread(fds[0], 4096, 0).decode().strip(), flush=True)
+"""
+
+# Root's process: waits for a line, then execs a program that prints where it runs.
+ROOT_PROG = ["sh", "-c", "read x; exec sh -c 'hostname; exit 7'"]
+
+
+@pytest.fixture(scope="module")
+def setuid_sleep() -> Iterator[str]:
+    """A set-user-ID root copy of sleep that alice can run."""
+    d = tempfile.mkdtemp(prefix="bpfs-suid-")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "sleep")
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", path)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Opener:
+    """Alice's process holding a nodes/N/ctl fd whose opener (a child) is `pid`."""
+
+    def __init__(self, c: Cluster, user: User, node: int, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            as_user([PY, "-c", OPENER, os.path.join(c.mount, f"nodes/{node}/ctl"), mode],
+                    user), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd="/")
+        line = self.proc.stdout.readline()
+        assert line, "the opener script failed"
+        self.pid = int(line)
+
+    def write(self, text: str) -> tuple[int, str]:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        err, _, readback = self.proc.stdout.readline().strip().partition(" ")
+        return int(err), readback
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def reuse_pid(target: int, argv: list[str], tries: int = 300) -> subprocess.Popen:
+    """A root process started with PID `target` (which must be free)."""
+    if not os.access(NS_LAST_PID, os.W_OK):
+        pytest.skip("cannot write ns_last_pid")
+    for _ in range(tries):
+        with open(NS_LAST_PID, "w") as f:
+            f.write(str(target - 1))
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if p.pid == target:
+            return p
+        p.kill()
+        p.wait()
+    raise AssertionError(f"PID {target} could not be reused in {tries} tries")
+
+
+def status_field(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+    raise KeyError(key)
+
+
+def reap(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+@pytest.mark.timeout(90)
+def test_execmove_through_a_handle_whose_opener_pid_went_to_root(cluster: Cluster,
+                                                                users) -> None:
+    opener = Opener(cluster, users["alice"], 1, "exit")
+    root = None
+    try:
+        root = reuse_pid(opener.pid, ROOT_PROG)
+        err, text = opener.write(REQUEST)
+        assert err == errno.ESRCH, (err, text)
+        assert f"process {opener.pid}, which opened this file, has ended" in text
+        assert status_field(root.pid, "TracerPid") == "0"
+        out, _ = root.communicate("go\n", timeout=30)     # its next exec: here, as root
+        assert (root.returncode, out.strip()) == (7, socket.gethostname())
+    finally:
+        opener.close()
+        if root is not None:
+            reap(root)
+
+
+@pytest.mark.timeout(90)
+def test_exec_through_a_handle_whose_opener_pid_went_to_root(cluster: Cluster,
+                                                            users) -> None:
+    """`exec` reads the opener's environment: never root's, whose PID it now is."""
+    opener = Opener(cluster, users["alice"], 1, "exit")
+    root = None
+    try:
+        root = reuse_pid(opener.pid, ["env", "SECRET=root-only", *ROOT_PROG])
+        err, text = opener.write("exec env")
+        assert err == errno.ESRCH, (err, text)
+        out, _ = root.communicate("go\n", timeout=30)
+        assert root.returncode == 7
+        assert not [p for p in os.listdir(cluster.mount + "/procs")]
+    finally:
+        opener.close()
+        if root is not None:
+            reap(root)
+
+
+@pytest.mark.timeout(90)
+def test_execmove_refused_once_the_opener_ran_a_setuid_program(cluster: Cluster, users,
+                                                               setuid_sleep: str) -> None:
+    opener = Opener(cluster, users["alice"], 1, setuid_sleep)
+    try:
+        deadline = time.monotonic() + 10
+        while status_field(opener.pid, "Uid").split()[1] != "0":   # exec'd: euid 0
+            assert time.monotonic() < deadline, "the set-user-ID program did not start"
+            time.sleep(0.02)
+        err, text = opener.write(REQUEST)
+        assert err == errno.EPERM, (err, text)
+        assert "is no longer the user it was" in text
+        assert status_field(opener.pid, "TracerPid") == "0"
+        err, text = opener.write("exec env")
+        assert err == errno.EPERM, (err, text)
+    finally:
+        try:
+            os.kill(opener.pid, 9)
+        except ProcessLookupError:
+            pass
+        opener.close()
+
+
+def test_the_writer_itself_still_migrates(cluster: Cluster, users) -> None:
+    r = cluster.run("bpsh", "1", "hostname", user=users["alice"])
+    assert (r.returncode, r.stdout.decode().strip()) == (0, "n1"), r.stderr.decode()
+
+
+def _master_fds(c: Cluster) -> int:
+    with open(os.path.join(c.state_dir, "pids", "master.pid")) as f:
+        pid = int(f.read().split()[0])
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_pins_are_closed_with_their_handles(cluster: Cluster) -> None:
+    ctl = os.path.join(cluster.mount, "nodes/0/ctl")
+    before = _master_fds(cluster)
+    for i in range(1000):
+        fd = os.open(ctl, os.O_RDWR)
+        if i % 100 == 0:            # a refused write leaves nothing open either
+            with pytest.raises(OSError):
+                os.write(fd, b"frobnicate\n")
+        os.close(fd)
+    assert _master_fds(cluster) <= before + 2
+
+
+OPEN_MANY = r"""
+import errno, os, sys
+fds = []
+try:
+    while len(fds) < int(sys.argv[2]):
+        fds.append(os.open(sys.argv[1], os.O_WRONLY))
+    print(len(fds), 0)
+except OSError as e:
+    print(len(fds), e.errno)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_user_holds_a_bounded_number_of_pinned_handles(cluster: Cluster, users) -> None:
+    from bpfs.fs.ops import MAX_PINS_PER_UID
+    ctl = os.path.join(cluster.mount, "nodes/0/ctl")
+    r = subprocess.run(as_user([PY, "-c", OPEN_MANY, ctl, str(MAX_PINS_PER_UID + 5)],
+                               users["alice"]), capture_output=True, text=True, timeout=50)
+    assert r.stdout.split() == [str(MAX_PINS_PER_UID), str(errno.EMFILE)], r.stderr
+    fd = os.open(ctl, os.O_WRONLY)      # root is not bounded, and alice's are released
+    os.close(fd)
+    r = subprocess.run(as_user([PY, "-c", OPEN_MANY, ctl, "3"], users["alice"]),
+                       capture_output=True, text=True, timeout=50)
+    assert r.stdout.split() == ["3", "0"], r.stderr
