@@ -43,7 +43,8 @@ nodes/N/ctl commands:
                              execmove. The write returns once the process
                              runs on the node. `ok PID`.
 
-procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited):
+procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited, or
+once P is another process than the one the file was opened for):
     kill | stop | cont       SIGKILL, SIGSTOP, SIGCONT to the real process
 
 procs/P/signal: one word, a number (9) or a name (KILL, SIGKILL, kill); EINVAL
@@ -98,6 +99,7 @@ class CtlContext:
     services: Services
     caller: Caller
     target: int               # the node number (nodes/N/ctl) or pid (procs/P/ctl)
+    gen: int | None = None    # procs/P: the generation of the process the file is of
 
 
 Handler = Callable[[CtlContext, list[str]], Awaitable[str]]
@@ -261,7 +263,9 @@ def parse_signal(word: str) -> int:
 
 
 async def send_signal(ctx: CtlContext, sig: int) -> str:
-    ctx.services.cluster.check_signal(ctx.target, ctx.caller)
+    """Checked for every command of a write: an earlier one may have waited, and the pid
+    have gone to another process meanwhile (ESRCH: not the generation the file is of)."""
+    ctx.services.cluster.check_signal(ctx.target, ctx.caller, ctx.gen)
     await ctx.services.signal_proc(ctx.target, sig)
     return "ok"
 

@@ -415,7 +415,8 @@ class BpfsOperations(pyfuse3.Operations):
         if h.spec is None or h.spec.write is None:
             raise BpfsError(errno.EBADF, "not writable")
         self._check(h.ino)
-        context = ctl.CtlContext(self.services, h.caller, h.ino.id)
+        context = ctl.CtlContext(self.services, h.caller, h.ino.id,
+                                 h.ino.gen if h.ino.kind in PROC_KINDS else None)
         try:
             result = await ctl.execute(h.spec.write, context, bytes(buf))
         except BpfsError as exc:

@@ -239,3 +239,72 @@ def test_a_user_holds_a_bounded_number_of_pinned_handles(cluster: Cluster, users
     r = subprocess.run(as_user([PY, "-c", OPEN_MANY, ctl, "3"], users["alice"]),
                        capture_output=True, text=True, timeout=50)
     assert r.stdout.split() == ["3", "0"], r.stderr
+
+
+# ---- the tracer lets go of a process it seized by mistake ---------------------------------
+
+STRANGER = r"""
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *a: print("usr1", flush=True))
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(5))
+print("ready", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+class _Twice:
+    """A pin's check that passes once, then finds the process gone (it was reaped and its
+    number reused between the check and the seize)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        from bpfs.errors import BpfsError
+        self.calls += 1
+        if self.calls > 1:
+            raise BpfsError(errno.ESRCH, "gone")
+
+
+def _wait_untraced(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while status_field(pid, "TracerPid") != "0":
+        assert time.monotonic() < deadline, f"process {pid} is still traced"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("stopped", [False, True])
+def test_the_tracer_releases_a_process_seized_by_mistake(stopped: bool) -> None:
+    from bpfs.migrate.errors import MigrateError  # noqa: F401 - ptrace needs root: skip first
+    from bpfs.migrate.ghost import Tracer
+    if os.geteuid() != 0:
+        pytest.skip("ptrace of another process needs root")
+    ends: list[tuple[int, int]] = []
+    tracer = Tracer(lambda pid, sig: None, lambda pid, st: ends.append((pid, st)))
+    tracer.start()
+    s = subprocess.Popen([PY, "-c", STRANGER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert s.stdout.readline() == "ready\n"
+        if stopped:
+            os.kill(s.pid, 19)                  # SIGSTOP: a group-stop stays one
+            while status_field(s.pid, "State")[0] != "T":
+                time.sleep(0.01)
+        check = _Twice()
+        with pytest.raises(Exception) as exc:
+            tracer.seize(s.pid, check).result(5)
+        assert getattr(exc.value, "errno", None) == errno.ESRCH and check.calls == 2
+        _wait_untraced(s.pid)
+        if stopped:
+            assert status_field(s.pid, "State")[0] == "T"
+            os.kill(s.pid, 18)                  # SIGCONT
+        os.kill(s.pid, 10)                      # SIGUSR1: its handler runs, as ever
+        assert s.stdout.readline() == "usr1\n"
+        s.terminate()
+        assert s.wait(5) == 5
+        time.sleep(0.1)
+        assert ends == []                       # never reported as one of ours
+    finally:
+        reap(s)
+        tracer.stop()
