@@ -23,8 +23,13 @@ import time
 from typing import Iterator
 
 import pytest
+import trio
 
 from tests.conftest import PY, Cluster, User, as_user
+from tests.e2e.test_master import fake_node, master, wait_for  # noqa: F401 - a fixture
+from tests.e2e.test_master_procs import proc_state, request, restored, wait_exit, writer
+from tests.e2e.test_node import FakeMaster, children, make_key, start_node, stop
+from tests.e2e.test_node_migrate import FakeBpsh, NodeUnderTest, make_image
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -308,3 +313,61 @@ def test_the_tracer_releases_a_process_seized_by_mistake(stopped: bool) -> None:
     finally:
         reap(s)
         tracer.stop()
+
+
+# ---- the wire: a message about a pid says which migration's process it means ---------------
+
+async def test_a_stale_exit_does_not_end_the_ghost_of_a_reused_pid(master) -> None:
+    """The node's `exited` for a pid names its restore: an exit of another migration's
+    process with that pid (overtaken by the reuse) leaves the ghost alone; signals to the
+    ghost go out with its migration's id."""
+    async with fake_node(master) as node:
+        await wait_for(lambda: master.read("nodes/0/status") == "up\n")
+        proc = writer(master, 0, request())
+        try:
+            msg = await restored(master, node, proc)
+            os.kill(proc.pid, 15)
+            await wait_for(lambda: [m for m in node.received if m["t"] == "signal"],
+                           what="the signal")
+            sig = [m for m in node.received if m["t"] == "signal"][0]
+            assert (sig["pid"], sig["sig"], sig["id"]) == (proc.pid, 15, msg["id"])
+            await node.fs.send({"t": "exited", "pid": proc.pid, "code": 3, "signal": None,
+                                "id": msg["id"] + 1000})
+            await trio.sleep(0.3)
+            assert proc.poll() is None and proc_state(master, proc.pid) == "running"
+            await node.fs.send({"t": "exited", "pid": proc.pid, "code": 7, "signal": None,
+                                "id": msg["id"]})
+            assert await wait_exit(proc) == 7
+        finally:
+            reap(proc)
+
+
+@pytest.mark.timeout(60)
+async def test_the_node_signals_only_the_process_restored_for_that_id(tmp_path) -> None:
+    """A signal for a pid the node holds, but for another restore (an old message overtaken
+    by the pid's reuse), reaches no one; its exit report names the restore."""
+    async with trio.open_nursery() as nursery:
+        fm = FakeMaster(make_key(tmp_path / "key"), heartbeat=0.1)
+        await nursery.start(fm.serve)
+        bpsh = FakeBpsh()
+        await nursery.start(bpsh.serve)
+        proc = await start_node(tmp_path, fm.port, tmp_path / "key", "--node", "1", "-r")
+        try:
+            conn = await fm.next_conn()
+            with trio.fail_after(10):
+                await conn.wait_for("state")
+            (daemon,) = children(proc.pid)
+            node = NodeUnderTest(conn, bpsh, daemon, tmp_path / "node-0.log")
+            data, img = make_image(["/bin/sleep", "100"])
+            reply = await node.restore(data, io=("null", "null", "null"))
+            assert reply["t"] == "restored", reply
+            await conn.fs.send({"t": "signal", "pid": img.pid, "sig": 9,
+                                "id": reply["id"] + 1000})
+            await trio.sleep(0.3)
+            assert not [m for m in conn.inbox if m["t"] == "exited"]
+            await conn.fs.send({"t": "signal", "pid": img.pid, "sig": 9, "id": reply["id"]})
+            ex = await node.exited(img.pid)
+            assert (ex["signal"], ex["id"]) == (9, reply["id"])
+        finally:
+            await stop(proc)
+            nursery.cancel_scope.cancel()
