@@ -68,8 +68,9 @@ def parse_start(stat: bytes) -> int:
 
     The command name (field 2) is in parentheses and may itself hold spaces and ")", so
     the fields are counted from the *last* ")" (as psutil and procps do)."""
-    rest = stat.rsplit(b")", 1)[1].split()
-    if len(rest) < 20:
+    _, paren, after = stat.rpartition(b")")
+    rest = after.split()
+    if not paren or len(rest) < 20:
         raise ValueError("short stat line")
     return int(rest[19])
 

@@ -167,7 +167,11 @@ def test_exec_through_a_handle_whose_opener_pid_went_to_root(cluster: Cluster,
         assert err == errno.ESRCH, (err, text)
         out, _ = root.communicate("go\n", timeout=30)
         assert root.returncode == 7
-        assert not [p for p in os.listdir(cluster.mount + "/procs")]
+        for pid in os.listdir(cluster.mount + "/procs"):    # nothing was started
+            try:
+                assert "cmd: env\n" not in cluster.read(f"procs/{pid}/status")
+            except FileNotFoundError:
+                pass
     finally:
         opener.close()
         if root is not None:
