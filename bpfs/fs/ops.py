@@ -47,11 +47,11 @@ import trio
 from bpfs import ctl, formats
 from bpfs.errors import BpfsError
 from bpfs.fs import procfs
-from bpfs.pin import Pin
 from bpfs.fs.inodes import Ino, Kind, NODE_KINDS, PROC_KINDS
 from bpfs.fs.tree import (FILES, NODE_FILES, ROOT_DIRS, ROOT_FILES, FileSpec, parse_number,
                           proc_files, spec_named)
 from bpfs.model import Caller, OutputRing
+from bpfs.pin import Pin
 
 log = logging.getLogger("bpfs.fs")
 

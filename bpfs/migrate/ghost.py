@@ -422,7 +422,7 @@ class Tracer:
             return
         try:
             if t.state == RELEASING:
-                self._release_stop(t, code)
+                self._release_stop(t)
             elif code in ENDED:
                 self._gone(t, pt.wait(pid))
             elif t.killed:
@@ -534,7 +534,7 @@ class Tracer:
             if exc.errno != errno.ESRCH:    # ESRCH: it died meanwhile; its end follows
                 raise
 
-    def _release_stop(self, t: _Tracee, code: int) -> None:
+    def _release_stop(self, t: _Tracee) -> None:
         """The releasing `t` stopped (or ended): detach it as it was, say nothing of it."""
         status = pt.wait(t.pid)
         if os.WIFSTOPPED(status):
@@ -817,7 +817,7 @@ class Tracer:
                 try:
                     info = os.waitid(os.P_PID, t.pid, PEEK | os.WNOHANG)
                     if info is not None:
-                        self._release_stop(t, info.si_code)
+                        self._release_stop(t)
                 except (ChildProcessError, MigrateError):
                     self._forget(t)
             time.sleep(POLL_MAX)
