@@ -25,7 +25,8 @@ to a root process), so a nodes/N/ctl handle opened for writing pins its opener
 use: ESRCH once the opener has ended, EPERM once it is not the user it was (it
 ran a set-user-ID program). The pin is closed at release. Each pin costs the
 master a file descriptor, so a user (not root) may hold at most
-MAX_PINS_PER_UID of them at once: EMFILE beyond.
+MAX_PINS_PER_UID of them at once, and no more than an eighth of the master's
+RLIMIT_NOFILE (read at start): EMFILE beyond.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import select
 import stat
 import time
@@ -60,7 +62,8 @@ ATTR_TIMEOUT = 0.0         # attributes are dynamic (sizes, ACLs): never cached 
 ENTRY_TIMEOUT = 10.0       # names that never go away while the master runs (everything but
                            # procs/PID) stay in the kernel's dentry cache: a path walk costs
                            # no LOOKUP round trip (`cat nodes/*/status` halves its requests)
-MAX_PINS_PER_UID = 1024    # pinned nodes/N/ctl handles a user may hold open at once
+MAX_PINS_PER_UID = 1024    # pinned nodes/N/ctl handles a user may hold open at once, and
+                           # never more than an eighth of the master's descriptors
 
 T = TypeVar("T")
 
@@ -97,6 +100,14 @@ def caller_from_ctx(ctx: Any, *, with_groups: bool = True, keep_pin: bool = Fals
     return Caller(ctx.uid, ctx.gid, pin.groups, ctx.pid, pin if keep_pin else None)
 
 
+def pin_limit() -> int:
+    """How many pinned handles one user may hold (see the module doc)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PINS_PER_UID
+    return max(1, min(MAX_PINS_PER_UID, soft // 8))
+
+
 @dataclass
 class Handle:
     ino: Ino
@@ -124,6 +135,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._pins: dict[int, int] = {}            # uid -> pinned handles it holds
+        self._max_pins = pin_limit()
         self._changed = trio.Event()
         self._time_ns = time.time_ns()
         self.cluster.subscribe(self._wake)          # events and process output
@@ -439,7 +451,7 @@ class BpfsOperations(pyfuse3.Operations):
     def _pinned(self, ctx: Any) -> Caller:
         """The opener of a nodes/N/ctl handle for writing, pinned (see the module doc)."""
         held = self._pins.get(ctx.uid, 0)
-        if ctx.uid != 0 and held >= MAX_PINS_PER_UID:
+        if ctx.uid != 0 and held >= self._max_pins:
             raise BpfsError(errno.EMFILE, f"uid {ctx.uid} holds {held} open ctl handles "
                             "already")
         caller = caller_from_ctx(ctx, keep_pin=True, take_pin=self._take_pin)

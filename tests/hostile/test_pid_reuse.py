@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -224,6 +225,17 @@ def test_pins_are_closed_with_their_handles(cluster: Cluster) -> None:
     assert _master_fds(cluster) <= before + 2
 
 
+def _master_pin_limit(c: Cluster) -> int:
+    """bpfs.fs.ops.pin_limit() as the master computes it, from its own RLIMIT_NOFILE."""
+    from bpfs.fs.ops import MAX_PINS_PER_UID
+    with open(os.path.join(c.state_dir, "pids", "master.pid")) as f:
+        pid = int(f.read().split()[0])
+    soft = resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PINS_PER_UID
+    return max(1, min(MAX_PINS_PER_UID, soft // 8))
+
+
 OPEN_MANY = r"""
 import errno, os, sys
 fds = []
@@ -238,11 +250,11 @@ except OSError as e:
 
 @pytest.mark.timeout(60)
 def test_a_user_holds_a_bounded_number_of_pinned_handles(cluster: Cluster, users) -> None:
-    from bpfs.fs.ops import MAX_PINS_PER_UID
+    limit = _master_pin_limit(cluster)
     ctl = os.path.join(cluster.mount, "nodes/0/ctl")
-    r = subprocess.run(as_user([PY, "-c", OPEN_MANY, ctl, str(MAX_PINS_PER_UID + 5)],
+    r = subprocess.run(as_user([PY, "-c", OPEN_MANY, ctl, str(limit + 5)],
                                users["alice"]), capture_output=True, text=True, timeout=50)
-    assert r.stdout.split() == [str(MAX_PINS_PER_UID), str(errno.EMFILE)], r.stderr
+    assert r.stdout.split() == [str(limit), str(errno.EMFILE)], r.stderr
     fd = os.open(ctl, os.O_WRONLY)      # root is not bounded, and alice's are released
     os.close(fd)
     r = subprocess.run(as_user([PY, "-c", OPEN_MANY, ctl, "3"], users["alice"]),

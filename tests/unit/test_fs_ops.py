@@ -455,6 +455,7 @@ async def test_ctl_handles_pin_their_openers_and_release_them(monkeypatch):
     import bpfs.fs.ops as ops_module
     monkeypatch.setattr(ops_module, "MAX_PINS_PER_UID", 3)
     ops, s = make()
+    assert ops_module.pin_limit() == 3
     ctl = await path_ino(ops, "/nodes/0/ctl")
     FakePin.open.clear()
     ro = await ops.open(ctl, os.O_RDONLY, ALICE)             # cannot write: no pin
@@ -468,3 +469,13 @@ async def test_ctl_handles_pin_their_openers_and_release_them(monkeypatch):
     for fh in [*fhs, root, ro.fh]:
         await ops.release(fh)
     assert not FakePin.open and not ops._pins
+
+
+def test_pins_take_at_most_an_eighth_of_the_masters_descriptors(monkeypatch):
+    import resource
+
+    import bpfs.fs.ops as ops_module
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1024, 4096))
+    assert ops_module.pin_limit() == 128
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY,) * 2)
+    assert ops_module.pin_limit() == ops_module.MAX_PINS_PER_UID
