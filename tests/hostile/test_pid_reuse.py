@@ -317,7 +317,12 @@ def test_the_tracer_releases_a_process_seized_by_mistake(stopped: bool) -> None:
             tracer.seize(s.pid, check).result(5)
         assert getattr(exc.value, "errno", None) == errno.ESRCH and check.calls == 2
         _wait_untraced(s.pid)
-        if stopped:
+        if stopped:                             # detached, it stops again at once
+            deadline = time.monotonic() + 5
+            while status_field(s.pid, "State")[0] != "T":
+                assert time.monotonic() < deadline, "the released process runs"
+                time.sleep(0.01)
+            time.sleep(0.2)
             assert status_field(s.pid, "State")[0] == "T"
             os.kill(s.pid, 18)                  # SIGCONT
         os.kill(s.pid, 10)                      # SIGUSR1: its handler runs, as ever
