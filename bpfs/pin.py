@@ -6,7 +6,10 @@ next one at will). So the master never acts on a number it learnt earlier. It ta
 when it learns the number (a nodes/N/ctl handle's opener, at open; a child it forked) and
 checks the pin before and after it acts:
 
-    pin = Pin.take(tid)     ESRCH if the task is gone (or EMFILE... if no pidfd can be had)
+    pin = Pin.take(tid, uid, gid)
+                            ESRCH if the task is gone (EMFILE... if no pidfd can be had);
+                            EPERM if its filesystem uid/gid are not `uid`/`gid` (what
+                            FUSE said the request's were; optional)
     pin.check()             ESRCH: the pinned task has ended, so its number may now name
                             another process; EPERM: it is alive but no longer the principal
                             it was (it ran a set-user-ID, set-group-ID or file-capability
@@ -14,7 +17,8 @@ checks the pin before and after it acts:
     pin.close()             at the handle's release; `check` is ESRCH from then on
 
 What a pin holds: a pidfd (pidfd_open with PIDFD_THREAD, since FUSE names the calling
-*thread*, and a thread's own pidfd tells when that thread ends), the task's start time
+*thread*, and a thread's own pidfd tells when that thread ends; before Linux 6.9, a plain
+pidfd, which only a thread-group leader can have), the task's start time
 (field 22 of /proc/TID/stat) and its credentials as /proc/TID/status shows them (Uid and
 Gid: real, effective, saved, filesystem; Groups; CapPrm, CapEff). While the pidfd says the
 task is alive, its number names it and nothing else; a task that ended never comes back.
@@ -25,7 +29,8 @@ fails (bpfs.migrate.ghost.Tracer.seize).
 
 A pin costs the master one file descriptor while it lives: bpfs/fs/ops.py pins only
 handles that can start a migration (nodes/N/ctl opened for writing) and bounds how many a
-user may hold (MAX_PINS_PER_UID).
+user may hold (MAX_PINS_PER_UID there). "Alive" means not yet exited: a zombie still holds
+its number, but nothing may be done to it either.
 """
 
 from __future__ import annotations
