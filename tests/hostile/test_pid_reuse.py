@@ -207,10 +207,17 @@ def test_the_writer_itself_still_migrates(cluster: Cluster, users) -> None:
     assert (r.returncode, r.stdout.decode().strip()) == (0, "n1"), r.stderr.decode()
 
 
-def _master_fds(c: Cluster) -> int:
+def _master_fds(c: Cluster) -> tuple[int, int]:
+    """The master's open descriptors: (all, pidfds)."""
     with open(os.path.join(c.state_dir, "pids", "master.pid")) as f:
         pid = int(f.read().split()[0])
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return len(links), sum("pidfd" in link for link in links)
 
 
 def test_pins_are_closed_with_their_handles(cluster: Cluster) -> None:
@@ -218,11 +225,13 @@ def test_pins_are_closed_with_their_handles(cluster: Cluster) -> None:
     before = _master_fds(cluster)
     for i in range(1000):
         fd = os.open(ctl, os.O_RDWR)
-        if i % 100 == 0:            # a refused write leaves nothing open either
-            with pytest.raises(OSError):
+        if i % 100 == 0:
+            assert _master_fds(cluster)[1] == before[1] + 1     # this handle's pin
+            with pytest.raises(OSError):        # a refused write leaves nothing open either
                 os.write(fd, b"frobnicate\n")
         os.close(fd)
-    assert _master_fds(cluster) <= before + 2
+    after = _master_fds(cluster)
+    assert after[1] == before[1] and after[0] <= before[0] + 2, (before, after)
 
 
 def _master_pin_limit(c: Cluster) -> int:
