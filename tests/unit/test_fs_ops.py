@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import stat
@@ -17,7 +18,7 @@ import trio
 from bpfs import formats
 from bpfs.fs import procfs
 from bpfs.fs.inodes import Ino, Kind
-from bpfs.fs.ops import BpfsOperations
+from bpfs.fs.ops import BpfsOperations, RefusalLog
 from bpfs.model import Caller, Proc, ProcOutput
 from tests.unit.test_ctl import FakeServices, services
 
@@ -479,3 +480,21 @@ def test_pins_take_at_most_an_eighth_of_the_masters_descriptors(monkeypatch):
     assert ops_module.pin_limit() == 128
     monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY,) * 2)
     assert ops_module.pin_limit() == ops_module.MAX_PINS_PER_UID
+
+
+async def test_refused_ctl_writes_are_logged_with_the_reason_but_not_flooded(caplog):
+    """FUSE carries only the errno back to the writer: the master's log says why."""
+    caplog.set_level(logging.INFO, logger="bpfs.fs")
+    ops, s = make()
+    fi = await ops.open(await path_ino(ops, "/nodes/0/ctl"), os.O_WRONLY, ALICE)
+    assert await errno_of(ops.write(fi.fh, 0, b"reboot")) == errno.EPERM
+    assert await errno_of(ops.write(fi.fh, 0, b"x" * 5000)) == errno.EINVAL
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"nodes/0/ctl: write by uid {ALICE.uid}") and "EPERM" in lines[0]
+    assert "EINVAL" in lines[1] and "4096" in lines[1]
+    for _ in range(100):
+        await errno_of(ops.write(fi.fh, 0, b"frobnicate"))
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == RefusalLog.BURST
+    await ops.release(fi.fh)
