@@ -24,6 +24,11 @@ nodes/N/ctl commands:
                              (bpfs.wire.execreq grammar, EINVAL); node down:
                              EHOSTDOWN; no x permission: EACCES; the writer
                              is traced before the write returns. `ok PID`.
+                             The writer is the handle's opener, pinned at
+                             open (bpfs/fs/ops.py): ESRCH once it has ended
+                             (its PID may be another process's by now),
+                             EPERM once it is not the user it was (it ran a
+                             set-user-ID program since); nothing is done.
                              With --nodes (a multi-node run) each rank is
                              checked alone; the write fails only if no rank
                              may run, and bpsh hears of the others' errors.
@@ -34,10 +39,13 @@ nodes/N/ctl commands:
                              stderr. No options: a first word starting with
                              "-" other than "--" is EINVAL. No command: EINVAL;
                              node down: EHOSTDOWN; no x permission: EACCES;
-                             not found in the writer's PATH: ENOENT. The write
-                             returns once the process runs on the node. `ok PID`.
+                             not found in the writer's PATH: ENOENT; the
+                             opener gone or changed: ESRCH, EPERM, as for
+                             execmove. The write returns once the process
+                             runs on the node. `ok PID`.
 
-procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited):
+procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited, or
+once P is another process than the one the file was opened for):
     kill | stop | cont       SIGKILL, SIGSTOP, SIGCONT to the real process
 
 procs/P/signal: one word, a number (9) or a name (KILL, SIGKILL, kill); EINVAL
@@ -75,7 +83,8 @@ class Services(Protocol):
         """Arm the migration of the writer's next execve to `node`; its pid.
 
         With req.nodes, `rank_errors` says which ranks may not run (and why).
-        ENOSYS when this master cannot migrate; the writer must be traceable (ESRCH).
+        ENOSYS when this master cannot migrate; the writer is `caller.pin`'s process,
+        only while the pin proves it (ESRCH: gone, EPERM: not the user it was).
         """
 
     async def signal_proc(self, pid: int, sig: int) -> None:
@@ -91,6 +100,7 @@ class CtlContext:
     services: Services
     caller: Caller
     target: int               # the node number (nodes/N/ctl) or pid (procs/P/ctl)
+    gen: int | None = None    # procs/P: the generation of the process the file is of
 
 
 Handler = Callable[[CtlContext, list[str]], Awaitable[str]]
@@ -270,7 +280,9 @@ def parse_signal(word: str) -> int:
 
 
 async def send_signal(ctx: CtlContext, sig: int) -> str:
-    ctx.services.cluster.check_signal(ctx.target, ctx.caller)
+    """Checked for every command of a write: an earlier one may have waited, and the pid
+    have gone to another process meanwhile (ESRCH: not the generation the file is of)."""
+    ctx.services.cluster.check_signal(ctx.target, ctx.caller, ctx.gen)
     await ctx.services.signal_proc(ctx.target, sig)
     return "ok"
 

@@ -39,7 +39,10 @@ change of the derived state, `node N mode 0MMM`, `node N owner UID GID`;
 `proc PID start N`, `proc PID signal SIG`, `proc PID exit CODE|signal N`.
 
 Processes: `start_proc` gives each migrated process a fresh generation (a
-serial), so a reused PID never reaches a stale inode. Signalling one
+serial, 1 to PROC_GENERATIONS - 1 and round again), so a reused PID never
+reaches a stale inode (unless 2**24 - 1 processes have had that very PID
+since); `mid` is the id of the migration that put it on its node (the id the
+node knows it by, bpfs/wire/framing.py). Signalling one
 (`check_signal`) is for its uid or root (EPERM), like kill(2); `exited` records
 the real status once, and `remove_proc` drops it when the ghost is gone.
 
@@ -83,15 +86,22 @@ EVENT_CAPACITY = 1024
 OUTPUT_CAPACITY = 1 << 20           # bytes kept per output stream of a process
 OUTPUT_STREAMS = ("stdout", "stderr")
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+PROC_GENERATIONS = 1 << 24          # generations 1..2**24-1, then 1 again: what an inode
+                                    # number has room for (bpfs/fs/inodes.py)
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: uid, gid, supplementary groups, and the (thread) id of the process."""
+    """Who asks: uid, gid, supplementary groups, and the (thread) id of the process.
+
+    `pid` is only a number, good for messages and lookups: acting on that process later
+    needs `pin` (a bpfs.pin.Pin taken while the caller was known to hold the number), which
+    proves it is still the same process. None: not pinned, so nothing may act on it."""
     uid: int
     gid: int
     groups: frozenset[int] = frozenset()
     pid: int = 0
+    pin: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_root(self) -> bool:
@@ -278,6 +288,7 @@ class Proc:
     exit: str = "-"                   # "-", "0".."255", "signal N", or "failed ENAME"
     gen: int = 0
     output: ProcOutput | None = field(default=None, repr=False)
+    mid: int = 0                      # the migration's id (0: unknown)
 
 
 class EventLog:
@@ -529,7 +540,7 @@ class Cluster:
                    state: str = "running", output: ProcOutput | None = None) -> Proc:
         """A migrated process is (or is about to be) on `node`: record it with a new
         generation; event `start`. It replaces an exited one of the same pid."""
-        self._proc_serial += 1
+        self._proc_serial = self._proc_serial % (PROC_GENERATIONS - 1) + 1
         p = Proc(pid, node, uid, gid, cmd, now, state, gen=self._proc_serial, output=output)
         self.procs[pid] = p
         self.events.append("proc", pid, "start", str(node))
@@ -553,9 +564,10 @@ class Cluster:
             p.output.close()
         del self.procs[pid]
 
-    def check_signal(self, pid: int, caller: Caller) -> Proc:
-        """ESRCH if `pid` is not a live migrated process, EPERM unless its uid or root."""
-        p = self.proc(pid)
+    def check_signal(self, pid: int, caller: Caller, gen: int | None = None) -> Proc:
+        """ESRCH if `pid` is not a live migrated process (of generation `gen`, if given),
+        EPERM unless its uid or root."""
+        p = self.proc(pid, gen)
         if p.state == "exited":
             raise BpfsError(errno.ESRCH, f"process {pid} has exited")
         if not (caller.is_root or caller.uid == p.uid):

@@ -3,7 +3,9 @@
     bits  0..7    kind (Kind below)
     bits  8..39   id: a node number or a pid (0 for the fixed files)
     bits 40..63   generation: a process's serial, so a reused pid never reaches
-                  a stale handle (0 for everything but process files)
+                  a stale handle (0 for everything but process files); the model
+                  keeps serials below 2**24 (model.PROC_GENERATIONS), so the
+                  number holds it whole and decodes to what the model compares
 
 Nothing is stored per inode: every number decodes to what it names, and the
 model says whether that still exists. The root is pyfuse3.ROOT_INODE (1).
@@ -15,10 +17,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NewType
 
+from bpfs.model import PROC_GENERATIONS
+
 Inode = NewType("Inode", int)
 
 ID_BITS = 32
 GEN_BITS = 24
+assert 1 << GEN_BITS == PROC_GENERATIONS     # every generation fits, so none is cut
 
 
 class Kind(IntEnum):
@@ -55,7 +60,7 @@ class Ino:
     gen: int = 0
 
     def encode(self) -> Inode:
-        return Inode(int(self.kind) | (self.id << 8) | ((self.gen % (1 << GEN_BITS)) << (8 + ID_BITS)))
+        return Inode(int(self.kind) | (self.id << 8) | (self.gen << (8 + ID_BITS)))
 
     @classmethod
     def decode(cls, ino: int) -> "Ino":

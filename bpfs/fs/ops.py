@@ -11,17 +11,32 @@ Errors: `fuse_errors` is the one place a BpfsError becomes FUSEError(errno);
 any other exception is logged with its traceback and becomes EIO, so no bad
 input or bug in a handler takes the daemon down.
 
-Callers: uid/gid come from the request; supplementary groups from /proc
-(bpfs/fs/procfs.py). pyfuse3 gives `write` no request context, so a ctl
-handle's caller is the one who opened it (Unix credentials-at-open semantics).
+Callers: uid/gid come from the request; supplementary groups from /proc, read
+by the caller's thread id and bracketed by a pidfd (bpfs/pin.py), so they are
+the caller's own even if it was killed and its number reused meanwhile. pyfuse3
+gives `write` no request context, so a ctl handle's caller is the one who
+opened it (Unix credentials-at-open semantics).
+
+Pinned handles: execmove and exec act on the process behind a nodes/N/ctl
+handle (they seize it, or read its environment), long after the open. A
+number is no proof of who that is (the opener may have exited and its PID gone
+to a root process), so a nodes/N/ctl handle opened for writing pins its opener
+(`Caller.pin`: a pidfd, the start time and credentials), checked again at every
+use: ESRCH once the opener has ended, EPERM once it is not the user it was (it
+ran a set-user-ID program). The pin is closed at release. Each pin costs the
+master a file descriptor, so a user (not root) may hold at most
+MAX_PINS_PER_UID of them at once, and no more than an eighth of the master's
+RLIMIT_NOFILE (read at start): EMFILE beyond.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
 import os
+import resource
 import select
 import stat
 import time
@@ -38,6 +53,7 @@ from bpfs.fs.inodes import Ino, Kind, NODE_KINDS, PROC_KINDS
 from bpfs.fs.tree import (FILES, NODE_FILES, ROOT_DIRS, ROOT_FILES, FileSpec, parse_number,
                           proc_files, spec_named)
 from bpfs.model import Caller, OutputRing
+from bpfs.pin import Pin
 
 log = logging.getLogger("bpfs.fs")
 
@@ -46,6 +62,8 @@ ATTR_TIMEOUT = 0.0         # attributes are dynamic (sizes, ACLs): never cached 
 ENTRY_TIMEOUT = 10.0       # names that never go away while the master runs (everything but
                            # procs/PID) stay in the kernel's dentry cache: a path walk costs
                            # no LOOKUP round trip (`cat nodes/*/status` halves its requests)
+MAX_PINS_PER_UID = 1024    # pinned nodes/N/ctl handles a user may hold open at once, and
+                           # never more than an eighth of the master's descriptors
 
 T = TypeVar("T")
 
@@ -66,9 +84,28 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
-def caller_from_ctx(ctx: Any, *, with_groups: bool = True) -> Caller:
-    groups = procfs.groups(ctx.pid) if with_groups else frozenset()
-    return Caller(ctx.uid, ctx.gid, groups, ctx.pid)
+TakePin = Callable[[int, int, int], Any]      # Pin.take(tid, uid, gid), or a test's fake
+
+
+def caller_from_ctx(ctx: Any, *, with_groups: bool = True, keep_pin: bool = False,
+                    take_pin: TakePin = Pin.take) -> Caller:
+    """The request's caller; with its supplementary groups, read through a pin (ESRCH if
+    it is gone, EPERM if its credentials are no longer the request's); `keep_pin`: the pin
+    stays in the Caller (whoever keeps the Caller closes it)."""
+    if not with_groups and not keep_pin:
+        return Caller(ctx.uid, ctx.gid, frozenset(), ctx.pid)
+    pin = take_pin(ctx.pid, ctx.uid, ctx.gid)
+    if not keep_pin:
+        pin.close()
+    return Caller(ctx.uid, ctx.gid, pin.groups, ctx.pid, pin if keep_pin else None)
+
+
+def pin_limit() -> int:
+    """How many pinned handles one user may hold (see the module doc)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PINS_PER_UID
+    return max(1, min(MAX_PINS_PER_UID, soft // 8))
 
 
 @dataclass
@@ -86,18 +123,51 @@ class Handle:
     fresh: bool = False                     # data rendered by open, not read yet
 
 
+class RefusalLog:
+    """One log line per refused ctl write, so an administrator can see why a user's bpsh
+    failed (FUSE carries only the errno back), without letting one user flood the log:
+    at most BURST lines per uid per WINDOW seconds, then one line counting the rest."""
+
+    BURST = 10
+    WINDOW = 10.0
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[float, int]] = {}     # uid -> (window start, count)
+
+    def log(self, h: "Handle", exc: BpfsError) -> None:
+        now = time.monotonic()
+        uid = h.caller.uid
+        start, count = self._seen.get(uid, (now, 0))
+        if now - start > self.WINDOW:
+            if count > self.BURST:
+                log.info("%d more refused ctl writes by uid %d not logged", count - self.BURST,
+                         uid)
+            start, count = now, 0
+        self._seen[uid] = (start, count + 1)
+        if count < self.BURST:
+            name = h.spec.name if h.spec is not None else "?"
+            where = "nodes" if h.ino.kind in NODE_KINDS else "procs"
+            log.info("%s/%d/%s: write by uid %d (pid %d) refused: %s: %s", where, h.ino.id,
+                     name, uid, h.caller.pid, errno.errorcode.get(exc.errno, str(exc.errno)),
+                     exc.message)
+
+
 class BpfsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, services: ctl.Services) -> None:
+    def __init__(self, services: ctl.Services, take_pin: TakePin = Pin.take) -> None:
         super().__init__()
+        self._take_pin = take_pin
         self.services = services
         self.cluster = services.cluster
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._pins: dict[int, int] = {}            # uid -> pinned handles it holds
+        self._max_pins = pin_limit()
         self._changed = trio.Event()
         self._time_ns = time.time_ns()
+        self._refusals = RefusalLog()
         self.cluster.subscribe(self._wake)          # events and process output
 
     # ---- events wakeup ------------------------------------------------------------
@@ -215,7 +285,8 @@ class BpfsOperations(pyfuse3.Operations):
         ino = self._decode(inode)
         changes_owner = fields.update_mode or fields.update_uid or fields.update_gid
         if ino.kind == Kind.NODE_DIR and changes_owner:
-            await self._chattr(ino.id, attr, fields, caller_from_ctx(ctx))
+            await self._chattr(ino.id, attr, fields,
+                               caller_from_ctx(ctx, take_pin=self._take_pin))
         elif changes_owner:
             raise BpfsError(errno.EPERM, "only node directories change mode or owner")
         elif fields.update_size and (ino.is_dir or FILES[ino.kind].write is None):
@@ -300,8 +371,18 @@ class BpfsOperations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         if writing and spec.write is None:
             raise BpfsError(errno.EACCES, f"{spec.name} is read-only")
-        h = Handle(ino, caller_from_ctx(ctx, with_groups=spec.write is not None), spec,
-                   nonblock=bool(flags & os.O_NONBLOCK))
+        caller = self._pinned(ctx) if writing and ino.kind == Kind.NODE_CTL else \
+            caller_from_ctx(ctx, with_groups=False)
+        h = Handle(ino, caller, spec, nonblock=bool(flags & os.O_NONBLOCK))
+        try:
+            return self._open(h)
+        except BaseException:
+            self._unpin(h)
+            raise
+
+    def _open(self, h: Handle) -> pyfuse3.FileInfo:
+        ino, spec = h.ino, h.spec
+        assert spec is not None
         if spec.read is not None:
             h.data, h.fresh = spec.read(self.cluster, ino.id).encode(), True
         if spec.output is not None:
@@ -376,11 +457,13 @@ class BpfsOperations(pyfuse3.Operations):
         if h.spec is None or h.spec.write is None:
             raise BpfsError(errno.EBADF, "not writable")
         self._check(h.ino)
-        context = ctl.CtlContext(self.services, h.caller, h.ino.id)
+        context = ctl.CtlContext(self.services, h.caller, h.ino.id,
+                                 h.ino.gen if h.ino.kind in PROC_KINDS else None)
         try:
             result = await ctl.execute(h.spec.write, context, bytes(buf))
         except BpfsError as exc:
             h.data = f"{exc.message}\n".encode()
+            self._refusals.log(h, exc)
             raise
         h.data = f"{result}\n".encode()
         return len(buf)
@@ -392,7 +475,32 @@ class BpfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            self._unpin(h)
+
+    def _pinned(self, ctx: Any) -> Caller:
+        """The opener of a nodes/N/ctl handle for writing, pinned (see the module doc)."""
+        held = self._pins.get(ctx.uid, 0)
+        if ctx.uid != 0 and held >= self._max_pins:
+            raise BpfsError(errno.EMFILE, f"uid {ctx.uid} holds {held} open ctl handles "
+                            "already")
+        caller = caller_from_ctx(ctx, keep_pin=True, take_pin=self._take_pin)
+        self._pins[ctx.uid] = held + 1
+        return caller
+
+    def _unpin(self, h: Handle) -> None:
+        pin = h.caller.pin
+        if pin is None:
+            return
+        pin.close()
+        h.caller = dataclasses.replace(h.caller, pin=None)
+        uid = h.caller.uid
+        left = self._pins.get(uid, 1) - 1
+        if left > 0:
+            self._pins[uid] = left
+        else:
+            self._pins.pop(uid, None)
 
     @fuse_errors
     async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: Any) -> int:

@@ -1,7 +1,8 @@
 """What the fs layer reads about its callers from /proc.
 
 FUSE tells a handler only the caller's uid, gid and thread id. Supplementary
-groups (for chgrp and node ACLs) come from /proc/TID/status `Groups:`.
+groups (for chgrp and node ACLs) come from /proc/TID/status `Groups:`, read
+through a pin (bpfs/pin.py), never by the bare number.
 
 Pending signals matter for blocked reads of /bproc/events: once a request has
 been sent to us the kernel waits for our answer even if the reader is killed
@@ -9,6 +10,9 @@ been sent to us the kernel waits for our answer even if the reader is killed
 on. So a blocked read polls the reader's /proc status and answers EINTR when
 a signal is pending that will kill it or run a handler; stop and
 ignore-by-default signals do not count, so Ctrl-Z does not fail the read.
+The reader stands for the handle's opener (pyfuse3 gives `read` no context),
+by its bare number: this only observes, and a wrong answer (the opener gone,
+its number reused by a process with a signal pending) is one spurious EINTR.
 """
 
 from __future__ import annotations
@@ -35,14 +39,6 @@ def _status(tid: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
-
-
-def groups(tid: int) -> frozenset[int]:
-    """Supplementary groups of a task; empty if it is gone (then only its gid counts)."""
-    try:
-        return frozenset(int(g) for g in _status(tid).get("Groups", "").split())
-    except ValueError:
-        return frozenset()
 
 
 def interrupting_signal(tid: int) -> bool:

@@ -15,7 +15,10 @@ serves would wait forever. The master arms the migration for it, in process.
 
 1. The handler reads the writer's environment (/proc/W/environ), cwd (an O_PATH fd of
    /proc/W/cwd, so a renamed cwd still works) and umask (/proc/W/status); W is the ctl
-   handle's opener (its thread id). It makes a token and the output rings, then forks.
+   handle's opener (its thread id), pinned at open (bpfs/pin.py): the reads go by number,
+   so the pin is checked before and after them, and they count only if W is still alive
+   and still the user it was (else ESRCH or EPERM: never another process's environment).
+   It makes a token and the output rings, then forks.
 2. The child (`_child`, plain os calls only: the master is multithreaded, so no locks,
    no logging, no imports there): its own session, default signal dispositions and an
    empty mask (all signals stay blocked from before the fork until the dispositions are
@@ -58,7 +61,7 @@ Output and lifetime (the bounds):
   what was kept after the directory is gone. The sweeper checks every SWEEP seconds.
 
 Errors of `start` (BpfsError, the write's errno): EINVAL no command; ENOSYS no tracer;
-ESRCH the writer is gone; the child's errno (ENOENT not found, EACCES not executable or
+ESRCH the writer is gone; EPERM the writer is not the user it was when it opened the file; the child's errno (ENOENT not found, EACCES not executable or
 cwd not searchable, ...); EHOSTDOWN, EPERM (set-user-ID program), ENOEXEC... from the
 migration; ETIMEDOUT if the child neither exec'd nor failed within LAUNCH_TIMEOUT.
 """
@@ -79,6 +82,7 @@ from bpfs.wire import execreq
 from bpfs.errors import BpfsError
 from bpfs.master.procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
+from bpfs.pin import Pin
 from bpfs.child import reset_signals
 
 log = logging.getLogger("bpfs.master.exec")
@@ -105,9 +109,14 @@ class Writer:
     umask: int
 
 
-def read_writer(tid: int, uid: int) -> Writer:
-    """The writer's environment, cwd and umask from /proc; ESRCH if it is gone (or its
-    thread id now names a task with another filesystem uid: a reused id)."""
+def read_writer(pin: Pin | None) -> Writer:
+    """The writer's environment, cwd and umask from /proc, read by its number and proven to
+    be the pinned writer's (its pin checked before and after): ESRCH if it is gone (or was
+    never pinned), EPERM if it is no longer the user it was (a set-user-ID program)."""
+    if pin is None:
+        raise BpfsError(errno.ESRCH, "exec: the writer is not pinned: nothing may act on it")
+    tid = pin.tid
+    pin.check()
     try:
         with open(f"/proc/{tid}/environ", "rb") as f:
             raw = f.read()
@@ -117,20 +126,20 @@ def read_writer(tid: int, uid: int) -> Writer:
     except OSError as exc:
         raise BpfsError(errno.ESRCH, f"cannot read the writer (thread {tid}): "
                         f"{exc.strerror}") from None
+    try:
+        pin.check()
+    except BaseException:
+        os.close(cwd_fd)
+        raise
     env: dict[bytes, bytes] = {}
     for item in raw.split(b"\0"):
         key, eq, value = item.partition(b"=")
         if eq and key:
             env[key] = value
-    umask, fsuid = 0o022, -1
+    umask = 0o022
     for line in status.splitlines():
         if line.startswith(b"Umask:"):
             umask = int(line.split()[1], 8)
-        elif line.startswith(b"Uid:"):
-            fsuid = int(line.split()[4])
-    if fsuid != uid:
-        os.close(cwd_fd)
-        raise BpfsError(errno.ESRCH, f"the writer (thread {tid}) is gone")
     return Writer(env, cwd_fd, umask)
 
 
@@ -245,7 +254,7 @@ class ExecService:
         self.procs.check_ready()
         if not self.port:
             raise BpfsError(errno.ENOSYS, "this master has no stdio endpoint")
-        writer = read_writer(caller.pid, caller.uid)
+        writer = read_writer(caller.pin)
         token = os.urandom(16).hex()
         rec = Record(0, token, ProcOutput(notify=self.cluster.output_changed))
         launch = Launch(rec.output)
@@ -313,8 +322,13 @@ class ExecService:
                     raise _failure(*record, command)
                 self.cluster.check_run(node, caller)
                 req = execreq.ExecMove(self.port, token, 0, "null", "socket", "socket")
-                await self.procs.execmove(node, Caller(caller.uid, caller.gid, caller.groups,
-                                                       child.pid), req, launch)
+                pin = Pin.take(child.pid)   # our unreaped child: its number is its own
+                try:
+                    await self.procs.execmove(node, Caller(caller.uid, caller.gid,
+                                                           caller.groups, child.pid, pin),
+                                              req, launch)
+                finally:
+                    pin.close()
                 child.go()
                 record = await child.record()
                 if record is not None:

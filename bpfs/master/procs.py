@@ -13,7 +13,9 @@
 
 One migration (ID = our serial), bpsh's child being the writer W:
 
-    ctl write      tracer.seize(W), done before the write returns; a task starts
+    ctl write      tracer.seize(W, pin.check), done before the write returns (W is the
+                   pinned opener of the ctl handle, proven alive and the same user before
+                   and after the seize: ESRCH, EPERM); a task starts
     task           tracer.capture(W) -> Image (W execs right after its write returns; the
                    tracer dumps it at its entry point and parks it as the ghost)
                    procs/PID appears now, state "starting", event start: before the node
@@ -24,11 +26,16 @@ One migration (ID = our serial), bpsh's child being the writer W:
                    <- failed {id, errno, message}, or any error on our side: bpsh gets the
                    execreq error header (if it listens), the ghost exits 255, procs/PID
                    goes away with the event `exit failed ENAME`
-    ghost life     a signal to the ghost -> node: signal {pid, sig}, event signal
+    ghost life     a signal to the ghost -> node: signal {pid, sig, id}, event signal
                    (one that comes while "starting", to the ghost or to procs/PID/signal,
                    waits for `restored` and is forwarded then)
-                   node: exited {pid, code, signal} -> the ghost ends the same way
-                   the ghost died first (kill -9 on the master) -> node: signal {pid, 9}
+                   node: exited {pid, code, signal, id} -> the ghost ends the same way
+                   the ghost died first (kill -9 on the master) -> node: signal {pid, 9, id}
+                   A pid is reused once its ghost is gone, maybe by a migration to the
+                   same node, so `id` (the migration's, kept as Proc.mid) says which
+                   process a signal or an exit is about: the node signals only the
+                   process it restored for that id, and an exit whose id is not the
+                   current process's (overtaken by the reuse) is ignored.
                    the ghost is gone -> event exit (once), procs/PID removed
 
 A multi-node run (`execmove --nodes`, bproc's vexecmove) is one capture and one dump:
@@ -204,6 +211,12 @@ class ProcService:
                        rank_errors: Sequence[BpfsError | None] = ()) -> int:
         """Seize the writer before its write returns; the rest happens in a task.
 
+        The writer is `caller.pin`'s process (the ctl handle's opener), and only while the
+        pin proves it: ESRCH if there is no pin or its process has ended (its number may
+        be anyone's now), EPERM if it is no longer the user it was; checked before and
+        after the seize (bpfs.migrate.ghost.Tracer.seize releases a process seized by
+        mistake).
+
         With req.nodes, `rank_errors` (one per rank, None where it may run; at least one
         None) says which ranks get a ghost; the writer is the first of those."""
         self.check_ready()
@@ -215,11 +228,16 @@ class ProcService:
                 raise BpfsError(errno.EINVAL, "execmove --nodes: no rank may run")
             first = ranks.index(None)
             node = req.nodes[first]
-        pid = caller.pid
+        pin = caller.pin
+        if pin is None:
+            raise BpfsError(errno.ESRCH, f"process {caller.pid} is not pinned: nothing "
+                            "may act on it")
+        pin.check()
+        pid = pin.tid
         p = self.cluster.procs.get(pid)
-        if pid <= 0 or pid in self._by_pid or (p is not None and p.state != "exited"):
+        if pid in self._by_pid or (p is not None and p.state != "exited"):
             raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
-        await wait_future(self.tracer.seize(pid))
+        await wait_future(self.tracer.seize(pid, pin.check))
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         m = Migration(next(self._ids), node, pid, caller, req, send, receive, launch=launch)
         m.ranks, m.rank = ranks, first
@@ -314,7 +332,7 @@ class ProcService:
         p = self.cluster.start_proc(m.pid, m.node, c.uid, c.gid, m.cmd, time.time(),
                                     state="starting",
                                     output=m.launch.output if m.launch else None)
-        m.gen = p.gen
+        m.gen, p.mid = p.gen, m.id
 
     async def _capture(self, m: Migration) -> Any:
         """The dumped image; None if the writer ended without exec'ing (nothing to do)."""
@@ -411,7 +429,7 @@ class ProcService:
         m = self._migration(node, msg)
         if m is None:       # we gave up on it (timeout, ghost gone): nothing may run
             if isinstance(msg.get("pid"), int):
-                self._spawn(self._send_signal, node, msg["pid"], _signal.SIGKILL)
+                self._spawn(self._send_signal, node, msg["pid"], _signal.SIGKILL, msg.get("id"))
             return
         if msg.get("pid") != m.pid:
             log.warning("node %d restored migration %d as pid %r, not %d", node, m.id,
@@ -431,6 +449,11 @@ class ProcService:
         p = self.cluster.procs.get(pid) if isinstance(pid, int) else None
         if p is None or p.node != node:
             log.info("node %d: exit of unknown pid %r; ignored", node, pid)
+            return
+        mid = msg.get("id")
+        if mid is not None and mid != p.mid:
+            log.info("node %d: exit of pid %d of migration %r, not %d (a reused pid); "
+                     "ignored", node, pid, mid, p.mid)
             return
         code, sig = msg.get("code"), msg.get("signal")
         sig = sig if isinstance(sig, int) and sig > 0 else None
@@ -498,18 +521,20 @@ class ProcService:
         if m is not None and not m.started:
             m.signals.append(sig)
             return
-        await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig})
+        await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig, "id": p.mid})
         self.cluster.signalled(pid, sig)
 
     def _forward(self, pid: int, sig: int) -> None:
         p = self.cluster.procs.get(pid)
         if p is not None:
             self.cluster.signalled(pid, sig)
-            self._spawn(self._send_signal, p.node, pid, sig)
+            self._spawn(self._send_signal, p.node, pid, sig, p.mid)
 
-    async def _send_signal(self, node: int, pid: int, sig: int) -> None:
+    async def _send_signal(self, node: int, pid: int, sig: int, mid: int) -> None:
+        """`sig` to `pid` on `node`, as long as it is still the process migration `mid` put
+        there (the node checks: a message overtaken by the pid's reuse reaches no one)."""
         try:
-            await self.send_node(node, {"t": "signal", "pid": pid, "sig": sig})
+            await self.send_node(node, {"t": "signal", "pid": pid, "sig": sig, "id": mid})
         except BpfsError as exc:
             log.info("pid %d: signal %d not forwarded: %s", pid, sig, exc)
 
@@ -546,7 +571,7 @@ class ProcService:
         if p is None:
             return
         if p.state != "exited":     # the ghost died first: the real process follows it
-            self._spawn(self._send_signal, p.node, pid, _signal.SIGKILL)
+            self._spawn(self._send_signal, p.node, pid, _signal.SIGKILL, p.mid)
             self.cluster.exited(pid, code, sig)
         if p.output is None:        # an exec'd one stays for its output (master/exec)
             self.cluster.remove_proc(pid)

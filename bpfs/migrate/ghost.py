@@ -17,7 +17,9 @@ API (every ptrace request comes from one thread, the tracer's; the methods only 
                                         on_exit(pid, wait_status): a tracee ended (raw status)
     t.start() / t.stop()                stop: SIGKILL every tracee, consume their ends, join
     t.submit(fn, *args) -> Future       fn(*args) in the tracer thread
-    t.seize(pid) -> Future[None]        PTRACE_SEIZE a process about to execve (a bpsh child)
+    t.seize(pid, check) -> Future[None] PTRACE_SEIZE a process about to execve (a bpsh child);
+                                        `check()` raises unless `pid` still names the
+                                        process meant (a bpfs.pin.Pin's check): see below
     t.capture(pid, timeout) -> Future[Image]
                                         wait for its exec, dump it at its entry point, park it
     t.finish(pid, exit_code=N | signal=S) -> Future[None]
@@ -43,6 +45,16 @@ name a copy that has already ended (its `on_exit` came first). The ghost's paren
 the copies like its own children. A copy is in the ghost's process group and session: a signal
 to the group reaches each and is reported once per pid. About 0.1 ms per copy in a batch of
 100, 0.3-0.4 ms for a batch of one (test_clone_time).
+
+A number is no proof of who holds it: the process meant may end, be reaped and its PID go
+to another process (say, root's) between the moment it was checked and the PTRACE_SEIZE. So
+`seize` brackets the act: `check()` before, PTRACE_SEIZE, `check()` again. If the second
+check fails, whatever was seized is a stranger (or no longer the principal it was): it is
+*released*, untouched: PTRACE_INTERRUPT, and at its stop PTRACE_DETACH with the signal it
+was about to get (a group-stop stays stopped); nothing is reported for it, not even its end
+if it dies meanwhile, and the Future fails with the check's error (ESRCH, EPERM). It was
+traced for those few microseconds, with PTRACE_O_EXITKILL: were the master to die right
+then, it would die too. `seize(pid)` without a check is for tests that own `pid`.
 
 Callbacks run in the tracer thread: keep them short (hand them to trio). `on_signal` may come
 for a pid whose `capture` future has only just resolved (a signal that arrived while it was
@@ -128,6 +140,8 @@ GHOST = "ghost"          # parked, asleep in pause()
 STOPPED = "stopped"      # held in a ptrace-stop (a failed capture)
 HALTING = "halting"      # a parked ghost interrupted to be finished; its stop is due
 FINISHING = "finishing"  # aimed at its end; waiting for it
+RELEASING = "releasing"  # seized by mistake (a reused PID): detached at its next stop
+RELEASE_WAIT = 0.5       # at stop(): how long a releasing stranger's stop is waited for
 
 
 @dataclass(eq=False)
@@ -305,8 +319,8 @@ class Tracer:
         """
         return self._deferred(lambda fut: fut.set_result(fn(*args)), raw=True)
 
-    def seize(self, pid: int) -> Future[None]:
-        return self._deferred(self._seize, pid)
+    def seize(self, pid: int, check: Callable[[], None] | None = None) -> Future[None]:
+        return self._deferred(self._seize, pid, check)
 
     def capture(self, pid: int, timeout: float) -> Future[Image]:
         return self._deferred(self._capture, pid, timeout)
@@ -456,7 +470,9 @@ class Tracer:
             self._stranger(pid)
             return
         try:
-            if code in ENDED:
+            if t.state == RELEASING:
+                self._release_stop(t)
+            elif code in ENDED:
                 self._gone(t, pt.wait(pid))
             elif t.killed:
                 gp.wait_stop(pid)
@@ -538,12 +554,45 @@ class Tracer:
             raise MigrateError(errno.ESRCH, f"process {pid} is not held by the tracer", pid)
         return t
 
-    def _seize(self, fut: Future, pid: int) -> None:
+    def _seize(self, fut: Future, pid: int, check: Callable[[], None] | None) -> None:
         if pid in self._tracees:
             raise MigrateError(errno.EBUSY, f"process {pid} is already traced", pid)
+        if check is not None:
+            check()
         seize_for_exec(pid)
-        self._tracees[pid] = _Tracee(pid)
+        t = self._tracees[pid] = _Tracee(pid)
+        if check is not None:
+            try:
+                check()
+            except BaseException:
+                self._release(t)
+                raise
         fut.set_result(None)
+
+    def _release(self, t: _Tracee) -> None:
+        """Let go of `t`, seized by mistake, without a trace: interrupt it; its stop (an
+        event like any other) is where it is detached (`_release_stop`)."""
+        log.warning("tracer: process %d is not the one meant; released untouched", t.pid)
+        t.state = RELEASING
+        try:
+            pt.ptrace(pt.INTERRUPT, t.pid)
+        except MigrateError as exc:
+            if exc.errno != errno.ESRCH:    # ESRCH: it died meanwhile; its end follows
+                raise
+
+    def _release_stop(self, t: _Tracee) -> None:
+        """The releasing `t` stopped (or ended): detach it as it was, say nothing of it."""
+        status = pt.wait(t.pid)
+        if os.WIFSTOPPED(status):
+            sig, event = gp.stop_parts(status)
+            # a signal-delivery-stop: the signal goes on; any other stop (the interrupt,
+            # a group-stop, its exec): nothing is added
+            try:
+                pt.detach(t.pid, sig if event == 0 else 0)
+            except MigrateError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+        self._forget(t)
 
     def _capture(self, fut: Future, pid: int, timeout: float) -> None:
         t = self._known(pid)
@@ -846,6 +895,25 @@ class Tracer:
         with self._lock:
             self._ghosts.discard(t.pid)
 
+    def _release_all(self) -> None:
+        """At stop: strangers being released are never killed; their stops are waited for
+        (RELEASE_WAIT at most) so they can be detached before this thread ends."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while releasing := [t for t in self._tracees.values() if t.state == RELEASING]:
+            if time.monotonic() > deadline:
+                for t in releasing:
+                    log.warning("tracer: process %d did not stop to be released", t.pid)
+                    self._forget(t)
+                return
+            for t in releasing:
+                try:
+                    info = os.waitid(os.P_PID, t.pid, PEEK | os.WNOHANG)
+                    if info is not None:
+                        self._release_stop(t)
+                except (ChildProcessError, MigrateError):
+                    self._forget(t)
+            time.sleep(POLL_MAX)
+
     def _report(self, pid: int, signals: list[int]) -> None:
         for sig in signals:
             self._call(self._on_signal, pid, sig)
@@ -864,6 +932,7 @@ class Tracer:
         for _, fut in queued:
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(MigrateError(errno.ESHUTDOWN, "the tracer is stopped"))
+        self._release_all()
         tracees = list(self._tracees.values())
         for t in tracees:
             _send_kill(t.pid)

@@ -62,10 +62,16 @@ def launch(spec: NamespaceSpec, run: Callable[[], int]) -> int:
 
 
 def supervise(pid: int) -> int:
-    """Forward termination signals to `pid` and wait for it (the launcher's whole job)."""
+    """Forward termination signals to `pid` and wait for it (the launcher's whole job).
+
+    Through a pidfd taken while `pid` is our unreaped child: the handlers stay until the
+    launcher exits, and a signal that comes after the daemon was reaped must not reach
+    whatever process has its number by then."""
+    pidfd = os.pidfd_open(pid)
+
     def forward(signum: int, _frame: object) -> None:
         try:
-            os.kill(pid, signum)
+            signal.pidfd_send_signal(pidfd, signum)
         except ProcessLookupError:
             pass
 

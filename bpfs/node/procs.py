@@ -6,8 +6,8 @@ Messages (grammar in bpfs/wire/framing.py):
     node -> master  need     id, hashes              only if the node lacks file contents
     master -> node  files    id, contents
     node -> master  restored id, pid   |   failed id, errno, message
-    master -> node  signal   pid, sig
-    node -> master  exited   pid, code, signal       once per restored process
+    master -> node  signal   pid, sig [, id]
+    node -> master  exited   pid, code, signal, id   once per restored process
 
 A restore is an `Attempt`. Usually nothing in it waits (the PID is in the request, the
 links to bpsh are connected when connect() returns, the node has every file), and the
@@ -38,7 +38,12 @@ Exits: the reaper hands each restored process's wait status to `ProcessTable`, w
 `exited` on the session that restored it, if that session is still the live one. When a
 session ends, the node kills everything it holds (bproc semantics, service.Node); those
 exits are not reported to anyone. `signal` reaches only processes the session holds;
-others are ignored (logged at debug level).
+others are ignored (logged at debug level), and so is one whose `id` (the restore's)
+is not the one the held process was restored for: a message overtaken by the pid's
+reuse. The number a signal goes to is always a held process's, never a stranger's: a
+restored process is the daemon's own child (CLONE_PARENT), reaped only by the Reaper in
+this same thread, which drops it from the table in the same step; until then the kernel
+keeps its number for it, zombie or not.
 """
 
 from __future__ import annotations
@@ -148,12 +153,17 @@ class ProcessTable:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         log.debug("process %d (%s) exited: code %s, signal %s", pid, held.argv0, code, sig)
-        held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig})
+        held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig,
+                             "id": held.id})
 
-    def signal(self, session: "Session", pid: Any, sig: Any) -> None:
+    def signal(self, session: "Session", pid: Any, sig: Any, mid: Any = None) -> None:
         held = self.held.get(pid) if isinstance(pid, int) else None
         if held is None or held.session is not session:
             log.debug("signal %r for pid %r, which this node does not hold: ignored", sig, pid)
+            return
+        if mid is not None and mid != held.id:
+            log.debug("signal %r for pid %d of restore %r, but it is restore %d's: ignored",
+                      sig, pid, mid, held.id)
             return
         if not _is_int(sig) or not 0 < sig < signals.NSIG:
             log.debug("bad signal number %r for pid %d: ignored", sig, pid)
@@ -198,7 +208,7 @@ async def on_files(session: "Session", msg: wire.Message) -> None:
 
 
 async def on_signal(session: "Session", msg: wire.Message) -> None:
-    session.node.procs.signal(session, msg.get("pid"), msg.get("sig"))
+    session.node.procs.signal(session, msg.get("pid"), msg.get("sig"), msg.get("id"))
 
 
 class Attempt:

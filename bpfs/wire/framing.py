@@ -35,8 +35,12 @@ connection closed. After the handshake, messages (all maps, "t" first):
     master -> node    files      id, contents: {hash: bytes}
     node   -> master  restored   id, pid                 the process runs on the node
                       failed     id, errno, message      nothing runs; stdio links closed
-    master -> node    signal     pid, sig                 forward a signal to a process
-    node   -> master  exited     pid, code: int|None, signal: int|None
+    master -> node    signal     pid, sig, [id]           forward a signal to a process;
+                                                          only if it is the one restored
+                                                          for migration `id`, when given
+    node   -> master  exited     pid, code: int|None, signal: int|None, [id]
+                                                          `id`: the restore's; an exit of
+                                                          another migration's pid is stale
 
     FACTS := {"hostname", "cpus", "arch", "kernel", "load": [l1, l5, l15],
               "mem_total", "mem_available", "uptime"}

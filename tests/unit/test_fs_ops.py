@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import stat
@@ -17,7 +18,7 @@ import trio
 from bpfs import formats
 from bpfs.fs import procfs
 from bpfs.fs.inodes import Ino, Kind
-from bpfs.fs.ops import BpfsOperations
+from bpfs.fs.ops import BpfsOperations, RefusalLog
 from bpfs.model import Caller, Proc, ProcOutput
 from tests.unit.test_ctl import FakeServices, services
 
@@ -45,9 +46,26 @@ ROOT = Ctx()
 ALICE = Ctx(1000, 1000)
 
 
+class FakePin:
+    """Stands for bpfs.pin.Pin where the callers are made up (no such process): it pins
+    whatever it is given and counts what is open. The real one is tested in test_pin.py
+    and through the mount (tests/hostile/test_pid_reuse.py)."""
+    open: set["FakePin"] = set()
+
+    def __init__(self, tid: int, uid: int, gid: int) -> None:
+        self.tid, self.uid, self.gid, self.groups = tid, uid, gid, frozenset()
+        FakePin.open.add(self)
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        FakePin.open.discard(self)
+
+
 def make(up: int = 2, configured: int = 3) -> tuple[BpfsOperations, FakeServices]:
     s = services(up, configured)
-    return BpfsOperations(s), s
+    return BpfsOperations(s, take_pin=FakePin), s
 
 
 async def errno_of(coro) -> int:
@@ -280,7 +298,6 @@ def test_procfs_quiet_signals_do_not_interrupt():
         time.sleep(0.1)
         assert not procfs.interrupting_signal(child.pid)
         assert not procfs.interrupting_signal(2**30)   # no such task
-        assert procfs.groups(os.getpid()) == frozenset(os.getgroups())
     finally:
         child.kill()
         child.wait()
@@ -403,3 +420,81 @@ async def test_output_reader_with_a_pending_signal_gets_eintr():
     finally:
         child.kill()
         child.wait()
+
+
+async def test_proc_generations_wrap_within_what_an_inode_holds():
+    from bpfs.model import PROC_GENERATIONS
+    ops, s = make()
+    s.cluster._proc_serial = PROC_GENERATIONS - 2
+    s.cluster.start_proc(60, 0, 0, 0, "a", 1.0)
+    s.cluster.start_proc(61, 0, 0, 0, "b", 1.0)       # generation 2**24 before: ENOENT
+    assert [s.cluster.proc(p).gen for p in (60, 61)] == [PROC_GENERATIONS - 1, 1]
+    for pid in (60, 61):
+        ino = await path_ino(ops, f"/procs/{pid}/status")
+        assert (await ops.getattr(ino, ROOT)).st_ino == ino
+
+
+async def test_a_procs_ctl_write_stops_at_a_command_for_a_reused_pid():
+    """`stop` waits (a message to the node); the pid is another process's when `cont`
+    comes: ESRCH, and nothing is sent for it."""
+    ops, s = make()
+    s.cluster.start_proc(70, 1, 1000, 100, "old", 1.0)
+    sent = s.signal_proc
+
+    async def signal_then_reuse(pid: int, sig: int) -> None:
+        await sent(pid, sig)
+        s.cluster.exited(pid, 0, None)
+        s.cluster.start_proc(pid, 1, 1000, 100, "new", 2.0)
+    s.signal_proc = signal_then_reuse
+    fi = await ops.open(await path_ino(ops, "/procs/70/ctl"), os.O_WRONLY, ALICE)
+    assert await errno_of(ops.write(fi.fh, 0, b"stop\ncont\n")) == errno.ESRCH
+    assert [m["sig"] for _, m in s.sent] == [signal.SIGSTOP]
+    await ops.release(fi.fh)
+
+
+async def test_ctl_handles_pin_their_openers_and_release_them(monkeypatch):
+    import bpfs.fs.ops as ops_module
+    monkeypatch.setattr(ops_module, "MAX_PINS_PER_UID", 3)
+    ops, s = make()
+    assert ops_module.pin_limit() == 3
+    ctl = await path_ino(ops, "/nodes/0/ctl")
+    FakePin.open.clear()
+    ro = await ops.open(ctl, os.O_RDONLY, ALICE)             # cannot write: no pin
+    assert not FakePin.open
+    fhs = [(await ops.open(ctl, os.O_WRONLY, ALICE)).fh for _ in range(3)]
+    assert len(FakePin.open) == 3
+    assert await errno_of(ops.open(ctl, os.O_WRONLY, ALICE)) == errno.EMFILE
+    root = (await ops.open(ctl, os.O_WRONLY, ROOT)).fh        # root is not bounded
+    await ops.release(fhs.pop())
+    fhs.append((await ops.open(ctl, os.O_WRONLY, ALICE)).fh)
+    for fh in [*fhs, root, ro.fh]:
+        await ops.release(fh)
+    assert not FakePin.open and not ops._pins
+
+
+def test_pins_take_at_most_an_eighth_of_the_masters_descriptors(monkeypatch):
+    import resource
+
+    import bpfs.fs.ops as ops_module
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1024, 4096))
+    assert ops_module.pin_limit() == 128
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY,) * 2)
+    assert ops_module.pin_limit() == ops_module.MAX_PINS_PER_UID
+
+
+async def test_refused_ctl_writes_are_logged_with_the_reason_but_not_flooded(caplog):
+    """FUSE carries only the errno back to the writer: the master's log says why."""
+    caplog.set_level(logging.INFO, logger="bpfs.fs")
+    ops, s = make()
+    fi = await ops.open(await path_ino(ops, "/nodes/0/ctl"), os.O_WRONLY, ALICE)
+    assert await errno_of(ops.write(fi.fh, 0, b"reboot")) == errno.EPERM
+    assert await errno_of(ops.write(fi.fh, 0, b"x" * 5000)) == errno.EINVAL
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"nodes/0/ctl: write by uid {ALICE.uid}") and "EPERM" in lines[0]
+    assert "EINVAL" in lines[1] and "4096" in lines[1]
+    for _ in range(100):
+        await errno_of(ops.write(fi.fh, 0, b"frobnicate"))
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == RefusalLog.BURST
+    await ops.release(fi.fh)
