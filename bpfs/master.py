@@ -74,7 +74,8 @@ class MasterConfig:
     port: int = 2223
     key_file: str = "/etc/bpfs/cluster.key"
     state_file: str = "/var/lib/bpfs/state"
-    nodes: int = 0                     # configured node count: nodes/0..K-1 exist (down) from the start
+    nodes: int = 0                     # configured node count: nodes/0..K-1 exist (down) from the
+                                       # start, no other registers; 0: open numbering
     ping_timeout: float = 5.0          # node marked down when no heartbeat for this long
     heartbeat: float = 1.0             # interval told to nodes in `welcome`
 
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--key-file", default=d.key_file)
     p.add_argument("--state-file", default=d.state_file)
-    p.add_argument("--nodes", type=int, default=d.nodes, help="configured node count")
+    p.add_argument("--nodes", type=int, default=d.nodes,
+                   help="configured node count: only 0..K-1 register; 0: any number")
     p.add_argument("--ping-timeout", type=float, default=d.ping_timeout)
     p.add_argument("--heartbeat", type=float, default=d.heartbeat)
     p.add_argument("--debug", action="store_true")
