@@ -322,7 +322,8 @@ class Master:
 async def _refuse(fs: wire.FrameStream, exc: BpfsError) -> None:
     try:
         with trio.move_on_after(2):
-            await fs.send({"t": "refused", "errno": exc.errno, "message": exc.message})
+            await fs.send({"t": "refused", "errno": exc.errno or errno.EIO,
+                           "message": exc.message[:4096]})
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 

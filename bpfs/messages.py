@@ -13,7 +13,7 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
                       refused    errno: ERRNO, message: TEXT     (then the master closes)
   registration and life (bpfs/master.py, bpfs/node/service.py):
     node   -> master  register   node: NODE | nil, facts: FACTS
-    master -> node    welcome    node: NODE, heartbeat: SECONDS
+    master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6)
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
@@ -249,7 +249,7 @@ VERSION = Int(0, 2**31 - 1)
 NONCE = Bytes(32, 32)               # wire.NONCE_BYTES
 MAC = Bytes(32, 32)                 # HMAC-SHA256
 ERRNO = Int(1, 4095)
-TEXT = Str(4096)
+TEXT = Str(65536)                   # an error message: a path or two in it
 WORD = Str(256)
 NODE = Int(0, MAX_NODE)
 SECONDS = Num(0, 1e12)
@@ -288,7 +288,7 @@ MESSAGES: dict[str, Schema] = {
     "ok": _row("master"),
     "refused": _row("master", errno=ERRNO, message=TEXT),
     "register": _row("node", node=Opt(NODE), facts=FACTS),
-    "welcome": _row("master", node=NODE, heartbeat=Num(0.001, 3600)),
+    "welcome": _row("master", node=NODE, heartbeat=Num(1e-9, 1e6)),
     "state": _row("node", state=WORD),
     "facts": _row("node", facts=FACTS),
     "ctl": _row("master", cmd=WORD),

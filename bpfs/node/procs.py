@@ -268,7 +268,8 @@ class Attempt:
             err, message = errno.EIO, f"node error: {type(exc).__name__}: {exc}"
         else:                                   # cancelled: the session is over
             raise exc
-        self.session.report({"t": "failed", "id": rid, "errno": err, "message": message})
+        self.session.report({"t": "failed", "id": rid, "errno": err or errno.EIO,
+                             "message": message[:4096]})     # within bpfs.messages' TEXT
 
 
 class Steps:
