@@ -12,7 +12,7 @@ whose connection drops, is marked down. Every frame is checked against its
 message's row of the table before any handler sees it; a wrong key, a
 malformed, oversized or unexpected frame (a message no registered node sends,
 one out of order) closes that connection only, with one log line naming the
-peer. Data the user set (ACLs, admin states, node numbers) is written to the
+peer. Data the user set (ACLs, admin states) is written to the
 state file before the command that changed it returns.
 
 Unauthenticated peers: anyone who can reach the node port gets at most
@@ -271,7 +271,6 @@ class Master:
         self.conns[n] = conn
         try:
             with conn.scope:
-                await self._persist_quietly()       # a new number is on disk before it is used
                 await conn.stream.send({"t": "welcome", "node": n, "heartbeat": self.cfg.heartbeat})
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
@@ -298,12 +297,6 @@ class Master:
             if handler is None:
                 raise wire.ProtocolError(f"{msg['t']!r} is not a registered node's message")
             await handler(self, conn, msg, now)
-
-    async def _persist_quietly(self) -> None:
-        try:
-            await self.persist()
-        except BpfsError:
-            pass        # logged by persist; the node may still serve
 
     async def watchdog(self) -> None:
         """Close the connections of nodes silent for longer than ping_timeout."""

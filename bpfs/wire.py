@@ -49,7 +49,7 @@ import msgpack
 import trio
 
 from bpfs import messages
-from bpfs.errors import BpfsError, ProtocolError
+from bpfs.errors import BpfsError, ProtocolError   # wire.ProtocolError, as callers know it
 
 VERSION = 1
 DEFAULT_PORT = 2223
@@ -60,7 +60,6 @@ HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 1 << 20         # bytes read at most at a time, whatever a frame claims
 
 Message = messages.Message
-__all__ = ["ProtocolError", "AuthError", "FrameStream", "accept", "connect"]
 
 
 class AuthError(ProtocolError):
