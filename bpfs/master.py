@@ -123,9 +123,9 @@ class RefusalLog:
 
     Anyone who can reach the node port can cause refusals as fast as they can connect:
     each gets its line, with the peer's address, until its host had BURST lines in the
-    current window; then one line says the rest go uncounted in the log, and they are
-    counted; the count comes with the host's first line of a later window. At most HOSTS
-    hosts are remembered (the oldest is forgotten first).
+    current window; one more line says so, and the rest of the window's refusals of that
+    host are only counted; the count comes with the host's first line of a later window.
+    At most HOSTS hosts are remembered (the one seen first is forgotten first).
     """
     BURST = 10
     WINDOW = 60.0

@@ -21,8 +21,8 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
     master -> node    restore    id: ID, image: BLOB, uid: ID32, gid: ID32,
                                  groups: [ID32] (at most NGROUPS), io: [IO, IO, IO],
                                  port: PORT, token: WORD, [pid: PID], [rank: RANK]
-    node   -> master  need       id: ID, hashes: [HASH] (at most MANY)
-    master -> node    files      id: ID, contents: {HASH: BLOB} (at most MANY)
+    node   -> master  need       id: ID, hashes: [HASH] (at most MAX_ITEMS)
+    master -> node    files      id: ID, contents: {HASH: BLOB} (at most MAX_ITEMS)
     node   -> master  restored   id: ID, pid: PID
                       failed     id: ID, errno: ERRNO, message: TEXT
     master -> node    signal     pid: PID, sig: SIGNAL
@@ -31,6 +31,12 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
     FACTS := {hostname: WORD, cpus: 0..2^20, arch: WORD, kernel: WORD,
               load: [LOAD, LOAD, LOAD], mem_total: BYTES, mem_available: BYTES,
               uptime: SECONDS}
+
+  In a migration, ID is the master's number for it; `image` is bpfs.migrate.dumps'
+  bytes, `io` bpfs.execreq's specs; `pid` is the ghost's PID (else the image's) and
+  `rank`, with `pid`, a rank of a multi-node run (it goes into BPROC_RANK=XXXXXXX).
+  `hello` keeps its shape in every protocol version, so a node of another version
+  gets the master's `refused` rather than a protocol error.
 
 Types: integers are never booleans and are bounded (`Int`); numbers (`Num`) are finite
 ints or floats, given to handlers as floats; strings (`Str`) and byte strings (`Bytes`)
