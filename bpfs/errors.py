@@ -35,5 +35,13 @@ class BpfsError(Exception):
         return cls(int(d.get("errno", _errno.EIO)), str(d.get("message", "")))
 
 
+class ProtocolError(BpfsError):
+    """A peer broke the master <-> node protocol (bpfs/wire/framing.py, bpfs/messages.py): close
+    its connection, keep serving others."""
+
+    def __init__(self, message: str, err: int = _errno.EPROTO) -> None:
+        super().__init__(err, message)
+
+
 def einval(message: str) -> BpfsError:
     return BpfsError(_errno.EINVAL, message)

@@ -24,6 +24,13 @@ Decisions (tests hold them):
 - A node number never seen before starts with mode 0111 root:root. The ACL
   belongs to the number and survives reconnects, reboots and master restarts
   (see bpfs/master/statefile.py).
+- Node numbers: `Cluster(K)` with K > 0 has exactly nodes 0..K-1 (the configured
+  ones): `attach` refuses any other number (ENODEV, naming the range) and gives
+  a node that asks for none the lowest free one (EBUSY when all are connected);
+  `restore` ignores saved numbers beyond them (and returns them). `Cluster(0)`
+  numbers openly: any 0..MAX_NODE (EINVAL beyond), or the lowest free, then the
+  next; `saved` keeps such a node only once its ACL or admin state differs from
+  a new node's, so registering never grows the state file.
 - The admin state (`state unavailable|error`, root only) survives the node's
   reconnects and master restarts until root sets `state up`. A down node
   refuses it (EHOSTDOWN); other values are EINVAL naming the allowed ones.
@@ -333,6 +340,7 @@ class Cluster:
 
     def __init__(self, configured: int = 0, *, clock: Callable[[], float] = time.time,
                  event_capacity: int = EVENT_CAPACITY) -> None:
+        self.configured = configured      # nodes 0..configured-1; 0: open numbering
         self._nodes: dict[int, Node] = {n: Node(n) for n in range(configured)}
         self.procs: dict[int, Proc] = {}
         self.events = EventLog(event_capacity, clock)
@@ -365,8 +373,8 @@ class Cluster:
         return [self._nodes[n] for n in sorted(self._nodes)]
 
     def _add_node(self, n: int) -> Node:
+        """A node of open numbering, seen for the first time (nothing to save yet)."""
         node = self._nodes[n] = Node(n)
-        self.revision += 1
         return node
 
     def _changed(self, node: Node, before: str) -> None:
@@ -464,8 +472,9 @@ class Cluster:
     def attach(self, requested: int | None, address: str, facts: Facts, now: float) -> int:
         """A node daemon registers: give it `requested`, or the lowest free number.
 
-        EBUSY if another live connection holds `requested`; EINVAL for a number
-        outside 0..MAX_NODE. The node starts in "boot".
+        EBUSY if another live connection holds `requested` (or, configured, holds every
+        number); ENODEV for a number that is not configured, EINVAL for one outside
+        0..MAX_NODE (open numbering). The node starts in "boot".
         """
         n = self._pick_number(requested)
         node = self._nodes.get(n) or self._add_node(n)
@@ -476,16 +485,22 @@ class Cluster:
         return n
 
     def _pick_number(self, requested: int | None) -> int:
+        k = self.configured
         if requested is not None:
             if isinstance(requested, bool) or not 0 <= requested <= MAX_NODE:
                 raise BpfsError(errno.EINVAL, f"node number {requested!r} out of range 0..{MAX_NODE}")
+            if k and requested >= k:
+                raise BpfsError(errno.ENODEV, f"node {requested} is not configured: this master "
+                                f"has nodes 0..{k - 1} (--nodes {k})")
             node = self._nodes.get(requested)
             if node is not None and node.connected:
                 raise BpfsError(errno.EBUSY, f"node {requested} is held by another connection")
             return requested
-        free = [n for n in sorted(self._nodes) if not self._nodes[n].connected]
-        if free:
-            return free[0]
+        free = next((n for n in sorted(self._nodes) if not self._nodes[n].connected), None)
+        if free is not None:
+            return free
+        if k:
+            raise BpfsError(errno.EBUSY, f"all {k} configured nodes are connected")
         nxt = max(self._nodes, default=-1) + 1
         if nxt > MAX_NODE:
             raise BpfsError(errno.ENOSPC, "no free node number")
@@ -602,15 +617,24 @@ class Cluster:
     # ---- persistence -------------------------------------------------------------------
 
     def saved(self) -> list[SavedNode]:
-        return [SavedNode(n.number, n.mode, n.uid, n.gid, n.admin) for n in self.nodes()]
+        """What the state file keeps: every configured node; of open numbering, the nodes
+        whose ACL or admin state someone changed."""
+        out = [SavedNode(n.number, n.mode, n.uid, n.gid, n.admin) for n in self.nodes()]
+        return out if self.configured else [s for s in out if s != SavedNode(s.number)]
 
-    def restore(self, saved: Iterable[SavedNode]) -> None:
-        """Load numbers, ACLs and admin states (at start, before any node connects)."""
+    def restore(self, saved: Iterable[SavedNode]) -> list[int]:
+        """Load numbers, ACLs and admin states (at start, before any node connects).
+        Returns the numbers ignored because they are not configured."""
+        ignored = []
         for s in saved:
+            if self.configured and s.number >= self.configured:
+                ignored.append(s.number)
+                continue
             node = self._nodes.get(s.number) or Node(s.number)
             node.mode, node.uid, node.gid = s.mode & ACL_BITS, s.uid, s.gid
             node.admin = s.admin if s.admin in ADMIN_STATES[1:] else None
             self._nodes[s.number] = node
+        return ignored
 
 
 def _require_root(caller: Caller, message: str) -> None:

@@ -51,7 +51,8 @@ def cli() -> None:
 @click.option("--state-file", default="/var/lib/bpfs/state", show_default=True, metavar="FILE",
               help="Where the master keeps node ACLs and states across restarts.")
 @click.option("--nodes", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
-              help="Configured node count: nodes/0..K-1 exist from the start.")
+              help="Configured node count: nodes/0..K-1 exist from the start and no other "
+                   "number may register (ENODEV). 0: open numbering, any number a node asks.")
 @click.option("--ping-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               metavar="S", help="A node silent this long is marked down.")
 @click.option("--heartbeat", type=click.FloatRange(min=0.01), default=None, metavar="S",

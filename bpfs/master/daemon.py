@@ -4,17 +4,32 @@
     await nursery.start(serve_master, cfg)      for tests; started() with the bound port
     python -m bpfs.master --help                the same from a shell
 
-Node connections (protocol in bpfs/wire/framing.py): authenticate (`wire.accept`),
-then `register` -> `welcome` (or `refused` and close), then the node's
-messages are dispatched by `NODE_MESSAGES`; every message counts as a
-heartbeat. A node silent for `ping_timeout` seconds, or whose connection
-drops, is marked down; silent means nothing arrived, which the watchdog asks
-the kernel before it believes the master's own stamps, as frames wait unread
-while the master is busy (bpfs/master/liveness.py). The heartbeat interval told to
-nodes is a fifth of `ping_timeout`, at most 1 s, unless set. A wrong key, a malformed or oversized frame closes that
-connection only, with a log line naming the peer. Data the user set (ACLs,
-admin states, node numbers) is written to the state file before the command
-that changed it returns.
+Node connections (protocol in bpfs/wire/framing.py, messages in bpfs/messages.py):
+authenticate (`wire.accept`), then `register` -> `welcome` (or `refused` and
+close), then the node's messages are dispatched by `NODE_MESSAGES`; every
+message counts as a heartbeat. A node silent for `ping_timeout` seconds, or
+whose connection drops, is marked down; silent means nothing arrived, which the
+watchdog asks the kernel before it believes the master's own stamps, as frames
+wait unread while the master is busy (bpfs/master/liveness.py). The heartbeat interval
+told to nodes is a fifth of `ping_timeout`, at most 1 s, unless set. Every frame is checked against its
+message's row of the table before any handler sees it; a wrong key, a
+malformed, oversized or unexpected frame (a message no registered node sends,
+one out of order) closes that connection only, with one log line naming the
+peer. Data the user set (ACLs, admin states) is written to the
+state file before the command that changed it returns.
+
+Unauthenticated peers: anyone who can reach the node port gets at most
+MAX_HANDSHAKES connections in their handshake at once (more are closed at
+once, unread) and HANDSHAKE_TIMEOUT (wire/framing.py) for the whole handshake. Lines
+about them go through `RefusalLog`: at most BURST a host in WINDOW seconds, then
+one line saying the rest are counted, the count told with the host's next line.
+
+Node numbers (bpfs/model.py `Cluster.attach`): with `--nodes K` (K > 0) only
+0..K-1 exist; a node asking for another number is refused (ENODEV), one asking
+for none gets the lowest free of them (EBUSY when all are connected). With
+`--nodes 0` numbering is open: any number 0..MAX_NODE, or the lowest free; such
+a node's entry is kept in the state file only once someone changed its ACL or
+admin state (a key holder cannot grow the file).
 
 Migrated processes (execmove, ghosts, signals, exits) are bpfs/master/procs.py's
 `ProcService`, which owns the ptrace thread; `need`, `restored`, `failed` and
@@ -34,7 +49,7 @@ import errno
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 import trio
@@ -53,6 +68,7 @@ log = logging.getLogger("bpfs.master")
 MAX_NODE_FRAME = 16 * 1024 * 1024     # what a node may send us in one frame
 REGISTER_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
+MAX_HANDSHAKES = 64                   # unauthenticated connections at once
 
 
 @dataclass
@@ -62,7 +78,8 @@ class MasterConfig:
     port: int = 2223
     key_file: str = "/etc/bpfs/cluster.key"
     state_file: str = "/var/lib/bpfs/state"
-    nodes: int = 0                     # configured node count: nodes/0..K-1 exist (down) from the start
+    nodes: int = 0                     # configured node count: nodes/0..K-1 exist (down) from the
+                                       # start, no other registers; 0: open numbering
     ping_timeout: float = 5.0          # node marked down when no heartbeat for this long
     heartbeat: float | None = None     # interval told to nodes in `welcome`; None: derived
                                        # from ping_timeout (liveness.heartbeat_for)
@@ -84,12 +101,12 @@ NodeHandler = Callable[["Master", NodeConn, dict[str, Any], float], Awaitable[No
 
 
 async def _on_facts(master: "Master", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
-    master.cluster.heartbeat(conn.number, Facts.from_wire(msg.get("facts")), now)
+    master.cluster.heartbeat(conn.number, Facts.from_wire(msg["facts"]), now)
 
 
 async def _on_state(master: "Master", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
     try:
-        master.cluster.reported_state(conn.number, str(msg.get("state")), now)
+        master.cluster.reported_state(conn.number, msg["state"], now)
     except BpfsError as exc:
         log.warning("node %d (%s): %s", conn.number, conn.peer, exc)
 
@@ -101,11 +118,49 @@ def _to_procs(name: str) -> NodeHandler:
     return handler
 
 
-# Messages a registered node may send; add a row for a new one.
+# Messages a registered node may send (checked by bpfs.messages first); add a row for a
+# new one. Any other is a protocol error: `hello`, `auth`, `register` again...
 NODE_MESSAGES: dict[str, NodeHandler] = {
     "facts": _on_facts, "state": _on_state,
     **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited")},
 }
+
+
+@dataclass
+class RefusalLog:
+    """Warnings about unauthenticated peers, at most BURST a host per WINDOW seconds.
+
+    Anyone who can reach the node port can cause refusals as fast as they can connect:
+    each gets its line, with the peer's address, until its host had BURST lines in the
+    current window; one more line says so, and the rest of the window's refusals of that
+    host are only counted; the count comes with the host's first line of a later window.
+    At most HOSTS hosts are remembered (the one seen first is forgotten first).
+    """
+    BURST = 10
+    WINDOW = 60.0
+    HOSTS = 1024
+    _hosts: dict[str, list[float]] = field(default_factory=dict)    # [start, lines, quiet]
+
+    def warning(self, peer: str, now: float, fmt: str, *args: Any) -> None:
+        host = peer.rsplit(":", 1)[0]
+        entry = self._hosts.get(host)
+        if entry is None or now - entry[0] >= self.WINDOW:
+            quiet = int(entry[2]) if entry is not None else 0
+            self._hosts.pop(host, None)
+            while len(self._hosts) >= self.HOSTS:
+                del self._hosts[next(iter(self._hosts))]
+            entry = self._hosts[host] = [now, 0, 0]
+            if quiet:
+                fmt += " (and %d more refusals of %s before this were not logged)"
+                args += (quiet, host)
+        if entry[1] < self.BURST:
+            entry[1] += 1
+            log.warning(fmt, *args)
+            return
+        entry[2] += 1
+        if entry[2] == 1:
+            log.warning("%s: more than %d refusals in %g s; counting the rest without a line",
+                        host, self.BURST, self.WINDOW)
 
 
 class Master:
@@ -116,6 +171,8 @@ class Master:
         self.cluster = cluster
         self.key = key
         self.conns: dict[int, NodeConn] = {}
+        self.handshakes = 0                 # connections in their handshake now
+        self.refusals = RefusalLog()
         self._persist_lock = trio.Lock()
         self._saved_revision = -1
         self.procs = ProcService(cluster, self.send_node)
@@ -172,6 +229,11 @@ class Master:
         """One node daemon's connection, start to end; never raises."""
         peer = _peer(stream)
         try:
+            if self.handshakes >= MAX_HANDSHAKES:
+                self.refusals.warning(peer, trio.current_time(), "closed the connection from %s "
+                                      "at once: %d others are in their handshake", peer,
+                                      self.handshakes)
+                return
             await self._serve_connection(stream, peer)
         except Exception:
             log.exception("node connection from %s failed", peer)
@@ -179,14 +241,19 @@ class Master:
             await trio.aclose_forcefully(stream)
 
     async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
+        self.handshakes += 1
         try:
             fs = await wire.accept(stream, self.key)
         except wire.AuthError as exc:
-            log.warning("refused node connection from %s: %s", peer, exc)
+            self.refusals.warning(peer, trio.current_time(),
+                                  "refused node connection from %s: %s", peer, exc)
             return
         except (BpfsError, EOFError, trio.BrokenResourceError, OSError) as exc:
-            log.warning("bad handshake from %s: %s", peer, exc)
+            self.refusals.warning(peer, trio.current_time(), "bad handshake from %s: %s", peer,
+                                  exc or type(exc).__name__)
             return
+        finally:
+            self.handshakes -= 1
         fs.max_frame = MAX_NODE_FRAME
         number = await self._register(fs, peer)
         if number is not None:
@@ -196,11 +263,8 @@ class Master:
         try:
             with trio.fail_after(REGISTER_TIMEOUT):
                 msg = await fs.expect("register")
-            requested = msg.get("node")
-            if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool)):
-                raise BpfsError(errno.EINVAL, f"node number {requested!r} is not an integer")
-            number = self.cluster.attach(requested, peer.rsplit(":", 1)[0],
-                                         Facts.from_wire(msg.get("facts")), trio.current_time())
+            number = self.cluster.attach(msg["node"], peer.rsplit(":", 1)[0],
+                                         Facts.from_wire(msg["facts"]), trio.current_time())
         except BpfsError as exc:
             log.warning("refused registration from %s: %s", peer, exc)
             await _refuse(fs, exc)
@@ -216,7 +280,6 @@ class Master:
         self.conns[n] = conn
         try:
             with conn.scope:
-                await self._persist_quietly()       # a new number is on disk before it is used
                 await conn.stream.send({"t": "welcome", "node": n, "heartbeat": self.cfg.heartbeat})
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
@@ -241,16 +304,8 @@ class Master:
             now = trio.current_time()
             handler = NODE_MESSAGES.get(msg["t"])
             if handler is None:
-                self.cluster.heartbeat(conn.number, None, now)
-                log.warning("node %d sent unknown message %r; ignored", conn.number, msg["t"][:40])
-                continue
+                raise wire.ProtocolError(f"{msg['t']!r} is not a registered node's message")
             await handler(self, conn, msg, now)
-
-    async def _persist_quietly(self) -> None:
-        try:
-            await self.persist()
-        except BpfsError:
-            pass        # logged by persist; the node may still serve
 
     async def watchdog(self) -> None:
         """Close the connections of nodes silent for longer than ping_timeout (master/liveness.py).
@@ -291,7 +346,8 @@ class Master:
 async def _refuse(fs: wire.FrameStream, exc: BpfsError) -> None:
     try:
         with trio.move_on_after(2):
-            await fs.send({"t": "refused", "errno": exc.errno, "message": exc.message})
+            await fs.send({"t": "refused", "errno": exc.errno or errno.EIO,
+                           "message": exc.message[:4096]})
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 
@@ -316,7 +372,10 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
     cluster = Cluster(cfg.nodes)
     saved = statefile.load(cfg.state_file)
     if saved:
-        cluster.restore(saved)
+        ignored = cluster.restore(saved)
+        if ignored:
+            log.warning("state file %s: forgetting node%s %s, beyond --nodes %d", cfg.state_file,
+                        "s" if len(ignored) > 1 else "", ", ".join(map(str, ignored)), cfg.nodes)
     master = Master(cfg, cluster, key)
     await master.persist()
     try:
@@ -414,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--key-file", default=d.key_file)
     p.add_argument("--state-file", default=d.state_file)
-    p.add_argument("--nodes", type=int, default=d.nodes, help="configured node count")
+    p.add_argument("--nodes", type=int, default=d.nodes,
+                   help="configured node count: only 0..K-1 register; 0: any number")
     p.add_argument("--ping-timeout", type=float, default=d.ping_timeout)
     p.add_argument("--heartbeat", type=float, default=None,
                    help="default: a fifth of --ping-timeout, at most 1 s")

@@ -370,14 +370,12 @@ class ProcService:
         async for msg in m.receive:
             kind = msg["t"]
             if kind == "need":
-                hashes = [h for h in msg.get("hashes") or [] if isinstance(h, str)]
-                contents = await trio.to_thread.run_sync(read_contents, image, hashes)
+                contents = await trio.to_thread.run_sync(read_contents, image, msg["hashes"])
                 await self.send_node(m.node, {"t": "files", "id": m.id, "contents": contents})
             elif kind == "restored":
                 return
             else:
-                raise BpfsError(_int(msg.get("errno"), errno.EIO),
-                                str(msg.get("message") or "migration failed"))
+                raise BpfsError(msg["errno"], msg["message"] or "migration failed")
 
     async def _failed(self, m: Migration, exc: BpfsError) -> None:
         """Nothing runs on the node: tell bpsh (N: strerror), end the ghost with 255."""
@@ -400,13 +398,13 @@ class ProcService:
                             FAILED_EXIT, exc2 or "timed out")
                 self._kill_ghost(m.pid)
 
-    # ---- node messages -----------------------------------------------------------
+    # ---- node messages (each checked against bpfs/messages.py's table first) ----------
 
     def _migration(self, node: int, msg: dict[str, Any]) -> Migration | None:
-        m = self._migrations.get(msg.get("id"))  # type: ignore[arg-type]
+        m = self._migrations.get(msg["id"])
         if m is None or m.node != node:
-            log.warning("node %d: %s for unknown migration %r; ignored", node, msg["t"],
-                        msg.get("id"))
+            log.warning("node %d: %s for unknown migration %d; ignored", node, msg["t"],
+                        msg["id"])
             return None
         return m
 
@@ -428,12 +426,11 @@ class ProcService:
         """Recorded here, in message order, so an `exited` right behind finds the process."""
         m = self._migration(node, msg)
         if m is None:       # we gave up on it (timeout, ghost gone): nothing may run
-            if isinstance(msg.get("pid"), int):
-                self._spawn(self._send_signal, node, msg["pid"], _signal.SIGKILL, msg.get("id"))
+            self._spawn(self._send_signal, node, msg["pid"], _signal.SIGKILL, msg["id"])
             return
-        if msg.get("pid") != m.pid:
-            log.warning("node %d restored migration %d as pid %r, not %d", node, m.id,
-                        msg.get("pid"), m.pid)
+        if msg["pid"] != m.pid:
+            log.warning("node %d restored migration %d as pid %d, not %d", node, m.id,
+                        msg["pid"], m.pid)
         m.started = True
         self.cluster.proc_running(m.pid)
         self._deliver(node, msg)
@@ -445,19 +442,17 @@ class ProcService:
             self._forward(m.pid, sig)
 
     def on_exited(self, node: int, msg: dict[str, Any]) -> None:
-        pid = msg.get("pid")
-        p = self.cluster.procs.get(pid) if isinstance(pid, int) else None
+        pid, sig = msg["pid"], msg["signal"]
+        p = self.cluster.procs.get(pid)
         if p is None or p.node != node:
-            log.info("node %d: exit of unknown pid %r; ignored", node, pid)
+            log.info("node %d: exit of unknown pid %d; ignored", node, pid)
             return
-        mid = msg.get("id")
+        mid = msg["id"]
         if mid is not None and mid != p.mid:
             log.info("node %d: exit of pid %d of migration %r, not %d (a reused pid); "
                      "ignored", node, pid, mid, p.mid)
             return
-        code, sig = msg.get("code"), msg.get("signal")
-        sig = sig if isinstance(sig, int) and sig > 0 else None
-        code = _int(code, 0) & 0xFF
+        code = msg["code"] or 0
         self.cluster.exited(pid, code, sig)
         self._finish(pid, code, sig)
 
@@ -664,6 +659,3 @@ def _command(argv: list[str], comm: str) -> str:
     cmd = " ".join(argv) or comm or "?"
     return "".join(ch if ch.isprintable() else "?" for ch in cmd)[:256]
 
-
-def _int(x: Any, default: int) -> int:
-    return x if isinstance(x, int) and not isinstance(x, bool) else default

@@ -13,6 +13,10 @@ a mix. It is JSON text so an admin can read it:
     uid,gid := integers >= 0
     admin   := null | "unavailable" | "error"
 
+Which nodes it holds is the model's rule (bpfs/model.py `Cluster.saved`): with
+`--nodes K` the K configured ones, and no node registering can add one; with open
+numbering only nodes whose ACL or admin state someone changed.
+
 `load` returns None when the file does not exist (first start) and raises
 BpfsError(EINVAL) naming the file and the fault when it is corrupt: the master
 refuses to start rather than silently dropping ACLs.

@@ -30,8 +30,9 @@ keeps dispatching (a `files` reply, other restores) and heart-beating while it w
   5. close the node's copies of the fds; queue `restored`; hand the process to the reaper.
 
 Any BpfsError before the process runs: the links are closed and the reply is `failed`
-with its errno; nothing runs. A malformed request is `failed` EINVAL (ignored, with a
-warning, when it has no usable id). The master tells bpsh (the stdio link's `err` header):
+with its errno; nothing runs. A request with a bad IO spec, or socket IO without a port
+and a token, is `failed` EINVAL; one whose fields do not fit bpfs/messages.py's table
+never reaches the handler: the session ends (a protocol error). The master tells bpsh (the stdio link's `err` header):
 only it knows the PID when the image itself is unreadable.
 
 Exits: the reaper hands each restored process's wait status to `ProcessTable`, which sends
@@ -48,7 +49,6 @@ keeps its number for it, zombie or not.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -89,40 +89,18 @@ class RestoreRequest:
 
 
 def parse_restore(msg: wire.Message) -> RestoreRequest:
-    """The request in `msg`, or BpfsError EINVAL naming the bad field."""
-    def need(key: str, kind: type) -> Any:
-        value = msg.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise einval(f"restore: bad or missing {key!r}")
-        return value
-
-    groups, io = need("groups", list), need("io", list)
-    if not all(isinstance(g, int) and g >= 0 for g in groups):
-        raise einval("restore: groups must be ids")
-    if len(io) != 3 or not all(isinstance(s, str) for s in io):
-        raise einval("restore: io must be three IO specs")
-    req = RestoreRequest(need("id", int), need("image", bytes), need("uid", int),
-                         need("gid", int), tuple(groups),
+    """The request in `msg` (its fields typed and bounded by bpfs/messages.py), or
+    BpfsError EINVAL for what the table cannot say: IO specs, socket IO's port and token."""
+    req = RestoreRequest(msg["id"], msg["image"], msg["uid"], msg["gid"], tuple(msg["groups"]),
                          tuple(execreq.parse_io(s, fd)  # type: ignore[arg-type]
-                               for fd, s in enumerate(io)),
-                         need("port", int), need("token", str))
-    if req.uid < 0 or req.gid < 0:
-        raise einval("restore: negative uid or gid")
-    pid, rank = msg.get("pid"), msg.get("rank")
-    if pid is not None or rank is not None:
-        if not _is_int(pid) or not 0 < pid < 1 << 22:
-            raise einval("restore: pid must be a PID")
-        if rank is not None and (not _is_int(rank) or not 0 <= rank < 10**7):
-            raise einval("restore: rank must be a number of at most 7 digits")
-        req = dataclasses.replace(req, pid=pid, rank=rank)
+                               for fd, s in enumerate(msg["io"])),
+                         msg["port"], msg["token"], msg["pid"], msg["rank"])
+    if req.rank is not None and req.pid is None:
+        raise einval("restore: a rank needs a pid")
     if "socket" in req.io and not (0 < req.port < 65536
                                    and execreq.is_token(req.token)):
         raise einval("restore: socket IO needs a port and a 32-hex-digit token")
     return req
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -156,17 +134,17 @@ class ProcessTable:
         held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig,
                              "id": held.id})
 
-    def signal(self, session: "Session", pid: Any, sig: Any, mid: Any = None) -> None:
-        held = self.held.get(pid) if isinstance(pid, int) else None
+    def signal(self, session: "Session", pid: int, sig: int, mid: int | None = None) -> None:
+        held = self.held.get(pid)
         if held is None or held.session is not session:
-            log.debug("signal %r for pid %r, which this node does not hold: ignored", sig, pid)
+            log.debug("signal %d for pid %d, which this node does not hold: ignored", sig, pid)
             return
         if mid is not None and mid != held.id:
-            log.debug("signal %r for pid %d of restore %r, but it is restore %d's: ignored",
+            log.debug("signal %d for pid %d of restore %r, but it is restore %d's: ignored",
                       sig, pid, mid, held.id)
             return
-        if not _is_int(sig) or not 0 < sig < signals.NSIG:
-            log.debug("bad signal number %r for pid %d: ignored", sig, pid)
+        if not 0 < sig < signals.NSIG:
+            log.debug("bad signal number %d for pid %d: ignored", sig, pid)
             return
         try:
             os.kill(pid, sig)
@@ -180,12 +158,8 @@ async def on_restore(session: "Session", msg: wire.Message) -> None:
     try:
         req = parse_restore(msg)
     except BpfsError as exc:
-        mid = msg.get("id")
-        if not _is_int(mid):
-            log.warning("ignoring a restore request without an id: %s", exc)
-            return
-        log.warning("restore %d refused: %s", mid, exc)
-        session.report({"t": "failed", "id": mid, "errno": exc.errno,
+        log.warning("restore %d refused: %s", msg["id"], exc)
+        session.report({"t": "failed", "id": msg["id"], "errno": exc.errno,
                         "message": exc.message})
         return
     attempt = Attempt(session, req)
@@ -195,20 +169,15 @@ async def on_restore(session: "Session", msg: wire.Message) -> None:
 
 
 async def on_files(session: "Session", msg: wire.Message) -> None:
-    rid = msg.get("id")
-    waiter = session.files.pop(rid, None) if isinstance(rid, int) else None
-    contents = msg.get("contents")
+    waiter = session.files.pop(msg["id"], None)
     if waiter is None:
-        log.debug("files for %r, which no restore waits for: ignored", rid)
-    elif not isinstance(contents, dict) or not all(
-            isinstance(k, str) and isinstance(v, bytes) for k, v in contents.items()):
-        waiter.send_nowait(einval("files: contents must map hashes to bytes"))
+        log.debug("files for %d, which no restore waits for: ignored", msg["id"])
     else:
-        waiter.send_nowait(contents)
+        waiter.send_nowait(msg["contents"])
 
 
 async def on_signal(session: "Session", msg: wire.Message) -> None:
-    session.node.procs.signal(session, msg.get("pid"), msg.get("sig"), msg.get("id"))
+    session.node.procs.signal(session, msg["pid"], msg["sig"], msg["id"])
 
 
 class Attempt:
@@ -309,7 +278,8 @@ class Attempt:
             err, message = errno.EIO, f"node error: {type(exc).__name__}: {exc}"
         else:                                   # cancelled: the session is over
             raise exc
-        self.session.report({"t": "failed", "id": rid, "errno": err, "message": message})
+        self.session.report({"t": "failed", "id": rid, "errno": err or errno.EIO,
+                             "message": message[:4096]})     # within bpfs.messages' TEXT
 
 
 class Steps:

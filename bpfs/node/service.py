@@ -6,8 +6,11 @@ One `Node` lives as long as the process; it makes one `Session` per
 connection. A session registers (`register` -> `welcome` | `refused`), reports
 `state up`, sends `facts` every `heartbeat` seconds, and dispatches every
 message from the master through `HANDLERS`, a table of
-`message name -> async handler(session, msg)`. A handler returns None to keep
-the session going, or an `Outcome` that ends it. Later features (restore a
+`message name -> async handler(session, msg)`. Every message from the master
+is checked against its row of bpfs/messages.py's table before a handler sees
+it; one that does not fit, or that no handler takes (`challenge` or `welcome`
+again...), is a protocol error that ends the session (LOST, one log line). A
+handler returns None to keep the session going, or an `Outcome` that ends it. Later features (restore a
 migrated image, forward a signal, ...) add entries with `@handler("name")`; a
 handler that runs long starts a task in `session.nursery`.
 
@@ -70,10 +73,10 @@ CTL_OUTCOMES = {"reboot": Outcome.REBOOT, "halt": Outcome.HALT, "pwroff": Outcom
 
 @handler("ctl")
 async def _on_ctl(session: "Session", msg: wire.Message) -> Outcome | None:
-    cmd = msg.get("cmd")
-    outcome = CTL_OUTCOMES.get(cmd) if isinstance(cmd, str) else None
+    cmd = msg["cmd"]
+    outcome = CTL_OUTCOMES.get(cmd)
     if outcome is None:
-        log.warning("ignoring unknown ctl command %r", cmd)
+        log.warning("ignoring unknown ctl command %r", cmd[:40])
         return None
     log.info("master says %s", cmd)
     return outcome
@@ -166,11 +169,8 @@ class Session:
         """Raises BpfsError when the master refuses us (number taken, unknown node...)."""
         await self.send({"t": "register", "node": self.node.number, "facts": node_facts.facts()})
         welcome = await self.fs.expect("welcome")
-        number, beat = welcome.get("node"), welcome.get("heartbeat", 1.0)
-        if not isinstance(number, int) or not isinstance(beat, (int, float)) or beat <= 0:
-            raise wire.ProtocolError(f"bad welcome {welcome!r}")
-        self.heartbeat = float(beat)
-        return number
+        self.heartbeat = welcome["heartbeat"]
+        return welcome["node"]
 
     async def heartbeats(self) -> Outcome:
         while True:
@@ -194,13 +194,12 @@ class Session:
             self._reports.close()
         return outcomes[0] if outcomes else Outcome.LOST
 
-    @staticmethod
-    async def _guard(task: Callable[[], Awaitable[Outcome]], outcomes: list[Outcome],
+    async def _guard(self, task: Callable[[], Awaitable[Outcome]], outcomes: list[Outcome],
                      scope: trio.CancelScope) -> None:
         try:
             outcomes.append(await task())
         except wire.ProtocolError as exc:
-            log.error("protocol error from the master: %s", exc)
+            log.error("protocol error from the master at %s: %s", self.node.cfg.address, exc)
             outcomes.append(Outcome.LOST)
         except _CONNECTION_ERRORS as exc:
             log.warning("connection to the master lost: %s", _why(exc))
@@ -216,8 +215,7 @@ class Session:
                 return Outcome.LOST
             fn = HANDLERS.get(msg["t"])
             if fn is None:
-                log.warning("ignoring unknown message %r", msg["t"])
-                continue
+                raise wire.ProtocolError(f"{msg['t']!r} is not a message of a session")
             outcome = await fn(self, msg)
             if outcome is not None:
                 return outcome
@@ -283,7 +281,7 @@ class Node:
                      self.number, self.cfg.address, session.heartbeat)
             return await session.run(), EXIT_LOST
         except wire.ProtocolError as exc:
-            log.error("protocol error from the master: %s", exc)
+            log.error("protocol error from the master at %s: %s", self.cfg.address, exc)
         except BpfsError as exc:
             log.error("the master refused node %s: %s", _num(self.number), exc)
             return Outcome.LOST, EXIT_REFUSED

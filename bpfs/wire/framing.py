@@ -1,4 +1,4 @@
-"""The master <-> node wire protocol: framing, handshake, message names.
+"""The master <-> node wire protocol: framing, decoding limits, handshake, keys.
 
 The only module that speaks msgpack for the protocol. Grammar:
 
@@ -16,37 +16,23 @@ each side proves it knows the key before it learns anything):
 
 The domain tags keep one side's answer from ever being replayed as the
 other's. A version mismatch or a wrong MAC is refused (EACCES / EPROTO) and the
-connection closed. After the handshake, messages (all maps, "t" first):
+connection closed. After the handshake come the messages of bpfs/messages.py,
+whose table is the grammar of every message and its fields (registration,
+heartbeats, migration).
 
-    node   -> master  register   node: int|None, facts: FACTS
-    master -> node    welcome    node: int, heartbeat: float (seconds)
-                      refused    errno, message      (then the master closes)
-    node   -> master  state      state: str          ("up" once booted)
-    node   -> master  facts      facts: FACTS        (the heartbeat; every `heartbeat` s)
-    master -> node    ctl        cmd: "reboot" | "halt" | "pwroff"
+Receiving: a frame larger than the stream's limit is refused from its length
+prefix, before any of it is read (HANDSHAKE_MAX_FRAME until the handshake is
+over); its payload is decoded with msgpack's limits set from that limit and from
+messages.MAX_ITEMS (no string, list or map larger than the frame or the table
+allows is ever built; no extension types; nesting is bounded by msgpack); then a
+stream that knows who is at the other end (`sender`, set by `accept` and
+`connect`) checks the message against its row of the table (`messages.check`)
+before returning it. Any fault raises ProtocolError (EPROTO) naming the message
+and the field: the caller closes that one connection. No size the peer states is
+trusted for an allocation: the stream reads at most RECEIVE_CHUNK bytes at a time.
 
-  Migration (bpsh, issue 4); ID is the master's number for one migration:
-    master -> node    restore    id, image: bytes (bpfs.migrate.dumps), uid, gid, groups: [int],
-                                 io: [IO, IO, IO] (bpfs.wire.execreq), port, token,
-                                 [pid]     the ghost's PID (else the image's)
-                                 [rank]    with pid, a rank of a multi-node run: it
-                                           goes into BPROC_RANK=XXXXXXX
-    node   -> master  need       id, hashes: [hash]      file contents the node lacks
-    master -> node    files      id, contents: {hash: bytes}
-    node   -> master  restored   id, pid                 the process runs on the node
-                      failed     id, errno, message      nothing runs; stdio links closed
-    master -> node    signal     pid, sig, [id]           forward a signal to a process;
-                                                          only if it is the one restored
-                                                          for migration `id`, when given
-    node   -> master  exited     pid, code: int|None, signal: int|None, [id]
-                                                          `id`: the restore's; an exit of
-                                                          another migration's pid is stale
-
-    FACTS := {"hostname", "cpus", "arch", "kernel", "load": [l1, l5, l15],
-              "mem_total", "mem_available", "uptime"}
-
-A frame larger than the stream's limit, or a payload that is not a map with a
-string "t", raises ProtocolError: the caller closes that one connection.
+Deadlines: the whole handshake must be over within HANDSHAKE_TIMEOUT (a peer that
+trickles one byte a second is cut at that deadline, not at each byte's).
 """
 
 from __future__ import annotations
@@ -62,7 +48,8 @@ from typing import Any
 import msgpack
 import trio
 
-from bpfs.errors import BpfsError
+from bpfs import messages
+from bpfs.errors import BpfsError, ProtocolError   # wire.ProtocolError, as callers know it
 
 VERSION = 1
 DEFAULT_PORT = 2223
@@ -70,15 +57,9 @@ HANDSHAKE_MAX_FRAME = 4096
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 NONCE_BYTES = 32
 HANDSHAKE_TIMEOUT = 10.0
+RECEIVE_CHUNK = 1 << 20         # bytes read at most at a time, whatever a frame claims
 
-Message = dict[str, Any]
-
-
-class ProtocolError(BpfsError):
-    """The peer broke the protocol; close its connection, keep serving others."""
-
-    def __init__(self, message: str, err: int = errno.EPROTO) -> None:
-        super().__init__(err, message)
+Message = messages.Message
 
 
 class AuthError(ProtocolError):
@@ -92,11 +73,17 @@ def pack(msg: Message) -> bytes:
 
 
 def unpack(body: bytes) -> Message:
+    """Decode one payload (not yet checked against the table): ProtocolError if it is
+    not msgpack, is larger than its limits, or is not a map with a string "t"."""
+    n = len(body)
+    items = min(n, messages.MAX_ITEMS)
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=False, max_str_len=n,
+                              max_bin_len=n, max_array_len=items, max_map_len=items,
+                              max_ext_len=0)
     except Exception as exc:  # msgpack raises many types for garbage
-        raise ProtocolError(f"undecodable frame: {exc}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc!s:.80}") from None
+    if type(msg) is not dict or type(msg.get("t")) is not str:
         raise ProtocolError("frame is not a message map with a string 't'")
     return msg
 
@@ -104,13 +91,16 @@ def unpack(body: bytes) -> Message:
 class FrameStream:
     """Length-prefixed msgpack messages over a trio stream.
 
-    `receive` raises ProtocolError on an oversized or malformed frame and
-    EOFError when the peer closed cleanly between frames.
+    `receive` raises ProtocolError on an oversized or malformed frame, or (with
+    `sender`, "node" or "master": who is at the other end) one that does not fit its
+    row of bpfs.messages; EOFError when the peer closed cleanly between frames.
     """
 
-    def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME,
+                 sender: str | None = None) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.sender = sender
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
@@ -189,7 +179,8 @@ class FrameStream:
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
-            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            chunk = await self.stream.receive_some(
+                min(max(65536, n - len(self._buf)), RECEIVE_CHUNK))
             if not chunk:
                 return False
             self._buf += chunk
@@ -207,14 +198,17 @@ class FrameStream:
             raise ProtocolError("connection closed inside a frame")
         body = bytes(self._buf[4:4 + length])
         del self._buf[:4 + length]
-        return unpack(body)
+        msg = unpack(body)
+        return msg if self.sender is None else messages.check(msg, self.sender)
 
     async def expect(self, kind: str) -> Message:
+        """The next message, which must be `kind` (ProtocolError); a `refused` is raised
+        as the BpfsError it carries."""
         msg = await self.receive()
         if msg["t"] == "refused":
-            raise BpfsError(int(msg.get("errno", errno.EACCES)), str(msg.get("message", "refused")))
+            raise BpfsError(_int(msg.get("errno"), errno.EACCES), str(msg.get("message")))
         if msg["t"] != kind:
-            raise ProtocolError(f"expected {kind!r}, got {msg['t']!r}")
+            raise ProtocolError(f"expected {kind!r}, got {msg['t']!r:.40}")
         return msg
 
     async def aclose(self) -> None:
@@ -256,11 +250,18 @@ def _mac(key: bytes, tag: bytes, a: bytes, b: bytes) -> bytes:
     return hmac.new(key, tag + a + b, hashlib.sha256).digest()
 
 
-def _nonce(msg: Message) -> bytes:
-    n = msg.get("nonce")
-    if not isinstance(n, bytes) or len(n) != NONCE_BYTES:
-        raise ProtocolError("bad nonce in handshake")
-    return n
+def _int(x: Any, default: int) -> int:
+    return x if type(x) is int else default
+
+
+def _bytes(msg: Message, key: str) -> bytes:
+    """A bytes field of a handshake message (checked by the table when the stream has a
+    sender; a raw stream gets EPROTO here for anything else)."""
+    value = msg.get(key)
+    if type(value) is not bytes or len(value) != NONCE_BYTES:
+        raise ProtocolError(f"{msg['t']}.{key}: expected {NONCE_BYTES} bytes, got "
+                            f"{messages.describe(value)}")
+    return value
 
 
 # ---- handshake ----------------------------------------------------------------
@@ -270,8 +271,8 @@ async def client_handshake(fs: FrameStream, key: bytes) -> None:
     nn = secrets.token_bytes(NONCE_BYTES)
     await fs.send({"t": "hello", "v": VERSION, "nonce": nn})
     ch = await fs.expect("challenge")
-    nm = _nonce(ch)
-    if not hmac.compare_digest(_mac(key, b"bpfs-master", nn, nm), bytes(ch.get("mac", b""))):
+    nm = _bytes(ch, "nonce")
+    if not hmac.compare_digest(_mac(key, b"bpfs-master", nn, nm), _bytes(ch, "mac")):
         raise AuthError("the master does not know the cluster key")
     await fs.send({"t": "auth", "mac": _mac(key, b"bpfs-node", nm, nn)})
     try:
@@ -288,12 +289,12 @@ async def server_handshake(fs: FrameStream, key: bytes) -> None:
     if hello.get("v") != VERSION:
         await _refuse(fs, errno.EPROTO, f"protocol version {hello.get('v')!r} unsupported, want {VERSION}")
         raise ProtocolError(f"peer speaks protocol version {hello.get('v')!r}")
-    nn = _nonce(hello)
+    nn = _bytes(hello, "nonce")
     nm = secrets.token_bytes(NONCE_BYTES)
     await fs.send({"t": "challenge", "v": VERSION, "nonce": nm,
                    "mac": _mac(key, b"bpfs-master", nn, nm)})
     auth = await fs.expect("auth")
-    if not hmac.compare_digest(_mac(key, b"bpfs-node", nm, nn), bytes(auth.get("mac", b""))):
+    if not hmac.compare_digest(_mac(key, b"bpfs-node", nm, nn), _bytes(auth, "mac")):
         await _refuse(fs, errno.EACCES, "wrong cluster key")
         raise AuthError("peer does not know the cluster key")
     await fs.send({"t": "ok"})
@@ -309,7 +310,7 @@ async def _refuse(fs: FrameStream, err: int, message: str) -> None:
 async def connect(host: str, port: int, key: bytes) -> FrameStream:
     """Open an authenticated connection to the master (node side)."""
     stream = await trio.open_tcp_stream(host, port)
-    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME)
+    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, sender="master")
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await client_handshake(fs, key)
@@ -322,7 +323,7 @@ async def connect(host: str, port: int, key: bytes) -> FrameStream:
 
 async def accept(stream: trio.abc.Stream, key: bytes) -> FrameStream:
     """Authenticate a freshly accepted connection (master side); the caller closes on error."""
-    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME)
+    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, sender="node")
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await server_handshake(fs, key)

@@ -367,11 +367,20 @@ async def test_registration_rules(master: Master) -> None:
         fs, reply = await register(master, number=2)
         await trio.aclose_forcefully(fs.stream)
         assert reply["t"] == "refused" and reply["errno"] == errno.EBUSY
-        async with fake_node(master) as a, fake_node(master) as b, fake_node(master) as c:
-            assert (a.number, b.number, c.number) == (0, 1, 3)     # lowest free, then past the end
-            await wait_for(lambda: os.path.isdir(master.path("nodes/3")))
-        async with fake_node(master, number=9, up=False):
-            await wait_for(lambda: node_state(master, 9) == "boot")
+        async with fake_node(master) as a, fake_node(master) as b:
+            assert (a.number, b.number) == (0, 1)                   # the lowest free
+            fs, reply = await register(master)                      # none left
+            await trio.aclose_forcefully(fs.stream)
+            assert (reply["t"], reply["errno"]) == ("refused", errno.EBUSY)
+            assert "all 3 configured nodes" in reply["message"]
+        async with fake_node(master, up=False) as c:
+            assert c.number == 0
+            await wait_for(lambda: node_state(master, 0) == "boot")
+    fs, reply = await register(master, number=3)                    # not configured
+    await trio.aclose_forcefully(fs.stream)
+    assert (reply["t"], reply["errno"]) == ("refused", errno.ENODEV)
+    assert reply["message"] == "node 3 is not configured: this master has nodes 0..2 (--nodes 3)"
+    assert sorted(os.listdir(master.path("nodes")), key=int) == ["0", "1", "2"]
 
 
 async def test_garbage_ctl_writes_are_einval_and_the_master_keeps_working(master: Master) -> None:
@@ -461,17 +470,20 @@ async def test_master_restart_keeps_acls_and_states(master: Master) -> None:
         await wait_for(lambda: node_state(master, 1) == "up")
         ok(sh(f"chmod 0101 {master.path('nodes/1')} && chown 1000:100 {master.path('nodes/1')}"))
         ok(sh(f"echo 'state unavailable' > {master.path('nodes/1/ctl')}"))
-    async with fake_node(master, number=7):
-        pass
     assert master.stop() == 0
     assert not mounted(master.mount)
     master.start()
     st = os.stat(master.path("nodes/1"))
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o101, 1000, 100)
-    assert sorted(os.listdir(master.path("nodes")), key=int) == ["0", "1", "2", "7"]
+    assert sorted(os.listdir(master.path("nodes")), key=int) == ["0", "1", "2"]
     assert node_state(master, 1) == "down"
     async with fake_node(master, number=1):
         await wait_for(lambda: node_state(master, 1) == "unavailable")
+    master.stop()
+    master.nodes = 2                        # fewer nodes: what the file kept of node 2 goes
+    master.start()
+    assert sorted(os.listdir(master.path("nodes")), key=int) == ["0", "1"]
+    assert "forgetting node 2, beyond --nodes 2" in master.log()
 
 
 def test_sigterm_with_a_blocked_reader_unmounts_and_exits_0(master: Master) -> None:
@@ -500,6 +512,9 @@ def test_corrupt_state_file_refuses_to_start(master: Master) -> None:
 
 
 async def test_rss_with_64_nodes(master: Master) -> None:
+    master.stop()
+    master.nodes = 64
+    master.start()
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
         ready: list[int] = []

@@ -215,6 +215,7 @@ async def test_connect_and_accept_over_tcp():
     async def serve(stream):
         try:
             fs = await wire.accept(stream, KEY)
+            await fs.send({"t": "ctl", "cmd": "halt"})
             await fs.send({"t": "hi"})
         except wire.ProtocolError:
             pass
@@ -225,7 +226,9 @@ async def test_connect_and_accept_over_tcp():
                                                           host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         fs = await wire.connect("127.0.0.1", port, KEY)
-        assert await fs.receive() == {"t": "hi"}
+        assert await fs.receive() == {"t": "ctl", "cmd": "halt"}
+        with pytest.raises(wire.ProtocolError, match="unknown message 'hi'"):
+            await fs.receive()            # the node checks the master's messages too
         await fs.aclose()
         with pytest.raises(wire.AuthError):
             await wire.connect("127.0.0.1", port, OTHER)

@@ -51,18 +51,44 @@ def test_boot_up_down_sequence_and_events():
     assert c.events.since(cur) == ([], cur)
 
 
-def test_attach_numbers():
+def test_attach_numbers_of_configured_nodes():
     c = Cluster(2)
     assert c.attach(None, "a", Facts(), 0) == 0
     assert c.attach(None, "b", Facts(), 0) == 1
-    assert c.attach(None, "c", Facts(), 0) == 2          # past the end
-    assert c.attach(7, "d", Facts(), 0) == 7             # asked for
-    assert errno_of(c.attach, 7, "e", Facts(), 0) == errno.EBUSY
+    assert errno_of(c.attach, None, "c", Facts(), 0) == errno.EBUSY    # all connected
+    assert errno_of(c.attach, 1, "c", Facts(), 0) == errno.EBUSY
+    for beyond in (2, 7, 99, 65535):
+        assert errno_of(c.attach, beyond, "d", Facts(), 0) == errno.ENODEV
     assert errno_of(c.attach, -1, "e", Facts(), 0) == errno.EINVAL
     assert errno_of(c.attach, 10**9, "e", Facts(), 0) == errno.EINVAL
     c.detach(1)
     assert c.attach(None, "f", Facts(), 0) == 1          # lowest free
-    assert c.revision > 0                               # new numbers are persistent data
+    assert [n.number for n in c.nodes()] == [0, 1] and c.revision == 0
+
+
+def test_attach_numbers_when_numbering_is_open():
+    c = Cluster(0)
+    assert c.attach(None, "a", Facts(), 0) == 0
+    assert c.attach(None, "b", Facts(), 0) == 1
+    assert c.attach(7, "d", Facts(), 0) == 7             # asked for
+    assert c.attach(None, "c", Facts(), 0) == 8          # past the end
+    assert errno_of(c.attach, 7, "e", Facts(), 0) == errno.EBUSY
+    assert errno_of(c.attach, -1, "e", Facts(), 0) == errno.EINVAL
+    assert errno_of(c.attach, 65536, "e", Facts(), 0) == errno.EINVAL
+    c.detach(1)
+    assert c.attach(None, "f", Facts(), 0) == 1          # lowest free
+    assert c.saved() == [] and c.revision == 0          # nothing anyone set: nothing to keep
+    c.chmod(7, 0o100, ROOT)
+    assert c.saved() == [SavedNode(7, 0o100)] and c.revision == 1
+
+
+def test_restore_ignores_numbers_beyond_the_configured_nodes():
+    c = Cluster(2)
+    assert c.restore([SavedNode(1, 0o100), SavedNode(5, 0o101), SavedNode(9)]) == [5, 9]
+    assert [n.number for n in c.nodes()] == [0, 1] and c.node(1).mode == 0o100
+    d = Cluster(0)
+    assert d.restore([SavedNode(5, 0o101)]) == []
+    assert [n.number for n in d.nodes()] == [5]
 
 
 def test_stale_nodes():
@@ -258,9 +284,8 @@ def test_saved_and_restore_round_trip():
     c.chmod(0, 0o100, ROOT)
     c.chown(1, 1000, 100, ROOT)
     c.set_admin_state(1, "unavailable", ROOT)
-    c.attach(9, "x", Facts(), 0)
     saved = c.saved()
-    d = Cluster(1)
+    d = Cluster(2)
     d.restore(saved)
     assert d.saved() == saved
     assert d.node(1).state == "down"
