@@ -36,7 +36,7 @@ class BpfsError(Exception):
 
 
 class ProtocolError(BpfsError):
-    """A peer broke the master <-> node protocol (bpfs/wire/framing.py, bpfs/messages.py): close
+    """A peer broke the master <-> node protocol (bpfs/wire/framing.py, bpfs/wire/messages.py): close
     its connection, keep serving others."""
 
     def __init__(self, message: str, err: int = _errno.EPROTO) -> None:

@@ -4,7 +4,7 @@
     await nursery.start(serve_master, cfg)      for tests; started() with the bound port
     python -m bpfs.master --help                the same from a shell
 
-Node connections (protocol in bpfs/wire/framing.py, messages in bpfs/messages.py):
+Node connections (protocol in bpfs/wire/framing.py, messages in bpfs/wire/messages.py):
 authenticate (`wire.accept`), then `register` -> `welcome` (or `refused` and
 close), then the node's messages are dispatched by `NODE_MESSAGES`; every
 message counts as a heartbeat. A node silent for `ping_timeout` seconds, or
@@ -118,7 +118,7 @@ def _to_procs(name: str) -> NodeHandler:
     return handler
 
 
-# Messages a registered node may send (checked by bpfs.messages first); add a row for a
+# Messages a registered node may send (checked by bpfs.wire.messages first); add a row for a
 # new one. Any other is a protocol error: `hello`, `auth`, `register` again...
 NODE_MESSAGES: dict[str, NodeHandler] = {
     "facts": _on_facts, "state": _on_state,

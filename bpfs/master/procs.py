@@ -398,7 +398,7 @@ class ProcService:
                             FAILED_EXIT, exc2 or "timed out")
                 self._kill_ghost(m.pid)
 
-    # ---- node messages (each checked against bpfs/messages.py's table first) ----------
+    # ---- node messages (each checked against bpfs/wire/messages.py's table first) ----------
 
     def _migration(self, node: int, msg: dict[str, Any]) -> Migration | None:
         m = self._migrations.get(msg["id"])

@@ -31,7 +31,7 @@ keeps dispatching (a `files` reply, other restores) and heart-beating while it w
 
 Any BpfsError before the process runs: the links are closed and the reply is `failed`
 with its errno; nothing runs. A request with a bad IO spec, or socket IO without a port
-and a token, is `failed` EINVAL; one whose fields do not fit bpfs/messages.py's table
+and a token, is `failed` EINVAL; one whose fields do not fit bpfs/wire/messages.py's table
 never reaches the handler: the session ends (a protocol error). The master tells bpsh (the stdio link's `err` header):
 only it knows the PID when the image itself is unreadable.
 
@@ -89,7 +89,7 @@ class RestoreRequest:
 
 
 def parse_restore(msg: wire.Message) -> RestoreRequest:
-    """The request in `msg` (its fields typed and bounded by bpfs/messages.py), or
+    """The request in `msg` (its fields typed and bounded by bpfs/wire/messages.py), or
     BpfsError EINVAL for what the table cannot say: IO specs, socket IO's port and token."""
     req = RestoreRequest(msg["id"], msg["image"], msg["uid"], msg["gid"], tuple(msg["groups"]),
                          tuple(execreq.parse_io(s, fd)  # type: ignore[arg-type]
@@ -279,7 +279,7 @@ class Attempt:
         else:                                   # cancelled: the session is over
             raise exc
         self.session.report({"t": "failed", "id": rid, "errno": err or errno.EIO,
-                             "message": message[:4096]})     # within bpfs.messages' TEXT
+                             "message": message[:4096]})     # within bpfs.wire.messages' TEXT
 
 
 class Steps:

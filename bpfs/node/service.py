@@ -7,7 +7,7 @@ connection. A session registers (`register` -> `welcome` | `refused`), reports
 `state up`, sends `facts` every `heartbeat` seconds, and dispatches every
 message from the master through `HANDLERS`, a table of
 `message name -> async handler(session, msg)`. Every message from the master
-is checked against its row of bpfs/messages.py's table before a handler sees
+is checked against its row of bpfs/wire/messages.py's table before a handler sees
 it; one that does not fit, or that no handler takes (`challenge` or `welcome`
 again...), is a protocol error that ends the session (LOST, one log line). A
 handler returns None to keep the session going, or an `Outcome` that ends it. Later features (restore a

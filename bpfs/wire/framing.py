@@ -16,7 +16,7 @@ each side proves it knows the key before it learns anything):
 
 The domain tags keep one side's answer from ever being replayed as the
 other's. A version mismatch or a wrong MAC is refused (EACCES / EPROTO) and the
-connection closed. After the handshake come the messages of bpfs/messages.py,
+connection closed. After the handshake come the messages of bpfs/wire/messages.py,
 whose table is the grammar of every message and its fields (registration,
 heartbeats, migration).
 
@@ -48,7 +48,7 @@ from typing import Any
 import msgpack
 import trio
 
-from bpfs import messages
+from bpfs.wire import messages
 from bpfs.errors import BpfsError, ProtocolError   # wire.ProtocolError, as callers know it
 
 VERSION = 1
@@ -93,7 +93,7 @@ class FrameStream:
 
     `receive` raises ProtocolError on an oversized or malformed frame, or (with
     `sender`, "node" or "master": who is at the other end) one that does not fit its
-    row of bpfs.messages; EOFError when the peer closed cleanly between frames.
+    row of bpfs.wire.messages; EOFError when the peer closed cleanly between frames.
     """
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME,

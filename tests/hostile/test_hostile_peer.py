@@ -3,7 +3,7 @@
 A peer that can reach the node port but holds no key sends handshake frames with
 fields of every wrong type and size; one that holds the key sends malformed and
 out-of-order frames before and after it registers; a hostile master feeds a real
-node daemon. Every frame is checked against the message table (bpfs/messages.py)
+node daemon. Every frame is checked against the message table (bpfs/wire/messages.py)
 right after decoding: a bad one closes that one connection with one log line naming
 the peer, never a traceback, never a stall of the master, never state that outlives
 the connection. The master runs as `python -m bpfs.master` (tests/cluster/test_master.py's
@@ -30,8 +30,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpfs import messages
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages
 from bpfs.master.daemon import MAX_HANDSHAKES, NODE_MESSAGES, RefusalLog
 from tests.cluster.test_master import (FACTS, Master, fake_node, master, node_state,  # noqa: F401
                                    register, wait_for)

@@ -1,4 +1,4 @@
-"""The message table (bpfs/messages.py): what fits passes as it is, what does not is a
+"""The message table (bpfs/wire/messages.py): what fits passes as it is, what does not is a
 ProtocolError naming the message and the field; and what our own senders build fits.
 
 Pure: no sockets. The same table is checked over real sockets against a real master and a
@@ -16,8 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfs import messages
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages
 from bpfs.errors import ProtocolError
 from bpfs.master.daemon import RefusalLog
 from bpfs.node import facts as node_facts
