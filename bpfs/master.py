@@ -95,7 +95,8 @@ def _to_procs(name: str) -> NodeHandler:
 # Messages a registered node may send; add a row for a new one.
 NODE_MESSAGES: dict[str, NodeHandler] = {
     "facts": _on_facts, "state": _on_state,
-    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited")},
+    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited",
+                                                  "stopped", "continued")},
 }
 
 

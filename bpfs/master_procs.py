@@ -4,7 +4,8 @@
     await nursery.start(procs.run)        starts the ptrace thread; stops it (every ghost
                                           killed) when cancelled
     await procs.execmove(node, caller, req)   from nodes/N/ctl: seize the writer, return its pid
-    procs.on_need/on_restored/on_failed/on_exited(node, msg)   node -> master messages
+    procs.on_need/on_restored/on_failed/on_exited/on_stopped/on_continued(node, msg)
+                                          node -> master messages
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
     await procs.execmove(node, caller, req, launch)   the same for the master's own child
@@ -27,6 +28,8 @@ One migration (ID = our serial), bpsh's child being the writer W:
     ghost life     a signal to the ghost -> node: signal {pid, sig}, event signal
                    (one that comes while "starting", to the ghost or to procs/PID/signal,
                    waits for `restored` and is forwarded then)
+                   node: stopped {pid, sig} / continued {pid} -> state "stopped" /
+                   "running", and the ghost stops or goes on with it (its parent sees it)
                    node: exited {pid, code, signal} -> the ghost ends the same way
                    the ghost died first (kill -9 on the master) -> node: signal {pid, 9}
                    the ghost is gone -> event exit (once), procs/PID removed
@@ -437,6 +440,36 @@ class ProcService:
         code = _int(code, 0) & 0xFF
         self.cluster.exited(pid, code, sig)
         self._finish(pid, code, sig)
+
+    def on_stopped(self, node: int, msg: dict[str, Any]) -> None:
+        """The real process stopped (SIGSTOP, SIGTSTP...): state "stopped", and the ghost
+        stops too, so its parent (a shell, for `bpsh -N`) sees a stopped child."""
+        pid = self._known_on(node, msg)
+        if pid is not None:
+            self.cluster.stopped(pid)
+            self._ghost_job(pid, stop=True)
+
+    def on_continued(self, node: int, msg: dict[str, Any]) -> None:
+        pid = self._known_on(node, msg)
+        if pid is not None:
+            self.cluster.continued(pid)
+            self._ghost_job(pid, stop=False)
+
+    def _known_on(self, node: int, msg: dict[str, Any]) -> int | None:
+        pid = msg.get("pid")
+        p = self.cluster.procs.get(pid) if isinstance(pid, int) else None
+        if p is None or p.node != node or p.state == "exited":
+            log.info("node %d: %s of unknown pid %r; ignored", node, msg.get("t"), pid)
+            return None
+        return pid
+
+    def _ghost_job(self, pid: int, stop: bool) -> None:
+        if self.tracer is None or not hasattr(self.tracer, "set_stopped"):
+            return
+        try:
+            self.tracer.set_stopped(pid, stop)
+        except BpfsError as exc:
+            log.info("pid %d: %s the ghost: %s", pid, "stopping" if stop else "continuing", exc)
 
     def _finish(self, pid: int, code: int, sig: int | None) -> None:
         """The ghost ends the same way. Nothing here waits for it: the tracer thread does

@@ -65,6 +65,20 @@ PIDFD_SLOT = 1000  # where the pidfd waits while fds 0-2 are installed
 MOVABLE = ("vvar", "vvar_vclock", "vdso")
 
 
+# A job's keeper (see the module docstring) runs this once the process it keeps runs:
+#   loop:  wait4(r12, rbx + 4, WUNTRACED | WCONTINUED, 0); EINTR: again; error: out
+#   write: write(r13, rbx, 8) (EINTR: again)      the record: [pid, wait status] (int32s)
+#          status continued (0xffff) or stopped (low byte 0x7f): loop
+#   out:   exit_group(0)
+KEEPER = bytes.fromhex(
+    "b83d0000004489e7488d7304ba0a0000004531d20f054883f8fc74e44885c07826b8010000004489ef4889de"
+    "ba080000000f054883f8fc74e88b43043dffff000074bd3c7f74b9b8e700000031ff0f05cc")
+KEEPER_OFFSET, RECORD_OFFSET = 0x100, 0x180   # in the scratch area, below the batch table
+KEEPER_FD = 1
+SIG_SETMASK = 2
+JOB_RECORD = struct.Struct("<ii")               # pid, wait status: what a keeper writes
+
+
 class CloneRefused(MigrateError):
     """clone3 itself failed (PID taken, pid_max...): the helper is fine and stays."""
 
@@ -125,38 +139,52 @@ class Helper:
         b.run(pid, regs)
 
     def _write_clone_batch(self) -> tuple[stub.Batch, int]:
-        """The clone3 batch, written once: each clone only writes its PID into set_tid (the
-        clones run their own batches in their copies of the scratch area)."""
+        """The clone3 batch, written once: each clone only writes its PID into set_tid, and
+        whether there is one (the clones run their own batches in their copies of the
+        scratch area)."""
         b = stub.Batch(SCRATCH)
         tids = b.data(bytes(8))
         args = b.data(struct.pack("<11Q", CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, tids, 1, 0))
         b.call("clone3", args, 88)
         pt.write_memory(self.pid, b.writes())
+        assert args == tids + 16
         return b, tids
 
-    def clone(self, target_pid: int) -> int:
-        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced."""
-        b = self._clone_batch
-        pt.write_memory(self.pid, [(self._tid_addr, struct.pack("<i", target_pid))])
-        stub.start(self.pid, self.regs, SCRATCH, 1)
-        stop = pt.wait_stop(self.pid)
-        if pt.stop_event(stop) != pt.EVENT_CLONE:
-            try:
-                stub.finish(self.pid, b, stop)
-            except MigrateError as exc:
-                taken = " (PID taken)" if exc.errno == errno.EEXIST else ""
-                raise CloneRefused(exc.errno, f"cannot create process {target_pid}: "
-                                   f"{os.strerror(exc.errno)}{taken}") from exc
-            raise MigrateError(errno.EIO, f"helper stopped by {stop:#x} instead of clone", 0)
-        child = pt.geteventmsg(self.pid)
-        pt.cont(self.pid)
-        stub.finish(self.pid, b, pt.wait_stop(self.pid))
-        if pt.stop_signal(pt.wait_stop(child)) != signal.SIGSTOP:
-            raise MigrateError(errno.EIO, "new process did not stop", child)
-        return child
+    def clone(self, target_pid: int | None) -> int:
+        """clone3(CLONE_PARENT, set_tid=[target_pid]): a clean process, stopped, traced.
+        With None, the PID is whatever the kernel gives (a job's keeper)."""
+        tids = self._tid_addr
+        set_tid = struct.pack("<QQ", tids, 1) if target_pid is not None else bytes(16)
+        pt.write_memory(self.pid, [(tids, struct.pack("<i", target_pid or 0)),
+                                   (tids + 16 + 64, set_tid)])    # args.set_tid, set_tid_size
+        return _clone_in(self.pid, self.regs, self._clone_batch, target_pid)
 
     def kill(self) -> None:
         _kill(self.pid)
+
+
+def _clone_in(pid: int, regs: pt.Regs, batch: stub.Batch, target_pid: int | None) -> int:
+    """Run `batch` (written in stopped `pid`'s scratch area, one clone3 among its calls):
+    the new process, stopped at its first stop, traced by us. CloneRefused if the clone3
+    failed (PID taken, process limits)."""
+    stub.start(pid, regs, SCRATCH, batch.count())
+    stop = pt.wait_stop(pid)
+    if pt.stop_event(stop) not in (pt.EVENT_CLONE, pt.EVENT_FORK):  # exit signal SIGCHLD: fork
+        try:
+            stub.finish(pid, batch, stop)
+        except MigrateError as exc:
+            taken = " (PID taken)" if exc.errno == errno.EEXIST else ""
+            what = f"process {target_pid}" if target_pid is not None else "a process"
+            raise CloneRefused(exc.errno, f"cannot create {what}: "
+                               f"{os.strerror(exc.errno)}{taken}") from exc
+        raise MigrateError(errno.EIO, f"process {pid} stopped by {stop:#x} instead of clone",
+                           pid)
+    child = pt.geteventmsg(pid)
+    pt.cont(pid)
+    stub.finish(pid, batch, pt.wait_stop(pid))
+    if pt.stop_signal(pt.wait_stop(child)) != signal.SIGSTOP:
+        raise MigrateError(errno.EIO, "new process did not stop", child)
+    return child
 
 
 def _kill(pid: int) -> None:
@@ -180,9 +208,11 @@ class Restorer:
     exec); None keeps them in memory files for the restore only.
     """
 
-    def __init__(self, cache_dir: str | None = None) -> None:
+    def __init__(self, cache_dir: str | None = None, jobs_fd: int | None = None) -> None:
         self.cache = FileCache(cache_dir) if cache_dir else None
         self.hashes = HashCache()
+        self.jobs_fd = jobs_fd
+        self.last_keeper: int | None = None     # the keeper of the last restore (jobs_fd)
         self._thread = threading.get_ident()
         self._helper: Helper | None = Helper()
 
@@ -278,19 +308,29 @@ class Restorer:
             if hash_bytes(data) != h:
                 raise MigrateError(errno.EINVAL, f"supplied content does not match {h}")
         files = self._open_files(image, content)
+        self.last_keeper = keeper = None
         try:
-            child = self._clone(pid)
+            if self.jobs_fd is None:
+                child = self._clone(pid)
+            else:
+                keeper, child = self._clone_job(pid)
             try:
-                self._build(child, image, files, list(fds), uid, gid, list(groups))
+                self._build(child, image, files, list(fds), uid, gid, list(groups),
+                            keeper is not None)
+                if keeper is not None:
+                    self._keep(keeper, child)
             except BaseException:
                 _kill(child)
+                if keeper is not None:
+                    _kill(keeper)
                 raise
         finally:
             for fd in files:
                 os.close(fd)
+        self.last_keeper = keeper
         return child
 
-    def _clone(self, pid: int) -> int:
+    def _clone(self, pid: int | None) -> int:
         try:
             return self.helper.clone(pid)
         except MigrateError as exc:
@@ -298,11 +338,45 @@ class Restorer:
                 self.close()
             raise
 
+    def _clone_job(self, pid: int) -> tuple[int, int]:
+        """A keeper (a session of its own), then process `pid` as its child: both stopped,
+        traced. The keeper takes `jobs_fd` (as its fd 1) and blocks every signal."""
+        keeper = self._clone(None)
+        try:
+            b = stub.Batch(SCRATCH)
+            b.call("setsid")
+            tids = b.data(struct.pack("<i", pid))
+            args = b.data(struct.pack("<11Q", 0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, tids, 1, 0))
+            b.call("clone3", args, 88)
+            b.call("pidfd_open", os.getpid(), 0)            # fd 0: the table starts empty
+            b.call("pidfd_getfd", 0, self.jobs_fd, 0)       # fd 1 = KEEPER_FD
+            b.call("close", 0)
+            b.call("prctl", PR_SET_NAME, b.cstr("bpfs-job"))
+            b.call("rt_sigprocmask", SIG_SETMASK, b.data(b"\xff" * 8), 0, 8)
+            pt.write_memory(keeper, [*b.writes(), (SCRATCH + KEEPER_OFFSET, KEEPER),
+                                     (SCRATCH + RECORD_OFFSET, JOB_RECORD.pack(pid, 0))])
+            child = _clone_in(keeper, self.helper.regs, b, pid)
+        except BaseException:
+            _kill(keeper)
+            raise
+        return keeper, child
+
+    def _keep(self, keeper: int, child: int) -> None:
+        """Set the stopped keeper running its loop over `child`, detached."""
+        r = self.helper.regs.copy()
+        r.rip, r.rbx, r.r12, r.r13 = (SCRATCH + KEEPER_OFFSET, SCRATCH + RECORD_OFFSET, child,
+                                      KEEPER_FD)
+        r.orig_rax = 2**64 - 1
+        pt.setregs(keeper, r)
+        pt.detach(keeper)
+
     def _build(self, child: int, image: Image, files: list[int], fds: list[int], uid: int,
-               gid: int, groups: list[int]) -> None:
+               gid: int, groups: list[int], job: bool = False) -> None:
         if len(fds) != 3:
             raise MigrateError(errno.EINVAL, "fds must be three descriptors for 0, 1, 2")
         a = stub.Batch(SCRATCH)
+        if job:
+            a.call("setpgid", 0, 0)  # its own group in the keeper's session: not orphaned
         a.call("pidfd_open", os.getpid(), 0)  # becomes fd 0: the table starts empty
         for fd in files:
             a.call("pidfd_getfd", 0, fd, 0)  # file i lands on fd i + 1

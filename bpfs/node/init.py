@@ -37,6 +37,10 @@ class Reaper:
         """Call `callback(pid, status)` once `pid`, our child, has been reaped."""
         self._callbacks[pid] = callback
 
+    def forget(self, pid: int) -> None:
+        """No callback for `pid` any more (its end was learnt another way)."""
+        self._callbacks.pop(pid, None)
+
     def adopt(self, pid: int, callback: ExitCallback) -> None:
         """`pid`, a restored process, is reaped from now on (and now, if it has ended)."""
         self.on_exit(pid, callback)

@@ -7,6 +7,8 @@ Messages (grammar in bpfs/wire.py):
     master -> node  files    id, contents
     node -> master  restored id, pid   |   failed id, errno, message
     master -> node  signal   pid, sig
+    node -> master  stopped  pid, sig                each time the process stops
+    node -> master  continued pid                    each time it is continued
     node -> master  exited   pid, code, signal       once per restored process
 
 A restore is an `Attempt`. Usually nothing in it waits (the PID is in the request, the
@@ -57,6 +59,7 @@ import trio
 from bpfs import execreq, wire
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
+from bpfs.migrate.restore import JOB_RECORD
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
@@ -128,18 +131,69 @@ class Held:
 
 
 class ProcessTable:
-    """The restored processes the node holds, each with the session it reports to."""
+    """The restored processes the node holds, each with the session it reports to.
+
+    Each is a job of its own (bpfs/migrate/restore.py): its parent is its job's keeper,
+    which writes every stop, continue and end of it to `jobs_w` (records of
+    `JOB_RECORD`); `watch_jobs` reads them. If the keeper dies first (only root can kill
+    it), the process is re-parented to us and the reaper reports its end instead.
+    """
 
     def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
         self.held: dict[int, Held] = {}
+        self.jobs_r, self.jobs_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def hold(self, pid: int, held: Held) -> None:
         self.held[pid] = held
 
-    def adopt(self, pid: int) -> None:
+    def adopt(self, pid: int, keeper: int | None = None) -> None:
         """From now on its exit is reaped and reported (after `restored` was sent)."""
-        self.reaper.adopt(pid, self._exited)
+        if keeper is None:
+            self.reaper.adopt(pid, self._exited)
+            return
+        self.reaper.on_exit(pid, self._exited)        # if it becomes ours (keeper killed)
+        self.reaper.adopt(keeper, lambda _k, _st: self._keeper_gone(pid))
+
+    async def watch_jobs(self) -> None:
+        """Read the keepers' records as they come; runs until cancelled."""
+        while True:
+            await trio.lowlevel.wait_readable(self.jobs_r)
+            self.read_jobs()
+
+    def read_jobs(self) -> None:
+        """Dispatch every record the keepers have written: stopped, continued, ended."""
+        while True:
+            try:
+                data = os.read(self.jobs_r, JOB_RECORD.size * 512)
+            except (BlockingIOError, InterruptedError):
+                return
+            for pid, status in JOB_RECORD.iter_unpack(data):
+                self._job_event(pid, status)
+
+    def _job_event(self, pid: int, status: int) -> None:
+        if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+            held = self.held.get(pid)
+            if held is not None:
+                msg = ({"t": "stopped", "pid": pid, "sig": os.WSTOPSIG(status)}
+                       if os.WIFSTOPPED(status) else {"t": "continued", "pid": pid})
+                held.session.report(msg)
+            return
+        self.reaper.forget(pid)
+        self._exited(pid, status)
+
+    def _keeper_gone(self, pid: int) -> None:
+        """The keeper of `pid` ended: after its last record, or killed (by root)."""
+        self.read_jobs()
+        if pid not in self.held:
+            return
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:       # the keeper reaped it, then died before telling
+            got, status = pid, signals.SIGKILL
+        if got:
+            self.reaper.forget(pid)
+            self._exited(pid, status)
 
     def _exited(self, pid: int, status: int) -> None:
         held = self.held.pop(pid, None)
@@ -281,7 +335,7 @@ class Attempt:
         # anything else can run: its `exited` (same queue) can only follow, and no sweep of
         # the reaper in between can take its status for an orphan's.
         self.session.report({"t": "restored", "id": req.id, "pid": pid})
-        procs.adopt(pid)
+        procs.adopt(pid, self.node.restorer.last_keeper)
         log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
                   self.steps)
 

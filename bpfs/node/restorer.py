@@ -79,8 +79,9 @@ def setup_cache_dir() -> str | None:
 class NodeRestorer:
     """The node's Restorer, used from the thread that calls `start` (the event loop's)."""
 
-    def __init__(self, cache_dir: str | None) -> None:
+    def __init__(self, cache_dir: str | None, jobs_fd: int | None = None) -> None:
         self.cache_dir = cache_dir
+        self.jobs_fd = jobs_fd                # each restore a job whose keeper reports here
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []
@@ -102,7 +103,7 @@ class NodeRestorer:
         if threading.get_native_id() != self.tid:
             raise RuntimeError("the node's Restorer used outside its thread")
         if self._restorer is None:
-            self._restorer = Restorer(self.cache_dir)
+            self._restorer = Restorer(self.cache_dir, self.jobs_fd)
         return self._restorer
 
     def renew(self) -> None:

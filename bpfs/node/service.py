@@ -37,6 +37,7 @@ import trio
 from bpfs import wire
 from bpfs.errors import BpfsError
 from bpfs.node import facts as node_facts
+from bpfs.node import nsutil
 from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
@@ -228,9 +229,9 @@ class Node:
         self.cfg = cfg
         self.key = key
         self.number: int | None = cfg.node
-        self.restorer = NodeRestorer(None)
         self.reaper = Reaper()
         self.procs = procs.ProcessTable(self.reaper)
+        self.restorer = NodeRestorer(None, self.procs.jobs_w)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
 
     def start(self) -> None:
@@ -320,6 +321,7 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     node.start()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.reaper.run)
+        nursery.start_soon(node.procs.watch_jobs)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         code = await node.serve()
         nursery.cancel_scope.cancel()
@@ -327,12 +329,27 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     return EXIT_OK  # cancelled by SIGTERM/SIGINT
 
 
+STOP_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("stopping on %s", signal.Signals(signum).name)
-            scope.cancel()
-            return
+    """Stop on SIGTERM, SIGINT or SIGHUP from outside the node's PID namespace (the launcher,
+    `bpfs down`, a terminal). As PID 1 of that namespace, a signal from a process inside it
+    (a root job's `kill -TERM 1`) is logged and ignored: no job can take its node down."""
+    fd = nsutil.signalfd(STOP_ON)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            for signum, sender in nsutil.read_signals(fd):
+                if sender and os.getpid() == 1:
+                    log.warning("ignoring %s from process %d of the node",
+                                signal.Signals(signum).name, sender)
+                    continue
+                log.info("stopping on %s", signal.Signals(signum).name)
+                scope.cancel()
+                return
+    finally:
+        os.close(fd)
 
 
 def run(cfg: NodeConfig) -> int:
@@ -343,4 +360,5 @@ def run(cfg: NodeConfig) -> int:
         log.error("%s", exc)
         return EXIT_REFUSED if exc.errno == errno.EACCES else EXIT_LOST
     log.info("node daemon pid %d (host view: see /proc), master %s", os.getpid(), cfg.address)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_ON)   # every thread: read by _watch_signals
     return trio.run(_main, cfg, key)
