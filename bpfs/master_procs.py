@@ -447,7 +447,8 @@ class ProcService:
         pid = self._known_on(node, msg)
         if pid is not None:
             self.cluster.stopped(pid)
-            self._ghost_job(pid, stop=True)
+            sig = msg.get("sig")
+            self._ghost_job(pid, stop=True, sig=sig if isinstance(sig, int) else _signal.SIGSTOP)
 
     def on_continued(self, node: int, msg: dict[str, Any]) -> None:
         pid = self._known_on(node, msg)
@@ -463,13 +464,21 @@ class ProcService:
             return None
         return pid
 
-    def _ghost_job(self, pid: int, stop: bool) -> None:
+    def _ghost_job(self, pid: int, stop: bool, sig: int = _signal.SIGSTOP) -> None:
         if self.tracer is None or not hasattr(self.tracer, "set_stopped"):
             return
+        what = "stopping" if stop else "continuing"
         try:
-            self.tracer.set_stopped(pid, stop)
+            fut = self.tracer.set_stopped(pid, stop, sig)
         except BpfsError as exc:
-            log.info("pid %d: %s the ghost: %s", pid, "stopping" if stop else "continuing", exc)
+            log.info("pid %d: %s the ghost: %s", pid, what, exc)
+            return
+
+        def done(f: "concurrent.futures.Future[Any]") -> None:     # in the tracer thread
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                log.info("pid %d: %s the ghost: %s", pid, what, exc)
+        fut.add_done_callback(done)
 
     def _finish(self, pid: int, code: int, sig: int | None) -> None:
         """The ghost ends the same way. Nothing here waits for it: the tracer thread does

@@ -23,6 +23,11 @@ API (every ptrace request comes from one thread, the tracer's; the methods only 
     t.finish(pid, exit_code=N | signal=S) -> Future[None]
                                         end the ghost that way; resolves once it is gone
     t.kill(pid) -> Future[None]         SIGKILL; resolves once it is gone
+    t.set_stopped(pid, stopped) -> Future[None]
+                                        the real process stopped (or went on): the ghost
+                                        enters a group-stop (held with PTRACE_LISTEN, so
+                                        its parent's waitpid sees a stopped child) or is
+                                        continued; neither signal is reported
     t.clone(pid, count) -> Future[list[int]]
                                         `count` more ghosts just like the parked ghost `pid`
                                         (vexecmove: one dump, many ranks); see below
@@ -105,6 +110,7 @@ PEEK = os.WEXITED | os.WSTOPPED | os.WNOWAIT | pt.WALL | WNOTHREAD
 ENDED = (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED)
 POLL_MIN, POLL_MAX, STRANGER_POLL = 0.0001, 0.002, 0.1
 DOORBELL_NAME = b"bpfs-doorbell"
+STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 
 # tracee states
 SEIZED = "seized"        # running towards its execve
@@ -126,6 +132,9 @@ class _Tracee:
     deadline: float = 0.0
     waiters: list[Future] = field(default_factory=list)
     aim: tuple[int | None, int | None] = (None, None)   # HALTING: (exit code, signal)
+    stopped: bool = False    # a GHOST in a group-stop (set_stopped), held with LISTEN
+    stop_sent: int = 0       # our SIGSTOP (set_stopped) is on its way: deliver this one
+    cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
 
 
 class _Doorbell:
@@ -196,6 +205,14 @@ def _kill_and_reap(pid: int) -> int | None:
                 return status
     except MigrateError:
         return None
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    try:
+        status = procfs.parse_status(procfs.read_text(pid, "status"))
+        return bool(int(status["SigIgn"], 16) >> (sig - 1) & 1)
+    except (MigrateError, OSError, KeyError, ValueError):
+        return True
 
 
 def _resolve(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
@@ -275,6 +292,10 @@ class Tracer:
 
     def kill(self, pid: int) -> Future[None]:
         return self._deferred(self._kill, pid)
+
+    def set_stopped(self, pid: int, stopped: bool, sig: int = _signal.SIGSTOP
+                    ) -> Future[None]:
+        return self._deferred(self._set_stopped, pid, stopped, sig)
 
     def clone(self, pid: int, count: int) -> Future[list[int]]:
         return self._deferred(self._clone, pid, count)
@@ -471,10 +492,47 @@ class Tracer:
         if t.state == HALTING and event == pt.EVENT_STOP:
             self._aim(t)
             return
+        if t.state == GHOST and self._job_stop(t, sig, event):
+            return
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
         if event == 0:
             self._report(t.pid, [sig])
+
+    def _job_stop(self, t: _Tracee, sig: int, event: int) -> bool:
+        """The stops of `set_stopped`: our SIGSTOP is delivered, the group-stop it makes is
+        held (LISTEN: the parent sees a stopped child, and a SIGCONT wakes it), our SIGCONT
+        is not reported. True if the stop was one of those (handled)."""
+        if event == pt.EVENT_STOP and sig in STOP_SIGNALS:
+            t.stopped = True
+            pt.ptrace(pt.LISTEN, t.pid)
+        elif event == 0 and sig == _signal.SIGSTOP and t.stop_sent:
+            pt.cont(t.pid, t.stop_sent)         # the real process's stop signal, delivered
+            t.stop_sent = 0
+        elif event == 0 and sig == _signal.SIGCONT:
+            t.stopped = False
+            if not t.cont_sent:
+                return False                    # the user's: reported, forwarded
+            t.cont_sent = False
+            pt.cont(t.pid, 0)
+        else:
+            return False
+        return True
+
+    def _set_stopped(self, fut: Future, pid: int, stopped: bool, sig: int) -> None:
+        """Stop a parked ghost by `sig` (its real process stopped so) or let it go on; a
+        ghost already so, or on its way, is left alone. A stop signal the ghost ignores
+        (its dispositions are the program's at its entry point) becomes SIGSTOP."""
+        t = self._known(pid)
+        if t.state == GHOST and not t.killed:
+            if stopped and not t.stopped and not t.stop_sent:
+                t.stop_sent = sig if sig in STOP_SIGNALS and not _ignores(pid, sig) \
+                    else _signal.SIGSTOP
+                os.kill(pid, _signal.SIGSTOP)
+            elif not stopped and t.stopped and not t.cont_sent:
+                t.cont_sent = True
+                os.kill(pid, _signal.SIGCONT)
+        fut.set_result(None)
 
     def _expire_captures(self) -> None:
         now = time.monotonic()
