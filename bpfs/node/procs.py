@@ -335,7 +335,8 @@ class Attempt:
         # anything else can run: its `exited` (same queue) can only follow, and no sweep of
         # the reaper in between can take its status for an orphan's.
         self.session.report({"t": "restored", "id": req.id, "pid": pid})
-        procs.adopt(pid, self.node.restorer.last_keeper)
+        procs.adopt(pid, self.node.restorer.last_keeper)   # this restore's: no await since
+        self.node.prepare()                                 # the next one's, off its path
         log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
                   self.steps)
 

@@ -93,7 +93,7 @@ class NodeRestorer:
         self.tid = threading.get_native_id()
         self._root_groups = os.getgroups()
         try:
-            self.restorer
+            self.restorer.prepare()
         except BpfsError as exc:
             log.error("cannot prepare the restorer: %s", exc)
 
@@ -106,11 +106,19 @@ class NodeRestorer:
             self._restorer = Restorer(self.cache_dir, self.jobs_fd)
         return self._restorer
 
+    def prepare(self) -> None:
+        """Make the next restore's keeper now, off its path (after a restore was reported,
+        and at start); a failure is logged, and that restore makes its own."""
+        try:
+            self.restorer.prepare()
+        except BpfsError as exc:
+            log.warning("cannot prepare a job's keeper: %s", exc)
+
     def renew(self) -> None:
         """Drop the Restorer and make a fresh one (after kill(-1) took its helper)."""
         self.close()
         try:
-            self.restorer
+            self.restorer.prepare()
         except BpfsError as exc:
             log.error("cannot prepare the restorer: %s", exc)
 
