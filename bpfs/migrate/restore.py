@@ -11,6 +11,17 @@ How, and why so:
 * Per restore the helper runs `clone3(CLONE_PARENT, set_tid=[pid])`: the new process inherits the
   clean state (so it costs one tiny fork), has the wanted PID in the caller's PID namespace, is a
   **child of the caller** (so the node daemon can waitpid it) and is auto-attached to our tracer.
+* With `jobs_fd` (the node daemon) every restored process is a **job** of its own instead, as a
+  shell's job is on the master: a `Keeper` (a clone of the helper, a child of the caller) calls
+  setsid(), takes `jobs_fd` and blocks every signal; it clones the process (set_tid) as its own
+  child, which calls setpgid(0, 0) first thing. So the process has a session and a group of its
+  own, none of the caller's (a `kill(0, ...)` cannot reach the daemon), and its group is not
+  orphaned (its parent is in its session, in another group), so the kernel does not drop
+  SIGTSTP/SIGTTIN/SIGTTOU. Once the process runs, the keeper, detached, loops in `KEEPER`:
+  wait4(WUNTRACED | WCONTINUED) and one `JOB_RECORD` (pid, wait status) written to `jobs_fd` per
+  stop, continue and end; after the end it exits 0. `prepare()` makes the next restore's keeper
+  ahead (named bpfs-helper until used, then bpfs-job); keeper and process run SCHED_FIFO while
+  built (see `_scheduling`). `last_keeper` is the keeper of the last restore.
 * Then two batches run in the new process: (A) take the mapped files and fds 0-2 from the
   restorer with pidfd_getfd, PR_SET_MM_MAP (before the target's mappings exist: EBUSY otherwise),
   move vvar/vdso to the image's addresses, map every region, restore dispositions, personality,

@@ -36,8 +36,12 @@ with its errno; nothing runs. A malformed request is `failed` EINVAL (ignored, w
 warning, when it has no usable id). The master tells bpsh (the stdio link's `err` header):
 only it knows the PID when the image itself is unreadable.
 
-Exits: the reaper hands each restored process's wait status to `ProcessTable`, which sends
-`exited` on the session that restored it, if that session is still the live one. When a
+Jobs and exits: each restored process is a job of its own (a session and a process group
+of its own, whose keeper is its parent: bpfs/migrate/restore.py), so nothing it signals
+with kill(0, ...) is the daemon and the kernel stops it on SIGTSTP. The keeper writes each
+stop, continue and end to the daemon's jobs pipe; `ProcessTable` sends `stopped`,
+`continued` and `exited` on the session that restored it, if that session is still the
+live one (an end the keeper could not tell, because root killed it, comes from the reaper). When a
 session ends, the node kills everything it holds (bproc semantics, service.Node); those
 exits are not reported to anyone. `signal` reaches only processes the session holds;
 others are ignored (logged at debug level).

@@ -24,7 +24,10 @@ construction are children of this thread whose ptrace stops the Restorer waits f
 PID, inside a restore call, when the reaper (which waits for any child) cannot run; none
 is left pending when the call returns. A restored process is adopted in the same
 synchronous step that queues its `restored`: its status is never lost, and the master
-hears `restored` before `exited`.
+hears `restored` before `exited`. Each restored process is a job whose parent is its
+keeper (bpfs/migrate/restore.py): the keeper reports its stops, continues and end through
+the jobs pipe (bpfs/node/procs.py), and the reaper reaps the keeper. The next restore's
+keeper is made after each restore (`prepare`), and at start with the helper.
 
 Cache: received file contents are kept by hash in a tmpfs mounted on CACHE_DIR inside the
 node's own mount namespace (the node daemon is PID 1 of new PID and mount namespaces, and its

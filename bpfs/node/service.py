@@ -16,6 +16,10 @@ ptrace-based Restorer (used from the event loop's thread) is bpfs/node/restorer.
 the reaper bpfs/node/init.py. The Restorer is made when the daemon
 starts, so its helper is ready before the first migration.
 
+Signals: SIGTERM, SIGINT and SIGHUP stop the daemon; they are read from a signalfd with
+their sender, and as PID 1 of the node's namespace the daemon ignores (and logs) those
+sent from inside it: a root job's `kill -TERM 1` does not take the node down.
+
 Outcomes: REBOOT closes the connection, kills what the node holds, and comes
 back on a fresh connection asking for the same number; HALT (halt, pwroff)
 exits 0; LOST (the connection dropped or broke the protocol) exits 1, or with
