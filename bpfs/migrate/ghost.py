@@ -510,7 +510,7 @@ class Tracer:
             pt.cont(t.pid, t.stop_sent)         # the real process's stop signal, delivered
             t.stop_sent = 0
         elif event == 0 and sig == _signal.SIGCONT:
-            t.stopped = False
+            t.stopped, t.stop_sent = False, 0   # a SIGCONT discards a pending SIGSTOP
             if not t.cont_sent:
                 return False                    # the user's: reported, forwarded
             t.cont_sent = False

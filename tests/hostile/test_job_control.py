@@ -118,7 +118,13 @@ def test_a_stopped_remote_stops_the_ghost_for_its_parent(cluster: Cluster) -> No
         cluster.wait_for(lambda: os.path.exists(f"{cluster.mount}/procs/{p.pid}/status")
                          and proc_status(cluster, p.pid) == "running", 10, "the run")
         os.kill(p.pid, signal.SIGTSTP)
-        pid, status = _wait_for_status(p.pid, os.WUNTRACED, 5)
+        try:
+            pid, status = _wait_for_status(p.pid, os.WUNTRACED, 5)
+        except AssertionError:
+            real = real_process(cluster, 1, p.pid)
+            raise AssertionError(f"the ghost did not stop: {proc_status(cluster, p.pid)} real {real} "
+                                 f"{proc_state(real) if real else None} ghost "
+                                 f"{proc_state(p.pid)}\n{cluster.logs()}")
         assert pid == p.pid and os.WIFSTOPPED(status), status
         assert os.WSTOPSIG(status) == signal.SIGTSTP
         os.kill(p.pid, signal.SIGCONT)
@@ -280,6 +286,7 @@ def test_ctrl_z_stops_the_job_and_fg_finishes_it(cluster: Cluster, term: Termina
     assert proc_status(cluster, pid) == "stopped"
     term.line("fg")
     term.expect(b"42ok", timeout=10)
+    term.expect(b"$ ", timeout=5)             # bpsh reads the terminal until it ends
     term.line("echo status=$?")
     term.expect(b"status=0", timeout=5)
 
