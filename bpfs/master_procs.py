@@ -25,7 +25,9 @@ One migration (ID = our serial), bpsh's child being the writer W:
                    <- failed {id, errno, message}, or any error on our side: bpsh gets the
                    execreq error header (if it listens), the ghost exits 255, procs/PID
                    goes away with the event `exit failed ENAME`
-    ghost life     a signal to the ghost -> node: signal {pid, sig}, event signal
+    ghost life     a signal to the ghost -> node: signal {pid, sig}, event signal; one
+                   from the terminal (Ctrl-C, Ctrl-\\, Ctrl-Z), or SIGCONT (fg, bg) ->
+                   signal {pid, sig, group}: the job's whole process group on the node
                    (one that comes while "starting", to the ghost or to procs/PID/signal,
                    waits for `restored` and is forwarded then)
                    node: stopped {pid, sig} / continued {pid} -> state "stopped" /
@@ -96,14 +98,15 @@ async def wait_future(fut: "concurrent.futures.Future[Any]") -> Any:
     return fut.result()
 
 
-def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, int], None]) -> Any:
+def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, int], None],
+                on_keyboard: Callable[[int, int], None] | None = None) -> Any:
     """The ptrace thread, started; None if this build has none (execmove is then ENOSYS)."""
     try:
         from bpfs.migrate.ghost import Tracer
     except ImportError as exc:
         log.warning("no ghost tracer (%s): migration disabled", exc)
         return None
-    tracer = Tracer(on_signal=on_signal, on_exit=on_exit)
+    tracer = Tracer(on_signal=on_signal, on_exit=on_exit, on_keyboard=on_keyboard)
     try:
         tracer.start()
     except BpfsError as exc:
@@ -171,7 +174,8 @@ class ProcService:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the tracer, serve until cancelled, then stop it (every ghost dies)."""
         self._token = trio.lowlevel.current_trio_token()
-        self.tracer = self._factory(on_signal=self._tracer_signal, on_exit=self._tracer_exit)
+        self.tracer = self._factory(on_signal=self._tracer_signal, on_exit=self._tracer_exit,
+                                    on_keyboard=self._tracer_keyboard)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -532,15 +536,18 @@ class ProcService:
         await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig})
         self.cluster.signalled(pid, sig)
 
-    def _forward(self, pid: int, sig: int) -> None:
+    def _forward(self, pid: int, sig: int, group: bool = False) -> None:
         p = self.cluster.procs.get(pid)
         if p is not None:
             self.cluster.signalled(pid, sig)
-            self._spawn(self._send_signal, p.node, pid, sig)
+            self._spawn(self._send_signal, p.node, pid, sig, group)
 
-    async def _send_signal(self, node: int, pid: int, sig: int) -> None:
+    async def _send_signal(self, node: int, pid: int, sig: int, group: bool = False) -> None:
+        msg = {"t": "signal", "pid": pid, "sig": sig}
+        if group:
+            msg["group"] = True
         try:
-            await self.send_node(node, {"t": "signal", "pid": pid, "sig": sig})
+            await self.send_node(node, msg)
         except BpfsError as exc:
             log.info("pid %d: signal %d not forwarded: %s", pid, sig, exc)
 
@@ -549,15 +556,19 @@ class ProcService:
     def _tracer_signal(self, pid: int, sig: int) -> None:
         self._from_tracer(self._ghost_signal, pid, sig)
 
+    def _tracer_keyboard(self, pid: int, sig: int) -> None:
+        self._from_tracer(self._ghost_signal, pid, sig, True)
+
     def _tracer_exit(self, pid: int, status: int) -> None:
         self._from_tracer(self._ghost_exit, pid, status)
 
-    def _ghost_signal(self, pid: int, sig: int) -> None:
+    def _ghost_signal(self, pid: int, sig: int, group: bool = False) -> None:
         m = self._by_pid.get(pid)
         if m is not None and not m.started:
             m.signals.append(sig)
         elif pid in self.cluster.procs:
-            self._forward(pid, sig)
+            # SIGCONT (fg, bg) continues the whole job: a terminal's Ctrl-Z stopped it all
+            self._forward(pid, sig, group or sig == _signal.SIGCONT)
 
     def _ghost_exit(self, pid: int, status: int) -> None:
         m = self._by_pid.get(pid)

@@ -36,6 +36,8 @@ connection closed. After the handshake, messages (all maps, "t" first):
     node   -> master  restored   id, pid                 the process runs on the node
                       failed     id, errno, message      nothing runs; stdio links closed
     master -> node    signal     pid, sig                 forward a signal to a process
+                                 [group: true]            a terminal's (Ctrl-C...): to its
+                                                          process group, as a local job
     node   -> master  stopped    pid, sig                 the process stopped (group stop)
                       continued  pid                      ... and was continued (SIGCONT)
     node   -> master  exited     pid, code: int|None, signal: int|None

@@ -13,8 +13,12 @@ master dies, the ghosts die (PTRACE_O_EXITKILL), and so they do when the tracer 
 
 API (every ptrace request comes from one thread, the tracer's; the methods only queue work)::
 
-    t = Tracer(on_signal, on_exit)      on_signal(pid, sig): a signal sent to a ghost, suppressed
+    t = Tracer(on_signal, on_exit[, on_keyboard])
+                                        on_signal(pid, sig): a signal sent to a ghost, suppressed
                                         on_exit(pid, wait_status): a tracee ended (raw status)
+                                        on_keyboard(pid, sig): INT, QUIT or TSTP that a
+                                        terminal sent to the ghost's process group
+                                        (si_code SI_KERNEL), suppressed; default on_signal
     t.start() / t.stop()                stop: SIGKILL every tracee, consume their ends, join
     t.submit(fn, *args) -> Future       fn(*args) in the tracer thread
     t.seize(pid) -> Future[None]        PTRACE_SEIZE a process about to execve (a bpsh child)
@@ -83,6 +87,7 @@ zombie), its status then only comes in `on_exit`: ghosts' parents should be othe
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import logging
 import os
@@ -111,6 +116,8 @@ ENDED = (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED)
 POLL_MIN, POLL_MAX, STRANGER_POLL = 0.0001, 0.002, 0.1
 DOORBELL_NAME = b"bpfs-doorbell"
 STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
+SI_KERNEL = 0x80
 
 # tracee states
 SEIZED = "seized"        # running towards its execve
@@ -207,6 +214,17 @@ def _kill_and_reap(pid: int) -> int | None:
         return None
 
 
+def _from_terminal(pid: int) -> bool:
+    """True if the signal `pid` is stopped with came from a terminal (si_code SI_KERNEL: the
+    tty driver signals the foreground process group so), not from kill()."""
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
 def _ignores(pid: int, sig: int) -> bool:
     try:
         status = procfs.parse_status(procfs.read_text(pid, "status"))
@@ -228,8 +246,10 @@ class Tracer:
     """The ptrace thread of the master: seizes, captures and holds ghosts (see module doc)."""
 
     def __init__(self, on_signal: Callable[[int, int], None],
-                 on_exit: Callable[[int, int], None]) -> None:
+                 on_exit: Callable[[int, int], None],
+                 on_keyboard: Callable[[int, int], None] | None = None) -> None:
         self._on_signal, self._on_exit = on_signal, on_exit
+        self._on_keyboard = on_keyboard or on_signal
         self._lock = threading.Lock()  # guards _queue, _rung, _closing, _ghosts
         self._queue: deque[tuple[Callable[[], None], Future | None]] = deque()
         self._rung = False
@@ -494,9 +514,12 @@ class Tracer:
             return
         if t.state == GHOST and self._job_stop(t, sig, event):
             return
+        keyboard = event == 0 and sig in KEYBOARD and _from_terminal(t.pid)
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
-        if event == 0:
+        if keyboard:
+            self._call(self._on_keyboard, t.pid, sig)
+        elif event == 0:
             self._report(t.pid, [sig])
 
     def _job_stop(self, t: _Tracee, sig: int, event: int) -> bool:

@@ -6,7 +6,7 @@ Messages (grammar in bpfs/wire.py):
     node -> master  need     id, hashes              only if the node lacks file contents
     master -> node  files    id, contents
     node -> master  restored id, pid   |   failed id, errno, message
-    master -> node  signal   pid, sig
+    master -> node  signal   pid, sig [, group]      group: to its process group
     node -> master  stopped  pid, sig                each time the process stops
     node -> master  continued pid                    each time it is continued
     node -> master  exited   pid, code, signal       once per restored process
@@ -208,7 +208,10 @@ class ProcessTable:
         log.debug("process %d (%s) exited: code %s, signal %s", pid, held.argv0, code, sig)
         held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig})
 
-    def signal(self, session: "Session", pid: Any, sig: Any) -> None:
+    def signal(self, session: "Session", pid: Any, sig: Any, group: bool = False) -> None:
+        """Signal a process the session holds; with `group` (a terminal's Ctrl-C, Ctrl-Z on
+        the master), its whole process group, as the terminal does for a local job, while
+        it still leads its group (else the process alone)."""
         held = self.held.get(pid) if isinstance(pid, int) else None
         if held is None or held.session is not session:
             log.debug("signal %r for pid %r, which this node does not hold: ignored", sig, pid)
@@ -217,7 +220,10 @@ class ProcessTable:
             log.debug("bad signal number %r for pid %d: ignored", sig, pid)
             return
         try:
-            os.kill(pid, sig)
+            if group and os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except ProcessLookupError:
             log.debug("signal %d for pid %d, which is gone", sig, pid)
 
@@ -256,7 +262,8 @@ async def on_files(session: "Session", msg: wire.Message) -> None:
 
 
 async def on_signal(session: "Session", msg: wire.Message) -> None:
-    session.node.procs.signal(session, msg.get("pid"), msg.get("sig"))
+    session.node.procs.signal(session, msg.get("pid"), msg.get("sig"),
+                              msg.get("group") is True)
 
 
 class Attempt:

@@ -256,6 +256,14 @@ def term(cluster: Cluster):
         t.close()
 
 
+def children(hostpid: int) -> list[int]:
+    try:
+        with open(f"/proc/{hostpid}/task/{hostpid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def test_ctrl_c_ends_a_remote_sleep_promptly(cluster: Cluster, term: Terminal) -> None:
     term.line('eval "$BPSH 0 sleep 30"')
     cluster.wait_for(lambda: formats.parse_pids(cluster.read("nodes/0/procs")), 10,
@@ -272,15 +280,33 @@ def test_ctrl_c_ends_a_remote_sleep_promptly(cluster: Cluster, term: Terminal) -
                      "nothing left on node 0")
 
 
+def test_ctrl_c_reaches_the_remote_job_s_children_too(cluster: Cluster, term: Terminal
+                                                      ) -> None:
+    """The terminal signals the whole foreground group: on the node, the job's group."""
+    term.line('eval "$BPSH 0 sh -c \'echo pid=\\$\\$; sleep 30; echo \\$((6*7))ok\'"')
+    term.expect(b"pid=")
+    real = real_process(cluster, 0, int(term.expect(b"\n").strip()))
+    cluster.wait_for(lambda: children(real), 5, "the remote sleep")
+    (sleep,) = children(real)
+    term.send(b"\x03")
+    term.expect(b"$ ", timeout=5)
+    cluster.wait_for(lambda: not os.path.exists(f"/proc/{sleep}"), 5,
+                     "the remote sleep to die with its shell")
+    assert b"42ok" not in term.screen
+
+
 def test_ctrl_z_stops_the_job_and_fg_finishes_it(cluster: Cluster, term: Terminal) -> None:
     term.line('eval "$BPSH 0 sh -c \'echo pid=\\$\\$; sleep 2; echo \\$((6*7))ok\'"')
     term.expect(b"pid=")
     pid = int(term.expect(b"\n").strip())
     real = real_process(cluster, 0, pid)
     assert real is not None
+    cluster.wait_for(lambda: children(real), 5, "the remote sleep")
+    (sleep,) = children(real)
     term.send(b"\x1a")
     term.expect(b"Stopped", timeout=5)
-    cluster.wait_for(lambda: proc_state(real) == "T", 5, "the remote process to stop")
+    cluster.wait_for(lambda: proc_state(real) == proc_state(sleep) == "T", 5,
+                     "the remote shell and its sleep to stop")
     time.sleep(2.5)                           # stopped: it must not finish meanwhile
     assert b"42ok" not in term.screen and proc_state(real) == "T"
     assert proc_status(cluster, pid) == "stopped"
