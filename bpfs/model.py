@@ -594,11 +594,23 @@ class Cluster:
         p = self.procs.get(pid)
         if p is None or p.state == "exited":
             return
-        if sig in STOP_SIGNALS:
+        if sig == signal.SIGSTOP:       # cannot fail; TSTP/TTIN/TTOU wait for `stopped`
             p.state = "stopped"
         elif sig == signal.SIGCONT:
             p.state = "running"
         self.events.append("proc", pid, "signal", str(sig))
+
+    def stopped(self, pid: int) -> None:
+        """The node says the real process is stopped."""
+        p = self.procs.get(pid)
+        if p is not None and p.state in ("running", "stopped"):
+            p.state = "stopped"
+
+    def continued(self, pid: int) -> None:
+        """The node says the real process was continued."""
+        p = self.procs.get(pid)
+        if p is not None and p.state == "stopped":
+            p.state = "running"
 
     def exited(self, pid: int, code: int | None, sig: int | None) -> None:
         """The process ended with exit `code` or by signal `sig` (the first report counts)."""

@@ -122,7 +122,8 @@ def _to_procs(name: str) -> NodeHandler:
 # new one. Any other is a protocol error: `hello`, `auth`, `register` again...
 NODE_MESSAGES: dict[str, NodeHandler] = {
     "facts": _on_facts, "state": _on_state,
-    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited")},
+    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited",
+                                                  "stopped", "continued")},
 }
 
 

@@ -4,7 +4,8 @@
     await nursery.start(procs.run)        starts the ptrace thread; stops it (every ghost
                                           killed) when cancelled
     await procs.execmove(node, caller, req)   from nodes/N/ctl: seize the writer, return its pid
-    procs.on_need/on_restored/on_failed/on_exited(node, msg)   node -> master messages
+    procs.on_need/on_restored/on_failed/on_exited/on_stopped/on_continued(node, msg)
+                                          node -> master messages
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
     await procs.execmove(node, caller, req, launch)   the same for the master's own child
@@ -26,9 +27,13 @@ One migration (ID = our serial), bpsh's child being the writer W:
                    <- failed {id, errno, message}, or any error on our side: bpsh gets the
                    execreq error header (if it listens), the ghost exits 255, procs/PID
                    goes away with the event `exit failed ENAME`
-    ghost life     a signal to the ghost -> node: signal {pid, sig, id}, event signal
+    ghost life     a signal to the ghost -> node: signal {pid, sig, id}, event signal; one
+                   from the terminal (Ctrl-C, Ctrl-\\, Ctrl-Z), or SIGCONT (fg, bg) ->
+                   signal {pid, sig, id, group}: the job's whole process group on the node
                    (one that comes while "starting", to the ghost or to procs/PID/signal,
                    waits for `restored` and is forwarded then)
+                   node: stopped {pid, sig} / continued {pid} -> state "stopped" /
+                   "running", and the ghost stops or goes on with it (its parent sees it)
                    node: exited {pid, code, signal, id} -> the ghost ends the same way
                    the ghost died first (kill -9 on the master) -> node: signal {pid, 9, id}
                    A pid is reused once its ghost is gone, maybe by a migration to the
@@ -100,14 +105,15 @@ async def wait_future(fut: "concurrent.futures.Future[Any]") -> Any:
     return fut.result()
 
 
-def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, int], None]) -> Any:
+def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, int], None],
+                on_keyboard: Callable[[int, int], None] | None = None) -> Any:
     """The ptrace thread, started; None if this build has none (execmove is then ENOSYS)."""
     try:
         from bpfs.migrate.ghost import Tracer
     except ImportError as exc:
         log.warning("no ghost tracer (%s): migration disabled", exc)
         return None
-    tracer = Tracer(on_signal=on_signal, on_exit=on_exit)
+    tracer = Tracer(on_signal=on_signal, on_exit=on_exit, on_keyboard=on_keyboard)
     try:
         tracer.start()
     except BpfsError as exc:
@@ -175,7 +181,8 @@ class ProcService:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the tracer, serve until cancelled, then stop it (every ghost dies)."""
         self._token = trio.lowlevel.current_trio_token()
-        self.tracer = self._factory(on_signal=self._tracer_signal, on_exit=self._tracer_exit)
+        self.tracer = self._factory(on_signal=self._tracer_signal, on_exit=self._tracer_exit,
+                                    on_keyboard=self._tracer_keyboard)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -456,6 +463,45 @@ class ProcService:
         self.cluster.exited(pid, code, sig)
         self._finish(pid, code, sig)
 
+    def on_stopped(self, node: int, msg: dict[str, Any]) -> None:
+        """The real process stopped (SIGSTOP, SIGTSTP...): state "stopped", and the ghost
+        stops too, so its parent (a shell, for `bpsh -N`) sees a stopped child."""
+        pid = self._known_on(node, msg)
+        if pid is not None:
+            self.cluster.stopped(pid)
+            sig = msg.get("sig")
+            self._ghost_job(pid, stop=True, sig=sig if isinstance(sig, int) else _signal.SIGSTOP)
+
+    def on_continued(self, node: int, msg: dict[str, Any]) -> None:
+        pid = self._known_on(node, msg)
+        if pid is not None:
+            self.cluster.continued(pid)
+            self._ghost_job(pid, stop=False)
+
+    def _known_on(self, node: int, msg: dict[str, Any]) -> int | None:
+        pid = msg.get("pid")
+        p = self.cluster.procs.get(pid) if isinstance(pid, int) else None
+        if p is None or p.node != node or p.state == "exited":
+            log.info("node %d: %s of unknown pid %r; ignored", node, msg.get("t"), pid)
+            return None
+        return pid
+
+    def _ghost_job(self, pid: int, stop: bool, sig: int = _signal.SIGSTOP) -> None:
+        if self.tracer is None or not hasattr(self.tracer, "set_stopped"):
+            return
+        what = "stopping" if stop else "continuing"
+        try:
+            fut = self.tracer.set_stopped(pid, stop, sig)
+        except BpfsError as exc:
+            log.info("pid %d: %s the ghost: %s", pid, what, exc)
+            return
+
+        def done(f: "concurrent.futures.Future[Any]") -> None:     # in the tracer thread
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                log.info("pid %d: %s the ghost: %s", pid, what, exc)
+        fut.add_done_callback(done)
+
     def _finish(self, pid: int, code: int, sig: int | None) -> None:
         """The ghost ends the same way. Nothing here waits for it: the tracer thread does
         it, and only a failure is worth a word (no trio task, no wake-up per exit).
@@ -519,17 +565,22 @@ class ProcService:
         await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig, "id": p.mid})
         self.cluster.signalled(pid, sig)
 
-    def _forward(self, pid: int, sig: int) -> None:
+    def _forward(self, pid: int, sig: int, group: bool = False) -> None:
         p = self.cluster.procs.get(pid)
         if p is not None:
             self.cluster.signalled(pid, sig)
-            self._spawn(self._send_signal, p.node, pid, sig, p.mid)
+            self._spawn(self._send_signal, p.node, pid, sig, p.mid, group)
 
-    async def _send_signal(self, node: int, pid: int, sig: int, mid: int) -> None:
+    async def _send_signal(self, node: int, pid: int, sig: int, mid: int,
+                           group: bool = False) -> None:
         """`sig` to `pid` on `node`, as long as it is still the process migration `mid` put
-        there (the node checks: a message overtaken by the pid's reuse reaches no one)."""
+        there (the node checks: a message overtaken by the pid's reuse reaches no one);
+        with `group`, to its job's whole process group there."""
+        msg: dict[str, Any] = {"t": "signal", "pid": pid, "sig": sig, "id": mid}
+        if group:
+            msg["group"] = True
         try:
-            await self.send_node(node, {"t": "signal", "pid": pid, "sig": sig, "id": mid})
+            await self.send_node(node, msg)
         except BpfsError as exc:
             log.info("pid %d: signal %d not forwarded: %s", pid, sig, exc)
 
@@ -538,15 +589,19 @@ class ProcService:
     def _tracer_signal(self, pid: int, sig: int) -> None:
         self._from_tracer(self._ghost_signal, pid, sig)
 
+    def _tracer_keyboard(self, pid: int, sig: int) -> None:
+        self._from_tracer(self._ghost_signal, pid, sig, True)
+
     def _tracer_exit(self, pid: int, status: int) -> None:
         self._from_tracer(self._ghost_exit, pid, status)
 
-    def _ghost_signal(self, pid: int, sig: int) -> None:
+    def _ghost_signal(self, pid: int, sig: int, group: bool = False) -> None:
         m = self._by_pid.get(pid)
         if m is not None and not m.started:
             m.signals.append(sig)
         elif pid in self.cluster.procs:
-            self._forward(pid, sig)
+            # SIGCONT (fg, bg) continues the whole job: a terminal's Ctrl-Z stopped it all
+            self._forward(pid, sig, group or sig == _signal.SIGCONT)
 
     def _ghost_exit(self, pid: int, status: int) -> None:
         m = self._by_pid.get(pid)

@@ -29,11 +29,18 @@ File negotiation (two steps, the node keeps a cache so repeats are by reference 
 
 Node side (from a process inside the target PID namespace, one thread)::
 
-    Restorer(cache_dir=None)            holds the pre-cleaned helper; close() or `with`
+    Restorer(cache_dir=None, jobs_fd=None)
+                                        holds the pre-cleaned helper; close() or `with`.
+                                        With jobs_fd each process is a job: a session and
+                                        group of its own under a keeper that writes its
+                                        stops, continues and end to jobs_fd (JOB_RECORD);
+                                        .prepare() makes the next keeper, .last_keeper
+                                        is the last one's pid (see bpfs.migrate.restore)
     Restorer.missing(image) -> [hash]
     Restorer.restore(image, *, pid=None, uid, gid, groups=(), fds=(0, 1, 2),
                      file_content=None) -> pid
-        The process is a CHILD of the caller (waitpid it), running, not traced, with PID `pid`
+        The process is a CHILD of the caller (of its keeper, with jobs_fd: waitpid that), running,
+        not traced, with PID `pid`
         (default image.pid), the given credentials (never root unless uid 0), fds 0-2 = `fds`,
         cwd = image.cwd if it exists and the user may enter it, else "/".
         Errors (BpfsError/MigrateError): EINVAL corrupt image or bad content, ENOENT a file the

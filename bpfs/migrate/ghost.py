@@ -13,8 +13,12 @@ master dies, the ghosts die (PTRACE_O_EXITKILL), and so they do when the tracer 
 
 API (every ptrace request comes from one thread, the tracer's; the methods only queue work)::
 
-    t = Tracer(on_signal, on_exit)      on_signal(pid, sig): a signal sent to a ghost, suppressed
+    t = Tracer(on_signal, on_exit[, on_keyboard])
+                                        on_signal(pid, sig): a signal sent to a ghost, suppressed
                                         on_exit(pid, wait_status): a tracee ended (raw status)
+                                        on_keyboard(pid, sig): INT, QUIT or TSTP that a
+                                        terminal sent to the ghost's process group
+                                        (si_code SI_KERNEL), suppressed; default on_signal
     t.start() / t.stop()                stop: SIGKILL every tracee, consume their ends, join
     t.submit(fn, *args) -> Future       fn(*args) in the tracer thread
     t.seize(pid, check) -> Future[None] PTRACE_SEIZE a process about to execve (a bpsh child);
@@ -26,6 +30,11 @@ API (every ptrace request comes from one thread, the tracer's; the methods only 
                                         end the ghost that way; resolves once it is gone
                                         (MigrateError if it had to be killed instead)
     t.kill(pid) -> Future[None]         SIGKILL; resolves once it is gone
+    t.set_stopped(pid, stopped) -> Future[None]
+                                        the real process stopped (or went on): the ghost
+                                        enters a group-stop (held with PTRACE_LISTEN, so
+                                        its parent's waitpid sees a stopped child) or is
+                                        continued; neither signal is reported
     t.clone(pid, count) -> Future[list[int]]
                                         `count` more ghosts just like the parked ghost `pid`
                                         (vexecmove: one dump, many ranks); see below
@@ -104,6 +113,7 @@ zombie), its status then only comes in `on_exit`: ghosts' parents should be othe
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import logging
 import os
@@ -132,6 +142,9 @@ PEEK = os.WEXITED | os.WSTOPPED | os.WNOWAIT | pt.WALL | WNOTHREAD
 ENDED = (os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED)
 POLL_MIN, POLL_MAX, STRANGER_POLL = 0.0001, 0.002, 0.1
 DOORBELL_NAME = b"bpfs-doorbell"
+STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
+SI_KERNEL = 0x80
 
 # tracee states
 SEIZED = "seized"        # running towards its execve
@@ -157,6 +170,9 @@ class _Tracee:
     aim: tuple[int | None, int | None] = (None, None)   # HALTING: (exit code, signal)
     failure: MigrateError | None = None   # why the tracer killed it (`_fail`)
     failed: list[Future] = field(default_factory=list)  # they get `failure` at its end
+    stopped: bool = False    # a GHOST in a group-stop (set_stopped), held with LISTEN
+    stop_sent: int = 0       # our SIGSTOP (set_stopped) is on its way: deliver this one
+    cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
 
 
 class _Doorbell:
@@ -243,6 +259,25 @@ def _kill_and_reap(pid: int) -> int | None:
         return None
 
 
+def _from_terminal(pid: int) -> bool:
+    """True if the signal `pid` is stopped with came from a terminal (si_code SI_KERNEL: the
+    tty driver signals the foreground process group so), not from kill()."""
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    try:
+        status = procfs.parse_status(procfs.read_text(pid, "status"))
+        return bool(int(status["SigIgn"], 16) >> (sig - 1) & 1)
+    except (MigrateError, OSError, KeyError, ValueError):
+        return True
+
+
 def _resolve(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
     if fut.done():
         return
@@ -267,8 +302,10 @@ class Tracer:
     """The ptrace thread of the master: seizes, captures and holds ghosts (see module doc)."""
 
     def __init__(self, on_signal: Callable[[int, int], None],
-                 on_exit: Callable[[int, int], None]) -> None:
+                 on_exit: Callable[[int, int], None],
+                 on_keyboard: Callable[[int, int], None] | None = None) -> None:
         self._on_signal, self._on_exit = on_signal, on_exit
+        self._on_keyboard = on_keyboard or on_signal
         self._lock = threading.Lock()  # guards _queue, _rung, _closing, _ghosts
         self._queue: deque[tuple[Callable[[], None], Future | None]] = deque()
         self._rung = False
@@ -331,6 +368,10 @@ class Tracer:
 
     def kill(self, pid: int) -> Future[None]:
         return self._deferred(self._kill, pid)
+
+    def set_stopped(self, pid: int, stopped: bool, sig: int = _signal.SIGSTOP
+                    ) -> Future[None]:
+        return self._deferred(self._set_stopped, pid, stopped, sig)
 
     def clone(self, pid: int, count: int) -> Future[list[int]]:
         return self._deferred(self._clone, pid, count)
@@ -533,10 +574,50 @@ class Tracer:
         if t.state == HALTING and event == pt.EVENT_STOP:
             self._aim(t)
             return
-        if event == 0:
-            self._report(t.pid, [sig])   # first: reported even if it cannot be resumed
+        if t.state == GHOST and self._job_stop(t, sig, event):
+            return
+        keyboard = event == 0 and sig in KEYBOARD and _from_terminal(t.pid)
+        if keyboard:                     # first: told even if it cannot be resumed
+            self._call(self._on_keyboard, t.pid, sig)
+        elif event == 0:
+            self._report(t.pid, [sig])
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
+
+    def _job_stop(self, t: _Tracee, sig: int, event: int) -> bool:
+        """The stops of `set_stopped`: our SIGSTOP is delivered, the group-stop it makes is
+        held (LISTEN: the parent sees a stopped child, and a SIGCONT wakes it), our SIGCONT
+        is not reported. True if the stop was one of those (handled)."""
+        if event == pt.EVENT_STOP and sig in STOP_SIGNALS:
+            t.stopped = True
+            pt.ptrace(pt.LISTEN, t.pid)
+        elif event == 0 and sig == _signal.SIGSTOP and t.stop_sent:
+            pt.cont(t.pid, t.stop_sent)         # the real process's stop signal, delivered
+            t.stop_sent = 0
+        elif event == 0 and sig == _signal.SIGCONT:
+            t.stopped, t.stop_sent = False, 0   # a SIGCONT discards a pending SIGSTOP
+            if not t.cont_sent:
+                return False                    # the user's: reported, forwarded
+            t.cont_sent = False
+            pt.cont(t.pid, 0)
+        else:
+            return False
+        return True
+
+    def _set_stopped(self, fut: Future, pid: int, stopped: bool, sig: int) -> None:
+        """Stop a parked ghost by `sig` (its real process stopped so) or let it go on; a
+        ghost already so, or on its way, is left alone. A stop signal the ghost ignores
+        (its dispositions are the program's at its entry point) becomes SIGSTOP."""
+        t = self._known(pid)
+        if t.state == GHOST and not t.killed:
+            if stopped and not t.stopped and not t.stop_sent:
+                t.stop_sent = sig if sig in STOP_SIGNALS and not _ignores(pid, sig) \
+                    else _signal.SIGSTOP
+                os.kill(pid, _signal.SIGSTOP)
+            elif not stopped and t.stopped and not t.cont_sent:
+                t.cont_sent = True
+                os.kill(pid, _signal.SIGCONT)
+        fut.set_result(None)
 
     def _expire_captures(self) -> None:
         now = time.monotonic()

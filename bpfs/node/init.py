@@ -5,9 +5,11 @@ they stay zombies. The reaper waits for any child (`waitpid(-1, WNOHANG)`) and
 hands each exit status to the callback registered with `on_exit` (or drops it,
 for a plain orphan). That is safe only because nobody else in the daemon waits
 for a child while the reaper can run: the Restorer (bpfs/node/restorer.py)
-waits for its helper's and new processes' ptrace stops inside a synchronous
-call in the same thread, and leaves none pending when it returns. A stop that
-does come (someone signalled the parked helper) is left alone.
+waits for its helper's, keepers' and new processes' ptrace stops inside a
+synchronous call in the same thread, and leaves none pending when it returns. A
+stop that does come (someone signalled the parked helper or spare keeper) is
+left alone. A restored process's parent is its job's keeper, which reports its
+end (bpfs/node/procs.py); it becomes ours only if the keeper is killed first.
 
 Errors: reaping never raises; a callback's exception is logged.
 """
@@ -36,6 +38,10 @@ class Reaper:
     def on_exit(self, pid: int, callback: ExitCallback) -> None:
         """Call `callback(pid, status)` once `pid`, our child, has been reaped."""
         self._callbacks[pid] = callback
+
+    def forget(self, pid: int) -> None:
+        """No callback for `pid` any more (its end was learnt another way)."""
+        self._callbacks.pop(pid, None)
 
     def adopt(self, pid: int, callback: ExitCallback) -> None:
         """`pid`, a restored process, is reaped from now on (and now, if it has ended)."""

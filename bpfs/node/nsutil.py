@@ -157,3 +157,35 @@ def sigchld_exits_only() -> None:
         return
     act.flags |= SA_NOCLDSTOP
     _check(_libc.sigaction(signal.SIGCHLD, ctypes.byref(act), None), "sigaction")
+
+
+# ---- signals with their sender: signalfd -------------------------------------
+
+SFD_CLOEXEC, SFD_NONBLOCK = 0o2000000, 0o4000
+_SIGINFO = 128                           # sizeof(struct signalfd_siginfo)
+
+
+def signalfd(sigs: "set[int] | tuple[int, ...]") -> int:
+    """A non-blocking signalfd for `sigs`, which are blocked in the calling thread (and so
+    in threads it starts later): they are read from the fd, never handled."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    mask = (ctypes.c_uint64 * 16)()
+    for sig in sigs:
+        mask[0] |= 1 << (sig - 1)
+    return _check(_libc.signalfd(-1, ctypes.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC),
+                  "signalfd")
+
+
+def read_signals(fd: int) -> list[tuple[int, int]]:
+    """(signal, sender's PID) of every signal queued on the signalfd; the PID is as our PID
+    namespace sees it: 0 for a sender outside it (an ancestor namespace) or the kernel."""
+    out = []
+    while True:
+        try:
+            data = os.read(fd, _SIGINFO * 16)
+        except (BlockingIOError, InterruptedError):
+            return out
+        for off in range(0, len(data) - _SIGINFO + 1, _SIGINFO):
+            signo = int.from_bytes(data[off:off + 4], "little")
+            pid = int.from_bytes(data[off + 12:off + 16], "little")
+            out.append((signo, pid))

@@ -6,7 +6,9 @@ Messages (grammar in bpfs/wire/framing.py):
     node -> master  need     id, hashes              only if the node lacks file contents
     master -> node  files    id, contents
     node -> master  restored id, pid   |   failed id, errno, message
-    master -> node  signal   pid, sig [, id]
+    master -> node  signal   pid, sig [, id] [, group]   group: to its process group
+    node -> master  stopped  pid, sig                each time the process stops
+    node -> master  continued pid                    each time it is continued
     node -> master  exited   pid, code, signal, id   once per restored process
 
 A restore is an `Attempt`. Usually nothing in it waits (the PID is in the request, the
@@ -35,8 +37,12 @@ and a token, is `failed` EINVAL; one whose fields do not fit bpfs/wire/messages.
 never reaches the handler: the session ends (a protocol error). The master tells bpsh (the stdio link's `err` header):
 only it knows the PID when the image itself is unreadable.
 
-Exits: the reaper hands each restored process's wait status to `ProcessTable`, which sends
-`exited` on the session that restored it, if that session is still the live one. When a
+Jobs and exits: each restored process is a job of its own (a session and a process group
+of its own, whose keeper is its parent: bpfs/migrate/restore.py), so nothing it signals
+with kill(0, ...) is the daemon and the kernel stops it on SIGTSTP. The keeper writes each
+stop, continue and end to the daemon's jobs pipe; `ProcessTable` sends `stopped`,
+`continued` and `exited` on the session that restored it, if that session is still the
+live one (an end the keeper could not tell, because root killed it, comes from the reaper). When a
 session ends, the node kills everything it holds (bproc semantics, service.Node); those
 exits are not reported to anyone. `signal` reaches only processes the session holds;
 others are ignored (logged at debug level), and so is one whose `id` (the restore's)
@@ -62,6 +68,7 @@ import trio
 from bpfs.wire import execreq, framing as wire
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
+from bpfs.migrate.restore import JOB_RECORD
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
@@ -111,18 +118,69 @@ class Held:
 
 
 class ProcessTable:
-    """The restored processes the node holds, each with the session it reports to."""
+    """The restored processes the node holds, each with the session it reports to.
+
+    Each is a job of its own (bpfs/migrate/restore.py): its parent is its job's keeper,
+    which writes every stop, continue and end of it to `jobs_w` (records of
+    `JOB_RECORD`); `watch_jobs` reads them. If the keeper dies first (only root can kill
+    it), the process is re-parented to us and the reaper reports its end instead.
+    """
 
     def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
         self.held: dict[int, Held] = {}
+        self.jobs_r, self.jobs_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def hold(self, pid: int, held: Held) -> None:
         self.held[pid] = held
 
-    def adopt(self, pid: int) -> None:
+    def adopt(self, pid: int, keeper: int | None = None) -> None:
         """From now on its exit is reaped and reported (after `restored` was sent)."""
-        self.reaper.adopt(pid, self._exited)
+        if keeper is None:
+            self.reaper.adopt(pid, self._exited)
+            return
+        self.reaper.on_exit(pid, self._exited)        # if it becomes ours (keeper killed)
+        self.reaper.adopt(keeper, lambda _k, _st: self._keeper_gone(pid))
+
+    async def watch_jobs(self) -> None:
+        """Read the keepers' records as they come; runs until cancelled."""
+        while True:
+            await trio.lowlevel.wait_readable(self.jobs_r)
+            self.read_jobs()
+
+    def read_jobs(self) -> None:
+        """Dispatch every record the keepers have written: stopped, continued, ended."""
+        while True:
+            try:
+                data = os.read(self.jobs_r, JOB_RECORD.size * 512)
+            except (BlockingIOError, InterruptedError):
+                return
+            for pid, status in JOB_RECORD.iter_unpack(data):
+                self._job_event(pid, status)
+
+    def _job_event(self, pid: int, status: int) -> None:
+        if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+            held = self.held.get(pid)
+            if held is not None:
+                msg = ({"t": "stopped", "pid": pid, "sig": os.WSTOPSIG(status)}
+                       if os.WIFSTOPPED(status) else {"t": "continued", "pid": pid})
+                held.session.report(msg)
+            return
+        self.reaper.forget(pid)
+        self._exited(pid, status)
+
+    def _keeper_gone(self, pid: int) -> None:
+        """The keeper of `pid` ended: after its last record, or killed (by root)."""
+        self.read_jobs()
+        if pid not in self.held:
+            return
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:       # the keeper reaped it, then died before telling
+            got, status = pid, signals.SIGKILL
+        if got:
+            self.reaper.forget(pid)
+            self._exited(pid, status)
 
     def _exited(self, pid: int, status: int) -> None:
         held = self.held.pop(pid, None)
@@ -134,7 +192,12 @@ class ProcessTable:
         held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig,
                              "id": held.id})
 
-    def signal(self, session: "Session", pid: int, sig: int, mid: int | None = None) -> None:
+    def signal(self, session: "Session", pid: int, sig: int, mid: int | None = None,
+               group: bool = False) -> None:
+        """Signal a process the session holds, if it is the one restore `mid` made (when
+        given); with `group` (a terminal's Ctrl-C, Ctrl-Z on the master), its whole process
+        group, as the terminal does for a local job, while it still leads its group (else
+        the process alone)."""
         held = self.held.get(pid)
         if held is None or held.session is not session:
             log.debug("signal %d for pid %d, which this node does not hold: ignored", sig, pid)
@@ -147,7 +210,10 @@ class ProcessTable:
             log.debug("bad signal number %d for pid %d: ignored", sig, pid)
             return
         try:
-            os.kill(pid, sig)
+            if group and os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except ProcessLookupError:
             log.debug("signal %d for pid %d, which is gone", sig, pid)
 
@@ -177,7 +243,8 @@ async def on_files(session: "Session", msg: wire.Message) -> None:
 
 
 async def on_signal(session: "Session", msg: wire.Message) -> None:
-    session.node.procs.signal(session, msg["pid"], msg["sig"], msg["id"])
+    session.node.procs.signal(session, msg["pid"], msg["sig"], msg["id"],
+                              msg["group"] is True)
 
 
 class Attempt:
@@ -260,7 +327,8 @@ class Attempt:
         # anything else can run: its `exited` (same queue) can only follow, and no sweep of
         # the reaper in between can take its status for an orphan's.
         self.session.report({"t": "restored", "id": req.id, "pid": pid})
-        procs.adopt(pid)
+        procs.adopt(pid, self.node.restorer.last_keeper)   # this restore's: no await since
+        self.node.prepare()                                 # the next one's, off its path
         log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
                   self.steps)
 

@@ -24,7 +24,10 @@ construction are children of this thread whose ptrace stops the Restorer waits f
 PID, inside a restore call, when the reaper (which waits for any child) cannot run; none
 is left pending when the call returns. A restored process is adopted in the same
 synchronous step that queues its `restored`: its status is never lost, and the master
-hears `restored` before `exited`.
+hears `restored` before `exited`. Each restored process is a job whose parent is its
+keeper (bpfs/migrate/restore.py): the keeper reports its stops, continues and end through
+the jobs pipe (bpfs/node/procs.py), and the reaper reaps the keeper. The next restore's
+keeper is made after each restore (`prepare`), and at start with the helper.
 
 Cache: received file contents are kept by hash in a tmpfs mounted on CACHE_DIR inside the
 node's own mount namespace (the node daemon is PID 1 of new PID and mount namespaces, and its
@@ -82,8 +85,9 @@ def setup_cache_dir() -> str | None:
 class NodeRestorer:
     """The node's Restorer, used from the thread that calls `start` (the event loop's)."""
 
-    def __init__(self, cache_dir: str | None) -> None:
+    def __init__(self, cache_dir: str | None, jobs_fd: int | None = None) -> None:
         self.cache_dir = cache_dir
+        self.jobs_fd = jobs_fd                # each restore a job whose keeper reports here
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []
@@ -95,7 +99,7 @@ class NodeRestorer:
         self.tid = threading.get_native_id()
         self._root_groups = os.getgroups()
         try:
-            self.restorer
+            self.restorer.prepare()
         except BpfsError as exc:
             log.error("cannot prepare the restorer: %s", exc)
 
@@ -105,14 +109,22 @@ class NodeRestorer:
         if threading.get_native_id() != self.tid:
             raise RuntimeError("the node's Restorer used outside its thread")
         if self._restorer is None:
-            self._restorer = Restorer(self.cache_dir)
+            self._restorer = Restorer(self.cache_dir, self.jobs_fd)
         return self._restorer
+
+    def prepare(self) -> None:
+        """Make the next restore's keeper now, off its path (after a restore was reported,
+        and at start); a failure is logged, and that restore makes its own."""
+        try:
+            self.restorer.prepare()
+        except BpfsError as exc:
+            log.warning("cannot prepare a job's keeper: %s", exc)
 
     def renew(self) -> None:
         """Drop the Restorer and make a fresh one (after kill(-1) took its helper)."""
         self.close()
         try:
-            self.restorer
+            self.restorer.prepare()
         except BpfsError as exc:
             log.error("cannot prepare the restorer: %s", exc)
 

@@ -19,6 +19,10 @@ ptrace-based Restorer (used from the event loop's thread) is bpfs/node/restorer.
 the reaper bpfs/node/init.py. The Restorer is made when the daemon
 starts, so its helper is ready before the first migration.
 
+Signals: SIGTERM, SIGINT and SIGHUP stop the daemon; they are read from a signalfd with
+their sender, and as PID 1 of the node's namespace the daemon ignores (and logs) those
+sent from inside it: a root job's `kill -TERM 1` does not take the node down.
+
 Outcomes: REBOOT closes the connection, kills what the node holds, and comes
 back on a fresh connection asking for the same number; HALT (halt, pwroff)
 exits 0; LOST (the connection dropped or broke the protocol) exits 1, or with
@@ -40,6 +44,7 @@ import trio
 from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
 from bpfs.node import facts as node_facts
+from bpfs.node import nsutil
 from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
@@ -226,9 +231,9 @@ class Node:
         self.cfg = cfg
         self.key = key
         self.number: int | None = cfg.node
-        self.restorer = NodeRestorer(None)
         self.reaper = Reaper()
         self.procs = procs.ProcessTable(self.reaper)
+        self.restorer = NodeRestorer(None, self.procs.jobs_w)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
 
     def start(self) -> None:
@@ -318,6 +323,7 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     node.start()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.reaper.run)
+        nursery.start_soon(node.procs.watch_jobs)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         code = await node.serve()
         nursery.cancel_scope.cancel()
@@ -325,12 +331,27 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     return EXIT_OK  # cancelled by SIGTERM/SIGINT
 
 
+STOP_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("stopping on %s", signal.Signals(signum).name)
-            scope.cancel()
-            return
+    """Stop on SIGTERM, SIGINT or SIGHUP from outside the node's PID namespace (the launcher,
+    `bpfs down`, a terminal). As PID 1 of that namespace, a signal from a process inside it
+    (a root job's `kill -TERM 1`) is logged and ignored: no job can take its node down."""
+    fd = nsutil.signalfd(STOP_ON)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            for signum, sender in nsutil.read_signals(fd):
+                if sender and os.getpid() == 1:
+                    log.warning("ignoring %s from process %d of the node",
+                                signal.Signals(signum).name, sender)
+                    continue
+                log.info("stopping on %s", signal.Signals(signum).name)
+                scope.cancel()
+                return
+    finally:
+        os.close(fd)
 
 
 def run(cfg: NodeConfig) -> int:
@@ -341,4 +362,5 @@ def run(cfg: NodeConfig) -> int:
         log.error("%s", exc)
         return EXIT_REFUSED if exc.errno == errno.EACCES else EXIT_LOST
     log.info("node daemon pid %d (host view: see /proc), master %s", os.getpid(), cfg.address)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_ON)   # every thread: read by _watch_signals
     return trio.run(_main, cfg, key)

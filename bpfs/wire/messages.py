@@ -25,7 +25,9 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
     master -> node    files      id: ID, contents: {HASH: BLOB} (at most MAX_ITEMS)
     node   -> master  restored   id: ID, pid: PID
                       failed     id: ID, errno: ERRNO, message: TEXT
-    master -> node    signal     pid: PID, sig: SIGNAL, [id: ID]
+    master -> node    signal     pid: PID, sig: SIGNAL, [id: ID], [group: BOOL]
+    node   -> master  stopped    pid: PID, [sig: SIGNAL]     the process stopped (a group stop)
+                      continued  pid: PID                    ... and was continued (SIGCONT)
     node   -> master  exited     pid: PID, code: 0..255 | nil, signal: SIGNAL | nil, [id: ID]
 
     FACTS := {hostname: WORD, cpus: 0..2^20, arch: WORD, kernel: WORD,
@@ -38,7 +40,9 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
   The `id` of `signal` and `exited` names the restore the pid belongs to: a node
   signals only the process it restored for that migration, and the master takes an
   exit only for the migration that pid now belongs to (a late message about a reused
-  pid is stale and ignored); absent, the pid alone decides (older peers).
+  pid is stale and ignored); absent, the pid alone decides (older peers). `group`
+  true: a terminal's signal (Ctrl-C, Ctrl-\\, Ctrl-Z) or SIGCONT, for the job's whole
+  process group on the node, as a terminal signals a local job.
   `hello` keeps its shape in every protocol version, so a node of another version
   gets the master's `refused` rather than a protocol error.
 
@@ -128,6 +132,14 @@ class Int(Spec):
 
     def accepts(self, value: Any) -> bool:
         return type(value) is int and self.lo <= value <= self.hi
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    what = "a boolean"
+
+    def accepts(self, value: Any) -> bool:
+        return type(value) is bool
 
 
 @dataclass(frozen=True)
@@ -275,6 +287,7 @@ BLOB = Bytes(0, MAX_BLOB)
 SIGNAL = Int(1, 64)                 # 1 .. NSIG-1
 LOAD = Num(0, 1e9)
 BYTES = Int(0, 2**64 - 1)
+BOOL = Bool()
 
 FACTS = Record({"hostname": WORD, "cpus": Int(0, 1 << 20), "arch": WORD, "kernel": WORD,
                 "load": List(LOAD, 3, 3), "mem_total": BYTES, "mem_available": BYTES,
@@ -309,7 +322,9 @@ MESSAGES: dict[str, Schema] = {
     "files": _row("master", id=ID, contents=Map(HASH, BLOB, MAX_ITEMS)),
     "restored": _row("node", id=ID, pid=PID),
     "failed": _row("node", id=ID, errno=ERRNO, message=TEXT),
-    "signal": _row("master", pid=PID, sig=SIGNAL, id=Opt(ID)),
+    "signal": _row("master", pid=PID, sig=SIGNAL, id=Opt(ID), group=Opt(BOOL)),
+    "stopped": _row("node", pid=PID, sig=Opt(SIGNAL)),
+    "continued": _row("node", pid=PID),
     "exited": _row("node", pid=PID, code=Opt(Int(0, 255)), signal=Opt(SIGNAL), id=Opt(ID)),
 }
 

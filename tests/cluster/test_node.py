@@ -127,7 +127,8 @@ async def stop(proc: trio.Process) -> None:
 
 
 def children(pid: int) -> list[int]:
-    """Children of `pid`, but not the node's restore helper (parked there for migrations)."""
+    """Children of `pid`, but not the node's restore helper nor its spare job keeper (both
+    parked there for migrations, named bpfs-helper)."""
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:

@@ -280,6 +280,8 @@ def valid(spec: messages.Spec) -> st.SearchStrategy[Any]:
                          st.sampled_from([spec.lo, spec.hi]))
     if isinstance(spec, messages.Num):
         return st.floats(spec.lo, spec.hi, allow_nan=False)
+    if isinstance(spec, messages.Bool):
+        return st.booleans()
     if isinstance(spec, messages.Str):
         return st.text(max_size=min(spec.max, 20))
     if isinstance(spec, messages.Bytes):

@@ -47,6 +47,9 @@ GOOD = [
     ("node", {"t": "restored", "id": 1, "pid": 4242}),
     ("node", {"t": "failed", "id": 1, "errno": errno.ENOENT, "message": "no such file"}),
     ("master", {"t": "signal", "pid": 4242, "sig": 64}),
+    ("master", {"t": "signal", "pid": 4242, "sig": 20, "id": 7, "group": True}),
+    ("node", {"t": "stopped", "pid": 4242, "sig": 20}),
+    ("node", {"t": "continued", "pid": 4242}),
     ("node", {"t": "exited", "pid": 4242, "code": 255, "signal": None}),
     ("node", {"t": "exited", "pid": 4242, "code": None, "signal": 9}),
 ]

@@ -21,8 +21,11 @@ How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
    `N: strerror` for it alone, the others run.
    Otherwise (one node, or the master among them, or a test's fake node), fork one
    child per node in the list (order and duplicates kept; rank = index).
-   The child goes to its own process group (bpsh forwards signals itself), resets
-   every signal disposition and the signal mask, closes every fd but 0-2 and the
+   The child stays in bpsh's process group, as a local command would be, so the
+   terminal's Ctrl-C and Ctrl-Z reach its ghost (and, through it, the remote
+   process); it resets every signal disposition but those bpsh was started with
+   ignored (nohup, trap '', a background job: they stay ignored, on the node too)
+   and the signal mask, closes every fd but 0-2 and the
    status pipe, writes one `execmove` request line to nodes/N/ctl and execve's the
    command with bpsh's environment plus BPROC_RANK (7 digits) and BPROC_PROGNAME
    (the path found, as bproc). The master migrates that execve to node N and keeps
@@ -36,8 +39,9 @@ How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
 6. Exit status: the largest exit status; a child killed by a signal prints
    `bpsh: Child process on node N exited abnormally.` and makes it 255. If bpsh was
    itself interrupted (SIGINT, SIGTERM, SIGHUP, SIGQUIT are forwarded to the
-   children) and children died of that signal, bpsh dies of it too, quietly, so
-   the calling shell sees the interruption.
+   children, see stdio) and children died of that signal, bpsh dies of it
+   too, quietly, so the calling shell sees the interruption. A signal bpsh was
+   started with ignored is neither caught nor forwarded (`nohup bpsh ...`).
 
 With -N and a single remote node (and no -t), bpsh does the execmove itself
 without forking, as bproc documents: bpsh becomes the ghost.
@@ -421,20 +425,13 @@ def _fork(child) -> int:  # type: ignore[no-untyped-def]
             child()
         finally:
             os._exit(127)
-    try:
-        os.setpgid(pid, pid)            # also done by the child; whichever runs first
-    except OSError:
-        pass
     return pid
 
 
 def _reset_child(keep: int) -> None:
-    """In a fresh child: own process group, default signals, empty mask, fds 0-2 + keep."""
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass
-    reset_signals()
+    """In a fresh child (in bpsh's process group, as a shell's job): default signals but
+    those bpsh was started with ignored, an empty mask, fds 0-2 + keep."""
+    reset_signals(keep_ignored=True)
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 20)
 
@@ -589,7 +586,7 @@ def _direct_execmove(job: Job, node: int) -> int:
             sys.stderr.write(f"{PROG}: {_reason(e)}\n")
         sys.stderr.write(f"{node}: {os.strerror(e.errno or _errno.EIO)}\n")
         return 1
-    reset_signals()
+    reset_signals(keep_ignored=True)
     path, argv = _exec_argv(job, node)
     env = dict(os.environ if job.env is None else job.env, BPROC_PROGNAME=job.path,
                BPROC_RANK="0000000")

@@ -54,7 +54,11 @@ every process is reaped and every output link it will ever get has reached EOF:
   in sequential mode, for ranks not being shown.
 - signals to bpsh (INT, QUIT, TERM, HUP, USR1, USR2, CONT) are forwarded to every
   live child (the ghosts forward them to the real processes); TSTP is forwarded and
-  then stops bpsh itself. After the third SIGINT the children get SIGKILL.
+  then stops bpsh itself. After the third SIGINT the children get SIGKILL. The
+  children are in bpsh's process group: when bpsh is in its terminal's foreground,
+  INT, QUIT and TSTP came from the keyboard to the whole group, so they are not
+  forwarded again (bpsh still stops itself on TSTP). A signal bpsh was started
+  with ignored (nohup) is not caught, so not forwarded either.
 
 Errors: OSErrors from our own stdout/stderr other than EPIPE propagate to the caller;
 errors on a link close that link only.
@@ -91,6 +95,7 @@ LOCAL = -1                      # the node number of a process bpsh runs here
 FORWARDED = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP,
              _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGTSTP)
 TERMINATING = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP)
+KEYBOARD = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP)     # a terminal's, to a group
 EVENT_READ, EVENT_WRITE = 1, 2      # as selectors'
 
 # launch failure records written by bpsh's children on the status pipe: a fixed part,
@@ -115,6 +120,22 @@ def pack_failure(rank: int, stage: int, err: int, reason: str = "") -> bytes:
 def one_line(text: str) -> str:
     """A reason as one line of printable text."""
     return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+
+
+def _in_foreground() -> bool:
+    """True if we are in the foreground process group of our controlling terminal: then
+    a keyboard signal (Ctrl-C, Ctrl-\\, Ctrl-Z) went to the whole group, our children
+    (the ghosts) included, and forwarding it would deliver it twice."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False                        # no controlling terminal
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @record
@@ -308,7 +329,8 @@ class StdioServer:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup = _signal.set_wakeup_fd(self._wake_w)
         self._old_handlers = {sig: _signal.signal(sig, _noop)
-                              for sig in (_signal.SIGCHLD, *FORWARDED)}
+                              for sig in (_signal.SIGCHLD, *FORWARDED)
+                              if _signal.getsignal(sig) != _signal.SIG_IGN}
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -823,7 +845,9 @@ class StdioServer:
         self.signals.append(sig)
         if sig == _signal.SIGINT and self.signals.count(_signal.SIGINT) >= 3:
             sig = _signal.SIGKILL
-        pids = [p.pid for p in self.procs if p.status is None and p.pid]
+        elif sig in KEYBOARD and _in_foreground():
+            sig = 0                         # the terminal sent it to our children too
+        pids = [p.pid for p in self.procs if p.status is None and p.pid] if sig else []
         if self.vector is not None and self.vector.status is None:
             pids.append(self.vector.writer)
         for pid in pids:
@@ -831,7 +855,7 @@ class StdioServer:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        if sig == _signal.SIGTSTP:                  # stop ourselves too, like a shell job;
+        if self.signals[-1] == _signal.SIGTSTP:     # stop ourselves too, like a shell job;
             _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)    # SIGCONT is forwarded on resume
             os.kill(os.getpid(), _signal.SIGTSTP)
             _signal.signal(_signal.SIGTSTP, _noop)
