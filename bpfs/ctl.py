@@ -60,9 +60,9 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from bpfs.wire import execreq
 from bpfs.errors import BpfsError, einval
 from bpfs.model import POWER_COMMANDS, Caller, Cluster
+from bpfs.wire import execreq
 
 MAX_CTL_WRITE = 4096
 

@@ -130,8 +130,8 @@ def keygen(key_file: str, force: bool) -> int:
     every node (`bpslave --key FILE`) over a channel you trust; `bpfs up` makes its own."""
     import errno
     import os
-    from bpfs.wire import framing as wire
     from bpfs.errors import BpfsError
+    from bpfs.wire import framing as wire
     if os.path.exists(key_file) and not force:
         raise BpfsError(errno.EEXIST, f"{key_file} exists (use --force to replace it)")
     os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)

@@ -54,14 +54,14 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from bpfs.master import liveness, statefile
-from bpfs.wire import execreq, framing as wire
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
+from bpfs.master import liveness, statefile
 from bpfs.master.exec import ExecService
 from bpfs.master.procs import ProcService
 from bpfs.model import MAX_NODE, Caller, Cluster, Facts
+from bpfs.wire import execreq, framing as wire
 
 log = logging.getLogger("bpfs.master")
 

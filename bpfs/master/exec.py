@@ -78,12 +78,12 @@ from typing import Any
 
 import trio
 
-from bpfs.wire import execreq
+from bpfs.child import reset_signals
 from bpfs.errors import BpfsError
 from bpfs.master.procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
 from bpfs.pin import Pin
-from bpfs.child import reset_signals
+from bpfs.wire import execreq
 
 log = logging.getLogger("bpfs.master.exec")
 

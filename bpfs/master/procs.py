@@ -75,9 +75,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from bpfs.wire import execreq
 from bpfs.errors import BpfsError
 from bpfs.model import Caller, Cluster, ProcOutput
+from bpfs.wire import execreq
 
 log = logging.getLogger("bpfs.master.procs")
 

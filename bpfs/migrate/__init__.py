@@ -72,7 +72,7 @@ attribute `dump` is the module; the function is `dump.dump`.
 """
 
 from bpfs.migrate.dump import (kill, launch, read_contents, seize_for_exec,
-                             wait_exec_and_dump)
+                               wait_exec_and_dump)
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import FileCache
 from bpfs.migrate.image import FileRef, Host, Image, dumps, loads, set_rank

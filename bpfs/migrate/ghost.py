@@ -129,9 +129,9 @@ from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import procfs
 from bpfs.migrate import ptrace as pt
 from bpfs.errors import BpfsError
+from bpfs.migrate.dump import TRACE_OPTIONS, seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.errors import MigrateError, from_oserror
 from bpfs.migrate.image import Image
-from bpfs.migrate.dump import TRACE_OPTIONS, seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.spawn import spawn_traced
 
 log = logging.getLogger(__name__)

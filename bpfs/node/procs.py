@@ -65,13 +65,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from bpfs.wire import execreq, framing as wire
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.migrate.restore import JOB_RECORD
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
+from bpfs.wire import execreq, framing as wire
 
 if TYPE_CHECKING:
     from bpfs.node.service import Session

@@ -41,7 +41,6 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
 from bpfs.node import facts as node_facts
 from bpfs.node import nsutil
@@ -49,6 +48,7 @@ from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
+from bpfs.wire import framing as wire
 
 log = logging.getLogger("bpslave")
 

@@ -31,8 +31,8 @@ from typing import Sequence
 
 import trio
 
-from bpfs.wire import execreq
 from bpfs.errors import BpfsError
+from bpfs.wire import execreq
 
 LINK_TIMEOUT = 10.0
 O_FLAGS = os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK

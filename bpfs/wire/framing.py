@@ -48,8 +48,8 @@ from typing import Any
 import msgpack
 import trio
 
-from bpfs.wire import messages
 from bpfs.errors import BpfsError, ProtocolError   # wire.ProtocolError, as callers know it
+from bpfs.wire import messages
 
 VERSION = 1
 DEFAULT_PORT = 2223

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, command, pid_alive
 from tests.cluster.test_bpsh import ok, real_process
+from tests.conftest import Cluster, command, pid_alive
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,12 +20,12 @@ import sys
 import trio
 
 from bpfs import formats
-from bpfs.wire import execreq
 from bpfs.master.exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
 from bpfs.model import Cluster, ProcOutput
-from tests.conftest import CTL_WRITER
+from bpfs.wire import execreq
 from tests.cluster.test_master import Master, fake_node, master, wait_for  # noqa: F401
 from tests.cluster.test_master_procs import first_restore, messages, proc_state, read_events
+from tests.conftest import CTL_WRITER
 
 WRITER = CTL_WRITER
 

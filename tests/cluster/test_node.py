@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
 from bpfs.node.config import parse_master
 from bpfs.node.service import Backoff
+from bpfs.wire import framing as wire
 
 ROOT = Path(__file__).resolve().parents[2]
 

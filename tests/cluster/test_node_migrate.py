@@ -25,8 +25,8 @@ import pytest
 import trio
 
 from bpfs import migrate
-from bpfs.wire import execreq, framing as wire
 from bpfs.migrate.filecache import hash_bytes
+from bpfs.wire import execreq, framing as wire
 from tests.cluster.test_node import Conn, FakeMaster, children, make_key, start_node, stop
 
 pytestmark = pytest.mark.timeout(60)

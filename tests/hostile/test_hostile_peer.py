@@ -30,10 +30,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpfs.wire import framing as wire, messages
 from bpfs.master.daemon import MAX_HANDSHAKES, NODE_MESSAGES, RefusalLog
+from bpfs.wire import framing as wire, messages
 from tests.cluster.test_master import (FACTS, Master, fake_node, master, node_state,  # noqa: F401
-                                   register, wait_for)
+                                       register, wait_for)
 from tests.cluster.test_node import make_key, start_node, stop
 
 pytestmark = [

@@ -21,8 +21,8 @@ import time
 import pytest
 
 from bpfs import formats
-from tests.conftest import Cluster, as_user, command
 from tests.cluster.test_bpsh import Background, proc_state, real_process
+from tests.conftest import Cluster, as_user, command
 
 pytestmark = pytest.mark.timeout(90)
 

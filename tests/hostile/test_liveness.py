@@ -30,8 +30,8 @@ import trio
 
 from bpfs.master import liveness
 from bpfs.wire import framing as wire
-from tests.conftest import ROOT
 from tests.cluster.test_master import Master, fake_node, mounted, node_state, wait_for
+from tests.conftest import ROOT
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting with allow_other needs root"),

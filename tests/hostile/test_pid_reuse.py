@@ -26,11 +26,11 @@ from typing import Iterator
 import pytest
 import trio
 
-from tests.conftest import PY, Cluster, User, as_user
 from tests.cluster.test_master import fake_node, master, wait_for  # noqa: F401 - a fixture
 from tests.cluster.test_master_procs import proc_state, request, restored, wait_exit, writer
 from tests.cluster.test_node import FakeMaster, children, make_key, start_node, stop
 from tests.cluster.test_node_migrate import FakeBpsh, NodeUnderTest, make_image
+from tests.conftest import PY, Cluster, User, as_user
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 TOKEN = "0123456789abcdef0123456789abcdef"

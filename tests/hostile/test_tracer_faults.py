@@ -26,11 +26,11 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import (Cluster, User, _new_cluster, _teardown, as_user, command,
-                            is_root, pid_alive)
 from tests.cluster.test_master import Master, master  # noqa: F401 - a fixture
 from tests.cluster.test_master_procs import (fake_node, reap, request, restored, wait_exit,
                                              wait_for, writer)
+from tests.conftest import (Cluster, User, _new_cluster, _teardown, as_user, command,
+                            is_root, pid_alive)
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -28,9 +28,9 @@ import pytest
 from bpfs.cli import bpsh
 from bpfs.cli.bpsh.stdio import (REASON_MAX, STAGE_CTL, OutputOptions, Proc, StdioServer,
                                  pack_failure)
-from bpfs.wire.execreq import (ExecMove, parse_execmove, render_error, render_header, render_ranks,
-                          split_ctl_words)
 from bpfs.formats import NodeRow, render_status
+from bpfs.wire.execreq import (ExecMove, parse_execmove, render_error, render_header,
+                               render_ranks, split_ctl_words)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -10,8 +10,8 @@ from hypothesis import given, strategies as st
 
 from bpfs import ctl
 from bpfs.errors import BpfsError
-from bpfs.wire.execreq import ExecMove, parse_execmove, split_ctl_words
 from bpfs.model import Caller, Cluster, Facts
+from bpfs.wire.execreq import ExecMove, parse_execmove, split_ctl_words
 
 ROOT = Caller(0, 0)
 ALICE = Caller(1000, 1000)

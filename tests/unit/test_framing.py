@@ -18,8 +18,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfs.wire import framing as wire
 from bpfs.errors import BpfsError
+from bpfs.wire import framing as wire
 
 KEY = b"k" * 64
 OTHER = b"o" * 64

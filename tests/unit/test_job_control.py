@@ -7,11 +7,11 @@ import os
 import signal
 import struct
 
+from bpfs.child import reset_signals
 from bpfs.cli.bpsh import stdio as stdio_server
 from bpfs.migrate.restore import JOB_RECORD
 from bpfs.node.init import Reaper
 from bpfs.node.procs import Held, ProcessTable
-from bpfs.child import reset_signals
 from tests.unit.test_model import up_cluster
 
 

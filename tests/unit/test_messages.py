@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfs.wire import framing as wire, messages
 from bpfs.errors import ProtocolError
 from bpfs.master.daemon import RefusalLog
 from bpfs.node import facts as node_facts
+from bpfs.wire import framing as wire, messages
 
 FACTS = {"hostname": "n1", "cpus": 2, "arch": "x86_64", "kernel": "6.1.0",
          "load": [0.5, 0.25, 0.0], "mem_total": 2_000_000, "mem_available": 1_000_000,

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from bpfs import nodeset
-from bpfs.wire import execreq
 from bpfs.cli.bpsh import run as bpsh
 from bpfs.cli.bpsh.stdio import EVENT_READ, EVENT_WRITE, _Poller
+from bpfs.wire import execreq
 from tests.unit.test_bpsh import FAKE_NODE, mount  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

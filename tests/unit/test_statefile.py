@@ -9,8 +9,8 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from bpfs.master import statefile
 from bpfs.errors import BpfsError
+from bpfs.master import statefile
 from bpfs.model import SavedNode
 
 saved_nodes = st.lists(
