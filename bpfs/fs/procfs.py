@@ -7,9 +7,9 @@ through a pin (bpfs/pin.py), never by the bare number.
 Pending signals matter for blocked reads of /bproc/events: once a request has
 been sent to us the kernel waits for our answer even if the reader is killed
 (fs/fuse/dev.c request_wait_answer), and pyfuse3 does not pass FUSE_INTERRUPT
-on. So a blocked read polls the reader's /proc status and answers EINTR when
-a signal is pending that will kill it or run a handler; stop and
-ignore-by-default signals do not count, so Ctrl-Z does not fail the read.
+on. So a blocked read polls the reader's /proc status (bpfs/procstatus.py) and
+answers EINTR when a signal is pending that will kill it or run a handler; stop
+and ignore-by-default signals do not count, so Ctrl-Z does not fail the read.
 The reader stands for the handle's opener (pyfuse3 gives `read` no context),
 by its bare number: this only observes, and a wrong answer (the opener gone,
 its number reused by a process with a signal pending) is one spurious EINTR.
@@ -18,6 +18,8 @@ its number reused by a process with a signal pending) is one spurious EINTR.
 from __future__ import annotations
 
 import signal
+
+from bpfs import procstatus
 
 _QUIET_BY_DEFAULT = (signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
                      signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
@@ -30,15 +32,9 @@ def _status(tid: int) -> dict[str, str]:
     if tid <= 0:
         return {}
     try:
-        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        return procstatus.read(tid)
     except OSError:
         return {}
-    out = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
 
 
 def interrupting_signal(tid: int) -> bool:
