@@ -85,6 +85,7 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 TakePin = Callable[[int, int, int], Any]      # Pin.take(tid, uid, gid), or a test's fake
+ReaddirReply = Callable[[Any, bytes, Any, int], bool]   # pyfuse3.readdir_reply, or a test's fake
 
 
 def caller_from_ctx(ctx: Any, *, with_groups: bool = True, keep_pin: bool = False,
@@ -156,9 +157,11 @@ class BpfsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, services: ctl.Services, take_pin: TakePin = Pin.take) -> None:
+    def __init__(self, services: ctl.Services, take_pin: TakePin = Pin.take,
+                 readdir_reply: ReaddirReply = pyfuse3.readdir_reply) -> None:
         super().__init__()
         self._take_pin = take_pin
+        self._readdir_reply = readdir_reply
         self.services = services
         self.cluster = services.cluster
         self._handles: dict[int, Handle] = {}
@@ -353,7 +356,7 @@ class BpfsOperations(pyfuse3.Operations):
                 attr = self._attr(self._check(ino))
             except BpfsError:
                 continue        # vanished since opendir
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, i + 1):
+            if not self._readdir_reply(token, os.fsencode(name), attr, i + 1):
                 break
 
     @fuse_errors

@@ -63,9 +63,28 @@ class FakePin:
         FakePin.open.discard(self)
 
 
+class Listing:
+    """The token readdir passes to its reply (pyfuse3's is the kernel's request): it takes
+    entries until `room` runs out, as a full reply buffer does, and keeps the last next id."""
+
+    def __init__(self, room: int | None = None) -> None:
+        self.names: list[str] = []
+        self.next_id = 0
+        self.room = room
+
+
+def readdir_reply(token: Listing, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+    """Stands for pyfuse3.readdir_reply: False, and the entry not taken, once the buffer is full."""
+    if token.room is not None and len(token.names) >= token.room:
+        return False
+    token.names.append(name.decode())
+    token.next_id = next_id
+    return True
+
+
 def make(up: int = 2, configured: int = 3) -> tuple[BpfsOperations, FakeServices]:
     s = services(up, configured)
-    return BpfsOperations(s, take_pin=FakePin), s
+    return BpfsOperations(s, take_pin=FakePin, readdir_reply=readdir_reply), s
 
 
 async def errno_of(coro) -> int:
@@ -93,13 +112,12 @@ async def read_all(ops: BpfsOperations, path: str, ctx: Ctx = ROOT) -> str:
         await ops.release(fi.fh)
 
 
-async def listdir(ops: BpfsOperations, path: str, monkeypatch) -> list[str]:
-    names: list[str] = []
-    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda tok, name, attr, nxt: names.append(name.decode()) or True)
+async def listdir(ops: BpfsOperations, path: str) -> list[str]:
+    listing = Listing()
     fh = await ops.opendir(await path_ino(ops, path), ROOT)
-    await ops.readdir(fh, 0, None)
+    await ops.readdir(fh, 0, listing)
     await ops.releasedir(fh)
-    return names
+    return listing.names
 
 
 def test_inode_encoding_round_trips():
@@ -108,17 +126,27 @@ def test_inode_encoding_round_trips():
     assert Ino(Kind.ROOT).encode() == pyfuse3.ROOT_INODE
 
 
-async def test_tree_listing(monkeypatch):
+async def test_tree_listing():
     ops, _ = make()
-    assert await listdir(ops, "/", monkeypatch) == ["status", "events", "nodes", "procs"]
-    assert await listdir(ops, "/nodes", monkeypatch) == ["0", "1", "2"]
-    assert await listdir(ops, "/nodes/1", monkeypatch) == ["status", "ctl", "info", "procs"]
-    assert await listdir(ops, "/procs", monkeypatch) == []
+    assert await listdir(ops, "/") == ["status", "events", "nodes", "procs"]
+    assert await listdir(ops, "/nodes") == ["0", "1", "2"]
+    assert await listdir(ops, "/nodes/1") == ["status", "ctl", "info", "procs"]
+    assert await listdir(ops, "/procs") == []
     ops.cluster.start_proc(77, 1, 1000, 100, "sleep", 1.0)
-    assert await listdir(ops, "/procs", monkeypatch) == ["77"]
-    assert await listdir(ops, "/procs/77", monkeypatch) == ["status", "node", "signal", "ctl"]
+    assert await listdir(ops, "/procs") == ["77"]
+    assert await listdir(ops, "/procs/77") == ["status", "node", "signal", "ctl"]
     d = await ops.getattr(await path_ino(ops, "/procs/77"), ROOT)
     assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1000, 100, 0o555)
+
+
+async def test_readdir_resumes_after_a_full_buffer():
+    ops, _ = make()
+    fh = await ops.opendir(await path_ino(ops, "/nodes/1"), ROOT)
+    first, rest = Listing(room=2), Listing()
+    await ops.readdir(fh, 0, first)
+    await ops.readdir(fh, first.next_id, rest)
+    await ops.releasedir(fh)
+    assert (first.names, rest.names) == (["status", "ctl"], ["info", "procs"])
 
 
 async def test_lookup_refusals():
@@ -338,14 +366,14 @@ def with_output(ops: BpfsOperations, pid: int = 77, uid: int = 1000) -> ProcOutp
     return out
 
 
-async def test_output_files_exist_only_for_processes_that_keep_output(monkeypatch):
+async def test_output_files_exist_only_for_processes_that_keep_output():
     ops, _ = make()
     ops.cluster.start_proc(76, 1, 1000, 100, "sleep", 1.0)
     with_output(ops)
-    assert await listdir(ops, "/procs/76", monkeypatch) == ["status", "node", "signal", "ctl"]
+    assert await listdir(ops, "/procs/76") == ["status", "node", "signal", "ctl"]
     assert await errno_of(ops.lookup(await path_ino(ops, "/procs/76"), b"stdout", ROOT)) \
         == errno.ENOENT
-    assert await listdir(ops, "/procs/77", monkeypatch) == [
+    assert await listdir(ops, "/procs/77") == [
         "status", "node", "signal", "ctl", "stdout", "stderr"]
     attr = await ops.getattr(await path_ino(ops, "/procs/77/stdout"), ROOT)
     assert (stat.S_IMODE(attr.st_mode), attr.st_uid) == (0o400, 1000)
