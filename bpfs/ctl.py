@@ -55,7 +55,6 @@ otherwise. The table row named ANY matches every word and gets it as argument.
 from __future__ import annotations
 
 import errno
-import shlex
 import signal
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
@@ -126,7 +125,7 @@ def parse(data: bytes) -> list[list[str]]:
         raise einval("control message is not UTF-8 text") from None
     if any(not ch.isprintable() and ch not in "\t\n\r" for ch in text):
         raise einval("control message contains binary data")
-    commands = [_split(line) for line in text.split("\n")]
+    commands = [execreq.split_ctl_words(line) for line in text.split("\n")]
     commands = [c for c in commands if c]
     if not commands:
         raise einval("empty control message")
@@ -141,13 +140,6 @@ def _first_word(data: bytes) -> str:
         return ""
     text = "".join(ch if ch.isprintable() else "?" for ch in words[0].decode("utf-8", "replace"))
     return f"{_printable(text)!r} "
-
-
-def _split(line: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError as exc:
-        raise einval(f"bad quoting in control message: {exc}") from None
 
 
 ANY = "*"      # a row that matches every first word and gets the whole line as arguments

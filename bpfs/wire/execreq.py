@@ -161,11 +161,13 @@ def _parse_nodes(text: str) -> tuple[int, ...]:
 
 
 def split_ctl_words(line: str) -> list[str]:
+    """One ctl line split into words as a POSIX shell does: how bpfs.ctl.parse reads every
+    line of a ctl write, an execmove request's too; EINVAL for unbalanced quotes."""
     import shlex        # the master's side only; see the top of the module
     try:
         return shlex.split(line)
     except ValueError as exc:
-        raise einval(f"cannot parse {line!r}: {exc}") from None
+        raise einval(f"bad quoting in control message: {exc}") from None
 
 
 # ---- stdio link headers --------------------------------------------------------

@@ -82,7 +82,7 @@ def test_parse(data, words):
     (b"\xff\xfe state", "UTF-8"),
     (b"state \x01up", "binary"),
     (b"x" * (ctl.MAX_CTL_WRITE + 1), str(ctl.MAX_CTL_WRITE)),
-    (b"state 'up", "quoting"),
+    (b"state 'up", "bad quoting in control message: No closing quotation"),
 ])
 def test_garbage_is_einval_with_a_readable_message(data, needle):
     assert needle in einval_message(data)
