@@ -13,33 +13,9 @@ Node state is *derived*, never stored, so it cannot drift from the facts:
     booted, admin state set            -> "unavailable" or "error"
     booted                             -> "up"
 
-Decisions (tests hold them):
-- ACL: a node directory's mode/uid/gid. Only the x bits mean anything; any
-  other bits given to chmod are *ignored* (masked off), so `chmod 755` stores
-  0111 and `ls -l` shows what counts. Setuid/setgid/sticky are masked too.
-- chmod: owner or root (EPERM). chown to another uid: root only (EPERM).
-  chgrp: root, or the owner to a group they belong to (their gid or a
-  supplementary group), as for files (EPERM). On a node that is not connected:
-  EBUSY (checked after permission, so a stranger learns nothing).
-- A node number never seen before starts with mode 0111 root:root. The ACL
-  belongs to the number and survives reconnects, reboots and master restarts
-  (see bpfs/master/statefile.py).
-- Node numbers: `Cluster(K)` with K > 0 has exactly nodes 0..K-1 (the configured
-  ones): `attach` refuses any other number (ENODEV, naming the range) and gives
-  a node that asks for none the lowest free one (EBUSY when all are connected);
-  `restore` ignores saved numbers beyond them (and returns them). `Cluster(0)`
-  numbers openly: any 0..MAX_NODE (EINVAL beyond), or the lowest free, then the
-  next; `saved` keeps such a node only once its ACL or admin state differs from
-  a new node's, so registering never grows the state file.
-- The admin state (`state unavailable|error`, root only) survives the node's
-  reconnects and master restarts until root sets `state up`. A down node
-  refuses it (EHOSTDOWN); other values are EINVAL naming the allowed ones.
-- reboot/halt/pwroff show until the connection drops; then the node is
-  "down" like any lost node (bproc semantics), and boot -> up again if it
-  re-registers.
-- may_run: the node must be up; root ignores the x bits, others need the x bit
-  of owner (uid matches), else group (gid or a supplementary group matches),
-  else other — the first class that matches decides, as for files.
+The rules for ACLs, chmod/chown/chgrp, node numbers, the admin state, reboot/halt/
+pwroff and who may run where are listed in docs/model.md (tests/unit/test_model.py
+holds them).
 
 Events (see bpfs/formats.py for the line format): `node N state S` on every
 change of the derived state, `node N mode 0MMM`, `node N owner UID GID`;
