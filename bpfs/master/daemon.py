@@ -27,7 +27,6 @@ mount point busy) are logged as one line and `run_master` returns 1.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import signal
@@ -224,26 +223,3 @@ def run_master(cfg: MasterConfig) -> int:
             log.error("master: %s", e)
         return 1
 
-
-def main(argv: list[str] | None = None) -> int:
-    d = MasterConfig()
-    p = argparse.ArgumentParser(prog="python -m bpfs.master", description="Run the bpfs master daemon.")
-    p.add_argument("--mount", default=d.mount)
-    p.add_argument("--listen", default=d.listen, help="host to listen on for node daemons")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--key-file", default=d.key_file)
-    p.add_argument("--state-file", default=d.state_file)
-    p.add_argument("--nodes", type=int, default=d.nodes,
-                   help="configured node count: only 0..K-1 register; 0: any number")
-    p.add_argument("--ping-timeout", type=float, default=d.ping_timeout)
-    p.add_argument("--heartbeat", type=float, default=None,
-                   help="default: a fifth of --ping-timeout, at most 1 s")
-    p.add_argument("--debug", action="store_true")
-    a = p.parse_args(argv)
-    setup_logging(logging.DEBUG if a.debug else logging.INFO)
-    return run_master(MasterConfig(a.mount, a.listen, a.port, a.key_file, a.state_file, a.nodes,
-                                   a.ping_timeout, a.heartbeat))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ out-of-order frames before and after it registers; a hostile master feeds a real
 node daemon. Every frame is checked against the message table (bpfs/wire/messages.py)
 right after decoding: a bad one closes that one connection with one log line naming
 the peer, never a traceback, never a stall of the master, never state that outlives
-the connection. The master runs as `python -m bpfs.master` (tests/cluster/test_master.py's
+the connection. The master runs as `bpfs master` (tests/cluster/test_master.py's
 `Master`), on real sockets and a real FUSE mount.
 """
 
