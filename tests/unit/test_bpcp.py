@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bpfs.cli import bpcp
-from tests.unit.test_bpsh import Runner, mount  # noqa: F401  (fixture)
+from tests.unit.test_bpsh_stdio import Runner, mount  # noqa: F401  (fixture)
 
 
 @pytest.fixture
