@@ -26,7 +26,7 @@ from bpfs import nodeset
 from bpfs.cli.bpsh import run as bpsh
 from bpfs.cli.bpsh.poller import EVENT_READ, EVENT_WRITE, Poller
 from bpfs.wire import execreq
-from tests.unit.test_bpsh_stdio import FAKE_NODE, mount  # noqa: F401  (fixture)
+from tests.unit.bpsh_fake import FAKE_NODE, mount  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
