@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from bpfs.cli import bpsh
-from bpfs.cli.bpsh.stdio import (REASON_MAX, STAGE_CTL, OutputOptions, Proc, StdioServer,
-                                 pack_failure)
+from bpfs.child import CTL, REASON_MAX, Report
+from bpfs.cli.bpsh.links import Proc
+from bpfs.cli.bpsh.output import OutputOptions
+from bpfs.cli.bpsh.stdio import StdioServer
 from bpfs.wire.execreq import render_error, render_header, render_ranks
 from tests.unit.bpsh_fake import PY, mount, run  # noqa: F401  (fixtures)
 
@@ -528,10 +530,9 @@ def test_server_reasons_on_the_status_pipe_in_pieces(tmp_path, children):
     a, b, c = children.spawn(1), children.spawn(1), children.spawn(1)
     for rank, pid in enumerate((a, b, c)):
         s.server.add_process(rank, rank + 4, pid, {1, 2})
-    data = (pack_failure(0, STAGE_CTL, errno.EINVAL, "control message 'execmove' is\n"
-                                                     "5000 bytes")
-            + pack_failure(1, STAGE_CTL, errno.EACCES, "no permission to run on node 5")
-            + pack_failure(2, STAGE_CTL, errno.EPERM, "é" * 2000))
+    data = (Report(0, CTL, errno.EINVAL, "control message 'execmove' is\n5000 bytes").pack()
+            + Report(1, CTL, errno.EACCES, "no permission to run on node 5").pack()
+            + Report(2, CTL, errno.EPERM, "é" * 2000).pack())
 
     def feed():
         for i in range(0, len(data), 7):
