@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-@pytest.mark.xfail(strict=False, reason="two known violations until the node package lands: "
-                   "node/embedded -> cli.common (CliError), node/service <-> node/procs")
 @pytest.mark.timeout(60)
 def test_every_import_contract_is_kept():
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
