@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyfuse3
 import pytest
@@ -298,21 +300,29 @@ async def test_events_nonblocking_is_eagain():
     assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EAGAIN
 
 
-async def test_events_reader_with_a_pending_signal_gets_eintr():
+@contextlib.contextmanager
+def stopped_with_sigterm_pending() -> Iterator[int]:
+    """The pid of a stopped `sleep` with a SIGTERM pending (it stays pending while stopped):
+    a reader that a signal will kill, whose blocked reads must answer EINTR."""
     child = subprocess.Popen(["sleep", "60"])
     try:
         os.kill(child.pid, signal.SIGSTOP)
         time.sleep(0.1)
-        os.kill(child.pid, signal.SIGTERM)     # stays pending while stopped
+        os.kill(child.pid, signal.SIGTERM)
         time.sleep(0.1)
-        assert procfs.interrupting_signal(child.pid)
-        ops, _ = make()
-        fi = await ops.open(await path_ino(ops, "/events"), os.O_RDONLY, Ctx(pid=child.pid))
-        with trio.fail_after(5):
-            assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EINTR
+        yield child.pid
     finally:
         child.kill()
         child.wait()
+
+
+async def test_events_reader_with_a_pending_signal_gets_eintr():
+    with stopped_with_sigterm_pending() as pid:
+        assert procfs.interrupting_signal(pid)
+        ops, _ = make()
+        fi = await ops.open(await path_ino(ops, "/events"), os.O_RDONLY, Ctx(pid=pid))
+        with trio.fail_after(5):
+            assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EINTR
 
 
 def test_procfs_quiet_signals_do_not_interrupt():
@@ -433,21 +443,12 @@ async def test_output_beyond_the_ring_is_dropped_oldest_first():
 
 
 async def test_output_reader_with_a_pending_signal_gets_eintr():
-    child = subprocess.Popen(["sleep", "60"])
-    try:
-        os.kill(child.pid, signal.SIGSTOP)
-        time.sleep(0.1)
-        os.kill(child.pid, signal.SIGTERM)
-        time.sleep(0.1)
+    with stopped_with_sigterm_pending() as pid:
         ops, _ = make()
         with_output(ops)
-        fi = await ops.open(await path_ino(ops, "/procs/77/stderr"), os.O_RDONLY,
-                            Ctx(pid=child.pid))
+        fi = await ops.open(await path_ino(ops, "/procs/77/stderr"), os.O_RDONLY, Ctx(pid=pid))
         with trio.fail_after(5):
             assert await errno_of(ops.read(fi.fh, 0, 100)) == errno.EINTR
-    finally:
-        child.kill()
-        child.wait()
 
 
 async def test_proc_generations_wrap_within_what_an_inode_holds():
