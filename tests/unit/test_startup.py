@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from bpfs import nodeset
-from bpfs.cli.bpsh import run as bpsh
+from bpfs.cli.bpsh import args as bpsh
 from bpfs.cli.bpsh.stdio import EVENT_READ, EVENT_WRITE, _Poller
 from bpfs.wire import execreq
 from tests.unit.test_bpsh import FAKE_NODE, mount  # noqa: F401  (fixture)
