@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _socket
 import os
+from bpfs.child import path_candidates
 from bpfs.record import Factory, record
 TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
@@ -216,20 +217,13 @@ def _with_arg(args: Args, ch: str, value: str) -> None:
 # ---- command lookup -------------------------------------------------------------------
 
 def which(name: str, path: str | None = None) -> str | None:
-    """bproc's which(): a name with a slash is taken as is, else searched in PATH
-    (default ":/bin:/usr/bin"; an empty entry means "."). Only executable regular
-    files count."""
+    """bproc's which(): the first executable regular file among `bpfs.child.path_candidates`
+    of PATH (default ":/bin:/usr/bin"; a name with a slash is taken as is)."""
     if not name:
         return None
-    if "/" in name:
-        return name if _executable(name) else None
     if path is None:
         path = os.environ.get("PATH", ":/bin:/usr/bin")
-    for d in path.split(":"):
-        candidate = os.path.join(d, name) if d else "./" + name
-        if _executable(candidate):
-            return candidate
-    return None
+    return next((c for c in path_candidates(name, path) if _executable(c)), None)
 
 
 def _executable(path: str) -> bool:

@@ -3,7 +3,8 @@
     bpsh [options] NODESPEC command [args...]
     bpsh -a|-A [options] command [args...]
 
-How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
+How one run goes (the request and link formats are `bpfs.wire.execreq`'s; steps 1-2
+are `args`, step 4 `children`, step 5 `stdio`):
 1. Parse options the way bproc's getopt loop did: options may come before and after
    NODESPEC, and the first word after NODESPEC (or after -a/-A) is the command; all
    that follows belongs to the command (`bpsh 1 ls -la`).
@@ -25,8 +26,8 @@ How one run goes (the request and link formats are `bpfs.wire.execreq`'s):
    terminal's Ctrl-C and Ctrl-Z reach its ghost (and, through it, the remote
    process); it resets every signal disposition but those bpsh was started with
    ignored (nohup, trap '', a background job: they stay ignored, on the node too)
-   and the signal mask, closes every fd but 0-2 and the
-   status pipe, writes one `execmove` request line to nodes/N/ctl and execve's the
+   and the signal mask, closes every fd but 0-2 and the status pipe
+   (`bpfs.child.fork_reset`), writes one `execmove` request line to nodes/N/ctl and execve's the
    command with bpsh's environment plus BPROC_RANK (7 digits) and BPROC_PROGNAME
    (the path found, as bproc). The master migrates that execve to node N and keeps
    the process as a ghost: our child, with the remote process's exit status.
@@ -71,8 +72,8 @@ from bpfs import __version__
 from bpfs.cli import common
 from bpfs.cli.bpsh.args import (EXIT_NOT_FOUND, MASTER, PROG, USAGE, Args, Job, UsageError,
                                 parse_args, resolve_nodes, which)
-from bpfs.cli.bpsh.children import (EXEC_PREFIX, _exec_argv, _fork, _reason, _remote_child,
-                                    _start_local, _vector_child, write_request)
+from bpfs.cli.bpsh.children import (EXEC_PREFIX, exec_argv, reason_of, start_local, start_remote,
+                                    start_vector, write_request)
 from bpfs.cli.bpsh.stdio import TERMINATING, Proc, StdioServer
 from bpfs.wire.execreq import ExecMove
 
@@ -102,15 +103,15 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
         if vector:
             line = ExecMove(port, token, 0, *job.io, nodes=tuple(job.nodes)).render().encode()
             env = dict(base_env, BPROC_RANK="X" * 7)
-            pid = _fork(lambda: _vector_child(job, line, env, status_w))
+            pid = start_vector(job, line, env, status_w)
             server.add_vector(list(enumerate(job.nodes)), pid, expect)
         for rank, node in enumerate(job.nodes if not vector else ()):
             env = dict(base_env, BPROC_RANK=f"{rank:07d}")
             if node == MASTER:
-                _start_local(server, job, rank, env, expect, status_w)
+                start_local(server, job, rank, env, expect, status_w)
             else:
                 line = ExecMove(port or 1, token, rank, *job.io).render().encode()
-                pid = _fork(lambda: _remote_child(job, node, line, env, status_w, rank))
+                pid = start_remote(job, node, line, env, status_w, rank)
                 server.add_process(rank, node, pid, expect)
         os.close(status_w)
         status_w = -1
@@ -168,12 +169,12 @@ def _direct_execmove(job: Job, node: int) -> int:
     try:
         write_request(job.mount, node, line)
     except OSError as e:
-        if _reason(e):
-            sys.stderr.write(f"{PROG}: {_reason(e)}\n")
+        if reason_of(e):
+            sys.stderr.write(f"{PROG}: {reason_of(e)}\n")
         sys.stderr.write(f"{node}: {os.strerror(e.errno or _errno.EIO)}\n")
         return 1
     reset_signals(keep_ignored=True)
-    path, argv = _exec_argv(job, node)
+    path, argv = exec_argv(job, node)
     env = dict(os.environ if job.env is None else job.env, BPROC_PROGNAME=job.path,
                BPROC_RANK="0000000")
     sys.stdout.flush()
