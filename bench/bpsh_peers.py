@@ -732,7 +732,7 @@ def _wrap(obj, name, before=None, after=None):
     setattr(obj, name, w)
 _wrap(B, "resolve_nodes", after="resolved")
 _wrap(B, "run_job", before="run_job")
-_wrap(B, "_fork", after="forked")
+_wrap(C, "_fork", after="forked")
 _wr = C.write_request
 def _write_request(*a, **k):
     _child_mark("ctl_start"); r = _wr(*a, **k); _child_mark("ctl_end"); return r
