@@ -35,7 +35,8 @@ import trio
 from bpfs import procstatus
 from bpfs.child import CWD, EXEC, READY, SETUP, Report, fork_reset, path_candidates
 from bpfs.errors import BpfsError
-from bpfs.master.procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
+from bpfs.master.migrations import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch
+from bpfs.master.procs import ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
 from bpfs.pin import Pin
 from bpfs.wire import execreq

@@ -3,7 +3,8 @@
 `args` holds the command line (USAGE, the parser, the PATH lookup, the node list, `Job`);
 `children` the children that write the execmove requests and exec the command; `run` the
 job and the exit status (its docstring tells how one run goes); `stdio` the stdio server
-that forwards the children's stdio and reaps them. `console` is the installed `bpsh`
+that forwards the children's stdio and reaps them (with `links`, `output`, `stdin` and
+`poller`). `console` is the installed `bpsh`
 command.
 
 Kept light: bpsh imports this at start-up (tests/unit/test_startup.py).

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 from bpfs.cli import common
-from bpfs.cli.bpsh.stdio import OutputOptions
+from bpfs.cli.bpsh.output import OutputOptions
 
 PROG = "bpsh"
 DEFAULT_BUFFER = 4096

@@ -20,7 +20,8 @@ from bpfs.child import ALL_RANKS, CTL, EXEC, REASON_MAX, Report, fork_reset, one
 
 from bpfs.cli import common
 from bpfs.cli.bpsh.args import MASTER, Job
-from bpfs.cli.bpsh.stdio import NODE_REFUSALS, StdioServer
+from bpfs.cli.bpsh.links import NODE_REFUSALS
+from bpfs.cli.bpsh.stdio import StdioServer
 
 # Tests put a fake node here: then PREFIX... NODE PATH ARGV... is exec'd instead of
 # the command (the fake reads nodes/NODE/ctl and does the node's part). Empty in use.

@@ -74,7 +74,8 @@ from bpfs.cli.bpsh.args import (EXIT_NOT_FOUND, MASTER, PROG, USAGE, Args, Job, 
                                 parse_args, resolve_nodes, which)
 from bpfs.cli.bpsh.children import (EXEC_PREFIX, exec_argv, reason_of, start_local, start_remote,
                                     start_vector, write_request)
-from bpfs.cli.bpsh.stdio import TERMINATING, Proc, StdioServer
+from bpfs.cli.bpsh.links import Proc
+from bpfs.cli.bpsh.stdio import TERMINATING, StdioServer
 from bpfs.wire.execreq import ExecMove
 
 
