@@ -30,7 +30,7 @@ from bpfs.migrate import ghost as ghost_mod
 from bpfs.migrate import ghost_park
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.ghost import Tracer
+from bpfs.migrate.tracer import Tracer
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(os.geteuid() != 0, reason="ghosts need root (ptrace)")]
@@ -598,7 +598,7 @@ def test_twenty_ghosts_then_stop_kills_the_rest(rig: Rig) -> None:
 
 TRACER_SCRIPT = '''
 import sys
-from bpfs.migrate.ghost import Tracer
+from bpfs.migrate.tracer import Tracer
 t = Tracer(lambda p, s: None, lambda p, s: None)
 t.start()
 pid = int(sys.argv[1])
