@@ -214,7 +214,7 @@ def _zeros(data: bytes) -> int:
 
 def vm_rss_kb(pid: int) -> int:
     """VmRSS of `pid` in kB (0 if the line is missing, as for a zombie)."""
-    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    status = procfs.read_status(pid)
     return int(status.get("VmRSS", "0 kB").split()[0])
 
 
@@ -393,7 +393,7 @@ def _let_through(pid: int, sig: int, signals: list[int]) -> None:
 
 def _not_default(pid: int, sig: int) -> bool:
     """Ignored (inherited SIG_IGN) or caught (a process finished before its exec)."""
-    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    status = procfs.read_status(pid)
     mask = int(status["SigIgn"], 16) | int(status["SigCgt"], 16)
     return bool(mask >> (sig - 1) & 1)
 
