@@ -56,7 +56,7 @@ class _Tracee:
     timeout: float = 0.0
     deadline: float = 0.0
     waiters: list[Future] = field(default_factory=list)
-    aim: tuple[int | None, int | None] = (None, None)   # HALTING: (exit code, signal)
+    aim: tuple[int | None, int | None] = (None, None)   # what finish asked: (exit code, signal)
     failure: MigrateError | None = None   # why the tracer killed it (`_fail`)
     failed: list[Future] = field(default_factory=list)  # they get `failure` at its end
     stopped: bool = False    # a GHOST in a group-stop (set_stopped), held with LISTEN
@@ -336,20 +336,8 @@ class Ghosts:
         if t.state == GHOST:
             self._interrupt(t, code, sig)
             return
-        signals: list[int] = []
-        try:
-            self._halt(t, signals)
-            if code is not None:
-                gp.aim_exit(pid, code, signals)
-            else:
-                gp.aim_signal(pid, sig, signals)
-            t.state = FINISHING
-        except gp.Gone as gone:
-            self.gone(t, gone.status)
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the process must end
-            self.fail(t, "finish", exc)
-        finally:
-            self._report(pid, signals)
+        t.aim = (code, sig)
+        self._aim(t, halt=True)
 
     def _interrupt(self, t: _Tracee, code: int | None, sig: int | None) -> None:
         """Interrupt the parked ghost `t` and return: its stop comes as an event like any
@@ -363,11 +351,14 @@ class Ghosts:
             return
         t.state, t.aim = HALTING, (code, sig)
 
-    def _aim(self, t: _Tracee) -> None:
-        """The HALTING ghost `t` is in its interrupt stop: make it end as `finish` asked."""
+    def _aim(self, t: _Tracee, halt: bool = False) -> None:
+        """Make `t` end as `finish` asked (`t.aim`): a HALTING ghost in its interrupt stop,
+        or (`halt`) any other tracee, brought into a ptrace-stop first."""
         code, sig = t.aim
         signals: list[int] = []
         try:
+            if halt:
+                self._halt(t, signals)
             if code is not None:
                 gp.aim_exit(t.pid, code, signals)
             else:
