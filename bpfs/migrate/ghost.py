@@ -65,7 +65,7 @@ class _Tracee:
 
 
 
-def _send_kill(pid: int) -> bool:
+def send_kill(pid: int) -> bool:
     """SIGKILL to a tracee; False if there is no such process.
 
     A master without CAP_KILL may not signal another user's process; PTRACE_KILL then
@@ -87,9 +87,9 @@ def _send_kill(pid: int) -> bool:
     return True
 
 
-def _kill_and_reap(pid: int) -> int | None:
+def kill_and_reap(pid: int) -> int | None:
     """SIGKILL a tracee and consume its end; its raw status, or None if it was not ours."""
-    if not _send_kill(pid):
+    if not send_kill(pid):
         return None
     try:
         while True:
@@ -118,7 +118,7 @@ def _ignores(pid: int, sig: int) -> bool:
         return True
 
 
-def _resolve(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
+def resolve(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
     if fut.done():
         return
     if exc is None:
@@ -127,7 +127,7 @@ def _resolve(fut: Future, result: Any = None, exc: BaseException | None = None) 
         fut.set_exception(exc)
 
 
-def _as_error(exc: BaseException, what: str, pid: int | None) -> MigrateError:
+def as_error(exc: BaseException, what: str, pid: int | None) -> MigrateError:
     """Any failure as the MigrateError a caller can handle (an errno and a message)."""
     if isinstance(exc, MigrateError):
         return exc
@@ -228,7 +228,7 @@ class Ghosts:
         for t in list(self.tracees.values()):
             if t.state == CAPTURING and now > t.deadline:
                 t.state, fut, t.capture = SEIZED, t.capture, None
-                _resolve(fut, exc=MigrateError(
+                resolve(fut, exc=MigrateError(
                     errno.ETIMEDOUT, f"process {t.pid} did not exec in {t.timeout:g} s", t.pid))
 
     # ---- operations (tracer thread) ----
@@ -314,7 +314,7 @@ class Ghosts:
         with self._lock:
             self._parked.add(t.pid)
         log.debug("ghost %d parked: VmRSS %d kB -> %d kB", t.pid, before, after)
-        _resolve(fut, img)
+        resolve(fut, img)
         self._report(t.pid, signals)
 
     def _capture_failed(self, t: _Tracee, fut: Future, exc: Exception) -> None:
@@ -322,7 +322,7 @@ class Ghosts:
             t.state = STOPPED  # stopped in some ptrace-stop, the program never ran
         else:  # its end was consumed inside the dump
             self.tracees.pop(t.pid, None)
-        _resolve(fut, exc=exc)
+        resolve(fut, exc=exc)
 
     def finish(self, fut: Future, pid: int, code: int | None, sig: int | None) -> None:
         _check_finish(code, sig)
@@ -383,15 +383,15 @@ class Ghosts:
     def _cancel_capture(self, t: _Tracee) -> None:
         if t.capture is not None:
             fut, t.capture = t.capture, None
-            _resolve(fut, exc=MigrateError(errno.ECANCELED, f"capture of {t.pid} overtaken",
-                                           t.pid))
+            resolve(fut, exc=MigrateError(errno.ECANCELED, f"capture of {t.pid} overtaken",
+                                          t.pid))
 
     def kill(self, fut: Future, pid: int) -> None:
         t = self._known(pid)
         t.waiters.append(fut)
         self._cancel_capture(t)
         t.killed, t.held = True, False
-        _send_kill(pid)
+        send_kill(pid)
 
     def fail(self, t: _Tracee, what: str, exc: BaseException) -> None:
         """Handling `t` failed (`exc`): it dies by SIGKILL now.
@@ -411,9 +411,9 @@ class Ghosts:
         with self._lock:
             self._parked.discard(t.pid)
         if isinstance(exc, MigrateError) and exc.errno == errno.ESRCH:
-            _send_kill(t.pid)
+            send_kill(t.pid)
             return
-        err = _as_error(exc, what, t.pid)
+        err = as_error(exc, what, t.pid)
         if err is exc:
             log.warning("tracer: process %d: %s failed (%s); killing it", t.pid, what, err)
         else:
@@ -423,8 +423,8 @@ class Ghosts:
         t.waiters = []
         if t.capture is not None:
             fut, t.capture = t.capture, None
-            _resolve(fut, exc=err)
-        _send_kill(t.pid)
+            resolve(fut, exc=err)
+        send_kill(t.pid)
 
     def clone(self, fut: Future, pid: int, count: int) -> None:
         """`count` copies of the ghost `pid` (see `gp.copy`), made from it halted once.
@@ -483,7 +483,7 @@ class Ghosts:
         Returns the errno for the copies not made: ESRCH if `t` was killed meanwhile (a
         dying process gives other errors too, e.g. ENOEXEC for its vanished vdso; then
         putting it back fails with ESRCH)."""
-        err = _as_error(exc, "clone", t.pid)
+        err = as_error(exc, "clone", t.pid)
         if regs is not None and err.errno != errno.ESRCH:
             try:
                 pt.setoptions(t.pid, TRACE_OPTIONS)
@@ -546,12 +546,12 @@ class Ghosts:
     def gone(self, t: _Tracee, status: int) -> None:
         self.forget(t)
         if t.capture is not None:
-            _resolve(t.capture, exc=MigrateError(errno.ESRCH, f"process {t.pid} ended before "
-                                                             "its exec", t.pid))
+            resolve(t.capture, exc=MigrateError(errno.ESRCH, f"process {t.pid} ended before "
+                                                            "its exec", t.pid))
         for fut in t.waiters:
-            _resolve(fut)
+            resolve(fut)
         for fut in t.failed:
-            _resolve(fut, exc=t.failure)
+            resolve(fut, exc=t.failure)
         self._call(self._on_exit, t.pid, status)
 
     def lost(self, pid: int) -> None:
@@ -563,7 +563,7 @@ class Ghosts:
         self.forget(t)
         self._cancel_capture(t)
         for fut in t.waiters + t.failed:
-            _resolve(fut, exc=MigrateError(errno.ESRCH, f"process {pid} vanished", pid))
+            resolve(fut, exc=MigrateError(errno.ESRCH, f"process {pid} vanished", pid))
 
     def forget(self, t: _Tracee) -> None:
         self.tracees.pop(t.pid, None)

@@ -24,8 +24,8 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.ghost import (CAPTURING, RELEASING, SEIZED, Ghosts, _as_error,
-                                _kill_and_reap, _resolve, _send_kill)
+from bpfs.migrate.ghost import (CAPTURING, RELEASING, SEIZED, Ghosts, as_error,
+                                kill_and_reap, resolve, send_kill)
 from bpfs.migrate.image import Image
 from bpfs.migrate.spawn import spawn_traced
 
@@ -51,7 +51,7 @@ class _Doorbell:
             gp.park(pid, [], DOORBELL_NAME)
             self.fd = os.pidfd_open(pid)
         except BaseException:
-            _kill_and_reap(pid)
+            kill_and_reap(pid)
             raise
         self.pid = pid
         self._lock = threading.Lock()
@@ -86,7 +86,7 @@ class _Doorbell:
             self._open = False
             os.close(self.fd)
         if not reaped:
-            _kill_and_reap(self.pid)
+            kill_and_reap(self.pid)
 
 
 class Tracer:
@@ -104,13 +104,13 @@ class Tracer:
         self._thread: threading.Thread | None = None
         self._started: Future = Future()
         # tracer-thread state
-        self._tracees = self._ghosts.tracees
+        self._tracees = self._ghosts.tracees   # the same dict: whom the thread waits for
         self._bell: _Doorbell | None = None
         self._stopping = False
         self._stranger_until = 0.0
         self._strangers: set[int] = set()
         self._interval = POLL_MIN
-        self.park_rss = self._ghosts.park_rss
+        self.park_rss = self._ghosts.park_rss  # the same dict (see docs/ghosts.md)
 
     # ---- life ----
 
@@ -182,10 +182,10 @@ class Tracer:
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 if not (raw or isinstance(exc, BpfsError)):
                     log.exception("tracer: %s%r failed", fn.__name__, args)
-                _resolve(fut, exc=exc if raw else _as_error(exc, fn.__name__.strip("_"),
-                                                            None))
+                resolve(fut, exc=exc if raw else as_error(exc, fn.__name__.strip("_"),
+                                                          None))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                _resolve(fut, exc=exc)
+                resolve(fut, exc=exc)
         self._enqueue(item, fut)
         return fut
 
@@ -344,6 +344,8 @@ class Tracer:
             self._bell, self._rung = bell, False
         self._ghosts.bell = bell.pid
 
+    # ---- shutdown ----
+
     def _release_all(self) -> None:
         """At stop: strangers being released are never killed; their stops are waited for
         (RELEASE_WAIT at most) so they can be detached before this thread ends."""
@@ -374,9 +376,9 @@ class Tracer:
         self._release_all()
         tracees = list(self._tracees.values())
         for t in tracees:
-            _send_kill(t.pid)
+            send_kill(t.pid)
         for t in tracees:
-            status = _kill_and_reap(t.pid)
+            status = kill_and_reap(t.pid)
             if status is None:
                 self._ghosts.lost(t.pid)
             else:
