@@ -40,7 +40,7 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
                 on_keyboard: Callable[[int, int], None] | None = None) -> Any:
     """The ptrace thread, started; None if this build has none (execmove is then ENOSYS)."""
     try:
-        from bpfs.migrate.ghost import Tracer
+        from bpfs.migrate.tracer import Tracer
     except ImportError as exc:
         log.warning("no ghost tracer (%s): migration disabled", exc)
         return None
