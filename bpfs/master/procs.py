@@ -9,7 +9,7 @@
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
 
-The tracer (bpfs.migrate.ghost.Tracer) runs ptrace in its own thread; its Futures are
+The tracer (bpfs.migrate.tracer.Tracer) runs ptrace in its own thread; its Futures are
 awaited with `wait_future`, and its callbacks (`on_signal`, `on_exit`, called in its
 thread) are moved into trio with the trio token. The design: docs/migration.md.
 """
