@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from bpfs import nodeset
-from bpfs.cli.bpsh import run as bpsh
+from bpfs.cli.bpsh import args as bpsh
 from bpfs.cli.bpsh.poller import EVENT_READ, EVENT_WRITE, Poller
 from bpfs.wire import execreq
 from tests.unit.bpsh_fake import FAKE_NODE, mount  # noqa: F401  (fixture)
