@@ -25,3 +25,15 @@ def test_every_import_contract_is_kept():
                           capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 broken" in done.stdout
+
+
+def test_every_module_of_bpfs_has_a_layer():
+    """A new module or package in bpfs/ is placed in the layers contract, else nothing
+    would check what it imports or who imports it."""
+    import pkgutil
+    import tomllib
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in config["contracts"] if c["id"] == "layers")["layers"]
+    named = {name.strip().strip("()") for layer in layers for name in layer.split("|")}
+    present = {f"bpfs.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "bpfs")])}
+    assert present - named == set()
