@@ -247,7 +247,8 @@ async def test_cat_of_every_file(master: Master) -> None:
             (1, "down", 0o111, "root", "root", ""), (2, "down", 0o111, "root", "root", "")]
         assert ok(sh(f"cat {m}/nodes/*/status")) == "up\ndown\ndown\n"
         info = formats.parse_info(ok(sh(f"cat {m}/nodes/0/info")))
-        assert (info.hostname, info.cpus, info.mem_total, info.address) == ("fake", 2, 2_000_000, "127.0.0.1")
+        assert (info.facts.hostname, info.facts.cpus, info.facts.mem_total, info.address) == (
+            "fake", 2, 2_000_000, "127.0.0.1")
         assert ok(sh(f"cat {m}/nodes/0/procs {m}/nodes/0/ctl")) == ""
         assert os.listdir(f"{m}/procs") == []
         assert sorted(os.listdir(f"{m}/nodes/1")) == ["ctl", "info", "procs", "status"]
