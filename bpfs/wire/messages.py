@@ -141,6 +141,8 @@ FACT_TYPES: dict[str, Any] = {
 
 def sanitize_word(x: str) -> str:
     """A single printable word of at most 64 chars (it goes into key: value lines)."""
+    if x.isprintable() and " " not in x:    # the usual word (the only printable space is " ")
+        return x[:64]
     return "".join(ch for ch in x if ch.isprintable() and not ch.isspace())[:64]
 
 

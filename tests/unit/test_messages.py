@@ -153,6 +153,13 @@ def test_facts_words_are_sanitized_for_the_master() -> None:
     assert m.NodeFacts.of(got).facts() == got
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=100))
+def test_the_word_sanitizer_keeps_printable_non_space_characters_up_to_64(x: str) -> None:
+    assert m.sanitize_word(x) == "".join(
+        ch for ch in x if ch.isprintable() and not ch.isspace())[:64]
+
+
 BAD = [
     ({"t": "auth", "mac": 8_000_000_000}, m.HANDSHAKE, "auth.mac: expected `bytes`, got `int`"),
     ({"t": "auth", "mac": 2**63}, m.HANDSHAKE, "auth.mac: expected `bytes`, got `int`"),
