@@ -85,6 +85,20 @@ def as_dict(msg: Any) -> Any:
     return msg
 
 
+def plain(msg: Any) -> Any:
+    """A decoded message as the fake peers of the cluster tests read it: a dict with "t" and
+    every field (None where absent), lists for arrays (the test-side view of the wire)."""
+    if isinstance(msg, msgspec.Struct):
+        out = {"t": m.tag(type(msg))} if isinstance(msg, m.Msg) else {}
+        out.update({k: plain(getattr(msg, k)) for k in msg.__struct_fields__})
+        return out
+    if isinstance(msg, (list, tuple)):
+        return [plain(x) for x in msg]
+    if isinstance(msg, dict):
+        return {k: plain(v) for k, v in msg.items()}
+    return msg
+
+
 def test_every_message_has_an_example_here() -> None:
     assert {m.tag(type(x)) for x in GOOD} == set(m.MESSAGES)
 
