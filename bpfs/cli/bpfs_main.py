@@ -12,6 +12,7 @@ Errors go through bpfs.cli.common.run: `bpfs: message` on stderr, no traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -104,6 +105,11 @@ def up(nodes: int, mount: str | None, port: int, state_dir: str | None, ping_tim
     master over loopback. Needs root. Refuses (EBUSY) if a cluster is already up
     on the mount. The cluster key is created in the state directory if missing.
     """
+    if nodes < 1:
+        raise common.CliError("--nodes must be at least 1", common.EXIT_USAGE)
+    for d in hide:
+        if not os.path.isdir(d):
+            raise common.CliError(f"--hide {d}: not a directory", common.EXIT_USAGE)
     from bpfs.node import embedded
     layout = embedded.Layout.make(common.mount_point(mount), state_dir)
     opts = embedded.UpOptions(nodes=nodes, port=port, ping_timeout=ping_timeout,
@@ -142,20 +148,7 @@ def keygen(key_file: str, force: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    def body() -> int:
-        try:
-            rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bpfs",
-                          standalone_mode=False)
-        except click.UsageError as exc:
-            exc.show()
-            return common.EXIT_USAGE
-        except click.ClickException as exc:
-            exc.show()
-            return exc.exit_code
-        except click.exceptions.Abort:
-            raise KeyboardInterrupt from None
-        return rv if isinstance(rv, int) else 0
-    return common.run("bpfs", body)
+    return common.run("bpfs", lambda: common.click_main(cli, "bpfs", argv))
 
 
 if __name__ == "__main__":

@@ -425,18 +425,7 @@ def cli(fmt: str, reverse: bool, sort: str | None, update: bool, lock: bool, hos
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (see the module docstring of bpfs.cli.common)."""
-    def body() -> int:
-        try:
-            return cli.main(list(args) if args is not None else None, prog_name=PROG,
-                            standalone_mode=False) or 0
-        except click.exceptions.Exit as e:
-            return e.exit_code
-        except click.ClickException as e:
-            e.show()
-            return e.exit_code
-        except click.exceptions.Abort:      # Ctrl-C; click already ended the line
-            return common.EXIT_INTERRUPTED
-    return common.run(PROG, body)
+    return common.run(PROG, lambda: common.click_main(cli, PROG, args))
 
 
 if __name__ == "__main__":

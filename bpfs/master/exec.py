@@ -80,7 +80,8 @@ import trio
 
 from bpfs.child import reset_signals
 from bpfs.errors import BpfsError
-from bpfs.master.procs import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, ProcService
+from bpfs.master.migrations import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch
+from bpfs.master.procs import ProcService
 from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
 from bpfs.pin import Pin
 from bpfs.wire import execreq

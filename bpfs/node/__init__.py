@@ -1,10 +1,11 @@
 """The node side of bpfs: the bpslave daemon and the embedded (simulated) cluster.
 
-    daemon.py     bpslave's command line; `start(cfg, spec)` is what it runs
+    daemon.py     `start(cfg, spec)`: what bpslave (bpfs/cli/bpslave.py) runs
     config.py     NodeConfig, exit statuses, --master parsing (no heavy imports)
     launcher.py   new PID + mount (+ UTS) namespaces; the daemon runs as their PID 1
     nsutil.py     ctypes: unshare, mount, umount2, sethostname, prctl
-    service.py    the daemon proper (trio): sessions, heartbeats, HANDLERS table
+    service.py    the daemon proper (trio): Node (reconnects), the FROM_MASTER table
+    session.py    one connection: register, heartbeats, reports, dispatch by a table
     init.py       PID 1 duties: the Reaper (exit statuses by pid), kill_namespace
     procs.py      migration on the node: restore, files, signal; exit reports
     restorer.py   the Restorer, used from the event loop's thread; user credentials

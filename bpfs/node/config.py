@@ -1,4 +1,4 @@
-"""The node daemon's settings, shared by its CLI (bpfs/node/daemon.py), the
+"""The node daemon's settings, shared by its CLI (bpfs/cli/bpslave.py), the
 service (bpfs/node/service.py) and the embedded cluster. No heavy imports."""
 
 from __future__ import annotations

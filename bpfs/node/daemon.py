@@ -1,13 +1,12 @@
-"""bpslave: the node daemon's command line.
+"""bpslave's start: what the node daemon does once its options are parsed.
 
-    bpslave --master HOST:PORT [--node N] [--key FILE] [-r] [--no-namespace]
-            [--hostname NAME] [--scratch DIR]... [--hide DIR]... [--unmount DIR]...
+    start(cfg, spec, label=, namespaces=, level=) -> exit status
 
-`main(argv=None) -> int`. Parses the options, then (unless --no-namespace, or
-already PID 1) runs the launcher (bpfs/node/launcher.py), which puts the daemon
-proper (bpfs/node/service.py) in new PID and mount namespaces as their PID 1.
-The service module, and with it trio, msgpack and psutil, is imported only in
-that child, so the launcher that stays behind is a bare interpreter.
+Unless told otherwise, or already PID 1, it runs the launcher (bpfs/node/launcher.py),
+which puts the daemon proper (bpfs/node/service.py) in new PID and mount namespaces as
+their PID 1. The service module, and with it trio, msgpack and psutil, is imported only
+in that child, so the launcher that stays behind is a bare interpreter. The command line
+is bpfs/cli/bpslave.py; `bpfs up` calls `start` in a fork.
 """
 
 from __future__ import annotations
@@ -15,70 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Sequence
 
-import click
-
-from bpfs.errors import BpfsError
-from bpfs.node.config import (DEFAULT_KEY_FILE, EXIT_LOST, EXIT_USAGE, NodeConfig,
-                              parse_master)
+from bpfs.node.config import EXIT_LOST, NodeConfig
 from bpfs.node.launcher import NamespaceSpec
 
 log = logging.getLogger("bpslave")
-
-HELP = """Run a bpfs node: connect to the master, authenticate with the cluster key,
-register (as node N, or as whatever number the master gives), report `up` and
-send node facts (load, memory, uptime) every heartbeat. The master's `reboot`
-makes it reconnect afresh, `halt` and `pwroff` make it exit 0.
-
-The daemon runs as PID 1 of its own PID and mount namespaces (with its own
-/proc): migrated processes will live there, and die with it. The outer process
-only waits for it and forwards SIGTERM/SIGINT/SIGHUP.
-
-\b
-Exit status: 0 halted/powered off by the master or stopped by a signal;
-             1 master unreachable or connection lost (without -r);
-             2 bad usage; 3 wrong cluster key or registration refused.
-"""
-
-
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--master", "master", required=True, metavar="HOST:PORT",
-              help="The master's node port (default port 2223).")
-@click.option("--node", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Ask for node number N (default: the master picks the next free one).")
-@click.option("--key", "key_file", default=DEFAULT_KEY_FILE, show_default=True, metavar="FILE",
-              help="The cluster key file (mode 0600, shared with the master).")
-@click.option("-r", "--reconnect", is_flag=True,
-              help="Keep (re)connecting with exponential back-off (0.1 s up to 5 s) when the "
-                   "master is not there yet, goes away, or refuses us; without -r such a "
-                   "failure ends the daemon with a nonzero status.")
-@click.option("--no-namespace", is_flag=True,
-              help="Do not create PID/mount namespaces: the caller already did "
-                   "(implied when running as PID 1).")
-@click.option("--hostname", metavar="NAME",
-              help="Simulated node: own UTS namespace with this hostname.")
-@click.option("--scratch", multiple=True, metavar="DIR",
-              help="Simulated node: mount a private tmpfs on DIR (must exist). Repeatable.")
-@click.option("--hide", multiple=True, metavar="DIR",
-              help="Simulated node: mount an empty read-only tmpfs over DIR. Repeatable.")
-@click.option("--unmount", multiple=True, metavar="DIR",
-              help="Simulated node: lazily unmount DIR inside the node (e.g. the master's "
-                   "FUSE mount, which the node must never block on). Repeatable.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
-def cli(master: str, node: int | None, key_file: str, reconnect: bool, no_namespace: bool,
-        hostname: str | None, scratch: tuple[str, ...], hide: tuple[str, ...],
-        unmount: tuple[str, ...], verbose: int, quiet: bool) -> int:
-    try:
-        host, port = parse_master(master)
-    except BpfsError as exc:
-        raise click.BadParameter(str(exc), param_hint="--master") from None
-    cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect)
-    spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount))
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    label = hostname or (f"node{node}" if node is not None else "")
-    return start(cfg, spec, label=label, namespaces=not no_namespace, level=level)
 
 
 def start(cfg: NodeConfig, spec: NamespaceSpec, *, label: str = "", namespaces: bool = True,
@@ -109,20 +49,3 @@ def setup_logging(level: int, label: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (see HELP)."""
-    try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="bpslave",
-                      standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE if isinstance(exc, click.UsageError) else 1
-    except click.exceptions.Abort:
-        return 130
-    return rv if isinstance(rv, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,8 +28,8 @@ hit. Layout of the state directory:
     pids/*.pid    PID STARTTIME              logs/*.log master.log, node-N.log
     lock          held (flock) while `up` or `down` runs
 
-Errors are raised as CliError / BpfsError with a message naming what failed;
-bpfs/cli/bpfs_main.py prints them.
+Errors are raised as BpfsError with a message naming what failed; bpfs/cli/bpfs_main.py
+prints them (and checks the options first: --nodes at least 1, --hide directories).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 from bpfs import formats
-from bpfs.cli.common import CliError
+from bpfs.errors import BpfsError
 from bpfs.node.config import NodeConfig
 from bpfs.node.launcher import NamespaceSpec
 
@@ -203,8 +203,8 @@ def locked(layout: Layout) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CliError(f"{layout.mount}: another bpfs up/down is running on "
-                           f"{layout.state_dir}") from None
+            raise BpfsError(errno.EBUSY, f"{layout.mount}: another bpfs up/down is running "
+                            f"on {layout.state_dir}") from None
         yield
     finally:
         os.close(fd)
@@ -252,11 +252,6 @@ def up(layout: Layout, opts: UpOptions) -> int:
 
 
 def _prepare(layout: Layout, opts: UpOptions) -> None:
-    if opts.nodes < 1:
-        raise CliError("--nodes must be at least 1", 2)
-    for d in opts.hide:
-        if not os.path.isdir(d):
-            raise CliError(f"--hide {d}: not a directory", 2)
     for d in (layout.state_dir, layout.path("pids"), layout.path("logs")):
         os.makedirs(d, mode=0o700, exist_ok=True)
     os.makedirs(layout.mount, exist_ok=True)
@@ -270,8 +265,8 @@ def _refuse_if_busy(layout: Layout) -> None:
     live = [r for r in read_records(layout) if r.alive()]
     if live or mount_type(layout.mount):
         what = "a bpfs cluster is already up there" if live else "something is mounted there"
-        raise CliError(f"{layout.mount}: {os.strerror(errno.EBUSY)}: {what} "
-                       f"(stop it with: bpfs down --mount {layout.mount})")
+        raise BpfsError(errno.EBUSY, f"{layout.mount}: {os.strerror(errno.EBUSY)}: {what} "
+                        f"(stop it with: bpfs down --mount {layout.mount})")
     for p in Path(layout.path("pids")).glob("*.pid"):
         p.unlink()          # stale records of a cluster that died
 
@@ -298,7 +293,8 @@ def _start_master(layout: Layout, opts: UpOptions) -> Record:
                                 cwd="/", env=_child_env(), start_new_session=True)
     rec = record(layout, "master", proc.pid)
     if rec is None:
-        raise CliError(f"the master exited at once; see {layout.path('logs', 'master.log')}")
+        raise BpfsError(errno.EIO, "the master exited at once; see "
+                        f"{layout.path('logs', 'master.log')}")
     return rec
 
 
@@ -390,8 +386,8 @@ def _wait_ready(layout: Layout, opts: UpOptions, master: Record, nodes: list[Rec
     mounted = False
     while time.monotonic() < deadline:
         if not master.alive():
-            raise CliError(f"the master exited before the cluster was up:\n"
-                           f"{_tail(layout.path('logs', 'master.log'))}")
+            raise BpfsError(errno.EIO, f"the master exited before the cluster was up:\n"
+                            f"{_tail(layout.path('logs', 'master.log'))}")
         mounted = mounted or (mount_type(layout.mount) or "").startswith("fuse")
         if mounted:
             states = _node_states(layout.mount, deadline - time.monotonic())
@@ -399,7 +395,8 @@ def _wait_ready(layout: Layout, opts: UpOptions, master: Record, nodes: list[Rec
                     states.get(n) in CONNECTED_STATES for n in range(opts.nodes)):
                 return
         time.sleep(0.05)
-    raise CliError(_not_ready_message(layout, opts, mounted, states, nodes, timeout))
+    raise BpfsError(errno.ETIMEDOUT,
+                    _not_ready_message(layout, opts, mounted, states, nodes, timeout))
 
 
 def _node_states(mount: str, budget: float) -> dict[int, str]:

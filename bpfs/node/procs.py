@@ -1,6 +1,6 @@
 """The node side of migration: restore, files, signal; and the exit reports.
 
-Messages (grammar in bpfs/wire/framing.py):
+Messages (bpfs/wire/messages.py):
 
     master -> node  restore  id, image, uid, gid, groups, io, port, token [, pid [, rank]]
     node -> master  need     id, hashes              only if the node lacks file contents
@@ -11,46 +11,12 @@ Messages (grammar in bpfs/wire/framing.py):
     node -> master  continued pid                    each time it is continued
     node -> master  exited   pid, code, signal, id   once per restored process
 
-A restore is an `Attempt`. Usually nothing in it waits (the PID is in the request, the
-links to bpsh are connected when connect() returns, the node has every file), and the
-handler does it all. Otherwise the rest runs as a task of the session, so the session
-keeps dispatching (a `files` reply, other restores) and heart-beating while it waits:
-
-  1. load the image and ask the Restorer what file contents are missing;
-     a corrupt image is `failed` EINVAL. The process gets `pid` (the ghost's; the image's
-     if absent). A multi-node run (bproc's vexecmove) sends every node the same image,
-     each with its `pid` and `rank`: the rank is written over the Xs of
-     `BPROC_RANK=XXXXXXX` in the environment. With `pid` given, step 3 comes first and
-     steps 1 and 4 are one synchronous call;
-  2. if something is missing: `need`, then wait for the `files` with the same id
-     (FILES_TIMEOUT, else ETIMEDOUT);
-  3. connect the stdio links to bpsh (the header carries the image's PID, which the process
-     gets on the node too) and open the null/file fds as the user (bpfs/node/stdio.py);
-  4. restore (bpfs/node/restorer.py: a synchronous call in the event loop's thread, so
-     nothing can cancel it halfway; a session that ends meanwhile still finds the process
-     and kills it with the rest);
-  5. close the node's copies of the fds; queue `restored`; hand the process to the reaper.
-
-Any BpfsError before the process runs: the links are closed and the reply is `failed`
-with its errno; nothing runs. A request with a bad IO spec, or socket IO without a port
-and a token, is `failed` EINVAL; one whose fields do not fit bpfs/wire/messages.py's table
-never reaches the handler: the session ends (a protocol error). The master tells bpsh (the stdio link's `err` header):
-only it knows the PID when the image itself is unreadable.
-
-Jobs and exits: each restored process is a job of its own (a session and a process group
-of its own, whose keeper is its parent: bpfs/migrate/restore.py), so nothing it signals
-with kill(0, ...) is the daemon and the kernel stops it on SIGTSTP. The keeper writes each
-stop, continue and end to the daemon's jobs pipe; `ProcessTable` sends `stopped`,
-`continued` and `exited` on the session that restored it, if that session is still the
-live one (an end the keeper could not tell, because root killed it, comes from the reaper). When a
-session ends, the node kills everything it holds (bproc semantics, service.Node); those
-exits are not reported to anyone. `signal` reaches only processes the session holds;
-others are ignored (logged at debug level), and so is one whose `id` (the restore's)
-is not the one the held process was restored for: a message overtaken by the pid's
-reuse. The number a signal goes to is always a held process's, never a stranger's: a
-restored process is the daemon's own child (CLONE_PARENT), reaped only by the Reaper in
-this same thread, which drops it from the table in the same step; until then the kernel
-keeps its number for it, zombie or not.
+A restore is an `Attempt`: done by the handler when nothing in it waits, else as a task
+of the session, which keeps dispatching meanwhile. Any BpfsError before the process runs
+is `failed` with its errno, and nothing runs; a bad IO spec is `failed` EINVAL. Each
+restored process is a job of its own; `ProcessTable` reports its stops, continues and
+exit on the session that restored it, and `signal` reaches only processes that session
+holds, restored for that `id`. The steps and the reasons: docs/migration.md.
 """
 
 from __future__ import annotations
@@ -61,7 +27,7 @@ import os
 import signal as signals
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -71,10 +37,8 @@ from bpfs.migrate.restore import JOB_RECORD
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
+from bpfs.node.session import Session
 from bpfs.wire import execreq, framing as wire
-
-if TYPE_CHECKING:
-    from bpfs.node.service import Session
 
 log = logging.getLogger("bpslave")
 
@@ -112,7 +76,7 @@ def parse_restore(msg: wire.Message) -> RestoreRequest:
 
 @dataclass
 class Held:
-    session: "Session"
+    session: Session
     id: int
     argv0: str
 
@@ -192,7 +156,7 @@ class ProcessTable:
         held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig,
                              "id": held.id})
 
-    def signal(self, session: "Session", pid: int, sig: int, mid: int | None = None,
+    def signal(self, session: Session, pid: int, sig: int, mid: int | None = None,
                group: bool = False) -> None:
         """Signal a process the session holds, if it is the one restore `mid` made (when
         given); with `group` (a terminal's Ctrl-C, Ctrl-Z on the master), its whole process
@@ -218,9 +182,9 @@ class ProcessTable:
             log.debug("signal %d for pid %d, which is gone", sig, pid)
 
 
-# ---- handlers (registered in bpfs/node/service.py) ----------------------------------
+# ---- handlers (bpfs/node/service.py's FROM_MASTER) ----------------------------------
 
-async def on_restore(session: "Session", msg: wire.Message) -> None:
+async def on_restore(session: Session, msg: wire.Message) -> None:
     try:
         req = parse_restore(msg)
     except BpfsError as exc:
@@ -234,7 +198,7 @@ async def on_restore(session: "Session", msg: wire.Message) -> None:
         session.nursery.start_soon(attempt.run)
 
 
-async def on_files(session: "Session", msg: wire.Message) -> None:
+async def on_files(session: Session, msg: wire.Message) -> None:
     waiter = session.files.pop(msg["id"], None)
     if waiter is None:
         log.debug("files for %d, which no restore waits for: ignored", msg["id"])
@@ -242,7 +206,7 @@ async def on_files(session: "Session", msg: wire.Message) -> None:
         waiter.send_nowait(msg["contents"])
 
 
-async def on_signal(session: "Session", msg: wire.Message) -> None:
+async def on_signal(session: Session, msg: wire.Message) -> None:
     session.node.procs.signal(session, msg["pid"], msg["sig"], msg["id"],
                               msg["group"] is True)
 
@@ -256,7 +220,7 @@ class Attempt:
     the session, goes on from there: links still connecting, file contents to fetch.
     """
 
-    def __init__(self, session: "Session", req: RestoreRequest) -> None:
+    def __init__(self, session: Session, req: RestoreRequest) -> None:
         self.session, self.req = session, req
         self.node: NodeRestorer = session.node.restorer
         self.steps = Steps()
@@ -368,7 +332,7 @@ class Steps:
         return f"{node * 1e3:.1f} ms on the node ({parts})"
 
 
-async def _fetch(session: "Session", rid: int, missing: list[str]) -> dict[str, bytes]:
+async def _fetch(session: Session, rid: int, missing: list[str]) -> dict[str, bytes]:
     """Ask the master for the contents the node lacks; wait for its `files`."""
     send, receive = trio.open_memory_channel[Any](1)
     session.files[rid] = send

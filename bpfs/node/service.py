@@ -2,17 +2,10 @@
 
     run(cfg) -> exit status          (blocking; trio.run inside)
 
-One `Node` lives as long as the process; it makes one `Session` per
-connection. A session registers (`register` -> `welcome` | `refused`), reports
-`state up`, sends `facts` every `heartbeat` seconds, and dispatches every
-message from the master through `HANDLERS`, a table of
-`message name -> async handler(session, msg)`. Every message from the master
-is checked against its row of bpfs/wire/messages.py's table before a handler sees
-it; one that does not fit, or that no handler takes (`challenge` or `welcome`
-again...), is a protocol error that ends the session (LOST, one log line). A
-handler returns None to keep the session going, or an `Outcome` that ends it. Later features (restore a
-migrated image, forward a signal, ...) add entries with `@handler("name")`; a
-handler that runs long starts a task in `session.nursery`.
+One `Node` lives as long as the process; it makes one `Session` per connection
+(bpfs/node/session.py: register, heartbeats, reports, dispatch), which dispatches every
+message from the master through `FROM_MASTER`, a table of `message name -> async
+handler(session, msg)`. A session reports `state up` once registered.
 
 Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
 ptrace-based Restorer (used from the event loop's thread) is bpfs/node/restorer.py,
@@ -32,52 +25,29 @@ refusals are logged and exit 3 (or are retried with `-r`).
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import signal
-from typing import Any, Awaitable, Callable
 
 import trio
 
 from bpfs.errors import BpfsError
-from bpfs.node import facts as node_facts
 from bpfs.node import nsutil
 from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
+from bpfs.node.session import CONNECTION_ERRORS, Handler, Outcome, Session, why
 from bpfs.wire import framing as wire
 
 log = logging.getLogger("bpslave")
 
 
-class Outcome(enum.Enum):
-    REBOOT = "reboot"
-    HALT = "halt"
-    LOST = "lost"
-
-
-Handler = Callable[["Session", wire.Message], Awaitable["Outcome | None"]]
-HANDLERS: dict[str, Handler] = {}
-
-
-def handler(name: str) -> Callable[[Handler], Handler]:
-    """Register the handler of master -> node message `name`."""
-    def register(fn: Handler) -> Handler:
-        HANDLERS[name] = fn
-        return fn
-    return register
-
-
-_CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
 CTL_OUTCOMES = {"reboot": Outcome.REBOOT, "halt": Outcome.HALT, "pwroff": Outcome.HALT}
 
 
-@handler("ctl")
-async def _on_ctl(session: "Session", msg: wire.Message) -> Outcome | None:
+async def _on_ctl(session: Session, msg: wire.Message) -> Outcome | None:
     cmd = msg["cmd"]
     outcome = CTL_OUTCOMES.get(cmd)
     if outcome is None:
@@ -87,19 +57,12 @@ async def _on_ctl(session: "Session", msg: wire.Message) -> Outcome | None:
     return outcome
 
 
-@handler("restore")
-async def _on_restore(session: "Session", msg: wire.Message) -> None:
-    await procs.on_restore(session, msg)
-
-
-@handler("files")
-async def _on_files(session: "Session", msg: wire.Message) -> None:
-    await procs.on_files(session, msg)
-
-
-@handler("signal")
-async def _on_signal(session: "Session", msg: wire.Message) -> None:
-    await procs.on_signal(session, msg)
+# Messages the master may send a registered node (checked by bpfs.wire.messages first); add
+# a row for a new one. Any other is a protocol error that ends the session.
+FROM_MASTER: dict[str, Handler] = {
+    "ctl": _on_ctl, "restore": procs.on_restore, "files": procs.on_files,
+    "signal": procs.on_signal,
+}
 
 
 class Backoff:
@@ -114,116 +77,6 @@ class Backoff:
     def step(self) -> float:
         delay, self.next = self.next, min(self.next * 2, self.high)
         return delay
-
-
-class Session:
-    """One authenticated connection to the master, from `register` to its end."""
-
-    def __init__(self, node: "Node", fs: wire.FrameStream) -> None:
-        self.node = node
-        self.fs = fs
-        self.nursery: trio.Nursery | None = None     # set while `run` runs
-        self.heartbeat = 1.0
-        self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
-        self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
-            float("inf"))
-
-    async def send(self, msg: wire.Message) -> None:
-        await self.fs.send(msg)
-
-    def report(self, msg: wire.Message) -> None:
-        """Send `msg` (`restored`, `exited`, `failed`) from synchronous code, in order: at
-        once when nothing is queued and the stream is free (no wake-up of the sending task,
-        the usual case), else through the queue; dropped once the session is over: the
-        master that should hear it is gone."""
-        try:
-            queued = self._reports.statistics().current_buffer_used
-            if not queued and self.fs.send_nowait(msg):
-                if self.fs.pending:             # the rest of it: from the sending task
-                    self._queue(None)
-                return
-        except trio.BrokenResourceError:
-            log.debug("not reported, the connection broke: %s", msg)
-            return
-        self._queue(msg)
-
-    def _queue(self, msg: wire.Message | None) -> None:
-        try:
-            self._reports.send_nowait(msg)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            log.debug("not reported, the session is over: %s", msg)
-
-    async def send_reports(self) -> Outcome:
-        """Send what `report` queued; what queued up meanwhile goes in the same write
-        (None: only the rest of a report written in part)."""
-        async for first in self._report_queue:
-            batch = [first]
-            while True:
-                try:
-                    batch.append(self._report_queue.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            msgs = [m for m in batch if m is not None]
-            if msgs:
-                await self.fs.send_many(msgs)
-            else:
-                await self.fs.flush()
-        return Outcome.LOST
-
-    async def register(self) -> int:
-        """Raises BpfsError when the master refuses us (number taken, unknown node...)."""
-        await self.send({"t": "register", "node": self.node.number, "facts": node_facts.facts()})
-        welcome = await self.fs.expect("welcome")
-        self.heartbeat = welcome["heartbeat"]
-        return welcome["node"]
-
-    async def heartbeats(self) -> Outcome:
-        while True:
-            await trio.sleep(self.heartbeat)
-            await self.send({"t": "facts", "facts": node_facts.facts()})
-
-    async def run(self) -> Outcome:
-        """Heartbeats and dispatch until a handler or a failure ends the session.
-
-        Each of the two tasks turns its own failure into an outcome, so no
-        exception group ever leaves the nursery; tasks that handlers start in
-        `self.nursery` must do the same.
-        """
-        outcomes: list[Outcome] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                for task in (self.heartbeats, self.dispatch, self.send_reports):
-                    nursery.start_soon(self._guard, task, outcomes, nursery.cancel_scope)
-        finally:
-            self._reports.close()
-        return outcomes[0] if outcomes else Outcome.LOST
-
-    async def _guard(self, task: Callable[[], Awaitable[Outcome]], outcomes: list[Outcome],
-                     scope: trio.CancelScope) -> None:
-        try:
-            outcomes.append(await task())
-        except wire.ProtocolError as exc:
-            log.error("protocol error from the master at %s: %s", self.node.cfg.address, exc)
-            outcomes.append(Outcome.LOST)
-        except _CONNECTION_ERRORS as exc:
-            log.warning("connection to the master lost: %s", _why(exc))
-            outcomes.append(Outcome.LOST)
-        scope.cancel()
-
-    async def dispatch(self) -> Outcome:
-        while True:
-            try:
-                msg = await self.fs.receive()
-            except EOFError:
-                log.warning("the master closed the connection")
-                return Outcome.LOST
-            fn = HANDLERS.get(msg["t"])
-            if fn is None:
-                raise wire.ProtocolError(f"{msg['t']!r} is not a message of a session")
-            outcome = await fn(self, msg)
-            if outcome is not None:
-                return outcome
 
 
 class Node:
@@ -265,7 +118,7 @@ class Node:
             return Outcome.LOST, EXIT_REFUSED
         except (OSError, trio.TooSlowError, wire.ProtocolError, EOFError) as exc:
             log.log(logging.INFO if self.cfg.reconnect else logging.ERROR,
-                    "cannot reach the master at %s: %s", self.cfg.address, _why(exc))
+                    "cannot reach the master at %s: %s", self.cfg.address, why(exc))
             return Outcome.LOST, EXIT_LOST
         except BpfsError as exc:            # refused during the handshake (protocol version)
             log.error("the master at %s refused us: %s", self.cfg.address, exc)
@@ -278,7 +131,7 @@ class Node:
 
     async def _session(self, fs: wire.FrameStream) -> tuple[Outcome, int]:
         try:
-            session = Session(self, fs)
+            session = Session(self, fs, FROM_MASTER)
             self.number = await session.register()
             self.backoff.reset()
             await session.send({"t": "state", "state": "up"})
@@ -290,8 +143,8 @@ class Node:
         except BpfsError as exc:
             log.error("the master refused node %s: %s", _num(self.number), exc)
             return Outcome.LOST, EXIT_REFUSED
-        except _CONNECTION_ERRORS as exc:
-            log.warning("connection to the master lost: %s", _why(exc))
+        except CONNECTION_ERRORS as exc:
+            log.warning("connection to the master lost: %s", why(exc))
         return Outcome.LOST, EXIT_LOST
 
     def drop_held_processes(self) -> None:
@@ -300,18 +153,6 @@ class Node:
             log.info("killed the processes of the node's PID namespace")
             self.restorer.renew()               # kill(-1) took the Restorer's helper too
         self.reaper.reap()
-
-
-def _why(exc: BaseException) -> str:
-    """The reason in a few words; trio hides the errno of a failed connect in __cause__."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        return _why(cause.exceptions[-1])
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
 
 
 def _num(n: int | None) -> str:

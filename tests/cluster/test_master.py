@@ -2,7 +2,7 @@
 
 The fake nodes speak the wire protocol themselves (wire.connect + register,
 state, facts), so these tests do not depend on the node daemon. The master runs
-as `python -m bpfs.master` in a subprocess; every test stops it (SIGTERM),
+as `bpfs master` (`python -m bpfs.cli.bpfs_main master`) in a subprocess; every test stops it (SIGTERM),
 unmounts and removes its files in `finally`.
 """
 
@@ -92,8 +92,9 @@ class Master:
         return Path(self.log_file).read_text(errors="replace")
 
     def start(self, wait: bool = True) -> None:
-        argv = [sys.executable, "-m", "bpfs.master", "--mount", self.mount, "--listen", "127.0.0.1",
-                "--port", str(self.port), "--key-file", self.key_file, "--state-file", self.state_file,
+        argv = [sys.executable, "-m", "bpfs.cli.bpfs_main", "master", "--mount", self.mount,
+                "--listen", "127.0.0.1", "--port", str(self.port), "--key", self.key_file,
+                "--state-file", self.state_file,
                 "--nodes", str(self.nodes), "--ping-timeout", str(self.ping_timeout),
                 "--heartbeat", "0.2"]
         env = dict(os.environ, PYTHONPATH=str(ROOT_DIR))

@@ -110,7 +110,7 @@ async def start_node(tmp_path: Path, port: int, key: Path, *args: str) -> trio.P
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log = open(tmp_path / f"node-{len(list(tmp_path.glob('node-*')))}.log", "wb")
     return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "bpfs.node.daemon", "--master", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "bpfs.cli.bpslave", "--master", f"127.0.0.1:{port}",
          "--key", str(key), *args], env=env, stdout=log, stderr=log)
 
 

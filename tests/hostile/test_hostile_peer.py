@@ -4,9 +4,9 @@ A peer that can reach the node port but holds no key sends handshake frames with
 fields of every wrong type and size; one that holds the key sends malformed and
 out-of-order frames before and after it registers; a hostile master feeds a real
 node daemon. Every frame is decoded into the message classes of bpfs/wire/messages.py,
-which check every field as they go: a bad one closes that one connection with one log line naming
-the peer, never a traceback, never a stall of the master, never state that outlives
-the connection. The master runs as `python -m bpfs.master` (tests/cluster/test_master.py's
+which check every field as they go: a bad one closes that one connection with one log
+line naming the peer, never a traceback, never a stall of the master, never state that outlives
+the connection. The master runs as `bpfs master` (tests/cluster/test_master.py's
 `Master`), on real sockets and a real FUSE mount.
 """
 
@@ -30,7 +30,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpfs.master.daemon import MAX_HANDSHAKES, NODE_MESSAGES, RefusalLog
+from bpfs.master.links import FROM_NODE, MAX_HANDSHAKES, RefusalLog
 from bpfs.wire import framing as wire, messages
 from tests.cluster.test_master import (FACTS, Master, fake_node, master, node_state,  # noqa: F401
                                        register, wait_for)
@@ -425,8 +425,7 @@ def frames_of_a_key_holder_are_checked(master: Master, registered: bool,
         if not registered:      # the first must be a `register` (then the rest may close it)
             expect_close = not isinstance(seen[0], messages.Register)
         else:
-            expect_close = not all(m is not None and messages.tag(type(m)) in NODE_MESSAGES
-                                   for m in seen)
+            expect_close = not all(m is not None and type(m) in FROM_NODE for m in seen)
         if expect_close:
             assert closed_within(s, 5), msgs
     wait_all_down(master)

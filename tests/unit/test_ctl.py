@@ -321,7 +321,7 @@ async def test_exec_checks_then_starts():
 
 
 def test_fan_out_chunks_cover_every_rank_once_in_order():
-    from bpfs.master.procs import _chunks
+    from bpfs.master.migrations import _chunks
     assert _chunks([], (3, 9)) == []
     assert _chunks([1, 2], (3, 9)) == [[1, 2]]
     assert _chunks(list(range(5)), (3, 9)) == [[0, 1, 2], [3, 4]]

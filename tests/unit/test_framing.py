@@ -353,10 +353,10 @@ async def test_send_nowait_on_a_closed_or_broken_stream():
 async def test_node_reports_go_at_once_or_queued_always_in_order():
     """The node's Session.report: at once when the stream is free; a report the socket
     could not take whole, and everything after it, from the sending task; in order."""
-    from bpfs.node.service import Session
+    from bpfs.node.session import Session
 
     x, y = await _socket_pair()
-    session = Session(node=None, fs=x)      # report/send_reports use only the stream
+    session = Session(node=None, fs=x, table={})     # report/send_reports use only the stream
     big = {"t": "exited", "pid": 1, "pad": os.urandom(4 << 20)}
     session.report({"t": "restored", "id": 1, "pid": 1})
     assert await y.receive() == {"t": "restored", "id": 1, "pid": 1}   # no task ran

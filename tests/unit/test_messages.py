@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from bpfs import formats
 from bpfs.errors import ProtocolError
-from bpfs.master.daemon import RefusalLog
+from bpfs.master.links import RefusalLog
 from bpfs.node import facts as node_facts
 from bpfs.wire import framing as wire, messages as m
 

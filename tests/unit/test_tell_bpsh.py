@@ -11,7 +11,7 @@ import threading
 import pytest
 import trio
 
-from bpfs.master import procs as master_procs
+from bpfs.master import tell_bpsh
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,7 +41,7 @@ def test_a_small_link_goes_at_once() -> None:
     with listener:
         got: list[bytes] = []
         reader = _read_all(listener, got)
-        assert master_procs._tell_bpsh_now(port, b"token 42 ranks\n42 43\n", "ranks") is None
+        assert tell_bpsh.send_now(port, b"token 42 ranks\n42 43\n", "ranks") is None
         reader.join(5)
         assert got == [b"token 42 ranks\n42 43\n"]
 
@@ -50,21 +50,20 @@ async def test_what_does_not_fit_is_finished_by_a_task() -> None:
     listener, port = _listener()
     with listener:
         data = os.urandom(16 << 20)             # more than the socket buffers hold
-        left = master_procs._tell_bpsh_now(port, data, "big")
+        left = tell_bpsh.send_now(port, data, "big")
         assert left is not None
-        sock, rest, connecting = left
-        assert not connecting and 0 < len(rest) < len(data)
+        assert not left.connecting and 0 < len(left.data) < len(data)
         got: list[bytes] = []
         reader = _read_all(listener, got)
-        await master_procs._tell_bpsh_rest(sock, rest, connecting, "big")
+        await tell_bpsh.finish(left, "big")
         await trio.to_thread.run_sync(reader.join, 5)
-        assert got == [data] and sock.fileno() == -1
+        assert got == [data] and left.sock.fileno() == -1
 
 
 async def test_nobody_listening_is_logged_not_raised(caplog) -> None:
     caplog.set_level(logging.INFO)
     listener, port = _listener()
     listener.close()                            # the port is free again: refused
-    assert master_procs._tell_bpsh_now(port, b"x", "the ranks") is None
-    await master_procs._tell_bpsh(port, b"x", "an error")
+    assert tell_bpsh.send_now(port, b"x", "the ranks") is None
+    await tell_bpsh.send(port, b"x", "an error")
     assert "cannot tell bpsh" in caplog.text

@@ -1,0 +1,282 @@
+"""The master's node links: accept, register, the node-message table, the watchdog.
+
+    links = NodeLinks(cluster, key, procs, heartbeat, ping_timeout)
+    trio.serve_listeners(links.handle_connection, listeners)    one node's connection
+    nursery.start_soon(links.watchdog)                          silent nodes marked down
+    await links.send_node(node, msg)                            EHOSTDOWN if it is not up
+
+Node connections (protocol in bpfs/wire/framing.py, messages in bpfs/wire/messages.py):
+authenticate (`wire.accept`), then `register` -> `welcome` (or `refused` and close),
+then the node's messages are dispatched by `FROM_NODE`; every message counts as a
+heartbeat. A node silent for `ping_timeout` seconds, or whose connection drops, is marked
+down; silent means nothing arrived, which the watchdog asks the kernel before it believes
+the master's own stamps, as frames wait unread while the master is busy
+(bpfs/master/liveness.py). Every frame is checked against its message's row of the table
+before any handler sees it; a wrong key, a malformed, oversized or unexpected frame (a
+message no registered node sends, one out of order) closes that connection only, with
+one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
+`continued` go to bpfs/master/procs.py, and a lost node's ghosts die with it.
+
+Unauthenticated peers: anyone who can reach the node port gets at most MAX_HANDSHAKES
+connections in their handshake at once (more are closed at once, unread) and
+HANDSHAKE_TIMEOUT (wire/framing.py) for the whole handshake. Lines about them go
+through `RefusalLog`: at most BURST a host in WINDOW seconds, then one line saying the
+rest are counted, the count told with the host's next line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from bpfs.errors import BpfsError
+from bpfs.master import liveness
+from bpfs.master.procs import ProcService
+from bpfs.model import Cluster, Facts
+from bpfs.wire import framing as wire
+
+log = logging.getLogger("bpfs.master")
+
+MAX_NODE_FRAME = 16 * 1024 * 1024     # what a node may send us in one frame
+REGISTER_TIMEOUT = 10.0
+SEND_TIMEOUT = 10.0
+MAX_HANDSHAKES = 64                   # unauthenticated connections at once
+
+
+@dataclass
+class NodeConn:
+    number: int
+    stream: wire.FrameStream
+    peer: str
+    scope: trio.CancelScope
+
+
+NodeHandler = Callable[["Master", NodeConn, dict[str, Any], float], Awaitable[None]]
+
+NodeHandler = Callable[["NodeLinks", NodeConn, dict[str, Any], float], Awaitable[None]]
+
+
+async def _on_facts(links: "NodeLinks", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+    links.cluster.heartbeat(conn.number, Facts.from_wire(msg["facts"]), now)
+
+
+async def _on_state(links: "NodeLinks", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+    try:
+        links.cluster.reported_state(conn.number, msg["state"], now)
+    except BpfsError as exc:
+        log.warning("node %d (%s): %s", conn.number, conn.peer, exc)
+
+
+def _to_procs(name: str) -> NodeHandler:
+    async def handler(links: "NodeLinks", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+        links.cluster.heartbeat(conn.number, None, now)
+        getattr(links.procs, f"on_{name}")(conn.number, msg)
+    return handler
+
+
+# Messages a registered node may send (checked by bpfs.wire.messages first); add a row for a
+# new one. Any other is a protocol error: `hello`, `auth`, `register` again...
+FROM_NODE: dict[str, NodeHandler] = {
+    "facts": _on_facts, "state": _on_state,
+    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited",
+                                                  "stopped", "continued")},
+}
+
+
+@dataclass
+class RefusalLog:
+    """Warnings about unauthenticated peers, at most BURST a host per WINDOW seconds.
+
+    Anyone who can reach the node port can cause refusals as fast as they can connect:
+    each gets its line, with the peer's address, until its host had BURST lines in the
+    current window; one more line says so, and the rest of the window's refusals of that
+    host are only counted; the count comes with the host's first line of a later window.
+    At most HOSTS hosts are remembered (the one seen first is forgotten first).
+    """
+    BURST = 10
+    WINDOW = 60.0
+    HOSTS = 1024
+    _hosts: dict[str, list[float]] = field(default_factory=dict)    # [start, lines, quiet]
+
+    def warning(self, peer: str, now: float, fmt: str, *args: Any) -> None:
+        host = peer.rsplit(":", 1)[0]
+        entry = self._hosts.get(host)
+        if entry is None or now - entry[0] >= self.WINDOW:
+            quiet = int(entry[2]) if entry is not None else 0
+            self._hosts.pop(host, None)
+            while len(self._hosts) >= self.HOSTS:
+                del self._hosts[next(iter(self._hosts))]
+            entry = self._hosts[host] = [now, 0, 0]
+            if quiet:
+                fmt += " (and %d more refusals of %s before this were not logged)"
+                args += (quiet, host)
+        if entry[1] < self.BURST:
+            entry[1] += 1
+            log.warning(fmt, *args)
+            return
+        entry[2] += 1
+        if entry[2] == 1:
+            log.warning("%s: more than %d refusals in %g s; counting the rest without a line",
+                        host, self.BURST, self.WINDOW)
+
+
+class NodeLinks:
+    """The connected nodes: their links, handshakes in progress, refusals logged."""
+
+    def __init__(self, cluster: Cluster, key: bytes, procs: ProcService, heartbeat: float,
+                 ping_timeout: float) -> None:
+        self.cluster = cluster
+        self.key = key
+        self.procs = procs
+        self.heartbeat = heartbeat
+        self.ping_timeout = ping_timeout
+        self.conns: dict[int, NodeConn] = {}
+        self.handshakes = 0                 # connections in their handshake now
+        self.refusals = RefusalLog()
+
+    async def send_node(self, node: int, msg: dict[str, Any]) -> None:
+        conn = self.conns.get(node)
+        if conn is None:
+            raise BpfsError(errno.EHOSTDOWN, f"node {node} is down")
+        try:
+            await conn.stream.send(msg, SEND_TIMEOUT)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            conn.scope.cancel()
+            raise BpfsError(errno.EHOSTDOWN, f"node {node}: connection lost") from None
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """One node daemon's connection, start to end; never raises."""
+        peer = _peer(stream)
+        try:
+            if self.handshakes >= MAX_HANDSHAKES:
+                self.refusals.warning(peer, trio.current_time(), "closed the connection from %s "
+                                      "at once: %d others are in their handshake", peer,
+                                      self.handshakes)
+                return
+            await self._serve_connection(stream, peer)
+        except Exception:
+            log.exception("node connection from %s failed", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
+        self.handshakes += 1
+        try:
+            fs = await wire.accept(stream, self.key)
+        except wire.AuthError as exc:
+            self.refusals.warning(peer, trio.current_time(),
+                                  "refused node connection from %s: %s", peer, exc)
+            return
+        except (BpfsError, EOFError, trio.BrokenResourceError, OSError) as exc:
+            self.refusals.warning(peer, trio.current_time(), "bad handshake from %s: %s", peer,
+                                  exc or type(exc).__name__)
+            return
+        finally:
+            self.handshakes -= 1
+        fs.max_frame = MAX_NODE_FRAME
+        number = await self._register(fs, peer)
+        if number is not None:
+            await self._serve_node(NodeConn(number, fs, peer, trio.CancelScope()))
+
+    async def _register(self, fs: wire.FrameStream, peer: str) -> int | None:
+        try:
+            with trio.fail_after(REGISTER_TIMEOUT):
+                msg = await fs.expect("register")
+            number = self.cluster.attach(msg["node"], peer.rsplit(":", 1)[0],
+                                         Facts.from_wire(msg["facts"]), trio.current_time())
+        except BpfsError as exc:
+            log.warning("refused registration from %s: %s", peer, exc)
+            await _refuse(fs, exc)
+            return None
+        except (trio.TooSlowError, EOFError, trio.BrokenResourceError, OSError) as exc:
+            log.warning("no registration from %s: %s", peer, exc or type(exc).__name__)
+            return None
+        log.info("node %d registered from %s", number, peer)
+        return number
+
+    async def _serve_node(self, conn: NodeConn) -> None:
+        n = conn.number
+        self.conns[n] = conn
+        try:
+            with conn.scope:
+                await conn.stream.send({"t": "welcome", "node": n, "heartbeat": self.heartbeat})
+                await self._receive_loop(conn)
+        except wire.ProtocolError as exc:
+            log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)
+        except EOFError:
+            log.info("node %d (%s) closed its connection", n, conn.peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("node %d (%s): connection lost: %s", n, conn.peer, exc)
+        finally:
+            current = self.conns.get(n)
+            if current is conn:
+                del self.conns[n]
+                self.cluster.detach(n)
+            if current in (conn, None):
+                self.procs.node_lost(n)
+        if conn.scope.cancelled_caught:
+            log.info("node %d (%s): connection closed by the master", n, conn.peer)
+
+    async def _receive_loop(self, conn: NodeConn) -> None:
+        while True:
+            msg = await conn.stream.receive()
+            now = trio.current_time()
+            handler = FROM_NODE.get(msg["t"])
+            if handler is None:
+                raise wire.ProtocolError(f"{msg['t']!r} is not a registered node's message")
+            await handler(self, conn, msg, now)
+
+    async def watchdog(self) -> None:
+        """Close the connections of nodes silent for longer than ping_timeout (master/liveness.py).
+
+        It may run late when the loop is busy; it then marks a silent node down late,
+        never a node whose frames wait unread because the master was slow."""
+        timeout = self.ping_timeout
+        while True:
+            await trio.sleep(liveness.check_interval(timeout))
+            self.judge_silence(trio.current_time(), timeout)
+
+    def judge_silence(self, now: float, timeout: float) -> None:
+        """Mark down the nodes that sent nothing for `timeout`: by the master's stamp, unless
+        the kernel received data on the connection since (then that is its heartbeat)."""
+        unread: list[float] = []
+        for n in self.cluster.stale(now, timeout):
+            conn = self.conns.get(n)
+            quiet = liveness.silence(conn.stream.stream) if conn is not None else None
+            last = self.cluster.node(n).last_heartbeat
+            if quiet is not None and quiet <= timeout:
+                unread.append(now - last)
+                self.cluster.heartbeat(n, None, now - quiet)
+            else:
+                self._mark_silent_down(n, conn, now - last if quiet is None else quiet)
+        if unread:
+            log.warning("master busy: %d node(s) unread for up to %.1f s; the kernel received "
+                        "their frames in time, so they stay up", len(unread), max(unread))
+
+    def _mark_silent_down(self, n: int, conn: NodeConn | None, silent_for: float) -> None:
+        log.warning("node %d: no heartbeat for %.1f s; marking it down", n, silent_for)
+        if conn is not None:
+            del self.conns[n]
+            conn.scope.cancel()
+        self.cluster.detach(n)
+
+
+async def _refuse(fs: wire.FrameStream, exc: BpfsError) -> None:
+    try:
+        with trio.move_on_after(2):
+            await fs.send({"t": "refused", "errno": exc.errno or errno.EIO,
+                           "message": exc.message[:4096]})
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError, AttributeError):
+        return "?"

@@ -1,0 +1,172 @@
+"""One connection of a node daemon to its master, from `register` to its end.
+
+    session = Session(node, fs, table)
+    number = await session.register()        `register` -> `welcome` (BpfsError: refused)
+    outcome = await session.run()            heartbeats, reports, dispatch until it ends
+
+A session sends `facts` every `heartbeat` seconds, sends what `report` queues (from
+synchronous code, in order), and dispatches every message from the master through the
+table it was given (bpfs/node/service.py's FROM_MASTER: `message name -> async
+handler(session, msg)`). Every message is checked against bpfs/wire/messages.py's table
+before a handler sees it; one that does not fit, or that the table lacks (`challenge` or
+`welcome` again...), is a protocol error that ends the session (LOST, one log line). A
+handler returns None to keep the session going, or an `Outcome` that ends it; one that
+runs long starts a task in `session.nursery`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any, Awaitable, Callable, Protocol
+
+import trio
+
+from bpfs.node import facts as node_facts
+from bpfs.node.config import NodeConfig
+from bpfs.node.restorer import NodeRestorer
+from bpfs.wire import framing as wire
+
+log = logging.getLogger("bpslave")
+
+
+class Outcome(enum.Enum):
+    REBOOT = "reboot"
+    HALT = "halt"
+    LOST = "lost"
+
+
+class NodeSide(Protocol):
+    """What a session uses of its node (bpfs.node.service.Node)."""
+    number: int | None
+    cfg: NodeConfig
+    procs: Any                  # bpfs.node.procs.ProcessTable, which stands above this module
+    restorer: NodeRestorer
+
+
+Handler = Callable[["Session", wire.Message], Awaitable["Outcome | None"]]
+
+CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class Session:
+    """One authenticated connection to the master, from `register` to its end."""
+
+    def __init__(self, node: NodeSide, fs: wire.FrameStream, table: dict[str, Handler]) -> None:
+        self.node = node
+        self.fs = fs
+        self.table = table
+        self.nursery: trio.Nursery | None = None     # set while `run` runs
+        self.heartbeat = 1.0
+        self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
+        self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
+            float("inf"))
+
+    async def send(self, msg: wire.Message) -> None:
+        await self.fs.send(msg)
+
+    def report(self, msg: wire.Message) -> None:
+        """Send `msg` (`restored`, `exited`, `failed`) from synchronous code, in order: at
+        once when nothing is queued and the stream is free (no wake-up of the sending task,
+        the usual case), else through the queue; dropped once the session is over: the
+        master that should hear it is gone."""
+        try:
+            queued = self._reports.statistics().current_buffer_used
+            if not queued and self.fs.send_nowait(msg):
+                if self.fs.pending:             # the rest of it: from the sending task
+                    self._queue(None)
+                return
+        except trio.BrokenResourceError:
+            log.debug("not reported, the connection broke: %s", msg)
+            return
+        self._queue(msg)
+
+    def _queue(self, msg: wire.Message | None) -> None:
+        try:
+            self._reports.send_nowait(msg)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            log.debug("not reported, the session is over: %s", msg)
+
+    async def send_reports(self) -> Outcome:
+        """Send what `report` queued; what queued up meanwhile goes in the same write
+        (None: only the rest of a report written in part)."""
+        async for first in self._report_queue:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._report_queue.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            msgs = [m for m in batch if m is not None]
+            if msgs:
+                await self.fs.send_many(msgs)
+            else:
+                await self.fs.flush()
+        return Outcome.LOST
+
+    async def register(self) -> int:
+        """Raises BpfsError when the master refuses us (number taken, unknown node...)."""
+        await self.send({"t": "register", "node": self.node.number, "facts": node_facts.facts()})
+        welcome = await self.fs.expect("welcome")
+        self.heartbeat = welcome["heartbeat"]
+        return welcome["node"]
+
+    async def heartbeats(self) -> Outcome:
+        while True:
+            await trio.sleep(self.heartbeat)
+            await self.send({"t": "facts", "facts": node_facts.facts()})
+
+    async def run(self) -> Outcome:
+        """Heartbeats and dispatch until a handler or a failure ends the session.
+
+        Each of the two tasks turns its own failure into an outcome, so no
+        exception group ever leaves the nursery; tasks that handlers start in
+        `self.nursery` must do the same.
+        """
+        outcomes: list[Outcome] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                for task in (self.heartbeats, self.dispatch, self.send_reports):
+                    nursery.start_soon(self._guard, task, outcomes, nursery.cancel_scope)
+        finally:
+            self._reports.close()
+        return outcomes[0] if outcomes else Outcome.LOST
+
+    async def _guard(self, task: Callable[[], Awaitable[Outcome]], outcomes: list[Outcome],
+                     scope: trio.CancelScope) -> None:
+        try:
+            outcomes.append(await task())
+        except wire.ProtocolError as exc:
+            log.error("protocol error from the master at %s: %s", self.node.cfg.address, exc)
+            outcomes.append(Outcome.LOST)
+        except CONNECTION_ERRORS as exc:
+            log.warning("connection to the master lost: %s", why(exc))
+            outcomes.append(Outcome.LOST)
+        scope.cancel()
+
+    async def dispatch(self) -> Outcome:
+        while True:
+            try:
+                msg = await self.fs.receive()
+            except EOFError:
+                log.warning("the master closed the connection")
+                return Outcome.LOST
+            fn = self.table.get(msg["t"])
+            if fn is None:
+                raise wire.ProtocolError(f"{msg['t']!r} is not a message of a session")
+            outcome = await fn(self, msg)
+            if outcome is not None:
+                return outcome
+
+
+def why(exc: BaseException) -> str:
+    """The reason in a few words; trio hides the errno of a failed connect in __cause__."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return why(cause.exceptions[-1])
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
