@@ -67,7 +67,6 @@ Output (`ProcOutput`, for processes started by `exec` on nodes/N/ctl) is bpfs/ou
 from __future__ import annotations
 
 import errno
-import math
 import signal
 import time
 from collections import deque
@@ -75,8 +74,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NewType
 
 from bpfs.errors import BpfsError
-from bpfs.formats import Event
-from bpfs.output import OUTPUT_CAPACITY, OUTPUT_STREAMS, OutputRing, ProcOutput  # noqa: F401
+from bpfs.formats import Event, Facts
+from bpfs.output import ProcOutput
 
 NodeId = NewType("NodeId", int)
 Pid = NewType("Pid", int)
@@ -111,49 +110,6 @@ class Caller:
 
     def in_group(self, gid: int) -> bool:
         return gid == self.gid or gid in self.groups
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What a node daemon reports about itself (wire/framing.py's FACTS), sanitized."""
-    hostname: str = ""
-    cpus: int = 0
-    arch: str = ""
-    kernel: str = ""
-    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    mem_total: int = 0
-    mem_available: int = 0
-    uptime: float = 0.0
-
-    @classmethod
-    def from_wire(cls, d: Any) -> "Facts":
-        """Never raises: a value of the wrong type or shape becomes the default."""
-        if not isinstance(d, dict):
-            return cls()
-        load = d.get("load")
-        if not (isinstance(load, (list, tuple)) and len(load) == 3
-                and all(_is_num(x) for x in load)):
-            load = (0.0, 0.0, 0.0)
-        return cls(_word(d.get("hostname")), _int(d.get("cpus")), _word(d.get("arch")),
-                   _word(d.get("kernel")), tuple(float(x) for x in load),  # type: ignore[arg-type]
-                   _int(d.get("mem_total")), _int(d.get("mem_available")),
-                   float(d["uptime"]) if _is_num(d.get("uptime")) else 0.0)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x: Any) -> int:
-    return int(x) if _is_num(x) and x >= 0 else 0
-
-
-def _word(x: Any) -> str:
-    """A single printable word of at most 64 chars (it goes into key: value lines)."""
-    if not isinstance(x, str):
-        return ""
-    x = "".join(ch for ch in x if ch.isprintable() and not ch.isspace())
-    return x[:64]
 
 
 @dataclass

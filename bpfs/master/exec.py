@@ -47,7 +47,7 @@ its end comes through ProcService as for any ghost. A child that failed before i
 seized (never traced) is reaped here, by pid, in a worker thread.
 
 Output and lifetime (the bounds):
-- each of stdout and stderr keeps its newest 1 MiB (model.OUTPUT_CAPACITY); beyond, the
+- each of stdout and stderr keeps its newest 1 MiB (output.OUTPUT_CAPACITY); beyond, the
   oldest bytes are dropped and a reader that was behind skips them. The process never
   waits for readers.
 - a read blocks until there is output or EOF (EAGAIN with O_NONBLOCK; EINTR as soon as
@@ -82,7 +82,8 @@ from bpfs.child import reset_signals
 from bpfs.errors import BpfsError
 from bpfs.master.migrations import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch
 from bpfs.master.procs import ProcService
-from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
+from bpfs.model import Caller, Cluster
+from bpfs.output import OUTPUT_STREAMS, ProcOutput
 from bpfs.pin import Pin
 from bpfs.wire import execreq
 

@@ -98,7 +98,6 @@ class FrameStream:
         self.stream = stream
         self.max_frame = max_frame
         self.side = side
-        self.legacy = False     # TRANSITION: session messages as dicts (connect, accept)
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
@@ -198,8 +197,7 @@ class FrameStream:
         del self._buf[:4 + length]
         if self.side is None:
             return unpack(body)
-        msg = self.side.decode(body)
-        return _legacy(msg) if self.legacy else msg
+        return self.side.decode(body)
 
     async def expect(self, kind: type[M]) -> M:
         """The next message, which must be a `kind` (ProtocolError); a Refused is raised
@@ -207,12 +205,6 @@ class FrameStream:
         msg = await self.receive()
         if isinstance(msg, messages.Refused):
             raise BpfsError(msg.errno, msg.message)
-        if isinstance(kind, str):                       # TRANSITION: the handlers' dicts
-            if msg["t"] == "refused":
-                raise BpfsError(msg["errno"], msg["message"])
-            if msg["t"] != kind:
-                raise ProtocolError(f"expected {kind!r}, got {msg['t']!r:.40}")
-            return msg
         if not isinstance(msg, kind):
             raise ProtocolError(f"expected {messages.tag(kind)!r}, got "
                                 f"{messages.tag(type(msg))!r}")
@@ -220,18 +212,6 @@ class FrameStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-def _legacy(msg: messages.Msg) -> dict[str, Any]:
-    """TRANSITION: a session message as the dict the handlers read until they take the
-    classes (every field present, None when absent)."""
-    out: dict[str, Any] = {"t": messages.tag(type(msg))}
-    for name in msg.__struct_fields__:
-        value = getattr(msg, name)
-        if isinstance(value, messages.NodeFacts):
-            value = {f: getattr(value, f) for f in value.__struct_fields__}
-        out[name] = value
-    return out
 
 
 # ---- keys -------------------------------------------------------------------
@@ -321,7 +301,7 @@ async def connect(host: str, port: int, key: bytes) -> FrameStream:
     except BaseException:
         await stream.aclose()
         raise
-    fs.max_frame, fs.side, fs.legacy = DEFAULT_MAX_FRAME, messages.FROM_MASTER, True
+    fs.max_frame, fs.side = DEFAULT_MAX_FRAME, messages.FROM_MASTER
     return fs
 
 
@@ -335,5 +315,5 @@ async def accept(stream: trio.abc.Stream, key: bytes) -> FrameStream:
         raise AuthError("peer hung up during the handshake (it may hold another key)") from None
     except trio.TooSlowError:
         raise ProtocolError("handshake timed out", errno.ETIMEDOUT) from None
-    fs.max_frame, fs.side, fs.legacy = DEFAULT_MAX_FRAME, messages.FROM_NODE, True
+    fs.max_frame, fs.side = DEFAULT_MAX_FRAME, messages.FROM_NODE
     return fs

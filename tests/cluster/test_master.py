@@ -29,6 +29,7 @@ import trio
 
 from bpfs import formats
 from bpfs.wire import framing as wire
+from tests.unit.test_messages import plain
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -172,7 +173,7 @@ class FakeNode:
     async def receive_forever(self) -> None:
         try:
             while True:
-                self.received.append(await self.fs.receive())
+                self.received.append(plain(await self.fs.receive()))
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             self.closed.set()
 
@@ -181,7 +182,7 @@ async def register(m: Master, number: int | None = None, key: bytes | None = Non
                    ) -> tuple[wire.FrameStream, dict[str, Any]]:
     fs = await wire.connect("127.0.0.1", m.port, key or m.key)
     await fs.send({"t": "register", "node": number, "facts": FACTS})
-    return fs, await fs.receive()
+    return fs, plain(await fs.receive())
 
 
 @asynccontextmanager

@@ -242,7 +242,7 @@ def test_handshakes_are_capped_and_cut_at_their_deadline(master: Master) -> None
     assert_no_traceback(master)
 
 
-# ---- frames over the message table, with and without the key ------------------------------
+# ---- frames over the message classes, with and without the key ----------------------------
 
 class Deep:
     """A value nested `depth` lists deep (msgpack's packer refuses to build one)."""
@@ -543,10 +543,10 @@ async def test_a_node_drops_a_master_that_sends_a_bad_frame(tmp_path: Path, bad:
 
     async def hostile_master(stream: trio.SocketStream) -> None:
         fs = await wire.accept(stream, key.read_bytes().strip())
-        await fs.expect("register")
+        await fs.expect(messages.Register)
         if bad["t"] != "welcome":
             await fs.send({"t": "welcome", "node": 4, "heartbeat": 0.1})
-            await fs.expect("state")
+            await fs.expect(messages.State)
         registered.set()
         await fs.stream.send_all(frame(bad))
         with trio.move_on_after(10):

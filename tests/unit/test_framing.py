@@ -227,7 +227,7 @@ async def test_connect_and_accept_over_tcp():
                                                           host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         fs = await wire.connect("127.0.0.1", port, KEY)
-        assert await fs.receive() == {"t": "ctl", "cmd": "halt"}
+        assert await fs.receive() == msgs.Ctl(cmd="halt")
         with pytest.raises(wire.ProtocolError, match="unknown message 'hi'"):
             await fs.receive()            # the node checks the master's messages too
         await fs.aclose()
