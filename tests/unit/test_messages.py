@@ -71,32 +71,24 @@ def side_of(cls: type[m.Msg], sender: str | None = None) -> m.Side:
     return m.FROM_NODE if sender == "node" else m.FROM_MASTER
 
 
-def as_dict(msg: Any) -> Any:
-    """A message as the dict the protocol built by hand, None fields left out."""
-    if isinstance(msg, msgspec.Struct):
-        out = {"t": m.tag(type(msg))} if isinstance(msg, m.Msg) else {}
-        out.update({k: as_dict(getattr(msg, k)) for k in msg.__struct_fields__
-                    if getattr(msg, k) is not None})
-        return out
-    if isinstance(msg, (list, tuple)):
-        return [as_dict(x) for x in msg]
-    if isinstance(msg, dict):
-        return {k: as_dict(v) for k, v in msg.items()}
-    return msg
-
-
-def plain(msg: Any) -> Any:
+def plain(msg: Any, nones: bool = True) -> Any:
     """A decoded message as the fake peers of the cluster tests read it: a dict with "t" and
-    every field (None where absent), lists for arrays (the test-side view of the wire)."""
+    every field (None where absent), lists for arrays (the test-side view of the wire).
+    Without `nones`, as the dict-built protocol wrote it: None fields left out."""
     if isinstance(msg, msgspec.Struct):
         out = {"t": m.tag(type(msg))} if isinstance(msg, m.Msg) else {}
-        out.update({k: plain(getattr(msg, k)) for k in msg.__struct_fields__})
+        out.update({k: plain(getattr(msg, k), nones) for k in msg.__struct_fields__
+                    if nones or getattr(msg, k) is not None})
         return out
     if isinstance(msg, (list, tuple)):
-        return [plain(x) for x in msg]
+        return [plain(x, nones) for x in msg]
     if isinstance(msg, dict):
-        return {k: plain(v) for k, v in msg.items()}
+        return {k: plain(v, nones) for k, v in msg.items()}
     return msg
+
+
+def as_dict(msg: Any) -> Any:
+    return plain(msg, nones=False)
 
 
 def test_every_message_has_an_example_here() -> None:
