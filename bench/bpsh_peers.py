@@ -720,7 +720,7 @@ def _mark(k): _ev.append((k, time.monotonic()))
 def _child_mark(k):
     fd = os.open(_F + ".child", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(fd, f"{k} {time.monotonic()!r}\n".encode()); os.close(fd)
-from bpfs.cli.bpsh import run as B, stdio as S
+from bpfs.cli.bpsh import children as C, run as B, stdio as S
 _mark("imported")
 def _wrap(obj, name, before=None, after=None):
     f = getattr(obj, name)
@@ -732,11 +732,11 @@ def _wrap(obj, name, before=None, after=None):
     setattr(obj, name, w)
 _wrap(B, "resolve_nodes", after="resolved")
 _wrap(B, "run_job", before="run_job")
-_wrap(B, "_fork", after="forked")
-_wr = B.write_request
+_wrap(C, "_fork", after="forked")
+_wr = C.write_request
 def _write_request(*a, **k):
     _child_mark("ctl_start"); r = _wr(*a, **k); _child_mark("ctl_end"); return r
-B.write_request = _write_request
+C.write_request = _write_request
 _wrap(S.StdioServer, "_attach", after="attach")
 _wrap(S.StdioServer, "_close_output", after="eof")
 _reap = S.StdioServer._reap

@@ -1,8 +1,19 @@
-"""What every process about to be migrated does before its execve, and how it reports.
+"""A child about to exec a program for bpsh or the master: its fork, its reset, its PATH
+lookup, and how it reports a failure.
+
+    pid = fork_reset(fn, status_w, keep, keep_ignored=..., setsid=..., stdio=...)
+    path_candidates(name, path)     where execvp would look for `name`
+    Report(rank, stage, errno, reason).pack() / Report.take(buf)     the status pipe
 
 MIGRATION.md, dump step 1: the migrated program must not inherit the launcher's
 caught signals, nor its signal mask (bpsh and the master are Python programs with
-handlers of their own). Callers close their own extra fds.
+handlers of their own), nor its fds. `fork_reset` forks with every signal blocked (so
+that none can run a parent's handler, or reach its wakeup fd, in the child before the
+reset), then in the child: default dispositions, an empty mask, its own session if
+`setsid`, fds 0-2 made copies of `stdio` if given, every other fd closed but the status
+pipe and `keep`; then `fn()`, and _exit(127) if fn returns or raises. A failure of the
+reset itself is one SETUP report on the status pipe. The parent gets the pid (OSError
+if the fork failed) with its mask as it was.
 
 Ignored signals are another matter: SIG_IGN survives execve, and `nohup cmd`,
 `trap '' INT` or a shell's background job rely on it. bpsh passes `keep_ignored`:
@@ -14,15 +25,21 @@ the common case (a `bpsh N cmd | head` that ignored SIGPIPE would spin on EPIPE)
 The master (`keep_ignored` False) resets everything: its own dispositions are no
 user's.
 
+The PATH rule (bproc's which, execvp): a name with a slash is the only candidate; else
+each PATH entry in order, an empty entry meaning ".". Each caller brings its own PATH
+and default: bpsh its own ($PATH, else ":/bin:/usr/bin", as bproc) and checks that a
+candidate is an executable file; the master the writer's ($PATH, else "/bin:/usr/bin")
+and tries execve on each in turn.
+
 A child that fails before its program runs tells its parent on a status pipe, one
 `Report` a failure, each one atomic write (at most PIPE_BUF bytes):
 
     report := RANK(i32) STAGE(i32) ERRNO(i32) LEN(u16) REASON(LEN bytes, UTF-8)    native order
-    STAGE  := READY      the child is set up and waits (no failure; the master's exec)
-            | SETUP      credentials, fds, umask: before anything else
-            | CTL        the execmove request written to nodes/N/ctl was refused
-            | CWD        changing to the writer's cwd (the master's exec)
-            | EXEC       execve itself
+    STAGE  := READY (0)  the child is set up and waits (no failure; the master's exec)
+            | CTL (1)    the execmove request written to nodes/N/ctl was refused (bpsh)
+            | EXEC (2)   execve itself
+            | SETUP (3)  the reset, credentials, fds, umask: before anything else
+            | CWD (4)    changing to the writer's cwd (the master's exec)
     RANK   := the child's rank, or -1 for a multi-node run's one writer
     REASON := the master's reason for a refused request, as one line of printable
               text, cut at REASON_MAX bytes; empty for the others
@@ -36,6 +53,8 @@ module at start-up.
 """
 
 import _signal
+import errno as _errno
+import os
 from _struct import Struct
 
 from bpfs.record import record
@@ -60,7 +79,59 @@ def reset_signals(keep_ignored: bool = False) -> None:
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
 
-READY, SETUP, CTL, CWD, EXEC = 0, 1, 2, 3, 4
+
+def fork_reset(fn, status_w: int, keep: tuple[int, ...] = (),  # type: ignore[no-untyped-def]
+               *, rank: int = 0, keep_ignored: bool = False, setsid: bool = False,
+               stdio: int | None = None) -> int:
+    """Fork a child that resets itself and runs `fn()` (see the module docstring); its pid.
+
+    The child keeps fds 0-2, its status pipe `status_w` and `keep`; a reset that fails is
+    a SETUP report (with `rank`) on the pipe. `stdio`: an fd to make 0, 1 and 2 of."""
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+    pid = -1
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                try:
+                    reset_signals(keep_ignored)
+                    if setsid:
+                        os.setsid()
+                    if stdio is not None:
+                        for fd in (0, 1, 2):
+                            os.dup2(stdio, fd)
+                    _close_all_but((status_w, *keep))
+                except OSError as e:
+                    os.write(status_w, Report(rank, SETUP, e.errno or _errno.EIO).pack())
+                    raise
+                fn()
+            finally:
+                os._exit(127)
+    finally:
+        if pid != 0:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+    return pid
+
+
+def _close_all_but(keep: tuple[int, ...]) -> None:
+    """Close every fd above 2 but those in `keep`."""
+    fds = sorted(fd for fd in keep if fd > 2)
+    for lo, hi in zip([2, *fds], [*fds, 1 << 20]):
+        os.closerange(lo + 1, hi)
+
+
+def path_candidates(name, path):  # type: ignore[no-untyped-def]
+    """Where execvp looks for `name` (str or bytes) along `path` (of the same type): the
+    name itself if it holds a slash, else each entry joined with it ("" is ".")."""
+    if isinstance(name, str):
+        slash, dot, sep = "/", ".", ":"
+    else:
+        slash, dot, sep = b"/", b".", b":"
+    if slash in name:
+        return [name]
+    return [os.path.join(d or dot, name) for d in path.split(sep)]
+
+READY, CTL, EXEC, SETUP, CWD = 0, 1, 2, 3, 4     # CTL, EXEC: the numbers bpsh has always used
 ALL_RANKS = -1
 REASON_MAX = 1024
 _HEAD = Struct("=iiiH")             # rank, stage, errno, length of the reason
@@ -76,7 +147,7 @@ class Report:
 
     def pack(self) -> bytes:
         """The record's bytes: the reason made one line and cut at REASON_MAX bytes."""
-        data = _one_line(self.reason).encode("utf-8", "replace")[:REASON_MAX]
+        data = one_line(self.reason).encode("utf-8", "replace")[:REASON_MAX]
         return _HEAD.pack(self.rank, self.stage, self.errno, len(data)) + data
 
     @staticmethod
@@ -93,6 +164,6 @@ class Report:
         return Report(rank, stage, err, reason)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """A reason as one line of printable text."""
     return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())

@@ -42,6 +42,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
+from bpfs import procstatus
 from bpfs.errors import BpfsError
 
 PIDFD_THREAD = os.O_EXCL        # linux/pidfd.h: a pidfd for one thread (Linux 6.9)
@@ -83,15 +84,11 @@ def parse_start(stat: bytes) -> int:
 def parse_creds(status: bytes) -> tuple[str, ...]:
     """The CRED_KEYS lines of a /proc/TID/status text, whitespace normalized; ValueError if
     one is missing."""
-    found: dict[str, str] = {}
-    for line in status.decode("utf-8", "replace").splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key in CRED_KEYS:
-            found[key] = " ".join(value.split())
-    missing = [k for k in CRED_KEYS if k not in found]
+    fields = procstatus.parse(status)
+    missing = [k for k in CRED_KEYS if k not in fields]
     if missing:
         raise ValueError(f"no {', '.join(missing)} in status")
-    return tuple(found[k] for k in CRED_KEYS)
+    return tuple(" ".join(fields[k].split()) for k in CRED_KEYS)
 
 
 def read_identity(tid: int) -> Identity:

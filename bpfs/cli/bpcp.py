@@ -38,7 +38,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 from bpfs import __version__
 from bpfs.cli import bpsh, common
-from bpfs.cli.bpsh.stdio import OutputOptions
+from bpfs.cli.bpsh.output import OutputOptions
 
 PROG = "bpcp"
 PROGRESS_MIN = 1 << 20

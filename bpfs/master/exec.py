@@ -2,68 +2,23 @@
 
     $ echo "exec hostname" > /bproc/nodes/2/ctl      (or: exec -- argv...)
     reading the ctl handle back: "ok PID"
-    /bproc/procs/PID/stdout, stderr: the output, readable like a pipe (see below)
+    /bproc/procs/PID/stdout, stderr: the output, readable like a pipe
 
     execs = ExecService(cluster, procs, mount)
     port = await nursery.start(execs.serve, host)     the stdio endpoint and the sweeper
     pid = await execs.start(node, caller, argv)       from the ctl write (nodes/N/ctl exec)
 
-How one `exec` goes. It is bpsh's execmove path, with the master as bpsh, except that
-the child does not write its execmove to nodes/N/ctl itself: FUSE holds a file's inode
-lock during a direct-I/O write, so a child writing to the very ctl file whose write it
-serves would wait forever. The master arms the migration for it, in process.
-
-1. The handler reads the writer's environment (/proc/W/environ), cwd (an O_PATH fd of
-   /proc/W/cwd, so a renamed cwd still works) and umask (/proc/W/status); W is the ctl
-   handle's opener (its thread id), pinned at open (bpfs/pin.py): the reads go by number,
-   so the pin is checked before and after them, and they count only if W is still alive
-   and still the user it was (else ESRCH or EPERM: never another process's environment).
-   It makes a token and the output rings, then forks.
-2. The child (`_child`, plain os calls only: the master is multithreaded, so no locks,
-   no logging, no imports there): its own session, default signal dispositions and an
-   empty mask (all signals stay blocked from before the fork until the dispositions are
-   reset, so none can run a master handler or reach trio's wakeup fd), fds 0-2 on
-   /dev/null and every other fd closed, the writer's groups, gid and uid (setgroups,
-   setresgid, setresuid), umask and cwd. It says READY on its status pipe and waits
-   for one byte on its go pipe.
-3. The handler (awaiting the pipe, never blocking the trio loop) checks the node's ACL
-   again and calls ProcService.execmove for the child, exactly as a ctl write of
-   `execmove --port P --token T --stdin null --stdout socket --stderr socket` by the
-   child would: the child is seized. Then it sends "go".
-4. The child execve's argv[0] looked up in the writer's PATH (as bpsh: an empty entry
-   is "."), with the writer's environment plus BPROC_RANK=0000000 and
-   BPROC_PROGNAME=the path found. Any failure in the child is one record (stage, errno)
-   on the close-on-exec status pipe, then _exit(127): the write's error (ENOENT,
-   "X: command not found", for a command not in PATH). EOF on the pipe after "go"
-   means the exec happened. Then the handler awaits the Launch (bpfs.master.procs):
-   captured (procs/PID appears, "starting"), restored ("running": the write returns
-   `ok PID`) or failed (the write returns that errno; procs/PID is gone).
-5. The node connects stdout and stderr back to our endpoint (a TCP listener on the host
-   nodes reach us at, port chosen by the kernel) with the stdio-link header of
-   bpfs.wire.execreq; a link whose token, pid or fd is not one we wait for is closed.
-
-Reaping: the ghost's parent is the master, so the tracer reaps it (bpfs.migrate.ghost) and
-its end comes through ProcService as for any ghost. A child that failed before it was
-seized (never traced) is reaped here, by pid, in a worker thread.
-
-Output and lifetime (the bounds):
-- each of stdout and stderr keeps its newest 1 MiB (output.OUTPUT_CAPACITY); beyond, the
-  oldest bytes are dropped and a reader that was behind skips them. The process never
-  waits for readers.
-- a read blocks until there is output or EOF (EAGAIN with O_NONBLOCK; EINTR as soon as
-  the reader has a fatal or handled signal pending, as for events). EOF comes once the
-  process has ended and its link has delivered everything; a link not connected by
-  then gets LINK_GRACE seconds more.
-- procs/PID stays while the process runs, then until READ_GRACE seconds after both
-  stdout and stderr have been read to EOF (by anyone; the grace lets a script read
-  status after the output), and at most LINGER seconds after the end; links still open
-  then (a background child holding them) are closed. Handles already open keep reading
-  what was kept after the directory is gone. The sweeper checks every SWEEP seconds.
+The master forks a child as the writer (its environment, cwd, umask and credentials, read
+from /proc through its pin), arms the migration for it in process (the child cannot write
+to the ctl file whose write it serves), lets it exec and keeps its output. How one exec
+goes, the output's bounds and lifetimes: docs/exec.md. The child's fork, reset, PATH rule
+and status reports are bpfs.child's, shared with bpsh.
 
 Errors of `start` (BpfsError, the write's errno): EINVAL no command; ENOSYS no tracer;
-ESRCH the writer is gone; EPERM the writer is not the user it was when it opened the file; the child's errno (ENOENT not found, EACCES not executable or
-cwd not searchable, ...); EHOSTDOWN, EPERM (set-user-ID program), ENOEXEC... from the
-migration; ETIMEDOUT if the child neither exec'd nor failed within LAUNCH_TIMEOUT.
+ESRCH the writer is gone; EPERM the writer is not the user it was when it opened the file;
+the child's errno (ENOENT not found, EACCES not executable or cwd not searchable, ...);
+EHOSTDOWN, EPERM (set-user-ID program), ENOEXEC... from the migration; ETIMEDOUT if the
+child neither exec'd nor failed within LAUNCH_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -72,13 +27,13 @@ import errno
 import logging
 import os
 import signal
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from bpfs.child import reset_signals
+from bpfs import procstatus
+from bpfs.child import CWD, EXEC, READY, SETUP, Report, fork_reset, path_candidates
 from bpfs.errors import BpfsError
 from bpfs.master.migrations import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch
 from bpfs.master.procs import ProcService
@@ -97,10 +52,7 @@ LINGER = 60.0                # after the end, at most
 SWEEP = 0.25
 CHUNK = 1 << 16
 
-# the child's records on the status pipe: (stage, errno); READY is no failure
-READY, STAGE_SETUP, STAGE_CWD, STAGE_EXEC = 0, 1, 2, 4
-_RECORD = struct.Struct("=ii")
-GO = b"g"
+GO = b"g"                    # the master to its child: exec now
 
 
 @dataclass
@@ -122,8 +74,7 @@ def read_writer(pin: Pin | None) -> Writer:
     try:
         with open(f"/proc/{tid}/environ", "rb") as f:
             raw = f.read()
-        with open(f"/proc/{tid}/status", "rb") as f:
-            status = f.read()
+        status = procstatus.read(tid)
         cwd_fd = os.open(f"/proc/{tid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise BpfsError(errno.ESRCH, f"cannot read the writer (thread {tid}): "
@@ -138,10 +89,7 @@ def read_writer(pin: Pin | None) -> Writer:
         key, eq, value = item.partition(b"=")
         if eq and key:
             env[key] = value
-    umask = 0o022
-    for line in status.splitlines():
-        if line.startswith(b"Umask:"):
-            umask = int(line.split()[1], 8)
+    umask = int(status["Umask"], 8) if "Umask" in status else 0o022
     return Writer(env, cwd_fd, umask)
 
 
@@ -293,23 +241,20 @@ class ExecService:
         args = [os.fsencode(a) for a in argv]
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        groups = sorted(caller.groups)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        pid = -1
+        devnull = -1
         try:
-            pid = os.fork()
-            if pid == 0:
-                _child(args, env, (caller.uid, caller.gid, groups), writer, devnull,
-                       status_w, go_r)
+            devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+            cred = (caller.uid, caller.gid, sorted(caller.groups))
+            pid = fork_reset(lambda: _child(args, env, cred, writer, status_w, go_r), status_w,
+                             (go_r, writer.cwd_fd), setsid=True, stdio=devnull)
+        except BaseException:
+            os.close(status_r)
+            os.close(go_w)
+            raise
         finally:
-            if pid != 0:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                for fd in (status_w, go_r, devnull):
+            for fd in (status_w, go_r, devnull):
+                if fd >= 0:
                     os.close(fd)
-                if pid < 0:
-                    os.close(status_r)
-                    os.close(go_w)
         return _Child(pid, trio.lowlevel.FdStream(status_r), go_w)
 
     async def _launch(self, child: "_Child", node: int, caller: Caller, command: str,
@@ -317,11 +262,11 @@ class ExecService:
         """READY -> execmove for the child -> go -> it exec'd (EOF) or failed (raised)."""
         try:
             with trio.fail_after(LAUNCH_TIMEOUT):
-                record = await child.record()
-                if record is None:
+                report = await child.record()
+                if report is None:
                     raise BpfsError(errno.EIO, f"exec: the child for {command} died")
-                if record[0] != READY:
-                    raise _failure(*record, command)
+                if report.stage != READY:
+                    raise _failure(report, command)
                 self.cluster.check_run(node, caller)
                 req = execreq.ExecMove(self.port, token, 0, "null", "socket", "socket")
                 pin = Pin.take(child.pid)   # our unreaped child: its number is its own
@@ -332,9 +277,9 @@ class ExecService:
                 finally:
                     pin.close()
                 child.go()
-                record = await child.record()
-                if record is not None:
-                    raise _failure(*record, command)
+                report = await child.record()
+                if report is not None:
+                    raise _failure(report, command)
         except trio.TooSlowError:
             await self._end_child(child.pid, launch, kill=True)
             raise BpfsError(errno.ETIMEDOUT, f"exec: {command} did not start in time") from None
@@ -362,17 +307,16 @@ class _Child:
     pid: int
     status: trio.lowlevel.FdStream
     go_w: int
+    buf: bytearray = field(default_factory=bytearray)
 
-    async def record(self) -> tuple[int, int] | None:
-        """The child's next (stage, errno) record; None at EOF (it exec'd, or died)."""
-        data = b""
-        while len(data) < _RECORD.size:
-            chunk = await self.status.receive_some(_RECORD.size - len(data))
+    async def record(self) -> Report | None:
+        """The child's next report; None at EOF (it exec'd, or died)."""
+        while (report := Report.take(self.buf)) is None:
+            chunk = await self.status.receive_some()
             if not chunk:
                 return None
-            data += chunk
-        stage, err = _RECORD.unpack(data)
-        return stage, err
+            self.buf += chunk
+        return report
 
     def go(self) -> None:
         os.write(self.go_w, GO)
@@ -386,13 +330,14 @@ class _Child:
         self.status.close()
 
 
-def _failure(stage: int, err: int, command: str) -> BpfsError:
+def _failure(report: Report, command: str) -> BpfsError:
+    err = report.errno
     text = os.strerror(err)
-    if stage == STAGE_EXEC:
+    if report.stage == EXEC:
         return BpfsError(err, f"{command}: command not found" if err == errno.ENOENT
                          else f"{command}: {text}")
-    where = {STAGE_CWD: "changing to the writer's cwd"}
-    return BpfsError(err, f"exec: {where.get(stage, 'setting up the child')}: {text}")
+    where = {CWD: "changing to the writer's cwd"}
+    return BpfsError(err, f"exec: {where.get(report.stage, 'setting up the child')}: {text}")
 
 
 async def _read_line(stream: trio.SocketStream) -> tuple[bytes, bytes]:
@@ -412,52 +357,40 @@ async def _read_line(stream: trio.SocketStream) -> tuple[bytes, bytes]:
 # ---- the child (after fork: os calls only) -----------------------------------------------
 
 def _child(argv: list[bytes], env: dict[bytes, bytes], cred: tuple[int, int, list[int]],
-           writer: Writer, devnull: int, status_w: int, go_r: int) -> None:
-    """Become the writer, wait for "go", exec; never returns (see the module doc)."""
-    stage = STAGE_SETUP
+           writer: Writer, status_w: int, go_r: int) -> None:
+    """After fork_reset: become the writer, wait for "go", exec; never returns."""
+    stage = SETUP
     try:
-        reset_signals()
-        os.setsid()
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        keep = sorted((status_w, go_r, writer.cwd_fd))
-        for lo, hi in zip([2, *keep], [*keep, 1 << 20]):
-            os.closerange(lo + 1, hi)
         uid, gid, groups = cred
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
         os.umask(writer.umask)
-        stage = STAGE_CWD
+        stage = CWD
         os.fchdir(writer.cwd_fd)
         os.close(writer.cwd_fd)
-        stage = STAGE_SETUP
-        os.write(status_w, _RECORD.pack(READY, 0))
+        stage = SETUP
+        os.write(status_w, Report(0, READY, 0).pack())
         if os.read(go_r, 1) != GO:
             os._exit(1)                 # the master gave up on us
         os.close(go_r)
-        stage = STAGE_EXEC
+        stage = EXEC
         err = _exec(argv, env)
     except OSError as exc:
         err = exc.errno or errno.EIO
     except BaseException:
         err = errno.EIO
     try:
-        os.write(status_w, _RECORD.pack(stage, err))
+        os.write(status_w, Report(0, stage, err).pack())
     finally:
         os._exit(127)
 
 
 def _exec(argv: list[bytes], env: dict[bytes, bytes]) -> int:
-    """execve argv[0] as execvp would find it in env's PATH; the errno if none ran."""
-    name = argv[0]
-    if b"/" in name:
-        candidates = [name]
-    else:
-        path = env.get(b"PATH", b"/bin:/usr/bin")
-        candidates = [(d or b".") + b"/" + name for d in path.split(b":")]
+    """execve argv[0] as execvp would find it in env's PATH (default "/bin:/usr/bin"); the
+    errno if none ran."""
     err = errno.ENOENT
-    for candidate in candidates:
+    for candidate in path_candidates(argv[0], env.get(b"PATH", b"/bin:/usr/bin")):
         try:
             os.execve(candidate, argv, {**env, b"BPROC_PROGNAME": candidate})
         except OSError as exc:

@@ -16,6 +16,8 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import trio
 
@@ -69,18 +71,26 @@ def master_children(m: Master) -> list[str]:
     return [line for line in out if "doorbell" not in line]
 
 
-async def test_exec_output_links_and_the_ghost_the_master_reaps(master: Master) -> None:
+@asynccontextmanager
+async def exec_started(master: Master, line: str) -> AsyncIterator[tuple]:
+    """`line` written to a fake node 0's ctl, up to the restore the master sends it:
+    (the node, the write's result once it returns, the restore message, the pid)."""
     async with fake_node(master) as node, trio.open_nursery() as nursery:
         await wait_for(lambda: master.read("nodes/0/status") == "up\n")
         result: list[tuple[int, str]] = []
 
         async def write() -> None:
-            result.append(await exec_ctl(master, 0, "exec -- sleep 30"))
+            result.append(await exec_ctl(master, 0, line))
         nursery.start_soon(write)
         msg = await first_restore(node)
+        [pid] = [int(p) for p in os.listdir(master.path("procs"))]
+        yield node, result, msg, pid
+
+
+async def test_exec_output_links_and_the_ghost_the_master_reaps(master: Master) -> None:
+    async with exec_started(master, "exec -- sleep 30") as (node, result, msg, pid):
         assert msg["io"] == ["null", "socket", "socket"] and (msg["uid"], msg["gid"]) == (0, 0)
         port, token = msg["port"], msg["token"]
-        [pid] = [int(p) for p in os.listdir(master.path("procs"))]
         assert proc_state(master, pid) == "starting"
         # links that are not this run's are closed
         for bad in (execreq.render_header("f" * 32, pid, 1),
@@ -142,15 +152,7 @@ async def test_exec_output_links_and_the_ghost_the_master_reaps(master: Master) 
 async def test_a_failed_restore_is_the_writes_errno(master: Master) -> None:
     events = os.open(master.path("events"), os.O_RDONLY | os.O_NONBLOCK)
     try:
-        async with fake_node(master) as node, trio.open_nursery() as nursery:
-            await wait_for(lambda: master.read("nodes/0/status") == "up\n")
-            result: list[tuple[int, str]] = []
-
-            async def write() -> None:
-                result.append(await exec_ctl(master, 0, "exec sleep 30"))
-            nursery.start_soon(write)
-            msg = await first_restore(node)
-            [pid] = [int(p) for p in os.listdir(master.path("procs"))]
+        async with exec_started(master, "exec sleep 30") as (node, result, msg, pid):
             await node.fs.send({"t": "failed", "id": msg["id"], "errno": errno.ENOEXEC,
                                 "message": "other kernel"})
             await wait_for(lambda: result, what="the exec write")

@@ -220,17 +220,27 @@ def _master_fds(c: Cluster) -> tuple[int, int]:
     return len(links), sum("pidfd" in link for link in links)
 
 
+def _fds_settle(c: Cluster, pidfds: int, timeout: float = 5.0) -> tuple[int, int]:
+    """The master's descriptors once it holds `pidfds` pidfds, or as they are at the
+    deadline: close() does not wait for FUSE's RELEASE, so the master drops a closed
+    handle's pin a moment after close() returned."""
+    deadline = time.monotonic() + timeout
+    while (fds := _master_fds(c))[1] != pidfds and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return fds
+
+
 def test_pins_are_closed_with_their_handles(cluster: Cluster) -> None:
     ctl = os.path.join(cluster.mount, "nodes/0/ctl")
-    before = _master_fds(cluster)
+    before = _fds_settle(cluster, _master_fds(cluster)[1])
     for i in range(1000):
         fd = os.open(ctl, os.O_RDWR)
         if i % 100 == 0:
-            assert _master_fds(cluster)[1] == before[1] + 1     # this handle's pin
+            assert _fds_settle(cluster, before[1] + 1)[1] == before[1] + 1   # this handle's pin
             with pytest.raises(OSError):        # a refused write leaves nothing open either
                 os.write(fd, b"frobnicate\n")
         os.close(fd)
-    after = _master_fds(cluster)
+    after = _fds_settle(cluster, before[1])
     assert after[1] == before[1] and after[0] <= before[0] + 2, (before, after)
 
 

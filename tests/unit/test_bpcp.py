@@ -1,4 +1,4 @@
-"""bpcp against a fake $MOUNT and the fake node of test_bpsh (remote = here, in place)."""
+"""bpcp against a fake $MOUNT and the fake node of bpsh_fake (remote = here, in place)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bpfs.cli import bpcp
-from tests.unit.test_bpsh import Runner, mount  # noqa: F401  (fixture)
+from tests.unit.bpsh_fake import Runner, mount  # noqa: F401  (fixture)
 
 
 @pytest.fixture

@@ -45,6 +45,17 @@ def test_credentials_are_the_lines_that_name_a_principal() -> None:
         parse_creds(STATUS.replace(b"CapEff", b"CapXxx"))
 
 
+def test_a_task_name_cannot_supply_a_credential() -> None:
+    """Lines end at "\\n" only (bpfs.procstatus): a name holding another line-break
+    character (\\x1c, \\x85, U+2028) stays one field, whatever follows it in the name."""
+    for brk in ("\x1c", "\x85", "\u2028"):
+        fake = f"Name:\tx{brk}Uid:\t0\t0\t0\t0\n".encode()
+        status = fake + STATUS.split(b"\n", 1)[1]
+        assert parse_creds(status)[0] == "1001 1001 1001 1001"
+        with pytest.raises(ValueError):
+            parse_creds(status.replace(b"\nUid:", b"\nXid:"))
+
+
 def _child(code: str) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE)

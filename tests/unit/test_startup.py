@@ -23,10 +23,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from bpfs import nodeset
-from bpfs.cli.bpsh import run as bpsh
-from bpfs.cli.bpsh.stdio import EVENT_READ, EVENT_WRITE, _Poller
+from bpfs.cli.bpsh import args as bpsh
+from bpfs.cli.bpsh.poller import EVENT_READ, EVENT_WRITE, Poller
 from bpfs.wire import execreq
-from tests.unit.test_bpsh import FAKE_NODE, mount  # noqa: F401  (fixture)
+from tests.unit.bpsh_fake import FAKE_NODE, mount  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -175,9 +175,9 @@ def test_plain_numbers_are_nodeset_only_numbers(text):
 
 
 def _both(scenario):
-    """Run `scenario(selector)` on selectors.PollSelector and on _Poller: same answers."""
+    """Run `scenario(selector)` on selectors.PollSelector and on poller.Poller: same answers."""
     got = []
-    for make in (selectors.PollSelector, _Poller):
+    for make in (selectors.PollSelector, Poller):
         a, b = socket.socketpair()
         sel = make()
         try:

@@ -1,0 +1,153 @@
+"""bpsh's stdin, broadcast to every rank's fd-0 link.
+
+What is read from bpsh's stdin goes to every fd-0 link. The buffer is kept until every
+process that may still connect its stdin has consumed it (so a node that connects late
+still gets all of stdin, as in bproc); reading stops while the buffer is full. At EOF
+each stdin link gets shutdown(SHUT_WR) once it has everything. Data or EOF arriving *on*
+a stdin link closes it (the process is gone). Errors on a link close that link only.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+from bpfs.cli.bpsh.links import watch
+from bpfs.cli.bpsh.output import RAW_CHUNK
+from bpfs.cli.bpsh.poller import EVENT_READ, EVENT_WRITE
+TYPE_CHECKING = False  # typing costs start-up; annotations only
+if TYPE_CHECKING:
+    from bpfs.cli.bpsh.links import Link, Proc
+    from bpfs.cli.bpsh.poller import Poller
+
+STDIN_BUFFER = 4 << 20          # the most of stdin held for slow readers
+
+
+class Stdin:
+    """The broadcast buffer (an absolute offset per reader, trimmed to the slowest) and
+    the fd-0 links of `procs` (shared with the server)."""
+
+    def __init__(self, fd: int | None, capacity: int, sel: Poller, procs: list[Proc]) -> None:
+        self.fd = fd
+        self.capacity = capacity
+        self.sel = sel
+        self.procs = procs
+        self.buf = bytearray()
+        self.base = 0               # absolute offset of buf[0]
+        self.eof = fd is None
+        self.readers: dict[Proc, int] = {}      # proc -> absolute offset it has been sent
+        self._registered = False
+
+    # ---- the buffer -------------------------------------------------------------------
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    def add_reader(self, proc: Proc) -> None:
+        self.readers[proc] = self.base
+
+    def wants_input(self) -> bool:
+        return not self.eof and bool(self.readers) and len(self.buf) < self.capacity
+
+    def read(self) -> None:
+        assert self.fd is not None
+        try:
+            data = os.read(self.fd, min(RAW_CHUNK, self.capacity - len(self.buf)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
+    def has_pending(self, proc: Proc) -> bool:
+        return self.readers.get(proc, self.end) < self.end
+
+    def pending(self, proc: Proc) -> memoryview:
+        return memoryview(self.buf)[self.readers[proc] - self.base:]
+
+    def consumed(self, proc: Proc, n: int) -> None:
+        self.readers[proc] += n
+        self._trim()
+
+    def drop(self, proc: Proc) -> None:
+        if self.readers.pop(proc, None) is not None:
+            self._trim()
+
+    def _trim(self) -> None:
+        low = min(self.readers.values(), default=self.end)
+        if low > self.base:
+            del self.buf[:low - self.base]
+            self.base = low
+
+    # ---- the links --------------------------------------------------------------------
+
+    def attach(self, link: Link) -> None:
+        """A rank's fd-0 link has come (closed if the process is gone already)."""
+        proc = link.proc
+        if proc.status is not None or proc not in self.readers:
+            link.sock.close()                       # too late: the process is gone
+            return
+        proc.stdin_link = link
+        self.maybe_finish(proc)
+
+    def update_interest(self) -> None:
+        """Read our stdin while someone wants it; write to the links that lack some."""
+        want = self.wants_input()
+        if want != self._registered:
+            assert self.fd is not None
+            if want:
+                self.sel.register(self.fd, EVENT_READ, self._on_input)
+            else:
+                self.sel.unregister(self.fd)
+            self._registered = want
+        for proc in self.procs:
+            link = proc.stdin_link
+            if link is not None:
+                events = EVENT_READ
+                if self.has_pending(proc):
+                    events |= EVENT_WRITE
+                watch(self.sel, link, events, self._on_link)
+
+    def _on_input(self, events: int) -> None:
+        self.read()
+        if self.eof:
+            for proc in self.procs:
+                self.maybe_finish(proc)
+
+    def _on_link(self, link: Link, events: int) -> None:
+        proc = link.proc
+        if events & EVENT_READ:
+            self.close_link(proc)                   # the remote end went away
+            return
+        try:
+            n = link.sock.send(self.pending(proc))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close_link(proc)
+            return
+        self.consumed(proc, n)
+        self.maybe_finish(proc)
+
+    def maybe_finish(self, proc: Proc) -> None:
+        """At stdin's EOF, once a link has all of it: shutdown(SHUT_WR), watch for its close."""
+        link = proc.stdin_link
+        if link is None or not self.eof or self.has_pending(proc) or proc not in self.readers:
+            return
+        try:
+            link.sock.shutdown(_socket.SHUT_WR)
+        except OSError:
+            pass
+        self.drop(proc)
+
+    def close_link(self, proc: Proc) -> None:
+        """No more stdin for `proc`: its link (if any) closed, its place in the buffer freed."""
+        self.drop(proc)
+        link, proc.stdin_link = proc.stdin_link, None
+        if link is not None:
+            if link.events:
+                self.sel.unregister(link.sock)
+            link.sock.close()
