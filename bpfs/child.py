@@ -134,6 +134,11 @@ def path_candidates(name, path):  # type: ignore[no-untyped-def]
 READY, CTL, EXEC, SETUP, CWD = 0, 1, 2, 3, 4     # CTL, EXEC: the numbers bpsh has always used
 ALL_RANKS = -1
 REASON_MAX = 1024
+# bproc's own per-node refusals (no x permission, node down, no such node): `N: strerror`
+# says it all, and no reason comes with them; other failures (a request the master
+# refused, a program that may not migrate, a restore that failed) come with the master's
+# reason, printed once before the `N: strerror` lines.
+NODE_REFUSALS = (_errno.EACCES, _errno.EHOSTDOWN, _errno.ENODEV)
 _HEAD = Struct("=iiiH")             # rank, stage, errno, length of the reason
 
 

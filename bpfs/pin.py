@@ -25,7 +25,7 @@ task is alive, its number names it and nothing else; a task that ended never com
 So every read of /proc (which goes by number) is bracketed: the pidfd is checked after the
 read, and only then is the read known to be of the pinned task. An act by number (ptrace)
 is bracketed the same way by its caller: check, act, check again, undo if the second check
-fails (bpfs.migrate.ghost.Tracer.seize).
+fails (bpfs.migrate.tracer.Tracer.seize).
 
 A pin costs the master one file descriptor while it lives: bpfs/fs/ops.py pins only
 handles that can start a migration (nodes/N/ctl opened for writing) and bounds how many a

@@ -55,6 +55,7 @@ from bpfs.fs.tree import (FILES, NODE_FILES, ROOT_DIRS, ROOT_FILES, FileSpec, pa
 from bpfs.model import Caller
 from bpfs.output import OutputRing
 from bpfs.pin import Pin
+from bpfs.ratelog import RateLog
 
 log = logging.getLogger("bpfs.fs")
 
@@ -124,33 +125,22 @@ class Handle:
     fresh: bool = False                     # data rendered by open, not read yet
 
 
-class RefusalLog:
+class RefusalLog(RateLog):
     """One log line per refused ctl write, so an administrator can see why a user's bpsh
-    failed (FUSE carries only the errno back), without letting one user flood the log:
-    at most BURST lines per uid per WINDOW seconds, then one line counting the rest."""
-
-    BURST = 10
+    failed (FUSE carries only the errno back), at most BURST lines per uid per WINDOW
+    seconds (bpfs/ratelog.py): a user can write refusals as fast as they like."""
     WINDOW = 10.0
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[float, int]] = {}     # uid -> (window start, count)
+        super().__init__(log, logging.INFO, "refused ctl writes")
 
-    def log(self, h: "Handle", exc: BpfsError) -> None:
-        now = time.monotonic()
-        uid = h.caller.uid
-        start, count = self._seen.get(uid, (now, 0))
-        if now - start > self.WINDOW:
-            if count > self.BURST:
-                log.info("%d more refused ctl writes by uid %d not logged", count - self.BURST,
-                         uid)
-            start, count = now, 0
-        self._seen[uid] = (start, count + 1)
-        if count < self.BURST:
-            name = h.spec.name if h.spec is not None else "?"
-            where = "nodes" if h.ino.kind in NODE_KINDS else "procs"
-            log.info("%s/%d/%s: write by uid %d (pid %d) refused: %s: %s", where, h.ino.id,
-                     name, uid, h.caller.pid, errno.errorcode.get(exc.errno, str(exc.errno)),
-                     exc.message)
+    def refused(self, h: "Handle", exc: BpfsError) -> None:
+        name = h.spec.name if h.spec is not None else "?"
+        where = "nodes" if h.ino.kind in NODE_KINDS else "procs"
+        self.log(f"uid {h.caller.uid}", time.monotonic(),
+                 "%s/%d/%s: write by uid %d (pid %d) refused: %s: %s", where, h.ino.id, name,
+                 h.caller.uid, h.caller.pid, errno.errorcode.get(exc.errno, str(exc.errno)),
+                 exc.message)
 
 
 class BpfsOperations(pyfuse3.Operations):
@@ -464,7 +454,7 @@ class BpfsOperations(pyfuse3.Operations):
             result = await ctl.execute(h.spec.write, context, bytes(buf))
         except BpfsError as exc:
             h.data = f"{exc.message}\n".encode()
-            self._refusals.log(h, exc)
+            self._refusals.refused(h, exc)
             raise
         h.data = f"{result}\n".encode()
         return len(buf)

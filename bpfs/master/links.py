@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -37,6 +37,7 @@ from bpfs.errors import BpfsError
 from bpfs.master import liveness
 from bpfs.master.procs import ProcService
 from bpfs.model import Cluster
+from bpfs.ratelog import RateLog
 from bpfs.wire import framing as wire, messages
 
 log = logging.getLogger("bpfs.master")
@@ -87,41 +88,18 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
 }
 
 
-@dataclass
-class RefusalLog:
-    """Warnings about unauthenticated peers, at most BURST a host per WINDOW seconds.
-
-    Anyone who can reach the node port can cause refusals as fast as they can connect:
-    each gets its line, with the peer's address, until its host had BURST lines in the
-    current window; one more line says so, and the rest of the window's refusals of that
-    host are only counted; the count comes with the host's first line of a later window.
-    At most HOSTS hosts are remembered (the one seen first is forgotten first).
-    """
-    BURST = 10
+class RefusalLog(RateLog):
+    """Warnings about unauthenticated peers, at most BURST a host per WINDOW seconds
+    (bpfs/ratelog.py): anyone who can reach the node port can cause refusals as fast as
+    they can connect."""
     WINDOW = 60.0
-    HOSTS = 1024
-    _hosts: dict[str, list[float]] = field(default_factory=dict)    # [start, lines, quiet]
+    HOSTS = RateLog.KEYS
+
+    def __init__(self) -> None:
+        super().__init__(log, logging.WARNING, "refusals")
 
     def warning(self, peer: str, now: float, fmt: str, *args: Any) -> None:
-        host = peer.rsplit(":", 1)[0]
-        entry = self._hosts.get(host)
-        if entry is None or now - entry[0] >= self.WINDOW:
-            quiet = int(entry[2]) if entry is not None else 0
-            self._hosts.pop(host, None)
-            while len(self._hosts) >= self.HOSTS:
-                del self._hosts[next(iter(self._hosts))]
-            entry = self._hosts[host] = [now, 0, 0]
-            if quiet:
-                fmt += " (and %d more refusals of %s before this were not logged)"
-                args += (quiet, host)
-        if entry[1] < self.BURST:
-            entry[1] += 1
-            log.warning(fmt, *args)
-            return
-        entry[2] += 1
-        if entry[2] == 1:
-            log.warning("%s: more than %d refusals in %g s; counting the rest without a line",
-                        host, self.BURST, self.WINDOW)
+        self.log(peer.rsplit(":", 1)[0], now, fmt, *args)
 
 
 class NodeLinks:

@@ -122,7 +122,7 @@ class Migrations:
         The writer is `caller.pin`'s process (the ctl handle's opener), and only while the
         pin proves it: ESRCH if there is no pin or its process has ended (its number may
         be anyone's now), EPERM if it is no longer the user it was; checked before and
-        after the seize (bpfs.migrate.ghost.Tracer.seize releases a process seized by
+        after the seize (bpfs.migrate.tracer.Tracer.seize releases a process seized by
         mistake).
 
         With req.nodes, `rank_errors` (one per rank, None where it may run; at least one

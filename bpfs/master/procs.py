@@ -9,7 +9,7 @@
     procs.node_lost(node)                 its ghosts die by SIGKILL (bproc semantics)
     await procs.signal_proc(pid, sig)     procs/P/signal and procs/P/ctl
 
-The tracer (bpfs.migrate.ghost.Tracer) runs ptrace in its own thread; its Futures are
+The tracer (bpfs.migrate.tracer.Tracer) runs ptrace in its own thread; its Futures are
 awaited with `wait_future`, and its callbacks (`on_signal`, `on_exit`, called in its
 thread) are moved into trio with the trio token. The design: docs/migration.md.
 """
@@ -41,7 +41,7 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
                 on_keyboard: Callable[[int, int], None] | None = None) -> Any:
     """The ptrace thread, started; None if this build has none (execmove is then ENOSYS)."""
     try:
-        from bpfs.migrate.ghost import Tracer
+        from bpfs.migrate.tracer import Tracer
     except ImportError as exc:
         log.warning("no ghost tracer (%s): migration disabled", exc)
         return None

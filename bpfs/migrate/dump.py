@@ -169,7 +169,7 @@ def dump(pid: int) -> Image:
     check_executable(pid)
     regs = pt.getregs(pid)
     xstate = pt.get_xstate(pid)
-    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    status = procfs.read_status(pid)
     if status.get("Threads", "1") != "1":
         raise MigrateError(errno.EOPNOTSUPP, "multi-threaded processes cannot migrate yet", pid)
     maps = procfs.parse_maps(procfs.read_text(pid, "maps"))

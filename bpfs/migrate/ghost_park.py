@@ -1,36 +1,8 @@
 """Ghost surgery: what the tracer does to ONE stopped tracee (park it, wake it, end it).
 
-A ghost is the master's copy of a migrated process, kept so that its PID, parent and command line
-stay real on the master. `park` turns a process dumped at its entry point into one:
-
-    sigmask := {}                       (a blocked signal would never reach the tracer)
-    rseq unregistered, robust list and clear-child-tid cleared
-                                        (the kernel would write into memory we are about to unmap;
-                                         an rseq area that is gone means SIGSEGV on preemption)
-    munmap everything but the argument/environment pages and [vvar]/[vvar_vclock]/[vdso]
-                                        (/proc/PID/cmdline and environ read those pages, so `ps`
-                                         still shows the command line)
-    rip := a `syscall` in the vdso, rax := pause, orig_rax := -1, PTRACE_CONT
-
-The ghost then sleeps in pause() (ps state S). Any signal sent to it produces a
-signal-delivery-stop for the tracer, which suppresses it; the kernel then restarts pause()
-(-ERESTARTNOHAND with no handler run), so the ghost never leaves the vdso instruction and never
-runs program code. Its memory is the argument pages plus the vdso: a few pages.
-
-`halt` stops a running (parked) ghost with PTRACE_INTERRUPT; `settle` steps a tracee out of an
-exec event stop (inside execve, where new registers would be overwritten) without running any
-of its code; `aim_exit` and `aim_signal` make a stopped ghost end with an exit code or by a
-signal, so its parent's wait status is the real one.
-
-`copy` makes a halted ghost fork a sibling (clone with CLONE_PARENT, for one dump run as many
-ranks): ptrace'd from birth by the same thread, already parked (the parked memory is all it
-inherits; a fork does inherit the rseq registration, but the ghost has none left; robust list
-and clear-child-tid are never inherited), it only needs `sleep_in_pause` at the same gadget.
-Kernel facts it relies on: with CLONE_PARENT the child's exit_signal is the caller's own
-whatever the flags say, but the flags' signal still chooses the ptrace event (SIGCHLD:
-PTRACE_EVENT_FORK, needing PTRACE_O_TRACEFORK; anything else PTRACE_EVENT_CLONE), so both
-options are set; the child of a seized tracee starts with a PTRACE_EVENT_STOP; a signal
-arriving during the fork makes clone fail with -ERESTARTNOINTR and no child: injected again.
+`park` turns a process dumped at its entry point into a ghost asleep in pause() with only its
+argument pages and the vdso left; `halt`, `settle`, `aim_exit`/`aim_signal` and `copy` stop,
+step, end and fork it (docs/ghosts.md, "Parking", says how and on which kernel facts).
 
 Every function runs in the tracer thread. Signals that arrive while a function waits for the
 tracee are suppressed and appended to the caller's `signals` list (the tracer reports them).
@@ -214,7 +186,7 @@ def _zeros(data: bytes) -> int:
 
 def vm_rss_kb(pid: int) -> int:
     """VmRSS of `pid` in kB (0 if the line is missing, as for a zombie)."""
-    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    status = procfs.read_status(pid)
     return int(status.get("VmRSS", "0 kB").split()[0])
 
 
@@ -393,7 +365,7 @@ def _let_through(pid: int, sig: int, signals: list[int]) -> None:
 
 def _not_default(pid: int, sig: int) -> bool:
     """Ignored (inherited SIG_IGN) or caught (a process finished before its exec)."""
-    status = procfs.parse_status(procfs.read_text(pid, "status"))
+    status = procfs.read_status(pid)
     mask = int(status["SigIgn"], 16) | int(status["SigCgt"], 16)
     return bool(mask >> (sig - 1) & 1)
 

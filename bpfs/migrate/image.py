@@ -31,8 +31,9 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
 
 Addresses are page-aligned and below 2**47; regions are sorted and disjoint and do not meet the
 special mappings; byte runs are ordered, disjoint and inside their region (they need not be
-whole pages: only bytes that differ from zero, or from the mapped file, travel). `loads` checks all of that and raises
-`MigrateError(EINVAL, "corrupt image: ...")`, so a restore never starts from a bad image.
+whole pages: only bytes that differ from zero, or from the mapped file, travel). `loads`
+checks all of that and raises `MigrateError(EINVAL, "corrupt image: ...")`, so a restore never
+starts from a bad image.
 Version 2 added "dumpable" (version 1 had no such key, and its reader restores every process
 dumpable: an execute-only program's memory would be readable on the node). A reader refuses
 any other version rather than guess.
@@ -55,6 +56,7 @@ MAGIC = "bpfs-image"
 VERSION = 2
 PAGE = 4096
 TASK_SIZE = 1 << 47
+U64 = 2**64 - 1
 MAX_IMAGE = 1 << 34
 SPECIAL_NAMES = ("vvar", "vvar_vclock", "vdso", "vsyscall")
 MM_KEYS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
@@ -263,41 +265,28 @@ def _map(obj: Any, keys: tuple[str, ...], what: str) -> dict:
     return obj
 
 
-def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+_KINDS = {str: "a string", bool: "a bool", bytes: "binary", list: "a list"}
+
+
+def _typed(v: Any, kind: type, what: str) -> Any:
+    """`v` if its type is exactly `kind` (str, bool, bytes or list), else corrupt."""
+    if type(v) is kind:
+        return v
+    raise corrupt(f"{what} is not {_KINDS[kind]}")
+
+
+def _bounded(v: Any, lo: int, hi: int, what: str) -> int:
+    """`v` if it is an int (not a bool) in [lo, hi], else corrupt."""
     if type(v) is int and lo <= v <= hi:
         return v
     raise corrupt(f"{what} is not an integer in [{lo}, {hi}]")
 
 
-def _str(v: Any, what: str) -> str:
-    if type(v) is str:
-        return v
-    raise corrupt(f"{what} is not a string")
-
-
-def _bool(v: Any, what: str) -> bool:
-    if type(v) is bool:
-        return v
-    raise corrupt(f"{what} is not a bool")
-
-
-def _bin(v: Any, what: str) -> bytes:
-    if type(v) is bytes:
-        return v
-    raise corrupt(f"{what} is not binary")
-
-
 def _addr(v: Any, what: str, aligned: bool = True) -> int:
     if type(v) is int and 0 <= v <= TASK_SIZE and (not aligned or v % PAGE == 0):
         return v
-    _int(v, what, 0, TASK_SIZE)
+    _bounded(v, 0, TASK_SIZE, what)
     raise corrupt(f"{what} is not page-aligned")
-
-
-def _list(v: Any, what: str) -> list:
-    if type(v) is list:
-        return v
-    raise corrupt(f"{what} is not a list")
 
 
 _TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "dumpable",
@@ -317,19 +306,21 @@ def _from_obj(obj: Any) -> Image:
     regions = _regions(obj["regions"], len(files))
     _check_layout(regions, special)
     img = Image(
-        pid=_int(obj["pid"], "pid", 1, 1 << 22),
-        argv=_strings(_list(obj["argv"], "argv"), "argv item"),
-        comm=_str(obj["comm"], "comm"), exe=_int(obj["exe"], "exe", 0, max(len(files) - 1, 0)),
-        cwd=_str(obj["cwd"], "cwd"), uid=_int(obj["uid"], "uid", 0, 2**32 - 2),
-        gid=_int(obj["gid"], "gid", 0, 2**32 - 2),
-        groups=_ints(_list(obj["groups"], "groups"), "group", 0, 2**32 - 2),
-        dumpable=_bool(obj["dumpable"], "dumpable"),
-        umask=_int(obj["umask"], "umask", 0, 0o777),
-        personality=_int(obj["personality"], "personality", 0, 2**32 - 1),
-        regs=_bin(obj["regs"], "regs"), xstate=_bin(obj["xstate"], "xstate"),
-        auxv=_bin(obj["auxv"], "auxv"), mm=_mm(obj["mm"]),
-        sigmask=_int(obj["sigmask"], "sigmask"), sigactions=_sigactions(obj["sigactions"]),
-        pending=_ints(_list(obj["pending"], "pending"), "pending signal", 1, 64),
+        pid=_bounded(obj["pid"], 1, 1 << 22, "pid"),
+        argv=_strings(_typed(obj["argv"], list, "argv"), "argv item"),
+        comm=_typed(obj["comm"], str, "comm"),
+        exe=_bounded(obj["exe"], 0, max(len(files) - 1, 0), "exe"),
+        cwd=_typed(obj["cwd"], str, "cwd"), uid=_bounded(obj["uid"], 0, 2**32 - 2, "uid"),
+        gid=_bounded(obj["gid"], 0, 2**32 - 2, "gid"),
+        groups=_ints(_typed(obj["groups"], list, "groups"), "group", 0, 2**32 - 2),
+        dumpable=_typed(obj["dumpable"], bool, "dumpable"),
+        umask=_bounded(obj["umask"], 0, 0o777, "umask"),
+        personality=_bounded(obj["personality"], 0, 2**32 - 1, "personality"),
+        regs=_typed(obj["regs"], bytes, "regs"), xstate=_typed(obj["xstate"], bytes, "xstate"),
+        auxv=_typed(obj["auxv"], bytes, "auxv"), mm=_mm(obj["mm"]),
+        sigmask=_bounded(obj["sigmask"], 0, U64, "sigmask"),
+        sigactions=_sigactions(obj["sigactions"]),
+        pending=_ints(_typed(obj["pending"], list, "pending"), "pending signal", 1, 64),
         rseq=_optional_tuple(obj["rseq"], 3, "rseq"),
         robust=_optional_tuple(obj["robust"], 2, "robust"),
         tid_address=None if obj["tid_address"] is None else _addr(obj["tid_address"],
@@ -353,7 +344,7 @@ def _from_obj(obj: Any) -> Image:
 def _files(obj: Any) -> list[FileRef]:
     out = _files_fast(obj)
     if out is None:
-        out = [_file(f, i) for i, f in enumerate(_list(obj, "files"))]
+        out = [_file(f, i) for i, f in enumerate(_typed(obj, list, "files"))]
     return out
 
 
@@ -375,7 +366,7 @@ def _files_fast(obj: Any) -> list[FileRef] | None:
 def _regions(obj: Any, nfiles: int) -> list[Region]:
     out = _regions_fast(obj, nfiles)
     if out is None:
-        out = [_region(r, i, nfiles) for i, r in enumerate(_list(obj, "regions"))]
+        out = [_region(r, i, nfiles) for i, r in enumerate(_typed(obj, list, "regions"))]
     return out
 
 
@@ -431,7 +422,7 @@ def _ints(items: list, what: str, lo: int, hi: int) -> list[int]:
     if not items or (set(map(type, items)) == _INT and lo <= min(items) and max(items) <= hi):
         return items
     for v in items:
-        _int(v, what, lo, hi)
+        _bounded(v, lo, hi, what)
     return items
 
 
@@ -439,8 +430,8 @@ def _file(obj: Any, i: int) -> FileRef:
     _map(obj, ("hash", "size", "path"), f"files[{i}]")
     _check(isinstance(obj["hash"], str) and bool(HASH_RE.match(obj["hash"])),
            f"files[{i}].hash is not sha256:<hex>")
-    return FileRef(obj["hash"], _int(obj["size"], f"files[{i}].size", 0, 1 << 40),
-                   _str(obj["path"], f"files[{i}].path"))
+    return FileRef(obj["hash"], _bounded(obj["size"], 0, 1 << 40, f"files[{i}].size"),
+                   _typed(obj["path"], str, f"files[{i}].path"))
 
 
 def _special(obj: Any) -> dict[str, tuple[int, int]]:
@@ -466,12 +457,12 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
     _check(start < end, f"{what} is empty or reversed")
     kind = obj["kind"]
     _check(kind in ("anon", "file"), f"{what}.kind {kind!r} is not anon or file")
-    fidx = _int(obj["file"], f"{what}.file", -1, nfiles - 1)
+    fidx = _bounded(obj["file"], -1, nfiles - 1, f"{what}.file")
     _check((kind == "file") == (fidx >= 0), f"{what}.file does not match its kind")
     _check(isinstance(obj["growsdown"], bool), f"{what}.growsdown is not a bool")
     pages = []
     last = start
-    runs = _list(obj["pages"], f"{what}.pages")
+    runs = _typed(obj["pages"], list, f"{what}.pages")
     for j, run in enumerate(runs):
         # the common case in one expression; the checks below only name what is wrong
         if type(run) is list and len(run) == 2 and type(run[0]) is int \
@@ -481,14 +472,15 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
         else:
             addr, data = _tuple(run, 2, f"{what}.pages[{j}]", raw=True)
             _addr(addr, f"{what}.pages[{j}].addr", aligned=False)
-            _bin(data, f"{what}.pages[{j}].data")
+            _typed(data, bytes, f"{what}.pages[{j}].data")
             _check(len(data) > 0, f"{what}.pages[{j}] is empty")
             _check(last <= addr and addr + len(data) <= end, f"{what}.pages[{j}] outside region")
         last = addr + len(data)
         pages.append((addr, data))
-    return Region(start, end, _int(obj["prot"], f"{what}.prot", 0, 7), kind, obj["growsdown"],
-                  fidx, _addr(obj["offset"], f"{what}.offset", True) if kind == "file"
-                  else _int(obj["offset"], f"{what}.offset", 0, 0), pages)
+    return Region(start, end, _bounded(obj["prot"], 0, 7, f"{what}.prot"), kind,
+                  obj["growsdown"], fidx,
+                  _addr(obj["offset"], f"{what}.offset", True) if kind == "file"
+                  else _bounded(obj["offset"], 0, 0, f"{what}.offset"), pages)
 
 
 def _check_layout(regions: list[Region], special: dict[str, tuple[int, int]]) -> None:
@@ -538,7 +530,7 @@ def _mm(obj: Any) -> dict[str, int]:
 
 def _sigactions(obj: Any) -> list[tuple[int, int, int, int, int]]:
     out = []
-    for i, act in enumerate(_list(obj, "sigactions")):
+    for i, act in enumerate(_typed(obj, list, "sigactions")):
         sig, handler, flags, restorer, mask = _tuple(act, 5, f"sigactions[{i}]", aligned=False)
         _check(1 <= sig <= 64 and sig not in (9, 19), f"sigactions[{i}] signal {sig}")
         out.append((sig, handler, flags, restorer, mask))
@@ -547,12 +539,12 @@ def _sigactions(obj: Any) -> list[tuple[int, int, int, int, int]]:
 
 def _rlimits(obj: Any) -> list[tuple[int, int, int]]:
     out = []
-    for lim in _list(obj, "rlimits"):
+    for lim in _typed(obj, list, "rlimits"):
         if type(lim) is not list or len(lim) != 3:
             break
         res, soft, hard = lim
         if type(res) is not int or type(soft) is not int or type(hard) is not int \
-                or not (0 <= res < 16 and 0 <= soft <= hard <= 2**64 - 1):
+                or not (0 <= res < 16 and 0 <= soft <= hard <= U64):
             break
         out.append((res, soft, hard))
     else:
@@ -574,14 +566,16 @@ def _tuple(obj: Any, n: int, what: str, aligned: bool = False, raw: bool = False
     _check(isinstance(obj, list) and len(obj) == n, f"{what} is not a list of {n}")
     if raw:
         return tuple(obj)
-    return tuple(_int(v, what) if not aligned else _addr(v, what) for v in obj)
+    return tuple(_bounded(v, 0, U64, what) if not aligned else _addr(v, what) for v in obj)
 
 
 def _host(obj: Any) -> Host:
     _map(obj, ("kernel", "vdso", "cpu_flags", "xcr0", "xstate_size"), "host")
-    return Host(_str(obj["kernel"], "host.kernel"), _str(obj["vdso"], "host.vdso"),
-                _strings(_list(obj["cpu_flags"], "host.cpu_flags"), "cpu flag"),
-                _int(obj["xcr0"], "host.xcr0"), _int(obj["xstate_size"], "host.xstate_size"))
+    return Host(_typed(obj["kernel"], str, "host.kernel"),
+                _typed(obj["vdso"], str, "host.vdso"),
+                _strings(_typed(obj["cpu_flags"], list, "host.cpu_flags"), "cpu flag"),
+                _bounded(obj["xcr0"], 0, U64, "host.xcr0"),
+                _bounded(obj["xstate_size"], 0, U64, "host.xstate_size"))
 
 
 def _contents(obj: Any, files: list[FileRef]) -> dict[str, bytes]:

@@ -17,7 +17,6 @@ Errors come back as {"errno": int, "message": str}.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import errno
 import os
@@ -128,12 +127,10 @@ def serve(sock: socket.socket, cache_dir: str | None) -> None:
                     os.close(fd)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--cache-dir")
-    args = ap.parse_args(argv)
-    serve(socket.socket(fileno=args.fd), args.cache_dir)
+def main(argv: Sequence[str]) -> int:
+    """`python -m bpfs.migrate.loopnode FD [CACHE_DIR]`, as LoopNode starts it (an internal
+    child, not a command line): serve the socket FD."""
+    serve(socket.socket(fileno=int(argv[0])), argv[1] if len(argv) > 1 else None)
     return 0
 
 
@@ -145,9 +142,9 @@ class LoopNode:
     def __init__(self, cache_dir: str | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = ["unshare", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc",
-               sys.executable, "-m", "bpfs.migrate.loopnode", "--fd", str(theirs.fileno())]
+               sys.executable, "-m", "bpfs.migrate.loopnode", str(theirs.fileno())]
         if cache_dir:
-            cmd += ["--cache-dir", cache_dir]
+            cmd.append(cache_dir)
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env)
         theirs.close()
@@ -196,4 +193,4 @@ class LoopNode:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""Parsers for the /proc/PID files a dump reads: maps, stat, status, limits, auxv, pagemap.
+"""Parsers for the /proc/PID files a dump reads: maps, stat, limits, auxv, pagemap (status:
+bpfs.procstatus, the one parser, through `read_status`).
 
 Each parser takes the file's text (or bytes) so it can be tested without a process; the
 `read_*` helpers add the I/O and turn OSError into MigrateError naming the pid.
@@ -12,6 +13,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from bpfs import procstatus
 from bpfs.migrate.errors import MigrateError, from_oserror
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -71,14 +73,6 @@ def parse_stat(text: str) -> dict[str, int]:
     return {name: int(rest[num - 3]) for name, num in _STAT_FIELDS.items()}
 
 
-def parse_status(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        out[key] = val.strip()
-    return out
-
-
 # /proc/PID/limits names each limit (fs/proc/base.c `lnames`), in RLIMIT_* order.
 _LIMIT_NAMES = {name: res for res, name in enumerate((
     "Max cpu time", "Max file size", "Max data size", "Max stack size", "Max core file size",
@@ -131,6 +125,14 @@ def read_text(pid: int, name: str) -> str:
             return f.read()
     except OSError as exc:
         raise from_oserror(exc, f"reading /proc/{pid}/{name}", pid) from exc
+
+
+def read_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status (bpfs.procstatus), OSError as MigrateError."""
+    try:
+        return procstatus.read(pid)
+    except OSError as exc:
+        raise from_oserror(exc, f"reading /proc/{pid}/status", pid) from exc
 
 
 def read_bytes(pid: int, name: str) -> bytes:

@@ -1,42 +1,9 @@
-"""Node side: rebuild an `Image` as a running child of the calling process.
+"""Node side: rebuild an `Image` as a running child of the calling process (`Restorer`).
 
-How, and why so:
-
-* One **helper** per `Restorer`, forked once (from native code, so it is safe in a threaded
-  daemon), traced, and cleaned once: rseq unregistered, a scratch area mapped at `SCRATCH`
-  holding the syscall-batch loop (`stub`), every fd closed, every signal disposition default,
-  no altstack, and every mapping but the scratch area and the vvar/vdso pages unmapped. It then
-  stays parked in a ptrace stop. This replaces a pool of pre-forked helpers: one clean helper
-  that forks per restore is cheaper than many, and never runs out.
-* Per restore the helper runs `clone3(CLONE_PARENT, set_tid=[pid])`: the new process inherits the
-  clean state (so it costs one tiny fork), has the wanted PID in the caller's PID namespace, is a
-  **child of the caller** (so the node daemon can waitpid it) and is auto-attached to our tracer.
-* With `jobs_fd` (the node daemon) every restored process is a **job** of its own instead, as a
-  shell's job is on the master: a `Keeper` (a clone of the helper, a child of the caller) calls
-  setsid(), takes `jobs_fd` and blocks every signal; it clones the process (set_tid) as its own
-  child, which calls setpgid(0, 0) first thing. So the process has a session and a group of its
-  own, none of the caller's (a `kill(0, ...)` cannot reach the daemon), and its group is not
-  orphaned (its parent is in its session, in another group), so the kernel does not drop
-  SIGTSTP/SIGTTIN/SIGTTOU. Once the process runs, the keeper, detached, loops in `KEEPER`:
-  wait4(WUNTRACED | WCONTINUED) and one `JOB_RECORD` (pid, wait status) written to `jobs_fd` per
-  stop, continue and end; after the end it exits 0. `prepare()` makes the next restore's keeper
-  ahead (named bpfs-helper until used, then bpfs-job); keeper and process run SCHED_FIFO while
-  built (see `_scheduling`). `last_keeper` is the keeper of the last restore.
-* Then two batches run in the new process: (A) take the mapped files and fds 0-2 from the
-  restorer with pidfd_getfd, PR_SET_MM_MAP (before the target's mappings exist: EBUSY otherwise),
-  move vvar/vdso to the image's addresses, map every region, restore dispositions, personality,
-  umask, name, robust list, resource limits, credentials (setgroups/setresgid/setresuid to the
-  caller's choice), then dumpability (PR_SET_DUMPABLE as the image says: the credential
-  change reset it) and cwd; the byte runs are written in one process_vm_writev; (B) mprotect
-  back to the final protections and register rseq (after the writes, so the kernel's cpu_id
-  update is not overwritten). A single-stepped munmap removes the scratch area, registers and
-  xstate are set and the process is detached, running.
-
-Files are used only when identical to the master's (hash check on an fd the restorer opened, so
-there is no check-then-open race); otherwise their content must be in the `FileCache` or be
-supplied, else ENOENT and nothing is created. A failure after the clone kills the new process
-before it ever ran: nothing is half-restored. The restorer must run in one thread (ptrace), and
-must not wait for "any child" while a restore is under way (that would steal ptrace stops).
+A clean traced helper, forked once, clones each process with the wanted PID (with `jobs_fd`,
+through a `Keeper` that makes it a job of its own) and two syscall batches rebuild its memory
+and state; a failure kills it before it ever ran. One thread per Restorer (ptrace), and no
+wait for "any child" meanwhile. How and why: docs/engine.md ("Restoring on a node").
 """
 
 from __future__ import annotations
@@ -258,9 +225,9 @@ def _scheduling(pid: int, policy: int, priority: int) -> None:
 
     Why: a keeper's setsid() also gives its session a scheduler group of its own (autogroup),
     so the job's process is built in a group that has to wait for its turn each time it
-    wakes: under load a restore took 4.1 ms (median) instead of 1.05. The keeper and the
-    job's process (which inherits it) are SCHED_FIFO while we build them, so each of the
-    build's stops comes back at once, and SCHED_OTHER before they are let go (0.94 ms)."""
+    wakes, and a restore under load took four times as long (bench/results-engine.md). The
+    keeper and the job's process (which inherits it) are SCHED_FIFO while we build them, so
+    each of the build's stops comes back at once, and SCHED_OTHER before they are let go."""
     try:
         os.sched_setscheduler(pid, policy, os.sched_param(priority))
     except OSError:

@@ -1,5 +1,6 @@
 """Fixtures for migration tests: a loop node in its own PID + mount namespaces (stopped at
-module end), a file cache for it, and the C test programs built once per session."""
+module end), a file cache for it, the C test programs built once per session, and the `rig`
+of the ghost and tracer tests (tests/engine/ghostrig.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterator
 import pytest
 
 from bpfs.migrate.loopnode import LoopNode
+from tests.engine.ghostrig import Rig
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,3 +58,16 @@ def cprogs() -> Iterator[dict[str, str]]:
         yield out
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    try:
+        r.tracer.start()
+        yield r
+    finally:
+        try:
+            r.tracer.stop()
+        finally:
+            r.bpsh.close()

@@ -1,14 +1,16 @@
 """Helpers for migration tests: `migrate` runs a program through launch -> dump -> image bytes
 -> restore on a loop node, `local` runs the same program in the same kind of namespaces for
-byte-for-byte comparison. Every launched ghost is killed and reaped in `finally`.
+byte-for-byte comparison, `seized_at_exec` dumps a child that execs by itself (bpsh's case).
+Every launched ghost is killed and reaped in `finally`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
@@ -96,3 +98,27 @@ def local(argv: Sequence[str], *, cwd: str = "/", env: dict | None = None,
     return Run(p.stdout, p.stderr, p.returncode)
 
 
+@contextlib.contextmanager
+def seized_at_exec(argv: Sequence[str], before_exec: Callable[[], None] | None = None
+                   ) -> Iterator[tuple[int, image.Image]]:
+    """A child that runs `before_exec` and then execs `argv` by itself, seized before its
+    exec and dumped at its entry point: (pid, image) while it stays stopped; killed after."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            if before_exec is not None:
+                before_exec()
+            os.read(r, 1)
+            os.execve(argv[0], argv, ENV)
+        finally:
+            os._exit(127)
+    os.close(r)
+    try:
+        dump.seize_for_exec(pid)
+        os.write(w, b"x")
+        yield pid, dump.wait_exec_and_dump(pid, timeout=10)
+    finally:
+        os.close(w)
+        dump.kill(pid)

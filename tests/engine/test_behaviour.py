@@ -79,36 +79,19 @@ def test_pending_signal_travels(node, cprogs) -> None:
     import signal
     import subprocess
 
-    from bpfs.migrate import dump, image
-    from tests.engine.support import ENV, migrate_image
+    from bpfs.migrate import image
+    from tests.engine.support import ENV, migrate_image, seized_at_exec
 
     argv = [cprogs["dynamic"], "pending"]
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(w)
-            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
-            os.kill(os.getpid(), signal.SIGUSR1)
-            os.read(r, 1)
-            os.execve(argv[0], argv, ENV)
-        finally:
-            os._exit(127)
-    os.close(r)
-    try:
-        dump.seize_for_exec(pid)
-        os.write(w, b"x")
-        img = dump.wait_exec_and_dump(pid, timeout=10)
-    finally:
-        os.close(w)
-        dump.kill(pid)
-    assert img.pending == [signal.SIGUSR1]
-    got = migrate_image(node, image.dumps(img), img)
 
     def block_and_raise() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
         os.kill(os.getpid(), signal.SIGUSR1)
 
+    with seized_at_exec(argv, block_and_raise) as (_, img):
+        pass
+    assert img.pending == [signal.SIGUSR1]
+    got = migrate_image(node, image.dumps(img), img)
     ref = subprocess.run(argv, capture_output=True, env=ENV, preexec_fn=block_and_raise)
     assert got.triple() == (ref.stdout, ref.stderr, ref.returncode)
     assert got.stdout == b"USR1 pending at start 1\nhandler got 10\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import tempfile
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from tests.engine.support import ENV, local, migrate
 
 pytestmark = pytest.mark.timeout(60)
 
-VENV_PY = "/opt/bpfs/venv/bin/python"
+VENV_PY = sys.executable  # the interpreter running the tests, whichever venv it is
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from bpfs.errors import BpfsError
 from bpfs.migrate import dump, image
 from bpfs.migrate.loopnode import LoopNode
-from tests.engine.support import ENV, local, migrate, migrate_image
+from tests.engine.support import ENV, local, migrate, migrate_image, seized_at_exec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -179,28 +179,12 @@ def test_changed_library_is_sent_by_content(greet, tmp_path) -> None:
 
 def test_seized_at_execve(node) -> None:
     """A child that execs by itself (bpsh's case) is caught at its exec, dumped, left stopped."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(w)
-            os.read(r, 1)
-            os.execve("/bin/echo", ["/bin/echo", "seized"], ENV)
-        finally:
-            os._exit(127)
-    os.close(r)
-    try:
-        dump.seize_for_exec(pid)
-        os.write(w, b"x")
-        img = dump.wait_exec_and_dump(pid, timeout=10)
+    with seized_at_exec(["/bin/echo", "seized"]) as (pid, img):
         assert img.pid == pid and img.argv == ["/bin/echo", "seized"]
         with open(f"/proc/{pid}/stat") as f:  # the ghost stays, stopped
             assert f.read().rsplit(")", 1)[1].split()[0] == "t"
         got = migrate_image(node, image.dumps(img), img)
         assert got.triple() == (b"seized\n", b"", 0)
-    finally:
-        os.close(w)
-        dump.kill(pid)
 
 
 def test_seized_without_exec_times_out() -> None:

@@ -318,7 +318,7 @@ def _wait_untraced(pid: int) -> None:
 @pytest.mark.parametrize("stopped", [False, True])
 def test_the_tracer_releases_a_process_seized_by_mistake(stopped: bool) -> None:
     from bpfs.migrate.errors import MigrateError  # noqa: F401 - ptrace needs root: skip first
-    from bpfs.migrate.ghost import Tracer
+    from bpfs.migrate.tracer import Tracer
     if os.geteuid() != 0:
         pytest.skip("ptrace of another process needs root")
     ends: list[tuple[int, int]] = []

@@ -10,6 +10,7 @@ real node daemon in tests/hostile/test_hostile_peer.py, with the strategies defi
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import re
 from typing import Any, get_type_hints
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from bpfs import formats
 from bpfs.errors import ProtocolError
 from bpfs.master.links import RefusalLog
+from bpfs.ratelog import RateLog
 from bpfs.node import facts as node_facts
 from bpfs.wire import framing as wire, messages as m
 
@@ -422,4 +424,21 @@ def test_the_refusal_log_remembers_a_bounded_number_of_hosts() -> None:
     rl = RefusalLog()
     for i in range(3 * RefusalLog.HOSTS):
         rl.warning(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:1", 0.0, "x")
-    assert len(rl._hosts) == RefusalLog.HOSTS
+    assert len(rl) == RefusalLog.HOSTS
+
+
+def test_the_rate_log_keys_are_independent_and_a_later_window_tells_the_count(caplog):
+    """The one rate limiter both daemons use (bpfs/ratelog.py): per key, per window."""
+    caplog.set_level(logging.INFO, logger="bpfs.test")
+    rl = RateLog(logging.getLogger("bpfs.test"), logging.INFO, "tries")
+    for i in range(RateLog.BURST + 5):
+        rl.log("a", 0.0, "a %d", i)
+        rl.log("b", 0.0, "b %d", i)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(line.startswith("a ") for line in lines) == RateLog.BURST
+    assert sum(line.startswith("b ") for line in lines) == RateLog.BURST
+    assert lines.count(f"a: more than {RateLog.BURST} tries in 60 s; counting the rest "
+                       "without a line") == 1
+    rl.log("a", RateLog.WINDOW, "a again")
+    assert caplog.records[-1].getMessage() == "a again (and 5 more tries of a before this " \
+                                               "were not logged)"

@@ -16,12 +16,14 @@ from __future__ import annotations
 import _socket
 import errno as _errno
 import os
-from bpfs.child import ALL_RANKS, CTL, EXEC, REASON_MAX, Report, fork_reset, one_line
+from bpfs.child import (ALL_RANKS, CTL, EXEC, NODE_REFUSALS, REASON_MAX, Report, fork_reset,
+                        one_line)
 
 from bpfs.cli import common
 from bpfs.cli.bpsh.args import MASTER, Job
-from bpfs.cli.bpsh.links import NODE_REFUSALS
-from bpfs.cli.bpsh.stdio import StdioServer
+TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
+if TYPE_CHECKING:
+    from bpfs.cli.bpsh.stdio import StdioServer     # not at start-up: see run.run_job
 
 # Tests put a fake node here: then PREFIX... NODE PATH ARGV... is exec'd instead of
 # the command (the fake reads nodes/NODE/ctl and does the node's part). Empty in use.

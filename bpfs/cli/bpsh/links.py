@@ -16,6 +16,7 @@ from __future__ import annotations
 import _socket
 import errno as _errno
 import os
+from bpfs.child import NODE_REFUSALS, one_line
 from bpfs.cli.bpsh.poller import EVENT_READ
 from bpfs.record import Factory, record
 TYPE_CHECKING = False  # typing costs start-up; annotations only
@@ -26,11 +27,6 @@ if TYPE_CHECKING:
 from bpfs.wire.execreq import HEADER_MAX, RANKS_FD, Header, parse_header, parse_ranks
 
 RANKS_MAX = 16 << 20                # the most a ranks link may carry
-# bproc's own per-node refusals (no x permission, node down, no such node): `N: strerror`
-# says it all, and the ranks link carries no reason for them; other failures (a request
-# the master refused, a program that may not migrate, a restore that failed) come with
-# the master's reason, printed once before the `N: strerror` lines.
-NODE_REFUSALS = (_errno.EACCES, _errno.EHOSTDOWN, _errno.ENODEV)
 
 
 @record(eq=False)
@@ -85,11 +81,6 @@ def watch(sel: Poller, link: Link, events: int, handler: Callable[[Link, int], N
     else:
         sel.register(link.sock, events, callback)
     link.events = events
-
-
-def one_line(text: str) -> str:
-    """A reason as one line of printable text."""
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
 class Links:

@@ -67,6 +67,7 @@ from bpfs.child import reset_signals
 TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
 if TYPE_CHECKING:
     from typing import Sequence
+    from bpfs.cli.bpsh.links import Proc
 
 from bpfs import __version__
 from bpfs.cli import common
@@ -74,8 +75,6 @@ from bpfs.cli.bpsh.args import (EXIT_NOT_FOUND, MASTER, PROG, USAGE, Args, Job, 
                                 parse_args, resolve_nodes, which)
 from bpfs.cli.bpsh.children import (EXEC_PREFIX, exec_argv, reason_of, start_local, start_remote,
                                     start_vector, write_request)
-from bpfs.cli.bpsh.links import Proc
-from bpfs.cli.bpsh.stdio import TERMINATING, StdioServer
 from bpfs.wire.execreq import ExecMove
 
 
@@ -86,6 +85,9 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     Returns the processes (rank order, with their wait statuses) and the signals bpsh
     received meanwhile. Launch failures are printed on `stderr_fd` as they happen.
     """
+    # The stdio server (stdio, links, output, stdin, poller) is imported here, not at
+    # start-up: `bpsh -N`, bpsh with all three fds on /dev/null and --version never need it.
+    from bpfs.cli.bpsh.stdio import StdioServer
     sockets = "socket" in job.io
     vector = len(job.nodes) > 1 and MASTER not in job.nodes and not EXEC_PREFIX
     listener = _listen() if vector or (sockets and any(n != MASTER
@@ -149,6 +151,7 @@ def exit_status(procs: Sequence[Proc], received: Sequence[int], stderr_fd: int =
     makes it 255, except when bpsh itself got that terminating signal and forwarded it:
     then bpsh dies of it too (the second value) and no message is printed.
     """
+    from bpfs.cli.bpsh.stdio import TERMINATING
     interrupted = next((s for s in reversed(received) if s in TERMINATING), None)
     code, die_of = 0, None
     for proc in procs:

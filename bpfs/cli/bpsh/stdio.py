@@ -23,8 +23,8 @@ import _socket
 import os
 import time
 from bpfs import child
-from bpfs.child import ALL_RANKS, REASON_MAX, Report
-from bpfs.cli.bpsh.links import NODE_REFUSALS, Links, Proc, Vector, one_line, watch
+from bpfs.child import ALL_RANKS, NODE_REFUSALS, REASON_MAX, Report, one_line
+from bpfs.cli.bpsh.links import Links, Proc, Vector, watch
 from bpfs.cli.bpsh.output import Output, OutputOptions
 from bpfs.cli.bpsh.poller import EVENT_READ, Poller
 from bpfs.cli.bpsh.stdin import STDIN_BUFFER, Stdin
