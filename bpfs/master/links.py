@@ -12,9 +12,9 @@ heartbeat. A node silent for `ping_timeout` seconds, or whose connection drops, 
 down; silent means nothing arrived, which the watchdog asks the kernel before it believes
 the master's own stamps, as frames wait unread while the master is busy
 (bpfs/master/liveness.py). Every frame is decoded into its message class (bpfs/wire/
-messages.py's FROM_NODE checks every field) before any handler sees it; a wrong key, a malformed, oversized or unexpected frame (a
-message no registered node sends, one out of order) closes that connection only, with
-one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
+messages.py's FROM_NODE checks every field) before any handler sees it; a wrong key, a
+malformed, oversized or unexpected frame (a message no registered node sends, one out
+of order) closes that connection only, with one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
 `continued` go to bpfs/master/procs.py, and a lost node's ghosts die with it.
 
 Unauthenticated peers: anyone who can reach the node port gets at most MAX_HANDSHAKES

@@ -107,7 +107,8 @@ class FrameStream:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
         await self._send(pack(msg), timeout)
 
-    async def send_many(self, msgs: list[Message] | list[dict[str, Any]], timeout: float | None = None) -> None:
+    async def send_many(self, msgs: list[Message] | list[dict[str, Any]],
+                        timeout: float | None = None) -> None:
         """Several messages in one write."""
         await self._send(b"".join(pack(m) for m in msgs), timeout)
 
