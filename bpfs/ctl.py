@@ -18,7 +18,7 @@ nodes/N/ctl commands:
     state STATE              root only (EPERM); up|unavailable|error (EINVAL);
                              node down: EHOSTDOWN
     reboot | halt | pwroff   root only (EPERM); the master sends
-                             {"t": "ctl", "cmd": ...} to the node daemon;
+                             messages.Ctl(cmd=...) to the node daemon;
                              node down: EHOSTDOWN
     execmove OPTIONS         the writer's next execve runs on the node
                              (bpfs.wire.execreq grammar, EINVAL); node down:
@@ -61,7 +61,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from bpfs.errors import BpfsError, einval
 from bpfs.model import POWER_COMMANDS, Caller, Cluster
-from bpfs.wire import execreq
+from bpfs.wire import execreq, messages
 
 MAX_CTL_WRITE = 4096
 
@@ -185,7 +185,7 @@ def _power(cmd: str) -> Handler:
         cluster = ctx.services.cluster
         cluster.check_power(ctx.target, cmd, ctx.caller)
         cluster.mark_power(ctx.target, cmd)
-        await ctx.services.send_node(ctx.target, {"t": "ctl", "cmd": cmd})
+        await ctx.services.send_node(ctx.target, messages.Ctl(cmd=cmd))
         return "ok"
     return handler
 

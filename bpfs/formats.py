@@ -164,30 +164,40 @@ def parse_pids(text: str) -> list[int]:
 
 
 @record(frozen=True)
-class NodeInfo:
-    """nodes/N/info, typed. `mem` is total and available bytes; `load` the 1/5/15 averages."""
-    address: str = ""
+class Facts:
+    """What a node daemon reports about itself: THE facts schema. The node sends them with
+    `register` and every heartbeat (bpfs/wire/messages.py bounds each field), the master
+    keeps them per node (model.Node) and renders them in nodes/N/info (NodeInfo)."""
     hostname: str = ""
     cpus: int = 0
     arch: str = ""
     kernel: str = ""
-    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    mem_total: int = 0
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)     # the 1/5/15 minute averages
+    mem_total: int = 0                                      # bytes
     mem_available: int = 0
-    uptime: float = 0.0
+    uptime: float = 0.0                                     # seconds since boot
+
+
+@record(frozen=True)
+class NodeInfo:
+    """nodes/N/info, typed: the node's address, its facts, how many processes it runs.
+    (In the text, `mem` is total and available bytes; `load` the 1/5/15 averages.)"""
+    address: str = ""
+    facts: Facts = Facts()
     procs: int = 0
 
 
 def render_info(info: NodeInfo) -> str:
+    f = info.facts
     return render_kv({
         "address": info.address or "-",
-        "hostname": info.hostname or "-",
-        "cpus": info.cpus,
-        "arch": info.arch or "-",
-        "kernel": info.kernel or "-",
-        "load": " ".join(f"{x:.2f}" for x in info.load),
-        "mem": f"{info.mem_total} {info.mem_available}",
-        "uptime": f"{info.uptime:.0f}",
+        "hostname": f.hostname or "-",
+        "cpus": f.cpus,
+        "arch": f.arch or "-",
+        "kernel": f.kernel or "-",
+        "load": " ".join(f"{x:.2f}" for x in f.load),
+        "mem": f"{f.mem_total} {f.mem_available}",
+        "uptime": f"{f.uptime:.0f}",
         "procs": info.procs,
     })
 
@@ -202,9 +212,10 @@ def parse_info(text: str) -> NodeInfo:
     if len(load) != 3 or len(mem) != 2:
         raise ValueError("bad load or mem in info")
     undash = lambda v: "" if v == "-" else v  # noqa: E731
-    return NodeInfo(undash(kv["address"]), undash(kv["hostname"]), int(kv["cpus"]),
-                    undash(kv["arch"]), undash(kv["kernel"]), load,  # type: ignore[arg-type]
-                    mem[0], mem[1], float(kv["uptime"]), int(kv["procs"]))
+    facts = Facts(undash(kv["hostname"]), int(kv["cpus"]), undash(kv["arch"]),
+                  undash(kv["kernel"]), load, mem[0], mem[1],  # type: ignore[arg-type]
+                  float(kv["uptime"]))
+    return NodeInfo(undash(kv["address"]), facts, int(kv["procs"]))
 
 
 # ---- /bproc/procs/P/status -------------------------------------------------

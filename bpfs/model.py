@@ -36,18 +36,13 @@ makes it "running" once the node has restored it; `start_failed` ends one that
 never ran: event `proc PID exit failed ENAME` (the errno's name), and it is
 removed at once.
 
-Output (`ProcOutput`, for processes started by `exec` on nodes/N/ctl): stdout
-and stderr kept as two bounded rings of the newest OUTPUT_CAPACITY bytes each;
-a stream is at EOF once the process has ended *and* its link delivered
-everything (`link_done`). The master feeds and closes the links; the fs layer
-reads with per-handle offsets. `Cluster.subscribe` hears every event and every
-change of any output.
+Output (`ProcOutput`, for processes started by `exec` on nodes/N/ctl) is bpfs/output.py's.
+`Cluster.subscribe` hears every event and every change of any output.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import signal
 import time
 from collections import deque
@@ -55,7 +50,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NewType
 
 from bpfs.errors import BpfsError
-from bpfs.formats import Event
+from bpfs.formats import Event, Facts
+from bpfs.output import ProcOutput
 
 NodeId = NewType("NodeId", int)
 Pid = NewType("Pid", int)
@@ -66,8 +62,6 @@ NEW_NODE_MODE = 0o111
 ACL_BITS = 0o111
 MAX_NODE = 65535
 EVENT_CAPACITY = 1024
-OUTPUT_CAPACITY = 1 << 20           # bytes kept per output stream of a process
-OUTPUT_STREAMS = ("stdout", "stderr")
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 PROC_GENERATIONS = 1 << 24          # generations 1..2**24-1, then 1 again: what an inode
                                     # number has room for (bpfs/fs/inodes.py)
@@ -92,49 +86,6 @@ class Caller:
 
     def in_group(self, gid: int) -> bool:
         return gid == self.gid or gid in self.groups
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What a node daemon reports about itself (wire/framing.py's FACTS), sanitized."""
-    hostname: str = ""
-    cpus: int = 0
-    arch: str = ""
-    kernel: str = ""
-    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    mem_total: int = 0
-    mem_available: int = 0
-    uptime: float = 0.0
-
-    @classmethod
-    def from_wire(cls, d: Any) -> "Facts":
-        """Never raises: a value of the wrong type or shape becomes the default."""
-        if not isinstance(d, dict):
-            return cls()
-        load = d.get("load")
-        if not (isinstance(load, (list, tuple)) and len(load) == 3
-                and all(_is_num(x) for x in load)):
-            load = (0.0, 0.0, 0.0)
-        return cls(_word(d.get("hostname")), _int(d.get("cpus")), _word(d.get("arch")),
-                   _word(d.get("kernel")), tuple(float(x) for x in load),  # type: ignore[arg-type]
-                   _int(d.get("mem_total")), _int(d.get("mem_available")),
-                   float(d["uptime"]) if _is_num(d.get("uptime")) else 0.0)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x: Any) -> int:
-    return int(x) if _is_num(x) and x >= 0 else 0
-
-
-def _word(x: Any) -> str:
-    """A single printable word of at most 64 chars (it goes into key: value lines)."""
-    if not isinstance(x, str):
-        return ""
-    x = "".join(ch for ch in x if ch.isprintable() and not ch.isspace())
-    return x[:64]
 
 
 @dataclass
@@ -170,92 +121,6 @@ class SavedNode:
     uid: int = 0
     gid: int = 0
     admin: str | None = None
-
-
-class OutputRing:
-    """What a process wrote to one stream: the newest `capacity` bytes, by absolute offset.
-
-    Offsets count every byte ever received; `first` is the oldest one kept, `end` the
-    next to come. A reader keeps its own offset; one that falls more than `capacity`
-    behind skips what was dropped (as events readers do). EOF: `closed` and offset at
-    `end`. `eof_read` records that someone has read it to EOF.
-    """
-
-    def __init__(self, capacity: int = OUTPUT_CAPACITY) -> None:
-        self.capacity = capacity
-        self._buf = bytearray()
-        self.first = 0
-        self.link_done = False          # the link is over (EOF), or will never come
-        self.closed = False             # nothing more will be appended
-        self.eof_read = False
-
-    @property
-    def end(self) -> int:
-        return self.first + len(self._buf)
-
-    def append(self, data: bytes) -> None:
-        if self.closed or not data:
-            return
-        if len(data) >= self.capacity:
-            self.first += len(self._buf) + len(data) - self.capacity
-            self._buf = bytearray(data[-self.capacity:])
-            return
-        self._buf += data
-        excess = len(self._buf) - self.capacity
-        if excess > 0:
-            del self._buf[:excess]
-            self.first += excess
-
-    def read(self, offset: int, size: int) -> tuple[bytes, int]:
-        """Up to `size` bytes from `offset` (or the oldest kept), and the offset after them."""
-        start = max(offset, self.first)
-        i = start - self.first
-        data = bytes(self._buf[i:i + size])
-        return data, start + len(data)
-
-    def at_eof(self, offset: int) -> bool:
-        return self.closed and offset >= self.end
-
-
-class ProcOutput:
-    """stdout and stderr of a process the master started itself (see the module doc)."""
-
-    def __init__(self, capacity: int = OUTPUT_CAPACITY,
-                 notify: Callable[[], None] = lambda: None) -> None:
-        self.streams = {name: OutputRing(capacity) for name in OUTPUT_STREAMS}
-        self.notify = notify
-        self.ended = False
-
-    def append(self, name: str, data: bytes) -> None:
-        self.streams[name].append(data)
-        self.notify()
-
-    def link_over(self, name: str) -> None:
-        """The stream's link reached EOF or will never come."""
-        self.streams[name].link_done = True
-        self._update()
-
-    def end(self) -> None:
-        """The process has ended (or never ran): streams close as their links finish."""
-        self.ended = True
-        self._update()
-
-    def close(self) -> None:
-        """Give up on every link (a bound was reached): everything is at EOF now."""
-        self.ended = True
-        for ring in self.streams.values():
-            ring.link_done = True
-        self._update()
-
-    def _update(self) -> None:
-        for ring in self.streams.values():
-            if self.ended and ring.link_done:
-                ring.closed = True
-        self.notify()
-
-    @property
-    def all_read(self) -> bool:
-        return all(ring.eof_read for ring in self.streams.values())
 
 
 @dataclass

@@ -139,10 +139,11 @@ def load_and_memory(mount: str, row: NodeRow) -> tuple[str, str]:
         return "-", "-"
     except ValueError:
         return "?", "?"
-    if not info.mem_total:
-        return f"{info.load[0]:.2f}", "-"
-    used = info.mem_total - info.mem_available
-    return f"{info.load[0]:.2f}", f"{human(used)}/{human(info.mem_total)}"
+    f = info.facts
+    if not f.mem_total:
+        return f"{f.load[0]:.2f}", "-"
+    used = f.mem_total - f.mem_available
+    return f"{f.load[0]:.2f}", f"{human(used)}/{human(f.mem_total)}"
 
 
 def long_line(num: str, addr: str, state: str, mode: str, user: str, group: str,

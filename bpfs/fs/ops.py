@@ -52,7 +52,8 @@ from bpfs.fs import procfs
 from bpfs.fs.inodes import Ino, Kind, NODE_KINDS, PROC_KINDS
 from bpfs.fs.tree import (FILES, NODE_FILES, ROOT_DIRS, ROOT_FILES, FileSpec, parse_number,
                           proc_files, spec_named)
-from bpfs.model import Caller, OutputRing
+from bpfs.model import Caller
+from bpfs.output import OutputRing
 from bpfs.pin import Pin
 from bpfs.ratelog import RateLog
 

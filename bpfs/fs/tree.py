@@ -55,10 +55,8 @@ def render_node_status(cluster: Cluster, n: int) -> str:
 
 def render_node_info(cluster: Cluster, n: int) -> str:
     node = cluster.node(n)
-    f = node.facts
-    return formats.render_info(formats.NodeInfo(
-        node.address, f.hostname, f.cpus, f.arch, f.kernel, f.load, f.mem_total,
-        f.mem_available, f.uptime, len(cluster.procs_on(n))))
+    return formats.render_info(formats.NodeInfo(node.address, node.facts,
+                                                len(cluster.procs_on(n))))
 
 
 def render_node_procs(cluster: Cluster, n: int) -> str:

@@ -37,7 +37,8 @@ from bpfs.child import CWD, EXEC, READY, SETUP, Report, fork_reset, path_candida
 from bpfs.errors import BpfsError
 from bpfs.master.migrations import CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch
 from bpfs.master.procs import ProcService
-from bpfs.model import OUTPUT_STREAMS, Caller, Cluster, ProcOutput
+from bpfs.model import Caller, Cluster
+from bpfs.output import OUTPUT_STREAMS, ProcOutput
 from bpfs.pin import Pin
 from bpfs.wire import execreq
 

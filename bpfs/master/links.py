@@ -11,10 +11,10 @@ then the node's messages are dispatched by `FROM_NODE`; every message counts as 
 heartbeat. A node silent for `ping_timeout` seconds, or whose connection drops, is marked
 down; silent means nothing arrived, which the watchdog asks the kernel before it believes
 the master's own stamps, as frames wait unread while the master is busy
-(bpfs/master/liveness.py). Every frame is checked against its message's row of the table
-before any handler sees it; a wrong key, a malformed, oversized or unexpected frame (a
-message no registered node sends, one out of order) closes that connection only, with
-one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
+(bpfs/master/liveness.py). Every frame is decoded into its message class (bpfs/wire/
+messages.py's FROM_NODE checks every field) before any handler sees it; a wrong key, a
+malformed, oversized or unexpected frame (a message no registered node sends, one out
+of order) closes that connection only, with one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
 `continued` go to bpfs/master/procs.py, and a lost node's ghosts die with it.
 
 Unauthenticated peers: anyone who can reach the node port gets at most MAX_HANDSHAKES
@@ -36,9 +36,9 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.master import liveness
 from bpfs.master.procs import ProcService
-from bpfs.model import Cluster, Facts
+from bpfs.model import Cluster
 from bpfs.ratelog import RateLog
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages
 
 log = logging.getLogger("bpfs.master")
 
@@ -56,35 +56,35 @@ class NodeConn:
     scope: trio.CancelScope
 
 
-NodeHandler = Callable[["Master", NodeConn, dict[str, Any], float], Awaitable[None]]
-
-NodeHandler = Callable[["NodeLinks", NodeConn, dict[str, Any], float], Awaitable[None]]
+NodeHandler = Callable[["NodeLinks", NodeConn, Any, float], Awaitable[None]]
 
 
-async def _on_facts(links: "NodeLinks", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
-    links.cluster.heartbeat(conn.number, Facts.from_wire(msg["facts"]), now)
+async def _on_facts(links: "NodeLinks", conn: NodeConn, msg: messages.Facts, now: float) -> None:
+    links.cluster.heartbeat(conn.number, msg.facts.facts(), now)
 
 
-async def _on_state(links: "NodeLinks", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+async def _on_state(links: "NodeLinks", conn: NodeConn, msg: messages.State, now: float) -> None:
     try:
-        links.cluster.reported_state(conn.number, msg["state"], now)
+        links.cluster.reported_state(conn.number, msg.state, now)
     except BpfsError as exc:
         log.warning("node %d (%s): %s", conn.number, conn.peer, exc)
 
 
-def _to_procs(name: str) -> NodeHandler:
-    async def handler(links: "NodeLinks", conn: NodeConn, msg: dict[str, Any], now: float) -> None:
+def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
+    name = f"on_{messages.tag(cls)}"
+
+    async def handler(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
         links.cluster.heartbeat(conn.number, None, now)
-        getattr(links.procs, f"on_{name}")(conn.number, msg)
+        getattr(links.procs, name)(conn.number, msg)
     return handler
 
 
-# Messages a registered node may send (checked by bpfs.wire.messages first); add a row for a
-# new one. Any other is a protocol error: `hello`, `auth`, `register` again...
-FROM_NODE: dict[str, NodeHandler] = {
-    "facts": _on_facts, "state": _on_state,
-    **{name: _to_procs(name) for name in ("need", "restored", "failed", "exited",
-                                                  "stopped", "continued")},
+# What a registered node may send, by message class (bpfs.wire.messages.FROM_NODE decodes
+# them); add a row for a new one. Any other is a protocol error: `register` again...
+FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
+    messages.Facts: _on_facts, messages.State: _on_state,
+    **{cls: _to_procs(cls) for cls in (messages.Need, messages.Restored, messages.Failed,
+                                       messages.Exited, messages.Stopped, messages.Continued)},
 }
 
 
@@ -116,7 +116,7 @@ class NodeLinks:
         self.handshakes = 0                 # connections in their handshake now
         self.refusals = RefusalLog()
 
-    async def send_node(self, node: int, msg: dict[str, Any]) -> None:
+    async def send_node(self, node: int, msg: messages.Msg) -> None:
         conn = self.conns.get(node)
         if conn is None:
             raise BpfsError(errno.EHOSTDOWN, f"node {node} is down")
@@ -163,9 +163,9 @@ class NodeLinks:
     async def _register(self, fs: wire.FrameStream, peer: str) -> int | None:
         try:
             with trio.fail_after(REGISTER_TIMEOUT):
-                msg = await fs.expect("register")
-            number = self.cluster.attach(msg["node"], peer.rsplit(":", 1)[0],
-                                         Facts.from_wire(msg["facts"]), trio.current_time())
+                msg = await fs.expect(messages.Register)
+            number = self.cluster.attach(msg.node, peer.rsplit(":", 1)[0], msg.facts.facts(),
+                                         trio.current_time())
         except BpfsError as exc:
             log.warning("refused registration from %s: %s", peer, exc)
             await _refuse(fs, exc)
@@ -181,7 +181,7 @@ class NodeLinks:
         self.conns[n] = conn
         try:
             with conn.scope:
-                await conn.stream.send({"t": "welcome", "node": n, "heartbeat": self.heartbeat})
+                await conn.stream.send(messages.Welcome(node=n, heartbeat=self.heartbeat))
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)
@@ -203,9 +203,10 @@ class NodeLinks:
         while True:
             msg = await conn.stream.receive()
             now = trio.current_time()
-            handler = FROM_NODE.get(msg["t"])
+            handler = FROM_NODE.get(type(msg))
             if handler is None:
-                raise wire.ProtocolError(f"{msg['t']!r} is not a registered node's message")
+                raise wire.ProtocolError(f"{messages.tag(type(msg))!r} is not a registered "
+                                         "node's message")
             await handler(self, conn, msg, now)
 
     async def watchdog(self) -> None:
@@ -246,8 +247,8 @@ class NodeLinks:
 async def _refuse(fs: wire.FrameStream, exc: BpfsError) -> None:
     try:
         with trio.move_on_after(2):
-            await fs.send({"t": "refused", "errno": exc.errno or errno.EIO,
-                           "message": exc.message[:4096]})
+            await fs.send(messages.Refused(errno=exc.errno or errno.EIO,
+                                           message=exc.message[:4096]))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 

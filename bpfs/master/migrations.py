@@ -23,8 +23,9 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.master import tell_bpsh
-from bpfs.model import Caller, Cluster, ProcOutput
-from bpfs.wire import execreq
+from bpfs.model import Caller, Cluster
+from bpfs.output import ProcOutput
+from bpfs.wire import execreq, messages
 
 log = logging.getLogger("bpfs.master.procs")
 
@@ -35,7 +36,8 @@ FAILED_EXIT = 255
 INLINE_IMAGE = 1 << 20      # smaller images are serialized in trio's thread
 FAN_OUT_CHUNKS = (3, 9)     # ghosts cloned per batch before the rest (bench/results-layout.md)
 
-SendNode = Callable[[int, dict[str, Any]], Awaitable[None]]
+SendNode = Callable[[int, messages.Msg], Awaitable[None]]
+Reply = messages.Need | messages.Restored | messages.Failed     # a node's, about a migration
 
 async def wait_future(fut: "concurrent.futures.Future[Any]") -> Any:
     """The result of a Future completed by another thread, without blocking trio."""
@@ -144,7 +146,7 @@ class Migrations:
         if pid in self._by_pid or (p is not None and p.state != "exited"):
             raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
         await wait_future(self.tracer.seize(pid, pin.check))
-        send, receive = trio.open_memory_channel[dict[str, Any]](64)
+        send, receive = trio.open_memory_channel[Reply](64)
         m = Migration(next(self._ids), node, pid, caller, req, send, receive, launch=launch)
         m.ranks, m.rank = ranks, first
         if launch is not None:
@@ -216,7 +218,7 @@ class Migrations:
                     log.warning("migration %d: no ghost for rank %d (%s)", m.id, k,
                                 os.strerror(-pid))
                     continue
-                send, receive = trio.open_memory_channel[dict[str, Any]](64)
+                send, receive = trio.open_memory_channel[Reply](64)
                 r = Migration(next(self._ids), nodes[k], pid, m.caller, m.req, send, receive,
                               cmd=m.cmd, rank=k, ghost_gone=pid not in alive)
                 self._migrations[r.id] = r
@@ -260,13 +262,11 @@ class Migrations:
             with trio.fail_after(RESTORE_TIMEOUT):
                 if data is None:
                     data = await _serialize(image)
-                msg = {"t": "restore", "id": m.id, "image": data, "uid": c.uid, "gid": c.gid,
-                       "groups": sorted(c.groups), "io": list(m.req.io), "port": m.req.port,
-                       "token": m.req.token,
-                       "pid": m.pid}        # so the node connects bpsh's links at once
-                if m.rank is not None:
-                    msg["rank"] = m.rank
-                await self.send_node(m.node, msg)
+                await self.send_node(m.node, messages.Restore(
+                    id=m.id, image=data, uid=c.uid, gid=c.gid, groups=tuple(sorted(c.groups)),
+                    io=tuple(m.req.io), port=m.req.port, token=m.req.token,
+                    pid=m.pid,              # so the node connects bpsh's links at once
+                    rank=m.rank))
                 await self._negotiate(m, image)
         except trio.TooSlowError:
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
@@ -274,14 +274,13 @@ class Migrations:
     async def _negotiate(self, m: Migration, image: Any) -> None:
         from bpfs.migrate import read_contents
         async for msg in m.receive:
-            kind = msg["t"]
-            if kind == "need":
-                contents = await trio.to_thread.run_sync(read_contents, image, msg["hashes"])
-                await self.send_node(m.node, {"t": "files", "id": m.id, "contents": contents})
-            elif kind == "restored":
+            if isinstance(msg, messages.Need):
+                contents = await trio.to_thread.run_sync(read_contents, image, msg.hashes)
+                await self.send_node(m.node, messages.Files(id=m.id, contents=contents))
+            elif isinstance(msg, messages.Restored):
                 return
             else:
-                raise BpfsError(msg["errno"], msg["message"] or "migration failed")
+                raise BpfsError(msg.errno, msg.message or "migration failed")
 
     async def _failed(self, m: Migration, exc: BpfsError) -> None:
         """Nothing runs on the node: tell bpsh (N: strerror), end the ghost with 255."""
@@ -304,23 +303,23 @@ class Migrations:
                             FAILED_EXIT, exc2 or "timed out")
                 self._kill_ghost(m.pid)
 
-    # ---- node messages (each checked against bpfs/wire/messages.py's table first) ----------
+    # ---- node messages (bpfs/wire/messages.py's classes, every field checked) --------------
 
-    def _migration(self, node: int, msg: dict[str, Any]) -> Migration | None:
-        m = self._migrations.get(msg["id"])
+    def _migration(self, node: int, msg: Reply) -> Migration | None:
+        m = self._migrations.get(msg.id)
         if m is None or m.node != node:
-            log.warning("node %d: %s for unknown migration %d; ignored", node, msg["t"],
-                        msg["id"])
+            log.warning("node %d: %s for unknown migration %d; ignored", node,
+                        messages.tag(type(msg)), msg.id)
             return None
         return m
 
-    def on_need(self, node: int, msg: dict[str, Any]) -> None:
+    def on_need(self, node: int, msg: messages.Need) -> None:
         self._deliver(node, msg)
 
-    def on_failed(self, node: int, msg: dict[str, Any]) -> None:
+    def on_failed(self, node: int, msg: messages.Failed) -> None:
         self._deliver(node, msg)
 
-    def _deliver(self, node: int, msg: dict[str, Any]) -> None:
+    def _deliver(self, node: int, msg: Reply) -> None:
         m = self._migration(node, msg)
         if m is not None:
             try:
@@ -328,15 +327,15 @@ class Migrations:
             except trio.WouldBlock:
                 log.warning("node %d floods migration %d; message dropped", node, m.id)
 
-    def on_restored(self, node: int, msg: dict[str, Any]) -> None:
+    def on_restored(self, node: int, msg: messages.Restored) -> None:
         """Recorded here, in message order, so an `exited` right behind finds the process."""
         m = self._migration(node, msg)
         if m is None:       # we gave up on it (timeout, ghost gone): nothing may run
-            self._spawn(self._send_signal, node, msg["pid"], _signal.SIGKILL, msg["id"])
+            self._spawn(self._send_signal, node, msg.pid, _signal.SIGKILL, msg.id)
             return
-        if msg["pid"] != m.pid:
+        if msg.pid != m.pid:
             log.warning("node %d restored migration %d as pid %d, not %d", node, m.id,
-                        msg["pid"], m.pid)
+                        msg.pid, m.pid)
         m.started = True
         self.cluster.proc_running(m.pid)
         self._deliver(node, msg)
@@ -351,8 +350,8 @@ class Migrations:
         """The node is lost: every migration to it that has not started fails."""
         for m in list(self._migrations.values()):
             if m.node == node and not m.started:
-                self._deliver(node, {"t": "failed", "id": m.id, "errno": errno.EHOSTDOWN,
-                                     "message": f"node {node} went down"})
+                self._deliver(node, messages.Failed(id=m.id, errno=errno.EHOSTDOWN,
+                                                    message=f"node {node} went down"))
 
     # ---- the ghost table's (bpfs.master.procs.ProcService) -------------------------
 

@@ -29,6 +29,7 @@ from bpfs.errors import BpfsError
 from bpfs.master.migrations import (CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, Migrations,
                                     SendNode, wait_future)
 from bpfs.model import Cluster
+from bpfs.wire import messages
 
 __all__ = ["CAPTURE_TIMEOUT", "RESTORE_TIMEOUT", "Launch", "ProcService", "make_tracer",
            "wait_future"]
@@ -97,43 +98,42 @@ class ProcService(Migrations):
         except trio.RunFinishedError:
             pass
 
-    # ---- node messages about processes (each checked against bpfs/wire/messages.py first)
+    # ---- node messages about processes (bpfs/wire/messages.py's classes) ----------------
 
-    def on_exited(self, node: int, msg: dict[str, Any]) -> None:
-        pid, sig = msg["pid"], msg["signal"]
+    def on_exited(self, node: int, msg: messages.Exited) -> None:
+        pid, sig = msg.pid, msg.signal
         p = self.cluster.procs.get(pid)
         if p is None or p.node != node:
             log.info("node %d: exit of unknown pid %d; ignored", node, pid)
             return
-        mid = msg["id"]
+        mid = msg.id
         if mid is not None and mid != p.mid:
             log.info("node %d: exit of pid %d of migration %r, not %d (a reused pid); "
                      "ignored", node, pid, mid, p.mid)
             return
-        code = msg["code"] or 0
+        code = msg.code or 0
         self.cluster.exited(pid, code, sig)
         self._finish(pid, code, sig)
 
-    def on_stopped(self, node: int, msg: dict[str, Any]) -> None:
+    def on_stopped(self, node: int, msg: messages.Stopped) -> None:
         """The real process stopped (SIGSTOP, SIGTSTP...): state "stopped", and the ghost
         stops too, so its parent (a shell, for `bpsh -N`) sees a stopped child."""
         pid = self._known_on(node, msg)
         if pid is not None:
             self.cluster.stopped(pid)
-            sig = msg.get("sig")
-            self._ghost_job(pid, stop=True, sig=sig if isinstance(sig, int) else _signal.SIGSTOP)
+            self._ghost_job(pid, stop=True, sig=msg.sig or _signal.SIGSTOP)
 
-    def on_continued(self, node: int, msg: dict[str, Any]) -> None:
+    def on_continued(self, node: int, msg: messages.Continued) -> None:
         pid = self._known_on(node, msg)
         if pid is not None:
             self.cluster.continued(pid)
             self._ghost_job(pid, stop=False)
 
-    def _known_on(self, node: int, msg: dict[str, Any]) -> int | None:
-        pid = msg.get("pid")
-        p = self.cluster.procs.get(pid) if isinstance(pid, int) else None
+    def _known_on(self, node: int, msg: messages.Stopped | messages.Continued) -> int | None:
+        pid = msg.pid
+        p = self.cluster.procs.get(pid)
         if p is None or p.node != node or p.state == "exited":
-            log.info("node %d: %s of unknown pid %r; ignored", node, msg.get("t"), pid)
+            log.info("node %d: %s of unknown pid %r; ignored", node, messages.tag(type(msg)), pid)
             return None
         return pid
 
@@ -210,7 +210,7 @@ class ProcService(Migrations):
         if m is not None and not m.started:
             m.signals.append(sig)
             return
-        await self.send_node(p.node, {"t": "signal", "pid": pid, "sig": sig, "id": p.mid})
+        await self.send_node(p.node, messages.Signal(pid=pid, sig=sig, id=p.mid))
         self.cluster.signalled(pid, sig)
 
     def _forward(self, pid: int, sig: int, group: bool = False) -> None:
@@ -224,11 +224,9 @@ class ProcService(Migrations):
         """`sig` to `pid` on `node`, as long as it is still the process migration `mid` put
         there (the node checks: a message overtaken by the pid's reuse reaches no one);
         with `group`, to its job's whole process group there."""
-        msg: dict[str, Any] = {"t": "signal", "pid": pid, "sig": sig, "id": mid}
-        if group:
-            msg["group"] = True
         try:
-            await self.send_node(node, msg)
+            await self.send_node(node, messages.Signal(pid=pid, sig=sig, id=mid,
+                                                       group=True if group else None))
         except BpfsError as exc:
             log.info("pid %d: signal %d not forwarded: %s", pid, sig, exc)
 

@@ -10,7 +10,7 @@
     procs.py      migration on the node: restore, files, signal; exit reports
     restorer.py   the Restorer, used from the event loop's thread; user credentials
     stdio.py      fds 0-2 of a restored process: links to bpsh, /dev/null, user files
-    facts.py      the FACTS map sent with register and every heartbeat
+    facts.py      the facts (formats.Facts) sent with register and every heartbeat
     embedded.py   `bpfs up` / `bpfs down`: master + K simulated nodes, PID records
 
 Import discipline: daemon, config, launcher and nsutil must not import trio,

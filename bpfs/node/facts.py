@@ -1,8 +1,8 @@
-"""What a node tells the master about itself: the FACTS map of the wire protocol.
+"""What a node tells the master about itself: a bpfs.formats.Facts, read now.
 
-    FACTS := {"hostname": str, "cpus": int >= 1, "arch": str, "kernel": str,
-              "load": [l1, l5, l15] (floats >= 0), "mem_total": int > 0 (bytes),
-              "mem_available": int in [0, mem_total], "uptime": float >= 0 (seconds)}
+    hostname, arch, kernel: uname(); cpus >= 1; load: (l1, l5, l15), floats >= 0;
+    mem_total > 0 and mem_available in [0, mem_total] (bytes); uptime >= 0 (seconds)
+    (the wire's bounds: bpfs/wire/messages.py's FACT_TYPES)
 
 Sent with `register` and then on every heartbeat, so it must be cheap: one
 uname(), one getloadavg(), one read of /proc/meminfo (psutil) and one of
@@ -18,11 +18,10 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
 
 import psutil
 
-Facts = dict[str, Any]
+from bpfs.formats import Facts
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,13 +42,7 @@ def facts() -> Facts:
     """The node's facts now. Never raises for a readable /proc."""
     un = os.uname()
     mem = psutil.virtual_memory()
-    return {
-        "hostname": un.nodename,
-        "cpus": _cpus(),
-        "arch": un.machine,
-        "kernel": un.release,
-        "load": [round(x, 2) for x in os.getloadavg()],
-        "mem_total": int(mem.total),
-        "mem_available": int(min(mem.available, mem.total)),
-        "uptime": round(_uptime(), 2),
-    }
+    l1, l5, l15 = os.getloadavg()
+    return Facts(un.nodename, _cpus(), un.machine, un.release,
+                 (round(l1, 2), round(l5, 2), round(l15, 2)), int(mem.total),
+                 int(min(mem.available, mem.total)), round(_uptime(), 2))

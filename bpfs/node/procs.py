@@ -38,40 +38,23 @@ from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
 from bpfs.node.session import Session
-from bpfs.wire import execreq, framing as wire
+from bpfs.wire import execreq, messages
 
 log = logging.getLogger("bpslave")
 
 FILES_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True)
-class RestoreRequest:
-    id: int
-    image: bytes
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    io: tuple[str, str, str]
-    port: int
-    token: str
-    pid: int | None = None      # the ghost's PID (else the image's) ...
-    rank: int | None = None     # ... and, for a rank of a multi-node run, its BPROC_RANK
-
-
-def parse_restore(msg: wire.Message) -> RestoreRequest:
-    """The request in `msg` (its fields typed and bounded by bpfs/wire/messages.py), or
-    BpfsError EINVAL for what the table cannot say: IO specs, socket IO's port and token."""
-    req = RestoreRequest(msg["id"], msg["image"], msg["uid"], msg["gid"], tuple(msg["groups"]),
-                         tuple(execreq.parse_io(s, fd)  # type: ignore[arg-type]
-                               for fd, s in enumerate(msg["io"])),
-                         msg["port"], msg["token"], msg["pid"], msg["rank"])
+def check_restore(req: messages.Restore) -> None:
+    """BpfsError EINVAL for what the message's types cannot say (bpfs/wire/messages.py
+    checked the rest): the IO specs, a rank without a pid, socket IO's port and token."""
+    for fd, spec in enumerate(req.io):
+        execreq.parse_io(spec, fd)
     if req.rank is not None and req.pid is None:
         raise einval("restore: a rank needs a pid")
     if "socket" in req.io and not (0 < req.port < 65536
                                    and execreq.is_token(req.token)):
         raise einval("restore: socket IO needs a port and a 32-hex-digit token")
-    return req
 
 
 @dataclass
@@ -126,9 +109,8 @@ class ProcessTable:
         if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
             held = self.held.get(pid)
             if held is not None:
-                msg = ({"t": "stopped", "pid": pid, "sig": os.WSTOPSIG(status)}
-                       if os.WIFSTOPPED(status) else {"t": "continued", "pid": pid})
-                held.session.report(msg)
+                held.session.report(messages.Stopped(pid=pid, sig=os.WSTOPSIG(status))
+                                    if os.WIFSTOPPED(status) else messages.Continued(pid=pid))
             return
         self.reaper.forget(pid)
         self._exited(pid, status)
@@ -153,8 +135,7 @@ class ProcessTable:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         log.debug("process %d (%s) exited: code %s, signal %s", pid, held.argv0, code, sig)
-        held.session.report({"t": "exited", "pid": pid, "code": code, "signal": sig,
-                             "id": held.id})
+        held.session.report(messages.Exited(pid=pid, code=code, signal=sig, id=held.id))
 
     def signal(self, session: Session, pid: int, sig: int, mid: int | None = None,
                group: bool = False) -> None:
@@ -184,31 +165,29 @@ class ProcessTable:
 
 # ---- handlers (bpfs/node/service.py's FROM_MASTER) ----------------------------------
 
-async def on_restore(session: Session, msg: wire.Message) -> None:
+async def on_restore(session: Session, msg: messages.Restore) -> None:
     try:
-        req = parse_restore(msg)
+        check_restore(msg)
     except BpfsError as exc:
-        log.warning("restore %d refused: %s", msg["id"], exc)
-        session.report({"t": "failed", "id": msg["id"], "errno": exc.errno,
-                        "message": exc.message})
+        log.warning("restore %d refused: %s", msg.id, exc)
+        session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
         return
-    attempt = Attempt(session, req)
+    attempt = Attempt(session, msg)
     if not attempt.at_once():
         assert session.nursery is not None
         session.nursery.start_soon(attempt.run)
 
 
-async def on_files(session: Session, msg: wire.Message) -> None:
-    waiter = session.files.pop(msg["id"], None)
+async def on_files(session: Session, msg: messages.Files) -> None:
+    waiter = session.files.pop(msg.id, None)
     if waiter is None:
-        log.debug("files for %d, which no restore waits for: ignored", msg["id"])
+        log.debug("files for %d, which no restore waits for: ignored", msg.id)
     else:
-        waiter.send_nowait(msg["contents"])
+        waiter.send_nowait(msg.contents)
 
 
-async def on_signal(session: Session, msg: wire.Message) -> None:
-    session.node.procs.signal(session, msg["pid"], msg["sig"], msg["id"],
-                              msg["group"] is True)
+async def on_signal(session: Session, msg: messages.Signal) -> None:
+    session.node.procs.signal(session, msg.pid, msg.sig, msg.id, msg.group is True)
 
 
 class Attempt:
@@ -220,7 +199,7 @@ class Attempt:
     the session, goes on from there: links still connecting, file contents to fetch.
     """
 
-    def __init__(self, session: Session, req: RestoreRequest) -> None:
+    def __init__(self, session: Session, req: messages.Restore) -> None:
         self.session, self.req = session, req
         self.node: NodeRestorer = session.node.restorer
         self.steps = Steps()
@@ -290,7 +269,7 @@ class Attempt:
         # `restored` goes through the report queue, and the process is adopted before
         # anything else can run: its `exited` (same queue) can only follow, and no sweep of
         # the reaper in between can take its status for an orphan's.
-        self.session.report({"t": "restored", "id": req.id, "pid": pid})
+        self.session.report(messages.Restored(id=req.id, pid=pid))
         procs.adopt(pid, self.node.restorer.last_keeper)   # this restore's: no await since
         self.node.prepare()                                 # the next one's, off its path
         log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
@@ -310,8 +289,8 @@ class Attempt:
             err, message = errno.EIO, f"node error: {type(exc).__name__}: {exc}"
         else:                                   # cancelled: the session is over
             raise exc
-        self.session.report({"t": "failed", "id": rid, "errno": err or errno.EIO,
-                             "message": message[:4096]})     # within bpfs.wire.messages' TEXT
+        self.session.report(messages.Failed(id=rid, errno=err or errno.EIO,
+                                            message=message[:4096]))  # within messages.TEXT
 
 
 class Steps:
@@ -337,7 +316,7 @@ async def _fetch(session: Session, rid: int, missing: list[str]) -> dict[str, by
     send, receive = trio.open_memory_channel[Any](1)
     session.files[rid] = send
     try:
-        await session.send({"t": "need", "id": rid, "hashes": missing})
+        await session.send(messages.Need(id=rid, hashes=missing))
         with trio.move_on_after(FILES_TIMEOUT):
             got = await receive.receive()
             if isinstance(got, BpfsError):
@@ -351,7 +330,7 @@ async def _fetch(session: Session, rid: int, missing: list[str]) -> dict[str, by
 
 # ---- synchronous steps (the Restorer's thread is the event loop's) -------------------
 
-def _load(node: NodeRestorer, req: RestoreRequest) -> tuple[Image, list[str]]:
+def _load(node: NodeRestorer, req: messages.Restore) -> tuple[Image, list[str]]:
     image = loads(req.image)
     if req.pid is not None:
         image.pid = req.pid
@@ -360,7 +339,7 @@ def _load(node: NodeRestorer, req: RestoreRequest) -> tuple[Image, list[str]]:
     return image, node.restorer.missing(image)
 
 
-def _restore_job(node: NodeRestorer, req: RestoreRequest, fds: list[int | None],
+def _restore_job(node: NodeRestorer, req: messages.Restore, fds: list[int | None],
                  loaded: tuple[Image, list[str]] | None, content: dict[str, bytes]
                  ) -> tuple[Image, list[str], int | None]:
     """Load the image (unless `loaded`); if file contents are missing and not in

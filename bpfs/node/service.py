@@ -4,7 +4,7 @@
 
 One `Node` lives as long as the process; it makes one `Session` per connection
 (bpfs/node/session.py: register, heartbeats, reports, dispatch), which dispatches every
-message from the master through `FROM_MASTER`, a table of `message name -> async
+message from the master through `FROM_MASTER`, a table of `message class -> async
 handler(session, msg)`. A session reports `state up` once registered.
 
 Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
@@ -39,7 +39,7 @@ from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
 from bpfs.node.session import CONNECTION_ERRORS, Handler, Outcome, Session, why
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages
 
 log = logging.getLogger("bpslave")
 
@@ -47,8 +47,8 @@ log = logging.getLogger("bpslave")
 CTL_OUTCOMES = {"reboot": Outcome.REBOOT, "halt": Outcome.HALT, "pwroff": Outcome.HALT}
 
 
-async def _on_ctl(session: Session, msg: wire.Message) -> Outcome | None:
-    cmd = msg["cmd"]
+async def _on_ctl(session: Session, msg: messages.Ctl) -> Outcome | None:
+    cmd = msg.cmd
     outcome = CTL_OUTCOMES.get(cmd)
     if outcome is None:
         log.warning("ignoring unknown ctl command %r", cmd[:40])
@@ -57,11 +57,12 @@ async def _on_ctl(session: Session, msg: wire.Message) -> Outcome | None:
     return outcome
 
 
-# Messages the master may send a registered node (checked by bpfs.wire.messages first); add
-# a row for a new one. Any other is a protocol error that ends the session.
-FROM_MASTER: dict[str, Handler] = {
-    "ctl": _on_ctl, "restore": procs.on_restore, "files": procs.on_files,
-    "signal": procs.on_signal,
+# What the master may send a registered node, by message class (bpfs.wire.messages.
+# FROM_MASTER decodes them); add a row for a new one. Any other is a protocol error that
+# ends the session.
+FROM_MASTER: dict[type[messages.Msg], Handler] = {
+    messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
+    messages.Signal: procs.on_signal,
 }
 
 
@@ -134,7 +135,7 @@ class Node:
             session = Session(self, fs, FROM_MASTER)
             self.number = await session.register()
             self.backoff.reset()
-            await session.send({"t": "state", "state": "up"})
+            await session.send(messages.State(state="up"))
             log.info("registered as node %d with %s (heartbeat %.1f s)",
                      self.number, self.cfg.address, session.heartbeat)
             return await session.run(), EXIT_LOST

@@ -6,10 +6,11 @@
 
 A session sends `facts` every `heartbeat` seconds, sends what `report` queues (from
 synchronous code, in order), and dispatches every message from the master through the
-table it was given (bpfs/node/service.py's FROM_MASTER: `message name -> async
-handler(session, msg)`). Every message is checked against bpfs/wire/messages.py's table
-before a handler sees it; one that does not fit, or that the table lacks (`challenge` or
-`welcome` again...), is a protocol error that ends the session (LOST, one log line). A
+table it was given (bpfs/node/service.py's FROM_MASTER: `message class -> async
+handler(session, msg)`). Every message is decoded into its class (bpfs/wire/messages.py's
+FROM_MASTER checks every field) before a handler sees it; one that does not fit, or that
+the table lacks (`challenge` or `welcome` again...), is a protocol error that ends the
+session (LOST, one log line). A
 handler returns None to keep the session going, or an `Outcome` that ends it; one that
 runs long starts a task in `session.nursery`.
 """
@@ -25,7 +26,7 @@ import trio
 from bpfs.node import facts as node_facts
 from bpfs.node.config import NodeConfig
 from bpfs.node.restorer import NodeRestorer
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages
 
 log = logging.getLogger("bpslave")
 
@@ -52,7 +53,8 @@ CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError
 class Session:
     """One authenticated connection to the master, from `register` to its end."""
 
-    def __init__(self, node: NodeSide, fs: wire.FrameStream, table: dict[str, Handler]) -> None:
+    def __init__(self, node: NodeSide, fs: wire.FrameStream,
+                 table: dict[type[messages.Msg], Handler]) -> None:
         self.node = node
         self.fs = fs
         self.table = table
@@ -106,15 +108,15 @@ class Session:
 
     async def register(self) -> int:
         """Raises BpfsError when the master refuses us (number taken, unknown node...)."""
-        await self.send({"t": "register", "node": self.node.number, "facts": node_facts.facts()})
-        welcome = await self.fs.expect("welcome")
-        self.heartbeat = welcome["heartbeat"]
-        return welcome["node"]
+        await self.send(messages.Register(node=self.node.number, facts=_facts()))
+        welcome = await self.fs.expect(messages.Welcome)
+        self.heartbeat = welcome.heartbeat
+        return welcome.node
 
     async def heartbeats(self) -> Outcome:
         while True:
             await trio.sleep(self.heartbeat)
-            await self.send({"t": "facts", "facts": node_facts.facts()})
+            await self.send(messages.Facts(facts=_facts()))
 
     async def run(self) -> Outcome:
         """Heartbeats and dispatch until a handler or a failure ends the session.
@@ -152,12 +154,17 @@ class Session:
             except EOFError:
                 log.warning("the master closed the connection")
                 return Outcome.LOST
-            fn = self.table.get(msg["t"])
+            fn = self.table.get(type(msg))
             if fn is None:
-                raise wire.ProtocolError(f"{msg['t']!r} is not a message of a session")
+                raise wire.ProtocolError(f"{messages.tag(type(msg))!r} is not a message of a "
+                                         "session")
             outcome = await fn(self, msg)
             if outcome is not None:
                 return outcome
+
+
+def _facts() -> messages.NodeFacts:
+    return messages.NodeFacts.of(node_facts.facts())
 
 
 def why(exc: BaseException) -> str:

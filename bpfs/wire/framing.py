@@ -1,35 +1,36 @@
 """The master <-> node wire protocol: framing, decoding limits, handshake, keys.
 
-The only module that speaks msgpack for the protocol. Grammar:
+With bpfs/wire/messages.py, the only module that speaks msgpack for the protocol. Grammar:
 
     frame      := LENGTH(4 bytes, big endian) PAYLOAD(LENGTH bytes)
-    PAYLOAD    := msgpack map with a string key "t" naming the message
+    PAYLOAD    := msgpack map with a string key "t" naming the message (messages.py)
 
 Handshake (mutual HMAC-SHA256 challenge-response over the shared cluster key;
 each side proves it knows the key before it learns anything):
 
-    node   -> master  {"t": "hello", "v": VERSION, "nonce": Nn}          32 random bytes
-    master -> node    {"t": "challenge", "v": VERSION, "nonce": Nm,
-                       "mac": HMAC(key, "bpfs-master" Nn Nm)}
-    node   -> master  {"t": "auth", "mac": HMAC(key, "bpfs-node" Nm Nn)}
-    master -> node    {"t": "ok"}  |  {"t": "refused", "errno": E, "message": M}
+    node   -> master  Hello(v=VERSION, nonce=Nn)                         32 random bytes
+    master -> node    Challenge(v=VERSION, nonce=Nm,
+                                mac=HMAC(key, "bpfs-master" Nn Nm))
+    node   -> master  Auth(mac=HMAC(key, "bpfs-node" Nm Nn))
+    master -> node    Ok()  |  Refused(errno=E, message=M)
 
 The domain tags keep one side's answer from ever being replayed as the
 other's. A version mismatch or a wrong MAC is refused (EACCES / EPROTO) and the
-connection closed. After the handshake come the messages of bpfs/wire/messages.py,
-whose table is the grammar of every message and its fields (registration,
-heartbeats, migration).
+connection closed. After the handshake come the session messages of
+bpfs/wire/messages.py, whose classes are the grammar of every message and its fields
+(registration, heartbeats, migration).
 
 Receiving: a frame larger than the stream's limit is refused from its length
 prefix, before any of it is read (HANDSHAKE_MAX_FRAME until the handshake is
-over); its payload is decoded with msgpack's limits set from that limit and from
-messages.MAX_ITEMS (no string, list or map larger than the frame or the table
-allows is ever built; no extension types; nesting is bounded by msgpack); then a
-stream that knows who is at the other end (`sender`, set by `accept` and
-`connect`) checks the message against its row of the table (`messages.check`)
-before returning it. Any fault raises ProtocolError (EPROTO) naming the message
-and the field: the caller closes that one connection. No size the peer states is
-trusted for an allocation: the stream reads at most RECEIVE_CHUNK bytes at a time.
+over); a stream that knows who is at the other end (`side`: set by `accept` and
+`connect`, messages.HANDSHAKE until the handshake is over, then FROM_NODE or
+FROM_MASTER) decodes the payload into that side's message classes, which checks
+every field's type and bounds as it goes and builds no list or map longer than the
+grammar allows (messages.py). A stream without a side (tests, tools) decodes plain
+maps with msgpack's limits set from the frame and from messages.MAX_ITEMS (`unpack`).
+Any fault raises ProtocolError (EPROTO) naming the message and the field: the caller
+closes that one connection. No size the peer states is trusted for an allocation:
+the stream reads at most RECEIVE_CHUNK bytes at a time.
 
 Deadlines: the whole handshake must be over within HANDSHAKE_TIMEOUT (a peer that
 trickles one byte a second is cut at that deadline, not at each byte's).
@@ -43,7 +44,7 @@ import hmac
 import os
 import secrets
 import stat
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import trio
@@ -59,7 +60,8 @@ NONCE_BYTES = 32
 HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 1 << 20         # bytes read at most at a time, whatever a frame claims
 
-Message = messages.Message
+Message = messages.Msg
+M = TypeVar("M", bound=messages.Msg)
 
 
 class AuthError(ProtocolError):
@@ -67,22 +69,17 @@ class AuthError(ProtocolError):
         super().__init__(message, errno.EACCES)
 
 
-def pack(msg: Message) -> bytes:
-    body = msgpack.packb(msg, use_bin_type=True)
+def pack(msg: Message | dict[str, Any]) -> bytes:
+    """A message's frame (a plain map's, for tests and tools, through msgpack)."""
+    body = (messages.encode(msg) if isinstance(msg, messages.Msg)
+            else msgpack.packb(msg, use_bin_type=True))
     return len(body).to_bytes(4, "big") + body
 
 
-def unpack(body: bytes) -> Message:
-    """Decode one payload (not yet checked against the table): ProtocolError if it is
-    not msgpack, is larger than its limits, or is not a map with a string "t"."""
-    n = len(body)
-    items = min(n, messages.MAX_ITEMS)
-    try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=False, max_str_len=n,
-                              max_bin_len=n, max_array_len=items, max_map_len=items,
-                              max_ext_len=0)
-    except Exception as exc:  # msgpack raises many types for garbage
-        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc!s:.80}") from None
+def unpack(body: bytes) -> dict[str, Any]:
+    """Decode one payload as a plain map (a stream without a side): ProtocolError if it
+    is not msgpack, is larger than its limits, or is not a map with a string "t"."""
+    msg = messages.loads(body, ext=False)
     if type(msg) is not dict or type(msg.get("t")) is not str:
         raise ProtocolError("frame is not a message map with a string 't'")
     return msg
@@ -91,30 +88,31 @@ def unpack(body: bytes) -> Message:
 class FrameStream:
     """Length-prefixed msgpack messages over a trio stream.
 
-    `receive` raises ProtocolError on an oversized or malformed frame, or (with
-    `sender`, "node" or "master": who is at the other end) one that does not fit its
-    row of bpfs.wire.messages; EOFError when the peer closed cleanly between frames.
+    `receive` raises ProtocolError on an oversized or malformed frame, or (with `side`,
+    a messages.Side: who is at the other end, in which phase) one that is not one of
+    that side's messages; EOFError when the peer closed cleanly between frames.
     """
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME,
-                 sender: str | None = None) -> None:
+                 side: messages.Side | None = None) -> None:
         self.stream = stream
         self.max_frame = max_frame
-        self.sender = sender
+        self.side = side
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
         self._rest = b""        # the end of a frame `send_nowait` could not write whole
 
-    async def send(self, msg: Message, timeout: float | None = None) -> None:
+    async def send(self, msg: Message | dict[str, Any], timeout: float | None = None) -> None:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
         await self._send(pack(msg), timeout)
 
-    async def send_many(self, msgs: list[Message], timeout: float | None = None) -> None:
+    async def send_many(self, msgs: list[Message] | list[dict[str, Any]],
+                        timeout: float | None = None) -> None:
         """Several messages in one write."""
         await self._send(b"".join(pack(m) for m in msgs), timeout)
 
-    def send_nowait(self, msg: Message) -> bool:
+    def send_nowait(self, msg: Message | dict[str, Any]) -> bool:
         """Write `msg` now, from synchronous code, if no other send is under way.
 
         True: it is on its way, written whole, or its end kept (`pending`) to go first with
@@ -186,7 +184,7 @@ class FrameStream:
             self._buf += chunk
         return True
 
-    async def receive(self) -> Message:
+    async def receive(self) -> Any:
         if not await self._fill(4):
             if self._buf:
                 raise ProtocolError("connection closed inside a frame header")
@@ -198,17 +196,19 @@ class FrameStream:
             raise ProtocolError("connection closed inside a frame")
         body = bytes(self._buf[4:4 + length])
         del self._buf[:4 + length]
-        msg = unpack(body)
-        return msg if self.sender is None else messages.check(msg, self.sender)
+        if self.side is None:
+            return unpack(body)
+        return self.side.decode(body)
 
-    async def expect(self, kind: str) -> Message:
-        """The next message, which must be `kind` (ProtocolError); a `refused` is raised
+    async def expect(self, kind: type[M]) -> M:
+        """The next message, which must be a `kind` (ProtocolError); a Refused is raised
         as the BpfsError it carries."""
         msg = await self.receive()
-        if msg["t"] == "refused":
-            raise BpfsError(_int(msg.get("errno"), errno.EACCES), str(msg.get("message")))
-        if msg["t"] != kind:
-            raise ProtocolError(f"expected {kind!r}, got {msg['t']!r:.40}")
+        if isinstance(msg, messages.Refused):
+            raise BpfsError(msg.errno, msg.message)
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"expected {messages.tag(kind)!r}, got "
+                                f"{messages.tag(type(msg))!r}")
         return msg
 
     async def aclose(self) -> None:
@@ -250,33 +250,19 @@ def _mac(key: bytes, tag: bytes, a: bytes, b: bytes) -> bytes:
     return hmac.new(key, tag + a + b, hashlib.sha256).digest()
 
 
-def _int(x: Any, default: int) -> int:
-    return x if type(x) is int else default
-
-
-def _bytes(msg: Message, key: str) -> bytes:
-    """A bytes field of a handshake message (checked by the table when the stream has a
-    sender; a raw stream gets EPROTO here for anything else)."""
-    value = msg.get(key)
-    if type(value) is not bytes or len(value) != NONCE_BYTES:
-        raise ProtocolError(f"{msg['t']}.{key}: expected {NONCE_BYTES} bytes, got "
-                            f"{messages.describe(value)}")
-    return value
-
-
 # ---- handshake ----------------------------------------------------------------
 
 async def client_handshake(fs: FrameStream, key: bytes) -> None:
     """Node side. Raises AuthError if the master does not know the key or refuses us."""
     nn = secrets.token_bytes(NONCE_BYTES)
-    await fs.send({"t": "hello", "v": VERSION, "nonce": nn})
-    ch = await fs.expect("challenge")
-    nm = _bytes(ch, "nonce")
-    if not hmac.compare_digest(_mac(key, b"bpfs-master", nn, nm), _bytes(ch, "mac")):
+    await fs.send(messages.Hello(v=VERSION, nonce=nn))
+    ch = await fs.expect(messages.Challenge)
+    nm = ch.nonce
+    if not hmac.compare_digest(_mac(key, b"bpfs-master", nn, nm), ch.mac):
         raise AuthError("the master does not know the cluster key")
-    await fs.send({"t": "auth", "mac": _mac(key, b"bpfs-node", nm, nn)})
+    await fs.send(messages.Auth(mac=_mac(key, b"bpfs-node", nm, nn)))
     try:
-        await fs.expect("ok")
+        await fs.expect(messages.Ok)
     except ProtocolError:
         raise
     except BpfsError as exc:
@@ -285,24 +271,23 @@ async def client_handshake(fs: FrameStream, key: bytes) -> None:
 
 async def server_handshake(fs: FrameStream, key: bytes) -> None:
     """Master side. Raises AuthError (after telling the peer) on a wrong key or version."""
-    hello = await fs.expect("hello")
-    if hello.get("v") != VERSION:
-        await _refuse(fs, errno.EPROTO, f"protocol version {hello.get('v')!r} unsupported, want {VERSION}")
-        raise ProtocolError(f"peer speaks protocol version {hello.get('v')!r}")
-    nn = _bytes(hello, "nonce")
+    hello = await fs.expect(messages.Hello)
+    if hello.v != VERSION:
+        await _refuse(fs, errno.EPROTO, f"protocol version {hello.v!r} unsupported, want {VERSION}")
+        raise ProtocolError(f"peer speaks protocol version {hello.v!r}")
+    nn = hello.nonce
     nm = secrets.token_bytes(NONCE_BYTES)
-    await fs.send({"t": "challenge", "v": VERSION, "nonce": nm,
-                   "mac": _mac(key, b"bpfs-master", nn, nm)})
-    auth = await fs.expect("auth")
-    if not hmac.compare_digest(_mac(key, b"bpfs-node", nm, nn), _bytes(auth, "mac")):
+    await fs.send(messages.Challenge(v=VERSION, nonce=nm, mac=_mac(key, b"bpfs-master", nn, nm)))
+    auth = await fs.expect(messages.Auth)
+    if not hmac.compare_digest(_mac(key, b"bpfs-node", nm, nn), auth.mac):
         await _refuse(fs, errno.EACCES, "wrong cluster key")
         raise AuthError("peer does not know the cluster key")
-    await fs.send({"t": "ok"})
+    await fs.send(messages.Ok())
 
 
 async def _refuse(fs: FrameStream, err: int, message: str) -> None:
     try:
-        await fs.send({"t": "refused", "errno": err, "message": message})
+        await fs.send(messages.Refused(errno=err, message=message))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 
@@ -310,20 +295,20 @@ async def _refuse(fs: FrameStream, err: int, message: str) -> None:
 async def connect(host: str, port: int, key: bytes) -> FrameStream:
     """Open an authenticated connection to the master (node side)."""
     stream = await trio.open_tcp_stream(host, port)
-    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, sender="master")
+    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, messages.HANDSHAKE)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await client_handshake(fs, key)
     except BaseException:
         await stream.aclose()
         raise
-    fs.max_frame = DEFAULT_MAX_FRAME
+    fs.max_frame, fs.side = DEFAULT_MAX_FRAME, messages.FROM_MASTER
     return fs
 
 
 async def accept(stream: trio.abc.Stream, key: bytes) -> FrameStream:
     """Authenticate a freshly accepted connection (master side); the caller closes on error."""
-    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, sender="node")
+    fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, messages.HANDSHAKE)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await server_handshake(fs, key)
@@ -331,5 +316,5 @@ async def accept(stream: trio.abc.Stream, key: bytes) -> FrameStream:
         raise AuthError("peer hung up during the handshake (it may hold another key)") from None
     except trio.TooSlowError:
         raise ProtocolError("handshake timed out", errno.ETIMEDOUT) from None
-    fs.max_frame = DEFAULT_MAX_FRAME
+    fs.max_frame, fs.side = DEFAULT_MAX_FRAME, messages.FROM_NODE
     return fs

@@ -1,23 +1,27 @@
-"""The messages of the master <-> node protocol, one schema each, checked on receipt.
+"""The messages of the master <-> node protocol: one typed class each, checked as decoded.
 
-bpfs/wire/framing.py frames, authenticates and decodes; every frame it decodes goes through
-`check` before anyone reads it, so a handler sees only the fields its message's row
-below lists, each of the type and within the bounds written there. The table IS the
-grammar (`MESSAGES`; names in capitals are the types defined above it):
+Every message is a msgspec Struct below, tagged by its name in the "t" key of the
+msgpack map (the frames are those of the dict-built protocol before it, byte for byte
+where a field is set). bpfs/wire/framing.py frames and authenticates; it decodes each
+payload with the decoder of the side at the other end (`FROM_NODE`, `FROM_MASTER`, or
+`HANDSHAKE` until the handshake is over), so a handler gets an instance of one of these
+classes whose every field is of its type and within its bounds. The classes ARE the
+grammar (names in capitals are the bounded types defined below):
 
-  handshake (wire.py; sent with the 4 KiB handshake frame limit):
+  handshake (framing.py; sent with the 4 KiB handshake frame limit):
     node   -> master  hello      v: VERSION, nonce: NONCE
     master -> node    challenge  v: VERSION, nonce: NONCE, mac: MAC
     node   -> master  auth       mac: MAC
     master -> node    ok
-                      refused    errno: ERRNO, message: TEXT     (then the master closes)
-  registration and life (bpfs/master/daemon.py, bpfs/node/service.py):
+                      refused    errno: ERRNO, message: TEXT     (then the master closes; also
+                                                                  a registration's refusal)
+  registration and life (bpfs/master, bpfs/node/service.py):
     node   -> master  register   node: NODE | nil, facts: FACTS
     master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6)
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
-  migration (bpfs/master/procs.py, bpfs/node/procs.py):
+  migration (bpfs/master, bpfs/node/procs.py):
     master -> node    restore    id: ID, image: BLOB, uid: ID32, gid: ID32,
                                  groups: [ID32] (at most NGROUPS), io: [IO, IO, IO],
                                  port: PORT, token: WORD, [pid: PID], [rank: RANK]
@@ -28,11 +32,11 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
     master -> node    signal     pid: PID, sig: SIGNAL, [id: ID], [group: BOOL]
     node   -> master  stopped    pid: PID, [sig: SIGNAL]     the process stopped (a group stop)
                       continued  pid: PID                    ... and was continued (SIGCONT)
-    node   -> master  exited     pid: PID, code: 0..255 | nil, signal: SIGNAL | nil, [id: ID]
+    node   -> master  exited     pid: PID, [code: 0..255], [signal: SIGNAL], [id: ID]
 
-    FACTS := {hostname: WORD, cpus: 0..2^20, arch: WORD, kernel: WORD,
-              load: [LOAD, LOAD, LOAD], mem_total: BYTES, mem_available: BYTES,
-              uptime: SECONDS}
+    FACTS := bpfs.formats.Facts's fields, each bounded by FACT_TYPES: {hostname: WORD,
+             cpus: 0..2^20, arch: WORD, kernel: WORD, load: [LOAD, LOAD, LOAD],
+             mem_total: BYTES, mem_available: BYTES, uptime: SECONDS}
 
   In a migration, ID is the master's number for it; `image` is bpfs.migrate.dumps'
   bytes, `io` bpfs.wire.execreq's specs; `pid` is the ghost's PID (else the image's) and
@@ -46,304 +50,376 @@ grammar (`MESSAGES`; names in capitals are the types defined above it):
   `hello` keeps its shape in every protocol version, so a node of another version
   gets the master's `refused` rather than a protocol error.
 
-Types: integers are never booleans and are bounded (`Int`); numbers (`Num`) are finite
-ints or floats, given to handlers as floats; strings (`Str`) and byte strings (`Bytes`)
-have a maximum length; lists and maps have a maximum count. `[field]` may be absent or
-nil (the handler gets None). A field not in a message's row is dropped: add it to the
-table to use it. What the table cannot say (an IO spec's syntax, a state's meaning) the
-handler checks, with the field already of the right type.
+Types: integers are never booleans and are bounded; seconds and loads are finite ints
+or floats, given to handlers as floats; strings and byte strings have a maximum
+length; lists and maps a maximum count. `[field]` may be absent or nil (the handler
+gets None; a sender omits it when None). A field a class does not name is dropped
+(map keys must be strings). What the types cannot say (an IO spec's syntax, a
+state's meaning) the handler checks, with the field already of the right type.
+After decoding, the facts' words go through `sanitize_word` (`NodeFacts.facts()`).
 
-Refusals (`check` raises ProtocolError, EPROTO, whose message names the message and the
-field, never echoing more than a few characters of the peer's data): a payload that is
-not a map with a string "t"; an unknown message; a message the other side sends (a node
-sending `restore`); a missing field; a field of the wrong type or out of bounds. The
-receiver closes that one connection. Which messages may come when (`register` first,
-then anything a registered node sends) is the receiver's dispatch table's to enforce.
+Refusals (`Side.decode` raises ProtocolError, EPROTO, whose message names the message
+and the field, never echoing more than a few characters of the peer's data): a payload
+that is not msgpack, or not a map with a string "t"; an unknown message; a message the
+other side sends (a node sending `restore`); a handshake message in a session or the
+reverse; a missing field; a field of the wrong type or out of bounds. The receiver
+closes that one connection. Which messages may come when (`register` first, then
+anything a registered node sends) is the receiver's dispatch table's to enforce.
 
-`MAX_ITEMS` bounds any list or map the decoder builds (wire.py hands it to msgpack), so
-no frame makes the receiver build a container larger than the largest the table allows.
+Every list and map of every message has a maximum length, which the decoder checks
+from the container's header before it builds it; strings and byte strings cannot be
+longer than the frame. So no frame makes the receiver build a container larger than
+the largest the grammar allows (MAX_ITEMS), whatever its headers claim.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Mapping
+import re
+from typing import Annotated, Any, ClassVar, Optional, Union, get_type_hints
 
+import msgpack
+import msgspec
+from msgspec import Meta, Struct
+
+from bpfs import formats
 from bpfs.errors import ProtocolError
 from bpfs.model import MAX_NODE
 
 MAX_ITEMS = 65536           # the longest list or map in any message (NGROUPS_MAX, hashes)
-MAX_BLOB = 1 << 30          # bytes; the frame limit is the real bound (wire.py)
-
-Message = dict[str, Any]
+MAX_BLOB = 1 << 30          # bytes; the frame limit is the real bound (framing.py)
 
 
-def describe(value: Any) -> str:
-    """What the peer sent, in a few characters: its type, and a short value."""
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return f"bool {value}"
-    if isinstance(value, (int, float)):
-        return f"{type(value).__name__} {value!r:.24}"
-    if isinstance(value, (str, bytes, list, dict)):
-        return f"{type(value).__name__} of length {len(value)}"
-    return type(value).__name__
+def _int(lo: int, hi: int) -> Any:
+    return Annotated[int, Meta(ge=lo, le=hi)]
 
 
-class Bad(Exception):
-    """A value does not fit its Spec. `path` grows as it leaves nested containers (so
-    a value that fits costs no string building); `check` turns it into a ProtocolError."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.path = ""
-
-    def under(self, part: str) -> "Bad":
-        self.path = part + self.path
-        return self
+def _num(lo: float, hi: float) -> Any:
+    return Annotated[float, Meta(ge=lo, le=hi)]
 
 
-class Spec:
-    """A field's type and bounds: `check(value)` returns the value as handlers get it,
-    or raises Bad."""
-
-    what = "?"
-
-    def check(self, value: Any) -> Any:
-        if not self.accepts(value):
-            raise Bad(f"expected {self.what}, got {describe(value)}")
-        return value
-
-    def accepts(self, value: Any) -> bool:
-        raise NotImplementedError
+def _str(most: int) -> Any:
+    return Annotated[str, Meta(max_length=most)]
 
 
-@dataclass(frozen=True)
-class Int(Spec):
-    lo: int
-    hi: int
-
-    @property
-    def what(self) -> str:          # type: ignore[override]
-        return f"an integer in {self.lo}..{self.hi}"
-
-    def accepts(self, value: Any) -> bool:
-        return type(value) is int and self.lo <= value <= self.hi
-
-
-@dataclass(frozen=True)
-class Bool(Spec):
-    what = "a boolean"
-
-    def accepts(self, value: Any) -> bool:
-        return type(value) is bool
-
-
-@dataclass(frozen=True)
-class Num(Spec):
-    """An int or a finite float; handlers get a float."""
-    lo: float
-    hi: float
-
-    @property
-    def what(self) -> str:          # type: ignore[override]
-        return f"a number in {self.lo:g}..{self.hi:g}"
-
-    def accepts(self, value: Any) -> bool:
-        return (type(value) in (int, float) and math.isfinite(value)
-                and self.lo <= value <= self.hi)
-
-    def check(self, value: Any) -> float:
-        return float(super().check(value))
-
-
-@dataclass(frozen=True)
-class Str(Spec):
-    max: int
-
-    @property
-    def what(self) -> str:          # type: ignore[override]
-        return f"a string of at most {self.max} characters"
-
-    def accepts(self, value: Any) -> bool:
-        return type(value) is str and len(value) <= self.max
-
-
-@dataclass(frozen=True)
-class Bytes(Spec):
-    lo: int
-    hi: int
-
-    @property
-    def what(self) -> str:          # type: ignore[override]
-        return f"{self.lo if self.lo == self.hi else f'at most {self.hi}'} bytes"
-
-    def accepts(self, value: Any) -> bool:
-        return type(value) is bytes and self.lo <= len(value) <= self.hi
-
-
-@dataclass(frozen=True)
-class Opt(Spec):
-    """Absent, nil (None either way), or a value of `spec`."""
-    spec: Spec
-
-    def check(self, value: Any) -> Any:
-        return None if value is None else self.spec.check(value)
-
-
-@dataclass(frozen=True)
-class List(Spec):
-    item: Spec
-    lo: int
-    hi: int
-
-    @property
-    def what(self) -> str:          # type: ignore[override]
-        return f"a list of {self.lo if self.lo == self.hi else f'at most {self.hi}'} items"
-
-    def check(self, value: Any) -> list[Any]:
-        if type(value) is not list or not self.lo <= len(value) <= self.hi:
-            raise Bad(f"expected {self.what}, got {describe(value)}")
-        i = 0
-        try:
-            out = []
-            for i, v in enumerate(value):
-                out.append(self.item.check(v))
-            return out
-        except Bad as bad:
-            raise bad.under(f"[{i}]") from None
-
-
-@dataclass(frozen=True)
-class Map(Spec):
-    key: Spec
-    value: Spec
-    hi: int
-
-    @property
-    def what(self) -> str:          # type: ignore[override]
-        return f"a map of at most {self.hi} entries"
-
-    def check(self, value: Any) -> dict[Any, Any]:
-        if type(value) is not dict or len(value) > self.hi:
-            raise Bad(f"expected {self.what}, got {describe(value)}")
-        out = {}
-        for k, v in value.items():
-            try:
-                k = self.key.check(k)
-            except Bad as bad:
-                raise bad.under(" key") from None
-            try:
-                out[k] = self.value.check(v)
-            except Bad as bad:
-                raise bad.under(f"[{k!r:.24}]") from None
-        return out
-
-
-@dataclass(frozen=True)
-class Record(Spec):
-    """A map with named fields (FACTS; a message's own fields are one too). Fields
-    not named here are dropped."""
-    fields: Mapping[str, Spec]
-
-    what = "a map"
-
-    def check(self, value: Any) -> dict[str, Any]:
-        if type(value) is not dict:
-            raise Bad(f"expected {self.what}, got {describe(value)}")
-        out = {}
-        for name, spec in self.fields.items():
-            if name not in value and not isinstance(spec, Opt):
-                raise Bad(f"missing field {name!r}")
-            try:
-                out[name] = spec.check(value.get(name))
-            except Bad as bad:
-                raise bad.under(f".{name}") from None
-        return out
+def _bytes(lo: int, hi: int) -> Any:
+    return Annotated[bytes, Meta(min_length=lo, max_length=hi)]
 
 
 # ---- the types of the grammar ----------------------------------------------------------
 
-VERSION = Int(0, 2**31 - 1)
-NONCE = Bytes(32, 32)               # wire.NONCE_BYTES
-MAC = Bytes(32, 32)                 # HMAC-SHA256
-ERRNO = Int(1, 4095)
-TEXT = Str(65536)                   # an error message: a path or two in it
-WORD = Str(256)
-NODE = Int(0, MAX_NODE)
-SECONDS = Num(0, 1e12)
-ID = Int(0, 2**63 - 1)
-ID32 = Int(0, 2**32 - 2)            # uid_t, gid_t; -1 is "no change" to the kernel
+VERSION = _int(0, 2**31 - 1)
+NONCE = _bytes(32, 32)              # framing.NONCE_BYTES
+MAC = _bytes(32, 32)                # HMAC-SHA256
+ERRNO = _int(1, 4095)
+TEXT = _str(65536)                  # an error message: a path or two in it
+WORD = _str(256)
+NODE = _int(0, MAX_NODE)
+SECONDS = _num(0, 1e12)
+ID = _int(0, 2**63 - 1)
+ID32 = _int(0, 2**32 - 2)           # uid_t, gid_t; -1 is "no change" to the kernel
 NGROUPS = MAX_ITEMS
-IO = Str(8192)                      # bpfs.wire.execreq.parse_io: null, socket, stdout, file:PATH
-PORT = Int(0, 65535)
-PID = Int(1, 1 << 22)               # PID_MAX_LIMIT
-RANK = Int(0, 10**7 - 1)            # BPROC_RANK has 7 digits
-HASH = Str(128)                     # "sha256:" and 64 hex digits
-BLOB = Bytes(0, MAX_BLOB)
-SIGNAL = Int(1, 64)                 # 1 .. NSIG-1
-LOAD = Num(0, 1e9)
-BYTES = Int(0, 2**64 - 1)
-BOOL = Bool()
-
-FACTS = Record({"hostname": WORD, "cpus": Int(0, 1 << 20), "arch": WORD, "kernel": WORD,
-                "load": List(LOAD, 3, 3), "mem_total": BYTES, "mem_available": BYTES,
-                "uptime": SECONDS})
+IO = _str(8192)                     # bpfs.wire.execreq.parse_io: null, socket, stdout, file:PATH
+PORT = _int(0, 65535)
+PID = _int(1, 1 << 22)              # PID_MAX_LIMIT
+RANK = _int(0, 10**7 - 1)           # BPROC_RANK has 7 digits
+HASH = _str(128)                    # "sha256:" and 64 hex digits
+BLOB = _bytes(0, MAX_BLOB)
+SIGNAL = _int(1, 64)                # 1 .. NSIG-1
+LOAD = _num(0, 1e9)
+BYTES = Annotated[int, Meta(ge=0)]    # 0..2^64-1: msgpack has no larger int
+EXIT_CODE = _int(0, 255)
 
 
-@dataclass(frozen=True)
-class Schema:
-    sender: str                     # "node" or "master"
-    fields: Record
+# ---- facts: bpfs.formats.Facts's fields, bounded -------------------------------------------
 
-
-def _row(sender: str, **fields: Spec) -> Schema:
-    return Schema(sender, Record(fields))
-
-
-MESSAGES: dict[str, Schema] = {
-    "hello": _row("node", v=VERSION, nonce=NONCE),
-    "challenge": _row("master", v=VERSION, nonce=NONCE, mac=MAC),
-    "auth": _row("node", mac=MAC),
-    "ok": _row("master"),
-    "refused": _row("master", errno=ERRNO, message=TEXT),
-    "register": _row("node", node=Opt(NODE), facts=FACTS),
-    "welcome": _row("master", node=NODE, heartbeat=Num(1e-9, 1e6)),
-    "state": _row("node", state=WORD),
-    "facts": _row("node", facts=FACTS),
-    "ctl": _row("master", cmd=WORD),
-    "restore": _row("master", id=ID, image=BLOB, uid=ID32, gid=ID32,
-                    groups=List(ID32, 0, NGROUPS), io=List(IO, 3, 3), port=PORT,
-                    token=WORD, pid=Opt(PID), rank=Opt(RANK)),
-    "need": _row("node", id=ID, hashes=List(HASH, 0, MAX_ITEMS)),
-    "files": _row("master", id=ID, contents=Map(HASH, BLOB, MAX_ITEMS)),
-    "restored": _row("node", id=ID, pid=PID),
-    "failed": _row("node", id=ID, errno=ERRNO, message=TEXT),
-    "signal": _row("master", pid=PID, sig=SIGNAL, id=Opt(ID), group=Opt(BOOL)),
-    "stopped": _row("node", pid=PID, sig=Opt(SIGNAL)),
-    "continued": _row("node", pid=PID),
-    "exited": _row("node", pid=PID, code=Opt(Int(0, 255)), signal=Opt(SIGNAL), id=Opt(ID)),
+FACT_TYPES: dict[str, Any] = {
+    "hostname": WORD, "cpus": _int(0, 1 << 20), "arch": WORD, "kernel": WORD,
+    "load": tuple[LOAD, LOAD, LOAD], "mem_total": BYTES, "mem_available": BYTES,
+    "uptime": SECONDS,
 }
 
 
-def check(msg: Any, sender: str) -> Message:
-    """`msg` as its row in MESSAGES says, from `sender` ("node" or "master"); else
-    ProtocolError naming the message and the field (see the module docstring)."""
-    if type(msg) is not dict or type(msg.get("t")) is not str:
-        raise ProtocolError("frame is not a message map with a string 't'")
-    name = msg["t"]
-    schema = MESSAGES.get(name)
-    if schema is None:
-        raise ProtocolError(f"unknown message {name!r:.40}")
-    if schema.sender != sender:
-        raise ProtocolError(f"{name!r} is the {schema.sender}'s message; a {sender} may "
-                            "not send it")
+def sanitize_word(x: str) -> str:
+    """A single printable word of at most 64 chars (it goes into key: value lines)."""
+    if x.isprintable() and " " not in x:    # the usual word (the only printable space is " ")
+        return x[:64]
+    return "".join(ch for ch in x if ch.isprintable() and not ch.isspace())[:64]
+
+
+def _node_facts() -> type[Struct]:
+    """The Struct of FACTS: formats.Facts's fields in its order, each of FACT_TYPES' type
+    (a test holds the two to the same names and base types)."""
+    hints = get_type_hints(formats.Facts)
+
+    def facts(self: Any) -> formats.Facts:
+        """The node's facts as the master keeps them: words sanitized."""
+        return formats.Facts(sanitize_word(self.hostname), self.cpus, sanitize_word(self.arch),
+                             sanitize_word(self.kernel), self.load, self.mem_total,
+                             self.mem_available, self.uptime)
+
+    def of(cls: Any, f: formats.Facts) -> Any:
+        return cls(*(getattr(f, name) for name in hints))
+
+    return msgspec.defstruct("NodeFacts", [(name, FACT_TYPES[name]) for name in hints],
+                             frozen=True, namespace={"facts": facts, "of": classmethod(of)},
+                             module=__name__)
+
+
+NodeFacts = _node_facts()
+
+
+# ---- the messages ---------------------------------------------------------------------------
+
+class Msg(Struct, frozen=True, tag_field="t", forbid_unknown_fields=False,
+          omit_defaults=True):
+    """A message; `sender` is who may send it, `handshake` whether before the session
+    (None: in both, as `refused`)."""
+    sender: ClassVar[str]
+    handshake: ClassVar[bool | None] = False
+
+
+class Hello(Msg, tag="hello"):
+    sender = "node"
+    handshake = True
+    v: VERSION
+    nonce: NONCE
+
+
+class Challenge(Msg, tag="challenge"):
+    sender = "master"
+    handshake = True
+    v: VERSION
+    nonce: NONCE
+    mac: MAC
+
+
+class Auth(Msg, tag="auth"):
+    sender = "node"
+    handshake = True
+    mac: MAC
+
+
+class Ok(Msg, tag="ok"):
+    sender = "master"
+    handshake = True
+
+
+class Refused(Msg, tag="refused"):
+    sender = "master"
+    handshake = None            # also a registration's refusal
+    errno: ERRNO
+    message: TEXT
+
+
+class Register(Msg, tag="register", kw_only=True):
+    sender = "node"
+    node: Optional[NODE] = None
+    facts: NodeFacts            # type: ignore[valid-type]
+
+
+class Welcome(Msg, tag="welcome"):
+    sender = "master"
+    node: NODE
+    heartbeat: Annotated[float, Meta(ge=1e-9, le=1e6)]
+
+
+class State(Msg, tag="state"):
+    sender = "node"
+    state: WORD
+
+
+class Facts(Msg, tag="facts"):
+    sender = "node"
+    facts: NodeFacts            # type: ignore[valid-type]
+
+
+class Ctl(Msg, tag="ctl"):
+    sender = "master"
+    cmd: WORD
+
+
+class Restore(Msg, tag="restore"):
+    sender = "master"
+    id: ID
+    image: BLOB
+    uid: ID32
+    gid: ID32
+    groups: Annotated[tuple[ID32, ...], Meta(max_length=NGROUPS)]
+    io: tuple[IO, IO, IO]
+    port: PORT
+    token: WORD
+    pid: Optional[PID] = None
+    rank: Optional[RANK] = None
+
+
+class Need(Msg, tag="need"):
+    sender = "node"
+    id: ID
+    hashes: Annotated[list[HASH], Meta(max_length=MAX_ITEMS)]
+
+
+class Files(Msg, tag="files"):
+    sender = "master"
+    id: ID
+    contents: Annotated[dict[HASH, BLOB], Meta(max_length=MAX_ITEMS)]
+
+
+class Restored(Msg, tag="restored"):
+    sender = "node"
+    id: ID
+    pid: PID
+
+
+class Failed(Msg, tag="failed"):
+    sender = "node"
+    id: ID
+    errno: ERRNO
+    message: TEXT
+
+
+class Signal(Msg, tag="signal"):
+    sender = "master"
+    pid: PID
+    sig: SIGNAL
+    id: Optional[ID] = None
+    group: Optional[bool] = None
+
+
+class Stopped(Msg, tag="stopped"):
+    sender = "node"
+    pid: PID
+    sig: Optional[SIGNAL] = None
+
+
+class Continued(Msg, tag="continued"):
+    sender = "node"
+    pid: PID
+
+
+class Exited(Msg, tag="exited"):
+    sender = "node"
+    pid: PID
+    code: Optional[EXIT_CODE] = None
+    signal: Optional[SIGNAL] = None
+    id: Optional[ID] = None
+
+
+MESSAGES: dict[str, type[Msg]] = {
+    cls.__struct_config__.tag: cls for cls in Msg.__subclasses__()}   # type: ignore[misc]
+
+
+def tag(cls: type[Msg]) -> str:
+    return cls.__struct_config__.tag           # type: ignore[return-value]
+
+
+# ---- encoding and decoding --------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+"""A message's msgpack payload (framing.py adds the length prefix)."""
+
+
+class Side:
+    """The messages one end sends in one phase, and their decoder."""
+
+    def __init__(self, sender: str | None, handshake: bool) -> None:
+        self.sender = sender
+        self.handshake = handshake
+        self.classes = tuple(c for c in MESSAGES.values() if c.handshake in (handshake, None)
+                             and (sender is None or c.sender == sender))
+        self._type = Union[self.classes]                                   # type: ignore
+        self._decode = msgspec.msgpack.Decoder(self._type).decode
+
+    def __repr__(self) -> str:
+        return f"Side({self.sender!r}, handshake={self.handshake})"
+
+    def decode(self, body: bytes) -> Msg:
+        """The message in `body`, or ProtocolError (see the module docstring)."""
+        try:
+            return self._decode(body)
+        except msgspec.MsgspecError as exc:
+            raise self._refusal(body, exc) from None
+        except RecursionError:
+            pass
+        # Nested deeper than this thread's stack leaves room for (in a field no class
+        # names: the classes nest 3 deep): whether that happens depends on the caller's
+        # depth, so decide by msgpack's fixed nesting limit instead.
+        try:
+            return msgspec.convert(loads(body), self._type)
+        except msgspec.ValidationError as exc:
+            raise self._refusal(body, exc) from None
+
+    def _refusal(self, body: bytes, exc: Exception) -> ProtocolError:
+        """Why `body` is refused, in the words of the grammar (the slow path)."""
+        if not isinstance(exc, msgspec.ValidationError):
+            return ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc!s:.80}")
+        name = _tag_of(body)
+        if name is None:
+            return ProtocolError("frame is not a message map with a string 't'")
+        cls = MESSAGES.get(name)
+        if cls is None:
+            return ProtocolError(f"unknown message {name!r:.40}")
+        if self.sender is not None and cls.sender != self.sender:
+            return ProtocolError(f"{name!r} is the {cls.sender}'s message; a {self.sender} "
+                                 "may not send it")
+        if cls.handshake not in (self.handshake, None):
+            return ProtocolError(f"{name!r} is a handshake message, not a message of a session"
+                                 if cls.handshake else f"{name!r} is not a handshake message")
+        return ProtocolError(f"{name}{_problem(str(exc))}"[:150])
+
+
+def loads(body: bytes, ext: bool = True) -> Any:
+    """`body` as plain msgpack, building no string, list or map larger than the frame or
+    MAX_ITEMS, nesting no deeper than msgpack's fixed limit, and with `ext` false no
+    extension types; ProtocolError otherwise. (The typed decoders skip what no class
+    names, an extension type too: the fallback in `Side.decode` must agree.)"""
+    n = len(body)
+    items = min(n, MAX_ITEMS)
     try:
-        out = schema.fields.check(msg)
-    except Bad as bad:
-        raise ProtocolError(f"{name}{bad.path}: {bad.problem}") from None
-    out["t"] = name
-    return out
+        return msgpack.unpackb(body, raw=False, strict_map_key=False, max_str_len=n,
+                               max_bin_len=n, max_array_len=items, max_map_len=items,
+                               max_ext_len=n if ext else 0)
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc!s:.80}") from None
+
+
+class _Tagged(Struct):
+    t: str
+
+
+_tagged = msgspec.msgpack.Decoder(_Tagged).decode
+
+
+def _tag_of(body: bytes) -> str | None:
+    """The string "t" of a payload that is a map, else None."""
+    try:
+        return _tagged(body).t
+    except (msgspec.MsgspecError, RecursionError):
+        pass
+    try:
+        msg = loads(body)                   # a key that is not a string, or deep nesting
+    except ProtocolError:
+        return None
+    t = msg.get("t") if type(msg) is dict else None
+    return t if type(t) is str else None
+
+
+_AT = re.compile(r"(.*) - at `(?:key` in `)?\$(.*)`$")
+_MISSING = re.compile(r"Object missing required field `(.*)`")
+
+
+def _problem(text: str) -> str:
+    """msgspec's "Expected `int` <= 255 - at `$.code`" as ".code: expected `int` <= 255"."""
+    m = _AT.match(text)
+    problem, path = (m.group(1), m.group(2)) if m else (text, "")
+    if "key` in `" in text:
+        path += " key"
+    missing = _MISSING.match(problem)
+    if missing:
+        problem = f"missing field {missing.group(1)!r}"
+    return f"{path}: {problem[:1].lower()}{problem[1:]}"
+
+
+HANDSHAKE = Side(None, True)
+FROM_NODE = Side("node", False)
+FROM_MASTER = Side("master", False)

@@ -193,8 +193,9 @@ def _walk_and_parse(cluster: Cluster) -> None:
                 formats.parse_node_state(text)
             elif f == "info":
                 info = formats.parse_info(text)
-                assert info.cpus >= 1 and info.mem_total > info.mem_available > 0
-                assert info.hostname == f"n{rel.split('/')[1]}"
+                f = info.facts
+                assert f.cpus >= 1 and f.mem_total > f.mem_available > 0
+                assert f.hostname == f"n{rel.split('/')[1]}"
             elif f == "procs":
                 formats.parse_pids(text)
             elif rel.startswith("procs/") and f == "status":

@@ -117,7 +117,7 @@ def test_up_detach_then_down(where: Where) -> None:
     daemons = {}
     for n in range(3):
         info = formats.parse_info(Path(where.mount, f"nodes/{n}/info").read_text())
-        assert info.hostname == f"n{n}"
+        assert info.facts.hostname == f"n{n}"
         d = daemons[n] = recs[f"node-{n}"][0]        # the daemon itself, PID 1 inside
         nspid = Path(f"/proc/{d}/status").read_text().split("NSpid:")[1].splitlines()[0]
         assert nspid.split() == [str(d), "1"]

@@ -29,6 +29,7 @@ import trio
 
 from bpfs import formats
 from bpfs.wire import framing as wire
+from tests.unit.test_messages import plain
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -172,7 +173,7 @@ class FakeNode:
     async def receive_forever(self) -> None:
         try:
             while True:
-                self.received.append(await self.fs.receive())
+                self.received.append(plain(await self.fs.receive()))
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             self.closed.set()
 
@@ -181,7 +182,7 @@ async def register(m: Master, number: int | None = None, key: bytes | None = Non
                    ) -> tuple[wire.FrameStream, dict[str, Any]]:
     fs = await wire.connect("127.0.0.1", m.port, key or m.key)
     await fs.send({"t": "register", "node": number, "facts": FACTS})
-    return fs, await fs.receive()
+    return fs, plain(await fs.receive())
 
 
 @asynccontextmanager
@@ -248,7 +249,8 @@ async def test_cat_of_every_file(master: Master) -> None:
             (1, "down", 0o111, "root", "root", ""), (2, "down", 0o111, "root", "root", "")]
         assert ok(sh(f"cat {m}/nodes/*/status")) == "up\ndown\ndown\n"
         info = formats.parse_info(ok(sh(f"cat {m}/nodes/0/info")))
-        assert (info.hostname, info.cpus, info.mem_total, info.address) == ("fake", 2, 2_000_000, "127.0.0.1")
+        assert (info.facts.hostname, info.facts.cpus, info.facts.mem_total, info.address) == (
+            "fake", 2, 2_000_000, "127.0.0.1")
         assert ok(sh(f"cat {m}/nodes/0/procs {m}/nodes/0/ctl")) == ""
         assert os.listdir(f"{m}/procs") == []
         assert sorted(os.listdir(f"{m}/nodes/1")) == ["ctl", "info", "procs", "status"]

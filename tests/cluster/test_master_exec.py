@@ -23,7 +23,8 @@ import trio
 
 from bpfs import formats
 from bpfs.master.exec import LINGER, LINK_GRACE, READ_GRACE, ExecService, Record
-from bpfs.model import Cluster, ProcOutput
+from bpfs.model import Cluster
+from bpfs.output import ProcOutput
 from bpfs.wire import execreq
 from tests.cluster.test_master import Master, fake_node, master, wait_for  # noqa: F401
 from tests.cluster.test_master_procs import first_restore, messages, proc_state, read_events

@@ -20,7 +20,8 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.node.config import parse_master
 from bpfs.node.service import Backoff
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages
+from tests.unit.test_messages import plain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +76,7 @@ class FakeMaster:
             self.auth_failures += 1
             await stream.aclose()
             return
-        reg = await fs.expect("register")
+        reg = plain(await fs.expect(messages.Register))
         if self.refuse:
             await fs.send({"t": "refused", "errno": 16, "message": "node 9 is taken"})
             await fs.aclose()
@@ -86,7 +87,7 @@ class FakeMaster:
         await self.send_conn.send(conn)
         try:
             while True:
-                conn.inbox.append(await fs.receive())
+                conn.inbox.append(plain(await fs.receive()))
                 conn.changed.set()
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, wire.ProtocolError):
             pass
@@ -370,8 +371,8 @@ async def test_master_refusing_the_handshake_is_reported(tmp_path, nursery):
     make_key(key)
 
     async def refuse(stream):
-        fs = wire.FrameStream(stream)
-        await fs.expect("hello")
+        fs = wire.FrameStream(stream, side=messages.HANDSHAKE)
+        await fs.expect(messages.Hello)
         await fs.send({"t": "refused", "errno": 71, "message": "protocol version 1 unsupported"})
         await stream.aclose()
 

@@ -299,7 +299,7 @@ async def test_corrupt_image_fails_with_einval_and_nothing_runs(node):
         reply = await node.restore(bad)
         assert (reply["t"], reply["errno"]) == ("failed", errno.EINVAL)
         assert "corrupt image" in reply["message"]
-    # fields that fit the message table but not a restore (a malformed one ends the session:
+    # fields that fit the `Restore` class but not a restore (a malformed one ends the session:
     # tests/hostile/test_hostile_peer.py)
     reply = await node.restore(data, io=("null", "tty", "null"))
     assert (reply["t"], reply["errno"]) == ("failed", errno.EINVAL)

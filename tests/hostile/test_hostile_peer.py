@@ -3,9 +3,9 @@
 A peer that can reach the node port but holds no key sends handshake frames with
 fields of every wrong type and size; one that holds the key sends malformed and
 out-of-order frames before and after it registers; a hostile master feeds a real
-node daemon. Every frame is checked against the message table (bpfs/wire/messages.py)
-right after decoding: a bad one closes that one connection with one log line naming
-the peer, never a traceback, never a stall of the master, never state that outlives
+node daemon. Every frame is decoded into the message classes of bpfs/wire/messages.py,
+which check every field as they go: a bad one closes that one connection with one log
+line naming the peer, never a traceback, never a stall of the master, never state that outlives
 the connection. The master runs as `bpfs master` (tests/cluster/test_master.py's
 `Master`), on real sockets and a real FUSE mount.
 """
@@ -35,6 +35,7 @@ from bpfs.wire import framing as wire, messages
 from tests.cluster.test_master import (FACTS, Master, fake_node, master, node_state,  # noqa: F401
                                        register, wait_for)
 from tests.cluster.test_node import make_key, start_node, stop
+from tests.unit.test_messages import struct_fields, valid
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -241,7 +242,7 @@ def test_handshakes_are_capped_and_cut_at_their_deadline(master: Master) -> None
     assert_no_traceback(master)
 
 
-# ---- frames over the message table, with and without the key ------------------------------
+# ---- frames over the message classes, with and without the key ----------------------------
 
 class Deep:
     """A value nested `depth` lists deep (msgpack's packer refuses to build one)."""
@@ -273,30 +274,6 @@ def frame(value: Any) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def valid(spec: messages.Spec) -> st.SearchStrategy[Any]:
-    """Values that fit `spec` (small ones: the point is the shape)."""
-    if isinstance(spec, messages.Int):
-        return st.one_of(st.integers(spec.lo, min(spec.hi, spec.lo + 1000)),
-                         st.sampled_from([spec.lo, spec.hi]))
-    if isinstance(spec, messages.Num):
-        return st.floats(spec.lo, spec.hi, allow_nan=False)
-    if isinstance(spec, messages.Bool):
-        return st.booleans()
-    if isinstance(spec, messages.Str):
-        return st.text(max_size=min(spec.max, 20))
-    if isinstance(spec, messages.Bytes):
-        return st.binary(min_size=spec.lo, max_size=min(spec.hi, max(spec.lo, 40)))
-    if isinstance(spec, messages.Opt):
-        return st.one_of(st.none(), valid(spec.spec))
-    if isinstance(spec, messages.List):
-        return st.lists(valid(spec.item), min_size=spec.lo, max_size=min(spec.hi, max(spec.lo, 4)))
-    if isinstance(spec, messages.Map):
-        return st.dictionaries(valid(spec.key), valid(spec.value), max_size=3)
-    if isinstance(spec, messages.Record):
-        return st.fixed_dictionaries({k: valid(v) for k, v in spec.fields.items()})
-    raise AssertionError(spec)
-
-
 JUNK = st.one_of(
     st.none(), st.booleans(), st.floats(), st.text(max_size=30), st.binary(max_size=30),
     st.integers(-2**63, 2**64 - 1),
@@ -308,42 +285,43 @@ JUNK = st.one_of(
 )
 
 
-def hostile(spec: messages.Spec) -> st.SearchStrategy[Any]:
+def hostile(field: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """A field's value: one that fits, or junk of any type and size."""
-    return st.one_of(valid(spec), JUNK)
+    return st.one_of(field, JUNK)
 
 
 @st.composite
 def message(draw: Any, names: list[str] | None = None) -> dict[str, Any]:
-    """A message named from the table (or not); half of them fit their row (with fields
-    the table does not know added), the others have fields that do not fit, missing
+    """A message named from the classes (or not); half of them fit their class (with
+    fields it does not name added), the others have fields that do not fit, missing
     fields, or a "t" of any type."""
     name = draw(st.sampled_from(names) if names else
                 st.one_of(st.sampled_from(sorted(messages.MESSAGES)), st.text(max_size=12)))
-    schema = messages.MESSAGES.get(name)
-    fields = {} if schema is None else dict(schema.fields.fields)
+    cls = messages.MESSAGES.get(name)
+    fields = {} if cls is None else struct_fields(cls, plain=True)
     extra = st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-2**63, 2**63)), JUNK,
                             max_size=2)
     msg: dict[Any, Any] = {**draw(extra), "t": name}
     if draw(st.booleans()):
-        msg.update(draw(st.fixed_dictionaries({k: valid(v) for k, v in fields.items()})))
+        msg.update(draw(st.fixed_dictionaries(fields)))
         return msg
-    for key, spec in fields.items():
+    for key, field in fields.items():
         if draw(st.integers(0, 9)) > 0:          # now and then a field is missing
-            msg[key] = draw(hostile(spec))
+            msg[key] = draw(hostile(field))
     if draw(st.integers(0, 9)) == 0:
         msg["t"] = draw(JUNK)
     return msg
 
 
-def decoded(msg: Any, limit: int = wire.DEFAULT_MAX_FRAME) -> dict[str, Any] | None:
+def decoded(msg: Any, side: messages.Side = messages.FROM_NODE,
+            limit: int = wire.DEFAULT_MAX_FRAME) -> messages.Msg | None:
     """What the master makes of `msg` on the wire: the message it hands on, or None for a
-    frame it refuses (too big, undecodable, or not fitting the table)."""
+    frame it refuses (too big, undecodable, or not one of `side`'s messages)."""
     body = encode(msg)
     if len(body) > limit:
         return None
     try:
-        return messages.check(wire.unpack(body), "node")
+        return side.decode(body)
     except wire.ProtocolError:
         return None
 
@@ -386,9 +364,10 @@ def frames_without_the_key_close_the_connection(master: Master, good_hello: bool
         if good_hello:
             send_all(s, wire.pack({**HELLO, "nonce": os.urandom(wire.NONCE_BYTES)}))
         send_all(s, b"".join(p if isinstance(p, bytes) else frame(p) for p in parts))
-        first = None if isinstance(parts[0], bytes) else decoded(parts[0], wire.HANDSHAKE_MAX_FRAME)
-        waits = (not good_hello and len(parts) == 1 and first is not None
-                 and first["t"] == "hello" and first["v"] == wire.VERSION)
+        first = None if isinstance(parts[0], bytes) else decoded(
+            parts[0], messages.HANDSHAKE, wire.HANDSHAKE_MAX_FRAME)
+        waits = (not good_hello and len(parts) == 1 and isinstance(first, messages.Hello)
+                 and first.v == wire.VERSION)
         if not waits:
             assert closed_within(s, 5), parts
 
@@ -416,7 +395,7 @@ def keyed(m: Master) -> socket.socket:
     return s
 
 
-NODE_SENDS = sorted(n for n, sch in messages.MESSAGES.items() if sch.sender == "node")
+NODE_SENDS = sorted(messages.tag(c) for c in messages.MESSAGES.values() if c.sender == "node")
 REGISTER = {"t": "register", "node": None, "facts": FACTS}
 
 
@@ -444,9 +423,9 @@ def frames_of_a_key_holder_are_checked(master: Master, registered: bool,
         send_all(s, b"".join(frame(m) for m in msgs))
         seen = [decoded(m) for m in msgs]
         if not registered:      # the first must be a `register` (then the rest may close it)
-            expect_close = seen[0] is None or seen[0]["t"] != "register"
+            expect_close = not isinstance(seen[0], messages.Register)
         else:
-            expect_close = not all(m is not None and m["t"] in FROM_NODE for m in seen)
+            expect_close = not all(m is not None and type(m) in FROM_NODE for m in seen)
         if expect_close:
             assert closed_within(s, 5), msgs
     wait_all_down(master)
@@ -564,10 +543,10 @@ async def test_a_node_drops_a_master_that_sends_a_bad_frame(tmp_path: Path, bad:
 
     async def hostile_master(stream: trio.SocketStream) -> None:
         fs = await wire.accept(stream, key.read_bytes().strip())
-        await fs.expect("register")
+        await fs.expect(messages.Register)
         if bad["t"] != "welcome":
             await fs.send({"t": "welcome", "node": 4, "heartbeat": 0.1})
-            await fs.expect("state")
+            await fs.expect(messages.State)
         registered.set()
         await fs.stream.send_all(frame(bad))
         with trio.move_on_after(10):

@@ -14,7 +14,7 @@ import pytest
 
 from bpfs import formats
 from bpfs.cli import bpstat
-from bpfs.formats import NodeInfo, NodeRow, ProcStatus
+from bpfs.formats import Facts, NodeInfo, NodeRow, ProcStatus
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +48,8 @@ def row(n: int, state: str = "up", mode: int = 0o111, user: str = "root",
 # 0-3 up; 4 and 7 down; 5 owned by an unknown uid; 6 mode 0110; 8-9 up
 ROWS = [row(0), row(1), row(2), row(3), row(4, "down"), row(5, user="#4242"),
         row(6, mode=0o110), row(7, "down"), row(8), row(9)]
-INFOS = {n: NodeInfo(f"10.0.0.{n + 1}", f"n{n}", 2, "x86_64", "6.1", (0.25 * n, 0.1, 0.0),
-                     8 * GiB, 5 * GiB, 100.0, 3) for n in range(10)}
+INFOS = {n: NodeInfo(f"10.0.0.{n + 1}", Facts(f"n{n}", 2, "x86_64", "6.1", (0.25 * n, 0.1, 0.0),
+                                          8 * GiB, 5 * GiB, 100.0), 3) for n in range(10)}
 
 
 @pytest.fixture

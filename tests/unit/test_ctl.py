@@ -10,7 +10,9 @@ from hypothesis import given, strategies as st
 
 from bpfs import ctl
 from bpfs.errors import BpfsError
-from bpfs.model import Caller, Cluster, Facts
+from bpfs.formats import Facts
+from bpfs.model import Caller, Cluster
+from bpfs.wire import messages
 from bpfs.wire.execreq import ExecMove, parse_execmove, split_ctl_words
 
 ROOT = Caller(0, 0)
@@ -140,7 +142,7 @@ async def test_refusals(data, caller, node, err):
 async def test_power_commands_go_to_the_node_and_show(cmd):
     s = services()
     assert await run(s, cmd.encode() + b"\n", node=1) == "ok"
-    assert s.sent == [(1, {"t": "ctl", "cmd": cmd})]
+    assert s.sent == [(1, messages.Ctl(cmd=cmd))]
     assert s.cluster.node(1).state == cmd
 
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpfs.errors import BpfsError
-from bpfs.wire import framing as wire
+from bpfs.wire import framing as wire, messages as msgs
 
 KEY = b"k" * 64
 OTHER = b"o" * 64
@@ -35,9 +35,10 @@ messages = st.builds(lambda t, rest: {"t": t, **rest},
                                      max_size=6))
 
 
-def pair(max_frame: int = wire.DEFAULT_MAX_FRAME) -> tuple[wire.FrameStream, wire.FrameStream]:
+def pair(max_frame: int = wire.DEFAULT_MAX_FRAME, side: msgs.Side | None = None
+         ) -> tuple[wire.FrameStream, wire.FrameStream]:
     a, b = trio.testing.memory_stream_pair()
-    return wire.FrameStream(a, max_frame), wire.FrameStream(b, max_frame)
+    return wire.FrameStream(a, max_frame, side), wire.FrameStream(b, max_frame, side)
 
 
 # ---- framing ----------------------------------------------------------------
@@ -124,21 +125,21 @@ def test_random_bytes_never_raise_anything_but_protocol_errors(data):
 
 
 async def test_expect_turns_refused_into_bpfs_error():
-    a, b = pair()
-    await a.send({"t": "refused", "errno": errno.EBUSY, "message": "node 3 is taken"})
+    a, b = pair(side=msgs.FROM_MASTER)
+    await a.send(msgs.Refused(errno=errno.EBUSY, message="node 3 is taken"))
     with pytest.raises(BpfsError) as info:
-        await b.expect("welcome")
+        await b.expect(msgs.Welcome)
     assert info.value.errno == errno.EBUSY and "taken" in info.value.message
-    await a.send({"t": "other"})
-    with pytest.raises(wire.ProtocolError):
-        await b.expect("welcome")
+    await a.send(msgs.Ctl(cmd="halt"))
+    with pytest.raises(wire.ProtocolError, match="expected 'welcome', got 'ctl'"):
+        await b.expect(msgs.Welcome)
 
 
 # ---- handshake -------------------------------------------------------------------
 
 async def handshake(node_key: bytes, master_key: bytes):
     """Run both sides; return (node outcome, master outcome), each None or the exception."""
-    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME, msgs.HANDSHAKE)
     out: dict[str, BaseException | None] = {}
 
     async def side(name, fn, fs, key):
@@ -173,15 +174,15 @@ async def test_master_with_wrong_key_is_not_trusted():
 
 
 async def test_master_refuses_a_node_that_fails_auth():
-    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME, msgs.HANDSHAKE)
     out = {}
 
     async def bad_node():
-        await n.send({"t": "hello", "v": wire.VERSION, "nonce": os.urandom(32)})
-        await n.expect("challenge")
-        await n.send({"t": "auth", "mac": b"\0" * 32})
+        await n.send(msgs.Hello(v=wire.VERSION, nonce=os.urandom(32)))
+        await n.expect(msgs.Challenge)
+        await n.send(msgs.Auth(mac=b"\0" * 32))
         with pytest.raises(BpfsError) as info:
-            await n.expect("ok")
+            await n.expect(msgs.Ok)
         out["node"] = info.value
 
     async def master():
@@ -195,17 +196,17 @@ async def test_master_refuses_a_node_that_fails_auth():
 
 
 async def test_version_mismatch_is_refused():
-    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
-    await n.send({"t": "hello", "v": wire.VERSION + 1, "nonce": os.urandom(32)})
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME, msgs.HANDSHAKE)
+    await n.send(msgs.Hello(v=wire.VERSION + 1, nonce=os.urandom(32)))
     with pytest.raises(wire.ProtocolError, match="version"):
         await wire.server_handshake(m, KEY)
     with pytest.raises(BpfsError) as info:
-        await n.expect("challenge")
+        await n.expect(msgs.Challenge)
     assert info.value.errno == errno.EPROTO
 
 
 async def test_bad_nonce_is_a_protocol_error():
-    n, m = pair(wire.HANDSHAKE_MAX_FRAME)
+    n, m = pair(wire.HANDSHAKE_MAX_FRAME, msgs.HANDSHAKE)
     await n.send({"t": "hello", "v": wire.VERSION, "nonce": b"short"})
     with pytest.raises(wire.ProtocolError, match="nonce"):
         await wire.server_handshake(m, KEY)
@@ -215,7 +216,7 @@ async def test_connect_and_accept_over_tcp():
     async def serve(stream):
         try:
             fs = await wire.accept(stream, KEY)
-            await fs.send({"t": "ctl", "cmd": "halt"})
+            await fs.send(msgs.Ctl(cmd="halt"))
             await fs.send({"t": "hi"})
         except wire.ProtocolError:
             pass
@@ -226,7 +227,7 @@ async def test_connect_and_accept_over_tcp():
                                                           host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         fs = await wire.connect("127.0.0.1", port, KEY)
-        assert await fs.receive() == {"t": "ctl", "cmd": "halt"}
+        assert await fs.receive() == msgs.Ctl(cmd="halt")
         with pytest.raises(wire.ProtocolError, match="unknown message 'hi'"):
             await fs.receive()            # the node checks the master's messages too
         await fs.aclose()

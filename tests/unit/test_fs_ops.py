@@ -21,7 +21,8 @@ from bpfs import formats
 from bpfs.fs import procfs
 from bpfs.fs.inodes import Ino, Kind
 from bpfs.fs.ops import BpfsOperations, RefusalLog
-from bpfs.model import Caller, Proc, ProcOutput
+from bpfs.model import Caller, Proc
+from bpfs.output import ProcOutput
 from tests.unit.test_ctl import FakeServices, services
 
 

@@ -12,6 +12,7 @@ from bpfs.cli.bpsh import stdio as stdio_server
 from bpfs.migrate.restore import JOB_RECORD
 from bpfs.node.init import Reaper
 from bpfs.node.procs import Held, ProcessTable
+from bpfs.wire import messages
 from tests.unit.test_model import up_cluster
 
 
@@ -38,9 +39,9 @@ def test_keeper_records_become_stopped_continued_and_exited_reports() -> None:
         _write(table, 41, 0)                                  # nothing after the end
         table.read_jobs()
         assert session.reports == [
-            {"t": "stopped", "pid": 41, "sig": signal.SIGTSTP},
-            {"t": "continued", "pid": 41},
-            {"t": "exited", "pid": 41, "code": 3, "signal": None, "id": 1}]
+            messages.Stopped(pid=41, sig=signal.SIGTSTP),
+            messages.Continued(pid=41),
+            messages.Exited(pid=41, code=3, signal=None, id=1)]
         assert 41 not in table.held
         table.read_jobs()                                     # nothing left: no error
     finally:
@@ -54,8 +55,8 @@ def test_a_death_by_signal_is_reported_as_such() -> None:
         table.hold(7, Held(session, 1, "sh"))  # type: ignore[arg-type]
         _write(table, 7, signal.SIGTERM)
         table.read_jobs()
-        assert session.reports == [{"t": "exited", "pid": 7, "code": None,
-                                    "signal": signal.SIGTERM, "id": 1}]
+        assert session.reports == [messages.Exited(pid=7, code=None, signal=signal.SIGTERM,
+                                                   id=1)]
     finally:
         os.close(table.jobs_r)
         os.close(table.jobs_w)

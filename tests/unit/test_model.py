@@ -8,7 +8,9 @@ import signal
 import pytest
 
 from bpfs.errors import BpfsError
-from bpfs.model import Caller, Cluster, EventLog, Facts, OutputRing, Proc, ProcOutput, SavedNode
+from bpfs.formats import Facts
+from bpfs.model import Caller, Cluster, EventLog, Proc, SavedNode
+from bpfs.output import OutputRing, ProcOutput
 
 ROOT = Caller(0, 0)
 ALICE = Caller(1000, 1000, frozenset({100, 2000}))
@@ -233,14 +235,6 @@ def test_event_ring_bounded_and_lagging_reader_skips():
     log.subscribe(lambda: woken.append(1))
     log.append("proc", 1, "exit", "0")
     assert woken == [1]
-
-
-def test_facts_sanitized():
-    f = Facts.from_wire({"hostname": "a b\n", "cpus": "x", "load": [1, 2], "mem_total": -5,
-                         "uptime": float("nan"), "arch": 7})
-    assert f == Facts(hostname="ab")
-    assert Facts.from_wire(None) == Facts()
-    assert Facts.from_wire({"load": [0.5, 1, 2], "cpus": True}).load == (0.5, 1.0, 2.0)
 
 
 def test_procs_table():
