@@ -1,1 +1,2 @@
-"""The FUSE adapter: the only package that imports pyfuse3 (ops, tree tables, inodes, mount)."""
+"""The FUSE adapter: the only package that imports pyfuse3 (ops, tree tables, inodes, procfs,
+mount). docs/architecture.md places it among the layers."""
