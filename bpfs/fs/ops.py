@@ -504,13 +504,11 @@ class BpfsOperations(pyfuse3.Operations):
         if h.spec is None or not h.spec.stream:
             return select.POLLIN | select.POLLOUT
         if h.output is not None:
-            if h.output.read(h.cursor, 1)[0] or h.output.at_eof(h.cursor):
-                return select.POLLIN
-            if poll_handle is not None:
-                h.poll_handle = poll_handle
-            return 0
-        if h.pending or self.cluster.events.cursor() > h.cursor:
+            ready = bool(h.output.read(h.cursor, 1)[0]) or h.output.at_eof(h.cursor)
+        else:
+            ready = bool(h.pending) or self.cluster.events.cursor() > h.cursor
+        if ready:
             return select.POLLIN
         if poll_handle is not None:
-            h.poll_handle = poll_handle
+            h.poll_handle = poll_handle         # _wake notifies it
         return 0

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -349,6 +350,32 @@ async def test_poll_on_events():
     assert await ops.poll(ino, fi.fh, None, ROOT) == 0
     s.cluster.detach(0)
     assert await ops.poll(ino, fi.fh, None, ROOT) != 0
+
+
+class PollHandle:
+    """Stands for pyfuse3's poll handle: the kernel's poller, woken by notify()."""
+
+    def __init__(self) -> None:
+        self.notified = 0
+
+    def notify(self) -> None:
+        self.notified += 1
+
+
+@pytest.mark.parametrize("path", ["/events", "/procs/77/stdout"])
+async def test_a_poller_is_woken_once_by_news(path):
+    ops, s = make()
+    out = with_output(ops)
+    news = {"/events": lambda n: s.cluster.detach(n),
+            "/procs/77/stdout": lambda n: out.append("stdout", b"%d" % n)}[path]
+    ino = await path_ino(ops, path)
+    fi = await ops.open(ino, os.O_RDONLY, ROOT)
+    ph = PollHandle()
+    assert await ops.poll(ino, fi.fh, ph, ROOT) == 0
+    news(0)
+    news(1)
+    assert ph.notified == 1                     # once: the kernel polls again to wait more
+    assert await ops.poll(ino, fi.fh, None, ROOT) == select.POLLIN
 
 
 async def test_internal_errors_become_eio_and_are_logged(caplog):
