@@ -19,6 +19,7 @@ from typing import Sequence
 import click
 
 from bpfs.cli import common
+from bpfs.cli.clickmain import click_main
 
 DEFAULT_PORT = 2223
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -148,7 +149,7 @@ def keygen(key_file: str, force: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    return common.run("bpfs", lambda: common.click_main(cli, "bpfs", argv))
+    return common.run("bpfs", lambda: click_main(cli, "bpfs", argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import click
 
-from bpfs.cli import common
+from bpfs.cli.clickmain import click_main
 from bpfs.errors import BpfsError
 from bpfs.node.config import DEFAULT_KEY_FILE, NodeConfig, parse_master
 from bpfs.node.daemon import start
@@ -79,7 +79,7 @@ def cli(master: str, node: int | None, key_file: str, reconnect: bool, no_namesp
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (see HELP)."""
-    return common.click_main(cli, "bpslave", argv)
+    return click_main(cli, "bpslave", argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import click
 
 from bpfs import __version__, formats, nodeset
 from bpfs.cli import common
+from bpfs.cli.clickmain import click_main
 from bpfs.formats import NodeRow
 
 PROG = "bpstat"
@@ -425,7 +426,7 @@ def cli(fmt: str, reverse: bool, sort: str | None, update: bool, lock: bool, hos
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (see the module docstring of bpfs.cli.common)."""
-    return common.run(PROG, lambda: common.click_main(cli, PROG, args))
+    return common.run(PROG, lambda: click_main(cli, PROG, args))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations
 if TYPE_CHECKING:
     from typing import Callable, NoReturn, Sequence, TypeVar
 
-    import click
-
     from bpfs import formats
 
     T = TypeVar("T")
@@ -76,24 +74,6 @@ def run(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
-
-
-def click_main(command: click.Command, prog: str, argv: Sequence[str] | None) -> int:
-    """Run a click command without its standalone mode: the exit status it returns, else 0;
-    a usage error (2) or other click error shown as click shows it; Ctrl-C (click has
-    ended the line already) is EXIT_INTERRUPTED. Other errors pass through, to `run`."""
-    import click        # not at start-up: bpsh, bpctl and bpcp parse by hand
-    try:
-        rv = command.main(args=list(argv) if argv is not None else None, prog_name=prog,
-                          standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        return EXIT_INTERRUPTED
-    return rv if isinstance(rv, int) else EXIT_OK
 
 
 def exit_now(status: int) -> "NoReturn":
