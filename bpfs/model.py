@@ -53,6 +53,8 @@ from bpfs.errors import BpfsError
 from bpfs.formats import Event, Facts
 from bpfs.output import ProcOutput
 
+# The model's node numbers and process IDs, in its signatures and records: a checker tells
+# one from the other and from uids and counts; at run time they are plain ints.
 NodeId = NewType("NodeId", int)
 Pid = NewType("Pid", int)
 
@@ -77,7 +79,7 @@ class Caller:
     uid: int
     gid: int
     groups: frozenset[int] = frozenset()
-    pid: int = 0
+    pid: Pid = Pid(0)
     pin: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -90,7 +92,7 @@ class Caller:
 
 @dataclass
 class Node:
-    number: int
+    number: NodeId
     mode: int = NEW_NODE_MODE
     uid: int = 0
     gid: int = 0
@@ -116,7 +118,7 @@ class Node:
 @dataclass(frozen=True)
 class SavedNode:
     """What the state file keeps of a node: its number, ACL and admin state."""
-    number: int
+    number: NodeId
     mode: int = NEW_NODE_MODE
     uid: int = 0
     gid: int = 0
@@ -126,8 +128,8 @@ class SavedNode:
 @dataclass
 class Proc:
     """A migrated process. `gen` tells a reused PID from the process it replaced."""
-    pid: int
-    node: int
+    pid: Pid
+    node: NodeId
     uid: int
     gid: int
     cmd: str
@@ -201,19 +203,19 @@ class Cluster:
 
     # ---- lookup --------------------------------------------------------------
 
-    def node(self, n: int) -> Node:
+    def node(self, n: NodeId) -> Node:
         try:
             return self._nodes[n]
         except KeyError:
             raise BpfsError(errno.ENOENT, f"no node {n}") from None
 
-    def has_node(self, n: int) -> bool:
+    def has_node(self, n: NodeId) -> bool:
         return n in self._nodes
 
     def nodes(self) -> list[Node]:
         return [self._nodes[n] for n in sorted(self._nodes)]
 
-    def _add_node(self, n: int) -> Node:
+    def _add_node(self, n: NodeId) -> Node:
         """A node of open numbering, seen for the first time (nothing to save yet)."""
         node = self._nodes[n] = Node(n)
         return node
@@ -224,7 +226,7 @@ class Cluster:
 
     # ---- ACL -------------------------------------------------------------------
 
-    def chmod(self, n: int, mode: int, caller: Caller) -> None:
+    def chmod(self, n: NodeId, mode: int, caller: Caller) -> None:
         node = self.node(n)
         if not (caller.is_root or caller.uid == node.uid):
             raise BpfsError(errno.EPERM, f"only the owner or root may chmod node {n}")
@@ -235,7 +237,7 @@ class Cluster:
             self.revision += 1
             self.events.append("node", n, "mode", f"{mode:04o}")
 
-    def chown(self, n: int, uid: int | None, gid: int | None, caller: Caller) -> None:
+    def chown(self, n: NodeId, uid: int | None, gid: int | None, caller: Caller) -> None:
         """Change owner and/or group (None: unchanged), all or nothing."""
         node = self.node(n)
         if uid is not None and uid != node.uid and not caller.is_root:
@@ -253,7 +255,7 @@ class Cluster:
             self.revision += 1
             self.events.append("node", n, "owner", f"{new_uid} {new_gid}")
 
-    def may_run(self, n: int, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
+    def may_run(self, n: NodeId, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
         node = self._nodes.get(n)
         if node is None or node.state != "up":
             return False
@@ -265,7 +267,7 @@ class Cluster:
             return bool(node.mode & 0o010)
         return bool(node.mode & 0o001)
 
-    def check_run(self, n: int, caller: Caller) -> None:
+    def check_run(self, n: NodeId, caller: Caller) -> None:
         """Raise EHOSTDOWN if node `n` is not up, EACCES if the caller may not use it."""
         node = self.node(n)
         if node.state != "up":
@@ -275,7 +277,7 @@ class Cluster:
 
     # ---- states set by root ------------------------------------------------------
 
-    def set_admin_state(self, n: int, state: str, caller: Caller) -> None:
+    def set_admin_state(self, n: NodeId, state: str, caller: Caller) -> None:
         node = self.node(n)
         _require_root(caller, f"only root may set the state of node {n}")
         if state not in ADMIN_STATES:
@@ -288,13 +290,13 @@ class Cluster:
             self.revision += 1
             self._changed(node, before)
 
-    def check_power(self, n: int, cmd: str, caller: Caller) -> None:
+    def check_power(self, n: NodeId, cmd: str, caller: Caller) -> None:
         """May `caller` send reboot/halt/pwroff to node `n`? EPERM, EHOSTDOWN."""
         node = self.node(n)
         _require_root(caller, f"only root may {cmd} node {n}")
         self._require_connected(node, errno.EHOSTDOWN)
 
-    def mark_power(self, n: int, cmd: str) -> None:
+    def mark_power(self, n: NodeId, cmd: str) -> None:
         """Show `cmd` as the node's state until its connection drops."""
         if cmd not in POWER_COMMANDS:
             raise BpfsError(errno.EINVAL, f"not a power command: {cmd!r}")
@@ -347,7 +349,7 @@ class Cluster:
             raise BpfsError(errno.ENOSPC, "no free node number")
         return nxt
 
-    def reported_state(self, n: int, state: str, now: float) -> None:
+    def reported_state(self, n: NodeId, state: str, now: float) -> None:
         """The node daemon says "up" (booted) or "boot"; anything else is EINVAL."""
         node = self.node(n)
         if state not in ("up", "boot"):
@@ -357,13 +359,13 @@ class Cluster:
         node.booted = state == "up"
         self._changed(node, before)
 
-    def heartbeat(self, n: int, facts: Facts | None, now: float) -> None:
+    def heartbeat(self, n: NodeId, facts: Facts | None, now: float) -> None:
         node = self.node(n)
         node.last_heartbeat = now
         if facts is not None:
             node.facts = facts
 
-    def detach(self, n: int) -> None:
+    def detach(self, n: NodeId) -> None:
         """The node's connection is gone: it is down (an event if it was not)."""
         node = self.node(n)
         before = node.state
@@ -380,19 +382,19 @@ class Cluster:
     def add_proc(self, proc: Proc) -> None:
         self.procs[proc.pid] = proc
 
-    def proc(self, pid: int, gen: int | None = None) -> Proc:
+    def proc(self, pid: Pid, gen: int | None = None) -> Proc:
         p = self.procs.get(pid)
         if p is None or (gen is not None and p.gen != gen):
             raise BpfsError(errno.ESRCH, f"no process {pid}")
         return p
 
-    def remove_proc(self, pid: int, gen: int | None = None) -> None:
+    def remove_proc(self, pid: Pid, gen: int | None = None) -> None:
         """Drop `pid` (only if it is still generation `gen`, when given)."""
         p = self.procs.get(pid)
         if p is not None and (gen is None or p.gen == gen):
             del self.procs[pid]
 
-    def start_proc(self, pid: int, node: int, uid: int, gid: int, cmd: str, now: float,
+    def start_proc(self, pid: Pid, node: NodeId, uid: int, gid: int, cmd: str, now: float,
                    state: str = "running", output: ProcOutput | None = None) -> Proc:
         """A migrated process is (or is about to be) on `node`: record it with a new
         generation; event `start`. It replaces an exited one of the same pid."""
@@ -402,13 +404,13 @@ class Cluster:
         self.events.append("proc", pid, "start", str(node))
         return p
 
-    def proc_running(self, pid: int) -> None:
+    def proc_running(self, pid: Pid) -> None:
         """The node restored a "starting" process: it runs."""
         p = self.procs.get(pid)
         if p is not None and p.state == "starting":
             p.state = "running"
 
-    def start_failed(self, pid: int, err: int, gen: int | None = None) -> None:
+    def start_failed(self, pid: Pid, err: int, gen: int | None = None) -> None:
         """A "starting" process never ran: event `exit failed ENAME`, and it is removed."""
         p = self.procs.get(pid)
         if p is None or p.state != "starting" or (gen is not None and p.gen != gen):
@@ -420,7 +422,7 @@ class Cluster:
             p.output.close()
         del self.procs[pid]
 
-    def check_signal(self, pid: int, caller: Caller, gen: int | None = None) -> Proc:
+    def check_signal(self, pid: Pid, caller: Caller, gen: int | None = None) -> Proc:
         """ESRCH if `pid` is not a live migrated process (of generation `gen`, if given),
         EPERM unless its uid or root."""
         p = self.proc(pid, gen)
@@ -430,7 +432,7 @@ class Cluster:
             raise BpfsError(errno.EPERM, f"not allowed to signal process {pid}")
         return p
 
-    def signalled(self, pid: int, sig: int) -> None:
+    def signalled(self, pid: Pid, sig: int) -> None:
         """A signal went to `pid`'s real process: event; stop/cont change its state."""
         p = self.procs.get(pid)
         if p is None or p.state == "exited":
@@ -441,19 +443,19 @@ class Cluster:
             p.state = "running"
         self.events.append("proc", pid, "signal", str(sig))
 
-    def stopped(self, pid: int) -> None:
+    def stopped(self, pid: Pid) -> None:
         """The node says the real process is stopped."""
         p = self.procs.get(pid)
         if p is not None and p.state in ("running", "stopped"):
             p.state = "stopped"
 
-    def continued(self, pid: int) -> None:
+    def continued(self, pid: Pid) -> None:
         """The node says the real process was continued."""
         p = self.procs.get(pid)
         if p is not None and p.state == "stopped":
             p.state = "running"
 
-    def exited(self, pid: int, code: int | None, sig: int | None) -> None:
+    def exited(self, pid: Pid, code: int | None, sig: int | None) -> None:
         """The process ended with exit `code` or by signal `sig` (the first report counts)."""
         p = self.procs.get(pid)
         if p is None or p.state == "exited":
@@ -464,7 +466,7 @@ class Cluster:
         if p.output is not None:
             p.output.end()
 
-    def procs_on(self, n: int) -> list[int]:
+    def procs_on(self, n: NodeId) -> list[Pid]:
         return sorted(p.pid for p in self.procs.values() if p.node == n and p.state != "exited")
 
     # ---- persistence -------------------------------------------------------------------
