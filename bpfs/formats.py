@@ -40,7 +40,7 @@ import grp
 import pwd
 import stat
 from bpfs.record import record
-TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations only
+TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from typing import Iterable, Mapping
 

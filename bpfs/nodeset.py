@@ -29,7 +29,7 @@ formats.NODE_STATES.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations only
+TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from typing import Iterable, Sequence
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-TYPE_CHECKING = False  # typing costs ~3 ms of every CLI's start-up; annotations only
+TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from typing import Callable, NoReturn, Sequence, TypeVar
 

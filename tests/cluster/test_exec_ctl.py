@@ -1,5 +1,5 @@
 """`exec` written to nodes/N/ctl, end to end: the master runs the command as the writer,
-migrates it, and keeps its output in procs/PID/stdout and stderr (issue 4 item 7).
+migrates it, and keeps its output in procs/PID/stdout and stderr.
 
 The writer is a small Python program run as the test user (setpriv), with the cwd and
 environment the test gives it: it writes one line to the ctl file and reads the handle

@@ -3,7 +3,7 @@
 A writer (`sh -c 'echo execmove ... > ctl; exec sleep 30'`) asks for its next execve to be
 migrated; the master seizes it, catches the exec and parks it as the ghost; the fake node
 answers `restored`, `failed` or `exited` itself. So these tests hold the master's side of
-issue 4: procs/PID files and their permissions, signal forwarding both ways, the ghost's end
+migration: procs/PID files and their permissions, signal forwarding both ways, the ghost's end
 status, the err header to bpsh, refusals of execmove, ghosts dying with their node.
 """
 

@@ -11,7 +11,7 @@ import _socket
 import os
 from bpfs.child import path_candidates
 from bpfs.record import Factory, record
-TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
+TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from typing import Sequence
 

@@ -21,7 +21,7 @@ from bpfs.child import (ALL_RANKS, CTL, EXEC, NODE_REFUSALS, REASON_MAX, Report,
 
 from bpfs.cli import common
 from bpfs.cli.bpsh.args import MASTER, Job
-TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
+TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from bpfs.cli.bpsh.stdio import StdioServer     # not at start-up: see run.run_job
 

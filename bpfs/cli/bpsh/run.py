@@ -64,7 +64,7 @@ import os
 import sys
 import time
 from bpfs.child import reset_signals
-TYPE_CHECKING = False  # typing costs ~3 ms of start-up; annotations only
+TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from typing import Sequence
     from bpfs.cli.bpsh.links import Proc
