@@ -34,6 +34,7 @@ Future = concurrent.futures.Future
 STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
 SI_KERNEL = 0x80
+DISCARD = -1             # _Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
 
 # tracee states
 SEIZED = "seized"        # running towards its execve
@@ -61,6 +62,8 @@ class _Tracee:
     failed: list[Future] = field(default_factory=list)  # they get `failure` at its end
     stopped: bool = False    # a GHOST in a group-stop (set_stopped), held with LISTEN
     stop_sent: int = 0       # our SIGSTOP (set_stopped) is on its way: deliver this one
+                             # (DISCARD: a SIGCONT overtook it, it is swallowed)
+    stopping: bool = False   # our stop signal delivered, its group-stop not seen yet
     cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
 
 
@@ -109,6 +112,16 @@ def _from_terminal(pid: int) -> bool:
     except MigrateError:
         return False
     return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
+def _pending(pid: int, sig: int) -> bool:
+    """True if `sig` is pending for `pid` (sent to the process or to its thread). Exact for
+    a tracee in a ptrace-stop, or asleep in pause() with the tracer thread not yet told."""
+    try:
+        st = procstatus.read(pid)
+        return bool((int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)) >> (sig - 1) & 1)
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _ignores(pid: int, sig: int) -> bool:
@@ -191,19 +204,45 @@ class Ghosts:
     def _job_stop(self, t: _Tracee, sig: int, event: int) -> bool:
         """The stops of `set_stopped`: our SIGSTOP is delivered, the group-stop it makes is
         held (LISTEN: the parent sees a stopped child, and a SIGCONT wakes it), our SIGCONT
-        is not reported. True if the stop was one of those (handled)."""
+        is not reported. True if the stop was one of those (handled).
+
+        The reports that drive `set_stopped` come late (the node saw the stop first), and a
+        user's SIGCONT (a shell's `bg`, `fg`) can be anywhere by then. The rules, so that
+        the last word is the user's: a SIGCONT generated after our SIGSTOP discards it (the
+        kernel does); a SIGCONT of the user's dequeued before our SIGSTOP was sent (our
+        SIGSTOP is still pending when it is seen here) makes our SIGSTOP stale: it is
+        swallowed when it comes (DISCARD), never delivered nor reported (reported, it would
+        be forwarded and stop the real process again, after the user continued it).
+        `set_stopped` does not stop a ghost with a SIGCONT pending (sending SIGSTOP would
+        discard it, unseen); one that comes between its look and its SIGSTOP is discarded
+        all the same, but leaves a trace: the notify trap a SIGCONT makes a seized process
+        take, with no SIGCONT left to deliver. That SIGCONT is reported from there."""
         if event == pt.EVENT_STOP and sig in STOP_SIGNALS:
-            t.stopped = True
+            t.stopped, t.stopping = True, False
             pt.ptrace(pt.LISTEN, t.pid)
         elif event == 0 and sig == _signal.SIGSTOP and t.stop_sent:
-            pt.cont(t.pid, t.stop_sent)         # the real process's stop signal, delivered
-            t.stop_sent = 0
+            # the real process's stop signal, delivered; or, overtaken, swallowed
+            pt.cont(t.pid, 0 if t.stop_sent == DISCARD else t.stop_sent)
+            t.stopping, t.stop_sent = t.stop_sent != DISCARD, 0
         elif event == 0 and sig == _signal.SIGCONT:
-            t.stopped, t.stop_sent = False, 0   # a SIGCONT discards a pending SIGSTOP
+            t.stopped = t.stopping = False     # (a SIGCONT cancels a stop under way)
+            if t.stop_sent and not _pending(t.pid, _signal.SIGSTOP):
+                t.stop_sent = 0                 # it was discarded by this SIGCONT
             if not t.cont_sent:
+                if t.stop_sent:
+                    t.stop_sent = DISCARD       # sent before this was seen: stale
                 return False                    # the user's: reported, forwarded
-            t.cont_sent = False
+            t.cont_sent = False                 # ours; a SIGSTOP still pending is newer
             pt.cont(t.pid, 0)
+        elif event == pt.EVENT_STOP and t.stop_sent > 0 and not t.stopped and \
+                not _pending(t.pid, _signal.SIGCONT):
+            # a jobctl notify trap: a SIGCONT came (a seized process traps before it takes
+            # one), and is gone: our SIGSTOP, sent just after it, discarded it. It was the
+            # user's (ours are not sent while a stop is on its way): reported here, and
+            # our SIGSTOP is stale.
+            t.stop_sent = DISCARD
+            pt.cont(t.pid, 0)
+            self._report(t.pid, [_signal.SIGCONT])
         else:
             return False
         return True
@@ -211,14 +250,25 @@ class Ghosts:
     def set_stopped(self, fut: Future, pid: int, stopped: bool, sig: int) -> None:
         """Stop a parked ghost by `sig` (its real process stopped so) or let it go on; a
         ghost already so, or on its way, is left alone. A stop signal the ghost ignores
-        (its dispositions are the program's at its entry point) becomes SIGSTOP."""
+        (its dispositions are the program's at its entry point) becomes SIGSTOP. A ghost
+        with a user's SIGCONT pending is not stopped: that SIGCONT, forwarded when it is
+        delivered, continues the real process, whose stop this report is (`_job_stop`)."""
         t = self._known(pid)
         if t.state == GHOST and not t.killed:
-            if stopped and not t.stopped and not t.stop_sent:
+            if stopped and t.stop_sent <= 0 and not t.stopping and \
+                    (not t.stopped or t.cont_sent):
+                if _pending(pid, _signal.SIGCONT):
+                    if not t.cont_sent:
+                        fut.set_result(None)    # the user's: the job goes on
+                        return
+                    t.cont_sent = False         # ours, discarded by the SIGSTOP below
                 t.stop_sent = sig if sig in STOP_SIGNALS and not _ignores(pid, sig) \
                     else _signal.SIGSTOP
                 os.kill(pid, _signal.SIGSTOP)
-            elif not stopped and t.stopped and not t.cont_sent:
+            elif not stopped and (t.stopped or t.stopping or t.stop_sent > 0) and \
+                    not t.cont_sent:
+                # also a stop still on its way: SIGCONT discards a pending SIGSTOP, or
+                # cancels the stop of one being delivered; its own stop is swallowed
                 t.cont_sent = True
                 os.kill(pid, _signal.SIGCONT)
         fut.set_result(None)

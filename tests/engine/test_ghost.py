@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from typing import Callable
 
 import pytest
@@ -67,6 +68,135 @@ def test_every_catchable_signal_is_intercepted_and_reported(rig: Rig) -> None:
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert rig.rec.exits[pid] == status
     assert gone(pid) and rig.tracer.ghosts() == []
+
+
+# ---- job control: set_stopped against the user's SIGCONT ----
+
+def stopped_by_set_stopped(rig: Rig, pid: int) -> bool:
+    return until(lambda: proc_state(pid) == "t" and rig.tracer._ghosts.tracees[pid].stopped)
+
+
+def in_tracer(rig: Rig, fn: Callable[[], None]) -> None:
+    """Run `fn` in the tracer thread: the ghost's stops wait, unseen, until it returns."""
+    rig.tracer.submit(fn).result(5)
+
+
+def set_stopped_now(rig: Rig, pid: int, stop: bool) -> None:
+    rig.tracer._ghosts.set_stopped(Future(), pid, stop, signal.SIGTSTP)
+
+
+def test_set_stopped_stops_and_continues_the_ghost_silently(rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert stopped_by_set_stopped(rig, pid)
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid) and rig.rec.signals == []
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)  # a stop in flight, then
+    rig.tracer.set_stopped(pid, False).result(5)                 # the continue (a late report)
+    assert asleep(pid) and until(lambda: not rig.tracer._ghosts.tracees[pid].stop_sent)
+    time.sleep(0.1)
+    assert proc_state(pid) == "S" and rig.rec.signals == []
+
+
+def test_a_late_stop_report_does_not_discard_the_users_sigcont(rig: Rig) -> None:
+    """`bg` in a shell: its SIGCONT reaches the ghost while the node's report of the earlier
+    Ctrl-Z stop is on its way. A SIGCONT to a seized process first traps it (a jobctl
+    notify, PTRACE_EVENT_STOP) with the SIGCONT still pending, until the tracer resumes it:
+    a SIGSTOP sent then would discard the SIGCONT, unseen and never forwarded, and the real
+    process would stay stopped. The ghost is left running and the SIGCONT reported."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+
+    def race() -> None:
+        os.kill(pid, signal.SIGCONT)
+        assert until(lambda: proc_state(pid) == "t")    # the notify trap
+        set_stopped_now(rig, pid, True)
+    in_tracer(rig, race)
+    rig.rec.wait(lambda: (pid, signal.SIGCONT) in rig.rec.signals)
+    time.sleep(0.2)
+    assert rig.rec.signals == [(pid, signal.SIGCONT)]
+    assert proc_state(pid) == "S"
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)   # a later stop still works
+    assert stopped_by_set_stopped(rig, pid)
+
+
+def test_a_sigcont_discarded_by_our_sigstop_is_still_reported(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's SIGCONT comes between set_stopped's look for one and its SIGSTOP (the look
+    is made blind here, to hit that window): the SIGSTOP discards it; the notify trap it
+    left is where it is reported, and our SIGSTOP swallowed."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+
+    def race() -> None:
+        os.kill(pid, signal.SIGCONT)
+        with monkeypatch.context() as m:
+            m.setattr(ghost_mod, "_pending", lambda pid, sig: False)
+            set_stopped_now(rig, pid, True)
+        assert not ghost_mod._pending(pid, signal.SIGCONT)    # gone, discarded
+    in_tracer(rig, race)
+    rig.rec.wait(lambda: (pid, signal.SIGCONT) in rig.rec.signals)
+    time.sleep(0.2)
+    assert rig.rec.signals == [(pid, signal.SIGCONT)]
+    assert proc_state(pid) == "S" and not rig.tracer._ghosts.tracees[pid].stop_sent
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)   # a later stop still works
+    assert stopped_by_set_stopped(rig, pid)
+
+
+def test_a_late_stop_report_does_not_undo_the_users_sigcont(rig: Rig) -> None:
+    """The same, with the user's SIGCONT dequeued (in its signal-delivery-stop, not yet
+    seen by the tracer) when the stop report comes: our SIGSTOP, sent then, is stale. It
+    must neither stop the ghost nor be reported (it would be forwarded and stop the real
+    process again, after the user continued it)."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+
+    def race() -> None:
+        os.kill(pid, signal.SIGCONT)
+        assert until(lambda: proc_state(pid) == "t")    # the notify trap: resumed here
+        assert ghost_park.stop_parts(pt.wait(pid)) == (signal.SIGTRAP, pt.EVENT_STOP)
+        pt.cont(pid, 0)
+        assert until(lambda: proc_state(pid) == "t")    # the SIGCONT, dequeued
+        assert not ghost_mod._pending(pid, signal.SIGCONT)
+        set_stopped_now(rig, pid, True)
+    in_tracer(rig, race)
+    rig.rec.wait(lambda: (pid, signal.SIGCONT) in rig.rec.signals)
+    time.sleep(0.2)
+    assert rig.rec.signals == [(pid, signal.SIGCONT)]
+    assert proc_state(pid) == "S" and not rig.tracer._ghosts.tracees[pid].stop_sent
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)   # a later stop still works
+    assert stopped_by_set_stopped(rig, pid)
+
+
+def test_a_late_stop_report_does_not_discard_a_pending_sigcont(rig: Rig) -> None:
+    """The user's SIGCONT still pending when the stop report comes: a SIGSTOP sent then
+    would discard it, unseen; the ghost is left running, the SIGCONT reported."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+
+    def race() -> None:
+        os.kill(pid, signal.SIGUSR1)             # holds the ghost in a ptrace-stop
+        assert until(lambda: proc_state(pid) == "t")
+        os.kill(pid, signal.SIGCONT)
+        set_stopped_now(rig, pid, True)
+    in_tracer(rig, race)
+    rig.rec.wait(lambda: (pid, signal.SIGCONT) in rig.rec.signals)
+    time.sleep(0.2)
+    assert rig.rec.signals == [(pid, signal.SIGUSR1), (pid, signal.SIGCONT)]
+    assert proc_state(pid) == "S"
+
+
+def test_a_stop_report_after_our_own_sigcont_stops_the_ghost_again(rig: Rig) -> None:
+    """stopped, continued, stopped again, reported in quick succession: the last wins."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert stopped_by_set_stopped(rig, pid)
+
+    def again() -> None:
+        set_stopped_now(rig, pid, False)
+        set_stopped_now(rig, pid, True)
+    in_tracer(rig, again)
+    assert stopped_by_set_stopped(rig, pid)
+    time.sleep(0.1)
+    assert proc_state(pid) == "t" and rig.rec.signals == []
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid) and rig.rec.signals == []
 
 
 # ---- ending like the real process ----
