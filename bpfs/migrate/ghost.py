@@ -10,146 +10,24 @@ rules are in docs/ghosts.md.
 
 from __future__ import annotations
 
-import concurrent.futures
-import ctypes
 import errno
 import logging
 import os
 import signal as _signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from bpfs import procstatus
-from bpfs.errors import BpfsError
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.dump import TRACE_OPTIONS, seize_for_exec, wait_exec_and_dump
-from bpfs.migrate.errors import MigrateError, from_oserror
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
+                                 STOPPED, HALTING, FINISHING, RELEASING, Tracee, send_kill,
+                                 from_terminal, pending, ignores, resolve, as_error)
 
 log = logging.getLogger(__name__)
-
-Future = concurrent.futures.Future
-STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
-KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
-SI_KERNEL = 0x80
-DISCARD = -1             # _Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
-
-# tracee states
-SEIZED = "seized"        # running towards its execve
-CAPTURING = "capturing"  # capture() waits for its exec
-GHOST = "ghost"          # parked, asleep in pause()
-STOPPED = "stopped"      # held in a ptrace-stop (a failed capture)
-HALTING = "halting"      # a parked ghost interrupted to be finished; its stop is due
-FINISHING = "finishing"  # aimed at its end; waiting for it
-RELEASING = "releasing"  # seized by mistake (a reused PID): detached at its next stop
-
-
-
-@dataclass(eq=False)
-class _Tracee:
-    pid: int
-    state: str = SEIZED
-    held: bool = False       # its exec stop waits, unconsumed, for capture()
-    killed: bool = False     # SIGKILL sent: only its end matters now
-    capture: Future | None = None
-    timeout: float = 0.0
-    deadline: float = 0.0
-    waiters: list[Future] = field(default_factory=list)
-    aim: tuple[int | None, int | None] = (None, None)   # what finish asked: (exit code, signal)
-    failure: MigrateError | None = None   # why the tracer killed it (`_fail`)
-    failed: list[Future] = field(default_factory=list)  # they get `failure` at its end
-    stopped: bool = False    # a GHOST in a group-stop (set_stopped), held with LISTEN
-    stop_sent: int = 0       # our SIGSTOP (set_stopped) is on its way: deliver this one
-                             # (DISCARD: a SIGCONT overtook it, it is swallowed)
-    stopping: bool = False   # our stop signal delivered, its group-stop not seen yet
-    cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
-
-
-
-def send_kill(pid: int) -> bool:
-    """SIGKILL to a tracee; False if there is no such process.
-
-    A master without CAP_KILL may not signal another user's process; PTRACE_KILL then
-    does it (since Linux 5.19 a plain SIGKILL from the kernel, no permission asked). If
-    even that fails it is logged, never raised: one tracee must not end the thread.
-    """
-    try:
-        os.kill(pid, _signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    except OSError as exc:
-        try:
-            pt.ptrace(pt.KILL, pid)
-        except MigrateError as again:
-            if again.errno == errno.ESRCH:
-                return False
-            log.error("tracer: cannot kill process %d (%s; PTRACE_KILL: %s)", pid, exc,
-                      again)
-    return True
-
-
-def kill_and_reap(pid: int) -> int | None:
-    """SIGKILL a tracee and consume its end; its raw status, or None if it was not ours."""
-    if not send_kill(pid):
-        return None
-    try:
-        while True:
-            status = pt.wait(pid)
-            if not os.WIFSTOPPED(status):
-                return status
-    except MigrateError:
-        return None
-
-
-def _from_terminal(pid: int) -> bool:
-    """True if the signal `pid` is stopped with came from a terminal (si_code SI_KERNEL: the
-    tty driver signals the foreground process group so), not from kill()."""
-    info = ctypes.create_string_buffer(128)
-    try:
-        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
-    except MigrateError:
-        return False
-    return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
-
-
-def _pending(pid: int, sig: int) -> bool:
-    """True if `sig` is pending for `pid` (sent to the process or to its thread). Exact for
-    a tracee in a ptrace-stop, or asleep in pause() with the tracer thread not yet told."""
-    try:
-        st = procstatus.read(pid)
-        return bool((int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)) >> (sig - 1) & 1)
-    except (OSError, KeyError, ValueError):
-        return False
-
-
-def _ignores(pid: int, sig: int) -> bool:
-    try:
-        return bool(int(procstatus.read(pid)["SigIgn"], 16) >> (sig - 1) & 1)
-    except (OSError, KeyError, ValueError):
-        return True
-
-
-def resolve(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(exc)
-
-
-def as_error(exc: BaseException, what: str, pid: int | None) -> MigrateError:
-    """Any failure as the MigrateError a caller can handle (an errno and a message)."""
-    if isinstance(exc, MigrateError):
-        return exc
-    if isinstance(exc, BpfsError):
-        return MigrateError(exc.errno, exc.message, pid)
-    if isinstance(exc, OSError):
-        return from_oserror(exc, what, pid)
-    return MigrateError(errno.EIO, f"{what}: internal error in the tracer ({exc!r})", pid)
-
 
 class Ghosts:
     """The tracees of one tracer thread and their states (see the module doc)."""
@@ -161,7 +39,7 @@ class Ghosts:
         self._on_keyboard = on_keyboard or on_signal
         self._lock = threading.Lock()  # guards _parked (read by any thread)
         self._parked: set[int] = set()
-        self.tracees: dict[int, _Tracee] = {}
+        self.tracees: dict[int, Tracee] = {}
         self.park_rss: dict[int, tuple[int, int]] = {}
         self.bell = 0  # the tracer's doorbell: traced by the thread, no tracee
 
@@ -172,7 +50,7 @@ class Ghosts:
 
     # ---- stops (tracer thread) ----
 
-    def before_exec(self, t: _Tracee, status: int) -> None:
+    def before_exec(self, t: Tracee, status: int) -> None:
         """A stop of a seized process before its exec: keep its exec stop for capture()."""
         if status >> 8 == pt.EVENT_EXEC:
             if t.state == CAPTURING:
@@ -184,7 +62,7 @@ class Ghosts:
         # as wait_exec_and_dump does: the program has not started, the signal is the child's
         pt.cont(t.pid, 0 if event or sig == _signal.SIGTRAP else sig)
 
-    def ghost_stop(self, t: _Tracee, status: int) -> None:
+    def ghost_stop(self, t: Tracee, status: int) -> None:
         """A stop of a ghost: suppress and report a signal; any other stop, just resume.
         A HALTING ghost's interrupt stop is where it is aimed at its end (`_aim`)."""
         sig, event = gp.stop_parts(status)
@@ -193,7 +71,7 @@ class Ghosts:
             return
         if t.state == GHOST and self._job_stop(t, sig, event):
             return
-        keyboard = event == 0 and sig in KEYBOARD and _from_terminal(t.pid)
+        keyboard = event == 0 and sig in KEYBOARD and from_terminal(t.pid)
         if keyboard:                     # first: told even if it cannot be resumed
             self._call(self._on_keyboard, t.pid, sig)
         elif event == 0:
@@ -201,7 +79,7 @@ class Ghosts:
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
 
-    def _job_stop(self, t: _Tracee, sig: int, event: int) -> bool:
+    def _job_stop(self, t: Tracee, sig: int, event: int) -> bool:
         """The stops of `set_stopped`: our SIGSTOP is delivered, the group-stop it makes is
         held (LISTEN: the parent sees a stopped child, and a SIGCONT wakes it), our SIGCONT
         is not reported. True if the stop was one of those (handled).
@@ -226,7 +104,7 @@ class Ghosts:
             t.stopping, t.stop_sent = t.stop_sent != DISCARD, 0
         elif event == 0 and sig == _signal.SIGCONT:
             t.stopped = t.stopping = False     # (a SIGCONT cancels a stop under way)
-            if t.stop_sent and not _pending(t.pid, _signal.SIGSTOP):
+            if t.stop_sent and not pending(t.pid, _signal.SIGSTOP):
                 t.stop_sent = 0                 # it was discarded by this SIGCONT
             if not t.cont_sent:
                 if t.stop_sent:
@@ -235,7 +113,7 @@ class Ghosts:
             t.cont_sent = False                 # ours; a SIGSTOP still pending is newer
             pt.cont(t.pid, 0)
         elif event == pt.EVENT_STOP and t.stop_sent > 0 and not t.stopped and \
-                not _pending(t.pid, _signal.SIGCONT):
+                not pending(t.pid, _signal.SIGCONT):
             # a jobctl notify trap: a SIGCONT came (a seized process traps before it takes
             # one), and is gone: our SIGSTOP, sent just after it, discarded it. It was the
             # user's (ours are not sent while a stop is on its way): reported here, and
@@ -257,12 +135,12 @@ class Ghosts:
         if t.state == GHOST and not t.killed:
             if stopped and t.stop_sent <= 0 and not t.stopping and \
                     (not t.stopped or t.cont_sent):
-                if _pending(pid, _signal.SIGCONT):
+                if pending(pid, _signal.SIGCONT):
                     if not t.cont_sent:
                         fut.set_result(None)    # the user's: the job goes on
                         return
                     t.cont_sent = False         # ours, discarded by the SIGSTOP below
-                t.stop_sent = sig if sig in STOP_SIGNALS and not _ignores(pid, sig) \
+                t.stop_sent = sig if sig in STOP_SIGNALS and not ignores(pid, sig) \
                     else _signal.SIGSTOP
                 os.kill(pid, _signal.SIGSTOP)
             elif not stopped and (t.stopped or t.stopping or t.stop_sent > 0) and \
@@ -283,7 +161,7 @@ class Ghosts:
 
     # ---- operations (tracer thread) ----
 
-    def _known(self, pid: int) -> _Tracee:
+    def _known(self, pid: int) -> Tracee:
         t = self.tracees.get(pid)
         if t is None:
             raise MigrateError(errno.ESRCH, f"process {pid} is not held by the tracer", pid)
@@ -295,7 +173,7 @@ class Ghosts:
         if check is not None:
             check()
         seize_for_exec(pid)
-        t = self.tracees[pid] = _Tracee(pid)
+        t = self.tracees[pid] = Tracee(pid)
         if check is not None:
             try:
                 check()
@@ -304,7 +182,7 @@ class Ghosts:
                 raise
         fut.set_result(None)
 
-    def _release(self, t: _Tracee) -> None:
+    def _release(self, t: Tracee) -> None:
         """Let go of `t`, seized by mistake, without a trace: interrupt it; its stop (an
         event like any other) is where it is detached (`_release_stop`)."""
         log.warning("tracer: process %d is not the one meant; released untouched", t.pid)
@@ -315,7 +193,7 @@ class Ghosts:
             if exc.errno != errno.ESRCH:    # ESRCH: it died meanwhile; its end follows
                 raise
 
-    def release_stop(self, t: _Tracee) -> None:
+    def release_stop(self, t: Tracee) -> None:
         """The releasing `t` stopped (or ended): detach it as it was, say nothing of it."""
         status = pt.wait(t.pid)
         if os.WIFSTOPPED(status):
@@ -339,7 +217,7 @@ class Ghosts:
         if t.held:
             self._capture_now(t)
 
-    def _capture_now(self, t: _Tracee) -> None:
+    def _capture_now(self, t: Tracee) -> None:
         """The exec stop of `t` is there: dump at the entry point, then park it."""
         fut, t.capture, t.held = t.capture, None, False
         signals: list[int] = []
@@ -367,7 +245,7 @@ class Ghosts:
         resolve(fut, img)
         self._report(t.pid, signals)
 
-    def _capture_failed(self, t: _Tracee, fut: Future, exc: Exception) -> None:
+    def _capture_failed(self, t: Tracee, fut: Future, exc: Exception) -> None:
         if gp.still_traced(t.pid):
             t.state = STOPPED  # stopped in some ptrace-stop, the program never ran
         else:  # its end was consumed inside the dump
@@ -389,7 +267,7 @@ class Ghosts:
         t.aim = (code, sig)
         self._aim(t, halt=True)
 
-    def _interrupt(self, t: _Tracee, code: int | None, sig: int | None) -> None:
+    def _interrupt(self, t: Tracee, code: int | None, sig: int | None) -> None:
         """Interrupt the parked ghost `t` and return: its stop comes as an event like any
         other (`_ghost_stop`), and is where it is aimed at its end. The thread does not wait
         for a ghost to be scheduled (on a busy machine, the ghosts that end together would
@@ -401,7 +279,7 @@ class Ghosts:
             return
         t.state, t.aim = HALTING, (code, sig)
 
-    def _aim(self, t: _Tracee, halt: bool = False) -> None:
+    def _aim(self, t: Tracee, halt: bool = False) -> None:
         """Make `t` end as `finish` asked (`t.aim`): a HALTING ghost in its interrupt stop,
         or (`halt`) any other tracee, brought into a ptrace-stop first."""
         code, sig = t.aim
@@ -421,7 +299,7 @@ class Ghosts:
         finally:
             self._report(t.pid, signals)
 
-    def _halt(self, t: _Tracee, signals: list[int]) -> None:
+    def _halt(self, t: Tracee, signals: list[int]) -> None:
         """Bring `t` into a ptrace-stop, whatever its state."""
         self._cancel_capture(t)
         if t.held:
@@ -430,7 +308,7 @@ class Ghosts:
         elif t.state != STOPPED:
             gp.halt(t.pid, signals)
 
-    def _cancel_capture(self, t: _Tracee) -> None:
+    def _cancel_capture(self, t: Tracee) -> None:
         if t.capture is not None:
             fut, t.capture = t.capture, None
             resolve(fut, exc=MigrateError(errno.ECANCELED, f"capture of {t.pid} overtaken",
@@ -443,7 +321,7 @@ class Ghosts:
         t.killed, t.held = True, False
         send_kill(pid)
 
-    def fail(self, t: _Tracee, what: str, exc: BaseException) -> None:
+    def fail(self, t: Tracee, what: str, exc: BaseException) -> None:
         """Handling `t` failed (`exc`): it dies by SIGKILL now.
 
         Whatever state the failure left it in (a ptrace-stop, half aimed at its end, half
@@ -508,7 +386,7 @@ class Ghosts:
                     raise
                 finally:  # a child is ours, whatever happened to the original: held at once
                     for child in made:
-                        self.tracees[child] = _Tracee(child, GHOST)
+                        self.tracees[child] = Tracee(child, GHOST)
                     pids.extend(made)
                 if res < 0:
                     pids.append(res)
@@ -526,7 +404,7 @@ class Ghosts:
                     self._adopt(self.tracees[child], gadget, rss)
         fut.set_result(pids + [-err] * (count - len(pids)))
 
-    def _repark(self, t: _Tracee, regs: pt.Regs | None, gadget: int, exc: Exception) -> int:
+    def _repark(self, t: Tracee, regs: pt.Regs | None, gadget: int, exc: Exception) -> int:
         """A clone of the ghost `t` failed (`exc`) with `t` halted at `regs`: put it back to
         sleep, a ghost as before; if that fails too (or it was not halted), `_fail`.
 
@@ -547,7 +425,7 @@ class Ghosts:
         killed = isinstance(exc, MigrateError) and exc.errno == errno.ESRCH
         return errno.ESRCH if killed else err.errno
 
-    def _adopt(self, c: _Tracee, gadget: int, rss: tuple[int, int] | None) -> None:
+    def _adopt(self, c: Tracee, gadget: int, rss: tuple[int, int] | None) -> None:
         """Make the new `c`, made by a clone, a ghost: consume its first stop, park it.
 
         If it cannot be parked it is killed; if it ended already, its end is consumed: either
@@ -593,7 +471,7 @@ class Ghosts:
 
     # ---- ends ----
 
-    def gone(self, t: _Tracee, status: int) -> None:
+    def gone(self, t: Tracee, status: int) -> None:
         self.forget(t)
         if t.capture is not None:
             resolve(t.capture, exc=MigrateError(errno.ESRCH, f"process {t.pid} ended before "
@@ -615,7 +493,7 @@ class Ghosts:
         for fut in t.waiters + t.failed:
             resolve(fut, exc=MigrateError(errno.ESRCH, f"process {pid} vanished", pid))
 
-    def forget(self, t: _Tracee) -> None:
+    def forget(self, t: Tracee) -> None:
         self.tracees.pop(t.pid, None)
         self.park_rss.pop(t.pid, None)
         with self._lock:

@@ -24,8 +24,9 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.ghost import (CAPTURING, RELEASING, SEIZED, Ghosts, as_error,
-                                kill_and_reap, resolve, send_kill)
+from bpfs.migrate.ghost import Ghosts
+from bpfs.migrate.tracee import (CAPTURING, RELEASING, SEIZED, as_error, kill_and_reap, resolve,
+                                 send_kill)
 from bpfs.migrate.image import Image
 from bpfs.migrate.spawn import spawn_traced
 

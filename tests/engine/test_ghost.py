@@ -129,9 +129,9 @@ def test_a_sigcont_discarded_by_our_sigstop_is_still_reported(
     def race() -> None:
         os.kill(pid, signal.SIGCONT)
         with monkeypatch.context() as m:
-            m.setattr(ghost_mod, "_pending", lambda pid, sig: False)
+            m.setattr(ghost_mod, "pending", lambda pid, sig: False)
             set_stopped_now(rig, pid, True)
-        assert not ghost_mod._pending(pid, signal.SIGCONT)    # gone, discarded
+        assert not ghost_mod.pending(pid, signal.SIGCONT)    # gone, discarded
     in_tracer(rig, race)
     rig.rec.wait(lambda: (pid, signal.SIGCONT) in rig.rec.signals)
     time.sleep(0.2)
@@ -154,7 +154,7 @@ def test_a_late_stop_report_does_not_undo_the_users_sigcont(rig: Rig) -> None:
         assert ghost_park.stop_parts(pt.wait(pid)) == (signal.SIGTRAP, pt.EVENT_STOP)
         pt.cont(pid, 0)
         assert until(lambda: proc_state(pid) == "t")    # the SIGCONT, dequeued
-        assert not ghost_mod._pending(pid, signal.SIGCONT)
+        assert not ghost_mod.pending(pid, signal.SIGCONT)
         set_stopped_now(rig, pid, True)
     in_tracer(rig, race)
     rig.rec.wait(lambda: (pid, signal.SIGCONT) in rig.rec.signals)

@@ -1,0 +1,143 @@
+"""One traced process as the tracer thread knows it: its record and states, and what is
+done to it by PID (kill and reap, where its signal came from, what is pending or ignored),
+and the futures the tracer resolves for it. Shared by `tracer` (the thread) and `ghost`
+(the state machine); imports neither.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import logging
+import os
+import signal as _signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from bpfs import procstatus
+from bpfs.errors import BpfsError
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError, from_oserror
+
+log = logging.getLogger("bpfs.migrate.ghost")
+
+Future = concurrent.futures.Future
+STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
+SI_KERNEL = 0x80
+DISCARD = -1             # Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
+
+# tracee states
+SEIZED = "seized"        # running towards its execve
+CAPTURING = "capturing"  # capture() waits for its exec
+GHOST = "ghost"          # parked, asleep in pause()
+STOPPED = "stopped"      # held in a ptrace-stop (a failed capture)
+HALTING = "halting"      # a parked ghost interrupted to be finished; its stop is due
+FINISHING = "finishing"  # aimed at its end; waiting for it
+RELEASING = "releasing"  # seized by mistake (a reused PID): detached at its next stop
+
+
+
+@dataclass(eq=False)
+class Tracee:
+    pid: int
+    state: str = SEIZED
+    held: bool = False       # its exec stop waits, unconsumed, for capture()
+    killed: bool = False     # SIGKILL sent: only its end matters now
+    capture: Future | None = None
+    timeout: float = 0.0
+    deadline: float = 0.0
+    waiters: list[Future] = field(default_factory=list)
+    aim: tuple[int | None, int | None] = (None, None)   # what finish asked: (exit code, signal)
+    failure: MigrateError | None = None   # why the tracer killed it (`_fail`)
+    failed: list[Future] = field(default_factory=list)  # they get `failure` at its end
+    stopped: bool = False    # a GHOST in a group-stop (set_stopped), held with LISTEN
+    stop_sent: int = 0       # our SIGSTOP (set_stopped) is on its way: deliver this one
+                             # (DISCARD: a SIGCONT overtook it, it is swallowed)
+    stopping: bool = False   # our stop signal delivered, its group-stop not seen yet
+    cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
+
+
+
+def send_kill(pid: int) -> bool:
+    """SIGKILL to a tracee; False if there is no such process.
+
+    A master without CAP_KILL may not signal another user's process; PTRACE_KILL then
+    does it (since Linux 5.19 a plain SIGKILL from the kernel, no permission asked). If
+    even that fails it is logged, never raised: one tracee must not end the thread.
+    """
+    try:
+        os.kill(pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        try:
+            pt.ptrace(pt.KILL, pid)
+        except MigrateError as again:
+            if again.errno == errno.ESRCH:
+                return False
+            log.error("tracer: cannot kill process %d (%s; PTRACE_KILL: %s)", pid, exc,
+                      again)
+    return True
+
+
+def kill_and_reap(pid: int) -> int | None:
+    """SIGKILL a tracee and consume its end; its raw status, or None if it was not ours."""
+    if not send_kill(pid):
+        return None
+    try:
+        while True:
+            status = pt.wait(pid)
+            if not os.WIFSTOPPED(status):
+                return status
+    except MigrateError:
+        return None
+
+
+def from_terminal(pid: int) -> bool:
+    """True if the signal `pid` is stopped with came from a terminal (si_code SI_KERNEL: the
+    tty driver signals the foreground process group so), not from kill()."""
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
+def pending(pid: int, sig: int) -> bool:
+    """True if `sig` is pending for `pid` (sent to the process or to its thread). Exact for
+    a tracee in a ptrace-stop, or asleep in pause() with the tracer thread not yet told."""
+    try:
+        st = procstatus.read(pid)
+        return bool((int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)) >> (sig - 1) & 1)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def ignores(pid: int, sig: int) -> bool:
+    try:
+        return bool(int(procstatus.read(pid)["SigIgn"], 16) >> (sig - 1) & 1)
+    except (OSError, KeyError, ValueError):
+        return True
+
+
+def resolve(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+def as_error(exc: BaseException, what: str, pid: int | None) -> MigrateError:
+    """Any failure as the MigrateError a caller can handle (an errno and a message)."""
+    if isinstance(exc, MigrateError):
+        return exc
+    if isinstance(exc, BpfsError):
+        return MigrateError(exc.errno, exc.message, pid)
+    if isinstance(exc, OSError):
+        return from_oserror(exc, what, pid)
+    return MigrateError(errno.EIO, f"{what}: internal error in the tracer ({exc!r})", pid)
