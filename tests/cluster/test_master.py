@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -136,11 +136,12 @@ def _connectable(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def master() -> Iterator[Master]:
-    base = tempfile.mkdtemp(prefix="bpfs-master-test-")
+@contextmanager
+def running_master(prefix: str = "bpfs-master-test-", **settings: Any) -> Iterator[Master]:
+    """A real master daemon on a fresh key and mount, stopped, unmounted and removed after."""
+    base = tempfile.mkdtemp(prefix=prefix)
     os.chmod(base, 0o755)          # other users reach the mount
-    m = Master(base)
+    m = Master(base, **settings)
     os.mkdir(m.mount)
     wire.create_key(m.key_file)
     try:
@@ -153,6 +154,12 @@ def master() -> Iterator[Master]:
             if mounted(m.mount):
                 subprocess.run(["fusermount3", "-u", "-z", m.mount], check=False)
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def master() -> Iterator[Master]:
+    with running_master() as m:
+        yield m
 
 
 @dataclass

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,8 +28,8 @@ import pytest
 import trio
 
 from bpfs.master import liveness
-from bpfs.wire import framing as wire
-from tests.cluster.test_master import Master, fake_node, mounted, node_state, wait_for
+from tests.cluster.test_master import (Master, fake_node, mounted, node_state, running_master,
+                                       wait_for)
 from tests.conftest import ROOT
 
 pytestmark = [
@@ -46,23 +45,12 @@ CHECK = liveness.check_interval(PING_TIMEOUT)
 @pytest.fixture
 def master() -> Iterator[Master]:
     """The real master daemon (nodes 0-4), ping timeout 1 s, heartbeat 0.2 s."""
-    base = tempfile.mkdtemp(prefix="bpfs-liveness-")
-    os.chmod(base, 0o755)
-    m = Master(base, nodes=5, ping_timeout=PING_TIMEOUT)
-    os.mkdir(m.mount)
-    wire.create_key(m.key_file)
-    try:
-        m.start()
-        yield m
-    finally:
+    with running_master("bpfs-liveness-", nodes=5, ping_timeout=PING_TIMEOUT) as m:
         try:
+            yield m
+        finally:
             if m.proc is not None and m.proc.poll() is None:
                 m.proc.send_signal(signal.SIGCONT)      # never leave it stopped
-            m.stop()
-        finally:
-            if mounted(m.mount):
-                subprocess.run(["fusermount3", "-u", "-z", m.mount], check=False)
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def stop_for(pid: int, seconds: float) -> None:
