@@ -22,8 +22,7 @@ import _signal
 import _socket
 import os
 import time
-from bpfs import child
-from bpfs.child import ALL_RANKS, NODE_REFUSALS, REASON_MAX, Report, one_line
+from bpfs.child import ALL_RANKS, CTL, Report
 from bpfs.cli.bpsh.links import Links, Proc, Vector, watch
 from bpfs.cli.bpsh.output import Output, OutputOptions
 from bpfs.cli.bpsh.poller import EVENT_READ, Poller
@@ -32,9 +31,7 @@ TYPE_CHECKING = False  # typing costs start-up; annotations only
 if TYPE_CHECKING:
     from typing import Callable
 
-__all__ = ["ALL_RANKS", "LATE_GRACE", "LOCAL", "NODE_REFUSALS", "REASON_MAX", "STAGE_CTL",
-           "STAGE_EXEC", "TERMINATING", "OutputOptions", "Proc", "StdioServer", "one_line",
-           "pack_failure"]
+__all__ = ["LATE_GRACE", "LOCAL", "TERMINATING", "StdioServer"]
 
 LATE_GRACE = 1.0                # seconds to wait for links of an already reaped PID, and
                                 # between checks of the node of a reaped PID's open links
@@ -43,15 +40,6 @@ FORWARDED = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP,
              _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGTSTP)
 TERMINATING = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGHUP)
 KEYBOARD = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP)     # a terminal's, to a group
-
-# the launch failures bpsh's children report on the status pipe (bpfs.child.Report)
-STAGE_CTL, STAGE_EXEC = child.CTL, child.EXEC
-
-
-def pack_failure(rank: int, stage: int, err: int, reason: str = "") -> bytes:
-    """A child's report of a failed launch (bpfs.child.Report's bytes)."""
-    return Report(rank, stage, err, reason).pack()
-
 
 def _in_foreground() -> bool:
     """True if we are in the foreground process group of our controlling terminal: then
@@ -262,14 +250,14 @@ class StdioServer:
         rank, stage, err, reason = report.rank, report.stage, report.errno, report.reason
         links, vec = self.links, self.links.vector
         if rank == ALL_RANKS and vec is not None:
-            if stage == STAGE_CTL:
+            if stage == CTL:
                 links.vector_failed(vec, err, reason)
             else:
                 self.output.warn(f"{self.command}: {os.strerror(err)}")
                 links.vector_dead(vec)
             return
         proc = next((p for p in self.procs if p.rank == rank), None)
-        if stage != STAGE_CTL:
+        if stage != CTL:
             self.output.warn(f"{self.command}: {os.strerror(err)}")
         elif proc is not None:
             links.say_failed([proc], err, reason)
