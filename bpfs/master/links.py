@@ -84,8 +84,19 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
 FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
     messages.Facts: _on_facts, messages.State: _on_state,
     **{cls: _to_procs(cls) for cls in (messages.Need, messages.Restored, messages.Failed,
-                                       messages.Exited, messages.Stopped, messages.Continued)},
+                                       messages.Exited, messages.Stopped, messages.Continued,
+                                       messages.Fork, messages.Unforked, messages.Execed,
+                                       messages.Kill)},
 }
+
+
+def _pid_max() -> int | None:
+    """This kernel's pid_max: a node keeps the PIDs it numbers itself above it."""
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 class RefusalLog(RateLog):
@@ -181,7 +192,8 @@ class NodeLinks:
         self.conns[n] = conn
         try:
             with conn.scope:
-                await conn.stream.send(messages.Welcome(node=n, heartbeat=self.heartbeat))
+                await conn.stream.send(messages.Welcome(node=n, heartbeat=self.heartbeat,
+                                                        pid_max=_pid_max()))
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)

@@ -266,7 +266,7 @@ class Migrations:
                     id=m.id, image=data, uid=c.uid, gid=c.gid, groups=tuple(sorted(c.groups)),
                     io=tuple(m.req.io), port=m.req.port, token=m.req.token,
                     pid=m.pid,              # so the node connects bpsh's links at once
-                    rank=m.rank))
+                    rank=m.rank, **_family(m.pid)))
                 await self._negotiate(m, image)
         except trio.TooSlowError:
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
@@ -398,3 +398,14 @@ def _command(argv: list[str], comm: str) -> str:
     cmd = " ".join(argv) or comm or "?"
     return "".join(ch if ch.isprintable() else "?" for ch in cmd)[:256]
 
+
+def _family(pid: int) -> dict[str, int]:
+    """The ghost's parent, process group and session (what getppid, getpgid and getsid
+    answer on the node: bpfs/node/supervisor.py); {} if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        ppid, pgid, sid = (int(x) for x in data[data.rfind(b")") + 2:].split()[1:4])
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in (("ppid", ppid), ("pgid", pgid), ("sid", sid)) if v > 0}

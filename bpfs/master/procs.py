@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from bpfs.errors import BpfsError
+from bpfs.master.forks import NodeForks
 from bpfs.master.migrations import (CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, Migrations,
                                     SendNode, wait_future)
 from bpfs.model import Cluster
@@ -55,8 +56,9 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
 
 
 
-class ProcService(Migrations):
-    """The ghosts of migrated processes, and (Migrations) the migrations in flight."""
+class ProcService(NodeForks, Migrations):
+    """The ghosts of migrated processes, (Migrations) the migrations in flight, and
+    (NodeForks) the processes forked on nodes."""
 
     def __init__(self, cluster: Cluster, send_node: SendNode,
                  tracer_factory: Callable[..., Any] = make_tracer) -> None:
@@ -261,6 +263,7 @@ class ProcService(Migrations):
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         self._ghost_gone(pid, sig, code)
+        self.forked_gone(pid)
 
     def _ghost_gone(self, pid: int, sig: int | None, code: int | None = None) -> None:
         p = self.cluster.procs.get(pid)

@@ -50,7 +50,8 @@ SYS = dict(
     setpgid=109, setsid=112,
     setgroups=116, setresuid=117, setresgid=119, sigaltstack=131, personality=135, prctl=157,
     gettid=186, set_tid_address=218, set_robust_list=273, get_robust_list=274, dup3=292,
-    prlimit64=302, process_vm_readv=310, process_vm_writev=311, rseq=334, pidfd_open=434, clone3=435,
+    prlimit64=302, process_vm_readv=310, process_vm_writev=311, seccomp=317, rseq=334,
+    pidfd_open=434, clone3=435,
     close_range=436, pidfd_getfd=438,
 )
 

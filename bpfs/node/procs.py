@@ -33,7 +33,7 @@ import trio
 
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
-from bpfs.migrate.restore import JOB_RECORD
+from bpfs.migrate.helper import JOB_RECORD
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
@@ -80,6 +80,14 @@ class ProcessTable:
 
     def hold(self, pid: int, held: Held) -> None:
         self.held[pid] = held
+
+    def hold_child(self, child: Any) -> None:
+        """A process forked here (bpfs.node.supervisor.Child): signals reach it like a
+        restored one's; its end is the supervisor's to report."""
+        self.held[child.pid] = Held(child.job.session, child.id, "")
+
+    def drop_child(self, pid: int) -> None:
+        self.held.pop(pid, None)
 
     def adopt(self, pid: int, keeper: int | None = None) -> None:
         """From now on its exit is reaped and reported (after `restored` was sent)."""
@@ -190,6 +198,11 @@ async def on_signal(session: Session, msg: messages.Signal) -> None:
     session.node.procs.signal(session, msg.pid, msg.sig, msg.id, msg.group is True)
 
 
+async def on_answer(session: Session, msg: messages.Forked | messages.Killed) -> None:
+    if session.node.supervisor is not None:
+        session.node.supervisor.answered(msg)
+
+
 class Attempt:
     """One restore, from request to reply (`restored` or `failed`, queued with `report`).
 
@@ -270,7 +283,15 @@ class Attempt:
         # anything else can run: its `exited` (same queue) can only follow, and no sweep of
         # the reaper in between can take its status for an orphan's.
         self.session.report(messages.Restored(id=req.id, pid=pid))
-        procs.adopt(pid, self.node.restorer.last_keeper)   # this restore's: no await since
+        keeper, listener = self.node.restorer.last_keeper, self.node.restorer.last_listener
+        procs.adopt(pid, keeper)                            # this restore's: no await since
+        supervisor = self.session.node.supervisor
+        if listener is not None:
+            if supervisor is None:
+                os.close(listener)
+            else:
+                supervisor.add_job(self.session, req.id, pid, listener, keeper, req.ppid,
+                                   req.pgid, req.sid)
         self.node.prepare()                                 # the next one's, off its path
         log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
                   self.steps)

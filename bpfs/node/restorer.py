@@ -88,6 +88,7 @@ class NodeRestorer:
     def __init__(self, cache_dir: str | None, jobs_fd: int | None = None) -> None:
         self.cache_dir = cache_dir
         self.jobs_fd = jobs_fd                # each restore a job whose keeper reports here
+        self.supervised = False               # seccomp filter + listener (supervisor.py)
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []
@@ -109,7 +110,7 @@ class NodeRestorer:
         if threading.get_native_id() != self.tid:
             raise RuntimeError("the node's Restorer used outside its thread")
         if self._restorer is None:
-            self._restorer = Restorer(self.cache_dir, self.jobs_fd)
+            self._restorer = Restorer(self.cache_dir, self.jobs_fd, self.supervised)
         return self._restorer
 
     def prepare(self) -> None:

@@ -38,6 +38,7 @@ from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
+from bpfs.node.supervisor import Supervisor
 from bpfs.node.session import CONNECTION_ERRORS, Handler, Outcome, Session, why
 from bpfs.wire import framing as wire, messages
 
@@ -63,6 +64,7 @@ async def _on_ctl(session: Session, msg: messages.Ctl) -> Outcome | None:
 FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
     messages.Signal: procs.on_signal,
+    messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
 }
 
 
@@ -89,10 +91,14 @@ class Node:
         self.procs = procs.ProcessTable(self.reaper)
         self.restorer = NodeRestorer(None, self.procs.jobs_w)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
+        self.supervisor: Supervisor | None = None
 
     def start(self) -> None:
-        """Mount the file cache and make the Restorer (in the event loop's thread)."""
+        """Mount the file cache, take the PID namespace's counter (bpfs/node/supervisor.py)
+        and make the Restorer (in the event loop's thread)."""
         self.restorer.cache_dir = setup_cache_dir()
+        self.supervisor = make_supervisor(self.procs)
+        self.restorer.supervised = self.supervisor is not None
         self.restorer.start()
 
     async def serve(self) -> int:
@@ -134,6 +140,9 @@ class Node:
         try:
             session = Session(self, fs, FROM_MASTER)
             self.number = await session.register()
+            if self.supervisor is not None and session.pid_max is not None:
+                self.supervisor.park_at = session.pid_max
+                self.supervisor.park()
             self.backoff.reset()
             await session.send(messages.State(state="up"))
             log.info("registered as node %d with %s (heartbeat %.1f s)",
@@ -156,6 +165,25 @@ class Node:
         self.reaper.reap()
 
 
+def make_supervisor(table: procs.ProcessTable) -> Supervisor | None:
+    """The supervisor, if we are PID 1 of a PID namespace of our own (else the node's
+    processes cannot get cluster PIDs: they run unsupervised, and say so)."""
+    if os.getpid() != 1:
+        log.warning("not PID 1 of a PID namespace: processes forked on this node get no "
+                    "cluster PID")
+        return None
+    try:
+        return Supervisor(park_at=DEFAULT_PARK, on_child=table.hold_child,
+                          on_end=table.drop_child)
+    except OSError as exc:
+        log.warning("cannot steer this namespace's PIDs (%s): processes forked on this node "
+                    "get no cluster PID", exc)
+        return None
+
+
+DEFAULT_PARK = 1 << 21      # until the master says its pid_max
+
+
 def _num(n: int | None) -> str:
     return "(any)" if n is None else str(n)
 
@@ -164,6 +192,8 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     node = Node(cfg, key)
     node.start()
     async with trio.open_nursery() as nursery:
+        if node.supervisor is not None:
+            await nursery.start(node.supervisor.run)
         nursery.start_soon(node.reaper.run)
         nursery.start_soon(node.procs.watch_jobs)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)

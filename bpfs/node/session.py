@@ -43,6 +43,7 @@ class NodeSide(Protocol):
     cfg: NodeConfig
     procs: Any                  # bpfs.node.procs.ProcessTable, which stands above this module
     restorer: NodeRestorer
+    supervisor: Any             # bpfs.node.supervisor.Supervisor | None (above this module)
 
 
 Handler = Callable[["Session", wire.Message], Awaitable["Outcome | None"]]
@@ -60,6 +61,7 @@ class Session:
         self.table = table
         self.nursery: trio.Nursery | None = None     # set while `run` runs
         self.heartbeat = 1.0
+        self.pid_max: int | None = None     # the master's (bpfs/node/supervisor.py)
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
@@ -111,6 +113,7 @@ class Session:
         await self.send(messages.Register(node=self.node.number, facts=_facts()))
         welcome = await self.fs.expect(messages.Welcome)
         self.heartbeat = welcome.heartbeat
+        self.pid_max = welcome.pid_max
         return welcome.node
 
     async def heartbeats(self) -> Outcome:

@@ -17,14 +17,16 @@ grammar (names in capitals are the bounded types defined below):
                                                                   a registration's refusal)
   registration and life (bpfs/master, bpfs/node/service.py):
     node   -> master  register   node: NODE | nil, facts: FACTS
-    master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6)
+    master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6),
+                                 [pid_max: PID]        (the master's kernel's)
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
   migration (bpfs/master, bpfs/node/procs.py):
     master -> node    restore    id: ID, image: BLOB, uid: ID32, gid: ID32,
                                  groups: [ID32] (at most NGROUPS), io: [IO, IO, IO],
-                                 port: PORT, token: WORD, [pid: PID], [rank: RANK]
+                                 port: PORT, token: WORD, [pid: PID], [rank: RANK],
+                                 [ppid: PID], [pgid: PID], [sid: PID]   (the ghost's)
     node   -> master  need       id: ID, hashes: [HASH] (at most MAX_ITEMS)
     master -> node    files      id: ID, contents: {HASH: BLOB} (at most MAX_ITEMS)
     node   -> master  restored   id: ID, pid: PID
@@ -33,6 +35,13 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  stopped    pid: PID, [sig: SIGNAL]     the process stopped (a group stop)
                       continued  pid: PID                    ... and was continued (SIGCONT)
     node   -> master  exited     pid: PID, [code: 0..255], [signal: SIGNAL], [id: ID]
+  one PID space (bpfs/node/supervisor.py, bpfs/master/forks.py):
+    node   -> master  fork       seq: ID, parent: PID
+    master -> node    forked     seq: ID, [pid: PID], [id: ID], [errno: ERRNO]
+    node   -> master  unforked   pid: PID, id: ID
+                      execed     pid: PID, id: ID, cmdline: bytes (at most 64 KiB)
+                      kill       seq: ID, pid: -PID..PID, sig: 0..64, ruid: ID32, euid: ID32
+    master -> node    killed     seq: ID, [errno: ERRNO]
 
     FACTS := bpfs.formats.Facts's fields, each bounded by FACT_TYPES: {hostname: WORD,
              cpus: 0..2^20, arch: WORD, kernel: WORD, load: [LOAD, LOAD, LOAD],
@@ -221,6 +230,7 @@ class Welcome(Msg, tag="welcome"):
     sender = "master"
     node: NODE
     heartbeat: Annotated[float, Meta(ge=1e-9, le=1e6)]
+    pid_max: Optional[PID] = None       # the master's: the node keeps its own PIDs above it
 
 
 class State(Msg, tag="state"):
@@ -250,6 +260,9 @@ class Restore(Msg, tag="restore"):
     token: WORD
     pid: Optional[PID] = None
     rank: Optional[RANK] = None
+    ppid: Optional[PID] = None          # the ghost's parent, group and session on the master:
+    pgid: Optional[PID] = None          # what getppid, getpgid and getsid answer on the node
+    sid: Optional[PID] = None
 
 
 class Need(Msg, tag="need"):
@@ -302,6 +315,59 @@ class Exited(Msg, tag="exited"):
     code: Optional[EXIT_CODE] = None
     signal: Optional[SIGNAL] = None
     id: Optional[ID] = None
+
+
+# ---- one PID space: the node's supervisor (bpfs/node/supervisor.py) and the master ----
+
+class Fork(Msg, tag="fork"):
+    """`parent`, on this node, is forking: a ghost child of its ghost, please."""
+    sender = "node"
+    seq: ID
+    parent: PID
+
+
+class Forked(Msg, tag="forked"):
+    """The answer to `fork`: the new ghost's PID (the child's PID on the node too) and
+    the id its messages carry, or the errno the fork fails with."""
+    sender = "master"
+    seq: ID
+    pid: Optional[PID] = None
+    id: Optional[ID] = None
+    errno: Optional[ERRNO] = None
+
+
+class Unforked(Msg, tag="unforked"):
+    """The fork that `pid` was made for did not happen: its ghost must go, unseen."""
+    sender = "node"
+    pid: PID
+    id: ID
+
+
+class Execed(Msg, tag="execed"):
+    """`pid` ran execve: its command line (NUL-separated, as /proc/PID/cmdline) is now
+    `cmdline`; its ghost takes it."""
+    sender = "node"
+    pid: PID
+    id: ID
+    cmdline: _bytes(0, 65536)
+
+
+class Kill(Msg, tag="kill"):
+    """A process on the node signals `pid` (a process group if negative), which is not on
+    this node: the master delivers it with the caller's real and effective uid."""
+    sender = "node"
+    seq: ID
+    pid: _int(-(1 << 22), 1 << 22)
+    sig: _int(0, 64)
+    ruid: ID32
+    euid: ID32
+
+
+class Killed(Msg, tag="killed"):
+    """The answer to `kill`: None, or the errno kill(2) gives the caller."""
+    sender = "master"
+    seq: ID
+    errno: Optional[ERRNO] = None
 
 
 MESSAGES: dict[str, type[Msg]] = {

@@ -9,7 +9,7 @@ import struct
 
 from bpfs.child import reset_signals
 from bpfs.cli.bpsh import stdio as stdio_server
-from bpfs.migrate.restore import JOB_RECORD
+from bpfs.migrate.helper import JOB_RECORD
 from bpfs.node.init import Reaper
 from bpfs.node.procs import Held, ProcessTable
 from bpfs.wire import messages

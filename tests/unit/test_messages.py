@@ -62,6 +62,18 @@ GOOD = [
     m.Continued(pid=4242),
     m.Exited(pid=4242, code=255),
     m.Exited(pid=4242, signal=9, id=3),
+    m.Welcome(node=3, heartbeat=1.0, pid_max=32768),
+    m.Restore(id=3, image=b"", uid=0, gid=0, groups=(), io=("null",) * 3, port=0, token="",
+              pid=4242, ppid=4000, pgid=4000, sid=3999),
+    m.Fork(seq=1, parent=4242),
+    m.Forked(seq=1, pid=4243, id=8),
+    m.Forked(seq=2, errno=errno.EAGAIN),
+    m.Unforked(pid=4243, id=8),
+    m.Execed(pid=4243, id=8, cmdline=b"sleep\x00100\x00"),
+    m.Kill(seq=3, pid=-4000, sig=15, ruid=1000, euid=1000),
+    m.Kill(seq=4, pid=4000, sig=0, ruid=0, euid=0),
+    m.Killed(seq=3),
+    m.Killed(seq=4, errno=errno.EPERM),
 ]
 
 
@@ -100,9 +112,9 @@ def test_every_message_has_an_example_here() -> None:
 def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_NODE.classes} == {
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
-        "Exited"}
+        "Exited", "Fork", "Unforked", "Execed", "Kill"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
-        "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal"}
+        "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 

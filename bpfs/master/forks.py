@@ -1,0 +1,185 @@
+"""Processes forked on nodes, master side: their ghosts, names and ends; signals from nodes.
+
+A node's supervisor (bpfs/node/supervisor.py) asks before each fork on the node: the master
+makes a ghost child of the parent's ghost (the tracer's `fork`), records it as a process on
+that node, and answers with its PID, which the node gives the real child. Then:
+
+    node -> master  fork      seq, parent          -> forked seq, pid, id | errno
+    node -> master  unforked  pid, id              the fork did not happen: the ghost goes
+    node -> master  execed    pid, id, cmdline     the ghost takes the new command line
+    node -> master  exited    pid, code, signal, id   (bpfs/master/procs.py) once reaped there
+    node -> master  kill      seq, pid, sig, ruid, euid   -> killed seq [, errno]
+
+A node may fork only under its own processes; everything else is refused (EAGAIN to the
+forking process, the errno a fork gives when it cannot have a process). When a forked
+process's ghost has ended, whatever ended it, its parent ghost reaps it (a zombie stays
+only while the real one is one on the node).
+
+Signals from a node are delivered here with the caller's real and effective uid on this
+thread, so the kernel makes kill(2)'s own checks (EPERM, ESRCH, a process group where some
+members may be signalled) and the caller gets that errno. A ghost's signal goes on to its
+real process as any signal to a ghost does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from bpfs.errors import BpfsError
+from bpfs.master.migrations import SendNode, wait_future
+from bpfs.model import Cluster
+from bpfs.wire import messages
+
+log = logging.getLogger("bpfs.master.forks")
+
+FORK_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})   # else: EAGAIN
+SYS_SETRESUID = 117
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class NodeForks:
+    """Mixed into bpfs.master.procs.ProcService: the fork, exec and kill messages."""
+
+    cluster: Cluster
+    send_node: SendNode
+    tracer: Any
+    _ids: Any
+    _spawn: Callable[..., None]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parents: dict[int, int] = {}    # forked pid -> its parent's pid (its ghost's)
+
+    # ---- fork ----
+
+    def on_fork(self, node: int, msg: messages.Fork) -> None:
+        self._spawn(self._fork, node, msg)
+
+    async def _fork(self, node: int, msg: messages.Fork) -> None:
+        p = self.cluster.procs.get(msg.parent)
+        if p is None or p.node != node or p.state == "exited" or self.tracer is None:
+            log.info("node %d: fork under pid %d, which does not run there; refused", node,
+                     msg.parent)
+            await self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
+            return
+        try:
+            child = await wait_future(self.tracer.fork(msg.parent))
+        except BpfsError as exc:
+            log.info("node %d: no ghost for a fork of %d: %s", node, msg.parent, exc)
+            err = exc.errno if exc.errno in FORK_ERRNOS else errno.EAGAIN
+            await self._tell(node, messages.Forked(seq=msg.seq, errno=err))
+            return
+        c = self.cluster.start_proc(child, node, p.uid, p.gid, p.cmd, time.time())
+        c.mid = next(self._ids)
+        self._parents[child] = msg.parent
+        if not await self._tell(node, messages.Forked(seq=msg.seq, pid=child, id=c.mid)):
+            self._drop_forked(child)
+
+    async def _tell(self, node: int, msg: messages.Msg) -> bool:
+        try:
+            await self.send_node(node, msg)
+        except BpfsError as exc:
+            log.info("node %d: %s not sent: %s", node, messages.tag(type(msg)), exc)
+            return False
+        return True
+
+    def on_unforked(self, node: int, msg: messages.Unforked) -> None:
+        p = self.cluster.procs.get(msg.pid)
+        if p is None or p.node != node or p.mid != msg.id or msg.pid not in self._parents:
+            log.info("node %d: unforked of unknown pid %d; ignored", node, msg.pid)
+            return
+        self._drop_forked(msg.pid)
+
+    def _drop_forked(self, pid: int) -> None:
+        """A ghost for a fork that never was: no exit, no event; it dies and is reaped."""
+        self.cluster.remove_proc(pid)
+        if self.tracer is not None:
+            try:
+                self.tracer.kill(pid)
+            except BpfsError as exc:
+                log.info("pid %d: kill: %s", pid, exc)
+
+    def forked_gone(self, pid: int) -> None:
+        """The ghost of a forked process ended (tracer thread's report, in trio): its parent
+        ghost reaps it (ECHILD: the parent ended first and the kernel re-parented it)."""
+        parent = self._parents.pop(pid, None)
+        if parent is None or self.tracer is None:
+            return
+        try:
+            fut = self.tracer.reap(parent, pid)
+        except BpfsError as exc:
+            log.debug("pid %d: reap by %d: %s", pid, parent, exc)
+            return
+
+        def done(f: Any) -> None:                       # in the tracer thread
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None and getattr(exc, "errno", None) not in (errno.ECHILD,
+                                                                        errno.ESRCH):
+                log.info("pid %d: reap by its parent %d: %s", pid, parent, exc)
+        fut.add_done_callback(done)
+
+    # ---- exec ----
+
+    def on_execed(self, node: int, msg: messages.Execed) -> None:
+        p = self.cluster.procs.get(msg.pid)
+        if p is None or p.node != node or p.mid != msg.id or p.state == "exited":
+            log.info("node %d: execed of unknown pid %d; ignored", node, msg.pid)
+            return
+        argv = msg.cmdline.rstrip(b"\0").split(b"\0") if msg.cmdline else []
+        if not argv or not argv[0]:
+            return
+        p.cmd = " ".join(a.decode("utf-8", "replace") for a in argv)[:4096]
+        if self.tracer is None:
+            return
+        try:
+            fut = self.tracer.rename(msg.pid, argv)
+        except BpfsError as exc:
+            log.info("pid %d: renaming its ghost: %s", msg.pid, exc)
+            return
+
+        def done(f: Any) -> None:                       # in the tracer thread
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                log.info("pid %d: renaming its ghost: %s", msg.pid, exc)
+        fut.add_done_callback(done)
+
+    # ---- signals from nodes ----
+
+    def on_kill(self, node: int, msg: messages.Kill) -> None:
+        self._spawn(self._kill, node, msg)
+
+    async def _kill(self, node: int, msg: messages.Kill) -> None:
+        err = kill_as(msg.ruid, msg.euid, msg.pid, msg.sig)
+        await self._tell(node, messages.Killed(seq=msg.seq, errno=err or None))
+
+
+def kill_as(ruid: int, euid: int, pid: int, sig: int) -> int:
+    """kill(pid, sig) with this thread's real and effective uid set to the caller's (the
+    saved uid stays root's, so they come back; a non-zero euid has no capabilities, so
+    the kernel checks as for the caller): 0 or the errno. Synchronous, no await: no other
+    work of this thread runs meanwhile. Never the whole machine (-1), never the master
+    itself or init."""
+    if pid in (-1, 0) or abs(pid) in (1, os.getpid()) or not 0 <= sig < 65:
+        return errno.EPERM if pid not in (-1, 0) else errno.EINVAL
+    switch = (ruid, euid) != (0, 0)
+    if switch and _libc.syscall(ctypes.c_long(SYS_SETRESUID), ctypes.c_long(ruid),
+                                ctypes.c_long(euid), ctypes.c_long(-1)) != 0:
+        return ctypes.get_errno() or errno.EPERM
+    try:
+        if pid < 0:
+            os.killpg(-pid, sig)
+        else:
+            os.kill(pid, sig)
+        return 0
+    except OSError as exc:
+        return exc.errno or errno.EPERM
+    finally:
+        if switch and _libc.syscall(ctypes.c_long(SYS_SETRESUID), ctypes.c_long(0),
+                                    ctypes.c_long(0), ctypes.c_long(-1)) != 0:
+            raise SystemExit("cannot take root's uid back after a kill for a node")

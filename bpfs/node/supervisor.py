@@ -1,0 +1,514 @@
+"""The node's half of the one PID space: forks, exec, ends, parentage and signals.
+
+Every process the node restores runs under bpfs.migrate.seccomp's filter, and the daemon
+holds each job's listener. The supervisor answers the calls the filter stops:
+
+- **fork, vfork, clone, clone3** (a new process, not a thread): the master makes a ghost
+  child of the caller's ghost and answers with its PID (`fork` -> `forked`); the node gives
+  that same PID to the child by pointing its PID namespace's counter (ns_last_pid) just
+  before it, lets the call run (CONTINUE), waits until the kernel has taken the number, and
+  puts the counter back where it parks: above the master's pid_max, so whatever the kernel
+  numbers on its own (threads, keepers, the daemon's helpers) can never take a PID the
+  master may hand out. The master's refusal is the fork's errno (EAGAIN: process limits).
+  Only one directed fork is ever in flight: the critical part has no await in it.
+- **execve**: let through; a moment later, if the command line changed, the ghost takes it
+  (`execed`).
+- the child's **end**: a pidfd per child; once it has been reaped on the node (by its
+  parent, or by us as PID 1 for orphans) its wait status goes to the master (`exited`),
+  which ends the ghost the same way and has the ghost's parent reap it.
+- **getppid, getpgid, getpgrp, getsid**: a job's process is the child of its keeper, in
+  the keeper's session and a group of its own (bpfs/migrate/restore.py): those numbers
+  are the node's alone, so they are answered with the master's (the ghost's parent, group
+  and session, sent with the restore); every other answer the kernel gives is already a
+  cluster PID.
+- **kill, tkill, tgkill, rt_(tg)sigqueueinfo** of a PID (or group) that is not on this
+  node: the master delivers it with the caller's real and effective uid, and kill(2)'s
+  errno comes back (`kill` -> `killed`). Local signals run as they are.
+
+Ghosts are made by the master's tracer thread (bpfs/migrate/tracer.py `fork`), so forks
+on all nodes queue there; the node waits only for its own. Errors: a job whose listener
+fails is logged and dropped (its calls then fail with ENOSYS: the kernel's answer when
+nobody listens); nothing here raises into the session.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from bpfs.migrate import seccomp
+from bpfs.migrate.seccomp import SYSCALLS as NR
+from bpfs.node.session import Session
+from bpfs.wire import messages
+
+log = logging.getLogger("bpslave")
+
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+PID_MAX_LIMIT = 1 << 22
+ASK_TIMEOUT = 10.0           # the master's answer to `fork` or `kill`
+TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
+EXEC_CHECKS = (0.001, 0.004, 0.02, 0.1)   # after an execve: when to look at the cmdline
+REAP_POLL = (0.001, 0.1)     # an ended child not reaped yet: look again (first, at most)
+
+
+@dataclass(eq=False)
+class Job:
+    """One restored process and everything forked under it: one listener."""
+    session: Session
+    id: int                           # the restore's (its messages carry it)
+    leader: int
+    listener: int
+    keeper: int | None
+    ppid: int | None                  # the master's answers for the leader
+    pgid: int | None
+    sid: int | None
+
+
+@dataclass(eq=False)
+class Child:
+    """A process forked on this node: its ghost is `pid` on the master too."""
+    pid: int
+    id: int
+    pidfd: int
+    job: Job
+    cmdline: bytes = b""
+
+
+@dataclass
+class Stats:
+    forks: int = 0
+    refused: int = 0
+    mismatched: int = 0
+    kills_forwarded: int = 0
+    answered: dict[str, int] = field(default_factory=dict)
+
+
+class Supervisor:
+    """The jobs' listeners and the children forked under them (one per node daemon)."""
+
+    def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
+                 on_end: Callable[[int], None] | None = None) -> None:
+        self.park_at = park_at        # the master's pid_max: our own PIDs go above it
+        self.jobs: dict[int, Job] = {}          # by leader
+        self.children: dict[int, Child] = {}    # by pid
+        self.on_child = on_child or (lambda c: None)
+        self.on_end = on_end or (lambda pid: None)
+        self.stats = Stats()
+        self._seq = itertools.count(1)
+        self._asked: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.park()
+
+    # ---- the counter ----
+
+    def park(self) -> None:
+        """Point the namespace's counter above every cluster PID (see the docstring)."""
+        _write_last(max(self.park_at, _read_last()))
+
+    # ---- jobs ----
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the jobs' listeners and watch the children until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def add_job(self, session: Session, mid: int, leader: int, listener: int,
+                keeper: int | None, ppid: int | None, pgid: int | None,
+                sid: int | None) -> None:
+        job = Job(session, mid, leader, listener, keeper, ppid, pgid, sid)
+        self.jobs[leader] = job
+        if self._nursery is None:
+            os.close(listener)
+            return
+        self._nursery.start_soon(self._serve, job)
+
+    def answered(self, msg: messages.Forked | messages.Killed) -> None:
+        """The master's answer to one of our questions (`forked`, `killed`)."""
+        waiting = self._asked.pop(msg.seq, None)
+        if waiting is not None:
+            waiting[1].append(msg)
+            waiting[0].set()
+
+    async def _ask(self, session: Session, make: Callable[[int], Any]) -> Any:
+        seq = next(self._seq)
+        event, box = trio.Event(), []
+        self._asked[seq] = (event, box)
+        try:
+            session.report(make(seq))
+            with trio.move_on_after(ASK_TIMEOUT):
+                await event.wait()
+                return box[0]
+            return None
+        finally:
+            self._asked.pop(seq, None)
+
+    async def _serve(self, job: Job) -> None:
+        fd = job.listener
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                ready = poller.poll(0)
+                if not ready or not ready[0][1] & select.POLLIN:
+                    if ready and ready[0][1] & (select.POLLHUP | select.POLLERR):
+                        return          # every process of the job has ended
+                    continue
+                n = seccomp.recv(fd)
+                if n is not None:
+                    self._dispatch(job, n)
+        except OSError as exc:
+            log.error("job %d: its listener failed: %s", job.leader, exc)
+        finally:
+            self.jobs.pop(job.leader, None)
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    def _dispatch(self, job: Job, n: seccomp.Notif) -> None:
+        handler = HANDLERS.get(n.nr)
+        self.stats.answered[n.name] = self.stats.answered.get(n.name, 0) + 1
+        try:
+            if handler is None:
+                seccomp.answer(job.listener, n.id, cont=True)
+            else:
+                handler(self, job, n)
+        except OSError as exc:      # the caller died meanwhile, most likely
+            log.debug("pid %d: %s: %s", n.pid, n.name, exc)
+            seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
+
+    def _start(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def _go(self, job: Job, n: seccomp.Notif) -> None:
+        seccomp.answer(job.listener, n.id, cont=True)
+
+    # ---- fork ----
+
+    def _on_clone(self, job: Job, n: seccomp.Notif) -> None:
+        flags = n.args[0] if n.nr == NR["clone"] else _clone3_flags(n)
+        if flags is None or flags & seccomp.CLONE_THREAD:
+            self._go(job, n)        # a thread: numbered above park_at by the kernel
+        else:
+            self._start(self._fork, job, n)
+
+    def _on_fork(self, job: Job, n: seccomp.Notif) -> None:
+        self._start(self._fork, job, n)
+
+    async def _fork(self, job: Job, n: seccomp.Notif) -> None:
+        parent = _tgid(n.pid)
+        if parent is None:
+            return
+        self.stats.forks += 1
+        reply = await self._ask(job.session, lambda seq: messages.Fork(seq=seq, parent=parent))
+        if reply is None or reply.pid is None or reply.id is None:
+            self.stats.refused += 1
+            seccomp.answer(job.listener, n.id,
+                           err=reply.errno if reply is not None and reply.errno else errno.EAGAIN)
+            return
+        pid, mid = reply.pid, reply.id
+        if _exists(pid) or not seccomp.still_waiting(job.listener, n.id):
+            if _exists(pid):
+                log.warning("the master's PID %d is taken on this node: fork refused", pid)
+            seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
+            job.session.report(messages.Unforked(pid=pid, id=mid))
+            return
+        got = self._directed(job, n, pid)
+        if got is None or got[1] != parent:
+            if got is not None:       # CLONE_PARENT, or PID `pid` went to someone else
+                self.stats.mismatched += 1
+                log.warning("fork of %d: PID %d is not its child; it has no ghost", parent,
+                            pid)
+                os.close(got[0])
+            job.session.report(messages.Unforked(pid=pid, id=mid))
+            return
+        child = Child(pid, mid, got[0], job, _cmdline(parent))
+        self.children[pid] = child
+        self.on_child(child)
+        await self._watch(child)
+
+    def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> tuple[int, int] | None:
+        """Let the fork run with the counter just below `pid`: (pidfd, its parent) of the
+        child, or None if the fork failed. No await: one directed fork at a time."""
+        parked = _read_last()
+        _write_last(pid - 1)
+        try:
+            if not seccomp.answer(job.listener, n.id, cont=True):
+                return None
+            deadline = time.perf_counter() + TAKE_TIMEOUT
+            while _read_last() == pid - 1 and time.perf_counter() < deadline:
+                os.sched_yield()
+        finally:
+            _write_last(max(parked, self.park_at))
+        try:
+            pidfd = seccomp.pidfd_open(pid)
+        except OSError:
+            return None
+        parent = _ppid(pid)
+        if parent is None:
+            os.close(pidfd)
+            return None
+        return pidfd, parent
+
+    async def _watch(self, child: Child) -> None:
+        """Wait for the child's end and its reaping; then tell the master."""
+        try:
+            await trio.lowlevel.wait_readable(child.pidfd)
+            delay = REAP_POLL[0]
+            while (status := seccomp.exit_status(child.pidfd)) is None:
+                await trio.sleep(delay)           # a zombie: its parent reaps it soon
+                delay = min(delay * 2, REAP_POLL[1])
+        finally:
+            self.children.pop(child.pid, None)
+            trio.lowlevel.notify_closing(child.pidfd)
+            os.close(child.pidfd)
+            self.on_end(child.pid)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        child.job.session.report(messages.Exited(pid=child.pid, code=code, signal=sig,
+                                                 id=child.id))
+
+    # ---- exec ----
+
+    def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
+        pid = _tgid(n.pid)
+        before = _cmdline(pid) if pid is not None else b""
+        self._go(job, n)
+        if pid is not None and (pid in self.children or pid in self.jobs):
+            self._start(self._execed, job, pid, before)
+
+    async def _execed(self, job: Job, pid: int, before: bytes) -> None:
+        for delay in EXEC_CHECKS:
+            await trio.sleep(delay)
+            now = _cmdline(pid)
+            if not now:
+                return              # gone
+            if now != before:
+                child = self.children.get(pid)
+                if child is not None:
+                    child.cmdline = now
+                    mid = child.id
+                else:
+                    mid = job.id
+                job.session.report(messages.Execed(pid=pid, id=mid, cmdline=now))
+                return
+
+    # ---- parentage ----
+
+    def _on_getppid(self, job: Job, n: seccomp.Notif) -> None:
+        tgid = _tgid(n.pid)
+        lead = self.jobs.get(tgid) if tgid is not None else None
+        if lead is not None and lead.ppid is not None and _ppid(tgid) == lead.keeper:
+            seccomp.answer(job.listener, n.id, val=lead.ppid)
+        else:
+            self._go(job, n)
+
+    def _on_getpgid(self, job: Job, n: seccomp.Notif) -> None:
+        target = _pid_arg(n.args[0]) if n.nr == NR["getpgid"] else 0
+        self._translate(job, n, os.getpgid, target, self._group_of)
+
+    def _on_getsid(self, job: Job, n: seccomp.Notif) -> None:
+        self._translate(job, n, os.getsid, _pid_arg(n.args[0]), self._session_of)
+
+    def _translate(self, job: Job, n: seccomp.Notif, get: Callable[[int], int], target: int,
+                   master: Callable[[int], int | None]) -> None:
+        if target < 0:
+            return self._go(job, n)
+        try:
+            local = get(target or n.pid)
+        except OSError:
+            return self._go(job, n)         # the kernel says ESRCH itself
+        value = master(local)
+        if value is None:
+            self._go(job, n)
+        else:
+            seccomp.answer(job.listener, n.id, val=value)
+
+    def _group_of(self, pgid: int) -> int | None:
+        """The master's group for a job leader's own group on the node."""
+        job = self.jobs.get(pgid)
+        return job.pgid if job is not None and job.pgid is not None else None
+
+    def _session_of(self, sid: int) -> int | None:
+        """The master's session for a keeper's session on the node."""
+        for job in self.jobs.values():
+            if job.keeper == sid and job.sid is not None:
+                return job.sid
+        return None
+
+    def _on_setpgid(self, job: Job, n: seccomp.Notif) -> None:
+        """setpgid to the master's number of a job's group (what getpgid told): the job's
+        group here, which the process may only already be in."""
+        pgid = _pid_arg(n.args[1])
+        other = next((j for j in self.jobs.values()
+                      if pgid > 0 and j.pgid == pgid and j.leader != pgid), None)
+        if other is None:
+            self._go(job, n)
+            return
+        try:
+            here = os.getpgid(_pid_arg(n.args[0]) or n.pid)
+        except OSError:
+            seccomp.answer(job.listener, n.id, err=errno.ESRCH)
+            return
+        seccomp.answer(job.listener, n.id, err=0 if here == other.leader else errno.EPERM)
+
+    # ---- signals ----
+
+    def _on_kill(self, job: Job, n: seccomp.Notif) -> None:
+        pid, sig = _pid_arg(n.args[0]), int(n.args[1]) & 0xFFFFFFFF
+        if n.nr in (NR["tgkill"], NR["rt_tgsigqueueinfo"]):
+            pid, sig = _pid_arg(n.args[1]), int(n.args[2]) & 0xFFFFFFFF
+        if pid in (0, -1) or _here(pid) or (pid < -1 and _group_here(-pid)):
+            self._go(job, n)        # on this node: the kernel checks and delivers
+        else:
+            self._start(self._forward_kill, job, n, pid, sig)
+
+    async def _forward_kill(self, job: Job, n: seccomp.Notif, pid: int, sig: int) -> None:
+        creds = _uids(n.pid)
+        if creds is None:
+            return
+        self.stats.kills_forwarded += 1
+        reply = await self._ask(job.session, lambda seq: messages.Kill(
+            seq=seq, pid=pid, sig=sig, ruid=creds[0], euid=creds[1]))
+        if reply is None:
+            seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
+        elif reply.errno:
+            seccomp.answer(job.listener, n.id, err=reply.errno)
+        else:
+            seccomp.answer(job.listener, n.id, val=0)
+
+    def close(self) -> None:
+        for child in list(self.children.values()):
+            try:
+                os.close(child.pidfd)
+            except OSError:
+                pass
+        self.children.clear()
+
+
+HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
+    NR["clone"]: Supervisor._on_clone, NR["clone3"]: Supervisor._on_clone,
+    NR["fork"]: Supervisor._on_fork, NR["vfork"]: Supervisor._on_fork,
+    NR["execve"]: Supervisor._on_exec, NR["execveat"]: Supervisor._on_exec,
+    NR["getppid"]: Supervisor._on_getppid,
+    NR["getpgid"]: Supervisor._on_getpgid, NR["getpgrp"]: Supervisor._on_getpgid,
+    NR["getsid"]: Supervisor._on_getsid, NR["setpgid"]: Supervisor._on_setpgid,
+    **{NR[k]: Supervisor._on_kill for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
+                                             "rt_tgsigqueueinfo")},
+}
+
+
+# ---- small readers of /proc (our own PID namespace's) ----
+
+def _read_last() -> int:
+    with open(NS_LAST_PID, "rb") as f:
+        return int(f.read())
+
+
+def _write_last(value: int) -> None:
+    fd = os.open(NS_LAST_PID, os.O_WRONLY)
+    try:
+        os.write(fd, b"%d" % value)
+    finally:
+        os.close(fd)
+
+
+def _pid_arg(raw: int) -> int:
+    """A pid_t argument (the low 32 bits, signed)."""
+    v = int(raw) & 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def _tgid(tid: int) -> int | None:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _uids(tid: int) -> tuple[int, int] | None:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, eff = line.split()[1:3]
+                    return int(real), int(eff)
+    except OSError:
+        return None
+    return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read(65536)
+    except OSError:
+        return b""
+
+
+def _exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _here(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_here(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clone3_flags(n: seccomp.Notif) -> int | None:
+    """clone3's flags, from the caller's struct clone_args (None if unreadable)."""
+    try:
+        fd = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 8, n.args[0])
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return struct.unpack("<Q", data)[0] if len(data) == 8 else None
