@@ -30,6 +30,8 @@ CLONE_PARENT = 0x8000
 # byte is ignored with CLONE_PARENT (the child gets the caller's own exit_signal), but it picks
 # the ptrace event: SIGCHLD there means PTRACE_EVENT_FORK, anything else PTRACE_EVENT_CLONE.
 CLONE_FLAGS = CLONE_PARENT | signal.SIGCHLD
+# fork(2): a child of the caller, whose end sends it SIGCHLD (a ghost's child, `Tracer.fork`)
+FORK_FLAGS = signal.SIGCHLD
 TRACE_COPIES = pt.O_TRACEFORK | pt.O_TRACECLONE  # either event: the child is ours at once
 COPY_EVENTS = (pt.EVENT_FORK, pt.EVENT_CLONE)
 # -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK: a signal came first
@@ -214,17 +216,20 @@ def park(pid: int, signals: list[int], name: bytes | None = None) -> None:
     sleep_in_pause(pid, regs, gadget)
 
 
-def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: list[int]) -> int:
-    """Make a sibling of the stopped, parked `pid`: inject clone(CLONE_FLAGS) at `gadget`.
+def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: list[int],
+         flags: int) -> int:
+    """Make a copy of the stopped, parked `pid`: inject clone(`flags`) at `gadget`.
+
+    `flags` is CLONE_FLAGS (a sibling: its parent is the parent of `pid`, its exit_signal
+    that of `pid`) or FORK_FLAGS (a child of `pid`, SIGCHLD at its end).
 
     `pid` must have TRACE_COPIES among its ptrace options: the kernel then attaches the child to
     this thread before it runs, and the child starts with a ptrace-stop of its own (an
     EVENT_STOP, since the parent was seized) that this function does NOT consume. The child is
     a fork: a private copy of the parked memory (argument pages and vdso, so the same
     /proc/PID/cmdline and environ), the same name, signal dispositions, empty signal mask,
-    process group and session; no rseq, robust list or clear-child-tid (rseq would be
-    inherited, but is unregistered in a ghost; the other two never are). Its parent is the
-    parent of `pid`, its exit_signal that of `pid`.
+    process group and session, credentials; no rseq, robust list or clear-child-tid (rseq
+    would be inherited, but is unregistered in a ghost; the other two never are).
 
     The new pid is appended to `children` as soon as it is known (the fork/clone event stop),
     so the caller learns of it even if `pid` ends before the syscall completes (Gone, or
@@ -233,7 +238,7 @@ def copy(pid: int, base: pt.Regs, gadget: int, signals: list[int], children: lis
     """
     regs = base.copy()
     regs.rax, regs.orig_rax, regs.rip = SYS_CLONE, NO_SYSCALL, gadget
-    regs.rdi = CLONE_FLAGS
+    regs.rdi = flags
     regs.rsi = regs.rdx = regs.r10 = regs.r8 = 0  # same stack, no tids, no tls
     pt.setregs(pid, regs)
     child = 0

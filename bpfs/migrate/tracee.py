@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal as _signal
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ Future = concurrent.futures.Future
 STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
 SI_KERNEL = 0x80
+CLD_EXITED, CLD_CONTINUED = 1, 6  # si_code of a SIGCHLD the kernel sends for a child
 DISCARD = -1             # Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
 
 # tracee states
@@ -57,7 +59,31 @@ class Tracee:
                              # (DISCARD: a SIGCONT overtook it, it is swallowed)
     stopping: bool = False   # our stop signal delivered, its group-stop not seen yet
     cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
+    parent: int = 0          # the ghost whose child (`fork`) this one is; 0: none of ours
+    children: dict[int, int | None] = field(default_factory=dict)
+                             # its children made by `fork` (and their copies): None while
+                             # they live, their wait status once ended, until reaped
+    copies: bool = False     # gp.TRACE_COPIES among its ptrace options (a child inherits them)
+    argv_map: tuple[int, int] | None = None  # (address, size): where `rename` put its argv
 
+
+
+class Signals(list):
+    """The signals a `ghost_park` step suppressed in the ghost `t`, for the tracer to report.
+
+    ghost_park appends each while `t` is still in that signal's delivery stop, so its siginfo
+    can be read then: a SIGCHLD the kernel sent for one of `t`'s child ghosts is dropped here
+    (`child_signal`), as `Ghosts.ghost_stop` drops it outside the steps.
+    """
+
+    def __init__(self, t: "Tracee") -> None:
+        super().__init__()
+        self._t = t
+
+    def append(self, sig: int) -> None:
+        if sig == _signal.SIGCHLD and child_signal(self._t.pid, self._t.children):
+            return
+        super().append(sig)
 
 
 def send_kill(pid: int) -> bool:
@@ -104,6 +130,21 @@ def from_terminal(pid: int) -> bool:
     except MigrateError:
         return False
     return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
+def child_signal(pid: int, children: dict[int, int | None]) -> bool:
+    """True if the SIGCHLD `pid` is stopped with was sent by the kernel for one of
+    `children` (si_code CLD_EXITED..CLD_CONTINUED, si_pid among them); False for a user's
+    kill() (SI_USER: a process may not forge a positive si_code for another's signal)."""
+    if not children:
+        return False
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    code, _, child = struct.unpack_from("<iiI", info.raw, 8)
+    return CLD_EXITED <= code <= CLD_CONTINUED and child in children
 
 
 def pending(pid: int, sig: int) -> bool:
