@@ -20,7 +20,6 @@ from bpfs import procstatus
 from bpfs.migrate import ghost_argv
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
-from bpfs.migrate.dump import TRACE_OPTIONS
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.tracee import GHOST, Future, Signals, Tracee, as_error, send_kill
 
@@ -164,7 +163,9 @@ class Kin:
         try:
             gp.halt(t.pid, h.signals)
             h.regs = pt.getregs(t.pid)
-            h.gadget = gp.sleeping_gadget(t.pid, h.regs)
+            if h.regs.rip - t.gadget not in (0, 2):  # not where it slept last time
+                t.gadget = gp.sleeping_gadget(t.pid, h.regs)
+            h.gadget = t.gadget
             out = step(h)
             gp.sleep_in_pause(t.pid, h.regs, h.gadget)
             return out
@@ -203,14 +204,11 @@ class Kin:
     def _copy(self, t: Tracee, h: Halted, flags: int) -> int:
         """One copy of the halted `t` (`gp.copy`); the new pid, or -errno. Whatever
         happens, a child made is held at once (`h.made`)."""
-        if not t.copies:  # kept afterwards: a ghost never forks by itself
-            pt.setoptions(t.pid, TRACE_OPTIONS | gp.TRACE_COPIES)
-            t.copies = True
-        got: list[int] = []  # the new pid, once its fork event stop came
+        got: list[int] = []  # the new pid, once clone returned it
         try:
             return gp.copy(t.pid, h.regs, h.gadget, h.signals, got, flags)
         except Exception:
-            if not got:  # killed before the fork event stop: the child may exist
+            if not got:  # killed before clone returned: the child may exist
                 got.extend(self._strays())
             raise
         finally:
@@ -221,7 +219,7 @@ class Kin:
     def _hold(self, child: int, t: Tracee, flags: int) -> None:
         """The new `child` of `t` (fork) or of `t`'s parent (clone) is a tracee from now."""
         parent = t.parent if flags & gp.CLONE_PARENT else t.pid
-        self.tracees[child] = Tracee(child, GHOST, parent=parent, copies=True,
+        self.tracees[child] = Tracee(child, GHOST, parent=parent, gadget=t.gadget,
                                      argv_map=t.argv_map)
         if parent in self.tracees:
             self.tracees[parent].children[child] = None
@@ -275,7 +273,7 @@ class Kin:
 
     def _strays(self) -> list[int]:
         """Processes traced by this thread that it does not hold (a copy whose original was
-        killed before its fork event stop, so its pid never came)."""
+        killed before clone returned, so its pid never came)."""
         me, out = threading.get_native_id(), []
         for name in os.listdir("/proc"):
             if not name.isdigit() or int(name) in self.tracees or int(name) == self.bell:

@@ -63,7 +63,7 @@ class Tracee:
     children: dict[int, int | None] = field(default_factory=dict)
                              # its children made by `fork` (and their copies): None while
                              # they live, their wait status once ended, until reaped
-    copies: bool = False     # gp.TRACE_COPIES among its ptrace options (a child inherits them)
+    gadget: int = 0          # the vdso `syscall` where it sleeps, once known (a copy's too)
     argv_map: tuple[int, int] | None = None  # (address, size): where `rename` put its argv
 
 
