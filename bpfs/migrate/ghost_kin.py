@@ -21,7 +21,8 @@ from bpfs.migrate import ghost_argv
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.tracee import GHOST, Future, Signals, Tracee, as_error, send_kill
+from bpfs.migrate.tracee import (GHOST, Future, Signals, Tracee, as_error, send_kill,
+                                 send_signal)
 
 log = logging.getLogger("bpfs.migrate.ghost")
 
@@ -167,7 +168,7 @@ class Kin:
                 t.gadget = gp.sleeping_gadget(t.pid, h.regs)
             h.gadget = t.gadget
             out = step(h)
-            gp.sleep_in_pause(t.pid, h.regs, h.gadget)
+            self._resume(t, h)
             return out
         except gp.Gone as gone:
             self.gone(t, gone.status)
@@ -177,6 +178,16 @@ class Kin:
             raise self._repark(t, h, what, exc) from None
         finally:
             self._report(t.pid, h.signals)
+            for sig in getattr(h.signals, "again", ()):
+                send_signal(t.pid, sig)
+
+    def _resume(self, t: Tracee, h: Halted) -> None:
+        """Back to sleep in pause(); a ghost held in a job-control stop (`set_stopped`), or on
+        its way into one, back into that stop (`gp.stop_again`)."""
+        if t.stopped or t.stopping:
+            t.stopped, t.stopping = gp.stop_again(t.pid, h.regs, h.gadget, h.signals), False
+        else:
+            gp.sleep_in_pause(t.pid, h.regs, h.gadget)
 
     def _repark(self, t: Tracee, h: Halted, what: str, exc: Exception) -> MigrateError:
         """A step on the halted ghost `t` failed (`exc`): put it back to sleep, a ghost as
@@ -188,7 +199,7 @@ class Kin:
         err = as_error(exc, what, t.pid)
         if h.regs is not None and err.errno != errno.ESRCH:
             try:
-                gp.sleep_in_pause(t.pid, h.regs, h.gadget)
+                self._resume(t, h)
             except Exception as again:  # noqa: BLE001 - it cannot stay halted
                 exc = again
             else:

@@ -266,6 +266,34 @@ def sleep_in_pause(pid: int, base: pt.Regs, gadget: int) -> None:
     pt.cont(pid, 0)
 
 
+def stop_again(pid: int, base: pt.Regs, gadget: int, signals: list[int]) -> bool:
+    """Put a ghost halted out of its group-stop (set_stopped's, held with PTRACE_LISTEN) back
+    into it, to sleep in pause() once continued. True if it is held stopped again.
+
+    An interrupt trap taken while its group is still stopped is reported as a group-stop
+    (with the stop signal: the kernel's SIGNAL_STOP_STOPPED outlives our resuming it), so
+    PTRACE_INTERRUPT, then PTRACE_CONT: it traps before any instruction, and LISTEN holds it.
+    If a SIGCONT ended the group-stop meanwhile, the trap says SIGTRAP: it goes on in pause().
+    """
+    regs = base.copy()
+    regs.rip, regs.rax, regs.orig_rax = gadget, SYS_PAUSE, NO_SYSCALL
+    pt.setregs(pid, regs)
+    pt.ptrace(pt.INTERRUPT, pid)
+    pt.cont(pid, 0)
+    while True:
+        sig, event = stop_parts(wait_stop(pid))
+        if event == pt.EVENT_STOP:
+            break
+        if event == 0:
+            signals.append(sig)
+        pt.cont(pid, 0)
+    if sig == signal.SIGTRAP:
+        pt.cont(pid, 0)
+        return False
+    pt.ptrace(pt.LISTEN, pid)
+    return True
+
+
 def _rename(pid: int, regs: pt.Regs, gadget: int, signals: list[int], name: bytes) -> None:
     """PR_SET_NAME from a string written below the stack pointer (memory unmapped next)."""
     addr = (regs.rsp - 4096) & ~15

@@ -73,15 +73,23 @@ class Signals(list):
 
     ghost_park appends each while `t` is still in that signal's delivery stop, so its siginfo
     can be read then: a SIGCHLD the kernel sent for one of `t`'s child ghosts is dropped here
-    (`child_signal`), as `Ghosts.ghost_stop` drops it outside the steps.
+    (`child_signal`), as `Ghosts.ghost_stop` drops it outside the steps. Our own SIGSTOP
+    or SIGCONT (`set_stopped`'s, on their way) are neither reported nor lost: they go to
+    `again`, to be sent again once the step is over, and met by `Ghosts._job_stop` then.
     """
 
     def __init__(self, t: "Tracee") -> None:
         super().__init__()
         self._t = t
+        self.again: list[int] = []
 
     def append(self, sig: int) -> None:
-        if sig == _signal.SIGCHLD and child_signal(self._t.pid, self._t.children):
+        t = self._t
+        if sig == _signal.SIGCHLD and child_signal(t.pid, t.children):
+            return
+        if (sig == _signal.SIGSTOP and t.stop_sent > 0) or (sig == _signal.SIGCONT and
+                                                             t.cont_sent):
+            self.again.append(sig)
             return
         super().append(sig)
 
@@ -106,6 +114,16 @@ def send_kill(pid: int) -> bool:
             log.error("tracer: cannot kill process %d (%s; PTRACE_KILL: %s)", pid, exc,
                       again)
     return True
+
+
+def send_signal(pid: int, sig: int) -> None:
+    """kill(pid, sig) of a tracee; a process already gone is no error, a refusal is logged."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        log.error("tracer: cannot send signal %d to process %d: %s", sig, pid, exc)
 
 
 def kill_and_reap(pid: int) -> int | None:

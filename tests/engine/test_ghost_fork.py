@@ -211,6 +211,34 @@ def test_killing_the_parent_while_it_forks(rig: Rig) -> None:
     assert rig.tracer._ghosts.tracees == {}
 
 
+def test_a_stopped_ghost_stays_stopped_through_fork_reap_and_rename(rig: Rig) -> None:
+    """A ghost held in a job-control stop (its real process was stopped: `set_stopped`) is
+    halted out of it for a step and put back into it; a stop of ours still on its way when
+    the step begins is neither reported nor lost."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    child = rig.tracer.fork(pid).result(5)
+    rig.tracer.finish(child, exit_code=1).result(5)
+    assert rig.tracer.reap(pid, child).result(5) == 1 << 8
+    rig.tracer.rename(pid, [b"stopped"]).result(5)
+    time.sleep(0.05)
+    assert proc_state(pid) == "t" and ghost.stopped
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid)
+    for _ in range(20):   # the stop and the fork come together
+        rig.tracer.set_stopped(pid, True, signal.SIGTSTP)
+        child = rig.tracer.fork(pid).result(5)
+        assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+        assert ghost.stop_sent == 0 and not ghost.stopping
+        rig.tracer.set_stopped(pid, False)
+        rig.tracer.kill(child).result(5)
+        rig.tracer.reap(pid, child).result(5)
+        assert until(lambda: proc_state(pid) == "S" and not ghost.stopped)
+    assert rig.rec.signals == [] and zombies_of(pid) == []
+
+
 # ---- rename ----
 
 def test_rename_shows_the_new_argv(rig: Rig) -> None:
