@@ -2,8 +2,8 @@
 
 A ghost keeps a migrated process's PID, parent, name and command line on the master, asleep
 (`ghost_park` does the surgery); `Ghosts` takes each tracee through seized -> capturing ->
-ghost -> halting -> finishing (and clone, kill, release), resolves the futures and reports
-signals and ends. `bpfs.migrate.tracer.Tracer` owns it and drives it from its ptrace thread:
+ghost -> halting -> finishing (and kill, release; clone, fork, reap and rename are
+`ghost_kin`'s), resolves the futures and reports signals and ends. `bpfs.migrate.tracer.Tracer` owns it and drives it from its ptrace thread:
 every method here runs in that thread, except `ghosts()`. The design, the API and the fault
 rules are in docs/ghosts.md.
 """
@@ -18,18 +18,20 @@ import threading
 import time
 from typing import Callable
 
-from bpfs import procstatus
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
-from bpfs.migrate.dump import TRACE_OPTIONS, seize_for_exec, wait_exec_and_dump
+from bpfs.migrate.dump import seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.ghost_kin import Kin
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
-                                 STOPPED, HALTING, FINISHING, RELEASING, Tracee, send_kill,
-                                 from_terminal, pending, ignores, resolve, as_error)
+                                 STOPPED, HALTING, FINISHING, RELEASING, Signals, Tracee,
+                                 send_kill, child_signal, from_terminal, pending, ignores,
+                                 resolve, as_error)
 
 log = logging.getLogger(__name__)
 
-class Ghosts:
+
+class Ghosts(Kin):
     """The tracees of one tracer thread and their states (see the module doc)."""
 
     def __init__(self, on_signal: Callable[[int, int], None],
@@ -74,8 +76,8 @@ class Ghosts:
         keyboard = event == 0 and sig in KEYBOARD and from_terminal(t.pid)
         if keyboard:                     # first: told even if it cannot be resumed
             self._call(self._on_keyboard, t.pid, sig)
-        elif event == 0:
-            self._report(t.pid, [sig])
+        elif event == 0 and not (sig == _signal.SIGCHLD and child_signal(t.pid, t.children)):
+            self._report(t.pid, [sig])   # (a child ghost's end: its real parent has its own)
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
 
@@ -283,7 +285,7 @@ class Ghosts:
         """Make `t` end as `finish` asked (`t.aim`): a HALTING ghost in its interrupt stop,
         or (`halt`) any other tracee, brought into a ptrace-stop first."""
         code, sig = t.aim
-        signals: list[int] = []
+        signals = Signals(t)
         try:
             if halt:
                 self._halt(t, signals)
@@ -354,125 +356,10 @@ class Ghosts:
             resolve(fut, exc=err)
         send_kill(t.pid)
 
-    def clone(self, fut: Future, pid: int, count: int) -> None:
-        """`count` copies of the ghost `pid` (see `gp.copy`), made from it halted once.
-
-        The copies are made first and parked afterwards: by then each has reached its first
-        stop, so no wait for it to be scheduled. Each is held (in `tracees`) from its birth.
-        """
-        if count < 0:
-            raise MigrateError(errno.EINVAL, f"cannot make {count} copies", pid)
-        t = self._known(pid)
-        if t.state != GHOST or t.killed:
-            raise MigrateError(errno.EBUSY, f"process {pid} is {t.state}, not a parked ghost",
-                               pid)
-        signals: list[int] = []
-        pids: list[int] = []  # new pids and -errno, in order
-        err = gadget = 0
-        regs: pt.Regs | None = None
-        rss = self.park_rss.get(pid)
-        try:
-            gp.halt(pid, signals)
-            regs = pt.getregs(pid)
-            gadget = gp.sleeping_gadget(pid, regs)
-            pt.setoptions(pid, TRACE_OPTIONS | gp.TRACE_COPIES)
-            while len(pids) < count:
-                made: list[int] = []  # the new pid, once its fork event stop came
-                try:
-                    res = gp.copy(pid, regs, gadget, signals, made)
-                except Exception:
-                    if not made:  # killed before the fork event stop: the child may exist
-                        made.extend(self._strays())
-                    raise
-                finally:  # a child is ours, whatever happened to the original: held at once
-                    for child in made:
-                        self.tracees[child] = Tracee(child, GHOST)
-                    pids.extend(made)
-                if res < 0:
-                    pids.append(res)
-            pt.setoptions(pid, TRACE_OPTIONS)
-            gp.sleep_in_pause(pid, regs, gadget)
-        except gp.Gone as gone:
-            err = errno.ESRCH
-            self.gone(t, gone.status)
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the ghost goes on or ends
-            err = self._repark(t, regs, gadget, exc)
-        finally:
-            self._report(pid, signals)
-            for child in pids:
-                if child > 0:
-                    self._adopt(self.tracees[child], gadget, rss)
-        fut.set_result(pids + [-err] * (count - len(pids)))
-
-    def _repark(self, t: Tracee, regs: pt.Regs | None, gadget: int, exc: Exception) -> int:
-        """A clone of the ghost `t` failed (`exc`) with `t` halted at `regs`: put it back to
-        sleep, a ghost as before; if that fails too (or it was not halted), `_fail`.
-
-        Returns the errno for the copies not made: ESRCH if `t` was killed meanwhile (a
-        dying process gives other errors too, e.g. ENOEXEC for its vanished vdso; then
-        putting it back fails with ESRCH)."""
-        err = as_error(exc, "clone", t.pid)
-        if regs is not None and err.errno != errno.ESRCH:
-            try:
-                pt.setoptions(t.pid, TRACE_OPTIONS)
-                gp.sleep_in_pause(t.pid, regs, gadget)
-            except Exception as again:  # noqa: BLE001 - it cannot stay halted
-                exc = again
-            else:
-                log.warning("tracer: cloning ghost %d: %s; parked again", t.pid, err)
-                return err.errno
-        self.fail(t, "clone", exc)
-        killed = isinstance(exc, MigrateError) and exc.errno == errno.ESRCH
-        return errno.ESRCH if killed else err.errno
-
-    def _adopt(self, c: Tracee, gadget: int, rss: tuple[int, int] | None) -> None:
-        """Make the new `c`, made by a clone, a ghost: consume its first stop, park it.
-
-        If it cannot be parked it is killed; if it ended already, its end is consumed: either
-        way `on_exit` follows, as for any ghost. `rss` is the original's `park_rss` (the copy
-        maps the same pages).
-        """
-        signals: list[int] = []
-        try:
-            # its attach stop, before it ran anything: an EVENT_STOP (the ghost was seized;
-            # a SIGSTOP had it been PTRACE_TRACEME'd)
-            sig, event = gp.stop_parts(gp.wait_stop(c.pid))
-            if event == 0 and sig != _signal.SIGSTOP:
-                signals.append(sig)
-            pt.setoptions(c.pid, TRACE_OPTIONS)
-            gp.sleep_in_pause(c.pid, pt.getregs(c.pid), gadget)
-        except gp.Gone as gone:
-            self.gone(c, gone.status)
-            return
-        except Exception as exc:  # noqa: BLE001 - it cannot stay in its first stop
-            self.fail(c, "parking a clone", exc)
-            return
-        finally:
-            self._report(c.pid, signals)
-        if rss is not None:
-            self.park_rss[c.pid] = rss
-        with self._lock:
-            self._parked.add(c.pid)
-
-    def _strays(self) -> list[int]:
-        """Processes traced by this thread that it does not hold (a clone whose parent was
-        killed before its fork event stop, so its pid never came)."""
-        me, out = threading.get_native_id(), []
-        for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) in self.tracees or int(name) == self.bell:
-                continue
-            try:
-                status = procstatus.read(int(name))
-            except OSError:
-                continue
-            if status.get("TracerPid") == str(me):
-                out.append(int(name))
-        return out
-
     # ---- ends ----
 
     def gone(self, t: Tracee, status: int) -> None:
-        self.forget(t)
+        self.forget(t, status)
         if t.capture is not None:
             resolve(t.capture, exc=MigrateError(errno.ESRCH, f"process {t.pid} ended before "
                                                             "its exec", t.pid))
@@ -493,7 +380,9 @@ class Ghosts:
         for fut in t.waiters + t.failed:
             resolve(fut, exc=MigrateError(errno.ESRCH, f"process {pid} vanished", pid))
 
-    def forget(self, t: Tracee) -> None:
+    def forget(self, t: Tracee, status: int | None = None) -> None:
+        """`t` is no longer ours: it ended (`status`), vanished, or was released."""
+        self.unlink(t, status)
         self.tracees.pop(t.pid, None)
         self.park_rss.pop(t.pid, None)
         with self._lock:

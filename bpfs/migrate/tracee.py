@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal as _signal
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ Future = concurrent.futures.Future
 STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl-C, -\, -Z
 SI_KERNEL = 0x80
+CLD_EXITED, CLD_CONTINUED = 1, 6  # si_code of a SIGCHLD the kernel sends for a child
 DISCARD = -1             # Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
 
 # tracee states
@@ -57,7 +59,39 @@ class Tracee:
                              # (DISCARD: a SIGCONT overtook it, it is swallowed)
     stopping: bool = False   # our stop signal delivered, its group-stop not seen yet
     cont_sent: bool = False  # our SIGCONT is on its way: not the user's, not reported
+    parent: int = 0          # the ghost whose child (`fork`) this one is; 0: none of ours
+    children: dict[int, int | None] = field(default_factory=dict)
+                             # its children made by `fork` (and their copies): None while
+                             # they live, their wait status once ended, until reaped
+    gadget: int = 0          # the vdso `syscall` where it sleeps, once known (a copy's too)
+    argv_map: tuple[int, int] | None = None  # (address, size): where `rename` put its argv
 
+
+
+class Signals(list):
+    """The signals a `ghost_park` step suppressed in the ghost `t`, for the tracer to report.
+
+    ghost_park appends each while `t` is still in that signal's delivery stop, so its siginfo
+    can be read then: a SIGCHLD the kernel sent for one of `t`'s child ghosts is dropped here
+    (`child_signal`), as `Ghosts.ghost_stop` drops it outside the steps. Our own SIGSTOP
+    or SIGCONT (`set_stopped`'s, on their way) are neither reported nor lost: they go to
+    `again`, to be sent again once the step is over, and met by `Ghosts._job_stop` then.
+    """
+
+    def __init__(self, t: "Tracee") -> None:
+        super().__init__()
+        self._t = t
+        self.again: list[int] = []
+
+    def append(self, sig: int) -> None:
+        t = self._t
+        if sig == _signal.SIGCHLD and child_signal(t.pid, t.children):
+            return
+        if (sig == _signal.SIGSTOP and t.stop_sent > 0) or (sig == _signal.SIGCONT and
+                                                             t.cont_sent):
+            self.again.append(sig)
+            return
+        super().append(sig)
 
 
 def send_kill(pid: int) -> bool:
@@ -82,6 +116,16 @@ def send_kill(pid: int) -> bool:
     return True
 
 
+def send_signal(pid: int, sig: int) -> None:
+    """kill(pid, sig) of a tracee; a process already gone is no error, a refusal is logged."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        log.error("tracer: cannot send signal %d to process %d: %s", sig, pid, exc)
+
+
 def kill_and_reap(pid: int) -> int | None:
     """SIGKILL a tracee and consume its end; its raw status, or None if it was not ours."""
     if not send_kill(pid):
@@ -104,6 +148,21 @@ def from_terminal(pid: int) -> bool:
     except MigrateError:
         return False
     return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
+def child_signal(pid: int, children: dict[int, int | None]) -> bool:
+    """True if the SIGCHLD `pid` is stopped with was sent by the kernel for one of
+    `children` (si_code CLD_EXITED..CLD_CONTINUED, si_pid among them); False for a user's
+    kill() (SI_USER: a process may not forge a positive si_code for another's signal)."""
+    if not children:
+        return False
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    code, _, child = struct.unpack_from("<iiI", info.raw, 8)
+    return CLD_EXITED <= code <= CLD_CONTINUED and child in children
 
 
 def pending(pid: int, sig: int) -> bool:

@@ -166,6 +166,15 @@ class Tracer:
     def clone(self, pid: int, count: int) -> Future[list[int]]:
         return self._deferred(self._ghosts.clone, pid, count)
 
+    def fork(self, pid: int) -> Future[int]:
+        return self._deferred(self._ghosts.fork, pid)
+
+    def reap(self, parent: int, child: int) -> Future[int]:
+        return self._deferred(self._ghosts.reap, parent, child)
+
+    def rename(self, pid: int, argv: list[bytes]) -> Future[None]:
+        return self._deferred(self._ghosts.rename, pid, list(argv))
+
     def ghosts(self) -> list[int]:
         return self._ghosts.ghosts()
 

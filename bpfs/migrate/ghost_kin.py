@@ -1,0 +1,316 @@
+"""A ghost's kin: what is done to a parked ghost halted for one step, to make or unmake
+processes or to change what `ps` shows: its copies (`clone`, siblings: one dump, many ranks),
+its children (`fork`: a process forked on a node), the reaping of an ended child (`reap`:
+the real parent on the node reaped), and a new name and command line (`rename`: an exec on
+a node). `Kin` is mixed into `bpfs.migrate.ghost.Ghosts`, which supplies the tracees and
+their ends; it runs in the tracer thread. docs/ghosts.md ("Children") says why and how.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal as _signal
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+from bpfs import procstatus
+from bpfs.migrate import ghost_argv
+from bpfs.migrate import ghost_park as gp
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.tracee import (GHOST, Future, Signals, Tracee, as_error, send_kill,
+                                 send_signal)
+
+log = logging.getLogger("bpfs.migrate.ghost")
+
+R = TypeVar("R")
+WNOHANG = 1
+
+
+@dataclass
+class Halted:
+    """A parked ghost halted for one step: where it slept, and what signals came meanwhile."""
+
+    signals: list[int]
+    regs: pt.Regs | None = None
+    gadget: int = 0
+    made: list[int] = field(default_factory=list)  # the copies made, held from their birth
+
+
+class Kin:
+    """clone, fork, reap and rename of parked ghosts (see the module doc)."""
+
+    tracees: dict[int, Tracee]
+    park_rss: dict[int, tuple[int, int]]
+    bell: int
+    _lock: threading.Lock
+    _parked: set[int]
+
+    # supplied by Ghosts
+    def gone(self, t: Tracee, status: int) -> None:
+        raise NotImplementedError
+
+    def fail(self, t: Tracee, what: str, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def _report(self, pid: int, signals: list[int]) -> None:
+        raise NotImplementedError
+
+    # ---- the operations ----
+
+    def clone(self, fut: Future, pid: int, count: int) -> None:
+        """`count` copies of the ghost `pid` (CLONE_PARENT: siblings, see `gp.copy`), made
+        from it halted once; an entry is the new pid or -errno (docs/ghosts.md, "Clones").
+
+        The copies are made first and parked afterwards: by then each has reached its first
+        stop, so no wait for it to be scheduled. Each is held (in `tracees`) from its birth.
+        """
+        if count < 0:
+            raise MigrateError(errno.EINVAL, f"cannot make {count} copies", pid)
+        t = self._parked_ghost(pid, errno.EBUSY)
+        h = Halted(Signals(t))
+        pids: list[int] = []  # new pids and -errno, in order
+
+        def copies(h: Halted) -> None:
+            while len(pids) < count:
+                before = len(h.made)
+                try:
+                    res = self._copy(t, h, gp.CLONE_FLAGS)
+                finally:
+                    pids.extend(h.made[before:])
+                if res < 0:
+                    pids.append(res)
+        err = 0
+        rss = self.park_rss.get(pid)
+        try:
+            self._halted(t, "clone", copies, h)
+        except MigrateError as exc:
+            err = exc.errno
+        finally:
+            self._adopt_all(h, rss)
+        fut.set_result(pids + [-err] * (count - len(pids)))
+
+    def fork(self, fut: Future, pid: int) -> None:
+        """A child of the ghost `pid` (fork(2) injected): its pid. ESRCH if `pid` is not a
+        parked ghost of ours or ends meanwhile; the clone's errno (EAGAIN) otherwise.
+        A child made when the step then fails is killed: nobody would know of it."""
+        t = self._parked_ghost(pid, errno.ESRCH)
+        h = Halted(Signals(t))
+        rss = self.park_rss.get(pid)
+        try:
+            res = self._halted(t, "fork", lambda h: self._copy(t, h, gp.FORK_FLAGS), h)
+        except BaseException:
+            for child in h.made:
+                self._disown(child)
+            raise
+        self._adopt_all(h, rss)
+        if res < 0:
+            raise MigrateError(-res, f"fork of ghost {pid}: {os.strerror(-res)}", pid)
+        fut.set_result(res)
+
+    def reap(self, fut: Future, pid: int, child: int) -> None:
+        """The ghost `pid` reaps its ended child ghost `child` (wait4 injected): the child's
+        wait status, as the tracer consumed it at its end (a ghost has no memory to spare
+        for wait4 to write it in; the kernel's is the same). ESRCH: `pid` is no parked ghost;
+        ECHILD: `child` is not its child (or was reaped); EBUSY: `child` has not ended."""
+        t = self._parked_ghost(pid, errno.ESRCH)
+        if child not in t.children:
+            raise MigrateError(errno.ECHILD, f"process {child} is no child of ghost {pid}",
+                               pid)
+        status = t.children[child]
+        if status is None:
+            raise MigrateError(errno.EBUSY, f"child ghost {child} has not ended", pid)
+        got = self._halted(t, "reap", lambda h: gp.inject(
+            t.pid, h.regs, h.gadget, h.signals, pt.SYS["wait4"], child, 0,
+            WNOHANG | pt.WALL, 0))
+        if got in (child, -errno.ECHILD):  # ECHILD: the kernel reaped it (SIGCHLD ignored)
+            del t.children[child]
+        if got != child:
+            err = -got if got < 0 else errno.EBUSY
+            raise MigrateError(err, f"ghost {pid} reaping {child}: {os.strerror(err)}", pid)
+        fut.set_result(status)
+
+    def rename(self, fut: Future, pid: int, argv: list[bytes]) -> None:
+        """The ghost `pid` takes the name and command line of `argv` (`ghost_argv`).
+        EINVAL for a bad argv (before the ghost is touched), ESRCH as for `fork`."""
+        ghost_argv.encode(argv)
+        t = self._parked_ghost(pid, errno.ESRCH)
+        t.argv_map = self._halted(t, "rename", lambda h: ghost_argv.set_argv(
+            t.pid, h.regs, h.gadget, h.signals, argv, t.argv_map))
+        fut.set_result(None)
+
+    # ---- one step on a halted ghost ----
+
+    def _parked_ghost(self, pid: int, err: int) -> Tracee:
+        t = self.tracees.get(pid)
+        if t is None:
+            raise MigrateError(errno.ESRCH, f"process {pid} is not held by the tracer", pid)
+        if t.state != GHOST or t.killed:
+            raise MigrateError(err, f"process {pid} is {t.state}, not a parked ghost", pid)
+        return t
+
+    def _halted(self, t: Tracee, what: str, step: Callable[[Halted], R],
+                h: Halted | None = None) -> R:
+        """Halt the parked ghost `t`, run `step` on it, put it back to sleep in pause().
+
+        The signals that came meanwhile are reported. If `t` ends meanwhile: ESRCH (its end
+        is handled as any). If a step fails otherwise, `t` is put back to sleep, or killed if
+        even that fails (`_repark`), and the failure raised as a MigrateError.
+        """
+        h = h or Halted(Signals(t))
+        try:
+            gp.halt(t.pid, h.signals)
+            h.regs = pt.getregs(t.pid)
+            if h.regs.rip - t.gadget not in (0, 2):  # not where it slept last time
+                t.gadget = gp.sleeping_gadget(t.pid, h.regs)
+            h.gadget = t.gadget
+            out = step(h)
+            self._resume(t, h)
+            return out
+        except gp.Gone as gone:
+            self.gone(t, gone.status)
+            raise MigrateError(errno.ESRCH, f"ghost {t.pid} ended during {what}", t.pid) \
+                from None
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the ghost goes on or ends
+            raise self._repark(t, h, what, exc) from None
+        finally:
+            self._report(t.pid, h.signals)
+            for sig in getattr(h.signals, "again", ()):
+                send_signal(t.pid, sig)
+
+    def _resume(self, t: Tracee, h: Halted) -> None:
+        """Back to sleep in pause(); a ghost held in a job-control stop (`set_stopped`), or on
+        its way into one, back into that stop (`gp.stop_again`)."""
+        if t.stopped or t.stopping:
+            t.stopped, t.stopping = gp.stop_again(t.pid, h.regs, h.gadget, h.signals), False
+        else:
+            gp.sleep_in_pause(t.pid, h.regs, h.gadget)
+
+    def _repark(self, t: Tracee, h: Halted, what: str, exc: Exception) -> MigrateError:
+        """A step on the halted ghost `t` failed (`exc`): put it back to sleep, a ghost as
+        before; if that fails too (or it was not halted), `fail`.
+
+        Returns the error for the caller: ESRCH if `t` was killed meanwhile (a dying
+        process gives other errors too, e.g. ENOEXEC for its vanished vdso; then putting it
+        back fails with ESRCH)."""
+        err = as_error(exc, what, t.pid)
+        if h.regs is not None and err.errno != errno.ESRCH:
+            try:
+                self._resume(t, h)
+            except Exception as again:  # noqa: BLE001 - it cannot stay halted
+                exc = again
+            else:
+                log.warning("tracer: %s of ghost %d: %s; parked again", what, t.pid, err)
+                return err
+        self.fail(t, what, exc)
+        if isinstance(exc, MigrateError) and exc.errno == errno.ESRCH:
+            return MigrateError(errno.ESRCH, f"ghost {t.pid} ended during {what}", t.pid)
+        return err
+
+    # ---- copies: clone and fork ----
+
+    def _copy(self, t: Tracee, h: Halted, flags: int) -> int:
+        """One copy of the halted `t` (`gp.copy`); the new pid, or -errno. Whatever
+        happens, a child made is held at once (`h.made`)."""
+        got: list[int] = []  # the new pid, once clone returned it
+        try:
+            return gp.copy(t.pid, h.regs, h.gadget, h.signals, got, flags)
+        except Exception:
+            if not got:  # killed before clone returned: the child may exist
+                got.extend(self._strays())
+            raise
+        finally:
+            for child in got:
+                self._hold(child, t, flags)
+            h.made.extend(got)
+
+    def _hold(self, child: int, t: Tracee, flags: int) -> None:
+        """The new `child` of `t` (fork) or of `t`'s parent (clone) is a tracee from now."""
+        parent = t.parent if flags & gp.CLONE_PARENT else t.pid
+        self.tracees[child] = Tracee(child, GHOST, parent=parent, gadget=t.gadget,
+                                     argv_map=t.argv_map)
+        if parent in self.tracees:
+            self.tracees[parent].children[child] = None
+
+    def _adopt_all(self, h: Halted, rss: tuple[int, int] | None) -> None:
+        for child in h.made:
+            if child in self.tracees:
+                self._adopt(self.tracees[child], h, rss)
+
+    def _adopt(self, c: Tracee, h: Halted, rss: tuple[int, int] | None) -> None:
+        """Make the new `c`, made by a clone or fork, a ghost: consume its first stop, park
+        it where its original sleeps (its registers are its original's: a fork).
+
+        If it cannot be parked it is killed; if it ended already, its end is consumed: either
+        way `on_exit` follows, as for any ghost. `rss` is the original's `park_rss` (the copy
+        maps the same pages). Its ptrace options are its original's (inherited).
+        """
+        signals = Signals(c)
+        try:
+            # its attach stop, before it ran anything: an EVENT_STOP (the ghost was seized;
+            # a SIGSTOP had it been PTRACE_TRACEME'd)
+            sig, event = gp.stop_parts(gp.wait_stop(c.pid))
+            if event == 0 and sig != _signal.SIGSTOP:
+                signals.append(sig)
+            gp.sleep_in_pause(c.pid, h.regs, h.gadget)
+        except gp.Gone as gone:
+            self.gone(c, gone.status)
+            return
+        except Exception as exc:  # noqa: BLE001 - it cannot stay in its first stop
+            self.fail(c, "parking a copy", exc)
+            return
+        finally:
+            self._report(c.pid, signals)
+        if rss is not None:
+            self.park_rss[c.pid] = rss
+        with self._lock:
+            self._parked.add(c.pid)
+
+    def _disown(self, child: int) -> None:
+        """A child made by a fork that then failed: killed, its end consumed as any, and
+        not counted among its parent's children (no one will reap it: its zombie stays
+        until the parent ghost ends)."""
+        c = self.tracees.get(child)
+        if c is None:
+            return
+        parent = self.tracees.get(c.parent)
+        if parent is not None:
+            parent.children.pop(child, None)
+        c.parent, c.killed = 0, True
+        send_kill(child)
+
+    def _strays(self) -> list[int]:
+        """Processes traced by this thread that it does not hold (a copy whose original was
+        killed before clone returned, so its pid never came)."""
+        me, out = threading.get_native_id(), []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in self.tracees or int(name) == self.bell:
+                continue
+            try:
+                status = procstatus.read(int(name))
+            except OSError:
+                continue
+            if status.get("TracerPid") == str(me):
+                out.append(int(name))
+        return out
+
+    # ---- ends ----
+
+    def unlink(self, t: Tracee, status: int | None) -> None:
+        """`t` ended (`status`) or is no longer ours (None). Its parent ghost keeps its status
+        until it reaps it (`reap`); its own children are orphans now: the kernel gave them
+        to init or a subreaper, which reaps them; nothing more is asked of us."""
+        parent = self.tracees.get(t.parent) if t.parent else None
+        if parent is not None and t.pid in parent.children:
+            if status is None:
+                del parent.children[t.pid]
+            else:
+                parent.children[t.pid] = status
+        for child in t.children:
+            c = self.tracees.get(child)
+            if c is not None and c.parent == t.pid:
+                c.parent = 0
+        t.children = {}
