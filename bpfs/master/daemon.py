@@ -78,6 +78,7 @@ class Master:
         self.procs = ProcService(cluster, self.send_node)
         assert cfg.heartbeat is not None            # MasterConfig.__post_init__
         self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout)
+        self.procs.send_now = self.links.send_now
         self.execs = ExecService(cluster, self.procs, cfg.mount)
 
     # ---- ctl.Services ------------------------------------------------------------

@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable
 
 from bpfs.errors import BpfsError
-from bpfs.master.migrations import SendNode, wait_future
+from bpfs.master.migrations import SendNode
 from bpfs.model import Cluster
 from bpfs.wire import messages
 
@@ -51,43 +51,67 @@ class NodeForks:
     tracer: Any
     _ids: Any
     _spawn: Callable[..., None]
+    _from_tracer: Callable[..., None]
 
     def __init__(self) -> None:
         super().__init__()
+        # write a message now, whole, if the connection takes it (bpfs.master.links)
+        self.send_now: Callable[[int, messages.Msg], bool] | None = None
         self._parents: dict[int, int] = {}    # forked pid -> its parent's pid (its ghost's)
 
     # ---- fork ----
 
     def on_fork(self, node: int, msg: messages.Fork) -> None:
-        self._spawn(self._fork, node, msg)
-
-    async def _fork(self, node: int, msg: messages.Fork) -> None:
+        """No task waits: the tracer's future calls `_forked` back in trio's thread (a fork
+        on a node waits for this, so every trip through the event loop counts)."""
         p = self.cluster.procs.get(msg.parent)
         if p is None or p.node != node or p.state == "exited" or self.tracer is None:
             log.info("node %d: fork under pid %d, which does not run there; refused", node,
                      msg.parent)
-            await self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
+            self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
             return
         try:
-            child = await wait_future(self.tracer.fork(msg.parent))
+            fut = self.tracer.fork(msg.parent)
         except BpfsError as exc:
-            log.info("node %d: no ghost for a fork of %d: %s", node, msg.parent, exc)
-            err = exc.errno if exc.errno in FORK_ERRNOS else errno.EAGAIN
-            await self._tell(node, messages.Forked(seq=msg.seq, errno=err))
+            self._forked(node, msg, exc)
             return
+        fut.add_done_callback(lambda f: self._from_tracer(self._forked, node, msg, f))
+
+    def _forked(self, node: int, msg: messages.Fork, result: Any) -> None:
+        exc = result if isinstance(result, BaseException) else result.exception()
+        p = self.cluster.procs.get(msg.parent)
+        if exc is not None or p is None:
+            err = getattr(exc, "errno", None)
+            log.info("node %d: no ghost for a fork of %d: %s", node, msg.parent, exc)
+            if exc is None:     # the parent's record went meanwhile: the ghost goes too
+                self._parents[result.result()] = msg.parent
+                self._drop_forked(result.result(), known=False)
+            self._tell(node, messages.Forked(
+                seq=msg.seq, errno=err if err in FORK_ERRNOS else errno.EAGAIN))
+            return
+        child = result.result()
         c = self.cluster.start_proc(child, node, p.uid, p.gid, p.cmd, time.time())
         c.mid = next(self._ids)
         self._parents[child] = msg.parent
-        if not await self._tell(node, messages.Forked(seq=msg.seq, pid=child, id=c.mid)):
-            self._drop_forked(child)
+        self._tell(node, messages.Forked(seq=msg.seq, pid=child, id=c.mid),
+                   lambda: self._drop_forked(child))
 
-    async def _tell(self, node: int, msg: messages.Msg) -> bool:
+    def _tell(self, node: int, msg: messages.Msg,
+              failed: Callable[[], None] | None = None) -> None:
+        """Send `msg` now if the connection takes it whole, else from a task; `failed()`
+        if it cannot go (the node is gone)."""
+        if self.send_now is not None and self.send_now(node, msg):
+            return
+        self._spawn(self._send_or, node, msg, failed)
+
+    async def _send_or(self, node: int, msg: messages.Msg,
+                       failed: Callable[[], None] | None) -> None:
         try:
             await self.send_node(node, msg)
         except BpfsError as exc:
             log.info("node %d: %s not sent: %s", node, messages.tag(type(msg)), exc)
-            return False
-        return True
+            if failed is not None:
+                failed()
 
     def on_unforked(self, node: int, msg: messages.Unforked) -> None:
         p = self.cluster.procs.get(msg.pid)
@@ -96,9 +120,10 @@ class NodeForks:
             return
         self._drop_forked(msg.pid)
 
-    def _drop_forked(self, pid: int) -> None:
+    def _drop_forked(self, pid: int, known: bool = True) -> None:
         """A ghost for a fork that never was: no exit, no event; it dies and is reaped."""
-        self.cluster.remove_proc(pid)
+        if known:
+            self.cluster.remove_proc(pid)
         if self.tracer is not None:
             try:
                 self.tracer.kill(pid)
@@ -152,11 +177,8 @@ class NodeForks:
     # ---- signals from nodes ----
 
     def on_kill(self, node: int, msg: messages.Kill) -> None:
-        self._spawn(self._kill, node, msg)
-
-    async def _kill(self, node: int, msg: messages.Kill) -> None:
         err = kill_as(msg.ruid, msg.euid, msg.pid, msg.sig)
-        await self._tell(node, messages.Killed(seq=msg.seq, errno=err or None))
+        self._tell(node, messages.Killed(seq=msg.seq, errno=err or None))
 
 
 def kill_as(ruid: int, euid: int, pid: int, sig: int) -> int:

@@ -90,6 +90,13 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
 }
 
 
+async def _flush(conn: NodeConn) -> None:
+    try:
+        await conn.stream.flush(SEND_TIMEOUT)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+        conn.scope.cancel()
+
+
 def _pid_max() -> int | None:
     """This kernel's pid_max: a node keeps the PIDs it numbers itself above it."""
     try:
@@ -126,6 +133,21 @@ class NodeLinks:
         self.conns: dict[int, NodeConn] = {}
         self.handshakes = 0                 # connections in their handshake now
         self.refusals = RefusalLog()
+
+    def send_now(self, node: int, msg: messages.Msg) -> bool:
+        """Write `msg` from synchronous code if the connection takes it whole at once; False:
+        nothing was written (send it with `send_node`)."""
+        conn = self.conns.get(node)
+        if conn is None or conn.stream.pending:
+            return False
+        try:
+            if not conn.stream.send_nowait(msg):
+                return False
+        except trio.BrokenResourceError:
+            return False
+        if conn.stream.pending:     # the rest goes with the next send, or now from a task
+            trio.lowlevel.spawn_system_task(_flush, conn)
+        return True
 
     async def send_node(self, node: int, msg: messages.Msg) -> None:
         conn = self.conns.get(node)

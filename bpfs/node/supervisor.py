@@ -104,7 +104,10 @@ class Supervisor:
         self.on_end = on_end or (lambda pid: None)
         self.stats = Stats()
         self._seq = itertools.count(1)
-        self._asked: dict[int, tuple[trio.Event, list[Any]]] = {}
+        # Calls waiting for the master (seq -> what to finish them with, and since when):
+        # no task waits, the answer's handler finishes them (one trip through trio fewer).
+        self._forks: dict[int, tuple[Job, seccomp.Notif, int, float]] = {}
+        self._kills: dict[int, tuple[Job, seccomp.Notif, float]] = {}
         self._nursery: trio.Nursery | None = None
         self.park()
 
@@ -121,7 +124,17 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(1.0)
+                self._expire(time.monotonic() - ASK_TIMEOUT)
+
+    def _expire(self, before: float) -> None:
+        """Calls the master has not answered in ASK_TIMEOUT (it went away): EAGAIN."""
+        for table in (self._forks, self._kills):
+            for seq, (job, n, *_rest, since) in list(table.items()):
+                if since < before:
+                    del table[seq]
+                    seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
 
     def add_job(self, session: Session, mid: int, leader: int, listener: int,
                 keeper: int | None, ppid: int | None, pgid: int | None,
@@ -134,24 +147,20 @@ class Supervisor:
         self._nursery.start_soon(self._serve, job)
 
     def answered(self, msg: messages.Forked | messages.Killed) -> None:
-        """The master's answer to one of our questions (`forked`, `killed`)."""
-        waiting = self._asked.pop(msg.seq, None)
-        if waiting is not None:
-            waiting[1].append(msg)
-            waiting[0].set()
-
-    async def _ask(self, session: Session, make: Callable[[int], Any]) -> Any:
-        seq = next(self._seq)
-        event, box = trio.Event(), []
-        self._asked[seq] = (event, box)
-        try:
-            session.report(make(seq))
-            with trio.move_on_after(ASK_TIMEOUT):
-                await event.wait()
-                return box[0]
-            return None
-        finally:
-            self._asked.pop(seq, None)
+        """The master's answer to a `fork` or a `kill`: finish that call (a late or unknown
+        answer is dropped; a ghost made for a fork given up on is undone)."""
+        if isinstance(msg, messages.Forked):
+            fork = self._forks.pop(msg.seq, None)
+            if fork is not None:
+                self._forked(fork[0], fork[1], fork[2], msg)
+            elif msg.pid is not None and msg.id is not None:
+                for job in self.jobs.values():
+                    job.session.report(messages.Unforked(pid=msg.pid, id=msg.id))
+                    break
+            return
+        kill = self._kills.pop(msg.seq, None)
+        if kill is not None:
+            seccomp.answer(kill[0].listener, kill[1].id, err=msg.errno or 0)
 
     async def _serve(self, job: Job) -> None:
         fd = job.listener
@@ -201,21 +210,23 @@ class Supervisor:
         if flags is None or flags & seccomp.CLONE_THREAD:
             self._go(job, n)        # a thread: numbered above park_at by the kernel
         else:
-            self._start(self._fork, job, n)
+            self._on_fork(job, n)
 
     def _on_fork(self, job: Job, n: seccomp.Notif) -> None:
-        self._start(self._fork, job, n)
-
-    async def _fork(self, job: Job, n: seccomp.Notif) -> None:
         parent = _tgid(n.pid)
-        if parent is None:
+        if parent is None:          # the caller is gone
             return
         self.stats.forks += 1
-        reply = await self._ask(job.session, lambda seq: messages.Fork(seq=seq, parent=parent))
-        if reply is None or reply.pid is None or reply.id is None:
+        seq = next(self._seq)
+        self._forks[seq] = (job, n, parent, time.monotonic())
+        job.session.report(messages.Fork(seq=seq, parent=parent))
+
+    def _forked(self, job: Job, n: seccomp.Notif, parent: int,
+                reply: messages.Forked) -> None:
+        """The master's answer: let the fork happen with its PID (or fail with its errno)."""
+        if reply.pid is None or reply.id is None:
             self.stats.refused += 1
-            seccomp.answer(job.listener, n.id,
-                           err=reply.errno if reply is not None and reply.errno else errno.EAGAIN)
+            seccomp.answer(job.listener, n.id, err=reply.errno or errno.EAGAIN)
             return
         pid, mid = reply.pid, reply.id
         if _exists(pid) or not seccomp.still_waiting(job.listener, n.id):
@@ -233,10 +244,10 @@ class Supervisor:
                 os.close(got[0])
             job.session.report(messages.Unforked(pid=pid, id=mid))
             return
-        child = Child(pid, mid, got[0], job, _cmdline(parent))
+        child = Child(pid, mid, got[0], job)
         self.children[pid] = child
         self.on_child(child)
-        await self._watch(child)
+        self._start(self._watch, child)
 
     def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> tuple[int, int] | None:
         """Let the fork run with the counter just below `pid`: (pidfd, its parent) of the
@@ -371,22 +382,15 @@ class Supervisor:
             pid, sig = _pid_arg(n.args[1]), int(n.args[2]) & 0xFFFFFFFF
         if pid in (0, -1) or _here(pid) or (pid < -1 and _group_here(-pid)):
             self._go(job, n)        # on this node: the kernel checks and delivers
-        else:
-            self._start(self._forward_kill, job, n, pid, sig)
-
-    async def _forward_kill(self, job: Job, n: seccomp.Notif, pid: int, sig: int) -> None:
+            return
         creds = _uids(n.pid)
         if creds is None:
-            return
+            return                  # the caller is gone
         self.stats.kills_forwarded += 1
-        reply = await self._ask(job.session, lambda seq: messages.Kill(
-            seq=seq, pid=pid, sig=sig, ruid=creds[0], euid=creds[1]))
-        if reply is None:
-            seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
-        elif reply.errno:
-            seccomp.answer(job.listener, n.id, err=reply.errno)
-        else:
-            seccomp.answer(job.listener, n.id, val=0)
+        seq = next(self._seq)
+        self._kills[seq] = (job, n, time.monotonic())
+        job.session.report(messages.Kill(seq=seq, pid=pid, sig=sig, ruid=creds[0],
+                                         euid=creds[1]))
 
     def close(self) -> None:
         for child in list(self.children.values()):
