@@ -211,7 +211,7 @@ def test_killing_the_parent_while_it_forks(rig: Rig) -> None:
     assert rig.tracer._ghosts.tracees == {}
 
 
-def test_a_stopped_ghost_stays_stopped_through_fork_reap_and_rename(rig: Rig) -> None:
+def test_a_stopped_ghost_stays_stopped_through_fork_reap_rename_clone(rig: Rig) -> None:
     """A ghost held in a job-control stop (its real process was stopped: `set_stopped`) is
     halted out of it for a step and put back into it; a stop of ours still on its way when
     the step begins is neither reported nor lost."""
@@ -223,6 +223,8 @@ def test_a_stopped_ghost_stays_stopped_through_fork_reap_and_rename(rig: Rig) ->
     rig.tracer.finish(child, exit_code=1).result(5)
     assert rig.tracer.reap(pid, child).result(5) == 1 << 8
     rig.tracer.rename(pid, [b"stopped"]).result(5)
+    [copy] = rig.tracer.clone(pid, 1).result(5)
+    assert asleep(copy)
     time.sleep(0.05)
     assert proc_state(pid) == "t" and ghost.stopped
     rig.tracer.set_stopped(pid, False).result(5)
