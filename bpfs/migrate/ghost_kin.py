@@ -34,7 +34,7 @@ WNOHANG = 1
 class Halted:
     """A parked ghost halted for one step: where it slept, and what signals came meanwhile."""
 
-    signals: list[int]
+    signals: Signals
     regs: pt.Regs | None = None
     gadget: int = 0
     made: list[int] = field(default_factory=list)  # the copies made, held from their birth
@@ -178,7 +178,7 @@ class Kin:
             raise self._repark(t, h, what, exc) from None
         finally:
             self._report(t.pid, h.signals)
-            for sig in getattr(h.signals, "again", ()):
+            for sig in h.signals.again:
                 send_signal(t.pid, sig)
 
     def _resume(self, t: Tracee, h: Halted) -> None:
