@@ -1,0 +1,103 @@
+"""A node (it holds the key) that abuses the one PID space's messages.
+
+A node may ask for a ghost only under a process it runs, and the master's kill for it is a
+kill by the uids it names, never of the whole machine (-1), of init, or of the master: a
+node cannot make the master fork, rename or signal beyond that. Unknown `execed` and
+`unforked` are ignored, and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import trio
+
+from tests.cluster.test_master import Master, fake_node, master, wait_for  # noqa: F401
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounting with allow_other needs root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                       reason="no FUSE"),
+]
+
+
+def answers(node, tag: str) -> list[dict]:
+    return [m for m in node.received if m["t"] == tag]
+
+
+def test_a_node_gets_no_ghost_under_a_process_it_does_not_run(master: Master) -> None:
+    before = set(os.listdir("/proc"))
+
+    async def go() -> None:
+        async with fake_node(master) as node:
+            for seq, parent in enumerate((1, master.proc.pid, os.getpid(), 4_000_000), 1):
+                await node.fs.send({"t": "fork", "seq": seq, "parent": parent})
+            await wait_for(lambda: len(answers(node, "forked")) == 4)
+            for a in answers(node, "forked"):
+                assert a["errno"] == errno.EAGAIN and a["pid"] is None, a
+            await node.fs.send({"t": "execed", "pid": os.getpid(), "id": 1,
+                                "cmdline": b"evil\0"})
+            await node.fs.send({"t": "unforked", "pid": os.getpid(), "id": 1})
+            await node.fs.send({"t": "fork", "seq": 9, "parent": 1})
+            await wait_for(lambda: len(answers(node, "forked")) == 5)
+            assert not node.closed.is_set()
+    trio.run(go)
+    with open(f"/proc/{os.getpid()}/comm") as f:
+        assert f.read().strip() != "evil"
+    assert master.proc.poll() is None
+    new = set(os.listdir("/proc")) - before
+    assert not [p for p in new if p.isdigit() and _ppid(int(p)) == master.proc.pid
+                and _comm(int(p)) not in ("", "bpfs-doorbell")]
+
+
+def test_kill_for_a_node_is_the_callers_and_never_the_machines(master: Master, users) -> None:
+    bob = users["bob"]
+    roots = subprocess.Popen(["sleep", "30"])
+    bobs = subprocess.Popen(["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}",
+                             "--clear-groups", "sleep", "30"])
+    try:
+        async def go() -> None:
+            async with fake_node(master) as node:
+                asks = [(-1, 0, 0), (0, 0, 0), (1, 0, 0), (master.proc.pid, 0, 0),
+                        (-master.proc.pid, 0, 0), (roots.pid, bob.uid, bob.uid),
+                        (4_000_000, bob.uid, bob.uid), (bobs.pid, bob.uid, bob.uid)]
+                for seq, (pid, ruid, euid) in enumerate(asks, 1):
+                    await node.fs.send({"t": "kill", "seq": seq, "pid": pid,
+                                        "sig": signal.SIGTERM, "ruid": ruid, "euid": euid})
+                await wait_for(lambda: len(answers(node, "killed")) == len(asks))
+                got = {a["seq"]: a["errno"] for a in answers(node, "killed")}
+                assert got == {1: errno.EINVAL, 2: errno.EINVAL, 3: errno.EPERM,
+                               4: errno.EPERM, 5: errno.EPERM, 6: errno.EPERM,
+                               7: errno.ESRCH, 8: None}, got
+        trio.run(go)
+        assert bobs.wait(timeout=5) == -signal.SIGTERM
+        assert roots.poll() is None and master.proc.poll() is None
+        with open(f"/proc/{master.proc.pid}/status") as f:     # root again after the kills
+            assert "Uid:\t0\t0\t0\t0" in f.read()
+    finally:
+        for p in (roots, bobs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
