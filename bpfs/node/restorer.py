@@ -88,7 +88,7 @@ class NodeRestorer:
     def __init__(self, cache_dir: str | None, jobs_fd: int | None = None) -> None:
         self.cache_dir = cache_dir
         self.jobs_fd = jobs_fd                # each restore a job whose keeper reports here
-        self.supervised = False               # seccomp filter + listener (supervisor.py)
+        self._supervised = False              # seccomp filter + listener (supervisor.py)
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []
@@ -105,12 +105,24 @@ class NodeRestorer:
             log.error("cannot prepare the restorer: %s", exc)
 
     @property
+    def supervised(self) -> bool:
+        return self._supervised
+
+    @supervised.setter
+    def supervised(self, on: bool) -> None:
+        """Whether restores install the one-PID-space filter (bpfs/node/supervisor.py): only
+        for a master that answers its questions (one that sent its pid_max)."""
+        self._supervised = on
+        if self._restorer is not None:
+            self._restorer.supervised = on
+
+    @property
     def restorer(self) -> Restorer:
         """The Restorer; a new one if the last one was dropped."""
         if threading.get_native_id() != self.tid:
             raise RuntimeError("the node's Restorer used outside its thread")
         if self._restorer is None:
-            self._restorer = Restorer(self.cache_dir, self.jobs_fd, self.supervised)
+            self._restorer = Restorer(self.cache_dir, self.jobs_fd, self._supervised)
         return self._restorer
 
     def prepare(self) -> None:

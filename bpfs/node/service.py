@@ -98,7 +98,6 @@ class Node:
         and make the Restorer (in the event loop's thread)."""
         self.restorer.cache_dir = setup_cache_dir()
         self.supervisor = make_supervisor(self.procs)
-        self.restorer.supervised = self.supervisor is not None
         self.restorer.start()
 
     async def serve(self) -> int:
@@ -140,6 +139,8 @@ class Node:
         try:
             session = Session(self, fs, FROM_MASTER)
             self.number = await session.register()
+            # a master that sends its pid_max answers `fork` and `kill`: supervise
+            self.restorer.supervised = self.supervisor is not None and session.pid_max is not None
             if self.supervisor is not None and session.pid_max is not None:
                 self.supervisor.park_at = session.pid_max
                 self.supervisor.park()
