@@ -188,8 +188,9 @@ def main() -> int:
         print(f"{len(kids)} ghosts: Pss {pss / len(kids):.0f} KB each, master RSS "
               f"+{(after - before) / len(kids):.1f} KB each: "
               f"{(pss + after - before) / len(kids):.0f} KB per ghost (goal 64 KB)")
-        os.kill(sh, 15)
-        p.wait(timeout=30)
+        for k in kids:
+            os.kill(k, 15)
+        p.wait(timeout=60)
 
         print(f"kill, node 1 -> node 2: {kill_latency(b, '1', '2'):.2f} ms median (goal 2 ms)")
         print(f"kill, node 1 -> node 1: {kill_latency(b, '1', '1'):.2f} ms median")

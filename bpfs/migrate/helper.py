@@ -200,6 +200,22 @@ class Keeper:
                                    (SCRATCH + RECORD_OFFSET, JOB_RECORD.pack(target_pid, 0))])
         return _clone_in(self.pid, self.batch, target_pid)
 
+    def hold(self, fd: int) -> None:
+        """Keep a copy of our `fd` (the job's seccomp listener) in the keeper while it lives.
+
+        Why: were the node daemon killed, its fds close before the kernel kills the rest of
+        its PID namespace, and a call waiting on a listener nobody holds fails (ENOSYS) in
+        that moment: a job's `fork` would print "Cannot fork" on its way out. With the
+        keeper holding it too, the waiting call stays waiting until the process is killed."""
+        gadget = SCRATCH + stub.SYSCALL_OFFSET
+        pidfd = check_res(pt.inject(self.pid, self.regs, gadget, pt.SYS["pidfd_open"],
+                                    os.getpid(), 0), "pidfd_open in the keeper", self.pid)
+        try:
+            check_res(pt.inject(self.pid, self.regs, gadget, pt.SYS["pidfd_getfd"], pidfd, fd,
+                                0), "taking the listener into the keeper", self.pid)
+        finally:
+            pt.inject(self.pid, self.regs, gadget, pt.SYS["close"], pidfd)
+
     def keep(self, child: int) -> None:
         """Set the keeper running its loop over `child` (see KEEPER), detached."""
         r = self.regs.copy()

@@ -175,6 +175,8 @@ class Restorer:
                 self._build(child, image, files, list(fds), uid, gid, list(groups),
                             keeper is not None)
                 if keeper is not None:
+                    if self.last_listener is not None:
+                        keeper.hold(self.last_listener)
                     keeper.keep(child)
             except BaseException:
                 kill_reap(child)

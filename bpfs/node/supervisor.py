@@ -54,7 +54,7 @@ log = logging.getLogger("bpslave")
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 PID_MAX_LIMIT = 1 << 22
-ASK_TIMEOUT = 10.0           # the master's answer to `fork` or `kill`
+SWEEP = 5.0                  # forget calls whose caller died while the master answered
 TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
 EXEC_CHECKS = (0.001, 0.004, 0.02, 0.1)   # after an execve: when to look at the cmdline
 REAP_POLL = (0.001, 0.1)     # an ended child not reaped yet: look again (first, at most)
@@ -104,10 +104,10 @@ class Supervisor:
         self.on_end = on_end or (lambda pid: None)
         self.stats = Stats()
         self._seq = itertools.count(1)
-        # Calls waiting for the master (seq -> what to finish them with, and since when):
+        # Calls waiting for the master (seq -> what to finish them with):
         # no task waits, the answer's handler finishes them (one trip through trio fewer).
-        self._forks: dict[int, tuple[Job, seccomp.Notif, int, float]] = {}
-        self._kills: dict[int, tuple[Job, seccomp.Notif, float]] = {}
+        self._forks: dict[int, tuple[Job, seccomp.Notif, int]] = {}
+        self._kills: dict[int, tuple[Job, seccomp.Notif]] = {}
         self._nursery: trio.Nursery | None = None
         self.park()
 
@@ -125,16 +125,18 @@ class Supervisor:
             self._nursery = nursery
             task_status.started()
             while True:
-                await trio.sleep(1.0)
-                self._expire(time.monotonic() - ASK_TIMEOUT)
+                await trio.sleep(SWEEP)
+                self._sweep()
 
-    def _expire(self, before: float) -> None:
-        """Calls the master has not answered in ASK_TIMEOUT (it went away): EAGAIN."""
+    def _sweep(self) -> None:
+        """Forget calls whose caller died meanwhile. A call is never given up on while its
+        caller waits: the master answers every question on a live connection, and when the
+        connection goes the node kills every process it holds (bproc), waiting ones too,
+        so a fork never fails for a master that was only slow."""
         for table in (self._forks, self._kills):
-            for seq, (job, n, *_rest, since) in list(table.items()):
-                if since < before:
+            for seq, (job, n, *_rest) in list(table.items()):
+                if not seccomp.still_waiting(job.listener, n.id):
                     del table[seq]
-                    seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
 
     def add_job(self, session: Session, mid: int, leader: int, listener: int,
                 keeper: int | None, ppid: int | None, pgid: int | None,
@@ -218,7 +220,7 @@ class Supervisor:
             return
         self.stats.forks += 1
         seq = next(self._seq)
-        self._forks[seq] = (job, n, parent, time.monotonic())
+        self._forks[seq] = (job, n, parent)
         job.session.report(messages.Fork(seq=seq, parent=parent))
 
     def _forked(self, job: Job, n: seccomp.Notif, parent: int,
@@ -388,7 +390,7 @@ class Supervisor:
             return                  # the caller is gone
         self.stats.kills_forwarded += 1
         seq = next(self._seq)
-        self._kills[seq] = (job, n, time.monotonic())
+        self._kills[seq] = (job, n)
         job.session.report(messages.Kill(seq=seq, pid=pid, sig=sig, ruid=creds[0],
                                          euid=creds[1]))
 
