@@ -376,12 +376,9 @@ int bproc_vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
     vector = nnodes > 1 && remote == nnodes;
     out = stdout_spec();
     make_token(token);
-    if (!strcmp(out, "socket") && remote && start_iod(&iod, token, vector) < 0)
+    /* a multi-node request always has a forwarder: the master's ranks link comes to it */
+    if (((!strcmp(out, "socket") && remote) || vector) && start_iod(&iod, token, vector) < 0)
         return -1;
-    if (vector && iod.control < 0) {
-        iod_close(&iod);
-        return fail(ENOTSUP);        /* stdout on /dev/null: see docs/libbproc.md */
-    }
     if (pipe2(status, O_CLOEXEC) < 0) {
         iod_close(&iod);
         return -1;

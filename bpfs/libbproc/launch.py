@@ -20,7 +20,8 @@ here (BProc: a move to the same node is no move).
 
 I/O, as BProc's default forwarding: stdin is the node's /dev/null, stdout and stderr go
 together to the caller's stdout through the forwarder (bpfs.libbproc.iod), unless the
-caller's stdout is /dev/null or closed (then the node's /dev/null, and no forwarder).
+caller's stdout is /dev/null or closed (then the node's /dev/null, and no forwarder but
+for a multi-node request, whose ranks link comes to it).
 
 Errors (OSError; bpfs.libbproc.codes): BE_INVALIDNODE no such node, BE_NODEDOWN a node
 that is not up, EACCES no x permission on the node; execve's own errors (ENOENT, EACCES,
@@ -103,7 +104,8 @@ def vexecmove(nodes: Sequence[int], path: str, argv: Sequence[str],
     token = os.urandom(16).hex()
     remote = [n for n in nodes if n != here]
     vector = len(nodes) > 1 and len(remote) == len(nodes)
-    iod = Iod.start(token, vector) if out == "socket" and remote else None
+    # a multi-node request always has a forwarder: the master's ranks link comes to it
+    iod = Iod.start(token, vector) if (out == "socket" and remote) or vector else None
     try:
         if vector:
             return _vector(nodes, path, argv, env, out, token, iod)
@@ -206,8 +208,7 @@ def _vector(nodes: list[int], path: str, argv: Sequence[str], env: dict[str, str
     if reports:
         os.waitpid(writer, 0)
         raise _refusal(reports[0])
-    if iod is None:
-        raise error(errno.ENOTSUP, "vexecmove with stdout on /dev/null: not yet")
+    assert iod is not None
     iod.tell(writer)
     ranks = iod.ranks(writer)
     if ranks is None or len(ranks) != len(nodes):

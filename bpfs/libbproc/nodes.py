@@ -8,6 +8,7 @@ is $BPROC_MOUNT, else /bproc) and raises OSError with BProc's errno (bpfs.libbpr
     nodeaddr(node) -> str           the node's address, as nodes/N/info gives it
     nodenumber(address) -> int      the node with that address; NODE_NONE if none
     access(node, mode=X_OK) -> None  may the caller run on `node`? else EACCES
+    pidnode(pid) -> int             the node process `pid` runs on; NODE_MASTER if none
 
 Where a process runs (BProc 4's bproc_currnode read the symlink /bpfs/self): readlink of
 $BPROC_MOUNT/self gives the caller's node number. On a node, the node daemon mounts a
@@ -114,6 +115,16 @@ def access(node: int, mode: int = X_OK) -> None:
         bit = 0o001
     if not st.st_mode & bit:
         raise error(errno.EACCES)
+
+
+def pidnode(pid: int) -> int:
+    """The node of a migrated process (procs/PID/node); NODE_MASTER for any other PID, as
+    BProc's bproc_pidnode answered for a process that is not on a node."""
+    try:
+        with open(os.path.join(mount_point(), "procs", str(pid), "node")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return NODE_MASTER
 
 
 # ---- reading the files -------------------------------------------------------------

@@ -237,3 +237,19 @@ print(lb.access(1))"""
         assert out(r).split() == [str(errno.EACCES)] * 2 + ["None"]
     finally:
         os.chmod(node2, mode)
+
+
+def test_python_vexecmove_with_stdout_on_dev_null_and_pidnode(cluster: Cluster) -> None:
+    """Nothing to forward, yet the ranks come (the forwarder gets the master's ranks link);
+    while the ranks run, pidnode says where each one is."""
+    r = py(cluster, """
+import os, sys
+null = os.open('/dev/null', os.O_WRONLY)
+saved = os.dup(1)
+os.dup2(null, 1)
+pids = lb.vexecmove([1, 2], '/bin/sleep', ['sleep', '1'])
+os.dup2(saved, 1)
+print(*[lb.pidnode(p) for p in pids], lb.pidnode(os.getpid()))
+print(*[os.waitpid(p, 0)[1] for p in pids])
+""")
+    assert out(r).splitlines() == ["1 2 -1", "0 0"]
