@@ -115,14 +115,14 @@ int bproc_nodestatus(int node, char *status, int len)
         return -1;
     buf[strcspn(buf, "\n")] = 0;
     n = strlen(buf);
-    if (len <= 0) {
+    if (n > len) {                   /* as getxattr of bproc.state: ERANGE, nothing copied */
         errno = ERANGE;
         return -1;
     }
-    memcpy(status, buf, n < len ? n : len);
+    memcpy(status, buf, n);
     if (n < len)
         status[n] = 0;
-    return n < len ? n : len;
+    return n;
 }
 
 /* The address in MOUNT/nodes/N/info ("address: A"), as text; BE_NODEDOWN if none. */

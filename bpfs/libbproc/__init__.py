@@ -14,14 +14,25 @@ output. The C library (libbproc/: bproc.h, libbproc.so) has the same calls with 
 signatures. docs/libbproc.md tells what each returns and raises.
 """
 
-from bpfs.libbproc.codes import (BE_INVALIDNODE, BE_INVALIDPROC, BE_NODEDOWN, BE_SAMENODE,
-                                 BE_SLAVEDIED, NODE_ANY, NODE_MASTER, NODE_NONE, NODE_SELF, X_OK,
-                                 node_by_name as getnodebyname, strerror)
-from bpfs.libbproc.launch import execmove, move, rfork, vexecmove, vrfork
-from bpfs.libbproc.nodes import (access, currnode, nodeaddr, nodenumber, nodestatus, numnodes,
-                                 pidnode)
+# The names are imported when first used (PEP 562), so that the forwarder, run as
+# `python -m bpfs.libbproc.iod` for every execmove whose output it carries, does not load
+# the whole package at its start-up.
+_WHERE = {
+    "bpfs.libbproc.codes": ("BE_INVALIDNODE", "BE_INVALIDPROC", "BE_NODEDOWN", "BE_SAMENODE",
+                            "BE_SLAVEDIED", "NODE_ANY", "NODE_MASTER", "NODE_NONE", "NODE_SELF",
+                            "X_OK", "strerror"),
+    "bpfs.libbproc.launch": ("execmove", "move", "rfork", "vexecmove", "vrfork"),
+    "bpfs.libbproc.nodes": ("access", "currnode", "nodeaddr", "nodenumber", "nodestatus",
+                            "numnodes", "pidnode"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted([*_MODULE_OF, "getnodebyname"])
 
-__all__ = ["BE_INVALIDNODE", "BE_INVALIDPROC", "BE_NODEDOWN", "BE_SAMENODE", "BE_SLAVEDIED",
-           "NODE_ANY", "NODE_MASTER", "NODE_NONE", "NODE_SELF", "X_OK", "access", "currnode",
-           "execmove", "getnodebyname", "move", "nodeaddr", "nodenumber", "nodestatus",
-           "numnodes", "pidnode", "rfork", "strerror", "vexecmove", "vrfork"]
+
+def __getattr__(name: str) -> object:
+    import importlib
+    if name == "getnodebyname":
+        return importlib.import_module("bpfs.libbproc.codes").node_by_name
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'bpfs.libbproc' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)

@@ -30,14 +30,16 @@ any "pid". An error on one link closes that link; EPIPE on fd 1 closes every lin
 
 from __future__ import annotations
 
+import _signal
+import _socket
 import errno
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
+# `_socket` and `_signal`, not `socket` and `signal` (their enums cost start-up time): it
+# starts for every execmove whose output it carries, as bpsh does for every run.
 from bpfs.wire.execreq import HEADER_MAX, RANKS_FD, parse_header
 
 LINGER = 2.0
@@ -45,12 +47,12 @@ READ = 65536
 
 
 class Forwarder:
-    def __init__(self, listener: socket.socket, control: int, result: int, token: str) -> None:
+    def __init__(self, listener: _socket.socket, control: int, result: int, token: str) -> None:
         self.listener, self.control, self.result, self.token = listener, control, result, token
         self.poll = select.poll()
-        self.conns: dict[int, tuple[socket.socket, bytearray]] = {}   # fd -> (sock, header)
-        self.links: dict[int, tuple[socket.socket, int]] = {}         # fd -> (sock, out fd)
-        self.ranks: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.conns: dict[int, tuple[_socket.socket, bytearray]] = {}   # fd -> (sock, header)
+        self.links: dict[int, tuple[_socket.socket, int]] = {}         # fd -> (sock, out fd)
+        self.ranks: dict[int, tuple[_socket.socket, bytearray]] = {}
         self.pidfds: dict[int, int] = {}                               # pidfd -> pid
         self.told = False               # a pid was ever given
         self.quit = False
@@ -93,9 +95,10 @@ class Forwarder:
 
     def _accept(self) -> None:
         try:
-            sock, _ = self.listener.accept()
+            fd, _ = self.listener._accept()     # socket.accept without the wrapper
         except OSError:
             return
+        sock = _socket.socket(fileno=fd)
         self.conns[sock.fileno()] = (sock, bytearray())
         self.poll.register(sock.fileno(), select.POLLIN)
 
@@ -190,7 +193,7 @@ class Forwarder:
                 entry[0].close()
 
 
-def _recv(sock: socket.socket) -> bytes:
+def _recv(sock: _socket.socket) -> bytes:
     try:
         return sock.recv(READ)
     except OSError:
@@ -205,8 +208,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def main(argv: list[str]) -> int:
     listen_fd, control, result, token = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    listener = socket.socket(fileno=listen_fd)
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    listener = _socket.socket(fileno=listen_fd)
     Forwarder(listener, control, result, token).run()
     return 0
 

@@ -253,3 +253,31 @@ print(*[lb.pidnode(p) for p in pids], lb.pidnode(os.getpid()))
 print(*[os.waitpid(p, 0)[1] for p in pids])
 """)
     assert out(r).splitlines() == ["1 2 -1", "0 0"]
+
+
+def test_python_vexecmove_with_the_master_among_the_nodes(cluster: Cluster) -> None:
+    """The master's rank is a plain fork and execve here (BProc: no move to where we are),
+    the node's goes through its own request; both are the caller's children."""
+    r = py(cluster, """
+import os
+pids = lb.vexecmove([-1, 1], '/bin/sh', ['sh', '-c', 'echo $BPROC_RANK $(hostname)'])
+print('statuses', *[os.waitpid(p, 0)[1] for p in pids], flush=True)
+""")
+    lines = sorted(out(r).splitlines())
+    assert lines == [f"0000000 {os.uname().nodename}", "0000001 n1", "statuses 0 0"]
+
+
+def test_a_user_execmoves_where_the_acl_lets_them(cluster: Cluster, users) -> None:
+    from tests.conftest import as_user
+    script = "from bpfs import libbproc as lb; lb.execmove(1, '/bin/sh', ['sh', '-c', 'id -u; hostname'])"
+    r = subprocess.run(as_user([PY, "-c", script], users["bob"]), env=cluster.env,
+                       capture_output=True, timeout=30, cwd="/")
+    assert out(r).split() == [str(users["bob"].uid), "n1"]
+
+
+def test_a_program_that_may_not_migrate_says_why(cluster: Cluster) -> None:
+    """The master refuses a set-user-ID program after its execve: the caller, now the
+    ghost, ends with 255 and the forwarder writes the master's reason on its stderr."""
+    r = py(cluster, "lb.execmove(1, '/usr/bin/passwd', ['passwd', '--help'])")
+    assert r.returncode == 255
+    assert b"bproc: " in r.stderr and b"set-user-ID" in r.stderr
