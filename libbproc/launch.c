@@ -253,10 +253,25 @@ static char **rank_env(char *const envp[], const char *rank)
         if (strncmp(envp[i], "BPROC_RANK=", 11))
             env[k++] = envp[i];
     env[k] = malloc(strlen(rank) + 12);
-    if (!env[k])
+    if (!env[k]) {
+        free(env);
         return NULL;
+    }
     sprintf(env[k], "BPROC_RANK=%s", rank);
     return env;
+}
+
+static void free_env(char **env)
+{
+    int n = 0;
+
+    if (!env)
+        return;
+    while (env[n])
+        n++;
+    if (n)
+        free(env[n - 1]);            /* BPROC_RANK=..., the one string rank_env made */
+    free(env);
 }
 
 /* Fork a child that writes `line` to the first of nodes[0..n) whose ctl exists (none:
@@ -353,16 +368,33 @@ fail:
     return fail(EIO);
 }
 
+static int vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
+                     char *const argv[], char *const envp[]);
+
 int bproc_vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
                     char *const argv[], char *const envp[])
+{
+    int *copy, ret;
+
+    if (nnodes <= 0)
+        return fail(EINVAL);
+    copy = malloc(nnodes * sizeof *copy);       /* the caller's list stays as it was */
+    if (!copy)
+        return -1;
+    memcpy(copy, nodes, nnodes * sizeof *copy);
+    ret = vexecmove(nnodes, copy, pids, cmd, argv, envp);
+    free(copy);
+    return ret;
+}
+
+static int vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
+                     char *const argv[], char *const envp[])
 {
     struct iod iod = {0, -1, -1};
     int here = bproc_currnode(), remote = 0, vector, status[2], whole = 0, ret = nnodes;
     char token[33], rank[16], **env;
     const char *out;
 
-    if (nnodes <= 0)
-        return fail(EINVAL);
     for (int i = 0; i < nnodes; i++) {
         pids[i] = 0;
         if (nodes[i] == BPROC_NODE_SELF)
@@ -389,6 +421,7 @@ int bproc_vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
         pid_t writer = line && env ? spawn(nodes, nnodes, line, cmd, argv, env, status[1], -1)
                                    : -1;
         free(line);
+        free_env(env);
         close(status[1]);
         pids[0] = writer;
         read_reports(status[0], pids, 0, &whole);
@@ -408,8 +441,10 @@ int bproc_vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
                 : render(iod.port ? iod.port : 1, token, i, out, 0, NULL);
             snprintf(rank, sizeof rank, "%07d", i);
             env = rank_env(envp, rank);
-            pids[i] = spawn(&nodes[i], 1, line, cmd, argv, env, status[1], i);
+            pids[i] = env ? spawn(&nodes[i], 1, line, cmd, argv, env, status[1], i)
+                          : -ENOMEM;
             free(line);
+            free_env(env);
         }
         close(status[1]);
         read_reports(status[0], pids, nnodes, &whole);
