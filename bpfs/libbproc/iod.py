@@ -73,8 +73,17 @@ class Forwarder:
             return False
         if not self.told:
             return True
-        quiet = time.monotonic() - self.last > LINGER
-        return quiet or not (self.conns or self.links or self.ranks)
+        if time.monotonic() - self.last > LINGER:
+            return True
+        # A process's link connects before the process runs (the node opens it first), so
+        # once every process has ended its link is ours or waits in the listen queue.
+        return not (self.conns or self.links or self.ranks or self._waiting())
+
+    def _waiting(self) -> bool:
+        """A connection in the listen queue, not accepted yet."""
+        poll = select.poll()
+        poll.register(self.listener.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
 
     def _ready(self, fd: int) -> None:
         self.last = time.monotonic()

@@ -281,3 +281,11 @@ def test_a_program_that_may_not_migrate_says_why(cluster: Cluster) -> None:
     r = py(cluster, "lb.execmove(1, '/usr/bin/passwd', ['passwd', '--help'])")
     assert r.returncode == 255
     assert b"bproc: " in r.stderr and b"set-user-ID" in r.stderr
+
+
+def test_c_execmove_output_is_never_lost(cluster: Cluster, calls: str) -> None:
+    """A program that ends at once: its ghost may end before the forwarder has accepted
+    its link (the node connected it before the program ran); the output still comes."""
+    for n in range(12):
+        r = run(cluster, [calls, "execmove", str(n % 3), "/bin/echo", "echo", f"run {n}"])
+        assert out(r) == f"run {n}\n"
