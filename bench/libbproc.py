@@ -90,14 +90,14 @@ def main() -> int:
     mount, state = base / "mnt", base / "state"
     mount.mkdir()
     state.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), BPROC_MOUNT=str(mount), BPFS_PYTHON=sys.executable)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BPROC_MOUNT=str(mount))
     bpfs = [sys.executable, "-m", "bpfs.cli.bpfs_main"]
     try:
         subprocess.run(bpfs + ["up", "--nodes", str(opts.nodes), "--mount", str(mount),
                                "--state-dir", str(state), "--port", str(free_port()), "--detach"],
                        env=env, check=True, timeout=120, capture_output=True)
-        subprocess.run([str(ROOT / "libbproc" / "build"), str(base / "lib"), str(base / "inc"),
-                        sys.executable], check=True, timeout=60)
+        subprocess.run([str(ROOT / "libbproc" / "build"), str(base / "lib"), str(base / "inc")],
+                       check=True, timeout=60)
         (base / "prog.c").write_text(PROG)
         prog = str(base / "prog")
         subprocess.run(["gcc", "-O2", f"-I{base / 'inc'}", str(base / "prog.c"), "-o", prog,

@@ -3,9 +3,6 @@
 #define BPFS_LIBBPROC_INTERNAL_H
 #include <stddef.h>
 
-#ifndef BPFS_PYTHON               /* the build sets it: the Python that runs the forwarder */
-#define BPFS_PYTHON "/opt/bpfs/venv/bin/python3"
-#endif
 /* What the master serves of issue 15: set to 1 once `move N` on procs/P/ctl works;
  * bproc_move, bproc_rfork and bproc_vrfork are written on top of it. */
 #ifndef BPFS_MOVE_SERVED
@@ -14,4 +11,6 @@
 
 const char *bpfs_mount(void);
 int bpfs_read(const char *rel, char *buf, size_t size);
+/* The output forwarder (iod.c): serves until done, then returns. */
+void bpfs_iod(int listener, int control, int result, const char *token);
 #endif

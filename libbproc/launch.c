@@ -1,8 +1,8 @@
 /* libbproc: execmove and vexecmove over MOUNT/nodes/N/ctl, as bpfs/libbproc/launch.py
  * does them (docs/libbproc.md): the request is bpfs.wire.execreq's execmove line, the
- * output comes back through the forwarder (python -m bpfs.libbproc.iod; $BPFS_PYTHON
- * or the Python the build named); move, rfork and vrfork wait for the master
- * (BPFS_MOVE_SERVED) and fail with ENOSYS until then. */
+ * output comes back through the forwarder (iod.c, in a grandchild of the caller);
+ * move, rfork and vrfork wait for the master (BPFS_MOVE_SERVED) and fail with ENOSYS
+ * until then. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -156,18 +156,12 @@ static int start_iod(struct iod *iod, const char *token, int vector)
     if (pid == 0) {
         setsid();
         if (fork() == 0) {
-            char a[3][16], *python = getenv("BPFS_PYTHON");
             int keep[] = {lfd, ctl[0], res[1]};
-            char *argv[] = {python && *python ? python : BPFS_PYTHON, "-m",
-                            "bpfs.libbproc.iod", a[0], a[1], a[2], (char *)token, NULL};
             close_all_but(keep, 3);
-            for (int i = 0; i < 3; i++) {
-                if (keep[i] >= 0)
-                    fcntl(keep[i], F_SETFD, 0);
-                snprintf(a[i], sizeof a[i], "%d", keep[i]);
-            }
+            for (int sig = 1; sig < NSIG; sig++)    /* none of the program's handlers */
+                signal(sig, SIG_DFL);
             reset_signals();
-            execv(argv[0], argv);
+            bpfs_iod(lfd, ctl[0], res[1], token);
         }
         _exit(0);
     }

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 def build_libbproc(out: Path) -> tuple[Path, Path]:
     """libbproc.so and bproc.h into out/lib and out/include, as bootstrap installs them."""
     lib, inc = out / "lib", out / "include"
-    subprocess.run([str(ROOT / "libbproc" / "build"), str(lib), str(inc), sys.executable],
+    subprocess.run([str(ROOT / "libbproc" / "build"), str(lib), str(inc)],
                    check=True, capture_output=True, timeout=60)
     return lib, inc
 
@@ -61,8 +61,7 @@ def run(c: Cluster, argv: list[str], *, node: int | None = None, timeout: float 
         ) -> subprocess.CompletedProcess:
     if node is not None:
         argv = command("bpsh") + [str(node)] + argv
-    env = dict(c.env, BPFS_PYTHON=PY)
-    return subprocess.run(argv, env=env, capture_output=True, timeout=timeout, cwd="/")
+    return subprocess.run(argv, env=c.env, capture_output=True, timeout=timeout, cwd="/")
 
 
 def out(r: subprocess.CompletedProcess) -> str:
