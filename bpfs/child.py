@@ -4,6 +4,7 @@ lookup, and how it reports a failure.
     pid = fork_reset(fn, status_w, keep, keep_ignored=..., setsid=..., stdio=...)
     path_candidates(name, path)     where execvp would look for `name`
     Report(rank, stage, errno, reason).pack() / Report.take(buf)     the status pipe
+    write_request(mount, node, line)    the execmove request to nodes/N/ctl (reason_of)
 
 MIGRATION.md, dump step 1: the migrated program must not inherit the launcher's
 caught signals, nor its signal mask (bpsh and the master are Python programs with
@@ -172,3 +173,40 @@ class Report:
 def one_line(text: str) -> str:
     """A reason as one line of printable text."""
     return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+
+
+# ---- the execmove request, written by the child itself -------------------------------
+
+class RequestRefused(OSError):
+    """A ctl write that failed; `reason` is the master's text for it ("" if none)."""
+    reason = ""
+
+
+def write_request(mount: str, node: int, line: bytes) -> None:
+    """One write of one line to MOUNT/nodes/N/ctl (bpfs.wire.execreq's request, from the
+    process whose next execve it arms: bpsh's children, bpsh -N, bpfs.libbproc); a node
+    that does not exist is ENODEV.
+
+    A refused write raises RequestRefused with the master's reason, read back from the
+    same handle (the ctl file keeps the last error text of each open handle)."""
+    try:
+        fd = os.open(os.path.join(mount, "nodes", str(node), "ctl"), os.O_RDWR)
+    except FileNotFoundError:
+        raise OSError(_errno.ENODEV, os.strerror(_errno.ENODEV)) from None
+    try:
+        os.write(fd, line)
+    except OSError as e:
+        refused = RequestRefused(e.errno, e.strerror)
+        if e.errno not in NODE_REFUSALS:
+            try:
+                refused.reason = one_line(os.pread(fd, REASON_MAX, 0).decode("utf-8", "replace"))
+            except OSError:
+                pass
+        raise refused from None
+    finally:
+        os.close(fd)
+
+
+def reason_of(e: OSError) -> str:
+    """The master's reason of a refused request ("" if none, or not a RequestRefused)."""
+    return getattr(e, "reason", "")

@@ -11,6 +11,7 @@ proper in new PID and mount namespaces as their PID 1.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -61,17 +62,24 @@ Exit status: 0 halted/powered off by the master or stopped by a signal;
 @click.option("--unmount", multiple=True, metavar="DIR",
               help="Simulated node: lazily unmount DIR inside the node (e.g. the master's "
                    "FUSE mount, which the node must never block on). Repeatable.")
+@click.option("--mount", "view", metavar="DIR", envvar="BPROC_MOUNT", default="/bproc",
+              show_default=True,
+              help="Where the node's processes find its number, as DIR/self (the master's "
+                   "mount point: bproc_currnode reads it); a private tmpfs in the node's "
+                   "mount namespace (none with --no-namespace).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
 def cli(master: str, node: int | None, key_file: str, reconnect: bool, no_namespace: bool,
         hostname: str | None, scratch: tuple[str, ...], hide: tuple[str, ...],
-        unmount: tuple[str, ...], verbose: int, quiet: bool) -> int:
+        unmount: tuple[str, ...], view: str, verbose: int, quiet: bool) -> int:
     try:
         host, port = parse_master(master)
     except BpfsError as exc:
         raise click.BadParameter(str(exc), param_hint="--master") from None
-    cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect)
-    spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount))
+    view_dir = None if no_namespace else os.path.abspath(view)
+    cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect,
+                     view=view_dir)
+    spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount), view=view_dir)
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     label = hostname or (f"node{node}" if node is not None else "")
     return start(cfg, spec, label=label, namespaces=not no_namespace, level=level)

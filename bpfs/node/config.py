@@ -28,6 +28,7 @@ class NodeConfig:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     reboot_delay: float = 0.05       # pause of a simulated reboot
+    view: str | None = None          # where `self` shows our number (bpfs/node/selflink.py)
 
     @property
     def address(self) -> str:

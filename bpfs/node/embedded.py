@@ -302,7 +302,7 @@ def node_argv(layout: Layout, opts: UpOptions, n: int) -> list[str]:
     """The bpslave command line equivalent to node n of this cluster."""
     argv = ["bpslave", "--master", f"127.0.0.1:{opts.port}", "--node", str(n),
             "--key", layout.key_file, "-r", "--hostname", f"n{n}", "--scratch", SCRATCH,
-            "--unmount", layout.mount]
+            "--unmount", layout.mount, "--mount", layout.mount]
     for d in opts.hide:
         argv += ["--hide", os.path.abspath(d)]
     return argv
@@ -358,9 +358,9 @@ def _node_main(layout: Layout, opts: UpOptions, n: int) -> NoReturn:
         nsutil.set_cmdline(node_argv(layout, opts, n))
         nsutil.set_comm("bpslave")
         cfg = NodeConfig(host="127.0.0.1", port=opts.port, key_file=layout.key_file, node=n,
-                         reconnect=True, backoff_min=0.05, backoff_max=1.0)
+                         reconnect=True, backoff_min=0.05, backoff_max=1.0, view=layout.mount)
         spec = NamespaceSpec(f"n{n}", [SCRATCH], [os.path.abspath(d) for d in opts.hide],
-                             [layout.mount])
+                             [layout.mount], view=layout.mount)
         daemon.setup_logging(logging.INFO, f"n{n}")
         launcher.setup_namespaces(spec)
         code = daemon.start(cfg, spec, label=f"n{n}", namespaces=False)

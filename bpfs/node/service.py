@@ -33,7 +33,7 @@ import signal
 import trio
 
 from bpfs.errors import BpfsError
-from bpfs.node import nsutil
+from bpfs.node import nsutil, selflink
 from bpfs.node import procs
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
@@ -145,6 +145,7 @@ class Node:
                 self.supervisor.park_at = session.pid_max
                 self.supervisor.park()
             self.backoff.reset()
+            self._point_self(self.number)
             await session.send(messages.State(state="up"))
             log.info("registered as node %d with %s (heartbeat %.1f s)",
                      self.number, self.cfg.address, session.heartbeat)
@@ -157,6 +158,13 @@ class Node:
         except CONNECTION_ERRORS as exc:
             log.warning("connection to the master lost: %s", why(exc))
         return Outcome.LOST, EXIT_LOST
+
+    def _point_self(self, number: int) -> None:
+        if self.cfg.view:
+            try:
+                selflink.point_self(self.cfg.view, number)
+            except OSError as exc:
+                log.error("cannot show the node number at %s/self: %s", self.cfg.view, exc)
 
     def drop_held_processes(self) -> None:
         """bproc: a node that loses (or reboots away from) its master kills what it held."""

@@ -123,7 +123,10 @@ def test_up_detach_then_down(where: Where) -> None:
         assert nspid.split() == [str(d), "1"]
         mounts = Path(f"/proc/{d}/mounts").read_text()
         assert " /scratch tmpfs " in mounts
-        assert where.mount not in mounts, "the node must not see the master's FUSE mount"
+        at_mount = [line.split()[2] for line in mounts.splitlines()
+                    if line.split()[1] == where.mount]
+        assert at_mount == ["tmpfs"], "the node must not see the master's FUSE mount"
+        assert os.readlink(f"/proc/{d}/root{where.mount}/self") == str(n)   # libbproc's
         assert os.listdir(f"/proc/{d}/root{hidden}") == []
     # each node's /scratch is its own
     Path(f"/proc/{daemons[0]}/root/scratch/mine").write_text("n0\n")

@@ -12,7 +12,8 @@ Kept light: bpsh imports this at start-up (tests/unit/test_startup.py).
 
 from bpfs.cli.bpsh.args import (DEFAULT_BUFFER, MASTER, Args, Job, UsageError, parse_args,
                                 resolve_nodes, which)
-from bpfs.cli.bpsh.children import EXEC_PREFIX, RequestRefused, write_request
+from bpfs.child import RequestRefused, write_request
+from bpfs.cli.bpsh.children import EXEC_PREFIX
 from bpfs.cli.bpsh.run import console, exit_status, main, node_gone, plan_io, run_job
 
 __all__ = ["DEFAULT_BUFFER", "EXEC_PREFIX", "MASTER", "Args", "Job", "RequestRefused",

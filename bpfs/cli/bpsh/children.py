@@ -3,12 +3,12 @@ as a shell's job; signals bpsh was started with ignored stay ignored), writes it
 request to nodes/N/ctl (or, on the master, sets up its stdio here) and execs the command.
 A failure is one `bpfs.child.Report` on the status pipe, which the stdio server reads:
 CTL for a refused request (`N: strerror`, child exit 1), EXEC for a failed execve
-(`bpsh: X: strerror`, exit 127).
+(`bpsh: X: strerror`, exit 127). The request's write is `bpfs.child.write_request`,
+shared with bpsh -N and the library for programs (bpfs.libbproc).
 
     pid = start_remote(job, node, line, env, status_w, rank)    one node, one request
     pid = start_vector(job, line, env, status_w)                 many nodes, one request
     start_local(server, job, rank, env, expect, status_w)        node -1: here
-    write_request(mount, node, line)                             also bpsh -N's own write
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from __future__ import annotations
 import _socket
 import errno as _errno
 import os
-from bpfs.child import (ALL_RANKS, CTL, EXEC, NODE_REFUSALS, REASON_MAX, Report, fork_reset,
-                        one_line)
+from bpfs.child import ALL_RANKS, CTL, EXEC, Report, fork_reset, reason_of, write_request
 
-from bpfs.cli import common
 from bpfs.cli.bpsh.args import MASTER, Job
 TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
@@ -105,39 +103,6 @@ def start_local(server: StdioServer, job: Job, rank: int, env: dict[str, str],
 def _fork(child, status_w: int, rank: int,  # type: ignore[no-untyped-def]
           keep: tuple[int, ...] = ()) -> int:
     return fork_reset(child, status_w, keep, rank=rank, keep_ignored=True)
-
-
-class RequestRefused(OSError):
-    """A ctl write that failed; `reason` is the master's text for it ("" if none)."""
-    reason = ""
-
-
-def write_request(mount: str, node: int, line: bytes) -> None:
-    """One write of one line to nodes/N/ctl; a node that does not exist is ENODEV.
-
-    A refused write raises RequestRefused with the master's reason, read back from the
-    same handle (the ctl file keeps the last error text of each open handle)."""
-    try:
-        fd = os.open(common.node_dir(mount, node) + "/ctl", os.O_RDWR)
-    except FileNotFoundError:
-        raise OSError(_errno.ENODEV, os.strerror(_errno.ENODEV)) from None
-    try:
-        os.write(fd, line)
-    except OSError as e:
-        refused = RequestRefused(e.errno, e.strerror)
-        if e.errno not in NODE_REFUSALS:
-            try:
-                refused.reason = one_line(os.pread(fd, REASON_MAX, 0).decode("utf-8", "replace"))
-            except OSError:
-                pass
-        raise refused from None
-    finally:
-        os.close(fd)
-
-
-def reason_of(e: OSError) -> str:
-    """The master's reason of a refused request ("" if none, or not a RequestRefused)."""
-    return getattr(e, "reason", "")
 
 
 def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) -> None:

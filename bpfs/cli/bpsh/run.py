@@ -73,8 +73,9 @@ from bpfs import __version__
 from bpfs.cli import common
 from bpfs.cli.bpsh.args import (EXIT_NOT_FOUND, MASTER, PROG, USAGE, Args, Job, UsageError,
                                 parse_args, resolve_nodes, which)
-from bpfs.cli.bpsh.children import (EXEC_PREFIX, exec_argv, reason_of, start_local, start_remote,
-                                    start_vector, write_request)
+from bpfs.child import reason_of, write_request
+from bpfs.cli.bpsh.children import (EXEC_PREFIX, exec_argv, start_local, start_remote,
+                                    start_vector)
 from bpfs.wire.execreq import ExecMove
 
 
