@@ -51,7 +51,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from bpfs.errors import BpfsError
 from bpfs.migrate import Restorer
@@ -89,6 +89,9 @@ class NodeRestorer:
         self.cache_dir = cache_dir
         self.jobs_fd = jobs_fd                # each restore a job whose keeper reports here
         self._supervised = False              # seccomp filter + listener (supervisor.py)
+        # called before each use: the supervisor's last directed fork has its PID (a
+        # clone here may take a number only once the namespace's counter is parked)
+        self.settle: Callable[[], None] = lambda: None
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []
@@ -121,6 +124,7 @@ class NodeRestorer:
         """The Restorer; a new one if the last one was dropped."""
         if threading.get_native_id() != self.tid:
             raise RuntimeError("the node's Restorer used outside its thread")
+        self.settle()
         if self._restorer is None:
             self._restorer = Restorer(self.cache_dir, self.jobs_fd, self._supervised)
         return self._restorer

@@ -98,6 +98,8 @@ class Node:
         and make the Restorer (in the event loop's thread)."""
         self.restorer.cache_dir = setup_cache_dir()
         self.supervisor = make_supervisor(self.procs)
+        if self.supervisor is not None:
+            self.restorer.settle = self.supervisor.settle
         self.restorer.start()
 
     async def serve(self) -> int:

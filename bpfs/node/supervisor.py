@@ -56,7 +56,8 @@ NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 PID_MAX_LIMIT = 1 << 22
 SWEEP = 5.0                  # forget calls whose caller died while the master answered
 TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
-EXEC_CHECKS = (0.001, 0.004, 0.02, 0.1)   # after an execve: when to look at the cmdline
+EXEC_CHECKS = (0.005, 0.02, 0.1)   # after an execve: when to look at the cmdline (a
+                                   # program done sooner costs its ghost no rename)
 REAP_POLL = (0.001, 0.1)     # an ended child not reaped yet: look again (first, at most)
 
 
@@ -109,13 +110,17 @@ class Supervisor:
         self._forks: dict[int, tuple[Job, seccomp.Notif, int]] = {}
         self._kills: dict[int, tuple[Job, seccomp.Notif]] = {}
         self._nursery: trio.Nursery | None = None
+        self._pending: int | None = None        # a directed fork's PID, not yet settled
+        self._parked = park_at
         self.park()
 
     # ---- the counter ----
 
     def park(self) -> None:
         """Point the namespace's counter above every cluster PID (see the docstring)."""
-        _write_last(max(self.park_at, _read_last()))
+        self.settle()
+        self._parked = max(self.park_at, _read_last())
+        _write_last(self._parked)
 
     # ---- jobs ----
 
@@ -210,6 +215,7 @@ class Supervisor:
     def _on_clone(self, job: Job, n: seccomp.Notif) -> None:
         flags = n.args[0] if n.nr == NR["clone"] else _clone3_flags(n)
         if flags is None or flags & seccomp.CLONE_THREAD:
+            self.settle()
             self._go(job, n)        # a thread: numbered above park_at by the kernel
         else:
             self._on_fork(job, n)
@@ -237,45 +243,68 @@ class Supervisor:
             seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
             job.session.report(messages.Unforked(pid=pid, id=mid))
             return
-        got = self._directed(job, n, pid)
-        if got is None or got[1] != parent:
-            if got is not None:       # CLONE_PARENT, or PID `pid` went to someone else
-                self.stats.mismatched += 1
-                log.warning("fork of %d: PID %d is not its child; it has no ghost", parent,
-                            pid)
-                os.close(got[0])
+        if not self._directed(job, n, pid):
             job.session.report(messages.Unforked(pid=pid, id=mid))
             return
-        child = Child(pid, mid, got[0], job)
+        child = Child(pid, mid, -1, job)
         self.children[pid] = child
-        self.on_child(child)
-        self._start(self._watch, child)
+        self.on_child(child)            # the master's signals for it reach it from now on
+        self._start(self._watch, child, parent)
 
-    def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> tuple[int, int] | None:
-        """Let the fork run with the counter just below `pid`: (pidfd, its parent) of the
-        child, or None if the fork failed. No await: one directed fork at a time."""
-        parked = _read_last()
+    def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> bool:
+        """Let the fork run with the counter just below `pid`; False if its caller is gone.
+        The counter is parked again once the kernel has taken the number (`settle`)."""
+        self.settle()
         _write_last(pid - 1)
-        try:
-            if not seccomp.answer(job.listener, n.id, cont=True):
-                return None
-            deadline = time.perf_counter() + TAKE_TIMEOUT
-            while _read_last() == pid - 1 and time.perf_counter() < deadline:
-                os.sched_yield()
-        finally:
-            _write_last(max(parked, self.park_at))
-        try:
-            pidfd = seccomp.pidfd_open(pid)
-        except OSError:
-            return None
-        parent = _ppid(pid)
-        if parent is None:
-            os.close(pidfd)
-            return None
-        return pidfd, parent
+        if not seccomp.answer(job.listener, n.id, cont=True):
+            _write_last(self._parked)
+            return False
+        self._pending = pid
+        return True
 
-    async def _watch(self, child: Child) -> None:
-        """Wait for the child's end and its reaping; then tell the master."""
+    def settle(self) -> None:
+        """Before anything else may take a PID here: the last directed fork has taken its
+        number (spin for it if not yet, at most TAKE_TIMEOUT), and the counter is parked.
+
+        Why not at once after CONTINUE: the forking process must run to take its number,
+        and on a busy node waiting for that in the answer's path cost more than the rest
+        of the node's part of a fork; the child's watcher settles as soon as it runs, and
+        whatever else numbers a process here (a thread's clone, a restore) settles first."""
+        pid, self._pending = self._pending, None
+        if pid is None:
+            return
+        deadline = time.perf_counter() + TAKE_TIMEOUT
+        while _read_last() == pid - 1 and time.perf_counter() < deadline:
+            os.sched_yield()
+        _write_last(self._parked)
+
+    async def _watch(self, child: Child, parent: int) -> None:
+        """The child's number taken and checked, then its end and its reaping: tell the
+        master (its ghost goes if the fork did not happen as asked)."""
+        pid = child.pid
+        for _ in range(50):
+            if self._pending != pid or _read_last() != pid - 1:
+                break
+            await trio.sleep(0)
+        if self._pending == pid:
+            self.settle()
+        try:
+            child.pidfd = seccomp.pidfd_open(pid)
+        except OSError:
+            child.pidfd = -1
+        if child.pidfd < 0 or _ppid(pid) != parent:
+            self.children.pop(pid, None)
+            self.on_end(pid)
+            if child.pidfd >= 0:
+                os.close(child.pidfd)
+            elif _read_last() >= pid:       # it was made, and has already been reaped
+                log.debug("pid %d ended before it was watched: status unknown", pid)
+                child.job.session.report(messages.Exited(pid=pid, code=0, id=child.id))
+                return
+            self.stats.mismatched += 1
+            log.warning("fork of %d: PID %d is not its child; it has no ghost", parent, pid)
+            child.job.session.report(messages.Unforked(pid=pid, id=child.id))
+            return
         try:
             await trio.lowlevel.wait_readable(child.pidfd)
             delay = REAP_POLL[0]
@@ -283,14 +312,13 @@ class Supervisor:
                 await trio.sleep(delay)           # a zombie: its parent reaps it soon
                 delay = min(delay * 2, REAP_POLL[1])
         finally:
-            self.children.pop(child.pid, None)
+            self.children.pop(pid, None)
             trio.lowlevel.notify_closing(child.pidfd)
             os.close(child.pidfd)
-            self.on_end(child.pid)
+            self.on_end(pid)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        child.job.session.report(messages.Exited(pid=child.pid, code=code, signal=sig,
-                                                 id=child.id))
+        child.job.session.report(messages.Exited(pid=pid, code=code, signal=sig, id=child.id))
 
     # ---- exec ----
 
@@ -305,8 +333,8 @@ class Supervisor:
         for delay in EXEC_CHECKS:
             await trio.sleep(delay)
             now = _cmdline(pid)
-            if not now:
-                return              # gone
+            if not now or _state(pid) in (None, "Z"):
+                return              # gone, or ended: its ghost ends too, unrenamed
             if now != before:
                 child = self.children.get(pid)
                 if child is not None:
@@ -443,6 +471,11 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     except OSError:
         return None
     return data[data.rfind(b")") + 2:].split()
+
+
+def _state(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else None
 
 
 def _ppid(pid: int) -> int | None:
