@@ -68,6 +68,7 @@ MAX_PINS_PER_UID = 1024    # pinned nodes/N/ctl handles a user may hold open at 
                            # never more than an eighth of the master's descriptors
 
 T = TypeVar("T")
+USAGE_KINDS = frozenset({Kind.PROC_STAT, Kind.PROC_STATUS})
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -368,11 +369,21 @@ class BpfsOperations(pyfuse3.Operations):
         caller = self._pinned(ctx) if writing and ino.kind == Kind.NODE_CTL else \
             caller_from_ctx(ctx, with_groups=False)
         h = Handle(ino, caller, spec, nonblock=bool(flags & os.O_NONBLOCK))
+        if ino.kind in USAGE_KINDS:
+            await self._fresh_usage(ino.id)
+            self._check(ino)                # it may have ended meanwhile
         try:
             return self._open(h)
         except BaseException:
             self._unpin(h)
             raise
+
+    async def _fresh_usage(self, pid: int) -> None:
+        """procs/P/stat and status show the node's figures at most a moment old: the
+        master may ask the node first (bpfs/master/usage.py; a short, bounded wait)."""
+        fresh = getattr(self.services, "fresh_usage", None)
+        if fresh is not None:
+            await fresh(pid)
 
     def _open(self, h: Handle) -> pyfuse3.FileInfo:
         ino, spec = h.ino, h.spec
