@@ -82,13 +82,11 @@ def held_by(session: Any) -> list[tuple[int, int]]:
 
 
 async def report_usage(session: Any) -> None:
-    """One `usage` per `session.usage_interval`, or sooner when `sample` asks; until
-    cancelled (the session's end). Send errors end the session like any other send's."""
+    """One `usage` at once (the master learns that this node reports), then one per
+    `session.usage_interval`, or sooner when `sample` asks; until cancelled (the
+    session's end). Send errors end the session like any other send's."""
     interval = session.usage_interval
     while True:
-        with trio.move_on_after(interval):
-            await session.usage_wanted.wait()
-        session.usage_wanted = trio.Event()
         held = held_by(session)
         if len(held) > IN_THREAD:
             at, samples = await trio.to_thread.run_sync(read_samples, held)
@@ -96,6 +94,9 @@ async def report_usage(session: Any) -> None:
             at, samples = read_samples(held)
         await session.send(message(at, samples))
         await trio.sleep(MIN_GAP)
+        with trio.move_on_after(interval):
+            await session.usage_wanted.wait()
+        session.usage_wanted = trio.Event()
 
 
 async def on_sample(session: Any, msg: messages.Sample) -> None:
