@@ -251,7 +251,10 @@ class BpfsOperations(pyfuse3.Operations):
             return a
         spec = FILES[ino.kind]
         a.st_mode, a.st_nlink = stat.S_IFREG | spec.mode, 1
-        a.st_size = len(spec.read(self.cluster, ino.id).encode()) if spec.read else 0
+        # procs/P/stat and status change between a stat() and a read (the node's reports):
+        # size 0, as /proc's files (readers read to the end, direct_io)
+        a.st_size = len(spec.read(self.cluster, ino.id).encode()) \
+            if spec.read and ino.kind not in USAGE_KINDS else 0
         if ino.kind in PROC_KINDS:
             p = self.cluster.proc(ino.id)
             a.st_uid, a.st_gid = p.uid, p.gid
