@@ -132,8 +132,9 @@ def test_a_node_cannot_report_what_it_does_not_hold() -> None:
 
 def test_the_node_samples_its_processes_from_proc() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(8 << 20); "
-                              "time.sleep(30)"])
+                              "print(flush=True); time.sleep(30)"], stdout=subprocess.PIPE)
     try:
+        child.stdout.readline()                     # its memory is there
         at, got = node_usage.read_samples([(child.pid, 3), (4194304, 4), (os.getpid(), 0)])
         assert at > 0 and [s.pid for s in got] == [child.pid, os.getpid()]
         s = got[0]
