@@ -170,3 +170,28 @@ def test_nice_shows_in_stat_and_status(cluster, users) -> None:
     finally:
         os.kill(pid, signal.SIGKILL)
         p.wait(timeout=20)
+
+
+def test_bptop_on_a_terminal_redraws_and_quits_on_q(cluster) -> None:
+    import pty
+    import select
+    bg = Background(cluster, "2", "sh", "-c", SPIN)
+    master, slave = pty.openpty()
+    p = subprocess.Popen(command("bptop") + ["-d", "0.3"], stdin=slave, stdout=slave,
+                         stderr=slave, env=cluster.env, cwd="/", start_new_session=True)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while seen.count(b"\33[H\33[J") < 2 and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+        assert seen.count(b"\33[H\33[J") >= 2 and f"{bg.pid}".encode() in seen, seen[-500:]
+        os.write(master, b"q")
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+        stop(bg)
