@@ -169,13 +169,21 @@ class Sample:
     rss: int                    # bytes
 
 
-def sample_of(pid: int, mid: int, text: str, uptime: float, hz: int, page: int) -> Sample:
-    """A node's Sample of `pid` from its /proc/PID/stat `text` (ValueError if garbled)."""
-    comm, r = parse_stat(text)
-    f = lambda n: int(r[n - 3])  # noqa: E731
-    return Sample(pid, mid, r[0][:1], comm[:64], f(14), f(15), max(f(16), 0), max(f(17), 0),
-                  f(10), f(12), f(11), f(13), f(19), f(20), max(0, round(uptime * hz) - f(22)),
-                  f(23), f(24) * page)
+def sample_of(pid: int, mid: int, text: str, uptime: float, hz: int, page: int) -> tuple:
+    """A node's sample of `pid` from its /proc/PID/stat `text`: a tuple of Sample's fields
+    in their order (bpfs/wire/messages.py's ProcUsage takes it as is: a node reads a
+    thousand of these every report), each within the message's bounds. ValueError if
+    garbled."""
+    head, sep, tail = text.rpartition(")")
+    comm = head.partition(" (")[2]
+    r = tail.split()
+    if not sep or len(r) < 22:
+        raise ValueError(f"not a stat line: {text[:60]!r}")
+    nice, threads = int(r[16]), int(r[17])
+    return (pid, mid, r[0][:1] or "?", comm[:64], int(r[11]), int(r[12]),
+            max(int(r[13]), 0), max(int(r[14]), 0), int(r[7]), int(r[9]), int(r[8]),
+            int(r[10]), min(max(nice, -20), 19), min(max(threads, 0), 1 << 22),
+            max(0, round(uptime * hz) - int(r[19])), int(r[20]), int(r[21]) * page)
 
 
 # ---- what users read -----------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import trio
 
-from bpfs.usage import Sample, sample_of
+from bpfs.usage import sample_of
 from bpfs.wire import messages
 
 log = logging.getLogger("bpslave")
@@ -31,7 +31,6 @@ HZ = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 IN_THREAD = 200                 # tables larger than this are read in a worker thread
 MIN_GAP = 0.05                  # seconds between two reports, however often `sample` comes
-_FIELDS = messages.ProcUsage.__struct_fields__
 
 
 def uptime(proc: str = "/proc") -> float:
@@ -40,10 +39,10 @@ def uptime(proc: str = "/proc") -> float:
 
 
 def read_samples(held: Iterable[tuple[int, int]], proc: str = "/proc"
-                 ) -> tuple[float, list[Sample]]:
-    """(uptime, a Sample of each (pid, restore id) in `held` that still exists)."""
+                 ) -> tuple[float, list[messages.ProcUsage]]:
+    """(uptime, the figures of each (pid, restore id) in `held` that still exists)."""
     up = uptime(proc)
-    out: list[Sample] = []
+    out: list[messages.ProcUsage] = []
     for pid, mid in held:
         try:
             fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
@@ -56,7 +55,7 @@ def read_samples(held: Iterable[tuple[int, int]], proc: str = "/proc"
         finally:
             os.close(fd)
         try:
-            out.append(sample_of(pid, mid, text, up, HZ, PAGE))
+            out.append(messages.ProcUsage(*sample_of(pid, mid, text, up, HZ, PAGE)))
         except (ValueError, IndexError):
             log.debug("pid %d: unreadable stat %r", pid, text[:80])
         if len(out) >= messages.MAX_USAGE:
@@ -64,14 +63,7 @@ def read_samples(held: Iterable[tuple[int, int]], proc: str = "/proc"
     return up, out
 
 
-def message(at: float, samples: list[Sample]) -> messages.Usage:
-    """The `usage` message of these samples, each field clamped to the grammar's bounds."""
-    procs = []
-    for s in samples:
-        v = [getattr(s, f) for f in _FIELDS]
-        v[2], v[3] = (v[2] or "?")[:1], v[3][:64]
-        v[12], v[13] = min(max(v[12], -20), 19), min(max(v[13], 0), 1 << 22)
-        procs.append(messages.ProcUsage(*v))
+def message(at: float, procs: list[messages.ProcUsage]) -> messages.Usage:
     return messages.Usage(hz=HZ, at=at, procs=procs)
 
 

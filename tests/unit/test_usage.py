@@ -148,11 +148,17 @@ def test_the_node_samples_its_processes_from_proc() -> None:
         child.wait()
 
 
-def test_the_nodes_message_is_clamped_to_the_grammar() -> None:
-    odd = sample(state="", comm="c" * 100, nice=-40, threads=1 << 30)
-    msg = m.FROM_NODE.decode(m.encode(node_usage.message(1.0, [odd])))
+def test_the_nodes_sample_is_clamped_to_the_grammar() -> None:
+    """Whatever a stat line says (a kernel's odd day), the node's message fits."""
+    fields = ["Rx", "1", "1", "1", "0", "-1", "0", "5", "0", "1", "0", "7", "3", "-1", "-2",
+              "20", "-40", str(1 << 30), "0", "100", "4096", "1"] + ["0"] * 28
+    text = f"42 ({'c' * 100}) " + " ".join(fields) + "\n"
+    t = usage.sample_of(42, 3, text, 10.0, 100, 4096)
+    msg = m.FROM_NODE.decode(m.encode(node_usage.message(1.0, [m.ProcUsage(*t)])))
     p = msg.procs[0]
-    assert (p.state, len(p.comm), p.nice, p.threads) == ("?", 64, -20, 1 << 22)
+    assert (p.state, len(p.comm), p.nice, p.threads, p.cutime, p.cstime, p.age) == (
+        "R", 64, -20, 1 << 22, 0, 0, 900)
+    assert (p.utime, p.stime, p.minflt, p.majflt, p.rss) == (7, 3, 5, 1, 4096)
 
 
 # ---- the master: fresh figures on a read ----------------------------------------------
