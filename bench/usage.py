@@ -2,6 +2,7 @@
 """What remote usage costs: 1,000 processes held by one node, reported every 2 s.
 
     sudo /opt/bpfs/venv/bin/python bench/usage.py [--procs 1000] [--window 60]
+                                                  [--usage-interval 2]
 
 Starts `bpfs up --nodes 2 --detach` (usage interval 2 s, the default) on a temporary
 mount, and measures, each over --window seconds and given per minute:
@@ -15,6 +16,9 @@ mount, and measures, each over --window seconds and given per minute:
     and build it (the same functions, run here on the processes' host PIDs);
   * the wall time of `bpstat -p` and `bptop -b -n 1` over them (each read of procs/P/
     status may ask the node for a fresh report; one report answers all).
+
+With --usage-interval 1e6 nodes report once a session and never after: the same run
+without the periodic reports, to tell their cost from that of holding the processes.
 
 Always kills what it started and tears the cluster down. Needs root.
 """
@@ -130,6 +134,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--procs", type=int, default=1000)
     ap.add_argument("--window", type=float, default=60.0)
+    ap.add_argument("--usage-interval", type=float, default=2.0,
+                    help="the master's --usage-interval (1e6: one report a session, none after)")
     args = ap.parse_args()
     base = tempfile.mkdtemp(prefix="bpfs-bench-usage-")
     mount, state = os.path.join(base, "mnt"), os.path.join(base, "state")
@@ -138,7 +144,8 @@ def main() -> int:
     ghosts: list[subprocess.Popen] = []
     try:
         subprocess.run(command("bpfs") + ["up", "--nodes", "2", "--mount", mount, "--state-dir",
-                                          state, "--port", str(free_port()), "--detach"],
+                                          state, "--port", str(free_port()), "--detach",
+                                          "--usage-interval", str(args.usage_interval)],
                        env=env, check=True, timeout=120)
         pids = daemons(state)
         idle = per_minute(pids, args.window)
@@ -157,7 +164,7 @@ def main() -> int:
         bptop = wall(command("bptop") + ["-b", "-n", "1"], env)
         n = args.procs
         print(f"# remote usage, {n} processes held by node 0 (started in {started:.1f} s), "
-              f"reports every 2 s, {args.window:.0f} s windows\n")
+              f"reports every {args.usage_interval:g} s, {args.window:.0f} s windows\n")
         print("| CPU s per minute | idle | with the processes |\n|---|---:|---:|")
         for k in pids:
             print(f"| {k} | {idle[k]:.3f} | {busy[k]:.3f} |")

@@ -35,11 +35,12 @@ COLUMNS = "    PID NODE USER       NI S  %CPU    RSS    VSZ      TIME COMMAND"
 
 
 def kib(n: int) -> str:
-    """KiB as top writes them: plain up to 999999, then m and g."""
+    """KiB as top writes them: plain up to 999999, then MiB ("512.0m") below 1000 MiB,
+    then GiB ("3.0g")."""
     k = n // 1024
     if k < 1_000_000:
         return str(k)
-    if k < 1_000_000 * 1024:
+    if k / 1024 < 999.95:
         return f"{k / 1024:.1f}m"
     return f"{k / 1024 / 1024:.1f}g"
 
