@@ -13,7 +13,8 @@ Every file is UTF-8 text ending in a newline.
     /bproc/nodes/N/status   STATE NL
     /bproc/nodes/N/info     kv_line*   keys: INFO_KEYS
     /bproc/nodes/N/procs    (PID NL)*
-    /bproc/procs/P/status   kv_line*   keys: PROC_KEYS
+    /bproc/procs/P/status   kv_line*   keys: PROC_KEYS, then bpfs.usage.USAGE_KEYS
+    /bproc/procs/P/stat     proc(5)'s stat line (bpfs/usage.py)
     /bproc/procs/P/node     NUM NL
     kv_line       := KEY ":" SP VALUE NL
 
@@ -40,6 +41,7 @@ import grp
 import pwd
 import stat
 from bpfs.record import record
+from bpfs.usage import Usage, from_status, status_pairs
 TYPE_CHECKING = False  # not at start-up (bench/results-startup.md); annotations only
 if TYPE_CHECKING:
     from typing import Iterable, Mapping
@@ -233,12 +235,13 @@ class ProcStatus:
     cmd: str
     started: float      # epoch seconds
     exit: str = "-"     # "-" while running, "0".."255", "signal N" (or "failed ENAME")
+    usage: Usage | None = None      # the node's last report; None before the first
 
 
 def render_proc_status(p: ProcStatus) -> str:
     return render_kv({"pid": p.pid, "node": p.node, "state": p.state, "uid": p.uid,
                       "gid": p.gid, "cmd": p.cmd, "started": f"{p.started:.3f}",
-                      "exit": p.exit})
+                      "exit": p.exit, **status_pairs(p.usage)})
 
 
 def parse_proc_status(text: str) -> ProcStatus:
@@ -247,7 +250,8 @@ def parse_proc_status(text: str) -> ProcStatus:
     if missing:
         raise ValueError(f"proc status lacks {', '.join(missing)}")
     return ProcStatus(int(kv["pid"]), int(kv["node"]), kv["state"], int(kv["uid"]),
-                      int(kv["gid"]), kv["cmd"], float(kv["started"]), kv["exit"])
+                      int(kv["gid"]), kv["cmd"], float(kv["started"]), kv["exit"],
+                      from_status(kv))
 
 
 # ---- /bproc/events -------------------------------------------------------------

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable, NewType
 from bpfs.errors import BpfsError
 from bpfs.formats import Event, Facts
 from bpfs.output import ProcOutput
+from bpfs.usage import Sample, Usage, from_sample
 
 # The model's node numbers and process IDs, in its signatures and records: a checker tells
 # one from the other and from uids and counts; at run time they are plain ints.
@@ -139,6 +140,8 @@ class Proc:
     gen: int = 0
     output: ProcOutput | None = field(default=None, repr=False)
     mid: int = 0                      # the migration's id (0: unknown)
+    usage: Usage | None = None        # the node's last report (bpfs/usage.py), None before
+    usage_at: float = -1e18           # when it came: the master's monotonic clock
 
 
 class EventLog:
@@ -189,6 +192,7 @@ class Cluster:
         self.events = EventLog(event_capacity, clock)
         self.revision = 0        # bumped when persistent data (SavedNode fields) changes
         self._proc_serial = 0
+        self.clock = clock
         self._listeners: list[Callable[[], None]] = []
 
     def subscribe(self, fn: Callable[[], None]) -> None:
@@ -465,6 +469,21 @@ class Cluster:
         self.events.append("proc", pid, "exit", p.exit)
         if p.output is not None:
             p.output.end()
+
+    def record_usage(self, n: NodeId, hz: int, at: float, samples: Iterable[Sample],
+                     mono: float) -> int:
+        """Node `n`'s report (bpfs/usage.py): each sample updates its process if that is
+        a live process on `n` (of restore `id`, when both know it); the others are ignored:
+        a node speaks only for what it holds. Returns how many were taken."""
+        now, taken = self.clock(), 0
+        for s in samples:
+            p = self.procs.get(s.pid)
+            if p is None or p.node != n or p.state in ("exited", "starting") \
+                    or (s.id and p.mid and s.id != p.mid):
+                continue
+            p.usage, p.usage_at = from_sample(s, hz, at, now, p.usage), mono
+            taken += 1
+        return taken
 
     def procs_on(self, n: NodeId) -> list[Pid]:
         return sorted(p.pid for p in self.procs.values() if p.node == n and p.state != "exited")

@@ -29,7 +29,7 @@ PY = sys.executable
 RUNNER = "import sys; from importlib import import_module as m; sys.argv[0] = {name!r}; " \
          "sys.exit(m({module!r}).main())"
 CLI_MODULES = {
-    "bpfs": "bpfs.cli.bpfs_main", "bpslave": "bpfs.cli.bpslave", "bpstat": "bpfs.cli.bpstat",
+    "bpfs": "bpfs.cli.bpfs_main", "bpslave": "bpfs.cli.bpslave", "bpstat": "bpfs.cli.bpstat", "bptop": "bpfs.cli.bptop",
     "bpctl": "bpfs.cli.bpctl", "bpsh": "bpfs.cli.bpsh", "bpcp": "bpfs.cli.bpcp",
 }
 # Writes argv[2] to the ctl file argv[1] through one O_RDWR handle, prints "ERRNO TEXT" with

@@ -60,8 +60,12 @@ def cli() -> None:
 @click.option("--heartbeat", type=click.FloatRange(min=0.01), default=None, metavar="S",
               help="How often nodes send their facts; shorter than --ping-timeout "
                    "(default: a fifth of it, at most 1 s).")
+@click.option("--usage-interval", type=click.FloatRange(min=0.05, max=1e6), default=2.0,
+              show_default=True, metavar="S",
+              help="How often nodes report their processes' CPU, memory and state.")
 def master(mount: str | None, listen: str, port: int, key_file: str, state_file: str,
-           nodes: int, ping_timeout: float, heartbeat: float | None) -> int:
+           nodes: int, ping_timeout: float, heartbeat: float | None,
+           usage_interval: float) -> int:
     """Run the master daemon in the foreground: serve the node port, mount /bproc.
 
     SIGTERM or SIGINT unmounts cleanly and exits 0.
@@ -73,7 +77,8 @@ def master(mount: str | None, listen: str, port: int, key_file: str, state_file:
     from bpfs.master.daemon import MasterConfig, run_master
     cfg = MasterConfig(mount=common.mount_point(mount), listen=listen, port=port,
                        key_file=key_file, state_file=state_file, nodes=nodes,
-                       ping_timeout=ping_timeout, heartbeat=heartbeat)
+                       ping_timeout=ping_timeout, heartbeat=heartbeat,
+                       usage_interval=usage_interval)
     return run_master(cfg)
 
 
@@ -97,8 +102,12 @@ def master(mount: str | None, listen: str, port: int, key_file: str, state_file:
 @click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="S",
               help="Give up (and stop what was started) if not ready after S seconds "
                    "(default 30 + 0.25 per node).")
+@click.option("--usage-interval", type=click.FloatRange(min=0.05, max=1e6), default=2.0,
+              show_default=True, metavar="S",
+              help="How often nodes report their processes' CPU, memory and state.")
 def up(nodes: int, mount: str | None, port: int, state_dir: str | None, ping_timeout: float,
-       hide: tuple[str, ...], detach: bool, timeout: float | None) -> int:
+       hide: tuple[str, ...], detach: bool, timeout: float | None,
+       usage_interval: float) -> int:
     """Start an embedded cluster: a master and K simulated nodes on this machine.
 
     Each node is a real bpslave, PID 1 of its own PID, mount and UTS namespaces
@@ -114,7 +123,8 @@ def up(nodes: int, mount: str | None, port: int, state_dir: str | None, ping_tim
     from bpfs.node import embedded
     layout = embedded.Layout.make(common.mount_point(mount), state_dir)
     opts = embedded.UpOptions(nodes=nodes, port=port, ping_timeout=ping_timeout,
-                              hide=list(hide), detach=detach, timeout=timeout)
+                              hide=list(hide), detach=detach, timeout=timeout,
+                              usage_interval=usage_interval)
     return embedded.up(layout, opts)
 
 

@@ -9,7 +9,10 @@ bproc did, since only they mean anything. One difference: trailing blanks are
 not printed.
 
 Reads $MOUNT/status (one read for the default table), nodes/N/info for `-l`,
-procs/*/status for `-p`/`-P`, and blocks reading $MOUNT/events for `-U`.
+procs/*/status for `-p`/`-P`, and blocks reading $MOUNT/events for `-U`. `-p` is
+bproc's `PID<TAB>Node` table with three more tab-separated columns: %CPU (over the last
+report interval), RSS in KiB and cumulative CPU TIME as ps writes it ("-" until the
+node's first report). `bptop` (bpfs/cli/bptop.py) is the refreshing view.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bpfs import __version__, formats, nodeset
 from bpfs.cli import common
 from bpfs.cli.clickmain import click_main
 from bpfs.formats import NodeRow
+from bpfs.usage import cpu_time
 
 PROG = "bpstat"
 STATUS_W, MODE_W, USER_W = 15, 10, 8      # bproc's BPROC_STATE_LEN, MODELEN, USERLEN
@@ -165,14 +169,14 @@ def long_listing(rows: list[NodeRow], mount: str) -> list[str]:
 
 # ---- processes (-p, -P) -----------------------------------------------------------
 
-def process_map(mount: str) -> dict[int, int]:
-    """pid -> node of every migrated process not yet exited, from procs/*/status."""
+def process_statuses(mount: str) -> list[formats.ProcStatus]:
+    """Every migrated process not yet exited, from procs/*/status, ordered by pid."""
     top = os.path.join(mount, "procs")
     try:
         names = os.listdir(top)
     except FileNotFoundError:
-        return {}
-    out: dict[int, int] = {}
+        return []
+    out = []
     for name in names:
         if not name.isdigit():
             continue
@@ -183,15 +187,32 @@ def process_map(mount: str) -> dict[int, int]:
             continue            # it ended while we looked
         p = common.parse_or_fail(formats.parse_proc_status, text, path)
         if p.state != "exited":
-            out[p.pid] = p.node
-    return out
+            out.append(p)
+    return sorted(out, key=lambda p: p.pid)
+
+
+def process_map(mount: str) -> dict[int, int]:
+    """pid -> node of every migrated process not yet exited."""
+    return {p.pid: p.node for p in process_statuses(mount)}
+
+
+PROCESS_HEADER = "PID\tNode\t%CPU\tRSS\tTIME"
+
+
+def process_line(p: formats.ProcStatus) -> str:
+    """bproc's `PID<TAB>Node`, then %CPU, RSS (KiB) and TIME as ps writes them; "-" for
+    each until the node's first report."""
+    u = p.usage
+    if u is None:
+        return f"{p.pid}\t{p.node}\t-\t-\t-"
+    return f"{p.pid}\t{p.node}\t{u.cpu_percent:.1f}\t{u.rss // 1024}\t{cpu_time(u.cpu)}"
 
 
 def process_listing(mount: str, nodes: set[int] | None) -> list[str]:
-    """bproc's `PID<TAB>Node` table, ordered by pid; only `nodes` when given."""
-    procs = sorted(process_map(mount).items())
-    return ["PID\tNode"] + [f"{pid}\t{node}" for pid, node in procs
-                            if nodes is None or node in nodes]
+    """bproc's `PID<TAB>Node` table with usage columns, ordered by pid; only `nodes`
+    when given."""
+    return [PROCESS_HEADER] + [process_line(p) for p in process_statuses(mount)
+                               if nodes is None or p.node in nodes]
 
 
 def annotate_ps(lines: Iterable[str], procs: dict[int, int]) -> Iterable[str]:
@@ -396,7 +417,7 @@ def _flag(short: str, long: str, dest: str, value: str, text: str) -> Callable:
               help="Redraw whenever something changes (Ctrl-C ends).")
 @click.option("-L", "--lock", is_flag=True, help="Ignore Ctrl-C and Ctrl-Z (unattended terminal).")
 @click.option("-A", "host", metavar="HOST", help="Print the number of the node with this address.")
-@click.option("-p", "procs", is_flag=True, help="List migrated processes: PID and node.")
+@click.option("-p", "procs", is_flag=True, help="List migrated processes: PID, node, %CPU, RSS (KiB), CPU time.")
 @click.option("-P", "ps", is_flag=True, help='Add a NODE column to "ps" output read on stdin.')
 @click.option("--mount", metavar="DIR", help="bpfs mount point [$BPROC_MOUNT or /bproc].")
 @click.version_option(__version__, "-V", "-v", "--version", prog_name=PROG,

@@ -44,13 +44,14 @@ class Kind(IntEnum):
     PROC_CTL = 0x23
     PROC_STDOUT = 0x24
     PROC_STDERR = 0x25
+    PROC_STAT = 0x26
 
 
 DIR_KINDS = frozenset({Kind.ROOT, Kind.NODES, Kind.PROCS, Kind.NODE_DIR, Kind.PROC_DIR})
 NODE_KINDS = frozenset({Kind.NODE_DIR, Kind.NODE_STATUS, Kind.NODE_CTL, Kind.NODE_INFO,
                         Kind.NODE_PROCS})
 PROC_KINDS = frozenset({Kind.PROC_DIR, Kind.PROC_STATUS, Kind.PROC_NODE, Kind.PROC_SIGNAL,
-                        Kind.PROC_CTL, Kind.PROC_STDOUT, Kind.PROC_STDERR})
+                        Kind.PROC_CTL, Kind.PROC_STDOUT, Kind.PROC_STDERR, Kind.PROC_STAT})
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ MAX_PINS_PER_UID = 1024    # pinned nodes/N/ctl handles a user may hold open at 
                            # never more than an eighth of the master's descriptors
 
 T = TypeVar("T")
+USAGE_KINDS = frozenset({Kind.PROC_STAT, Kind.PROC_STATUS})
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -250,7 +251,10 @@ class BpfsOperations(pyfuse3.Operations):
             return a
         spec = FILES[ino.kind]
         a.st_mode, a.st_nlink = stat.S_IFREG | spec.mode, 1
-        a.st_size = len(spec.read(self.cluster, ino.id).encode()) if spec.read else 0
+        # procs/P/stat and status change between a stat() and a read (the node's reports):
+        # size 0, as /proc's files (readers read to the end, direct_io)
+        a.st_size = len(spec.read(self.cluster, ino.id).encode()) \
+            if spec.read and ino.kind not in USAGE_KINDS else 0
         if ino.kind in PROC_KINDS:
             p = self.cluster.proc(ino.id)
             a.st_uid, a.st_gid = p.uid, p.gid
@@ -368,11 +372,21 @@ class BpfsOperations(pyfuse3.Operations):
         caller = self._pinned(ctx) if writing and ino.kind == Kind.NODE_CTL else \
             caller_from_ctx(ctx, with_groups=False)
         h = Handle(ino, caller, spec, nonblock=bool(flags & os.O_NONBLOCK))
+        if ino.kind in USAGE_KINDS:
+            await self._fresh_usage(ino.id)
+            self._check(ino)                # it may have ended meanwhile
         try:
             return self._open(h)
         except BaseException:
             self._unpin(h)
             raise
+
+    async def _fresh_usage(self, pid: int) -> None:
+        """procs/P/stat and status show the node's figures at most a moment old: the
+        master may ask the node first (bpfs/master/usage.py; a short, bounded wait)."""
+        fresh = getattr(self.services, "fresh_usage", None)
+        if fresh is not None:
+            await fresh(pid)
 
     def _open(self, h: Handle) -> pyfuse3.FileInfo:
         ino, spec = h.ino, h.spec

@@ -4,7 +4,7 @@ exactly what the CLIs parse.
 
     /status /events /nodes/ /procs/
     /nodes/N/   status ctl info procs         (dir mode/uid/gid = node ACL)
-    /procs/P/   status node signal ctl        (dir owned by the process's uid)
+    /procs/P/   status stat node signal ctl   (dir owned by the process's uid)
                 stdout stderr                 (only for processes started by `exec`)
 
 Adding a file is adding a `FileSpec` row (and a Kind in inodes.py). `read`
@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from bpfs import formats
 from bpfs.ctl import NODE_CTL, PROC_CTL, PROC_SIGNAL, Command
+from bpfs.fs import procstat
 from bpfs.fs.inodes import Kind
 from bpfs.model import Cluster
 
@@ -66,7 +67,7 @@ def render_node_procs(cluster: Cluster, n: int) -> str:
 def render_proc_status(cluster: Cluster, pid: int) -> str:
     p = cluster.proc(pid)
     return formats.render_proc_status(formats.ProcStatus(
-        p.pid, p.node, p.state, p.uid, p.gid, p.cmd, p.started, p.exit))
+        p.pid, p.node, p.state, p.uid, p.gid, p.cmd, p.started, p.exit, p.usage))
 
 
 def render_proc_node(cluster: Cluster, pid: int) -> str:
@@ -88,6 +89,7 @@ NODE_FILES: tuple[FileSpec, ...] = (
 
 PROC_FILES: tuple[FileSpec, ...] = (
     FileSpec("status", Kind.PROC_STATUS, 0o444, render_proc_status),
+    FileSpec("stat", Kind.PROC_STAT, 0o444, procstat.render),
     FileSpec("node", Kind.PROC_NODE, 0o444, render_proc_node),
     FileSpec("signal", Kind.PROC_SIGNAL, 0o200, None, PROC_SIGNAL),
     FileSpec("ctl", Kind.PROC_CTL, 0o600, None, PROC_CTL),

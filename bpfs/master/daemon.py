@@ -43,6 +43,7 @@ from bpfs.master import liveness, statefile
 from bpfs.master.exec import ExecService
 from bpfs.master.links import NodeLinks
 from bpfs.master.procs import ProcService
+from bpfs.master.usage import INTERVAL as USAGE_INTERVAL, UsageService
 from bpfs.model import MAX_NODE, Caller, Cluster
 from bpfs.wire import execreq, framing as wire
 
@@ -61,6 +62,7 @@ class MasterConfig:
     ping_timeout: float = 5.0          # node marked down when no heartbeat for this long
     heartbeat: float | None = None     # interval told to nodes in `welcome`; None: derived
                                        # from ping_timeout (liveness.heartbeat_for)
+    usage_interval: float = USAGE_INTERVAL   # seconds between a node's usage reports
 
     def __post_init__(self) -> None:
         if self.heartbeat is None:
@@ -76,8 +78,10 @@ class Master:
         self._persist_lock = trio.Lock()
         self._saved_revision = -1
         self.procs = ProcService(cluster, self.send_node)
+        self.usage = UsageService(cluster, self.send_node, cfg.usage_interval)
         assert cfg.heartbeat is not None            # MasterConfig.__post_init__
-        self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout)
+        self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout,
+                               self.usage)
         self.procs.send_now = self.links.send_now
         self.execs = ExecService(cluster, self.procs, cfg.mount)
 
@@ -92,6 +96,11 @@ class Master:
 
     async def signal_proc(self, pid: int, sig: int) -> None:
         await self.procs.signal_proc(pid, sig)
+
+    async def fresh_usage(self, pid: int) -> None:
+        """Before procs/P/stat or status is read: figures at most a moment old, if the
+        node answers in time (bpfs/master/usage.py)."""
+        await self.usage.fresh(pid)
 
     async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
         return await self.execs.start(node, caller, argv)
@@ -156,6 +165,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(master.procs.run)
+            await nursery.start(master.usage.run)
             await nursery.start(master.execs.serve, cfg.listen)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             nursery.start_soon(trio.serve_listeners, master.links.handle_connection, listeners)
@@ -174,6 +184,9 @@ def check_config(cfg: MasterConfig) -> None:
     problem = liveness.settings_problem(cfg.ping_timeout, cfg.heartbeat)
     if problem:
         raise BpfsError(errno.EINVAL, problem)
+    if not 0.05 <= cfg.usage_interval <= 1e6:
+        raise BpfsError(errno.EINVAL, f"--usage-interval must be 0.05..1e6 s, not "
+                        f"{cfg.usage_interval}")
     if not 0 <= cfg.port <= 65535:
         raise BpfsError(errno.EINVAL, f"bad port {cfg.port}")
 

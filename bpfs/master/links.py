@@ -15,7 +15,7 @@ the master's own stamps, as frames wait unread while the master is busy
 messages.py's FROM_NODE checks every field) before any handler sees it; a wrong key, a
 malformed, oversized or unexpected frame (a message no registered node sends, one out
 of order) closes that connection only, with one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
-`continued` go to bpfs/master/procs.py, and a lost node's ghosts die with it.
+`continued` go to bpfs/master/procs.py, `usage` to bpfs/master/usage.py, and a lost node's ghosts die with it.
 
 Unauthenticated peers: anyone who can reach the node port gets at most MAX_HANDSHAKES
 connections in their handshake at once (more are closed at once, unread) and
@@ -36,6 +36,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.master import liveness
 from bpfs.master.procs import ProcService
+from bpfs.master.usage import UsageService
 from bpfs.model import Cluster
 from bpfs.ratelog import RateLog
 from bpfs.wire import framing as wire, messages
@@ -70,6 +71,12 @@ async def _on_state(links: "NodeLinks", conn: NodeConn, msg: messages.State, now
         log.warning("node %d (%s): %s", conn.number, conn.peer, exc)
 
 
+async def _on_usage(links: "NodeLinks", conn: NodeConn, msg: messages.Usage, now: float) -> None:
+    links.cluster.heartbeat(conn.number, None, now)
+    if links.usage is not None:
+        links.usage.on_usage(conn.number, msg)
+
+
 def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
     name = f"on_{messages.tag(cls)}"
 
@@ -82,7 +89,7 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
 # What a registered node may send, by message class (bpfs.wire.messages.FROM_NODE decodes
 # them); add a row for a new one. Any other is a protocol error: `register` again...
 FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
-    messages.Facts: _on_facts, messages.State: _on_state,
+    messages.Facts: _on_facts, messages.State: _on_state, messages.Usage: _on_usage,
     **{cls: _to_procs(cls) for cls in (messages.Need, messages.Restored, messages.Failed,
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
@@ -124,8 +131,9 @@ class NodeLinks:
     """The connected nodes: their links, handshakes in progress, refusals logged."""
 
     def __init__(self, cluster: Cluster, key: bytes, procs: ProcService, heartbeat: float,
-                 ping_timeout: float) -> None:
+                 ping_timeout: float, usage: UsageService | None = None) -> None:
         self.cluster = cluster
+        self.usage = usage
         self.key = key
         self.procs = procs
         self.heartbeat = heartbeat
@@ -214,8 +222,9 @@ class NodeLinks:
         self.conns[n] = conn
         try:
             with conn.scope:
-                await conn.stream.send(messages.Welcome(node=n, heartbeat=self.heartbeat,
-                                                        pid_max=_pid_max()))
+                await conn.stream.send(messages.Welcome(
+                    node=n, heartbeat=self.heartbeat, pid_max=_pid_max(),
+                    usage=self.usage.interval if self.usage is not None else None))
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)
@@ -230,6 +239,8 @@ class NodeLinks:
                 self.cluster.detach(n)
             if current in (conn, None):
                 self.procs.node_lost(n)
+                if self.usage is not None:
+                    self.usage.node_lost(n)
         if conn.scope.cancelled_caught:
             log.info("node %d (%s): connection closed by the master", n, conn.peer)
 

@@ -194,7 +194,7 @@ def dump(pid: int) -> Image:
         rseq=pt.get_rseq(pid), robust=_robust(pid), tid_address=_tid_address(pid, regs),
         rlimits=_rlimits(pid),
         special=special, host=hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)),
-        files=files, regions=regions)
+        files=files, regions=regions, nice=os.getpriority(os.PRIO_PROCESS, pid))
 
 
 def _readlink(pid: int, name: str) -> str:

@@ -2,12 +2,12 @@
 
 Grammar (msgpack; every map below has exactly these string keys; ints are unsigned unless said)::
 
-    image    = { "magic": "bpfs-image", "version": 2,
+    image    = { "magic": "bpfs-image", "version": 3,
                  "pid": int, "argv": [str], "comm": str, "exe": int (index into files),
                  "cwd": str, "uid": int, "gid": int, "groups": [int],
                  "dumpable": bool   true: its user may read and trace it (the kernel's
                                     PR_GET_DUMPABLE was 1); false: restored non-dumpable
-                 "umask": int, "personality": int,
+                 "umask": int, "personality": int, "nice": int (-20..19),
                  "regs": bin(216)   (struct user_regs_struct),
                  "xstate": bin      (NT_X86_XSTATE as GETREGSET returned it),
                  "auxv": bin        (16-byte pairs ending with AT_NULL),
@@ -35,8 +35,9 @@ whole pages: only bytes that differ from zero, or from the mapped file, travel).
 checks all of that and raises `MigrateError(EINVAL, "corrupt image: ...")`, so a restore never
 starts from a bad image.
 Version 2 added "dumpable" (version 1 had no such key, and its reader restores every process
-dumpable: an execute-only program's memory would be readable on the node). A reader refuses
-any other version rather than guess.
+dumpable: an execute-only program's memory would be readable on the node); version 3 "nice".
+A reader takes version 3, and version 2 as nice 0 (what a version 2 reader gave every
+process); it refuses any other version rather than guess.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from bpfs.migrate.errors import MigrateError, corrupt
 from bpfs.migrate.ptrace import REGS_SIZE, Regs
 
 MAGIC = "bpfs-image"
-VERSION = 2
+VERSION = 3
+READS = (2, 3)
 PAGE = 4096
 TASK_SIZE = 1 << 47
 U64 = 2**64 - 1
@@ -130,6 +132,7 @@ class Image:
     files: list[FileRef]
     regions: list[Region]
     contents: dict[str, bytes] = field(default_factory=dict)
+    nice: int = 0  # getpriority(PRIO_PROCESS) at the dump, set again by the restore
 
     @property
     def exe_path(self) -> str:
@@ -153,7 +156,7 @@ def _to_obj(img: Image) -> dict[str, Any]:
         "magic": MAGIC, "version": VERSION, "pid": img.pid, "argv": img.argv, "comm": img.comm,
         "exe": img.exe, "cwd": img.cwd, "uid": img.uid, "gid": img.gid, "groups": img.groups,
         "dumpable": img.dumpable, "umask": img.umask, "personality": img.personality,
-        "regs": img.regs, "xstate": img.xstate, "auxv": img.auxv, "mm": img.mm,
+        "nice": img.nice, "regs": img.regs, "xstate": img.xstate, "auxv": img.auxv, "mm": img.mm,
         "sigmask": img.sigmask,
         "sigactions": [list(a) for a in img.sigactions], "pending": img.pending,
         "rseq": list(img.rseq) if img.rseq else None,
@@ -292,15 +295,16 @@ def _addr(v: Any, what: str, aligned: bool = True) -> int:
 _TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "dumpable",
         "umask", "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "pending",
         "rseq", "robust", "tid_address", "rlimits", "special", "host", "files", "regions",
-        "contents")
+        "contents", "nice")
 
 
 def _from_obj(obj: Any) -> Image:
     _check(isinstance(obj, dict), "top level is not a map")
     _check(obj.get("magic") == MAGIC, "bad magic")
-    if obj.get("version") != VERSION:
-        raise corrupt(f"unsupported image version {obj.get('version')!r} (want {VERSION})")
-    _map(obj, _TOP, "image")
+    version = obj.get("version")
+    if version not in READS or type(version) is not int:
+        raise corrupt(f"unsupported image version {version!r} (want {VERSION})")
+    _map(obj, _TOP if version == VERSION else _TOP[:-1], "image")
     files = _files(obj["files"])
     special = _special(obj["special"])
     regions = _regions(obj["regions"], len(files))
@@ -326,7 +330,8 @@ def _from_obj(obj: Any) -> Image:
         tid_address=None if obj["tid_address"] is None else _addr(obj["tid_address"],
                                                                   "tid_address", False),
         rlimits=_rlimits(obj["rlimits"]), special=special, host=_host(obj["host"]), files=files,
-        regions=regions, contents=_contents(obj["contents"], files))
+        regions=regions, contents=_contents(obj["contents"], files),
+        nice=_bounded(obj["nice"], -20, 19, "nice") if "nice" in obj else 0)
     _check(len(files) > 0, "no executable file")
     _check(len(img.regs) == REGS_SIZE, f"regs is {len(img.regs)} bytes, want {REGS_SIZE}")
     _check(576 <= len(img.xstate) <= 16384 and len(img.xstate) == img.host.xstate_size,

@@ -261,12 +261,15 @@ class Restorer:
 
     def _credentials(self, a: stub.Batch, image: Image, uid: int, gid: int,
                      groups: list[int]) -> None:
-        """Resource limits, the user's ids (root's capabilities go with uid 0), then the cwd."""
+        """Resource limits and nice (while still root: a user may not lower their nice,
+        and the master's process had it), the user's ids (root's capabilities go with
+        uid 0), then the cwd."""
         have = self.helper.rlimits
         for res, soft, hard in image.rlimits:
             want = _rlimit_wanted(soft, hard, have[res][1])
             if want != have[res]:
                 a.call("prlimit64", 0, res, a.data(struct.pack("<QQ", *want)), 0)
+        a.call("setpriority", os.PRIO_PROCESS, 0, image.nice)
         a.call("setgroups", len(groups), a.data(struct.pack(f"<{len(groups)}I", *groups)))
         a.call("setresgid", gid, gid, gid)
         a.call("setresuid", uid, uid, uid)

@@ -95,6 +95,7 @@ class UpOptions:
     hide: list[str] = field(default_factory=list)
     detach: bool = False
     timeout: float | None = None            # default: 30 s + 0.25 s a node
+    usage_interval: float = 2.0             # seconds between the nodes' usage reports
 
 
 # ---- processes, recorded by PID and start time ---------------------------------
@@ -287,7 +288,8 @@ def _start_master(layout: Layout, opts: UpOptions) -> Record:
     argv = [sys.executable, "-m", "bpfs.cli.bpfs_main", "master", "--mount", layout.mount,
             "--listen", "127.0.0.1", "--port", str(opts.port), "--key", layout.key_file,
             "--state-file", layout.path("state"), "--nodes", str(opts.nodes),
-            "--ping-timeout", str(opts.ping_timeout)]
+            "--ping-timeout", str(opts.ping_timeout),
+            "--usage-interval", str(opts.usage_interval)]
     with open(layout.path("logs", "master.log"), "wb") as log:    # one run a log
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 cwd="/", env=_child_env(), start_new_session=True)

@@ -34,7 +34,7 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil, selflink
-from bpfs.node import procs
+from bpfs.node import procs, usage
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
@@ -63,7 +63,7 @@ async def _on_ctl(session: Session, msg: messages.Ctl) -> Outcome | None:
 # ends the session.
 FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
-    messages.Signal: procs.on_signal,
+    messages.Signal: procs.on_signal, messages.Sample: usage.on_sample,
     messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
 }
 

@@ -4,7 +4,8 @@
     number = await session.register()        `register` -> `welcome` (BpfsError: refused)
     outcome = await session.run()            heartbeats, reports, dispatch until it ends
 
-A session sends `facts` every `heartbeat` seconds, sends what `report` queues (from
+A session sends `facts` every `heartbeat` seconds, `usage` every `usage` seconds of
+`welcome` if it names one (bpfs/node/usage.py), sends what `report` queues (from
 synchronous code, in order), and dispatches every message from the master through the
 table it was given (bpfs/node/service.py's FROM_MASTER: `message class -> async
 handler(session, msg)`). Every message is decoded into its class (bpfs/wire/messages.py's
@@ -23,7 +24,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
-from bpfs.node import facts as node_facts
+from bpfs.node import facts as node_facts, usage as node_usage
 from bpfs.node.config import NodeConfig
 from bpfs.node.restorer import NodeRestorer
 from bpfs.wire import framing as wire, messages
@@ -62,6 +63,8 @@ class Session:
         self.nursery: trio.Nursery | None = None     # set while `run` runs
         self.heartbeat = 1.0
         self.pid_max: int | None = None     # the master's (bpfs/node/supervisor.py)
+        self.usage_interval: float | None = None     # `welcome` says; None: no reports
+        self.usage_wanted = trio.Event()             # set by the master's `sample`
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
@@ -114,12 +117,17 @@ class Session:
         welcome = await self.fs.expect(messages.Welcome)
         self.heartbeat = welcome.heartbeat
         self.pid_max = welcome.pid_max
+        self.usage_interval = welcome.usage
         return welcome.node
 
     async def heartbeats(self) -> Outcome:
         while True:
             await trio.sleep(self.heartbeat)
             await self.send(messages.Facts(facts=_facts()))
+
+    async def usage_reports(self) -> Outcome:
+        await node_usage.report_usage(self)
+        return Outcome.LOST
 
     async def run(self) -> Outcome:
         """Heartbeats and dispatch until a handler or a failure ends the session.
@@ -134,6 +142,9 @@ class Session:
                 self.nursery = nursery
                 for task in (self.heartbeats, self.dispatch, self.send_reports):
                     nursery.start_soon(self._guard, task, outcomes, nursery.cancel_scope)
+                if self.usage_interval:
+                    nursery.start_soon(self._guard, self.usage_reports, outcomes,
+                                       nursery.cancel_scope)
         finally:
             self._reports.close()
         return outcomes[0] if outcomes else Outcome.LOST

@@ -18,7 +18,8 @@ grammar (names in capitals are the bounded types defined below):
   registration and life (bpfs/master, bpfs/node/service.py):
     node   -> master  register   node: NODE | nil, facts: FACTS
     master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6),
-                                 [pid_max: PID]        (the master's kernel's)
+                                 [pid_max: PID]        (the master's kernel's),
+                                 [usage: seconds]    report `usage` this often (absent: never)
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
@@ -42,6 +43,13 @@ grammar (names in capitals are the bounded types defined below):
                       execed     pid: PID, id: ID, cmdline: bytes (at most 64 KiB)
                       kill       seq: ID, pid: -PID..PID, sig: 0..64, ruid: ID32, euid: ID32
     master -> node    killed     seq: ID, [errno: ERRNO]
+  usage (bpfs/node/usage.py, bpfs/master/usage.py):
+    master -> node    sample                         report `usage` now
+    node   -> master  usage      hz: 1..10^6, at: SECONDS, procs: [PROCUSAGE] (at most
+                                 MAX_USAGE): one per process the node holds
+    PROCUSAGE := [pid: PID, id: ID, state: LETTER, comm: COMM, utime, stime, cutime,
+                  cstime: TICKS, minflt, majflt, cminflt, cmajflt: COUNT, nice: -20..19,
+                  threads: 0..PID_MAX, age: TICKS, vsize: BYTES, rss: BYTES]  (an array)
 
     FACTS := bpfs.formats.Facts's fields, each bounded by FACT_TYPES: {hostname: WORD,
              cpus: 0..2^20, arch: WORD, kernel: WORD, load: [LOAD, LOAD, LOAD],
@@ -56,6 +64,12 @@ grammar (names in capitals are the bounded types defined below):
   pid is stale and ignored); absent, the pid alone decides (older peers). `group`
   true: a terminal's signal (Ctrl-C, Ctrl-\\, Ctrl-Z) or SIGCONT, for the job's whole
   process group on the node, as a terminal signals a local job.
+  `usage` is sent every `usage` seconds of `welcome` (and at once after `sample`), only
+  when `welcome` names the interval: a master that does not ask for it is never sent
+  one, and the master sends `sample` only to a node that has sent `usage`. `at` is the
+  node's clock (its uptime), the times are ticks of the node's `hz`, `age` the ticks since
+  the process started; the master takes only the entries of processes it knows on that
+  node (bpfs.model.Cluster.record_usage).
   `hello` keeps its shape in every protocol version, so a node of another version
   gets the master's `refused` rather than a protocol error.
 
@@ -137,6 +151,12 @@ SIGNAL = _int(1, 64)                # 1 .. NSIG-1
 LOAD = _num(0, 1e9)
 BYTES = Annotated[int, Meta(ge=0)]    # 0..2^64-1: msgpack has no larger int
 EXIT_CODE = _int(0, 255)
+TICKS = _int(0, 2**63 - 1)
+COUNT = _int(0, 2**63 - 1)
+LETTER = _str(1)
+COMM = _str(64)                     # TASK_COMM_LEN is 16 bytes; room for escapes
+MAX_USAGE = 65536                   # processes in one `usage`: about 5 MB at most, well
+                                    # under the node frame limit (master/links.py)
 
 
 # ---- facts: bpfs.formats.Facts's fields, bounded -------------------------------------------
@@ -231,6 +251,7 @@ class Welcome(Msg, tag="welcome"):
     node: NODE
     heartbeat: Annotated[float, Meta(ge=1e-9, le=1e6)]
     pid_max: Optional[PID] = None       # the master's: the node keeps its own PIDs above it
+    usage: Optional[Annotated[float, Meta(ge=0.01, le=1e6)]] = None
 
 
 class State(Msg, tag="state"):
@@ -368,6 +389,38 @@ class Killed(Msg, tag="killed"):
     sender = "master"
     seq: ID
     errno: Optional[ERRNO] = None
+
+
+class Sample(Msg, tag="sample"):
+    sender = "master"
+
+
+class ProcUsage(Struct, frozen=True, array_like=True):
+    """One process's figures in `usage` (bpfs.usage.Sample's fields, bounded)."""
+    pid: PID
+    id: ID
+    state: LETTER
+    comm: COMM
+    utime: TICKS
+    stime: TICKS
+    cutime: TICKS
+    cstime: TICKS
+    minflt: COUNT
+    majflt: COUNT
+    cminflt: COUNT
+    cmajflt: COUNT
+    nice: _int(-20, 19)
+    threads: _int(0, 1 << 22)
+    age: TICKS
+    vsize: BYTES
+    rss: BYTES
+
+
+class Usage(Msg, tag="usage"):
+    sender = "node"
+    hz: _int(1, 10**6)
+    at: SECONDS
+    procs: Annotated[list[ProcUsage], Meta(max_length=MAX_USAGE)]
 
 
 MESSAGES: dict[str, type[Msg]] = {

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bpfs import formats
+from bpfs import formats, usage
 from tests.conftest import Cluster, command, mounted
 
 pytestmark = pytest.mark.timeout(120)
@@ -200,6 +200,9 @@ def _walk_and_parse(cluster: Cluster) -> None:
                 formats.parse_pids(text)
             elif rel.startswith("procs/") and f == "status":
                 formats.parse_proc_status(text)
+            elif rel.startswith("procs/") and f == "stat":
+                comm, rest = usage.parse_stat(text)
+                assert len(rest) == usage.STAT_FIELDS - 2 and comm == "sleep"
             elif rel.startswith("procs/") and f == "node":
                 int(formats.parse_word(text))
     for n in range(cluster.nodes):
@@ -207,7 +210,7 @@ def _walk_and_parse(cluster: Cluster) -> None:
             assert f"nodes/{n}/{f}" in seen
     assert {"status", "events"} <= seen
     procs = [f for f in seen if f.startswith("procs/")]
-    for f in ("status", "node", "signal", "ctl"):
+    for f in ("status", "stat", "node", "signal", "ctl"):
         assert len([p for p in procs if p.endswith("/" + f)]) == 2, (f, procs)
 
 

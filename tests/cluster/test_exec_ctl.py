@@ -58,7 +58,7 @@ def gone(c: Cluster, pid: int) -> None:
 def test_hostname_output_then_eof_and_the_dir_goes(cluster: Cluster) -> None:
     pid = started(cluster, 2, "exec hostname\n")
     d = f"{cluster.mount}/procs/{pid}"
-    assert sorted(os.listdir(d)) == ["ctl", "node", "signal", "status", "stderr", "stdout"]
+    assert sorted(os.listdir(d)) == ["ctl", "node", "signal", "stat", "status", "stderr", "stdout"]
     assert read_to_eof(f"{d}/stdout") == b"n2\n"
     assert read_to_eof(f"{d}/stderr") == b""
     st = status(cluster, pid)

@@ -53,6 +53,18 @@ def test_round_trip_keeps_a_process_not_dumpable() -> None:
     assert image.loads(image.dumps(sample())).dumpable is True
 
 
+@pytest.mark.parametrize("nice", [-20, -3, 0, 5, 19])
+def test_round_trip_keeps_the_nice_value(nice: int) -> None:
+    back = image.loads(image.dumps(sample(nice=nice)))
+    assert back.nice == nice and back == sample(nice=nice)
+
+
+def test_a_version_2_image_has_no_nice_and_loads_as_nice_0() -> None:
+    """Version 2 readers restored every process at nice 0: the same image reads so here."""
+    back = image.loads(_raw(version=2, nice=KeyError))
+    assert back.nice == 0 and back == sample(nice=0)
+
+
 def test_round_trip_with_contents_and_file_refs() -> None:
     img = sample(contents={HASH: b"z" * 35664})
     back = image.loads(image.dumps(img))
@@ -133,6 +145,13 @@ CORRUPT = {
     "future version": _raw(version=image.VERSION + 1),
     "version 1": _raw(version=1, dumpable=KeyError),  # its reader restores all dumpable
     "missing dumpable": _raw(dumpable=KeyError),
+    "missing nice": _raw(nice=KeyError),
+    "version 2 with nice": _raw(version=2),
+    "nice too low": _raw(nice=-21),
+    "nice too high": _raw(nice=20),
+    "nice as str": _raw(nice="5"),
+    "nice as bool": _raw(nice=True),
+    "version as float": _raw(version=3.0),
     "dumpable as int": _raw(dumpable=0),
     "missing key": _raw(pid=KeyError),
     "unknown key": _raw(**{"host.extra": 1}),
@@ -226,7 +245,7 @@ FIELDS = ([f"regions.{i}.{k}" for i in range(3) for k in ("start", "end", "prot"
              "regions.1", "files.0.size", "files.0.path", "files.0.hash", "rlimits.0",
              "rlimits.1.0", "rlimits.1.1", "mm.brk", "special.vdso", "special.vvar.1",
              "groups.0", "argv.1", "sigactions.0", "rseq", "robust", "pending.0", "host.cpu_flags.0"]
-          + ["dumpable"])
+          + ["dumpable", "nice"])
 
 
 def _slow_from_obj(obj) -> image.Image:

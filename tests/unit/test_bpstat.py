@@ -15,6 +15,7 @@ import pytest
 from bpfs import formats
 from bpfs.cli import bpstat
 from bpfs.formats import Facts, NodeInfo, NodeRow, ProcStatus
+from bpfs.usage import Usage
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,24 +201,37 @@ def test_unknown_option_is_a_usage_error(mount, capsys) -> None:
 
 # ---- processes ----------------------------------------------------------------------
 
+PROCS_HEADER = "PID\tNode\t%CPU\tRSS\tTIME"
+
+
 def proc(pid: int, node: int, state: str = "running") -> ProcStatus:
     return ProcStatus(pid, node, state, 0, 0, "sleep 100", 1700000000.0)
 
 
 def test_process_list_is_only_the_header_without_processes(mount, capsys) -> None:
-    assert out_of(capsys, "-p") == ["PID\tNode"]
+    assert out_of(capsys, "-p") == [PROCS_HEADER]
 
 
 def test_process_list_without_a_procs_directory(mount, capsys) -> None:
     (mount / "procs").rmdir()
-    assert out_of(capsys, "-p") == ["PID\tNode"]
+    assert out_of(capsys, "-p") == [PROCS_HEADER]
 
 
 def test_process_list(tmp_path, monkeypatch, capsys) -> None:
     top = make_tree(tmp_path / "b", ROWS, procs=[proc(300, 2), proc(40, 1), proc(50, 3, "exited")])
     monkeypatch.setenv("BPROC_MOUNT", str(top))
-    assert out_of(capsys, "-p") == ["PID\tNode", "40\t1", "300\t2"]
-    assert out_of(capsys, "-p", "2") == ["PID\tNode", "300\t2"]
+    assert out_of(capsys, "-p") == [PROCS_HEADER, "40\t1\t-\t-\t-", "300\t2\t-\t-\t-"]
+    assert out_of(capsys, "-p", "2") == [PROCS_HEADER, "300\t2\t-\t-\t-"]
+
+
+def test_process_list_has_cpu_rss_and_time_once_reported(tmp_path, monkeypatch, capsys) -> None:
+    spin = Usage(state="R", utime=3725.4, stime=0.7, rss=5 * 1024 * 1024, cpu_percent=99.5)
+    top = make_tree(tmp_path / "b", ROWS, procs=[
+        ProcStatus(300, 2, "running", 0, 0, "spin", 1700000000.0, usage=spin)])
+    monkeypatch.setenv("BPROC_MOUNT", str(top))
+    lines = out_of(capsys, "-p")
+    assert lines == [PROCS_HEADER, "300\t2\t99.5\t5120\t01:02:06"]
+    assert [line.split("\t")[:2] for line in lines] == [["PID", "Node"], ["300", "2"]]
 
 
 def test_ps_output_gets_a_node_column(tmp_path, monkeypatch, capsys) -> None:

@@ -138,7 +138,7 @@ async def test_tree_listing():
     assert await listdir(ops, "/procs") == []
     ops.cluster.start_proc(77, 1, 1000, 100, "sleep", 1.0)
     assert await listdir(ops, "/procs") == ["77"]
-    assert await listdir(ops, "/procs/77") == ["status", "node", "signal", "ctl"]
+    assert await listdir(ops, "/procs/77") == ["status", "stat", "node", "signal", "ctl"]
     d = await ops.getattr(await path_ino(ops, "/procs/77"), ROOT)
     assert (d.st_uid, d.st_gid, stat.S_IMODE(d.st_mode)) == (1000, 100, 0o555)
 
@@ -408,11 +408,11 @@ async def test_output_files_exist_only_for_processes_that_keep_output():
     ops, _ = make()
     ops.cluster.start_proc(76, 1, 1000, 100, "sleep", 1.0)
     with_output(ops)
-    assert await listdir(ops, "/procs/76") == ["status", "node", "signal", "ctl"]
+    assert await listdir(ops, "/procs/76") == ["status", "stat", "node", "signal", "ctl"]
     assert await errno_of(ops.lookup(await path_ino(ops, "/procs/76"), b"stdout", ROOT)) \
         == errno.ENOENT
     assert await listdir(ops, "/procs/77") == [
-        "status", "node", "signal", "ctl", "stdout", "stderr"]
+        "status", "stat", "node", "signal", "ctl", "stdout", "stderr"]
     attr = await ops.getattr(await path_ino(ops, "/procs/77/stdout"), ROOT)
     assert (stat.S_IMODE(attr.st_mode), attr.st_uid) == (0o400, 1000)
 

@@ -74,7 +74,21 @@ GOOD = [
     m.Kill(seq=4, pid=4000, sig=0, ruid=0, euid=0),
     m.Killed(seq=3),
     m.Killed(seq=4, errno=errno.EPERM),
+    m.Welcome(node=3, heartbeat=1.0, usage=2.0),
+    m.Sample(),
+    m.Usage(hz=100, at=12.5, procs=[]),
+    m.Usage(hz=100, at=12.5, procs=[m.ProcUsage(4242, 7, "R", "spin (x)", 1234, 56, 0, 0,
+                                                900, 1, 0, 0, -20, 1, 5000, 2**40, 2**20)]),
 ]
+USAGE_ENTRY = [4242, 7, "R", "spin", 1, 2, 0, 0, 9, 0, 0, 0, 5, 1, 500, 4096, 4096]
+
+
+def entry(**change: Any) -> list:
+    """USAGE_ENTRY with fields changed by name (ProcUsage's order)."""
+    out = list(USAGE_ENTRY)
+    for k, v in change.items():
+        out[m.ProcUsage.__struct_fields__.index(k)] = v
+    return out
 
 
 def side_of(cls: type[m.Msg], sender: str | None = None) -> m.Side:
@@ -89,6 +103,8 @@ def plain(msg: Any, nones: bool = True) -> Any:
     """A decoded message as the fake peers of the cluster tests read it: a dict with "t" and
     every field (None where absent), lists for arrays (the test-side view of the wire).
     Without `nones`, as the dict-built protocol wrote it: None fields left out."""
+    if isinstance(msg, msgspec.Struct) and msg.__struct_config__.array_like:
+        return [plain(getattr(msg, k), nones) for k in msg.__struct_fields__]
     if isinstance(msg, msgspec.Struct):
         out = {"t": m.tag(type(msg))} if isinstance(msg, m.Msg) else {}
         out.update({k: plain(getattr(msg, k), nones) for k in msg.__struct_fields__
@@ -112,9 +128,10 @@ def test_every_message_has_an_example_here() -> None:
 def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_NODE.classes} == {
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
-        "Exited", "Fork", "Unforked", "Execed", "Kill"}
+        "Exited", "Fork", "Unforked", "Execed", "Kill", "Usage"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
-        "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed"}
+        "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
+        "Sample"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 
@@ -236,6 +253,27 @@ BAD = [
     ({"t": "signal", "pid": 5, "sig": "KILL"}, m.FROM_MASTER, "signal.sig: expected `int`, got `str`"),
     ({"t": "signal", "pid": 5, "sig": 0}, m.FROM_MASTER, "signal.sig: expected `int` >= 1"),
     ({"t": "ctl", "cmd": 8_000_000_000}, m.FROM_MASTER, "ctl.cmd"),
+    ({"t": "welcome", "node": 1, "heartbeat": 1, "usage": 0}, m.FROM_MASTER, "welcome.usage"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [USAGE_ENTRY] * 65537}, m.FROM_NODE,
+     "usage.procs: expected `array` of length <= 65536"),
+    ({"t": "usage", "hz": 0, "at": 1, "procs": []}, m.FROM_NODE, "usage.hz"),
+    ({"t": "usage", "hz": 100, "at": -1, "procs": []}, m.FROM_NODE, "usage.at"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [USAGE_ENTRY[:-1]]}, m.FROM_NODE,
+     "usage.procs[0]: expected `array` of at least length 17"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [{"pid": 5}]}, m.FROM_NODE,
+     "usage.procs[0]: expected `array`, got `object`"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(pid=0)]}, m.FROM_NODE, "usage.procs[0][0]"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(state="RS")]}, m.FROM_NODE,
+     "usage.procs[0][2]: expected `str` of length <= 1"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(comm="c" * 65)]}, m.FROM_NODE,
+     "usage.procs[0][3]"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(utime=-1)]}, m.FROM_NODE, "usage.procs[0][4]"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(nice=20)]}, m.FROM_NODE, "usage.procs[0][12]"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(rss=-4096)]}, m.FROM_NODE, "usage.procs[0][16]"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": [entry(threads=True)]}, m.FROM_NODE,
+     "usage.procs[0][13]: expected `int`, got `bool`"),
+    ({"t": "usage", "hz": 100, "at": 1, "procs": []}, m.FROM_MASTER, "'usage' is the node's message"),
+    ({"t": "sample"}, m.FROM_NODE, "'sample' is the master's message"),
     ({"t": "restore", "id": 1}, m.FROM_NODE, "'restore' is the master's message; a node may not send it"),
     ({"t": "restored", "id": 1, "pid": 5}, m.FROM_MASTER, "'restored' is the node's message; a master"),
     ({"t": "hello", "v": 1, "nonce": b"n" * 32}, m.FROM_NODE, "'hello' is a handshake message, not a message of a session"),
