@@ -23,7 +23,7 @@ import signal
 import stat
 import struct
 import time
-from typing import Mapping as TMapping, Sequence
+from typing import Callable, Mapping as TMapping, Sequence
 
 from bpfs.migrate import hostinfo, procfs
 from bpfs.migrate import ptrace as pt
@@ -71,12 +71,14 @@ def seize_for_exec(pid: int) -> None:
     pt.seize(pid, TRACE_OPTIONS)
 
 
-def wait_exec_and_dump(pid: int, timeout: float) -> Image:
+def wait_exec_and_dump(pid: int, timeout: float,
+                       drop: Callable[[int], bool] | None = None) -> Image:
     """Wait for the seized `pid` to exec, run it to its entry point and dump it.
 
     The process is left stopped under ptrace (the ghost); it never runs the program here.
     Signals that arrive before the exec are passed on. EPERM for set-ID or file-capability
     executables (the process is left stopped: the caller kills it); ETIMEDOUT if no exec came.
+    `drop`: see `dump_at_exec`.
     """
     deadline = time.monotonic() + timeout
     delay = 0.0001
@@ -96,8 +98,18 @@ def wait_exec_and_dump(pid: int, timeout: float) -> Image:
         sig = pt.stop_signal(stop)
         # a group-stop (EVENT_STOP) or a signal-delivery-stop: let it go on, signal included
         pt.cont(pid, 0 if pt.stop_event(stop) or sig == SIGTRAP else sig)
+    return dump_at_exec(pid, drop)
+
+
+def dump_at_exec(pid: int, drop: Callable[[int], bool] | None = None) -> Image:
+    """`pid`, stopped in its exec event stop (consumed), run to its entry point and dumped.
+
+    EPERM for set-ID or file-capability programs, before any of their code runs. Signals
+    that come on the way are held for the image (`run_to_entry`), but those `drop(sig)`
+    says are not the program's (a ghost's child ghost's SIGCHLD, `Tracer.exec_in`).
+    """
     check_executable(pid)
-    run_to_entry(pid)
+    run_to_entry(pid, drop)
     return dump(pid)
 
 
@@ -127,8 +139,10 @@ def _has_file_caps(path: str) -> bool:
     return True
 
 
-def run_to_entry(pid: int) -> None:
-    """From the exec stop, run `pid` until rip == AT_ENTRY, by a hardware breakpoint."""
+def run_to_entry(pid: int, drop: Callable[[int], bool] | None = None) -> None:
+    """From the exec stop, run `pid` until rip == AT_ENTRY, by a hardware breakpoint.
+    Signals met on the way are held for the image, but those `drop(sig)` says to drop
+    (asked in their signal-delivery-stop, so their siginfo can be read)."""
     entry = procfs.parse_auxv(procfs.read_bytes(pid, "auxv"))[procfs.AT_ENTRY]
     pt.set_debugreg(pid, 0, entry)
     pt.set_debugreg(pid, 7, 1)  # L0: local enable, execute, length 1
@@ -139,8 +153,8 @@ def run_to_entry(pid: int) -> None:
             sig = pt.stop_signal(stop)
             if sig == SIGTRAP and pt.getregs(pid).rip == entry:
                 break
-            if sig != SIGTRAP and pt.stop_event(stop) == 0:  # meant for the program: held, and sent again after migration
-                _held.setdefault(pid, []).append(sig)
+            if sig != SIGTRAP and pt.stop_event(stop) == 0 and not (drop and drop(sig)):
+                _held.setdefault(pid, []).append(sig)  # the program's: sent again after migration
     finally:
         pt.set_debugreg(pid, 7, 0)
         pt.set_debugreg(pid, 0, 0)

@@ -20,7 +20,7 @@ from typing import Callable
 
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
-from bpfs.migrate.dump import seize_for_exec, wait_exec_and_dump
+from bpfs.migrate.dump import dump_at_exec, seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.ghost_kin import Kin
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
@@ -216,15 +216,22 @@ class Ghosts(Kin):
                                             "its exec", pid)
         t.state, t.capture, t.timeout = CAPTURING, fut, timeout
         t.deadline = time.monotonic() + timeout
-        if t.held:
+        if t.held or t.at_exec:
             self._capture_now(t)
 
     def _capture_now(self, t: Tracee) -> None:
-        """The exec stop of `t` is there: dump at the entry point, then park it."""
+        """The exec stop of `t` is there (or consumed already: `exec_in`): dump at the entry
+        point, then park it. A SIGCHLD the kernel sends for one of its child ghosts (it
+        may have some: an `exec_in` ghost) is no signal of the program's: dropped."""
         fut, t.capture, t.held = t.capture, None, False
+        at_exec, t.at_exec = t.at_exec, False
         signals: list[int] = []
+
+        def drop(sig: int) -> bool:
+            return sig == _signal.SIGCHLD and child_signal(t.pid, t.children)
         try:
-            img = wait_exec_and_dump(t.pid, max(t.deadline - time.monotonic(), 1.0))
+            img = dump_at_exec(t.pid, drop) if at_exec else \
+                wait_exec_and_dump(t.pid, max(t.deadline - time.monotonic(), 1.0), drop)
             before = gp.vm_rss_kb(t.pid)
             gp.park(t.pid, signals)
             after = gp.vm_rss_kb(t.pid)
@@ -307,6 +314,8 @@ class Ghosts(Kin):
         if t.held:
             gp.wait_stop(t.pid)
             t.held = False
+        elif t.at_exec:
+            t.at_exec = False           # in its exec stop, consumed already
         elif t.state != STOPPED:
             gp.halt(t.pid, signals)
 
@@ -320,7 +329,7 @@ class Ghosts(Kin):
         t = self._known(pid)
         t.waiters.append(fut)
         self._cancel_capture(t)
-        t.killed, t.held = True, False
+        t.killed, t.held, t.at_exec = True, False, False
         send_kill(pid)
 
     def fail(self, t: Tracee, what: str, exc: BaseException) -> None:
@@ -337,7 +346,7 @@ class Ghosts(Kin):
             log.warning("tracer: process %d: %s failed (%s), and it is gone", t.pid, what, exc)
             self.lost(t.pid)
             return
-        t.killed, t.held = True, False
+        t.killed, t.held, t.at_exec = True, False, False
         with self._lock:
             self._parked.discard(t.pid)
         if isinstance(exc, MigrateError) and exc.errno == errno.ESRCH:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from bpfs import procstatus
-from bpfs.migrate import ghost_argv
+from bpfs.migrate import ghost_argv, ghost_exec
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.tracee import (GHOST, Future, Signals, Tracee, as_error, send_kill,
+from bpfs.migrate.tracee import (GHOST, SEIZED, Future, Signals, Tracee, as_error, send_kill,
                                  send_signal)
 
 log = logging.getLogger("bpfs.migrate.ghost")
@@ -142,6 +142,29 @@ class Kin:
             t.pid, h.regs, h.gadget, h.signals, argv, t.argv_map))
         fut.set_result(None)
 
+    def exec_in(self, fut: Future, pid: int, path: bytes, argv: list[bytes],
+                envp: list[bytes], cwd: bytes) -> None:
+        """The ghost `pid` execs `path` (`ghost_exec`): resolved once the exec took, the
+        process then waits in its exec stop for `capture`, as a seized bpsh child does.
+        EINVAL/E2BIG for bad arguments (before the ghost is touched); ESRCH as for `fork`;
+        EBUSY for a ghost in a job-control stop or with one of ours on its way (the new
+        program would get it); execve's errno (the ghost asleep as before, its cwd too)."""
+        req = ghost_exec.check(path, argv, envp, cwd)
+        t = self._parked_ghost(pid, errno.ESRCH)
+        if t.stopped or t.stopping or t.stop_sent or t.cont_sent:
+            raise MigrateError(errno.EBUSY, f"ghost {pid} is in a job-control stop", pid)
+        res = self._halted(t, "exec", lambda h: ghost_exec.exec_in(
+            t.pid, h.regs, h.gadget, h.signals, req), stays=lambda res: res == 0)
+        if res < 0:
+            raise MigrateError(-res, f"exec of {path!r} in ghost {pid}: "
+                                     f"{os.strerror(-res)}", pid)
+        # a new program, stopped at its exec: what the ghost kept is gone with its memory
+        t.state, t.at_exec, t.gadget, t.argv_map = SEIZED, True, 0, None
+        self.park_rss.pop(pid, None)
+        with self._lock:
+            self._parked.discard(pid)
+        fut.set_result(None)
+
     # ---- one step on a halted ghost ----
 
     def _parked_ghost(self, pid: int, err: int) -> Tracee:
@@ -153,8 +176,10 @@ class Kin:
         return t
 
     def _halted(self, t: Tracee, what: str, step: Callable[[Halted], R],
-                h: Halted | None = None) -> R:
-        """Halt the parked ghost `t`, run `step` on it, put it back to sleep in pause().
+                h: Halted | None = None, stays: Callable[[R], bool] = lambda out: False
+                ) -> R:
+        """Halt the parked ghost `t`, run `step` on it, put it back to sleep in pause()
+        (unless `stays(out)`: it is left in the stop the step ended in, an exec's).
 
         The signals that came meanwhile are reported. If `t` ends meanwhile: ESRCH (its end
         is handled as any). If a step fails otherwise, `t` is put back to sleep, or killed if
@@ -168,7 +193,8 @@ class Kin:
                 t.gadget = gp.sleeping_gadget(t.pid, h.regs)
             h.gadget = t.gadget
             out = step(h)
-            self._resume(t, h)
+            if not stays(out):
+                self._resume(t, h)
             return out
         except gp.Gone as gone:
             self.gone(t, gone.status)

@@ -46,6 +46,7 @@ class Tracee:
     pid: int
     state: str = SEIZED
     held: bool = False       # its exec stop waits, unconsumed, for capture()
+    at_exec: bool = False    # stopped in its exec stop, consumed (`exec_in`), for capture()
     killed: bool = False     # SIGKILL sent: only its end matters now
     capture: Future | None = None
     timeout: float = 0.0

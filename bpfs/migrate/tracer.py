@@ -175,6 +175,10 @@ class Tracer:
     def rename(self, pid: int, argv: list[bytes]) -> Future[None]:
         return self._deferred(self._ghosts.rename, pid, list(argv))
 
+    def exec_in(self, pid: int, path: bytes, argv: list[bytes], envp: list[bytes],
+                cwd: bytes) -> Future[None]:
+        return self._deferred(self._ghosts.exec_in, pid, path, _copied(argv), _copied(envp), cwd)
+
     def ghosts(self) -> list[int]:
         return self._ghosts.ghosts()
 
@@ -395,3 +399,9 @@ class Tracer:
                 self._ghosts.gone(t, status)
         if self._bell is not None:
             self._bell.close()
+
+
+def _copied(words: Any) -> Any:
+    """A list of the caller's words (theirs may change meanwhile); anything else as it is,
+    for the tracer thread to refuse (EINVAL)."""
+    return list(words) if isinstance(words, (list, tuple)) else words
