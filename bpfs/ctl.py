@@ -77,6 +77,11 @@ class Services(Protocol):
     async def persist(self) -> None:
         """Write the state file if persistent data changed; returns once it is on disk."""
 
+    async def arm_from_node(self, node: int, caller: Caller, req: execreq.ExecMove,
+                            rank_errors: Sequence[BpfsError | None] = ()) -> int:
+        """An execmove written on a node (`caller.node`): arm its writer's next execve
+        there to run in its ghost here and migrate to `node` (bpfs/master/nodeexec.py)."""
+
     async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove,
                        rank_errors: Sequence[BpfsError | None] = ()) -> int:
         """Arm the migration of the writer's next execve to `node`; its pid.

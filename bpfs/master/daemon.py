@@ -83,6 +83,7 @@ class Master:
         self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout,
                                self.usage)
         self.procs.send_now = self.links.send_now
+        self.procs.host_of = self.links.host_of
         self.execs = ExecService(cluster, self.procs, cfg.mount)
 
     # ---- ctl.Services ------------------------------------------------------------
@@ -93,6 +94,10 @@ class Master:
     async def execmove(self, node: int, caller: Caller, req: execreq.ExecMove,
                        rank_errors: Sequence[BpfsError | None] = ()) -> int:
         return await self.procs.execmove(node, caller, req, rank_errors=rank_errors)
+
+    async def arm_from_node(self, node: int, caller: Caller, req: execreq.ExecMove,
+                            rank_errors: Sequence[BpfsError | None] = ()) -> int:
+        return await self.procs.arm_from_node(node, caller, req, rank_errors)
 
     async def signal_proc(self, pid: int, sig: int) -> None:
         await self.procs.signal_proc(pid, sig)

@@ -93,7 +93,7 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
     **{cls: _to_procs(cls) for cls in (messages.Need, messages.Restored, messages.Failed,
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
-                                       messages.Kill)},
+                                       messages.Kill, messages.Exec)},
 }
 
 
@@ -156,6 +156,16 @@ class NodeLinks:
         if conn.stream.pending:     # the rest goes with the next send, or now from a task
             trio.lowlevel.spawn_system_task(_flush, conn)
         return True
+
+    def host_of(self, node: int) -> str | None:
+        """The address node `node` connected from (where a bpsh running there listens)."""
+        conn = self.conns.get(node)
+        if conn is None:
+            return None
+        try:
+            return conn.stream.stream.socket.getpeername()[0]
+        except (OSError, AttributeError, IndexError):
+            return None
 
     async def send_node(self, node: int, msg: messages.Msg) -> None:
         conn = self.conns.get(node)

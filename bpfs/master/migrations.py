@@ -92,6 +92,7 @@ class Migration:
     rank: int | None = None             # a rank of a multi-node run
     ranks: list[BpfsError | None] | None = None   # the writer's, until it fans out:
                                         # why each rank may not run (None: it may)
+    host: str | None = None             # bpsh's address when it runs on a node
 
 
 
@@ -220,12 +221,13 @@ class Migrations:
                     continue
                 send, receive = trio.open_memory_channel[Reply](64)
                 r = Migration(next(self._ids), nodes[k], pid, m.caller, m.req, send, receive,
-                              cmd=m.cmd, rank=k, ghost_gone=pid not in alive)
+                              cmd=m.cmd, rank=k, ghost_gone=pid not in alive, host=m.host)
                 self._migrations[r.id] = r
                 self._by_pid[pid] = r
                 self._spawn(self._move_rank, r, image, data)
         what = f"the ranks of pid {m.pid}"          # bpsh listens, whatever the IO
-        left = tell_bpsh.send_now(m.req.port, execreq.render_ranks(m.req.token, m.pid, pids), what)
+        left = tell_bpsh.send_now(m.req.port, execreq.render_ranks(m.req.token, m.pid, pids),
+                                  what, m.host)
         if left is not None:
             self._spawn(tell_bpsh.finish, left, what)
         log.info("migration %d: pid %d fans out to %d ranks", m.id, m.pid, len(ranks))
@@ -266,7 +268,7 @@ class Migrations:
                     id=m.id, image=data, uid=c.uid, gid=c.gid, groups=tuple(sorted(c.groups)),
                     io=tuple(m.req.io), port=m.req.port, token=m.req.token,
                     pid=m.pid,              # so the node connects bpsh's links at once
-                    rank=m.rank, **_family(m.pid)))
+                    rank=m.rank, host=m.host, **_family(m.pid)))
                 await self._negotiate(m, image)
         except trio.TooSlowError:
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
@@ -292,7 +294,8 @@ class Migrations:
         with trio.CancelScope(shield=True):
             if "socket" in m.req.io and m.launch is None:
                 await tell_bpsh.send(m.req.port, execreq.render_error(
-                    m.req.token, m.pid, exc.errno, exc.message), f"that pid {m.pid} failed")
+                    m.req.token, m.pid, exc.errno, exc.message), f"that pid {m.pid} failed",
+                    m.host)
             if m.ghost_gone or self.tracer is None:
                 return
             try:

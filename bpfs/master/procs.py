@@ -27,6 +27,7 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.master.forks import NodeForks
+from bpfs.master.nodeexec import NodeExec
 from bpfs.master.migrations import (CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, Migrations,
                                     SendNode, wait_future)
 from bpfs.model import Cluster
@@ -56,7 +57,7 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
 
 
 
-class ProcService(NodeForks, Migrations):
+class ProcService(NodeExec, NodeForks, Migrations):
     """The ghosts of migrated processes, (Migrations) the migrations in flight, and
     (NodeForks) the processes forked on nodes."""
 
@@ -259,11 +260,13 @@ class ProcService(NodeForks, Migrations):
             # migration here would forget it, and a `restored` already on its way would
             # leave the real process running with no ghost.)
             m.ghost_gone = True
+            self.launch_gone(pid, status)
             return
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         self._ghost_gone(pid, sig, code)
         self.forked_gone(pid)
+        self.launch_gone(pid, status)
 
     def _ghost_gone(self, pid: int, sig: int | None, code: int | None = None) -> None:
         p = self.cluster.procs.get(pid)

@@ -32,23 +32,24 @@ class Pending(NamedTuple):
     connecting: bool
 
 
-async def send(port: int, data: bytes, what: str) -> None:
+async def send(port: int, data: bytes, what: str, host: str | None = None) -> None:
     """One link to bpsh: an error header, or the ranks."""
-    left = send_now(port, data, what)
+    left = send_now(port, data, what, host)
     if left is not None:
         await finish(left, what)
 
 
-def send_now(port: int, data: bytes, what: str) -> Pending | None:
+def send_now(port: int, data: bytes, what: str, host: str | None = None) -> Pending | None:
     """Open the link and write what goes without waiting: on loopback a non-blocking
     connect is over when connect() returns, and a ranks link fits in the socket buffer, so
     usually all of it, at once, in the caller's turn of the event loop (an async connect
     waits for a loop that may be serving many busy nodes, for a link bpsh needs before it
     can reap any rank). None: done (or failed, and logged); else what `finish` completes."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK |
-                         socket.SOCK_CLOEXEC)
+    host = host or "127.0.0.1"          # bpsh on a node: that node's address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
-        err = sock.connect_ex(("127.0.0.1", port))
+        err = sock.connect_ex((host, port))
         if err == errno.EINPROGRESS:
             poller = select.poll()
             poller.register(sock, select.POLLOUT)

@@ -22,6 +22,7 @@ holds, restored for that `id`. The steps and the reasons: docs/migration.md.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import signal as signals
@@ -55,6 +56,11 @@ def check_restore(req: messages.Restore) -> None:
     if "socket" in req.io and not (0 < req.port < 65536
                                    and execreq.is_token(req.token)):
         raise einval("restore: socket IO needs a port and a 32-hex-digit token")
+    if req.host is not None:
+        try:
+            ipaddress.ip_address(req.host)
+        except ValueError:
+            raise einval(f"restore: host {req.host[:64]!r} is not an address") from None
 
 
 @dataclass
@@ -198,9 +204,20 @@ async def on_signal(session: Session, msg: messages.Signal) -> None:
     session.node.procs.signal(session, msg.pid, msg.sig, msg.id, msg.group is True)
 
 
-async def on_answer(session: Session, msg: messages.Forked | messages.Killed) -> None:
+async def on_answer(session: Session, msg: messages.Forked | messages.Killed
+                    | messages.Execd) -> None:
     if session.node.supervisor is not None:
         session.node.supervisor.answered(msg)
+
+
+async def on_armed(session: Session, msg: messages.Armed) -> None:
+    if session.node.supervisor is not None:
+        session.node.supervisor.arm(msg.pid)
+
+
+async def on_ended(session: Session, msg: messages.Ended) -> None:
+    if session.node.supervisor is not None:
+        session.node.supervisor.ended(msg.pid, msg.status)
 
 
 class Attempt:
@@ -226,7 +243,7 @@ class Attempt:
         try:
             if req.pid is None:
                 return False
-            self.links = stdio.Links(self.session.node.cfg.host, req.port, req.token,
+            self.links = stdio.Links(req.host or self.session.node.cfg.host, req.port, req.token,
                                      req.pid, req.io)
             if not self.links.ready():
                 return False
@@ -259,7 +276,7 @@ class Attempt:
                 self.loaded = _load(node, req)
                 self.steps.mark("load")
             pid = req.pid if self.loaded is None else self.loaded[0].pid
-            self.links = stdio.Links(self.session.node.cfg.host, req.port, req.token, pid,
+            self.links = stdio.Links(req.host or self.session.node.cfg.host, req.port, req.token, pid,
                                      req.io)
         if self.links.socks:
             if not self.links.ready():

@@ -65,6 +65,8 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
     messages.Signal: procs.on_signal, messages.Sample: usage.on_sample,
     messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
+    messages.Execd: procs.on_answer, messages.Armed: procs.on_armed,
+    messages.Ended: procs.on_ended,
 }
 
 

@@ -38,7 +38,6 @@ import itertools
 import logging
 import os
 import select
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,13 +46,15 @@ import trio
 
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
+from bpfs.node import procread
 from bpfs.node.session import Session
+from bpfs.standin import WAIT_ARG
 from bpfs.wire import messages
 
 log = logging.getLogger("bpslave")
 
-NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 PID_MAX_LIMIT = 1 << 22
+MAX_ARMED = 4096             # launches from this node waiting for their exec or end
 SWEEP = 5.0                  # forget calls whose caller died while the master answered
 TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
 EXEC_CHECKS = (0.005, 0.02, 0.1)   # after an execve: when to look at the cmdline (a
@@ -109,6 +110,12 @@ class Supervisor:
         # no task waits, the answer's handler finishes them (one trip through trio fewer).
         self._forks: dict[int, tuple[Job, seccomp.Notif, int]] = {}
         self._kills: dict[int, tuple[Job, seccomp.Notif]] = {}
+        self._execs: dict[int, tuple[Job, seccomp.Notif, int]] = {}
+        # Launches from this node (bpfs/standin.py): who may exec elsewhere (the master
+        # said `armed`), and the stand-ins: the wait status once known, their waiting call.
+        self.armed: set[int] = set()
+        self._ends: dict[int, int] = {}
+        self._waiting: dict[int, tuple[Job, seccomp.Notif]] = {}
         self._nursery: trio.Nursery | None = None
         self._pending: int | None = None        # a directed fork's PID, not yet settled
         self._parked = park_at
@@ -119,8 +126,8 @@ class Supervisor:
     def park(self) -> None:
         """Point the namespace's counter above every cluster PID (see the docstring)."""
         self.settle()
-        self._parked = max(self.park_at, _read_last())
-        _write_last(self._parked)
+        self._parked = max(self.park_at, procread.read_last())
+        procread.write_last(self._parked)
 
     # ---- jobs ----
 
@@ -138,7 +145,7 @@ class Supervisor:
         caller waits: the master answers every question on a live connection, and when the
         connection goes the node kills every process it holds (bproc), waiting ones too,
         so a fork never fails for a master that was only slow."""
-        for table in (self._forks, self._kills):
+        for table in (self._forks, self._kills, self._execs):
             for seq, (job, n, *_rest) in list(table.items()):
                 if not seccomp.still_waiting(job.listener, n.id):
                     del table[seq]
@@ -165,9 +172,30 @@ class Supervisor:
                     job.session.report(messages.Unforked(pid=msg.pid, id=msg.id))
                     break
             return
+        if isinstance(msg, messages.Execd):
+            ex = self._execs.pop(msg.seq, None)
+            if ex is not None:
+                if not msg.errno:
+                    self.armed.discard(ex[2])
+                seccomp.answer(ex[0].listener, ex[1].id, err=msg.errno or 0)
+            return
         kill = self._kills.pop(msg.seq, None)
         if kill is not None:
             seccomp.answer(kill[0].listener, kill[1].id, err=msg.errno or 0)
+
+    def arm(self, pid: int) -> None:
+        """The master took an execmove of `pid` (`armed`): its next execve goes there."""
+        if len(self.armed) < MAX_ARMED:
+            self.armed.add(pid)
+
+    def ended(self, pid: int, status: int) -> None:
+        """The program `pid` stands in for has ended (`ended`): answer its wait."""
+        waiting = self._waiting.pop(pid, None)
+        if waiting is not None and seccomp.answer(waiting[0].listener, waiting[1].id,
+                                                  val=status):
+            return
+        if len(self._ends) < MAX_ARMED:
+            self._ends[pid] = status
 
     async def _serve(self, job: Job) -> None:
         fd = job.listener
@@ -213,7 +241,7 @@ class Supervisor:
     # ---- fork ----
 
     def _on_clone(self, job: Job, n: seccomp.Notif) -> None:
-        flags = n.args[0] if n.nr == NR["clone"] else _clone3_flags(n)
+        flags = n.args[0] if n.nr == NR["clone"] else procread.clone3_flags(n)
         if flags is None or flags & seccomp.CLONE_THREAD:
             self.settle()
             self._go(job, n)        # a thread: numbered above park_at by the kernel
@@ -221,7 +249,7 @@ class Supervisor:
             self._on_fork(job, n)
 
     def _on_fork(self, job: Job, n: seccomp.Notif) -> None:
-        parent = _tgid(n.pid)
+        parent = procread.tgid(n.pid)
         if parent is None:          # the caller is gone
             return
         self.stats.forks += 1
@@ -237,8 +265,8 @@ class Supervisor:
             seccomp.answer(job.listener, n.id, err=reply.errno or errno.EAGAIN)
             return
         pid, mid = reply.pid, reply.id
-        if _exists(pid) or not seccomp.still_waiting(job.listener, n.id):
-            if _exists(pid):
+        if procread.exists(pid) or not seccomp.still_waiting(job.listener, n.id):
+            if procread.exists(pid):
                 log.warning("the master's PID %d is taken on this node: fork refused", pid)
             seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
             job.session.report(messages.Unforked(pid=pid, id=mid))
@@ -255,9 +283,9 @@ class Supervisor:
         """Let the fork run with the counter just below `pid`; False if its caller is gone.
         The counter is parked again once the kernel has taken the number (`settle`)."""
         self.settle()
-        _write_last(pid - 1)
+        procread.write_last(pid - 1)
         if not seccomp.answer(job.listener, n.id, cont=True):
-            _write_last(self._parked)
+            procread.write_last(self._parked)
             return False
         self._pending = pid
         return True
@@ -274,16 +302,16 @@ class Supervisor:
         if pid is None:
             return
         deadline = time.perf_counter() + TAKE_TIMEOUT
-        while _read_last() == pid - 1 and time.perf_counter() < deadline:
+        while procread.read_last() == pid - 1 and time.perf_counter() < deadline:
             os.sched_yield()
-        _write_last(self._parked)
+        procread.write_last(self._parked)
 
     async def _watch(self, child: Child, parent: int) -> None:
         """The child's number taken and checked, then its end and its reaping: tell the
         master (its ghost goes if the fork did not happen as asked)."""
         pid = child.pid
         for _ in range(50):
-            if self._pending != pid or _read_last() != pid - 1:
+            if self._pending != pid or procread.read_last() != pid - 1:
                 break
             await trio.sleep(0)
         if self._pending == pid:
@@ -292,12 +320,12 @@ class Supervisor:
             child.pidfd = seccomp.pidfd_open(pid)
         except OSError:
             child.pidfd = -1
-        if child.pidfd < 0 or _ppid(pid) != parent:
+        if child.pidfd < 0 or procread.ppid(pid) != parent:
             self.children.pop(pid, None)
             self.on_end(pid)
             if child.pidfd >= 0:
                 os.close(child.pidfd)
-            elif _read_last() >= pid:       # it was made, and has already been reaped
+            elif procread.read_last() >= pid:       # it was made, and has already been reaped
                 log.debug("pid %d ended before it was watched: status unknown", pid)
                 child.job.session.report(messages.Exited(pid=pid, code=0, id=child.id))
                 return
@@ -323,8 +351,10 @@ class Supervisor:
     # ---- exec ----
 
     def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
-        pid = _tgid(n.pid)
-        before = _cmdline(pid) if pid is not None else b""
+        pid = procread.tgid(n.pid)
+        if pid is not None and pid in self.armed:
+            return self._exec_elsewhere(job, n, pid)
+        before = procread.cmdline(pid) if pid is not None else b""
         self._go(job, n)
         if pid is not None and (pid in self.children or pid in self.jobs):
             self._start(self._execed, job, pid, before)
@@ -332,8 +362,8 @@ class Supervisor:
     async def _execed(self, job: Job, pid: int, before: bytes) -> None:
         for delay in EXEC_CHECKS:
             await trio.sleep(delay)
-            now = _cmdline(pid)
-            if not now or _state(pid) in (None, "Z"):
+            now = procread.cmdline(pid)
+            if not now or procread.state(pid) in (None, "Z"):
                 return              # gone, or ended: its ghost ends too, unrenamed
             if now != before:
                 child = self.children.get(pid)
@@ -348,19 +378,49 @@ class Supervisor:
     # ---- parentage ----
 
     def _on_getppid(self, job: Job, n: seccomp.Notif) -> None:
-        tgid = _tgid(n.pid)
+        tgid = procread.tgid(n.pid)
         lead = self.jobs.get(tgid) if tgid is not None else None
-        if lead is not None and lead.ppid is not None and _ppid(tgid) == lead.keeper:
+        if lead is not None and lead.ppid is not None and procread.ppid(tgid) == lead.keeper:
             seccomp.answer(job.listener, n.id, val=lead.ppid)
         else:
             self._go(job, n)
 
+    def _exec_elsewhere(self, job: Job, n: seccomp.Notif, pid: int) -> None:
+        """An armed process's execve: the master runs it in its ghost and migrates it; the
+        answer (0, or the execve's errno) waits for the master's `execd`."""
+        try:
+            words = procread.exec_args(n)
+            cwd = os.readlink(f"/proc/{pid}/cwd").encode()
+        except OSError as exc:
+            seccomp.answer(job.listener, n.id, err=exc.errno or errno.EFAULT)
+            return
+        if words is None:
+            seccomp.answer(job.listener, n.id, err=errno.E2BIG)
+            return
+        path, argv, envp = words
+        seq = next(self._seq)
+        self._execs[seq] = (job, n, pid)
+        job.session.report(messages.Exec(seq=seq, pid=pid, path=path, argv=argv, envp=envp,
+                                         cwd=cwd))
+
+    def _stand_in_waits(self, job: Job, n: seccomp.Notif, pid: int) -> None:
+        """A stand-in asks how its program ended (bpfs/standin.py): now, or once known."""
+        status = self._ends.pop(pid, None)
+        if status is not None:
+            seccomp.answer(job.listener, n.id, val=status)
+        else:
+            self._waiting[pid] = (job, n)
+
     def _on_getpgid(self, job: Job, n: seccomp.Notif) -> None:
-        target = _pid_arg(n.args[0]) if n.nr == NR["getpgid"] else 0
+        if n.nr == NR["getpgid"] and procread.pid_arg(n.args[0]) == WAIT_ARG:
+            pid = procread.tgid(n.pid)
+            if pid is not None:
+                return self._stand_in_waits(job, n, pid)
+        target = procread.pid_arg(n.args[0]) if n.nr == NR["getpgid"] else 0
         self._translate(job, n, os.getpgid, target, self._group_of)
 
     def _on_getsid(self, job: Job, n: seccomp.Notif) -> None:
-        self._translate(job, n, os.getsid, _pid_arg(n.args[0]), self._session_of)
+        self._translate(job, n, os.getsid, procread.pid_arg(n.args[0]), self._session_of)
 
     def _translate(self, job: Job, n: seccomp.Notif, get: Callable[[int], int], target: int,
                    master: Callable[[int], int | None]) -> None:
@@ -391,29 +451,29 @@ class Supervisor:
     def _on_setpgid(self, job: Job, n: seccomp.Notif) -> None:
         """setpgid to the master's number of a job's group (what getpgid told): the job's
         group here, which the process may only already be in."""
-        pgid = _pid_arg(n.args[1])
+        pgid = procread.pid_arg(n.args[1])
         other = next((j for j in self.jobs.values()
                       if pgid > 0 and j.pgid == pgid and j.leader != pgid), None)
         if other is None:
             self._go(job, n)
             return
         try:
-            here = os.getpgid(_pid_arg(n.args[0]) or n.pid)
+            now_in = os.getpgid(procread.pid_arg(n.args[0]) or n.pid)
         except OSError:
             seccomp.answer(job.listener, n.id, err=errno.ESRCH)
             return
-        seccomp.answer(job.listener, n.id, err=0 if here == other.leader else errno.EPERM)
+        seccomp.answer(job.listener, n.id, err=0 if now_in == other.leader else errno.EPERM)
 
     # ---- signals ----
 
     def _on_kill(self, job: Job, n: seccomp.Notif) -> None:
-        pid, sig = _pid_arg(n.args[0]), int(n.args[1]) & 0xFFFFFFFF
+        pid, sig = procread.pid_arg(n.args[0]), int(n.args[1]) & 0xFFFFFFFF
         if n.nr in (NR["tgkill"], NR["rt_tgsigqueueinfo"]):
-            pid, sig = _pid_arg(n.args[1]), int(n.args[2]) & 0xFFFFFFFF
-        if pid in (0, -1) or _here(pid) or (pid < -1 and _group_here(-pid)):
+            pid, sig = procread.pid_arg(n.args[1]), int(n.args[2]) & 0xFFFFFFFF
+        if pid in (0, -1) or procread.here(pid) or (pid < -1 and procread.group_here(-pid)):
             self._go(job, n)        # on this node: the kernel checks and delivers
             return
-        creds = _uids(n.pid)
+        creds = procread.uids(n.pid)
         if creds is None:
             return                  # the caller is gone
         self.stats.kills_forwarded += 1
@@ -441,113 +501,3 @@ HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
     **{NR[k]: Supervisor._on_kill for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                              "rt_tgsigqueueinfo")},
 }
-
-
-# ---- small readers of /proc (our own PID namespace's) ----
-
-def _read_last() -> int:
-    with open(NS_LAST_PID, "rb") as f:
-        return int(f.read())
-
-
-def _write_last(value: int) -> None:
-    fd = os.open(NS_LAST_PID, os.O_WRONLY)
-    try:
-        os.write(fd, b"%d" % value)
-    finally:
-        os.close(fd)
-
-
-def _pid_arg(raw: int) -> int:
-    """A pid_t argument (the low 32 bits, signed)."""
-    v = int(raw) & 0xFFFFFFFF
-    return v - (1 << 32) if v & 0x80000000 else v
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2:].split()
-
-
-def _state(pid: int) -> str | None:
-    fields = _stat_fields(pid)
-    return fields[0].decode() if fields else None
-
-
-def _ppid(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if fields else None
-
-
-def _tgid(tid: int) -> int | None:
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _uids(tid: int) -> tuple[int, int] | None:
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    real, eff = line.split()[1:3]
-                    return int(real), int(eff)
-    except OSError:
-        return None
-    return None
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read(65536)
-    except OSError:
-        return b""
-
-
-def _exists(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
-
-
-def _here(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_here(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clone3_flags(n: seccomp.Notif) -> int | None:
-    """clone3's flags, from the caller's struct clone_args (None if unreadable)."""
-    try:
-        fd = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        data = os.pread(fd, 8, n.args[0])
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return struct.unpack("<Q", data)[0] if len(data) == 8 else None

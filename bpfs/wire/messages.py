@@ -27,7 +27,8 @@ grammar (names in capitals are the bounded types defined below):
     master -> node    restore    id: ID, image: BLOB, uid: ID32, gid: ID32,
                                  groups: [ID32] (at most NGROUPS), io: [IO, IO, IO],
                                  port: PORT, token: WORD, [pid: PID], [rank: RANK],
-                                 [ppid: PID], [pgid: PID], [sid: PID]   (the ghost's)
+                                 [ppid: PID], [pgid: PID], [sid: PID]   (the ghost's),
+                                 [host: WORD]       (bpsh's address, if not the master's)
     node   -> master  need       id: ID, hashes: [HASH] (at most MAX_ITEMS)
     master -> node    files      id: ID, contents: {HASH: BLOB} (at most MAX_ITEMS)
     node   -> master  restored   id: ID, pid: PID
@@ -43,6 +44,11 @@ grammar (names in capitals are the bounded types defined below):
                       execed     pid: PID, id: ID, cmdline: bytes (at most 64 KiB)
                       kill       seq: ID, pid: -PID..PID, sig: 0..64, ruid: ID32, euid: ID32
     master -> node    killed     seq: ID, [errno: ERRNO]
+                      armed      pid: PID            (its execmove from the node was taken)
+    node   -> master  exec       seq: ID, pid: PID, path: bytes, argv: [bytes], envp: [bytes],
+                                 cwd: bytes          (words at most 128 KiB, 65536 of them)
+    master -> node    execd      seq: ID, [errno: ERRNO]
+                      ended      pid: PID, status: 0..65535   (its stand-in ends so)
   usage (bpfs/node/usage.py, bpfs/master/usage.py):
     master -> node    sample                         report `usage` now
     node   -> master  usage      hz: 1..10^6, at: SECONDS, procs: [PROCUSAGE] (at most
@@ -281,6 +287,7 @@ class Restore(Msg, tag="restore"):
     token: WORD
     pid: Optional[PID] = None
     rank: Optional[RANK] = None
+    host: Optional[WORD] = None         # where bpsh listens, if not on the master's host
     ppid: Optional[PID] = None          # the ghost's parent, group and session on the master:
     pgid: Optional[PID] = None          # what getppid, getpgid and getsid answer on the node
     sid: Optional[PID] = None
@@ -386,6 +393,45 @@ class Kill(Msg, tag="kill"):
 
 class Killed(Msg, tag="killed"):
     """The answer to `kill`: None, or the errno kill(2) gives the caller."""
+    sender = "master"
+    seq: ID
+    errno: Optional[ERRNO] = None
+
+
+class Armed(Msg, tag="armed"):
+    """`pid` on this node wrote an execmove that the master took: its next execve is the
+    master's to run (in its ghost) and migrate (sent before the write's own answer)."""
+    sender = "master"
+    pid: PID
+
+
+ARG = _bytes(0, 131072)             # one word of argv or envp (MAX_ARG_STRLEN)
+ARGS = Annotated[list[ARG], Meta(max_length=65536)]
+
+
+class Exec(Msg, tag="exec"):
+    """An armed `pid` runs execve(path, argv, envp) in `cwd`: the master runs it in its
+    ghost and migrates it; the answer is `execd`."""
+    sender = "node"
+    seq: ID
+    pid: PID
+    path: _bytes(1, 4096)
+    argv: ARGS
+    envp: ARGS
+    cwd: _bytes(1, 4096)
+
+
+class Ended(Msg, tag="ended"):
+    """The program `pid` launched from this node ended elsewhere with wait `status`: its
+    stand-in here ends the same way (bpfs/standin.py)."""
+    sender = "master"
+    pid: PID
+    status: _int(0, 0xFFFF)
+
+
+class Execd(Msg, tag="execd"):
+    """The answer to `exec`: None (the program runs, migrated: the caller waits for it as
+    a stand-in), or the errno its execve fails with."""
     sender = "master"
     seq: ID
     errno: Optional[ERRNO] = None
