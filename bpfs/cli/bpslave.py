@@ -16,6 +16,7 @@ from typing import Sequence
 
 import click
 
+from bpfs.cli import nodebproc
 from bpfs.cli.clickmain import click_main
 from bpfs.errors import BpfsError
 from bpfs.node.config import DEFAULT_KEY_FILE, NodeConfig, parse_master
@@ -70,7 +71,8 @@ def cli(master: str, node: int | None, key_file: str, reconnect: bool, no_namesp
         host, port = parse_master(master)
     except BpfsError as exc:
         raise click.BadParameter(str(exc), param_hint="--master") from None
-    cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect)
+    cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect,
+                     serve_fs=nodebproc.serve)
     spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount))
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     label = hostname or (f"node{node}" if node is not None else "")

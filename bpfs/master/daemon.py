@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class Master:
         self._saved_revision = -1
         self.procs = ProcService(cluster, self.send_node)
         assert cfg.heartbeat is not None            # MasterConfig.__post_init__
-        self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout)
+        self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout,
+                               os.path.abspath(cfg.mount))
         self.execs = ExecService(cluster, self.procs, cfg.mount)
 
     # ---- ctl.Services ------------------------------------------------------------
@@ -144,6 +146,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
                         f"cannot listen on {cfg.listen}:{cfg.port}: {exc.strerror or exc}") from None
     port = listeners[0].socket.getsockname()[1]
     ops = BpfsOperations(master)
+    master.links.fs_ops = ops           # nodes' processes ask through their daemons too
     try:
         fsmount.mount(ops, cfg.mount)
     except BaseException:

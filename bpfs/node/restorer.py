@@ -88,6 +88,8 @@ class NodeRestorer:
     def __init__(self, cache_dir: str | None, jobs_fd: int | None = None) -> None:
         self.cache_dir = cache_dir
         self.jobs_fd = jobs_fd                # each restore a job whose keeper reports here
+        self.bproc: str | None = None         # /bproc on the node, which this thread serves:
+                                              # a restore must not wait on it (no cwd there)
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []

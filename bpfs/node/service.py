@@ -7,6 +7,11 @@ One `Node` lives as long as the process; it makes one `Session` per connection
 message from the master through `FROM_MASTER`, a table of `message class -> async
 handler(session, msg)`. A session reports `state up` once registered.
 
+/bproc on the node (bpfs/node/fsclient.py, with bpfs/fs/remote.py given as
+`cfg.serve_fs` by the command line) is mounted at the master's mount point after the
+first `welcome`, before the node reports `up`, and stays until the daemon stops;
+`fs_reply` goes to it.
+
 Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
 ptrace-based Restorer (used from the event loop's thread) is bpfs/node/restorer.py,
 the reaper bpfs/node/init.py. The Restorer is made when the daemon
@@ -35,6 +40,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
 from bpfs.node import procs
+from bpfs.node.fsclient import FsClient
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
@@ -57,12 +63,16 @@ async def _on_ctl(session: Session, msg: messages.Ctl) -> Outcome | None:
     return outcome
 
 
+async def _on_fs_reply(session: Session, msg: messages.FsReply) -> None:
+    session.node.fs_client.on_reply(msg)
+
+
 # What the master may send a registered node, by message class (bpfs.wire.messages.
 # FROM_MASTER decodes them); add a row for a new one. Any other is a protocol error that
 # ends the session.
 FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
-    messages.Signal: procs.on_signal,
+    messages.Signal: procs.on_signal, messages.FsReply: _on_fs_reply,
 }
 
 
@@ -89,6 +99,8 @@ class Node:
         self.procs = procs.ProcessTable(self.reaper)
         self.restorer = NodeRestorer(None, self.procs.jobs_w)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
+        self.fs_client = FsClient(cfg.serve_fs)
+        self.nursery: trio.Nursery | None = None    # the daemon's: /bproc is served there
 
     def start(self) -> None:
         """Mount the file cache and make the Restorer (in the event loop's thread)."""
@@ -135,6 +147,10 @@ class Node:
             session = Session(self, fs, FROM_MASTER)
             self.number = await session.register()
             self.backoff.reset()
+            if self.nursery is not None:
+                await self.fs_client.mount(session.mount, self.nursery)
+                self.restorer.bproc = self.fs_client.mounted
+            self.fs_client.attach(session)
             await session.send(messages.State(state="up"))
             log.info("registered as node %d with %s (heartbeat %.1f s)",
                      self.number, self.cfg.address, session.heartbeat)
@@ -146,6 +162,8 @@ class Node:
             return Outcome.LOST, EXIT_REFUSED
         except CONNECTION_ERRORS as exc:
             log.warning("connection to the master lost: %s", why(exc))
+        finally:
+            self.fs_client.detach()
         return Outcome.LOST, EXIT_LOST
 
     def drop_held_processes(self) -> None:
@@ -164,6 +182,7 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     node = Node(cfg, key)
     node.start()
     async with trio.open_nursery() as nursery:
+        node.nursery = nursery
         nursery.start_soon(node.reaper.run)
         nursery.start_soon(node.procs.watch_jobs)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)

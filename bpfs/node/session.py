@@ -42,6 +42,7 @@ class NodeSide(Protocol):
     number: int | None
     cfg: NodeConfig
     procs: Any                  # bpfs.node.procs.ProcessTable, which stands above this module
+    fs_client: Any              # bpfs.node.fsclient.FsClient: /bproc on the node
     restorer: NodeRestorer
 
 
@@ -60,6 +61,7 @@ class Session:
         self.table = table
         self.nursery: trio.Nursery | None = None     # set while `run` runs
         self.heartbeat = 1.0
+        self.mount: str | None = None                # where the master's /bproc is
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
@@ -111,6 +113,7 @@ class Session:
         await self.send(messages.Register(node=self.node.number, facts=_facts()))
         welcome = await self.fs.expect(messages.Welcome)
         self.heartbeat = welcome.heartbeat
+        self.mount = welcome.mount
         return welcome.node
 
     async def heartbeats(self) -> Outcome:

@@ -17,7 +17,8 @@ grammar (names in capitals are the bounded types defined below):
                                                                   a registration's refusal)
   registration and life (bpfs/master, bpfs/node/service.py):
     node   -> master  register   node: NODE | nil, facts: FACTS
-    master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6)
+    master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6),
+                                 [mount: PATH]       (BPROC_MOUNT: where the node mounts it)
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
@@ -33,6 +34,23 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  stopped    pid: PID, [sig: SIGNAL]     the process stopped (a group stop)
                       continued  pid: PID                    ... and was continued (SIGCONT)
     node   -> master  exited     pid: PID, [code: 0..255], [signal: SIGNAL], [id: ID]
+  the cluster seen from a node (bpfs/fs/remote.py asks, bpfs/fs/forwarded.py answers):
+    node   -> master  fs_lookup  id: ID, parent: INODE, name: NAME
+                      fs_getattr  id, ino
+                      fs_setattr  id, ino, cred: CRED, [mode], [uid: ID32], [gid: ID32], [size]
+                      fs_access  id, ino, mode: 0..7, cred
+                      fs_opendir  id, ino, cred
+                      fs_readdir  id, fh: ID, start: ID
+                      fs_open    id, ino, flags: u32, cred
+                      fs_release  id, fh
+                      fs_read    id, fh, off: ID, size: 0..FS_DATA
+                      fs_write   id, fh, off: ID, data: at most FS_DATA bytes
+                      fs_cancel  id                         (its caller was interrupted)
+    master -> node    fs_reply   id, [errno], [attr: ATTR], [fh], [data], [entries: [ENTRY]
+                                 at most FS_ENTRIES], [ok: BOOL], [nonseekable: BOOL]
+    CRED := {uid, gid: ID32, groups: [ID32] (at most NGROUPS), [pid: PID]}; ATTR := {ino,
+            mode, nlink, uid, gid, size, time_ns, entry_timeout, attr_timeout}; ENTRY :=
+            {name: NAME, attr: ATTR, next: ID}
 
     FACTS := bpfs.formats.Facts's fields, each bounded by FACT_TYPES: {hostname: WORD,
              cpus: 0..2^20, arch: WORD, kernel: WORD, load: [LOAD, LOAD, LOAD],
@@ -47,6 +65,12 @@ grammar (names in capitals are the bounded types defined below):
   pid is stale and ignored); absent, the pid alone decides (older peers). `group`
   true: a terminal's signal (Ctrl-C, Ctrl-\\, Ctrl-Z) or SIGCONT, for the job's whole
   process group on the node, as a terminal signals a local job.
+  An `fs_*` request is one operation of the FUSE mount a node daemon serves at the
+  master's mount point (`welcome`'s `mount`) for the node's processes; `id` is the
+  node's number for it, which the one `fs_reply` repeats (with `errno` for a refusal).
+  CRED is the caller as the node's kernel told its daemon (`pid` is the node's number
+  for it, for logs only): the master acts with exactly those ids, never more. An `fh`
+  is the master's handle number, good only on the connection that opened it.
   `hello` keeps its shape in every protocol version, so a node of another version
   gets the master's `refused` rather than a protocol error.
 
@@ -128,6 +152,13 @@ SIGNAL = _int(1, 64)                # 1 .. NSIG-1
 LOAD = _num(0, 1e9)
 BYTES = Annotated[int, Meta(ge=0)]    # 0..2^64-1: msgpack has no larger int
 EXIT_CODE = _int(0, 255)
+PATH = _str(4096)                   # PATH_MAX
+INODE = Annotated[int, Meta(ge=1)]  # 1..2^64-1: bpfs.fs.inodes packs 64 bits
+NAME = _bytes(1, 255)               # NAME_MAX
+FS_DATA = 1 << 20                   # bytes in one read or write (FUSE asks for 128 KiB)
+FS_ENTRIES = 1024                   # directory entries in one fs_reply
+U32 = _int(0, 2**32 - 1)
+TIMEOUT = _num(0, 3600)
 
 
 # ---- facts: bpfs.formats.Facts's fields, bounded -------------------------------------------
@@ -221,6 +252,7 @@ class Welcome(Msg, tag="welcome"):
     sender = "master"
     node: NODE
     heartbeat: Annotated[float, Meta(ge=1e-9, le=1e6)]
+    mount: Optional[PATH] = None
 
 
 class State(Msg, tag="state"):
@@ -302,6 +334,130 @@ class Exited(Msg, tag="exited"):
     code: Optional[EXIT_CODE] = None
     signal: Optional[SIGNAL] = None
     id: Optional[ID] = None
+
+
+# ---- the cluster seen from a node: /bproc's operations, forwarded -----------------------
+
+class Cred(Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
+    uid: ID32
+    gid: ID32
+    groups: Annotated[tuple[ID32, ...], Meta(max_length=NGROUPS)]
+    pid: Optional[PID] = None
+
+
+class FsAttr(Struct, frozen=True, forbid_unknown_fields=False):
+    ino: INODE
+    mode: U32
+    nlink: U32
+    uid: ID32
+    gid: ID32
+    size: BYTES
+    time_ns: ID
+    entry_timeout: TIMEOUT
+    attr_timeout: TIMEOUT
+
+
+class FsEntry(Struct, frozen=True, forbid_unknown_fields=False):
+    name: NAME
+    attr: FsAttr
+    next: ID
+
+
+class FsLookup(Msg, tag="fs_lookup"):
+    sender = "node"
+    id: ID
+    parent: INODE
+    name: NAME
+
+
+class FsGetattr(Msg, tag="fs_getattr"):
+    sender = "node"
+    id: ID
+    ino: INODE
+
+
+class FsSetattr(Msg, tag="fs_setattr", kw_only=True):
+    sender = "node"
+    id: ID
+    ino: INODE
+    cred: Cred
+    mode: Optional[_int(0, 0o7777)] = None
+    uid: Optional[ID32] = None
+    gid: Optional[ID32] = None
+    size: Optional[BYTES] = None
+
+
+class FsAccess(Msg, tag="fs_access"):
+    sender = "node"
+    id: ID
+    ino: INODE
+    mode: _int(0, 7)
+    cred: Cred
+
+
+class FsOpendir(Msg, tag="fs_opendir"):
+    sender = "node"
+    id: ID
+    ino: INODE
+    cred: Cred
+
+
+class FsReaddir(Msg, tag="fs_readdir"):
+    sender = "node"
+    id: ID
+    fh: ID
+    start: ID
+
+
+class FsOpen(Msg, tag="fs_open"):
+    sender = "node"
+    id: ID
+    ino: INODE
+    flags: U32
+    cred: Cred
+
+
+class FsRead(Msg, tag="fs_read"):
+    sender = "node"
+    id: ID
+    fh: ID
+    off: ID
+    size: _int(0, FS_DATA)
+
+
+class FsWrite(Msg, tag="fs_write"):
+    sender = "node"
+    id: ID
+    fh: ID
+    off: ID
+    data: _bytes(0, FS_DATA)
+
+
+class FsRelease(Msg, tag="fs_release"):
+    sender = "node"
+    id: ID
+    fh: ID
+
+
+class FsCancel(Msg, tag="fs_cancel"):
+    sender = "node"
+    id: ID
+
+
+class FsReply(Msg, tag="fs_reply", kw_only=True):
+    sender = "master"
+    id: ID
+    errno: Optional[ERRNO] = None
+    attr: Optional[FsAttr] = None
+    fh: Optional[ID] = None
+    data: Optional[_bytes(0, FS_DATA)] = None
+    entries: Optional[Annotated[tuple[FsEntry, ...], Meta(max_length=FS_ENTRIES)]] = None
+    ok: Optional[bool] = None
+    nonseekable: Optional[bool] = None
+
+
+FS_REQUESTS: tuple[type[Msg], ...] = (FsLookup, FsGetattr, FsSetattr, FsAccess, FsOpendir,
+                                      FsReaddir, FsOpen, FsRead, FsWrite, FsRelease)
 
 
 MESSAGES: dict[str, type[Msg]] = {
