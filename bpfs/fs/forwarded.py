@@ -22,6 +22,10 @@ What this module holds each connection to (`check`, the one place):
     at a time (EINVAL while it runs);
   - a name is a name: no "/" and no NUL (EINVAL).
 
+An `fs_open` of a rendered file (status, info...) carries its content, rendered at
+open as for any handle: the node answers the reads of that rendering itself
+(bpfs/fs/remote.py), so `cat` costs one round trip, not three.
+
 A request runs in a task of the connection's nursery (a blocked read must not hold up
 the node's other messages); `fs_cancel` cancels it (its caller was interrupted: the node
 answered EINTR, and no reply follows). When the connection ends, its running requests
@@ -181,7 +185,9 @@ class NodeFs:
     async def _open(self, msg: m.FsOpen) -> m.FsReply:
         info = await self.ops.open(msg.ino, msg.flags, self.caller(msg.cred))
         self.handles.add(info.fh)
-        return m.FsReply(id=msg.id, fh=info.fh, nonseekable=bool(info.nonseekable))
+        data = self.ops.take_rendered(info.fh)
+        return m.FsReply(id=msg.id, fh=info.fh, nonseekable=bool(info.nonseekable),
+                         data=data if data is not None and len(data) <= m.FS_DATA else None)
 
     async def _read(self, msg: m.FsRead) -> m.FsReply:
         return m.FsReply(id=msg.id, data=await self.ops.read(msg.fh, msg.off, msg.size))

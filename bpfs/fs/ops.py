@@ -425,6 +425,16 @@ class BpfsOperations(pyfuse3.Operations):
             h.fresh = False
         return h.data[off:off + size]
 
+    def take_rendered(self, fh: int) -> bytes | None:
+        """A rendered file's content as its handle's first read from 0 would give it, that
+        read then done (the next from 0 renders again); None for a stream or ctl file. A
+        node gets it with its open, and answers that read itself (bpfs/fs/remote.py)."""
+        h = self._handle(fh)
+        if h.spec is None or h.spec.read is None:
+            return None
+        h.fresh = False
+        return h.data
+
     async def _read_events(self, h: Handle, size: int) -> bytes:
         """Block until an event after the handle's cursor exists; EINTR if the reader is signalled."""
         while not h.pending:

@@ -10,7 +10,9 @@ groups, read through a pin as the master does for its own callers (bpfs/fs/ops.p
 `caller_from_ctx`). The master answers with the handlers of its own mount
 (bpfs/fs/forwarded.py), so everything is decided there: this module only translates.
 
-Handles and inodes are the master's numbers, kept as they come. Attributes are never
+Handles and inodes are the master's numbers, kept as they come. A rendered file's
+content comes with its open (bpfs/fs/forwarded.py), and its reads are answered here
+until the master would render it again (a second read from offset 0). Attributes are never
 cached (the master's attr timeout, 0) and names as long as the master says (10 s for
 names that live as long as the master, 0 under procs/). A blocked read (`events`, a
 process's output) polls the opener's pending signals on the node, as the master does on
@@ -76,6 +78,7 @@ class RemoteOperations(pyfuse3.Operations):
         super().__init__()
         self.master = master
         self._openers: dict[int, int] = {}          # fh -> the opener's pid (interrupts)
+        self._rendered: dict[int, tuple[bytes, bool]] = {}   # fh -> (content, fresh)
 
     async def _ask(self, cls: type[m.Msg], interrupted: Callable[[], bool] | None = None,
                    **fields: Any) -> m.FsReply:
@@ -152,10 +155,23 @@ class RemoteOperations(pyfuse3.Operations):
                                 cred=_cred(ctx, groups=writing))
         fh = reply.fh or 0
         self._openers[fh] = ctx.pid
+        if reply.data is not None:
+            self._rendered[fh] = (reply.data, True)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False,
                                 nonseekable=bool(reply.nonseekable))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """What the master's handle would read (bpfs/fs/ops.py `read`): the content
+        rendered at open, from any offset, until a second read from 0, which the master
+        answers with a fresh rendering (and every read after it)."""
+        rendered = self._rendered.get(fh)
+        if rendered is not None:
+            data, fresh = rendered
+            if off == 0 and fresh:
+                self._rendered[fh] = (data, False)
+            if off or fresh:
+                return data[off:off + size]
+            del self._rendered[fh]
         pid = self._openers.get(fh, 0)
         reply = await self._ask(m.FsRead, lambda: procfs.interrupting_signal(pid), fh=fh,
                                 off=off, size=min(size, m.FS_DATA))
@@ -171,6 +187,7 @@ class RemoteOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._openers.pop(fh, None)
+        self._rendered.pop(fh, None)
         try:
             await self._ask(m.FsRelease, fh=fh)
         except pyfuse3.FUSEError:
