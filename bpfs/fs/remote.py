@@ -34,7 +34,8 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount, procfs
-from bpfs.fs.ops import caller_from_ctx
+from bpfs.fs.ops import TakePin, caller_from_ctx
+from bpfs.pin import Pin
 from bpfs.wire import messages as m
 
 
@@ -59,24 +60,30 @@ def entry(a: m.FsAttr) -> pyfuse3.EntryAttributes:
     return e
 
 
-def _cred(ctx: Any, groups: bool = False) -> m.Cred:
+def _cred(ctx: Any, groups: bool = False, take_pin: TakePin = Pin.take) -> m.Cred:
     """The request's caller; its groups (read through a pin: ESRCH if it is gone) only
     where a rule may need them."""
     try:
-        caller = caller_from_ctx(ctx, with_groups=groups)
+        caller = caller_from_ctx(ctx, with_groups=groups, take_pin=take_pin)
     except BpfsError as exc:
         raise pyfuse3.FUSEError(exc.errno) from None
     return m.Cred(uid=caller.uid, gid=caller.gid, groups=tuple(sorted(caller.groups)),
                   pid=ctx.pid if 0 < ctx.pid <= 1 << 22 else None)
 
 
+def _gave_up(pid: int) -> bool:
+    """The reader has a signal to take (EINTR), or is gone (killed: nobody waits)."""
+    return procfs.interrupting_signal(pid) or not os.path.exists(f"/proc/{pid}")
+
+
 class RemoteOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Master, take_pin: TakePin = Pin.take) -> None:
         super().__init__()
         self.master = master
+        self._take_pin = take_pin
         self._openers: dict[int, int] = {}          # fh -> the opener's pid (interrupts)
         self._rendered: dict[int, tuple[bytes, bool]] = {}   # fh -> (content, fresh)
 
@@ -108,7 +115,7 @@ class RemoteOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
         return await self._attr(
-            m.FsSetattr, ino=inode, cred=_cred(ctx, groups=True),
+            m.FsSetattr, ino=inode, cred=_cred(ctx, True, self._take_pin),
             mode=attr.st_mode & 0o7777 if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -152,7 +159,7 @@ class RemoteOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         reply = await self._ask(m.FsOpen, ino=inode, flags=flags & 0xFFFFFFFF,
-                                cred=_cred(ctx, groups=writing))
+                                cred=_cred(ctx, writing, self._take_pin))
         fh = reply.fh or 0
         self._openers[fh] = ctx.pid
         if reply.data is not None:
@@ -173,8 +180,8 @@ class RemoteOperations(pyfuse3.Operations):
                 return data[off:off + size]
             del self._rendered[fh]
         pid = self._openers.get(fh, 0)
-        reply = await self._ask(m.FsRead, lambda: procfs.interrupting_signal(pid), fh=fh,
-                                off=off, size=min(size, m.FS_DATA))
+        reply = await self._ask(m.FsRead, lambda: _gave_up(pid), fh=fh, off=off,
+                                size=min(size, m.FS_DATA))
         return reply.data or b""
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -216,6 +216,28 @@ def test_a_plain_user_on_a_node_signals_nobody_elses_process_root_does(c: Cluste
         _stop(p)
 
 
+READER = """
+import signal, sys
+def interrupted(*_):
+    raise InterruptedError
+signal.signal(signal.SIGUSR1, interrupted)
+try:
+    open(sys.argv[1]).read()
+except InterruptedError:
+    print("interrupted")
+"""
+
+
+def test_a_blocked_events_reader_on_a_node_is_interrupted(c: Cluster) -> None:
+    """A reader of `events` waits on the master for news; a signal it handles (sent on
+    the node, so no event wakes it) interrupts the read: the node sees the signal pending,
+    answers EINTR and tells the master to drop the read. (pyfuse3 passes no FUSE_INTERRUPT
+    on, and a handled signal is not fatal: without this the read would wait for news.)"""
+    script = f"{PY} -c '{READER}' {c.mount}/events & sleep 1; kill -USR1 $!; wait $!"
+    r = on_node(c, "sh", "-c", script)
+    assert r.stdout == b"interrupted\n", r
+
+
 @pytest.mark.parametrize("line", ["exec hostname", "execmove --port 5 --token " + "ab" * 16])
 def test_what_needs_the_writers_process_on_the_master_is_eopnotsupp_from_a_node(
         c: Cluster, users, line: str) -> None:
