@@ -30,7 +30,10 @@ makes it reconnect afresh, `halt` and `pwroff` make it exit 0.
 
 The daemon runs as PID 1 of its own PID and mount namespaces (with its own
 /proc): migrated processes will live there, and die with it. The outer process
-only waits for it and forwards SIGTERM/SIGINT/SIGHUP.
+only waits for it and forwards SIGTERM/SIGINT/SIGHUP. In that mount namespace
+it serves the master's /bproc at the master's mount point for the node's
+processes (each operation forwarded to the master, with the caller's ids), and
+unmounts it when it stops.
 
 \b
 Exit status: 0 halted/powered off by the master or stopped by a signal;
