@@ -179,6 +179,14 @@ def test_procs_from_a_node_shows_the_callers_own_pid(c: Cluster, users) -> None:
         assert "node: 1" in out and f"uid: {user.uid if user else 0}" in out, out
 
 
+def test_a_process_started_from_a_cwd_under_bproc_runs_from_the_root(c: Cluster) -> None:
+    """The node daemon restores processes from the thread that serves its /bproc: a chdir
+    there would wait on itself, so such a process starts from /, as one whose cwd the node
+    lacks does."""
+    r = c.run("bpsh", "1", "pwd", cwd=os.path.join(c.mount, "nodes"), timeout=30)
+    assert ok(r) == "/\n"
+
+
 def test_bpstat_runs_on_a_node(c: Cluster, users) -> None:
     for user in (None, users["alice"]):
         out = ok(on_node(c, *command("bpstat"), user=user))
