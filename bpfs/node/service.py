@@ -40,8 +40,8 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
 from bpfs.node import procs
-from bpfs.node.fsclient import FsClient
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
+from bpfs.node.fsclient import FsClient
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
 from bpfs.node.session import CONNECTION_ERRORS, Handler, Outcome, Session, why
