@@ -6,9 +6,12 @@
 Starts `bpfs up --nodes N --detach` on a temporary mount (a free port), then times, on
 the master and on node 1 (the same program, run there with bpsh), in the same sitting:
 
-  * `read`: open, read and close of $MOUNT/nodes/0/status, --runs times in one process
-    (what `cat` does to the file, without its exec);
-  * `cat`: a whole `cat $MOUNT/nodes/0/status` (fork, exec, read, exit), --runs / 5 times.
+  * `stat`: os.stat of $MOUNT/nodes/0/status (one getattr; attributes are never cached);
+  * `read`: os.open, os.read to EOF and os.close of it (on a node: one round trip to the
+    master, the open; the reads are answered from the rendering that came with it);
+  * `pyread`: Python's open().read() (which also fstats twice: two more getattrs);
+  * `cat`: a whole `cat $MOUNT/nodes/0/status` (fork, exec, fstat, read, exit).
+Each --runs times in one process (`cat` --runs / 5 times).
 
 On the master the kernel asks the master's FUSE daemon; on the node it asks the node
 daemon's, which forwards each operation (lookup, open, read, release) over the node's
@@ -44,12 +47,18 @@ def timed(fn, n):
     out.sort()
     return {"median": statistics.median(out), "p90": out[int(len(out) * 0.9)]}
 def read():
+    fd = os.open(path, os.O_RDONLY)
+    while os.read(fd, 65536):
+        pass
+    os.close(fd)
+def pyread():
     with open(path, "rb") as f:
         f.read()
 def cat():
     subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
 read(); cat()
-print(json.dumps({"read": timed(read, runs), "cat": timed(cat, max(10, runs // 5))}))
+print(json.dumps({"stat": timed(lambda: os.stat(path), runs), "read": timed(read, runs),
+                  "pyread": timed(pyread, runs), "cat": timed(cat, max(10, runs // 5))}))
 """
 
 
@@ -84,7 +93,9 @@ def main() -> int:
                                  timeout=600).stdout
             results[where] = json.loads(out)
         print(f"{'what':<34} {'master':>16} {'node 1':>16}   (ms: median / p90)")
-        for what, label in (("read", "open+read+close nodes/0/status"),
+        for what, label in (("stat", "stat nodes/0/status"),
+                            ("read", "open+read+close nodes/0/status"),
+                            ("pyread", "open().read() (2 fstats more)"),
                             ("cat", "cat nodes/0/status (fork+exec)")):
             cells = [f"{r[what]['median']:.3f} / {r[what]['p90']:.3f}" for r in results.values()]
             print(f"{label:<34} {cells[0]:>16} {cells[1]:>16}")

@@ -26,10 +26,13 @@ An `fs_open` of a rendered file (status, info...) carries its content, rendered 
 open as for any handle: the node answers the reads of that rendering itself
 (bpfs/fs/remote.py), so `cat` costs one round trip, not three.
 
-A request runs in a task of the connection's nursery (a blocked read must not hold up
-the node's other messages); `fs_cancel` cancels it (its caller was interrupted: the node
-answered EINTR, and no reply follows). When the connection ends, its running requests
-are cancelled and its handles released (`close`).
+A request that cannot wait (lookup, getattr, access, opendir, readdir, open) is answered
+at once, in the connection's receive loop; a read or write (a blocked `events` reader, a
+ctl command), or a setattr (it saves the state file), runs in a task of the connection's
+nursery, so it holds up none of the node's other messages; `fs_cancel` cancels it (its
+caller was interrupted: the node answered EINTR, and no reply follows). `fs_release` has
+no reply: the kernel does not wait for it either. When the connection ends, its running
+requests are cancelled and its handles released (`close`).
 """
 
 from __future__ import annotations
@@ -89,8 +92,14 @@ class NodeFs:
         return Forwarded(Caller(cred.uid, cred.gid, frozenset(cred.groups),
                                 Pid(cred.pid or 0), node=self.node))
 
-    def take(self, nursery: trio.Nursery, msg: m.Msg) -> None:
-        """Start answering `msg` (an fs request) in `nursery`; `fs_cancel` cancels one."""
+    async def take(self, nursery: trio.Nursery, msg: m.Msg) -> None:
+        """Answer `msg` (an fs request): at once, or from a task in `nursery` (see the
+        module doc); `fs_cancel` cancels one, `fs_release` has no reply."""
+        if isinstance(msg, AT_ONCE):
+            reply = await self.answer(msg)
+            if not isinstance(msg, m.FsRelease):
+                await self._reply(reply)
+            return
         if isinstance(msg, m.FsCancel):
             scope = self.running.get(msg.id)
             if scope is not None:
@@ -209,3 +218,5 @@ ANSWERS: dict[type[m.Msg], Callable[[NodeFs, Any], Awaitable[m.FsReply]]] = {
     m.FsRelease: NodeFs._release,
 }
 assert set(ANSWERS) == set(m.FS_REQUESTS)
+AT_ONCE = (m.FsLookup, m.FsGetattr, m.FsAccess, m.FsOpendir, m.FsReaddir, m.FsOpen,
+           m.FsRelease)

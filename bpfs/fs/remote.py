@@ -49,6 +49,10 @@ class Master(Protocol):
         """The master's reply; BpfsError ENOTCONN without a connection, EINTR once
         `interrupted()` said so (the master was told to drop the request)."""
 
+    async def tell(self, msg: m.Msg) -> None:
+        """Send `msg`, which has no reply (fs_release); dropped without a connection (the
+        master released the handle when the connection ended)."""
+
 
 def entry(a: m.FsAttr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
@@ -193,12 +197,10 @@ class RemoteOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
+        """Told, not asked: the kernel does not wait for a release, nor does this."""
         self._openers.pop(fh, None)
         self._rendered.pop(fh, None)
-        try:
-            await self._ask(m.FsRelease, fh=fh)
-        except pyfuse3.FUSEError:
-            pass                # gone with the connection: the master released it
+        await self.master.tell(m.FsRelease(id=self.master.next_id(), fh=fh))
 
 
 async def serve(mountpoint: str, master: Master, *,

@@ -99,7 +99,7 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
 async def _to_fs(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
     links.cluster.heartbeat(conn.number, None, now)
     if conn.fs is not None and conn.nursery is not None:
-        conn.fs.take(conn.nursery, msg)
+        await conn.fs.take(conn.nursery, msg)
     elif not isinstance(msg, messages.FsCancel):        # a master without a filesystem
         try:
             await _send_on(conn, messages.FsReply(id=msg.id, errno=errno.ENOSYS))

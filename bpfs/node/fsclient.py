@@ -5,6 +5,7 @@
     await client.mount(path, nursery)    after `welcome`: mount at the master's mount point
     client.attach(session) / detach()    the connection requests go over, while it lasts
     reply = await client.ask(msg)        one fs request, its `fs_reply`
+    await client.tell(msg)               one without a reply (fs_release)
 
 The filesystem (bpfs/fs/remote.py) outlives connections: it is mounted once, at the
 first `welcome` that names a mount point, and stays until the daemon stops (the task
@@ -109,6 +110,16 @@ class FsClient:
             raise BpfsError(errno.ENOTCONN, "the connection to the master ended") from None
         finally:
             self._waiting.pop(msg.id, None)
+
+    async def tell(self, msg: Any) -> None:
+        """Send `msg`, which has no reply (fs_release); dropped without a connection."""
+        session = self.session
+        if session is None:
+            return
+        try:
+            await session.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
     async def _cancel(self, session: Any, request: int) -> None:
         self._waiting.pop(request, None)

@@ -67,7 +67,8 @@ grammar (names in capitals are the bounded types defined below):
   process group on the node, as a terminal signals a local job.
   An `fs_*` request is one operation of the FUSE mount a node daemon serves at the
   master's mount point (`welcome`'s `mount`) for the node's processes; `id` is the
-  node's number for it, which the one `fs_reply` repeats (with `errno` for a refusal).
+  node's number for it, which the one `fs_reply` repeats (with `errno` for a refusal);
+  `fs_release` and `fs_cancel` have none.
   CRED is the caller as the node's kernel told its daemon (`pid` is the node's number
   for it, for logs only): the master acts with exactly those ids, never more. An `fh`
   is the master's handle number, good only on the connection that opened it.

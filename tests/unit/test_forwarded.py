@@ -154,14 +154,14 @@ async def test_a_blocked_read_is_cancelled_without_a_reply_and_ids_are_one_at_a_
     fs = NodeFs(ops, 1, replies.send)
     fh = await open_fh(fs, "events")
     async with trio.open_nursery() as nursery:
-        fs.take(nursery, m.FsRead(id=5, fh=fh, off=0, size=100))
+        await fs.take(nursery, m.FsRead(id=5, fh=fh, off=0, size=100))
         await trio.testing.wait_all_tasks_blocked()
         assert 5 in fs.running
-        fs.take(nursery, m.FsRead(id=5, fh=fh, off=0, size=100))
+        await fs.take(nursery, m.FsRead(id=5, fh=fh, off=0, size=100))
         await trio.testing.wait_all_tasks_blocked()
         assert replies.got[5].errno == errno.EINVAL
         del replies.got[5]
-        fs.take(nursery, m.FsCancel(id=5))
+        await fs.take(nursery, m.FsCancel(id=5))
     assert 5 not in replies.got and not fs.running
 
 
@@ -173,7 +173,7 @@ async def test_more_requests_at_once_than_allowed_are_eagain(monkeypatch) -> Non
     fh = await open_fh(fs, "events")
     async with trio.open_nursery() as nursery:
         for i in range(3):
-            fs.take(nursery, m.FsRead(id=10 + i, fh=fh, off=0, size=100))
+            await fs.take(nursery, m.FsRead(id=10 + i, fh=fh, off=0, size=100))
         await trio.testing.wait_all_tasks_blocked()
         assert replies.got[12].errno == errno.EAGAIN and len(fs.running) == 2
         fs.close()

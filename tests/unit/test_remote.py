@@ -43,6 +43,9 @@ class Wire:
         reply = await self.fs.answer(msg)
         return m.FROM_MASTER.decode(m.encode(reply))
 
+    async def tell(self, msg: m.Msg) -> None:
+        await self.ask(msg)
+
 
 def pair():
     ops, s = make()
@@ -104,6 +107,9 @@ async def test_a_node_without_its_master_answers_enotconn() -> None:
     class Gone:
         def next_id(self) -> int:
             return 1
+
+        async def tell(self, msg) -> None:
+            pass
 
         async def ask(self, msg, interrupted=None):
             raise BpfsError(errno.ENOTCONN, "not connected to the master")
