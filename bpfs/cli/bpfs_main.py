@@ -116,6 +116,7 @@ def up(nodes: int, mount: str | None, port: int, state_dir: str | None, ping_tim
     opts = embedded.UpOptions(nodes=nodes, port=port, ping_timeout=ping_timeout,
                               hide=list(hide), detach=detach, timeout=timeout,
                               serve_fs=nodebproc.serve)
+    nodebproc.preload()
     return embedded.up(layout, opts)
 
 
