@@ -19,7 +19,8 @@ process's output) polls the opener's pending signals on the node, as the master 
 its own (bpfs/fs/procfs.py), and answers EINTR after telling the master to drop it.
 Unmounted when `serve` ends (the node daemon stops), lazily, as the master unmounts.
 
-Errors: the master's errno, as is; ENOTCONN while the node has no connection to it.
+Errors: the master's errno, as is; ENOTCONN while the node has no connection to it;
+anything else is logged and EIO (ops.fuse_errors), so no request stops the serving.
 What is local: statfs, flush (ENOSYS, as the master), and EACCES for making names.
 """
 
@@ -34,7 +35,7 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount, procfs
-from bpfs.fs.ops import TakePin, caller_from_ctx
+from bpfs.fs.ops import TakePin, caller_from_ctx, fuse_errors
 from bpfs.pin import Pin
 from bpfs.wire import messages as m
 
@@ -107,15 +108,18 @@ class RemoteOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         return entry(reply.attr)
 
+    @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
         if not 0 < len(name) <= 255:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG if name else errno.ENOENT)
         return await self._attr(m.FsLookup, parent=parent_inode, name=name)
 
+    @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return await self._attr(m.FsGetattr, ino=inode)
 
+    @fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
         return await self._attr(
@@ -125,6 +129,7 @@ class RemoteOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None)
 
+    @fuse_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         reply = await self._ask(m.FsAccess, ino=inode, mode=mode & 7, cred=_cred(ctx))
         return bool(reply.ok)
@@ -143,10 +148,12 @@ class RemoteOperations(pyfuse3.Operations):
 
     create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _read_only_tree
 
+    @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
         reply = await self._ask(m.FsOpendir, ino=inode, cred=_cred(ctx))
         return reply.fh or 0
 
+    @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         while True:
             entries = (await self._ask(m.FsReaddir, fh=fh, start=start_id)).entries or ()
@@ -157,9 +164,11 @@ class RemoteOperations(pyfuse3.Operations):
             if len(entries) < m.FS_ENTRIES:
                 return
 
+    @fuse_errors
     async def releasedir(self, fh: int) -> None:
         await self.release(fh)
 
+    @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         reply = await self._ask(m.FsOpen, ino=inode, flags=flags & 0xFFFFFFFF,
@@ -171,6 +180,7 @@ class RemoteOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False,
                                 nonseekable=bool(reply.nonseekable))
 
+    @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """What the master's handle would read (bpfs/fs/ops.py `read`): the content
         rendered at open, from any offset, until a second read from 0, which the master
@@ -188,6 +198,7 @@ class RemoteOperations(pyfuse3.Operations):
                                 size=min(size, m.FS_DATA))
         return reply.data or b""
 
+    @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         data = bytes(buf[:m.FS_DATA])
         await self._ask(m.FsWrite, fh=fh, off=off, data=data)
@@ -196,6 +207,7 @@ class RemoteOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @fuse_errors
     async def release(self, fh: int) -> None:
         """Told, not asked: the kernel does not wait for a release, nor does this."""
         self._openers.pop(fh, None)
