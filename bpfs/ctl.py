@@ -43,6 +43,10 @@ nodes/N/ctl commands:
                              opener gone or changed: ESRCH, EPERM, as for
                              execmove. The write returns once the process
                              runs on the node. `ok PID`.
+    Both act on the writer's own process on the master (they seize it, or read its
+    environment and cwd): a writer on a node (a request its node daemon forwarded,
+    `Caller.node` set) has none there, so from a node they are EOPNOTSUPP, once the
+    node's permission is checked (`_on_master`: where a launch from a node will go).
 
 procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited, or
 once P is another process than the one the file was opened for):
@@ -195,10 +199,19 @@ def _power(cmd: str) -> Handler:
     return handler
 
 
+def _on_master(ctx: CtlContext, what: str) -> None:
+    """EOPNOTSUPP for `what` (execmove, exec) written from a node: the hook for launching
+    from a node, whose writer's process is on that node and not the master's to seize."""
+    if ctx.caller.node is not None:
+        raise BpfsError(errno.EOPNOTSUPP, f"{what} from a process on node {ctx.caller.node} "
+                        "is not supported yet: run it from the master")
+
+
 async def _execmove(ctx: CtlContext, args: list[str]) -> str:
     req = execreq.parse_execmove(args)
     if req.nodes is None:
         ctx.services.cluster.check_run(ctx.target, ctx.caller)
+        _on_master(ctx, "execmove")
         pid = await ctx.services.execmove(ctx.target, ctx.caller, req)
         return f"ok {pid}"
     if ctx.target not in req.nodes:
@@ -207,6 +220,7 @@ async def _execmove(ctx: CtlContext, args: list[str]) -> str:
     errors = rank_errors(ctx.services.cluster, req.nodes, ctx.caller)
     if all(errors):
         raise errors[0]         # type: ignore[misc]
+    _on_master(ctx, "execmove")
     pid = await ctx.services.execmove(ctx.target, ctx.caller, req, errors)
     return f"ok {pid}"
 
@@ -245,6 +259,7 @@ def parse_exec(args: list[str]) -> list[str]:
 async def _exec(ctx: CtlContext, args: list[str]) -> str:
     argv = parse_exec(args)
     ctx.services.cluster.check_run(ctx.target, ctx.caller)
+    _on_master(ctx, "exec")
     pid = await ctx.services.exec_command(ctx.target, ctx.caller, argv)
     return f"ok {pid}"
 

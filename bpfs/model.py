@@ -76,12 +76,17 @@ class Caller:
 
     `pid` is only a number, good for messages and lookups: acting on that process later
     needs `pin` (a bpfs.pin.Pin taken while the caller was known to hold the number), which
-    proves it is still the same process. None: not pinned, so nothing may act on it."""
+    proves it is still the same process. None: not pinned, so nothing may act on it.
+
+    `node`: None for a caller on the master; a node's number for a caller on that node
+    whose request its daemon forwarded (bpfs/fs/forwarded.py): `pid` is then that node's
+    number for it, which nothing on the master may take for one of its own."""
     uid: int
     gid: int
     groups: frozenset[int] = frozenset()
     pid: Pid = Pid(0)
     pin: Any = field(default=None, compare=False, repr=False)
+    node: NodeId | None = None
 
     @property
     def is_root(self) -> bool:

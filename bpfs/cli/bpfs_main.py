@@ -18,7 +18,7 @@ from typing import Sequence
 
 import click
 
-from bpfs.cli import common
+from bpfs.cli import common, nodebproc
 from bpfs.cli.clickmain import click_main
 
 DEFAULT_PORT = 2223
@@ -124,7 +124,9 @@ def up(nodes: int, mount: str | None, port: int, state_dir: str | None, ping_tim
     layout = embedded.Layout.make(common.mount_point(mount), state_dir)
     opts = embedded.UpOptions(nodes=nodes, port=port, ping_timeout=ping_timeout,
                               hide=list(hide), detach=detach, timeout=timeout,
-                              usage_interval=usage_interval)
+                              usage_interval=usage_interval,
+                              serve_fs=nodebproc.serve)
+    nodebproc.preload()
     return embedded.up(layout, opts)
 
 

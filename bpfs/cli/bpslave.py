@@ -17,6 +17,7 @@ from typing import Sequence
 
 import click
 
+from bpfs.cli import nodebproc
 from bpfs.cli.clickmain import click_main
 from bpfs.errors import BpfsError
 from bpfs.node.config import DEFAULT_KEY_FILE, NodeConfig, parse_master
@@ -30,7 +31,10 @@ makes it reconnect afresh, `halt` and `pwroff` make it exit 0.
 
 The daemon runs as PID 1 of its own PID and mount namespaces (with its own
 /proc): migrated processes will live there, and die with it. The outer process
-only waits for it and forwards SIGTERM/SIGINT/SIGHUP.
+only waits for it and forwards SIGTERM/SIGINT/SIGHUP. In that mount namespace
+it serves the master's /bproc at the master's mount point for the node's
+processes (each operation forwarded to the master, with the caller's ids), and
+unmounts it when it stops.
 
 \b
 Exit status: 0 halted/powered off by the master or stopped by a signal;
@@ -76,10 +80,9 @@ def cli(master: str, node: int | None, key_file: str, reconnect: bool, no_namesp
         host, port = parse_master(master)
     except BpfsError as exc:
         raise click.BadParameter(str(exc), param_hint="--master") from None
-    view_dir = None if no_namespace else os.path.abspath(view)
     cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect,
-                     view=view_dir)
-    spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount), view=view_dir)
+                     serve_fs=nodebproc.serve)
+    spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount))
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     label = hostname or (f"node{node}" if node is not None else "")
     return start(cfg, spec, label=label, namespaces=not no_namespace, level=level)

@@ -16,7 +16,6 @@ import subprocess
 import pyfuse3
 
 from bpfs.errors import BpfsError
-from bpfs.fs.ops import BpfsOperations
 
 log = logging.getLogger("bpfs.fs")
 
@@ -25,8 +24,9 @@ MIN_TASKS = 2
 MAX_TASKS = 4096
 
 
-def mount(ops: BpfsOperations, mountpoint: str) -> None:
-    """Mount at `mountpoint` (created if missing). EBUSY if something is mounted there.
+def mount(ops: pyfuse3.Operations, mountpoint: str) -> None:
+    """Mount `ops` (the master's BpfsOperations, a node's RemoteOperations) at
+    `mountpoint` (created if missing). EBUSY if something is mounted there.
 
     A dead FUSE mount left by a crashed master (ENOTCONN) is lazily unmounted first.
     """

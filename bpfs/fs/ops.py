@@ -15,7 +15,10 @@ Callers: uid/gid come from the request; supplementary groups from /proc, read
 by the caller's thread id and bracketed by a pidfd (bpfs/pin.py), so they are
 the caller's own even if it was killed and its number reused meanwhile. pyfuse3
 gives `write` no request context, so a ctl handle's caller is the one who
-opened it (Unix credentials-at-open semantics).
+opened it (Unix credentials-at-open semantics). A request a node daemon forwarded
+for a caller on its node (bpfs/fs/forwarded.py) comes with a `Forwarded` context
+instead, which carries its Caller whole (`Caller.node` set, never pinned): the same
+handlers, the same rules, with the ids the node claims and no more.
 
 Pinned handles: execmove and exec act on the process behind a nodes/N/ctl
 handle (they seize it, or read its environment), long after the open. A
@@ -41,7 +44,7 @@ import select
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
 import trio
@@ -91,11 +94,24 @@ TakePin = Callable[[int, int, int], Any]      # Pin.take(tid, uid, gid), or a te
 ReaddirReply = Callable[[Any, bytes, Any, int], bool]   # pyfuse3.readdir_reply, or a test's fake
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """The context of a request forwarded from a node: its caller, as the node claims it."""
+    caller: Caller
+
+    @property
+    def uid(self) -> int:
+        return self.caller.uid
+
+
 def caller_from_ctx(ctx: Any, *, with_groups: bool = True, keep_pin: bool = False,
                     take_pin: TakePin = Pin.take) -> Caller:
     """The request's caller; with its supplementary groups, read through a pin (ESRCH if
     it is gone, EPERM if its credentials are no longer the request's); `keep_pin`: the pin
-    stays in the Caller (whoever keeps the Caller closes it)."""
+    stays in the Caller (whoever keeps the Caller closes it). A forwarded request's caller
+    is on its node: it has its groups already and no pin."""
+    if isinstance(ctx, Forwarded):
+        return ctx.caller
     if not with_groups and not keep_pin:
         return Caller(ctx.uid, ctx.gid, frozenset(), ctx.pid)
     pin = take_pin(ctx.pid, ctx.uid, ctx.gid)
@@ -139,9 +155,10 @@ class RefusalLog(RateLog):
     def refused(self, h: "Handle", exc: BpfsError) -> None:
         name = h.spec.name if h.spec is not None else "?"
         where = "nodes" if h.ino.kind in NODE_KINDS else "procs"
+        on = "" if h.caller.node is None else f" on node {h.caller.node}"
         self.log(f"uid {h.caller.uid}", time.monotonic(),
-                 "%s/%d/%s: write by uid %d (pid %d) refused: %s: %s", where, h.ino.id, name,
-                 h.caller.uid, h.caller.pid, errno.errorcode.get(exc.errno, str(exc.errno)),
+                 "%s/%d/%s: write by uid %d (pid %d%s) refused: %s: %s", where, h.ino.id, name,
+                 h.caller.uid, h.caller.pid, on, errno.errorcode.get(exc.errno, str(exc.errno)),
                  exc.message)
 
 
@@ -344,15 +361,21 @@ class BpfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for name, attr, following in self.listing(fh, start_id):
+            if not self._readdir_reply(token, name, attr, following):
+                break
+
+    def listing(self, fh: int, start: int) -> Iterator[tuple[bytes, pyfuse3.EntryAttributes, int]]:
+        """A directory handle's entries from `start` on: (name, attributes, the start of
+        the next), skipping those that vanished since opendir."""
         entries = self._handle(fh).entries
-        for i in range(start_id, len(entries)):
+        for i in range(start, len(entries)):
             name, ino = entries[i]
             try:
                 attr = self._attr(self._check(ino))
             except BpfsError:
-                continue        # vanished since opendir
-            if not self._readdir_reply(token, os.fsencode(name), attr, i + 1):
-                break
+                continue
+            yield os.fsencode(name), attr, i + 1
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -416,6 +439,16 @@ class BpfsOperations(pyfuse3.Operations):
             h.fresh = False
         return h.data[off:off + size]
 
+    def take_rendered(self, fh: int) -> bytes | None:
+        """A rendered file's content as its handle's first read from 0 would give it, that
+        read then done (the next from 0 renders again); None for a stream or ctl file. A
+        node gets it with its open, and answers that read itself (bpfs/fs/remote.py)."""
+        h = self._handle(fh)
+        if h.spec is None or h.spec.read is None:
+            return None
+        h.fresh = False
+        return h.data
+
     async def _read_events(self, h: Handle, size: int) -> bytes:
         """Block until an event after the handle's cursor exists; EINTR if the reader is signalled."""
         while not h.pending:
@@ -455,7 +488,7 @@ class BpfsOperations(pyfuse3.Operations):
             raise BpfsError(errno.EAGAIN, nothing)
         with trio.move_on_after(SIGNAL_POLL):
             await self._changed.wait()
-        if procfs.interrupting_signal(h.caller.pid):
+        if h.caller.node is None and procfs.interrupting_signal(h.caller.pid):
             raise BpfsError(errno.EINTR, "interrupted")
 
     @fuse_errors
@@ -483,18 +516,24 @@ class BpfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        self.drop(fh)
+
+    def drop(self, fh: int) -> None:
+        """Forget handle `fh` (release, or its node's connection ended), closing its pin."""
         h = self._handles.pop(fh, None)
         if h is not None:
             self._unpin(h)
 
     def _pinned(self, ctx: Any) -> Caller:
-        """The opener of a nodes/N/ctl handle for writing, pinned (see the module doc)."""
+        """The opener of a nodes/N/ctl handle for writing, pinned (see the module doc); a
+        forwarded caller has no pin to count."""
         held = self._pins.get(ctx.uid, 0)
         if ctx.uid != 0 and held >= self._max_pins:
             raise BpfsError(errno.EMFILE, f"uid {ctx.uid} holds {held} open ctl handles "
                             "already")
         caller = caller_from_ctx(ctx, keep_pin=True, take_pin=self._take_pin)
-        self._pins[ctx.uid] = held + 1
+        if caller.pin is not None:
+            self._pins[ctx.uid] = held + 1
         return caller
 
     def _unpin(self, h: Handle) -> None:

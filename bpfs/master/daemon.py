@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class Master:
         self.usage = UsageService(cluster, self.send_node, cfg.usage_interval)
         assert cfg.heartbeat is not None            # MasterConfig.__post_init__
         self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout,
-                               self.usage)
+                               self.usage, os.path.abspath(cfg.mount))
         self.procs.send_now = self.links.send_now
         self.procs.host_of = self.links.host_of
         self.execs = ExecService(cluster, self.procs, cfg.mount)
@@ -159,6 +160,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
                         f"cannot listen on {cfg.listen}:{cfg.port}: {exc.strerror or exc}") from None
     port = listeners[0].socket.getsockname()[1]
     ops = BpfsOperations(master)
+    master.links.fs_ops = ops           # nodes' processes ask through their daemons too
     try:
         fsmount.mount(ops, cfg.mount)
     except BaseException:

@@ -15,7 +15,12 @@ the master's own stamps, as frames wait unread while the master is busy
 messages.py's FROM_NODE checks every field) before any handler sees it; a wrong key, a
 malformed, oversized or unexpected frame (a message no registered node sends, one out
 of order) closes that connection only, with one log line naming the peer. `need`, `restored`, `failed`, `exited`, `stopped` and
-`continued` go to bpfs/master/procs.py, `usage` to bpfs/master/usage.py, and a lost node's ghosts die with it.
+`continued` go to bpfs/master/procs.py, `usage` to bpfs/master/usage.py, and a lost
+node's ghosts die with it. The
+`fs_*` requests of a node's processes on /bproc go to that connection's
+bpfs/fs/forwarded.py `NodeFs`, which answers each in a task of the connection's nursery
+with the master's own filesystem handlers (`fs_ops`, set once the filesystem is made);
+`welcome` tells the node where to mount it (`mount`).
 
 Unauthenticated peers: anyone who can reach the node port gets at most MAX_HANDSHAKES
 connections in their handshake at once (more are closed at once, unread) and
@@ -34,6 +39,8 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from bpfs.errors import BpfsError
+from bpfs.fs.forwarded import NodeFs
+from bpfs.fs.ops import BpfsOperations
 from bpfs.master import liveness
 from bpfs.master.procs import ProcService
 from bpfs.master.usage import UsageService
@@ -55,6 +62,17 @@ class NodeConn:
     stream: wire.FrameStream
     peer: str
     scope: trio.CancelScope
+    fs: NodeFs | None = None                # its processes' requests on /bproc
+    nursery: trio.Nursery | None = None     # ... answered in tasks here
+
+
+async def _send_on(conn: NodeConn, msg: messages.Msg) -> None:
+    """Send on this very connection (a reply must not go to the node's next one)."""
+    try:
+        await conn.stream.send(msg, SEND_TIMEOUT)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+        conn.scope.cancel()
+        raise BpfsError(errno.EHOSTDOWN, f"node {conn.number}: connection lost") from None
 
 
 NodeHandler = Callable[["NodeLinks", NodeConn, Any, float], Awaitable[None]]
@@ -86,6 +104,17 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
     return handler
 
 
+async def _to_fs(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
+    links.cluster.heartbeat(conn.number, None, now)
+    if conn.fs is not None and conn.nursery is not None:
+        await conn.fs.take(conn.nursery, msg)
+    elif not isinstance(msg, messages.FsCancel):        # a master without a filesystem
+        try:
+            await _send_on(conn, messages.FsReply(id=msg.id, errno=errno.ENOSYS))
+        except BpfsError:
+            pass
+
+
 # What a registered node may send, by message class (bpfs.wire.messages.FROM_NODE decodes
 # them); add a row for a new one. Any other is a protocol error: `register` again...
 FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
@@ -94,6 +123,8 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
                                        messages.Kill, messages.Exec)},
+
+    **{cls: _to_fs for cls in (*messages.FS_REQUESTS, messages.FsCancel)},
 }
 
 
@@ -131,7 +162,10 @@ class NodeLinks:
     """The connected nodes: their links, handshakes in progress, refusals logged."""
 
     def __init__(self, cluster: Cluster, key: bytes, procs: ProcService, heartbeat: float,
-                 ping_timeout: float, usage: UsageService | None = None) -> None:
+                 ping_timeout: float, usage: UsageService | None = None,
+                 mount: str | None = None) -> None:
+        self.mount = mount                  # told to nodes in `welcome`
+        self.fs_ops: BpfsOperations | None = None
         self.cluster = cluster
         self.usage = usage
         self.key = key
@@ -233,9 +267,9 @@ class NodeLinks:
         try:
             with conn.scope:
                 await conn.stream.send(messages.Welcome(
-                    node=n, heartbeat=self.heartbeat, pid_max=_pid_max(),
+                    node=n, heartbeat=self.heartbeat, pid_max=_pid_max(), mount=self.mount,
                     usage=self.usage.interval if self.usage is not None else None))
-                await self._receive_loop(conn)
+                await self._receive_and_answer(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)
         except EOFError:
@@ -253,6 +287,32 @@ class NodeLinks:
                     self.usage.node_lost(n)
         if conn.scope.cancelled_caught:
             log.info("node %d (%s): connection closed by the master", n, conn.peer)
+
+    async def _receive_and_answer(self, conn: NodeConn) -> None:
+        """The receive loop, with a nursery for the answers to the node's fs requests; the
+        loop's failure is raised as itself (not in a group) once they are cancelled."""
+        failed: list[BaseException] = []
+
+        async def receive() -> None:
+            try:
+                await self._receive_loop(conn)
+            except (wire.ProtocolError, EOFError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, OSError) as exc:
+                failed.append(exc)
+            nursery.cancel_scope.cancel()
+
+        if self.fs_ops is not None:
+            conn.fs = NodeFs(self.fs_ops, conn.number, lambda reply: _send_on(conn, reply))
+        try:
+            async with trio.open_nursery() as nursery:
+                conn.nursery = nursery
+                nursery.start_soon(receive)
+        finally:
+            conn.nursery = None
+            if conn.fs is not None:
+                conn.fs.close()
+        if failed:
+            raise failed[0]
 
     async def _receive_loop(self, conn: NodeConn) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from bpfs.errors import BpfsError
 
@@ -28,7 +29,8 @@ class NodeConfig:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     reboot_delay: float = 0.05       # pause of a simulated reboot
-    view: str | None = None          # where `self` shows our number (bpfs/node/selflink.py)
+    serve_fs: Callable[..., Any] | None = None   # bpfs.fs.remote.serve (/bproc on the node),
+                                                 # given by the command line; None: no mount
 
     @property
     def address(self) -> str:

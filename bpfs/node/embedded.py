@@ -47,7 +47,7 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 from bpfs import formats
 from bpfs.errors import BpfsError
@@ -96,6 +96,7 @@ class UpOptions:
     detach: bool = False
     timeout: float | None = None            # default: 30 s + 0.25 s a node
     usage_interval: float = 2.0             # seconds between the nodes' usage reports
+    serve_fs: Callable[..., Any] | None = None   # each node's /bproc (NodeConfig.serve_fs)
 
 
 # ---- processes, recorded by PID and start time ---------------------------------
@@ -360,9 +361,10 @@ def _node_main(layout: Layout, opts: UpOptions, n: int) -> NoReturn:
         nsutil.set_cmdline(node_argv(layout, opts, n))
         nsutil.set_comm("bpslave")
         cfg = NodeConfig(host="127.0.0.1", port=opts.port, key_file=layout.key_file, node=n,
-                         reconnect=True, backoff_min=0.05, backoff_max=1.0, view=layout.mount)
+                         reconnect=True, backoff_min=0.05, backoff_max=1.0,
+                         serve_fs=opts.serve_fs)
         spec = NamespaceSpec(f"n{n}", [SCRATCH], [os.path.abspath(d) for d in opts.hide],
-                             [layout.mount], view=layout.mount)
+                             [layout.mount])
         daemon.setup_logging(logging.INFO, f"n{n}")
         launcher.setup_namespaces(spec)
         code = daemon.start(cfg, spec, label=f"n{n}", namespaces=False)

@@ -6,8 +6,7 @@ becomes the daemon proper. The child makes its own mount namespace, keeps it
 private (nothing it mounts leaks out, nothing mounted later on the host leaks
 in), mounts a /proc of its own PID namespace, and applies the simulation
 options of `NamespaceSpec` (hostname, scratch tmpfs, hidden directories, lazily
-detached copies of FUSE mounts it must never block on, the tmpfs where processes
-read their node number: bpfs/node/selflink.py).
+detached copies of FUSE mounts it must never block on).
 
 The launcher stays behind as a small supervisor: it forwards SIGTERM, SIGINT,
 SIGHUP and SIGQUIT to the daemon and exits with the daemon's status (128+N for
@@ -31,7 +30,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bpfs.node import nsutil, selflink
+from bpfs.node import nsutil
 
 log = logging.getLogger("bpslave")
 
@@ -45,7 +44,6 @@ class NamespaceSpec:
     scratch: list[str] = field(default_factory=list)   # private tmpfs on each
     hide: list[str] = field(default_factory=list)      # empty read-only tmpfs over each
     unmount: list[str] = field(default_factory=list)   # lazily detached in the node (FUSE)
-    view: str | None = None                            # a tmpfs for `self` (selflink.py)
 
 
 def launch(spec: NamespaceSpec, run: Callable[[], int]) -> int:
@@ -127,8 +125,6 @@ def setup_namespaces(spec: NamespaceSpec) -> None:
         _detach(path)
     if spec.hostname:
         nsutil.sethostname(spec.hostname)
-    if spec.view:
-        selflink.mount_view(spec.view)
     nsutil.mount("proc", "/proc", "proc", nsutil.MS_NOSUID | nsutil.MS_NODEV | nsutil.MS_NOEXEC)
     for path in spec.scratch:
         nsutil.mount("scratch", path, "tmpfs", nsutil.MS_NOSUID | nsutil.MS_NODEV, "mode=1777")

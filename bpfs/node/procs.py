@@ -387,6 +387,8 @@ def _restore_job(node: NodeRestorer, req: messages.Restore, fds: list[int | None
     if missing and not content:
         return image, missing, None
     content = _store(node, content)
+    if node.bproc and (image.cwd + "/").startswith(node.bproc + "/"):
+        image.cwd = "/"     # a chdir there would wait on this thread, which serves it
     with node.as_user(req.uid, req.gid, req.groups):
         stdio.open_local(req.io, fds, image.cwd, image.umask)
     pid = node.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,

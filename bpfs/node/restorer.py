@@ -92,6 +92,8 @@ class NodeRestorer:
         # called before each use: the supervisor's last directed fork has its PID (a
         # clone here may take a number only once the namespace's counter is parked)
         self.settle: Callable[[], None] = lambda: None
+        self.bproc: str | None = None         # /bproc on the node, which this thread serves:
+                                              # a restore must not wait on it (no cwd there)
         self.tid: int | None = None           # the owning thread, once started
         self._restorer: Restorer | None = None
         self._root_groups: list[int] = []

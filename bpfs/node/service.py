@@ -7,6 +7,11 @@ One `Node` lives as long as the process; it makes one `Session` per connection
 message from the master through `FROM_MASTER`, a table of `message class -> async
 handler(session, msg)`. A session reports `state up` once registered.
 
+/bproc on the node (bpfs/node/fsclient.py, with bpfs/fs/remote.py given as
+`cfg.serve_fs` by the command line) is mounted at the master's mount point after the
+first `welcome`, before the node reports `up`, and stays until the daemon stops;
+`fs_reply` goes to it.
+
 Migration (restore, files, signal; exited reports) is bpfs/node/procs.py; the
 ptrace-based Restorer (used from the event loop's thread) is bpfs/node/restorer.py,
 the reaper bpfs/node/init.py. The Restorer is made when the daemon
@@ -33,9 +38,10 @@ import signal
 import trio
 
 from bpfs.errors import BpfsError
-from bpfs.node import nsutil, selflink
+from bpfs.node import nsutil
 from bpfs.node import procs, usage
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
+from bpfs.node.fsclient import FsClient
 from bpfs.node.init import Reaper, kill_namespace
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
 from bpfs.node.supervisor import Supervisor
@@ -58,6 +64,10 @@ async def _on_ctl(session: Session, msg: messages.Ctl) -> Outcome | None:
     return outcome
 
 
+async def _on_fs_reply(session: Session, msg: messages.FsReply) -> None:
+    session.node.fs_client.on_reply(msg)
+
+
 # What the master may send a registered node, by message class (bpfs.wire.messages.
 # FROM_MASTER decodes them); add a row for a new one. Any other is a protocol error that
 # ends the session.
@@ -67,6 +77,7 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
     messages.Execd: procs.on_answer, messages.Armed: procs.on_armed,
     messages.Ended: procs.on_ended,
+    messages.FsReply: _on_fs_reply,
 }
 
 
@@ -94,6 +105,8 @@ class Node:
         self.restorer = NodeRestorer(None, self.procs.jobs_w)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
         self.supervisor: Supervisor | None = None
+        self.fs_client = FsClient(cfg.serve_fs)
+        self.nursery: trio.Nursery | None = None    # the daemon's: /bproc is served there
 
     def start(self) -> None:
         """Mount the file cache, take the PID namespace's counter (bpfs/node/supervisor.py)
@@ -149,7 +162,11 @@ class Node:
                 self.supervisor.park_at = session.pid_max
                 self.supervisor.park()
             self.backoff.reset()
-            self._point_self(self.number)
+            if self.nursery is not None:
+                await self.fs_client.mount(session.mount, self.nursery)
+                self.restorer.bproc = self.fs_client.mounted
+            self.fs_client.attach(session)
+            self.fs_client.number = self.number
             await session.send(messages.State(state="up"))
             log.info("registered as node %d with %s (heartbeat %.1f s)",
                      self.number, self.cfg.address, session.heartbeat)
@@ -161,21 +178,10 @@ class Node:
             return Outcome.LOST, EXIT_REFUSED
         except CONNECTION_ERRORS as exc:
             log.warning("connection to the master lost: %s", why(exc))
+        finally:
+            self.fs_client.detach()
         return Outcome.LOST, EXIT_LOST
 
-    def _point_self(self, number: int) -> None:
-        if self.cfg.view:
-            try:
-                selflink.point_self(self.cfg.view, number)
-            except OSError as exc:
-                log.error("cannot show the node number at %s/self: %s", self.cfg.view, exc)
-
-    def drop_held_processes(self) -> None:
-        """bproc: a node that loses (or reboots away from) its master kills what it held."""
-        if kill_namespace():
-            log.info("killed the processes of the node's PID namespace")
-            self.restorer.renew()               # kill(-1) took the Restorer's helper too
-        self.reaper.reap()
 
 
 def make_supervisor(table: procs.ProcessTable) -> Supervisor | None:
@@ -205,6 +211,7 @@ async def _main(cfg: NodeConfig, key: bytes) -> int:
     node = Node(cfg, key)
     node.start()
     async with trio.open_nursery() as nursery:
+        node.nursery = nursery
         if node.supervisor is not None:
             await nursery.start(node.supervisor.run)
         nursery.start_soon(node.reaper.run)

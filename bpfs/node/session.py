@@ -43,6 +43,7 @@ class NodeSide(Protocol):
     number: int | None
     cfg: NodeConfig
     procs: Any                  # bpfs.node.procs.ProcessTable, which stands above this module
+    fs_client: Any              # bpfs.node.fsclient.FsClient: /bproc on the node
     restorer: NodeRestorer
     supervisor: Any             # bpfs.node.supervisor.Supervisor | None (above this module)
 
@@ -65,6 +66,7 @@ class Session:
         self.pid_max: int | None = None     # the master's (bpfs/node/supervisor.py)
         self.usage_interval: float | None = None     # `welcome` says; None: no reports
         self.usage_wanted = trio.Event()             # set by the master's `sample`
+        self.mount: str | None = None                # where the master's /bproc is
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
@@ -118,6 +120,7 @@ class Session:
         self.heartbeat = welcome.heartbeat
         self.pid_max = welcome.pid_max
         self.usage_interval = welcome.usage
+        self.mount = welcome.mount
         return welcome.node
 
     async def heartbeats(self) -> Outcome:

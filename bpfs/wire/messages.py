@@ -19,7 +19,8 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  register   node: NODE | nil, facts: FACTS
     master -> node    welcome    node: NODE, heartbeat: seconds (> 0, at most 1e6),
                                  [pid_max: PID]        (the master's kernel's),
-                                 [usage: seconds]    report `usage` this often (absent: never)
+                                 [usage: seconds]    report `usage` this often (absent: never),
+                                 [mount: PATH]       (BPROC_MOUNT: where the node mounts it)
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
@@ -56,6 +57,23 @@ grammar (names in capitals are the bounded types defined below):
     PROCUSAGE := [pid: PID, id: ID, state: LETTER, comm: COMM, utime, stime, cutime,
                   cstime: TICKS, minflt, majflt, cminflt, cmajflt: COUNT, nice: -20..19,
                   threads: 0..PID_MAX, age: TICKS, vsize: BYTES, rss: BYTES]  (an array)
+  the cluster seen from a node (bpfs/fs/remote.py asks, bpfs/fs/forwarded.py answers):
+    node   -> master  fs_lookup  id: ID, parent: INODE, name: NAME
+                      fs_getattr  id, ino
+                      fs_setattr  id, ino, cred: CRED, [mode], [uid: ID32], [gid: ID32], [size]
+                      fs_access  id, ino, mode: 0..7, cred
+                      fs_opendir  id, ino, cred
+                      fs_readdir  id, fh: ID, start: ID
+                      fs_open    id, ino, flags: u32, cred
+                      fs_release  id, fh
+                      fs_read    id, fh, off: ID, size: 0..FS_DATA
+                      fs_write   id, fh, off: ID, data: at most FS_DATA bytes
+                      fs_cancel  id                         (its caller was interrupted)
+    master -> node    fs_reply   id, [errno], [attr: ATTR], [fh], [data], [entries: [ENTRY]
+                                 at most FS_ENTRIES], [ok: BOOL], [nonseekable: BOOL]
+    CRED := {uid, gid: ID32, groups: [ID32] (at most NGROUPS), [pid: PID]}; ATTR := {ino,
+            mode, nlink, uid, gid, size, time_ns, entry_timeout, attr_timeout}; ENTRY :=
+            {name: NAME, attr: ATTR, next: ID}
 
     FACTS := bpfs.formats.Facts's fields, each bounded by FACT_TYPES: {hostname: WORD,
              cpus: 0..2^20, arch: WORD, kernel: WORD, load: [LOAD, LOAD, LOAD],
@@ -76,6 +94,13 @@ grammar (names in capitals are the bounded types defined below):
   node's clock (its uptime), the times are ticks of the node's `hz`, `age` the ticks since
   the process started; the master takes only the entries of processes it knows on that
   node (bpfs.model.Cluster.record_usage).
+  An `fs_*` request is one operation of the FUSE mount a node daemon serves at the
+  master's mount point (`welcome`'s `mount`) for the node's processes; `id` is the
+  node's number for it, which the one `fs_reply` repeats (with `errno` for a refusal);
+  `fs_release` and `fs_cancel` have none.
+  CRED is the caller as the node's kernel told its daemon (`pid` is the node's number
+  for it, for logs only): the master acts with exactly those ids, never more. An `fh`
+  is the master's handle number, good only on the connection that opened it.
   `hello` keeps its shape in every protocol version, so a node of another version
   gets the master's `refused` rather than a protocol error.
 
@@ -163,6 +188,13 @@ LETTER = _str(1)
 COMM = _str(64)                     # TASK_COMM_LEN is 16 bytes; room for escapes
 MAX_USAGE = 65536                   # processes in one `usage`: about 5 MB at most, well
                                     # under the node frame limit (master/links.py)
+PATH = _str(4096)                   # PATH_MAX
+INODE = Annotated[int, Meta(ge=1)]  # 1..2^64-1: bpfs.fs.inodes packs 64 bits
+NAME = _bytes(1, 255)               # NAME_MAX
+FS_DATA = 1 << 20                   # bytes in one read or write (FUSE asks for 128 KiB)
+FS_ENTRIES = 1024                   # directory entries in one fs_reply
+U32 = _int(0, 2**32 - 1)
+TIMEOUT = _num(0, 3600)
 
 
 # ---- facts: bpfs.formats.Facts's fields, bounded -------------------------------------------
@@ -258,6 +290,7 @@ class Welcome(Msg, tag="welcome"):
     heartbeat: Annotated[float, Meta(ge=1e-9, le=1e6)]
     pid_max: Optional[PID] = None       # the master's: the node keeps its own PIDs above it
     usage: Optional[Annotated[float, Meta(ge=0.01, le=1e6)]] = None
+    mount: Optional[PATH] = None
 
 
 class State(Msg, tag="state"):
@@ -467,6 +500,129 @@ class Usage(Msg, tag="usage"):
     hz: _int(1, 10**6)
     at: SECONDS
     procs: Annotated[list[ProcUsage], Meta(max_length=MAX_USAGE)]
+
+# ---- the cluster seen from a node: /bproc's operations, forwarded -----------------------
+
+class Cred(Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
+    uid: ID32
+    gid: ID32
+    groups: Annotated[tuple[ID32, ...], Meta(max_length=NGROUPS)]
+    pid: Optional[PID] = None
+
+
+class FsAttr(Struct, frozen=True, forbid_unknown_fields=False):
+    ino: INODE
+    mode: U32
+    nlink: U32
+    uid: ID32
+    gid: ID32
+    size: BYTES
+    time_ns: ID
+    entry_timeout: TIMEOUT
+    attr_timeout: TIMEOUT
+
+
+class FsEntry(Struct, frozen=True, forbid_unknown_fields=False):
+    name: NAME
+    attr: FsAttr
+    next: ID
+
+
+class FsLookup(Msg, tag="fs_lookup"):
+    sender = "node"
+    id: ID
+    parent: INODE
+    name: NAME
+
+
+class FsGetattr(Msg, tag="fs_getattr"):
+    sender = "node"
+    id: ID
+    ino: INODE
+
+
+class FsSetattr(Msg, tag="fs_setattr", kw_only=True):
+    sender = "node"
+    id: ID
+    ino: INODE
+    cred: Cred
+    mode: Optional[_int(0, 0o7777)] = None
+    uid: Optional[ID32] = None
+    gid: Optional[ID32] = None
+    size: Optional[BYTES] = None
+
+
+class FsAccess(Msg, tag="fs_access"):
+    sender = "node"
+    id: ID
+    ino: INODE
+    mode: _int(0, 7)
+    cred: Cred
+
+
+class FsOpendir(Msg, tag="fs_opendir"):
+    sender = "node"
+    id: ID
+    ino: INODE
+    cred: Cred
+
+
+class FsReaddir(Msg, tag="fs_readdir"):
+    sender = "node"
+    id: ID
+    fh: ID
+    start: ID
+
+
+class FsOpen(Msg, tag="fs_open"):
+    sender = "node"
+    id: ID
+    ino: INODE
+    flags: U32
+    cred: Cred
+
+
+class FsRead(Msg, tag="fs_read"):
+    sender = "node"
+    id: ID
+    fh: ID
+    off: ID
+    size: _int(0, FS_DATA)
+
+
+class FsWrite(Msg, tag="fs_write"):
+    sender = "node"
+    id: ID
+    fh: ID
+    off: ID
+    data: _bytes(0, FS_DATA)
+
+
+class FsRelease(Msg, tag="fs_release"):
+    sender = "node"
+    id: ID
+    fh: ID
+
+
+class FsCancel(Msg, tag="fs_cancel"):
+    sender = "node"
+    id: ID
+
+
+class FsReply(Msg, tag="fs_reply", kw_only=True):
+    sender = "master"
+    id: ID
+    errno: Optional[ERRNO] = None
+    attr: Optional[FsAttr] = None
+    fh: Optional[ID] = None
+    data: Optional[_bytes(0, FS_DATA)] = None
+    entries: Optional[Annotated[tuple[FsEntry, ...], Meta(max_length=FS_ENTRIES)]] = None
+    ok: Optional[bool] = None
+    nonseekable: Optional[bool] = None
+
+
+FS_REQUESTS: tuple[type[Msg], ...] = (FsLookup, FsGetattr, FsSetattr, FsAccess, FsOpendir,
+                                      FsReaddir, FsOpen, FsRead, FsWrite, FsRelease)
 
 
 MESSAGES: dict[str, type[Msg]] = {

@@ -34,6 +34,9 @@ FACTS = {"hostname": "n1", "cpus": 2, "arch": "x86_64", "kernel": "6.1.0",
 NODE_FACTS = m.NodeFacts(**{**FACTS, "load": tuple(FACTS["load"])})
 TOKEN = "0123456789abcdef" * 2
 HASH = "sha256:" + "0" * 64
+CRED = m.Cred(uid=1000, gid=100, groups=(27, 100), pid=4242)
+ATTR = m.FsAttr(ino=0x106, mode=0o40111, nlink=2, uid=0, gid=0, size=0, time_ns=1,
+                entry_timeout=10.0, attr_timeout=0.0)
 
 # One message of each kind (some twice), as the master and the node send them.
 GOOD = [
@@ -79,6 +82,24 @@ GOOD = [
     m.Usage(hz=100, at=12.5, procs=[]),
     m.Usage(hz=100, at=12.5, procs=[m.ProcUsage(4242, 7, "R", "spin (x)", 1234, 56, 0, 0,
                                                 900, 1, 0, 0, -20, 1, 5000, 2**40, 2**20)]),
+    m.Welcome(node=3, heartbeat=1.0, mount="/bproc"),
+    m.FsLookup(id=1, parent=1, name=b"nodes"),
+    m.FsGetattr(id=2, ino=2**64 - 1),
+    m.FsSetattr(id=3, ino=6, cred=CRED, mode=0o110, uid=1000),
+    m.FsAccess(id=4, ino=6, mode=2, cred=CRED),
+    m.FsOpendir(id=5, ino=1, cred=m.Cred(uid=0, gid=0, groups=())),
+    m.FsReaddir(id=6, fh=7, start=0),
+    m.FsOpen(id=7, ino=0x111, flags=0o2, cred=CRED),
+    m.FsRead(id=8, fh=7, off=0, size=m.FS_DATA),
+    m.FsWrite(id=9, fh=7, off=0, data=b"state up\n"),
+    m.FsRelease(id=10, fh=7),
+    m.FsCancel(id=8),
+    m.FsReply(id=1, attr=ATTR),
+    m.FsReply(id=6, entries=(m.FsEntry(name=b"0", attr=ATTR, next=1),)),
+    m.FsReply(id=7, fh=7, nonseekable=True),
+    m.FsReply(id=8, data=b"up\n"),
+    m.FsReply(id=9, errno=errno.EPERM),
+    m.FsReply(id=4, ok=False),
 ]
 USAGE_ENTRY = [4242, 7, "R", "spin", 1, 2, 0, 0, 9, 0, 0, 0, 5, 1, 500, 4096, 4096]
 
@@ -128,10 +149,12 @@ def test_every_message_has_an_example_here() -> None:
 def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_NODE.classes} == {
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
-        "Exited", "Fork", "Unforked", "Execed", "Kill", "Usage"}
+        "Exited", "Fork", "Unforked", "Execed", "Kill", "Exec", "Usage", "FsLookup",
+        "FsGetattr", "FsSetattr", "FsAccess", "FsOpendir", "FsReaddir", "FsOpen", "FsRead",
+        "FsWrite", "FsRelease", "FsCancel"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
         "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
-        "Sample"}
+        "Armed", "Execd", "Ended", "Sample", "FsReply"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 
@@ -274,6 +297,45 @@ BAD = [
      "usage.procs[0][13]: expected `int`, got `bool`"),
     ({"t": "usage", "hz": 100, "at": 1, "procs": []}, m.FROM_MASTER, "'usage' is the node's message"),
     ({"t": "sample"}, m.FROM_NODE, "'sample' is the master's message"),
+    ({"t": "welcome", "node": 1, "heartbeat": 1, "mount": "/" * 4097}, m.FROM_MASTER,
+     "welcome.mount: expected `str` of length <= 4096"),
+    ({"t": "fs_lookup", "id": 1, "parent": 1, "name": b""}, m.FROM_NODE,
+     "fs_lookup.name: expected `bytes` of length >= 1"),
+    ({"t": "fs_lookup", "id": 1, "parent": 1, "name": b"x" * 256}, m.FROM_NODE,
+     "fs_lookup.name: expected `bytes` of length <= 255"),
+    ({"t": "fs_lookup", "id": 1, "parent": 1, "name": "status"}, m.FROM_NODE,
+     "fs_lookup.name: expected `bytes`, got `str`"),
+    ({"t": "fs_getattr", "id": 1, "ino": 0}, m.FROM_NODE, "fs_getattr.ino: expected `int` >= 1"),
+    ({"t": "fs_getattr", "id": 1, "ino": -5}, m.FROM_NODE, "fs_getattr.ino"),
+    ({"t": "fs_open", "id": 1, "ino": 2, "flags": 2**32, "cred": {"uid": 0, "gid": 0, "groups": []}},
+     m.FROM_NODE, "fs_open.flags: expected `int` <= 4294967295"),
+    ({"t": "fs_open", "id": 1, "ino": 2, "flags": 0}, m.FROM_NODE, "fs_open: missing field 'cred'"),
+    ({"t": "fs_open", "id": 1, "ino": 2, "flags": 0, "cred": {"uid": -1, "gid": 0, "groups": []}},
+     m.FROM_NODE, "fs_open.cred.uid: expected `int` >= 0"),
+    ({"t": "fs_open", "id": 1, "ino": 2, "flags": 0, "cred": {"uid": 0, "gid": 2**32 - 1, "groups": []}},
+     m.FROM_NODE, "fs_open.cred.gid: expected `int` <= 4294967294"),
+    ({"t": "fs_open", "id": 1, "ino": 2, "flags": 0, "cred": {"uid": 1, "gid": 1,
+      "groups": [1] * 65537}}, m.FROM_NODE, "fs_open.cred.groups: expected `array` of length <= 65536"),
+    ({"t": "fs_open", "id": 1, "ino": 2, "flags": 0, "cred": {"uid": 1, "gid": 1, "groups": ["0"]}},
+     m.FROM_NODE, "fs_open.cred.groups[0]: expected `int`, got `str`"),
+    ({"t": "fs_setattr", "id": 1, "ino": 6, "cred": {"uid": 1, "gid": 1, "groups": []},
+      "mode": 0o10000}, m.FROM_NODE, "fs_setattr.mode: expected `int` <= 4095"),
+    ({"t": "fs_access", "id": 1, "ino": 6, "mode": 8, "cred": {"uid": 1, "gid": 1, "groups": []}},
+     m.FROM_NODE, "fs_access.mode: expected `int` <= 7"),
+    ({"t": "fs_read", "id": 1, "fh": 1, "off": 0, "size": m.FS_DATA + 1}, m.FROM_NODE,
+     "fs_read.size: expected `int` <= 1048576"),
+    ({"t": "fs_read", "id": 1, "fh": 1, "off": -1, "size": 1}, m.FROM_NODE, "fs_read.off"),
+    ({"t": "fs_write", "id": 1, "fh": 1, "off": 0, "data": b"x" * (m.FS_DATA + 1)}, m.FROM_NODE,
+     "fs_write.data: expected `bytes` of length <= 1048576"),
+    ({"t": "fs_write", "id": 1, "fh": 1, "off": 0, "data": "state up"}, m.FROM_NODE,
+     "fs_write.data: expected `bytes`, got `str`"),
+    ({"t": "fs_cancel", "id": None}, m.FROM_NODE, "fs_cancel.id: expected `int`, got `None`"),
+    ({"t": "fs_reply", "id": 1, "entries": [{"name": b"x", "next": 1}]}, m.FROM_MASTER,
+     "fs_reply.entries[0]: missing field 'attr'"),
+    ({"t": "fs_reply", "id": 1, "errno": 0}, m.FROM_MASTER, "fs_reply.errno: expected `int` >= 1"),
+    ({"t": "fs_reply", "id": 1}, m.FROM_NODE, "'fs_reply' is the master's message; a node may not"),
+    ({"t": "fs_read", "id": 1, "fh": 1, "off": 0, "size": 1}, m.FROM_MASTER,
+     "'fs_read' is the node's message; a master may not"),
     ({"t": "restore", "id": 1}, m.FROM_NODE, "'restore' is the master's message; a node may not send it"),
     ({"t": "restored", "id": 1, "pid": 5}, m.FROM_MASTER, "'restored' is the node's message; a master"),
     ({"t": "hello", "v": 1, "nonce": b"n" * 32}, m.FROM_NODE, "'hello' is a handshake message, not a message of a session"),
