@@ -1,0 +1,103 @@
+"""The one PID space's messages (bpfs/node/supervisor.py, bpfs/master/forks.py,
+bpfs/master/nodeexec.py): forks, exec, ends and signals of the processes on nodes, and
+launches from nodes. Their grammar is in bpfs/wire/messages.py's docstring."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from msgspec import Meta, Struct
+
+from bpfs.wire.grammar import *  # noqa: F401,F403  (the bounded types)
+from bpfs.wire.grammar import Msg, _bytes, _int, _num, _str  # noqa: F401
+
+# ---- one PID space: the node's supervisor (bpfs/node/supervisor.py) and the master ----
+
+class Fork(Msg, tag="fork"):
+    """`parent`, on this node, is forking: a ghost child of its ghost, please."""
+    sender = "node"
+    seq: ID
+    parent: PID
+
+
+class Forked(Msg, tag="forked"):
+    """The answer to `fork`: the new ghost's PID (the child's PID on the node too) and
+    the id its messages carry, or the errno the fork fails with."""
+    sender = "master"
+    seq: ID
+    pid: Optional[PID] = None
+    id: Optional[ID] = None
+    errno: Optional[ERRNO] = None
+
+
+class Unforked(Msg, tag="unforked"):
+    """The fork that `pid` was made for did not happen: its ghost must go, unseen."""
+    sender = "node"
+    pid: PID
+    id: ID
+
+
+class Execed(Msg, tag="execed"):
+    """`pid` ran execve: its command line (NUL-separated, as /proc/PID/cmdline) is now
+    `cmdline`; its ghost takes it."""
+    sender = "node"
+    pid: PID
+    id: ID
+    cmdline: _bytes(0, 65536)
+
+
+class Kill(Msg, tag="kill"):
+    """A process on the node signals `pid` (a process group if negative), which is not on
+    this node: the master delivers it with the caller's real and effective uid."""
+    sender = "node"
+    seq: ID
+    pid: _int(-(1 << 22), 1 << 22)
+    sig: _int(0, 64)
+    ruid: ID32
+    euid: ID32
+
+
+class Killed(Msg, tag="killed"):
+    """The answer to `kill`: None, or the errno kill(2) gives the caller."""
+    sender = "master"
+    seq: ID
+    errno: Optional[ERRNO] = None
+
+
+class Armed(Msg, tag="armed"):
+    """`pid` on this node wrote an execmove that the master took: its next execve is the
+    master's to run (in its ghost) and migrate (sent before the write's own answer)."""
+    sender = "master"
+    pid: PID
+
+
+ARG = _bytes(0, 131072)             # one word of argv or envp (MAX_ARG_STRLEN)
+ARGS = Annotated[list[ARG], Meta(max_length=65536)]
+
+
+class Exec(Msg, tag="exec"):
+    """An armed `pid` runs execve(path, argv, envp) in `cwd`: the master runs it in its
+    ghost and migrates it; the answer is `execd`."""
+    sender = "node"
+    seq: ID
+    pid: PID
+    path: _bytes(1, 4096)
+    argv: ARGS
+    envp: ARGS
+    cwd: _bytes(1, 4096)
+
+
+class Ended(Msg, tag="ended"):
+    """The program `pid` launched from this node ended elsewhere with wait `status`: its
+    stand-in here ends the same way (bpfs/standin.py)."""
+    sender = "master"
+    pid: PID
+    status: _int(0, 0xFFFF)
+
+
+class Execd(Msg, tag="execd"):
+    """The answer to `exec`: None (the program runs, migrated: the caller waits for it as
+    a stand-in), or the errno its execve fails with."""
+    sender = "master"
+    seq: ID
+    errno: Optional[ERRNO] = None
