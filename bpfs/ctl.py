@@ -44,9 +44,10 @@ nodes/N/ctl commands:
                              execmove. The write returns once the process
                              runs on the node. `ok PID`.
     Both act on the writer's own process on the master (they seize it, or read its
-    environment and cwd): a writer on a node (a request its node daemon forwarded,
-    `Caller.node` set) has none there, so from a node they are EOPNOTSUPP, once the
-    node's permission is checked (`_on_master`: where a launch from a node will go).
+    environment and cwd). A writer on a node (a request its node daemon forwarded,
+    `Caller.node` set) has its ghost here instead: execmove from a node arms it (its
+    execve there is run in its ghost and migrated: bpfs/master/nodeexec.py); exec from a
+    node is EOPNOTSUPP (bpsh on a node uses execmove).
 
 procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited, or
 once P is another process than the one the file was opened for):
@@ -200,29 +201,33 @@ def _power(cmd: str) -> Handler:
 
 
 def _on_master(ctx: CtlContext, what: str) -> None:
-    """EOPNOTSUPP for `what` (execmove, exec) written from a node: the hook for launching
-    from a node, whose writer's process is on that node and not the master's to seize."""
+    """EOPNOTSUPP for `what` (exec) written from a node: it reads the writer's environment
+    and cwd on the master, which a process on a node does not have there."""
     if ctx.caller.node is not None:
         raise BpfsError(errno.EOPNOTSUPP, f"{what} from a process on node {ctx.caller.node} "
-                        "is not supported yet: run it from the master")
+                        "is not supported: use execmove (bpsh)")
+
+
+async def _arm(ctx: CtlContext, req: execreq.ExecMove,
+               errors: Sequence[BpfsError | None] = ()) -> int:
+    """execmove: the writer on the master is seized; one on a node is armed there."""
+    if ctx.caller.node is not None:
+        return await ctx.services.arm_from_node(ctx.target, ctx.caller, req, errors)
+    return await ctx.services.execmove(ctx.target, ctx.caller, req, errors)
 
 
 async def _execmove(ctx: CtlContext, args: list[str]) -> str:
     req = execreq.parse_execmove(args)
     if req.nodes is None:
         ctx.services.cluster.check_run(ctx.target, ctx.caller)
-        _on_master(ctx, "execmove")
-        pid = await ctx.services.execmove(ctx.target, ctx.caller, req)
-        return f"ok {pid}"
+        return f"ok {await _arm(ctx, req)}"
     if ctx.target not in req.nodes:
         raise einval(f"execmove --nodes: write it to the ctl of one of its nodes, "
                      f"not nodes/{ctx.target}/ctl")
     errors = rank_errors(ctx.services.cluster, req.nodes, ctx.caller)
     if all(errors):
         raise errors[0]         # type: ignore[misc]
-    _on_master(ctx, "execmove")
-    pid = await ctx.services.execmove(ctx.target, ctx.caller, req, errors)
-    return f"ok {pid}"
+    return f"ok {await _arm(ctx, req, errors)}"
 
 
 def rank_errors(cluster: Cluster, nodes: Sequence[int], caller: Caller

@@ -246,12 +246,19 @@ def test_a_blocked_events_reader_on_a_node_is_interrupted(c: Cluster) -> None:
     assert r.stdout == b"interrupted\n", r
 
 
-@pytest.mark.parametrize("line", ["exec hostname", "execmove --port 5 --token " + "ab" * 16])
-def test_what_needs_the_writers_process_on_the_master_is_eopnotsupp_from_a_node(
-        c: Cluster, users, line: str) -> None:
-    err, text = ctl_write(c, f"{c.mount}/nodes/2/ctl", line, users["alice"])
+def test_exec_needs_the_writers_process_on_the_master_and_is_eopnotsupp_from_a_node(
+        c: Cluster, users) -> None:
+    err, text = ctl_write(c, f"{c.mount}/nodes/2/ctl", "exec hostname", users["alice"])
     assert err == errno.EOPNOTSUPP, text
-    assert "from a process on node 1 is not supported yet" in text
+    assert "from a process on node 1 is not supported: use execmove" in text
+
+
+def test_execmove_from_a_node_arms_the_writer(c: Cluster, users) -> None:
+    """The writer, a process of node 1, has a ghost on the master: armed (`ok PID`); the
+    launch itself is tests/cluster/test_launch_from_node.py's."""
+    err, text = ctl_write(c, f"{c.mount}/nodes/2/ctl", "execmove --port 5 --token " + "ab" * 16,
+                          users["alice"])
+    assert err == 0 and text.startswith("ok "), text
 
 
 def test_chmod_from_a_node_is_the_owners(c: Cluster, users) -> None:

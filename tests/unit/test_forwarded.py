@@ -107,14 +107,11 @@ async def test_signals_from_a_node_follow_the_kill_rules_with_the_claimed_uid() 
     assert s.sent[-1] == (0, {"t": "signal", "pid": 4242, "sig": 9})
 
 
-@pytest.mark.parametrize("line", [b"execmove --port 5 --token " + b"0123456789abcdef" * 2,
-                                  b"exec hostname"])
-async def test_what_needs_the_callers_process_on_the_master_is_eopnotsupp(line: bytes) -> None:
+async def test_exec_from_a_node_is_eopnotsupp() -> None:
     fs, _, s = node_fs(node=2)
-    err, text = await write(fs, "nodes/1/ctl", line, ALICE)
+    err, text = await write(fs, "nodes/1/ctl", b"exec hostname", ALICE)
     assert err == errno.EOPNOTSUPP
-    assert text.endswith("from a process on node 2 is not supported yet: run it from the "
-                         "master")
+    assert text.endswith("from a process on node 2 is not supported: use execmove (bpsh)")
     assert not s.sent and not FakePin.open          # nothing pinned, nothing started
 
 
