@@ -11,6 +11,7 @@ import shutil
 import signal
 import statistics
 import tempfile
+import threading
 import time
 from typing import Iterator
 
@@ -137,6 +138,8 @@ def test_a_set_user_id_program_is_refused_by_capture(rig: Rig, users) -> None:
     bob = users["bob"]
     pid, child = parent_and_child(rig, uid=bob.uid, gid=bob.gid)
     rig.tracer.exec_in(child, su.encode(), [b"passwd", b"--status"], [], b"/").result(5)
+    # the tracer is privileged: the kernel honours the set-user-ID bit; capture refuses it
+    assert status_of(child)["Uid"].split()[:2] == [str(bob.uid), "0"]
     with pytest.raises(MigrateError) as exc:
         rig.tracer.capture(child, 5).result(10)
     assert exc.value.errno == errno.EPERM
@@ -201,14 +204,66 @@ def test_signals_after_the_exec_go_to_the_program_a_childs_sigchld_nowhere(rig: 
 
 def test_finish_or_kill_before_capture(rig: Rig) -> None:
     pid, child = parent_and_child(rig)
-    other = rig.tracer.fork(pid).result(5)
-    for c in (child, other):
+    other, third = rig.tracer.fork(pid).result(5), rig.tracer.fork(pid).result(5)
+    for c in (child, other, third):
         rig.tracer.exec_in(c, ECHO.encode(), [b"echo"], [], b"/").result(5)
     rig.tracer.finish(child, exit_code=3).result(5)
     rig.tracer.kill(other).result(5)
+    rig.tracer.finish(third, signal=signal.SIGTERM).result(5)
     assert rig.tracer.reap(pid, child).result(5) == 3 << 8
     assert os.WTERMSIG(rig.tracer.reap(pid, other).result(5)) == signal.SIGKILL
+    assert os.WTERMSIG(rig.tracer.reap(pid, third).result(5)) == signal.SIGTERM
+    assert rig.rec.signals == []
     assert list(rig.tracer._ghosts.tracees) == [pid]
+
+
+def test_killing_the_ghost_while_it_execs(rig: Rig) -> None:
+    """SIGKILL at any moment of an exec_in: ESRCH (or the exec took, and then capture is
+    ESRCH), its end reported once, nothing left behind."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    for i in range(30):
+        child = rig.tracer.fork(pid).result(5)
+        fut = rig.tracer.exec_in(child, ECHO.encode(), [b"echo"], ENV, b"/usr")
+        time.sleep(i * 0.00003)
+        os.kill(child, signal.SIGKILL)
+        try:
+            fut.result(5)
+        except MigrateError as exc:
+            assert exc.errno == errno.ESRCH
+        rig.rec.wait(lambda: child in rig.rec.exits)
+        assert errno_of(rig.tracer.capture(child, 1)) == errno.ESRCH
+        assert os.WTERMSIG(rig.tracer.reap(pid, child).result(5)) == signal.SIGKILL
+    assert list(rig.tracer._ghosts.tracees) == [pid] and zombies_of(pid) == []
+    assert rig.tracer.ghosts() == [pid] and asleep(pid)
+
+
+def test_signals_during_exec_in_are_reported_or_kept_for_the_program(rig: Rig) -> None:
+    """A signal before the exec is the ghost's (reported, for its real process); after it,
+    the new program's (in the image). Every one sent lands in one place or the other."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    for _ in range(20):
+        child = rig.tracer.fork(pid).result(5)
+        done = threading.Event()
+
+        def hammer() -> None:
+            while not done.is_set():
+                os.kill(child, signal.SIGUSR1)
+                time.sleep(0.00005)
+        th = threading.Thread(target=hammer)
+        th.start()
+        try:
+            rig.tracer.exec_in(child, ECHO.encode(), [b"echo"], [], b"/").result(5)
+        finally:
+            done.set()
+            th.join()
+        os.kill(child, signal.SIGUSR2)
+        img = rig.tracer.capture(child, 5).result(10)
+        assert signal.SIGUSR2 in img.pending and set(img.pending) <= {signal.SIGUSR1,
+                                                                       signal.SIGUSR2}
+        assert {s for p, s in rig.rec.signals if p == child} <= {signal.SIGUSR1}
+        rig.tracer.finish(child, exit_code=0).result(5)
+        assert rig.tracer.reap(pid, child).result(5) == 0
+    assert {p for p, _ in rig.rec.signals} <= set(rig.rec.exits) and asleep(pid)
 
 
 @pytest.mark.timeout(180)
