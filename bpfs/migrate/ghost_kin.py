@@ -3,8 +3,9 @@ processes or to change what `ps` shows: its copies (`clone`, siblings: one dump,
 its children (`fork`: a process forked on a node), the reaping of an ended child (`reap`:
 the real parent on the node reaped), a new name and command line (`rename`: an exec on
 a node), and an exec in the ghost itself (`exec_in`: an exec whose program is to run on
-another node; `capture` takes it from there). `Kin` is mixed into `bpfs.migrate.ghost.Ghosts`, which supplies the tracees and
-their ends; it runs in the tracer thread. docs/ghosts.md ("Children") says why and how.
+another node; `capture` takes it from there). `Kin` is mixed into `bpfs.migrate.ghost.Ghosts`,
+which supplies the tracees and their ends; it runs in the tracer thread. docs/ghosts.md
+("Children", "An exec in a ghost") says why and how.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ rig: tests/engine/ghostrig.py).
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import shutil
 import signal
@@ -101,11 +102,16 @@ def test_a_failed_exec_leaves_the_ghost_as_it_was(rig: Rig) -> None:
     pid, child = parent_and_child(rig, cwd="/tmp")
     rig.tracer.rename(child, [b"sh", b"-c", b"x"]).result(5)  # a mapping of its own
     before = snapshot(child)
-    for path in (b"/nonexistent/program", b"/etc/passwd", b"/tmp"):
-        err = errno_of(rig.tracer.exec_in(child, path, [b"x"], ENV, b"/usr"))
-        assert err == {b"/etc/passwd": errno.EACCES, b"/tmp": errno.EACCES}.get(
-            path, errno.ENOENT)
-        assert looks_unchanged(child, before) and child in rig.tracer.ghosts()
+    fifo = os.path.join(tempfile.mkdtemp(prefix="bpfs-exec-"), "fifo")
+    os.mkfifo(fifo, 0o755)                                # must not hang the tracer
+    try:
+        for path, err in ((b"/nonexistent/program", errno.ENOENT),
+                          (b"/etc/passwd", errno.EACCES), (b"/tmp", errno.EACCES),
+                          (fifo.encode(), errno.EACCES)):
+            assert errno_of(rig.tracer.exec_in(child, path, [b"x"], ENV, b"/usr")) == err
+            assert looks_unchanged(child, before) and child in rig.tracer.ghosts()
+    finally:
+        shutil.rmtree(os.path.dirname(fifo))
     os.kill(child, signal.SIGUSR2)                        # still a ghost
     rig.rec.wait(lambda: (child, signal.SIGUSR2) in rig.rec.signals)
     rig.tracer.exec_in(child, ECHO.encode(), [b"echo"], [], b"/usr").result(5)
@@ -113,6 +119,25 @@ def test_a_failed_exec_leaves_the_ghost_as_it_was(rig: Rig) -> None:
     assert img.argv == ["echo"] and img.cwd == "/usr"
     rig.tracer.finish(child, exit_code=0).result(5)
     assert rig.tracer.reap(pid, child).result(5) == 0
+
+
+def test_a_step_that_fails_puts_everything_back(rig: Rig,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from bpfs.migrate import ghost_exec
+    pid, child = parent_and_child(rig, cwd="/tmp")
+    before = snapshot(child)
+    monkeypatch.setattr(ghost_exec, "SYS_OPENAT", 1000)    # no such call: ENOSYS
+    assert errno_of(rig.tracer.exec_in(child, ECHO.encode(), [b"e"], [], b"/usr")
+                    ) == errno.ENOSYS
+    monkeypatch.undo()
+    assert looks_unchanged(child, before)
+    monkeypatch.setattr(ghost_exec, "MAX_TRIES", 0)        # as if signals overtook it
+    assert errno_of(rig.tracer.exec_in(child, ECHO.encode(), [b"e"], [], b"/usr")
+                    ) == errno.EINTR
+    monkeypatch.undo()
+    assert looks_unchanged(child, before) and rig.tracer.ghosts() == sorted([pid, child])
+    rig.tracer.exec_in(child, ECHO.encode(), [b"e"], [], b"/usr").result(5)
+    assert rig.tracer.capture(child, 5).result(10).argv == ["e"]
 
 
 def test_a_users_ghost_execs_as_that_user(rig: Rig, users, root_only: str) -> None:
@@ -284,9 +309,11 @@ def test_two_hundred_execs_leave_nothing_behind(rig: Rig) -> None:
         assert rig.tracer.reap(pid, child).result(5) == (i % 256) << 8
         return t1 - t0, t2 - t0
     cycle(0)                                              # warm up (the dump's hashes)
+    gc.collect()                    # earlier tests' pipes, closed when collected, not ours
     fds, ghost_fds = fd_count(), fds_of(pid)
     times = [cycle(i) for i in range(1, 201)]
     rig.rec.wait(lambda: len(rig.rec.exits) == 201)
+    gc.collect()
     assert zombies_of(pid) == [] and rig.tracer.ghosts() == [pid]
     assert list(ghosts.tracees) == [pid] and ghosts.tracees[pid].children == {}
     assert list(ghosts.park_rss) == [pid] and dump._held == {}
