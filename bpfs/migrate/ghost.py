@@ -2,9 +2,11 @@
 
 A ghost keeps a migrated process's PID, parent, name and command line on the master, asleep
 (`ghost_park` does the surgery); `Ghosts` takes each tracee through seized -> capturing ->
-ghost -> halting -> finishing (and kill, release; clone, fork, reap and rename are
-`ghost_kin`'s), resolves the futures and reports signals and ends. `bpfs.migrate.tracer.Tracer` owns it and drives it from its ptrace thread:
-every method here runs in that thread, except `ghosts()`. The design, the API and the fault
+ghost -> halting -> finishing (and kill, release; clone, fork, reap, rename and exec_in
+are `ghost_kin`'s; an exec_in'd ghost goes back to seized, stopped at its exec, for
+capture), resolves the futures and reports signals and ends. `bpfs.migrate.tracer.Tracer`
+owns it and drives it from its ptrace thread: every method here runs in that thread, except
+`ghosts()`. The design, the API and the fault
 rules are in docs/ghosts.md.
 """
 

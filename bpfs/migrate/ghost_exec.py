@@ -42,6 +42,7 @@ SYS_FCHDIR, SYS_EXECVE, SYS_OPENAT = 81, 59, 257
 AT_FDCWD = -100
 O_PATH, O_DIRECTORY, O_CLOEXEC = 0o10000000, 0o200000, 0o2000000
 PROT_RW, MAP_PRIVATE_ANON = 0x3, 0x22
+MAX_TRIES = 1000   # execve steps overtaken by a signal (each one reported); EINTR beyond
 
 
 @dataclass
@@ -135,15 +136,20 @@ def _execve(pid: int, base: pt.Regs, gadget: int, signals: list[int], at: dict[s
     """Single-step execve at `gadget`: 0 at its exec event stop, else -errno.
 
     A signal that comes before the instruction is suppressed and recorded (the ghost's, for
-    its real process), and the step retried; one that comes as the failed call returns is
+    its real process), and the step retried (MAX_TRIES times at most: a flood of signals
+    cannot hold the tracer thread for ever); one that comes as the failed call returns is
     recorded too. A signal after the exec's point of no return stays pending in the new
     program (the dump's `run_to_entry` holds it for the node).
+
+    The tracer thread waits for the execve itself (the kernel opening and reading the
+    program and its interpreter), as `capture` waits for the loader's run to the entry
+    point: milliseconds for a local file.
     """
     regs = base.copy()
     regs.rax, regs.orig_rax, regs.rip = SYS_EXECVE, gp.NO_SYSCALL, gadget
     regs.rdi, regs.rsi, regs.rdx = at["path"], at["argv"], at["envp"]
     pt.setregs(pid, regs)
-    while True:
+    for _ in range(MAX_TRIES):
         pt.singlestep(pid)
         sig, event = gp.stop_parts(gp.wait_stop(pid))
         if event == pt.EVENT_EXEC:
@@ -161,6 +167,7 @@ def _execve(pid: int, base: pt.Regs, gadget: int, signals: list[int], at: dict[s
             pt.setregs(pid, regs)
             continue
         return res
+    raise MigrateError(errno.EINTR, f"execve in ghost overtaken by {MAX_TRIES} signals", pid)
 
 
 def _undo(pid: int, regs: pt.Regs, gadget: int, signals: list[int], addr: int, size: int,

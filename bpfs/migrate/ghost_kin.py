@@ -1,9 +1,11 @@
 """A ghost's kin: what is done to a parked ghost halted for one step, to make or unmake
 processes or to change what `ps` shows: its copies (`clone`, siblings: one dump, many ranks),
 its children (`fork`: a process forked on a node), the reaping of an ended child (`reap`:
-the real parent on the node reaped), and a new name and command line (`rename`: an exec on
-a node). `Kin` is mixed into `bpfs.migrate.ghost.Ghosts`, which supplies the tracees and
-their ends; it runs in the tracer thread. docs/ghosts.md ("Children") says why and how.
+the real parent on the node reaped), a new name and command line (`rename`: an exec on
+a node), and an exec in the ghost itself (`exec_in`: an exec whose program is to run on
+another node; `capture` takes it from there). `Kin` is mixed into `bpfs.migrate.ghost.Ghosts`,
+which supplies the tracees and their ends; it runs in the tracer thread. docs/ghosts.md
+("Children", "An exec in a ghost") says why and how.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Halted:
 
 
 class Kin:
-    """clone, fork, reap and rename of parked ghosts (see the module doc)."""
+    """clone, fork, reap, rename and exec_in of parked ghosts (see the module doc)."""
 
     tracees: dict[int, Tracee]
     park_rss: dict[int, tuple[int, int]]
