@@ -3,8 +3,9 @@
 Launching from a node (bpsh on a node, bproc_execmove): the process writes an execmove to
 MOUNT/nodes/T/ctl and calls execve; its node's supervisor has the master run that execve
 in the process's ghost and migrate it to node T (bpfs/node/supervisor.py,
-bpfs/master/nodeexec.py). The execve then *returns 0* on the caller's node: the program
-runs elsewhere under the same cluster PID, and the caller stays behind as its stand-in,
+bpfs/master/nodeexec.py). The execve then fails with LAUNCHED (EINPROGRESS, which no
+execve gives of its own) on the caller's node: the program runs elsewhere under the same
+cluster PID, and the caller stays behind as its stand-in,
 the child its parent waits for. `stand_in` passes on every signal it gets (through
 MOUNT/procs/PID/signal) and ends the way the program ended: the same exit code, or death
 by the same signal.
@@ -17,10 +18,12 @@ a signal interrupts it, is passed on, and the call is made again.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 from typing import NoReturn
 
+LAUNCHED = errno.EINPROGRESS    # execve's answer: "it runs, elsewhere"
 SYS_GETPGID = 121
 WAIT_ARG = -0x42504653          # getpgid(-"BPFS"): the stand-in's question
 PASSED_ON = tuple(s for s in signal.valid_signals()

@@ -204,9 +204,10 @@ class Migrations:
         m.ranks = None
         may_run = [k for k, err in enumerate(ranks) if err is None]
         pids = [-(err.errno or errno.EIO) if err else 0 for err in ranks]
-        pids[may_run[0]] = m.pid
+        own = m.rank if m.rank is not None else may_run[0]     # the writer's rank
+        pids[own] = m.pid
         data = await _serialize(image)
-        rest = may_run[1:]
+        rest = [k for k in may_run if k != own]
         for chunk in _chunks(rest, FAN_OUT_CHUNKS):
             try:
                 clones = await wait_future(self.tracer.clone(m.pid, len(chunk)))

@@ -81,6 +81,13 @@ class NodeExec:
             raise BpfsError(errno.EBUSY, f"process {pid} is already being migrated")
         if len(self._armed) >= MAX_ARMED and pid not in self._armed:
             raise BpfsError(errno.EAGAIN, "too many launches from nodes at once")
+        if req.nodes is None and target == node:
+            self._armed.pop(pid, None)  # a move to the node it is on: bproc's no-op; its
+            return pid                  # execve runs there (the node's files)
+        if req.nodes is not None and not [k for k, n in enumerate(req.nodes)
+                                          if n != node and not (errors and errors[k])]:
+            raise BpfsError(errno.EINVAL, f"execmove --nodes from node {node}: at least one "
+                            "rank must run elsewhere (the writer's PID goes there)")
         self._armed[pid] = _Armed(node, target, req, tuple(errors))
         await self.send_node(node, messages.Armed(pid=pid))   # before the write's answer
         return pid
@@ -116,9 +123,10 @@ class NodeExec:
         target = a.target
         m = Migration(next(self._ids), target, pid, caller, req, send, receive,
                       host=self.host_of(node))
-        if req.nodes is not None:
+        if req.nodes is not None:      # the writer's PID goes to a rank off its own node
             m.ranks = list(a.errors) or [None] * len(req.nodes)
-            m.rank = m.ranks.index(None)
+            m.rank = next(k for k, err in enumerate(m.ranks)
+                          if err is None and req.nodes[k] != node)
             m.node = req.nodes[m.rank]
         self._migrations[m.id] = m
         self._by_pid[pid] = m

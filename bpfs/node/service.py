@@ -182,6 +182,12 @@ class Node:
             self.fs_client.detach()
         return Outcome.LOST, EXIT_LOST
 
+    def drop_held_processes(self) -> None:
+        """bproc: a node that loses (or reboots away from) its master kills what it held."""
+        if kill_namespace():
+            log.info("killed the processes of the node's PID namespace")
+            self.restorer.renew()               # kill(-1) took the Restorer's helper too
+        self.reaper.reap()
 
 
 def make_supervisor(table: procs.ProcessTable) -> Supervisor | None:

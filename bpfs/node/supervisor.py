@@ -48,7 +48,7 @@ from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
 from bpfs.node.session import Session
-from bpfs.standin import WAIT_ARG
+from bpfs.standin import LAUNCHED, WAIT_ARG
 from bpfs.wire import messages
 
 log = logging.getLogger("bpslave")
@@ -177,7 +177,7 @@ class Supervisor:
             if ex is not None:
                 if not msg.errno:
                     self.armed.discard(ex[2])
-                seccomp.answer(ex[0].listener, ex[1].id, err=msg.errno or 0)
+                seccomp.answer(ex[0].listener, ex[1].id, err=msg.errno or LAUNCHED)
             return
         kill = self._kills.pop(msg.seq, None)
         if kill is not None:

@@ -110,13 +110,12 @@ def _execve(job: Job, node: int, env: dict[str, str], status_w: int, rank: int) 
     try:
         os.execve(path, argv, env)
     except OSError as e:
+        if e.errno == _errno.EINPROGRESS:   # bpsh on a node: the master ran the program in
+            os.close(status_w)              # our ghost and migrated it (bpfs/standin.py);
+            from bpfs.standin import stand_in   # we stand in for it here, bpsh's child
+            stand_in(os.getpid(), job.mount)
         _report(status_w, rank, EXEC, e.errno)
-        os._exit(127)
-    # It returned: bpsh runs on a node, and the master ran the program in our ghost and
-    # migrated it (bpfs/standin.py); we stand in for it here, as bpsh's child.
-    os.close(status_w)
-    from bpfs.standin import stand_in
-    stand_in(os.getpid(), job.mount)
+    os._exit(127)
 
 
 def _report(status_w: int, rank: int, stage: int, err: int | None, reason: str = "") -> None:

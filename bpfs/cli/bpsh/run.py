@@ -90,7 +90,12 @@ def run_job(job: Job, *, stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd
     # start-up: `bpsh -N`, bpsh with all three fds on /dev/null and --version never need it.
     from bpfs.cli.bpsh.stdio import StdioServer
     sockets = "socket" in job.io
-    vector = len(job.nodes) > 1 and MASTER not in job.nodes and not EXEC_PREFIX
+    # One capture for every rank (vexecmove) from the master; on a node each rank is a
+    # child of its own, which stands in for its program (bpfs/standin.py): the ranks'
+    # ghosts are our children on the master only, and here we can wait only for ours.
+    on_node = os.path.islink(os.path.join(job.mount, "self"))
+    vector = len(job.nodes) > 1 and MASTER not in job.nodes and not EXEC_PREFIX \
+        and not on_node
     listener = _listen() if vector or (sockets and any(n != MASTER
                                                        for n in job.nodes)) else None
     token = os.urandom(16).hex()
