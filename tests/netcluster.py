@@ -73,7 +73,7 @@ def make(src: str, nodes: int = 2) -> Iterator[NetCluster]:
             c.procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", ns] + command("bpslave") +
                 ["--master", f"{master_ip}:{port}", "--node", str(n), "--key", key,
-                 "--hostname", f"n{n}"],
+                 "--hostname", f"n{n}", "--unmount", mount],   # as on a machine of its own
                 env=env, stdout=nlog, stderr=nlog, start_new_session=True))
         _wait(lambda: all(c.read(f"nodes/{n}/status").strip() == "up" for n in range(nodes)),
               "the nodes up", 30)
