@@ -232,3 +232,22 @@ def test_poller_is_poll_selector():
         return out
 
     assert _both(errors) == [KeyError, KeyError, ValueError, ValueError, []]
+
+
+def test_bprsh_is_as_light_as_bpsh(tmp_path):
+    """bprsh (bpfs.cli.bpsh.rsh) runs for every daemon a launcher starts: bpsh's diet too."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+before = set(sys.modules)
+import bpfs.cli.bpsh.rsh as r
+r.parse_rsh(["-x", "-oBatchMode=yes", "n1", " orted", "-mca", "ess", '"env"'])
+print("\\n".join(sorted(set(sys.modules) - before)))
+""")
+    r = subprocess.run([PY, "-I", "-S", str(script)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    imported = set(r.stdout.split())
+    assert imported.isdisjoint(HEAVY + FOR_NODESPECS), sorted(imported & {*HEAVY,
+                                                                          *FOR_NODESPECS})
