@@ -60,8 +60,11 @@ def cli() -> None:
 @click.option("--heartbeat", type=click.FloatRange(min=0.01), default=None, metavar="S",
               help="How often nodes send their facts; shorter than --ping-timeout "
                    "(default: a fifth of it, at most 1 s).")
+@click.option("--hosts-file", default="/run/bpfs/hosts", show_default=True, metavar="FILE",
+              help="Where the master writes the nodes' names (n5, .5, master) for the NSS "
+                   "module libnss_bproc (which reads it, or $BPFS_HOSTS); '' for none.")
 def master(mount: str | None, listen: str, port: int, key_file: str, state_file: str,
-           nodes: int, ping_timeout: float, heartbeat: float | None) -> int:
+           nodes: int, ping_timeout: float, heartbeat: float | None, hosts_file: str) -> int:
     """Run the master daemon in the foreground: serve the node port, mount /bproc.
 
     SIGTERM or SIGINT unmounts cleanly and exits 0.
@@ -73,7 +76,8 @@ def master(mount: str | None, listen: str, port: int, key_file: str, state_file:
     from bpfs.master.daemon import MasterConfig, run_master
     cfg = MasterConfig(mount=common.mount_point(mount), listen=listen, port=port,
                        key_file=key_file, state_file=state_file, nodes=nodes,
-                       ping_timeout=ping_timeout, heartbeat=heartbeat)
+                       ping_timeout=ping_timeout, heartbeat=heartbeat,
+                       hosts_file=hosts_file or None)
     return run_master(cfg)
 
 

@@ -39,7 +39,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
-from bpfs.master import liveness, statefile
+from bpfs.master import liveness, names, statefile
 from bpfs.master.exec import ExecService
 from bpfs.master.links import NodeLinks
 from bpfs.master.procs import ProcService
@@ -61,6 +61,7 @@ class MasterConfig:
     ping_timeout: float = 5.0          # node marked down when no heartbeat for this long
     heartbeat: float | None = None     # interval told to nodes in `welcome`; None: derived
                                        # from ping_timeout (liveness.heartbeat_for)
+    hosts_file: str | None = None      # the names for libnss_bproc (bpfs.master.names)
 
     def __post_init__(self) -> None:
         if self.heartbeat is None:
@@ -152,6 +153,11 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
         raise
     log.info("master serving %s, nodes on %s:%d (%d configured)", cfg.mount, cfg.listen, port,
              len(cluster.nodes()))
+    hosts = None
+    if cfg.hosts_file:
+        hosts = names.HostsFile(cfg.hosts_file, cluster, names.master_address(cfg.listen))
+        cluster.events.subscribe(hosts.update)     # node addresses change with node events
+        hosts.update()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(master.procs.run)
@@ -164,6 +170,8 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
         fsmount.unmount()
         log.info("unmounted %s", cfg.mount)
         master.save_now()
+        if hosts is not None:
+            hosts.remove()
 
 
 def check_config(cfg: MasterConfig) -> None:

@@ -28,6 +28,7 @@ class NodeConfig:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     reboot_delay: float = 0.05       # pause of a simulated reboot
+    source: str | None = None        # connect from this local address (embedded: one a node)
 
     @property
     def address(self) -> str:

@@ -113,7 +113,8 @@ class Node:
 
     async def _one_connection(self) -> tuple[Outcome, int]:
         try:
-            fs = await wire.connect(self.cfg.host, self.cfg.port, self.key)
+            fs = await wire.connect(self.cfg.host, self.cfg.port, self.key,
+                                    local_address=self.cfg.source)
         except wire.AuthError as exc:
             log.error("authentication with %s failed: %s", self.cfg.address, exc)
             return Outcome.LOST, EXIT_REFUSED

@@ -5,6 +5,8 @@ on the nodes once mpirun is interrupted.
 The packages come from `./bootstrap test` (openmpi-bin libopenmpi-dev mpich libmpich-dev);
 each MPI's tests skip, saying so, only when its programs are missing. The hello world
 (mpi_hello.c, beside this file) is compiled with each MPI's own mpicc. The embedded
+cluster's names resolve (the NSS module installed as bootstrap does, BPFS_HOSTS naming
+this cluster's hosts file), as the launchers look the hosts up. The embedded
 nodes share one kernel, so the settings README.md's MPI section gives are used here:
 MPICH's UCX over TCP (UCX_TLS=tcp,self). UCX 1.13's TCP transport sometimes never
 finishes MPI_Finalize (openucx/ucx#8738; on this machine without bpfs too, about one
@@ -27,6 +29,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.cluster.nss_support import hosts_env, install_nss
 from tests.conftest import Cluster, _new_cluster, _teardown, as_user, command, is_root
 
 pytestmark = pytest.mark.timeout(240)
@@ -60,10 +63,13 @@ MPIS = [MPI("openmpi", "mpicc.openmpi", "mpirun.openmpi"),
 
 @pytest.fixture(scope="module")
 def mpi_cluster(src_dir: str) -> Iterator[Cluster]:
-    """A 4-node cluster for the module (the MPI runs want n0..n3)."""
+    """A 4-node cluster for the module (the MPI runs want n0..n3), its names resolving
+    as after `./bootstrap install` (the launchers look the hosts up)."""
     if not is_root():
         pytest.skip("the embedded cluster needs root (FUSE mount, namespaces)")
+    install_nss()
     c = _new_cluster(src_dir, NODES)
+    c.env = hosts_env(c.env, c.state_dir)
     try:
         c.up()
         yield c
