@@ -113,6 +113,7 @@ class NodeLinks:
         self.heartbeat = heartbeat
         self.ping_timeout = ping_timeout
         self.conns: dict[int, NodeConn] = {}
+        self.names: Callable[[], messages.Msg] | None = None   # sent after welcome
         self.handshakes = 0                 # connections in their handshake now
         self.refusals = RefusalLog()
 
@@ -182,6 +183,8 @@ class NodeLinks:
         try:
             with conn.scope:
                 await conn.stream.send(messages.Welcome(node=n, heartbeat=self.heartbeat))
+                if self.names is not None:
+                    await conn.stream.send(self.names())
                 await self._receive_loop(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)

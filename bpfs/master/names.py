@@ -1,39 +1,34 @@
-"""The cluster's names as a hosts file, for the NSS module (nss/libnss_bproc.c).
+"""The cluster's names for the NSS module: the hosts file, and the `names` message.
 
 BProc shipped a name service for its nodes; so does bpfs: `n5`, `.5` and `master`
 resolve, on the master and on every node, through `hosts: files bproc` in
-/etc/nsswitch.conf and libnss_bproc.so.2, which reads this file (or $BPFS_HOSTS). The
-master rewrites it, atomically (a temporary file renamed over it), whenever a node's
-address changes, so every lookup reads one consistent version without asking the
-daemon anything; the embedded nodes share the master's filesystem and read the same
-file. The format is /etc/hosts', one line a host:
+/etc/nsswitch.conf and libnss_bproc.so.2, which reads the hosts file of
+bpfs/hostsfile.py. The master rewrites it whenever a node's address changes (each
+event of the model is a chance: `update` renders, and writes only when the text
+differs); the embedded nodes share the master's filesystem and read the same file.
+A node on a machine of its own gets the same names in a `names` message (sent after
+`welcome`, and to every node when they change; `broadcast`) and writes them there.
 
-    hosts_file  := "# " comment NL  line*
-    line        := ADDRESS SP NAME (SP ALIAS)* NL
-    master line := ADDR SP "master"                the address the node port listens on
-                                                   (127.0.0.1 for a wildcard listen
-                                                   without a name that resolves)
-    node line   := ADDR SP "n" N SP "." N          every node that has registered, at
-                                                   the address it registered from; kept
-                                                   while it is down, as /etc/hosts would
-
-Write errors are logged (once until another comes) and retried at the next change; the file is
-removed when the master stops. Nothing here blocks for long: one small write and a
-rename, only when the text changes.
+Write errors are logged (once until another comes) and retried at the next change;
+the master removes its file when it stops.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
+from typing import Awaitable, Callable, Iterable
 
+import trio
+
+from bpfs import hostsfile
 from bpfs.model import Cluster
+from bpfs.wire import messages
 
 log = logging.getLogger("bpfs.master.names")
 
-DEFAULT_HOSTS_FILE = "/run/bpfs/hosts"
-HEADER = "# bpfs: the cluster's names (written by the master; read by libnss_bproc)\n"
+BROADCAST_EVERY = 0.25      # seconds between checks for changed names (events may come
+                            # from any thread, so the task polls a version number)
 
 
 def master_address(listen: str) -> str:
@@ -42,57 +37,60 @@ def master_address(listen: str) -> str:
     if listen not in ("", "0.0.0.0", "::"):
         return listen
     try:
-        address = socket.gethostbyname(socket.gethostname())
+        return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
-    return address
 
 
-def render_hosts(master: str, nodes: list[tuple[int, str]]) -> str:
-    """The file's text: `master`, then (number, address) of each node with an address."""
-    lines = [HEADER, f"{master} master\n"]
-    lines += [f"{address} n{n} .{n}\n" for n, address in sorted(nodes) if address]
-    return "".join(lines)
+class Names:
+    """Keeps `path` (if any) equal to the cluster's names; call `update` on any event."""
 
-
-class HostsFile:
-    """Keeps `path` equal to render_hosts() of the cluster; call `update` on any event."""
-
-    def __init__(self, path: str, cluster: Cluster, master: str) -> None:
+    def __init__(self, path: str | None, cluster: Cluster, master: str) -> None:
         self.path, self.cluster, self.master = path, cluster, master
-        self._written: str | None = None
+        self.version = 0
+        self._text: str | None = None
+        self._pairs: list[tuple[int, str]] = []
+        self._written = False
         self._last_error = ""
 
     def update(self) -> None:
-        text = render_hosts(self.master, [(n.number, n.address) for n in self.cluster.nodes()])
-        if text == self._written:
+        pairs = [(n.number, n.address) for n in self.cluster.nodes() if n.address]
+        text = hostsfile.render_hosts(self.master, pairs)
+        if text == self._text:
+            return
+        self._text, self._pairs = text, pairs
+        self.version += 1
+        if self.path is None:
             return
         try:
-            write_atomically(self.path, text)
+            hostsfile.write_atomically(self.path, text)
         except OSError as exc:
-            if str(exc) != self._last_error:          # once per kind, not per event
+            if str(exc) != self._last_error:
                 log.error("cannot write the hosts file %s: %s", self.path, exc)
                 self._last_error = str(exc)
+            self._text = None               # try again at the next event
             return
-        self._written = text
+        self._written = True
+
+    def message(self) -> messages.Names:
+        return messages.Names(master=self.master, nodes=list(self._pairs))
+
+    async def broadcast(self, nodes: Callable[[], Iterable[int]],
+                        send: Callable[[int, messages.Msg], Awaitable[None]]) -> None:
+        """Forever: when the names change, send them to every connected node (a node
+        that connects later gets them after `welcome`). Send failures are the link's."""
+        sent = self.version
+        while True:
+            await trio.sleep(BROADCAST_EVERY)
+            if self.version == sent:
+                continue
+            sent, msg = self.version, self.message()
+            for n in list(nodes()):
+                try:
+                    await send(n, msg)
+                except Exception as exc:            # a lost link is the link's business
+                    log.debug("names to node %d: %s", n, exc)
 
     def remove(self) -> None:
-        if self._written is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def write_atomically(path: str, text: str) -> None:
-    """`path` (0644, its directory made 0755 if missing) holds `text`, never half of it."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        if self._written and self.path is not None:
+            hostsfile.remove(self.path)

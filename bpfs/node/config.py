@@ -29,6 +29,7 @@ class NodeConfig:
     backoff_max: float = 5.0
     reboot_delay: float = 0.05       # pause of a simulated reboot
     source: str | None = None        # connect from this local address (embedded: one a node)
+    hosts_file: str | None = None    # write the master's `names` here (bpfs/hostsfile.py)
 
     @property
     def address(self) -> str:

@@ -26,12 +26,14 @@ refusals are logged and exit 3 (or are retried with `-r`).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import signal
 
 import trio
 
+from bpfs import hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
 from bpfs.node import procs
@@ -57,12 +59,36 @@ async def _on_ctl(session: Session, msg: messages.Ctl) -> Outcome | None:
     return outcome
 
 
+async def _on_names(session: Session, msg: messages.Names) -> Outcome | None:
+    """The cluster's names: written where this node's libnss_bproc reads them, if this
+    node keeps a hosts file of its own (an embedded node reads the master's)."""
+    path = session.node.cfg.hosts_file
+    if path is None:
+        return None
+    pairs = [(n, address) for n, address in msg.nodes if _is_address(address)]
+    master = msg.master if _is_address(msg.master) else "127.0.0.1"
+    try:
+        await trio.to_thread.run_sync(hostsfile.write_atomically, path,
+                                      hostsfile.render_hosts(master, pairs))
+    except OSError as exc:
+        log.error("cannot write the hosts file %s: %s", path, exc)
+    return None
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 # What the master may send a registered node, by message class (bpfs.wire.messages.
 # FROM_MASTER decodes them); add a row for a new one. Any other is a protocol error that
 # ends the session.
 FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
-    messages.Signal: procs.on_signal,
+    messages.Signal: procs.on_signal, messages.Names: _on_names,
 }
 
 

@@ -21,6 +21,8 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
+    master -> node    names      master: ADDRESS, nodes: [[NODE, ADDRESS]] (at most
+                                 MAX_ITEMS)           the cluster's names (bpfs/hostsfile.py)
   migration (bpfs/master, bpfs/node/procs.py):
     master -> node    restore    id: ID, image: BLOB, uid: ID32, gid: ID32,
                                  groups: [ID32] (at most NGROUPS), io: [IO, IO, IO],
@@ -128,6 +130,7 @@ SIGNAL = _int(1, 64)                # 1 .. NSIG-1
 LOAD = _num(0, 1e9)
 BYTES = Annotated[int, Meta(ge=0)]    # 0..2^64-1: msgpack has no larger int
 EXIT_CODE = _int(0, 255)
+ADDRESS = _str(64)                  # an IP address as text (the node checks it parses)
 
 
 # ---- facts: bpfs.formats.Facts's fields, bounded -------------------------------------------
@@ -236,6 +239,12 @@ class Facts(Msg, tag="facts"):
 class Ctl(Msg, tag="ctl"):
     sender = "master"
     cmd: WORD
+
+
+class Names(Msg, tag="names"):
+    sender = "master"
+    master: ADDRESS
+    nodes: Annotated[list[tuple[NODE, ADDRESS]], Meta(max_length=MAX_ITEMS)]
 
 
 class Restore(Msg, tag="restore"):

@@ -19,7 +19,7 @@ import pytest
 
 from bpfs import formats
 from tests.cluster.nss_support import hosts_env, install_nss
-from tests.conftest import Cluster
+from tests.conftest import Cluster, command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,3 +160,38 @@ def test_a_missing_hosts_file_is_not_found(tmp_path: Path) -> None:
 def test_socket_in_this_process_sees_the_module(named: Cluster, monkeypatch) -> None:
     monkeypatch.setenv("BPFS_HOSTS", named.env["BPFS_HOSTS"])
     assert socket.gethostbyname("n0") == address(named, 0)
+
+
+def test_a_node_on_a_machine_of_its_own_writes_the_names_it_is_sent(make_cluster,
+                                                                     tmp_path: Path) -> None:
+    """A node that does not share the master's files (bpslave --hosts-file, the default
+    /run/bpfs/hosts off the master's machine) gets the names in a `names` message after
+    `welcome`, and again when they change, and writes them for its own libnss_bproc."""
+    c = make_cluster(nodes=2)
+    slaves = []
+
+    def replace(n: int, hosts: Path) -> None:
+        """Node n's embedded daemon goes; a bpslave (from 127.0.0.1) takes its number."""
+        os.kill(int(Path(c.state_dir, "pids", f"node-{n}.pid").read_text().split()[0]), 9)
+        c.wait_for(lambda: c.read(f"nodes/{n}/status").strip() == "down", what="node down")
+        slaves.append(subprocess.Popen(
+            command("bpslave") + ["--master", f"127.0.0.1:{c.port}", "--node", str(n),
+                                  "--key", os.path.join(c.state_dir, "cluster.key"),
+                                  "--no-namespace", "--hosts-file", str(hosts)],
+            env=c.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    theirs = tmp_path / "hosts"
+    try:
+        replace(1, theirs)
+        c.wait_for(lambda: theirs.exists() and "127.0.0.1 n1 .1\n" in theirs.read_text(),
+                   timeout=15, what="the node's hosts file")
+        assert theirs.read_text() == Path(c.state_dir, "hosts").read_text()
+        assert oct(theirs.stat().st_mode & 0o777) == "0o644"
+        replace(0, tmp_path / "hosts0")                 # n0's address changes: sent again
+        c.wait_for(lambda: "127.0.0.1 n0 .0\n" in theirs.read_text(), timeout=15,
+                   what="the changed names at node 1")
+        assert theirs.read_text() == Path(c.state_dir, "hosts").read_text()
+    finally:
+        for p in slaves:
+            p.kill()
+            p.wait()

@@ -48,6 +48,7 @@ GOOD = [
     m.State(state="up"),
     m.Facts(facts=m.NodeFacts.of(node_facts.facts())),
     m.Ctl(cmd="reboot"),
+    m.Names(master="10.0.0.1", nodes=[(0, "10.0.0.10"), (5, "fd00::5")]),
     m.Restore(id=1, image=b"\0" * 100, uid=1000, gid=100, groups=(100, 27),
               io=("socket", "null", "file:/tmp/x"), port=4000, token=TOKEN, pid=4242,
               rank=9_999_999),
@@ -102,7 +103,7 @@ def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
         "Exited"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
-        "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal"}
+        "Refused", "Welcome", "Ctl", "Names", "Restore", "Files", "Signal"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 
