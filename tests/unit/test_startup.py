@@ -251,3 +251,21 @@ print("\\n".join(sorted(set(sys.modules) - before)))
     imported = set(r.stdout.split())
     assert imported.isdisjoint(HEAVY + FOR_NODESPECS), sorted(imported & {*HEAVY,
                                                                           *FOR_NODESPECS})
+
+
+def test_bootstrap_writes_the_bprsh_launcher_the_same_way(tmp_path):
+    """write_bpsh_launcher TARGET bpfs.cli.bpsh.rsh: bprsh's launcher, as lean as bpsh's."""
+    text = (ROOT / "bootstrap").read_text()
+    func = text[text.index("write_bpsh_launcher() {"):]
+    func = func[:func.index("\n}\n") + 3]
+    target = tmp_path / "bprsh"
+    subprocess.run(["sh", "-c", f'{func}\nwrite_bpsh_launcher "$1" bpfs.cli.bpsh.rsh', "sh",
+                    str(target)], check=True, env=dict(os.environ, VENV=sys.prefix), timeout=30)
+    lines = target.read_text().splitlines()
+    assert lines[0] == f"#!{sys.prefix}/bin/python3 -ISOO"
+    assert lines[4] == "from bpfs.cli.bpsh.rsh import console"
+    site = ast.literal_eval(lines[3][len("sys.path.append("):-1])
+    if not (Path(site) / "bpfs" / "cli" / "bpsh" / "rsh.py").exists():
+        pytest.skip("this venv's bpfs has no bprsh yet (./bootstrap install puts it there)")
+    r = subprocess.run([str(target), "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("bprsh version"), r.stderr
