@@ -73,6 +73,11 @@ def test_getent_on_the_master(named: Cluster, name: str, n: int | None) -> None:
     assert fields[0] == want and (n is None or fields[1:] == [f"n{n}", f".{n}"])
 
 
+def test_any_user_resolves_them(named: Cluster, users) -> None:
+    r = named.sh("getent hosts n1 master", user=users["carol"])
+    assert [line.split()[0] for line in ok(r).splitlines()] == [address(named, 1), "127.0.0.1"]
+
+
 def test_reverse_lookup_gives_the_node_name(named: Cluster) -> None:
     assert ok(getent(named, address(named, 2))).split()[1:] == ["n2", ".2"]
 
