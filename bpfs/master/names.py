@@ -54,10 +54,12 @@ class Names:
         self._last_error = ""
 
     def update(self) -> None:
+        """Called after every event of the model (processes' too): cheap unless a node's
+        address changed."""
         pairs = [(n.number, n.address) for n in self.cluster.nodes() if n.address]
-        text = hostsfile.render_hosts(self.master, pairs)
-        if text == self._text:
+        if pairs == self._pairs and self._text is not None:
             return
+        text = hostsfile.render_hosts(self.master, pairs)
         self._text, self._pairs = text, pairs
         self.version += 1
         if self.path is None:
