@@ -63,9 +63,15 @@ def cli() -> None:
 @click.option("--usage-interval", type=click.FloatRange(min=0.05, max=1e6), default=2.0,
               show_default=True, metavar="S",
               help="How often nodes report their processes' CPU, memory and state.")
+
+@click.option("--hosts-file", default=None, metavar="FILE",
+              help="Where the master writes the nodes' names (n5, .5, master) for the NSS "
+                   "module libnss_bproc (which reads it, or $BPFS_HOSTS); '' for nowhere. "
+                   "Default: /run/bpfs/hosts for the mount /bproc, else nowhere.")
+
 def master(mount: str | None, listen: str, port: int, key_file: str, state_file: str,
            nodes: int, ping_timeout: float, heartbeat: float | None,
-           usage_interval: float) -> int:
+           usage_interval: float, hosts_file: str | None) -> int:
     """Run the master daemon in the foreground: serve the node port, mount /bproc.
 
     SIGTERM or SIGINT unmounts cleanly and exits 0.
@@ -75,11 +81,21 @@ def master(mount: str | None, listen: str, port: int, key_file: str, state_file:
     if problem:
         raise click.UsageError(problem)
     from bpfs.master.daemon import MasterConfig, run_master
-    cfg = MasterConfig(mount=common.mount_point(mount), listen=listen, port=port,
+    cfg_mount = os.path.abspath(common.mount_point(mount))
+    cfg = MasterConfig(mount=cfg_mount, listen=listen, port=port,
                        key_file=key_file, state_file=state_file, nodes=nodes,
                        ping_timeout=ping_timeout, heartbeat=heartbeat,
-                       usage_interval=usage_interval)
+                       usage_interval=usage_interval,
+                       hosts_file=_hosts_file(hosts_file, cfg_mount))
     return run_master(cfg)
+
+
+def _hosts_file(option: str | None, mount: str) -> str | None:
+    """--hosts-file: '' is nowhere; by default /run/bpfs/hosts for the cluster of /bproc
+    only (a master on another mount is a test's or a second cluster's)."""
+    if option is not None:
+        return option or None
+    return "/run/bpfs/hosts" if mount == "/bproc" else None
 
 
 @cli.command(context_settings=CONTEXT)

@@ -20,6 +20,7 @@ import click
 from bpfs.cli import nodebproc
 from bpfs.cli.clickmain import click_main
 from bpfs.errors import BpfsError
+from bpfs.hostsfile import DEFAULT_HOSTS_FILE
 from bpfs.node.config import DEFAULT_KEY_FILE, NodeConfig, parse_master
 from bpfs.node.daemon import start
 from bpfs.node.launcher import NamespaceSpec
@@ -66,26 +67,40 @@ Exit status: 0 halted/powered off by the master or stopped by a signal;
 @click.option("--unmount", multiple=True, metavar="DIR",
               help="Simulated node: lazily unmount DIR inside the node (e.g. the master's "
                    "FUSE mount, which the node must never block on). Repeatable.")
-@click.option("--mount", "view", metavar="DIR", envvar="BPROC_MOUNT", default="/bproc",
-              show_default=True,
-              help="Where the node's processes find its number, as DIR/self (the master's "
-                   "mount point: bproc_currnode reads it); a private tmpfs in the node's "
-                   "mount namespace (none with --no-namespace).")
+@click.option("--hosts-file", default=None, metavar="FILE",
+              help="Where to write the cluster's names (n5, .5, master) the master sends, "
+                   "for the NSS module libnss_bproc; '' for nowhere. Default: "
+                   "/run/bpfs/hosts, but nowhere when the master is on this machine "
+                   "(a loopback address: the node shares the master's files).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
 def cli(master: str, node: int | None, key_file: str, reconnect: bool, no_namespace: bool,
         hostname: str | None, scratch: tuple[str, ...], hide: tuple[str, ...],
-        unmount: tuple[str, ...], view: str, verbose: int, quiet: bool) -> int:
+        unmount: tuple[str, ...], hosts_file: str | None, verbose: int, quiet: bool) -> int:
     try:
         host, port = parse_master(master)
     except BpfsError as exc:
         raise click.BadParameter(str(exc), param_hint="--master") from None
     cfg = NodeConfig(host=host, port=port, key_file=key_file, node=node, reconnect=reconnect,
-                     serve_fs=nodebproc.serve)
+                     serve_fs=nodebproc.serve,
+                     hosts_file=default_hosts_file(host) if hosts_file is None
+                     else hosts_file or None)
     spec = NamespaceSpec(hostname, list(scratch), list(hide), list(unmount))
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     label = hostname or (f"node{node}" if node is not None else "")
     return start(cfg, spec, label=label, namespaces=not no_namespace, level=level)
+
+
+def default_hosts_file(master_host: str) -> str | None:
+    """/run/bpfs/hosts for a node on a machine of its own; None when the master is on
+    this machine (it writes the names there itself, and a test's node must not
+    overwrite the names of the machine's cluster)."""
+    import ipaddress
+    try:
+        loopback = master_host == "localhost" or ipaddress.ip_address(master_host).is_loopback
+    except ValueError:
+        loopback = False
+    return None if loopback else DEFAULT_HOSTS_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

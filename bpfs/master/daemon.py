@@ -40,7 +40,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
-from bpfs.master import liveness, statefile
+from bpfs.master import liveness, names, statefile
 from bpfs.master.exec import ExecService
 from bpfs.master.links import NodeLinks
 from bpfs.master.procs import ProcService
@@ -64,6 +64,8 @@ class MasterConfig:
     heartbeat: float | None = None     # interval told to nodes in `welcome`; None: derived
                                        # from ping_timeout (liveness.heartbeat_for)
     usage_interval: float = USAGE_INTERVAL   # seconds between a node's usage reports
+    hosts_file: str | None = None      # where to write the names for libnss_bproc (None:
+                                       # nowhere; nodes still get them: bpfs.master.names)
 
     def __post_init__(self) -> None:
         if self.heartbeat is None:
@@ -169,6 +171,10 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
         raise
     log.info("master serving %s, nodes on %s:%d (%d configured)", cfg.mount, cfg.listen, port,
              len(cluster.nodes()))
+    hosts = names.Names(cfg.hosts_file, cluster, names.master_address(cfg.listen))
+    cluster.events.subscribe(hosts.update)         # node addresses change with node events
+    hosts.update()
+    master.links.names = hosts.message
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(master.procs.run)
@@ -177,11 +183,14 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             nursery.start_soon(trio.serve_listeners, master.links.handle_connection, listeners)
             nursery.start_soon(master.links.watchdog)
+            nursery.start_soon(hosts.broadcast, lambda: list(master.links.conns),
+                               master.links.send_node)
             task_status.started(port)
     finally:
         fsmount.unmount()
         log.info("unmounted %s", cfg.mount)
         master.save_now()
+        hosts.remove()
 
 
 def check_config(cfg: MasterConfig) -> None:

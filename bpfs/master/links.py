@@ -173,6 +173,7 @@ class NodeLinks:
         self.heartbeat = heartbeat
         self.ping_timeout = ping_timeout
         self.conns: dict[int, NodeConn] = {}
+        self.names: Callable[[], messages.Msg] | None = None   # sent after welcome
         self.handshakes = 0                 # connections in their handshake now
         self.refusals = RefusalLog()
 
@@ -269,6 +270,8 @@ class NodeLinks:
                 await conn.stream.send(messages.Welcome(
                     node=n, heartbeat=self.heartbeat, pid_max=_pid_max(), mount=self.mount,
                     usage=self.usage.interval if self.usage is not None else None))
+                if self.names is not None:
+                    await conn.stream.send(self.names())
                 await self._receive_and_answer(conn)
         except wire.ProtocolError as exc:
             log.warning("node %d (%s): %s; closing its connection", n, conn.peer, exc)

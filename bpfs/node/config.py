@@ -31,6 +31,8 @@ class NodeConfig:
     reboot_delay: float = 0.05       # pause of a simulated reboot
     serve_fs: Callable[..., Any] | None = None   # bpfs.fs.remote.serve (/bproc on the node),
                                                  # given by the command line; None: no mount
+    source: str | None = None        # connect from this local address (embedded: one a node)
+    hosts_file: str | None = None    # write the master's `names` here (bpfs/hostsfile.py)
 
     @property
     def address(self) -> str:

@@ -279,6 +279,20 @@ def _write_cluster_file(layout: Layout, opts: UpOptions) -> None:
                                    "nodes": opts.nodes}))
 
 
+def hosts_file(layout: Layout) -> str:
+    """Where the master writes the names (bpfs.master.names): /run/bpfs/hosts for /bproc,
+    STATE_DIR/hosts for a cluster on another mount (set BPFS_HOSTS to it to use them)."""
+    return "/run/bpfs/hosts" if layout.mount == DEFAULT_MOUNT else layout.path("hosts")
+
+
+def node_address(n: int) -> str:
+    """Node n's own loopback address, 127.1.X.Y with X.Y = n + 1: the node connects from
+    it, so the master registers one address per node and `n5` names a host of its own
+    (an address that is one of this machine's interfaces, 127.0.0.1, would make
+    launchers such as Open MPI's mpirun take every node for this machine)."""
+    return f"127.1.{(n + 1) >> 8 & 255}.{(n + 1) & 255}"
+
+
 def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH", "")
@@ -290,7 +304,7 @@ def _start_master(layout: Layout, opts: UpOptions) -> Record:
             "--listen", "127.0.0.1", "--port", str(opts.port), "--key", layout.key_file,
             "--state-file", layout.path("state"), "--nodes", str(opts.nodes),
             "--ping-timeout", str(opts.ping_timeout),
-            "--usage-interval", str(opts.usage_interval)]
+            "--usage-interval", str(opts.usage_interval), "--hosts-file", hosts_file(layout)]
     with open(layout.path("logs", "master.log"), "wb") as log:    # one run a log
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 cwd="/", env=_child_env(), start_new_session=True)
@@ -362,7 +376,7 @@ def _node_main(layout: Layout, opts: UpOptions, n: int) -> NoReturn:
         nsutil.set_comm("bpslave")
         cfg = NodeConfig(host="127.0.0.1", port=opts.port, key_file=layout.key_file, node=n,
                          reconnect=True, backoff_min=0.05, backoff_max=1.0,
-                         serve_fs=opts.serve_fs)
+                         serve_fs=opts.serve_fs, source=node_address(n))
         spec = NamespaceSpec(f"n{n}", [SCRATCH], [os.path.abspath(d) for d in opts.hide],
                              [layout.mount])
         daemon.setup_logging(logging.INFO, f"n{n}")

@@ -31,12 +31,14 @@ refusals are logged and exit 3 (or are retried with `-r`).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import signal
 
 import trio
 
+from bpfs import hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
 from bpfs.node import procs, usage
@@ -68,6 +70,30 @@ async def _on_fs_reply(session: Session, msg: messages.FsReply) -> None:
     session.node.fs_client.on_reply(msg)
 
 
+async def _on_names(session: Session, msg: messages.Names) -> Outcome | None:
+    """The cluster's names: written where this node's libnss_bproc reads them, if this
+    node keeps a hosts file of its own (an embedded node reads the master's)."""
+    path = session.node.cfg.hosts_file
+    if path is None:
+        return None
+    pairs = [(n, address) for n, address in msg.nodes if _is_address(address)]
+    master = msg.master if _is_address(msg.master) else "127.0.0.1"
+    try:
+        await trio.to_thread.run_sync(hostsfile.write_atomically, path,
+                                      hostsfile.render_hosts(master, pairs))
+    except OSError as exc:
+        log.error("cannot write the hosts file %s: %s", path, exc)
+    return None
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 # What the master may send a registered node, by message class (bpfs.wire.messages.
 # FROM_MASTER decodes them); add a row for a new one. Any other is a protocol error that
 # ends the session.
@@ -78,6 +104,7 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Execd: procs.on_answer, messages.Armed: procs.on_armed,
     messages.Ended: procs.on_ended,
     messages.FsReply: _on_fs_reply,
+    messages.Names: _on_names,
 }
 
 
@@ -135,7 +162,8 @@ class Node:
 
     async def _one_connection(self) -> tuple[Outcome, int]:
         try:
-            fs = await wire.connect(self.cfg.host, self.cfg.port, self.key)
+            fs = await wire.connect(self.cfg.host, self.cfg.port, self.key,
+                                    local_address=self.cfg.source)
         except wire.AuthError as exc:
             log.error("authentication with %s failed: %s", self.cfg.address, exc)
             return Outcome.LOST, EXIT_REFUSED

@@ -292,9 +292,11 @@ async def _refuse(fs: FrameStream, err: int, message: str) -> None:
         pass
 
 
-async def connect(host: str, port: int, key: bytes) -> FrameStream:
-    """Open an authenticated connection to the master (node side)."""
-    stream = await trio.open_tcp_stream(host, port)
+async def connect(host: str, port: int, key: bytes, *,
+                  local_address: str | None = None) -> FrameStream:
+    """Open an authenticated connection to the master (node side), from `local_address`
+    if given (the master registers the node at the address it sees)."""
+    stream = await trio.open_tcp_stream(host, port, local_address=local_address)
     fs = FrameStream(stream, HANDSHAKE_MAX_FRAME, messages.HANDSHAKE)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):

@@ -58,6 +58,7 @@ SIGNAL = _int(1, 64)                # 1 .. NSIG-1
 LOAD = _num(0, 1e9)
 BYTES = Annotated[int, Meta(ge=0)]    # 0..2^64-1: msgpack has no larger int
 EXIT_CODE = _int(0, 255)
+ADDRESS = _str(64)                  # an IP address as text (the node checks it parses)
 TICKS = _int(0, 2**63 - 1)
 COUNT = _int(0, 2**63 - 1)
 LETTER = _str(1)

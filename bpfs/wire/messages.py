@@ -24,6 +24,8 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  state      state: WORD          ("up" once booted)
                       facts      facts: FACTS         (the heartbeat)
     master -> node    ctl        cmd: WORD            ("reboot" | "halt" | "pwroff")
+    master -> node    names      master: ADDRESS, nodes: [[NODE, ADDRESS]] (at most
+                                 MAX_ITEMS)           the cluster's names (bpfs/hostsfile.py)
   migration (bpfs/master, bpfs/node/procs.py):
     master -> node    restore    id: ID, image: BLOB, uid: ID32, gid: ID32,
                                  groups: [ID32] (at most NGROUPS), io: [IO, IO, IO],
@@ -129,11 +131,11 @@ the largest the grammar allows (MAX_ITEMS), whatever its headers claim.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union, get_type_hints
+from typing import Annotated, Any, Optional, Union, get_type_hints
 
 import msgpack
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from bpfs.errors import ProtocolError
 from bpfs.wire.grammar import *  # noqa: F401,F403  (the bounded types: messages.PID...)
@@ -206,6 +208,12 @@ class Facts(Msg, tag="facts"):
 class Ctl(Msg, tag="ctl"):
     sender = "master"
     cmd: WORD
+
+
+class Names(Msg, tag="names"):
+    sender = "master"
+    master: ADDRESS
+    nodes: Annotated[list[tuple[NODE, ADDRESS]], Meta(max_length=MAX_ITEMS)]
 
 
 class Restore(Msg, tag="restore"):

@@ -51,6 +51,7 @@ GOOD = [
     m.State(state="up"),
     m.Facts(facts=m.NodeFacts.of(node_facts.facts())),
     m.Ctl(cmd="reboot"),
+    m.Names(master="10.0.0.1", nodes=[(0, "10.0.0.10"), (5, "fd00::5")]),
     m.Restore(id=1, image=b"\0" * 100, uid=1000, gid=100, groups=(100, 27),
               io=("socket", "null", "file:/tmp/x"), port=4000, token=TOKEN, pid=4242,
               rank=9_999_999),
@@ -160,7 +161,7 @@ def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
         "FsWrite", "FsRelease", "FsCancel"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
         "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
-        "Armed", "Execd", "Ended", "Sample", "FsReply"}
+        "Armed", "Execd", "Ended", "Sample", "FsReply", "Names"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 

@@ -232,3 +232,40 @@ def test_poller_is_poll_selector():
         return out
 
     assert _both(errors) == [KeyError, KeyError, ValueError, ValueError, []]
+
+
+def test_bprsh_is_as_light_as_bpsh(tmp_path):
+    """bprsh (bpfs.cli.bpsh.rsh) runs for every daemon a launcher starts: bpsh's diet too."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+before = set(sys.modules)
+import bpfs.cli.bpsh.rsh as r
+r.parse_rsh(["-x", "-oBatchMode=yes", "n1", " orted", "-mca", "ess", '"env"'])
+print("\\n".join(sorted(set(sys.modules) - before)))
+""")
+    r = subprocess.run([PY, "-I", "-S", str(script)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    imported = set(r.stdout.split())
+    assert imported.isdisjoint(HEAVY + FOR_NODESPECS), sorted(imported & {*HEAVY,
+                                                                          *FOR_NODESPECS})
+
+
+def test_bootstrap_writes_the_bprsh_launcher_the_same_way(tmp_path):
+    """write_bpsh_launcher TARGET bpfs.cli.bpsh.rsh: bprsh's launcher, as lean as bpsh's."""
+    text = (ROOT / "bootstrap").read_text()
+    func = text[text.index("write_bpsh_launcher() {"):]
+    func = func[:func.index("\n}\n") + 3]
+    target = tmp_path / "bprsh"
+    subprocess.run(["sh", "-c", f'{func}\nwrite_bpsh_launcher "$1" bpfs.cli.bpsh.rsh', "sh",
+                    str(target)], check=True, env=dict(os.environ, VENV=sys.prefix), timeout=30)
+    lines = target.read_text().splitlines()
+    assert lines[0] == f"#!{sys.prefix}/bin/python3 -ISOO"
+    assert lines[4] == "from bpfs.cli.bpsh.rsh import console"
+    site = ast.literal_eval(lines[3][len("sys.path.append("):-1])
+    if not (Path(site) / "bpfs" / "cli" / "bpsh" / "rsh.py").exists():
+        pytest.skip("this venv's bpfs has no bprsh yet (./bootstrap install puts it there)")
+    r = subprocess.run([str(target), "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("bprsh version"), r.stderr

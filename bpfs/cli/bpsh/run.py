@@ -149,8 +149,8 @@ def _listen() -> _socket.socket:
     return sock
 
 
-def exit_status(procs: Sequence[Proc], received: Sequence[int], stderr_fd: int = 2
-                ) -> tuple[int, int | None]:
+def exit_status(procs: Sequence[Proc], received: Sequence[int], stderr_fd: int = 2,
+                prog: str = PROG) -> tuple[int, int | None]:
     """(exit status, signal bpsh should die of) from the children's wait statuses.
 
     The largest exit code wins; a child killed by a signal prints bproc's message and
@@ -167,7 +167,7 @@ def exit_status(procs: Sequence[Proc], received: Sequence[int], stderr_fd: int =
         elif os.WIFSIGNALED(st) and os.WTERMSIG(st) == interrupted:
             die_of = interrupted
         else:
-            os.write(stderr_fd, f"{PROG}: Child process on node {proc.node} exited "
+            os.write(stderr_fd, f"{prog}: Child process on node {proc.node} exited "
                                 f"abnormally.\n".encode())
             code = 255
     return code, die_of
