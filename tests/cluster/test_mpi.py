@@ -225,3 +225,73 @@ def test_interrupting_the_launcher_leaves_nothing_on_the_nodes(mpi_cluster, mpi,
             p.wait()
         p.stdout.close()
         p.stderr.close()
+
+
+# ---- the job in the process space (#16 part 2: forks on nodes are cluster processes) -----
+
+def ghost_chain(pid: int) -> list[int]:
+    """`pid` and its ancestors on the master, up to init."""
+    out = [pid]
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+        out.append(pid)
+    return out
+
+
+def job_procs(c: Cluster) -> dict[int, tuple[int, str]]:
+    """/bproc/procs: pid -> (node, cmd)."""
+    out = {}
+    for p in os.listdir(os.path.join(c.mount, "procs")):
+        try:
+            status = c.read(f"procs/{p}/status")
+        except OSError:
+            continue
+        fields = dict(line.split(": ", 1) for line in status.splitlines() if ": " in line)
+        out[int(p)] = (int(fields["node"]), fields.get("cmd", ""))
+    return out
+
+
+def test_the_job_is_in_the_process_space_with_tree_spawn(mpi_cluster, mpi, agent) -> None:
+    """Open MPI with a chain of daemons (routed radix 1: each daemon on a node starts the
+    next through bprsh, from that node): every daemon and rank is a ghost under mpirun on
+    the master, on its node in /bproc/procs; `kill` of a rank's PID on the master ends
+    the job, and nothing is left anywhere."""
+    c, (m, prog) = mpi_cluster, mpi
+    if m.name != "openmpi":
+        pytest.skip("the tree spawn is Open MPI's (hydra starts its proxies from mpiexec)")
+    before = node_processes(c)
+    argv = [m.launcher, "--allow-run-as-root", "--mca", "plm_rsh_agent", agent,
+            "--mca", "routed", "radix", "--mca", "routed_radix", "1",
+            "--host", ",".join(f"n{n}" for n in range(NODES)), "-np", str(NODES), prog, "60"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env_for(c, m), cwd="/", text=True)
+    try:
+        lines = [p.stdout.readline() for _ in range(NODES)]
+        check_hello("".join(lines), NODES, 1)
+        procs = job_procs(c)
+        ranks = {pid: node for pid, (node, cmd) in procs.items() if cmd.startswith(prog)}
+        daemons = {pid: node for pid, (node, cmd) in procs.items() if cmd.startswith("orted")}
+        assert sorted(ranks.values()) == list(range(NODES)), procs
+        assert sorted(daemons.values()) == list(range(NODES)), procs
+        for pid in (*ranks, *daemons):
+            assert p.pid in ghost_chain(pid), (pid, ghost_chain(pid))
+        # tree spawn: the daemons on nodes 1.. were started from a node, under a daemon
+        for pid, node in daemons.items():
+            above = [d for d in ghost_chain(pid)[1:] if d in daemons]
+            assert node == 0 or above, (pid, node, ghost_chain(pid))
+        victim = next(pid for pid, node in ranks.items() if node == NODES - 1)
+        os.kill(victim, signal.SIGTERM)          # on the master: reaches n3's rank
+        p.wait(timeout=60)
+        assert p.returncode != 0
+        wait_clean(c, before)
+        c.wait_for(lambda: not job_procs(c), timeout=15, what="/bproc/procs to empty")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+        p.stderr.close()
