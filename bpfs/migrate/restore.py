@@ -236,7 +236,8 @@ class Restorer:
         if self.supervised:   # while still root: no no_new_privs needed (set-id stays refused)
             prog = a.data(seccomp.FILTER, align=8)
             a.call("seccomp", seccomp.SECCOMP_SET_MODE_FILTER,
-                   seccomp.SECCOMP_FILTER_FLAG_NEW_LISTENER, a.data(seccomp.fprog(prog), 8))
+                   seccomp.SECCOMP_FILTER_FLAG_NEW_LISTENER
+                   | seccomp.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, a.data(seccomp.fprog(prog), 8))
         self._credentials(a, image, uid, gid, groups)
         a.pause()  # the byte runs are written here
         if self.supervised:

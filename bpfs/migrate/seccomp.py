@@ -26,6 +26,10 @@ import struct
 AUDIT_ARCH_X86_64 = 0xC000003E
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
+# Once the supervisor has received a call, only a fatal signal may interrupt its wait: a
+# fork interrupted by a SIGCHLD would fail EINTR (a real fork restarts), and its shell
+# would say "Cannot fork" (Linux 5.19).
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 32
 RET_ALLOW, RET_NOTIFY = 0x7FFF0000, 0x7FC00000
 RET_ENOSYS = 0x00050000 | errno.ENOSYS              # SECCOMP_RET_ERRNO | ENOSYS
 FLAG_CONTINUE = 1                                   # SECCOMP_USER_NOTIF_FLAG_CONTINUE
@@ -111,9 +115,32 @@ def recv(listener: int) -> Notif | None:
     return Notif(bytes(buf))
 
 
+_libc_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
+_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc_ioctl.restype = ctypes.c_int
+
+
+def recv_blocking(listener: int) -> Notif | None:
+    """Wait for the next notification *without the GIL* (a ctypes call), so the kernel
+    hands it over the moment it stops, whatever Python's other threads do; None if its
+    caller went away first (ENOENT). InterruptedError when a signal interrupts the wait."""
+    buf = ctypes.create_string_buffer(_NOTIF.size)
+    if _libc_ioctl(listener, IOCTL_RECV, buf) == 0:
+        return Notif(buf.raw)
+    err = ctypes.get_errno()
+    if err == errno.ENOENT:
+        return None
+    if err == errno.EINTR:
+        raise InterruptedError(err, os.strerror(err))
+    raise OSError(err, os.strerror(err))
+
+
 def answer(listener: int, nid: int, *, val: int = 0, err: int = 0,
            cont: bool = False) -> bool:
-    """Answer `nid`: CONTINUE, a value, or -err. False if the caller is gone (ENOENT)."""
+    """Answer `nid`: CONTINUE, a value, or -err. False if the caller is gone (ENOENT), or
+    the listener is (-1: its job has ended and it was closed; nobody waits any more)."""
+    if listener < 0:
+        return False
     resp = _RESP.pack(nid, 0 if cont else val, 0 if cont else -err,
                       FLAG_CONTINUE if cont else 0)
     try:
@@ -128,6 +155,8 @@ def answer(listener: int, nid: int, *, val: int = 0, err: int = 0,
 def still_waiting(listener: int, nid: int) -> bool:
     """Whether the call `nid` still waits for its answer (its caller has not died since);
     what makes it safe to act on what was read from the caller's memory or /proc."""
+    if listener < 0:
+        return False
     try:
         fcntl.ioctl(listener, IOCTL_ID_VALID, bytearray(struct.pack("<Q", nid)), True)
     except OSError:

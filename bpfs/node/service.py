@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 
 import trio
 
@@ -142,6 +143,9 @@ class Node:
         self.supervisor = make_supervisor(self.procs)
         if self.supervisor is not None:
             self.restorer.settle = self.supervisor.settle
+            # the supervisor's receiver thread takes the GIL at once when a call stops
+            # (its caller is interruptible until then): 1 ms, not Python's 5
+            sys.setswitchinterval(0.001)
         self.restorer.start()
 
     async def serve(self) -> int:

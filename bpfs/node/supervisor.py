@@ -38,6 +38,8 @@ import itertools
 import logging
 import os
 import select
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -55,6 +57,7 @@ log = logging.getLogger("bpslave")
 
 PID_MAX_LIMIT = 1 << 22
 MAX_ARMED = 4096             # launches from this node waiting for their exec or end
+WAKE_SIGNAL = signal.SIGUSR2  # ends a receiver's wait once its job is over
 SWEEP = 5.0                  # forget calls whose caller died while the master answered
 TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
 EXEC_CHECKS = (0.005, 0.02, 0.1)   # after an execve: when to look at the cmdline (a
@@ -73,6 +76,9 @@ class Job:
     ppid: int | None                  # the master's answers for the leader
     pgid: int | None
     sid: int | None
+    done: bool = False                # every process of the job has ended
+    threads: list[threading.Thread] = field(default_factory=list)   # its receivers
+    receivers: int = 2
 
 
 @dataclass(eq=False)
@@ -118,6 +124,12 @@ class Supervisor:
         self._waiting: dict[int, tuple[Job, seccomp.Notif]] = {}
         self._nursery: trio.Nursery | None = None
         self._pending: int | None = None        # a directed fork's PID, not yet settled
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._epoll = select.epoll()            # the listeners (the receiver thread's)
+        self._by_fd: dict[int, Job] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._parked = park_at
         self.park()
 
@@ -132,13 +144,23 @@ class Supervisor:
     # ---- jobs ----
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the jobs' listeners and watch the children until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                await trio.sleep(SWEEP)
-                self._sweep()
+        """Serve the jobs' listeners (the receiver thread) and watch the children until
+        cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        signal.signal(WAKE_SIGNAL, lambda *_: None)     # interrupts a receiver's wait
+        thread = threading.Thread(target=self._watch_listeners, name="listeners",
+                                  daemon=True)
+        thread.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await trio.sleep(SWEEP)
+                    self._sweep()
+        finally:
+            os.write(self._wake_w, b"x")
+            thread.join(timeout=5)
 
     def _sweep(self) -> None:
         """Forget calls whose caller died meanwhile. A call is never given up on while its
@@ -158,11 +180,25 @@ class Supervisor:
         if self._nursery is None:
             os.close(listener)
             return
-        self._nursery.start_soon(self._serve, job)
+        self._by_fd[listener] = job
+        self._epoll.register(listener, 0)
+        # Two receivers: one is always waiting in the kernel while the other hands its call
+        # to trio (it needs the GIL for that, which may take a moment).
+        job.threads = [threading.Thread(target=self._receive, args=(job,),
+                                        name=f"job-{leader}-{k}", daemon=True) for k in (0, 1)]
+        for t in job.threads:
+            t.start()
 
-    def answered(self, msg: messages.Forked | messages.Killed) -> None:
-        """The master's answer to a `fork` or a `kill`: finish that call (a late or unknown
-        answer is dropped; a ghost made for a fork given up on is undone)."""
+    def answered(self, msg: messages.Forked | messages.Killed | messages.Execd) -> None:
+        """The master's answer to a `fork`, `kill` or `exec`: finish that call (a late or
+        unknown answer is dropped; a ghost made for a fork given up on is undone). Never
+        raises: whatever goes wrong with one call is that call's (the session goes on)."""
+        try:
+            self._answered(msg)
+        except OSError as exc:
+            log.warning("answering a %s: %s", messages.tag(type(msg)), exc)
+
+    def _answered(self, msg: messages.Forked | messages.Killed | messages.Execd) -> None:
         if isinstance(msg, messages.Forked):
             fork = self._forks.pop(msg.seq, None)
             if fork is not None:
@@ -197,26 +233,67 @@ class Supervisor:
         if len(self._ends) < MAX_ARMED:
             self._ends[pid] = status
 
-    async def _serve(self, job: Job) -> None:
-        fd = job.listener
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                ready = poller.poll(0)
-                if not ready or not ready[0][1] & select.POLLIN:
-                    if ready and ready[0][1] & (select.POLLHUP | select.POLLERR):
-                        return          # every process of the job has ended
+    def _receive(self, job: Job) -> None:
+        """A job's receiver thread: takes each call off its listener the moment it stops.
+
+        Why: until a call is received its caller may be interrupted by any signal, and an
+        interrupted fork fails with EINTR (a shell's SIGCHLD from the child it forked just
+        before: "Cannot fork"); once received, only a fatal signal may interrupt it
+        (SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV). The receive is a blocking ioctl made
+        without the GIL (seccomp.recv_blocking), so the kernel completes it at once,
+        however busy the event loop is; the answers are made in trio's thread
+        (`_dispatch`). The watcher thread wakes it (SIGUSR2) once the job has ended."""
+        while not job.done:
+            try:
+                n = seccomp.recv_blocking(job.listener)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.error("job %d: its listener failed: %s", job.leader, exc)
+                break
+            if n is not None:
+                self._post(self._dispatch, job, n)
+        with self._lock:
+            job.receivers -= 1
+            last = job.receivers == 0
+        if last:                                # the listener is closed once nobody waits
+            self._post(self._job_over, job)     # on it: its number may be reused
+
+    def _watch_listeners(self) -> None:
+        """The watcher thread: a job's listener hangs up once every process of the job has
+        ended (each is registered for no event: only EPOLLHUP/EPOLLERR come)."""
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            for fd, _mask in events:
+                if fd == self._wake_r:
+                    return
+                job = self._by_fd.pop(fd, None)
+                if job is None:
                     continue
-                n = seccomp.recv(fd)
-                if n is not None:
-                    self._dispatch(job, n)
-        except OSError as exc:
-            log.error("job %d: its listener failed: %s", job.leader, exc)
-        finally:
-            self.jobs.pop(job.leader, None)
-            trio.lowlevel.notify_closing(fd)
+                self._epoll.unregister(fd)
+                job.done = True
+                for t in job.threads:
+                    if t.ident is not None and t.is_alive():
+                        try:
+                            signal.pthread_kill(t.ident, WAKE_SIGNAL)
+                        except (ProcessLookupError, OSError):
+                            pass
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)    # type: ignore[union-attr]
+        except trio.RunFinishedError:
+            pass
+
+    def _job_over(self, job: Job) -> None:
+        self.jobs.pop(job.leader, None)
+        fd, job.listener = job.listener, -1     # answers still on their way find nobody
+        if fd >= 0:
             os.close(fd)
 
     def _dispatch(self, job: Job, n: seccomp.Notif) -> None:
@@ -318,19 +395,17 @@ class Supervisor:
             self.settle()
         try:
             child.pidfd = seccomp.pidfd_open(pid)
-        except OSError:
+        except OSError:           # the fork failed, or the child has come and gone already
             child.pidfd = -1
-        if child.pidfd < 0 or procread.ppid(pid) != parent:
+        ppid = procread.ppid(pid) if child.pidfd >= 0 else None
+        if child.pidfd < 0 or ppid not in (parent, None):    # None: reaped since the open
             self.children.pop(pid, None)
             self.on_end(pid)
             if child.pidfd >= 0:
                 os.close(child.pidfd)
-            elif procread.read_last() >= pid:       # it was made, and has already been reaped
-                log.debug("pid %d ended before it was watched: status unknown", pid)
-                child.job.session.report(messages.Exited(pid=pid, code=0, id=child.id))
-                return
-            self.stats.mismatched += 1
-            log.warning("fork of %d: PID %d is not its child; it has no ghost", parent, pid)
+                self.stats.mismatched += 1
+                log.warning("fork of %d: PID %d is not its child; it has no ghost", parent,
+                            pid)
             child.job.session.report(messages.Unforked(pid=pid, id=child.id))
             return
         try:

@@ -117,16 +117,34 @@ def test_a_fork_storm_leaves_nothing_behind(cluster) -> None:
 
 def test_threads_need_no_ghost_and_may_fork(cluster) -> None:
     script = ("import os, threading, time\n"
-              "ts = [threading.Thread(target=time.sleep, args=(0.2,)) for _ in range(20)]\n"
+              "tids = []\n"
+              "def run(): tids.append(threading.get_native_id()); time.sleep(0.2)\n"
+              "ts = [threading.Thread(target=run) for _ in range(20)]\n"
               "[t.start() for t in ts]\n"
               "pid = os.fork()\n"
               "if pid == 0: os._exit(5)\n"
               "print(pid, os.waitpid(pid, 0)[1] >> 8)\n"
-              "[t.join() for t in ts]\n")
+              "[t.join() for t in ts]\n"
+              "print(min(tids))\n")
     r = cluster.run("bpsh", "1", PY, "-c", script)
-    pid, code = r.stdout.decode().split()
+    (pid, code), (lowest_tid,) = (line.split() for line in r.stdout.decode().splitlines())
     assert code == "5", r.stderr.decode()
-    assert int(pid) < int(open("/proc/sys/kernel/pid_max").read())
+    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    assert int(pid) < pid_max           # a cluster PID: the master's
+    assert int(lowest_tid) > pid_max     # threads: numbers no cluster PID can have
+
+
+def test_an_orphan_lives_on_and_its_ghost_goes_with_it(cluster) -> None:
+    r = cluster.run("bpsh", "2", "sh", "-c", "sleep 2 >/dev/null 2>&1 & echo $!")
+    orphan = int(r.stdout)
+    assert r.returncode == 0
+    seen = ps(orphan)               # its parent's ghost has ended: re-parented on the master
+    assert seen.get("args") in ("sleep 2", "sh -c sleep 2 >/dev/null 2>&1 & echo $!"), seen
+    assert cluster.read(f"procs/{orphan}/node").strip() == "2"
+    cluster.wait_for(lambda: not pid_alive(orphan), timeout=10, what="the orphan's ghost to go")
+    cluster.wait_for(lambda: not os.path.exists(os.path.join(cluster.mount, "procs",
+                                                             str(orphan))),
+                     timeout=5, what="its procs entry to go")
 
 
 def test_kill_from_a_node_reaches_the_master_and_other_nodes(cluster, users) -> None:
