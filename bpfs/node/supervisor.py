@@ -398,7 +398,8 @@ class Supervisor:
         except OSError:           # the fork failed, or the child has come and gone already
             child.pidfd = -1
         ppid = procread.ppid(pid) if child.pidfd >= 0 else None
-        if child.pidfd < 0 or ppid not in (parent, None):    # None: reaped since the open
+        # None: reaped since the open; 1: its parent has ended and we adopted it
+        if child.pidfd < 0 or ppid not in (parent, None, 1):
             self.children.pop(pid, None)
             self.on_end(pid)
             if child.pidfd >= 0:

@@ -134,10 +134,16 @@ def test_threads_need_no_ghost_and_may_fork(cluster) -> None:
     assert int(lowest_tid) > pid_max     # threads: numbers no cluster PID can have
 
 
-def test_an_orphan_lives_on_and_its_ghost_goes_with_it(cluster) -> None:
-    r = cluster.run("bpsh", "2", "sh", "-c", "sleep 2 >/dev/null 2>&1 & echo $!")
-    orphan = int(r.stdout)
-    assert r.returncode == 0
+def test_an_orphan_lives_on_and_its_ghost_goes_with_it(cluster, tmp_path) -> None:
+    """bpsh's output to files: with a pipe the node ends a job's orphans together with
+    their session (as it did before this work; see the closing note of issue 14)."""
+    out = tmp_path / "out"
+    with open(out, "wb") as f, open(tmp_path / "err", "wb") as e:
+        r = subprocess.run(command("bpsh") + ["2", "sh", "-c",
+                                              "sleep 2 >/dev/null 2>&1 & echo $!"],
+                           env=cluster.env, stdout=f, stderr=e, cwd="/", timeout=30)
+    assert r.returncode == 0, (tmp_path / "err").read_text()
+    orphan = int(out.read_text())
     seen = ps(orphan)               # its parent's ghost has ended: re-parented on the master
     assert seen.get("args") in ("sleep 2", "sh -c sleep 2 >/dev/null 2>&1 & echo $!"), seen
     assert cluster.read(f"procs/{orphan}/node").strip() == "2"
