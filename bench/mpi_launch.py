@@ -117,6 +117,7 @@ class Bench:
         self.env = dict(env, PYTHONPATH=str(ROOT), BPROC_MOUNT=self.mount,
                         PYTHONPYCACHEPREFIX=os.path.join(self.base, "pyc"))
         self.hello = os.path.join(self.base, "hello")
+        self.program = "/bin/true" if args.launch_only else self.hello
         self.bprsh = os.path.join(self.base, "bprsh")
         self.sshwrap = os.path.join(self.base, "sshwrap")
         self.sshhosts = os.path.join(self.base, "ssh-hosts")
@@ -230,18 +231,18 @@ class Bench:
         if tool == "bpfs":
             env = dict(self.env, BPFS_HOSTS=os.path.join(self.state, "hosts"))
             return mpirun + ["--mca", "plm_rsh_agent", self.bprsh, "--host", hosts,
-                             "-np", str(k), self.hello], env
+                             "-np", str(k), self.program], env
         base = {k_: v for k_, v in os.environ.items() if not k_.startswith("OMPI_")}
         if tool == "ssh":
             env = dict(base, BPFS_HOSTS=self.sshhosts)
             return mpirun + ["--mca", "plm_rsh_agent", self.sshwrap, "--host", hosts,
-                             "-np", str(k), self.hello], env
+                             "-np", str(k), self.program], env
         nodes = min(k, SLURM_NODES)
         per = -(-k // nodes)
         return (self.peers_env["PEERS_SRUN"].split() +
                 ["salloc", "-N", str(nodes), "--ntasks-per-node=1"] + mpirun +
                 ["--map-by", f"ppr:{per}:node", "--oversubscribe", "-np", str(k),
-                 self.hello]), dict(base)
+                 self.program]), dict(base)
 
     def run_one(self, tool: str, k: int, timed: bool) -> None:
         argv, env = self.command(tool, k)
@@ -261,7 +262,8 @@ class Bench:
                 out, err = p.communicate()
             why = f"timed out after {self.args.timeout:.0f} s"
         else:
-            why = check(out, k) if p.returncode == 0 else f"exit {p.returncode}"
+            why = f"exit {p.returncode}" if p.returncode else \
+                "" if self.args.launch_only else check(out, k)
         dt = time.monotonic() - t0
         if why:
             detail = " / ".join(line.strip() for line in err.splitlines()
@@ -337,10 +339,12 @@ class Bench:
             f"- machine: Linux {sh(['uname', '-r'])}, {os.cpu_count()} cores, "
             f"{int(mem) / 1024 / 1024:.1f} GiB; load average at the start {self.load_start}, "
             f"at the end {loadavg()} (shared with other work)",
-            f"- {sh(['mpirun.openmpi', '--version']).splitlines()[0]}; the program: "
-            "tests/cluster/mpi_hello.c (MPI_Init, rank, size, gethostname, MPI_Allreduce, "
-            "printf, MPI_Finalize) built by mpicc.openmpi; every run's output checked "
-            "(K lines, size K, sum K(K-1)/2)",
+            f"- {sh(['mpirun.openmpi', '--version']).splitlines()[0]}; the program: " +
+            ("/bin/true (`--launch-only`: the daemons' launch and teardown, no MPI "
+             "wire-up); every run's exit status checked" if a.launch_only else
+             "tests/cluster/mpi_hello.c (MPI_Init, rank, size, gethostname, MPI_Allreduce, "
+             "printf, MPI_Finalize) built by mpicc.openmpi; every run's output checked "
+             "(K lines, size K, sum K(K-1)/2)"),
             f"- time: the whole command, from its start to its exit (stdout a pipe read by "
             f"the script); median (min–max) of {a.runs} runs after one untimed warm-up, "
             "the order of the three launchers rotated every round",
@@ -391,6 +395,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="4,16,32", help="ranks, 1 a node (default 4,16,32)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs of each (default 5)")
     ap.add_argument("--timeout", type=float, default=120, help="seconds a run may take")
+    ap.add_argument("--launch-only", action="store_true",
+                    help="run /bin/true, not the hello world: the daemons' launch and "
+                         "teardown without MPI_Init's wire-up")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results-mpi.md"),
                     help="markdown file to write ('' for none)")
     ap.add_argument("--peers-dir", default="/tmp/bpfs-peers-mpi")
