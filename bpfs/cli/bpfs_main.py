@@ -63,12 +63,10 @@ def cli() -> None:
 @click.option("--usage-interval", type=click.FloatRange(min=0.05, max=1e6), default=2.0,
               show_default=True, metavar="S",
               help="How often nodes report their processes' CPU, memory and state.")
-
 @click.option("--hosts-file", default=None, metavar="FILE",
               help="Where the master writes the nodes' names (n5, .5, master) for the NSS "
                    "module libnss_bproc (which reads it, or $BPFS_HOSTS); '' for nowhere. "
                    "Default: /run/bpfs/hosts for the mount /bproc, else nowhere.")
-
 def master(mount: str | None, listen: str, port: int, key_file: str, state_file: str,
            nodes: int, ping_timeout: float, heartbeat: float | None,
            usage_interval: float, hosts_file: str | None) -> int:
