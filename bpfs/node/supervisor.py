@@ -60,8 +60,9 @@ MAX_ARMED = 4096             # launches from this node waiting for their exec or
 WAKE_SIGNAL = signal.SIGUSR2  # ends a receiver's wait once its job is over
 SWEEP = 5.0                  # forget calls whose caller died while the master answered
 TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
-EXEC_CHECKS = (0.005, 0.02, 0.1)   # after an execve: when to look at the cmdline (a
-                                   # program done sooner costs its ghost no rename)
+EXEC_CHECKS = (0.005, 0.02, 0.1, 0.5, 2.0, 5.0)   # after an execve: when to look at the
+                                   # cmdline (a program done sooner costs its ghost no rename;
+                                   # a loaded node may take long to load one)
 REAP_POLL = (0.001, 0.1)     # an ended child not reaped yet: look again (first, at most)
 
 

@@ -272,9 +272,14 @@ def test_the_job_is_in_the_process_space_with_tree_spawn(mpi_cluster, mpi, agent
     try:
         lines = [p.stdout.readline() for _ in range(NODES)]
         check_hello("".join(lines), NODES, 1)
+        def named(prefix: str) -> dict[int, int]:
+            return {pid: node for pid, (node, cmd) in job_procs(c).items()
+                    if cmd.startswith(prefix)}
+        # a rank's ghost takes its name once its node has seen the exec (a moment)
+        c.wait_for(lambda: len(named(prog)) == NODES and len(named("orted")) == NODES,
+                   timeout=15, what="every rank and daemon named in /bproc/procs")
         procs = job_procs(c)
-        ranks = {pid: node for pid, (node, cmd) in procs.items() if cmd.startswith(prog)}
-        daemons = {pid: node for pid, (node, cmd) in procs.items() if cmd.startswith("orted")}
+        ranks, daemons = named(prog), named("orted")
         assert sorted(ranks.values()) == list(range(NODES)), procs
         assert sorted(daemons.values()) == list(range(NODES)), procs
         for pid in (*ranks, *daemons):
