@@ -30,6 +30,8 @@ import os
 import time
 from typing import Any, Callable
 
+import trio
+
 from bpfs.errors import BpfsError
 from bpfs.master.migrations import SendNode
 from bpfs.model import Cluster
@@ -38,6 +40,7 @@ from bpfs.wire import messages
 log = logging.getLogger("bpfs.master.forks")
 
 FORK_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})   # else: EAGAIN
+MAX_WATCHED = 4096          # master processes nodes hold pidfds of (their proxies)
 SYS_SETRESUID = 117
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -58,6 +61,7 @@ class NodeForks:
         # write a message now, whole, if the connection takes it (bpfs.master.links)
         self.send_now: Callable[[int, messages.Msg], bool] | None = None
         self._parents: dict[int, int] = {}    # forked pid -> its parent's pid (its ghost's)
+        self._watched: set[tuple[int, int]] = set()    # (node, pid): a node's pidfd proxies
 
     # ---- fork ----
 
@@ -179,6 +183,32 @@ class NodeForks:
     def on_kill(self, node: int, msg: messages.Kill) -> None:
         err = kill_as(msg.ruid, msg.euid, msg.pid, msg.sig)
         self._tell(node, messages.Killed(seq=msg.seq, errno=err or None))
+
+    def on_watch(self, node: int, msg: messages.Watch) -> None:
+        """A pidfd on a node of `pid` here: the node hears `ended` once it has ended."""
+        err = kill_as(msg.ruid, msg.euid, msg.pid, 0)
+        if err in (0, errno.EPERM) and (node, msg.pid) not in self._watched:
+            try:
+                fd = os.pidfd_open(msg.pid)
+            except OSError as exc:
+                err = exc.errno or errno.ESRCH
+            else:
+                if len(self._watched) < MAX_WATCHED:
+                    self._watched.add((node, msg.pid))
+                    self._spawn(self._watch_end, node, msg.pid, fd)
+                else:
+                    os.close(fd)
+                    err = errno.EAGAIN
+        self._tell(node, messages.Killed(seq=msg.seq, errno=err or None))
+
+    async def _watch_end(self, node: int, pid: int, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            self._watched.discard((node, pid))
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+        self._tell(node, messages.Ended(pid=pid, status=0))
 
 
 def kill_as(ruid: int, euid: int, pid: int, sig: int) -> int:

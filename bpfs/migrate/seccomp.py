@@ -39,6 +39,7 @@ SYSCALLS = {
     "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "kill": 62, "getppid": 110,
     "getpgrp": 111, "setpgid": 109, "getpgid": 121, "getsid": 124, "rt_sigqueueinfo": 129,
     "tkill": 200, "tgkill": 234, "rt_tgsigqueueinfo": 297, "execveat": 322, "clone3": 435,
+    "pidfd_open": 434,
 }
 NAMES = {nr: name for name, nr in SYSCALLS.items()}
 NOTIFIED = tuple(sorted(SYSCALLS.values()))
@@ -85,6 +86,9 @@ def _iowr(nr: int, size: int) -> int:
 IOCTL_RECV = _iowr(0, _NOTIF.size)
 IOCTL_SEND = _iowr(1, _RESP.size)
 IOCTL_ID_VALID = (1 << 30) | (8 << 16) | (ord("!") << 8) | 2
+_ADDFD = struct.Struct("<QIIII")           # id, flags, srcfd, newfd, newfd_flags
+IOCTL_ADDFD = (1 << 30) | (_ADDFD.size << 16) | (ord("!") << 8) | 3
+ADDFD_FLAG_SEND = 2                        # install the fd and answer the call with it
 
 
 class Notif:
@@ -145,6 +149,21 @@ def answer(listener: int, nid: int, *, val: int = 0, err: int = 0,
                       FLAG_CONTINUE if cont else 0)
     try:
         fcntl.ioctl(listener, IOCTL_SEND, bytearray(resp), True)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def answer_with_fd(listener: int, nid: int, fd: int, cloexec: bool) -> bool:
+    """Answer `nid` with a copy of our `fd` installed in the caller (its number is the
+    call's result: SECCOMP_ADDFD_FLAG_SEND). False if the caller is gone."""
+    if listener < 0:
+        return False
+    req = _ADDFD.pack(nid, ADDFD_FLAG_SEND, fd, 0, os.O_CLOEXEC if cloexec else 0)
+    try:
+        fcntl.ioctl(listener, IOCTL_ADDFD, bytearray(req), True)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return False

@@ -78,6 +78,21 @@ def uids(tid: int) -> tuple[int, int] | None:
     return None
 
 
+def ids(tid: int) -> tuple[int, int, int] | None:
+    """(real uid, effective uid, real gid) of `tid`."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = {line.split(b":")[0]: line.split()[1:3] for line in text.splitlines()
+              if line.startswith((b"Uid:", b"Gid:"))}
+    try:
+        return int(fields[b"Uid"][0]), int(fields[b"Uid"][1]), int(fields[b"Gid"][0])
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
 def cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -49,6 +49,7 @@ import trio
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
+from bpfs.node.pidproxy import PidfdCalls, Proxies
 from bpfs.node.session import Session
 from bpfs.standin import LAUNCHED, WAIT_ARG
 from bpfs.wire import messages
@@ -101,7 +102,7 @@ class Stats:
     answered: dict[str, int] = field(default_factory=dict)
 
 
-class Supervisor:
+class Supervisor(PidfdCalls):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
@@ -118,6 +119,9 @@ class Supervisor:
         self._forks: dict[int, tuple[Job, seccomp.Notif, int]] = {}
         self._kills: dict[int, tuple[Job, seccomp.Notif]] = {}
         self._execs: dict[int, tuple[Job, seccomp.Notif, int]] = {}
+        self._watches: dict[int, tuple[Job, seccomp.Notif, int, tuple[int, int, int],
+                                       int]] = {}
+        self.proxies = Proxies()
         # Launches from this node (bpfs/standin.py): who may exec elsewhere (the master
         # said `armed`), and the stand-ins: the wait status once known, their waiting call.
         self.armed: set[int] = set()
@@ -168,7 +172,7 @@ class Supervisor:
         caller waits: the master answers every question on a live connection, and when the
         connection goes the node kills every process it holds (bproc), waiting ones too,
         so a fork never fails for a master that was only slow."""
-        for table in (self._forks, self._kills, self._execs):
+        for table in (self._forks, self._kills, self._execs, self._watches):
             for seq, (job, n, *_rest) in list(table.items()):
                 if not seccomp.still_waiting(job.listener, n.id):
                     del table[seq]
@@ -216,6 +220,10 @@ class Supervisor:
                     self.armed.discard(ex[2])
                 seccomp.answer(ex[0].listener, ex[1].id, err=msg.errno or LAUNCHED)
             return
+        watch = self._watches.pop(msg.seq, None)
+        if watch is not None:
+            self._watched(*watch, msg.errno)
+            return
         kill = self._kills.pop(msg.seq, None)
         if kill is not None:
             seccomp.answer(kill[0].listener, kill[1].id, err=msg.errno or 0)
@@ -226,7 +234,9 @@ class Supervisor:
             self.armed.add(pid)
 
     def ended(self, pid: int, status: int) -> None:
-        """The program `pid` stands in for has ended (`ended`): answer its wait."""
+        """`pid` elsewhere has ended (`ended`): answer its stand-in's wait, end its pidfd
+        proxies."""
+        self.proxies.ended(pid)
         waiting = self._waiting.pop(pid, None)
         if waiting is not None and seccomp.answer(waiting[0].listener, waiting[1].id,
                                                   val=status):
@@ -577,4 +587,5 @@ HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
     NR["getsid"]: Supervisor._on_getsid, NR["setpgid"]: Supervisor._on_setpgid,
     **{NR[k]: Supervisor._on_kill for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                              "rt_tgsigqueueinfo")},
+    NR["pidfd_open"]: Supervisor._on_pidfd_open,
 }

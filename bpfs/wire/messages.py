@@ -46,6 +46,7 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  unforked   pid: PID, id: ID
                       execed     pid: PID, id: ID, cmdline: bytes (at most 64 KiB)
                       kill       seq: ID, pid: -PID..PID, sig: 0..64, ruid: ID32, euid: ID32
+                      watch      seq: ID, pid: PID, ruid: ID32, euid: ID32  (-> killed, ended)
     master -> node    killed     seq: ID, [errno: ERRNO]
                       armed      pid: PID            (its execmove from the node was taken)
     node   -> master  exec       seq: ID, pid: PID, path: bytes, argv: [bytes], envp: [bytes],

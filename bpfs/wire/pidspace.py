@@ -64,6 +64,17 @@ class Killed(Msg, tag="killed"):
     errno: Optional[ERRNO] = None
 
 
+class Watch(Msg, tag="watch"):
+    """A process on the node opened a pidfd of `pid`, which is not on this node: answer
+    as kill(pid, 0) would with the caller's uids (`killed`), then say when it ends
+    (`ended`): the node's proxy for it (bpfs/node/pidproxy.py) ends then."""
+    sender = "node"
+    seq: ID
+    pid: PID
+    ruid: ID32
+    euid: ID32
+
+
 class Armed(Msg, tag="armed"):
     """`pid` on this node wrote an execmove that the master took: its next execve is the
     master's to run (in its ghost) and migrate (sent before the write's own answer)."""

@@ -191,3 +191,36 @@ def _children(pid: int) -> list[int]:
             return [int(x) for x in f.read().split()]
     except OSError:
         return []
+
+
+def test_a_pidfd_of_a_process_on_another_node(cluster, users) -> None:
+    """pidfd_open of a process elsewhere gives a pidfd of a local proxy (bpfs/node/
+    pidproxy.py): pidfd_send_signal reaches the process through the master with the
+    caller's uids, and the pidfd reads as ended once the process has ended."""
+    alice, bob = users["alice"], users["bob"]
+    target = bpsh_bg(cluster, "2", "sh", "-c", "echo $$; exec sleep 30", user=alice)
+    try:
+        pid = int(first_line(target))
+        script = ("import os, select, signal, sys\n"
+                  "fd = os.pidfd_open(int(sys.argv[1]))\n"
+                  "print(bool(select.select([fd], [], [], 0)[0]))\n"
+                  "try:\n"
+                  "    signal.pidfd_send_signal(fd, signal.SIGTERM)\n"
+                  "except OSError as e:\n"
+                  "    print('refused', e.errno)\n"
+                  "print(bool(select.select([fd], [], [], float(sys.argv[2]))[0]))\n")
+        # bob may open it (pidfd_open checks no permission) but not signal it: his proxy's
+        # signal goes on with his uids and the master's kill refuses it; the target lives
+        r = cluster.run("bpsh", "1", PY, "-c", script, str(pid), "1", user=bob, timeout=30)
+        assert r.stdout == b"False\nFalse\n", r
+        assert pid_alive(pid)
+        # alice's reaches it: it ends, and her pidfd says so
+        r = cluster.run("bpsh", "1", PY, "-c", script, str(pid), "10", user=alice, timeout=30)
+        assert r.stdout == b"False\nTrue\n", r
+        target.wait(timeout=10)
+        r = cluster.run("bpsh", "1", PY, "-c", "import os; os.pidfd_open(4190000)")
+        assert b"No such process" in r.stderr, r
+    finally:
+        if target.poll() is None:
+            os.killpg(target.pid, signal.SIGKILL)
+            target.wait()

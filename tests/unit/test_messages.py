@@ -79,6 +79,7 @@ GOOD = [
     m.Killed(seq=3),
     m.Killed(seq=4, errno=errno.EPERM),
     m.Armed(pid=4243),
+    m.Watch(seq=7, pid=4000, ruid=1000, euid=1000),
     m.Exec(seq=5, pid=4243, path=b"/bin/hostname", argv=[b"hostname"], envp=[b"A=b"],
            cwd=b"/tmp"),
     m.Execd(seq=5),
@@ -156,7 +157,7 @@ def test_every_message_has_an_example_here() -> None:
 def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_NODE.classes} == {
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
-        "Exited", "Fork", "Unforked", "Execed", "Kill", "Exec", "Usage", "FsLookup",
+        "Exited", "Fork", "Unforked", "Execed", "Kill", "Exec", "Watch", "Usage", "FsLookup",
         "FsGetattr", "FsSetattr", "FsAccess", "FsOpendir", "FsReaddir", "FsOpen", "FsRead",
         "FsWrite", "FsRelease", "FsCancel"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
