@@ -93,15 +93,6 @@ class Child:
     cmdline: bytes = b""
 
 
-@dataclass
-class Stats:
-    forks: int = 0
-    refused: int = 0
-    mismatched: int = 0
-    kills_forwarded: int = 0
-    answered: dict[str, int] = field(default_factory=dict)
-
-
 class Supervisor(PidfdCalls):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
@@ -112,7 +103,6 @@ class Supervisor(PidfdCalls):
         self.children: dict[int, Child] = {}    # by pid
         self.on_child = on_child or (lambda c: None)
         self.on_end = on_end or (lambda pid: None)
-        self.stats = Stats()
         self._seq = itertools.count(1)
         # Calls waiting for the master (seq -> what to finish them with):
         # no task waits, the answer's handler finishes them (one trip through trio fewer).
@@ -309,7 +299,6 @@ class Supervisor(PidfdCalls):
 
     def _dispatch(self, job: Job, n: seccomp.Notif) -> None:
         handler = HANDLERS.get(n.nr)
-        self.stats.answered[n.name] = self.stats.answered.get(n.name, 0) + 1
         try:
             if handler is None:
                 seccomp.answer(job.listener, n.id, cont=True)
@@ -340,7 +329,6 @@ class Supervisor(PidfdCalls):
         parent = procread.tgid(n.pid)
         if parent is None:          # the caller is gone
             return
-        self.stats.forks += 1
         seq = next(self._seq)
         self._forks[seq] = (job, n, parent)
         job.session.report(messages.Fork(seq=seq, parent=parent))
@@ -349,7 +337,6 @@ class Supervisor(PidfdCalls):
                 reply: messages.Forked) -> None:
         """The master's answer: let the fork happen with its PID (or fail with its errno)."""
         if reply.pid is None or reply.id is None:
-            self.stats.refused += 1
             seccomp.answer(job.listener, n.id, err=reply.errno or errno.EAGAIN)
             return
         pid, mid = reply.pid, reply.id
@@ -415,7 +402,6 @@ class Supervisor(PidfdCalls):
             self.on_end(pid)
             if child.pidfd >= 0:
                 os.close(child.pidfd)
-                self.stats.mismatched += 1
                 log.warning("fork of %d: PID %d is not its child; it has no ghost", parent,
                             pid)
             child.job.session.report(messages.Unforked(pid=pid, id=child.id))
@@ -563,19 +549,11 @@ class Supervisor(PidfdCalls):
         creds = procread.uids(n.pid)
         if creds is None:
             return                  # the caller is gone
-        self.stats.kills_forwarded += 1
         seq = next(self._seq)
         self._kills[seq] = (job, n)
         job.session.report(messages.Kill(seq=seq, pid=pid, sig=sig, ruid=creds[0],
                                          euid=creds[1]))
 
-    def close(self) -> None:
-        for child in list(self.children.values()):
-            try:
-                os.close(child.pidfd)
-            except OSError:
-                pass
-        self.children.clear()
 
 
 HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
