@@ -162,7 +162,24 @@ class RefusalLog(RateLog):
                  exc.message)
 
 
-class BpfsOperations(pyfuse3.Operations):
+class ReadOnlyTree:
+    """What /bproc answers the same on the master and on a node (bpfs/fs/remote.py): its
+    names are made by the master, never by users, and it has no blocks to count."""
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    async def _read_only_tree(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _read_only_tree
+
+
+class BpfsOperations(ReadOnlyTree, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
@@ -323,19 +340,6 @@ class BpfsOperations(pyfuse3.Operations):
         if mode & os.W_OK:
             return not ino.is_dir and FILES[ino.kind].write is not None
         return True
-
-    @fuse_errors
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
-
-    async def _read_only_tree(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EACCES)
-
-    # Names are made by the master, never by users.
-    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _read_only_tree
 
     # ---- directories ---------------------------------------------------------------------
 

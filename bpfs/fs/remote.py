@@ -36,7 +36,7 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount, procfs
-from bpfs.fs.ops import TakePin, caller_from_ctx, fuse_errors
+from bpfs.fs.ops import ReadOnlyTree, TakePin, caller_from_ctx, fuse_errors
 from bpfs.pin import Pin
 from bpfs.wire import messages as m
 
@@ -85,7 +85,7 @@ def _gave_up(pid: int) -> bool:
 SELF_INO = 0xFF       # kind 0xFF: no inode of the master's tree (bpfs/fs/inodes.py)
 
 
-class RemoteOperations(pyfuse3.Operations):
+class RemoteOperations(ReadOnlyTree, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
@@ -163,17 +163,6 @@ class RemoteOperations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Any) -> None:
         pass
-
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
-        return s
-
-    async def _read_only_tree(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EACCES)
-
-    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _read_only_tree
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
