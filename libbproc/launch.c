@@ -1,8 +1,7 @@
 /* libbproc: execmove and vexecmove over MOUNT/nodes/N/ctl, as bpfs/libbproc/launch.py
  * does them (docs/libbproc.md): the request is bpfs.wire.execreq's execmove line, the
- * output comes back through the forwarder (iod.c, in a grandchild of the caller);
- * move, rfork and vrfork wait for the master (BPFS_MOVE_SERVED) and fail with ENOSYS
- * until then. */
+ * output comes back through the forwarder (iod.c, in a grandchild of the caller).
+ * move, rfork and vrfork are in move.c. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -27,11 +26,6 @@
 
 struct iod { int port, control, result; };
 struct report { int rank, err; };
-
-static int from_bpfs(int err)
-{
-    return err == ENODEV ? BE_INVALIDNODE : err == EHOSTDOWN ? BE_NODEDOWN : err;
-}
 
 static int fail(int err) { errno = err; return -1; }
 
@@ -448,79 +442,4 @@ static int vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
     }
     iod_close(&iod);
     return ret;
-}
-
-/*--- move, rfork, vrfork: on top of `move N` on procs/P/ctl, once the master serves it */
-
-int bproc_move(int node)
-{
-    char path[4096], line[64];
-    int here = bproc_currnode(), fd, err = 0;
-
-    if (node == BPROC_NODE_SELF || node == here)
-        return 0;                    /* BProc: a move to where we are is none */
-    if (!BPFS_MOVE_SERVED)
-        return fail(ENOSYS);
-    if (check_origin(here, node) < 0)
-        return -1;
-    snprintf(path, sizeof path, "%s/procs/%d/ctl", bpfs_mount(), getpid());
-    if (node == BPROC_NODE_MASTER)
-        snprintf(line, sizeof line, "move master\n");
-    else
-        snprintf(line, sizeof line, "move %d\n", node);
-    fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    if (write(fd, line, strlen(line)) < 0)
-        err = errno;
-    close(fd);
-    return err ? fail(from_bpfs(err)) : 0;
-}
-
-int bproc_vrfork(int nnodes, int *nodes, int *pids)
-{
-    int here = bproc_currnode();
-
-    if (nnodes <= 0)
-        return fail(EINVAL);
-    for (int i = 0; i < nnodes; i++)
-        if (nodes[i] != here && nodes[i] != BPROC_NODE_SELF && !BPFS_MOVE_SERVED)
-            return fail(ENOSYS);
-    for (int i = 0; i < nnodes; i++) {
-        int st[2], err = 0;
-        pid_t pid;
-
-        if (pipe2(st, O_CLOEXEC) < 0)
-            return -1;
-        pid = fork();
-        if (pid == 0) {
-            close(st[0]);
-            if (bproc_move(nodes[i]) < 0) {
-                err = errno;
-                if (write(st[1], &err, sizeof err) < 0)
-                    _exit(1);
-                _exit(1);
-            }
-            close(st[1]);
-            return i;                /* the child: its index */
-        }
-        close(st[1]);
-        if (pid > 0 && read(st[0], &err, sizeof err) == sizeof err) {
-            waitpid(pid, NULL, 0);
-            pids[i] = -err;
-        } else {
-            pids[i] = pid > 0 ? pid : -errno;
-        }
-        close(st[0]);
-    }
-    return nnodes;
-}
-
-int bproc_rfork(int node)
-{
-    int pid, ret = bproc_vrfork(1, &node, &pid);
-
-    if (ret != 1)
-        return ret < 0 ? -1 : 0;     /* -1: refused; 0: the child */
-    return pid > 0 ? pid : fail(-pid);
 }

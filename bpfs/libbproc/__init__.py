@@ -6,12 +6,13 @@
     libbproc.getnodebyname("n5")             5 (also ".5", "5", "master", "self")
     libbproc.execmove(n, path, argv, env)    no return: the caller runs on node n
     libbproc.vexecmove(nodes, path, argv, env) -> [pid or -errno per node]
-    libbproc.move(n), rfork(n), vrfork(nodes)   ENOSYS until the master moves processes
+    libbproc.move(n)                         the caller carries on on node n
+    libbproc.rfork(n), vrfork(nodes)         fork, the children moved to their nodes
 
 `codes` holds the numbers (special nodes, BProc's errno values, strerror), `nodes` the
-questions, `launch` the calls that start or move processes, `iod` the forwarder of their
-output. The C library (libbproc/: bproc.h, libbproc.so) has the same calls with BProc 4's
-signatures. docs/libbproc.md tells what each returns and raises.
+questions, `launch` the calls that start programs elsewhere, `moves` the calls that move
+running processes, `iod` the forwarder of the output of execmove's programs. The C
+library (libbproc/: bproc.h, libbproc.so) has the same calls with BProc 4's signatures. docs/libbproc.md tells what each returns and raises.
 """
 
 # The names are imported when first used (PEP 562), so that the forwarder, run as
@@ -21,7 +22,8 @@ _WHERE = {
     "bpfs.libbproc.codes": ("BE_INVALIDNODE", "BE_INVALIDPROC", "BE_NODEDOWN", "BE_SAMENODE",
                             "BE_SLAVEDIED", "NODE_ANY", "NODE_MASTER", "NODE_NONE", "NODE_SELF",
                             "X_OK", "strerror"),
-    "bpfs.libbproc.launch": ("execmove", "move", "rfork", "vexecmove", "vrfork"),
+    "bpfs.libbproc.launch": ("execmove", "vexecmove"),
+    "bpfs.libbproc.moves": ("move", "rfork", "vrfork"),
     "bpfs.libbproc.nodes": ("access", "currnode", "nodeaddr", "nodenumber", "nodestatus",
                             "numnodes", "pidnode"),
 }

@@ -1,12 +1,9 @@
-"""Starting programs on nodes, BProc 4's way: execmove and vexecmove work today (over
-nodes/N/ctl, as bpsh does); move, rfork and vrfork wait for the master to move a running
-process (issue 15) and raise ENOSYS until it does.
+"""Starting programs on nodes, BProc 4's way: execmove and vexecmove, over nodes/N/ctl,
+as bpsh does (move, rfork and vrfork, which move a running process, are in
+bpfs.libbproc.moves).
 
     execmove(node, path, argv, envp=None)       execve `path`, migrated to `node`; no return
     vexecmove(nodes, path, argv, envp=None)     -> [pid or -errno per node]; the caller goes on
-    move(node)                                  move the caller itself          (ENOSYS)
-    rfork(node) -> pid / 0                      fork, the child on `node`        (ENOSYS)
-    vrfork(nodes) -> (len(nodes), pids) / (index, [])                           (ENOSYS)
 
 execmove writes one `execmove` request (bpfs.wire.execreq) to nodes/N/ctl with
 `bpfs.child.write_request`, as bpsh's children do, then calls execve itself: the master
@@ -27,8 +24,7 @@ Errors (OSError; bpfs.libbproc.codes): BE_INVALIDNODE no such node, BE_NODEDOWN 
 that is not up, EACCES no x permission on the node; execve's own errors (ENOENT, EACCES,
 ENOEXEC...) are checked before the request is written; EPERM for a set-user-ID program and
 the master's other refusals come with the master's reason as the OSError's filename.
-ENOSYS: called on a node (the request goes to the master's files: issue 14), or a call
-the master does not serve yet. vexecmove reports a node's refusal as -errno in its slot
+vexecmove reports a node's refusal as -errno in its slot
 and raises only when the request is refused as a whole.
 
 If execve itself fails after the request was accepted (the file changed in between), the
@@ -50,9 +46,6 @@ from bpfs.libbproc.codes import (BE_INVALIDNODE, NODE_MASTER, NODE_SELF, error, 
 from bpfs.libbproc.nodes import currnode, mount_point
 from bpfs.wire.execreq import ExecMove
 
-# What the master serves of issue 15. When `move N` on procs/P/ctl works, set this True:
-# move, rfork and vrfork are written on top of it.
-MOVE_SERVED = False
 RANKS_WAIT = 2.0          # seconds to wait for the ranks once the writer has ended
 
 
@@ -116,62 +109,6 @@ def vexecmove(nodes: Sequence[int], path: str, argv: Sequence[str],
     finally:
         if iod:
             iod.close()
-
-
-def move(node: int) -> None:
-    """Move the calling process to `node` (BProc: a move to where it is is none)."""
-    here = currnode()
-    node = here if node == NODE_SELF else node
-    if node == here:
-        return
-    _require_move()
-    _check_origin(here, node)
-    target = "master" if node == NODE_MASTER else str(node)
-    ctl = os.path.join(mount_point(), "procs", str(os.getpid()), "ctl")
-    try:
-        with open(ctl, "w") as f:
-            f.write(f"move {target}\n")
-    except OSError as e:
-        raise error(from_bpfs(e.errno or errno.EIO)) from None
-
-
-def rfork(node: int) -> int:
-    """fork, the child moved to `node`: its PID in the parent, 0 in the child."""
-    index, pids = vrfork([node])
-    if not pids:
-        return 0
-    if pids[0] < 0:
-        raise error(-pids[0])
-    return pids[0]
-
-
-def vrfork(nodes: Sequence[int]) -> tuple[int, list[int]]:
-    """A child on each node: the parent gets (len(nodes), [pid or -errno per node]),
-    child k gets (k, []). A child whose move failed has ended."""
-    if not nodes:
-        raise error(errno.EINVAL)
-    here = currnode()
-    if any(n not in (here, NODE_SELF) for n in nodes):
-        _require_move()
-    pids = []
-    for index, node in enumerate(nodes):
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(status_r)
-            try:
-                move(node)
-            except OSError as e:
-                os.write(status_w, Report(index, 0, e.errno or errno.EIO).pack())
-                os._exit(1)
-            os.close(status_w)
-            return index, []
-        os.close(status_w)
-        report = _read_reports(status_r)
-        pids.append(-report[0].errno if report else pid)
-        if report:
-            os.waitpid(pid, 0)
-    return len(nodes), pids
 
 
 # ---- the two ways of vexecmove ---------------------------------------------------
@@ -288,12 +225,6 @@ def _check_exec(path: str) -> None:
         raise error(e.errno or errno.ENOENT, path) from None
     if not (st.st_mode & 0o170000 == 0o100000 and os.access(path, os.X_OK)):
         raise error(errno.EACCES, path)
-
-
-def _require_move() -> None:
-    if not MOVE_SERVED:
-        raise OSError(errno.ENOSYS, "the master cannot move a running process yet "
-                      "(issue 15: move N on procs/P/ctl)")
 
 
 def _stdout_spec() -> str:

@@ -4,7 +4,7 @@
  *   bproc_calls names NAME...              getnodebyname of each
  *   bproc_calls execmove NODE PATH ARG...  no return on success
  *   bproc_calls vexecmove N,N,.. PATH ARG...   pids, then each one's wait status
- *   bproc_calls enosys NODE                move, rfork, vrfork: their errno
+ *   bproc_calls samenode                   move, rfork, vrfork to the master, from it
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -75,20 +75,30 @@ int main(int argc, char **argv)
         }
         return 0;
     }
-    if (argc == 3 && !strcmp(argv[1], "enosys")) {
-        int node = atoi(argv[2]), pids[2], nodes[2] = {node, node};
-        int r = bproc_move(node);
-        printf("move %d %d\n", r, r < 0 ? errno : 0);
-        r = bproc_rfork(node);
-        if (r == 0)
-            _exit(0);
-        printf("rfork %d %d\n", r, r < 0 ? errno : 0);
-        r = bproc_vrfork(2, nodes, pids);
-        printf("vrfork %d %d\n", r, r < 0 ? errno : 0);
+    if (argc == 2 && !strcmp(argv[1], "samenode")) {
+        int nodes[2] = {BPROC_NODE_SELF, BPROC_NODE_MASTER}, pids[2], status, r;
         r = bproc_move(BPROC_NODE_MASTER);
-        printf("move-master %d\n", r);
+        printf("move %d %d\n", r, r < 0 ? errno : 0);
+        r = bproc_move(BPROC_NODE_SELF);
+        printf("move-self %d %d\n", r, r < 0 ? errno : 0);
+        fflush(stdout);
+        r = bproc_rfork(BPROC_NODE_MASTER);
+        if (r == 0)
+            _exit(4);
+        waitpid(r, &status, 0);
+        printf("rfork %d %d\n", r > 0, WEXITSTATUS(status));
+        fflush(stdout);
+        r = bproc_vrfork(2, nodes, pids);
+        if (r >= 0 && r < 2)
+            _exit(5 + r);
+        printf("vrfork %d", r);
+        for (int i = 0; r == 2 && i < 2; i++) {
+            waitpid(pids[i], &status, 0);
+            printf(" %d %d", pids[i] > 0, WEXITSTATUS(status));
+        }
+        printf("\n");
         return 0;
     }
-    fprintf(stderr, "usage: bproc_calls info|names|execmove|vexecmove|enosys ...\n");
+    fprintf(stderr, "usage: bproc_calls info|names|execmove|vexecmove|samenode ...\n");
     return 2;
 }

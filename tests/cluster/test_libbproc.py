@@ -1,8 +1,8 @@
 """libbproc, in Python (bpfs.libbproc) and in C (bproc.h, libbproc.so), on a real
 embedded cluster: the questions on the master and, through bpsh, on a node; execmove and
 vexecmove running /bin/hostname on nodes with its output back on the caller's stdout;
-BProc's errno values for refusals; move, rfork and vrfork answering ENOSYS until the
-master moves running processes.
+BProc's errno values for refusals; move, rfork and vrfork to the caller's own node (no
+move: plain forks). Moves to other nodes: tests/cluster/test_libbproc_move.py.
 
 The C library is built from the checkout by libbproc/build, the script bootstrap's
 install step runs, into a temporary directory; a C program (bproc_calls.c) is compiled
@@ -156,16 +156,22 @@ os.waitpid(pids[0], 0)
         cluster.run("bpctl", "-S", "2", "-s", "up")
 
 
-def test_python_move_rfork_vrfork_answer_enosys(cluster: Cluster) -> None:
+def test_python_move_to_where_it_is_is_none(cluster: Cluster) -> None:
+    """BProc: a move to the caller's own node is none, an rfork or vrfork there a plain
+    fork (no master's move needed: tests/cluster/test_libbproc_move.py has the others)."""
     r = py(cluster, """
-for call in (lambda: lb.move(1), lambda: lb.rfork(1), lambda: lb.vrfork([1, 2])):
-    try:
-        call()
-    except OSError as e:
-        print(e.errno)
-print(lb.move(-1))
+import os
+print(lb.move(-1), lb.move(-2), lb.currnode(), flush=True)
+pid = lb.rfork(-1)
+if pid == 0:
+    os._exit(4)
+n, pids = lb.vrfork([-2, -1])
+if not pids:
+    os._exit(5 + n)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), n,
+      *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
 """)
-    assert out(r).split() == [str(errno.ENOSYS)] * 3 + ["None"]
+    assert out(r).splitlines() == ["None None -1", "4 2 5 6"]
 
 
 # ---- C -------------------------------------------------------------------------------
@@ -223,10 +229,11 @@ def test_c_vexecmove_ranks_and_their_exits(cluster: Cluster, calls: str) -> None
     assert "vexecmove 3 0" in lines
 
 
-def test_c_move_rfork_vrfork_answer_enosys(cluster: Cluster, calls: str) -> None:
-    f = fields(out(run(cluster, [calls, "enosys", "1"])))
-    assert f["move"] == f["rfork"] == f["vrfork"] == ["-1", str(errno.ENOSYS)]
-    assert f["move-master"] == ["0"]
+def test_c_move_to_where_it_is_is_none(cluster: Cluster, calls: str) -> None:
+    f = fields(out(run(cluster, [calls, "samenode"])))
+    assert f["move"] == f["move-self"] == ["0", "0"]
+    assert f["rfork"] == ["1", "4"]
+    assert f["vrfork"] == ["2", "1", "5", "1", "6"]
 
 
 def test_access_and_execmove_follow_the_nodes_acl(cluster: Cluster, users) -> None:

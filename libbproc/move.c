@@ -1,0 +1,164 @@
+/* libbproc: bproc_move, bproc_rfork, bproc_vrfork over `move N` on MOUNT/procs/P/ctl,
+ * as bpfs/libbproc/moves.py does them (docs/libbproc.md).
+ *
+ * bproc_move is exactly one write() of "move N\n" to the caller's own ctl: the master
+ * stops the caller at that write's return and moves it, so the moved copy sees the
+ * write succeed on the target, and a refusal fails the write where the caller still
+ * runs. Nothing else may be in flight, so no retry, no second write.
+ *
+ * bproc_vrfork is seen from the parent's side, so that a failed move is an errno the
+ * parent gets: the parent forks, the child waits until it runs on its node (it asks
+ * bproc_currnode() with short naps: a wait that holds no pipe or socket, which could
+ * not move, and that a move may stop at any instant), the parent writes "move N" for the
+ * child's PID; a refused move: the parent kills and reaps that child, pids[i] = -errno.
+ * A child whose parent ended before its move ends too. A node equal to the caller's own
+ * (or BPROC_NODE_SELF) is a plain fork, as BProc's BE_SAMENODE was. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bproc.h"
+#include "internal.h"
+
+#define NAP_FIRST_NS 500000L         /* a waiting child's first nap: 0.5 ms */
+#define NAP_MOST_NS  10000000L       /* and its longest: 10 ms */
+
+static int fail(int err) { errno = err; return -1; }
+
+/* One write of "move N\n" to MOUNT/procs/PID/ctl: 0, or the errno /bproc gave (ESRCH:
+ * no such process; ENOSYS: no cluster mounted). For the caller's own PID a 0 comes back
+ * on the target node. */
+static int write_move(pid_t pid, int node)
+{
+    char path[4096], line[32];
+    int fd, len, err = 0;
+    ssize_t n;
+
+    snprintf(path, sizeof path, "%s/procs/%d/ctl", bpfs_mount(), (int)pid);
+    len = node == BPROC_NODE_MASTER ? snprintf(line, sizeof line, "move master\n")
+                                    : snprintf(line, sizeof line, "move %d\n", node);
+    fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        snprintf(path, sizeof path, "%s/procs", bpfs_mount());
+        return access(path, F_OK) == 0 ? ESRCH : ENOSYS;
+    }
+    if (fd < 0)
+        return errno;
+    n = write(fd, line, len);
+    if (n < 0)
+        err = errno;
+    else if (n != len)
+        err = EIO;
+    close(fd);                       /* on the target the handle may not have come: no matter */
+    return err;
+}
+
+static int check_target(int node)
+{
+    if (!BPFS_MOVE_SERVED)
+        return fail(ENOSYS);
+    if (node < BPROC_NODE_MASTER)
+        return fail(BE_INVALIDNODE);
+    return 0;
+}
+
+int bproc_move(int node)
+{
+    int here = bproc_currnode(), err;
+
+    if (node == BPROC_NODE_SELF || node == here)
+        return 0;                    /* BProc: a move to where we are is none */
+    if (check_target(node) < 0)
+        return -1;
+    err = write_move(getpid(), node);
+    return err ? fail(from_bpfs(err)) : 0;
+}
+
+/* The child's wait for its move: returns on `node`; ends if the parent is gone first.
+ * Where the parent is is asked before where we are: a move between the two questions
+ * leaves us on the node (the answer that counts), so a node's idea of our parent never
+ * ends us. A nap cut short by the move is only a shorter nap. */
+static void wait_until_on(int node, pid_t parent)
+{
+    struct timespec nap = {0, NAP_FIRST_NS};
+
+    for (;;) {
+        int orphaned = getppid() != parent;
+        if (bproc_currnode() == node)
+            return;
+        if (orphaned)
+            _exit(1);
+        nanosleep(&nap, NULL);
+        if (nap.tv_nsec < NAP_MOST_NS / 2)
+            nap.tv_nsec *= 2;
+    }
+}
+
+static void end_child(pid_t pid)
+{
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);           /* ECHILD if SIGCHLD is ignored: the kernel reaped it */
+}
+
+/* The child's PID once it runs on `node`; else it is ended and reaped: -errno. */
+static int move_child(pid_t pid, int node)
+{
+    int err = write_move(pid, node);
+
+    if (!err)
+        return pid;
+    end_child(pid);
+    return -from_bpfs(err);
+}
+
+int bproc_vrfork(int nnodes, int *nodes, int *pids)
+{
+    int here = bproc_currnode();
+    pid_t parent = getpid();
+
+    if (nnodes <= 0)
+        return fail(EINVAL);
+    for (int i = 0; i < nnodes; i++) {
+        pids[i] = 0;
+        if (nodes[i] != here && nodes[i] != BPROC_NODE_SELF && !BPFS_MOVE_SERVED)
+            return fail(ENOSYS);
+    }
+    for (int i = 0; i < nnodes; i++) {
+        int node = nodes[i] == BPROC_NODE_SELF ? here : nodes[i];
+        pid_t pid;
+
+        if (node != here && node < BPROC_NODE_MASTER) {
+            pids[i] = -BE_INVALIDNODE;
+            continue;
+        }
+        pid = fork();
+        if (pid < 0) {               /* a local failure: the call fails, nothing is left */
+            int err = errno;
+            for (int k = 0; k < i; k++)
+                if (pids[k] > 0)
+                    end_child(pids[k]);
+            return fail(err);
+        }
+        if (pid == 0) {
+            if (node != here)
+                wait_until_on(node, parent);
+            return i;                /* the child: its index */
+        }
+        pids[i] = node == here ? pid : move_child(pid, node);
+    }
+    return nnodes;
+}
+
+int bproc_rfork(int node)
+{
+    int pid, ret = bproc_vrfork(1, &node, &pid);
+
+    if (ret != 1)
+        return ret < 0 ? -1 : 0;     /* -1: refused; 0: the child */
+    return pid > 0 ? pid : fail(-pid);
+}
