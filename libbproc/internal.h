@@ -16,6 +16,8 @@ const char *bpfs_mount(void);
 int bpfs_read(const char *rel, char *buf, size_t size);
 /* The output forwarder (iod.c): serves until done, then returns. */
 void bpfs_iod(int listener, int control, int result, const char *token);
+/* After an execve that answered EINPROGRESS on a node (standin.c): no return. */
+void bpfs_stand_in(int pid) __attribute__((noreturn));
 
 /* BProc's errno for the one /bproc gave (a ctl write carries only errnos the kernel
  * knows): ENODEV, EHOSTDOWN -> BE_INVALIDNODE, BE_NODEDOWN. */

@@ -39,10 +39,9 @@ static int check_exec(const char *path)
     return 0;
 }
 
-static int check_origin(int here, int node)
+/* From a node the request goes to the master through the node's /bproc, as bpsh's. */
+static int check_target(int node)
 {
-    if (here != BPROC_NODE_MASTER)
-        return fail(ENOSYS);         /* from a node: the master's files are not there yet */
     if (node < BPROC_NODE_MASTER)
         return fail(BE_INVALIDNODE);
     return 0;
@@ -204,7 +203,7 @@ int bproc_execmove(int node, const char *cmd, char *const argv[], char *const en
         node = here;
     if (node == here)
         return execve(cmd, argv, envp);
-    if (check_origin(here, node) < 0 || check_exec(cmd) < 0)
+    if (check_target(node) < 0 || check_exec(cmd) < 0)
         return -1;
     out = stdout_spec();
     make_token(token);
@@ -220,6 +219,8 @@ int bproc_execmove(int node, const char *cmd, char *const argv[], char *const en
     }
     iod_say(&iod, "pid", getpid());
     execve(cmd, argv, envp);          /* the forwarder's control pipe closes on exec */
+    if (errno == EINPROGRESS)         /* on a node: it runs elsewhere under our PID */
+        bpfs_stand_in(getpid());
     err = errno;
     iod_say(&iod, "quit", 0);
     iod_close(&iod);
@@ -287,6 +288,10 @@ static pid_t spawn(const int *nodes, int n, const char *line, const char *cmd,
         }
     }
     execve(cmd, argv, env);
+    if (errno == EINPROGRESS) {       /* on a node: it runs elsewhere, we stand in for it */
+        close(status_w);
+        bpfs_stand_in(getpid());
+    }
     r.err = errno;
     if (write(status_w, &r, sizeof r) < 0)
         _exit(127);
@@ -387,13 +392,14 @@ static int vexecmove(int nnodes, int *nodes, int *pids, const char *cmd,
         pids[i] = 0;
         if (nodes[i] == BPROC_NODE_SELF)
             nodes[i] = here;
-        if (nodes[i] != here && check_origin(here, nodes[i]) < 0)
+        if (nodes[i] != here && check_target(nodes[i]) < 0)
             return -1;
         remote += nodes[i] != here;
     }
     if (check_exec(cmd) < 0)
         return -1;
-    vector = nnodes > 1 && remote == nnodes;
+    /* one capture for all ranks from the master; from a node, each rank needs a stand-in */
+    vector = nnodes > 1 && remote == nnodes && here == BPROC_NODE_MASTER;
     out = stdout_spec();
     make_token(token);
     /* a multi-node request always has a forwarder: the master's ranks link comes to it */

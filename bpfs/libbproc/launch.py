@@ -99,7 +99,8 @@ def vexecmove(nodes: Sequence[int], path: str, argv: Sequence[str],
     out = _stdout_spec()
     token = os.urandom(16).hex()
     remote = [n for n in nodes if n != here]
-    vector = len(nodes) > 1 and len(remote) == len(nodes)
+    # one capture for all ranks from the master; from a node each rank needs a stand-in
+    vector = len(nodes) > 1 and len(remote) == len(nodes) and here == NODE_MASTER
     # a multi-node request always has a forwarder: the master's ranks link comes to it
     iod = Iod.start(token, vector) if (out == "socket" and remote) or vector else None
     try:
@@ -170,6 +171,10 @@ def _spawn(node: int | list[int], line: bytes | None, path: str, argv: Sequence[
         try:
             os.execve(path, list(argv), env)
         except OSError as e:
+            if e.errno == errno.EINPROGRESS:    # on a node: it runs elsewhere under our PID
+                from bpfs.standin import stand_in
+                os.close(status_w)              # the caller's wait for reports ends
+                stand_in(os.getpid(), mount_point())
             _report(status_w, rank, 2, e.errno or errno.EIO)
         os._exit(127)
     return fork_reset(child, status_w, rank=rank, keep_ignored=True)

@@ -125,6 +125,18 @@ def test_python_execmove_from_a_node_runs_on_another(cluster: Cluster) -> None:
     assert (r.returncode, r.stdout) == (5, b"n2\n"), r.stderr
 
 
+def test_python_vexecmove_from_a_node_each_rank_has_its_stand_in(cluster: Cluster) -> None:
+    """From node 1 every rank is a child of the caller there, standing in for its program
+    on its node: the caller's waitpid gets each program's exit status."""
+    r = py(cluster, """
+import os
+pids = lb.vexecmove([0, 2, 1], '/bin/sh', ['sh', '-c', 'echo $BPROC_RANK $(hostname); exit $((BPROC_RANK + 3))'])
+print('statuses', *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids], flush=True)
+""", node=1)
+    assert sorted(out(r).splitlines()) == ["0000000 n0", "0000001 n2", "0000002 n1",
+                                           "statuses 3 4 5"]
+
+
 def test_python_execmove_exit_status_is_the_remote_ones(cluster: Cluster) -> None:
     r = py(cluster, "lb.execmove(2, '/bin/sh', ['sh', '-c', 'hostname >&2; exit 7'])")
     assert (r.returncode, r.stdout) == (7, b"n2\n")     # stderr goes with stdout, as BProc's
@@ -216,6 +228,23 @@ def test_c_execmove_refusals(cluster: Cluster, calls: str) -> None:
                                         .encode())
     r = run(cluster, [calls, "execmove", "1", "/no/such", "x"])
     assert r.stdout.decode().split()[:2] == ["execmove", str(errno.ENOENT)]
+
+
+def test_c_execmove_from_a_node_runs_on_another(cluster: Cluster, calls: str) -> None:
+    """The C twin of the Python stand-in (libbproc/standin.c): the caller on node 1
+    stands in for the program on node 2 and ends with its exit status."""
+    r = run(cluster, [calls, "execmove", "2", "/bin/sh", "sh", "-c", "hostname; exit 5"],
+            node=1)
+    assert (r.returncode, r.stdout) == (5, b"n2\n"), r.stderr
+
+
+def test_c_vexecmove_from_a_node(cluster: Cluster, calls: str) -> None:
+    r = run(cluster, [calls, "vexecmove", "0,2", "/bin/sh", "sh", "-c",
+                      'hostname; exit $((BPROC_RANK + 3))'], node=1)
+    lines = out(r).splitlines()
+    assert sorted(line for line in lines if line.startswith("n")) == ["n0", "n2"]
+    ranks = [line.split() for line in lines if line.startswith("rank")]
+    assert [(k, ok, int(st) >> 8) for _, k, ok, st in ranks] == [("0", "1", 3), ("1", "1", 4)]
 
 
 def test_c_vexecmove_ranks_and_their_exits(cluster: Cluster, calls: str) -> None:
