@@ -48,12 +48,12 @@ static int do_move(int argc, char **argv)
 
     fill();
     for (int i = 2; i < argc; i++) {
-        int node = atoi(argv[i]), r;
+        int node = atoi(argv[i]), r, err;
         counter++;
         fflush(stdout);
         r = bproc_move(node);
-        printf("move %d %d %d %d %d %d\n", node, r, r < 0 ? errno : 0, bproc_currnode(),
-               intact(), counter);
+        err = r < 0 ? errno : 0;     /* before bproc_currnode(), which may set errno */
+        printf("move %d %d %d %d %d %d\n", node, r, err, bproc_currnode(), intact(), counter);
         fflush(stdout);
     }
     return 0;
@@ -91,7 +91,8 @@ static int do_vrfork(char *spec)
         fflush(stdout);
         _exit(10 + r);
     }
-    printf("vrfork %d %d\n", r, r < 0 ? errno : 0);
+    int err = r < 0 ? errno : 0;
+    printf("vrfork %d %d\n", r, err);
     for (int i = 0; r == n && i < n; i++) {
         int status = -1;
         if (pids[i] > 0)

@@ -5,7 +5,8 @@ exit status, vrfork to three nodes, refusals as BProc's errno with nothing left 
 a plain user and a node's ACL.
 
 They need the master's `move N` on procs/P/ctl (issue 15); a master that answers
-"unknown control message 'move'" skips them all.
+"unknown control message 'move'" skips them (`served`). The C library's refusals without
+a master are checked here too (Python's: tests/unit/test_libbproc_moves.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 from tests.cluster.test_libbproc import build_libbproc, out, py, run
 from tests.conftest import CTL_WRITER, PY, Cluster, as_user, command
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("move_served")]
+pytestmark = pytest.mark.timeout(180)
+served = pytest.mark.usefixtures("move_served")
 
 BE_INVALIDNODE, BE_NODEDOWN = 300, 301
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,6 +80,7 @@ for n in NODES:
 """
 
 
+@served
 def test_python_move_from_a_bpsh_started_program_and_back(cluster: Cluster) -> None:
     """Started on node 1 by bpsh: to node 2, to the master (no ghost then), to node 0;
     its memory and variables come along, its PID stays, its output reaches bpsh."""
@@ -86,11 +89,13 @@ def test_python_move_from_a_bpsh_started_program_and_back(cluster: Cluster) -> N
                                    "moved 0 0 0 True 3 True"]
 
 
+@served
 def test_python_move_from_the_master_and_back(cluster: Cluster) -> None:
     r = py(cluster, MOVES.replace("NODES", "(1, -1)"), timeout=120)
     assert out(r).splitlines() == ["moved 1 1 1 True 1 True", "moved -1 -1 -1 True 2 True"]
 
 
+@served
 def test_python_rfork_child_runs_on_the_node_under_a_ghost(cluster: Cluster) -> None:
     """The child returns 0 on node 1; the parent gets its PID (a ghost here: /proc has
     it), pidnode says node 1, and waitpid gives the child's exit status."""
@@ -107,6 +112,7 @@ print('status', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
     assert sorted(out(r).splitlines()) == ["child 1", "parent 1 True", "status 7"]
 
 
+@served
 def test_python_rfork_to_a_down_or_missing_node_leaves_no_child(cluster: Cluster) -> None:
     assert out(cluster.run("bpctl", "-S", "2", "-s", "unavailable")) == ""
     try:
@@ -132,6 +138,7 @@ except ChildProcessError:
                                    f"-7 {BE_INVALIDNODE} Invalid node number", "no child"]
 
 
+@served
 def test_python_vrfork_to_three_nodes(cluster: Cluster) -> None:
     r = py(cluster, """
 import os
@@ -146,6 +153,7 @@ print('status', *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids],
                                            "parent 3 True True True", "status 10 11 12"]
 
 
+@served
 def test_python_vrfork_errors_in_their_slots_and_the_master_a_plain_fork(
         cluster: Cluster) -> None:
     """A node that is not there is -BE_INVALIDNODE in its slot, the others run; the
@@ -165,6 +173,7 @@ for p in pids:
         "child 0 1", "child 2 -1", "child 3 -1", f"parent 4 True {-BE_INVALIDNODE} True True"]
 
 
+@served
 def test_python_move_with_a_pipe_open_is_refused_and_goes_on(cluster: Cluster) -> None:
     """A pipe cannot move: EBUSY with the master's reason, and the caller runs on where
     it was; once the pipe is closed it moves."""
@@ -183,6 +192,7 @@ print('then', lb.currnode(), flush=True)
     assert out(r).splitlines() == [f"refused {errno.EBUSY} True -1", "then 1"]
 
 
+@served
 def test_a_user_rforks_where_the_acl_lets_them_and_not_elsewhere(cluster: Cluster,
                                                                   users) -> None:
     """bob's rfork to node 1 runs as bob there; node 2, its x bit for root alone, is
@@ -219,28 +229,33 @@ except ChildProcessError:
 
 # ---- C -------------------------------------------------------------------------------
 
+@served
 def test_c_move_there_and_back(cluster: Cluster, mover: str) -> None:
     r = run(cluster, [mover, "move", "1", "2", "-1"], timeout=120)
     assert out(r).splitlines() == ["move 1 0 0 1 1 1", "move 2 0 0 2 1 2",
                                    "move -1 0 0 -1 1 3"]
 
 
+@served
 def test_c_move_from_a_bpsh_started_program(cluster: Cluster, mover: str) -> None:
     r = run(cluster, [mover, "move", "0", "-1", "99"], node=2, timeout=120)
     assert out(r).splitlines() == ["move 0 0 0 0 1 1", "move -1 0 0 -1 1 2",
                                    f"move 99 -1 {BE_INVALIDNODE} -1 1 3"]
 
 
+@served
 def test_c_rfork_child_on_the_node_and_its_status(cluster: Cluster, mover: str) -> None:
     lines = out(run(cluster, [mover, "rfork", "1"], timeout=120)).splitlines()
     assert sorted(lines) == ["child 1 1", f"rfork 1 0 1 {7 << 8} 0"]
 
 
+@served
 def test_c_rfork_refused_leaves_no_child(cluster: Cluster, mover: str) -> None:
     assert out(run(cluster, [mover, "rfork", "99"], timeout=120)).splitlines() == [
         f"rfork -1 {BE_INVALIDNODE} -9 -1 0"]
 
 
+@served
 def test_c_vrfork_to_three_nodes_and_a_missing_one(cluster: Cluster, mover: str) -> None:
     lines = out(run(cluster, [mover, "vrfork", "0,1,2,99"], timeout=120)).splitlines()
     assert sorted(line for line in lines if line.startswith("child")) == [
@@ -248,3 +263,25 @@ def test_c_vrfork_to_three_nodes_and_a_missing_one(cluster: Cluster, mover: str)
     assert [line for line in lines if not line.startswith("child")] == [
         "vrfork 4 0", f"slot 0 1 {10 << 8}", f"slot 1 1 {11 << 8}", f"slot 2 1 {12 << 8}",
         f"slot 3 {-BE_INVALIDNODE} -1", "left 0"]
+
+
+def test_c_without_a_master_refusals_leave_no_child(tmp_path, mover: str) -> None:
+    """No cluster mounted: ENOSYS; a mount without the process: ESRCH (the child is
+    killed and reaped); a node number below the master's: BE_INVALIDNODE, no fork."""
+    (tmp_path / "procs").mkdir()
+    env = dict(os.environ, BPROC_MOUNT=str(tmp_path / "none"))
+
+    def lines(*args: str, mount: str) -> list[str]:
+        r = subprocess.run([mover, *args], capture_output=True, timeout=30,
+                           env=dict(env, BPROC_MOUNT=mount))
+        return out(r).splitlines()
+    assert lines("rfork", "1", mount=str(tmp_path / "none")) == [
+        f"rfork -1 {errno.ENOSYS} -9 -1 0"]
+    assert lines("rfork", "4", mount=str(tmp_path)) == [f"rfork -1 {errno.ESRCH} -9 -1 0"]
+    assert lines("move", "4", "-7", "-1", mount=str(tmp_path)) == [
+        f"move 4 -1 {errno.ESRCH} -1 1 1", f"move -7 -1 {BE_INVALIDNODE} -1 1 2",
+        "move -1 0 0 -1 1 3"]
+    got = lines("vrfork", "4,-9,-1", mount=str(tmp_path))
+    assert sorted(got) == sorted(["child 2 -1", "vrfork 3 0", f"slot 0 {-errno.ESRCH} -1",
+                                  f"slot 1 {-BE_INVALIDNODE} -1", f"slot 2 1 {12 << 8}",
+                                  "left 0"])
