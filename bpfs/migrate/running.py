@@ -73,19 +73,18 @@ def seize_running(pid: int) -> None:
 def _seize_error(pid: int, exc: MigrateError) -> MigrateError:
     if exc.errno == errno.ESRCH:
         return MigrateError(errno.ESRCH, f"no process {pid}", pid)
-    if exc.errno == errno.EPERM:
-        tracer = _tracer(pid)
-        if tracer:
+    if exc.errno == errno.EPERM:    # already traced, or exiting: the status says which
+        try:
+            status = procfs.read_status(pid)
+        except MigrateError:
+            return MigrateError(errno.ESRCH, f"no process {pid}", pid)
+        if status.get("State", "")[:1] in ("Z", "X"):
+            return MigrateError(errno.ESRCH, f"process {pid} has ended", pid)
+        tracer = status.get("TracerPid", "0")
+        if tracer != "0":
             return MigrateError(errno.EBUSY, f"process {pid} is traced by process {tracer}",
                                 pid)
     return exc
-
-
-def _tracer(pid: int) -> int:
-    try:
-        return int(procfs.read_status(pid).get("TracerPid", "0"))
-    except MigrateError:
-        return 0
 
 
 def stop(pid: int) -> None:
