@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import tempfile
 import time
 
@@ -15,6 +16,7 @@ import pytest
 from bpfs.errors import BpfsError
 from bpfs.migrate import running
 from bpfs.migrate import ptrace as pt
+from bpfs.migrate.running import image_registers
 from tests.engine.running_rig import PY, counted, counter, dump_stopped, restore, started
 
 pytestmark = pytest.mark.timeout(30)
@@ -207,15 +209,30 @@ def test_signals_sent_while_stopped_travel_in_the_image(node, tmp_path) -> None:
     assert lines.count("usr1") == 1 and counted(lines, 20)
 
 
+SEIZER = ("import ctypes, sys, time\n"
+          "assert ctypes.CDLL(None).ptrace(0x4206, int(sys.argv[1]), 0, 0) == 0\n"
+          "print('seized', flush=True)\n"
+          "time.sleep(30)\n")
+
+
 def test_a_process_traced_already_is_refused_and_a_gone_one_is_esrch(tmp_path) -> None:
     with started(counter(200, 0.02), str(tmp_path / "out")) as prog:
-        running.seize_running(prog.pid)
-        with pytest.raises(BpfsError) as err:
-            running.seize_running(prog.pid)
-        assert err.value.errno == errno.EBUSY
-        assert f"is traced by process {os.getpid()}" in err.value.message
+        other = subprocess.Popen([PY, "-S", "-c", SEIZER, str(prog.pid)],
+                                 stdout=subprocess.PIPE)
+        try:
+            assert other.stdout.readline() == b"seized\n"
+            with pytest.raises(BpfsError) as err:
+                running.seize_running(prog.pid)
+            assert err.value.errno == errno.EBUSY
+            assert f"is traced by process {other.pid}" in err.value.message
+        finally:
+            other.kill()
+            other.wait()
+            other.stdout.close()
+        running.seize_running(prog.pid)   # its tracer gone, it is free again
         running.release(prog.pid)
-        assert prog.alive()
+        n = len(prog.lines())
+        prog.wait_lines(n + 2)            # and counts on
     with pytest.raises(BpfsError) as err:
         running.seize_running(prog.pid)
     assert err.value.errno == errno.ESRCH
@@ -262,3 +279,28 @@ def test_a_users_process_restores_as_that_user_and_opens_files_as_her(node, user
     assert open(out).read() == records + f"uid {alice.uid}\n"
     assert open(copy).read() == records
     assert os.stat(log).st_uid == alice.uid
+
+
+# ---- the registers an image resumes with (no process needed) ----
+
+def _regs(rax: int, orig_rax: int, rip: int = 0x401002) -> pt.Regs:
+    r = pt.Regs()
+    r.rax, r.orig_rax, r.rip, r.rdi = rax % 2**64, orig_rax % 2**64, rip, 7
+    return r
+
+
+@pytest.mark.parametrize("code", [512, 513, 514, 516])
+def test_an_interrupted_syscall_runs_again_from_its_start(code: int) -> None:
+    got = image_registers(_regs(-code, 230))
+    assert (got.rax, got.rip, got.rdi) == (230, 0x401000, 7)
+
+
+def test_a_restarted_syscall_whose_number_is_lost_returns_eintr() -> None:
+    got = image_registers(_regs(-516, 219))
+    assert (got.rax, got.rip) == (2**64 - errno.EINTR, 0x401002)
+
+
+@pytest.mark.parametrize("rax, orig", [(-512, -1), (5, 0), (-errno.EINTR, 7), (0, 230)])
+def test_other_stops_resume_as_they_are(rax: int, orig: int) -> None:
+    regs = _regs(rax, orig)
+    assert bytes(image_registers(regs)) == bytes(regs)
