@@ -44,6 +44,8 @@ from bpfs.wire import execreq, messages
 log = logging.getLogger("bpslave")
 
 FILES_TIMEOUT = 60.0
+MAX_PIECED = 16                     # restores whose image comes in pieces, at once
+MAX_PIECED_IMAGE = 64 << 30         # bytes of one such image
 
 
 def check_restore(req: messages.Restore) -> None:
@@ -179,7 +181,38 @@ class ProcessTable:
 
 # ---- handlers (bpfs/node/service.py's FROM_MASTER) ----------------------------------
 
+async def on_piece(session: Session, msg: messages.Piece) -> None:
+    """A piece of a big image (a move's), ahead of its `restore`: kept, within bounds;
+    beyond them the pieces go and the restore fails (EFBIG)."""
+    if msg.id not in session.pieces and len(session.pieces) >= MAX_PIECED:
+        log.warning("restore %d: too many pieced images at once: refused", msg.id)
+        session.pieces[msg.id] = None
+        return
+    pieces = session.pieces.setdefault(msg.id, [])
+    if pieces is None:
+        return
+    if sum(map(len, pieces)) + len(msg.data) > MAX_PIECED_IMAGE:
+        log.warning("restore %d: image beyond this node's bound: refused", msg.id)
+        session.pieces[msg.id] = None
+        return
+    pieces.append(msg.data)
+
+
+async def on_again(session: Session, msg: messages.Again) -> None:
+    """The next `restore` of this id is a moved process's: its links are made again."""
+    if len(session.again) >= MAX_PIECED:
+        session.again.pop(next(iter(session.again)))
+    session.again[msg.id] = msg.consumed
+
+
 async def on_restore(session: Session, msg: messages.Restore) -> None:
+    if msg.id in session.pieces:
+        pieces = session.pieces.pop(msg.id)
+        if pieces is None:
+            session.report(messages.Failed(id=msg.id, errno=errno.EFBIG,
+                                           message="image too large for this node"))
+            return
+        msg = messages.replace(msg, image=b"".join([*pieces, msg.image]))
     try:
         check_restore(msg)
     except BpfsError as exc:
