@@ -182,11 +182,15 @@ def _require_move() -> None:
 
 
 def _refusal(fd: int, err: int) -> OSError:
-    """BProc's errno for /bproc's, with the handle's text (the master's reason)."""
+    """BProc's errno for /bproc's, with the handle's text (the master's reason). A move of
+    the writer itself is answered `ok` before it is done: a failure after that has no
+    text of its own."""
     err = from_bpfs(err)
     try:
         reason = os.pread(fd, REASON_MAX, 0).decode("utf-8", "replace").strip()
     except OSError:
+        reason = ""
+    if reason == "ok" or reason.startswith("ok "):
         reason = ""
     return OSError(err, strerror(err), reason) if reason else error(err)
 
