@@ -7,12 +7,12 @@ The rest comes from the image, rebuilt by the same batches as a node's restore
 (`bpfs.migrate.rebuild`), run by the ghost itself, so none needs a capability in it:
 
 ```
-    prepare (the ghost untouched): the image fits this kernel and CPU (ENOEXEC,
-        EOPNOTSUPP); its uid/gid are the ghost's real ones (EPERM); no region in the
+    prepare (the ghost untouched): its uid/gid are the ghost's real ones (EPERM); no region in the
         scratch area (EOPNOTSUPP); the ghost's RLIMIT_AS/RLIMIT_DATA hold it (ENOMEM);
         the files, opened and hashed by the tracer (ESTALE; EPERM set-ID; EPERM an
         executable mapping from a noexec mount); the fds to install (EINVAL, EBADF)
-    halt; scratch := mmap(SCRATCH, 1 MiB, rwx, MAP_FIXED_NOREPLACE); the stub loop
+    halt; the image fits this kernel and CPU (ENOEXEC, EOPNOTSUPP)
+    scratch := mmap(SCRATCH, 1 MiB, rwx, MAP_FIXED_NOREPLACE); the stub loop
     the files and fds into the ghost over a socket pair (`ghost_files`)
     access(path, R_OK) in the ghost, X_OK for the executable: its user's right (EACCES)
     ---- point of no return: before it, a failure closes what came in, unmaps the scratch
@@ -93,9 +93,6 @@ def prepare(pid: int, image: Image, fds: object) -> Plan:
     if (uid, gid) != (image.uid, image.gid):
         raise MigrateError(errno.EPERM, f"image of uid {image.uid} gid {image.gid} cannot "
                            f"become ghost {pid} (uid {uid} gid {gid})", pid)
-    xstate = pt.get_xstate(pid)
-    hostinfo.check_compatible(image.host, image.special,
-                              hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)))
     rebuild.check_reserved(image)
     limits = {res: (soft, hard) for res, soft, hard in
               procfs.parse_limits(procfs.read_text(pid, "limits"))}
@@ -135,6 +132,9 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
     stopped, ready to `go`. Before the point of no return a failure leaves the ghost as
     it was (halted, for the caller to put back to sleep) and raises MigrateError (or
     gp.Gone); after it, PastReturn."""
+    xstate = pt.get_xstate(pid)     # (the halted ghost's: what this CPU saves)
+    hostinfo.check_compatible(plan.image.host, plan.image.special,
+                              hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)))
     maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
     special = {m.path.strip("[]"): (m.start, m.end) for m in maps if m.path in procfs.SPECIAL}
     _check(pid, "mapping the scratch area", gp.inject(
