@@ -178,14 +178,20 @@ def test_echo_runs_in_its_ghost_and_its_parent_sees_its_end(rig: Rig, pipes) -> 
 
 
 def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
-    pid, img = rig.ghost([SLEEP, "30"], cwd="/tmp")
+    """Its name, command line, dispositions and cwd are the image's (the ghost was renamed,
+    ignored SIGTERM and SIGHUP, and sat in another cwd); PID, parent, group, the ghost's."""
+    pid, img = rig.ghost([SLEEP, "30"], cwd="/tmp", ignore=[signal.SIGTERM, signal.SIGHUP])
     ppid, pgid = status_of(pid)["PPid"], os.getpgid(pid)
+    rig.tracer.rename(pid, [b"other", b"name"]).result(5)
+    img = dataclasses.replace(img, cwd="/usr", sigactions=[
+        s for s in img.sigactions if s[0] != signal.SIGTERM])
     rig.tracer.restore_in(pid, img).result(10)
     st = status_of(pid)
     assert st["TracerPid"] == "0" and st["PPid"] == ppid and os.getpgid(pid) == pgid
     assert ps(pid) == ("sleep", "/bin/sleep 30")
     assert read(pid, "comm") == b"sleep\n" and read(pid, "cmdline") == b"/bin/sleep\x0030\0"
-    assert os.readlink(f"/proc/{pid}/cwd") == "/tmp" and asleep(pid)
+    assert os.readlink(f"/proc/{pid}/cwd") == "/usr" and asleep(pid)
+    assert int(st["SigIgn"], 16) == 1 << (signal.SIGHUP - 1)
     assert rig.tracer.ghosts() == []
     os.kill(pid, signal.SIGTERM)                  # not a ghost: nothing is intercepted
     status = rig.bpsh.status(pid)
@@ -234,8 +240,9 @@ def test_an_execute_only_program_of_a_user(rig: Rig, users, pipes) -> None:
 def test_fds_are_installed_at_their_numbers(rig: Rig, pipes) -> None:
     """fd 1 replaced, two more installed at numbers the received copies land on
     (swapped: each target is the other's temporary number)."""
-    pid, img = rig.ghost([SH, "-c", "echo one; echo A >&7; echo B >&6; echo err >&2"])
+    probe, img = rig.ghost([SH, "-c", "x"])
     first = 3 + len(img.files)            # where the received copies land: 0-2 are taken
+    rig.tracer.kill(probe).result(5)
     assert first + 1 <= 9
     one, a, b = pipe(pipes), pipe(pipes), pipe(pipes)
     fds = {1: one.w, first + 1: a.w, first: b.w, 2: one.w}
@@ -263,6 +270,36 @@ def test_a_process_that_had_run_goes_on_where_it_was(rig: Rig, counter: str, pip
     assert out.rest() == b"after 1234 bad 0 got x\n"
     assert rig.bpsh.status(pid) == 7 << 8
     assert rig.rec.exits == {} and rig.tracer.ghosts() == []
+
+
+PY_RUNNING = """
+import signal, sys
+signal.signal(signal.SIGUSR1, lambda *a: print("usr1", flush=True))
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+data = [i * i for i in range(100000)]
+print("ready", flush=True)
+got = sys.stdin.read(1)
+print("got", got, sum(data), flush=True)
+"""
+
+
+def test_a_python_program_that_had_run(rig: Rig, pipes) -> None:
+    """Its handler and ignored signal survive; a signal sent once it runs again reaches
+    the handler; its read goes on."""
+    # C locale: no shared mapping of glibc's gconv cache (a dump refuses shared mappings)
+    pid, img = rig.ghost([sys.executable, "-c", PY_RUNNING], env={"LC_ALL": "C"})
+    inp, out = pipe(pipes), pipe(pipes)
+    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w, 2: out.w}).result(10)
+    assert out.line() == b"ready\n"
+    assert until(lambda: proc_state(pid) == "S")
+    running = take(rig, pid)
+    rig.tracer.restore_in(pid, running).result(10)
+    os.kill(pid, signal.SIGINT)                  # ignored
+    os.kill(pid, signal.SIGUSR1)
+    assert out.line() == b"usr1\n"
+    os.write(inp.w, b"z")
+    assert out.rest() == f"got z {sum(i * i for i in range(100000))}\n".encode()
+    assert rig.bpsh.status(pid) == 0 and rig.rec.signals == []
 
 
 # ---- refusals: the ghost stays a ghost ----
