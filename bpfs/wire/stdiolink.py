@@ -9,8 +9,10 @@ what to connect per fd as a `LinkTarget`; the node's `bpfs.node.stdio.Links` is 
 first kind, `LinkTarget(..., consumed=N)` the second. Shared here, below the node and
 the master, because both restore processes.
 
-`stdin_consumed(fd)` is CONSUMED for an fd-0 link: how many bytes the process has read
-from the socket (taken on a copy of its fd while it is stopped, so nothing moves).
+`stdin_consumed(fd, base)` is CONSUMED for an fd-0 link: where the link started in the
+process's stdin stream (`base`: 0, or the CONSUMED it was made again with) plus how many
+bytes the process has read from the socket (taken on a copy of its fd while it is
+stopped, so nothing moves).
 
     conn = Connector({0: LinkTarget(host, port, token, pid, consumed=n),
                       1: LinkTarget(host, port, token, pid, consumed=0)})
@@ -186,10 +188,14 @@ async def connect_links(targets: Mapping[int, LinkTarget],
     return conn.connected()
 
 
-def stdin_consumed(fd: int) -> int:
-    """How many bytes the reader of TCP socket `fd` has read from it: tcpi_bytes_received
-    minus what waits in the receive queue (FIONREAD), less the peer's FIN if it came.
+def stdin_consumed(fd: int, base: int = 0) -> int:
+    """CONSUMED for the fd-0 link `fd`: `base` plus how many bytes its reader has read
+    from the socket (tcpi_bytes_received minus what waits in the receive queue, FIONREAD,
+    less the peer's FIN if it came).
 
+    `base` is where this link started in the process's stdin stream: 0 for a first link,
+    the CONSUMED of its `again` header for a link made again (the socket counts only what
+    came on it); whoever restores the process keeps it for its next move.
     Meant for a stopped process's fd 0 (a pidfd_getfd copy: the same socket), so that
     nothing is read meanwhile. BpfsError: ENOTSOCK or another errno of getsockopt/ioctl
     (EOPNOTSUPP if the kernel's tcp_info is too old to count bytes received)."""
@@ -209,7 +215,7 @@ def stdin_consumed(fd: int) -> int:
         raise BpfsError(errno.EOPNOTSUPP, "this kernel's TCP_INFO has no bytes_received")
     received = struct.unpack_from("Q", info, TCPI_BYTES_RECEIVED)[0]
     fin = 1 if info[TCPI_STATE] in FIN_RECEIVED else 0
-    return max(0, received - queued - fin)
+    return base + max(0, received - queued - fin)
 
 
 def _address(host: str, port: int) -> tuple[int, tuple]:

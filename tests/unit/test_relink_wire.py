@@ -98,6 +98,7 @@ def test_stdin_consumed_counts_what_the_reader_read():
         assert stdin_consumed(reader.fileno()) == 0
         assert len(reader.recv(300)) == 300
         assert stdin_consumed(reader.fileno()) == 300
+        assert stdin_consumed(reader.fileno(), base=4000) == 4300     # a link made again
         sender.sendall(b"y" * 500)
         _arrived(reader, 1200)
         assert stdin_consumed(reader.fileno()) == 300
