@@ -304,3 +304,51 @@ def test_stdin_kept_for_a_moving_rank_while_another_reads_on(tmp_path, children)
 
     s.run(feed)
     assert got["a"] == data and got["b"] == data
+
+
+def test_stdin_back_to_the_old_link_when_the_move_fails(tmp_path, children):
+    """The new node connected, then failed (its link ends before the old one): the
+    process goes on where it was, its old link carrying the rest from where it was."""
+    data = bytes(range(256)) * 1024
+    s = Served(tmp_path, stdin=data)
+    pid = children.spawn(0)
+    s.server.add_process(0, 5, pid, {0})
+    got: list[bytes] = []
+
+    def feed():
+        old = s.connect(pid, 0)
+        head = recv_exactly(old, 10_000)
+        time.sleep(0.1)
+        new = again(s, pid, 0, consumed=len(head))
+        recv_exactly(new, 5000)                     # the new node read some, then failed
+        reset(new)
+        got.append(head + recv_all(old))            # all of it, once, on the old link
+        old.close()
+        children.release(pid)
+
+    s.run(feed)
+    assert got == [data]
+
+
+def test_stdin_old_link_ends_the_move_is_over(tmp_path, children):
+    """The old node dropped its copy: from then on the new link's end is the process's."""
+    data = b"z" * 50_000
+    s = Served(tmp_path, stdin=data)
+    pid = children.spawn(0)
+    s.server.add_process(0, 5, pid, {0})
+    got: list[bytes] = []
+
+    def feed():
+        old = s.connect(pid, 0)
+        head = recv_exactly(old, 1000)
+        new = again(s, pid, 0, consumed=len(head))
+        part = recv_exactly(new, 1000)
+        reset(old)                                  # the old copy is gone
+        time.sleep(0.2)
+        new.close()                                 # then the process closed its stdin
+        got.append(head + part)
+        children.release(pid)
+
+    procs = s.run(feed)
+    assert got == [data[:2000]]
+    assert procs[0].stdin_link is None and procs[0].stdin_parked is None

@@ -43,6 +43,8 @@ class Proc:
     expect: set[int]                        # fds not yet connected
     links: list["Link"] = Factory(list)   # open stdout/stderr links
     stdin_link: "Link | None" = None
+    stdin_parked: "tuple[Link, int | None] | None" = None  # the old one during a move, and
+                                            # what it had been sent (stdin.Stdin._park)
     status: int | None = None               # waitpid status once reaped
     reaped_at: float = 0.0
     failed: bool = False                    # never ran: expect nothing more

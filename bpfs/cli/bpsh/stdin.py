@@ -9,7 +9,9 @@ a stdin link closes it (the process is gone). Errors on a link close that link o
 A process that moves makes its fd-0 link again (`relink`) with CONSUMED, the bytes of
 its stdin stream it had read (the stream of every process starts at our stdin's first
 byte): nothing more goes to the old link, and the new one gets the stream again from
-CONSUMED. So what was sent may still be unread: the last `replay` bytes (STDIN_REPLAY)
+CONSUMED. The old link is kept (`Proc.stdin_parked`) until its EOF (the old node
+dropped its copy): if the new one ends first, the move failed after the new node
+connected, and the process goes on with the old link from where it was. So what was sent may still be unread: the last `replay` bytes (STDIN_REPLAY)
 behind the slowest reader are kept too. A CONSUMED older than that, or beyond what was
 ever read, closes the new link (the process sees EOF) and is said once per run.
 A server that is not the process's launcher (the relay) reads its stdin only once a
@@ -130,9 +132,60 @@ class Stdin:
                           f"but bytes {self.base}-{self.end} are all that is kept; "
                           "its stdin is closed")
             return
-        self.close_link(proc)                       # the old one, if still open
+        self._park(proc)                            # the old one, if still open
         self.readers[proc] = consumed
         self.attach(link)
+
+    def _park(self, proc: Proc) -> None:
+        """Write no more to `proc`'s stdin link, but keep it until its EOF: if the new
+        link ends first, the move failed and the process goes on with this one."""
+        old = proc.stdin_link
+        if old is None:
+            return
+        self._close_parked(proc)                    # a move before: long over
+        proc.stdin_link = None
+        proc.stdin_parked = (old, self.readers.get(proc))
+        if old.events:
+            self.sel.unregister(old.sock)
+            old.events = 0
+        watch(self.sel, old, EVENT_READ, self._on_parked)
+
+    def _on_parked(self, link: Link, events: int) -> None:
+        """The old link has ended (its node dropped its copy): the move is over."""
+        parked = link.proc.stdin_parked
+        if parked is not None and parked[0] is link:
+            self._close_parked(link.proc)
+
+    def _close_parked(self, proc: Proc) -> None:
+        if proc.stdin_parked is not None:
+            old = proc.stdin_parked[0]
+            proc.stdin_parked = None
+            if old.events:
+                self.sel.unregister(old.sock)
+            old.sock.close()
+
+    def _unpark(self, proc: Proc) -> None:
+        """The new link ended while the old one is still open: the process did not move
+        (or ended at once): back to the old link, from where it was."""
+        assert proc.stdin_parked is not None
+        old, sent = proc.stdin_parked
+        proc.stdin_parked = None
+        new, proc.stdin_link = proc.stdin_link, None
+        if new is not None:
+            if new.events:
+                self.sel.unregister(new.sock)
+            new.sock.close()
+        self.sel.unregister(old.sock)
+        old.events = 0
+        if sent is None:
+            self.drop(proc)                         # it had all of stdin already
+        elif sent >= self.base:
+            self.readers[proc] = sent
+        else:
+            old.sock.close()
+            self.drop(proc)
+            return
+        proc.stdin_link = old
 
     def update_interest(self) -> None:
         """Read our stdin while someone wants it; write to the links that lack some."""
@@ -161,14 +214,14 @@ class Stdin:
     def _on_link(self, link: Link, events: int) -> None:
         proc = link.proc
         if events & EVENT_READ:
-            self.close_link(proc)                   # the remote end went away
+            self._gone(proc)                        # the remote end went away
             return
         try:
             n = link.sock.send(self.pending(proc))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.close_link(proc)
+            self._gone(proc)
             return
         self.consumed(proc, n)
         self.maybe_finish(proc)
@@ -184,8 +237,15 @@ class Stdin:
             pass
         self.drop(proc)
 
+    def _gone(self, proc: Proc) -> None:
+        if proc.stdin_parked is not None:
+            self._unpark(proc)
+        else:
+            self.close_link(proc)
+
     def close_link(self, proc: Proc) -> None:
         """No more stdin for `proc`: its link (if any) closed, its place in the buffer freed."""
+        self._close_parked(proc)
         self.drop(proc)
         link, proc.stdin_link = proc.stdin_link, None
         if link is not None:

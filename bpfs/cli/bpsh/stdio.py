@@ -367,6 +367,8 @@ class StdioServer:
                 proc.pidfd = -1
             if proc.stdin_link is not None:
                 proc.stdin_link.sock.close()
+            if proc.stdin_parked is not None:
+                proc.stdin_parked[0].sock.close()
 
 
 def _noop(signum: int, frame: object) -> None:
