@@ -34,14 +34,18 @@ class Relay:
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
         ready_r, ready_w = os.pipe()
+        token_r, token_w = os.pipe()
+        os.write(token_w, TOKEN.encode() + b"\n")
+        os.close(token_w)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(self.target.pid),
-                 "--token", TOKEN, "--host", "127.0.0.1", "--ready-fd", str(ready_w), *extra],
-                stdin=self.in_r, stdout=out_w, stderr=err_w, pass_fds=(ready_w,),
+                 "--token-fd", str(token_r), "--host", "127.0.0.1", "--ready-fd",
+                 str(ready_w), *extra],
+                stdin=self.in_r, stdout=out_w, stderr=err_w, pass_fds=(ready_w, token_r),
                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
         finally:
-            for fd in (out_w, err_w, ready_w):
+            for fd in (out_w, err_w, ready_w, token_r):
                 os.close(fd)
         with os.fdopen(ready_r, "rb") as f:
             line = f.read()                 # to EOF: the relay closes it after the port
@@ -191,6 +195,42 @@ def test_the_relay_ends_when_its_process_ends(relay):
     assert code == 0 and stdout == b"last words\n" and time.monotonic() - start < 5
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+def test_token_on_the_command_line_and_an_ipv6_host():
+    target = subprocess.Popen(["sleep", "30"])
+    ready_r, ready_w = os.pipe()
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(target.pid), "--token",
+             TOKEN, "--host", "::1", "--ready-fd", str(ready_w), "--fds", "1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(ready_w,), cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as f:
+            port = int(f.read())
+        with socket.create_connection(("::1", port)) as c:
+            c.sendall(render_header(TOKEN, target.pid, 1) + b"over v6\n")
+        target.kill()
+        target.wait(5)
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and out == b"over v6\n"
+    finally:
+        for p in (proc, target):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
 def test_a_process_that_never_moved(relay):
     """A move that failed before any link: the relay reads nothing and ends with P."""
     r = relay()
@@ -210,6 +250,12 @@ def test_usage_errors_and_help():
     done = subprocess.run([*cmd, "--pid", "1", "--token", "xyz", "--host", "127.0.0.1",
                            "--ready-fd", "9"], **run)
     assert done.returncode == 2 and b"32 hex digits" in done.stderr
+    done = subprocess.run([*cmd, "--pid", "1", "--token", TOKEN, "--token-fd", "5",
+                           "--host", "127.0.0.1", "--ready-fd", "9"], **run)
+    assert done.returncode == 2 and b"not allowed with" in done.stderr
+    done = subprocess.run([*cmd, "--pid", "1", "--token-fd", "57", "--host", "127.0.0.1",
+                           "--ready-fd", "9"], **run)
+    assert done.returncode == 2 and b"--token-fd 57: Bad file descriptor" in done.stderr
     done = subprocess.run([*cmd, "--pid", str(2**22 + 1), "--token", TOKEN, "--host",
                            "127.0.0.1", "--ready-fd", "9"], **run)
     assert done.returncode == 1 and b"No such process" in done.stderr

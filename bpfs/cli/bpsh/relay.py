@@ -1,6 +1,6 @@
 """The relay: bpsh's stdio server for a process that did not start under bpsh.
 
-    python -m bpfs.cli.bpsh.relay --pid P --token T --host H --ready-fd N [--fds 0,1,2]
+    python -m bpfs.cli.bpsh.relay --pid P --token-fd M --host H --ready-fd N [--fds 0,1,2]
 
 When the master moves a plain process of its own (started by a shell on the master, say)
 to a node, that process's fds 0-2 become links (docs/bpsh.md, "Links made again"), and
@@ -10,15 +10,18 @@ stdio (the same open files: a terminal, a pipe, a socket), and it serves the lin
 PID P exactly as bpsh serves its children's (`stdio.StdioServer`, own_children=False):
 first links with plain headers, then `again` ones each time P moves.
 
+- the links' token comes on fd M (read to EOF, then closed): a command line is anyone's
+  to read (/proc/PID/cmdline), and the token is all that keeps other users' links out.
+  `--token T` does the same, for tests and by hand;
 - it listens on H, port from the kernel, and writes "PORT\\n" on fd N, then closes N;
 - stdout/stderr links are copied to its fds 1 and 2, stdin read from its fd 0 goes to
   P's stdin link; stdin is not read before that link has come (until then P, stopped on
   the master, may still be its reader: a move that fails leaves it all to P);
 - it ends (status 0) once P has ended (a pidfd of P, the ghost while P runs on a node)
   and its output links are at EOF; then it stops reading stdin. A P that never connects
-  a link (a move that failed) ends it LATE_GRACE seconds after P ends, or the master
-  kills it (SIGTERM: it dies of it, as it would of SIGINT, SIGHUP). It forwards no
-  signal: signals reach P through its ghost, as for any process.
+  a link (a move that failed) ends it a second after P ends, or the master kills it
+  (SIGTERM, SIGINT, SIGHUP: it dies of them). It forwards no signal: signals reach P
+  through its ghost, as for any process.
 - it has no controlling terminal of its own (start it in a new session): reading P's
   terminal then never stops it with SIGTTIN.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import socket
 import sys
 from typing import Sequence
@@ -52,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 once P has ended and its output is through, 1 on a "
                "failure, 2 on bad usage.")
     p.add_argument("--pid", type=int, required=True, help="the process whose links to serve")
-    p.add_argument("--token", required=True, help="the links' token: 32 lowercase hex digits")
+    token = p.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token-fd", type=int, metavar="M",
+                       help="an inherited fd to read the links' token from (to EOF)")
+    token.add_argument("--token", help="the links' token: 32 lowercase hex digits (seen "
+                       "by every user in the command line: for tests)")
     p.add_argument("--host", required=True, help="the address to listen on (the master's "
                    "address the nodes reach)")
     p.add_argument("--ready-fd", type=int, required=True,
@@ -70,6 +78,15 @@ def _fds(text: str) -> set[int]:
     if not fds or not fds <= {0, 1, 2}:
         raise common.CliError(f"--fds {text!r}: a list of 0, 1, 2", common.EXIT_USAGE)
     return fds
+
+
+def _read_token(fd: int) -> str:
+    """The token from fd `fd`, read to EOF (at most 4096 bytes), then closed."""
+    try:
+        with open(fd, "rb", closefd=True) as f:
+            return f.read(4096).decode("ascii", "replace").strip()
+    except OSError as exc:
+        raise common.CliError(f"--token-fd {fd}: {exc.strerror}", common.EXIT_USAGE) from None
 
 
 def listen(host: str) -> socket.socket:
@@ -117,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     def body() -> int:
         args = _parser().parse_args(argv)
-        return serve(args.pid, args.token, args.host, args.ready_fd, _fds(args.fds))
+        token = args.token if args.token is not None else _read_token(args.token_fd)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)   # die of it, as of SIGTERM
+        return serve(args.pid, token, args.host, args.ready_fd, _fds(args.fds))
     return common.run(PROG, body)
 
 
