@@ -148,6 +148,7 @@ class Proc:
     usage: Usage | None = None        # the node's last report (bpfs/usage.py), None before
     usage_at: float = -1e18           # when it came: the master's monotonic clock
     links: "StdioLinks | None" = field(default=None, repr=False)   # where its stdio goes
+    stdin_base: int = 0               # its stdin link's first byte in its stdin (a move's)
 
 
 @dataclass(frozen=True)

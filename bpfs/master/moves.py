@@ -191,6 +191,7 @@ class Moves:
     async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
         source, pid = d.node, d.pid
         data, consumed = await self._dumped(d)
+        consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
         try:
             if target is None:
                 await self._into_ghost(d, p, data, consumed)
@@ -240,6 +241,7 @@ class Moves:
 
         def started() -> None:              # at `restored`: it runs on `target` now
             self.cluster.proc_moved(d.pid, target, m.id)
+            p.stdin_base = m.again or 0
             d.started = True
         m.on_started = started
         self._migrations[m.id] = m

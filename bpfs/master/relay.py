@@ -76,21 +76,24 @@ async def start(pid: int, uid: int, gid: int, groups: list[int], host: str) -> R
         raise BpfsError(exc.errno or errno.EIO, f"cannot take the stdio of process {pid}: "
                         f"{exc.strerror}") from None
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    token_r, token_w = os.pipe2(os.O_CLOEXEC)
+    os.write(token_w, token.encode())           # 32 bytes: the pipe holds them
+    os.close(token_w)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
            "LANG": "C.UTF-8"}
-    argv = [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(pid), "--token", token,
-            "--host", host, "--ready-fd", str(ready_w)]
+    argv = [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(pid), "--token-fd",
+            str(token_r), "--host", host, "--ready-fd", str(ready_w)]
     try:
         proc = await trio.lowlevel.open_process(
-            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(ready_w,), env=env,
-            cwd="/", start_new_session=True, user=uid, group=gid,
+            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(ready_w, token_r),
+            env=env, cwd="/", start_new_session=True, user=uid, group=gid,
             extra_groups=[g for g in groups if g != gid] if uid != 0 else None)
     except OSError as exc:
         os.close(ready_r)
         raise BpfsError(exc.errno or errno.EIO, f"cannot start the stdio relay: "
                         f"{exc.strerror}") from None
     finally:
-        for fd in (*fds, ready_w):
+        for fd in (*fds, ready_w, token_r):
             os.close(fd)
     relay = Relay(pid, 0, token, proc)
     try:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from bpfs import procstatus
-from bpfs.migrate import ghost_argv, ghost_exec
+from bpfs.migrate import ghost_argv, ghost_exec, ghost_restore
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.tracee import (GHOST, SEIZED, Future, Signals, Tracee, as_error, send_kill,
-                                 send_signal)
+from bpfs.migrate.image import Image
+from bpfs.migrate.tracee import (GHOST, SEIZED, Future, Signals, Tracee, as_error, child_signal,
+                                 send_kill, send_signal)
 
 log = logging.getLogger("bpfs.migrate.ghost")
 
@@ -42,6 +43,23 @@ class Halted:
     made: list[int] = field(default_factory=list)  # the copies made, held from their birth
 
 
+class Held(Signals):
+    """The signals a restore suppressed in the ghost `t`: once it runs, they are its own
+    (`for_process`), sent again; a child ghost's SIGCHLD too (it may wait for that child
+    now). If the restore fails first, they are a ghost's, reported as any (the list)."""
+
+    chld = False
+
+    def append(self, sig: int) -> None:
+        if sig == _signal.SIGCHLD and child_signal(self._t.pid, self._t.children):
+            self.chld = True
+            return
+        super().append(sig)
+
+    def for_process(self) -> list[int]:
+        return [*self, *([_signal.SIGCHLD] if self.chld else [])]
+
+
 class Kin:
     """clone, fork, reap, rename and exec_in of parked ghosts (see the module doc)."""
 
@@ -56,6 +74,9 @@ class Kin:
         raise NotImplementedError
 
     def fail(self, t: Tracee, what: str, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def forget(self, t: Tracee, status: int | None = None) -> None:
         raise NotImplementedError
 
     def _report(self, pid: int, signals: list[int]) -> None:
@@ -165,6 +186,41 @@ class Kin:
         self.park_rss.pop(pid, None)
         with self._lock:
             self._parked.discard(pid)
+        fut.set_result(None)
+
+    def restore_in(self, fut: Future, pid: int, image: Image, fds: object) -> None:
+        """The parked ghost `pid` becomes the image's process, running here, detached and
+        forgotten (`ghost_restore`; docs/ghosts.md, "Back into the ghost"). Checks first
+        (the ghost untouched); a failure before the point of no return puts it back to
+        sleep, a ghost as before; after it, the process is killed and `fut` fails once
+        it is gone. ESRCH as for `fork`; EBUSY in a job-control stop (as `exec_in`)."""
+        t = self._parked_ghost(pid, errno.ESRCH)
+        if t.stopped or t.stopping or t.stop_sent or t.cont_sent:
+            raise MigrateError(errno.EBUSY, f"ghost {pid} is in a job-control stop", pid)
+        plan = ghost_restore.prepare(pid, image, fds)
+        h = Halted(Held(t))
+        try:
+            gp.halt(t.pid, h.signals)
+            h.regs = pt.getregs(t.pid)
+            h.gadget = t.gadget = gp.sleeping_gadget(t.pid, h.regs)
+            ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan)
+            ghost_restore.go(t.pid, image, h.signals.for_process())
+        except gp.Gone as gone:
+            self.gone(t, gone.status)
+            raise MigrateError(errno.ESRCH, f"ghost {pid} ended during restore", pid) \
+                from None
+        except ghost_restore.PastReturn as exc:
+            t.waiters.append(fut)
+            self.fail(t, "restore", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - before the point of no return
+            err = self._repark(t, h, "restore", exc)
+            self._report(t.pid, h.signals)
+            raise err from None
+        finally:
+            plan.close()
+        log.debug("ghost %d restored from its image; running, detached", pid)
+        self.forget(t)
         fut.set_result(None)
 
     # ---- one step on a halted ghost ----

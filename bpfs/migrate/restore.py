@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import struct
 import threading
 from typing import Mapping, Sequence
 
-from bpfs.migrate import hostinfo, image as imagefmt, openfiles, seccomp, stub
+from bpfs.migrate import hostinfo, image as imagefmt, openfiles, rebuild, seccomp, stub
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import PRIVATE, PUBLIC, FileCache, HashCache, hash_bytes
 from bpfs.migrate.helper import (
-    BOUNCE, F_SETFD, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MOVABLE,
-    MREMAP_FIXED, MREMAP_MAYMOVE, PIDFD_SLOT, PR_SET_DUMPABLE, PR_SET_MM, PR_SET_MM_MAP,
-    PR_SET_NAME, PROT_WRITE, RESERVED, SCRATCH, SCRATCH_SIZE, CloneRefused, Helper, Keeper,
+    F_SETFD, PIDFD_SLOT, PR_SET_DUMPABLE, SCRATCH, SCRATCH_SIZE, CloneRefused, Helper, Keeper,
     check_res, kill_reap, set_scheduling)
 from bpfs.migrate.image import Image, Region
+from bpfs.migrate.rebuild import check_reserved as _check_reserved
+from bpfs.migrate.rebuild import refuse_setid as _refuse_setid
+from bpfs.migrate.rebuild import rlimit_wanted as _rlimit_wanted
 
 LISTENER_FD = 3      # seccomp's listener in a supervised process: the first fd after 0-2
 
@@ -284,12 +284,7 @@ class Restorer:
         a.call("chdir", a.cstr(image.cwd), may_fail=True)  # missing or not allowed: stay at /
 
     def _protect(self, a: stub.Batch, image: Image, writable: list[Region]) -> None:
-        """The part after the page writes: final protections, then rseq (after the writes, so
-        the kernel's cpu_id update stays)."""
-        for r in writable:
-            a.call("mprotect", r.start, r.end - r.start, r.prot)
-        if image.rseq:
-            a.call("rseq", image.rseq[0], image.rseq[1], 0, image.rseq[2])
+        rebuild.protect(a, image, writable)
 
     def _finish(self, child: int, image: Image, job: bool = False) -> None:
         """Scratch gone, registers and mask set, detached: running."""
@@ -308,93 +303,16 @@ class Restorer:
         pt.detach(child)
 
     def _mm_map(self, a: stub.Batch, image: Image) -> None:
-        mm = image.mm
-        auxv = a.data(image.auxv)
-        fields = [mm[k] for k in imagefmt.MM_KEYS]
-        prctl_map = struct.pack("<12QII", *fields, auxv, len(image.auxv), image.exe + 1)
-        a.call("prctl", PR_SET_MM, PR_SET_MM_MAP, a.data(prctl_map), len(prctl_map), 0)
+        rebuild.mm_map(a, image, image.exe + 1)
 
     def _move_special(self, a: stub.Batch, image: Image) -> None:
-        """mremap vvar/vvar_vclock/vdso to the image's addresses, via BOUNCE if ranges meet."""
-        have = self.helper.special
-        moves = [(have[n], image.special[n]) for n in MOVABLE if n in have and n in image.special]
-        if all(src == dst for src, dst in moves):
-            return
-        clash = any(d[0] < s[1] and s[0] < d[1] for _, d in moves for s, _ in moves)
-        if clash:
-            base = min(s[0] for s, _ in moves)
-            bounced = []
-            for src, dst in moves:
-                tmp = BOUNCE + src[0] - base
-                a.call("mremap", src[0], src[1] - src[0], src[1] - src[0],
-                       MREMAP_MAYMOVE | MREMAP_FIXED, tmp)
-                bounced.append(((tmp, tmp + src[1] - src[0]), dst))
-            moves = bounced
-        for src, dst in moves:
-            a.call("mremap", src[0], src[1] - src[0], src[1] - src[0],
-                   MREMAP_MAYMOVE | MREMAP_FIXED, dst[0])
+        rebuild.move_special(a, self.helper.special, image)
 
     def _map_regions(self, a: stub.Batch, image: Image) -> list[Region]:
-        """mmap every region; those with pages to write get PROT_WRITE until batch B."""
-        writable = []
-        for r in image.regions:
-            prot = r.prot
-            if r.pages and not prot & PROT_WRITE:
-                prot |= PROT_WRITE
-                writable.append(r)
-            if r.kind == "anon":
-                flags = MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | (MAP_GROWSDOWN if r.growsdown
-                                                                   else 0)
-                a.call("mmap", r.start, r.end - r.start, prot, flags, -1, 0)
-            else:
-                a.call("mmap", r.start, r.end - r.start, prot, MAP_PRIVATE | MAP_FIXED,
-                       r.file + 1, r.offset)
-        return writable
+        return rebuild.map_regions(a, image, range(1, len(image.files) + 1))
 
     def _process_state(self, a: stub.Batch, image: Image) -> None:
-        for sig, handler, flags, restorer, mask in image.sigactions:
-            a.call("rt_sigaction", sig, a.data(struct.pack("<4Q", handler, flags, restorer,
-                                                           mask)), 0, 8)
-        a.call("personality", image.personality)
-        a.call("umask", image.umask)
-        a.call("prctl", PR_SET_NAME, a.cstr(image.comm))
-        if image.robust:
-            a.call("set_robust_list", image.robust[0], image.robust[1])
-        if image.tid_address:
-            a.call("set_tid_address", image.tid_address)
-
-
-def _check_reserved(image: Image) -> None:
-    lo, hi = RESERVED
-    for r in image.regions:
-        if r.start < hi and lo < r.end:
-            raise MigrateError(errno.EOPNOTSUPP, f"image maps {r.start:#x}-{r.end:#x}, which "
-                               "this restorer reserves for its scratch area")
-
-
-
-
-def _rlimit_wanted(soft: int, hard: int, own_hard: int) -> tuple[int, int]:
-    """The image's limit clamped to what the target may raise to.
-
-    A hard limit can only be raised with CAP_SYS_RESOURCE (root in a container may lack it),
-    so limits above the hard limit the target inherited from the helper are lowered to it.
-    """
-    hard = min(hard, own_hard)
-    return min(soft, hard), hard
-
-
-def _refuse_setid(fd: int, name: str) -> None:
-    """EPERM for a set-user-ID, set-group-ID or file-capability executable (as on the master)."""
-    mode = os.fstat(fd).st_mode
-    try:
-        os.getxattr(fd, "security.capability")
-        caps = True
-    except OSError:
-        caps = False
-    if mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP) or caps:
-        raise MigrateError(errno.EPERM, f"{name}: set-ID or file-capability programs cannot "
-                           "migrate")
+        rebuild.process_state(a, image)
 
 
 def _memfd(digest: str, data: bytes, public: bool) -> int:

@@ -193,6 +193,14 @@ class Tracer:
     def release_moving(self, pid: int, err: int | None = None) -> Future[None]:
         return self._deferred(self._ghosts.release_moving, pid, err)
 
+    def restore_in(self, pid: int, image: Image, fds: dict[int, int] | None = None
+                   ) -> Future[None]:
+        """The parked ghost `pid` becomes `image`'s process, running here, detached (docs/
+        ghosts.md, "Back into the ghost"). `fds`: fd in the ghost -> one of ours to install
+        there (ours must stay open until the Future resolves)."""
+        return self._deferred(self._ghosts.restore_in, pid, image,
+                              dict(fds) if isinstance(fds, dict) else fds)
+
     def ghosts(self) -> list[int]:
         return self._ghosts.ghosts()
 

@@ -40,6 +40,7 @@ from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
 from bpfs.node.session import Session
 from bpfs.wire import execreq, messages
+from bpfs.wire.stdiolink import LinkTarget
 
 log = logging.getLogger("bpslave")
 
@@ -270,14 +271,25 @@ class Attempt:
         self.fds: list[int | None] = [None, None, None]
         self.loaded: tuple[Image, list[str]] | None = None
 
+    def _links(self, pid: int) -> stdio.Links:
+        """Its stdio links: first ones, or made again for a process that moved here (an
+        `again` came for this restore: fd 0 goes on from the stdin byte it had read)."""
+        req = self.req
+        host = req.host or self.session.node.cfg.host
+        consumed = self.session.again.pop(req.id, None)
+        if consumed is None:
+            return stdio.Links(host, req.port, req.token, pid, req.io)
+        return stdio.Links.again(req.io, {
+            n: LinkTarget(host, req.port, req.token, pid, consumed if n == 0 else 0)
+            for n, spec in enumerate(req.io) if spec == "socket"})
+
     def at_once(self) -> bool:
         """True if the restore is over (either way); False: `run` must finish it."""
         req = self.req
         try:
             if req.pid is None:
                 return False
-            self.links = stdio.Links(req.host or self.session.node.cfg.host, req.port, req.token,
-                                     req.pid, req.io)
+            self.links = self._links(req.pid)
             if not self.links.ready():
                 return False
             self.fds[:] = self.links.fds()
@@ -309,8 +321,7 @@ class Attempt:
                 self.loaded = _load(node, req)
                 self.steps.mark("load")
             pid = req.pid if self.loaded is None else self.loaded[0].pid
-            self.links = stdio.Links(req.host or self.session.node.cfg.host, req.port, req.token, pid,
-                                     req.io)
+            self.links = self._links(pid)
         if self.links.socks:
             if not self.links.ready():
                 await self.links.wait()

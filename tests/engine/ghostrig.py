@@ -44,7 +44,7 @@ def child(gate, req):
             os.setgid(req["gid"])
             os.setuid(req["uid"])
         os.chdir(req.get("cwd", "/"))
-        os.execv(req["argv"][0], req["argv"])
+        os.execve(req["argv"][0], req["argv"], req.get("env") or os.environ)
     finally:
         os._exit(127)
 

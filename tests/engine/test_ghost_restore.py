@@ -1,0 +1,433 @@
+"""Back into the ghost (Tracer.restore_in): a process comes back to the master and runs in
+its ghost, same PID, same parent, its end its parent's. Real processes, real ptrace (the
+rig: tests/engine/ghostrig.py). A process that had already run is made by running one here
+first and taking it back as a ghost (`take`), as the master will for `move` once the
+engine's dump of a running process exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+import pytest
+
+from bpfs.migrate import dump
+from bpfs.migrate import ghost_park as gp
+from bpfs.migrate import ghost_restore
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.image import Image
+from bpfs.migrate.tracee import GHOST, Tracee
+from tests.engine.ghostrig import SLEEP, Rig, asleep, gone, proc_state, until
+from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
+from tests.engine.test_ghost_fork import errno_of, read
+
+pytestmark = [pytest.mark.timeout(60),
+              pytest.mark.skipif(os.geteuid() != 0, reason="ghosts need root (ptrace)")]
+
+ECHO = shutil.which("echo") or "/bin/echo"
+SH = "/bin/sh"
+
+COUNTER_C = r'''
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)atol(argv[1]) << 20;
+    unsigned char *heap = malloc(n);
+    for (size_t i = 0; i < n; i++) heap[i] = (unsigned char)(i * 7 + 1);
+    volatile long counter = 0;
+    for (int i = 0; i < 1000; i++) counter++;
+    printf("before %ld\n", counter);
+    fflush(stdout);
+    char c;
+    if (read(0, &c, 1) != 1) return 2;
+    for (int i = 0; i < 234; i++) counter++;
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad += heap[i] != (unsigned char)(i * 7 + 1);
+    printf("after %ld bad %zu got %c\n", counter, bad, c);
+    return 7;
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def counter() -> Iterator[str]:
+    """COUNTER_C built in a world-readable directory (skipped without gcc)."""
+    gcc = shutil.which("gcc")
+    if not gcc:
+        pytest.skip("gcc is not available")
+    d = tempfile.mkdtemp(prefix="bpfs-restore-")
+    os.chmod(d, 0o755)
+    try:
+        src = os.path.join(d, "counter.c")
+        with open(src, "w") as f:
+            f.write(COUNTER_C)
+        subprocess.run([gcc, "-O1", src, "-o", os.path.join(d, "counter")], check=True)
+        yield os.path.join(d, "counter")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Pipe:
+    """A pipe whose ends are closed at the end of the test."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def close_w(self) -> None:
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+
+    def close(self) -> None:
+        self.close_w()
+        os.close(self.r)
+
+    def line(self, timeout: float = 10) -> bytes:
+        out = b""
+        deadline = time.monotonic() + timeout
+        while not out.endswith(b"\n") and time.monotonic() < deadline:
+            out += os.read(self.r, 1)
+        return out
+
+    def rest(self) -> bytes:
+        """To EOF (the write end closed here first)."""
+        self.close_w()
+        out = bytearray()
+        while chunk := os.read(self.r, 65536):
+            out += chunk
+        return bytes(out)
+
+
+@pytest.fixture
+def pipes() -> Iterator[list[Pipe]]:
+    made: list[Pipe] = []
+    try:
+        yield made
+    finally:
+        for p in made:
+            p.close()
+
+
+def pipe(pipes: list[Pipe]) -> Pipe:
+    p = Pipe()
+    pipes.append(p)
+    return p
+
+
+def take(rig: Rig, pid: int) -> Image:
+    """The running `pid` (no tracee) seized, interrupted, dumped and parked as a ghost of
+    the rig's tracer: what `move` from the master does, with the syscall it sleeps in
+    made to restart (as the engine's dump of a running process will)."""
+    ghosts = rig.tracer._ghosts
+
+    def in_tracer() -> Image:
+        pt.seize(pid, dump.TRACE_OPTIONS)
+        pt.ptrace(pt.INTERRUPT, pid)
+        while gp.stop_parts(gp.wait_stop(pid))[1] != pt.EVENT_STOP:
+            pt.cont(pid, 0)
+        regs = pt.getregs(pid)
+        res = regs.rax - 2**64 if regs.rax >= 2**63 else regs.rax
+        if regs.orig_rax != gp.NO_SYSCALL and -res in (512, 513, 514):  # -ERESTART*
+            regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
+        regs.orig_rax = gp.NO_SYSCALL
+        pt.setregs(pid, regs)
+        img = dump.dump(pid)
+        gp.park(pid, [])
+        ghosts.tracees[pid] = Tracee(pid, GHOST)
+        with ghosts._lock:
+            ghosts._parked.add(pid)
+        return img
+    return rig.tracer.submit(in_tracer).result(10)
+
+
+def ps(pid: int) -> tuple[str, str]:
+    out = subprocess.run(["ps", "-o", "comm=", "-o", "args=", "-p", str(pid)],
+                         capture_output=True, text=True, check=True).stdout.split(None, 1)
+    return out[0], out[1].strip()
+
+
+def unchanged(pid: int, before: tuple) -> bool:
+    return snapshot(pid) == before and asleep(pid)
+
+
+def snapshot(pid: int) -> tuple:
+    return (read(pid, "maps"), read(pid, "cmdline"), read(pid, "comm"),
+            sorted(os.listdir(f"/proc/{pid}/fd")), status_of(pid)["SigCgt"])
+
+
+# ---- a program runs in its ghost ----
+
+def test_echo_runs_in_its_ghost_and_its_parent_sees_its_end(rig: Rig, pipes) -> None:
+    pid, img = rig.ghost([ECHO, "hello", "world"])
+    out = pipe(pipes)
+    rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
+    assert out.rest() == b"hello world\n"
+    assert rig.bpsh.status(pid) == 0
+    assert rig.tracer.ghosts() == [] and rig.rec.exits == {} and rig.rec.signals == []
+
+
+def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
+    """Its name, command line, dispositions and cwd are the image's (the ghost was renamed,
+    ignored SIGTERM and SIGHUP, and sat in another cwd); PID, parent, group, the ghost's."""
+    pid, img = rig.ghost([SLEEP, "30"], cwd="/tmp", ignore=[signal.SIGTERM, signal.SIGHUP])
+    ppid, pgid = status_of(pid)["PPid"], os.getpgid(pid)
+    rig.tracer.rename(pid, [b"other", b"name"]).result(5)
+    img = dataclasses.replace(img, cwd="/usr", sigactions=[
+        s for s in img.sigactions if s[0] != signal.SIGTERM])
+    rig.tracer.restore_in(pid, img).result(10)
+    st = status_of(pid)
+    assert st["TracerPid"] == "0" and st["PPid"] == ppid and os.getpgid(pid) == pgid
+    assert ps(pid) == ("sleep", "/bin/sleep 30")
+    assert read(pid, "comm") == b"sleep\n" and read(pid, "cmdline") == b"/bin/sleep\x0030\0"
+    assert os.readlink(f"/proc/{pid}/cwd") == "/usr" and asleep(pid)
+    assert int(st["SigIgn"], 16) == 1 << (signal.SIGHUP - 1)
+    assert rig.tracer.ghosts() == []
+    os.kill(pid, signal.SIGTERM)                  # not a ghost: nothing is intercepted
+    status = rig.bpsh.status(pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert rig.rec.signals == [] and rig.rec.exits == {}
+
+
+def test_a_python_program(rig: Rig, pipes) -> None:
+    code = "import sys, json; print('py', sum(range(10)), json.dumps(sys.argv[1:])); sys.exit(5)"
+    pid, img = rig.ghost([sys.executable, "-c", code, "a b", "c"])
+    out = pipe(pipes)
+    rig.tracer.restore_in(pid, img, {1: out.w, 2: out.w}).result(10)
+    assert out.rest() == b'py 45 ["a b", "c"]\n'
+    assert rig.bpsh.status(pid) == 5 << 8
+
+
+def test_a_users_ghost_under_a_tracer_without_cap_sys_resource(rig: Rig, users, pipes
+                                                                ) -> None:
+    bob = users["bob"]
+    rig.tracer.submit(drop_cap_in_this_thread, CAP_SYS_RESOURCE).result(5)
+    pid, img = rig.ghost([SH, "-c", "id -u; echo $0 $1", "x", "y"], uid=bob.uid,
+                         gid=bob.gid)
+    out = pipe(pipes)
+    rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
+    assert out.rest() == f"{bob.uid}\nx y\n".encode()
+    assert rig.bpsh.status(pid) == 0
+
+
+def test_an_execute_only_program_of_a_user(rig: Rig, users, pipes) -> None:
+    """Mode 0711: bob may run it, not read it; the tracer, not bob, opens it for the
+    mapping, and the process stays not dumpable."""
+    bob = users["bob"]
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        prog = os.path.join(d, "echo")
+        shutil.copy(ECHO, prog)
+        os.chmod(prog, 0o711)
+        pid, img = rig.ghost([prog, "secret"], uid=bob.uid, gid=bob.gid)
+        assert not img.dumpable
+        out = pipe(pipes)
+        rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
+        assert out.rest() == b"secret\n"
+        assert rig.bpsh.status(pid) == 0
+
+
+def test_fds_are_installed_at_their_numbers(rig: Rig, pipes) -> None:
+    """fd 1 replaced, two more installed at numbers the received copies land on
+    (swapped: each target is the other's temporary number)."""
+    probe, img = rig.ghost([SH, "-c", "x"])
+    first = 3 + len(img.files)            # where the received copies land: 0-2 are taken
+    rig.tracer.kill(probe).result(5)
+    assert first + 1 <= 9
+    one, a, b = pipe(pipes), pipe(pipes), pipe(pipes)
+    fds = {1: one.w, first + 1: a.w, first: b.w, 2: one.w}
+    script = f"echo one; echo A >&{first + 1}; echo B >&{first}; echo err >&2"
+    pid, img = rig.ghost([SH, "-c", script])
+    rig.tracer.restore_in(pid, img, fds).result(10)
+    assert one.rest() == b"one\nerr\n" and a.rest() == b"A\n" and b.rest() == b"B\n"
+    assert rig.bpsh.status(pid) == 0
+
+
+# ---- a process that had run ----
+
+def test_a_process_that_had_run_goes_on_where_it_was(rig: Rig, counter: str, pipes) -> None:
+    pid, img = rig.ghost([counter, "4"])
+    inp, out = pipe(pipes), pipe(pipes)
+    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w}).result(10)
+    assert out.line() == b"before 1000\n"
+    assert until(lambda: proc_state(pid) == "S")   # in read(0)
+    running = take(rig, pid)
+    assert running.pid == pid and rig.tracer.ghosts() == [pid] and asleep(pid)
+    assert running.page_bytes() > 4 << 20        # its heap
+    rig.tracer.restore_in(pid, running).result(10)   # fds 0 and 1: the ghost's own
+    os.write(inp.w, b"x")
+    out.close_w()
+    assert out.rest() == b"after 1234 bad 0 got x\n"
+    assert rig.bpsh.status(pid) == 7 << 8
+    assert rig.rec.exits == {} and rig.tracer.ghosts() == []
+
+
+PY_RUNNING = """
+import signal, sys
+signal.signal(signal.SIGUSR1, lambda *a: print("usr1", flush=True))
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+data = [i * i for i in range(100000)]
+print("ready", flush=True)
+got = sys.stdin.read(1)
+print("got", got, sum(data), flush=True)
+"""
+
+
+def test_a_python_program_that_had_run(rig: Rig, pipes) -> None:
+    """Its handler and ignored signal survive; a signal sent once it runs again reaches
+    the handler; its read goes on."""
+    # C locale: no shared mapping of glibc's gconv cache (a dump refuses shared mappings)
+    pid, img = rig.ghost([sys.executable, "-c", PY_RUNNING], env={"LC_ALL": "C"})
+    inp, out = pipe(pipes), pipe(pipes)
+    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w, 2: out.w}).result(10)
+    assert out.line() == b"ready\n"
+    assert until(lambda: proc_state(pid) == "S")
+    running = take(rig, pid)
+    rig.tracer.restore_in(pid, running).result(10)
+    os.kill(pid, signal.SIGINT)                  # ignored
+    os.kill(pid, signal.SIGUSR1)
+    assert out.line() == b"usr1\n"
+    os.write(inp.w, b"z")
+    assert out.rest() == f"got z {sum(i * i for i in range(100000))}\n".encode()
+    assert rig.bpsh.status(pid) == 0 and rig.rec.signals == []
+
+
+# ---- refusals: the ghost stays a ghost ----
+
+def test_an_image_of_another_user_is_refused(rig: Rig, users) -> None:
+    pid, img = rig.ghost([SLEEP, "30"])
+    before = snapshot(pid)
+    bob = users["bob"]
+    for other in (dataclasses.replace(img, uid=bob.uid), dataclasses.replace(img, gid=bob.gid)):
+        assert errno_of(rig.tracer.restore_in(pid, other)) == errno.EPERM
+        assert unchanged(pid, before) and rig.tracer.ghosts() == [pid]
+    os.kill(pid, signal.SIGUSR1)                  # still a ghost
+    rig.rec.wait(lambda: (pid, signal.SIGUSR1) in rig.rec.signals)
+    rig.tracer.kill(pid).result(5)
+    assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGKILL
+
+
+def test_a_file_changed_since_is_estale(rig: Rig) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        prog = os.path.join(d, "echo")
+        shutil.copy(ECHO, prog)
+        pid, img = rig.ghost([prog, "x"])
+        before = snapshot(pid)
+        with open(prog + ".new", "wb") as f:
+            f.write(open(ECHO, "rb").read() + b"\0")
+        os.chmod(prog + ".new", 0o755)
+        os.rename(prog + ".new", prog)            # the path names other content now
+        assert errno_of(rig.tracer.restore_in(pid, img)) == errno.ESTALE
+        assert unchanged(pid, before)
+        os.unlink(prog)
+        assert errno_of(rig.tracer.restore_in(pid, img)) == errno.ESTALE
+        assert unchanged(pid, before) and rig.tracer.ghosts() == [pid]
+        rig.tracer.finish(pid, exit_code=3).result(5)
+        assert rig.bpsh.status(pid) == 3 << 8
+
+
+def test_a_file_the_user_may_not_run_here_is_eacces_and_undone(rig: Rig, users,
+                                                                pipes) -> None:
+    """The check in the ghost comes after the files went in: they are closed again and
+    the scratch area unmapped; then, allowed, the same image restores."""
+    bob = users["bob"]
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        prog = os.path.join(d, "echo")
+        shutil.copy(ECHO, prog)
+        pid, img = rig.ghost([prog, "ok"], uid=bob.uid, gid=bob.gid)
+        before = snapshot(pid)
+        os.chmod(prog, 0o700)
+        assert errno_of(rig.tracer.restore_in(pid, img)) == errno.EACCES
+        assert unchanged(pid, before)
+        os.chmod(prog, 0o755)
+        out = pipe(pipes)
+        rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
+        assert out.rest() == b"ok\n" and rig.bpsh.status(pid) == 0
+
+
+def test_bad_arguments_and_states(rig: Rig, pipes) -> None:
+    pid, img = rig.ghost([SLEEP, "30"])
+    before = snapshot(pid)
+    ri = rig.tracer.restore_in
+    assert errno_of(ri(2**22 + 1, img)) == errno.ESRCH
+    assert errno_of(ri(pid, "not an image")) == errno.EINVAL
+    assert errno_of(ri(pid, img, {1: "x"})) == errno.EINVAL
+    assert errno_of(ri(pid, img, {-1: 1})) == errno.EINVAL
+    assert errno_of(ri(pid, img, [1, 2])) == errno.EINVAL
+    out = pipe(pipes)
+    out.close_w()
+    w, out.w = os.pipe()[1], -1
+    os.close(w)
+    assert errno_of(ri(pid, img, {1: w})) == errno.EBADF
+    assert unchanged(pid, before)
+    rig.tracer.set_stopped(pid, True).result(5)
+    assert until(lambda: proc_state(pid) == "t")
+    assert errno_of(ri(pid, img)) == errno.EBUSY      # job-control stop: EBUSY
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid)
+    rig.tracer.restore_in(pid, img).result(10)
+    assert rig.tracer.ghosts() == [] and status_of(pid)["TracerPid"] == "0"
+    os.kill(pid, signal.SIGKILL)
+    assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGKILL
+
+
+def test_a_failure_past_the_point_of_no_return_kills_it(rig: Rig,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    pid, img = rig.ghost([SLEEP, "30"])
+    real = ghost_restore.rebuild.process_state
+
+    def broken(a, image):
+        real(a, image)
+        a.call("close", 99999)                   # EBADF in batch A
+    monkeypatch.setattr(ghost_restore.rebuild, "process_state", broken)
+    assert errno_of(rig.tracer.restore_in(pid, img)) == errno.EBADF
+    status = rig.bpsh.status(pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    rig.rec.wait(lambda: pid in rig.rec.exits)
+    assert rig.tracer.ghosts() == [] and gone(pid)
+
+
+# ---- cost ----
+
+def timed_restore(rig: Rig, pid: int, img: Image, fds: dict | None = None) -> float:
+    t0 = time.perf_counter()
+    rig.tracer.restore_in(pid, img, fds).result(30)
+    return (time.perf_counter() - t0) * 1000
+
+
+@pytest.mark.timeout(180)
+def test_restore_in_time(rig: Rig, counter: str, pipes) -> None:
+    """A small program at its entry point, ten times; one of 100 MB that had run."""
+    small = []
+    for _ in range(10):
+        pid, img = rig.ghost([ECHO, "x"])
+        out = pipe(pipes)
+        small.append(timed_restore(rig, pid, img, {1: out.w}))
+        assert out.rest() == b"x\n" and rig.bpsh.status(pid) == 0
+    pid, img = rig.ghost([counter, "100"])
+    inp, out = pipe(pipes), pipe(pipes)
+    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w}).result(10)
+    assert out.line(60) == b"before 1000\n"
+    assert until(lambda: proc_state(pid) == "S")
+    running = take(rig, pid)
+    big = timed_restore(rig, pid, running)
+    os.write(inp.w, b"y")
+    out.close_w()
+    assert out.rest() == b"after 1234 bad 0 got y\n"
+    assert rig.bpsh.status(pid) == 7 << 8
+    print(f"\nrestore_in: small program median {statistics.median(small):.2f} ms "
+          f"(min {min(small):.2f}, max {max(small):.2f}); 100 MB that had run "
+          f"({running.page_bytes() >> 20} MiB of pages) {big:.0f} ms")
