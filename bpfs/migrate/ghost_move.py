@@ -45,7 +45,7 @@ class Moving:
         running.seize_running(pid)
         t = self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
         try:
-            pt.ptrace(pt.INTERRUPT, pid)    # now: a writer of its own move stops at its return
+            running.interrupt(pid)          # now: a writer of its own move stops at its return
             if check is not None:
                 check()                                 # type: ignore[operator]
         except BaseException:

@@ -122,7 +122,7 @@ class Mover:
             try:
                 running.seize_running(m.pid)
                 seized = True
-                pt.ptrace(pt.INTERRUPT, m.pid)  # a writer of its own move stops at its return
+                running.interrupt(m.pid)        # a writer of its own move stops at its return
             finally:
                 m.seized.set()
             image = running.dump_running(m.pid, links=set(m.links))
