@@ -5,6 +5,7 @@ refused EBUSY and the process runs on as if nothing happened."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -12,9 +13,10 @@ import tempfile
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from bpfs.errors import BpfsError
-from bpfs.migrate import running
+from bpfs.migrate import dump, running
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.running import image_registers
 from tests.engine.running_rig import PY, counted, counter, dump_stopped, restore, started
@@ -304,3 +306,28 @@ def test_a_restarted_syscall_whose_number_is_lost_returns_eintr() -> None:
 def test_other_stops_resume_as_they_are(rax: int, orig: int) -> None:
     regs = _regs(rax, orig)
     assert bytes(image_registers(regs)) == bytes(regs)
+
+
+# ---- the dump's zero-block scan against the plain one ----
+
+def _buffer(data: bytes) -> mmap.mmap:
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    return buf
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 7, 128, 129, 4096, 9000]),
+                          st.booleans()), min_size=1, max_size=12), st.integers(0, 2))
+def test_the_zero_scan_finds_what_the_block_loop_finds(parts, lead_pages: int) -> None:
+    body = b"".join((b"\0" if zero else b"\x5a") * n for n, zero in parts)
+    data = bytes(lead_pages * 4096) + body
+    data += bytes(-len(data) % 4096)
+    buf = _buffer(b"\x01" * 4096 + data)   # a page of another run before it
+    try:
+        got = [(a, bytes(d)) for a, d in dump.nonzero(buf, 4096, len(data), 0x7000)]
+        assert got == dump.sparse(0x7000, data, None)
+        base = bytes(len(data))[:len(data) // 3] + data[len(data) // 3:]
+        assert dump.differing(0x7000, data, base) == dump.sparse(0x7000, data, base)
+    finally:
+        buf.close()
