@@ -309,8 +309,10 @@ def read_memory_buffer(pid: int, ranges: Sequence[tuple[int, int]]) -> mmap.mmap
 
 def populated(size: int) -> mmap.mmap:
     """`size` bytes of fresh anonymous memory, faulted in at once, in huge pages where the
-    kernel has them: 100 MB cost 43 ms faulted a page at a time, 12 ms so (6.18, x86_64)."""
-    buf = mmap.mmap(-1, max(size, 1), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    kernel has them: 100 MB cost 43 ms faulted a page at a time, 12 ms so (6.18, x86_64).
+    A page more than asked: mmap.find() before CPython 3.11.5 reads a byte past its `end`
+    (gh-105235), which at the end of a mapping is a segfault."""
+    buf = mmap.mmap(-1, size + mmap.PAGESIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         buf.madvise(mmap.MADV_HUGEPAGE)
         buf.madvise(MADV_POPULATE_WRITE)
