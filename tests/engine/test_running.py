@@ -121,6 +121,48 @@ def test_a_directory_and_dev_null_travel_a_deleted_file_does_not(tmp_path) -> No
                 assert "fd 5 is a deleted file" in err.value.message
 
 
+def test_stdio_files_travel_when_they_are_not_links(node, tmp_path) -> None:
+    """fds 0-2 that are files (not the caller's links) are carried and replace those given."""
+    out = str(tmp_path / "out")
+    with started(counter(20, 0.02), out) as prog:
+        prog.wait_lines(3)
+        img = dump_stopped(prog.pid, links=frozenset())
+        running.discard(prog.pid)
+    assert [(f.fd, f.path) for f in img.open_files] == [(0, "/dev/null"), (1, out), (2, out)]
+    other = str(tmp_path / "other")
+    open(other, "w").close()
+    assert restore(node, img, other)["status"] == 0
+    assert counted(open(out).read().splitlines(), 20) and open(other).read() == ""
+
+
+def test_a_job_stopped_by_sigstop_is_refused_and_stays_stopped(tmp_path) -> None:
+    with started(counter(20, 0.02), str(tmp_path / "out")) as prog:
+        prog.wait_lines(2)
+        os.kill(prog.pid, signal.SIGSTOP)
+        _wait_state(prog.pid, "T")
+        with pytest.raises(BpfsError) as err:
+            dump_stopped(prog.pid)
+        assert err.value.errno == errno.EBUSY and "stopped by job control (SIGSTOP)" in \
+            err.value.message
+        running.release(prog.pid)
+        time.sleep(0.1)
+        assert _state(prog.pid) == "T"
+        os.kill(prog.pid, signal.SIGCONT)
+        assert prog.end() == 0 and counted(prog.lines(), 20)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: str) -> None:
+    deadline = time.monotonic() + 5
+    while _state(pid) != want:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def _refused_and_runs_on(prog) -> str:
     """The dump is refused EBUSY; released, the program counts on to its end. The message."""
     with pytest.raises(BpfsError) as err:
