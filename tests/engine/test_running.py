@@ -353,8 +353,9 @@ def test_other_stops_resume_as_they_are(rax: int, orig: int) -> None:
 # ---- the dump's zero-block scan against the plain one ----
 
 def _buffer(data: bytes) -> mmap.mmap:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
+    """`data` in an mmap with a page of slack, as ptrace.populated makes (gh-105235)."""
+    buf = mmap.mmap(-1, len(data) + mmap.PAGESIZE)
+    buf[:len(data)] = data
     return buf
 
 
