@@ -221,7 +221,8 @@ def dump(img: Image, fp: BinaryIO) -> None:
 
 
 def loads(data: bytes) -> Image:
-    """Decode and check an image; any defect raises MigrateError(EINVAL, "corrupt image: ...")."""
+    """Decode and check an image; any defect raises MigrateError(EINVAL, "corrupt image: ...").
+    A version 4 image's runs are views of `data` (no copy): leave it unchanged meanwhile."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise corrupt("not bytes")
     if len(data) > MAX_IMAGE:
