@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from bpfs.wire.execreq import render_header
 
@@ -259,3 +261,70 @@ def test_usage_errors_and_help():
     done = subprocess.run([*cmd, "--pid", str(2**22 + 1), "--token", TOKEN, "--host",
                            "127.0.0.1", "--ready-fd", "9"], **run)
     assert done.returncode == 1 and b"No such process" in done.stderr
+
+
+# ---- the master starts it ----------------------------------------------------------------
+
+async def test_start_relay_as_the_user_serves_and_ends_with_its_process(users):
+    from bpfs.master.relay import start_relay
+    alice = users["alice"]
+    target = subprocess.Popen(["sleep", "30"])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        relay = await start_relay(target.pid, (in_r, out_w, out_w), {0, 1}, "127.0.0.1",
+                                  alice.uid, alice.gid, alice.groups)
+        os.close(out_w)
+        out_w = -1
+        with open(f"/proc/{relay.process.pid}/status") as f:
+            status = f.read()
+        assert f"Uid:\t{alice.uid}\t{alice.uid}" in status
+        assert os.getsid(relay.process.pid) == relay.process.pid   # a session of its own
+        os.write(in_w, b"to the process\n")
+        with socket.create_connection(("127.0.0.1", relay.port)) as inp, \
+                socket.create_connection(("127.0.0.1", relay.port)) as out:
+            inp.sendall(render_header(relay.token, target.pid, 0))
+            out.sendall(render_header(relay.token, target.pid, 1) + b"from the process\n")
+            inp.settimeout(10)
+            assert recv_exactly(inp, 15) == b"to the process\n"
+        target.kill()
+        target.wait(5)
+        with trio.fail_after(10):
+            assert await relay.wait() == 0
+        assert _read(out_r) == b"from the process\n"
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait(5)
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+async def test_stop_ends_a_relay_no_link_came_to():
+    from bpfs.master.relay import start_relay
+    target = subprocess.Popen(["sleep", "30"])
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        relay = await start_relay(target.pid, (null, null, null), {0, 1, 2}, "127.0.0.1",
+                                  os.getuid(), os.getgid(), os.getgroups())
+        with trio.fail_after(10):
+            await relay.stop()
+        assert relay.process.returncode == -signal.SIGTERM
+    finally:
+        os.close(null)
+        target.kill()
+        target.wait(5)
+
+
+async def test_a_relay_that_cannot_start_is_an_error():
+    from bpfs.errors import BpfsError
+    from bpfs.master.relay import start_relay
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        with pytest.raises(BpfsError) as exc:
+            await start_relay(2**22 + 1, (null, null, null), {1}, "127.0.0.1",
+                              os.getuid(), os.getgid(), [])
+        assert "did not start" in exc.value.message
+    finally:
+        os.close(null)
