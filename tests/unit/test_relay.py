@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
 
 from bpfs.wire.execreq import render_header
 
@@ -30,8 +28,10 @@ TOKEN = os.urandom(16).hex()
 class Relay:
     """A relay for a `sleep` the test started (its P), with pipes as its fds 0-2."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, user=None) -> None:
         self.target = subprocess.Popen(["sleep", "30"])
+        cred = {} if user is None else dict(user=user.uid, group=user.gid,
+                                            extra_groups=list(user.groups))
         self.in_r, self.in_w = os.pipe()
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
@@ -45,7 +45,8 @@ class Relay:
                  "--token-fd", str(token_r), "--host", "127.0.0.1", "--ready-fd",
                  str(ready_w), *extra],
                 stdin=self.in_r, stdout=out_w, stderr=err_w, pass_fds=(ready_w, token_r),
-                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                **cred)
         finally:
             for fd in (out_w, err_w, ready_w, token_r):
                 os.close(fd)
@@ -92,8 +93,8 @@ def _read(fd: int) -> bytes:
 def relay():
     made: list[Relay] = []
 
-    def make(*extra: str) -> Relay:
-        made.append(Relay(*extra))
+    def make(*extra: str, user=None) -> Relay:
+        made.append(Relay(*extra, user=user))
         return made[-1]
     try:
         yield make
@@ -263,68 +264,19 @@ def test_usage_errors_and_help():
     assert done.returncode == 1 and b"No such process" in done.stderr
 
 
-# ---- the master starts it ----------------------------------------------------------------
 
-async def test_start_relay_as_the_user_serves_and_ends_with_its_process(users):
-    from bpfs.master.relay import start_relay
+def test_as_another_user_in_a_session_of_its_own(relay, users):
+    """As the master runs it: the process's user, no controlling terminal."""
     alice = users["alice"]
-    target = subprocess.Popen(["sleep", "30"])
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    try:
-        relay = await start_relay(target.pid, (in_r, out_w, out_w), {0, 1}, "127.0.0.1",
-                                  alice.uid, alice.gid, alice.groups)
-        os.close(out_w)
-        out_w = -1
-        with open(f"/proc/{relay.process.pid}/status") as f:
-            status = f.read()
-        assert f"Uid:\t{alice.uid}\t{alice.uid}" in status
-        assert os.getsid(relay.process.pid) == relay.process.pid   # a session of its own
-        os.write(in_w, b"to the process\n")
-        with socket.create_connection(("127.0.0.1", relay.port)) as inp, \
-                socket.create_connection(("127.0.0.1", relay.port)) as out:
-            inp.sendall(render_header(relay.token, target.pid, 0))
-            out.sendall(render_header(relay.token, target.pid, 1) + b"from the process\n")
-            inp.settimeout(10)
-            assert recv_exactly(inp, 15) == b"to the process\n"
-        target.kill()
-        target.wait(5)
-        with trio.fail_after(10):
-            assert await relay.wait() == 0
-        assert _read(out_r) == b"from the process\n"
-    finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait(5)
-        for fd in (in_r, in_w, out_r, out_w):
-            if fd >= 0:
-                os.close(fd)
-
-
-async def test_stop_ends_a_relay_no_link_came_to():
-    from bpfs.master.relay import start_relay
-    target = subprocess.Popen(["sleep", "30"])
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        relay = await start_relay(target.pid, (null, null, null), {0, 1, 2}, "127.0.0.1",
-                                  os.getuid(), os.getgid(), os.getgroups())
-        with trio.fail_after(10):
-            await relay.stop()
-        assert relay.process.returncode == -signal.SIGTERM
-    finally:
-        os.close(null)
-        target.kill()
-        target.wait(5)
-
-
-async def test_a_relay_that_cannot_start_is_an_error():
-    from bpfs.errors import BpfsError
-    from bpfs.master.relay import start_relay
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        with pytest.raises(BpfsError) as exc:
-            await start_relay(2**22 + 1, (null, null, null), {1}, "127.0.0.1",
-                              os.getuid(), os.getgid(), [])
-        assert "did not start" in exc.value.message
-    finally:
-        os.close(null)
+    r = relay("--fds", "0,1", user=alice)
+    with open(f"/proc/{r.proc.pid}/status") as f:
+        assert f"Uid:\t{alice.uid}\t{alice.uid}" in f.read()
+    assert os.getsid(r.proc.pid) == r.proc.pid
+    os.write(r.in_w, b"to the process\n")
+    inp, out = r.link(0), r.link(1)
+    out.sendall(b"from the process\n")
+    assert recv_exactly(inp, 15) == b"to the process\n"
+    inp.close()
+    out.close()
+    r.end_target()
+    assert r.wait() == (0, b"from the process\n", b"")
