@@ -206,7 +206,7 @@ def _stdin_consumed(pid: int) -> int | None:
         os.close(pidfd)
     try:
         return stdin_consumed(fd)
-    except OSError:
+    except BpfsError:               # not a TCP socket (a relay's fd 0 that is a file...)
         return None
     finally:
         os.close(fd)

@@ -297,3 +297,22 @@ def test_a_moved_process_dies_by_a_signal_sent_to_its_ghost(cluster) -> None:
                                                              str(pid))),
                      what="procs/PID gone")
     assert not pid_alive(pid)
+
+
+def test_bpmove_moves_a_users_processes_and_says_why_not(cluster, users) -> None:
+    alice, bob = users["alice"], users["bob"]
+    p = start_bpsh(cluster, 0, PY, "-c", COUNTER, "1000", "0.05", user=alice)
+    try:
+        pid = int(read_line(p).split()[2])
+        r = cluster.run("bpmove", "2", str(pid), user=alice)
+        assert r.returncode == 0, r.stderr
+        assert node_of(cluster, pid) == "2"
+        r = cluster.run("bpmove", "1", str(pid), user=bob)
+        assert r.returncode == 1
+        assert r.stderr.decode() == f"bpmove: {pid}: {os.strerror(errno.EPERM)}\n"
+        r = cluster.run("bpmove", "master", str(pid), user=alice)
+        assert r.returncode == 0, r.stderr
+        assert cluster.run("bpmove", "x", str(pid)).returncode == 2
+        assert cluster.run("bpmove", "--help").stdout.startswith(b"Usage: bpmove")
+    finally:
+        stop(p)
