@@ -7,6 +7,13 @@ pipe, a socket, an eventfd, an epoll, a terminal, a deleted file, is refused EBU
 and what it is: those need their other end, or their content, which a path does not give.
 The caller names the fds it carries itself (`links`: the stdio sockets to a stdio server).
 
+A file of /bproc (a bpfs mount, on the master or a node) is not reopened: a node daemon
+restoring the process would have to serve that open itself, and waits for the restore
+instead (it stops answering the master, which marks the node down). The one handle left
+out rather than refused is the process's own procs/PID/ctl: libbproc's bproc_move writes
+`move N` through it, so it is open while the process moves; the moved copy finds that fd
+closed (the library closes it, EBADF or not). Any other is refused EBUSY, naming it.
+
 On the node each file is opened by the process itself, after its credentials were set: so as
 its user, who must be allowed to open it (EACCES, ENOENT otherwise, naming the path, and the
 restore kills the process before it ever ran).
@@ -26,6 +33,7 @@ from bpfs.migrate.image import OPEN_FLAGS, OpenFile
 SAFE_DEVICES = frozenset(("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"))
 NEVER = os.O_CREAT | os.O_TRUNC | os.O_EXCL    # a reopen creates or empties nothing
 AT_FDCWD = -100
+BPFS_FSTYPE = "fuse.bpfs"                      # /bproc's mounts (bpfs/fs/mount.py)
 _KINDS = {"pipe": "a pipe", "socket": "a socket", "anon_inode": "an anonymous inode"}
 
 
@@ -36,17 +44,25 @@ def collect(pid: int, links: AbstractSet[int] = frozenset()) -> list[OpenFile]:
     first one that cannot move, naming it."""
     try:
         fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+        bproc = _bpfs_mounts(pid)
     except OSError as exc:
         raise from_oserror(exc, f"listing the fds of {pid}", pid) from exc
-    return [_open_file(pid, fd) for fd in fds if fd not in links]
+    files = (_open_file(pid, fd, bproc) for fd in fds if fd not in links)
+    return [f for f in files if f is not None]
 
 
-def _open_file(pid: int, fd: int) -> OpenFile:
+def _open_file(pid: int, fd: int, bproc: AbstractSet[int]) -> OpenFile | None:
+    """The fd as an OpenFile; None for the process's own procs/PID/ctl (see the top)."""
     link = f"/proc/{pid}/fd/{fd}"
     try:
         target = os.readlink(link)
-        st = os.stat(link)
         info = _fdinfo(pid, fd)
+        if info["mnt_id"] in bproc:         # asked before any stat: no round trip to it
+            if target.endswith(f"/procs/{pid}/ctl"):
+                return None
+            raise MigrateError(errno.EBUSY, f"fd {fd} is a file of /bproc ({target}): it "
+                               "cannot move", pid)
+        st = os.stat(link)
     except OSError as exc:
         raise from_oserror(exc, f"reading fd {fd} of {pid}", pid) from exc
     what = _refusal(target, st, info["pos"])
@@ -79,10 +95,20 @@ def _same_file(path: str, st: os.stat_result) -> bool:
 
 
 def _fdinfo(pid: int, fd: int) -> dict[str, int]:
-    """pos (decimal) and flags (octal; O_CLOEXEC set for a close-on-exec fd) of an fd."""
+    """pos (decimal), flags (octal; O_CLOEXEC set for a close-on-exec fd) and mnt_id of an
+    fd."""
     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {"pos": int(fields["pos"]), "flags": int(fields["flags"], 8)}
+    return {"pos": int(fields["pos"]), "flags": int(fields["flags"], 8),
+            "mnt_id": int(fields.get("mnt_id", -1))}
+
+
+def _bpfs_mounts(pid: int) -> frozenset[int]:
+    """The mount ids of /bproc's mounts that `pid` sees (/proc/PID/mountinfo: the fields
+    after " - " are the type, the source, the options)."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return frozenset(int(line.split()[0]) for line in f
+                         if line.partition(" - ")[2].split()[:1] == [BPFS_FSTYPE])
 
 
 # ---- the restore side ----
