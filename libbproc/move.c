@@ -7,12 +7,16 @@
  * runs. Nothing else may be in flight, so no retry, no second write.
  *
  * bproc_vrfork is seen from the parent's side, so that a failed move is an errno the
- * parent gets: the parent forks, the child waits until it runs on its node (it asks
- * bproc_currnode() with short naps: a wait that holds no pipe or socket, which could
- * not move, and that a move may stop at any instant), the parent writes "move N" for the
- * child's PID; a refused move: the parent kills and reaps that child, pids[i] = -errno.
- * A child whose parent ended before its move ends too. A node equal to the caller's own
- * (or BPROC_NODE_SELF) is a plain fork, as BProc's BE_SAMENODE was. */
+ * parent gets: the parent forks, the child waits, the parent writes "move N" for the
+ * child's PID and, once that write has returned (the child runs on its node), wakes it
+ * with WAKE_SIGNAL (SIGURG, ignored by default), which the child has blocked from its
+ * fork on and takes with sigtimedwait: a wait that holds no pipe or socket (which could
+ * not move) and makes no request to /bproc (a process stopped for its move while a
+ * request of it is in flight in a bpfs daemon is a hazard for that daemon). A child that
+ * finds another parent (its parent ended, or a node answers for a parent elsewhere) asks
+ * where it is: on its node it goes on (a later wake-up is ignored), elsewhere it ends.
+ * A refused move: the parent kills and reaps that child, pids[i] = -errno. A node equal
+ * to the caller's own (or BPROC_NODE_SELF) is a plain fork, as BProc's BE_SAMENODE was. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <signal.h>
@@ -25,8 +29,8 @@
 #include "bproc.h"
 #include "internal.h"
 
-#define NAP_FIRST_NS 500000L         /* a waiting child's first nap: 0.5 ms */
-#define NAP_MOST_NS  10000000L       /* and its longest: 10 ms */
+#define WAKE_SIGNAL SIGURG           /* the parent's "you run on your node now" */
+#define WAKE_CHECK_NS 50000000L      /* how often a waiting child looks at its parent: 50 ms */
 
 static int fail(int err) { errno = err; return -1; }
 
@@ -79,23 +83,20 @@ int bproc_move(int node)
     return err ? fail(from_bpfs(err)) : 0;
 }
 
-/* The child's wait for its move: returns on `node`; ends if the parent is gone first.
- * Where the parent is is asked before where we are: a move between the two questions
- * leaves us on the node (the answer that counts), so a node's idea of our parent never
- * ends us. A nap cut short by the move is only a shorter nap. */
-static void wait_until_on(int node, pid_t parent)
+/* The child's wait: returns once the parent wakes it (it runs on `node` then), or once
+ * it finds itself on `node` when getppid says another parent; ends if it is elsewhere
+ * then. /bproc is asked only then. A wait cut short by the move (EINTR) is only a
+ * shorter wait. */
+static void wait_until_woken(int node, pid_t parent, const sigset_t *wake)
 {
-    struct timespec nap = {0, NAP_FIRST_NS};
+    struct timespec check = {0, WAKE_CHECK_NS};
 
-    for (;;) {
-        int orphaned = getppid() != parent;
+    while (sigtimedwait(wake, NULL, &check) != WAKE_SIGNAL) {
+        if (errno == EINTR || getppid() == parent)
+            continue;
         if (bproc_currnode() == node)
             return;
-        if (orphaned)
-            _exit(1);
-        nanosleep(&nap, NULL);
-        if (nap.tv_nsec < NAP_MOST_NS / 2)
-            nap.tv_nsec *= 2;
+        _exit(1);
     }
 }
 
@@ -105,21 +106,25 @@ static void end_child(pid_t pid)
     waitpid(pid, NULL, 0);           /* ECHILD if SIGCHLD is ignored: the kernel reaped it */
 }
 
-/* The child's PID once it runs on `node`; else it is ended and reaped: -errno. */
+/* The child's PID once it runs on `node` (and is woken); else it is ended and reaped:
+ * -errno. */
 static int move_child(pid_t pid, int node)
 {
     int err = write_move(pid, node);
 
-    if (!err)
-        return pid;
-    end_child(pid);
-    return -from_bpfs(err);
+    if (err) {
+        end_child(pid);
+        return -from_bpfs(err);
+    }
+    kill(pid, WAKE_SIGNAL);          /* ESRCH: it ended already; its parent gets its status */
+    return pid;
 }
 
 int bproc_vrfork(int nnodes, int *nodes, int *pids)
 {
     int here = bproc_currnode();
     pid_t parent = getpid();
+    sigset_t wake, mask;
 
     if (nnodes <= 0)
         return fail(EINVAL);
@@ -136,18 +141,23 @@ int bproc_vrfork(int nnodes, int *nodes, int *pids)
             pids[i] = -BE_INVALIDNODE;
             continue;
         }
+        sigemptyset(&wake);
+        sigaddset(&wake, WAKE_SIGNAL);
+        sigprocmask(SIG_BLOCK, &wake, &mask);   /* a wake-up sent early waits for the child */
         pid = fork();
+        if (pid == 0) {
+            if (node != here)
+                wait_until_woken(node, parent, &wake);
+            sigprocmask(SIG_SETMASK, &mask, NULL);
+            return i;                /* the child: its index */
+        }
+        sigprocmask(SIG_SETMASK, &mask, NULL);
         if (pid < 0) {               /* a local failure: the call fails, nothing is left */
             int err = errno;
             for (int k = 0; k < i; k++)
                 if (pids[k] > 0)
                     end_child(pids[k]);
             return fail(err);
-        }
-        if (pid == 0) {
-            if (node != here)
-                wait_until_on(node, parent);
-            return i;                /* the child: its index */
         }
         pids[i] = node == here ? pid : move_child(pid, node);
     }

@@ -13,12 +13,18 @@ still runs. A move to where the caller is is none (BProc answered BE_SAMENODE an
 library returned 0).
 
 rfork and vrfork are seen from the parent's side, so that a failed move is an errno the
-parent gets: the parent forks, the child waits until it runs on its node (it asks
-currnode() with short sleeps: a wait that holds no pipe or socket, which could not move,
-and that a move may stop at any instant), the parent writes `move N` for the child's PID.
-A refused move: the parent kills and reaps that child (nothing is left) and reports the
-errno. A child whose parent ended before its move ends too. A node equal to the caller's
-own (or NODE_SELF) is a plain fork, as BProc's BE_SAMENODE was.
+parent gets: the parent forks, the child waits, the parent writes `move N` for the
+child's PID and, once that write has returned (the child runs on its node), wakes it with
+WAKE_SIGNAL (SIGURG, ignored by default), which the child has blocked from its fork on and
+takes with sigtimedwait. That wait holds no pipe or socket (which could not move) and
+makes no request to /bproc (a process stopped for its move while a request of it is in
+flight in a bpfs daemon is a hazard for that daemon). Every WAKE_CHECK the child looks at
+its parent: one that is not its parent any more (its parent ended, or a node answers for
+a parent elsewhere) makes it ask where it is: on its node it goes on (a wake-up that comes
+later is ignored, as SIGURG is by default), elsewhere it ends. A refused move: the parent
+kills and reaps that child (nothing is left) and reports the errno. A node equal to the
+caller's own (or NODE_SELF) is a plain fork, as BProc's BE_SAMENODE was. A program with a
+SIGURG handler of its own may see one call of it in an rforked child.
 
 The child keeps what fork gives it; every fd it holds must be able to move: its stdio
 (the master makes them links) and regular files can, a pipe or a socket cannot, and the
@@ -38,7 +44,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import time
 from typing import Sequence
 
 from bpfs.libbproc.codes import BE_INVALIDNODE, NODE_MASTER, NODE_SELF, error, from_bpfs, strerror
@@ -47,7 +52,8 @@ from bpfs.libbproc.nodes import currnode, mount_point
 # What the master serves of issue 15: `move N` on procs/P/ctl. False makes every move to
 # another node ENOSYS without asking (a master without it answers EINVAL).
 MOVE_SERVED = True
-WAIT_FIRST, WAIT_MOST = 0.0005, 0.01    # seconds: a child's first and longest nap
+WAKE_SIGNAL = signal.SIGURG             # the parent's "you run on your node now"
+WAKE_CHECK = 0.05                        # seconds: how often a waiting child looks at its parent
 REASON_MAX = 4096
 
 
@@ -85,14 +91,11 @@ def vrfork(nodes: Sequence[int]) -> tuple[int, list[int]]:
         if node != here and node < NODE_MASTER:
             pids.append(-BE_INVALIDNODE)
             continue
-        try:
-            pid = os.fork()
-        except OSError as e:
-            _end_all(pids)
-            raise error(e.errno or errno.EAGAIN) from None
+        pid, mask = _fork_waiting(pids)
         if pid == 0:
             if node != here:
-                _wait_until_on(node, parent)
+                _wait_until_woken(node, parent)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return index, []
         pids.append(pid if node == here else _move_child(pid, node))
     return len(targets), pids
@@ -121,34 +124,46 @@ def move_process(pid: int, node: int) -> None:
 
 # ---- the parent's and the child's sides of a vrfork -------------------------------
 
+def _fork_waiting(made: list[int]) -> tuple[int, set[signal.Signals]]:
+    """fork with WAKE_SIGNAL blocked in the child (a wake-up sent before it waits is kept
+    pending); the pid (0 in the child) and the mask to go back to. A failed fork ends
+    the children `made` so far and raises."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [WAKE_SIGNAL])
+    try:
+        pid = os.fork()
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _end_all(made)
+        raise error(e.errno or errno.EAGAIN) from None
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return pid, mask
+
+
 def _move_child(pid: int, node: int) -> int:
-    """The child's PID once it runs on `node`; else it is ended and reaped: -errno."""
+    """The child's PID once it runs on `node` (and is woken); else it is ended and
+    reaped: -errno."""
     try:
         move_process(pid, node)
-        return pid
     except OSError as e:
         _end(pid)
         return -(e.errno or errno.EIO)
+    try:
+        os.kill(pid, WAKE_SIGNAL)
+    except ProcessLookupError:      # it ended already: its parent gets its status
+        pass
+    return pid
 
 
-def _wait_until_on(node: int, parent: int) -> None:
-    """The child's wait for its move: returns on `node`; ends if the parent is gone first.
-
-    Where the parent is is asked before where we are: a move between the two questions
-    leaves us on the node (the answer that counts), so a node's own idea of our parent
-    never ends us."""
-    nap = WAIT_FIRST
-    while True:
-        orphaned = os.getppid() != parent
-        if currnode() == node:
-            return
-        if orphaned:
+def _wait_until_woken(node: int, parent: int) -> None:
+    """The child's wait: returns once the parent wakes it (it runs on `node` then), or
+    once it finds itself on `node` when getppid says another parent; ends if it is
+    elsewhere then (its parent is gone). /bproc is asked only then."""
+    while signal.sigtimedwait([WAKE_SIGNAL], WAKE_CHECK) is None:
+        if os.getppid() != parent:
+            if currnode() == node:
+                return
             os._exit(1)
-        try:
-            time.sleep(nap)
-        except OSError:         # a sleep cut short by the move: ask again
-            pass
-        nap = min(nap * 2, WAIT_MOST)
 
 
 def _end(pid: int) -> None:

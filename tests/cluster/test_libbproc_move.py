@@ -17,7 +17,8 @@ import subprocess
 
 import pytest
 
-from tests.cluster.test_libbproc import build_libbproc, out, py, run
+from tests.cluster import test_libbproc
+from tests.cluster.test_libbproc import build_libbproc, out, run
 from tests.conftest import CTL_WRITER, PY, Cluster, as_user, command
 
 pytestmark = pytest.mark.timeout(180)
@@ -25,6 +26,13 @@ served = pytest.mark.usefixtures("move_served")
 
 BE_INVALIDNODE, BE_NODEDOWN = 300, 301
 HERE = os.path.dirname(os.path.abspath(__file__))
+# One write per line: the processes of a test share one pipe, and the tests may run
+# with PYTHONUNBUFFERED (a print is then a write per word).
+SAY = "import os as _os\ndef say(*words):\n    _os.write(1, (' '.join(map(str, words)) + '\\n').encode())\n"
+
+
+def py(c: Cluster, script: str, **kw) -> subprocess.CompletedProcess:
+    return test_libbproc.py(c, SAY + script, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +81,10 @@ for n in NODES:
     try:
         lb.move(n)
     except OSError as e:
-        print('refused', n, e.errno, e.filename, flush=True)
+        say('refused', n, e.errno, e.filename)
         break
-    print('moved', n, lb.currnode(), lb.pidnode(pid), hashlib.sha256(data).hexdigest() == digest,
-          count, os.getpid() == pid, flush=True)
+    say('moved', n, lb.currnode(), lb.pidnode(pid), hashlib.sha256(data).hexdigest() == digest,
+        count, os.getpid() == pid)
 """
 
 
@@ -103,11 +111,11 @@ def test_python_rfork_child_runs_on_the_node_under_a_ghost(cluster: Cluster) -> 
 import os, time
 pid = lb.rfork(1)
 if pid == 0:
-    print('child', lb.currnode(), flush=True)
+    say('child', lb.currnode())
     time.sleep(1)
     os._exit(7)
-print('parent', lb.pidnode(pid), os.path.exists(f'/proc/{pid}'), flush=True)
-print('status', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+say('parent', lb.pidnode(pid), os.path.exists(f'/proc/{pid}'))
+say('status', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """, timeout=120)
     assert sorted(out(r).splitlines()) == ["child 1", "parent 1 True", "status 7"]
 
@@ -122,14 +130,14 @@ for n in (2, 99, -7):
     try:
         if lb.rfork(n) == 0:
             os._exit(0)
-        print('forked', n)
+        say('forked', n)
     except OSError as e:
-        print(n, e.errno, e.strerror)
+        say(n, e.errno, e.strerror)
 try:
     os.waitpid(-1, os.WNOHANG)
-    print('a child is left')
+    say('a child is left')
 except ChildProcessError:
-    print('no child')
+    say('no child')
 """, timeout=120)
     finally:
         cluster.run("bpctl", "-S", "2", "-s", "up")
@@ -144,10 +152,10 @@ def test_python_vrfork_to_three_nodes(cluster: Cluster) -> None:
 import os
 n, pids = lb.vrfork([0, 1, 2])
 if not pids:
-    print('child', n, lb.currnode(), flush=True)
+    say('child', n, lb.currnode())
     os._exit(10 + n)
-print('parent', n, *[p > 0 for p in pids], flush=True)
-print('status', *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids], flush=True)
+say('parent', n, *[p > 0 for p in pids])
+say('status', *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
 """, timeout=120)
     assert sorted(out(r).splitlines()) == ["child 0 0", "child 1 1", "child 2 2",
                                            "parent 3 True True True", "status 10 11 12"]
@@ -162,9 +170,9 @@ def test_python_vrfork_errors_in_their_slots_and_the_master_a_plain_fork(
 import os
 n, pids = lb.vrfork([1, 99, -1, -2])
 if not pids:
-    print('child', n, lb.currnode(), flush=True)
+    say('child', n, lb.currnode())
     os._exit(0)
-print('parent', n, pids[0] > 0, pids[1], pids[2] > 0, pids[3] > 0, flush=True)
+say('parent', n, pids[0] > 0, pids[1], pids[2] > 0, pids[3] > 0)
 for p in pids:
     if p > 0:
         os.waitpid(p, 0)
@@ -182,14 +190,35 @@ import os
 rd, wr = os.pipe()
 try:
     lb.move(1)
-    print('moved')
+    say('moved')
 except OSError as e:
-    print('refused', e.errno, lb.currnode(), flush=True)
+    say('refused', e.errno, lb.currnode())
 os.close(rd); os.close(wr)
 lb.move(1)
-print('then', lb.currnode(), flush=True)
+say('then', lb.currnode())
 """, timeout=120)
     assert out(r).splitlines() == [f"refused {errno.EBUSY} -1", "then 1"]
+
+
+@served
+def test_python_move_with_a_bproc_file_open_is_refused_and_the_node_stays_up(
+        cluster: Cluster) -> None:
+    """A file of /bproc cannot move (its node would serve its reopening while restoring
+    it): EBUSY; only the mover's own ctl handle, open during its `move` write, is left
+    behind. Closed, the process moves, and node 1 is still up."""
+    r = py(cluster, """
+import os
+fd = os.open(os.path.join(os.environ['BPROC_MOUNT'], 'status'), os.O_RDONLY)
+try:
+    lb.move(1)
+    say('moved')
+except OSError as e:
+    say('refused', e.errno, lb.currnode())
+os.close(fd)
+lb.move(1)
+say('then', lb.currnode(), lb.nodestatus(1))
+""", timeout=120)
+    assert out(r).splitlines() == [f"refused {errno.EBUSY} -1", "then 1 up"]
 
 
 @served
@@ -200,22 +229,22 @@ def test_a_user_rforks_where_the_acl_lets_them_and_not_elsewhere(cluster: Cluste
     node2 = os.path.join(cluster.mount, "nodes", "2")
     mode = os.stat(node2).st_mode & 0o777
     os.chmod(node2, 0o100)
-    script = """from bpfs import libbproc as lb
+    script = SAY + """from bpfs import libbproc as lb
 import os
 pid = lb.rfork(1)
 if pid == 0:
-    print('child', lb.currnode(), os.getuid(), flush=True)
+    say('child', lb.currnode(), os.getuid())
     os._exit(3)
-print('status', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+say('status', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 for call in (lambda: lb.move(2), lambda: lb.rfork(2) or os._exit(0)):
     try:
-        print('ran', call())
+        say('ran', call())
     except OSError as e:
-        print('refused', e.errno, lb.currnode(), flush=True)
+        say('refused', e.errno, lb.currnode())
 try:
     os.waitpid(-1, os.WNOHANG)
 except ChildProcessError:
-    print('no child')
+    say('no child')
 """
     try:
         r = subprocess.run(as_user([PY, "-c", script], users["bob"]), env=cluster.env,
