@@ -57,6 +57,13 @@ def move_served(cluster: Cluster) -> None:
         pytest.skip(f"the master does not serve `move` yet: {answer.strip()}")
 
 
+@pytest.fixture
+def own(make_cluster) -> Cluster:
+    """A cluster of its own, for a test whose process moves itself (bproc_move): if such
+    a move hangs a daemon, the nodes it takes down are that test's only."""
+    return make_cluster()
+
+
 @pytest.fixture(scope="module")
 def mover(tmp_path_factory) -> str:
     """bproc_move.c compiled against a fresh libbproc (rpath: no ldconfig needed)."""
@@ -89,17 +96,17 @@ for n in NODES:
 
 
 @served
-def test_python_move_from_a_bpsh_started_program_and_back(cluster: Cluster) -> None:
+def test_python_move_from_a_bpsh_started_program_and_back(own: Cluster) -> None:
     """Started on node 1 by bpsh: to node 2, to the master (no ghost then), to node 0;
     its memory and variables come along, its PID stays, its output reaches bpsh."""
-    r = py(cluster, MOVES.replace("NODES", "(2, -1, 0)"), node=1, timeout=120)
+    r = py(own, MOVES.replace("NODES", "(2, -1, 0)"), node=1, timeout=45)
     assert out(r).splitlines() == ["moved 2 2 2 True 1 True", "moved -1 -1 -1 True 2 True",
                                    "moved 0 0 0 True 3 True"]
 
 
 @served
-def test_python_move_from_the_master_and_back(cluster: Cluster) -> None:
-    r = py(cluster, MOVES.replace("NODES", "(1, -1)"), timeout=120)
+def test_python_move_from_the_master_and_back(own: Cluster) -> None:
+    r = py(own, MOVES.replace("NODES", "(1, -1)"), timeout=45)
     assert out(r).splitlines() == ["moved 1 1 1 True 1 True", "moved -1 -1 -1 True 2 True"]
 
 
@@ -182,10 +189,10 @@ for p in pids:
 
 
 @served
-def test_python_move_with_a_pipe_open_is_refused_and_goes_on(cluster: Cluster) -> None:
+def test_python_move_with_a_pipe_open_is_refused_and_goes_on(own: Cluster) -> None:
     """A pipe cannot move: EBUSY, and the caller runs on where it was; once the pipe is
     closed it moves."""
-    r = py(cluster, """
+    r = py(own, """
 import os
 rd, wr = os.pipe()
 try:
@@ -202,11 +209,11 @@ say('then', lb.currnode())
 
 @served
 def test_python_move_with_a_bproc_file_open_is_refused_and_the_node_stays_up(
-        cluster: Cluster) -> None:
+        own: Cluster) -> None:
     """A file of /bproc cannot move (its node would serve its reopening while restoring
     it): EBUSY; only the mover's own ctl handle, open during its `move` write, is left
     behind. Closed, the process moves, and node 1 is still up."""
-    r = py(cluster, """
+    r = py(own, """
 import os
 fd = os.open(os.path.join(os.environ['BPROC_MOUNT'], 'status'), os.O_RDONLY)
 try:
@@ -259,15 +266,15 @@ except ChildProcessError:
 # ---- C -------------------------------------------------------------------------------
 
 @served
-def test_c_move_there_and_back(cluster: Cluster, mover: str) -> None:
-    r = run(cluster, [mover, "move", "1", "2", "-1"], timeout=120)
+def test_c_move_there_and_back(own: Cluster, mover: str) -> None:
+    r = run(own, [mover, "move", "1", "2", "-1"], timeout=45)
     assert out(r).splitlines() == ["move 1 0 0 1 1 1", "move 2 0 0 2 1 2",
                                    "move -1 0 0 -1 1 3"]
 
 
 @served
-def test_c_move_from_a_bpsh_started_program(cluster: Cluster, mover: str) -> None:
-    r = run(cluster, [mover, "move", "0", "-1", "99"], node=2, timeout=120)
+def test_c_move_from_a_bpsh_started_program(own: Cluster, mover: str) -> None:
+    r = run(own, [mover, "move", "0", "-1", "99"], node=2, timeout=45)
     assert out(r).splitlines() == ["move 0 0 0 0 1 1", "move -1 0 0 -1 1 2",
                                    f"move 99 -1 {BE_INVALIDNODE} -1 1 3"]
 
