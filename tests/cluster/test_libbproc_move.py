@@ -292,6 +292,17 @@ def test_c_rfork_refused_leaves_no_child(cluster: Cluster, mover: str) -> None:
 
 
 @served
+def test_c_rfork_from_a_node_moves_its_child_or_says_ebusy(cluster: Cluster, mover: str
+                                                             ) -> None:
+    """From node 1: the child, forked on node 1, moves to node 2; or, while a node moves
+    only the processes it restored (bpfs/node/mover.py), the parent gets EBUSY and no
+    child is left."""
+    lines = sorted(out(run(cluster, [mover, "rfork", "2"], node=1, timeout=120)).splitlines())
+    assert lines in (["child 2 1", f"rfork 1 0 2 {7 << 8} 0"],
+                     [f"rfork -1 {errno.EBUSY} -9 -1 0"]), lines
+
+
+@served
 def test_c_vrfork_to_three_nodes_and_a_missing_one(cluster: Cluster, mover: str) -> None:
     lines = out(run(cluster, [mover, "vrfork", "0,1,2,99"], timeout=120)).splitlines()
     assert sorted(line for line in lines if line.startswith("child")) == [
