@@ -233,6 +233,11 @@ def test_moves_that_cannot_be_done_fail_clearly_and_the_process_goes_on(cluster,
             assert write_ctl(cluster, pid, "move 2", alice) == errno.EPERM
         finally:
             os.chmod(node2, 0o111)
+        cluster.run("bpctl", "-S", "2", "-s", "unavailable", check=True)
+        try:
+            assert write_ctl(cluster, pid, "move 2") == errno.EHOSTDOWN      # not up
+        finally:
+            cluster.run("bpctl", "-S", "2", "-s", "up", check=True)
         assert node_of(cluster, pid) == "1"
         before = int(read_line(p).split()[0])
         assert int(read_line(p).split()[0]) == before + 1                 # it goes on
@@ -314,5 +319,49 @@ def test_bpmove_moves_a_users_processes_and_says_why_not(cluster, users) -> None
         assert r.returncode == 0, r.stderr
         assert cluster.run("bpmove", "x", str(pid)).returncode == 2
         assert cluster.run("bpmove", "--help").stdout.startswith(b"Usage: bpmove")
+    finally:
+        stop(p)
+
+
+# Sets up state a move must carry, then on each SIGUSR1 (a handler) prints it.
+STATEFUL = ("import os, resource, signal, socket, sys, time\n"
+            "os.umask(0o027); os.chdir('/tmp')\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (123, 456))\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "asked = []\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: asked.append(1))\n"
+            "print('ready', os.getpid(), flush=True)\n"
+            "while True:\n"
+            "    time.sleep(0.02)\n"
+            "    if asked:\n"
+            "        asked.clear()\n"
+            "        m = os.umask(0); os.umask(m)\n"
+            "        print(socket.gethostname(), os.getcwd(), oct(m),\n"
+            "              resource.getrlimit(resource.RLIMIT_NOFILE),\n"
+            "              sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),\n"
+            "              sorted(int(s) for s in signal.sigpending()), os.getuid(),\n"
+            "              signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, flush=True)\n")
+
+
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_signal_state_cwd_umask_rlimits_and_ids_survive_a_move(cluster, users, who) -> None:
+    user = users["alice"] if who == "alice" else None
+    p = start_bpsh(cluster, 1, PY, "-c", STATEFUL, user=user)
+    try:
+        pid = int(read_line(p).split()[1])
+        kill = (lambda sig: os.kill(pid, sig)) if user is None else \
+            (lambda sig: cluster.sh(f"kill -{sig.name[3:]} {pid}", user=user))
+        kill(signal.SIGUSR2)                    # blocked: stays pending, and moves with it
+        uid = str(user.uid if user else 0)
+        for target in ("2", "master", "0"):
+            assert write_ctl(cluster, pid, f"move {target}", user) == 0
+            kill(signal.SIGTERM)                # ignored there too
+            kill(signal.SIGUSR1)                # its handler runs where it is
+            words = read_line(p).replace(",", " ").replace("(", " ").replace(")", " ")
+            words = words.replace("[", " ").replace("]", " ").split()
+            want = master_name() if target == "master" else hostname_of(int(target))
+            assert words == [want, "/tmp", "0o27", "123", "456", str(int(signal.SIGUSR2)),
+                             str(int(signal.SIGUSR2)), uid, "True"], words
     finally:
         stop(p)
