@@ -365,3 +365,31 @@ def test_signal_state_cwd_umask_rlimits_and_ids_survive_a_move(cluster, users, w
                              str(int(signal.SIGUSR2)), uid, "True"], words
     finally:
         stop(p)
+
+
+def test_a_master_process_goes_out_and_comes_back_many_times_with_one_relay(cluster) -> None:
+    child = subprocess.Popen([PY, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        pid = int(child.stdout.readline().split()[1])
+        got = []
+        for k, target in enumerate(("1", "master", "2", "master", "0", None)):
+            child.stdin.write(f"a{k}\nb{k}\n".encode())
+            child.stdin.flush()
+            got += [child.stdout.readline().decode().split() for _ in range(2)]
+            if target is not None:
+                assert write_ctl(cluster, pid, f"move {target}") == 0
+        relays = subprocess.run(["pgrep", "-f", f"bpfs.cli.bpsh.relay --pid {pid} "],
+                                capture_output=True, text=True).stdout.split()
+        assert len(relays) == 1, relays                 # made once, its links made again
+        child.stdin.close()
+        assert child.wait(timeout=20) == 3
+        assert [g[0] for g in got] == [w for k in range(6) for w in (f"a{k}", f"b{k}")]
+        places = [g[1] for g in got[::2]]
+        assert places == [master_name(), hostname_of(1), master_name(), hostname_of(2),
+                          master_name(), hostname_of(0)], places
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
