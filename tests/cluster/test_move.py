@@ -393,3 +393,47 @@ def test_a_master_process_goes_out_and_comes_back_many_times_with_one_relay(clus
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def node_copies(pid: int) -> list[int]:
+    """Host PIDs of processes whose PID in their own namespace is `pid` (on nodes)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                ns = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(ns) > 1 and ns[-1] == str(pid):
+            out.append(int(name))
+    return out
+
+
+@pytest.mark.parametrize("target", ["2", "master"])
+def test_a_process_killed_while_it_moves_leaves_nothing_behind(cluster, target) -> None:
+    big = ("import os, sys, time\nblob = bytearray(os.urandom(64 << 20))\n"
+           "print(os.getpid(), flush=True)\nwhile True: time.sleep(0.05)\n")
+    p = start_bpsh(cluster, 1, PY, "-c", big)
+    try:
+        pid = int(read_line(p))
+        mover = subprocess.Popen([PY, "-c",
+                                  "import os, sys\ntry:\n"
+                                  "    fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+                                  "    os.write(fd, sys.argv[2].encode())\n"
+                                  "except OSError as e: sys.exit(e.errno)",
+                                  os.path.join(cluster.mount, "procs", str(pid), "ctl"),
+                                  f"move {target}"])
+        time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)                # the ghost, or the process itself
+        code = mover.wait(timeout=60)
+        assert code in (0, errno.ESRCH, errno.EIO), code
+        p.wait(timeout=30)
+        cluster.wait_for(lambda: not pid_alive(pid) and not node_copies(pid), timeout=10,
+                         what="no ghost and no copy on any node")
+        cluster.wait_for(lambda: str(pid) not in os.listdir(os.path.join(cluster.mount,
+                                                                          "procs")),
+                         what="procs/PID gone")
+    finally:
+        stop(p)
