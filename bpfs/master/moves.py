@@ -308,7 +308,7 @@ class Moves:
         image = await trio.to_thread.run_sync(loads, data)
         fds = await connect_links(p, self.link_host, consumed or 0)
         try:
-            await wait_future(self.tracer.restore_in(d.pid, image, fds))
+            await wait_future(self.tracer.restore_in(d.pid, image, fds, close_others=True))
             if p.links is not None and fds:
                 self._remember_home(d.pid, Home(p.links, consumed or 0, {
                     n: os.fstat(fd).st_ino for n, fd in fds.items()}))

@@ -126,6 +126,9 @@ class Mover:
             finally:
                 m.seized.set()
             image = running.dump_running(m.pid, links=set(m.links))
+            origin = m.session.node.restorer.restorer.origin
+            for ref in image.files:         # the master's name for a copy this node keeps
+                ref.path = origin.get(ref.hash, ref.path)
             consumed = _stdin_consumed(m.pid) if 0 in m.links else None
             data = dumps(image)
         except (MigrateError, BpfsError, OSError) as exc:
