@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import resource
 import select
 import shutil
 import signal
@@ -25,7 +26,7 @@ import pytest
 
 from bpfs.migrate import dump
 from bpfs.migrate import ghost_park as gp
-from bpfs.migrate import ghost_restore
+from bpfs.migrate import ghost_restore, procfs
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.image import Image
 from bpfs.migrate.tracee import GHOST, Tracee
@@ -162,6 +163,11 @@ def ps(pid: int) -> tuple[str, str]:
     return out[0], out[1].strip()
 
 
+def limits_of(pid: int) -> dict[int, tuple[int, int]]:
+    """(soft, hard) by resource, from /proc (prlimit() would need CAP_SYS_RESOURCE)."""
+    return {r: (s, h) for r, s, h in procfs.parse_limits(read(pid, "limits").decode())}
+
+
 def unchanged(pid: int, before: tuple) -> bool:
     return snapshot(pid) == before and asleep(pid)
 
@@ -239,21 +245,50 @@ def test_a_users_ghost_under_a_tracer_without_cap_sys_resource(rig: Rig, users, 
     assert rig.bpsh.status(pid) == 0
 
 
-def test_an_execute_only_program_of_a_user(rig: Rig, users, pipes) -> None:
+def test_an_execute_only_program_of_a_user(rig: Rig, users) -> None:
     """Mode 0711: bob may run it, not read it; the tracer, not bob, opens it for the
-    mapping, and the process stays not dumpable."""
+    mapping, and the process stays not dumpable (its /proc files root's)."""
     bob = users["bob"]
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)
-        prog = os.path.join(d, "echo")
-        shutil.copy(ECHO, prog)
+        prog = os.path.join(d, "sleep")
+        shutil.copy(SLEEP, prog)
         os.chmod(prog, 0o711)
-        pid, img = rig.ghost([prog, "secret"], uid=bob.uid, gid=bob.gid)
+        pid, img = rig.ghost([prog, "30"], uid=bob.uid, gid=bob.gid)
         assert not img.dumpable
-        out = pipe(pipes)
-        rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
-        assert out.rest() == b"secret\n"
-        assert rig.bpsh.status(pid) == 0
+        rig.tracer.restore_in(pid, img).result(10)
+        assert asleep(pid) and status_of(pid)["TracerPid"] == "0"
+        assert status_of(pid)["Uid"].split()[0] == str(bob.uid)
+        assert os.stat(f"/proc/{pid}/mem").st_uid == 0   # not dumpable
+        os.kill(pid, signal.SIGTERM)
+        assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGTERM
+
+
+def test_limits_nice_and_a_cwd_that_is_not_here(rig: Rig, users) -> None:
+    """A limit lowered on the node comes back lowered; one above the ghost's hard limit is
+    clamped (raising it would need CAP_SYS_RESOURCE); a higher nice is taken, a lower one
+    is not (a user may not); a cwd the master lacks leaves the ghost's."""
+    bob = users["bob"]
+    pid, img = rig.ghost([SLEEP, "30"], uid=bob.uid, gid=bob.gid, cwd="/tmp")
+    have = {r: (s, h) for r, s, h in img.rlimits}
+    mq = resource.RLIMIT_MSGQUEUE
+    assert have[resource.RLIMIT_NOFILE][1] > 200 and have[mq][1] < 2**40
+    limits = [(r, s, h) for r, s, h in img.rlimits if r not in (resource.RLIMIT_NOFILE, mq)]
+    limits += [(resource.RLIMIT_NOFILE, 100, 200), (mq, 2**40, 2**40)]
+    rig.tracer.restore_in(pid, dataclasses.replace(
+        img, rlimits=limits, nice=7, cwd="/nonexistent")).result(10)
+    assert limits_of(pid)[resource.RLIMIT_NOFILE] == (100, 200)
+    assert limits_of(pid)[mq] == (have[mq][1], have[mq][1])
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+    assert os.readlink(f"/proc/{pid}/cwd") == "/tmp"
+    os.kill(pid, signal.SIGKILL)
+    rig.bpsh.status(pid)
+    pid, img = rig.ghost([SLEEP, "30"], uid=bob.uid, gid=bob.gid)
+    os.setpriority(os.PRIO_PROCESS, pid, 3)
+    rig.tracer.restore_in(pid, dataclasses.replace(img, nice=-5)).result(10)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 3
+    os.kill(pid, signal.SIGKILL)
+    rig.bpsh.status(pid)
 
 
 def test_fds_are_installed_at_their_numbers(rig: Rig, pipes) -> None:
