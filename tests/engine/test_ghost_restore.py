@@ -32,7 +32,7 @@ from bpfs.migrate.image import Image
 from bpfs.migrate.tracee import GHOST, Tracee
 from tests.engine.ghostrig import SLEEP, Rig, asleep, gone, proc_state, until
 from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
-from tests.engine.test_ghost_fork import errno_of, read
+from tests.engine.test_ghost_fork import errno_of, fd_count, read
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(os.geteuid() != 0, reason="ghosts need root (ptrace)")]
@@ -193,6 +193,7 @@ def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
     ignored SIGTERM and SIGHUP, and sat in another cwd); PID, parent, group, the ghost's."""
     pid, img = rig.ghost([SLEEP, "30"], cwd="/tmp", ignore=[signal.SIGTERM, signal.SIGHUP])
     ppid, pgid = status_of(pid)["PPid"], os.getpgid(pid)
+    fds = sorted(os.listdir(f"/proc/{pid}/fd"))
     rig.tracer.rename(pid, [b"other", b"name"]).result(5)
     img = dataclasses.replace(img, cwd="/usr", sigactions=[
         s for s in img.sigactions if s[0] != signal.SIGTERM])
@@ -203,6 +204,7 @@ def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
     assert read(pid, "comm") == b"sleep\n" and read(pid, "cmdline") == b"/bin/sleep\x0030\0"
     assert os.readlink(f"/proc/{pid}/cwd") == "/usr" and asleep(pid)
     assert int(st["SigIgn"], 16) == 1 << (signal.SIGHUP - 1)
+    assert sorted(os.listdir(f"/proc/{pid}/fd")) == fds      # nothing left of the channel
     assert rig.tracer.ghosts() == []
     os.kill(pid, signal.SIGTERM)                  # not a ghost: nothing is intercepted
     status = rig.bpsh.status(pid)
@@ -305,6 +307,22 @@ def test_fds_are_installed_at_their_numbers(rig: Rig, pipes) -> None:
     rig.tracer.restore_in(pid, img, fds).result(10)
     assert one.rest() == b"one\nerr\n" and a.rest() == b"A\n" and b.rest() == b"B\n"
     assert rig.bpsh.status(pid) == 0
+
+
+def test_a_restored_parent_waits_for_its_child_ghost(rig: Rig, pipes) -> None:
+    """A process forked on a node (its child ghost stays) comes back: it is the child's
+    parent, and its wait gets the child's end."""
+    code = "import os; pid, st = os.wait(); print(pid, st, flush=True)"
+    pid, img = rig.ghost([sys.executable, "-c", code], env={"LC_ALL": "C"})
+    child = rig.tracer.fork(pid).result(5)
+    out = pipe(pipes)
+    rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
+    assert rig.tracer.ghosts() == [child] and status_of(child)["PPid"] == str(pid)
+    assert until(lambda: proc_state(pid) == "S")
+    rig.tracer.finish(child, exit_code=3).result(5)
+    assert out.rest() == f"{child} {3 << 8}\n".encode()
+    assert rig.bpsh.status(pid) == 0 and gone(child)
+    assert errno_of(rig.tracer.reap(pid, child)) == errno.ESRCH
 
 
 # ---- a process that had run ----
@@ -472,12 +490,14 @@ def test_restore_in_time(rig: Rig, counter: str, pipes) -> None:
     """A small program at its entry point, ten times; one of 1 MB and one of 100 MB that
     had run (heap filled, counter, asleep in read)."""
     small = []
+    fds = fd_count()
     for _ in range(10):
         pid, img = rig.ghost([ECHO, "x"])
         out = pipe(pipes)
         small.append(timed_restore(rig, pid, img, {1: out.w}))
         assert out.rest() == b"x\n" and rig.bpsh.status(pid) == 0
     ran = {mb: ran_and_restored(rig, counter, pipes, mb) for mb in (1, 100)}
+    assert fd_count() <= fds + sum(1 + (p.w >= 0) for p in pipes)   # none leaked
     print(f"\nrestore_in: small program at its entry median {statistics.median(small):.2f} ms"
           f" (min {min(small):.2f}, max {max(small):.2f}); that had run: " +
           ", ".join(f"{mb} MB {ms:.1f} ms" for mb, ms in ran.items()))
