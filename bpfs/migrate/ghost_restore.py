@@ -7,14 +7,15 @@ The rest comes from the image, rebuilt by the same batches as a node's restore
 (`bpfs.migrate.rebuild`), run by the ghost itself, so none needs a capability in it:
 
 ```
-    prepare (the ghost untouched): its uid/gid are the ghost's real ones (EPERM); no region in the
-        scratch area (EOPNOTSUPP); the ghost's RLIMIT_AS/RLIMIT_DATA hold it (ENOMEM);
+    prepare (the ghost untouched): the image's uid/gid are the ghost's real ones (EPERM);
+        no region in the scratch area (EOPNOTSUPP); the ghost's RLIMIT_AS/RLIMIT_DATA
+        hold it (ENOMEM);
         the files, opened and hashed by the tracer (ESTALE; EPERM set-ID; EPERM an
         executable mapping from a noexec mount); the fds to install (EINVAL, EBADF)
     halt; the image fits this kernel and CPU (ENOEXEC, EOPNOTSUPP)
     scratch := mmap(SCRATCH, 1 MiB, rwx, MAP_FIXED_NOREPLACE); the stub loop
-    the files and fds into the ghost over a socket pair (`ghost_files`)
     access(path, R_OK) in the ghost, X_OK for the executable: its user's right (EACCES)
+    the files and fds into the ghost over a socket pair (`ghost_files`)
     ---- point of no return: before it, a failure closes what came in, unmaps the scratch
          area and the ghost sleeps in pause() as before ----
     batch A: munmap the ghost's pages (argument pages, a rename's) but vvar/vdso/scratch;
@@ -143,9 +144,9 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
     got: list[int] = []
     try:
         stub.install(pid, SCRATCH)
+        _check_access(pid, regs, signals, plan.image)
         got = ghost_files.send_into(pid, regs, gadget, signals, SCRATCH + CHANNEL,
                                     plan.files + list(plan.installs.values()))
-        _check_access(pid, regs, gadget, signals, plan.image)
     except gp.Gone:
         raise
     except BaseException:
@@ -167,18 +168,23 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
                          f"return: {exc}", pid) from exc
 
 
-def _check_access(pid: int, regs: pt.Regs, gadget: int, signals: list[int],
-                  image: Image) -> None:
-    """The ghost's user may read each file (execute the executable) by its path: EACCES."""
-    buf = SCRATCH + stub.DATA_OFFSET
+def _check_access(pid: int, regs: pt.Regs, signals: list[int], image: Image) -> None:
+    """The ghost's user may read each file (execute the executable) by its path: EACCES
+    (or the error access(2) gives) naming the first file refused. One batch."""
+    b = stub.Batch(SCRATCH)
     for i, ref in enumerate(image.files):
-        pt.write_memory(pid, [(buf, ref.path.encode(errors="surrogateescape") + b"\0")])
-        mode = X_OK if i == image.exe else R_OK
-        res = gp.inject(pid, regs, gadget, signals, pt.SYS["access"], buf, mode)
-        if res < 0:
-            raise MigrateError(-res, f"{ref.path}: ghost {pid}'s user may not "
-                               f"{'execute' if mode == X_OK else 'read'} it here "
-                               f"({os.strerror(-res)})", pid)
+        b.call("access", b.cstr(ref.path), X_OK if i == image.exe else R_OK)
+    pt.write_memory(pid, b.writes())
+    stub.start(pid, regs, SCRATCH, b.count())
+    try:
+        run(pid, b, signals)
+    except MigrateError as exc:
+        i = b.entry_at(pt.getregs(pid).rbx)
+        if i < 0:
+            raise
+        what = "execute" if i == image.exe else "read"
+        raise MigrateError(exc.errno, f"{image.files[i].path}: ghost {pid}'s user may not "
+                           f"{what} it here ({os.strerror(exc.errno)})", pid) from None
 
 
 def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[int],
