@@ -284,20 +284,22 @@ def read_memory(pid: int, ranges: Sequence[tuple[int, int]]) -> bytes:
 def write_memory(pid: int, runs: Iterable[tuple[int, bytes]]) -> None:
     """process_vm_writev of (addr, data) runs into writable memory of `pid`.
 
-    The data is joined into one local buffer (one C-level copy) so only the remote side needs
-    an iovec per run; at most IOV_MAX runs per call.
+    Each run is its own local iovec, pointing into its bytes object (no copy: joining them
+    first cost a copy of everything, and the fresh pages of the joined buffer faulted in
+    here, a third of the time of a 100 MB write); at most IOV_MAX runs per call.
     """
     runs = list(runs)
     for i in range(0, len(runs), _IOV_MAX):
-        chunk = runs[i:i + _IOV_MAX]
-        data = b"".join(d for _, d in chunk)
-        keep = ctypes.c_char_p(data)  # points into the bytes object, no copy
-        local = IoVec(ctypes.cast(keep, ctypes.c_void_p).value or 0, len(data))
+        chunk = [(a, d if type(d) is bytes else bytes(d)) for a, d in runs[i:i + _IOV_MAX]]
+        keep = [ctypes.c_char_p(d) for _, d in chunk]  # point into the bytes, no copy
+        local = _iovecs([(ctypes.cast(k, ctypes.c_void_p).value or 0, len(d))
+                         for k, (_, d) in zip(keep, chunk)])
         remote = _iovecs([(addr, len(d)) for addr, d in chunk])
+        want = sum(len(d) for _, d in chunk)
         got = _libc.syscall(ctypes.c_long(SYS["process_vm_writev"]), ctypes.c_long(pid),
-                            ctypes.byref(local), ctypes.c_long(1), remote,
+                            local, ctypes.c_long(len(chunk)), remote,
                             ctypes.c_long(len(chunk)), ctypes.c_long(0))
-        if got != len(data):
+        if got != want:
             if got < 0:
                 raise _fail("process_vm_writev", pid)
             raise MigrateError(errno.EFAULT, f"process_vm_writev (pid {pid}): short write", pid)
