@@ -203,8 +203,8 @@ class Kin:
             gp.halt(t.pid, h.signals)
             h.regs = pt.getregs(t.pid)
             h.gadget = t.gadget = gp.sleeping_gadget(t.pid, h.regs)
-            ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan)
-            ghost_restore.go(t.pid, image, h.signals.for_process())
+            moved = ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan)
+            ghost_restore.go(t.pid, image, moved, h.signals.for_process())
         except gp.Gone as gone:
             self.gone(t, gone.status)
             raise MigrateError(errno.ESRCH, f"ghost {pid} ended during restore", pid) \

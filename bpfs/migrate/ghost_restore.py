@@ -30,8 +30,8 @@ The rest comes from the image, rebuilt by the same batches as a node's restore
     batch B: mprotect to the final protections; rseq registered
     munmap(scratch) at the moved vdso's `syscall`; registers, xstate; every signal
         blocked while the image's pending ones (and those that came meanwhile) are
-        queued by the process itself (kill(getpid(), sig): no CAP_KILL needed); the
-        image's mask; detach
+        queued by the process itself (kill(getpid(), sig): no CAP_KILL needed; SIGSTOP
+        from the tracer); the image's mask; detach
 ```
 
 A failure after the point of no return raises `PastReturn`: the caller kills the process
@@ -55,6 +55,7 @@ from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.helper import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                  PR_SET_DUMPABLE, PROT_RWX, PROT_WRITE, SCRATCH, SCRATCH_SIZE)
 from bpfs.migrate.image import Image
+from bpfs.migrate.tracee import send_signal
 
 CHANNEL = 0x400                   # the socket pair's buffer: between the stub and its table
 PROT_EXEC = 4
@@ -128,9 +129,9 @@ def _check_exec_mounts(image: Image, files: list[int]) -> None:
                                "mount here: its code cannot be mapped")
 
 
-def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: Plan) -> None:
+def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: Plan) -> int:
     """Make the halted ghost `pid` the process of `plan.image` (module doc); it is left
-    stopped, ready to `go`. Before the point of no return a failure leaves the ghost as
+    stopped, ready to `go`, and the `syscall` of its moved vdso is returned. Before the point of no return a failure leaves the ghost as
     it was (halted, for the caller to put back to sleep) and raises MigrateError (or
     gp.Gone); after it, PastReturn."""
     xstate = pt.get_xstate(pid)     # (the halted ghost's: what this CPU saves)
@@ -160,6 +161,7 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
         _rebuild(pid, regs, signals, plan, got, maps, special)
         moved = gadget - special["vdso"][0] + plan.image.special["vdso"][0]
         _finish(pid, regs, moved, signals, plan.image)
+        return moved
     except gp.Gone:
         raise
     except BaseException as exc:
@@ -278,31 +280,37 @@ def _limits(a: stub.Batch, image: Image, have: dict[int, tuple[int, int]]) -> No
 
 
 def _finish(pid: int, regs: pt.Regs, gadget: int, signals: list[int], image: Image) -> None:
-    """Scratch unmapped; registers, xstate; pending signals queued while all are blocked,
-    then the image's mask."""
+    """Scratch unmapped; the image's registers and xstate."""
     _check(pid, "unmapping the scratch area", gp.inject(
         pid, regs, gadget, signals, pt.SYS["munmap"], SCRATCH, SCRATCH_SIZE))
-    pt.set_sigmask(pid, 2**64 - 1)
-    for sig in image.pending:
-        _check(pid, "kill", gp.inject(pid, regs, gadget, signals, pt.SYS["kill"], pid, sig))
     final = image.registers()
     final.orig_rax = gp.NO_SYSCALL  # no syscall restart on resume
     pt.setregs(pid, final)
     pt.set_xstate(pid, image.xstate)
 
 
-def go(pid: int, image: Image, signals: list[int]) -> None:
-    """Let the rebuilt `pid` run: the signals that came during the restore queued too (it
-    is still blocking all), the image's mask, detached. Failures are PastReturn."""
+def go(pid: int, image: Image, gadget: int, signals: list[int]) -> None:
+    """Let the rebuilt `pid` run: the image's pending signals and those that came during
+    the restore (`signals`) queued, the image's mask, detached. Failures are PastReturn.
+
+    The process sends them itself (kill(getpid()), injected at `gadget`, the moved vdso's
+    `syscall`) while it blocks every signal, so none is delivered to a tracer and the
+    tracer needs no CAP_KILL; SIGSTOP and SIGKILL cannot be blocked (delivered during a
+    step they would be swallowed): they are sent from here, last, to go off at the detach.
+    """
+    wanted = list(dict.fromkeys([*image.pending, *signals]))
+    last = [sig for sig in wanted if sig in (signal.SIGKILL, signal.SIGSTOP)]
     try:
-        if signals:
-            regs = pt.getregs(pid)
-            gadget = gp.vdso(pid)[1]
-            for sig in dict.fromkeys(signals):
-                _check(pid, "kill", gp.inject(pid, regs, gadget, [], pt.SYS["kill"], pid,
+        pt.set_sigmask(pid, 2**64 - 1)
+        regs = pt.getregs(pid)
+        for sig in wanted:
+            if sig not in last:
+                _check(pid, "kill", gp.inject(pid, regs, gadget, last, pt.SYS["kill"], pid,
                                               sig))
-            pt.setregs(pid, regs)
+        pt.setregs(pid, regs)
         pt.set_sigmask(pid, image.sigmask)
+        for sig in dict.fromkeys(last):
+            send_signal(pid, sig)
         pt.detach(pid)
     except MigrateError as exc:
         raise PastReturn(exc.errno, f"letting restored {pid} go: {exc}", pid) from exc

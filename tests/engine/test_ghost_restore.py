@@ -266,6 +266,23 @@ def test_an_execute_only_program_of_a_user(rig: Rig, users) -> None:
         assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGTERM
 
 
+def test_pending_signals_and_mask(rig: Rig) -> None:
+    """The image's pending signals are pending again (a blocked one stays pending, a
+    SIGSTOP stops it), its mask is its mask."""
+    pid, img = rig.ghost([SLEEP, "30"])
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    rig.tracer.restore_in(pid, dataclasses.replace(
+        img, pending=[signal.SIGUSR2, signal.SIGSTOP], sigmask=usr2)).result(10)
+    assert until(lambda: proc_state(pid) == "T")
+    st = status_of(pid)
+    assert int(st["SigBlk"], 16) == usr2 and st["TracerPid"] == "0"
+    assert (int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)) == usr2
+    os.kill(pid, signal.SIGCONT)
+    assert asleep(pid)
+    os.kill(pid, signal.SIGKILL)
+    assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGKILL
+
+
 def test_limits_nice_and_a_cwd_that_is_not_here(rig: Rig, users) -> None:
     """A limit lowered on the node comes back lowered; one above the ghost's hard limit is
     clamped (raising it would need CAP_SYS_RESOURCE); a higher nice is taken, a lower one
