@@ -451,6 +451,26 @@ def test_a_file_the_user_may_not_run_here_is_eacces_and_undone(rig: Rig, users,
         assert out.rest() == b"ok\n" and rig.bpsh.status(pid) == 0
 
 
+def test_limits_that_refuse_the_image_leave_the_ghost(rig: Rig) -> None:
+    """The ghost's own limits: an address space too small (checked before it is touched:
+    ENOMEM), too few fds for the files (the socket pair or the files refused in it:
+    EMFILE, what came in closed again)."""
+    pid, img = rig.ghost([sys.executable, "-c", "pass"], env={"LC_ALL": "C"})
+    before = snapshot(pid)
+    hard_as = resource.prlimit(pid, resource.RLIMIT_AS)[1]
+    hard_nofile = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_AS, (8 << 20, hard_as))      # root's own: allowed
+    assert errno_of(rig.tracer.restore_in(pid, img)) == errno.ENOMEM
+    resource.prlimit(pid, resource.RLIMIT_AS, (hard_as, hard_as))
+    for nofile in (4, 6):              # no room for the pair; no room for the files
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (nofile, hard_nofile))
+        assert errno_of(rig.tracer.restore_in(pid, img)) == errno.EMFILE
+        assert unchanged(pid, before) and rig.tracer.ghosts() == [pid]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, hard_nofile))
+    rig.tracer.restore_in(pid, img).result(10)
+    assert os.WEXITSTATUS(rig.bpsh.status(pid)) == 0
+
+
 def test_bad_arguments_and_states(rig: Rig, pipes) -> None:
     pid, img = rig.ghost([SLEEP, "30"])
     before = snapshot(pid)
