@@ -212,18 +212,34 @@ def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
     assert rig.rec.signals == [] and rig.rec.exits == {}
 
 
-def test_another_processes_image_with_other_vdso_addresses(rig: Rig, pipes) -> None:
+def test_another_processes_image_with_other_vdso_addresses(rig: Rig) -> None:
     """The image of another process (its own ASLR: vdso, stack, libraries elsewhere) runs
-    in the ghost: vvar/vdso moved to the image's addresses; the ghost's exe link stays."""
-    pid, _ = rig.ghost([SLEEP, "30"])
-    other, img = rig.ghost([ECHO, "from", "elsewhere"])
+    in the ghost: vvar/vdso moved to the image's addresses; the ghost's exe link stays
+    (a new one would need CAP_CHECKPOINT_RESTORE)."""
+    pid, _ = rig.ghost([ECHO, "never"])
+    other, img = rig.ghost([SLEEP, "30"])
     vdso = lambda p: [ln for ln in read(p, "maps").splitlines() if b"[vdso]" in ln]  # noqa
     assert vdso(pid) != vdso(other)
-    out = pipe(pipes)
-    rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
-    assert out.rest() == b"from elsewhere\n"
-    assert rig.bpsh.status(pid) == 0
+    rig.tracer.restore_in(pid, img).result(10)
+    assert asleep(pid) and vdso(pid) == vdso(other)
+    assert ps(pid) == ("sleep", "/bin/sleep 30")
+    assert os.readlink(f"/proc/{pid}/exe") == os.path.realpath(ECHO)
+    os.kill(pid, signal.SIGTERM)
+    assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGTERM
     rig.tracer.kill(other).result(5)
+
+
+def test_a_copy_of_a_ghost(rig: Rig, pipes) -> None:
+    """A copy made by `clone` (vexecmove's ranks) comes back as any ghost; its original
+    stays a ghost."""
+    pid, img = rig.ghost([ECHO, "rank"])
+    copy = rig.tracer.clone(pid, 1).result(5)[0]
+    out = pipe(pipes)
+    rig.tracer.restore_in(copy, img, {1: out.w}).result(10)
+    assert out.rest() == b"rank\n" and rig.bpsh.status(copy) == 0
+    assert rig.tracer.ghosts() == [pid] and asleep(pid)
+    rig.tracer.finish(pid, exit_code=0).result(5)
+    assert rig.bpsh.status(pid) == 0
 
 
 def test_a_python_program(rig: Rig, pipes) -> None:
