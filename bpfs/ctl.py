@@ -52,6 +52,8 @@ nodes/N/ctl commands:
 procs/P/ctl commands (the process's uid or root, else EPERM; ESRCH once exited, or
 once P is another process than the one the file was opened for):
     kill | stop | cont       SIGKILL, SIGSTOP, SIGCONT to the real process
+    move N | move master     move the running process to node N or back to the master
+                             (bpfs/master/moves.py: the write returns once it runs there)
 
 procs/P/signal: one word, a number (9) or a name (KILL, SIGKILL, kill); EINVAL
 otherwise. The table row named ANY matches every word and gets it as argument.
@@ -102,6 +104,11 @@ class Services(Protocol):
     async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
         """Run `argv` as `caller` migrated to `node` (permission checked); its pid once it
         runs there. Errors: see bpfs/master/exec.py."""
+
+    async def move_proc(self, caller: Caller, pid: int, target: int | None,
+                        gen: int | None = None) -> str:
+        """Move running process `pid` to node `target` (None: the master); returns once it
+        runs there. Errors: see bpfs/master/moves.py."""
 
 
 @dataclass(frozen=True)
@@ -314,10 +321,24 @@ async def _signal_word(ctx: CtlContext, args: list[str]) -> str:
     return await send_signal(ctx, parse_signal(args[0]))
 
 
+def parse_place(word: str) -> int | None:
+    """`3` -> node 3; `master` or `-1` -> None (BPROC_NODE_MASTER); EINVAL otherwise."""
+    if word in ("master", "-1"):
+        return None
+    if word.isascii() and word.isdigit() and len(word) <= 7:
+        return int(word)
+    raise einval(f"move: {word[:32]!r} is neither a node number nor `master`")
+
+
+async def _move(ctx: CtlContext, args: list[str]) -> str:
+    return await ctx.services.move_proc(ctx.caller, ctx.target, parse_place(args[0]), ctx.gen)
+
+
 PROC_CTL: tuple[Command, ...] = (
     Command("kill", (0, 0), _signal_cmd(signal.SIGKILL)),
     Command("stop", (0, 0), _signal_cmd(signal.SIGSTOP)),
     Command("cont", (0, 0), _signal_cmd(signal.SIGCONT)),
+    Command("move", (1, 1), _move),
 )
 
 PROC_SIGNAL: tuple[Command, ...] = (Command(ANY, (1, 1), _signal_word),)

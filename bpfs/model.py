@@ -147,6 +147,24 @@ class Proc:
     mid: int = 0                      # the migration's id (0: unknown)
     usage: Usage | None = None        # the node's last report (bpfs/usage.py), None before
     usage_at: float = -1e18           # when it came: the master's monotonic clock
+    links: "StdioLinks | None" = field(default=None, repr=False)   # where its stdio goes
+    stdin_base: int = 0               # its stdin link's first byte in its stdin (a move's)
+
+
+@dataclass(frozen=True)
+class StdioLinks:
+    """The stdio server a migrated process's "socket" fds are links to (bpsh, the master's
+    exec endpoint, or a relay): what a move needs to make them again elsewhere."""
+    port: int
+    token: str
+    io: tuple[str, str, str]
+    host: str | None = None
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """The fds that are links: "socket" ones, and fd 2 when it shares fd 1's."""
+        return tuple(fd for fd, spec in enumerate(self.io)
+                     if spec == "socket" or (spec == "stdout" and self.io[1] == "socket"))
 
 
 class EventLog:
@@ -412,6 +430,22 @@ class Cluster:
         self.procs[pid] = p
         self.events.append("proc", pid, "start", str(node))
         return p
+
+    def proc_moved(self, pid: Pid, node: NodeId | None, mid: int = 0) -> None:
+        """The running `pid` moved to `node` (restore `mid` made it there), or back to
+        the master (None): it is a master process again, no longer listed; event `move`."""
+        p = self.procs.get(pid)
+        if p is None:
+            return
+        self.events.append("proc", pid, "move", "master" if node is None else str(node))
+        if node is None:
+            del self.procs[pid]
+            return
+        p.node, p.mid = node, mid
+        self._moved_usage(p)
+
+    def _moved_usage(self, p: Proc) -> None:
+        p.usage, p.usage_at = None, -1e18       # the old node's figures are not the new's
 
     def proc_running(self, pid: Pid) -> None:
         """The node restored a "starting" process: it runs."""

@@ -44,17 +44,18 @@ import select
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import pyfuse3
 import trio
 
 from bpfs import ctl, formats
 from bpfs.errors import BpfsError
-from bpfs.fs import procfs
+from bpfs.fs import masterprocs, procfs
 from bpfs.fs.inodes import Ino, Kind, NODE_KINDS, PROC_KINDS
-from bpfs.fs.tree import (FILES, NODE_FILES, ROOT_DIRS, ROOT_FILES, FileSpec, parse_number,
-                          proc_files, spec_named)
+from bpfs.fs.masterprocs import MASTER_GEN
+from bpfs.fs.tree import (FILES, MASTER_PROC_KINDS, NODE_FILES, PROC_FILES, ROOT_DIRS,
+                          ROOT_FILES, FileSpec, parse_number, proc_files, spec_named)
 from bpfs.model import Caller
 from bpfs.output import OutputRing
 from bpfs.pin import Pin
@@ -217,7 +218,9 @@ class BpfsOperations(ReadOnlyTree, pyfuse3.Operations):
             raise BpfsError(errno.ENOENT, f"no node {ino.id}")
         if ino.kind in PROC_KINDS:
             p = self.cluster.procs.get(ino.id)
-            if p is None or p.gen != ino.gen:
+            if (p is None or p.gen != ino.gen) and not (
+                    ino.gen == MASTER_GEN and p is None and ino.kind in MASTER_PROC_KINDS
+                    and masterprocs.owner(ino.id) is not None):
                 raise BpfsError(errno.ENOENT, f"no process {ino.id}")
         return ino
 
@@ -244,9 +247,10 @@ class BpfsOperations(ReadOnlyTree, pyfuse3.Operations):
             p = self.cluster.procs.get(pid) if pid is not None else None
             if p is not None:
                 return Ino(Kind.PROC_DIR, p.pid, p.gen)
+            if pid is not None and masterprocs.owner(pid) is not None:
+                return Ino(Kind.PROC_DIR, pid, MASTER_GEN)
         elif parent.kind in (Kind.NODE_DIR, Kind.PROC_DIR):
-            spec = spec_named(NODE_FILES if parent.kind == Kind.NODE_DIR
-                              else proc_files(self.cluster, parent.id), name)
+            spec = spec_named(self._files(parent), name)
             if spec is not None:
                 return Ino(spec.kind, parent.id, parent.gen)
         else:
@@ -262,8 +266,20 @@ class BpfsOperations(ReadOnlyTree, pyfuse3.Operations):
         if d.kind == Kind.PROCS:
             return [(str(p.pid), Ino(Kind.PROC_DIR, p.pid, p.gen))
                     for p in sorted(self.cluster.procs.values(), key=lambda p: p.pid)]
-        table = NODE_FILES if d.kind == Kind.NODE_DIR else proc_files(self.cluster, d.id)
-        return [(s.name, Ino(s.kind, d.id, d.gen)) for s in table]
+        return [(s.name, Ino(s.kind, d.id, d.gen)) for s in self._files(d)]
+
+    def _files(self, d: Ino) -> Sequence[FileSpec]:
+        if d.kind == Kind.NODE_DIR:
+            return NODE_FILES
+        if d.gen == MASTER_GEN:         # a master process: its ctl only (masterprocs.py)
+            return tuple(s for s in PROC_FILES if s.kind in MASTER_PROC_KINDS)
+        return proc_files(self.cluster, d.id)
+
+    def _owner(self, ino: Ino) -> tuple[int, int]:
+        if ino.gen == MASTER_GEN:
+            return masterprocs.owner(ino.id) or (0, 0)
+        p = self.cluster.proc(ino.id)
+        return p.uid, p.gid
 
     def _attr(self, ino: Ino) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -280,8 +296,7 @@ class BpfsOperations(ReadOnlyTree, pyfuse3.Operations):
                 node = self.cluster.node(ino.id)
                 a.st_mode, a.st_uid, a.st_gid = stat.S_IFDIR | node.mode, node.uid, node.gid
             elif ino.kind == Kind.PROC_DIR:
-                p = self.cluster.proc(ino.id)
-                a.st_uid, a.st_gid = p.uid, p.gid
+                a.st_uid, a.st_gid = self._owner(ino)
             return a
         spec = FILES[ino.kind]
         a.st_mode, a.st_nlink = stat.S_IFREG | spec.mode, 1
@@ -290,8 +305,7 @@ class BpfsOperations(ReadOnlyTree, pyfuse3.Operations):
         a.st_size = len(spec.read(self.cluster, ino.id).encode()) \
             if spec.read and ino.kind not in USAGE_KINDS else 0
         if ino.kind in PROC_KINDS:
-            p = self.cluster.proc(ino.id)
-            a.st_uid, a.st_gid = p.uid, p.gid
+            a.st_uid, a.st_gid = self._owner(ino)
         a.st_blocks = (a.st_size + 511) // 512
         return a
 

@@ -97,6 +97,9 @@ PROC_FILES: tuple[FileSpec, ...] = (
     FileSpec("stderr", Kind.PROC_STDERR, 0o400, None, stream=True, output="stderr"),
 )
 
+# procs/P of a master process never migrated (bpfs/fs/masterprocs.py): its ctl, to move it
+MASTER_PROC_KINDS = frozenset({Kind.PROC_DIR, Kind.PROC_CTL})
+
 FILES: dict[Kind, FileSpec] = {s.kind: s for s in (*ROOT_FILES, *NODE_FILES, *PROC_FILES)}
 
 

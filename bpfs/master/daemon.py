@@ -87,6 +87,8 @@ class Master:
                                self.usage, os.path.abspath(cfg.mount))
         self.procs.send_now = self.links.send_now
         self.procs.host_of = self.links.host_of
+        self.procs.link_host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") \
+            else cfg.listen
         self.execs = ExecService(cluster, self.procs, cfg.mount)
 
     # ---- ctl.Services ------------------------------------------------------------
@@ -112,6 +114,10 @@ class Master:
 
     async def exec_command(self, node: int, caller: Caller, argv: list[str]) -> int:
         return await self.execs.start(node, caller, argv)
+
+    async def move_proc(self, caller: Caller, pid: int, target: int | None,
+                        gen: int | None = None) -> str:
+        return await self.procs.move_proc(caller, pid, target, gen)
 
     async def persist(self) -> None:
         """Write the state file if ACLs, admin states or node numbers changed (EIO if it fails)."""

@@ -7,6 +7,7 @@
     execs = ExecService(cluster, procs, mount)
     port = await nursery.start(execs.serve, host)     the stdio endpoint and the sweeper
     pid = await execs.start(node, caller, argv)       from the ctl write (nodes/N/ctl exec)
+    execs.expect_again(pid)                           a move of pid begins (links again)
 
 The master forks a child as the writer (its environment, cwd, umask and credentials, read
 from /proc through its pin), arms the migration for it in process (the child cannot write
@@ -100,6 +101,9 @@ class Record:
     token: str
     output: ProcOutput
     links: set[str] = field(default_factory=set)       # streams whose link connected
+    moving: set[str] = field(default_factory=set)      # streams whose link will be made again
+    tails: dict[str, trio.Event] = field(default_factory=dict)  # set when a stream's newest
+                                                                # link is over
     scopes: list[trio.CancelScope] = field(default_factory=list)
     live: bool = False            # the write returned `ok PID`
     ended_at: float | None = None
@@ -138,13 +142,27 @@ class ExecService:
             rec = self._records.get(line.split(b" ", 1)[0].decode("ascii", "replace"))
             header = execreq.parse_header(line, rec.token) if rec is not None else None
             if rec is None or header is None or header.pid != rec.pid \
-                    or header.fd not in (1, 2) or OUTPUT_STREAMS[header.fd - 1] in rec.links:
+                    or header.fd not in (1, 2) \
+                    or (OUTPUT_STREAMS[header.fd - 1] in rec.links and not header.again):
                 return
             name = OUTPUT_STREAMS[header.fd - 1]
             rec.links.add(name)
-            await self._copy(rec, name, stream, rest)
+            if header.again:
+                rec.moving.discard(name)
+                rec.output.streams[name].link_done = False   # unless closed: it goes on here
+            before, done = rec.tails.get(name), trio.Event()
+            rec.tails[name] = done
+            try:
+                if before is not None:
+                    await before.wait()         # the old link first, to its EOF
+                await self._copy(rec, name, stream, rest)
+            finally:
+                done.set()
+            if rec.tails.get(name) is done and name not in rec.moving:
+                rec.output.link_over(name)      # no newer link: the stream is over
 
     async def _copy(self, rec: Record, name: str, stream: trio.SocketStream, first: bytes) -> None:
+        """Pass what the link brings on, to its EOF (or reset: what came before it counts)."""
         scope = trio.CancelScope()
         rec.scopes.append(scope)
         rec.output.append(name, first)
@@ -154,7 +172,25 @@ class ExecService:
                     rec.output.append(name, data)
             except (trio.BrokenResourceError, OSError) as exc:
                 log.info("pid %d: %s link: %s", rec.pid, name, exc)
-        rec.output.link_over(name)
+        rec.scopes.remove(scope)
+
+    def expect_again(self, pid: int, moving: bool = True) -> bool:
+        """A move of `pid` begins (`moving`) or is over without new links (not `moving`):
+        while it moves, the EOF of its output links does not end its streams, the links
+        made again (`again` headers) go on with them, after the old ones' EOF. False if
+        `pid` is not a process of ours (its links are not ours to serve)."""
+        rec = next((r for r in self._records.values() if r.pid == pid), None)
+        if rec is None:
+            return False
+        if moving:
+            rec.moving = set(rec.links)
+            return True
+        rec.moving.clear()
+        for name in rec.links:
+            tail = rec.tails.get(name)
+            if tail is not None and tail.is_set():
+                rec.output.link_over(name)      # the old link ended meanwhile: it was the last
+        return True
 
     async def _sweeper(self) -> None:
         while True:
@@ -179,8 +215,8 @@ class ExecService:
             rec.ended_at = now
         if now - rec.ended_at >= LINK_GRACE:
             for name in OUTPUT_STREAMS:
-                if name not in rec.links:
-                    out.link_over(name)
+                if name not in rec.links or (name in rec.moving and rec.tails[name].is_set()):
+                    out.link_over(name)     # never connected, or not made again
         if out.all_read and rec.read_at is None:
             rec.read_at = now
         if (rec.read_at is not None and now - rec.read_at >= READ_GRACE) \

@@ -122,7 +122,8 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
     **{cls: _to_procs(cls) for cls in (messages.Need, messages.Restored, messages.Failed,
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
-                                       messages.Kill, messages.Exec, messages.Watch)},
+                                       messages.Kill, messages.Exec, messages.Watch,
+                                       messages.Part, messages.Dumped)},
 
     **{cls: _to_fs for cls in (*messages.FS_REQUESTS, messages.FsCancel)},
 }

@@ -23,9 +23,10 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.master import tell_bpsh
-from bpfs.model import Caller, Cluster
+from bpfs.model import Caller, Cluster, StdioLinks
 from bpfs.output import ProcOutput
 from bpfs.wire import execreq, messages
+from bpfs.wire.movemsgs import PART
 
 log = logging.getLogger("bpfs.master.procs")
 
@@ -93,6 +94,8 @@ class Migration:
     ranks: list[BpfsError | None] | None = None   # the writer's, until it fans out:
                                         # why each rank may not run (None: it may)
     host: str | None = None             # bpsh's address when it runs on a node
+    on_started: Callable[[], None] | None = None   # a move's: at `restored`, before anything
+    again: int | None = None            # a move's: its links are made again (stdin read)
 
 
 
@@ -244,6 +247,7 @@ class Migrations:
                                     state="starting",
                                     output=m.launch.output if m.launch else None)
         m.gen, p.mid = p.gen, m.id
+        p.links = StdioLinks(m.req.port, m.req.token, tuple(m.req.io), m.host)  # type: ignore[arg-type]
 
     async def _capture(self, m: Migration) -> Any:
         """The dumped image; None if the writer ended without exec'ing (nothing to do)."""
@@ -265,14 +269,28 @@ class Migrations:
             with trio.fail_after(RESTORE_TIMEOUT):
                 if data is None:
                     data = await _serialize(image)
+                last = await self._send_pieces(m, data)
+                if m.again is not None:
+                    await self.send_node(m.node, messages.Again(id=m.id, consumed=m.again))
                 await self.send_node(m.node, messages.Restore(
-                    id=m.id, image=data, uid=c.uid, gid=c.gid, groups=tuple(sorted(c.groups)),
+                    id=m.id, image=last, uid=c.uid, gid=c.gid, groups=tuple(sorted(c.groups)),
                     io=tuple(m.req.io), port=m.req.port, token=m.req.token,
                     pid=m.pid,              # so the node connects bpsh's links at once
                     rank=m.rank, host=m.host, **_family(m.pid)))
                 await self._negotiate(m, image)
         except trio.TooSlowError:
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
+
+    async def _send_pieces(self, m: Migration, data: bytes) -> bytes:
+        """An image beyond one piece (a moved process's memory) goes ahead of its
+        `restore` in `piece`s; the last piece is the restore's own `image`."""
+        if len(data) <= PART:
+            return data
+        view = memoryview(data)
+        ends = range(0, len(data), PART)
+        for at in list(ends)[:-1]:
+            await self.send_node(m.node, messages.Piece(id=m.id, data=bytes(view[at:at + PART])))
+        return bytes(view[list(ends)[-1]:])
 
     async def _negotiate(self, m: Migration, image: Any) -> None:
         from bpfs.migrate import read_contents
@@ -342,6 +360,8 @@ class Migrations:
                         msg.pid, m.pid)
         m.started = True
         self.cluster.proc_running(m.pid)
+        if m.on_started is not None:
+            m.on_started()
         self._deliver(node, msg)
         if m.launch is not None:
             m.launch.finish()

@@ -28,6 +28,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.master.forks import NodeForks
 from bpfs.master.nodeexec import NodeExec
+from bpfs.master.moves import Moves
 from bpfs.master.migrations import (CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, Migrations,
                                     SendNode, wait_future)
 from bpfs.model import Cluster
@@ -57,7 +58,7 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
 
 
 
-class ProcService(NodeExec, NodeForks, Migrations):
+class ProcService(Moves, NodeExec, NodeForks, Migrations):
     """The ghosts of migrated processes, (Migrations) the migrations in flight, and
     (NodeForks) the processes forked on nodes."""
 

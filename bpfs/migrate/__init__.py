@@ -12,7 +12,8 @@ from bpfs.migrate.dump import (kill, launch, read_contents, seize_for_exec,
                                wait_exec_and_dump)
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import FileCache
-from bpfs.migrate.image import FileRef, Host, Image, dumps, loads, set_rank
+from bpfs.migrate.image import FileRef, Host, Image, dumps, loads
+from bpfs.migrate.rank import set_rank
 from bpfs.migrate.restore import Restorer
 
 __all__ = ["seize_for_exec", "wait_exec_and_dump", "launch", "dump", "kill", "read_contents",

@@ -23,7 +23,7 @@ import signal
 import stat
 import struct
 import time
-from typing import Callable, Mapping as TMapping, Sequence
+from typing import AbstractSet, Callable, Mapping as TMapping, Sequence
 
 from bpfs.migrate import hostinfo, procfs
 from bpfs.migrate import ptrace as pt
@@ -178,8 +178,12 @@ def kill(pid: int) -> None:
 
 # ---- dumping ----
 
-def dump(pid: int) -> Image:
-    """Dump a process stopped under our ptrace (at its entry point) into an Image."""
+def dump(pid: int, frozen: AbstractSet[int] = frozenset()) -> Image:
+    """Dump a process stopped under our ptrace (at its entry point) into an Image.
+
+    `frozen`: start addresses of shared file mappings that can never be written (no
+    VM_MAYWRITE: glibc's gconv cache), carried as private mappings of the same file
+    (`running`); any other shared mapping is refused."""
     check_executable(pid)
     regs = pt.getregs(pid)
     xstate = pt.get_xstate(pid)
@@ -192,7 +196,7 @@ def dump(pid: int) -> Image:
     gadget = _vdso_gadget(pid, special)
     mm["brk"] = _brk(pid, regs, gadget, maps, mm["start_brk"])
     dumpable = _dumpable(pid, regs, gadget)
-    files, regions = _regions(pid, maps)
+    files, regions = _regions(pid, maps, frozen)
     exe = _exe_index(pid, files)
     pt.setregs(pid, regs)
     ids = lambda key: [int(x) for x in status[key].split()]  # noqa: E731
@@ -310,7 +314,8 @@ def _sigactions(pid: int, regs: pt.Regs, gadget: int,
     return out
 
 
-def _regions(pid: int, maps: list[Mapping]) -> tuple[list[FileRef], list[Region]]:
+def _regions(pid: int, maps: list[Mapping], frozen: AbstractSet[int] = frozenset()
+             ) -> tuple[list[FileRef], list[Region]]:
     files: list[FileRef] = []
     by_inode: dict[tuple[str, int], int] = {}
     regions: list[Region] = []
@@ -320,7 +325,7 @@ def _regions(pid: int, maps: list[Mapping]) -> tuple[list[FileRef], list[Region]
         for m in maps:
             if m.path in procfs.SPECIAL:
                 continue
-            if m.shared:
+            if m.shared and m.start not in frozen:
                 raise MigrateError(errno.EOPNOTSUPP,
                                    f"shared mapping {m.path or 'anonymous'} cannot migrate", pid)
             region = Region(m.start, m.end, m.prot, "file" if m.file_backed else "anon",

@@ -25,6 +25,7 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.dump import dump_at_exec, seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.ghost_kin import Kin
+from bpfs.migrate.ghost_move import Moving
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
                                  STOPPED, HALTING, FINISHING, RELEASING, Signals, Tracee,
                                  send_kill, child_signal, from_terminal, pending, ignores,
@@ -33,7 +34,7 @@ from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED
 log = logging.getLogger(__name__)
 
 
-class Ghosts(Kin):
+class Ghosts(Kin, Moving):
     """The tracees of one tracer thread and their states (see the module doc)."""
 
     def __init__(self, on_signal: Callable[[int, int], None],

@@ -1,8 +1,9 @@
-"""The migration image: one process stopped at its entry point, as msgpack. Owned by this module.
+"""The migration image: one stopped process (at its entry point, or anywhere while it ran), as
+msgpack. Owned by this module.
 
 Grammar (msgpack; every map below has exactly these string keys; ints are unsigned unless said)::
 
-    image    = { "magic": "bpfs-image", "version": 3,
+    image    = { "magic": "bpfs-image", "version": 4,
                  "pid": int, "argv": [str], "comm": str, "exe": int (index into files),
                  "cwd": str, "uid": int, "gid": int, "groups": [int],
                  "dumpable": bool   true: its user may read and trace it (the kernel's
@@ -19,7 +20,8 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
                  "rlimits": [[resource, soft, hard]]    (RLIM_INFINITY is 2**64 - 1)
                  "special": { name: [start, end] }   name in vvar, vvar_vclock, vdso, vsyscall
                  "host": host, "files": [file], "regions": [region],
-                 "contents": { hash: bin } }        file contents carried inline (may be empty)
+                 "contents": { hash: bin },         file contents carried inline (may be empty)
+                 "open_files": [ofile] }            fds reopened by path on the node
     mm       = { start_code, end_code, start_data, end_data, start_brk, brk, start_stack,
                  arg_start, arg_end, env_start, env_end: int }
     host     = { "kernel": str, "vdso": str (hash of the vdso bytes), "cpu_flags": [str],
@@ -28,6 +30,9 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
     region   = { "start": int, "end": int, "prot": int (PROT_* bits), "kind": "anon" | "file",
                  "growsdown": bool, "file": int (index into files, -1 for anon),
                  "offset": int, "pages": [[addr, bin]] }   byte runs to write over the mapping
+    ofile    = { "fd": int (0 .. 2**20 - 1), "path": str (absolute, no NUL, < 4096 bytes),
+                 "flags": int (O_* of OPEN_FLAGS only: never O_CREAT, O_TRUNC, O_EXCL),
+                 "offset": int (0 .. 2**63 - 1) }   at most MAX_OPEN_FILES, fds ascending
 
 Addresses are page-aligned and below 2**47; regions are sorted and disjoint and do not meet the
 special mappings; byte runs are ordered, disjoint and inside their region (they need not be
@@ -35,15 +40,16 @@ whole pages: only bytes that differ from zero, or from the mapped file, travel).
 checks all of that and raises `MigrateError(EINVAL, "corrupt image: ...")`, so a restore never
 starts from a bad image.
 Version 2 added "dumpable" (version 1 had no such key, and its reader restores every process
-dumpable: an execute-only program's memory would be readable on the node); version 3 "nice".
-A reader takes version 3, and version 2 as nice 0 (what a version 2 reader gave every
-process); it refuses any other version rather than guess.
+dumpable: an execute-only program's memory would be readable on the node); version 3 "nice";
+version 4 "open_files" (a running process's regular files, directories and safe devices).
+A reader takes version 4, version 3 as no open files (a version 3 restore closed every fd
+beyond 0-2), and version 2 also as nice 0 (what a version 2 reader gave every process); it
+refuses any other version rather than guess.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import re
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -54,8 +60,8 @@ from bpfs.migrate.errors import MigrateError, corrupt
 from bpfs.migrate.ptrace import REGS_SIZE, Regs
 
 MAGIC = "bpfs-image"
-VERSION = 3
-READS = (2, 3)
+VERSION = 4
+READS = (2, 3, 4)
 PAGE = 4096
 TASK_SIZE = 1 << 47
 U64 = 2**64 - 1
@@ -67,6 +73,13 @@ HASH_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _FILE_KEYS = frozenset(("hash", "size", "path"))
 _REGION_KEYS = frozenset(("start", "end", "prot", "kind", "growsdown", "file", "offset", "pages"))
 _STR, _INT = frozenset((str,)), {int}
+MAX_OPEN_FILES = 1 << 16
+MAX_FD = 1 << 20          # fs.nr_open's default: no fd number is larger
+MAX_PATH = 4096
+# open(2) flags an open file may carry (x86_64 values): O_ACCMODE, O_APPEND, O_NONBLOCK,
+# O_DSYNC, O_DIRECT, O_LARGEFILE, O_DIRECTORY, O_NOFOLLOW, O_NOATIME, O_CLOEXEC, O_SYNC, O_PATH
+OPEN_FLAGS = 0o3 | 0o2000 | 0o4000 | 0o10000 | 0o40000 | 0o100000 | 0o200000 | 0o400000 \
+    | 0o1000000 | 0o2000000 | 0o4000000 | 0o10000000
 
 
 @dataclass
@@ -76,6 +89,17 @@ class FileRef:
     hash: str
     size: int
     path: str
+
+
+@dataclass
+class OpenFile:
+    """An fd of a running process that the node opens again: same number, path, flags, offset.
+    `flags` holds O_CLOEXEC when the fd was close-on-exec."""
+
+    fd: int
+    path: str
+    flags: int
+    offset: int
 
 
 @dataclass
@@ -133,6 +157,7 @@ class Image:
     regions: list[Region]
     contents: dict[str, bytes] = field(default_factory=dict)
     nice: int = 0  # getpriority(PRIO_PROCESS) at the dump, set again by the restore
+    open_files: list[OpenFile] = field(default_factory=list)  # fds the node opens again
 
     @property
     def exe_path(self) -> str:
@@ -171,6 +196,8 @@ def _to_obj(img: Image) -> dict[str, Any]:
                      "growsdown": r.growsdown, "file": r.file, "offset": r.offset,
                      "pages": [[a, d] for a, d in r.pages]} for r in img.regions],
         "contents": img.contents,
+        "open_files": [{"fd": f.fd, "path": f.path, "flags": f.flags, "offset": f.offset}
+                       for f in img.open_files],
     }
 
 
@@ -198,53 +225,6 @@ def loads(data: bytes) -> Image:
 
 def load(fp: BinaryIO) -> Image:
     return loads(fp.read())
-
-
-# ---- one image, many ranks ----
-
-RANK_MARK = b"BPROC_RANK=XXXXXXX"
-RANK_DIGITS = 7
-
-
-def set_rank(img: Image, rank: int) -> bool:
-    """Write `rank` over the Xs of `BPROC_RANK=XXXXXXX` in the image's environment.
-
-    BProc's vexecmove: one exec and one dump serve every rank of a multi-node run, the
-    environment holding the placeholder; each node's copy gets its own rank (7 digits,
-    as bproc's kernel wrote it). Only a whole environment string counts, and only inside
-    mm.env_start..env_end (argv may hold the same text). False if there is none.
-    """
-    if not 0 <= rank < 10 ** RANK_DIGITS:
-        raise MigrateError(errno.EINVAL, f"rank {rank} does not fit in {RANK_DIGITS} digits")
-    lo, hi = img.mm["env_start"], img.mm["env_end"]
-    digits = f"{rank:0{RANK_DIGITS}d}".encode()
-    for region in img.regions:
-        if region.end <= lo or region.start >= hi:
-            continue
-        for i, (addr, data) in enumerate(region.pages):
-            at = data.find(RANK_MARK)
-            while at >= 0:
-                where = addr + at
-                end = where + len(RANK_MARK)
-                if lo <= where and end < hi and _byte_at(img, where - 1) in (0, None) \
-                        and _byte_at(img, end) == 0:
-                    start = at + len(RANK_MARK) - RANK_DIGITS
-                    region.pages[i] = (addr, data[:start] + digits + data[at + len(RANK_MARK):])
-                    return True
-                at = data.find(RANK_MARK, at + 1)
-    return False
-
-
-def _byte_at(img: Image, addr: int) -> int | None:
-    """The image's byte at `addr` (0 where no run covers it: zero pages do not travel);
-    None if no region maps it."""
-    for region in img.regions:
-        if region.start <= addr < region.end:
-            for start, data in region.pages:
-                if start <= addr < start + len(data):
-                    return data[addr - start]
-            return 0
-    return None
 
 
 # ---- checking ----
@@ -295,7 +275,8 @@ def _addr(v: Any, what: str, aligned: bool = True) -> int:
 _TOP = ("magic", "version", "pid", "argv", "comm", "exe", "cwd", "uid", "gid", "groups", "dumpable",
         "umask", "personality", "regs", "xstate", "auxv", "mm", "sigmask", "sigactions", "pending",
         "rseq", "robust", "tid_address", "rlimits", "special", "host", "files", "regions",
-        "contents", "nice")
+        "contents", "nice", "open_files")
+_KEYS = {2: _TOP[:-2], 3: _TOP[:-1], 4: _TOP}  # what each version READS holds
 
 
 def _from_obj(obj: Any) -> Image:
@@ -304,7 +285,7 @@ def _from_obj(obj: Any) -> Image:
     version = obj.get("version")
     if version not in READS or type(version) is not int:
         raise corrupt(f"unsupported image version {version!r} (want {VERSION})")
-    _map(obj, _TOP if version == VERSION else _TOP[:-1], "image")
+    _map(obj, _KEYS[version], "image")
     files = _files(obj["files"])
     special = _special(obj["special"])
     regions = _regions(obj["regions"], len(files))
@@ -331,7 +312,8 @@ def _from_obj(obj: Any) -> Image:
                                                                   "tid_address", False),
         rlimits=_rlimits(obj["rlimits"]), special=special, host=_host(obj["host"]), files=files,
         regions=regions, contents=_contents(obj["contents"], files),
-        nice=_bounded(obj["nice"], -20, 19, "nice") if "nice" in obj else 0)
+        nice=_bounded(obj["nice"], -20, 19, "nice") if "nice" in obj else 0,
+        open_files=_open_files(obj["open_files"]) if "open_files" in obj else [])
     _check(len(files) > 0, "no executable file")
     _check(len(img.regs) == REGS_SIZE, f"regs is {len(img.regs)} bytes, want {REGS_SIZE}")
     _check(576 <= len(img.xstate) <= 16384 and len(img.xstate) == img.host.xstate_size,
@@ -488,6 +470,28 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
                   else _bounded(obj["offset"], 0, 0, f"{what}.offset"), pages)
 
 
+_OPEN_FILE_KEYS = ("fd", "path", "flags", "offset")
+
+
+def _open_files(obj: Any) -> list[OpenFile]:
+    """Bounded in count, fd numbers ascending, each path absolute and each flag one the node
+    may pass to open(2); the node opens them as the process's user (restore)."""
+    items = _typed(obj, list, "open_files")
+    _check(len(items) <= MAX_OPEN_FILES, f"more than {MAX_OPEN_FILES} open files")
+    out: list[OpenFile] = []
+    for i, f in enumerate(items):
+        what = f"open_files[{i}]"
+        fd = _bounded(_map(f, _OPEN_FILE_KEYS, what)["fd"], 0, MAX_FD - 1, f"{what}.fd")
+        _check(not out or out[-1].fd < fd, f"{what}.fd is not above the one before")
+        path = _typed(f["path"], str, f"{what}.path")
+        _check(path.startswith("/") and "\0" not in path and len(path.encode(
+            errors="surrogateescape")) < MAX_PATH, f"{what}.path is not an absolute path")
+        flags = _bounded(f["flags"], 0, 2**32 - 1, f"{what}.flags")
+        _check(not flags & ~OPEN_FLAGS, f"{what}.flags has bits {flags & ~OPEN_FLAGS:#o}")
+        out.append(OpenFile(fd, path, flags, _bounded(f["offset"], 0, 2**63 - 1, what)))
+    return out
+
+
 def _check_layout(regions: list[Region], special: dict[str, tuple[int, int]]) -> None:
     """Regions sorted and disjoint, none meeting a special mapping; the slow pass names which."""
     spans = sorted(v for k, v in special.items() if k != "vsyscall")
@@ -592,5 +596,5 @@ def _contents(obj: Any, files: list[FileRef]) -> dict[str, bytes]:
     return dict(obj)
 
 
-__all__ = ["Image", "Region", "FileRef", "Host", "dumps", "dump", "loads", "load", "set_rank",
+__all__ = ["Image", "Region", "FileRef", "Host", "OpenFile", "dumps", "dump", "loads", "load",
            "MigrateError"]

@@ -14,7 +14,7 @@ import struct
 import threading
 from typing import Mapping, Sequence
 
-from bpfs.migrate import hostinfo, image as imagefmt, rebuild, seccomp, stub
+from bpfs.migrate import hostinfo, image as imagefmt, openfiles, rebuild, seccomp, stub
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.filecache import PRIVATE, PUBLIC, FileCache, HashCache, hash_bytes
@@ -242,6 +242,7 @@ class Restorer:
         a.pause()  # the byte runs are written here
         if self.supervised:
             a.call("close", LISTENER_FD)
+        openfiles.reopen(a, image.open_files, taken={0, 1, 2})  # as the user: creds are set
         self._protect(a, image, writable)
         a.run(child, self.helper.regs)
         pt.write_memory(child, [run for r in image.regions for run in r.pages])

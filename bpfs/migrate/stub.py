@@ -68,14 +68,15 @@ class Batch:
         raw = text.encode(errors="surrogateescape") if isinstance(text, str) else text
         return self.data(raw + b"\0", 1)
 
-    def call(self, name: str, *args: int, may_fail: bool = False) -> int:
-        """Add syscall `name`; returns the entry's index."""
+    def call(self, name: str, *args: int, may_fail: bool = False, what: str = "") -> int:
+        """Add syscall `name`; returns the entry's index. `what` names it in a failure's
+        message instead (e.g. the file an openat opens)."""
         try:
             entry = _ENTRIES[len(args)].pack(pt.SYS[name], *args, may_fail)
         except struct.error:  # a negative argument (fd -1): the tracee sees it as 2**64 - 1
             entry = _ENTRIES[len(args)].pack(pt.SYS[name], *(a & _MASK for a in args), may_fail)
         self._parts[-1] += entry
-        self.names.append(name)
+        self.names.append(what or name)
         return len(self.names) - 1
 
     def pause(self) -> None:

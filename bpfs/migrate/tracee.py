@@ -38,6 +38,8 @@ STOPPED = "stopped"      # held in a ptrace-stop (a failed capture)
 HALTING = "halting"      # a parked ghost interrupted to be finished; its stop is due
 FINISHING = "finishing"  # aimed at its end; waiting for it
 RELEASING = "releasing"  # seized by mistake (a reused PID): detached at its next stop
+MOVING = "moving"        # a running process seized to move (ghost_move): its stop is due
+MOVE_HELD = "move-held"  # ... in its interrupt stop: dumped, then parked or let go
 
 
 

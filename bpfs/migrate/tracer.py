@@ -179,6 +179,20 @@ class Tracer:
                 cwd: bytes) -> Future[None]:
         return self._deferred(self._ghosts.exec_in, pid, path, _copied(argv), _copied(envp), cwd)
 
+    def seize_running(self, pid: int, check: Callable[[], None] | None = None
+                      ) -> Future[None]:
+        """Seize and interrupt a running process to move it (bpfs/migrate/ghost_move.py)."""
+        return self._deferred(self._ghosts.seize_running, pid, check)
+
+    def dump_moving(self, pid: int, links: set[int]) -> Future[Image]:
+        return self._deferred(self._ghosts.dump_moving, pid, set(links))
+
+    def park_moved(self, pid: int) -> Future[None]:
+        return self._deferred(self._ghosts.park_moved, pid)
+
+    def release_moving(self, pid: int, err: int | None = None) -> Future[None]:
+        return self._deferred(self._ghosts.release_moving, pid, err)
+
     def restore_in(self, pid: int, image: Image, fds: dict[int, int] | None = None
                    ) -> Future[None]:
         """The parked ghost `pid` becomes `image`'s process, running here, detached (docs/

@@ -40,10 +40,13 @@ from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
 from bpfs.node.session import Session
 from bpfs.wire import execreq, messages
+from bpfs.wire.stdiolink import LinkTarget
 
 log = logging.getLogger("bpslave")
 
 FILES_TIMEOUT = 60.0
+MAX_PIECED = 16                     # restores whose image comes in pieces, at once
+MAX_PIECED_IMAGE = 64 << 30         # bytes of one such image
 
 
 def check_restore(req: messages.Restore) -> None:
@@ -179,7 +182,38 @@ class ProcessTable:
 
 # ---- handlers (bpfs/node/service.py's FROM_MASTER) ----------------------------------
 
+async def on_piece(session: Session, msg: messages.Piece) -> None:
+    """A piece of a big image (a move's), ahead of its `restore`: kept, within bounds;
+    beyond them the pieces go and the restore fails (EFBIG)."""
+    if msg.id not in session.pieces and len(session.pieces) >= MAX_PIECED:
+        log.warning("restore %d: too many pieced images at once: refused", msg.id)
+        session.pieces[msg.id] = None
+        return
+    pieces = session.pieces.setdefault(msg.id, [])
+    if pieces is None:
+        return
+    if sum(map(len, pieces)) + len(msg.data) > MAX_PIECED_IMAGE:
+        log.warning("restore %d: image beyond this node's bound: refused", msg.id)
+        session.pieces[msg.id] = None
+        return
+    pieces.append(msg.data)
+
+
+async def on_again(session: Session, msg: messages.Again) -> None:
+    """The next `restore` of this id is a moved process's: its links are made again."""
+    if len(session.again) >= MAX_PIECED:
+        session.again.pop(next(iter(session.again)))
+    session.again[msg.id] = msg.consumed
+
+
 async def on_restore(session: Session, msg: messages.Restore) -> None:
+    if msg.id in session.pieces:
+        pieces = session.pieces.pop(msg.id)
+        if pieces is None:
+            session.report(messages.Failed(id=msg.id, errno=errno.EFBIG,
+                                           message="image too large for this node"))
+            return
+        msg = messages.replace(msg, image=b"".join([*pieces, msg.image]))
     try:
         check_restore(msg)
     except BpfsError as exc:
@@ -237,14 +271,25 @@ class Attempt:
         self.fds: list[int | None] = [None, None, None]
         self.loaded: tuple[Image, list[str]] | None = None
 
+    def _links(self, pid: int) -> stdio.Links:
+        """Its stdio links: first ones, or made again for a process that moved here (an
+        `again` came for this restore: fd 0 goes on from the stdin byte it had read)."""
+        req = self.req
+        host = req.host or self.session.node.cfg.host
+        consumed = self.session.again.pop(req.id, None)
+        if consumed is None:
+            return stdio.Links(host, req.port, req.token, pid, req.io)
+        return stdio.Links.again(req.io, {
+            n: LinkTarget(host, req.port, req.token, pid, consumed if n == 0 else 0)
+            for n, spec in enumerate(req.io) if spec == "socket"})
+
     def at_once(self) -> bool:
         """True if the restore is over (either way); False: `run` must finish it."""
         req = self.req
         try:
             if req.pid is None:
                 return False
-            self.links = stdio.Links(req.host or self.session.node.cfg.host, req.port, req.token,
-                                     req.pid, req.io)
+            self.links = self._links(req.pid)
             if not self.links.ready():
                 return False
             self.fds[:] = self.links.fds()
@@ -276,8 +321,7 @@ class Attempt:
                 self.loaded = _load(node, req)
                 self.steps.mark("load")
             pid = req.pid if self.loaded is None else self.loaded[0].pid
-            self.links = stdio.Links(req.host or self.session.node.cfg.host, req.port, req.token, pid,
-                                     req.io)
+            self.links = self._links(pid)
         if self.links.socks:
             if not self.links.ready():
                 await self.links.wait()

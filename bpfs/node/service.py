@@ -42,10 +42,11 @@ import trio
 from bpfs import hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
-from bpfs.node import procs, usage
+from bpfs.node import mover, procs, usage
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.fsclient import FsClient
 from bpfs.node.init import Reaper, kill_namespace
+from bpfs.node.mover import Mover
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
 from bpfs.node.supervisor import Supervisor
 from bpfs.node.session import CONNECTION_ERRORS, Handler, Outcome, Session, why
@@ -106,6 +107,9 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ended: procs.on_ended,
     messages.FsReply: _on_fs_reply,
     messages.Names: _on_names,
+    messages.Dump: mover.on_dump, messages.Drop: mover.on_drop,
+    messages.Resume: mover.on_resume, messages.Piece: procs.on_piece,
+    messages.Again: procs.on_again,
 }
 
 
@@ -133,6 +137,7 @@ class Node:
         self.restorer = NodeRestorer(None, self.procs.jobs_w)
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
         self.supervisor: Supervisor | None = None
+        self.mover = Mover()
         self.fs_client = FsClient(cfg.serve_fs)
         self.nursery: trio.Nursery | None = None    # the daemon's: /bproc is served there
 
@@ -154,6 +159,7 @@ class Node:
             outcome, code = await self._one_connection()
             if outcome is Outcome.HALT:
                 return EXIT_OK
+            self.mover.session_over()
             self.drop_held_processes()
             if outcome is Outcome.REBOOT:
                 await trio.sleep(self.cfg.reboot_delay)

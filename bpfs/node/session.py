@@ -68,6 +68,8 @@ class Session:
         self.usage_wanted = trio.Event()             # set by the master's `sample`
         self.mount: str | None = None                # where the master's /bproc is
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
+        self.pieces: dict[int, list[bytes] | None] = {}   # images in pieces (moves), by id
+        self.again: dict[int, int] = {}     # moved processes' restores: their stdin read
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
 

@@ -31,7 +31,9 @@ stdio link: for each fd whose IO is "socket", the node opens one TCP connection 
 bpsh (at the master's address, port PORT) and sends one header line, then the data:
 
     header := TOKEN SP PID SP FD NL          FD in 0, 1, 2
+            | TOKEN SP PID SP FD SP "again" SP CONSUMED NL
     error  := TOKEN SP PID SP "err" SP ERRNO SP MESSAGE NL
+    CONSUMED := 1*19 DIGIT, at most MAX_CONSUMED
 
     ranks  := TOKEN SP PID SP "ranks" NL  BODY EOF      (the master, for --nodes)
     BODY   := R (SP R)* NL      R: the PID of rank k's ghost, or -ERRNO: rank k never ran
@@ -43,6 +45,13 @@ status 255. The ranks
 link (PID is the writer's) tells bpsh which of its children stands for which rank;
 the master sends it before any node is asked to restore, but links are separate
 connections: bpsh holds the headers of PIDs it does not know yet until it arrives.
+
+The `again` form is a link made again because its process moved (node A -> node B, or
+back to the master; docs/bpsh.md "Links made again"). For fd 1 and 2 the server reads
+the old link to its EOF first, then this one; CONSUMED is 0 and means nothing. For fd 0,
+CONSUMED is how many bytes of its stdin stream (counted from the stream's start) the
+process had read when it was stopped: the server sends the stream again from there on
+this link, and no more on the old one.
 """
 
 from __future__ import annotations
@@ -59,6 +68,9 @@ TOKEN_LEN = 32
 HEADER_MAX = 512
 MAX_RANKS = 65536
 MAX_NODE = 999_999_999  # the largest node number a request may name
+MAX_CONSUMED = (1 << 63) - 1    # the largest CONSUMED a header may carry (tcpi_bytes_received
+                                # is a u64; no stdin stream gets anywhere near it)
+DIGITS = "0123456789"
 RANKS_FD = -2           # Header.fd of a ranks link
 
 
@@ -172,8 +184,13 @@ def split_ctl_words(line: str) -> list[str]:
 
 # ---- stdio link headers --------------------------------------------------------
 
-def render_header(token: str, pid: int, fd: int) -> bytes:
-    return f"{token} {pid} {fd}\n".encode()
+def render_header(token: str, pid: int, fd: int, consumed: int | None = None) -> bytes:
+    """A link's header; with `consumed` (an int, 0 for fd 1 and 2) the `again` form."""
+    if consumed is None:
+        return f"{token} {pid} {fd}\n".encode()
+    if not 0 <= consumed <= MAX_CONSUMED:
+        raise einval(f"stdio link of pid {pid} fd {fd}: CONSUMED {consumed} out of range")
+    return f"{token} {pid} {fd} again {consumed}\n".encode()
 
 
 def render_ranks(token: str, pid: int, ranks: list[int]) -> bytes:
@@ -201,6 +218,17 @@ class Header:
     fd: int             # 0, 1, 2; -1 for an error report, RANKS_FD for a ranks link
     errno: int = 0
     message: str = ""
+    again: bool = False     # a link made again after a move (fd 0, 1, 2 only)
+    consumed: int = 0       # again, fd 0: the stdin bytes the process had read
+
+
+def parse_count(text: str, limit: int) -> int | None:
+    """A decimal count of at most `limit` from untrusted text (ASCII digits only, no
+    sign, no spaces, no more digits than `limit` has), or None."""
+    if not text or len(text) > len(str(limit)) or text.strip(DIGITS):
+        return None
+    value = int(text)
+    return value if value <= limit else None
 
 
 def parse_header(line: bytes, token: str) -> Header | None:
@@ -217,6 +245,12 @@ def parse_header(line: bytes, token: str) -> Header | None:
         return Header(pid, -1, int(parts[3]), parts[4] if len(parts) == 5 else "")
     if parts[2] == "ranks" and len(parts) == 3:
         return Header(pid, RANKS_FD)
-    if parts[2] in ("0", "1", "2") and len(parts) == 3:
+    if parts[2] not in ("0", "1", "2"):
+        return None
+    if len(parts) == 3:
         return Header(pid, int(parts[2]))
+    if len(parts) == 5 and parts[3] == "again":
+        consumed = parse_count(parts[4], MAX_CONSUMED)
+        if consumed is not None:
+            return Header(pid, int(parts[2]), again=True, consumed=consumed)
     return None

@@ -53,6 +53,16 @@ grammar (names in capitals are the bounded types defined below):
                                  cwd: bytes          (words at most 128 KiB, 65536 of them)
     master -> node    execd      seq: ID, [errno: ERRNO]
                       ended      pid: PID, status: 0..65535   (its stand-in ends so)
+  moves (bpfs/master/moves.py, bpfs/node/mover.py):
+    master -> node    dump       id: ID, pid: PID, links: [0..2] (at most 3)
+    node   -> master  part       id: ID, data: bytes (1..8 MiB)     (image pieces, in order)
+                      dumped     id: ID, image: bytes (the last piece), [consumed: BYTES]
+                      (or failed id, errno, message)
+    master -> node    piece      id: ID, data: bytes (1..8 MiB)     (ahead of a `restore`)
+                      again      id: ID, consumed: BYTES   (ahead of a `restore`: a moved
+                                 process, its links made again; its stdin read so far)
+                      drop       id: ID, pid: PID     (moved: end the stopped copy, unreported)
+                      resume     id: ID, pid: PID, [errno: ERRNO]   (not moved: go on)
   usage (bpfs/node/usage.py, bpfs/master/usage.py):
     master -> node    sample                         report `usage` now
     node   -> master  usage      hz: 1..10^6, at: SECONDS, procs: [PROCUSAGE] (at most
@@ -143,6 +153,7 @@ from bpfs.wire.grammar import *  # noqa: F401,F403  (the bounded types: messages
 from bpfs.wire.grammar import Msg, _bytes, _int, _num, _str  # noqa: F401
 from bpfs.wire.fsops import *  # noqa: F401,F403  (the groups of messages, re-exported)
 from bpfs.wire.pidspace import *  # noqa: F401,F403
+from bpfs.wire.movemsgs import *  # noqa: F401,F403
 from bpfs.wire.usagemsgs import *  # noqa: F401,F403
 
 
@@ -289,6 +300,11 @@ class Exited(Msg, tag="exited"):
 
 MESSAGES: dict[str, type[Msg]] = {
     cls.__struct_config__.tag: cls for cls in Msg.__subclasses__()}   # type: ignore[misc]
+
+
+def replace(msg: Msg, **changes: Any) -> Msg:
+    """A copy of `msg` with `changes` (messages are frozen)."""
+    return msgspec.structs.replace(msg, **changes)
 
 
 def tag(cls: type[Msg]) -> str:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bpfs.errors import BpfsError
-from bpfs.migrate import image
-from bpfs.migrate.image import FileRef, Host, Image, Region
+from bpfs.migrate import image, rank
+from bpfs.migrate.image import FileRef, Host, Image, OpenFile, Region
 
 pytestmark = pytest.mark.timeout(60)
 PAGE = image.PAGE
@@ -27,7 +27,7 @@ def sample(**over) -> Image:
         xstate=bytes(2696), auxv=bytes(16 * 3), mm={k: base for k in image.MM_KEYS},
         sigmask=1 << 12, sigactions=[(13, 1, 0, 0, 0), (10, base + 16, 0x04000000, base, 0)], pending=[10],
         rseq=(base + 64, 32, 0x53053053), robust=(base + 128, 24), tid_address=base + 720,
-        rlimits=[(3, 8 << 20, 2**64 - 1), (7, 1024, 4096)],
+        rlimits=[(3, 8 << 20, 2**64 - 1), (7, 1024, 4096)], open_files=FILES[:2],
         special={"vvar": (0x7FFF_0000_0000, 0x7FFF_0000_4000),
                  "vdso": (0x7FFF_0000_6000, 0x7FFF_0000_8000)},
         host=Host("Linux 6.18", "sha256:" + "0" * 64, ["avx2", "sse"], 0x2E7, 2696),
@@ -61,8 +61,23 @@ def test_round_trip_keeps_the_nice_value(nice: int) -> None:
 
 def test_a_version_2_image_has_no_nice_and_loads_as_nice_0() -> None:
     """Version 2 readers restored every process at nice 0: the same image reads so here."""
-    back = image.loads(_raw(version=2, nice=KeyError))
-    assert back.nice == 0 and back == sample(nice=0)
+    back = image.loads(_raw(version=2, nice=KeyError, open_files=KeyError))
+    assert back.nice == 0 and back == sample(nice=0, open_files=[])
+
+
+FILES = [OpenFile(0, "/dev/null", 0o100000, 0), OpenFile(3, "/var/log/x y.log", 0o102001, 4096),
+         OpenFile(7, "/home/u", 0o2200000, 0), OpenFile(1023, "/data/\u00e9t\u00e9", 0o2, 2**63 - 1)]
+
+
+def test_round_trip_keeps_open_files() -> None:
+    back = image.loads(image.dumps(sample(open_files=FILES)))
+    assert back.open_files == FILES and back == sample(open_files=FILES)
+
+
+def test_a_version_3_image_has_no_open_files() -> None:
+    """A version 3 restore closed every fd beyond 0-2: the same image reads so here."""
+    back = image.loads(_raw(version=3, open_files=KeyError))
+    assert back.open_files == [] and back == sample(open_files=[])
 
 
 def test_round_trip_with_contents_and_file_refs() -> None:
@@ -178,6 +193,30 @@ CORRUPT = {
     "contents size": _raw(contents={HASH: b"short"}),
     "contents unknown": _raw(contents={"sha256:" + "cd" * 32: b""}),
     "long comm": _raw(comm="x" * 40),
+    "version 3 with open files": _raw(version=3),
+    "missing open files": _raw(open_files=KeyError),
+    "open files not a list": _raw(open_files={}),
+    "too many open files": _raw(open_files=[{"fd": i, "path": "/x", "flags": 0, "offset": 0}
+                                            for i in range(image.MAX_OPEN_FILES + 1)]),
+    "open file not a map": _raw(**{"open_files.0": [0, "/dev/null", 0, 0]}),
+    "open file extra key": _raw(**{"open_files.0.kind": "file"}),
+    "open file lacks path": _raw(**{"open_files.0.path": KeyError}),
+    "fd negative": _raw(**{"open_files.0.fd": -1}),
+    "fd too large": _raw(**{"open_files.1.fd": image.MAX_FD}),
+    "fd as bool": _raw(**{"open_files.0.fd": False}),
+    "fds not ascending": _raw(**{"open_files.1.fd": 0}),
+    "relative path": _raw(**{"open_files.1.path": "var/log/x"}),
+    "empty path": _raw(**{"open_files.1.path": ""}),
+    "path with NUL": _raw(**{"open_files.1.path": "/tmp/a\0b"}),
+    "path too long": _raw(**{"open_files.1.path": "/" + "a" * 5000}),
+    "path as bytes": _raw(**{"open_files.1.path": b"/tmp/a"}),
+    "O_CREAT": _raw(**{"open_files.1.flags": 0o100}),
+    "O_TRUNC": _raw(**{"open_files.1.flags": 0o1001}),
+    "O_EXCL": _raw(**{"open_files.1.flags": 0o200}),
+    "flags too large": _raw(**{"open_files.1.flags": 2**40}),
+    "negative offset": _raw(**{"open_files.1.offset": -1}),
+    "offset too large": _raw(**{"open_files.1.offset": 2**63}),
+    "offset as str": _raw(**{"open_files.1.offset": "4096"}),
 }
 
 
@@ -216,22 +255,22 @@ def _env(img: Image) -> list[bytes]:
 
 def test_set_rank_writes_seven_digits_over_the_placeholder() -> None:
     img = _with_env([b"A=1", b"BPROC_RANK=XXXXXXX", b"B=2"])
-    assert image.set_rank(img, 31)
+    assert rank.set_rank(img, 31)
     assert _env(img) == [b"A=1", b"BPROC_RANK=0000031", b"B=2"]
-    assert image.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 0)
+    assert rank.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 0)
 
 
 def test_set_rank_only_touches_a_whole_environment_string() -> None:
     img = _with_env([b"X_BPROC_RANK=XXXXXXX", b"BPROC_RANK=XXXXXXXY"],
                     argv=[b"echo", b"BPROC_RANK=XXXXXXX"])
     before = image.dumps(img)
-    assert not image.set_rank(img, 5)
+    assert not rank.set_rank(img, 5)
     assert image.dumps(img) == before
 
 
 def test_set_rank_refuses_a_rank_of_eight_digits() -> None:
     with pytest.raises(BpfsError) as err:
-        image.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 10**7)
+        rank.set_rank(_with_env([b"BPROC_RANK=XXXXXXX"]), 10**7)
     assert err.value.errno == errno.EINVAL
 
 
@@ -245,7 +284,8 @@ FIELDS = ([f"regions.{i}.{k}" for i in range(3) for k in ("start", "end", "prot"
              "regions.1", "files.0.size", "files.0.path", "files.0.hash", "rlimits.0",
              "rlimits.1.0", "rlimits.1.1", "mm.brk", "special.vdso", "special.vvar.1",
              "groups.0", "argv.1", "sigactions.0", "rseq", "robust", "pending.0", "host.cpu_flags.0"]
-          + ["dumpable", "nice"])
+          + ["dumpable", "nice", "open_files", "open_files.0", "open_files.1.fd",
+             "open_files.1.path", "open_files.1.flags", "open_files.1.offset"])
 
 
 def _slow_from_obj(obj) -> image.Image:

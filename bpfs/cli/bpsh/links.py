@@ -6,6 +6,11 @@ unknown PID, garbage, too long) is closed and forgotten. An `err` header means t
 migration of that PID failed: the master's reason, then bproc's `N: strerror(errno)`,
 and nothing more is expected from that PID (docs/bpsh.md).
 
+A link made again (header `again`, its process moved; docs/bpsh.md) is taken for a
+(PID, fd) whose first link came: an output link queues behind the one it replaces
+(`Proc.queued`, read once that one is at EOF), a stdin link takes over from CONSUMED
+(`stdin.Stdin.relink`).
+
 A multi-node run has one child, the writer of `execmove --nodes`; the master sends the
 ranks link (rank -> PID, or -ERRNO for a rank that may not run). Until it comes, links
 of unknown PIDs are held. Errors on a link close that link only.
@@ -38,14 +43,19 @@ class Proc:
     expect: set[int]                        # fds not yet connected
     links: list["Link"] = Factory(list)   # open stdout/stderr links
     stdin_link: "Link | None" = None
+    stdin_parked: "tuple[Link, int | None] | None" = None  # the old one during a move, and
+                                            # what it had been sent (stdin.Stdin._park)
     status: int | None = None               # waitpid status once reaped
     reaped_at: float = 0.0
     failed: bool = False                    # never ran: expect nothing more
     checked_at: float = 0.0                 # when its node was last asked about (node_gone)
+    sockets: set[int] = Factory(set)        # the fds that come back as links at all
+    queued: list["Link"] = Factory(list)  # output links made again, behind the old ones
+    pidfd: int = -1                         # not our child: its end is this pidfd (relay)
 
     def settled(self, now: float, grace: float) -> bool:
         """Reaped, all its output drained, and no link still worth waiting for."""
-        if self.status is None or self.links:
+        if self.status is None or self.links or self.queued:
             return False
         waiting = (self.expect - {0}) and not self.failed
         return not waiting or now >= self.reaped_at + grace
@@ -158,6 +168,9 @@ class Links:
         elif header.fd < 0:
             sock.close()
             self._migration_failed(proc, header.errno, header.message)
+        elif header.again and header.fd in proc.sockets and not proc.failed:
+            proc.expect.discard(header.fd)
+            self.attach(proc, header.fd, sock, header.consumed)
         elif header.fd not in proc.expect or proc.failed:
             if not proc.failed:
                 self.server.output.warn(
@@ -167,13 +180,20 @@ class Links:
             proc.expect.discard(header.fd)
             self.attach(proc, header.fd, sock)
 
-    def attach(self, proc: Proc, fd: int, sock: _socket.socket) -> None:
+    def attach(self, proc: Proc, fd: int, sock: _socket.socket,
+               again: int | None = None) -> None:
+        """A link of `proc` for `fd`; `again`: made again after a move, and (fd 0) the
+        stdin bytes the process had read."""
         link = Link(sock, proc, fd)
         output = self.server.output
-        if fd == 0:
+        if fd == 0 and again is not None:
+            self.server.stdin.relink(link, again)
+        elif fd == 0:
             self.server.stdin.attach(link)
         elif (fd == 1 and output.out.broken) or (fd == 2 and output.err.broken):
             sock.close()
+        elif again is not None and any(lk.fd == fd for lk in proc.links + proc.queued):
+            proc.queued.append(link)                # read once the old one is at EOF
         else:
             proc.links.append(link)
 

@@ -4,6 +4,9 @@
 line) and -b (the line buffer's size) are `OutputOptions`. Without -L the links are
 copied unbuffered (big reads, `os.write`). If bpsh's stdout is a broken pipe, every link
 that feeds it is closed, so the remote programs get EPIPE as in a local pipeline.
+An output link made again after a move waits in `Proc.queued` until the link it
+replaces is at EOF (or reset: what came before the reset counts); then it is read, a
+partial line of the old one (-L) carried over, so nothing is reordered.
 Errors: OSErrors of our own stdout/stderr other than EPIPE propagate to the caller.
 """
 
@@ -94,6 +97,10 @@ class Output:
             n = 0
         sink = self.sink(link.fd)
         if n == 0:
+            nxt = self.successor(link)
+            if nxt is not None:                     # the same stream goes on there
+                nxt.pending[:0] = link.pending
+                link.pending.clear()
             self.flush_partial(link)
             self.close(link)
             return 0
@@ -136,15 +143,29 @@ class Output:
             self.sink(link.fd).write(self._prefix(link) + bytes(link.pending) + nl)
             link.pending.clear()
 
+    @staticmethod
+    def successor(link: Link) -> Link | None:
+        """The link made again for the same stream, waiting behind `link`."""
+        return next((q for q in link.proc.queued if q.fd == link.fd), None)
+
     def close(self, link: Link) -> None:
-        link.proc.links.remove(link)
+        """Close an output link; the stream's next link (a move's) is read from now on."""
+        proc = link.proc
+        proc.links.remove(link)
         if link.events:
             self.sel.unregister(link.sock)
         link.sock.close()
+        nxt = self.successor(link)
+        if nxt is not None:
+            proc.queued.remove(nxt)
+            proc.links.append(nxt)
 
     def _close_broken(self, fd: int) -> None:
         """Our stdout (or stderr) is a broken pipe: close every link that feeds it."""
         for proc in self.procs:
+            for link in [lk for lk in proc.queued if lk.fd == fd]:
+                proc.queued.remove(link)
+                link.sock.close()
             for link in [lk for lk in proc.links if lk.fd == fd]:
                 link.pending.clear()
                 self.close(link)

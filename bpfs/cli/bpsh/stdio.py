@@ -8,6 +8,10 @@ outlive their process) and bpsh's signals, and composes the helpers that hold th
 `links.Links` (the listener, headers, the ranks link), `output.Output` (-L/-p/-s/-d/-b,
 a broken stdout), `stdin.Stdin` (the broadcast to fd-0 links), `poller.Poller`.
 
+The relay (bpfs.cli.bpsh.relay) is this server for a process that is not our child
+(`own_children=False`): no signal is caught or forwarded, its end is its pidfd
+(`add_process(..., pidfd=)`), and stdin is read only once its stdin link has come.
+
 Errors: OSErrors from our own stdout/stderr other than EPIPE propagate to the caller;
 errors on a link close that link only.
 """
@@ -65,7 +69,8 @@ class StdioServer:
                  stdout_fd: int = 1, stderr_fd: int = 2, status_fd: int | None = None,
                  command: str = "", prog: str = "bpsh", late_grace: float | None = None,
                  node_gone: Callable[[int], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 own_children: bool = True) -> None:
         self.opt = options or OutputOptions()
         self.status_fd = status_fd
         self.command = command
@@ -75,8 +80,9 @@ class StdioServer:
         self.procs: list[Proc] = []
         self.sel = Poller()                     # poll, unlike epoll, takes regular files
         self.output = Output(self.opt, stdout_fd, stderr_fd, self.sel, self.procs, prog)
+        self.own_children = own_children
         self.stdin = Stdin(stdin_fd, max(STDIN_BUFFER, self.opt.buffer_size), self.sel,
-                           self.procs)
+                           self.procs, self.output.warn, lazy=not own_children)
         self.links = Links(self, listener, token)
         self.current = 0                        # sequential: index of the rank being shown
         self.signals: list[int] = []            # signals bpsh received, in order
@@ -87,10 +93,16 @@ class StdioServer:
 
     # ---- set-up ---------------------------------------------------------------------
 
-    def add_process(self, rank: int, node: int, pid: int, expect: set[int]) -> Proc:
+    def add_process(self, rank: int, node: int, pid: int, expect: set[int],
+                    pidfd: int | None = None) -> Proc:
         """Register a child; `expect` holds the fds (0, 1, 2) it will connect back.
-        PID 0: not known yet (a rank of a multi-node run, see add_vector)."""
-        proc = Proc(rank, node, pid, set(expect))
+        PID 0: not known yet (a rank of a multi-node run, see add_vector). `pidfd`: not
+        a child of ours (the relay's process), ended when its pidfd says so; the server
+        owns the pidfd from now on."""
+        proc = Proc(rank, node, pid, set(expect), sockets=set(expect))
+        if pidfd is not None:
+            proc.pidfd = pidfd
+            self.sel.register(pidfd, EVENT_READ, lambda ev, proc=proc: self._ended(proc))
         self.procs.append(proc)
         self.links.add(proc)
         if 0 in proc.expect:
@@ -123,9 +135,11 @@ class StdioServer:
 
     def run(self) -> list[Proc]:
         """Serve until every process is settled; returns the processes in rank order."""
-        self.install_signals()
+        if self.own_children:
+            self.install_signals()
         try:
-            self.sel.register(self._wake_r, EVENT_READ, self._on_wakeup)
+            if self._wake_r >= 0:
+                self.sel.register(self._wake_r, EVENT_READ, self._on_wakeup)
             listener = self.links.listener
             if listener is not None:
                 listener.setblocking(False)
@@ -275,7 +289,7 @@ class StdioServer:
         if vec is not None and vec.status is None:
             self.links.reap_writer(vec)         # once: a second waitpid finds no child
         for proc in self.procs:
-            if proc.status is not None or not proc.pid:
+            if proc.status is not None or not proc.pid or proc.pidfd >= 0:
                 continue
             try:
                 pid, status = os.waitpid(proc.pid, os.WNOHANG)
@@ -285,6 +299,15 @@ class StdioServer:
                 self.read_status()                  # a launch failure is written before exit
                 proc.status, proc.reaped_at = status, self.clock()
                 self.stdin.close_link(proc)
+
+    def _ended(self, proc: Proc) -> None:
+        """A process that is not our child has ended (its pidfd is readable): its status
+        is not ours to know (0); its links are read to their EOF as a child's."""
+        self.sel.unregister(proc.pidfd)
+        os.close(proc.pidfd)
+        proc.pidfd = -1
+        proc.status, proc.reaped_at = 0, self.clock()
+        self.stdin.close_link(proc)
 
     def _on_wakeup(self, events: int) -> None:
         try:
@@ -337,10 +360,15 @@ class StdioServer:
             os.close(self.status_fd)
             self.status_fd = None
         for proc in self.procs:
-            for link in proc.links:
+            for link in proc.links + proc.queued:
                 link.sock.close()
+            if proc.pidfd >= 0:
+                os.close(proc.pidfd)
+                proc.pidfd = -1
             if proc.stdin_link is not None:
                 proc.stdin_link.sock.close()
+            if proc.stdin_parked is not None:
+                proc.stdin_parked[0].sock.close()
 
 
 def _noop(signum: int, frame: object) -> None:

@@ -1,0 +1,391 @@
+"""Moving a running process (bproc_move): `move N` on procs/P/ctl, master side.
+
+    await procs.move_proc(caller, pid, target, gen)    target: a node, or None (the master)
+
+From the master to a node: the tracer seizes P (pinned, proven the caller's to move),
+interrupts it, dumps it where it stands, and starts a stdio relay holding P's fds 0-2
+(bpfs/master/relay.py); the node restores it with P's PID and links to the relay; at its
+`restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
+From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
+and holds it; to node B: B restores it (`restore` with `again`: its links are made
+again, stdin from the byte it had read); back to the master: the tracer restores it into
+its ghost (`restore_in`), with links made again from here. Then A drops its copy; if
+anything failed, A lets it go on (`resume`) and nothing else changed.
+
+While a move is under way P is in `_by_pid` as a migration that has not started: signals
+for it wait, and go where it runs once the move is over. A process that writes its own
+move (libbproc's bproc_move) is stopped before its write is answered; the write then
+"returns" in the moved copy, and if the move fails, it fails with the errno where it was.
+
+Errors (the write's errno): ESRCH no such process; EPERM not the caller's to move, or the
+caller may not use the target node; ENODEV no such node; EHOSTDOWN the node is down;
+EBUSY a move or a start under way, threads, children, a tracer, an fd that cannot move;
+ETIMEDOUT a node that did not answer in time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from bpfs import procstatus
+from bpfs.errors import BpfsError
+from bpfs.master import relay as relays
+from bpfs.master.migrations import Migration, Reply, _command, wait_future
+from bpfs.model import Caller, Cluster, Proc, StdioLinks
+from bpfs.pin import Pin
+from bpfs.wire import execreq, messages
+
+log = logging.getLogger("bpfs.master.procs")
+
+DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
+MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
+ALL_STDIO = frozenset({0, 1, 2})
+
+
+class Moves:
+    """Mixed into ProcService (which brings the tracer, the tables and the steps)."""
+
+    cluster: Cluster
+    tracer: Any
+    _migrations: dict[int, Migration]
+    _by_pid: dict[int, Migration]
+    _ids: Any
+    send_node: Callable[[int, messages.Msg], Awaitable[None]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pieces: dict[int, list[bytes]] = {}
+        self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
+        self._relays: dict[int, relays.Relay] = {}
+
+    # ---- the request ----------------------------------------------------------------
+
+    async def move_proc(self, caller: Caller, pid: int, target: int | None,
+                        gen: int | None = None) -> str:
+        self.check_ready()                                  # type: ignore[attr-defined]
+        if target is not None:
+            self._check_target(target, caller)
+        if pid in self._by_pid:
+            raise BpfsError(errno.EBUSY, f"process {pid} is moving or starting: try again "
+                            "once it runs")
+        p = self.cluster.procs.get(pid)
+        if p is None and gen:               # the file was of a migrated process, gone since
+            raise BpfsError(errno.ESRCH, f"process {pid} is gone (or back on the master)")
+        if p is None:
+            if target is None:
+                _master_process(pid, caller)
+                return f"ok: process {pid} is on the master already"
+            return await self._from_master(caller, pid, target)
+        p = self.cluster.check_signal(pid, caller, gen)
+        if p.state != "running":
+            raise BpfsError(errno.EBUSY, f"process {pid} is {p.state}: only a running "
+                            "process moves")
+        if target == p.node:
+            return f"ok: process {pid} is on node {target} already"
+        return await self._from_node(caller, p, target)
+
+    def _check_target(self, n: int, caller: Caller) -> None:
+        if not self.cluster.has_node(n):
+            raise BpfsError(errno.ENODEV, f"no node {n}")
+        try:
+            self.cluster.check_run(n, caller)
+        except BpfsError as exc:
+            if exc.errno == errno.EACCES:
+                raise BpfsError(errno.EPERM, exc.message) from None
+            raise
+
+    # ---- from the master ------------------------------------------------------------
+
+    async def _from_master(self, caller: Caller, pid: int, target: int) -> str:
+        own = caller.node is None and caller.pid == pid
+        pin = caller.pin if own and caller.pin is not None and caller.pin.tid == pid \
+            else Pin.take(pid)
+        try:
+            who = _master_process(pid, caller)
+            self.check_ready()                              # type: ignore[attr-defined]
+            await wait_future(self.tracer.seize_running(pid, pin.check))
+        finally:
+            if pin is not caller.pin:
+                pin.close()
+        send, receive = trio.open_memory_channel[Reply](64)
+        m = Migration(next(self._ids), target, pid, Caller(*who), None,  # type: ignore[arg-type]
+                      send, receive)
+        self._by_pid[pid] = m
+        self._migrations[m.id] = m
+        if own:
+            self._spawn(self._guard_move, m, self._master_to_node(m, own))  # type: ignore[attr-defined]
+            return "ok"
+        await self._guard_move(m, self._master_to_node(m, own), raise_=True)
+        return "ok"
+
+    async def _master_to_node(self, m: Migration, own: bool) -> None:
+        pid, relay = m.pid, None
+        try:
+            image = await wait_future(self.tracer.dump_moving(pid, ALL_STDIO))
+            m.cmd = _command(image.argv, image.comm)
+            c = m.caller
+            relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host)
+            m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket", "socket")
+            parked: list[Any] = []
+            m.on_started = lambda: parked.append(self.tracer.park_moved(pid))
+            self._publish(m)                                # type: ignore[attr-defined]
+            await self._restore(m, image)                   # type: ignore[attr-defined]
+            await wait_future(parked[0])
+        except BaseException as exc:
+            if relay is not None:
+                relay.kill()
+                self._spawn(relays.reap, relay)             # type: ignore[attr-defined]
+            if m.started:       # it runs on the node: the master's copy must not run too
+                self._kill_ghost(pid)                       # type: ignore[attr-defined]
+            else:
+                self.cluster.remove_proc(pid, m.gen or None)
+                await self._let_go(pid, exc, own)
+            raise
+        self._relays[pid] = relay
+        self._spawn(self._reap_relay, relay)                # type: ignore[attr-defined]
+        log.info("move %d: pid %d (%s) from the master to node %d", m.id, pid, m.cmd, m.node)
+
+    async def _let_go(self, pid: int, exc: BaseException, own: bool) -> None:
+        err = getattr(exc, "errno", None) or errno.EIO
+        with trio.CancelScope(shield=True):
+            try:
+                await wait_future(self.tracer.release_moving(pid, err if own else None))
+            except BpfsError as exc2:
+                log.warning("pid %d: cannot let it go on (%s): killing it", pid, exc2)
+                self._kill_ghost(pid)                       # type: ignore[attr-defined]
+
+    async def _reap_relay(self, relay: relays.Relay) -> None:
+        await relays.reap(relay)
+        if self._relays.get(relay.pid) is relay:
+            del self._relays[relay.pid]
+
+    # ---- from a node ----------------------------------------------------------------
+
+    async def _from_node(self, caller: Caller, p: Proc, target: int | None) -> str:
+        own = caller.node == p.node and caller.pid == p.pid
+        links = p.links.fds if p.links is not None else ()
+        who = _ghost_credentials(p.pid)
+        send, receive = trio.open_memory_channel[Any](64)
+        d = Migration(next(self._ids), p.node, p.pid, Caller(*who), None,  # type: ignore[arg-type]
+                      send, receive, cmd=p.cmd)
+        self._by_pid[p.pid] = d
+        self._migrations[d.id] = d
+        self._pieces[d.id] = []
+        try:
+            await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None))
+        except BaseException:
+            self._forget(d)
+            raise
+        work = self._node_to(d, p, target, own)
+        if own:
+            self._spawn(self._guard_move, d, work)          # type: ignore[attr-defined]
+            return "ok"
+        await self._guard_move(d, work, raise_=True)
+        return "ok"
+
+    async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
+        source, pid = d.node, d.pid
+        data, consumed = await self._dumped(d)
+        consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
+        try:
+            if target is None:
+                await self._into_ghost(d, p, data, consumed)
+            else:
+                await self._to_node(d, p, target, data, consumed)
+        except BaseException as exc:
+            if d.ghost_gone:
+                await self._verdict(messages.Drop(id=d.id, pid=pid), source)
+            else:
+                err = getattr(exc, "errno", None)
+                await self._verdict(messages.Resume(id=d.id, pid=pid,
+                                                    errno=err if own and err else None),
+                                    source)
+            raise
+        await self._verdict(messages.Drop(id=d.id, pid=pid), source)
+        log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
+                 "the master" if target is None else f"node {target}")
+
+    async def _dumped(self, d: Migration) -> tuple[bytes, int | None]:
+        try:
+            with trio.fail_after(DUMP_TIMEOUT):
+                async for msg in d.receive:
+                    if isinstance(msg, messages.Dumped):
+                        pieces = self._pieces.pop(d.id, [])
+                        if sum(map(len, pieces)) + len(msg.image) > MAX_MOVE_IMAGE:
+                            raise BpfsError(errno.EFBIG, f"the image of process {d.pid} is "
+                                            "too large")
+                        return b"".join([*pieces, msg.image]), msg.consumed
+                    if isinstance(msg, messages.Failed):
+                        raise BpfsError(msg.errno, msg.message or "the node cannot move it")
+        except trio.TooSlowError:
+            await self._verdict(messages.Resume(id=d.id, pid=d.pid), d.node)
+            raise BpfsError(errno.ETIMEDOUT, f"node {d.node} did not dump process {d.pid} "
+                            "in time") from None
+        raise BpfsError(errno.EIO, "move abandoned")
+
+    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes,
+                       consumed: int | None) -> None:
+        from bpfs.migrate import loads
+        image = await trio.to_thread.run_sync(loads, data)
+        ln = p.links or StdioLinks(0, "0" * 32, ("null", "null", "null"))
+        io = tuple(spec if fd in ln.fds else "null" for fd, spec in enumerate(ln.io))
+        send, receive = trio.open_memory_channel[Reply](64)
+        m = Migration(next(self._ids), target, d.pid, d.caller,
+                      execreq.ExecMove(ln.port or 1, ln.token, 0, *io), send, receive,
+                      cmd=p.cmd, host=ln.host, again=consumed or 0)
+
+        def started() -> None:              # at `restored`: it runs on `target` now
+            self.cluster.proc_moved(d.pid, target, m.id)
+            p.stdin_base = m.again or 0
+            d.started = True
+        m.on_started = started
+        self._migrations[m.id] = m
+        try:
+            await self._restore(m, image, data)             # type: ignore[attr-defined]
+        finally:
+            self._migrations.pop(m.id, None)
+        if d.ghost_gone:
+            raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
+
+    async def _into_ghost(self, d: Migration, p: Proc, data: bytes,
+                          consumed: int | None) -> None:
+        from bpfs.master.homelinks import connect_links
+        from bpfs.migrate import loads
+        image = await trio.to_thread.run_sync(loads, data)
+        fds = await connect_links(p, self.link_host, consumed or 0)
+        try:
+            await wait_future(self.tracer.restore_in(d.pid, image, fds))
+        finally:
+            for fd in set(fds.values()):
+                os.close(fd)
+        d.started = True
+        self.cluster.proc_moved(d.pid, None)
+
+    async def _verdict(self, msg: messages.Drop | messages.Resume, node: int) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.send_node(node, msg)
+            except BpfsError as exc:
+                log.info("pid %d: %s not sent to node %d: %s", msg.pid, messages.tag(type(msg)),
+                         node, exc)
+
+    # ---- common ---------------------------------------------------------------------
+
+    async def _guard_move(self, m: Migration, work: Awaitable[None], raise_: bool = False
+                          ) -> None:
+        """One move's steps; whatever happens it is forgotten after, and the signals that
+        waited for it go where the process is now."""
+        try:
+            await work
+        except BpfsError as exc:
+            log.warning("move %d of pid %d failed: %s", m.id, m.pid, exc)
+            if raise_:
+                raise
+        except Exception:
+            log.exception("move %d of pid %d failed", m.id, m.pid)
+            if raise_:
+                raise BpfsError(errno.EIO, "internal error in the master") from None
+        finally:
+            self._forget(m)
+            if m.ghost_gone:
+                self._ghost_gone(m.pid, 9)                  # type: ignore[attr-defined]
+            for sig in m.signals:
+                if m.pid in self.cluster.procs:
+                    self._forward(m.pid, sig)               # type: ignore[attr-defined]
+                else:
+                    _kill_quietly(m.pid, sig)
+
+    def _forget(self, m: Migration) -> None:
+        self._migrations.pop(m.id, None)
+        if self._by_pid.get(m.pid) is m:
+            del self._by_pid[m.pid]
+        self._pieces.pop(m.id, None)
+
+    # ---- node messages -------------------------------------------------------------
+
+    def on_part(self, node: int, msg: messages.Part) -> None:
+        pieces = self._pieces.get(msg.id)
+        m = self._migrations.get(msg.id)
+        if pieces is None or m is None or m.node != node:
+            log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
+            return
+        if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
+            pieces.clear()
+            m.send.send_nowait(messages.Failed(id=msg.id, errno=errno.EFBIG,
+                                               message="image too large"))
+            return
+        pieces.append(msg.data)
+
+    def on_dumped(self, node: int, msg: messages.Dumped) -> None:
+        m = self._migrations.get(msg.id)
+        if m is None or m.node != node or msg.id not in self._pieces:
+            log.warning("node %d: dumped for unknown move %d; ignored", node, msg.id)
+            return
+        try:
+            m.send.send_nowait(msg)
+        except trio.WouldBlock:
+            pass
+
+
+def _master_process(pid: int, caller: Caller) -> tuple[int, int, frozenset[int], int, None]:
+    """Who `pid`, a process of the master, runs as, if `caller` may move it: (uid, gid,
+    groups, pid, None). ESRCH none; EPERM not the caller's (every uid), or the master's
+    own; EBUSY threads, a tracer, children."""
+    if pid <= 1 or pid == os.getpid():
+        raise BpfsError(errno.EPERM, f"process {pid} cannot move")
+    try:
+        st = procstatus.read(pid)
+    except OSError:
+        raise BpfsError(errno.ESRCH, f"no process {pid}") from None
+    try:
+        uids = [int(x) for x in st["Uid"].split()]
+        gids = [int(x) for x in st["Gid"].split()]
+        groups = frozenset(int(x) for x in st.get("Groups", "").split())
+        threads, tracer = int(st.get("Threads", "1")), int(st.get("TracerPid", "0"))
+    except (KeyError, ValueError):
+        raise BpfsError(errno.ESRCH, f"no process {pid}") from None
+    if not (caller.is_root or set(uids) == {caller.uid}):
+        raise BpfsError(errno.EPERM, f"not allowed to move process {pid}")
+    if st.get("Kthread", "0") == "1" or not os.path.exists(f"/proc/{pid}/exe"):
+        raise BpfsError(errno.EPERM, f"process {pid} is a kernel thread")
+    if tracer:
+        raise BpfsError(errno.EBUSY, f"process {pid} is traced (by process {tracer})")
+    if threads != 1:
+        raise BpfsError(errno.EBUSY, f"process {pid} has {threads} threads: only a "
+                        "single-threaded process moves yet")
+    if _has_children(pid):
+        raise BpfsError(errno.EBUSY, f"process {pid} has children: it cannot move while "
+                        "they live")
+    if len(set(gids)) != 1:
+        raise BpfsError(errno.EPERM, f"process {pid} runs set-group-ID: it cannot move")
+    return uids[0], gids[0], groups, pid, None
+
+
+def _ghost_credentials(pid: int) -> tuple[int, int, frozenset[int], int, None]:
+    """Who the ghost of `pid` is: the master's word on whom it runs as, not the node's."""
+    try:
+        st = procstatus.read(pid)
+        return (int(st["Uid"].split()[0]), int(st["Gid"].split()[0]),
+                frozenset(int(x) for x in st.get("Groups", "").split()), pid, None)
+    except (OSError, KeyError, ValueError):
+        raise BpfsError(errno.ESRCH, f"process {pid} has no ghost") from None
+
+
+def _has_children(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return bool(f.read().split())
+    except OSError:
+        return False
+
+
+def _kill_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass

@@ -1,0 +1,122 @@
+"""A stdio relay for a master process that moves to a node (bpfs/master/moves.py).
+
+A process bpsh started has its stdio links to bpsh; one that ran on the master by itself
+has none. Before it moves, the master starts a relay for it: bpsh's link server for an
+already-running process (`python -m bpfs.cli.bpsh.relay`), as the process's user, whose
+fds 0-2 are copies of the process's own (taken while it is stopped). The node connects
+the process's links to it; the relay writes what comes to the files the process had and
+feeds it what they give; it ends once the process has ended and its links are drained.
+
+    relay = await start(pid, uid, gid, groups, host)   BpfsError if it cannot start
+    relay.port, relay.token                            for the restore's links
+    relay.kill()                                       the move failed
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import trio
+
+from bpfs.errors import BpfsError
+from bpfs.migrate import ptrace as pt
+
+log = logging.getLogger("bpfs.master.procs")
+
+READY_TIMEOUT = 10.0
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(eq=False)
+class Relay:
+    pid: int
+    port: int
+    token: str
+    process: trio.Process
+
+    def kill(self) -> None:
+        try:
+            self.process.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _stdio_of(pid: int) -> list[int]:
+    """Copies of `pid`'s fds 0-2 (it is stopped under our ptrace: pidfd_getfd may)."""
+    pidfd = os.pidfd_open(pid)
+    fds: list[int] = []
+    try:
+        for n in range(3):
+            try:
+                fds.append(pt.syscall(pt.SYS["pidfd_getfd"], pidfd, n, 0))
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                fds.append(os.open(os.devnull, os.O_RDWR))  # closed: nothing to relay
+        return fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        os.close(pidfd)
+
+
+async def start(pid: int, uid: int, gid: int, groups: list[int], host: str) -> Relay:
+    """Start the relay for stopped `pid`; returns once it listens."""
+    token = os.urandom(16).hex()
+    try:
+        fds = _stdio_of(pid)
+    except OSError as exc:
+        raise BpfsError(exc.errno or errno.EIO, f"cannot take the stdio of process {pid}: "
+                        f"{exc.strerror}") from None
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    token_r, token_w = os.pipe2(os.O_CLOEXEC)
+    os.write(token_w, token.encode())           # 32 bytes: the pipe holds them
+    os.close(token_w)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
+           "LANG": "C.UTF-8"}
+    argv = [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(pid), "--token-fd",
+            str(token_r), "--host", host, "--ready-fd", str(ready_w)]
+    try:
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(ready_w, token_r),
+            env=env, cwd="/", start_new_session=True, user=uid, group=gid,
+            extra_groups=[g for g in groups if g != gid] if uid != 0 else None)
+    except OSError as exc:
+        os.close(ready_r)
+        raise BpfsError(exc.errno or errno.EIO, f"cannot start the stdio relay: "
+                        f"{exc.strerror}") from None
+    finally:
+        for fd in (*fds, ready_w, token_r):
+            os.close(fd)
+    relay = Relay(pid, 0, token, proc)
+    try:
+        with trio.fail_after(READY_TIMEOUT):
+            async with trio.lowlevel.FdStream(ready_r) as stream:
+                line = b""
+                while not line.endswith(b"\n") and len(line) < 64:
+                    got = await stream.receive_some(64)
+                    if not got:
+                        break
+                    line += got
+        relay.port = int(line.strip() or b"0")
+        if not 0 < relay.port < 65536:
+            raise ValueError(line)
+    except (trio.TooSlowError, ValueError, OSError) as exc:
+        relay.kill()
+        raise BpfsError(errno.EIO, f"the stdio relay for process {pid} did not start "
+                        f"({type(exc).__name__})") from None
+    log.debug("relay %d for pid %d listens on %s:%d", proc.pid, pid, host, relay.port)
+    return relay
+
+
+async def reap(relay: Relay) -> None:
+    """Wait for the relay's end (it ends after its process): no zombie is left."""
+    with trio.CancelScope(shield=True):
+        await relay.process.wait()

@@ -1,0 +1,107 @@
+"""A running master process that moves to a node: seized, stopped, dumped, then parked as
+its own ghost, or let go exactly as it was (mixed into `Ghosts`; tracer thread).
+
+    seize_running(pid, check)   PTRACE_SEIZE + PTRACE_INTERRUPT, nothing else yet: a process
+                                that asked to move itself stops where its ctl write returns
+    dump_moving(pid, links)     once it is stopped: its Image (bpfs.migrate.running); the
+                                signals that came meanwhile were held, and go in the image
+    park_moved(pid)             it runs on the node now: this one becomes its ghost
+    release_moving(pid, err)    the move failed: it goes on (with `err`, the syscall it is
+                                stopped after returns -err: its own ctl write fails so)
+
+States (bpfs/migrate/tracee.py): MOVING (seized and interrupted), MOVE_HELD (stopped and
+dumped). bpfs.migrate.running keeps the signals it took on the way to the stop: pending in
+the image, or sent again when it is let go.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from bpfs.migrate import ghost_park as gp
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.tracee import GHOST, MOVE_HELD, MOVING, Future, Tracee, resolve
+
+log = logging.getLogger("bpfs.migrate.ghost")
+
+
+class Moving:
+    """The move steps of `Ghosts` (which brings tracees, _lock, _parked, _release...).
+
+    A moving tracee is `held`: the tracer's loop leaves its events alone, and these steps
+    wait for them themselves (bpfs.migrate.running's stop), in this thread."""
+
+    tracees: dict[int, Tracee]
+
+    def seize_running(self, fut: Future, pid: int, check: object) -> None:
+        from bpfs.migrate import running
+        if pid in self.tracees:
+            raise MigrateError(errno.EBUSY, f"process {pid} is already held by the tracer "
+                               "(a ghost, or moving)", pid)
+        if check is not None:
+            check()                                     # type: ignore[operator]
+        running.seize_running(pid)
+        t = self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
+        try:
+            pt.ptrace(pt.INTERRUPT, pid)    # now: a writer of its own move stops at its return
+            if check is not None:
+                check()                                 # type: ignore[operator]
+        except BaseException:
+            self.tracees.pop(pid, None)
+            running.release(pid)
+            raise
+        fut.set_result(None)
+
+    def dump_moving(self, fut: Future, pid: int, links: set[int]) -> None:
+        from bpfs.migrate import running
+        t = self._moving(pid)
+        try:
+            image = running.dump_running(pid, links=links)
+        except MigrateError as exc:
+            if exc.errno == errno.ESRCH:
+                self._vanished(t)
+            raise
+        t.state = MOVE_HELD
+        fut.set_result(image)
+
+    def park_moved(self, fut: Future, pid: int) -> None:
+        from bpfs.migrate import running
+        t = self._moving(pid, held=True)
+        signals: list[int] = []
+        running.keep(pid)
+        gp.park(pid, signals)
+        pt.ptrace(pt.SETOPTIONS, pid, 0, pt.O_EXITKILL)    # the master's end is its end
+        t.state, t.held = GHOST, False
+        with self._lock:                                    # type: ignore[attr-defined]
+            self._parked.add(pid)                           # type: ignore[attr-defined]
+        resolve(fut, None)
+        self._report(pid, signals)                          # type: ignore[attr-defined]
+
+    def release_moving(self, fut: Future, pid: int, err: int | None) -> None:
+        from bpfs.migrate import running
+        t = self._moving(pid)
+        try:
+            if err:                         # its own `move` write fails with `err`
+                running.stop(pid)
+                regs = pt.getregs(pid)
+                regs.rax = (-err) & (2**64 - 1)
+                pt.setregs(pid, regs)
+            running.release(pid)
+        finally:
+            self.tracees.pop(pid, None)
+        log.info("tracer: process %d did not move; it goes on", t.pid)
+        resolve(fut, None)
+
+    def _vanished(self, t: Tracee) -> None:
+        """It ended while stopped for its move (running consumed one wait status)."""
+        self.tracees.pop(t.pid, None)
+
+    def _moving(self, pid: int, held: bool = False) -> Tracee:
+        t = self.tracees.get(pid)
+        if t is None or t.state not in ((MOVE_HELD,) if held else (MOVING, MOVE_HELD)):
+            raise MigrateError(errno.ESRCH if t is None else errno.EBUSY,
+                               f"process {pid} is not {'dumped' if held else 'held'} "
+                               "for a move", pid)
+        return t

@@ -1,0 +1,241 @@
+"""The node's side of moving a running process (bproc_move): stop it, dump it, wait.
+
+    master -> node  dump    id, pid, links      stop `pid` and dump it
+    node -> master  part... dumped id, image, consumed   (or failed id, errno, message)
+    master -> node  drop    id, pid             it runs elsewhere now: end this copy, unsaid
+                    resume  id, pid, [errno]    it did not move: let it go on as it was
+
+One thread per move does every ptrace request for it (the kernel answers only the tracer
+thread): it seizes and interrupts the process, and only then does the handler return, so
+a process that asked to move itself (its ctl write, forwarded to the master) is stopped
+right where that write returns, before the session reads the write's answer. The thread
+then dumps it (bpfs.migrate.running), sends the image in pieces and waits for the verdict;
+without one within VERDICT_TIMEOUT, or when the session ends, the process goes on here.
+
+Only a job's own process moves (the one this node restored, not a process forked under
+it), and not while it has children here: its children's parent would be gone from under
+them, and it could not wait for them where it goes (EBUSY says so). A dropped copy is
+killed while still stopped and taken out of the table first, so its end is not reported:
+the process lives on elsewhere under the same PID.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import trio
+
+from bpfs.errors import BpfsError
+from bpfs.migrate import dumps
+from bpfs.migrate import ptrace as pt
+from bpfs.migrate.errors import MigrateError
+from bpfs.node.session import Session
+from bpfs.wire import messages
+from bpfs.wire.movemsgs import PART
+
+log = logging.getLogger("bpslave")
+
+SEIZE_TIMEOUT = 2.0          # the thread seizing and interrupting the process
+VERDICT_TIMEOUT = 300.0      # dumped, stopped, waiting for `drop` or `resume`
+DROP, RESUME = "drop", "resume"
+
+
+@dataclass(eq=False)
+class Move:
+    session: Session
+    id: int
+    pid: int
+    links: tuple[int, ...]
+    verdict: "queue.Queue[tuple[str, int | None]]" = field(default_factory=queue.Queue)
+    seized: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Mover:
+    """The moves under way on this node, by pid."""
+
+    def __init__(self) -> None:
+        self.moves: dict[int, Move] = {}
+
+    def start(self, session: Session, msg: messages.Dump) -> None:
+        """Seize and interrupt `msg.pid` before returning; the rest in the move's thread.
+        A refusal is `failed` at once (EBUSY, ESRCH), nothing touched."""
+        try:
+            self._check(session, msg.pid)
+        except BpfsError as exc:
+            session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
+            return
+        m = Move(session, msg.id, msg.pid, tuple(msg.links or ()))
+        self.moves[m.pid] = m
+        token = trio.lowlevel.current_trio_token()
+        threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
+                         daemon=True).start()
+        if not m.seized.wait(SEIZE_TIMEOUT):
+            log.warning("move %d: pid %d not seized within %g s", m.id, m.pid, SEIZE_TIMEOUT)
+
+    def verdict(self, pid: int, mid: int, what: str, err: int | None = None) -> None:
+        m = self.moves.get(pid)
+        if m is None or m.id != mid:
+            log.debug("%s for pid %d of move %d, which is not under way: ignored", what, pid, mid)
+            return
+        if what == DROP:
+            self._forget_job(m)
+        m.verdict.put((what, err))
+
+    def session_over(self) -> None:
+        """The master is gone: every move lets its process go on (the node kills what the
+        session held anyway)."""
+        for m in list(self.moves.values()):
+            m.verdict.put((RESUME, None))
+
+    def _check(self, session: Session, pid: int) -> None:
+        node = session.node
+        held = node.procs.held.get(pid)
+        if held is None or held.session is not session:
+            raise BpfsError(errno.ESRCH, f"no process {pid} on this node")
+        sup = node.supervisor
+        if sup is not None and pid not in sup.jobs:
+            raise BpfsError(errno.EBUSY, f"process {pid} was forked on this node: only a "
+                            "process moved or migrated here can move on yet")
+        if pid in self.moves:
+            raise BpfsError(errno.EBUSY, f"process {pid} is already moving")
+        if _children(pid):
+            raise BpfsError(errno.EBUSY, f"process {pid} has children on this node: it "
+                            "cannot move while they live")
+
+    def _forget_job(self, m: Move) -> None:
+        """Before the copy here is killed: nobody reports its end (trio's thread)."""
+        node = m.session.node
+        node.procs.held.pop(m.pid, None)
+
+    # ---- the move's thread: every ptrace request for the process ---------------------
+
+    def _run(self, m: Move, token: trio.lowlevel.TrioToken) -> None:
+        from bpfs.migrate import running
+        seized = False
+        try:
+            try:
+                running.seize_running(m.pid)
+                seized = True
+                pt.ptrace(pt.INTERRUPT, m.pid)  # a writer of its own move stops at its return
+            finally:
+                m.seized.set()
+            image = running.dump_running(m.pid, links=set(m.links))
+            consumed = _stdin_consumed(m.pid) if 0 in m.links else None
+            data = dumps(image)
+        except (MigrateError, BpfsError, OSError) as exc:
+            err = getattr(exc, "errno", None) or errno.EIO
+            text = getattr(exc, "message", None) or str(exc)
+            self._report(token, m, messages.Failed(id=m.id, errno=err, message=text[:4096]))
+            if seized:
+                self._release(m, None)
+            self._done(token, m)
+            return
+        except BaseException as exc:     # a bug: the process must not stay stopped
+            log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
+            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
+                                                   message=f"node error: {exc}"[:4096]))
+            if seized:
+                self._release(m, None)
+            self._done(token, m)
+            return
+        pieces = [data[at:at + PART] for at in range(0, len(data), PART)] or [b""]
+        for piece in pieces[:-1]:
+            self._report(token, m, messages.Part(id=m.id, data=piece))
+        self._report(token, m, messages.Dumped(id=m.id, image=pieces[-1], consumed=consumed))
+        del data, pieces, image
+        try:
+            what, err = m.verdict.get(timeout=VERDICT_TIMEOUT)
+        except queue.Empty:
+            log.warning("move %d: no verdict for pid %d in %g s: it goes on here", m.id, m.pid,
+                        VERDICT_TIMEOUT)
+            what, err = RESUME, None
+        if what == DROP:
+            self._kill(m)
+        else:
+            self._release(m, err)
+        self._done(token, m)
+
+    def _release(self, m: Move, err: int | None) -> None:
+        from bpfs.migrate import running
+        try:
+            if err:                         # its own `move` write fails with `err`
+                running.stop(m.pid)
+                regs = pt.getregs(m.pid)
+                regs.rax = (-err) & (2**64 - 1)
+                pt.setregs(m.pid, regs)
+            running.release(m.pid)
+        except MigrateError as exc:
+            log.warning("move %d: releasing pid %d: %s", m.id, m.pid, exc)
+
+    def _kill(self, m: Move) -> None:
+        """The stopped copy ends; its tracer (this thread) consumes that end, so its
+        keeper can reap it (and tell nobody: it is out of the table)."""
+        from bpfs.migrate import running
+        running.discard(m.pid)
+        log.debug("move %d: pid %d moved away", m.id, m.pid)
+
+    def _report(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg) -> None:
+        try:
+            token.run_sync_soon(m.session.report, msg)
+        except trio.RunFinishedError:
+            pass
+
+    def _done(self, token: trio.lowlevel.TrioToken, m: Move) -> None:
+        def done() -> None:
+            if self.moves.get(m.pid) is m:
+                del self.moves[m.pid]
+        try:
+            token.run_sync_soon(done)
+        except trio.RunFinishedError:
+            pass
+
+
+def _stdin_consumed(pid: int) -> int | None:
+    """How many bytes of its stdin link the stopped `pid` has read (None: not a socket)."""
+    from bpfs.wire.stdiolink import stdin_consumed
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = pt.syscall(pt.SYS["pidfd_getfd"], pidfd, 0, 0)
+    finally:
+        os.close(pidfd)
+    try:
+        return stdin_consumed(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+async def on_dump(session: Session, msg: messages.Dump) -> None:
+    mover = getattr(session.node, "mover", None)
+    if mover is None:
+        session.report(messages.Failed(id=msg.id, errno=errno.ENOSYS,
+                                       message="this node cannot move processes"))
+        return
+    mover.start(session, msg)
+
+
+async def on_drop(session: Session, msg: messages.Drop) -> None:
+    mover = getattr(session.node, "mover", None)
+    if mover is not None:
+        mover.verdict(msg.pid, msg.id, DROP)
+
+
+async def on_resume(session: Session, msg: messages.Resume) -> None:
+    mover = getattr(session.node, "mover", None)
+    if mover is not None:
+        mover.verdict(msg.pid, msg.id, RESUME, msg.errno)

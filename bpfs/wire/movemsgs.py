@@ -1,0 +1,76 @@
+"""Moving a running process (bpfs/master/moves.py, bpfs/node/mover.py): the node that has
+it dumps it and waits for the verdict; the target restores it (`restore` with `again`).
+Their grammar is in bpfs/wire/messages.py's docstring."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from msgspec import Meta
+
+from bpfs.wire.grammar import *  # noqa: F401,F403  (the bounded types)
+from bpfs.wire.grammar import Msg, _bytes, _int  # noqa: F401
+
+PART = 8 << 20                      # bytes of an image in one `part` (below every frame limit)
+FD = _int(0, 2)
+
+
+class Dump(Msg, tag="dump"):
+    """Stop `pid` (a process this node restored) and dump it for a move: `dumped` (after
+    any number of `part`s) or `failed`, with this `id`; then it waits, stopped, for `drop`
+    or `resume`. The node stops it before it reads its next message (a process that
+    moves itself is stopped before its ctl write is answered). `links`: its fds that are
+    stdio links (sockets to its stdio server), made again by the target."""
+    sender = "master"
+    id: ID
+    pid: PID
+    links: Optional[Annotated[tuple[FD, ...], Meta(max_length=3)]] = None
+
+
+class Part(Msg, tag="part"):
+    """A piece of the image of move `id`, ahead of its `dumped`: the master appends them,
+    within its bound, in order."""
+    sender = "node"
+    id: ID
+    data: _bytes(1, PART)
+
+
+class Piece(Msg, tag="piece"):
+    """A piece of the image of restore `id`, ahead of the `restore` itself (whose `image`
+    is the last piece): the node appends them, within its bound, in order."""
+    sender = "master"
+    id: ID
+    data: _bytes(1, PART)
+
+
+class Dumped(Msg, tag="dumped"):
+    """The image of move `id` is the `part`s sent before this, then `image`; `consumed`:
+    how many bytes of its stdin link the process had read when it stopped."""
+    sender = "node"
+    id: ID
+    image: _bytes(0, PART)
+    consumed: Optional[BYTES] = None
+
+
+class Drop(Msg, tag="drop"):
+    """Move `id` is done elsewhere: end the stopped copy of `pid` here, unreported."""
+    sender = "master"
+    id: ID
+    pid: PID
+
+
+class Resume(Msg, tag="resume"):
+    """Move `id` failed: let `pid` go on here as it was; with `errno`, the write it was
+    stopped in (its own `move`) fails with that."""
+    sender = "master"
+    id: ID
+    pid: PID
+    errno: Optional[ERRNO] = None
+
+
+class Again(Msg, tag="again"):
+    """Restore `id` (next) is of a process that moved: its links are made again
+    (`TOKEN PID FD again CONSUMED`), and it had read `consumed` bytes of its stdin."""
+    sender = "master"
+    id: ID
+    consumed: BYTES
