@@ -54,14 +54,15 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.helper import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                  PR_SET_DUMPABLE, PROT_RWX, PROT_WRITE, SCRATCH, SCRATCH_SIZE)
-from bpfs.migrate.image import Image
+from bpfs.migrate.image import OPEN_FLAGS, Image, OpenFile
+from bpfs.migrate.openfiles import NEVER
 from bpfs.migrate.tracee import send_signal
 
 CHANNEL = 0x400                   # the socket pair's buffer: between the stub and its table
 PROT_EXEC = 4
 R_OK, X_OK = 4, 1
 O_CLOEXEC = 0o2000000
-F_SETFD = 2
+AT_FDCWD = -100
 RLIMIT_AS, RLIMIT_DATA = 9, 2
 INFINITY = procfs.RLIM_INFINITY
 
@@ -79,13 +80,15 @@ class Plan:
     files: list[int]                       # ours, one per image file
     installs: dict[int, int]               # fd in the ghost -> ours
     limits: dict[int, tuple[int, int]] = field(default_factory=dict)  # the ghost's
+    reopen: list[OpenFile] = field(default_factory=list)   # the image's, but `installs`
+    close_others: bool = False
 
     def close(self) -> None:
         ghost_files.close_all(self.files)
         self.files = []
 
 
-def prepare(pid: int, image: Image, fds: object) -> Plan:
+def prepare(pid: int, image: Image, fds: object, close_others: bool = False) -> Plan:
     """Every check that needs no change to the halted ghost (module doc); MigrateError."""
     if not isinstance(image, Image):
         raise MigrateError(errno.EINVAL, "restore_in needs an Image", pid)
@@ -105,7 +108,8 @@ def prepare(pid: int, image: Image, fds: object) -> Plan:
     except BaseException:
         ghost_files.close_all(files)
         raise
-    return Plan(image, files, installs, limits)
+    reopen = [f for f in image.open_files if f.fd not in installs]
+    return Plan(image, files, installs, limits, reopen, bool(close_others))
 
 
 def _check_room(pid: int, image: Image, limits: dict[int, tuple[int, int]]) -> None:
@@ -146,8 +150,9 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
     try:
         stub.install(pid, SCRATCH)
         _check_access(pid, regs, signals, plan.image)
-        got = ghost_files.send_into(pid, regs, gadget, signals, SCRATCH + CHANNEL,
-                                    plan.files + list(plan.installs.values()))
+        got = _open_in(pid, regs, gadget, signals, plan.reopen)
+        got[:0] = ghost_files.send_into(pid, regs, gadget, signals, SCRATCH + CHANNEL,
+                                        plan.files + list(plan.installs.values()))
     except gp.Gone:
         raise
     except BaseException:
@@ -189,11 +194,41 @@ def _check_access(pid: int, regs: pt.Regs, signals: list[int], image: Image) -> 
                            f"{what} it here ({os.strerror(exc.errno)})", pid) from None
 
 
+def _open_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int],
+             files: list[OpenFile]) -> list[int]:
+    """The ghost opens the image's open files itself, as its user (openat, one batch):
+    their temporary fds, in order; the error of the first refused (ENOENT, EACCES...)
+    naming its path, those opened before it closed again."""
+    if not files:
+        return []
+    b = stub.Batch(SCRATCH)
+    for f in files:
+        b.call("openat", AT_FDCWD, b.cstr(f.path), f.flags & OPEN_FLAGS & ~NEVER, 0,
+               what=f"opening {f.path} (fd {f.fd} of the image)")
+    pt.write_memory(pid, b.writes())
+    stub.start(pid, regs, SCRATCH, b.count())
+    table = SCRATCH + stub.TABLE_OFFSET
+    try:
+        run(pid, b, signals)
+    except MigrateError:
+        done = max(b.entry_at(pt.getregs(pid).rbx), 0)
+        ghost_files.close_in(pid, regs, gadget, signals, _results(pid, table, done))
+        raise
+    return _results(pid, table, len(files))
+
+
+def _results(pid: int, table: int, count: int) -> list[int]:
+    """The results of the first `count` entries of a one-part batch at `table`."""
+    raw = pt.read_memory(pid, [(table, count * stub.ENTRY)]) if count else b""
+    return [struct.unpack_from("<q", raw, i * stub.ENTRY + 56)[0] for i in range(count)]
+
+
 def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[int],
              maps: list[procfs.Mapping], special: dict[str, tuple[int, int]]) -> None:
     """Batches A and B (module doc), the page runs written between them."""
     image = plan.image
-    files, temps = got[:len(image.files)], got[len(image.files):]
+    n, m = len(image.files), len(image.files) + len(plan.installs)
+    files, temps, opened = got[:n], got[n:m], got[m:]
     a = stub.Batch(SCRATCH)
     for m in maps:
         if m.path not in procfs.SPECIAL:
@@ -205,7 +240,13 @@ def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[
         a.call("close", fd)
     _default_dispositions(a, pid)
     rebuild.process_state(a, image)
-    _install(a, pid, list(zip(temps, plan.installs)))
+    moves = [(t, f.fd, f.flags & O_CLOEXEC) for t, f in zip(opened, plan.reopen)]
+    moves += [(t, fd, 0) for t, fd in zip(temps, plan.installs)]
+    table = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")} - set(files)
+    ghost_files.place(a, table, moves, plan.close_others)
+    for f in plan.reopen:
+        if f.offset:
+            a.call("lseek", f.fd, f.offset, os.SEEK_SET, what=f"seeking in {f.path}")
     _limits(a, image, plan.limits)
     a.call("setpriority", os.PRIO_PROCESS, 0, image.nice, may_fail=True)
     if not image.dumpable:
@@ -250,24 +291,6 @@ def _default_dispositions(a: stub.Batch, pid: int) -> None:
     for sig in range(1, 65):
         if mask >> (sig - 1) & 1:
             a.call("rt_sigaction", sig, dfl, 0, 8)
-
-
-def _install(a: stub.Batch, pid: int, moves: list[tuple[int, int]]) -> None:
-    """dup3(temp, fd) for each (temp, fd), without close-on-exec, then close(temp). A temp
-    whose number is the target of an earlier move is moved out of the way first."""
-    busy = {int(n) for n in os.listdir(f"/proc/{pid}/fd")} | {fd for _, fd in moves}
-    for i, (src, dst) in enumerate(moves):
-        for j in range(i + 1, len(moves)):
-            if moves[j][0] == dst:
-                free = next(n for n in range(3, 1 << 20) if n not in busy)
-                busy.add(free)
-                a.call("dup3", dst, free, O_CLOEXEC)
-                moves[j] = (free, moves[j][1])
-        if src == dst:
-            a.call("fcntl", dst, F_SETFD, 0)
-            continue
-        a.call("dup3", src, dst, 0)
-        a.call("close", src)
 
 
 def _limits(a: stub.Batch, image: Image, have: dict[int, tuple[int, int]]) -> None:

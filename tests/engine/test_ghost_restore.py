@@ -1,8 +1,8 @@
 """Back into the ghost (Tracer.restore_in): a process comes back to the master and runs in
 its ghost, same PID, same parent, its end its parent's. Real processes, real ptrace (the
 rig: tests/engine/ghostrig.py). A process that had already run is made by running one here
-first and taking it back as a ghost (`take`), as the master will for `move` once the
-engine's dump of a running process exists.
+first and moving it away again as `move` does (`take`: seized, dumped where it stands,
+parked as its ghost).
 """
 
 from __future__ import annotations
@@ -131,30 +131,14 @@ def pipe(pipes: list[Pipe]) -> Pipe:
     return p
 
 
-def take(rig: Rig, pid: int) -> Image:
-    """The running `pid` (no tracee) seized, interrupted, dumped and parked as a ghost of
-    the rig's tracer: what `move` from the master does, with the syscall it sleeps in
-    made to restart (as the engine's dump of a running process will)."""
-    ghosts = rig.tracer._ghosts
-
-    def in_tracer() -> Image:
-        pt.seize(pid, dump.TRACE_OPTIONS)
-        pt.ptrace(pt.INTERRUPT, pid)
-        while gp.stop_parts(gp.wait_stop(pid))[1] != pt.EVENT_STOP:
-            pt.cont(pid, 0)
-        regs = pt.getregs(pid)
-        res = regs.rax - 2**64 if regs.rax >= 2**63 else regs.rax
-        if regs.orig_rax != gp.NO_SYSCALL and -res in (512, 513, 514):  # -ERESTART*
-            regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
-        regs.orig_rax = gp.NO_SYSCALL
-        pt.setregs(pid, regs)
-        img = dump.dump(pid)
-        gp.park(pid, [])
-        ghosts.tracees[pid] = Tracee(pid, GHOST)
-        with ghosts._lock:
-            ghosts._parked.add(pid)
-        return img
-    return rig.tracer.submit(in_tracer).result(10)
+def take(rig: Rig, pid: int, links: tuple[int, ...] = (0, 1, 2)) -> Image:
+    """The running `pid` (no tracee) moved away from the master as `move` does it: seized,
+    stopped, dumped where it stands (its fds but `links`, which a move carries as stdio
+    links, among the image's open files), parked as its ghost."""
+    rig.tracer.seize_running(pid).result(5)
+    img = rig.tracer.dump_moving(pid, set(links)).result(10)
+    rig.tracer.park_moved(pid).result(5)
+    return img
 
 
 def ps(pid: int) -> tuple[str, str]:
@@ -391,8 +375,7 @@ print("got", got, sum(data), flush=True)
 def test_a_python_program_that_had_run(rig: Rig, pipes) -> None:
     """Its handler and ignored signal survive; a signal that comes while it is restored
     is its own; its read goes on."""
-    # C locale: no shared mapping of glibc's gconv cache (a dump refuses shared mappings)
-    pid, img = rig.ghost([sys.executable, "-c", PY_RUNNING], env={"LC_ALL": "C"})
+    pid, img = rig.ghost([sys.executable, "-c", PY_RUNNING])
     inp, out = pipe(pipes), pipe(pipes)
     rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w, 2: out.w}).result(10)
     assert out.line() == b"ready\n"
