@@ -31,7 +31,7 @@ RUNNER = "import sys; from importlib import import_module as m; sys.argv[0] = {n
 CLI_MODULES = {
     "bpfs": "bpfs.cli.bpfs_main", "bpslave": "bpfs.cli.bpslave", "bpstat": "bpfs.cli.bpstat", "bptop": "bpfs.cli.bptop",
     "bpctl": "bpfs.cli.bpctl", "bpsh": "bpfs.cli.bpsh", "bpcp": "bpfs.cli.bpcp",
-    "bprsh": "bpfs.cli.bpsh.rsh",
+    "bprsh": "bpfs.cli.bpsh.rsh", "bpmove": "bpfs.cli.bpmove",
 }
 # Writes argv[2] to the ctl file argv[1] through one O_RDWR handle, prints "ERRNO TEXT" with
 # the handle's text read back (what a shell user sees with `exec 3<>ctl`).

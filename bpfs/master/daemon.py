@@ -90,6 +90,7 @@ class Master:
         self.procs.link_host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") \
             else cfg.listen
         self.execs = ExecService(cluster, self.procs, cfg.mount)
+        self.procs.on_moving = self.execs.expect_again
 
     # ---- ctl.Services ------------------------------------------------------------
 

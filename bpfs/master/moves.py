@@ -62,6 +62,9 @@ class Moves:
         self._pieces: dict[int, list[bytes]] = {}
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
+        # the exec endpoint's (bpfs/master/exec.py expect_again): a move of `pid` begins
+        # (True) or failed (False), so the end of its old links does not end its output
+        self.on_moving: Callable[[int, bool], Any] = lambda pid, moving: None
 
     # ---- the request ----------------------------------------------------------------
 
@@ -176,9 +179,11 @@ class Moves:
         self._by_pid[p.pid] = d
         self._migrations[d.id] = d
         self._pieces[d.id] = []
+        self.on_moving(p.pid, True)
         try:
             await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None))
         except BaseException:
+            self.on_moving(p.pid, False)
             self._forget(d)
             raise
         work = self._node_to(d, p, target, own)
@@ -190,7 +195,11 @@ class Moves:
 
     async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
         source, pid = d.node, d.pid
-        data, consumed = await self._dumped(d)
+        try:
+            data, consumed = await self._dumped(d)
+        except BaseException:
+            self.on_moving(pid, False)
+            raise
         consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
         try:
             if target is None:
@@ -198,6 +207,7 @@ class Moves:
             else:
                 await self._to_node(d, p, target, data, consumed)
         except BaseException as exc:
+            self.on_moving(pid, False)
             if d.ghost_gone:
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
@@ -315,9 +325,12 @@ class Moves:
             log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
             return
         if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
-            pieces.clear()
-            m.send.send_nowait(messages.Failed(id=msg.id, errno=errno.EFBIG,
-                                               message="image too large"))
+            self._pieces.pop(msg.id, None)
+            try:
+                m.send.send_nowait(messages.Failed(id=msg.id, errno=errno.EFBIG,
+                                                   message="image too large"))
+            except trio.WouldBlock:
+                pass
             return
         pieces.append(msg.data)
 

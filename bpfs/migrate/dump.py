@@ -17,6 +17,7 @@ so that user cannot read its memory or attach to it, and the node restores it so
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import signal
@@ -382,17 +383,18 @@ def _read_pages(pid: int, wanted: list[tuple[Region, list[tuple[int, int]], bool
     ranges = [r for _, runs, _ in wanted for r in runs]
     if not ranges:
         return
-    data = pt.read_memory(pid, ranges)
+    data = pt.read_memory_buffer(pid, ranges)   # anonymous runs stay views of it: no copy
     pos = 0
     for region, runs, anon in wanted:
         src = -1 if anon else _open_mapped(pid, region)
         try:
             for addr, size in runs:
-                chunk = data[pos:pos + size]
+                if anon:
+                    region.pages.extend(nonzero(data, pos, size, addr))
+                else:
+                    base = _file_bytes(src, region.offset + addr - region.start, size)
+                    region.pages.extend(differing(addr, data[pos:pos + size], base))
                 pos += size
-                base = None if anon else _file_bytes(src, region.offset + addr - region.start,
-                                                     size)
-                region.pages.extend(sparse(addr, chunk, base))
         finally:
             if src >= 0:
                 os.close(src)
@@ -416,6 +418,62 @@ def sparse(addr: int, chunk: bytes, base: bytes | None) -> list[tuple[int, bytes
     if start >= 0:
         out.append((addr + start, chunk[start:]))
     return out
+
+
+ZERO_BLOCK = bytes(BLOCK)
+ZEROS = bytes(1 << 20)
+
+
+def differing(addr: int, chunk: bytes, base: bytes) -> list[tuple[int, memoryview]]:
+    """What `sparse(addr, chunk, base)` gives, at C speed: the blocks where the XOR of the
+    two (one big-integer operation) is not zero."""
+    size = len(chunk)
+    diff = (int.from_bytes(chunk, "little") ^ int.from_bytes(base, "little")).to_bytes(
+        size, "little")
+    return nonzero(diff, 0, size, addr, chunk)
+
+
+def nonzero(data: mmap.mmap | bytes, lo: int, size: int, addr: int,
+            source: bytes | None = None) -> list[tuple[int, memoryview]]:
+    """What `sparse(addr, data[lo:lo + size], None)` gives, at C speed and as views of `data`
+    (of `source` instead, if given: where the caller's bytes are): zero blocks are found with
+    find() (then aligned), zero stretches measured in doubling steps, so Python loops once a
+    stretch, not once a block (1 GB is 8 million blocks). `size` is whole pages."""
+    view = memoryview(data if source is None else source)
+    out: list[tuple[int, memoryview]] = []
+    hi, start, pos = lo + size, lo, lo
+    while True:
+        at = data.find(ZERO_BLOCK, pos, hi)
+        if at < 0:
+            break
+        block = lo + -(-(at - lo) // BLOCK) * BLOCK     # the first block boundary from `at`
+        if block + BLOCK > hi:
+            break
+        if data[block:block + BLOCK] != ZERO_BLOCK:
+            pos = block + 1
+            continue
+        end = _zeros_end(data, block + BLOCK, hi)
+        if block > start:
+            out.append((addr + start - lo, view[start:block]))
+        start = pos = end
+    if start < hi:
+        out.append((addr + start - lo, view[start:hi]))
+    return out
+
+
+def _zeros_end(data: mmap.mmap, pos: int, hi: int) -> int:
+    """Where the zero blocks from `pos` (a block boundary) end, by doubling and halving."""
+    step = BLOCK
+    while pos < hi:
+        n = min(step, hi - pos)
+        if data[pos:pos + n] == ZEROS[:n]:
+            pos += n
+            step = min(step * 2, len(ZEROS))
+        elif step > BLOCK:
+            step //= 2
+        else:
+            break
+    return pos
 
 
 def _open_mapped(pid: int, region: Region) -> int:

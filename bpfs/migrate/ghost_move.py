@@ -45,7 +45,7 @@ class Moving:
         running.seize_running(pid)
         t = self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
         try:
-            pt.ptrace(pt.INTERRUPT, pid)    # now: a writer of its own move stops at its return
+            running.interrupt(pid)          # now: a writer of its own move stops at its return
             if check is not None:
                 check()                                 # type: ignore[operator]
         except BaseException:
@@ -71,8 +71,8 @@ class Moving:
         t = self._moving(pid, held=True)
         signals: list[int] = []
         running.keep(pid)
-        gp.park(pid, signals)
         pt.ptrace(pt.SETOPTIONS, pid, 0, pt.O_EXITKILL)    # the master's end is its end
+        gp.park(pid, signals)
         t.state, t.held = GHOST, False
         with self._lock:                                    # type: ignore[attr-defined]
             self._parked.add(pid)                           # type: ignore[attr-defined]

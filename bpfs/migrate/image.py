@@ -1,5 +1,5 @@
 """The migration image: one stopped process (at its entry point, or anywhere while it ran), as
-msgpack. Owned by this module.
+msgpack, its page bytes raw after it (`imageframe`). Owned by this module.
 
 Grammar (msgpack; every map below has exactly these string keys; ints are unsigned unless said)::
 
@@ -29,7 +29,8 @@ Grammar (msgpack; every map below has exactly these string keys; ints are unsign
     file     = { "hash": "sha256:" hex64, "size": int, "path": str }
     region   = { "start": int, "end": int, "prot": int (PROT_* bits), "kind": "anon" | "file",
                  "growsdown": bool, "file": int (index into files, -1 for anon),
-                 "offset": int, "pages": [[addr, bin]] }   byte runs to write over the mapping
+                 "offset": int, "pages": [[addr, size]] }  byte runs to write over the mapping,
+                                   their bytes in the frame's page section (v2, v3: [addr, bin])
     ofile    = { "fd": int (0 .. 2**20 - 1), "path": str (absolute, no NUL, < 4096 bytes),
                  "flags": int (O_* of OPEN_FLAGS only: never O_CREAT, O_TRUNC, O_EXCL),
                  "offset": int (0 .. 2**63 - 1) }   at most MAX_OPEN_FILES, fds ascending
@@ -41,7 +42,8 @@ checks all of that and raises `MigrateError(EINVAL, "corrupt image: ...")`, so a
 starts from a bad image.
 Version 2 added "dumpable" (version 1 had no such key, and its reader restores every process
 dumpable: an execute-only program's memory would be readable on the node); version 3 "nice";
-version 4 "open_files" (a running process's regular files, directories and safe devices).
+version 4 "open_files" (a running process's regular files, directories and safe devices),
+and the frame.
 A reader takes version 4, version 3 as no open files (a version 3 restore closed every fd
 beyond 0-2), and version 2 also as nice 0 (what a version 2 reader gave every process); it
 refuses any other version rather than guess.
@@ -56,7 +58,10 @@ from typing import Any, BinaryIO
 
 import msgpack
 
+from bpfs.migrate import imageframe
 from bpfs.migrate.errors import MigrateError, corrupt
+from bpfs.migrate.typecheck import bounded as _bounded, check as _check, exact_map as _map, \
+    typed as _typed
 from bpfs.migrate.ptrace import REGS_SIZE, Regs
 
 MAGIC = "bpfs-image"
@@ -72,7 +77,7 @@ MM_KEYS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk
 HASH_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _FILE_KEYS = frozenset(("hash", "size", "path"))
 _REGION_KEYS = frozenset(("start", "end", "prot", "kind", "growsdown", "file", "offset", "pages"))
-_STR, _INT = frozenset((str,)), {int}
+_STR, _INT, _BIN = frozenset((str,)), {int}, (bytes, memoryview)   # runs: views of v4 pages
 MAX_OPEN_FILES = 1 << 16
 MAX_FD = 1 << 20          # fs.nr_open's default: no fd number is larger
 MAX_PATH = 4096
@@ -194,7 +199,7 @@ def _to_obj(img: Image) -> dict[str, Any]:
         "files": [{"hash": f.hash, "size": f.size, "path": f.path} for f in img.files],
         "regions": [{"start": r.start, "end": r.end, "prot": r.prot, "kind": r.kind,
                      "growsdown": r.growsdown, "file": r.file, "offset": r.offset,
-                     "pages": [[a, d] for a, d in r.pages]} for r in img.regions],
+                     "pages": [[a, len(d)] for a, d in r.pages]} for r in img.regions],
         "contents": img.contents,
         "open_files": [{"fd": f.fd, "path": f.path, "flags": f.flags, "offset": f.offset}
                        for f in img.open_files],
@@ -202,7 +207,13 @@ def _to_obj(img: Image) -> dict[str, Any]:
 
 
 def dumps(img: Image) -> bytes:
-    return msgpack.packb(_to_obj(img), use_bin_type=True)
+    return b"".join(dumps_parts(img))
+
+
+def dumps_parts(img: Image) -> list[imageframe.Buffer]:
+    """`dumps(img)` as buffers to send one after the other: the runs are not copied."""
+    header = msgpack.packb(_to_obj(img), use_bin_type=True)
+    return imageframe.parts(header, [d for r in img.regions for _, d in r.pages])
 
 
 def dump(img: Image, fp: BinaryIO) -> None:
@@ -210,16 +221,22 @@ def dump(img: Image, fp: BinaryIO) -> None:
 
 
 def loads(data: bytes) -> Image:
-    """Decode and check an image; any defect raises MigrateError(EINVAL, "corrupt image: ...")."""
+    """Decode and check an image; any defect raises MigrateError(EINVAL, "corrupt image: ...").
+    A version 4 image's runs are views of `data` (no copy): leave it unchanged meanwhile."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise corrupt("not bytes")
     if len(data) > MAX_IMAGE:
         raise corrupt("too large")
+    framed = imageframe.split(data)
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False,
+        obj = msgpack.unpackb(framed[0] if framed else data, raw=False, strict_map_key=False,
                               max_bin_len=MAX_IMAGE, max_str_len=1 << 24)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise corrupt(f"not msgpack ({type(exc).__name__})") from exc
+    v4 = type(obj) is dict and obj.get("version") == VERSION
+    _check(v4 == bool(framed), "version 4 is framed, and only version 4")
+    if framed:
+        imageframe.attach(obj, framed[1])
     return _from_obj(obj)
 
 
@@ -228,42 +245,6 @@ def load(fp: BinaryIO) -> Image:
 
 
 # ---- checking ----
-
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise corrupt(what)
-
-
-# Every checker returns at once when the value is good and formats its message only when
-# it is not: a node checks every image it restores, and eager f-strings were most of it.
-
-def _map(obj: Any, keys: tuple[str, ...], what: str) -> dict:
-    if type(obj) is dict and len(obj) == len(keys) and all(k in obj for k in keys):
-        return obj
-    _check(isinstance(obj, dict), f"{what} is not a map")
-    missing = [k for k in keys if k not in obj]
-    _check(not missing, f"{what} lacks {', '.join(missing)}")
-    extra = [k for k in obj if k not in keys]
-    _check(not extra, f"{what} has unknown keys {extra!r}")
-    return obj
-
-
-_KINDS = {str: "a string", bool: "a bool", bytes: "binary", list: "a list"}
-
-
-def _typed(v: Any, kind: type, what: str) -> Any:
-    """`v` if its type is exactly `kind` (str, bool, bytes or list), else corrupt."""
-    if type(v) is kind:
-        return v
-    raise corrupt(f"{what} is not {_KINDS[kind]}")
-
-
-def _bounded(v: Any, lo: int, hi: int, what: str) -> int:
-    """`v` if it is an int (not a bool) in [lo, hi], else corrupt."""
-    if type(v) is int and lo <= v <= hi:
-        return v
-    raise corrupt(f"{what} is not an integer in [{lo}, {hi}]")
-
 
 def _addr(v: Any, what: str, aligned: bool = True) -> int:
     if type(v) is int and 0 <= v <= TASK_SIZE and (not aligned or v % PAGE == 0):
@@ -392,7 +373,7 @@ def _runs_fast(runs: Any, start: int, end: int) -> list[tuple[int, bytes]] | Non
         if type(run) is not list or len(run) != 2:
             return None
         addr, data = run
-        if type(addr) is not int or type(data) is not bytes or not data or addr < last:
+        if type(addr) is not int or type(data) not in _BIN or not data or addr < last:
             return None
         last = addr + len(data)
         pages.append((addr, data))
@@ -453,13 +434,13 @@ def _region(obj: Any, i: int, nfiles: int) -> Region:
     for j, run in enumerate(runs):
         # the common case in one expression; the checks below only name what is wrong
         if type(run) is list and len(run) == 2 and type(run[0]) is int \
-                and type(run[1]) is bytes and run[1] and last <= run[0] \
+                and type(run[1]) in _BIN and run[1] and last <= run[0] \
                 and run[0] + len(run[1]) <= end:
             addr, data = run
         else:
             addr, data = _tuple(run, 2, f"{what}.pages[{j}]", raw=True)
             _addr(addr, f"{what}.pages[{j}].addr", aligned=False)
-            _typed(data, bytes, f"{what}.pages[{j}].data")
+            _check(type(data) in _BIN, f"{what}.pages[{j}].data is not binary")
             _check(len(data) > 0, f"{what}.pages[{j}] is empty")
             _check(last <= addr and addr + len(data) <= end, f"{what}.pages[{j}] outside region")
         last = addr + len(data)

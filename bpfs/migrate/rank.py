@@ -30,7 +30,8 @@ def set_rank(img: Image, rank: int) -> bool:
     for region in img.regions:
         if region.end <= lo or region.start >= hi:
             continue
-        for i, (addr, data) in enumerate(region.pages):
+        for i, (addr, run) in enumerate(region.pages):
+            data = bytes(run)     # a loaded image's runs are views (imageframe)
             at = data.find(RANK_MARK)
             while at >= 0:
                 where = addr + at

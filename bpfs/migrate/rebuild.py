@@ -35,7 +35,9 @@ def mm_map(a: stub.Batch, image: Image, exe_fd: int) -> None:
     auxv = a.data(image.auxv)
     fields = [mm[k] for k in imagefmt.MM_KEYS]
     prctl_map = struct.pack("<12QII", *fields, auxv, len(image.auxv), exe_fd)
-    a.call("prctl", PR_SET_MM, PR_SET_MM_MAP, a.data(prctl_map), len(prctl_map), 0)
+    a.call("prctl", PR_SET_MM, PR_SET_MM_MAP, a.data(prctl_map), len(prctl_map), 0,
+           what="PR_SET_MM_MAP (" + ", ".join(f"{k} {v:#x}" for k, v in zip(
+               imagefmt.MM_KEYS, fields)) + f", auxv {len(image.auxv)} bytes)")
 
 
 def move_special(a: stub.Batch, have: dict[str, tuple[int, int]], image: Image) -> None:
@@ -86,7 +88,7 @@ def process_state(a: stub.Batch, image: Image) -> None:
                                                        mask)), 0, 8)
     a.call("personality", image.personality)
     a.call("umask", image.umask)
-    a.call("prctl", PR_SET_NAME, a.cstr(image.comm))
+    a.call("prctl", PR_SET_NAME, a.cstr(image.comm), what="PR_SET_NAME")
     if image.robust:
         a.call("set_robust_list", image.robust[0], image.robust[1])
     if image.tid_address:

@@ -152,7 +152,9 @@ class Restorer:
                 groups: Sequence[int] = (), fds: Sequence[int] = (0, 1, 2),
                 file_content: Mapping[str, bytes] | None = None) -> int:
         """Create `image` as process `pid` (default image.pid), running as uid/gid/groups with
-        `fds` as its 0, 1, 2; returns its pid. It is our child, running, not traced."""
+        `fds` as its 0, 1, 2, then the image's open files opened as that user at their own
+        numbers (`openfiles`; a carried 0-2 replaces the given one); returns its pid. It is
+        our child, running, not traced."""
         pid = image.pid if pid is None else pid
         if threading.get_ident() != self._thread:
             raise MigrateError(errno.EINVAL, "a Restorer must be used from the thread that "

@@ -52,6 +52,7 @@ class _Seized:
     """What this tracer knows of one seized process."""
 
     stopped: bool = False
+    interrupted: bool = False               # PTRACE_INTERRUPT sent, its stop not seen yet
     job_stop: int = 0                       # its stop signal if stopped by job control
     signals: list[int] = field(default_factory=list)   # dequeued by its delivery stops
 
@@ -95,7 +96,7 @@ def stop(pid: int) -> None:
     state = _state(pid)
     if state.stopped:
         return
-    pt.ptrace(pt.INTERRUPT, pid)
+    interrupt(pid)
     while True:
         status = pt.wait(pid)
         if not os.WIFSTOPPED(status):
@@ -104,10 +105,26 @@ def stop(pid: int) -> None:
         sig, event = os.WSTOPSIG(status), status >> 16
         if event == pt.EVENT_STOP:
             state.stopped, state.job_stop = True, sig if sig in JOB_STOPS else 0
+            state.interrupted = False
             return
         if event == 0:
             state.signals.append(sig)
         pt.cont(pid, 0)
+
+
+def interrupt(pid: int) -> None:
+    """PTRACE_INTERRUPT the seized `pid` once, now, without waiting (`stop` waits). Once
+    only: an interrupt sent to a tracee already in its stop is a second trap, taken at the
+    next resume, which an injected syscall would take for its own single-step."""
+    state = _state(pid)
+    if not (state.stopped or state.interrupted):
+        pt.ptrace(pt.INTERRUPT, pid)
+        state.interrupted = True
+
+
+def keep(pid: int) -> None:
+    """The caller keeps the stopped `pid` (parked as a ghost): forget our record of it."""
+    _seized.pop(pid, None)
 
 
 def release(pid: int) -> None:

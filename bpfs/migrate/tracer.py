@@ -25,7 +25,8 @@ from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.ghost import Ghosts
-from bpfs.migrate.tracee import (CAPTURING, RELEASING, SEIZED, as_error, kill_and_reap, resolve,
+from bpfs.migrate.tracee import (CAPTURING, MOVE_HELD, MOVING, RELEASING, SEIZED, as_error,
+                                 kill_and_reap, resolve,
                                  send_kill)
 from bpfs.migrate.image import Image
 from bpfs.migrate.spawn import spawn_traced
@@ -280,7 +281,8 @@ class Tracer:
 
     def _must_poll(self) -> bool:
         return (time.monotonic() < self._stranger_until or
-                any(t.state in (SEIZED, CAPTURING) for t in self._tracees.values()))
+                any(t.state in (SEIZED, CAPTURING, MOVING, MOVE_HELD)
+                    for t in self._tracees.values()))
 
     def _block(self) -> None:
         try:

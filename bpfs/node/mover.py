@@ -122,7 +122,7 @@ class Mover:
             try:
                 running.seize_running(m.pid)
                 seized = True
-                pt.ptrace(pt.INTERRUPT, m.pid)  # a writer of its own move stops at its return
+                running.interrupt(m.pid)        # a writer of its own move stops at its return
             finally:
                 m.seized.set()
             image = running.dump_running(m.pid, links=set(m.links))
@@ -206,7 +206,7 @@ def _stdin_consumed(pid: int) -> int | None:
         os.close(pidfd)
     try:
         return stdin_consumed(fd)
-    except OSError:
+    except BpfsError:               # not a TCP socket (a relay's fd 0 that is a file...)
         return None
     finally:
         os.close(fd)

@@ -32,6 +32,7 @@ from bpfs.errors import BpfsError
 from bpfs.wire.stdiolink import LINK_TIMEOUT, Connector, LinkTarget, stdin_consumed
 
 __all__ = ["LINK_TIMEOUT", "Links", "LinkTarget", "close_all", "open_local", "stdin_consumed"]
+
 O_FLAGS = os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
 IN_FLAGS = os.O_RDONLY | O_FLAGS
 OUT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_FLAGS

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bpfs.errors import BpfsError
-from bpfs.migrate import image, rank
+from bpfs.migrate import image, imageframe, rank
 from bpfs.migrate.image import FileRef, Host, Image, OpenFile, Region
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,6 +80,23 @@ def test_a_version_3_image_has_no_open_files() -> None:
     assert back.open_files == [] and back == sample(open_files=[])
 
 
+def test_a_loaded_images_runs_are_views_of_its_bytes() -> None:
+    """No copy of the page bytes on load (imageframe): the runs point into the data."""
+    data = bytearray(image.dumps(sample()))
+    back = image.loads(data)
+    run = back.regions[1].pages[0][1]
+    assert isinstance(run, memoryview) and run == b"\x01" * PAGE
+    data[-1] = 7
+    assert back.regions[2].pages[0][1][-1] == 7
+
+
+def test_a_version_3_image_of_plain_msgpack_still_loads() -> None:
+    obj = _decoded(image.dumps(sample(open_files=[])))
+    del obj["open_files"]
+    back = image.loads(msgpack.packb(dict(obj, version=3), use_bin_type=True))
+    assert back == sample(open_files=[])
+
+
 def test_round_trip_with_contents_and_file_refs() -> None:
     img = sample(contents={HASH: b"z" * 35664})
     back = image.loads(image.dumps(img))
@@ -135,8 +152,34 @@ def test_mutated_bytes_never_half_load(data) -> None:
         assert exc.errno == errno.EINVAL and exc.message.startswith("corrupt image")
 
 
+def _decoded(data: bytes) -> dict:
+    """A framed image's header, its runs' [addr, size] made [addr, bytes] again (as loads
+    hands it to the checks; a frame attach refuses raises)."""
+    header, pages = imageframe.split(data)
+    obj = msgpack.unpackb(header, raw=False, strict_map_key=False)
+    imageframe.attach(obj, pages)
+    for r in obj["regions"]:
+        r["pages"] = [[a, bytes(d)] for a, d in r["pages"]]
+    return obj
+
+
+def _encoded(obj: dict) -> bytes:
+    """`obj` framed as version 4 if it says so (runs that are [addr, bytes] go to the page
+    section, odd ones stay in the header as they are), else plain msgpack (versions 2, 3)."""
+    if obj.get("version") != image.VERSION:
+        return msgpack.packb(obj, use_bin_type=True)
+    runs = []
+    for r in obj["regions"] if isinstance(obj.get("regions"), list) else []:
+        if isinstance(r, dict) and isinstance(r.get("pages"), list):
+            for run in r["pages"]:
+                if isinstance(run, list) and len(run) == 2 and isinstance(run[1], bytes):
+                    runs.append(run[1])
+                    run[1] = len(run[1])
+    return b"".join(imageframe.parts(msgpack.packb(obj, use_bin_type=True), runs))
+
+
 def _raw(**changes) -> bytes:
-    obj = msgpack.unpackb(image.dumps(sample()), raw=False)
+    obj = _decoded(image.dumps(sample()))
     for path, value in changes.items():
         target = obj
         keys = path.split(".")
@@ -149,13 +192,22 @@ def _raw(**changes) -> bytes:
             target[int(last)] = value
         else:
             target[last] = value
-    return msgpack.packb(obj, use_bin_type=True)
+    return _encoded(obj)
 
 
 CORRUPT = {
     "truncated": image.dumps(sample())[:-10],
     "not msgpack": b"\xc1\xc1\xc1",
     "not a map": msgpack.packb([1, 2]),
+    "framed, not a map": b"".join(imageframe.parts(msgpack.packb([1, 2]), [])),
+    "framed version 3": b"".join(imageframe.parts(msgpack.packb({"version": 3}), [])),
+    "version 4 unframed": msgpack.packb(_decoded(image.dumps(sample()))),
+    "header past the end": image.dumps(sample())[:8] + b"\xff" * 8,
+    "pages left over": image.dumps(sample()) + b"x",
+    "pages short": image.dumps(sample())[:-1],
+    "run size zero": _raw(**{"regions.1.pages.0.1": b""}),
+    "run as bin in v4": b"".join(imageframe.parts(msgpack.packb(
+        _decoded(image.dumps(sample()))), [])),
     "bad magic": _raw(magic="criu"),
     "future version": _raw(version=image.VERSION + 1),
     "version 1": _raw(version=1, dumpable=KeyError),  # its reader restores all dumpable
@@ -312,7 +364,10 @@ def _outcome(fn, obj):
 @given(st.sampled_from(FIELDS), st.sampled_from(ODD))
 def test_fast_checks_agree_with_the_naming_checks(path: str, value) -> None:
     """An odd value anywhere: both ways accept the same image or refuse with the same message."""
-    obj = msgpack.unpackb(_raw(**{path: value}), raw=False, strict_map_key=False)
+    try:
+        obj = _decoded(_raw(**{path: value}))
+    except BpfsError:
+        return   # the frame refused it: neither check runs
     assert _outcome(image._from_obj, obj) == _outcome(_slow_from_obj, obj)
 
 

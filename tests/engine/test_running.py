@@ -5,6 +5,7 @@ refused EBUSY and the process runs on as if nothing happened."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -12,9 +13,10 @@ import tempfile
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from bpfs.errors import BpfsError
-from bpfs.migrate import running
+from bpfs.migrate import dump, running
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.running import image_registers
 from tests.engine.running_rig import PY, counted, counter, dump_stopped, restore, started
@@ -117,6 +119,48 @@ def test_a_directory_and_dev_null_travel_a_deleted_file_does_not(tmp_path) -> No
                     dump_stopped(prog.pid)
                 assert err.value.errno == errno.EBUSY
                 assert "fd 5 is a deleted file" in err.value.message
+
+
+def test_stdio_files_travel_when_they_are_not_links(node, tmp_path) -> None:
+    """fds 0-2 that are files (not the caller's links) are carried and replace those given."""
+    out = str(tmp_path / "out")
+    with started(counter(20, 0.02), out) as prog:
+        prog.wait_lines(3)
+        img = dump_stopped(prog.pid, links=frozenset())
+        running.discard(prog.pid)
+    assert [(f.fd, f.path) for f in img.open_files] == [(0, "/dev/null"), (1, out), (2, out)]
+    other = str(tmp_path / "other")
+    open(other, "w").close()
+    assert restore(node, img, other)["status"] == 0
+    assert counted(open(out).read().splitlines(), 20) and open(other).read() == ""
+
+
+def test_a_job_stopped_by_sigstop_is_refused_and_stays_stopped(tmp_path) -> None:
+    with started(counter(20, 0.02), str(tmp_path / "out")) as prog:
+        prog.wait_lines(2)
+        os.kill(prog.pid, signal.SIGSTOP)
+        _wait_state(prog.pid, "T")
+        with pytest.raises(BpfsError) as err:
+            dump_stopped(prog.pid)
+        assert err.value.errno == errno.EBUSY and "stopped by job control (SIGSTOP)" in \
+            err.value.message
+        running.release(prog.pid)
+        time.sleep(0.1)
+        assert _state(prog.pid) == "T"
+        os.kill(prog.pid, signal.SIGCONT)
+        assert prog.end() == 0 and counted(prog.lines(), 20)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: str) -> None:
+    deadline = time.monotonic() + 5
+    while _state(pid) != want:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def _refused_and_runs_on(prog) -> str:
@@ -304,3 +348,29 @@ def test_a_restarted_syscall_whose_number_is_lost_returns_eintr() -> None:
 def test_other_stops_resume_as_they_are(rax: int, orig: int) -> None:
     regs = _regs(rax, orig)
     assert bytes(image_registers(regs)) == bytes(regs)
+
+
+# ---- the dump's zero-block scan against the plain one ----
+
+def _buffer(data: bytes) -> mmap.mmap:
+    """`data` in an mmap with a page of slack, as ptrace.populated makes (gh-105235)."""
+    buf = mmap.mmap(-1, len(data) + mmap.PAGESIZE)
+    buf[:len(data)] = data
+    return buf
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 7, 128, 129, 4096, 9000]),
+                          st.booleans()), min_size=1, max_size=12), st.integers(0, 2))
+def test_the_zero_scan_finds_what_the_block_loop_finds(parts, lead_pages: int) -> None:
+    body = b"".join((b"\0" if zero else b"\x5a") * n for n, zero in parts)
+    data = bytes(lead_pages * 4096) + body
+    data += bytes(-len(data) % 4096)
+    buf = _buffer(b"\x01" * 4096 + data)   # a page of another run before it
+    try:
+        got = [(a, bytes(d)) for a, d in dump.nonzero(buf, 4096, len(data), 0x7000)]
+        assert got == dump.sparse(0x7000, data, None)
+        base = bytes(len(data))[:len(data) // 3] + data[len(data) // 3:]
+        assert dump.differing(0x7000, data, base) == dump.sparse(0x7000, data, base)
+    finally:
+        buf.close()

@@ -28,8 +28,10 @@ TOKEN = os.urandom(16).hex()
 class Relay:
     """A relay for a `sleep` the test started (its P), with pipes as its fds 0-2."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, user=None) -> None:
         self.target = subprocess.Popen(["sleep", "30"])
+        cred = {} if user is None else dict(user=user.uid, group=user.gid,
+                                            extra_groups=list(user.groups))
         self.in_r, self.in_w = os.pipe()
         self.out_r, out_w = os.pipe()
         self.err_r, err_w = os.pipe()
@@ -43,7 +45,8 @@ class Relay:
                  "--token-fd", str(token_r), "--host", "127.0.0.1", "--ready-fd",
                  str(ready_w), *extra],
                 stdin=self.in_r, stdout=out_w, stderr=err_w, pass_fds=(ready_w, token_r),
-                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                **cred)
         finally:
             for fd in (out_w, err_w, ready_w, token_r):
                 os.close(fd)
@@ -90,8 +93,8 @@ def _read(fd: int) -> bytes:
 def relay():
     made: list[Relay] = []
 
-    def make(*extra: str) -> Relay:
-        made.append(Relay(*extra))
+    def make(*extra: str, user=None) -> Relay:
+        made.append(Relay(*extra, user=user))
         return made[-1]
     try:
         yield make
@@ -259,3 +262,21 @@ def test_usage_errors_and_help():
     done = subprocess.run([*cmd, "--pid", str(2**22 + 1), "--token", TOKEN, "--host",
                            "127.0.0.1", "--ready-fd", "9"], **run)
     assert done.returncode == 1 and b"No such process" in done.stderr
+
+
+
+def test_as_another_user_in_a_session_of_its_own(relay, users):
+    """As the master runs it: the process's user, no controlling terminal."""
+    alice = users["alice"]
+    r = relay("--fds", "0,1", user=alice)
+    with open(f"/proc/{r.proc.pid}/status") as f:
+        assert f"Uid:\t{alice.uid}\t{alice.uid}" in f.read()
+    assert os.getsid(r.proc.pid) == r.proc.pid
+    os.write(r.in_w, b"to the process\n")
+    inp, out = r.link(0), r.link(1)
+    out.sendall(b"from the process\n")
+    assert recv_exactly(inp, 15) == b"to the process\n"
+    inp.close()
+    out.close()
+    r.end_target()
+    assert r.wait() == (0, b"from the process\n", b"")

@@ -352,3 +352,32 @@ def test_stdin_old_link_ends_the_move_is_over(tmp_path, children):
     procs = s.run(feed)
     assert got == [data[:2000]]
     assert procs[0].stdin_link is None and procs[0].stdin_parked is None
+
+
+def test_stdin_through_three_moves_counted_as_a_node_counts(tmp_path, children):
+    """Each "node" reads some, stops with bytes unread in its socket, and works out
+    CONSUMED as a node does (stdin_consumed with the link's base): the process sees its
+    stdin exactly once, in order, across every move."""
+    from bpfs.wire.stdiolink import stdin_consumed
+    data = bytes(range(251)) * 4000                 # ~1 MiB, a period prime to the reads
+    s = Served(tmp_path, stdin=data)
+    pid = children.spawn(0)
+    s.server.add_process(0, 5, pid, {0})
+    seen = bytearray()
+
+    def feed():
+        link, base = s.connect(pid, 0), 0
+        for amount in (12_345, 200_000, 1):
+            seen.extend(recv_exactly(link, amount))
+            time.sleep(0.1)                         # more arrives, unread: a stopped process
+            consumed = stdin_consumed(link.fileno(), base)
+            assert consumed == len(seen)
+            new = again(s, pid, 0, consumed=consumed)
+            link.close()                            # the old node drops its copy
+            link, base = new, consumed
+        seen.extend(recv_all(link))
+        link.close()
+        children.release(pid)
+
+    s.run(feed)
+    assert bytes(seen) == data
