@@ -24,12 +24,9 @@ from typing import Iterator
 
 import pytest
 
-from bpfs.migrate import dump
-from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ghost_restore, procfs
-from bpfs.migrate import ptrace as pt
-from bpfs.migrate.image import Image
-from bpfs.migrate.tracee import GHOST, Tracee
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.image import Image, OpenFile
 from tests.engine.ghostrig import SLEEP, Rig, asleep, gone, proc_state, until
 from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
 from tests.engine.test_ghost_fork import errno_of, fd_count, read
@@ -393,6 +390,81 @@ def test_a_python_program_that_had_run(rig: Rig, pipes) -> None:
     # (which Python runs once the restarted read returns: it came just before the read)
     assert out.rest() == f"usr1\ngot z {sum(i * i for i in range(100000))}\n".encode()
     assert rig.bpsh.status(pid) == 0 and rig.rec.signals == []
+
+
+PY_FILES = """
+import os, sys
+data = os.open(sys.argv[1], os.O_RDONLY)
+print(os.read(data, 6).decode(), end="", flush=True)
+log = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND)
+os.write(log, b"a\\n")
+extra = os.open("/dev/null", os.O_RDONLY)
+os.read(0, 1)
+print(os.read(data, 6).decode(), end="", flush=True)
+os.write(log, b"b\\n")
+os.read(0, 1)
+"""
+
+
+@pytest.fixture
+def files() -> Iterator[tuple[str, str]]:
+    d = tempfile.mkdtemp(prefix="bpfs-restore-")
+    try:
+        data, log = os.path.join(d, "data"), os.path.join(d, "log")
+        with open(data, "w") as f:
+            f.write("line1\nline2\n")
+        open(log, "w").close()
+        yield data, log
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def moved_with_files(rig: Rig, pipes, files) -> tuple[int, Image, Pipe, Pipe]:
+    """PY_FILES run here, at its first wait, moved away: its files in the image."""
+    pid, img = rig.ghost([sys.executable, "-c", PY_FILES, *files])
+    inp, out = pipe(pipes), pipe(pipes)
+    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w}).result(10)
+    assert out.line() == b"line1\n"
+    assert until(lambda: proc_state(pid) == "S")
+    moved = take(rig, pid)
+    assert [(f.fd, f.path, f.offset) for f in moved.open_files] == [
+        (3, files[0], 6), (4, files[1], 2), (5, "/dev/null", 0)]
+    return pid, moved, inp, out
+
+
+def test_open_files_come_back_at_their_numbers_and_offsets(rig: Rig, pipes, files) -> None:
+    """The image's open files are opened again by the process itself, at their numbers,
+    flags and offsets; with close_others the fd table is the image's exactly (the ghost
+    kept fd 5, which the image no longer has)."""
+    pid, moved, inp, out = moved_with_files(rig, pipes, files)
+    moved.open_files = moved.open_files[:2]                 # as if it had closed fd 5
+    rig.tracer.restore_in(pid, moved, {0: inp.r, 1: out.w, 2: out.w},
+                          close_others=True).result(10)
+    assert sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2, 3, 4]
+    assert "pos:\t6" in read(pid, "fdinfo/3").decode()
+    os.write(inp.w, b"x")
+    assert out.line() == b"line2\n"
+    os.write(inp.w, b"x")
+    assert rig.bpsh.status(pid) == 0
+    assert open(files[1]).read() == "a\nb\n"
+
+
+def test_an_open_file_the_master_lacks_leaves_the_ghost(rig: Rig, pipes, files) -> None:
+    """Opened before the point of no return: ENOENT naming the file, those opened before
+    it closed again, the ghost as it was; without close_others the ghost's fds stay."""
+    pid, moved, inp, out = moved_with_files(rig, pipes, files)
+    before = snapshot(pid)
+    bad = dataclasses.replace(moved, open_files=[
+        *moved.open_files, OpenFile(7, "/nonexistent/file", os.O_RDONLY, 0)])
+    with pytest.raises(MigrateError) as exc:
+        rig.tracer.restore_in(pid, bad).result(10)
+    assert exc.value.errno == errno.ENOENT and "/nonexistent/file" in str(exc.value)
+    assert unchanged(pid, before) and rig.tracer.ghosts() == [pid]
+    rig.tracer.restore_in(pid, moved).result(10)
+    assert sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2, 3, 4, 5]
+    os.write(inp.w, b"xx")
+    assert out.line() == b"line2\n"
+    assert rig.bpsh.status(pid) == 0
 
 
 # ---- refusals: the ghost stays a ghost ----
