@@ -2,7 +2,8 @@
 `Image` and runs on the master again, a normal process, detached.
 
 The ghost keeps what makes it the same process to everyone else: its PID, parent, process
-group, session, credentials, its fds (but those the caller replaces) and mm->exe_file.
+group, session, credentials, mm->exe_file, and its fds but those the caller installs and
+the image's open files (all of them with `close_others`: the image's fd table exactly).
 The rest comes from the image, rebuilt by the same batches as a node's restore
 (`bpfs.migrate.rebuild`), run by the ghost itself, so none needs a capability in it:
 
@@ -15,14 +16,17 @@ The rest comes from the image, rebuilt by the same batches as a node's restore
     halt; the image fits this kernel and CPU (ENOEXEC, EOPNOTSUPP)
     scratch := mmap(SCRATCH, 1 MiB, rwx, MAP_FIXED_NOREPLACE); the stub loop
     access(path, R_OK) in the ghost, X_OK for the executable: its user's right (EACCES)
-    the files and fds into the ghost over a socket pair (`ghost_files`)
+    the image's open files opened by the ghost, as its user (openat; ENOENT, EACCES...)
+    the mapped files and the caller's fds into the ghost over a socket pair (`ghost_files`)
     ---- point of no return: before it, a failure closes what came in, unmaps the scratch
          area and the ghost sleeps in pause() as before ----
     batch A: munmap the ghost's pages (argument pages, a rename's) but vvar/vdso/scratch;
         PR_SET_MM_MAP (the image's bounds and auxv, exe_fd -1: no capability);
         mremap vvar/vdso to the image's addresses; mmap every region; close the files;
         dispositions (the ghost's non-default ones reset first), personality, umask,
-        name, robust list, clear-child-tid; the fds installed (dup3); resource limits
+        name, robust list, clear-child-tid; the fds placed (`ghost_files.place`: the
+        others closed with `close_others`, the open files and the caller's fds dup3'd to
+        their numbers, the open files lseek'd to their offsets); resource limits
         (clamped to the ghost's hard ones: raising one would need CAP_SYS_RESOURCE);
         nice (if the user may); not dumpable if the image says so; chdir(cwd) (if that
         fails the ghost's own cwd stays)
