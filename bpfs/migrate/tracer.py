@@ -188,8 +188,8 @@ class Tracer:
     def dump_moving(self, pid: int, links: set[int]) -> Future[Image]:
         return self._deferred(self._ghosts.dump_moving, pid, set(links))
 
-    def park_moved(self, pid: int) -> Future[None]:
-        return self._deferred(self._ghosts.park_moved, pid)
+    def park_moved(self, pid: int, close: tuple[int, ...] = ()) -> Future[None]:
+        return self._deferred(self._ghosts.park_moved, pid, tuple(close))
 
     def release_moving(self, pid: int, err: int | None = None) -> Future[None]:
         return self._deferred(self._ghosts.release_moving, pid, err)

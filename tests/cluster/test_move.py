@@ -365,3 +365,75 @@ def test_signal_state_cwd_umask_rlimits_and_ids_survive_a_move(cluster, users, w
                              str(int(signal.SIGUSR2)), uid, "True"], words
     finally:
         stop(p)
+
+
+def test_a_master_process_goes_out_and_comes_back_many_times_with_one_relay(cluster) -> None:
+    child = subprocess.Popen([PY, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        pid = int(child.stdout.readline().split()[1])
+        got = []
+        for k, target in enumerate(("1", "master", "2", "master", "0", None)):
+            child.stdin.write(f"a{k}\nb{k}\n".encode())
+            child.stdin.flush()
+            got += [child.stdout.readline().decode().split() for _ in range(2)]
+            if target is not None:
+                assert write_ctl(cluster, pid, f"move {target}") == 0
+        relays = subprocess.run(["pgrep", "-f", f"bpfs.cli.bpsh.relay --pid {pid} "],
+                                capture_output=True, text=True).stdout.split()
+        assert len(relays) == 1, relays                 # made once, its links made again
+        child.stdin.close()
+        assert child.wait(timeout=20) == 3
+        assert [g[0] for g in got] == [w for k in range(6) for w in (f"a{k}", f"b{k}")]
+        places = [g[1] for g in got[::2]]
+        assert places == [master_name(), hostname_of(1), master_name(), hostname_of(2),
+                          master_name(), hostname_of(0)], places
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def node_copies(pid: int) -> list[int]:
+    """Host PIDs of processes whose PID in their own namespace is `pid` (on nodes)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                ns = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(ns) > 1 and ns[-1] == str(pid):
+            out.append(int(name))
+    return out
+
+
+@pytest.mark.parametrize("target", ["2", "master"])
+def test_a_process_killed_while_it_moves_leaves_nothing_behind(cluster, target) -> None:
+    big = ("import os, sys, time\nblob = bytearray(os.urandom(64 << 20))\n"
+           "print(os.getpid(), flush=True)\nwhile True: time.sleep(0.05)\n")
+    p = start_bpsh(cluster, 1, PY, "-c", big)
+    try:
+        pid = int(read_line(p))
+        mover = subprocess.Popen([PY, "-c",
+                                  "import os, sys\ntry:\n"
+                                  "    fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+                                  "    os.write(fd, sys.argv[2].encode())\n"
+                                  "except OSError as e: sys.exit(e.errno)",
+                                  os.path.join(cluster.mount, "procs", str(pid), "ctl"),
+                                  f"move {target}"])
+        time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)                # the ghost, or the process itself
+        code = mover.wait(timeout=60)
+        assert code in (0, errno.ESRCH, errno.EIO), code
+        p.wait(timeout=30)
+        cluster.wait_for(lambda: not pid_alive(pid) and not node_copies(pid), timeout=10,
+                         what="no ghost and no copy on any node")
+        cluster.wait_for(lambda: str(pid) not in os.listdir(os.path.join(cluster.mount,
+                                                                          "procs")),
+                         what="procs/PID gone")
+    finally:
+        stop(p)
