@@ -51,6 +51,7 @@ class Move:
     id: int
     pid: int
     links: tuple[int, ...]
+    origin: dict[str, str]                  # content hash -> the master's path
     verdict: "queue.Queue[tuple[str, int | None]]" = field(default_factory=queue.Queue)
     seized: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -70,7 +71,8 @@ class Mover:
         except BpfsError as exc:
             session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
             return
-        m = Move(session, msg.id, msg.pid, tuple(msg.links or ()))
+        m = Move(session, msg.id, msg.pid, tuple(msg.links or ()),
+                 dict(session.node.restorer.restorer.origin))   # read in its own thread
         self.moves[m.pid] = m
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
@@ -126,9 +128,8 @@ class Mover:
             finally:
                 m.seized.set()
             image = running.dump_running(m.pid, links=set(m.links))
-            origin = m.session.node.restorer.restorer.origin
             for ref in image.files:         # the master's name for a copy this node keeps
-                ref.path = origin.get(ref.hash, ref.path)
+                ref.path = m.origin.get(ref.hash, ref.path)
             consumed = _stdin_consumed(m.pid) if 0 in m.links else None
             data = dumps(image)
         except (MigrateError, BpfsError, OSError) as exc:
