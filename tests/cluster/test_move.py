@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -437,3 +438,19 @@ def test_a_process_killed_while_it_moves_leaves_nothing_behind(cluster, target) 
                          what="procs/PID gone")
     finally:
         stop(p)
+
+
+def test_an_exec_ctl_process_keeps_its_output_across_moves(cluster) -> None:
+    from tests.cluster.test_exec_ctl import read_to_eof, started
+    prog = ("import socket, time; [(print(i, socket.gethostname(), flush=True), "
+            "time.sleep(0.03)) for i in range(30)]")
+    pid = started(cluster, 1, f"exec -- {PY} -c {shlex.quote(prog)}\n")
+    time.sleep(0.2)
+    assert write_ctl(cluster, pid, "move 2") == 0
+    time.sleep(0.2)
+    assert write_ctl(cluster, pid, "move 0") == 0
+    out = read_to_eof(os.path.join(cluster.mount, "procs", str(pid), "stdout")).decode()
+    lines = [ln.split() for ln in out.splitlines()]
+    assert [int(ln[0]) for ln in lines] == list(range(30)), out
+    hosts = [ln[1] for ln in lines]
+    assert hosts[0] == "n1" and "n2" in hosts and hosts[-1] == "n0", hosts
