@@ -454,3 +454,18 @@ def test_an_exec_ctl_process_keeps_its_output_across_moves(cluster) -> None:
     assert [int(ln[0]) for ln in lines] == list(range(30)), out
     hosts = [ln[1] for ln in lines]
     assert hosts[0] == "n1" and "n2" in hosts and hosts[-1] == "n0", hosts
+
+
+def test_a_parent_and_a_child_forked_on_a_node_do_not_move_yet(cluster) -> None:
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", "sleep 30 & echo $$ $!; wait")
+    try:
+        parent, child = (int(x) for x in read_line(p).split())
+        path = os.path.join(cluster.mount, "procs", str(child), "ctl")
+        cluster.wait_for(lambda: os.path.exists(path), what="the child's procs entry")
+        assert write_ctl(cluster, parent, "move 2") == errno.EBUSY     # it has a child here
+        assert write_ctl(cluster, child, "move 2") == errno.EBUSY      # forked on the node
+        assert node_of(cluster, parent) == "1" and node_of(cluster, child) == "1"
+        os.kill(child, signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    finally:
+        stop(p)
