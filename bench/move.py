@@ -155,10 +155,13 @@ class Bench:
                                       "--detach"],
                        env=self.env, check=True, capture_output=True)
 
-    def down(self) -> None:
+    def down(self, keep: bool = False) -> None:
         subprocess.run(cmd("bpfs") + ["down", "--mount", self.mount, "--state-dir",
                                       self.state], env=self.env, capture_output=True)
-        shutil.rmtree(self.base, ignore_errors=True)
+        if keep:
+            print(f"logs kept in {self.state}")
+        else:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def move(self, pid: int, target: str) -> tuple[float, int]:
         """Write `move target`; (seconds the write took, CLOCK_REALTIME ns before it)."""
@@ -297,6 +300,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,100,1024", help="MB, comma-separated")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--pingpong", type=int, default=100)
+    ap.add_argument("--keep", action="store_true", help="keep the cluster's logs")
     args = ap.parse_args()
     b = Bench(3)
     try:
@@ -329,7 +333,7 @@ def main() -> int:
         print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
         return 0
     finally:
-        b.down()
+        b.down(args.keep)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
+from bpfs.migrate.imagebuf import ImageBuffer
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages
@@ -59,7 +60,7 @@ class Moves:
 
     def __init__(self) -> None:
         super().__init__()
-        self._pieces: dict[int, list[bytes]] = {}
+        self._pieces: dict[int, list[bytes] | ImageBuffer] = {}
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
 
@@ -210,12 +211,15 @@ class Moves:
         log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
                  "the master" if target is None else f"node {target}")
 
-    async def _dumped(self, d: Migration) -> tuple[bytes, int | None]:
+    async def _dumped(self, d: Migration) -> tuple[bytes | memoryview, int | None]:
         try:
             with trio.fail_after(DUMP_TIMEOUT):
                 async for msg in d.receive:
                     if isinstance(msg, messages.Dumped):
                         pieces = self._pieces.pop(d.id, [])
+                        if isinstance(pieces, ImageBuffer):     # put in place as it came
+                            pieces.add(msg.image)
+                            return pieces.view(), msg.consumed
                         if sum(map(len, pieces)) + len(msg.image) > MAX_MOVE_IMAGE:
                             raise BpfsError(errno.EFBIG, f"the image of process {d.pid} is "
                                             "too large")
@@ -228,7 +232,7 @@ class Moves:
                             "in time") from None
         raise BpfsError(errno.EIO, "move abandoned")
 
-    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes,
+    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes | memoryview,
                        consumed: int | None) -> None:
         from bpfs.migrate import loads
         image = await trio.to_thread.run_sync(loads, data)
@@ -252,7 +256,7 @@ class Moves:
         if d.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
 
-    async def _into_ghost(self, d: Migration, p: Proc, data: bytes,
+    async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
                           consumed: int | None) -> None:
         from bpfs.master.homelinks import connect_links
         from bpfs.migrate import loads
@@ -314,12 +318,20 @@ class Moves:
         if pieces is None or m is None or m.node != node:
             log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
             return
-        if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
-            pieces.clear()
-            m.send.send_nowait(messages.Failed(id=msg.id, errno=errno.EFBIG,
-                                               message="image too large"))
-            return
-        pieces.append(msg.data)
+        try:
+            if not pieces and msg.total is not None:
+                if msg.total > MAX_MOVE_IMAGE:
+                    raise BpfsError(errno.EFBIG, "image too large")
+                pieces = self._pieces[msg.id] = ImageBuffer(msg.total)
+            if isinstance(pieces, ImageBuffer):
+                pieces.add(msg.data)
+                return
+            if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
+                raise BpfsError(errno.EFBIG, "image too large")
+            pieces.append(msg.data)
+        except BpfsError as exc:
+            self._pieces[msg.id] = []
+            m.send.send_nowait(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
 
     def on_dumped(self, node: int, msg: messages.Dumped) -> None:
         m = self._migrations.get(msg.id)

@@ -318,6 +318,14 @@ encode = _encoder.encode
 """A message's msgpack payload (framing.py adds the length prefix)."""
 
 
+def encode_after(msg: Msg, room: int) -> bytearray:
+    """`room` bytes (left for the caller's prefix), then the payload of `msg`: one copy
+    of a big field (a piece of an image), where prefix + payload made two."""
+    buf = bytearray(room)
+    _encoder.encode_into(msg, buf, room)
+    return buf
+
+
 class Side:
     """The messages one end sends in one phase, and their decoder."""
 

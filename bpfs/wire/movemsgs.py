@@ -29,18 +29,22 @@ class Dump(Msg, tag="dump"):
 
 class Part(Msg, tag="part"):
     """A piece of the image of move `id`, ahead of its `dumped`: the master appends them,
-    within its bound, in order."""
+    within its bound, in order. The first says the image's `total` size (the master puts
+    the pieces in place as they come: bpfs/migrate/imagebuf.py)."""
     sender = "node"
     id: ID
     data: _bytes(1, PART)
+    total: Optional[BYTES] = None
 
 
 class Piece(Msg, tag="piece"):
     """A piece of the image of restore `id`, ahead of the `restore` itself (whose `image`
-    is the last piece): the node appends them, within its bound, in order."""
+    is the last piece): the node appends them, within its bound, in order. The first says
+    the image's `total` size."""
     sender = "master"
     id: ID
     data: _bytes(1, PART)
+    total: Optional[BYTES] = None
 
 
 class Dumped(Msg, tag="dumped"):
