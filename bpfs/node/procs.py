@@ -232,6 +232,7 @@ async def on_restore(session: Session, msg: messages.Restore) -> None:
             session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
             return
         msg = messages.replace(msg, image=image)
+        session.beat()                  # a big restore holds this thread for a while
     try:
         check_restore(msg)
     except BpfsError as exc:

@@ -126,6 +126,11 @@ class Session:
         self.mount = welcome.mount
         return welcome.node
 
+    def beat(self) -> None:
+        """A heartbeat now: a long step on this thread follows (restoring a big image holds
+        the event loop for seconds), and the master's silence clock starts from here."""
+        self.report(messages.Facts(facts=_facts()))
+
     async def heartbeats(self) -> Outcome:
         while True:
             await trio.sleep(self.heartbeat)

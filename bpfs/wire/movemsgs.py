@@ -13,6 +13,9 @@ from bpfs.wire.grammar import Msg, _bytes, _int  # noqa: F401
 
 PART = 8 << 20                      # bytes of an image in one `part` (below every frame limit)
 FD = _int(0, 2)
+# A piece decodes as a view of the frame it came in (no copy: the receiver copies it into
+# place at once, bpfs/migrate/imagebuf.py); the frame stays alive as long as the view.
+PIECE = Annotated[memoryview, Meta(min_length=1, max_length=PART)]
 
 
 class Dump(Msg, tag="dump"):
@@ -33,7 +36,7 @@ class Part(Msg, tag="part"):
     the pieces in place as they come: bpfs/migrate/imagebuf.py)."""
     sender = "node"
     id: ID
-    data: _bytes(1, PART)
+    data: PIECE
     total: Optional[BYTES] = None
 
 
@@ -43,7 +46,7 @@ class Piece(Msg, tag="piece"):
     the image's `total` size."""
     sender = "master"
     id: ID
-    data: _bytes(1, PART)
+    data: PIECE
     total: Optional[BYTES] = None
 
 
