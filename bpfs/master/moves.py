@@ -45,6 +45,7 @@ log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
 MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
+SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
 
 
@@ -71,6 +72,7 @@ class Moves:
         self.check_ready()                                  # type: ignore[attr-defined]
         if target is not None:
             self._check_target(target, caller)
+        await self._settled(pid)
         if pid in self._by_pid:
             raise BpfsError(errno.EBUSY, f"process {pid} is moving or starting: try again "
                             "once it runs")
@@ -89,6 +91,17 @@ class Moves:
         if target == p.node:
             return f"ok: process {pid} is on node {target} already"
         return await self._from_node(caller, p, target)
+
+    async def _settled(self, pid: int) -> None:
+        """A migration of `pid` whose process runs already (its `restored` came) is over
+        but for its task's last steps: wait for those (a move written right after the
+        process's first output found it "starting"), not for a move or start under way."""
+        m = self._by_pid.get(pid)
+        if m is None or not m.started:
+            return
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while self._by_pid.get(pid) is m:
+                await trio.sleep(0.001)
 
     def _check_target(self, n: int, caller: Caller) -> None:
         if not self.cluster.has_node(n):
