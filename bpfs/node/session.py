@@ -114,6 +114,7 @@ class Session:
                 await self.fs.send_many(msgs)
             else:
                 await self.fs.flush()
+            del first, batch, msgs      # a sent `part` holds its process's dump: let it go
         return Outcome.LOST
 
     async def register(self) -> int:

@@ -117,3 +117,33 @@ def test_stdin_goes_on_across_moves_over_the_wire(net, users) -> None:
     finally:
         stop(p)
     assert not pid_alive(pid)
+
+
+def test_a_big_process_moves_and_no_daemon_keeps_its_image(net) -> None:
+    """200 MB of memory go node 0 -> node 1 -> master -> node 1 -> node 0 in pieces;
+    afterwards no node daemon holds a copy (its dump, the pieces it sent or put together)."""
+    holder = ("import os, sys\n"
+              "mem = bytearray(b'\\x5a\\xa5' * (100 << 20))\n"
+              "print(os.getpid(), flush=True)\n"
+              "for line in sys.stdin:\n"
+              "    print(sum(mem[::4096]), flush=True)\n")
+    daemons = [p.pid for p in net.procs[1:]]
+    before = {pid: _rss_mb(pid) for pid in daemons}
+    p = start_bpsh(net, 0, PY, "-c", holder, stdin=subprocess.PIPE)
+    assert p.stdin is not None
+    try:
+        pid = int(read_line(p))
+        for target in ("1", "master", "1", "0"):
+            assert write_ctl(net, pid, f"move {target}") == 0
+            p.stdin.write(b"sum\n")
+            p.stdin.flush()
+            assert int(read_line(p)) == (0x5a * ((200 << 20) // 4096))   # intact
+        grown = {pid: _rss_mb(pid) - before[pid] for pid in daemons}
+        assert all(mb < 100 for mb in grown.values()), grown
+    finally:
+        stop(p)
+
+
+def _rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
