@@ -38,6 +38,7 @@ from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
+from bpfs.migrate.imagebuf import ImageBuffer
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages
@@ -46,6 +47,7 @@ log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
 MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
+SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
 MAX_HOMES = 4096
 
@@ -79,7 +81,7 @@ class Moves:
 
     def __init__(self) -> None:
         super().__init__()
-        self._pieces: dict[int, list[bytes]] = {}
+        self._pieces: dict[int, list[bytes] | ImageBuffer] = {}
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
         self._home: dict[int, Home] = {}    # master processes back from a node, by pid
@@ -94,6 +96,7 @@ class Moves:
         self.check_ready()                                  # type: ignore[attr-defined]
         if target is not None:
             self._check_target(target, caller)
+        await self._settled(pid)
         if pid in self._by_pid:
             raise BpfsError(errno.EBUSY, f"process {pid} is moving or starting: try again "
                             "once it runs")
@@ -112,6 +115,17 @@ class Moves:
         if target == p.node:
             return f"ok: process {pid} is on node {target} already"
         return await self._from_node(caller, p, target)
+
+    async def _settled(self, pid: int) -> None:
+        """A migration of `pid` whose process runs already (its `restored` came) is over
+        but for its task's last steps: wait for those (a move written right after the
+        process's first output found it "starting"), not for a move or start under way."""
+        m = self._by_pid.get(pid)
+        if m is None or not m.started:
+            return
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while self._by_pid.get(pid) is m:
+                await trio.sleep(0.001)
 
     def _check_target(self, n: int, caller: Caller) -> None:
         if not self.cluster.has_node(n):
@@ -259,12 +273,15 @@ class Moves:
         log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
                  "the master" if target is None else f"node {target}")
 
-    async def _dumped(self, d: Migration) -> tuple[bytes, int | None]:
+    async def _dumped(self, d: Migration) -> tuple[bytes | memoryview, int | None]:
         try:
             with trio.fail_after(DUMP_TIMEOUT):
                 async for msg in d.receive:
                     if isinstance(msg, messages.Dumped):
                         pieces = self._pieces.pop(d.id, [])
+                        if isinstance(pieces, ImageBuffer):     # put in place as it came
+                            pieces.add(msg.image)
+                            return pieces.view(), msg.consumed
                         if sum(map(len, pieces)) + len(msg.image) > MAX_MOVE_IMAGE:
                             raise BpfsError(errno.EFBIG, f"the image of process {d.pid} is "
                                             "too large")
@@ -277,7 +294,7 @@ class Moves:
                             "in time") from None
         raise BpfsError(errno.EIO, "move abandoned")
 
-    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes,
+    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes | memoryview,
                        consumed: int | None) -> None:
         from bpfs.migrate import loads
         image = await trio.to_thread.run_sync(loads, data)
@@ -301,7 +318,7 @@ class Moves:
         if d.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
 
-    async def _into_ghost(self, d: Migration, p: Proc, data: bytes,
+    async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
                           consumed: int | None) -> None:
         from bpfs.master.homelinks import connect_links
         from bpfs.migrate import loads
@@ -373,15 +390,24 @@ class Moves:
         if pieces is None or m is None or m.node != node:
             log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
             return
-        if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
-            self._pieces.pop(msg.id, None)
+        try:
+            if not pieces and msg.total is not None:
+                if msg.total > MAX_MOVE_IMAGE:
+                    raise BpfsError(errno.EFBIG, "image too large")
+                pieces = self._pieces[msg.id] = ImageBuffer(msg.total)
+            if isinstance(pieces, ImageBuffer):
+                pieces.add(msg.data)
+                return
+            if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
+                raise BpfsError(errno.EFBIG, "image too large")
+            pieces.append(msg.data)
+        except BpfsError as exc:
+            self._pieces[msg.id] = []
             try:
-                m.send.send_nowait(messages.Failed(id=msg.id, errno=errno.EFBIG,
-                                                   message="image too large"))
+                m.send.send_nowait(messages.Failed(id=msg.id, errno=exc.errno,
+                                                   message=exc.message))
             except trio.WouldBlock:
                 pass
-            return
-        pieces.append(msg.data)
 
     def on_dumped(self, node: int, msg: messages.Dumped) -> None:
         m = self._migrations.get(msg.id)
