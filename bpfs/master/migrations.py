@@ -26,6 +26,8 @@ from bpfs.master import tell_bpsh
 from bpfs.model import Caller, Cluster, StdioLinks
 from bpfs.output import ProcOutput
 from bpfs.wire import execreq, messages
+from bpfs.migrate.imageframe import Buffer
+from bpfs.migrate.imagebuf import pieces
 from bpfs.wire.movemsgs import PART
 
 log = logging.getLogger("bpfs.master.procs")
@@ -39,6 +41,7 @@ FAN_OUT_CHUNKS = (3, 9)     # ghosts cloned per batch before the rest (bench/res
 
 SendNode = Callable[[int, messages.Msg], Awaitable[None]]
 Reply = messages.Need | messages.Restored | messages.Failed     # a node's, about a migration
+Image = bytes | memoryview | list[Buffer]   # an image's bytes, or its buffers in order
 
 async def wait_future(fut: "concurrent.futures.Future[Any]") -> Any:
     """The result of a Future completed by another thread, without blocking trio."""
@@ -173,7 +176,7 @@ class Migrations:
             await self._restore(m, image, data)
         await self._guarded(m, move)
 
-    async def _move_rank(self, m: Migration, image: Any, data: bytes) -> None:
+    async def _move_rank(self, m: Migration, image: Any, data: Image) -> None:
         """A further rank of a multi-node run: its ghost exists, its image is `data`."""
         async def move() -> None:
             self._publish(m)
@@ -196,7 +199,7 @@ class Migrations:
             if m.launch is not None:
                 m.launch.finish(BpfsError(errno.ESRCH, f"process {m.pid} ended before exec"))
 
-    async def _fan_out(self, m: Migration, image: Any) -> bytes:
+    async def _fan_out(self, m: Migration, image: Any) -> Image:
         """The writer is dumped: one ghost per further rank, each rank sent to its node as
         soon as its ghost exists (clones come in chunks, so the first nodes restore while
         the tracer makes the rest); the image serialized once; bpsh told who is who once
@@ -261,7 +264,7 @@ class Migrations:
                 return None
             raise
 
-    async def _restore(self, m: Migration, image: Any, data: bytes | None = None) -> None:
+    async def _restore(self, m: Migration, image: Any, data: Image | None = None) -> None:
         if m.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {m.pid} was killed before it moved")
         c = m.caller
@@ -281,16 +284,19 @@ class Migrations:
         except trio.TooSlowError:
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
 
-    async def _send_pieces(self, m: Migration, data: bytes) -> bytes:
+    async def _send_pieces(self, m: Migration, data: Image) -> Buffer:
         """An image beyond one piece (a moved process's memory) goes ahead of its
-        `restore` in `piece`s; the last piece is the restore's own `image`."""
-        if len(data) <= PART:
-            return data
-        view = memoryview(data)
-        ends = range(0, len(data), PART)
-        for at in list(ends)[:-1]:
-            await self.send_node(m.node, messages.Piece(id=m.id, data=bytes(view[at:at + PART])))
-        return bytes(view[list(ends)[-1]:])
+        `restore` in `piece`s, the first saying the total; the last piece is the restore's
+        own `image`. The pieces are views of `data` (the dump's own buffers): no copy."""
+        parts = data if isinstance(data, list) else [data]
+        total = sum(map(len, parts))
+        if total <= PART:
+            return b"".join(parts) if isinstance(data, list) else data
+        cut = list(pieces(parts, PART))
+        for k, piece in enumerate(cut[:-1]):
+            await self.send_node(m.node, messages.Piece(id=m.id, data=piece,  # type: ignore[arg-type]
+                                                        total=None if k else total))
+        return cut[-1]
 
     async def _negotiate(self, m: Migration, image: Any) -> None:
         from bpfs.migrate import read_contents
@@ -408,13 +414,15 @@ def _chunks(items: list[int], sizes: Sequence[int]) -> list[list[int]]:
     return out
 
 
-async def _serialize(image: Any) -> bytes:
-    """The image's bytes; a big one in a worker thread so trio keeps serving meanwhile
-    (a thread hand-over costs more than serializing a usual, by-reference image)."""
+async def _serialize(image: Any) -> Image:
+    """The image's bytes; a big one as its buffers (dumps_parts: its pages are not
+    copied), made in a worker thread so trio keeps serving meanwhile (a thread hand-over
+    costs more than serializing a usual, by-reference image)."""
     from bpfs.migrate import dumps
+    from bpfs.migrate.image import dumps_parts
     if image.page_bytes() + sum(map(len, image.contents.values())) < INLINE_IMAGE:
         return dumps(image)
-    return await trio.to_thread.run_sync(dumps, image)
+    return await trio.to_thread.run_sync(dumps_parts, image)
 
 
 def _command(argv: list[str], comm: str) -> str:

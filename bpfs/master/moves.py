@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -35,7 +36,9 @@ import trio
 from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
+from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
+from bpfs.migrate.imagebuf import ImageBuffer
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages
@@ -44,7 +47,26 @@ log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
 MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
+SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
+MAX_HOMES = 4096
+
+
+@dataclass(frozen=True)
+class Home:
+    """The stdio links the master made for a process that came back into its ghost: its
+    server, where its stdin link started, and the socket inodes it got (still its fds 0-2
+    if the process has not changed them)."""
+    links: StdioLinks
+    base: int
+    inodes: dict[int, int]
+
+    def still_of(self, pid: int) -> bool:
+        try:
+            return all(os.stat(f"/proc/{pid}/fd/{n}").st_ino == ino
+                       for n, ino in self.inodes.items())
+        except OSError:
+            return False
 
 
 class Moves:
@@ -59,9 +81,10 @@ class Moves:
 
     def __init__(self) -> None:
         super().__init__()
-        self._pieces: dict[int, list[bytes]] = {}
+        self._pieces: dict[int, list[bytes] | ImageBuffer] = {}
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
+        self._home: dict[int, Home] = {}    # master processes back from a node, by pid
         # the exec endpoint's (bpfs/master/exec.py expect_again): a move of `pid` begins
         # (True) or failed (False), so the end of its old links does not end its output
         self.on_moving: Callable[[int, bool], Any] = lambda pid, moving: None
@@ -73,6 +96,7 @@ class Moves:
         self.check_ready()                                  # type: ignore[attr-defined]
         if target is not None:
             self._check_target(target, caller)
+        await self._settled(pid)
         if pid in self._by_pid:
             raise BpfsError(errno.EBUSY, f"process {pid} is moving or starting: try again "
                             "once it runs")
@@ -91,6 +115,17 @@ class Moves:
         if target == p.node:
             return f"ok: process {pid} is on node {target} already"
         return await self._from_node(caller, p, target)
+
+    async def _settled(self, pid: int) -> None:
+        """A migration of `pid` whose process runs already (its `restored` came) is over
+        but for its task's last steps: wait for those (a move written right after the
+        process's first output found it "starting"), not for a move or start under way."""
+        m = self._by_pid.get(pid)
+        if m is None or not m.started:
+            return
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            while self._by_pid.get(pid) is m:
+                await trio.sleep(0.001)
 
     def _check_target(self, n: int, caller: Caller) -> None:
         if not self.cluster.has_node(n):
@@ -128,15 +163,32 @@ class Moves:
 
     async def _master_to_node(self, m: Migration, own: bool) -> None:
         pid, relay = m.pid, None
+        home = self._home.pop(pid, None)
+        if home is not None and not home.still_of(pid):
+            home = None
         try:
-            image = await wait_future(self.tracer.dump_moving(pid, ALL_STDIO))
+            links = set(home.inodes) if home is not None else ALL_STDIO
+            image = await wait_future(self.tracer.dump_moving(pid, links))
             m.cmd = _command(image.argv, image.comm)
-            c = m.caller
-            relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host)
-            m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket", "socket")
+            if home is None:
+                c = m.caller
+                relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host)
+                m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
+                                         "socket")
+            else:       # it came back from a node: its links go on from here (no relay)
+                ln = home.links
+                m.req = execreq.ExecMove(ln.port, ln.token, 0, *(
+                    spec if fd in home.inodes else "null" for fd, spec in enumerate(ln.io)))
+                m.host = ln.host
+                m.again = home.base + (_stdin_read(pid) if 0 in home.inodes else 0)
             parked: list[Any] = []
-            m.on_started = lambda: parked.append(self.tracer.park_moved(pid))
+            close = tuple(sorted(home.inodes)) if home is not None else ()
+            m.on_started = lambda: parked.append(self.tracer.park_moved(pid, close))
             self._publish(m)                                # type: ignore[attr-defined]
+            p = self.cluster.procs[pid]
+            p.stdin_base = m.again or 0
+            if home is not None:
+                p.links = home.links
             await self._restore(m, image)                   # type: ignore[attr-defined]
             await wait_future(parked[0])
         except BaseException as exc:
@@ -149,8 +201,9 @@ class Moves:
                 self.cluster.remove_proc(pid, m.gen or None)
                 await self._let_go(pid, exc, own)
             raise
-        self._relays[pid] = relay
-        self._spawn(self._reap_relay, relay)                # type: ignore[attr-defined]
+        if relay is not None:
+            self._relays[pid] = relay
+            self._spawn(self._reap_relay, relay)            # type: ignore[attr-defined]
         log.info("move %d: pid %d (%s) from the master to node %d", m.id, pid, m.cmd, m.node)
 
     async def _let_go(self, pid: int, exc: BaseException, own: bool) -> None:
@@ -220,12 +273,15 @@ class Moves:
         log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
                  "the master" if target is None else f"node {target}")
 
-    async def _dumped(self, d: Migration) -> tuple[bytes, int | None]:
+    async def _dumped(self, d: Migration) -> tuple[bytes | memoryview, int | None]:
         try:
             with trio.fail_after(DUMP_TIMEOUT):
                 async for msg in d.receive:
                     if isinstance(msg, messages.Dumped):
                         pieces = self._pieces.pop(d.id, [])
+                        if isinstance(pieces, ImageBuffer):     # put in place as it came
+                            pieces.add(msg.image)
+                            return pieces.view(), msg.consumed
                         if sum(map(len, pieces)) + len(msg.image) > MAX_MOVE_IMAGE:
                             raise BpfsError(errno.EFBIG, f"the image of process {d.pid} is "
                                             "too large")
@@ -238,7 +294,7 @@ class Moves:
                             "in time") from None
         raise BpfsError(errno.EIO, "move abandoned")
 
-    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes,
+    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes | memoryview,
                        consumed: int | None) -> None:
         from bpfs.migrate import loads
         image = await trio.to_thread.run_sync(loads, data)
@@ -262,19 +318,29 @@ class Moves:
         if d.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
 
-    async def _into_ghost(self, d: Migration, p: Proc, data: bytes,
+    async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
                           consumed: int | None) -> None:
         from bpfs.master.homelinks import connect_links
         from bpfs.migrate import loads
         image = await trio.to_thread.run_sync(loads, data)
         fds = await connect_links(p, self.link_host, consumed or 0)
         try:
-            await wait_future(self.tracer.restore_in(d.pid, image, fds))
+            await wait_future(self.tracer.restore_in(d.pid, image, fds, close_others=True))
+            if p.links is not None and fds:
+                self._remember_home(d.pid, Home(p.links, consumed or 0, {
+                    n: os.fstat(fd).st_ino for n, fd in fds.items()}))
         finally:
             for fd in set(fds.values()):
                 os.close(fd)
         d.started = True
         self.cluster.proc_moved(d.pid, None)
+
+    def _remember_home(self, pid: int, home: "Home") -> None:
+        """A process back on the master keeps its links: its next move out makes them
+        again from where it is (no relay). Bounded: the oldest are forgotten."""
+        self._home[pid] = home
+        while len(self._home) > MAX_HOMES:
+            self._home.pop(next(iter(self._home)))
 
     async def _verdict(self, msg: messages.Drop | messages.Resume, node: int) -> None:
         with trio.CancelScope(shield=True):
@@ -324,15 +390,24 @@ class Moves:
         if pieces is None or m is None or m.node != node:
             log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
             return
-        if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
-            self._pieces.pop(msg.id, None)
+        try:
+            if not pieces and msg.total is not None:
+                if msg.total > MAX_MOVE_IMAGE:
+                    raise BpfsError(errno.EFBIG, "image too large")
+                pieces = self._pieces[msg.id] = ImageBuffer(msg.total)
+            if isinstance(pieces, ImageBuffer):
+                pieces.add(msg.data)
+                return
+            if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
+                raise BpfsError(errno.EFBIG, "image too large")
+            pieces.append(msg.data)
+        except BpfsError as exc:
+            self._pieces[msg.id] = []
             try:
-                m.send.send_nowait(messages.Failed(id=msg.id, errno=errno.EFBIG,
-                                                   message="image too large"))
+                m.send.send_nowait(messages.Failed(id=msg.id, errno=exc.errno,
+                                                   message=exc.message))
             except trio.WouldBlock:
                 pass
-            return
-        pieces.append(msg.data)
 
     def on_dumped(self, node: int, msg: messages.Dumped) -> None:
         m = self._migrations.get(msg.id)
@@ -387,6 +462,23 @@ def _ghost_credentials(pid: int) -> tuple[int, int, frozenset[int], int, None]:
                 frozenset(int(x) for x in st.get("Groups", "").split()), pid, None)
     except (OSError, KeyError, ValueError):
         raise BpfsError(errno.ESRCH, f"process {pid} has no ghost") from None
+
+
+def _stdin_read(pid: int) -> int:
+    """How many bytes the stopped master process `pid` has read from its stdin link."""
+    from bpfs.wire.stdiolink import stdin_consumed
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = pt.syscall(pt.SYS["pidfd_getfd"], pidfd, 0, 0)
+    except OSError as exc:
+        raise BpfsError(exc.errno or errno.EIO, f"process {pid}: its stdin: "
+                        f"{exc.strerror}") from None
+    finally:
+        os.close(pidfd)
+    try:
+        return stdin_consumed(fd)
+    finally:
+        os.close(fd)
 
 
 def _has_children(pid: int) -> bool:

@@ -36,12 +36,14 @@ from typing import Any
 
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
+from bpfs.migrate import stub
 from bpfs.migrate.dump import hashes
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.image import FileRef, Image
 from bpfs.migrate.rebuild import refuse_setid
 
 CHUNK = 250                       # SCM_MAX_FD is 253
+O_CLOEXEC, F_SETFD, FD_CLOEXEC = 0o2000000, 2, 1
 AF_UNIX, SOCK_DGRAM, SOCK_CLOEXEC = 1, 2, 0o2000000
 MSG_DONTWAIT, MSG_CTRUNC, MSG_CMSG_CLOEXEC = 0x40, 0x8, 0x40000000
 SOL_SOCKET, SCM_RIGHTS = 1, 1
@@ -167,6 +169,32 @@ def close_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], fds: list
             gp.inject(pid, regs, gadget, signals, pt.SYS["close"], fd)
         except MigrateError:
             pass
+
+
+def place(a: stub.Batch, table: set[int], moves: list[tuple[int, int, int]],
+          close_others: bool) -> None:
+    """Add to `a` the calls that give the ghost its fds: dup3(temp, fd, flags) and
+    close(temp) for each (temp, fd, flags) in order (a later move to the same fd wins);
+    `table`: its fds now (the temps among them). A temp whose number is the target of an
+    earlier move is moved out of the way first. `close_others`: every fd of the ghost
+    that is neither a temp nor a target is closed first."""
+    temps = {src for src, _, _ in moves}
+    if close_others:
+        for fd in sorted(table - temps - {dst for _, dst, _ in moves}):
+            a.call("close", fd)
+    busy = table | {dst for _, dst, _ in moves}
+    for i, (src, dst, flags) in enumerate(moves):
+        for j in range(i + 1, len(moves)):
+            if moves[j][0] == dst:
+                free = next(n for n in range(3, 1 << 20) if n not in busy)
+                busy.add(free)
+                a.call("dup3", dst, free, O_CLOEXEC)
+                moves[j] = (free, *moves[j][1:])
+        if src == dst:
+            a.call("fcntl", dst, F_SETFD, flags and FD_CLOEXEC)
+            continue
+        a.call("dup3", src, dst, flags)
+        a.call("close", src)
 
 
 def _check(pid: int, what: str, res: int) -> int:

@@ -188,7 +188,8 @@ class Kin:
             self._parked.discard(pid)
         fut.set_result(None)
 
-    def restore_in(self, fut: Future, pid: int, image: Image, fds: object) -> None:
+    def restore_in(self, fut: Future, pid: int, image: Image, fds: object,
+                   close_others: bool = False) -> None:
         """The parked ghost `pid` becomes the image's process, running here, detached and
         forgotten (`ghost_restore`; docs/ghosts.md, "Back into the ghost"). Checks first
         (the ghost untouched); a failure before the point of no return puts it back to
@@ -197,14 +198,14 @@ class Kin:
         t = self._parked_ghost(pid, errno.ESRCH)
         if t.stopped or t.stopping or t.stop_sent or t.cont_sent:
             raise MigrateError(errno.EBUSY, f"ghost {pid} is in a job-control stop", pid)
-        plan = ghost_restore.prepare(pid, image, fds)
+        plan = ghost_restore.prepare(pid, image, fds, close_others)
         h = Halted(Held(t))
         try:
             gp.halt(t.pid, h.signals)
             h.regs = pt.getregs(t.pid)
             h.gadget = t.gadget = gp.sleeping_gadget(t.pid, h.regs)
-            ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan)
-            ghost_restore.go(t.pid, image, h.signals.for_process())
+            moved = ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan)
+            ghost_restore.go(t.pid, image, moved, h.signals.for_process())
         except gp.Gone as gone:
             self.gone(t, gone.status)
             raise MigrateError(errno.ESRCH, f"ghost {pid} ended during restore", pid) \

@@ -66,12 +66,20 @@ class Moving:
         t.state = MOVE_HELD
         fut.set_result(image)
 
-    def park_moved(self, fut: Future, pid: int) -> None:
+    def park_moved(self, fut: Future, pid: int, close: tuple[int, ...] = ()) -> None:
+        """`close`: fds that were its links (it came back from a node before): the node
+        has its own now, and the stdio server reads the new ones only after these end."""
         from bpfs.migrate import running
         t = self._moving(pid, held=True)
         signals: list[int] = []
         running.keep(pid)
         pt.ptrace(pt.SETOPTIONS, pid, 0, pt.O_EXITKILL)    # the master's end is its end
+        if close:
+            regs = pt.getregs(pid)
+            _, gadget, _ = gp.vdso(pid)
+            for fd in close:
+                gp.inject(pid, regs, gadget, signals, pt.SYS["close"], fd)
+            pt.setregs(pid, regs)
         gp.park(pid, signals)
         t.state, t.held = GHOST, False
         with self._lock:                                    # type: ignore[attr-defined]

@@ -2,26 +2,31 @@
 `Image` and runs on the master again, a normal process, detached.
 
 The ghost keeps what makes it the same process to everyone else: its PID, parent, process
-group, session, credentials, its fds (but those the caller replaces) and mm->exe_file.
+group, session, credentials, mm->exe_file, and its fds but those the caller installs and
+the image's open files (all of them with `close_others`: the image's fd table exactly).
 The rest comes from the image, rebuilt by the same batches as a node's restore
 (`bpfs.migrate.rebuild`), run by the ghost itself, so none needs a capability in it:
 
 ```
-    prepare (the ghost untouched): its uid/gid are the ghost's real ones (EPERM); no region in the
-        scratch area (EOPNOTSUPP); the ghost's RLIMIT_AS/RLIMIT_DATA hold it (ENOMEM);
+    prepare (the ghost untouched): the image's uid/gid are the ghost's real ones (EPERM);
+        no region in the scratch area (EOPNOTSUPP); the ghost's RLIMIT_AS/RLIMIT_DATA
+        hold it (ENOMEM);
         the files, opened and hashed by the tracer (ESTALE; EPERM set-ID; EPERM an
         executable mapping from a noexec mount); the fds to install (EINVAL, EBADF)
     halt; the image fits this kernel and CPU (ENOEXEC, EOPNOTSUPP)
     scratch := mmap(SCRATCH, 1 MiB, rwx, MAP_FIXED_NOREPLACE); the stub loop
-    the files and fds into the ghost over a socket pair (`ghost_files`)
     access(path, R_OK) in the ghost, X_OK for the executable: its user's right (EACCES)
+    the image's open files opened by the ghost, as its user (openat; ENOENT, EACCES...)
+    the mapped files and the caller's fds into the ghost over a socket pair (`ghost_files`)
     ---- point of no return: before it, a failure closes what came in, unmaps the scratch
          area and the ghost sleeps in pause() as before ----
     batch A: munmap the ghost's pages (argument pages, a rename's) but vvar/vdso/scratch;
         PR_SET_MM_MAP (the image's bounds and auxv, exe_fd -1: no capability);
         mremap vvar/vdso to the image's addresses; mmap every region; close the files;
         dispositions (the ghost's non-default ones reset first), personality, umask,
-        name, robust list, clear-child-tid; the fds installed (dup3); resource limits
+        name, robust list, clear-child-tid; the fds placed (`ghost_files.place`: the
+        others closed with `close_others`, the open files and the caller's fds dup3'd to
+        their numbers, the open files lseek'd to their offsets); resource limits
         (clamped to the ghost's hard ones: raising one would need CAP_SYS_RESOURCE);
         nice (if the user may); not dumpable if the image says so; chdir(cwd) (if that
         fails the ghost's own cwd stays)
@@ -29,8 +34,8 @@ The rest comes from the image, rebuilt by the same batches as a node's restore
     batch B: mprotect to the final protections; rseq registered
     munmap(scratch) at the moved vdso's `syscall`; registers, xstate; every signal
         blocked while the image's pending ones (and those that came meanwhile) are
-        queued by the process itself (kill(getpid(), sig): no CAP_KILL needed); the
-        image's mask; detach
+        queued by the process itself (kill(getpid(), sig): no CAP_KILL needed; SIGSTOP
+        from the tracer); the image's mask; detach
 ```
 
 A failure after the point of no return raises `PastReturn`: the caller kills the process
@@ -53,13 +58,15 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.helper import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                  PR_SET_DUMPABLE, PROT_RWX, PROT_WRITE, SCRATCH, SCRATCH_SIZE)
-from bpfs.migrate.image import Image
+from bpfs.migrate.image import OPEN_FLAGS, Image, OpenFile
+from bpfs.migrate.openfiles import NEVER
+from bpfs.migrate.tracee import send_signal
 
 CHANNEL = 0x400                   # the socket pair's buffer: between the stub and its table
 PROT_EXEC = 4
 R_OK, X_OK = 4, 1
 O_CLOEXEC = 0o2000000
-F_SETFD = 2
+AT_FDCWD = -100
 RLIMIT_AS, RLIMIT_DATA = 9, 2
 INFINITY = procfs.RLIM_INFINITY
 
@@ -77,13 +84,15 @@ class Plan:
     files: list[int]                       # ours, one per image file
     installs: dict[int, int]               # fd in the ghost -> ours
     limits: dict[int, tuple[int, int]] = field(default_factory=dict)  # the ghost's
+    reopen: list[OpenFile] = field(default_factory=list)   # the image's, but `installs`
+    close_others: bool = False
 
     def close(self) -> None:
         ghost_files.close_all(self.files)
         self.files = []
 
 
-def prepare(pid: int, image: Image, fds: object) -> Plan:
+def prepare(pid: int, image: Image, fds: object, close_others: bool = False) -> Plan:
     """Every check that needs no change to the halted ghost (module doc); MigrateError."""
     if not isinstance(image, Image):
         raise MigrateError(errno.EINVAL, "restore_in needs an Image", pid)
@@ -103,7 +112,8 @@ def prepare(pid: int, image: Image, fds: object) -> Plan:
     except BaseException:
         ghost_files.close_all(files)
         raise
-    return Plan(image, files, installs, limits)
+    reopen = [f for f in image.open_files if f.fd not in installs]
+    return Plan(image, files, installs, limits, reopen, bool(close_others))
 
 
 def _check_room(pid: int, image: Image, limits: dict[int, tuple[int, int]]) -> None:
@@ -127,9 +137,9 @@ def _check_exec_mounts(image: Image, files: list[int]) -> None:
                                "mount here: its code cannot be mapped")
 
 
-def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: Plan) -> None:
+def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: Plan) -> int:
     """Make the halted ghost `pid` the process of `plan.image` (module doc); it is left
-    stopped, ready to `go`. Before the point of no return a failure leaves the ghost as
+    stopped, ready to `go`, and the `syscall` of its moved vdso is returned. Before the point of no return a failure leaves the ghost as
     it was (halted, for the caller to put back to sleep) and raises MigrateError (or
     gp.Gone); after it, PastReturn."""
     xstate = pt.get_xstate(pid)     # (the halted ghost's: what this CPU saves)
@@ -143,9 +153,10 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
     got: list[int] = []
     try:
         stub.install(pid, SCRATCH)
-        got = ghost_files.send_into(pid, regs, gadget, signals, SCRATCH + CHANNEL,
-                                    plan.files + list(plan.installs.values()))
-        _check_access(pid, regs, gadget, signals, plan.image)
+        _check_access(pid, regs, signals, plan.image)
+        got = _open_in(pid, regs, gadget, signals, plan.reopen)
+        got[:0] = ghost_files.send_into(pid, regs, gadget, signals, SCRATCH + CHANNEL,
+                                        plan.files + list(plan.installs.values()))
     except gp.Gone:
         raise
     except BaseException:
@@ -159,6 +170,7 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
         _rebuild(pid, regs, signals, plan, got, maps, special)
         moved = gadget - special["vdso"][0] + plan.image.special["vdso"][0]
         _finish(pid, regs, moved, signals, plan.image)
+        return moved
     except gp.Gone:
         raise
     except BaseException as exc:
@@ -167,25 +179,60 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
                          f"return: {exc}", pid) from exc
 
 
-def _check_access(pid: int, regs: pt.Regs, gadget: int, signals: list[int],
-                  image: Image) -> None:
-    """The ghost's user may read each file (execute the executable) by its path: EACCES."""
-    buf = SCRATCH + stub.DATA_OFFSET
+def _check_access(pid: int, regs: pt.Regs, signals: list[int], image: Image) -> None:
+    """The ghost's user may read each file (execute the executable) by its path: EACCES
+    (or the error access(2) gives) naming the first file refused. One batch."""
+    b = stub.Batch(SCRATCH)
     for i, ref in enumerate(image.files):
-        pt.write_memory(pid, [(buf, ref.path.encode(errors="surrogateescape") + b"\0")])
-        mode = X_OK if i == image.exe else R_OK
-        res = gp.inject(pid, regs, gadget, signals, pt.SYS["access"], buf, mode)
-        if res < 0:
-            raise MigrateError(-res, f"{ref.path}: ghost {pid}'s user may not "
-                               f"{'execute' if mode == X_OK else 'read'} it here "
-                               f"({os.strerror(-res)})", pid)
+        b.call("access", b.cstr(ref.path), X_OK if i == image.exe else R_OK)
+    pt.write_memory(pid, b.writes())
+    stub.start(pid, regs, SCRATCH, b.count())
+    try:
+        run(pid, b, signals)
+    except MigrateError as exc:
+        i = b.entry_at(pt.getregs(pid).rbx)
+        if i < 0:
+            raise
+        what = "execute" if i == image.exe else "read"
+        raise MigrateError(exc.errno, f"{image.files[i].path}: ghost {pid}'s user may not "
+                           f"{what} it here ({os.strerror(exc.errno)})", pid) from None
+
+
+def _open_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int],
+             files: list[OpenFile]) -> list[int]:
+    """The ghost opens the image's open files itself, as its user (openat, one batch):
+    their temporary fds, in order; the error of the first refused (ENOENT, EACCES...)
+    naming its path, those opened before it closed again."""
+    if not files:
+        return []
+    b = stub.Batch(SCRATCH)
+    for f in files:
+        b.call("openat", AT_FDCWD, b.cstr(f.path), f.flags & OPEN_FLAGS & ~NEVER, 0,
+               what=f"opening {f.path} (fd {f.fd} of the image)")
+    pt.write_memory(pid, b.writes())
+    stub.start(pid, regs, SCRATCH, b.count())
+    table = SCRATCH + stub.TABLE_OFFSET
+    try:
+        run(pid, b, signals)
+    except MigrateError:
+        done = max(b.entry_at(pt.getregs(pid).rbx), 0)
+        ghost_files.close_in(pid, regs, gadget, signals, _results(pid, table, done))
+        raise
+    return _results(pid, table, len(files))
+
+
+def _results(pid: int, table: int, count: int) -> list[int]:
+    """The results of the first `count` entries of a one-part batch at `table`."""
+    raw = pt.read_memory(pid, [(table, count * stub.ENTRY)]) if count else b""
+    return [struct.unpack_from("<q", raw, i * stub.ENTRY + 56)[0] for i in range(count)]
 
 
 def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[int],
              maps: list[procfs.Mapping], special: dict[str, tuple[int, int]]) -> None:
     """Batches A and B (module doc), the page runs written between them."""
     image = plan.image
-    files, temps = got[:len(image.files)], got[len(image.files):]
+    n, m = len(image.files), len(image.files) + len(plan.installs)
+    files, temps, opened = got[:n], got[n:m], got[m:]
     a = stub.Batch(SCRATCH)
     for m in maps:
         if m.path not in procfs.SPECIAL:
@@ -197,7 +244,13 @@ def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[
         a.call("close", fd)
     _default_dispositions(a, pid)
     rebuild.process_state(a, image)
-    _install(a, pid, list(zip(temps, plan.installs)))
+    moves = [(t, f.fd, f.flags & O_CLOEXEC) for t, f in zip(opened, plan.reopen)]
+    moves += [(t, fd, 0) for t, fd in zip(temps, plan.installs)]
+    table = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")} - set(files)
+    ghost_files.place(a, table, moves, plan.close_others)
+    for f in plan.reopen:
+        if f.offset:
+            a.call("lseek", f.fd, f.offset, os.SEEK_SET, what=f"seeking in {f.path}")
     _limits(a, image, plan.limits)
     a.call("setpriority", os.PRIO_PROCESS, 0, image.nice, may_fail=True)
     if not image.dumpable:
@@ -244,24 +297,6 @@ def _default_dispositions(a: stub.Batch, pid: int) -> None:
             a.call("rt_sigaction", sig, dfl, 0, 8)
 
 
-def _install(a: stub.Batch, pid: int, moves: list[tuple[int, int]]) -> None:
-    """dup3(temp, fd) for each (temp, fd), without close-on-exec, then close(temp). A temp
-    whose number is the target of an earlier move is moved out of the way first."""
-    busy = {int(n) for n in os.listdir(f"/proc/{pid}/fd")} | {fd for _, fd in moves}
-    for i, (src, dst) in enumerate(moves):
-        for j in range(i + 1, len(moves)):
-            if moves[j][0] == dst:
-                free = next(n for n in range(3, 1 << 20) if n not in busy)
-                busy.add(free)
-                a.call("dup3", dst, free, O_CLOEXEC)
-                moves[j] = (free, moves[j][1])
-        if src == dst:
-            a.call("fcntl", dst, F_SETFD, 0)
-            continue
-        a.call("dup3", src, dst, 0)
-        a.call("close", src)
-
-
 def _limits(a: stub.Batch, image: Image, have: dict[int, tuple[int, int]]) -> None:
     for res, soft, hard in image.rlimits:
         if res not in have:
@@ -272,31 +307,37 @@ def _limits(a: stub.Batch, image: Image, have: dict[int, tuple[int, int]]) -> No
 
 
 def _finish(pid: int, regs: pt.Regs, gadget: int, signals: list[int], image: Image) -> None:
-    """Scratch unmapped; registers, xstate; pending signals queued while all are blocked,
-    then the image's mask."""
+    """Scratch unmapped; the image's registers and xstate."""
     _check(pid, "unmapping the scratch area", gp.inject(
         pid, regs, gadget, signals, pt.SYS["munmap"], SCRATCH, SCRATCH_SIZE))
-    pt.set_sigmask(pid, 2**64 - 1)
-    for sig in image.pending:
-        _check(pid, "kill", gp.inject(pid, regs, gadget, signals, pt.SYS["kill"], pid, sig))
     final = image.registers()
     final.orig_rax = gp.NO_SYSCALL  # no syscall restart on resume
     pt.setregs(pid, final)
     pt.set_xstate(pid, image.xstate)
 
 
-def go(pid: int, image: Image, signals: list[int]) -> None:
-    """Let the rebuilt `pid` run: the signals that came during the restore queued too (it
-    is still blocking all), the image's mask, detached. Failures are PastReturn."""
+def go(pid: int, image: Image, gadget: int, signals: list[int]) -> None:
+    """Let the rebuilt `pid` run: the image's pending signals and those that came during
+    the restore (`signals`) queued, the image's mask, detached. Failures are PastReturn.
+
+    The process sends them itself (kill(getpid()), injected at `gadget`, the moved vdso's
+    `syscall`) while it blocks every signal, so none is delivered to a tracer and the
+    tracer needs no CAP_KILL; SIGSTOP and SIGKILL cannot be blocked (delivered during a
+    step they would be swallowed): they are sent from here, last, to go off at the detach.
+    """
+    wanted = list(dict.fromkeys([*image.pending, *signals]))
+    last = [sig for sig in wanted if sig in (signal.SIGKILL, signal.SIGSTOP)]
     try:
-        if signals:
-            regs = pt.getregs(pid)
-            gadget = gp.vdso(pid)[1]
-            for sig in dict.fromkeys(signals):
-                _check(pid, "kill", gp.inject(pid, regs, gadget, [], pt.SYS["kill"], pid,
+        pt.set_sigmask(pid, 2**64 - 1)
+        regs = pt.getregs(pid)
+        for sig in wanted:
+            if sig not in last:
+                _check(pid, "kill", gp.inject(pid, regs, gadget, last, pt.SYS["kill"], pid,
                                               sig))
-            pt.setregs(pid, regs)
+        pt.setregs(pid, regs)
         pt.set_sigmask(pid, image.sigmask)
+        for sig in dict.fromkeys(last):
+            send_signal(pid, sig)
         pt.detach(pid)
     except MigrateError as exc:
         raise PastReturn(exc.errno, f"letting restored {pid} go: {exc}", pid) from exc

@@ -47,6 +47,9 @@ def _take_listener(child: int) -> int:
 
 
 
+MAX_ORIGINS = 1 << 16
+
+
 class Restorer:
     """Restores images as children of the calling process (see the module docstring).
 
@@ -58,6 +61,9 @@ class Restorer:
                  supervised: bool = False) -> None:
         self.cache = FileCache(cache_dir) if cache_dir else None
         self.hashes = HashCache()
+        # content hash -> the master's path of a file a restored process maps: a move's
+        # dump names the master's path, not where this node keeps its copy (the cache)
+        self.origin: dict[str, str] = {}
         self.jobs_fd = jobs_fd
         self.supervised = supervised            # install bpfs.migrate.seccomp's filter
         self.last_keeper: int | None = None     # the keeper of the last restore (jobs_fd)
@@ -134,6 +140,8 @@ class Restorer:
         fds: list[int] = []
         try:
             for ref in image.files:
+                if len(self.origin) < MAX_ORIGINS:
+                    self.origin[ref.hash] = ref.path
                 fd = self._open_file(ref.path, ref.hash, content, image.dumpable)
                 if fd is None:
                     raise MigrateError(errno.ENOENT, f"{ref.path}: this node lacks the "

@@ -188,19 +188,21 @@ class Tracer:
     def dump_moving(self, pid: int, links: set[int]) -> Future[Image]:
         return self._deferred(self._ghosts.dump_moving, pid, set(links))
 
-    def park_moved(self, pid: int) -> Future[None]:
-        return self._deferred(self._ghosts.park_moved, pid)
+    def park_moved(self, pid: int, close: tuple[int, ...] = ()) -> Future[None]:
+        return self._deferred(self._ghosts.park_moved, pid, tuple(close))
 
     def release_moving(self, pid: int, err: int | None = None) -> Future[None]:
         return self._deferred(self._ghosts.release_moving, pid, err)
 
-    def restore_in(self, pid: int, image: Image, fds: dict[int, int] | None = None
-                   ) -> Future[None]:
+    def restore_in(self, pid: int, image: Image, fds: dict[int, int] | None = None,
+                   close_others: bool = False) -> Future[None]:
         """The parked ghost `pid` becomes `image`'s process, running here, detached (docs/
         ghosts.md, "Back into the ghost"). `fds`: fd in the ghost -> one of ours to install
-        there (ours must stay open until the Future resolves)."""
+        there (ours must stay open until the Future resolves); the image's open files are
+        opened again at their numbers; `close_others`: the ghost's other fds are closed
+        (the image's fd table exactly, for a process that ran elsewhere)."""
         return self._deferred(self._ghosts.restore_in, pid, image,
-                              dict(fds) if isinstance(fds, dict) else fds)
+                              dict(fds) if isinstance(fds, dict) else fds, close_others)
 
     def ghosts(self) -> list[int]:
         return self._ghosts.ghosts()

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import trio
 
 from bpfs.errors import BpfsError
-from bpfs.migrate import dumps
 from bpfs.migrate import ptrace as pt
+from bpfs.migrate.image import dumps_parts
+from bpfs.migrate.imagebuf import pieces
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -51,6 +52,7 @@ class Move:
     id: int
     pid: int
     links: tuple[int, ...]
+    origin: dict[str, str]                  # content hash -> the master's path
     verdict: "queue.Queue[tuple[str, int | None]]" = field(default_factory=queue.Queue)
     seized: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -70,7 +72,8 @@ class Mover:
         except BpfsError as exc:
             session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
             return
-        m = Move(session, msg.id, msg.pid, tuple(msg.links or ()))
+        m = Move(session, msg.id, msg.pid, tuple(msg.links or ()),
+                 dict(session.node.restorer.restorer.origin))   # read in its own thread
         self.moves[m.pid] = m
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
@@ -126,8 +129,10 @@ class Mover:
             finally:
                 m.seized.set()
             image = running.dump_running(m.pid, links=set(m.links))
+            for ref in image.files:         # the master's name for a copy this node keeps
+                ref.path = m.origin.get(ref.hash, ref.path)
             consumed = _stdin_consumed(m.pid) if 0 in m.links else None
-            data = dumps(image)
+            parts = dumps_parts(image)     # the runs stay views of the dump: no copy
         except (MigrateError, BpfsError, OSError) as exc:
             err = getattr(exc, "errno", None) or errno.EIO
             text = getattr(exc, "message", None) or str(exc)
@@ -144,11 +149,16 @@ class Mover:
                 self._release(m, None)
             self._done(token, m)
             return
-        pieces = [data[at:at + PART] for at in range(0, len(data), PART)] or [b""]
-        for piece in pieces[:-1]:
-            self._report(token, m, messages.Part(id=m.id, data=piece))
-        self._report(token, m, messages.Dumped(id=m.id, image=pieces[-1], consumed=consumed))
-        del data, pieces, image
+        try:
+            self._send_image(token, m, parts, consumed)
+        except BaseException as exc:     # a bug: the process must not stay stopped
+            log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
+            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
+                                                   message=f"node error: {exc}"[:4096]))
+            self._release(m, None)
+            self._done(token, m)
+            return
+        del parts, image
         try:
             what, err = m.verdict.get(timeout=VERDICT_TIMEOUT)
         except queue.Empty:
@@ -160,6 +170,17 @@ class Mover:
         else:
             self._release(m, err)
         self._done(token, m)
+
+    def _send_image(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
+                    consumed: int | None) -> None:
+        """`part`s (views of the dump: no copy; the first says the total), then `dumped`."""
+        total = sum(map(len, parts))
+        cut = list(pieces(parts, PART)) or [b""]
+        for k, piece in enumerate(cut[:-1]):
+            self._report(token, m, messages.Part(id=m.id, data=piece,  # type: ignore[arg-type]
+                                                 total=None if k else total))
+        self._report(token, m, messages.Dumped(id=m.id, image=cut[-1],  # type: ignore[arg-type]
+                                               consumed=consumed))
 
     def _release(self, m: Move, err: int | None) -> None:
         from bpfs.migrate import running

@@ -35,6 +35,7 @@ import trio
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.migrate.helper import JOB_RECORD
+from bpfs.migrate.imagebuf import ImageBuffer
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
@@ -183,7 +184,8 @@ class ProcessTable:
 # ---- handlers (bpfs/node/service.py's FROM_MASTER) ----------------------------------
 
 async def on_piece(session: Session, msg: messages.Piece) -> None:
-    """A piece of a big image (a move's), ahead of its `restore`: kept, within bounds;
+    """A piece of a big image (a move's), ahead of its `restore`: put in place (the first
+    says the total: one buffer of that size, bpfs/migrate/imagebuf.py), within bounds;
     beyond them the pieces go and the restore fails (EFBIG)."""
     if msg.id not in session.pieces and len(session.pieces) >= MAX_PIECED:
         log.warning("restore %d: too many pieced images at once: refused", msg.id)
@@ -192,11 +194,20 @@ async def on_piece(session: Session, msg: messages.Piece) -> None:
     pieces = session.pieces.setdefault(msg.id, [])
     if pieces is None:
         return
-    if sum(map(len, pieces)) + len(msg.data) > MAX_PIECED_IMAGE:
-        log.warning("restore %d: image beyond this node's bound: refused", msg.id)
+    try:
+        if isinstance(pieces, list) and not pieces and msg.total is not None:
+            if msg.total > MAX_PIECED_IMAGE:
+                raise BpfsError(errno.EFBIG, f"image of {msg.total} bytes")
+            pieces = session.pieces[msg.id] = ImageBuffer(msg.total)
+        if isinstance(pieces, ImageBuffer):
+            pieces.add(msg.data)
+            return
+        if sum(map(len, pieces)) + len(msg.data) > MAX_PIECED_IMAGE:
+            raise BpfsError(errno.EFBIG, "image beyond this node's bound")
+        pieces.append(msg.data)
+    except BpfsError as exc:
+        log.warning("restore %d: %s: refused", msg.id, exc.message)
         session.pieces[msg.id] = None
-        return
-    pieces.append(msg.data)
 
 
 async def on_again(session: Session, msg: messages.Again) -> None:
@@ -209,11 +220,19 @@ async def on_again(session: Session, msg: messages.Again) -> None:
 async def on_restore(session: Session, msg: messages.Restore) -> None:
     if msg.id in session.pieces:
         pieces = session.pieces.pop(msg.id)
-        if pieces is None:
-            session.report(messages.Failed(id=msg.id, errno=errno.EFBIG,
-                                           message="image too large for this node"))
+        try:
+            if pieces is None:
+                raise BpfsError(errno.EFBIG, "image too large for this node")
+            if isinstance(pieces, ImageBuffer):
+                pieces.add(msg.image)
+                image: bytes | memoryview = pieces.view()
+            else:
+                image = b"".join([*pieces, msg.image])
+        except BpfsError as exc:
+            session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
             return
-        msg = messages.replace(msg, image=b"".join([*pieces, msg.image]))
+        msg = messages.replace(msg, image=image)
+        session.beat()                  # a big restore holds this thread for a while
     try:
         check_restore(msg)
     except BpfsError as exc:

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
+from bpfs.migrate.imagebuf import ImageBuffer
 from bpfs.node import facts as node_facts, usage as node_usage
 from bpfs.node.config import NodeConfig
 from bpfs.node.restorer import NodeRestorer
@@ -68,7 +69,7 @@ class Session:
         self.usage_wanted = trio.Event()             # set by the master's `sample`
         self.mount: str | None = None                # where the master's /bproc is
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
-        self.pieces: dict[int, list[bytes] | None] = {}   # images in pieces (moves), by id
+        self.pieces: dict[int, list[bytes] | ImageBuffer | None] = {}   # images in pieces (moves), by id
         self.again: dict[int, int] = {}     # moved processes' restores: their stdin read
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
@@ -113,6 +114,7 @@ class Session:
                 await self.fs.send_many(msgs)
             else:
                 await self.fs.flush()
+            del first, batch, msgs      # a sent `part` holds its process's dump: let it go
         return Outcome.LOST
 
     async def register(self) -> int:
@@ -124,6 +126,11 @@ class Session:
         self.usage_interval = welcome.usage
         self.mount = welcome.mount
         return welcome.node
+
+    def beat(self) -> None:
+        """A heartbeat now: a long step on this thread follows (restoring a big image holds
+        the event loop for seconds), and the master's silence clock starts from here."""
+        self.report(messages.Facts(facts=_facts()))
 
     async def heartbeats(self) -> Outcome:
         while True:

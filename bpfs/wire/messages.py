@@ -55,10 +55,12 @@ grammar (names in capitals are the bounded types defined below):
                       ended      pid: PID, status: 0..65535   (its stand-in ends so)
   moves (bpfs/master/moves.py, bpfs/node/mover.py):
     master -> node    dump       id: ID, pid: PID, links: [0..2] (at most 3)
-    node   -> master  part       id: ID, data: bytes (1..8 MiB)     (image pieces, in order)
+    node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES]
+                                                  (image pieces, in order; the first: total)
                       dumped     id: ID, image: bytes (the last piece), [consumed: BYTES]
                       (or failed id, errno, message)
-    master -> node    piece      id: ID, data: bytes (1..8 MiB)     (ahead of a `restore`)
+    master -> node    piece      id: ID, data: bytes (1..8 MiB), [total: BYTES]
+                                                  (ahead of a `restore`; the first: total)
                       again      id: ID, consumed: BYTES   (ahead of a `restore`: a moved
                                  process, its links made again; its stdin read so far)
                       drop       id: ID, pid: PID     (moved: end the stopped copy, unreported)
@@ -316,6 +318,14 @@ def tag(cls: type[Msg]) -> str:
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 """A message's msgpack payload (framing.py adds the length prefix)."""
+
+
+def encode_after(msg: Msg, room: int) -> bytearray:
+    """`room` bytes (left for the caller's prefix), then the payload of `msg`: one copy
+    of a big field (a piece of an image), where prefix + payload made two."""
+    buf = bytearray(room)
+    _encoder.encode_into(msg, buf, room)
+    return buf
 
 
 class Side:

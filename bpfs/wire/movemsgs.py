@@ -13,6 +13,9 @@ from bpfs.wire.grammar import Msg, _bytes, _int  # noqa: F401
 
 PART = 8 << 20                      # bytes of an image in one `part` (below every frame limit)
 FD = _int(0, 2)
+# A piece decodes as a view of the frame it came in (no copy: the receiver copies it into
+# place at once, bpfs/migrate/imagebuf.py); the frame stays alive as long as the view.
+PIECE = Annotated[memoryview, Meta(min_length=1, max_length=PART)]
 
 
 class Dump(Msg, tag="dump"):
@@ -29,18 +32,22 @@ class Dump(Msg, tag="dump"):
 
 class Part(Msg, tag="part"):
     """A piece of the image of move `id`, ahead of its `dumped`: the master appends them,
-    within its bound, in order."""
+    within its bound, in order. The first says the image's `total` size (the master puts
+    the pieces in place as they come: bpfs/migrate/imagebuf.py)."""
     sender = "node"
     id: ID
-    data: _bytes(1, PART)
+    data: PIECE
+    total: Optional[BYTES] = None
 
 
 class Piece(Msg, tag="piece"):
     """A piece of the image of restore `id`, ahead of the `restore` itself (whose `image`
-    is the last piece): the node appends them, within its bound, in order."""
+    is the last piece): the node appends them, within its bound, in order. The first says
+    the image's `total` size."""
     sender = "master"
     id: ID
-    data: _bytes(1, PART)
+    data: PIECE
+    total: Optional[BYTES] = None
 
 
 class Dumped(Msg, tag="dumped"):

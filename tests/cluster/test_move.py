@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -233,6 +234,11 @@ def test_moves_that_cannot_be_done_fail_clearly_and_the_process_goes_on(cluster,
             assert write_ctl(cluster, pid, "move 2", alice) == errno.EPERM
         finally:
             os.chmod(node2, 0o111)
+        cluster.run("bpctl", "-S", "2", "-s", "unavailable", check=True)
+        try:
+            assert write_ctl(cluster, pid, "move 2") == errno.EHOSTDOWN      # not up
+        finally:
+            cluster.run("bpctl", "-S", "2", "-s", "up", check=True)
         assert node_of(cluster, pid) == "1"
         before = int(read_line(p).split()[0])
         assert int(read_line(p).split()[0]) == before + 1                 # it goes on
@@ -314,5 +320,152 @@ def test_bpmove_moves_a_users_processes_and_says_why_not(cluster, users) -> None
         assert r.returncode == 0, r.stderr
         assert cluster.run("bpmove", "x", str(pid)).returncode == 2
         assert cluster.run("bpmove", "--help").stdout.startswith(b"Usage: bpmove")
+    finally:
+        stop(p)
+
+
+# Sets up state a move must carry, then on each SIGUSR1 (a handler) prints it.
+STATEFUL = ("import os, resource, signal, socket, sys, time\n"
+            "os.umask(0o027); os.chdir('/tmp')\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (123, 456))\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "asked = []\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: asked.append(1))\n"
+            "print('ready', os.getpid(), flush=True)\n"
+            "while True:\n"
+            "    time.sleep(0.02)\n"
+            "    if asked:\n"
+            "        asked.clear()\n"
+            "        m = os.umask(0); os.umask(m)\n"
+            "        print(socket.gethostname(), os.getcwd(), oct(m),\n"
+            "              resource.getrlimit(resource.RLIMIT_NOFILE),\n"
+            "              sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),\n"
+            "              sorted(int(s) for s in signal.sigpending()), os.getuid(),\n"
+            "              signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, flush=True)\n")
+
+
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_signal_state_cwd_umask_rlimits_and_ids_survive_a_move(cluster, users, who) -> None:
+    user = users["alice"] if who == "alice" else None
+    p = start_bpsh(cluster, 1, PY, "-c", STATEFUL, user=user)
+    try:
+        pid = int(read_line(p).split()[1])
+        kill = (lambda sig: os.kill(pid, sig)) if user is None else \
+            (lambda sig: cluster.sh(f"kill -{sig.name[3:]} {pid}", user=user))
+        kill(signal.SIGUSR2)                    # blocked: stays pending, and moves with it
+        uid = str(user.uid if user else 0)
+        for target in ("2", "master", "0"):
+            assert write_ctl(cluster, pid, f"move {target}", user) == 0
+            kill(signal.SIGTERM)                # ignored there too
+            kill(signal.SIGUSR1)                # its handler runs where it is
+            words = read_line(p).replace(",", " ").replace("(", " ").replace(")", " ")
+            words = words.replace("[", " ").replace("]", " ").split()
+            want = master_name() if target == "master" else hostname_of(int(target))
+            assert words == [want, "/tmp", "0o27", "123", "456", str(int(signal.SIGUSR2)),
+                             str(int(signal.SIGUSR2)), uid, "True"], words
+    finally:
+        stop(p)
+
+
+def test_a_master_process_goes_out_and_comes_back_many_times_with_one_relay(cluster) -> None:
+    child = subprocess.Popen([PY, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        pid = int(child.stdout.readline().split()[1])
+        got = []
+        for k, target in enumerate(("1", "master", "2", "master", "0", None)):
+            child.stdin.write(f"a{k}\nb{k}\n".encode())
+            child.stdin.flush()
+            got += [child.stdout.readline().decode().split() for _ in range(2)]
+            if target is not None:
+                assert write_ctl(cluster, pid, f"move {target}") == 0
+        relays = subprocess.run(["pgrep", "-f", f"bpfs.cli.bpsh.relay --pid {pid} "],
+                                capture_output=True, text=True).stdout.split()
+        assert len(relays) == 1, relays                 # made once, its links made again
+        child.stdin.close()
+        assert child.wait(timeout=20) == 3
+        assert [g[0] for g in got] == [w for k in range(6) for w in (f"a{k}", f"b{k}")]
+        places = [g[1] for g in got[::2]]
+        assert places == [master_name(), hostname_of(1), master_name(), hostname_of(2),
+                          master_name(), hostname_of(0)], places
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def node_copies(pid: int) -> list[int]:
+    """Host PIDs of processes whose PID in their own namespace is `pid` (on nodes)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                ns = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(ns) > 1 and ns[-1] == str(pid):
+            out.append(int(name))
+    return out
+
+
+@pytest.mark.parametrize("target", ["2", "master"])
+def test_a_process_killed_while_it_moves_leaves_nothing_behind(cluster, target) -> None:
+    big = ("import os, sys, time\nblob = bytearray(os.urandom(64 << 20))\n"
+           "print(os.getpid(), flush=True)\nwhile True: time.sleep(0.05)\n")
+    p = start_bpsh(cluster, 1, PY, "-c", big)
+    try:
+        pid = int(read_line(p))
+        mover = subprocess.Popen([PY, "-c",
+                                  "import os, sys\ntry:\n"
+                                  "    fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+                                  "    os.write(fd, sys.argv[2].encode())\n"
+                                  "except OSError as e: sys.exit(e.errno)",
+                                  os.path.join(cluster.mount, "procs", str(pid), "ctl"),
+                                  f"move {target}"])
+        time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)                # the ghost, or the process itself
+        code = mover.wait(timeout=60)
+        assert code in (0, errno.ESRCH, errno.EIO), code
+        p.wait(timeout=30)
+        cluster.wait_for(lambda: not pid_alive(pid) and not node_copies(pid), timeout=10,
+                         what="no ghost and no copy on any node")
+        cluster.wait_for(lambda: str(pid) not in os.listdir(os.path.join(cluster.mount,
+                                                                          "procs")),
+                         what="procs/PID gone")
+    finally:
+        stop(p)
+
+
+def test_an_exec_ctl_process_keeps_its_output_across_moves(cluster) -> None:
+    from tests.cluster.test_exec_ctl import read_to_eof, started
+    prog = ("import socket, time; [(print(i, socket.gethostname(), flush=True), "
+            "time.sleep(0.03)) for i in range(30)]")
+    pid = started(cluster, 1, f"exec -- {PY} -c {shlex.quote(prog)}\n")
+    time.sleep(0.2)
+    assert write_ctl(cluster, pid, "move 2") == 0
+    time.sleep(0.2)
+    assert write_ctl(cluster, pid, "move 0") == 0
+    out = read_to_eof(os.path.join(cluster.mount, "procs", str(pid), "stdout")).decode()
+    lines = [ln.split() for ln in out.splitlines()]
+    assert [int(ln[0]) for ln in lines] == list(range(30)), out
+    hosts = [ln[1] for ln in lines]
+    assert hosts[0] == "n1" and "n2" in hosts and hosts[-1] == "n0", hosts
+
+
+def test_a_parent_and_a_child_forked_on_a_node_do_not_move_yet(cluster) -> None:
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", "sleep 30 & echo $$ $!; wait")
+    try:
+        parent, child = (int(x) for x in read_line(p).split())
+        path = os.path.join(cluster.mount, "procs", str(child), "ctl")
+        cluster.wait_for(lambda: os.path.exists(path), what="the child's procs entry")
+        assert write_ctl(cluster, parent, "move 2") == errno.EBUSY     # it has a child here
+        assert write_ctl(cluster, child, "move 2") == errno.EBUSY      # forked on the node
+        assert node_of(cluster, parent) == "1" and node_of(cluster, child) == "1"
+        os.kill(child, signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
     finally:
         stop(p)

@@ -1,8 +1,7 @@
 """Back into the ghost (Tracer.restore_in): a process comes back to the master and runs in
 its ghost, same PID, same parent, its end its parent's. Real processes, real ptrace (the
-rig: tests/engine/ghostrig.py). A process that had already run is made by running one here
-first and taking it back as a ghost (`take`), as the master will for `move` once the
-engine's dump of a running process exists.
+rig: tests/engine/ghostrig.py). Images at an entry point here; a process that had run, and
+the cost: test_ghost_restore_moved.py.
 """
 
 from __future__ import annotations
@@ -10,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import resource
+import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,12 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from bpfs.migrate import dump
-from bpfs.migrate import ghost_park as gp
-from bpfs.migrate import ghost_restore
-from bpfs.migrate import ptrace as pt
-from bpfs.migrate.image import Image
-from bpfs.migrate.tracee import GHOST, Tracee
+from bpfs.migrate import ghost_restore, procfs
 from tests.engine.ghostrig import SLEEP, Rig, asleep, gone, proc_state, until
 from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
 from tests.engine.test_ghost_fork import errno_of, read
@@ -36,47 +31,6 @@ pytestmark = [pytest.mark.timeout(60),
 
 ECHO = shutil.which("echo") or "/bin/echo"
 SH = "/bin/sh"
-
-COUNTER_C = r'''
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    size_t n = (size_t)atol(argv[1]) << 20;
-    unsigned char *heap = malloc(n);
-    for (size_t i = 0; i < n; i++) heap[i] = (unsigned char)(i * 7 + 1);
-    volatile long counter = 0;
-    for (int i = 0; i < 1000; i++) counter++;
-    printf("before %ld\n", counter);
-    fflush(stdout);
-    char c;
-    if (read(0, &c, 1) != 1) return 2;
-    for (int i = 0; i < 234; i++) counter++;
-    size_t bad = 0;
-    for (size_t i = 0; i < n; i++) bad += heap[i] != (unsigned char)(i * 7 + 1);
-    printf("after %ld bad %zu got %c\n", counter, bad, c);
-    return 7;
-}
-'''
-
-
-@pytest.fixture(scope="module")
-def counter() -> Iterator[str]:
-    """COUNTER_C built in a world-readable directory (skipped without gcc)."""
-    gcc = shutil.which("gcc")
-    if not gcc:
-        pytest.skip("gcc is not available")
-    d = tempfile.mkdtemp(prefix="bpfs-restore-")
-    os.chmod(d, 0o755)
-    try:
-        src = os.path.join(d, "counter.c")
-        with open(src, "w") as f:
-            f.write(COUNTER_C)
-        subprocess.run([gcc, "-O1", src, "-o", os.path.join(d, "counter")], check=True)
-        yield os.path.join(d, "counter")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
 
 class Pipe:
     """A pipe whose ends are closed at the end of the test."""
@@ -96,7 +50,10 @@ class Pipe:
     def line(self, timeout: float = 10) -> bytes:
         out = b""
         deadline = time.monotonic() + timeout
-        while not out.endswith(b"\n") and time.monotonic() < deadline:
+        while not out.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.r], [], [], left)[0]:
+                break
             out += os.read(self.r, 1)
         return out
 
@@ -125,36 +82,15 @@ def pipe(pipes: list[Pipe]) -> Pipe:
     return p
 
 
-def take(rig: Rig, pid: int) -> Image:
-    """The running `pid` (no tracee) seized, interrupted, dumped and parked as a ghost of
-    the rig's tracer: what `move` from the master does, with the syscall it sleeps in
-    made to restart (as the engine's dump of a running process will)."""
-    ghosts = rig.tracer._ghosts
-
-    def in_tracer() -> Image:
-        pt.seize(pid, dump.TRACE_OPTIONS)
-        pt.ptrace(pt.INTERRUPT, pid)
-        while gp.stop_parts(gp.wait_stop(pid))[1] != pt.EVENT_STOP:
-            pt.cont(pid, 0)
-        regs = pt.getregs(pid)
-        res = regs.rax - 2**64 if regs.rax >= 2**63 else regs.rax
-        if regs.orig_rax != gp.NO_SYSCALL and -res in (512, 513, 514):  # -ERESTART*
-            regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
-        regs.orig_rax = gp.NO_SYSCALL
-        pt.setregs(pid, regs)
-        img = dump.dump(pid)
-        gp.park(pid, [])
-        ghosts.tracees[pid] = Tracee(pid, GHOST)
-        with ghosts._lock:
-            ghosts._parked.add(pid)
-        return img
-    return rig.tracer.submit(in_tracer).result(10)
-
-
 def ps(pid: int) -> tuple[str, str]:
     out = subprocess.run(["ps", "-o", "comm=", "-o", "args=", "-p", str(pid)],
                          capture_output=True, text=True, check=True).stdout.split(None, 1)
     return out[0], out[1].strip()
+
+
+def limits_of(pid: int) -> dict[int, tuple[int, int]]:
+    """(soft, hard) by resource, from /proc (prlimit() would need CAP_SYS_RESOURCE)."""
+    return {r: (s, h) for r, s, h in procfs.parse_limits(read(pid, "limits").decode())}
 
 
 def unchanged(pid: int, before: tuple) -> bool:
@@ -182,6 +118,7 @@ def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
     ignored SIGTERM and SIGHUP, and sat in another cwd); PID, parent, group, the ghost's."""
     pid, img = rig.ghost([SLEEP, "30"], cwd="/tmp", ignore=[signal.SIGTERM, signal.SIGHUP])
     ppid, pgid = status_of(pid)["PPid"], os.getpgid(pid)
+    fds = sorted(os.listdir(f"/proc/{pid}/fd"))
     rig.tracer.rename(pid, [b"other", b"name"]).result(5)
     img = dataclasses.replace(img, cwd="/usr", sigactions=[
         s for s in img.sigactions if s[0] != signal.SIGTERM])
@@ -192,11 +129,42 @@ def test_a_restored_process_is_a_normal_process(rig: Rig) -> None:
     assert read(pid, "comm") == b"sleep\n" and read(pid, "cmdline") == b"/bin/sleep\x0030\0"
     assert os.readlink(f"/proc/{pid}/cwd") == "/usr" and asleep(pid)
     assert int(st["SigIgn"], 16) == 1 << (signal.SIGHUP - 1)
+    assert sorted(os.listdir(f"/proc/{pid}/fd")) == fds      # nothing left of the channel
     assert rig.tracer.ghosts() == []
     os.kill(pid, signal.SIGTERM)                  # not a ghost: nothing is intercepted
     status = rig.bpsh.status(pid)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert rig.rec.signals == [] and rig.rec.exits == {}
+
+
+def test_another_processes_image_with_other_vdso_addresses(rig: Rig) -> None:
+    """The image of another process (its own ASLR: vdso, stack, libraries elsewhere) runs
+    in the ghost: vvar/vdso moved to the image's addresses; the ghost's exe link stays
+    (a new one would need CAP_CHECKPOINT_RESTORE)."""
+    pid, _ = rig.ghost([ECHO, "never"])
+    other, img = rig.ghost([SLEEP, "30"])
+    vdso = lambda p: [ln for ln in read(p, "maps").splitlines() if b"[vdso]" in ln]  # noqa
+    assert vdso(pid) != vdso(other)
+    rig.tracer.restore_in(pid, img).result(10)
+    assert asleep(pid) and vdso(pid) == vdso(other)
+    assert ps(pid) == ("sleep", "/bin/sleep 30")
+    assert os.readlink(f"/proc/{pid}/exe") == os.path.realpath(ECHO)
+    os.kill(pid, signal.SIGTERM)
+    assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGTERM
+    rig.tracer.kill(other).result(5)
+
+
+def test_a_copy_of_a_ghost(rig: Rig, pipes) -> None:
+    """A copy made by `clone` (vexecmove's ranks) comes back as any ghost; its original
+    stays a ghost."""
+    pid, img = rig.ghost([ECHO, "rank"])
+    copy = rig.tracer.clone(pid, 1).result(5)[0]
+    out = pipe(pipes)
+    rig.tracer.restore_in(copy, img, {1: out.w}).result(10)
+    assert out.rest() == b"rank\n" and rig.bpsh.status(copy) == 0
+    assert rig.tracer.ghosts() == [pid] and asleep(pid)
+    rig.tracer.finish(pid, exit_code=0).result(5)
+    assert rig.bpsh.status(pid) == 0
 
 
 def test_a_python_program(rig: Rig, pipes) -> None:
@@ -220,21 +188,67 @@ def test_a_users_ghost_under_a_tracer_without_cap_sys_resource(rig: Rig, users, 
     assert rig.bpsh.status(pid) == 0
 
 
-def test_an_execute_only_program_of_a_user(rig: Rig, users, pipes) -> None:
+def test_an_execute_only_program_of_a_user(rig: Rig, users) -> None:
     """Mode 0711: bob may run it, not read it; the tracer, not bob, opens it for the
-    mapping, and the process stays not dumpable."""
+    mapping, and the process stays not dumpable (its /proc files root's)."""
     bob = users["bob"]
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)
-        prog = os.path.join(d, "echo")
-        shutil.copy(ECHO, prog)
+        prog = os.path.join(d, "sleep")
+        shutil.copy(SLEEP, prog)
         os.chmod(prog, 0o711)
-        pid, img = rig.ghost([prog, "secret"], uid=bob.uid, gid=bob.gid)
+        pid, img = rig.ghost([prog, "30"], uid=bob.uid, gid=bob.gid)
         assert not img.dumpable
-        out = pipe(pipes)
-        rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
-        assert out.rest() == b"secret\n"
-        assert rig.bpsh.status(pid) == 0
+        rig.tracer.restore_in(pid, img).result(10)
+        assert asleep(pid) and status_of(pid)["TracerPid"] == "0"
+        assert status_of(pid)["Uid"].split()[0] == str(bob.uid)
+        assert os.stat(f"/proc/{pid}/mem").st_uid == 0   # not dumpable
+        os.kill(pid, signal.SIGTERM)
+        assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGTERM
+
+
+def test_pending_signals_and_mask(rig: Rig) -> None:
+    """The image's pending signals are pending again (a blocked one stays pending, a
+    SIGSTOP stops it), its mask is its mask."""
+    pid, img = rig.ghost([SLEEP, "30"])
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    rig.tracer.restore_in(pid, dataclasses.replace(
+        img, pending=[signal.SIGUSR2, signal.SIGSTOP], sigmask=usr2)).result(10)
+    assert until(lambda: proc_state(pid) == "T")
+    st = status_of(pid)
+    assert int(st["SigBlk"], 16) == usr2 and st["TracerPid"] == "0"
+    assert (int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)) == usr2
+    os.kill(pid, signal.SIGCONT)
+    assert asleep(pid)
+    os.kill(pid, signal.SIGKILL)
+    assert os.WTERMSIG(rig.bpsh.status(pid)) == signal.SIGKILL
+
+
+def test_limits_nice_and_a_cwd_that_is_not_here(rig: Rig, users) -> None:
+    """A limit lowered on the node comes back lowered; one above the ghost's hard limit is
+    clamped (raising it would need CAP_SYS_RESOURCE); a higher nice is taken, a lower one
+    is not (a user may not); a cwd the master lacks leaves the ghost's."""
+    bob = users["bob"]
+    pid, img = rig.ghost([SLEEP, "30"], uid=bob.uid, gid=bob.gid, cwd="/tmp")
+    have = {r: (s, h) for r, s, h in img.rlimits}
+    mq = resource.RLIMIT_MSGQUEUE
+    assert have[resource.RLIMIT_NOFILE][1] > 200 and have[mq][1] < 2**40
+    limits = [(r, s, h) for r, s, h in img.rlimits if r not in (resource.RLIMIT_NOFILE, mq)]
+    limits += [(resource.RLIMIT_NOFILE, 100, 200), (mq, 2**40, 2**40)]
+    rig.tracer.restore_in(pid, dataclasses.replace(
+        img, rlimits=limits, nice=7, cwd="/nonexistent")).result(10)
+    assert limits_of(pid)[resource.RLIMIT_NOFILE] == (100, 200)
+    assert limits_of(pid)[mq] == (have[mq][1], have[mq][1])
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+    assert os.readlink(f"/proc/{pid}/cwd") == "/tmp"
+    os.kill(pid, signal.SIGKILL)
+    rig.bpsh.status(pid)
+    pid, img = rig.ghost([SLEEP, "30"], uid=bob.uid, gid=bob.gid)
+    os.setpriority(os.PRIO_PROCESS, pid, 3)
+    rig.tracer.restore_in(pid, dataclasses.replace(img, nice=-5)).result(10)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 3
+    os.kill(pid, signal.SIGKILL)
+    rig.bpsh.status(pid)
 
 
 def test_fds_are_installed_at_their_numbers(rig: Rig, pipes) -> None:
@@ -253,53 +267,20 @@ def test_fds_are_installed_at_their_numbers(rig: Rig, pipes) -> None:
     assert rig.bpsh.status(pid) == 0
 
 
-# ---- a process that had run ----
-
-def test_a_process_that_had_run_goes_on_where_it_was(rig: Rig, counter: str, pipes) -> None:
-    pid, img = rig.ghost([counter, "4"])
-    inp, out = pipe(pipes), pipe(pipes)
-    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w}).result(10)
-    assert out.line() == b"before 1000\n"
-    assert until(lambda: proc_state(pid) == "S")   # in read(0)
-    running = take(rig, pid)
-    assert running.pid == pid and rig.tracer.ghosts() == [pid] and asleep(pid)
-    assert running.page_bytes() > 4 << 20        # its heap
-    rig.tracer.restore_in(pid, running).result(10)   # fds 0 and 1: the ghost's own
-    os.write(inp.w, b"x")
-    out.close_w()
-    assert out.rest() == b"after 1234 bad 0 got x\n"
-    assert rig.bpsh.status(pid) == 7 << 8
-    assert rig.rec.exits == {} and rig.tracer.ghosts() == []
-
-
-PY_RUNNING = """
-import signal, sys
-signal.signal(signal.SIGUSR1, lambda *a: print("usr1", flush=True))
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-data = [i * i for i in range(100000)]
-print("ready", flush=True)
-got = sys.stdin.read(1)
-print("got", got, sum(data), flush=True)
-"""
-
-
-def test_a_python_program_that_had_run(rig: Rig, pipes) -> None:
-    """Its handler and ignored signal survive; a signal sent once it runs again reaches
-    the handler; its read goes on."""
-    # C locale: no shared mapping of glibc's gconv cache (a dump refuses shared mappings)
-    pid, img = rig.ghost([sys.executable, "-c", PY_RUNNING], env={"LC_ALL": "C"})
-    inp, out = pipe(pipes), pipe(pipes)
-    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w, 2: out.w}).result(10)
-    assert out.line() == b"ready\n"
+def test_a_restored_parent_waits_for_its_child_ghost(rig: Rig, pipes) -> None:
+    """A process forked on a node (its child ghost stays) comes back: it is the child's
+    parent, and its wait gets the child's end."""
+    code = "import os; pid, st = os.wait(); print(pid, st, flush=True)"
+    pid, img = rig.ghost([sys.executable, "-c", code], env={"LC_ALL": "C"})
+    child = rig.tracer.fork(pid).result(5)
+    out = pipe(pipes)
+    rig.tracer.restore_in(pid, img, {1: out.w}).result(10)
+    assert rig.tracer.ghosts() == [child] and status_of(child)["PPid"] == str(pid)
     assert until(lambda: proc_state(pid) == "S")
-    running = take(rig, pid)
-    rig.tracer.restore_in(pid, running).result(10)
-    os.kill(pid, signal.SIGINT)                  # ignored
-    os.kill(pid, signal.SIGUSR1)
-    assert out.line() == b"usr1\n"
-    os.write(inp.w, b"z")
-    assert out.rest() == f"got z {sum(i * i for i in range(100000))}\n".encode()
-    assert rig.bpsh.status(pid) == 0 and rig.rec.signals == []
+    rig.tracer.finish(child, exit_code=3).result(5)
+    assert out.rest() == f"{child} {3 << 8}\n".encode()
+    assert rig.bpsh.status(pid) == 0 and gone(child)
+    assert errno_of(rig.tracer.reap(pid, child)) == errno.ESRCH
 
 
 # ---- refusals: the ghost stays a ghost ----
@@ -357,6 +338,26 @@ def test_a_file_the_user_may_not_run_here_is_eacces_and_undone(rig: Rig, users,
         assert out.rest() == b"ok\n" and rig.bpsh.status(pid) == 0
 
 
+def test_limits_that_refuse_the_image_leave_the_ghost(rig: Rig) -> None:
+    """The ghost's own limits: an address space too small (checked before it is touched:
+    ENOMEM), too few fds for the files (the socket pair or the files refused in it:
+    EMFILE, what came in closed again)."""
+    pid, img = rig.ghost([sys.executable, "-c", "pass"], env={"LC_ALL": "C"})
+    before = snapshot(pid)
+    hard_as = resource.prlimit(pid, resource.RLIMIT_AS)[1]
+    hard_nofile = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_AS, (8 << 20, hard_as))      # root's own: allowed
+    assert errno_of(rig.tracer.restore_in(pid, img)) == errno.ENOMEM
+    resource.prlimit(pid, resource.RLIMIT_AS, (hard_as, hard_as))
+    for nofile in (4, 6):              # no room for the pair; no room for the files
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (nofile, hard_nofile))
+        assert errno_of(rig.tracer.restore_in(pid, img)) == errno.EMFILE
+        assert unchanged(pid, before) and rig.tracer.ghosts() == [pid]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, hard_nofile))
+    rig.tracer.restore_in(pid, img).result(10)
+    assert os.WEXITSTATUS(rig.bpsh.status(pid)) == 0
+
+
 def test_bad_arguments_and_states(rig: Rig, pipes) -> None:
     pid, img = rig.ghost([SLEEP, "30"])
     before = snapshot(pid)
@@ -398,36 +399,3 @@ def test_a_failure_past_the_point_of_no_return_kills_it(rig: Rig,
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     rig.rec.wait(lambda: pid in rig.rec.exits)
     assert rig.tracer.ghosts() == [] and gone(pid)
-
-
-# ---- cost ----
-
-def timed_restore(rig: Rig, pid: int, img: Image, fds: dict | None = None) -> float:
-    t0 = time.perf_counter()
-    rig.tracer.restore_in(pid, img, fds).result(30)
-    return (time.perf_counter() - t0) * 1000
-
-
-@pytest.mark.timeout(180)
-def test_restore_in_time(rig: Rig, counter: str, pipes) -> None:
-    """A small program at its entry point, ten times; one of 100 MB that had run."""
-    small = []
-    for _ in range(10):
-        pid, img = rig.ghost([ECHO, "x"])
-        out = pipe(pipes)
-        small.append(timed_restore(rig, pid, img, {1: out.w}))
-        assert out.rest() == b"x\n" and rig.bpsh.status(pid) == 0
-    pid, img = rig.ghost([counter, "100"])
-    inp, out = pipe(pipes), pipe(pipes)
-    rig.tracer.restore_in(pid, img, {0: inp.r, 1: out.w}).result(10)
-    assert out.line(60) == b"before 1000\n"
-    assert until(lambda: proc_state(pid) == "S")
-    running = take(rig, pid)
-    big = timed_restore(rig, pid, running)
-    os.write(inp.w, b"y")
-    out.close_w()
-    assert out.rest() == b"after 1234 bad 0 got y\n"
-    assert rig.bpsh.status(pid) == 7 << 8
-    print(f"\nrestore_in: small program median {statistics.median(small):.2f} ms "
-          f"(min {min(small):.2f}, max {max(small):.2f}); 100 MB that had run "
-          f"({running.page_bytes() >> 20} MiB of pages) {big:.0f} ms")

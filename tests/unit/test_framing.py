@@ -374,3 +374,29 @@ async def test_node_reports_go_at_once_or_queued_always_in_order():
     assert got == [big, {"t": "restored", "id": 2, "pid": 2},
                    {"t": "exited", "pid": 2, "code": 0, "signal": None},
                    {"t": "restored", "id": 3, "pid": 3}]
+
+
+async def test_big_frames_over_a_socket_come_whole_and_in_order() -> None:
+    """A frame beyond RECEIVE_CHUNK is read into a buffer of its own (the socket path);
+    send_many writes big frames apart from the small ones it batches."""
+    from bpfs.wire.movemsgs import Part
+
+    big = os.urandom(3 * wire.RECEIVE_CHUNK + 5)
+
+    a, b = trio.socket.socketpair()
+    sa = wire.FrameStream(trio.SocketStream(a))
+    sb = wire.FrameStream(trio.SocketStream(b), side=msgs.FROM_NODE)
+    batch = [Part(id=1, data=b"x" * 10, total=len(big) + 20),
+             Part(id=1, data=memoryview(big)), Part(id=1, data=b"y" * 10)]
+
+    async def send() -> None:
+        await sa.send_many(batch)
+        await sa.send(Part(id=2, data=big))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        got = [await sb.receive() for _ in range(4)]
+    assert [bytes(g.data) for g in got] == [b"x" * 10, big, b"y" * 10, big]
+    assert got[0].total == len(big) + 20 and got[1].total is None
+    await sa.aclose()
+    await sb.aclose()

@@ -450,7 +450,7 @@ def valid(t: Any, plain: bool = False) -> st.SearchStrategy[Any]:
         return st.none()
     if isinstance(t, i.StrType):
         return st.text(min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
-    if isinstance(t, i.BytesType):
+    if isinstance(t, (i.BytesType, i.MemoryViewType)):   # a view decodes equal to bytes
         lo = t.min_length or 0
         return st.binary(min_size=lo, max_size=min(t.max_length or 40, max(lo, 40)))
     if isinstance(t, i.UnionType):
