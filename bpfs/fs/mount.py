@@ -16,6 +16,7 @@ import subprocess
 import pyfuse3
 
 from bpfs.errors import BpfsError
+from bpfs.fs.unstick import Tick
 
 log = logging.getLogger("bpfs.fs")
 
@@ -52,8 +53,14 @@ def _clear_stale(mountpoint: str) -> None:
 
 
 async def serve() -> None:
-    """Answer FUSE requests until unmounted or cancelled."""
-    await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+    """Answer FUSE requests until unmounted or cancelled (with the tick that ends a read
+    of an empty /dev/fuse: bpfs/fs/unstick.py)."""
+    tick = Tick.start()
+    try:
+        await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
+    finally:
+        if tick is not None:
+            tick.stop()
 
 
 def unmount() -> None:

@@ -89,7 +89,6 @@ class Master:
         self.procs.host_of = self.links.host_of
         self.procs.link_host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") \
             else cfg.listen
-        self.procs.mount = os.path.abspath(cfg.mount)
         self.execs = ExecService(cluster, self.procs, cfg.mount)
         self.procs.on_moving = self.execs.expect_again
 

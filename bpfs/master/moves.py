@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from bpfs import fusepoke, procstatus
+from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.migrate import ptrace as pt
@@ -83,7 +83,6 @@ class Moves:
         super().__init__()
         self._pieces: dict[int, list[bytes] | ImageBuffer] = {}
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
-        self.mount: str | None = None       # /bproc: poked after a self-move (bpfs/fusepoke.py)
         self._relays: dict[int, relays.Relay] = {}
         self._home: dict[int, Home] = {}    # master processes back from a node, by pid
         # the exec endpoint's (bpfs/master/exec.py expect_again): a move of `pid` begins
@@ -158,8 +157,6 @@ class Moves:
         self._migrations[m.id] = m
         if own:
             self._spawn(self._guard_move, m, self._master_to_node(m, own))  # type: ignore[attr-defined]
-            if self.mount:      # its write, interrupted in our FUSE, is answered next
-                fusepoke.poke(self.mount)
             return "ok"
         await self._guard_move(m, self._master_to_node(m, own), raise_=True)
         return "ok"

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from bpfs import fusepoke
 from bpfs.errors import BpfsError
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.image import dumps_parts
@@ -81,8 +80,6 @@ class Mover:
                          daemon=True).start()
         if not m.seized.wait(SEIZE_TIMEOUT):
             log.warning("move %d: pid %d not seized within %g s", m.id, m.pid, SEIZE_TIMEOUT)
-        if session.mount:       # a self-move's write, interrupted in our FUSE (fusepoke.py)
-            fusepoke.poke(session.mount)
 
     def verdict(self, pid: int, mid: int, what: str, err: int | None = None) -> None:
         m = self.moves.get(pid)
