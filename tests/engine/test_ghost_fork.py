@@ -208,7 +208,8 @@ def test_killing_the_parent_while_it_forks(rig: Rig) -> None:
             rig.tracer.kill(child).result(5)
         rig.rec.wait(lambda: pid in rig.rec.exits)
         assert until(lambda: rig.tracer.ghosts() == [])
-    assert rig.tracer._ghosts.tracees == {}
+    # a child killed last may still have its end on the way to the tracer thread
+    assert until(lambda: rig.tracer._ghosts.tracees == {})
 
 
 def test_a_stopped_ghost_stays_stopped_through_fork_reap_rename_clone(rig: Rig) -> None:
