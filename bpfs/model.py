@@ -444,6 +444,12 @@ class Cluster:
         p.node, p.mid = node, mid
         self._moved_usage(p)
 
+    def move_undone(self, p: Proc) -> None:
+        """A move back to the master failed before the process ran here: `p` is listed
+        again as it was (unless its pid went to another process meanwhile); event."""
+        if self.procs.setdefault(p.pid, p) is p:
+            self.events.append("proc", p.pid, "move", str(p.node))
+
     def _moved_usage(self, p: Proc) -> None:
         p.usage, p.usage_at = None, -1e18       # the old node's figures are not the new's
 

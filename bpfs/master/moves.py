@@ -324,8 +324,15 @@ class Moves:
         from bpfs.migrate import loads
         image = await trio.to_thread.run_sync(loads, data)
         fds = await connect_links(p, self.link_host, consumed or 0)
+        # out of procs/ before it runs here (it may ask where it is at once); back if not
+        self.cluster.proc_moved(d.pid, None)
         try:
-            await wait_future(self.tracer.restore_in(d.pid, image, fds, close_others=True))
+            try:
+                await wait_future(self.tracer.restore_in(d.pid, image, fds,
+                                                         close_others=True))
+            except BaseException:
+                self.cluster.move_undone(p)
+                raise
             if p.links is not None and fds:
                 self._remember_home(d.pid, Home(p.links, consumed or 0, {
                     n: os.fstat(fd).st_ino for n, fd in fds.items()}))
@@ -333,7 +340,6 @@ class Moves:
             for fd in set(fds.values()):
                 os.close(fd)
         d.started = True
-        self.cluster.proc_moved(d.pid, None)
 
     def _remember_home(self, pid: int, home: "Home") -> None:
         """A process back on the master keeps its links: its next move out makes them
