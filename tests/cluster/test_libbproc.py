@@ -54,7 +54,10 @@ def py(c: Cluster, script: str, *, node: int | None = None, timeout: float = 30
     argv = [PY, "-c", "from bpfs import libbproc as lb\n" + script]
     if node is not None:
         argv = command("bpsh") + [str(node)] + argv
-    return subprocess.run(argv, env=c.env, capture_output=True, timeout=timeout, cwd="/")
+    # PYTHONUNBUFFERED would make each print a write per word, and the snippet shares its
+    # stdout with what it launches: its lines could interleave with theirs
+    env = {k: v for k, v in c.env.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run(argv, env=env, capture_output=True, timeout=timeout, cwd="/")
 
 
 def run(c: Cluster, argv: list[str], *, node: int | None = None, timeout: float = 30
