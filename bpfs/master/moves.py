@@ -471,18 +471,16 @@ def _ghost_credentials(pid: int) -> tuple[int, int, frozenset[int], int, None]:
 
 
 def _stdin_read(pid: int) -> int:
-    """How many bytes the stopped master process `pid` has read from its stdin link."""
+    """How many bytes the stopped master process `pid` has read from its stdin link (0:
+    it has none that is a socket)."""
     from bpfs.wire.stdiolink import stdin_consumed
-    pidfd = os.pidfd_open(pid)
-    try:
-        fd = pt.syscall(pt.SYS["pidfd_getfd"], pidfd, 0, 0)
-    except OSError as exc:
-        raise BpfsError(exc.errno or errno.EIO, f"process {pid}: its stdin: "
-                        f"{exc.strerror}") from None
-    finally:
-        os.close(pidfd)
+    (fd,) = pt.copy_fds(pid, [0])
+    if fd is None:
+        return 0
     try:
         return stdin_consumed(fd)
+    except BpfsError:               # not a TCP socket
+        return 0
     finally:
         os.close(fd)
 

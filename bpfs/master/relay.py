@@ -47,24 +47,10 @@ class Relay:
 
 
 def _stdio_of(pid: int) -> list[int]:
-    """Copies of `pid`'s fds 0-2 (it is stopped under our ptrace: pidfd_getfd may)."""
-    pidfd = os.pidfd_open(pid)
-    fds: list[int] = []
-    try:
-        for n in range(3):
-            try:
-                fds.append(pt.syscall(pt.SYS["pidfd_getfd"], pidfd, n, 0))
-            except OSError as exc:
-                if exc.errno != errno.EBADF:
-                    raise
-                fds.append(os.open(os.devnull, os.O_RDWR))  # closed: nothing to relay
-        return fds
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    finally:
-        os.close(pidfd)
+    """Copies of `pid`'s fds 0-2 (it is stopped under our ptrace); /dev/null for one that
+    is closed: nothing to relay there."""
+    return [os.open(os.devnull, os.O_RDWR) if fd is None else fd
+            for fd in pt.copy_fds(pid, range(3))]
 
 
 async def start(pid: int, uid: int, gid: int, groups: list[int], host: str) -> Relay:
@@ -72,9 +58,9 @@ async def start(pid: int, uid: int, gid: int, groups: list[int], host: str) -> R
     token = os.urandom(16).hex()
     try:
         fds = _stdio_of(pid)
-    except OSError as exc:
+    except (OSError, BpfsError) as exc:
         raise BpfsError(exc.errno or errno.EIO, f"cannot take the stdio of process {pid}: "
-                        f"{exc.strerror}") from None
+                        f"{os.strerror(exc.errno or errno.EIO)}") from None
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     token_r, token_w = os.pipe2(os.O_CLOEXEC)
     os.write(token_w, token.encode())           # 32 bytes: the pipe holds them

@@ -108,6 +108,34 @@ def syscall(nr: int, *args: int) -> int:
     return res
 
 
+def copy_fds(pid: int, numbers: Sequence[int]) -> list[int | None]:
+    """Copies (pidfd_getfd, close-on-exec) of `pid`'s fds `numbers`, None for one that is
+    not open; the caller closes them. Allowed to whoever may ptrace `pid` (root, or its
+    tracer). MigrateError (ESRCH...) for anything else, nothing left open then."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise MigrateError(exc.errno or errno.ESRCH, f"process {pid}: {exc.strerror}",
+                           pid) from None
+    out: list[int | None] = []
+    try:
+        for n in numbers:
+            try:
+                out.append(syscall(SYS["pidfd_getfd"], pidfd, n, 0))
+            except MigrateError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                out.append(None)
+        return out
+    except BaseException:
+        for fd in out:
+            if fd is not None:
+                os.close(fd)
+        raise
+    finally:
+        os.close(pidfd)
+
+
 def traceme() -> None:
     ptrace(TRACEME, 0)
 

@@ -220,14 +220,12 @@ class Mover:
 def _stdin_consumed(pid: int) -> int | None:
     """How many bytes of its stdin link the stopped `pid` has read (None: not a socket)."""
     from bpfs.wire.stdiolink import stdin_consumed
-    pidfd = os.pidfd_open(pid)
-    try:
-        fd = pt.syscall(pt.SYS["pidfd_getfd"], pidfd, 0, 0)
-    finally:
-        os.close(pidfd)
+    (fd,) = pt.copy_fds(pid, [0])
+    if fd is None:
+        return None
     try:
         return stdin_consumed(fd)
-    except BpfsError:               # not a TCP socket (a relay's fd 0 that is a file...)
+    except BpfsError:               # not a TCP socket
         return None
     finally:
         os.close(fd)
