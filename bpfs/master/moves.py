@@ -38,7 +38,7 @@ from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
-from bpfs.migrate.imagebuf import ImageBuffer
+from bpfs.migrate.imagebuf import ImageBuffer, gather, whole
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages
@@ -278,14 +278,9 @@ class Moves:
             with trio.fail_after(DUMP_TIMEOUT):
                 async for msg in d.receive:
                     if isinstance(msg, messages.Dumped):
-                        pieces = self._pieces.pop(d.id, [])
-                        if isinstance(pieces, ImageBuffer):     # put in place as it came
-                            pieces.add(msg.image)
-                            return pieces.view(), msg.consumed
-                        if sum(map(len, pieces)) + len(msg.image) > MAX_MOVE_IMAGE:
-                            raise BpfsError(errno.EFBIG, f"the image of process {d.pid} is "
-                                            "too large")
-                        return b"".join([*pieces, msg.image]), msg.consumed
+                        image = whole(self._pieces.pop(d.id, []), msg.image,
+                                      MAX_MOVE_IMAGE)
+                        return image, msg.consumed
                     if isinstance(msg, messages.Failed):
                         raise BpfsError(msg.errno, msg.message or "the node cannot move it")
         except trio.TooSlowError:
@@ -397,16 +392,7 @@ class Moves:
             log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
             return
         try:
-            if not pieces and msg.total is not None:
-                if msg.total > MAX_MOVE_IMAGE:
-                    raise BpfsError(errno.EFBIG, "image too large")
-                pieces = self._pieces[msg.id] = ImageBuffer(msg.total)
-            if isinstance(pieces, ImageBuffer):
-                pieces.add(msg.data)
-                return
-            if sum(map(len, pieces)) + len(msg.data) > MAX_MOVE_IMAGE:
-                raise BpfsError(errno.EFBIG, "image too large")
-            pieces.append(msg.data)
+            self._pieces[msg.id] = gather(pieces, msg.data, msg.total, MAX_MOVE_IMAGE)
         except BpfsError as exc:
             self._pieces[msg.id] = []
             try:

@@ -73,3 +73,28 @@ class ImageBuffer:
             raise MigrateError(errno.EINVAL, f"image of {self.size} bytes, {self.total} "
                                "announced")
         return memoryview(self._map)[:self.total]
+
+
+
+def gather(held: "list[Buffer] | ImageBuffer", data: Buffer, total: int | None,
+           bound: int) -> "list[Buffer] | ImageBuffer":
+    """One more piece of an image coming in pieces (a move's, either way): the first
+    one that announces its `total` gets a buffer it is put into as it comes; without one
+    they are kept as they are. EFBIG beyond `bound` bytes (MigrateError)."""
+    if isinstance(held, list) and not held and total is not None:
+        if total > bound:
+            raise MigrateError(errno.EFBIG, f"an image of {total} bytes is too large")
+        held = ImageBuffer(total)
+    if isinstance(held, ImageBuffer):
+        held.add(data)
+        return held
+    if sum(map(len, held)) + len(data) > bound:
+        raise MigrateError(errno.EFBIG, "the image is too large")
+    held.append(data)
+    return held
+
+
+def whole(held: "list[Buffer] | ImageBuffer", last: Buffer, bound: int) -> Buffer:
+    """The image: what was gathered, then its `last` piece (EFBIG, EINVAL)."""
+    held = gather(held, last, None, bound)
+    return held.view() if isinstance(held, ImageBuffer) else b"".join(held)

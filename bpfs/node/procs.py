@@ -35,7 +35,7 @@ import trio
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.migrate.helper import JOB_RECORD
-from bpfs.migrate.imagebuf import ImageBuffer
+from bpfs.migrate.imagebuf import gather, whole
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
@@ -195,16 +195,7 @@ async def on_piece(session: Session, msg: messages.Piece) -> None:
     if pieces is None:
         return
     try:
-        if isinstance(pieces, list) and not pieces and msg.total is not None:
-            if msg.total > MAX_PIECED_IMAGE:
-                raise BpfsError(errno.EFBIG, f"image of {msg.total} bytes")
-            pieces = session.pieces[msg.id] = ImageBuffer(msg.total)
-        if isinstance(pieces, ImageBuffer):
-            pieces.add(msg.data)
-            return
-        if sum(map(len, pieces)) + len(msg.data) > MAX_PIECED_IMAGE:
-            raise BpfsError(errno.EFBIG, "image beyond this node's bound")
-        pieces.append(msg.data)
+        session.pieces[msg.id] = gather(pieces, msg.data, msg.total, MAX_PIECED_IMAGE)
     except BpfsError as exc:
         log.warning("restore %d: %s: refused", msg.id, exc.message)
         session.pieces[msg.id] = None
@@ -223,11 +214,7 @@ async def on_restore(session: Session, msg: messages.Restore) -> None:
         try:
             if pieces is None:
                 raise BpfsError(errno.EFBIG, "image too large for this node")
-            if isinstance(pieces, ImageBuffer):
-                pieces.add(msg.image)
-                image: bytes | memoryview = pieces.view()
-            else:
-                image = b"".join([*pieces, msg.image])
+            image = whole(pieces, msg.image, MAX_PIECED_IMAGE)
         except BpfsError as exc:
             session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
             return
