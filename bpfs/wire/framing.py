@@ -140,7 +140,8 @@ class FrameStream:
             return False
         data = pack(msg)
         sent = self._write(fd, data)
-        self._rest = data[sent:]
+        if sent:                # none written: the caller sends it, it is not kept here too
+            self._rest = data[sent:]
         return sent > 0
 
     @property

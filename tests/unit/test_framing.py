@@ -339,6 +339,23 @@ async def test_send_nowait_writes_at_once_keeps_the_rest_and_yields_to_a_send_un
     assert got == [big, {"t": "b"}, {"t": "c"}]
 
 
+async def test_send_nowait_into_a_full_socket_keeps_nothing_of_a_frame_it_did_not_write():
+    """A frame the socket takes none of is the caller's to send: kept here as well, it
+    went out twice (the caller's own send, then this stream's rest)."""
+    x, y = await _socket_pair()
+    sent = 0
+    with trio.fail_after(10):
+        while x.send_nowait({"t": "n", "i": sent}):
+            assert not x.pending                       # small frames fit whole or not at all
+            sent += 1
+    assert not x.pending
+    got: list[wire.Message] = []
+    async with trio.open_nursery() as n:
+        n.start_soon(_receive_into, y, sent + 1, got)
+        await x.send({"t": "n", "i": sent}, timeout=10)   # the refused one, sent by its caller
+    assert [m["i"] for m in got] == list(range(sent + 1))
+
+
 async def test_send_nowait_on_a_closed_or_broken_stream():
     x, y = await _socket_pair()
     await y.stream.aclose()
