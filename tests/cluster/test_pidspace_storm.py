@@ -90,10 +90,9 @@ def node_daemon(cluster, n: int) -> int:
 
 
 def test_the_counter_is_parked_again_after_a_fork_whose_child_execs(cluster) -> None:
-    """After a fork the node's PID counter must be parked above the master's pid_max
-    again soon: a process the kernel
-    numbers on its own there (here one that enters the node's PID namespace from outside)
-    must not take a cluster PID."""
+    """After a fork the node's PID counter must soon be parked above the master's
+    pid_max again: a process the kernel numbers on its own there (here one that enters
+    the node's PID namespace from outside) must not take a cluster PID."""
     p = bpsh_bg(cluster, "1", "sh", "-c", "/bin/true; echo ready; exec sleep 30")
     try:
         assert first_line(p) == "ready"
