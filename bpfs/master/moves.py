@@ -97,6 +97,7 @@ class Moves:
         if target is not None:
             self._check_target(target, caller)
         await self._settled(pid)
+        self.check_standin(pid, target)                     # type: ignore[attr-defined]
         if pid in self._by_pid:
             raise BpfsError(errno.EBUSY, f"process {pid} is moving or starting: try again "
                             "once it runs")
@@ -253,6 +254,8 @@ class Moves:
         except BaseException:
             self.on_moving(pid, False)
             raise
+        old_links = p.links
+        relayed = self.take_relay(d.id, p, source)          # type: ignore[attr-defined]
         consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
         try:
             if target is None:
@@ -262,14 +265,21 @@ class Moves:
         except BaseException as exc:
             self.on_moving(pid, False)
             if d.ghost_gone:
+                if relayed:
+                    self.stands_in(pid, source)             # type: ignore[attr-defined]
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
+                p.links = old_links
                 err = getattr(exc, "errno", None)
                 await self._verdict(messages.Resume(id=d.id, pid=pid,
                                                     errno=err if own and err else None),
                                     source)
             raise
+        if relayed:
+            self.stands_in(pid, source)                     # type: ignore[attr-defined]
         await self._verdict(messages.Drop(id=d.id, pid=pid), source)
+        if target is None:
+            self.watch_home(pid)                            # type: ignore[attr-defined]
         log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
                  "the master" if target is None else f"node {target}")
 
@@ -371,6 +381,7 @@ class Moves:
             self._forget(m)
             if m.ghost_gone:
                 self._ghost_gone(m.pid, 9)                  # type: ignore[attr-defined]
+                self.standin_over(m.pid, 9)                 # type: ignore[attr-defined]
             for sig in m.signals:
                 if m.pid in self.cluster.procs:
                     self._forward(m.pid, sig)               # type: ignore[attr-defined]
@@ -382,6 +393,7 @@ class Moves:
         if self._by_pid.get(m.pid) is m:
             del self._by_pid[m.pid]
         self._pieces.pop(m.id, None)
+        self.forget_relay(m.id)                             # type: ignore[attr-defined]
 
     # ---- node messages -------------------------------------------------------------
 

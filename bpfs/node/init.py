@@ -11,6 +11,12 @@ stop that does come (someone signalled the parked helper or spare keeper) is
 left alone. A restored process's parent is its job's keeper, which reports its
 end (bpfs/node/procs.py); it becomes ours only if the keeper is killed first.
 
+The reaper waits with __WNOTHREAD: only for the children of its own thread (the main
+one, to which the kernel gives the namespace's orphans). Without it a wait for any child
+also takes the stops and ends of the processes another thread of the daemon traces (the
+stand-ins' tracer, bpfs/node/standins.py, and a move's thread, bpfs/node/mover.py),
+which that thread would then wait for in vain.
+
 Errors: reaping never raises; a callback's exception is logged.
 """
 
@@ -29,6 +35,7 @@ log = logging.getLogger("bpslave")
 
 ExitCallback = Callable[[int, int], None]     # (pid, wait status)
 SWEEP_INTERVAL = 5.0                           # in case a SIGCHLD was coalesced away
+WNOTHREAD = 0x20000000                         # __WNOTHREAD: this thread's children only
 
 
 class Reaper:
@@ -53,7 +60,7 @@ class Reaper:
         n = 0
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | WNOTHREAD)
             except ChildProcessError:
                 return n
             if not pid:

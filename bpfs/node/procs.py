@@ -256,6 +256,9 @@ async def on_armed(session: Session, msg: messages.Armed) -> None:
 
 
 async def on_ended(session: Session, msg: messages.Ended) -> None:
+    standins = getattr(session.node, "standins", None)
+    if standins is not None and standins.ended(msg.pid, msg.status):
+        return                          # a process forked here that moved (node/standins)
     if session.node.supervisor is not None:
         session.node.supervisor.ended(msg.pid, msg.status)
 

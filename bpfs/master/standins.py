@@ -1,0 +1,142 @@
+"""Stand-ins of moved processes, master side: a process forked on a node that moved away.
+
+A process Q forked on node A (a child of R there) that moves away stays on A as its
+stand-in (bpfs/node/standins.py): R can wait for it and signal it there, and Q's PID
+stays taken. The master's part:
+
+    node A -> master  relayed   id, port, token    (a move of Q from A, before `dumped`)
+    master -> node A  ended     pid, status        Q has ended: the stand-in ends so
+    node A -> master  kill      seq, Q, sig, 0, 0  (bpfs/master/forks.py) a signal the
+                                                   stand-in got: to Q's ghost, on to Q
+
+At `relayed` Q's stdio links become links to A's relay (its address as the master sees
+it), first made wherever Q goes. Once A has dropped its copy, A is Q's stand-in node
+until Q ends: moves of Q elsewhere (B -> C, B -> the master) leave it as it is; a move
+back to A is refused (EBUSY: the stand-in holds Q's PID there).
+
+Q's end reaches A once, with the real status, whichever way it ends:
+- Q runs on a node: its ghost here ends the same way (`exited` from that node, or the
+  ghost killed), and at the ghost's end (`_ghost_exit`) A hears `ended` with the
+  ghost's wait status, which is Q's;
+- Q runs on the master (it moved back into its ghost): a pidfd of it; at its end its
+  status (still a zombie: /proc/Q/stat's exit_code) goes to A.
+A's own `exited` for Q (R reaped the stand-in) then finds no process: ignored. A
+stand-in killed on A (SIGKILL) has A kill Q through the master (`kill`), whose end then
+comes the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal as _signal
+from typing import Any, Callable
+
+import trio
+
+from bpfs.errors import BpfsError
+from bpfs.model import Cluster, Proc, StdioLinks
+from bpfs.wire import execreq, messages
+
+log = logging.getLogger("bpfs.master.procs")
+
+MAX_STANDINS = 1 << 16
+
+
+class NodeStandins:
+    """Mixed into bpfs.master.procs.ProcService."""
+
+    cluster: Cluster
+    _migrations: dict[int, Any]
+    _spawn: Callable[..., None]
+    _tell: Callable[..., None]
+    host_of: Callable[[int], str | None]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._standins: dict[int, int] = {}             # pid -> the node it stands in on
+        self._relayed: dict[int, messages.Relayed] = {}  # move id -> its relay
+
+    # ---- a move from the node it was forked on ----
+
+    def on_relayed(self, node: int, msg: messages.Relayed) -> None:
+        m = self._migrations.get(msg.id)
+        if m is None or m.node != node or not execreq.is_token(msg.token):
+            log.warning("node %d: relayed for unknown move %d; ignored", node, msg.id)
+            return
+        self._relayed[msg.id] = msg
+
+    def check_standin(self, pid: int, target: int | None) -> None:
+        """EBUSY for a move of `pid` to the node where its stand-in holds its PID."""
+        node = self._standins.get(pid)
+        if node is not None and node == target:
+            raise BpfsError(errno.EBUSY, f"process {pid} was forked on node {node}, where "
+                            "it stands in for itself while it runs elsewhere: it cannot "
+                            "move back there")
+
+    def take_relay(self, mid: int, p: Proc, source: int) -> bool:
+        """Move `mid` of `p` from `source` relays its stdio there: its links go to that
+        relay from now on (first made where it goes). False: not a stand-in's move."""
+        msg = self._relayed.pop(mid, None)
+        if msg is None:
+            return False
+        p.links = StdioLinks(msg.port, msg.token, ("socket", "socket", "socket"),
+                             host=self.host_of(source))
+        p.stdin_base = 0
+        return True
+
+    def stands_in(self, pid: int, node: int) -> None:
+        """`node` dropped its copy of `pid`: it is its stand-in now."""
+        if len(self._standins) < MAX_STANDINS:
+            self._standins[pid] = node
+
+    def forget_relay(self, mid: int) -> None:
+        self._relayed.pop(mid, None)
+
+    # ---- its end ----
+
+    def standin_over(self, pid: int, status: int) -> None:
+        """`pid` has ended with wait `status`: its stand-in ends so (once)."""
+        node = self._standins.pop(pid, None)
+        if node is None:
+            return
+        status &= 0xFF7F                                # no core-dump bit
+        self._tell(node, messages.Ended(pid=pid, status=status))
+
+    def watch_home(self, pid: int) -> None:
+        """`pid`, which has a stand-in, runs on the master now: its end goes to it."""
+        if pid not in self._standins:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            self.standin_over(pid, _signal.SIGKILL)
+            return
+        self._spawn(self._home_end, pid, fd)
+
+    async def _home_end(self, pid: int, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+        if pid in self.cluster.procs:       # it moved out again: a ghost, whose end counts
+            return
+        self.standin_over(pid, _zombie_status(pid))
+
+    def standins_lost(self, node: int) -> None:
+        """`node` is gone, and its stand-ins with it."""
+        for pid in [pid for pid, n in self._standins.items() if n == node]:
+            del self._standins[pid]
+
+
+def _zombie_status(pid: int) -> int:
+    """The wait status of the ended (zombie) `pid`: /proc/PID/stat's exit_code (field
+    52, proc(5)); SIGKILL if it is gone already (reaped: its status is lost)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[49])
+    except (OSError, ValueError, IndexError):
+        return _signal.SIGKILL
