@@ -1,0 +1,100 @@
+"""A process forked on a node moves (issue 15): its parent there waits for it, signals it,
+and gets its real status; the node keeps it as its stand-in (bpfs/node/standins.py).
+
+`bpsh 1 sh -c 'python3 counter & echo $!; wait $!; echo status=$?'`: the counter is sh's
+child on node 1 (a cluster PID with a ghost under sh's ghost). It moves to node 2 or to
+the master; its output goes on through the relay on node 1; sh's `wait` gets its real
+exit code, or the signal that ended it; kill of its PID from the master or from sh
+reaches it wherever it runs; a SIGKILL of the stand-in kills it. Nothing is left: no
+ghost, stand-in, zombie or procs/ entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.cluster.test_move import (PY, hostname_of, master_name, node_of, read_line,
+                                     start_bpsh, stop, write_ctl)
+from tests.conftest import pid_alive
+
+pytestmark = pytest.mark.timeout(60)
+
+# One line "n hostname pid" every `pause` s; exits 7 after `n` lines (or at SIGUSR1: 9).
+COUNTER = ("import os, signal, socket, sys, time\n"
+           "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(9))\n"
+           "n, pause = int(sys.argv[1]), float(sys.argv[2])\n"
+           "for i in range(1, n + 1):\n"
+           "    print(i, socket.gethostname(), os.getpid(), flush=True)\n"
+           "    time.sleep(pause)\n"
+           "sys.exit(7)\n")
+
+
+def start(cluster, n: int, pause: float, user=None, tail: str = ""):
+    """bpsh 1 sh: the counter in the background, its pid first, then sh's wait status."""
+    script = (f"{PY} -c \"$0\" {n} {pause} & echo child $!; wait $!; echo status=$?;"
+              f"{tail}")
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", script, COUNTER, user=user)
+    words = read_line(p).split()
+    assert words[0] == "child", words
+    return p, int(words[1])
+
+
+def lines_until_status(p) -> tuple[list[list[str]], str]:
+    seen = []
+    while True:
+        line = read_line(p)
+        if line.startswith("status=") or not line:
+            return seen, line
+        seen.append(line.split())
+
+
+def clean(cluster, pid: int) -> None:
+    """No trace of `pid` left: not listed, no process (ghost) on the master."""
+    cluster.wait_for(lambda: str(pid) not in os.listdir(os.path.join(cluster.mount, "procs"))
+                     and not pid_alive(pid), timeout=10, what=f"{pid} gone")
+
+
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_a_forked_child_moves_to_another_node_and_its_parent_waits(cluster, users, who):
+    user = users["alice"] if who == "alice" else None
+    p, child = start(cluster, 30, 0.05, user)
+    try:
+        first = read_line(p).split()
+        assert first[1] == hostname_of(1) and int(first[2]) == child
+        assert write_ctl(cluster, child, "move 2\n", user) == 0
+        assert node_of(cluster, child) == "2"
+        seen, status = lines_until_status(p)
+        assert status == "status=7", (seen, status)
+        counts = [int(first[0])] + [int(w[0]) for w in seen]
+        assert counts == list(range(1, 31)), counts
+        assert seen[-1][1] == hostname_of(2)
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
+
+
+def test_a_forked_child_moves_to_the_master_and_on(cluster):
+    p, child = start(cluster, 40, 0.05)
+    try:
+        read_line(p)
+        assert write_ctl(cluster, child, "move master\n") == 0
+        assert str(child) not in os.listdir(os.path.join(cluster.mount, "procs"))
+        time.sleep(0.3)
+        assert write_ctl(cluster, child, "move 2\n") == 0
+        assert node_of(cluster, child) == "2"
+        seen, status = lines_until_status(p)
+        assert status == "status=7", (seen, status)
+        hosts = [w[1] for w in seen]
+        assert master_name() in hosts and hosts[-1] == hostname_of(2), hosts
+        assert [int(w[0]) for w in seen] == list(range(2, 41))
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
