@@ -19,7 +19,8 @@ Q's end reaches A once, with the real status, whichever way it ends:
   ghost killed), and at the ghost's end (`_ghost_exit`) A hears `ended` with the
   ghost's wait status, which is Q's;
 - Q runs on the master (it moved back into its ghost): a pidfd of it; at its end its
-  status (still a zombie: /proc/Q/stat's exit_code) goes to A.
+  status (still a zombie: /proc/Q/stat's exit_code) goes to A, and R's ghost reaps it
+  (the tracer's `reap` with that status: it still counts Q among its children).
 A's own `exited` for Q (R reaped the stand-in) then finds no process: ignored. A
 stand-in killed on A (SIGKILL) has A kill Q through the master (`kill`), whose end then
 comes the same way.
@@ -48,6 +49,8 @@ class NodeStandins:
     """Mixed into bpfs.master.procs.ProcService."""
 
     cluster: Cluster
+    tracer: Any
+    _parents: dict[int, int]
     _migrations: dict[int, Any]
     _spawn: Callable[..., None]
     _tell: Callable[..., None]
@@ -123,7 +126,22 @@ class NodeStandins:
             os.close(fd)
         if pid in self.cluster.procs:       # it moved out again: a ghost, whose end counts
             return
-        self.standin_over(pid, _zombie_status(pid))
+        status = _zombie_status(pid)
+        self.standin_over(pid, status)
+        self._reap_home(pid, status)
+
+    def _reap_home(self, pid: int, status: int) -> None:
+        """Its parent's ghost reaps its zombie here, as it reaps a child ghost."""
+        parent = self._parents.pop(pid, None)
+        if parent is None or self.tracer is None:
+            return
+        try:
+            fut = self.tracer.reap(parent, pid, status)
+        except BpfsError as exc:
+            log.info("pid %d: reap by %d: %s", pid, parent, exc)
+            return
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.info(
+            "pid %d: reap by its parent %d: %s", pid, parent, f.exception()))
 
     def standins_lost(self, node: int) -> None:
         """`node` is gone, and its stand-ins with it."""

@@ -44,6 +44,10 @@ class Moving:
             check()                                     # type: ignore[operator]
         running.seize_running(pid)
         t = self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
+        for ghost in self.tracees.values():     # a child ghost restored here moves again
+            if pid in ghost.children and ghost.children[pid] is None and ghost is not t:
+                t.parent = ghost.pid
+                break
         try:
             running.interrupt(pid)          # now: a writer of its own move stops at its return
             if check is not None:

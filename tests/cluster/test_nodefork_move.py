@@ -21,7 +21,7 @@ import pytest
 
 from tests.cluster.test_move import (PY, hostname_of, master_name, node_of, read_line,
                                      start_bpsh, stop, write_ctl)
-from tests.conftest import pid_alive
+from tests.conftest import command, pid_alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,5 +96,104 @@ def test_a_forked_child_moves_to_the_master_and_on(cluster):
         assert [int(w[0]) for w in seen] == list(range(2, 41))
         assert p.wait(timeout=20) == 0
         clean(cluster, child)
+    finally:
+        stop(p)
+
+
+@pytest.mark.parametrize("where", ["2", "master"])
+def test_kill_from_the_master_reaches_the_moved_child(cluster, where):
+    """SIGUSR1 (its handler exits 9) from the master; then SIGTERM: the shell sees the
+    signal (143)."""
+    for sig, want in ((signal.SIGUSR1, "status=9"), (signal.SIGTERM, "status=143")):
+        p, child = start(cluster, 400, 0.05)
+        try:
+            read_line(p)
+            assert write_ctl(cluster, child, f"move {where}\n") == 0
+            line = read_line(p).split()
+            assert line[1] == (hostname_of(2) if where == "2" else master_name()), line
+            os.kill(child, sig)
+            seen, status = lines_until_status(p)
+            assert status == want, (seen, status)
+            assert p.wait(timeout=20) == 0
+            clean(cluster, child)
+        finally:
+            stop(p)
+
+
+@pytest.mark.parametrize("where", ["2", "master"])
+def test_kill_from_the_parent_on_its_node_reaches_the_moved_child(cluster, where):
+    """sh kills its child by its PID on node 1, where the stand-in takes the signal and
+    passes it on: the handler runs where the child runs (exit 9)."""
+    script = (f"{PY} -c \"$0\" 400 0.05 & c=$!; echo child $c; sleep 1.5; kill -USR1 $c;"
+              " wait $c; echo status=$?")
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", script, COUNTER)
+    try:
+        child = int(read_line(p).split()[1])
+        read_line(p)
+        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        seen, status = lines_until_status(p)
+        assert status == "status=9", (seen, status)
+        host = hostname_of(2) if where == "2" else master_name()
+        assert seen and seen[-1][1] == host, seen
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
+
+
+@pytest.mark.parametrize("where", ["2", "master"])
+def test_a_sigkill_of_the_stand_in_kills_the_moved_child(cluster, where):
+    p, child = start(cluster, 400, 0.05)
+    try:
+        read_line(p)
+        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        read_line(p)
+        r = subprocess.run(command("bpsh") + ["1", "kill", "-9", str(child)],
+                           env=cluster.env, capture_output=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r
+        seen, status = lines_until_status(p)
+        assert status == "status=137", (seen, status)
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
+
+
+def test_a_forked_child_cannot_move_back_to_its_stand_in(cluster):
+    p, child = start(cluster, 400, 0.05)
+    try:
+        read_line(p)
+        assert write_ctl(cluster, child, "move 2\n") == 0
+        assert write_ctl(cluster, child, "move 1\n") == errno.EBUSY
+        assert write_ctl(cluster, child, "move 0\n") == 0
+        assert node_of(cluster, child) == "0"
+        os.kill(child, signal.SIGUSR1)
+        seen, status = lines_until_status(p)
+        assert status == "status=9" and seen[-1][1] == hostname_of(0), (seen, status)
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
+
+
+@pytest.mark.parametrize("where", ["2", "master"])
+def test_nothing_is_left_while_the_parent_lives_on(cluster, where):
+    """Once the shell has waited for its moved child: no ghost or zombie of it on the
+    master, no procs/ entry, no stand-in on node 1 (kill -0 there: no such process)."""
+    p, child = start(cluster, 10, 0.05, tail="sleep 8")
+    try:
+        read_line(p)
+        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        seen, status = lines_until_status(p)
+        assert status == "status=7", (seen, status)
+        cluster.wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=3,
+                         what="no ghost or zombie on the master")
+        assert str(child) not in os.listdir(os.path.join(cluster.mount, "procs"))
+        r = subprocess.run(command("bpsh") + ["1", "kill", "-0", str(child)],
+                           env=cluster.env, capture_output=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode != 0, r
+        assert p.wait(timeout=20) == 0
     finally:
         stop(p)
