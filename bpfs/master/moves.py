@@ -115,6 +115,7 @@ class Moves:
                             "process moves")
         if target == p.node:
             return f"ok: process {pid} is on node {target} already"
+        self.check_children(pid)                            # type: ignore[attr-defined]
         return await self._from_node(caller, p, target)
 
     async def _settled(self, pid: int) -> None:

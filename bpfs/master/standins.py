@@ -78,6 +78,14 @@ class NodeStandins:
                             "it stands in for itself while it runs elsewhere: it cannot "
                             "move back there")
 
+    def check_children(self, pid: int) -> None:
+        """EBUSY for a process on a node with children forked there (their ghosts are its
+        ghost's children here). The node checks too, but a process that moves itself has
+        its write answered before the node's refusal comes: this one it gets."""
+        if any(parent == pid for parent in self._parents.values()):
+            raise BpfsError(errno.EBUSY, f"process {pid} has children: it cannot move "
+                            "while they live")
+
     def take_relay(self, mid: int, p: Proc, source: int) -> bool:
         """Move `mid` of `p` from `source` relays its stdio there: its links go to that
         relay from now on (first made where it goes). False: not a stand-in's move."""
