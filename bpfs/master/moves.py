@@ -201,6 +201,7 @@ class Moves:
                 self._kill_ghost(pid)                       # type: ignore[attr-defined]
             else:
                 self.cluster.remove_proc(pid, m.gen or None)
+                self._forget(m)     # before it goes on: its next move is not "moving"
                 await self._let_go(pid, exc, own)
             raise
         if relay is not None:
@@ -271,6 +272,7 @@ class Moves:
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
                 p.links = old_links
+                self._forget(d)     # before it goes on: its next move is not "moving"
                 err = getattr(exc, "errno", None)
                 await self._verdict(messages.Resume(id=d.id, pid=pid,
                                                     errno=err if own and err else None),

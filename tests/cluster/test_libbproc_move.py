@@ -306,11 +306,12 @@ def test_python_rfork_and_vrfork_from_a_node(cluster: Cluster) -> None:
     waitpid gets their exit status; a process with a child of its own does not move
     (EBUSY, and it runs on where it was)."""
     r = py(cluster, """
-import os
+import os, time
 me = os.getpid()
 pid = lb.rfork(2)
 if pid == 0:
     say('child', lb.currnode(), os.getppid() == me)
+    time.sleep(0.3)             # still there when the parent asks pidnode
     os._exit(7)
 say('parent', lb.pidnode(pid), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 n, pids = lb.vrfork([0, 2])
@@ -320,7 +321,6 @@ if not pids:
 say('vparent', n, *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
 kid = os.fork()
 if kid == 0:
-    import time
     time.sleep(2)
     os._exit(0)
 try:
