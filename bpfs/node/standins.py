@@ -69,6 +69,8 @@ class Standins:
         self.tracer: Any = None
         self.held: dict[int, Any] = {}          # pid -> the session it reports to
         self._finishing: set[int] = set()       # ended by the master's word: say nothing
+        self.moving: set[int] = set()           # being moved away (StandinOps made)
+        self._early: dict[int, int] = {}        # `ended` before its stand-in was parked
         self._token: trio.lowlevel.TrioToken | None = None
 
     def ops(self, session: Any, mid: int, pid: int) -> "StandinOps":
@@ -97,6 +99,9 @@ class Standins:
     def ended(self, pid: int, status: int) -> bool:
         """Q ended elsewhere with wait `status`: its stand-in ends so. False if `pid` is
         no stand-in here."""
+        if pid not in self.held and pid in self.moving and len(self._early) < 4096:
+            self._early[pid] = status           # its `drop` is being done: at `settled`
+            return True
         if pid not in self.held or self.tracer is None:
             return False
         self._finishing.add(pid)
@@ -113,8 +118,17 @@ class Standins:
         tracer, self.tracer = self.tracer, None
         self.held.clear()
         self._finishing.clear()
+        self.moving.clear()
+        self._early.clear()
         if tracer is not None:
             tracer.stop()
+
+    def settled(self, pid: int) -> None:
+        """The move of `pid` is over (trio's thread): parked as a stand-in, or let go."""
+        self.moving.discard(pid)
+        status = self._early.pop(pid, None)
+        if status is not None and not self.ended(pid, status):
+            log.info("stand-in %d: it ended elsewhere (%#x) but is not here", pid, status)
 
     # ---- the tracer's reports (its thread) ------------------------------------------
 
@@ -165,12 +179,23 @@ class StandinOps:
         self.standins, self.session, self.mid, self.pid = standins, session, mid, pid
         self.token = token
         self.relay: subprocess.Popen[bytes] | None = None
+        standins.moving.add(pid)
 
     def _wait(self, fut: Any) -> Any:
         return fut.result(timeout=STEP_TIMEOUT)
 
     def seize(self) -> None:
-        self._wait(self.standins.tracer.seize_running(self.pid))
+        try:
+            self._wait(self.standins.tracer.seize_running(self.pid))
+        except BaseException:
+            self._settle()
+            raise
+
+    def _settle(self) -> None:
+        try:
+            self.token.run_sync_soon(self.standins.settled, self.pid)
+        except trio.RunFinishedError:
+            pass
 
     def dump(self, links: Any) -> Any:
         """The image (fds 0-2 left out: the relay carries them), then the relay started
@@ -182,18 +207,23 @@ class StandinOps:
         return image
 
     def drop(self) -> None:
-        """It runs elsewhere now: the stopped copy becomes its stand-in."""
-        self.standins.held[self.pid] = self.session     # before its first report
+        """It runs elsewhere now: the stopped copy becomes its stand-in. Held from the
+        moment its parking is queued: a `finish` for it queues behind (a failed parking
+        kills it, and its end kills the moved process too)."""
         try:
-            self._wait(self.standins.tracer.park_moved(self.pid, STDIO))
-        except BaseException:
-            self.standins.held.pop(self.pid, None)
-            raise
+            fut = self.standins.tracer.park_moved(self.pid, STDIO)
+            self.standins.held[self.pid] = self.session
+            self._wait(fut)
+        finally:
+            self._settle()
         log.debug("move %d: pid %d stands in here", self.mid, self.pid)
 
     def release(self, err: int | None) -> None:
-        self._kill_relay()
-        self._wait(self.standins.tracer.release_moving(self.pid, err))
+        try:
+            self._kill_relay()
+            self._wait(self.standins.tracer.release_moving(self.pid, err))
+        finally:
+            self._settle()
 
     # ---- the relay ----
 

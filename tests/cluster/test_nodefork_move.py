@@ -21,7 +21,7 @@ import pytest
 
 from tests.cluster.test_move import (PY, hostname_of, master_name, node_of, read_line,
                                      start_bpsh, stop, write_ctl)
-from tests.conftest import command, pid_alive
+from tests.conftest import as_user, command, pid_alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,18 +100,24 @@ def test_a_forked_child_moves_to_the_master_and_on(cluster):
         stop(p)
 
 
+def kill_as(user, sig: int, pid: int) -> None:
+    subprocess.run(as_user(["kill", f"-{sig}", str(pid)], user), check=True, timeout=20)
+
+
+@pytest.mark.parametrize("who", ["root", "alice"])
 @pytest.mark.parametrize("where", ["2", "master"])
-def test_kill_from_the_master_reaches_the_moved_child(cluster, where):
+def test_kill_from_the_master_reaches_the_moved_child(cluster, users, where, who):
     """SIGUSR1 (its handler exits 9) from the master; then SIGTERM: the shell sees the
     signal (143)."""
+    user = users["alice"] if who == "alice" else None
     for sig, want in ((signal.SIGUSR1, "status=9"), (signal.SIGTERM, "status=143")):
-        p, child = start(cluster, 400, 0.05)
+        p, child = start(cluster, 400, 0.05, user)
         try:
             read_line(p)
-            assert write_ctl(cluster, child, f"move {where}\n") == 0
+            assert write_ctl(cluster, child, f"move {where}\n", user) == 0
             line = read_line(p).split()
             assert line[1] == (hostname_of(2) if where == "2" else master_name()), line
-            os.kill(child, sig)
+            kill_as(user, sig, child)
             seen, status = lines_until_status(p)
             assert status == want, (seen, status)
             assert p.wait(timeout=20) == 0
@@ -120,17 +126,20 @@ def test_kill_from_the_master_reaches_the_moved_child(cluster, where):
             stop(p)
 
 
+@pytest.mark.parametrize("who", ["root", "alice"])
 @pytest.mark.parametrize("where", ["2", "master"])
-def test_kill_from_the_parent_on_its_node_reaches_the_moved_child(cluster, where):
+def test_kill_from_the_parent_on_its_node_reaches_the_moved_child(cluster, users, where,
+                                                                   who):
     """sh kills its child by its PID on node 1, where the stand-in takes the signal and
     passes it on: the handler runs where the child runs (exit 9)."""
+    user = users["alice"] if who == "alice" else None
     script = (f"{PY} -c \"$0\" 400 0.05 & c=$!; echo child $c; sleep 1.5; kill -USR1 $c;"
               " wait $c; echo status=$?")
-    p = start_bpsh(cluster, 1, "/bin/sh", "-c", script, COUNTER)
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", script, COUNTER, user=user)
     try:
         child = int(read_line(p).split()[1])
         read_line(p)
-        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        assert write_ctl(cluster, child, f"move {where}\n", user) == 0
         seen, status = lines_until_status(p)
         assert status == "status=9", (seen, status)
         host = hostname_of(2) if where == "2" else master_name()
@@ -141,14 +150,18 @@ def test_kill_from_the_parent_on_its_node_reaches_the_moved_child(cluster, where
         stop(p)
 
 
+@pytest.mark.parametrize("who", ["root", "alice"])
 @pytest.mark.parametrize("where", ["2", "master"])
-def test_a_sigkill_of_the_stand_in_kills_the_moved_child(cluster, where):
-    p, child = start(cluster, 400, 0.05)
+def test_a_sigkill_of_the_stand_in_kills_the_moved_child(cluster, users, where, who):
+    """kill -9 of its PID on node 1 (another job there): the stand-in dies at once, the
+    moved child too, and the shell sees SIGKILL (137)."""
+    user = users["alice"] if who == "alice" else None
+    p, child = start(cluster, 400, 0.05, user)
     try:
         read_line(p)
-        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        assert write_ctl(cluster, child, f"move {where}\n", user) == 0
         read_line(p)
-        r = subprocess.run(command("bpsh") + ["1", "kill", "-9", str(child)],
+        r = subprocess.run(as_user(command("bpsh") + ["1", "kill", "-9", str(child)], user),
                            env=cluster.env, capture_output=True, timeout=20,
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r
@@ -181,13 +194,13 @@ def test_a_forked_child_cannot_move_back_to_its_stand_in(cluster):
 def test_nothing_is_left_while_the_parent_lives_on(cluster, where):
     """Once the shell has waited for its moved child: no ghost or zombie of it on the
     master, no procs/ entry, no stand-in on node 1 (kill -0 there: no such process)."""
-    p, child = start(cluster, 10, 0.05, tail="sleep 8")
+    p, child = start(cluster, 10, 0.05, tail="sleep 4")
     try:
         read_line(p)
         assert write_ctl(cluster, child, f"move {where}\n") == 0
         seen, status = lines_until_status(p)
         assert status == "status=7", (seen, status)
-        cluster.wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=3,
+        cluster.wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=2.5,
                          what="no ghost or zombie on the master")
         assert str(child) not in os.listdir(os.path.join(cluster.mount, "procs"))
         r = subprocess.run(command("bpsh") + ["1", "kill", "-0", str(child)],
