@@ -267,19 +267,17 @@ class Moves:
         except BaseException as exc:
             self.on_moving(pid, False)
             if d.ghost_gone:
-                if relayed:
-                    self.stands_in(pid, source)             # type: ignore[attr-defined]
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
                 p.links = old_links
+                if relayed:
+                    self.no_standin(pid)                    # type: ignore[attr-defined]
                 self._forget(d)     # before it goes on: its next move is not "moving"
                 err = getattr(exc, "errno", None)
                 await self._verdict(messages.Resume(id=d.id, pid=pid,
                                                     errno=err if own and err else None),
                                     source)
             raise
-        if relayed:
-            self.stands_in(pid, source)                     # type: ignore[attr-defined]
         await self._verdict(messages.Drop(id=d.id, pid=pid), source)
         if target is None:
             self.watch_home(pid)                            # type: ignore[attr-defined]

@@ -88,19 +88,22 @@ class NodeStandins:
 
     def take_relay(self, mid: int, p: Proc, source: int) -> bool:
         """Move `mid` of `p` from `source` relays its stdio there: its links go to that
-        relay from now on (first made where it goes). False: not a stand-in's move."""
+        relay from now on (first made where it goes), and `source` stands in for it from
+        now on: an end that comes before the move is over reaches it too (the node keeps
+        it until its copy is parked). False: not a stand-in's move."""
         msg = self._relayed.pop(mid, None)
         if msg is None:
             return False
         p.links = StdioLinks(msg.port, msg.token, ("socket", "socket", "socket"),
                              host=self.host_of(source))
         p.stdin_base = 0
+        if len(self._standins) < MAX_STANDINS:
+            self._standins[p.pid] = source
         return True
 
-    def stands_in(self, pid: int, node: int) -> None:
-        """`node` dropped its copy of `pid`: it is its stand-in now."""
-        if len(self._standins) < MAX_STANDINS:
-            self._standins[pid] = node
+    def no_standin(self, pid: int) -> None:
+        """The move failed: it goes on where it was forked, no stand-in."""
+        self._standins.pop(pid, None)
 
     def forget_relay(self, mid: int) -> None:
         self._relayed.pop(mid, None)

@@ -210,3 +210,21 @@ def test_nothing_is_left_while_the_parent_lives_on(cluster, where):
         assert p.wait(timeout=20) == 0
     finally:
         stop(p)
+
+
+def test_rforked_children_that_end_at_once_give_their_status(cluster):
+    """The child ends right after its move (its end may reach the master before node 1
+    has parked its stand-in): the parent's waitpid still gets each status."""
+    from tests.cluster.test_libbproc_move import py
+    from tests.cluster.test_libbproc import out
+    r = py(cluster, """
+import os
+got = []
+for i in range(8):
+    pid = lb.rfork(2 if i % 2 else 0)
+    if pid == 0:
+        os._exit(20 + i)
+    got.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+say(*got)
+""", node=1, timeout=50)
+    assert out(r).split() == [str(20 + i) for i in range(8)]
