@@ -54,6 +54,14 @@ def lines_until_status(p) -> tuple[list[list[str]], str]:
         seen.append(line.split())
 
 
+def on_node(cluster, n: int, pid: int) -> bool:
+    """`pid` is a process on node `n` (a zombie too)."""
+    r = subprocess.run(command("bpsh") + [str(n), "test", "-e", f"/proc/{pid}"],
+                       env=cluster.env, capture_output=True, timeout=20,
+                       stdin=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
 def clean(cluster, pid: int) -> None:
     """No trace of `pid` left: not listed, no process (ghost) on the master."""
     cluster.wait_for(lambda: str(pid) not in os.listdir(os.path.join(cluster.mount, "procs"))
@@ -228,3 +236,26 @@ for i in range(8):
 say(*got)
 """, node=1, timeout=50)
     assert out(r).split() == [str(20 + i) for i in range(8)]
+
+
+@pytest.mark.parametrize("where", ["2", "master"])
+def test_an_orphan_forked_on_a_node_moves_and_ends(cluster, tmp_path, where):
+    """sh exits at once: its child, writing to a file, is the node daemon's orphan there
+    (its stand-in too, once it moved); it ends by itself, and nothing is left."""
+    out = tmp_path / "out"
+    os.chmod(tmp_path, 0o777)
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", f"{PY} -c \"$0\" 30 0.05 > {out} 2>&1 & "
+                   "echo child $!", COUNTER)
+    try:
+        child = int(read_line(p).split()[1])
+        assert p.wait(timeout=20) == 0
+        cluster.wait_for(lambda: out.exists() and out.read_text(), what="its first line")
+        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        clean(cluster, child)
+        cluster.wait_for(lambda: not on_node(cluster, 1, child), timeout=5,
+                         what="no stand-in (nor its zombie) on node 1")
+        lines = [ln.split() for ln in out.read_text().splitlines()]
+        assert [int(w[0]) for w in lines] == list(range(1, 31))
+        assert lines[-1][1] == (hostname_of(2) if where == "2" else master_name())
+    finally:
+        stop(p)
