@@ -97,7 +97,6 @@ class Moves:
         if target is not None:
             self._check_target(target, caller)
         await self._settled(pid)
-        self.check_standin(pid, target)                     # type: ignore[attr-defined]
         if pid in self._by_pid:
             raise BpfsError(errno.EBUSY, f"process {pid} is moving or starting: try again "
                             "once it runs")
@@ -312,6 +311,7 @@ class Moves:
                       cmd=p.cmd, host=ln.host, again=consumed or 0)
 
         def started() -> None:              # at `restored`: it runs on `target` now
+            self.back_home(d.pid, target)                   # type: ignore[attr-defined]
             self.cluster.proc_moved(d.pid, target, m.id)
             p.stdin_base = m.again or 0
             d.started = True

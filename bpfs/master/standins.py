@@ -70,13 +70,12 @@ class NodeStandins:
             return
         self._relayed[msg.id] = msg
 
-    def check_standin(self, pid: int, target: int | None) -> None:
-        """EBUSY for a move of `pid` to the node where its stand-in holds its PID."""
-        node = self._standins.get(pid)
-        if node is not None and node == target:
-            raise BpfsError(errno.EBUSY, f"process {pid} was forked on node {node}, where "
-                            "it stands in for itself while it runs elsewhere: it cannot "
-                            "move back there")
+    def back_home(self, pid: int, node: int) -> bool:
+        """`pid` moves (moved) back into its stand-in on `node`: it stands in no more."""
+        if self._standins.get(pid) != node:
+            return False
+        del self._standins[pid]
+        return True
 
     def check_children(self, pid: int) -> None:
         """EBUSY for a process on a node with children forked there (their ghosts are its

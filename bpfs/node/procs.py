@@ -226,6 +226,10 @@ async def on_restore(session: Session, msg: messages.Restore) -> None:
         log.warning("restore %d refused: %s", msg.id, exc)
         session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
         return
+    standins = getattr(session.node, "standins", None)
+    if standins is not None and msg.pid in standins.held and session.nursery is not None:
+        session.nursery.start_soon(standins.restore_in, session, msg)   # back in its
+        return                                                          # stand-in
     attempt = Attempt(session, msg)
     if not attempt.at_once():
         assert session.nursery is not None

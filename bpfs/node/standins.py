@@ -113,6 +113,47 @@ class Standins:
                               log.warning("stand-in %d: ending it: %s", pid, f.exception()))
         return True
 
+    async def restore_in(self, session: Any, req: messages.Restore) -> None:
+        """Q moves back here: its image goes into its stand-in (the tracer's `restore_in`,
+        as the master restores a process into its ghost), which then runs as Q again,
+        R's child still; its links are made again to where they went (the relay). Then
+        `restored`, or `failed` with the step's errno (the stand-in parked as it was, or,
+        past the point of no return, dead: its end kills Q through the master)."""
+        from bpfs.migrate import loads
+        from bpfs.node import stdio
+        from bpfs.node.procs import Held
+        pid, fds = req.pid, [None, None, None]
+        assert pid is not None
+        try:
+            image = await trio.to_thread.run_sync(loads, req.image)
+            links = _links(session, req, pid)
+            if not links.ready():
+                await links.wait()
+            fds = links.fds()
+            mine = {n: fd for n, fd in enumerate(fds) if fd is not None}
+            fut = self.tracer.restore_in(pid, image, mine, close_others=True)
+            await trio.to_thread.run_sync(fut.result, STEP_TIMEOUT)
+        except BaseException as exc:
+            if not isinstance(exc, (BpfsError, TimeoutError)):
+                if not isinstance(exc, Exception):
+                    raise
+                log.error("restore %d into stand-in %d failed", req.id, pid, exc_info=exc)
+            err = getattr(exc, "errno", None) or errno.EIO
+            text = getattr(exc, "message", None) or f"node error: {exc}"
+            session.report(messages.Failed(id=req.id, errno=err, message=text[:4096]))
+            return
+        finally:
+            stdio.close_all(fds)
+        self.held.pop(pid, None)
+        sup = self.node.supervisor
+        child = sup.children.get(pid) if sup is not None else None
+        if child is not None:
+            child.id = req.id               # its `exited` is this restore's now
+        self.node.procs.hold(pid, Held(session, req.id, image.argv[0] if image.argv
+                                       else image.comm))
+        session.report(messages.Restored(id=req.id, pid=pid))
+        log.debug("restore %d: pid %d back into its stand-in", req.id, pid)
+
     def session_over(self) -> None:
         """The master is gone: every stand-in dies (the node kills what it held)."""
         tracer, self.tracer = self.tracer, None
@@ -286,6 +327,18 @@ class StandinOps:
             except OSError:
                 pass
             threading.Thread(target=relay.wait, daemon=True).start()
+
+
+def _links(session: Any, req: messages.Restore, pid: int) -> Any:
+    """Its links, made again (`again` came) or first ones, as a restore makes them."""
+    from bpfs.node import stdio
+    host = req.host or session.node.cfg.host
+    consumed = session.again.pop(req.id, None)
+    if consumed is None:
+        return stdio.Links(host, req.port, req.token, pid, req.io)
+    return stdio.Links.again(req.io, {
+        n: stdio.LinkTarget(host, req.port, req.token, pid, consumed if n == 0 else 0)
+        for n, spec in enumerate(req.io) if spec == "socket"})
 
 
 def _read_port(fd: int) -> int:

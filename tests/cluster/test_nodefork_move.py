@@ -181,17 +181,50 @@ def test_a_sigkill_of_the_stand_in_kills_the_moved_child(cluster, users, where, 
         stop(p)
 
 
-def test_a_forked_child_cannot_move_back_to_its_stand_in(cluster):
-    p, child = start(cluster, 400, 0.05)
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_a_forked_child_moves_back_into_its_stand_in_and_away_again(cluster, users, who):
+    """node 1 -> 2 -> 1 (restored into its stand-in: sh's child there again) -> master
+    -> 1 -> 0; its count goes on, and sh's wait gets its status."""
+    user = users["alice"] if who == "alice" else None
+    p, child = start(cluster, 400, 0.03, user)
+    try:
+        read_line(p)
+        counts = []
+        for target in ("2", "1", "master", "1", "0"):
+            assert write_ctl(cluster, child, f"move {target}\n", user) == 0, target
+            if target != "master":
+                assert node_of(cluster, child) == target
+            host = master_name() if target == "master" else hostname_of(int(target))
+            for _ in range(100):            # lines written before the move, then its own
+                line = read_line(p).split()
+                counts.append(int(line[0]))
+                if line[1] == host:
+                    break
+            else:
+                raise AssertionError(f"no line from {host}")
+        assert counts == list(range(2, 2 + len(counts))), counts
+        kill_as(user, signal.SIGUSR1, child)
+        seen, status = lines_until_status(p)
+        assert status == "status=9", (seen, status)
+        assert all(w[1] == hostname_of(0) for w in seen), seen
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
+
+
+def test_a_child_back_in_its_stand_in_ends_as_sh_s_child(cluster):
+    """Back on node 1 it is sh's child again: its end is sh's to see, by a signal from
+    the master too."""
+    p, child = start(cluster, 400, 0.03)
     try:
         read_line(p)
         assert write_ctl(cluster, child, "move 2\n") == 0
-        assert write_ctl(cluster, child, "move 1\n") == errno.EBUSY
-        assert write_ctl(cluster, child, "move 0\n") == 0
-        assert node_of(cluster, child) == "0"
-        os.kill(child, signal.SIGUSR1)
+        assert write_ctl(cluster, child, "move 1\n") == 0
+        assert read_line(p).split()[1] in (hostname_of(2), hostname_of(1))
+        os.kill(child, signal.SIGTERM)
         seen, status = lines_until_status(p)
-        assert status == "status=9" and seen[-1][1] == hostname_of(0), (seen, status)
+        assert status == "status=143", (seen, status)
         assert p.wait(timeout=20) == 0
         clean(cluster, child)
     finally:
