@@ -10,9 +10,10 @@ stays taken. The master's part:
                                                    stand-in got: to Q's ghost, on to Q
 
 At `relayed` Q's stdio links become links to A's relay (its address as the master sees
-it), first made wherever Q goes. Once A has dropped its copy, A is Q's stand-in node
-until Q ends: moves of Q elsewhere (B -> C, B -> the master) leave it as it is; a move
-back to A is refused (EBUSY: the stand-in holds Q's PID there).
+it), first made wherever Q goes, and A is Q's stand-in node until Q ends or comes back:
+moves of Q elsewhere (B -> C, B -> the master) leave it as it is; a move back to A goes
+into the stand-in (A's `restore_in`), and at its `restored` A stands in no more
+(`back_home`): Q is A's process again, whose end A reports itself.
 
 Q's end reaches A once, with the real status, whichever way it ends:
 - Q runs on a node: its ghost here ends the same way (`exited` from that node, or the

@@ -26,9 +26,12 @@ same files and sockets Q had, and feeds it what they give. The relay ends after 
 stand-in (it holds a pidfd of it).
 
 If the move fails, Q goes on here exactly as it was (`release_moving`) and the relay is
-killed. Moving back to this node is refused by the master (EBUSY): the stand-in holds
-Q's PID (docs/move.md). When the master's connection goes, every stand-in dies with the
-tracer (`session_over`), as everything the node held dies.
+killed. When Q moves back to this node, the `restore` goes into its stand-in
+(`restore_in`: the tracer's, as the master restores a process into its ghost): Q runs
+here again as R's child, its links made again to the relay, reported as the restore's
+process (its `exited`, the supervisor's, carries the restore's id). When the master's
+connection goes, every stand-in dies with the tracer (`session_over`), as everything the
+node held dies.
 
 Errors: the ptrace steps' MigrateError (EBUSY, ESRCH...) fail the move as they do for a
 restored process; a relay that cannot start fails it with EIO.
