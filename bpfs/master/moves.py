@@ -258,6 +258,8 @@ class Moves:
         old_links = p.links
         relayed = self.take_relay(d.id, p, source)          # type: ignore[attr-defined]
         consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
+        if relayed:                                   # new links, to a relay that has
+            consumed = 0                              # read nothing for it yet
         try:
             if target is None:
                 await self._into_ghost(d, p, data, consumed)

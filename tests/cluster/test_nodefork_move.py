@@ -292,3 +292,32 @@ def test_an_orphan_forked_on_a_node_moves_and_ends(cluster, tmp_path, where):
         assert lines[-1][1] == (hostname_of(2) if where == "2" else master_name())
     finally:
         stop(p)
+
+
+def test_a_moved_forked_child_reads_on_its_stdin(cluster):
+    """sh's child reads the job's stdin (shared with sh): moved to node 2, what bpsh's
+    stdin gives next still reaches it (through the relay on node 1), and its EOF."""
+    from tests.cluster.test_move import ECHO
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", f"{PY} -c \"$0\"; echo status=$?", ECHO,
+                   stdin=subprocess.PIPE)
+    try:
+        assert p.stdin is not None
+        words = read_line(p).split()
+        assert words[0] == "ready", words
+        child = int(words[1])
+        p.stdin.write(b"a\n")
+        p.stdin.flush()
+        assert read_line(p) == f"a {hostname_of(1)}"
+        assert write_ctl(cluster, child, "move 2\n") == 0
+        p.stdin.write(b"b\n")
+        p.stdin.flush()
+        assert read_line(p) == f"b {hostname_of(2)}"
+        assert write_ctl(cluster, child, "move 0\n") == 0
+        p.stdin.write(b"c\n")
+        p.stdin.close()
+        assert read_line(p) == f"c {hostname_of(0)}"
+        assert read_line(p) == "status=3"
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
