@@ -65,8 +65,6 @@ class Move:
 class DirectOps:
     """The ptrace steps of a move of a restored process, made by the move's thread."""
 
-    links = None                            # the master's say: its stdio links
-
     def __init__(self, pid: int) -> None:
         self.pid = pid
 

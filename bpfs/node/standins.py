@@ -136,10 +136,8 @@ class Standins:
             mine = {n: fd for n, fd in enumerate(fds) if fd is not None}
             fut = self.tracer.restore_in(pid, image, mine, close_others=True)
             await trio.to_thread.run_sync(fut.result, STEP_TIMEOUT)
-        except BaseException as exc:
+        except Exception as exc:        # cancelled: the session is over, so is everything
             if not isinstance(exc, (BpfsError, TimeoutError)):
-                if not isinstance(exc, Exception):
-                    raise
                 log.error("restore %d into stand-in %d failed", req.id, pid, exc_info=exc)
             err = getattr(exc, "errno", None) or errno.EIO
             text = getattr(exc, "message", None) or f"node error: {exc}"
@@ -215,8 +213,6 @@ class StandinOps:
     """What the mover's thread does to a process forked here (bpfs/node/mover.py's
     `DirectOps` does the same to a restored one): each step a Future of the node's
     tracer, waited for in the move's thread."""
-
-    links = frozenset(STDIO)          # its fds 0-2 go to the relay, whatever they are
 
     def __init__(self, standins: Standins, session: Any, mid: int, pid: int,
                  token: trio.lowlevel.TrioToken) -> None:
