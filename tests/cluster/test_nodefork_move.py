@@ -321,3 +321,31 @@ def test_a_moved_forked_child_reads_on_its_stdin(cluster):
         clean(cluster, child)
     finally:
         stop(p)
+
+
+def test_its_node_rebooting_takes_the_stand_in_and_the_parent(cluster):
+    """Node 1 loses its master (reboot): sh and the stand-in die with everything there;
+    the child on node 2 loses its stdio (the relay was on node 1) and ends; nothing is
+    left, and node 1 comes back."""
+    p, child = start(cluster, 400, 0.05)
+    try:
+        read_line(p)
+        assert write_ctl(cluster, child, "move 2\n") == 0
+        with open(os.path.join(cluster.mount, "nodes", "1", "ctl"), "w") as f:
+            f.write("reboot\n")
+        states = []
+        cluster.wait_for(lambda: states.append(cluster.read("nodes/1/status").strip())
+                         or states[-1] == "down", timeout=20, what="node 1 down")
+        p.wait(timeout=20)
+        clean(cluster, child)
+    finally:
+        stop(p)
+        cluster.wait_for(lambda: cluster.read("nodes/1/status").strip() == "up", timeout=30,
+                         what="node 1 up again")
+    p, child = start(cluster, 30, 0.02)         # and serves as before
+    try:
+        assert write_ctl(cluster, child, "move 2\n") == 0
+        assert lines_until_status(p)[1] == "status=7"
+        assert p.wait(timeout=20) == 0
+    finally:
+        stop(p)
