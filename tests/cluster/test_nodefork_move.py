@@ -54,6 +54,15 @@ def lines_until_status(p) -> tuple[list[list[str]], str]:
         seen.append(line.split())
 
 
+def until_host(p, host: str) -> list[str]:
+    """The first line from `host` (lines written before a move come first)."""
+    for _ in range(200):
+        line = read_line(p).split()
+        if not line or line[1] == host:
+            return line
+    raise AssertionError(f"no line from {host}")
+
+
 def on_node(cluster, n: int, pid: int) -> bool:
     """`pid` is a process on node `n` (a zombie too)."""
     r = subprocess.run(command("bpsh") + [str(n), "test", "-e", f"/proc/{pid}"],
@@ -123,8 +132,8 @@ def test_kill_from_the_master_reaches_the_moved_child(cluster, users, where, who
         try:
             read_line(p)
             assert write_ctl(cluster, child, f"move {where}\n", user) == 0
-            line = read_line(p).split()
-            assert line[1] == (hostname_of(2) if where == "2" else master_name()), line
+            line = until_host(p, hostname_of(2) if where == "2" else master_name())
+            assert line, "no line from where it moved"
             kill_as(user, sig, child)
             seen, status = lines_until_status(p)
             assert status == want, (seen, status)
