@@ -191,6 +191,7 @@ class Moves:
             if home is not None:
                 p.links = home.links
             await self._restore(m, image)                   # type: ignore[attr-defined]
+            self.back_home(pid, m.node)                     # type: ignore[attr-defined]
             await wait_future(parked[0])
         except BaseException as exc:
             if relay is not None:
