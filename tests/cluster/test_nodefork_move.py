@@ -63,6 +63,14 @@ def until_host(p, host: str) -> list[str]:
     raise AssertionError(f"no line from {host}")
 
 
+def relays_on(cluster, n: int) -> list[str]:
+    """The stdio relays running on node `n`."""
+    r = subprocess.run(command("bpsh") + [str(n), "pgrep", "-f", "bpfs.cli.bpsh.relay"],
+                       env=cluster.env, capture_output=True, timeout=20,
+                       stdin=subprocess.DEVNULL)
+    return r.stdout.decode().split()
+
+
 def on_node(cluster, n: int, pid: int) -> bool:
     """`pid` is a process on node `n` (a zombie too)."""
     r = subprocess.run(command("bpsh") + [str(n), "test", "-e", f"/proc/{pid}"],
@@ -244,19 +252,19 @@ def test_a_child_back_in_its_stand_in_ends_as_sh_s_child(cluster):
 def test_nothing_is_left_while_the_parent_lives_on(cluster, where):
     """Once the shell has waited for its moved child: no ghost or zombie of it on the
     master, no procs/ entry, no stand-in on node 1 (kill -0 there: no such process)."""
-    p, child = start(cluster, 10, 0.05, tail="sleep 4")
+    p, child = start(cluster, 20, 0.05, tail="sleep 4")
     try:
         read_line(p)
         assert write_ctl(cluster, child, f"move {where}\n") == 0
+        assert relays_on(cluster, 1)                # while it runs: its stdio's
         seen, status = lines_until_status(p)
         assert status == "status=7", (seen, status)
         cluster.wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=2.5,
                          what="no ghost or zombie on the master")
         assert str(child) not in os.listdir(os.path.join(cluster.mount, "procs"))
-        r = subprocess.run(command("bpsh") + ["1", "kill", "-0", str(child)],
-                           env=cluster.env, capture_output=True, timeout=20,
-                           stdin=subprocess.DEVNULL)
-        assert r.returncode != 0, r
+        assert not on_node(cluster, 1, child)
+        cluster.wait_for(lambda: not relays_on(cluster, 1), timeout=5,
+                         what="no relay left on node 1")
         assert p.wait(timeout=20) == 0
     finally:
         stop(p)
