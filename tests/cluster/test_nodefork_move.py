@@ -366,3 +366,21 @@ def test_its_node_rebooting_takes_the_stand_in_and_the_parent(cluster):
         assert p.wait(timeout=20) == 0
     finally:
         stop(p)
+
+
+@pytest.mark.parametrize("where", ["2", "master"])
+def test_a_moved_child_that_dies_of_a_signal_of_its_own(cluster, where):
+    """It aborts where it runs (SIGABRT): the shell on node 1 sees that signal (134)."""
+    prog = ("import os, sys, time\nprint('up', flush=True)\ntime.sleep(0.6)\n"
+            "os.abort()\n")
+    script = f"{PY} -c \"$0\" & c=$!; echo child $c; wait $c; echo status=$?"
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", script, prog)
+    try:
+        child = int(read_line(p).split()[1])
+        assert read_line(p) == "up"
+        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        assert read_line(p) == "status=134"
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
