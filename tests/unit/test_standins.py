@@ -96,3 +96,55 @@ def test_the_zombie_status_is_read_before_it_is_reaped() -> None:
     finally:
         os.waitpid(pid, 0)
     assert _zombie_status(pid) == signal.SIGKILL            # reaped: the status is lost
+
+
+def test_the_reaper_leaves_a_child_another_thread_traces_to_that_thread() -> None:
+    """The node daemon's reaper (bpfs/node/init.py) and a stand-in's tracer thread in one
+    process: a signal-delivery stop of the traced child stays the tracer's (the kernel
+    shows it to the whole thread group), an untraced child's end is reaped."""
+    import threading
+    from bpfs.migrate import ptrace as pt
+    from bpfs.node.init import Reaper
+    traced, plain = os.fork(), -1
+    if traced == 0:
+        time.sleep(30)
+        os._exit(0)
+    statuses: list[int] = []
+    try:
+        plain = os.fork()
+        if plain == 0:
+            os._exit(3)
+        ready, go, done = threading.Event(), threading.Event(), threading.Event()
+
+        def tracer() -> None:
+            pt.seize(traced, 0)
+            os.kill(traced, signal.SIGUSR1)
+            ready.set()
+            go.wait(10)
+            statuses.append(pt.wait(traced))        # the stop is still ours
+            pt.cont(traced, 0)                      # suppressed
+            os.kill(traced, signal.SIGKILL)
+            statuses.append(pt.wait(traced))        # its end: ours too (we reap it)
+            done.set()
+
+        t = threading.Thread(target=tracer)
+        t.start()
+        ready.wait(10)
+        time.sleep(0.2)                             # the stop and the plain end are in
+        ended: list[tuple[int, int]] = []
+        reaper = Reaper()
+        reaper.on_exit(plain, lambda pid, st: ended.append((pid, st)))
+        reaper.reap()
+        go.set()
+        t.join(10)
+        assert done.is_set()
+        assert ended == [(plain, 3 << 8)]
+        assert os.WIFSTOPPED(statuses[0]) and os.WSTOPSIG(statuses[0]) == signal.SIGUSR1
+        assert os.WIFSIGNALED(statuses[1])
+    finally:
+        for pid in (traced, plain):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
