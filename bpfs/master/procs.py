@@ -127,12 +127,14 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
         if pid is not None:
             self.cluster.stopped(pid)
             self._ghost_job(pid, stop=True, sig=msg.sig or _signal.SIGSTOP)
+            self.standin_job(pid, True, msg.sig or _signal.SIGSTOP)
 
     def on_continued(self, node: int, msg: messages.Continued) -> None:
         pid = self._known_on(node, msg)
         if pid is not None:
             self.cluster.continued(pid)
             self._ghost_job(pid, stop=False)
+            self.standin_job(pid, False, _signal.SIGCONT)
 
     def _known_on(self, node: int, msg: messages.Stopped | messages.Continued) -> int | None:
         pid = msg.pid

@@ -8,6 +8,8 @@ stays taken. The master's part:
     master -> node A  ended     pid, status        Q has ended: the stand-in ends so
     node A -> master  kill      seq, Q, sig, 0, 0  (bpfs/master/forks.py) a signal the
                                                    stand-in got: to Q's ghost, on to Q
+    master -> node A  signal    Q, sig             Q stopped (a stop signal) or went on
+                                                   (SIGCONT): the stand-in does the same
 
 At `relayed` Q's stdio links become links to A's relay (its address as the master sees
 it), first made wherever Q goes, and A is Q's stand-in node until Q ends or comes back:
@@ -153,6 +155,14 @@ class NodeStandins:
             return
         fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.info(
             "pid %d: reap by its parent %d: %s", pid, parent, f.exception()))
+
+    def standin_job(self, pid: int, stop: bool, sig: int) -> None:
+        """`pid` stopped (by `sig`) or went on where it runs: its stand-in too, so its
+        parent's waitpid(WUNTRACED) sees it stopped (a `signal` for a stand-in is its
+        process's job state: any other signal goes where the process runs)."""
+        node = self._standins.get(pid)
+        if node is not None:
+            self._tell(node, messages.Signal(pid=pid, sig=sig if stop else _signal.SIGCONT))
 
     def standins_lost(self, node: int) -> None:
         """`node` is gone, and its stand-ins with it."""

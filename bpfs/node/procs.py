@@ -245,6 +245,9 @@ async def on_files(session: Session, msg: messages.Files) -> None:
 
 
 async def on_signal(session: Session, msg: messages.Signal) -> None:
+    standins = getattr(session.node, "standins", None)
+    if standins is not None and standins.job(msg.pid, msg.sig):
+        return                          # its process stopped or went on (node/standins)
     session.node.procs.signal(session, msg.pid, msg.sig, msg.id, msg.group is True)
 
 

@@ -14,6 +14,9 @@ seizes Q, dumps it where it stands (`dump_moving`) and, once Q runs elsewhere, p
   sender's checks here): it reaches Q's ghost there, which passes it on to the real Q;
 - a SIGKILL kills the stand-in at once: the master is told to kill Q (`kill` SIGKILL),
   which must not outlive what its parent saw;
+- when Q stops or goes on (job control) where it runs, the master says so (`signal`
+  SIGSTOP/SIGTSTP.../SIGCONT for the stand-in) and the stand-in enters a group-stop or
+  leaves it (`set_stopped`, as a ghost does), so R's waitpid(WUNTRACED) sees it;
 - when Q ends wherever it is, the master says so (`ended`, its wait status) and the
   stand-in ends the same way (`finish`: the exit code, or death by the same signal); R
   reaps it, and the supervisor reports `exited` as for any child forked here.
@@ -114,6 +117,16 @@ class Standins:
             fut = self.tracer.finish(pid, exit_code=os.WEXITSTATUS(status))
         fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or
                               log.warning("stand-in %d: ending it: %s", pid, f.exception()))
+        return True
+
+    def job(self, pid: int, sig: int) -> bool:
+        """Q stopped by `sig` (or went on: SIGCONT) where it runs: the stand-in too (a
+        group-stop its parent's waitpid(WUNTRACED) sees). False: no stand-in `pid`."""
+        if pid not in self.held or self.tracer is None:
+            return False
+        fut = self.tracer.set_stopped(pid, sig != signal.SIGCONT, sig)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or
+                              log.info("stand-in %d: job state: %s", pid, f.exception()))
         return True
 
     async def restore_in(self, session: Any, req: messages.Restore) -> None:

@@ -55,10 +55,11 @@ def lines_until_status(p) -> tuple[list[list[str]], str]:
 
 
 def until_host(p, host: str) -> list[str]:
-    """The first line from `host` (lines written before a move come first)."""
+    """The first line from `host` (lines written before a move come first), or the first
+    that begins with `host` (a word the parent says)."""
     for _ in range(200):
         line = read_line(p).split()
-        if not line or line[1] == host:
+        if not line or line[0] == host or (len(line) > 1 and line[1] == host):
             return line
     raise AssertionError(f"no line from {host}")
 
@@ -380,6 +381,44 @@ def test_a_moved_child_that_dies_of_a_signal_of_its_own(cluster, where):
         assert read_line(p) == "up"
         assert write_ctl(cluster, child, f"move {where}\n") == 0
         assert read_line(p) == "status=134"
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
+
+
+# The parent: forks the counter (exec'd), says its PID, then reports each waitpid
+# (WUNTRACED | WCONTINUED) until the child has ended.
+PARENT = ("import os, sys\n"
+          "pid = os.fork()\n"
+          "if pid == 0:\n"
+          "    os.execv(sys.executable, [sys.executable, '-c', sys.argv[1], '400', '0.05'])\n"
+          "print('child', pid, flush=True)\n"
+          "while True:\n"
+          "    _, st = os.waitpid(pid, os.WUNTRACED | os.WCONTINUED)\n"
+          "    if os.WIFSTOPPED(st):\n"
+          "        print('stopped', os.WSTOPSIG(st), flush=True)\n"
+          "    elif os.WIFCONTINUED(st):\n"
+          "        print('continued', flush=True)\n"
+          "    else:\n"
+          "        print('status', os.waitstatus_to_exitcode(st), flush=True)\n"
+          "        break\n")
+
+
+@pytest.mark.parametrize("where", ["2", "0"])
+def test_its_parent_sees_the_moved_child_stop_and_go_on(cluster, where):
+    p = start_bpsh(cluster, 1, PY, "-c", PARENT, COUNTER)
+    try:
+        child = int(read_line(p).split()[1])
+        read_line(p)
+        assert write_ctl(cluster, child, f"move {where}\n") == 0
+        assert until_host(p, hostname_of(int(where)))
+        os.kill(child, signal.SIGSTOP)
+        assert until_host(p, "stopped") == ["stopped", str(int(signal.SIGSTOP))]
+        os.kill(child, signal.SIGCONT)
+        assert until_host(p, "continued") == ["continued"]
+        os.kill(child, signal.SIGTERM)
+        assert until_host(p, "status") == ["status", str(-signal.SIGTERM)]
         assert p.wait(timeout=20) == 0
         clean(cluster, child)
     finally:
