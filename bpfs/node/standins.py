@@ -263,10 +263,16 @@ class StandinOps:
         """It runs elsewhere now: the stopped copy becomes its stand-in. Held from the
         moment its parking is queued: a `finish` for it queues behind (a failed parking
         kills it, and its end kills the moved process too)."""
+        tracer = self.standins.tracer
         try:
-            fut = self.standins.tracer.park_moved(self.pid, STDIO)
+            fut = tracer.park_moved(self.pid, STDIO)
             self.standins.held[self.pid] = self.session
             self._wait(fut)
+        except BaseException:
+            # killed while it waited for its verdict (a SIGKILL here): its end, once the
+            # tracer takes it, kills the moved process too (`_ended_here`)
+            tracer.kill(self.pid)
+            raise
         finally:
             self._settle()
         log.debug("move %d: pid %d stands in here", self.mid, self.pid)

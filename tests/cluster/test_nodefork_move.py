@@ -423,3 +423,27 @@ def test_its_parent_sees_the_moved_child_stop_and_go_on(cluster, where):
         clean(cluster, child)
     finally:
         stop(p)
+
+
+def test_a_sigkill_while_it_moves_ends_it_and_its_shell_sees_it(cluster):
+    """kill -9 on node 1 the moment the node's tracer has the child (seized, stopped,
+    dumped, waiting for its verdict: wherever the race falls): the move fails or
+    succeeds, but the child dies, its shell sees SIGKILL, and nothing is left."""
+    watch = ("while kill -0 {0} 2>/dev/null; do "
+             "grep -q 'TracerPid:[[:space:]]*[1-9]' /proc/{0}/status && "
+             "{{ kill -9 {0}; break; }}; done")
+    for _ in range(5):
+        p, child = start(cluster, 400, 0.05)
+        try:
+            read_line(p)
+            killer = subprocess.Popen(command("bpsh") + ["1", "sh", "-c",
+                                                         watch.format(child)],
+                                      env=cluster.env, stdin=subprocess.DEVNULL)
+            time.sleep(0.3)
+            write_ctl(cluster, child, "move 2\n")   # ok, or the errno of its death
+            out = p.communicate(timeout=20)[0].decode()
+            assert "status=137\n" in out, out
+            killer.wait(timeout=20)
+            clean(cluster, child)
+        finally:
+            stop(p)
