@@ -123,7 +123,7 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
                                        messages.Kill, messages.Exec, messages.Watch,
-                                       messages.Part, messages.Dumped)},
+                                       messages.Part, messages.Dumped, messages.Relayed)},
 
     **{cls: _to_fs for cls in (*messages.FS_REQUESTS, messages.FsCancel)},
 }

@@ -114,6 +114,7 @@ class Moves:
                             "process moves")
         if target == p.node:
             return f"ok: process {pid} is on node {target} already"
+        self.check_children(pid)                            # type: ignore[attr-defined]
         return await self._from_node(caller, p, target)
 
     async def _settled(self, pid: int) -> None:
@@ -190,6 +191,7 @@ class Moves:
             if home is not None:
                 p.links = home.links
             await self._restore(m, image)                   # type: ignore[attr-defined]
+            self.back_home(pid, m.node)                     # type: ignore[attr-defined]
             await wait_future(parked[0])
         except BaseException as exc:
             if relay is not None:
@@ -199,6 +201,7 @@ class Moves:
                 self._kill_ghost(pid)                       # type: ignore[attr-defined]
             else:
                 self.cluster.remove_proc(pid, m.gen or None)
+                self._forget(m)     # before it goes on: its next move is not "moving"
                 await self._let_go(pid, exc, own)
             raise
         if relay is not None:
@@ -253,7 +256,11 @@ class Moves:
         except BaseException:
             self.on_moving(pid, False)
             raise
+        old_links = p.links
+        relayed = self.take_relay(d.id, p, source)          # type: ignore[attr-defined]
         consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
+        if relayed:                                   # new links, to a relay that has
+            consumed = 0                              # read nothing for it yet
         try:
             if target is None:
                 await self._into_ghost(d, p, data, consumed)
@@ -264,12 +271,18 @@ class Moves:
             if d.ghost_gone:
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
+                p.links = old_links
+                if relayed:
+                    self.no_standin(pid)                    # type: ignore[attr-defined]
+                self._forget(d)     # before it goes on: its next move is not "moving"
                 err = getattr(exc, "errno", None)
                 await self._verdict(messages.Resume(id=d.id, pid=pid,
                                                     errno=err if own and err else None),
                                     source)
             raise
         await self._verdict(messages.Drop(id=d.id, pid=pid), source)
+        if target is None:
+            self.watch_home(pid)                            # type: ignore[attr-defined]
         log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
                  "the master" if target is None else f"node {target}")
 
@@ -301,6 +314,7 @@ class Moves:
                       cmd=p.cmd, host=ln.host, again=consumed or 0)
 
         def started() -> None:              # at `restored`: it runs on `target` now
+            self.back_home(d.pid, target)                   # type: ignore[attr-defined]
             self.cluster.proc_moved(d.pid, target, m.id)
             p.stdin_base = m.again or 0
             d.started = True
@@ -371,6 +385,7 @@ class Moves:
             self._forget(m)
             if m.ghost_gone:
                 self._ghost_gone(m.pid, 9)                  # type: ignore[attr-defined]
+                self.standin_over(m.pid, 9)                 # type: ignore[attr-defined]
             for sig in m.signals:
                 if m.pid in self.cluster.procs:
                     self._forward(m.pid, sig)               # type: ignore[attr-defined]
@@ -382,6 +397,7 @@ class Moves:
         if self._by_pid.get(m.pid) is m:
             del self._by_pid[m.pid]
         self._pieces.pop(m.id, None)
+        self.forget_relay(m.id)                             # type: ignore[attr-defined]
 
     # ---- node messages -------------------------------------------------------------
 

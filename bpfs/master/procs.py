@@ -29,6 +29,7 @@ from bpfs.errors import BpfsError
 from bpfs.master.forks import NodeForks
 from bpfs.master.nodeexec import NodeExec
 from bpfs.master.moves import Moves
+from bpfs.master.standins import NodeStandins
 from bpfs.master.migrations import (CAPTURE_TIMEOUT, RESTORE_TIMEOUT, Launch, Migrations,
                                     SendNode, wait_future)
 from bpfs.model import Cluster
@@ -58,7 +59,7 @@ def make_tracer(on_signal: Callable[[int, int], None], on_exit: Callable[[int, i
 
 
 
-class ProcService(Moves, NodeExec, NodeForks, Migrations):
+class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
     """The ghosts of migrated processes, (Migrations) the migrations in flight, and
     (NodeForks) the processes forked on nodes."""
 
@@ -126,12 +127,14 @@ class ProcService(Moves, NodeExec, NodeForks, Migrations):
         if pid is not None:
             self.cluster.stopped(pid)
             self._ghost_job(pid, stop=True, sig=msg.sig or _signal.SIGSTOP)
+            self.standin_job(pid, True, msg.sig or _signal.SIGSTOP)
 
     def on_continued(self, node: int, msg: messages.Continued) -> None:
         pid = self._known_on(node, msg)
         if pid is not None:
             self.cluster.continued(pid)
             self._ghost_job(pid, stop=False)
+            self.standin_job(pid, False, _signal.SIGCONT)
 
     def _known_on(self, node: int, msg: messages.Stopped | messages.Continued) -> int | None:
         pid = msg.pid
@@ -189,6 +192,7 @@ class ProcService(Moves, NodeExec, NodeForks, Migrations):
     def node_lost(self, node: int) -> None:
         """The node's processes are gone: their ghosts die by SIGKILL, migrations fail."""
         self._fail_on(node)
+        self.standins_lost(node)
         for pid in self.cluster.procs_on(node):
             m = self._by_pid.get(pid)
             if m is not None and not m.started:
@@ -268,6 +272,7 @@ class ProcService(Moves, NodeExec, NodeForks, Migrations):
         self._ghost_gone(pid, sig, code)
         self.forked_gone(pid)
         self.launch_gone(pid, status)
+        self.standin_over(pid, status)
 
     def _ghost_gone(self, pid: int, sig: int | None, code: int | None = None) -> None:
         p = self.cluster.procs.get(pid)

@@ -134,16 +134,20 @@ class Kin:
             raise MigrateError(-res, f"fork of ghost {pid}: {os.strerror(-res)}", pid)
         fut.set_result(res)
 
-    def reap(self, fut: Future, pid: int, child: int) -> None:
+    def reap(self, fut: Future, pid: int, child: int, known: int | None = None) -> None:
         """The ghost `pid` reaps its ended child ghost `child` (wait4 injected): the child's
         wait status, as the tracer consumed it at its end (a ghost has no memory to spare
-        for wait4 to write it in; the kernel's is the same). ESRCH: `pid` is no parked ghost;
-        ECHILD: `child` is not its child (or was reaped); EBUSY: `child` has not ended."""
+        for wait4 to write it in; the kernel's is the same), or `known` for a child that
+        ran here untraced (restored into its ghost: the caller read its zombie's status).
+        ESRCH: `pid` is no parked ghost; ECHILD: `child` is not its child (or was reaped);
+        EBUSY: `child` has not ended."""
         t = self._parked_ghost(pid, errno.ESRCH)
         if child not in t.children:
             raise MigrateError(errno.ECHILD, f"process {child} is no child of ghost {pid}",
                                pid)
         status = t.children[child]
+        if status is None and known is not None and child not in self.tracees:
+            status = known
         if status is None:
             raise MigrateError(errno.EBUSY, f"child ghost {child} has not ended", pid)
         got = self._halted(t, "reap", lambda h: gp.inject(
@@ -221,7 +225,10 @@ class Kin:
         finally:
             plan.close()
         log.debug("ghost %d restored from its image; running, detached", pid)
+        parent = self.tracees.get(t.parent) if t.parent else None
         self.forget(t)
+        if parent is not None:      # still its child: its SIGCHLD is not a user's, and
+            parent.children[pid] = None     # the parent ghost reaps it (`reap`, `known`)
         fut.set_result(None)
 
     # ---- one step on a halted ghost ----

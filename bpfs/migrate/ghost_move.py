@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import time
 
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
@@ -25,6 +27,28 @@ from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.tracee import GHOST, MOVE_HELD, MOVING, Future, Tracee, resolve
 
 log = logging.getLogger("bpfs.migrate.ghost")
+DEAD_WAIT = 2.0             # a process killed while held: its end, at most this late
+
+
+def _let_go_dead(pid: int) -> None:
+    """The seized `pid` died while we held it (a SIGKILL: ptrace says ESRCH): take its
+    end, which waits for us, its tracer, before its parent may reap it (else it stays a
+    zombie its parent waits for in vain, and the tracer thread, seeing a traced child it
+    does not hold, leaves it so). Taken already (by `running.stop`): nothing to do. A
+    stop instead (alive after all): let go. Waits DEAD_WAIT at most."""
+    from bpfs.migrate import running
+    running.keep(pid)
+    deadline = time.monotonic() + DEAD_WAIT
+    try:
+        while not (status := pt.wait(pid, os.WNOHANG)):
+            if time.monotonic() > deadline:
+                log.warning("tracer: process %d said ESRCH but has not ended", pid)
+                return
+            time.sleep(0.001)
+        if os.WIFSTOPPED(status):
+            pt.detach(pid, 0)
+    except MigrateError:
+        pass
 
 
 class Moving:
@@ -44,13 +68,20 @@ class Moving:
             check()                                     # type: ignore[operator]
         running.seize_running(pid)
         t = self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
+        for ghost in self.tracees.values():     # a child ghost restored here moves again
+            if pid in ghost.children and ghost.children[pid] is None and ghost is not t:
+                t.parent = ghost.pid
+                break
         try:
             running.interrupt(pid)          # now: a writer of its own move stops at its return
             if check is not None:
                 check()                                 # type: ignore[operator]
         except BaseException:
             self.tracees.pop(pid, None)
-            running.release(pid)
+            try:
+                running.release(pid)
+            except MigrateError:
+                _let_go_dead(pid)
             raise
         fut.set_result(None)
 
@@ -97,14 +128,19 @@ class Moving:
                 regs.rax = (-err) & (2**64 - 1)
                 pt.setregs(pid, regs)
             running.release(pid)
+        except MigrateError as exc:
+            if exc.errno in (errno.ESRCH, errno.ECHILD):    # killed meanwhile
+                _let_go_dead(pid)
+            raise
         finally:
             self.tracees.pop(pid, None)
         log.info("tracer: process %d did not move; it goes on", t.pid)
         resolve(fut, None)
 
     def _vanished(self, t: Tracee) -> None:
-        """It ended while stopped for its move (running consumed one wait status)."""
+        """It ended while stopped for its move (its end taken, if `running` has not)."""
         self.tracees.pop(t.pid, None)
+        _let_go_dead(t.pid)
 
     def _moving(self, pid: int, held: bool = False) -> Tracee:
         t = self.tracees.get(pid)

@@ -170,8 +170,10 @@ class Tracer:
     def fork(self, pid: int) -> Future[int]:
         return self._deferred(self._ghosts.fork, pid)
 
-    def reap(self, parent: int, child: int) -> Future[int]:
-        return self._deferred(self._ghosts.reap, parent, child)
+    def reap(self, parent: int, child: int, status: int | None = None) -> Future[int]:
+        """`status`: the wait status of a child that ran here untraced (restored into its
+        ghost), whose end the tracer did not see."""
+        return self._deferred(self._ghosts.reap, parent, child, status)
 
     def rename(self, pid: int, argv: list[bytes]) -> Future[None]:
         return self._deferred(self._ghosts.rename, pid, list(argv))

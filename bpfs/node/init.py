@@ -11,6 +11,16 @@ stop that does come (someone signalled the parked helper or spare keeper) is
 left alone. A restored process's parent is its job's keeper, which reports its
 end (bpfs/node/procs.py); it becomes ours only if the keeper is killed first.
 
+The reaper waits with __WNOTHREAD: only for the children of its own thread (the main
+one, to which the kernel gives the namespace's orphans). Without it a wait for any child
+also takes the stops and ends of the processes another thread of the daemon traces (the
+stand-ins' tracer, bpfs/node/standins.py, and a move's thread, bpfs/node/mover.py),
+which that thread would then wait for in vain. An orphan that another thread traces (a
+stand-in whose parent has ended) is our child all the same, and the kernel shows its
+stops and end to us too (its tracer is of our thread group): the reaper peeks first
+(WNOWAIT) and leaves such a process to its tracer, which reaps it at its end (a tracer
+of the real parent's own thread group gets the zombie), reaping the others one by one.
+
 Errors: reaping never raises; a callback's exception is logged.
 """
 
@@ -19,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from typing import Callable
 
 import trio
@@ -29,6 +40,7 @@ log = logging.getLogger("bpslave")
 
 ExitCallback = Callable[[int, int], None]     # (pid, wait status)
 SWEEP_INTERVAL = 5.0                           # in case a SIGCHLD was coalesced away
+WNOTHREAD = 0x20000000                         # __WNOTHREAD: this thread's children only
 
 
 class Reaper:
@@ -53,15 +65,32 @@ class Reaper:
         n = 0
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT | WNOTHREAD)
             except ChildProcessError:
                 return n
-            if not pid:
+            if info is None:
                 return n
-            if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
-                continue            # the Restorer's traced helper, signalled: not an end
-            n += 1
-            self._dispatch(pid, status)
+            if _traced_elsewhere(info.si_pid):
+                return n + self._reap_each()
+            n += self._reap_one(info.si_pid)
+
+    def _reap_one(self, pid: int) -> int:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG | WNOTHREAD)
+        except ChildProcessError:
+            return 0
+        if not got or os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+            return 0                # the Restorer's traced helper, signalled: not an end
+        self._dispatch(got, status)
+        return 1
+
+    def _reap_each(self) -> int:
+        """Reap our children one by one, but those another thread traces."""
+        n = 0
+        for pid in _children():
+            if not _traced_elsewhere(pid):
+                n += self._reap_one(pid)
+        return n
 
     def _dispatch(self, pid: int, status: int) -> None:
         callback = self._callbacks.pop(pid, None)
@@ -88,6 +117,27 @@ class Reaper:
                 with trio.move_on_after(SWEEP_INTERVAL):
                     await signals.__anext__()
                 self.reap()
+
+
+def _traced_elsewhere(pid: int) -> bool:
+    """`pid` is traced by another thread than ours (its events are that thread's)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    tracer = int(line.split()[1])
+                    return tracer not in (0, threading.get_native_id())
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _children() -> list[int]:
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def kill_namespace() -> int:

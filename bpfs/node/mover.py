@@ -12,11 +12,13 @@ right where that write returns, before the session reads the write's answer. The
 then dumps it (bpfs.migrate.running), sends the image in pieces and waits for the verdict;
 without one within VERDICT_TIMEOUT, or when the session ends, the process goes on here.
 
-Only a job's own process moves (the one this node restored, not a process forked under
-it), and not while it has children here: its children's parent would be gone from under
-them, and it could not wait for them where it goes (EBUSY says so). A dropped copy is
-killed while still stopped and taken out of the table first, so its end is not reported:
-the process lives on elsewhere under the same PID.
+A process does not move while it has children here: their parent would be gone from
+under them, and it could not wait for them where it goes (EBUSY says so). A job's own
+process (the one this node restored) is seized by the move's thread itself (`DirectOps`),
+and its dropped copy is killed while still stopped and taken out of the table first, so
+its end is not reported: the process lives on elsewhere under the same PID. A process
+forked here goes through the node's tracer instead (bpfs/node/standins.py): its parent
+is here, so its dropped copy stays as its stand-in, and its stdio goes to a relay.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -56,6 +59,42 @@ class Move:
     verdict: "queue.Queue[tuple[str, int | None]]" = field(default_factory=queue.Queue)
     seized: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    ops: Any = None                         # DirectOps, or a stand-in's (node/standins.py)
+
+
+class DirectOps:
+    """The ptrace steps of a move of a restored process, made by the move's thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def seize(self) -> None:
+        from bpfs.migrate import running
+        running.seize_running(self.pid)
+        try:
+            running.interrupt(self.pid)     # a writer of its own move stops at its return
+        except BaseException:
+            running.release(self.pid)
+            raise
+
+    def dump(self, links: set[int]) -> Any:
+        from bpfs.migrate import running
+        return running.dump_running(self.pid, links=links)
+
+    def drop(self) -> None:
+        """The stopped copy ends; its tracer (this thread) consumes that end, so its
+        keeper can reap it (and tell nobody: it is out of the table)."""
+        from bpfs.migrate import running
+        running.discard(self.pid)
+
+    def release(self, err: int | None) -> None:
+        from bpfs.migrate import running
+        if err:                             # its own `move` write fails with `err`
+            running.stop(self.pid)
+            regs = pt.getregs(self.pid)
+            regs.rax = (-err) & (2**64 - 1)
+            pt.setregs(self.pid, regs)
+        running.release(self.pid)
 
 
 class Mover:
@@ -72,8 +111,13 @@ class Mover:
         except BpfsError as exc:
             session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
             return
+        try:
+            ops = self._ops(session, msg)
+        except BpfsError as exc:
+            session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
+            return
         m = Move(session, msg.id, msg.pid, tuple(msg.links or ()),
-                 dict(session.node.restorer.restorer.origin))   # read in its own thread
+                 dict(session.node.restorer.restorer.origin), ops=ops)  # read in its thread
         self.moves[m.pid] = m
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
@@ -101,15 +145,22 @@ class Mover:
         held = node.procs.held.get(pid)
         if held is None or held.session is not session:
             raise BpfsError(errno.ESRCH, f"no process {pid} on this node")
-        sup = node.supervisor
-        if sup is not None and pid not in sup.jobs:
-            raise BpfsError(errno.EBUSY, f"process {pid} was forked on this node: only a "
-                            "process moved or migrated here can move on yet")
         if pid in self.moves:
             raise BpfsError(errno.EBUSY, f"process {pid} is already moving")
         if _children(pid):
             raise BpfsError(errno.EBUSY, f"process {pid} has children on this node: it "
                             "cannot move while they live")
+
+    def _ops(self, session: Session, msg: messages.Dump) -> Any:
+        """DirectOps for a restored process; a stand-in's for one forked here."""
+        sup = session.node.supervisor
+        if sup is None or msg.pid in sup.jobs:
+            return DirectOps(msg.pid)
+        standins = getattr(session.node, "standins", None)
+        if standins is None:
+            raise BpfsError(errno.EBUSY, f"process {msg.pid} was forked on this node, "
+                            "which cannot hold a stand-in for it")
+        return standins.ops(session, msg.id, msg.pid)
 
     def _forget_job(self, m: Move) -> None:
         """Before the copy here is killed: nobody reports its end (trio's thread)."""
@@ -119,16 +170,14 @@ class Mover:
     # ---- the move's thread: every ptrace request for the process ---------------------
 
     def _run(self, m: Move, token: trio.lowlevel.TrioToken) -> None:
-        from bpfs.migrate import running
         seized = False
         try:
             try:
-                running.seize_running(m.pid)
+                m.ops.seize()
                 seized = True
-                running.interrupt(m.pid)        # a writer of its own move stops at its return
             finally:
                 m.seized.set()
-            image = running.dump_running(m.pid, links=set(m.links))
+            image = m.ops.dump(set(m.links))
             for ref in image.files:         # the master's name for a copy this node keeps
                 ref.path = m.origin.get(ref.hash, ref.path)
             consumed = _stdin_consumed(m.pid) if 0 in m.links else None
@@ -183,22 +232,16 @@ class Mover:
                                                consumed=consumed))
 
     def _release(self, m: Move, err: int | None) -> None:
-        from bpfs.migrate import running
         try:
-            if err:                         # its own `move` write fails with `err`
-                running.stop(m.pid)
-                regs = pt.getregs(m.pid)
-                regs.rax = (-err) & (2**64 - 1)
-                pt.setregs(m.pid, regs)
-            running.release(m.pid)
-        except MigrateError as exc:
+            m.ops.release(err)
+        except (MigrateError, BpfsError, TimeoutError) as exc:
             log.warning("move %d: releasing pid %d: %s", m.id, m.pid, exc)
 
     def _kill(self, m: Move) -> None:
-        """The stopped copy ends; its tracer (this thread) consumes that end, so its
-        keeper can reap it (and tell nobody: it is out of the table)."""
-        from bpfs.migrate import running
-        running.discard(m.pid)
+        try:
+            m.ops.drop()
+        except (MigrateError, BpfsError, TimeoutError) as exc:
+            log.warning("move %d: dropping pid %d: %s", m.id, m.pid, exc)
         log.debug("move %d: pid %d moved away", m.id, m.pid)
 
     def _report(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg) -> None:

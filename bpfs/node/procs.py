@@ -226,6 +226,10 @@ async def on_restore(session: Session, msg: messages.Restore) -> None:
         log.warning("restore %d refused: %s", msg.id, exc)
         session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
         return
+    standins = getattr(session.node, "standins", None)
+    if standins is not None and msg.pid in standins.held and session.nursery is not None:
+        session.nursery.start_soon(standins.restore_in, session, msg)   # back in its
+        return                                                          # stand-in
     attempt = Attempt(session, msg)
     if not attempt.at_once():
         assert session.nursery is not None
@@ -241,6 +245,9 @@ async def on_files(session: Session, msg: messages.Files) -> None:
 
 
 async def on_signal(session: Session, msg: messages.Signal) -> None:
+    standins = getattr(session.node, "standins", None)
+    if standins is not None and standins.job(msg.pid, msg.sig):
+        return                          # its process stopped or went on (node/standins)
     session.node.procs.signal(session, msg.pid, msg.sig, msg.id, msg.group is True)
 
 
@@ -256,6 +263,9 @@ async def on_armed(session: Session, msg: messages.Armed) -> None:
 
 
 async def on_ended(session: Session, msg: messages.Ended) -> None:
+    standins = getattr(session.node, "standins", None)
+    if standins is not None and standins.ended(msg.pid, msg.status):
+        return                          # a process forked here that moved (node/standins)
     if session.node.supervisor is not None:
         session.node.supervisor.ended(msg.pid, msg.status)
 

@@ -50,6 +50,7 @@ from bpfs.node.mover import Mover
 from bpfs.node.restorer import NodeRestorer, setup_cache_dir
 from bpfs.node.supervisor import Supervisor
 from bpfs.node.session import CONNECTION_ERRORS, Handler, Outcome, Session, why
+from bpfs.node.standins import Standins
 from bpfs.wire import framing as wire, messages
 
 log = logging.getLogger("bpslave")
@@ -138,6 +139,7 @@ class Node:
         self.backoff = Backoff(cfg.backoff_min, cfg.backoff_max)
         self.supervisor: Supervisor | None = None
         self.mover = Mover()
+        self.standins = Standins(self)
         self.fs_client = FsClient(cfg.serve_fs)
         self.nursery: trio.Nursery | None = None    # the daemon's: /bproc is served there
 
@@ -160,6 +162,7 @@ class Node:
             if outcome is Outcome.HALT:
                 return EXIT_OK
             self.mover.session_over()
+            self.standins.session_over()
             self.drop_held_processes()
             if outcome is Outcome.REBOOT:
                 await trio.sleep(self.cfg.reboot_delay)

@@ -218,6 +218,11 @@ class Supervisor(PidfdCalls):
         if kill is not None:
             seccomp.answer(kill[0].listener, kill[1].id, err=msg.errno or 0)
 
+    def next_seq(self) -> int:
+        """A sequence number no call of ours waits on (a stand-in's `kill`: its `killed`
+        finds nothing to finish)."""
+        return next(self._seq)
+
     def arm(self, pid: int) -> None:
         """The master took an execmove of `pid` (`armed`): its next execve goes there."""
         if len(self.armed) < MAX_ARMED:

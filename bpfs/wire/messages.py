@@ -58,6 +58,8 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES]
                                                   (image pieces, in order; the first: total)
                       dumped     id: ID, image: bytes (the last piece), [consumed: BYTES]
+                      relayed    id: ID, port: 1..65535, token: WORD   (before
+                                 `dumped`: a process forked there, its stdio relay)
                       (or failed id, errno, message)
     master -> node    piece      id: ID, data: bytes (1..8 MiB), [total: BYTES]
                                                   (ahead of a `restore`; the first: total)

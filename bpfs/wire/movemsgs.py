@@ -59,6 +59,16 @@ class Dumped(Msg, tag="dumped"):
     consumed: Optional[BYTES] = None
 
 
+class Relayed(Msg, tag="relayed"):
+    """Move `id` is of a process forked on this node: it stays here as its stand-in once
+    it runs elsewhere (bpfs/node/standins.py), and its stdio links go to the relay that
+    listens at this node's address, `port`, with `token` (before its `dumped`)."""
+    sender = "node"
+    id: ID
+    port: _int(1, 65535)
+    token: WORD                     # the master checks it: 32 hex digits
+
+
 class Drop(Msg, tag="drop"):
     """Move `id` is done elsewhere: end the stopped copy of `pid` here, unreported."""
     sender = "master"

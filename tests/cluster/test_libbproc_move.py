@@ -292,14 +292,46 @@ def test_c_rfork_refused_leaves_no_child(cluster: Cluster, mover: str) -> None:
 
 
 @served
-def test_c_rfork_from_a_node_moves_its_child_or_says_ebusy(cluster: Cluster, mover: str
-                                                             ) -> None:
-    """From node 1: the child, forked on node 1, moves to node 2; or, while a node moves
-    only the processes it restored (bpfs/node/mover.py), the parent gets EBUSY and no
-    child is left."""
+def test_c_rfork_from_a_node_moves_its_child(cluster: Cluster, mover: str) -> None:
+    """From node 1: the child, forked on node 1, moves to node 2 (node 1 keeps its
+    stand-in: bpfs/node/standins.py); the caller's waitpid gets its exit status."""
     lines = sorted(out(run(cluster, [mover, "rfork", "2"], node=1, timeout=120)).splitlines())
-    assert lines in (["child 2 1", f"rfork 1 0 2 {7 << 8} 0"],
-                     [f"rfork -1 {errno.EBUSY} -9 -1 0"]), lines
+    assert lines == ["child 2 1", f"rfork 1 0 2 {7 << 8} 0"], lines
+
+
+@served
+def test_python_rfork_and_vrfork_from_a_node(cluster: Cluster) -> None:
+    """A bpsh-started program on node 1 rforks a child to node 2 and vrforks to 0 and 2:
+    each returns like fork; the children run there, their parent is the caller, its
+    waitpid gets their exit status; a process with a child of its own does not move
+    (EBUSY, and it runs on where it was)."""
+    r = py(cluster, """
+import os, time
+me = os.getpid()
+pid = lb.rfork(2)
+if pid == 0:
+    say('child', lb.currnode(), os.getppid() == me)
+    time.sleep(0.3)             # still there when the parent asks pidnode
+    os._exit(7)
+say('parent', lb.pidnode(pid), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+n, pids = lb.vrfork([0, 2])
+if not pids:
+    say('vchild', n, lb.currnode(), os.getppid() == me)
+    os._exit(10 + n)
+say('vparent', n, *[os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
+kid = os.fork()
+if kid == 0:
+    time.sleep(2)
+    os._exit(0)
+try:
+    lb.move(2)
+except OSError as e:
+    say('busy', e.errno, lb.currnode())
+os.waitpid(kid, 0)
+""", node=1, timeout=120)
+    assert sorted(out(r).splitlines()) == sorted([
+        "child 2 True", "parent 2 7", "vchild 0 0 True", "vchild 1 2 True",
+        "vparent 2 10 11", f"busy {errno.EBUSY} 1"])
 
 
 @served

@@ -147,3 +147,27 @@ def test_a_big_process_moves_and_no_daemon_keeps_its_image(net) -> None:
 def _rss_mb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+
+
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_a_child_forked_on_a_node_moves_over_the_wire(net, users, who) -> None:
+    """sh's child on node 0 moves to node 1, the master, node 0 (into its stand-in) and
+    node 1: its output goes on through the relay on node 0 (reached over the veth), and
+    sh's wait gets its exit code."""
+    user = users["alice"] if who == "alice" else None
+    script = f"{PY} -c \"$0\" 40 0.05 & echo $!; wait $!; echo status=$?"
+    p = start_bpsh(net, 0, "/bin/sh", "-c", script, COUNTER, user=user)
+    try:
+        child = int(read_line(p))
+        seen = [read_line(p).split()]
+        for target in ("1", "master", "0", "1"):
+            assert write_ctl(net, child, f"move {target}", user) == 0
+            follow(p, seen, host_of(target))
+        rest = []
+        while (line := read_line(p)) and not line.startswith("status="):
+            rest.append(line.split())
+        assert line == "status=7", (seen, rest, line)
+        assert [int(ln[0]) for ln in seen + rest] == list(range(1, 41))
+        assert p.wait(timeout=20) == 0
+    finally:
+        stop(p)
