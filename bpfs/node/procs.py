@@ -356,6 +356,10 @@ class Attempt:
         stdio.close_all(self.fds)
         req, procs = self.req, self.session.node.procs
         procs.hold(pid, Held(self.session, req.id, image.argv[0] if image.argv else image.comm))
+        # logged before anything is reported: who reads the log after the process's end
+        # finds it there
+        log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
+                  self.steps)
         # `restored` goes through the report queue, and the process is adopted before
         # anything else can run: its `exited` (same queue) can only follow, and no sweep of
         # the reaper in between can take its status for an orphan's.
@@ -370,8 +374,6 @@ class Attempt:
                 supervisor.add_job(self.session, req.id, pid, listener, keeper, req.ppid,
                                    req.pgid, req.sid)
         self.node.prepare()                                 # the next one's, off its path
-        log.debug("restore %d: pid %d (%s) as uid %d: %s", req.id, pid, image.comm, req.uid,
-                  self.steps)
 
     def _failed(self, exc: BaseException) -> None:
         """Nothing runs: close what was opened; tell the master why (unless cancelled)."""
