@@ -155,11 +155,12 @@ class Incoming:
             self.buf._map[at:keep] = view[:keep - at]
         self.got = end
 
-    def keep_everything(self) -> None:
-        """From now on pieces are put in place: what came so far must be the header only
-        (EINVAL: pages came that were not kept; the caller must have decided before)."""
-        if self.header_end is None or self.got > self.header_end:
-            raise MigrateError(errno.EINVAL, "pages of the image were not kept")
+    def keep_everything(self, first: Buffer) -> None:
+        """From now on every piece is put in place, and `first`, the only piece so far,
+        too (for a restore that must wait for the whole image)."""
+        if self.got != len(first):
+            raise MigrateError(errno.EINVAL, "more than the first piece came already")
+        self.buf._map[:self.got] = memoryview(first).cast("B")
         self.keep_all = True
 
     def image(self) -> "Image | None":

@@ -173,12 +173,14 @@ class Mover:
 
     def _send_image(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
                     consumed: int | None) -> None:
-        """`part`s (views of the dump: no copy; the first says the total), then `dumped`."""
+        """`part`s (views of the dump: no copy; the first says the total and the stdin
+        read), then `dumped`."""
         total = sum(map(len, parts))
         cut = list(pieces(parts, PART)) or [b""]
         for k, piece in enumerate(cut[:-1]):
             self._report(token, m, messages.Part(id=m.id, data=piece,  # type: ignore[arg-type]
-                                                 total=None if k else total))
+                                                 total=None if k else total,
+                                                 consumed=None if k else consumed))
         self._report(token, m, messages.Dumped(id=m.id, image=cut[-1],  # type: ignore[arg-type]
                                                consumed=consumed))
 
