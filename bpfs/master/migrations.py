@@ -28,6 +28,7 @@ from bpfs.output import ProcOutput
 from bpfs.wire import execreq, messages
 from bpfs.migrate.imageframe import Buffer
 from bpfs.migrate.imagebuf import pieces
+from bpfs.migrate.lazyrun import materialize
 from bpfs.wire.movemsgs import PART
 
 log = logging.getLogger("bpfs.master.procs")
@@ -279,14 +280,14 @@ class Migrations:
                 parts = data if isinstance(data, list) else [data]
                 total = sum(map(len, parts))
                 if total <= PART:
-                    await self._send_restore(m, b"".join(parts) if isinstance(data, list)
-                                             else data)
+                    await self._send_restore(m, b"".join(map(materialize, parts))  # type: ignore[arg-type]
+                                             if isinstance(data, list) else data)
                 else:
                     cut = pieces(parts, PART)
-                    first = next(cut)
-                    at = await self._send_restore(m, first, total)
-                    for piece in cut:
-                        at = await self._send_piece(m, at, piece)
+                    first = materialize(next(cut))
+                    at = await self._send_restore(m, first, total)  # type: ignore[arg-type]
+                    for piece in cut:       # a LazyRun's pages are read as they go
+                        at = await self._send_piece(m, at, materialize(piece))  # type: ignore[arg-type]
                 await self._negotiate(m, image)
         except trio.TooSlowError:
             await self._abort(m)

@@ -248,7 +248,7 @@ class Moves:
         return "ok"
 
     async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
-        """The dump comes in `part`s: to a node they go on as they come (`_forward`);
+        """The dump comes in `part`s: to a node they go on as they come (`_pass_on`);
         home, they are gathered and the tracer restores the whole image into the ghost.
         Then the source drops its copy; on any failure it lets it go on (`resume`)."""
         source, pid = d.node, d.pid
@@ -327,13 +327,13 @@ class Moves:
                 from bpfs.migrate import loads
                 await self._restore(m, loads(first.image), first.image)  # type: ignore[attr-defined]
             else:
-                await self._forward(d, m, first, deadline)
+                await self._pass_on(d, m, first, deadline)
         finally:
             self._migrations.pop(m.id, None)
         if d.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
 
-    async def _forward(self, d: Migration, m: Migration, first: messages.Part,
+    async def _pass_on(self, d: Migration, m: Migration, first: messages.Part,
                        deadline: float) -> None:
         """Each `part` from the source goes on to the target as a `piece` as it comes (a
         view of the frame it came in: no copy); the master keeps only the header, for the

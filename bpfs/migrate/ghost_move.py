@@ -58,7 +58,7 @@ class Moving:
         from bpfs.migrate import running
         t = self._moving(pid)
         try:
-            image = running.dump_running(pid, links=links)
+            image = running.dump_running(pid, links=links, lazy=True)  # held till the end
         except MigrateError as exc:
             if exc.errno == errno.ESRCH:
                 self._vanished(t)

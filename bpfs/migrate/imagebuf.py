@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from bpfs.migrate import imageframe
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.imageframe import Buffer
+from bpfs.migrate.lazyrun import LazyRun
 
 if TYPE_CHECKING:
     from bpfs.migrate.image import Image
@@ -39,10 +40,18 @@ if TYPE_CHECKING:
 
 def pieces(parts: Iterable[Buffer], size: int) -> Iterator[Buffer]:
     """The bytes of `parts`, in order, as buffers of at most `size` bytes, none empty: the
-    big parts as views of themselves, the small ones gathered into bytes (one copy)."""
+    big parts as views of themselves, the small ones gathered into bytes (one copy), a
+    LazyRun as LazyRuns (the sender reads each: lazyrun.materialize)."""
     small: list[Buffer] = []
     held = 0
     for part in parts:
+        if isinstance(part, LazyRun):        # read by the sender, piece by piece
+            if small:
+                yield b"".join(small)
+                small, held = [], 0
+            for at in range(0, len(part), size):
+                yield part.cut(at, size)     # type: ignore[misc]
+            continue
         view = memoryview(part).cast("B")
         if len(view) >= size // 4:
             if small:

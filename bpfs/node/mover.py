@@ -34,6 +34,7 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.image import dumps_parts
 from bpfs.migrate.imagebuf import pieces
+from bpfs.migrate.lazyrun import materialize
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -128,7 +129,7 @@ class Mover:
                 running.interrupt(m.pid)        # a writer of its own move stops at its return
             finally:
                 m.seized.set()
-            image = running.dump_running(m.pid, links=set(m.links))
+            image = running.dump_running(m.pid, links=set(m.links), lazy=True)
             for ref in image.files:         # the master's name for a copy this node keeps
                 ref.path = m.origin.get(ref.hash, ref.path)
             consumed = _stdin_consumed(m.pid) if 0 in m.links else None
@@ -178,10 +179,11 @@ class Mover:
         total = sum(map(len, parts))
         cut = list(pieces(parts, PART)) or [b""]
         for k, piece in enumerate(cut[:-1]):
+            piece = materialize(piece)          # a LazyRun's pages are read now
             self._report(token, m, messages.Part(id=m.id, data=piece,  # type: ignore[arg-type]
                                                  total=None if k else total,
                                                  consumed=None if k else consumed))
-        self._report(token, m, messages.Dumped(id=m.id, image=cut[-1],  # type: ignore[arg-type]
+        self._report(token, m, messages.Dumped(id=m.id, image=materialize(cut[-1]),  # type: ignore[arg-type]
                                                consumed=consumed))
 
     def _release(self, m: Move, err: int | None) -> None:
