@@ -58,17 +58,15 @@ class Stream:
         self.build: Any = None              # bpfs.migrate.restore.Build
         self.image: Any = None
         self.over = False                   # restored, failed or discarded
+        self.decided = False                # built as it comes, or put together first
         self.deadline = trio.current_time() + PIECE_TIMEOUT
         self.scope = trio.CancelScope()
 
     def start(self) -> None:
         """The first piece (the request's image): build now if nothing needs waiting."""
-        first = self.attempt.req.image
-        self.incoming.take(0, first)
-        if self._begin():
-            self.build.write(self.incoming.runs_in(0, first))
-        else:
-            self.incoming.keep_everything(first)
+        self.incoming.keep_all = True           # until it is decided (the header is in)
+        self.incoming.take(0, self.attempt.req.image)
+        self._decide()
         self._maybe_done()
 
     def piece(self, at: int, data: memoryview) -> None:
@@ -78,11 +76,29 @@ class Stream:
             self.incoming.take(at, data)
             if self.build is not None:
                 self.build.write(self.incoming.runs_in(at, data))
+            elif not self.decided:
+                self._decide()
         except BaseException as exc:
             self.fail(exc)
             return
         self.deadline = trio.current_time() + PIECE_TIMEOUT
         self._maybe_done()
+
+    def _decide(self) -> None:
+        """Once the header is in: build the process now (the pages kept so far written
+        into it, the later ones as they come), or put the image together first."""
+        inc = self.incoming
+        if inc.image() is None:
+            return
+        self.decided = True
+        built = self._begin()
+        log.debug("restore %d: %s", self.id, "built as its image comes" if built
+                  else "its image put together first")
+        if built:
+            assert inc.header_end is not None
+            kept = memoryview(inc.buf._map)[inc.header_end:inc.got]
+            self.build.write(inc.runs_in(inc.header_end, kept))
+            inc.keep_all = False
 
     def _begin(self) -> bool:
         """Start the process if the PID, the header, the files and the links are all
