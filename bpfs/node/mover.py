@@ -197,8 +197,12 @@ class Mover:
                 self._post(token, m, messages.Part(
                     id=m.id, data=materialize(piece),  # type: ignore[arg-type]
                     total=None if k else total, consumed=None if k else consumed))
-            self._post(token, m, messages.Dumped(id=m.id, image=materialize(cut[-1]),  # type: ignore[arg-type]
-                                                 consumed=consumed))
+            last = messages.Dumped(id=m.id, image=materialize(cut[-1]),  # type: ignore[arg-type]
+                                   consumed=consumed)
+            if len(cut) > 1:
+                self._post(token, m, last)      # behind its parts
+            else:                               # alone: at once, without the sender's hop
+                self._report(token, m, last)
         finally:
             try:
                 token.run_sync_soon(m.outbox.close)
