@@ -373,26 +373,13 @@ def _read_into(pid: int, ranges: Sequence[tuple[int, int]], base: int) -> None:
         done += want
 
 
-WRITE_SLICE = 8 << 20
-
-
-def _slices(addr: int, data: bytes) -> list[tuple[int, bytes]]:
-    if len(data) <= WRITE_SLICE:
-        return [(addr, data)]
-    view = memoryview(data).cast("B")
-    return [(addr + at, view[at:at + WRITE_SLICE])  # type: ignore[misc]
-            for at in range(0, len(view), WRITE_SLICE)]
-
-
 def write_memory(pid: int, runs: Iterable[tuple[int, bytes]]) -> None:
     """process_vm_writev of (addr, data) runs into writable memory of `pid`.
 
     Each run's bytes are written from where they are (an iovec each side, no copy of the
-    data: at a GB, a join cost as much as the write); at most IOV_MAX runs per call. A run
-    beyond WRITE_SLICE goes as slices of that size: 1 GB into fresh memory took 1.9 s as
-    one iovec, 0.6 s as 8 MiB ones (6.18; bench/results-move.md).
+    data: at a GB, a join cost as much as the write); at most IOV_MAX runs per call.
     """
-    runs = [sliced for addr, data in runs for sliced in _slices(addr, data)]
+    runs = list(runs)
     for i in range(0, len(runs), _IOV_MAX):
         chunk = runs[i:i + _IOV_MAX]
         want = sum(len(d) for _, d in chunk)
