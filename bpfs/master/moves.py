@@ -169,7 +169,8 @@ class Moves:
             home = None
         try:
             links = set(home.inodes) if home is not None else ALL_STDIO
-            image = await wait_future(self.tracer.dump_moving(pid, links))
+            # its pages are read as they are sent, all before it is parked (at `restored`)
+            image = await wait_future(self.tracer.dump_moving(pid, links, lazy=True))
             m.cmd = _command(image.argv, image.comm)
             if home is None:
                 c = m.caller

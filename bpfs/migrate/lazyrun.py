@@ -20,6 +20,7 @@ Errors: read() raises MigrateError (ESRCH the process is gone, EFAULT a short re
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 from bpfs.migrate import ptrace as pt
 
@@ -52,3 +53,9 @@ class LazyRun:
 def materialize(buf: object) -> object:
     """A LazyRun's bytes (read now); any other buffer as it is."""
     return buf.read() if isinstance(buf, LazyRun) else buf
+
+
+def page_runs(image: Any) -> list[tuple[int, object]]:
+    """The image's (address, bytes) runs, its LazyRuns read now: for a restore straight
+    from a dump (the engine used without a cluster), where nothing was sent."""
+    return [(addr, materialize(data)) for r in image.regions for addr, data in r.pages]

@@ -23,6 +23,7 @@ from bpfs.migrate.helper import (
     check_res, kill_reap, set_scheduling)
 from bpfs.migrate.image import Image, Region
 from bpfs.migrate.imageframe import Buffer
+from bpfs.migrate.lazyrun import page_runs
 from bpfs.migrate.rebuild import check_reserved as _check_reserved
 from bpfs.migrate.rebuild import refuse_setid as _refuse_setid
 from bpfs.migrate.rebuild import rlimit_wanted as _rlimit_wanted
@@ -167,7 +168,7 @@ class Restorer:
         build = self.begin(image, pid=pid, uid=uid, gid=gid, groups=groups, fds=fds,
                            file_content=file_content)
         try:
-            build.write([run for r in image.regions for run in r.pages])
+            build.write(page_runs(image))  # type: ignore[arg-type]
         except BaseException:
             build.abort()
             raise
