@@ -104,6 +104,12 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
     return handler
 
 
+async def _to_moves(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
+    """A move's image: awaited, so a fast source waits for the target (back-pressure)."""
+    links.cluster.heartbeat(conn.number, None, now)
+    await links.procs.on_part(conn.number, msg)
+
+
 async def _to_fs(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
     links.cluster.heartbeat(conn.number, None, now)
     if conn.fs is not None and conn.nursery is not None:
@@ -123,7 +129,8 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
                                        messages.Kill, messages.Exec, messages.Watch,
-                                       messages.Part, messages.Dumped, messages.Relayed)},
+                                       messages.Relayed)},
+    messages.Part: _to_moves, messages.Dumped: _to_moves,
 
     **{cls: _to_fs for cls in (*messages.FS_REQUESTS, messages.FsCancel)},
 }

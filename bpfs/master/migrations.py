@@ -28,6 +28,7 @@ from bpfs.output import ProcOutput
 from bpfs.wire import execreq, messages
 from bpfs.migrate.imageframe import Buffer
 from bpfs.migrate.imagebuf import pieces
+from bpfs.migrate.lazyrun import materialize
 from bpfs.wire.movemsgs import PART
 
 log = logging.getLogger("bpfs.master.procs")
@@ -99,6 +100,7 @@ class Migration:
     host: str | None = None             # bpsh's address when it runs on a node
     on_started: Callable[[], None] | None = None   # a move's: at `restored`, before anything
     again: int | None = None            # a move's: its links are made again (stdin read)
+    streamed: bool = False              # its image streams to the node (`abort` if it fails)
 
 
 
@@ -265,38 +267,67 @@ class Migrations:
             raise
 
     async def _restore(self, m: Migration, image: Any, data: Image | None = None) -> None:
+        """Send the image and wait for `restored` (or a failure, raised). An image beyond
+        one piece (a moved process's memory) streams: `streamed`, the `restore` with its
+        first piece, then `piece`s, views of `data` (the dump's own buffers: no copy),
+        which the node writes into the process as they come (bpfs/node/streamin.py)."""
         if m.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {m.pid} was killed before it moved")
-        c = m.caller
         try:
             with trio.fail_after(RESTORE_TIMEOUT):
                 if data is None:
                     data = await _serialize(image)
-                last = await self._send_pieces(m, data)
-                if m.again is not None:
-                    await self.send_node(m.node, messages.Again(id=m.id, consumed=m.again))
-                await self.send_node(m.node, messages.Restore(
-                    id=m.id, image=last, uid=c.uid, gid=c.gid, groups=tuple(sorted(c.groups)),
-                    io=tuple(m.req.io), port=m.req.port, token=m.req.token,
-                    pid=m.pid,              # so the node connects bpsh's links at once
-                    rank=m.rank, host=m.host, **_family(m.pid)))
+                parts = data if isinstance(data, list) else [data]
+                total = sum(map(len, parts))
+                if total <= PART:
+                    await self._send_restore(m, b"".join(map(materialize, parts))  # type: ignore[arg-type]
+                                             if isinstance(data, list) else data)
+                else:
+                    cut = pieces(parts, PART)
+                    first = materialize(next(cut))
+                    at = await self._send_restore(m, first, total)  # type: ignore[arg-type]
+                    for piece in cut:       # a LazyRun's pages are read as they go
+                        at = await self._send_piece(m, at, materialize(piece))  # type: ignore[arg-type]
                 await self._negotiate(m, image)
         except trio.TooSlowError:
+            await self._abort(m)
             raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
+        except BaseException:
+            await self._abort(m)
+            raise
 
-    async def _send_pieces(self, m: Migration, data: Image) -> Buffer:
-        """An image beyond one piece (a moved process's memory) goes ahead of its
-        `restore` in `piece`s, the first saying the total; the last piece is the restore's
-        own `image`. The pieces are views of `data` (the dump's own buffers): no copy."""
-        parts = data if isinstance(data, list) else [data]
-        total = sum(map(len, parts))
-        if total <= PART:
-            return b"".join(parts) if isinstance(data, list) else data
-        cut = list(pieces(parts, PART))
-        for k, piece in enumerate(cut[:-1]):
-            await self.send_node(m.node, messages.Piece(id=m.id, data=piece,  # type: ignore[arg-type]
-                                                        total=None if k else total))
-        return cut[-1]
+    async def _send_restore(self, m: Migration, image: Buffer, total: int | None = None
+                            ) -> int:
+        """`again` (a moved process), `streamed` (an image of `total` bytes whose first
+        piece is `image`), then the `restore`; how many bytes of the image went."""
+        c = m.caller
+        if m.again is not None:
+            await self.send_node(m.node, messages.Again(id=m.id, consumed=m.again))
+        if total is not None:
+            m.streamed = True
+            await self.send_node(m.node, messages.Streamed(id=m.id, total=total))
+        await self.send_node(m.node, messages.Restore(
+            id=m.id, image=image, uid=c.uid, gid=c.gid,  # type: ignore[arg-type]
+            groups=tuple(sorted(c.groups)), io=tuple(m.req.io), port=m.req.port,
+            token=m.req.token, pid=m.pid,   # so the node connects bpsh's links at once
+            rank=m.rank, host=m.host, **_family(m.pid)))
+        return len(image)
+
+    async def _send_piece(self, m: Migration, at: int, piece: Buffer) -> int:
+        await self.send_node(m.node, messages.Piece(id=m.id, at=at,
+                                                    data=piece))  # type: ignore[arg-type]
+        return at + len(piece)
+
+    async def _abort(self, m: Migration) -> None:
+        """A streamed restore that will not be finished: the node discards what it built."""
+        if not m.streamed or m.started:
+            return
+        m.streamed = False
+        with trio.CancelScope(shield=True):
+            try:
+                await self.send_node(m.node, messages.Abort(id=m.id))
+            except BpfsError as exc:
+                log.info("abort of restore %d not sent to node %d: %s", m.id, m.node, exc)
 
     async def _negotiate(self, m: Migration, image: Any) -> None:
         from bpfs.migrate import read_contents

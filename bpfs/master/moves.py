@@ -38,7 +38,7 @@ from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
-from bpfs.migrate.imagebuf import ImageBuffer, gather, whole
+from bpfs.migrate.imagebuf import Incoming
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages
@@ -46,6 +46,7 @@ from bpfs.wire import execreq, messages
 log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
+DUMP_QUEUE = 8                  # parts (8 MiB) queued for a move's task at most
 MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
 SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
@@ -81,7 +82,7 @@ class Moves:
 
     def __init__(self) -> None:
         super().__init__()
-        self._pieces: dict[int, list[bytes] | ImageBuffer] = {}
+        self._dumping: set[int] = set()     # moves whose `part`s and `dumped` we take
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
         self._home: dict[int, Home] = {}    # master processes back from a node, by pid
@@ -169,7 +170,8 @@ class Moves:
             home = None
         try:
             links = set(home.inodes) if home is not None else ALL_STDIO
-            image = await wait_future(self.tracer.dump_moving(pid, links))
+            # its pages are read as they are sent, all before it is parked (at `restored`)
+            image = await wait_future(self.tracer.dump_moving(pid, links, lazy=True))
             m.cmd = _command(image.argv, image.comm)
             if home is None:
                 c = m.caller
@@ -229,12 +231,12 @@ class Moves:
         own = caller.node == p.node and caller.pid == p.pid
         links = p.links.fds if p.links is not None else ()
         who = _ghost_credentials(p.pid)
-        send, receive = trio.open_memory_channel[Any](64)
+        send, receive = trio.open_memory_channel[Any](DUMP_QUEUE)
         d = Migration(next(self._ids), p.node, p.pid, Caller(*who), None,  # type: ignore[arg-type]
                       send, receive, cmd=p.cmd)
         self._by_pid[p.pid] = d
         self._migrations[d.id] = d
-        self._pieces[d.id] = []
+        self._dumping.add(d.id)
         self.on_moving(p.pid, True)
         try:
             await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None))
@@ -250,22 +252,23 @@ class Moves:
         return "ok"
 
     async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
+        """The dump comes in `part`s: to a node they go on as they come (`_pass_on`);
+        home, they are gathered and the tracer restores the whole image into the ghost.
+        Then the source drops its copy; on any failure it lets it go on (`resume`)."""
         source, pid = d.node, d.pid
+        deadline = trio.current_time() + DUMP_TIMEOUT
+        old_links, relayed = p.links, False
         try:
-            data, consumed = await self._dumped(d)
-        except BaseException:
-            self.on_moving(pid, False)
-            raise
-        old_links = p.links
-        relayed = self.take_relay(d.id, p, source)          # type: ignore[attr-defined]
-        consumed = p.stdin_base + (consumed or 0)     # the link counts from its own start
-        if relayed:                                   # new links, to a relay that has
-            consumed = 0                              # read nothing for it yet
-        try:
+            first = await self._next_of_dump(d, deadline)
+            relayed = self.take_relay(d.id, p, source)      # type: ignore[attr-defined]
+            consumed = p.stdin_base + (first.consumed or 0)   # the link counts from its start
+            if relayed:                                 # new links, to a relay that has
+                consumed = 0                            # read nothing for it yet
             if target is None:
+                data = await self._gathered(d, first, deadline)
                 await self._into_ghost(d, p, data, consumed)
             else:
-                await self._to_node(d, p, target, data, consumed)
+                await self._to_node(d, p, target, first, consumed, deadline)
         except BaseException as exc:
             self.on_moving(pid, False)
             if d.ghost_gone:
@@ -280,38 +283,52 @@ class Moves:
                                                     errno=err if own and err else None),
                                     source)
             raise
+        finally:
+            self._dumping.discard(d.id)
         await self._verdict(messages.Drop(id=d.id, pid=pid), source)
         if target is None:
             self.watch_home(pid)                            # type: ignore[attr-defined]
         log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
                  "the master" if target is None else f"node {target}")
 
-    async def _dumped(self, d: Migration) -> tuple[bytes | memoryview, int | None]:
+    async def _next_of_dump(self, d: Migration, deadline: float
+                            ) -> messages.Part | messages.Dumped:
+        """The source's next `part` or its `dumped`; its `failed` raised; ETIMEDOUT after
+        `deadline` (the source then lets the process go on, at its `resume`)."""
         try:
-            with trio.fail_after(DUMP_TIMEOUT):
-                async for msg in d.receive:
-                    if isinstance(msg, messages.Dumped):
-                        image = whole(self._pieces.pop(d.id, []), msg.image,
-                                      MAX_MOVE_IMAGE)
-                        return image, msg.consumed
-                    if isinstance(msg, messages.Failed):
-                        raise BpfsError(msg.errno, msg.message or "the node cannot move it")
+            with trio.fail_at(deadline):
+                msg = await d.receive.receive()
         except trio.TooSlowError:
-            await self._verdict(messages.Resume(id=d.id, pid=d.pid), d.node)
             raise BpfsError(errno.ETIMEDOUT, f"node {d.node} did not dump process {d.pid} "
                             "in time") from None
-        raise BpfsError(errno.EIO, "move abandoned")
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise BpfsError(errno.EIO, "move abandoned") from None
+        if isinstance(msg, messages.Failed):
+            raise BpfsError(msg.errno, msg.message or "the node cannot move it")
+        return msg
 
-    async def _to_node(self, d: Migration, p: Proc, target: int, data: bytes | memoryview,
-                       consumed: int | None) -> None:
-        from bpfs.migrate import loads
-        image = await trio.to_thread.run_sync(loads, data)
+    async def _gathered(self, d: Migration, first: messages.Part | messages.Dumped,
+                        deadline: float) -> bytes | memoryview:
+        """The whole image, its parts put in place as they come (within MAX_MOVE_IMAGE)."""
+        if isinstance(first, messages.Dumped):
+            return first.image
+        image = _incoming(d, first)
+        image.keep_everything(first.data)
+        while True:
+            msg = await self._next_of_dump(d, deadline)
+            image.take(image.got, msg.data if isinstance(msg, messages.Part) else msg.image)
+            if isinstance(msg, messages.Dumped):
+                return image.view()             # EINVAL if shorter than announced
+
+    async def _to_node(self, d: Migration, p: Proc, target: int,
+                       first: messages.Part | messages.Dumped, consumed: int,
+                       deadline: float) -> None:
         ln = p.links or StdioLinks(0, "0" * 32, ("null", "null", "null"))
         io = tuple(spec if fd in ln.fds else "null" for fd, spec in enumerate(ln.io))
         send, receive = trio.open_memory_channel[Reply](64)
         m = Migration(next(self._ids), target, d.pid, d.caller,
                       execreq.ExecMove(ln.port or 1, ln.token, 0, *io), send, receive,
-                      cmd=p.cmd, host=ln.host, again=consumed or 0)
+                      cmd=p.cmd, host=ln.host, again=consumed)
 
         def started() -> None:              # at `restored`: it runs on `target` now
             self.back_home(d.pid, target)                   # type: ignore[attr-defined]
@@ -321,11 +338,46 @@ class Moves:
         m.on_started = started
         self._migrations[m.id] = m
         try:
-            await self._restore(m, image, data)             # type: ignore[attr-defined]
+            if isinstance(first, messages.Dumped):      # small: all in one message
+                from bpfs.migrate import loads
+                await self._restore(m, loads(first.image), first.image)  # type: ignore[attr-defined]
+            else:
+                await self._pass_on(d, m, first, deadline)
         finally:
             self._migrations.pop(m.id, None)
         if d.ghost_gone:
             raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
+
+    async def _pass_on(self, d: Migration, m: Migration, first: messages.Part,
+                       deadline: float) -> None:
+        """Each `part` from the source goes on to the target as a `piece` as it comes (a
+        view of the frame it came in: no copy); the master keeps only the header, for the
+        file contents the target may ask for. The target builds the process as they
+        come (bpfs/node/streamin.py); on any failure it discards it (`abort`)."""
+        from bpfs.master.migrations import RESTORE_TIMEOUT
+        image = _incoming(d, first)
+        try:
+            at = await self._send_restore(m, first.data, image.total)  # type: ignore[attr-defined]
+            while True:
+                msg = await self._next_of_dump(d, deadline)
+                data = msg.data if isinstance(msg, messages.Part) else msg.image
+                image.take(at, data)            # in order, within the total (EFBIG)
+                if len(data):
+                    at = await self._send_piece(m, at, data)  # type: ignore[attr-defined]
+                if isinstance(msg, messages.Dumped):
+                    break
+            header = image.image()
+            if not image.complete or header is None:
+                raise BpfsError(errno.EPROTO, f"node {d.node} sent {image.got} bytes of an "
+                                f"image of {image.total}")
+            with trio.fail_after(RESTORE_TIMEOUT):
+                await self._negotiate(m, header)            # type: ignore[attr-defined]
+        except trio.TooSlowError:
+            await self._abort(m)                            # type: ignore[attr-defined]
+            raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
+        except BaseException:
+            await self._abort(m)                            # type: ignore[attr-defined]
+            raise
 
     async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
                           consumed: int | None) -> None:
@@ -396,36 +448,37 @@ class Moves:
         self._migrations.pop(m.id, None)
         if self._by_pid.get(m.pid) is m:
             del self._by_pid[m.pid]
-        self._pieces.pop(m.id, None)
+        self._dumping.discard(m.id)
         self.forget_relay(m.id)                             # type: ignore[attr-defined]
 
     # ---- node messages -------------------------------------------------------------
 
-    def on_part(self, node: int, msg: messages.Part) -> None:
-        pieces = self._pieces.get(msg.id)
+    async def on_part(self, node: int, msg: messages.Part | messages.Dumped) -> None:
+        """A `part` or the `dumped` of a move under way, to its task, in order; awaited, so
+        a source faster than the target waits (its link is not read meanwhile)."""
         m = self._migrations.get(msg.id)
-        if pieces is None or m is None or m.node != node:
-            log.warning("node %d: part of unknown move %d; ignored", node, msg.id)
+        if m is None or m.node != node or msg.id not in self._dumping:
+            log.warning("node %d: %s of unknown move %d; ignored", node,
+                        messages.tag(type(msg)), msg.id)
             return
         try:
-            self._pieces[msg.id] = gather(pieces, msg.data, msg.total, MAX_MOVE_IMAGE)
-        except BpfsError as exc:
-            self._pieces[msg.id] = []
-            try:
-                m.send.send_nowait(messages.Failed(id=msg.id, errno=exc.errno,
-                                                   message=exc.message))
-            except trio.WouldBlock:
-                pass
+            with trio.fail_after(DUMP_TIMEOUT):
+                await m.send.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            log.warning("node %d: %s of move %d, which is over; ignored", node,
+                        messages.tag(type(msg)), msg.id)
 
-    def on_dumped(self, node: int, msg: messages.Dumped) -> None:
-        m = self._migrations.get(msg.id)
-        if m is None or m.node != node or msg.id not in self._pieces:
-            log.warning("node %d: dumped for unknown move %d; ignored", node, msg.id)
-            return
-        try:
-            m.send.send_nowait(msg)
-        except trio.WouldBlock:
-            pass
+    on_dumped = on_part
+
+
+def _incoming(d: Migration, first: messages.Part) -> Incoming:
+    """Where an image coming in parts is taken (EPROTO: the first part says no total)."""
+    if first.total is None:
+        raise BpfsError(errno.EPROTO, f"node {d.node}: the first part of move {d.id} says "
+                        "no total")
+    image = Incoming(first.total, MAX_MOVE_IMAGE)
+    image.take(0, first.data)
+    return image
 
 
 def _master_process(pid: int, caller: Caller) -> tuple[int, int, frozenset[int], int, None]:

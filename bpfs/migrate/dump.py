@@ -26,6 +26,7 @@ import struct
 import time
 from typing import AbstractSet, Callable, Mapping as TMapping, Sequence
 
+from bpfs.migrate.lazyrun import LAZY_MIN, LazyRun
 from bpfs.migrate import hostinfo, procfs
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError, from_oserror
@@ -179,12 +180,14 @@ def kill(pid: int) -> None:
 
 # ---- dumping ----
 
-def dump(pid: int, frozen: AbstractSet[int] = frozenset()) -> Image:
+def dump(pid: int, frozen: AbstractSet[int] = frozenset(), lazy: bool = False) -> Image:
     """Dump a process stopped under our ptrace (at its entry point) into an Image.
 
     `frozen`: start addresses of shared file mappings that can never be written (no
     VM_MAYWRITE: glibc's gconv cache), carried as private mappings of the same file
-    (`running`); any other shared mapping is refused."""
+    (`running`); any other shared mapping is refused. `lazy`: big anonymous runs are
+    LazyRuns, read when they are sent (bpfs.migrate.lazyrun): the process must stay
+    stopped until then."""
     check_executable(pid)
     regs = pt.getregs(pid)
     xstate = pt.get_xstate(pid)
@@ -197,7 +200,7 @@ def dump(pid: int, frozen: AbstractSet[int] = frozenset()) -> Image:
     gadget = _vdso_gadget(pid, special)
     mm["brk"] = _brk(pid, regs, gadget, maps, mm["start_brk"])
     dumpable = _dumpable(pid, regs, gadget)
-    files, regions = _regions(pid, maps, frozen)
+    files, regions = _regions(pid, maps, frozen, lazy)
     exe = _exe_index(pid, files)
     pt.setregs(pid, regs)
     ids = lambda key: [int(x) for x in status[key].split()]  # noqa: E731
@@ -315,8 +318,8 @@ def _sigactions(pid: int, regs: pt.Regs, gadget: int,
     return out
 
 
-def _regions(pid: int, maps: list[Mapping], frozen: AbstractSet[int] = frozenset()
-             ) -> tuple[list[FileRef], list[Region]]:
+def _regions(pid: int, maps: list[Mapping], frozen: AbstractSet[int] = frozenset(),
+             lazy: bool = False) -> tuple[list[FileRef], list[Region]]:
     files: list[FileRef] = []
     by_inode: dict[tuple[str, int], int] = {}
     regions: list[Region] = []
@@ -339,12 +342,19 @@ def _regions(pid: int, maps: list[Mapping], frozen: AbstractSet[int] = frozenset
             if m.prot:
                 runs = procfs.page_runs(procfs.read_pagemap(pm, m.start, m.end), m.start,
                                         anon=not m.file_backed)
+                if lazy and not m.file_backed:
+                    region.pages.extend((a, LazyRun(pid, a, n)) for a, n in runs  # type: ignore[misc]
+                                        if n >= LAZY_MIN)
+                    runs = [(a, n) for a, n in runs if n < LAZY_MIN]
                 if runs:
                     wanted.append((region, runs, not m.file_backed))
             regions.append(region)
     finally:
         os.close(pm)
     _read_pages(pid, wanted)
+    if lazy:
+        for region in regions:
+            region.pages.sort(key=lambda run: run[0])
     return files, regions
 
 

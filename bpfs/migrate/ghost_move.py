@@ -3,7 +3,8 @@ its own ghost, or let go exactly as it was (mixed into `Ghosts`; tracer thread).
 
     seize_running(pid, check)   PTRACE_SEIZE + PTRACE_INTERRUPT, nothing else yet: a process
                                 that asked to move itself stops where its ctl write returns
-    dump_moving(pid, links)     once it is stopped: its Image (bpfs.migrate.running); the
+    dump_moving(pid, links, lazy)  once it is stopped: its Image (bpfs.migrate.running; lazy:
+                                its big runs read when sent, before park_moved); the
                                 signals that came meanwhile were held, and go in the image
     park_moved(pid)             it runs on the node now: this one becomes its ghost
     release_moving(pid, err)    the move failed: it goes on (with `err`, the syscall it is
@@ -85,11 +86,12 @@ class Moving:
             raise
         fut.set_result(None)
 
-    def dump_moving(self, fut: Future, pid: int, links: set[int]) -> None:
+    def dump_moving(self, fut: Future, pid: int, links: set[int], lazy: bool = False
+                    ) -> None:
         from bpfs.migrate import running
         t = self._moving(pid)
         try:
-            image = running.dump_running(pid, links=links)
+            image = running.dump_running(pid, links=links, lazy=lazy)
         except MigrateError as exc:
             if exc.errno == errno.ESRCH:
                 self._vanished(t)

@@ -56,6 +56,7 @@ from bpfs.migrate import ghost_files, hostinfo, procfs, rebuild, stub
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.lazyrun import page_runs
 from bpfs.migrate.helper import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                  PR_SET_DUMPABLE, PROT_RWX, PROT_WRITE, SCRATCH, SCRATCH_SIZE)
 from bpfs.migrate.image import OPEN_FLAGS, Image, OpenFile
@@ -261,7 +262,7 @@ def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[
     pt.write_memory(pid, a.writes())
     stub.start(pid, regs, SCRATCH, a.count())
     run(pid, a, signals)
-    pt.write_memory(pid, [run for r in image.regions for run in r.pages])
+    pt.write_memory(pid, page_runs(image))  # type: ignore[arg-type]
     pt.cont(pid)
     run(pid, a, signals)
 

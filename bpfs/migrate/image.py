@@ -207,7 +207,8 @@ def _to_obj(img: Image) -> dict[str, Any]:
 
 
 def dumps(img: Image) -> bytes:
-    return b"".join(dumps_parts(img))
+    from bpfs.migrate.lazyrun import materialize
+    return b"".join(materialize(p) for p in dumps_parts(img))  # type: ignore[misc]
 
 
 def dumps_parts(img: Image) -> list[imageframe.Buffer]:

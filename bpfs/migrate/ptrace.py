@@ -350,6 +350,12 @@ def populated(size: int) -> mmap.mmap:
     return buf
 
 
+def read_into(pid: int, ranges: Sequence[tuple[int, int]], base: int) -> None:
+    """process_vm_readv of (addr, size) ranges into memory at address `base` (the caller
+    holds it, large enough); short reads raise EFAULT."""
+    _read_into(pid, ranges, base)
+
+
 def _read_into(pid: int, ranges: Sequence[tuple[int, int]], base: int) -> None:
     done = 0
     for i in range(0, len(ranges), _IOV_MAX):

@@ -22,6 +22,8 @@ from bpfs.migrate.helper import (
     F_SETFD, PIDFD_SLOT, PR_SET_DUMPABLE, SCRATCH, SCRATCH_SIZE, CloneRefused, Helper, Keeper,
     check_res, kill_reap, set_scheduling)
 from bpfs.migrate.image import Image, Region
+from bpfs.migrate.imageframe import Buffer
+from bpfs.migrate.lazyrun import page_runs
 from bpfs.migrate.rebuild import check_reserved as _check_reserved
 from bpfs.migrate.rebuild import refuse_setid as _refuse_setid
 from bpfs.migrate.rebuild import rlimit_wanted as _rlimit_wanted
@@ -163,6 +165,22 @@ class Restorer:
         `fds` as its 0, 1, 2, then the image's open files opened as that user at their own
         numbers (`openfiles`; a carried 0-2 replaces the given one); returns its pid. It is
         our child, running, not traced."""
+        build = self.begin(image, pid=pid, uid=uid, gid=gid, groups=groups, fds=fds,
+                           file_content=file_content)
+        try:
+            build.write(page_runs(image))  # type: ignore[arg-type]
+        except BaseException:
+            build.abort()
+            raise
+        return build.finish()
+
+    def begin(self, image: Image, *, pid: int | None = None, uid: int, gid: int,
+              groups: Sequence[int] = (), fds: Sequence[int] = (0, 1, 2),
+              file_content: Mapping[str, bytes] | None = None) -> "Build":
+        """`restore` up to the page writes: the process exists, stopped, its memory mapped
+        and writable, its credentials set; the caller writes the pages (`Build.write`, as
+        they arrive) and then `finish`es it, or `abort`s it (nothing ever ran). Every
+        call from this Restorer's thread; other restores may run meanwhile."""
         pid = image.pid if pid is None else pid
         if threading.get_ident() != self._thread:
             raise MigrateError(errno.EINVAL, "a Restorer must be used from the thread that "
@@ -173,34 +191,18 @@ class Restorer:
         for h, data in content.items():
             if hash_bytes(data) != h:
                 raise MigrateError(errno.EINVAL, f"supplied content does not match {h}")
-        files = self._open_files(image, content)
-        self.last_keeper = self.last_listener = None
-        keeper: Keeper | None = None
+        build = Build(self, image, self._open_files(image, content))
         try:
             if self.jobs_fd is None:
-                child = self._clone(pid)
+                build.child = self._clone(pid)
             else:
-                keeper, child = self._clone_job(pid)
-            try:
-                self._build(child, image, files, list(fds), uid, gid, list(groups),
-                            keeper is not None)
-                if keeper is not None:
-                    if self.last_listener is not None:
-                        keeper.hold(self.last_listener)
-                    keeper.keep(child)
-            except BaseException:
-                kill_reap(child)
-                if keeper is not None:
-                    keeper.kill()
-                if self.last_listener is not None:
-                    os.close(self.last_listener)
-                    self.last_listener = None
-                raise
-        finally:
-            for fd in files:
-                os.close(fd)
-        self.last_keeper = keeper.pid if keeper is not None else None
-        return child
+                build.keeper, build.child = self._clone_job(pid)
+            build.batch = self._build(build.child, image, build.files, list(fds), uid, gid,
+                                      list(groups), build.keeper is not None)
+        except BaseException:
+            build.abort()
+            raise
+        return build
 
     def _clone(self, pid: int | None) -> int:
         try:
@@ -227,7 +229,8 @@ class Restorer:
             raise
 
     def _build(self, child: int, image: Image, files: list[int], fds: list[int], uid: int,
-               gid: int, groups: list[int], job: bool = False) -> None:
+               gid: int, groups: list[int], job: bool = False) -> stub.Batch:
+        """The batch's first part run in `child`: it waits, stopped, for its pages."""
         if len(fds) != 3:
             raise MigrateError(errno.EINVAL, "fds must be three descriptors for 0, 1, 2")
         a = stub.Batch(SCRATCH)
@@ -255,11 +258,7 @@ class Restorer:
         openfiles.reopen(a, image.open_files, taken={0, 1, 2})  # as the user: creds are set
         self._protect(a, image, writable)
         a.run(child, self.helper.regs)
-        pt.write_memory(child, [run for r in image.regions for run in r.pages])
-        if self.supervised:
-            self.last_listener = _take_listener(child)
-        a.resume(child)
-        self._finish(child, image, job)
+        return a
 
     def _stdio(self, a: stub.Batch, fds: list[int]) -> None:
         """fds 0-2 from the restorer's `fds`, through the pidfd parked at PIDFD_SLOT."""
@@ -323,6 +322,63 @@ class Restorer:
 
     def _process_state(self, a: stub.Batch, image: Image) -> None:
         rebuild.process_state(a, image)
+
+
+class Build:
+    """A process being restored (`Restorer.begin`): stopped where its pages are written."""
+
+    def __init__(self, restorer: Restorer, image: Image, files: list[int]) -> None:
+        self.restorer, self.image, self.files = restorer, image, files
+        self.child: int | None = None
+        self.keeper: Keeper | None = None
+        self.batch: stub.Batch | None = None
+        self.listener: int | None = None
+
+    def write(self, runs: Sequence[tuple[int, Buffer]]) -> None:
+        """(address, bytes) into its memory (process_vm_writev from where they are)."""
+        assert self.child is not None and self.batch is not None
+        pt.write_memory(self.child, runs)
+
+    def finish(self) -> int:
+        """The rest of the restore: its open files, protections, registers; it runs.
+        Its pid; on any failure it is killed first (nothing ran)."""
+        r = self.restorer
+        assert self.child is not None and self.batch is not None
+        child, job = self.child, self.keeper is not None
+        try:
+            if r.supervised:
+                self.listener = _take_listener(child)
+            self.batch.resume(child)
+            r._finish(child, self.image, job)
+            if self.keeper is not None:
+                if self.listener is not None:
+                    self.keeper.hold(self.listener)
+                self.keeper.keep(child)
+        except BaseException:
+            self.abort()
+            raise
+        self._close_files()
+        r.last_keeper = self.keeper.pid if self.keeper is not None else None
+        r.last_listener, self.listener, self.child = self.listener, None, None
+        return child
+
+    def abort(self) -> None:
+        """Kill what was built (it never ran) and close what it held; again: nothing."""
+        if self.child is not None:
+            kill_reap(self.child)
+            self.child = None
+        if self.keeper is not None:
+            self.keeper.kill()
+            self.keeper = None
+        if self.listener is not None:
+            os.close(self.listener)
+            self.listener = None
+        self._close_files()
+
+    def _close_files(self) -> None:
+        files, self.files = self.files, []
+        for fd in files:
+            os.close(fd)
 
 
 def _memfd(digest: str, data: bytes, public: bool) -> int:

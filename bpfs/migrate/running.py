@@ -155,11 +155,14 @@ def _state(pid: int) -> _Seized:
 
 # ---- the dump ----
 
-def dump_running(pid: int, links: AbstractSet[int] = frozenset()) -> Image:
+def dump_running(pid: int, links: AbstractSet[int] = frozenset(), lazy: bool = False
+                 ) -> Image:
     """An Image of the seized `pid` at its stop point (stopped first if need be), with its
     open files but `links` (fds the caller carries itself, e.g. stdio sockets). The process
     stays stopped, its registers, mask and pending signals as they were. EBUSY for what
-    cannot move (module docstring), EPERM for a set-ID or file-capability program."""
+    cannot move (module docstring), EPERM for a set-ID or file-capability program.
+    `lazy`: its big anonymous runs are read when they are sent (bpfs.migrate.lazyrun),
+    so it must stay stopped until then."""
     state = _state(pid)
     stop(pid)
     if state.job_stop:
@@ -173,7 +176,7 @@ def dump_running(pid: int, links: AbstractSet[int] = frozenset()) -> Image:
     mask = pt.get_sigmask(pid)
     pt.set_sigmask(pid, ALL_SIGNALS)   # pending signals stay queued through the injections
     try:
-        img = dump.dump(pid, frozen)
+        img = dump.dump(pid, frozen, lazy)
     finally:
         pt.set_sigmask(pid, mask)
         pt.setregs(pid, regs)

@@ -187,8 +187,10 @@ class Tracer:
         """Seize and interrupt a running process to move it (bpfs/migrate/ghost_move.py)."""
         return self._deferred(self._ghosts.seize_running, pid, check)
 
-    def dump_moving(self, pid: int, links: set[int]) -> Future[Image]:
-        return self._deferred(self._ghosts.dump_moving, pid, set(links))
+    def dump_moving(self, pid: int, links: set[int], lazy: bool = False) -> Future[Image]:
+        """`lazy`: its big runs are read when sent (bpfs.migrate.lazyrun): the caller
+        sends the image before `park_moved` (which empties the process)."""
+        return self._deferred(self._ghosts.dump_moving, pid, set(links), lazy)
 
     def park_moved(self, pid: int, close: tuple[int, ...] = ()) -> Future[None]:
         return self._deferred(self._ghosts.park_moved, pid, tuple(close))

@@ -37,6 +37,7 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.image import dumps_parts
 from bpfs.migrate.imagebuf import pieces
+from bpfs.migrate.lazyrun import materialize
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -46,6 +47,7 @@ log = logging.getLogger("bpslave")
 
 SEIZE_TIMEOUT = 2.0          # the thread seizing and interrupting the process
 VERDICT_TIMEOUT = 300.0      # dumped, stopped, waiting for `drop` or `resume`
+AHEAD = 2                    # parts read ahead of the one being sent
 DROP, RESUME = "drop", "resume"
 
 
@@ -60,6 +62,7 @@ class Move:
     seized: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     ops: Any = None                         # DirectOps, or a stand-in's (node/standins.py)
+    outbox: Any = None                      # its parts, to the task that sends them
 
 
 class DirectOps:
@@ -79,7 +82,7 @@ class DirectOps:
 
     def dump(self, links: set[int]) -> Any:
         from bpfs.migrate import running
-        return running.dump_running(self.pid, links=links)
+        return running.dump_running(self.pid, links=links, lazy=True)
 
     def drop(self) -> None:
         """The stopped copy ends; its tracer (this thread) consumes that end, so its
@@ -119,6 +122,9 @@ class Mover:
         m = Move(session, msg.id, msg.pid, tuple(msg.links or ()),
                  dict(session.node.restorer.restorer.origin), ops=ops)  # read in its thread
         self.moves[m.pid] = m
+        m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
+        assert session.nursery is not None
+        session.nursery.start_soon(_send_parts, session, outgoing)
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
                          daemon=True).start()
@@ -200,6 +206,13 @@ class Mover:
             return
         try:
             self._send_image(token, m, parts, consumed)
+        except (trio.BrokenResourceError, trio.RunFinishedError, MigrateError) as exc:
+            log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
+            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
+                                                   message=f"node error: {exc}"[:4096]))
+            self._release(m, None)
+            self._done(token, m)
+            return
         except BaseException as exc:     # a bug: the process must not stay stopped
             log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
             self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
@@ -222,14 +235,34 @@ class Mover:
 
     def _send_image(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
                     consumed: int | None) -> None:
-        """`part`s (views of the dump: no copy; the first says the total), then `dumped`."""
+        """`part`s (views of the dump: no copy; the first says the total and the stdin
+        read), then `dumped`, through the move's outbox: a LazyRun's pages are read here
+        as the parts before them go, at most AHEAD parts ahead of the socket."""
         total = sum(map(len, parts))
         cut = list(pieces(parts, PART)) or [b""]
-        for k, piece in enumerate(cut[:-1]):
-            self._report(token, m, messages.Part(id=m.id, data=piece,  # type: ignore[arg-type]
-                                                 total=None if k else total))
-        self._report(token, m, messages.Dumped(id=m.id, image=cut[-1],  # type: ignore[arg-type]
-                                               consumed=consumed))
+        relayed = getattr(m.ops, "relayed", None)   # a stand-in's relay: ahead of its parts
+        try:
+            if relayed is not None:
+                self._post(token, m, relayed)
+            for k, piece in enumerate(cut[:-1]):
+                self._post(token, m, messages.Part(
+                    id=m.id, data=materialize(piece),  # type: ignore[arg-type]
+                    total=None if k else total, consumed=None if k else consumed))
+            last = messages.Dumped(id=m.id, image=materialize(cut[-1]),  # type: ignore[arg-type]
+                                   consumed=consumed)
+            if len(cut) > 1 or relayed is not None:
+                self._post(token, m, last)      # behind its parts
+            else:                               # alone: at once, without the sender's hop
+                self._report(token, m, last)
+        finally:
+            try:
+                token.run_sync_soon(m.outbox.close)
+            except trio.RunFinishedError:
+                pass
+
+    def _post(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg) -> None:
+        """Queue `msg` for the move's sender; waits while AHEAD are queued already."""
+        trio.from_thread.run(m.outbox.send, msg, trio_token=token)
 
     def _release(self, m: Move, err: int | None) -> None:
         try:
@@ -252,12 +285,26 @@ class Mover:
 
     def _done(self, token: trio.lowlevel.TrioToken, m: Move) -> None:
         def done() -> None:
+            m.outbox.close()            # its sender ends (if nothing was sent: now)
             if self.moves.get(m.pid) is m:
                 del self.moves[m.pid]
         try:
             token.run_sync_soon(done)
         except trio.RunFinishedError:
             pass
+
+
+async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel) -> None:
+    """Send a move's parts in order as its thread queues them (a task of the session:
+    it ends when the thread closes the outbox, or at the first failure, which the thread
+    then meets as a closed outbox)."""
+    async with outgoing:
+        async for msg in outgoing:
+            try:
+                await session.fs.send(msg)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            del msg                     # a sent part holds its pages: let them go
 
 
 def _stdin_consumed(pid: int) -> int | None:

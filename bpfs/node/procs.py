@@ -35,7 +35,6 @@ import trio
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.migrate.helper import JOB_RECORD
-from bpfs.migrate.imagebuf import gather, whole
 from bpfs.node import stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
@@ -46,8 +45,7 @@ from bpfs.wire.stdiolink import LinkTarget
 log = logging.getLogger("bpslave")
 
 FILES_TIMEOUT = 60.0
-MAX_PIECED = 16                     # restores whose image comes in pieces, at once
-MAX_PIECED_IMAGE = 64 << 30         # bytes of one such image
+MAX_PIECED = 16                     # moved processes' restores announced at once
 
 
 def check_restore(req: messages.Restore) -> None:
@@ -183,24 +181,6 @@ class ProcessTable:
 
 # ---- handlers (bpfs/node/service.py's FROM_MASTER) ----------------------------------
 
-async def on_piece(session: Session, msg: messages.Piece) -> None:
-    """A piece of a big image (a move's), ahead of its `restore`: put in place (the first
-    says the total: one buffer of that size, bpfs/migrate/imagebuf.py), within bounds;
-    beyond them the pieces go and the restore fails (EFBIG)."""
-    if msg.id not in session.pieces and len(session.pieces) >= MAX_PIECED:
-        log.warning("restore %d: too many pieced images at once: refused", msg.id)
-        session.pieces[msg.id] = None
-        return
-    pieces = session.pieces.setdefault(msg.id, [])
-    if pieces is None:
-        return
-    try:
-        session.pieces[msg.id] = gather(pieces, msg.data, msg.total, MAX_PIECED_IMAGE)
-    except BpfsError as exc:
-        log.warning("restore %d: %s: refused", msg.id, exc.message)
-        session.pieces[msg.id] = None
-
-
 async def on_again(session: Session, msg: messages.Again) -> None:
     """The next `restore` of this id is a moved process's: its links are made again."""
     if len(session.again) >= MAX_PIECED:
@@ -209,17 +189,7 @@ async def on_again(session: Session, msg: messages.Again) -> None:
 
 
 async def on_restore(session: Session, msg: messages.Restore) -> None:
-    if msg.id in session.pieces:
-        pieces = session.pieces.pop(msg.id)
-        try:
-            if pieces is None:
-                raise BpfsError(errno.EFBIG, "image too large for this node")
-            image = whole(pieces, msg.image, MAX_PIECED_IMAGE)
-        except BpfsError as exc:
-            session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
-            return
-        msg = messages.replace(msg, image=image)
-        session.beat()                  # a big restore holds this thread for a while
+    """A restore whose whole image is in the request (a streamed one: bpfs/node/streamin.py)."""
     try:
         check_restore(msg)
     except BpfsError as exc:
@@ -431,7 +401,12 @@ async def _fetch(session: Session, rid: int, missing: list[str]) -> dict[str, by
 # ---- synchronous steps (the Restorer's thread is the event loop's) -------------------
 
 def _load(node: NodeRestorer, req: messages.Restore) -> tuple[Image, list[str]]:
-    image = loads(req.image)
+    return prepared(node, req, loads(req.image))
+
+
+def prepared(node: NodeRestorer, req: messages.Restore, image: Image
+             ) -> tuple[Image, list[str]]:
+    """The request's PID and rank in the loaded `image`; the file contents it lacks."""
     if req.pid is not None:
         image.pid = req.pid
     if req.rank is not None and not set_rank(image, req.rank):
@@ -440,11 +415,12 @@ def _load(node: NodeRestorer, req: messages.Restore) -> tuple[Image, list[str]]:
 
 
 def _restore_job(node: NodeRestorer, req: messages.Restore, fds: list[int | None],
-                 loaded: tuple[Image, list[str]] | None, content: dict[str, bytes]
-                 ) -> tuple[Image, list[str], int | None]:
+                 loaded: tuple[Image, list[str]] | None, content: dict[str, bytes],
+                 begin: bool = False) -> tuple[Image, list[str], Any]:
     """Load the image (unless `loaded`); if file contents are missing and not in
     `content`, stop there: (image, missing, None). Else open the local stdio files as
-    the user into `fds` (the caller closes them) and restore: (image, [], pid)."""
+    the user into `fds` (the caller closes them) and restore: (image, [], pid); with
+    `begin`, only up to its pages: (image, [], Build) (bpfs/node/streamin.py)."""
     image, missing = loaded if loaded is not None else _load(node, req)
     if missing and not content:
         return image, missing, None
@@ -453,9 +429,10 @@ def _restore_job(node: NodeRestorer, req: messages.Restore, fds: list[int | None
         image.cwd = "/"     # a chdir there would wait on this thread, which serves it
     with node.as_user(req.uid, req.gid, req.groups):
         stdio.open_local(req.io, fds, image.cwd, image.umask)
-    pid = node.restorer.restore(image, pid=image.pid, uid=req.uid, gid=req.gid,
-                                groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
-                                file_content=content)
+    how = node.restorer.begin if begin else node.restorer.restore
+    pid = how(image, pid=image.pid, uid=req.uid, gid=req.gid,  # type: ignore[operator]
+              groups=req.groups, fds=[int(fd) for fd in fds],  # type: ignore[arg-type]
+              file_content=content)
     return image, [], pid
 
 

@@ -42,7 +42,7 @@ import trio
 from bpfs import hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
-from bpfs.node import mover, procs, usage
+from bpfs.node import mover, procs, streamin, usage
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.fsclient import FsClient
 from bpfs.node.init import Reaper, kill_namespace
@@ -101,7 +101,7 @@ def _is_address(text: str) -> bool:
 # FROM_MASTER decodes them); add a row for a new one. Any other is a protocol error that
 # ends the session.
 FROM_MASTER: dict[type[messages.Msg], Handler] = {
-    messages.Ctl: _on_ctl, messages.Restore: procs.on_restore, messages.Files: procs.on_files,
+    messages.Ctl: _on_ctl, messages.Restore: streamin.on_restore, messages.Files: procs.on_files,
     messages.Signal: procs.on_signal, messages.Sample: usage.on_sample,
     messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
     messages.Execd: procs.on_answer, messages.Armed: procs.on_armed,
@@ -109,8 +109,9 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.FsReply: _on_fs_reply,
     messages.Names: _on_names,
     messages.Dump: mover.on_dump, messages.Drop: mover.on_drop,
-    messages.Resume: mover.on_resume, messages.Piece: procs.on_piece,
-    messages.Again: procs.on_again,
+    messages.Resume: mover.on_resume, messages.Again: procs.on_again,
+    messages.Streamed: streamin.on_streamed, messages.Piece: streamin.on_piece,
+    messages.Abort: streamin.on_abort,
 }
 
 

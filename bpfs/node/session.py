@@ -24,7 +24,6 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
-from bpfs.migrate.imagebuf import ImageBuffer
 from bpfs.node import facts as node_facts, usage as node_usage
 from bpfs.node.config import NodeConfig
 from bpfs.node.restorer import NodeRestorer
@@ -69,7 +68,8 @@ class Session:
         self.usage_wanted = trio.Event()             # set by the master's `sample`
         self.mount: str | None = None                # where the master's /bproc is
         self.files: dict[int, trio.MemorySendChannel[Any]] = {}   # restores awaiting `files`
-        self.pieces: dict[int, list[bytes] | ImageBuffer | None] = {}   # images in pieces (moves), by id
+        self.streams: dict[int, Any] = {}   # restores whose image streams in (streamin.py)
+        self.streamed: dict[int, int] = {}  # announced (`streamed`): id -> the image's size
         self.again: dict[int, int] = {}     # moved processes' restores: their stdin read
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))

@@ -232,6 +232,7 @@ class StandinOps:
         self.standins, self.session, self.mid, self.pid = standins, session, mid, pid
         self.token = token
         self.relay: subprocess.Popen[bytes] | None = None
+        self.relayed: messages.Relayed | None = None
         standins.moving.add(pid)
 
     def _wait(self, fut: Any) -> Any:
@@ -251,12 +252,12 @@ class StandinOps:
             pass
 
     def dump(self, links: Any) -> Any:
-        """The image (fds 0-2 left out: the relay carries them), then the relay started
-        and `relayed` queued (ahead of the image's `part`s and `dumped`)."""
+        """The image (fds 0-2 left out: the relay carries them), then the relay started;
+        `relayed`, kept here, goes ahead of the image's `part`s and `dumped` (the mover
+        sends them in that order, one queue)."""
         image = self._wait(self.standins.tracer.dump_moving(self.pid, set(STDIO)))
         port, token = self._start_relay()
-        msg = messages.Relayed(id=self.mid, port=port, token=token)
-        self.token.run_sync_soon(self.session.report, msg)
+        self.relayed = messages.Relayed(id=self.mid, port=port, token=token)
         return image
 
     def drop(self) -> None:

@@ -55,14 +55,18 @@ grammar (names in capitals are the bounded types defined below):
                       ended      pid: PID, status: 0..65535   (its stand-in ends so)
   moves (bpfs/master/moves.py, bpfs/node/mover.py):
     master -> node    dump       id: ID, pid: PID, links: [0..2] (at most 3)
-    node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES]
-                                                  (image pieces, in order; the first: total)
+    node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES],
+                                 [consumed: BYTES]  (image pieces, in order; the first says
+                                                  the total and the stdin read)
                       dumped     id: ID, image: bytes (the last piece), [consumed: BYTES]
                       relayed    id: ID, port: 1..65535, token: WORD   (before
                                  `dumped`: a process forked there, its stdio relay)
                       (or failed id, errno, message)
-    master -> node    piece      id: ID, data: bytes (1..8 MiB), [total: BYTES]
-                                                  (ahead of a `restore`; the first: total)
+    master -> node    piece      id: ID, at: BYTES, data: bytes (1..8 MiB)   (behind a
+                                 `restore` with a total: the image from byte `at`, in order)
+                      streamed   id: ID, total: BYTES  (ahead of a `restore`: its image is
+                                 `total` bytes, `image` the first piece, `piece`s follow)
+                      abort      id: ID     (that restore will not be finished: discard it)
                       again      id: ID, consumed: BYTES   (ahead of a `restore`: a moved
                                  process, its links made again; its stdin read so far)
                       drop       id: ID, pid: PID     (moved: end the stopped copy, unreported)

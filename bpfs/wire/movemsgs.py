@@ -31,28 +31,48 @@ class Dump(Msg, tag="dump"):
 
 
 class Part(Msg, tag="part"):
-    """A piece of the image of move `id`, ahead of its `dumped`: the master appends them,
-    within its bound, in order. The first says the image's `total` size (the master puts
-    the pieces in place as they come: bpfs/migrate/imagebuf.py)."""
+    """A piece of the image of move `id`, ahead of its `dumped`, in order. The first says
+    the image's `total` size and how many bytes of its stdin link the process had read
+    (`consumed`): a master moving it to a node forwards each part as it comes (a `piece`
+    behind a `restore` that needs `consumed`), one moving it home gathers them."""
     sender = "node"
     id: ID
     data: PIECE
     total: Optional[BYTES] = None
+    consumed: Optional[BYTES] = None
+
+
+class Streamed(Msg, tag="streamed"):
+    """Restore `id` (next) has an image of `total` bytes: its `image` is the first piece,
+    the rest follows in `piece`s."""
+    sender = "master"
+    id: ID
+    total: BYTES
 
 
 class Piece(Msg, tag="piece"):
-    """A piece of the image of restore `id`, ahead of the `restore` itself (whose `image`
-    is the last piece): the node appends them, within its bound, in order. The first says
-    the image's `total` size."""
+    """The bytes of restore `id`'s image from offset `at`, behind a `streamed` restore
+    (whose `image` is the first piece). The node takes them in order only (`at`
+    is where the last one ended) and within the total: else that restore fails (EPROTO,
+    EFBIG) and later pieces of it are ignored. It writes their pages into the process
+    being built as they come (bpfs/node/streamin.py)."""
     sender = "master"
     id: ID
+    at: BYTES
     data: PIECE
-    total: Optional[BYTES] = None
+
+
+class Abort(Msg, tag="abort"):
+    """Restore `id`, whose image was coming in pieces, will not be finished (its source
+    failed, or the master gave up): the node discards what it built, unreported."""
+    sender = "master"
+    id: ID
 
 
 class Dumped(Msg, tag="dumped"):
     """The image of move `id` is the `part`s sent before this, then `image`; `consumed`:
-    how many bytes of its stdin link the process had read when it stopped."""
+    how many bytes of its stdin link the process had read when it stopped (also in the
+    first `part`, if any)."""
     sender = "node"
     id: ID
     image: _bytes(0, PART)

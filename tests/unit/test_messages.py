@@ -87,7 +87,8 @@ GOOD = [
     m.Ended(pid=4243, status=15),
     m.Dump(id=7, pid=4242, links=(0, 1, 2)), m.Dump(id=8, pid=4242),
     m.Part(id=7, data=b"x" * 100), m.Dumped(id=7, image=b"img", consumed=12),
-    m.Dumped(id=7, image=b""), m.Piece(id=9, data=b"y"), m.Drop(id=7, pid=4242), m.Relayed(id=7, port=4000, token="ab" * 16),
+    m.Dumped(id=7, image=b""), m.Piece(id=9, at=0, data=b"y"), m.Abort(id=9), m.Streamed(id=9, total=1 << 33), m.Drop(id=7, pid=4242),
+    m.Relayed(id=7, port=4000, token="ab" * 16),
     m.Resume(id=7, pid=4242), m.Resume(id=7, pid=4242, errno=errno.EBUSY),
     m.Again(id=9, consumed=0), m.Again(id=9, consumed=1 << 40),
     m.Welcome(node=3, heartbeat=1.0, usage=2.0),
@@ -168,7 +169,7 @@ def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
         "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
         "Armed", "Execd", "Ended", "Sample", "FsReply", "Names", "Dump", "Piece", "Drop",
-        "Resume", "Again"}
+        "Resume", "Again", "Abort", "Streamed"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 
