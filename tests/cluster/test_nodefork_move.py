@@ -447,3 +447,39 @@ def test_a_sigkill_while_it_moves_ends_it_and_its_shell_sees_it(cluster):
             clean(cluster, child)
         finally:
             stop(p)
+
+
+# Holds `mb` MB of random bytes; each line "n hostname pid crc" (the crc of all of them).
+BIG = ("import os, socket, sys, time, zlib\n"
+       "mb = int(sys.argv[1])\n"
+       "buf = bytearray(os.urandom(1 << 20)) * mb\n"
+       "for i in range(1, 400):\n"
+       "    print(i, socket.gethostname(), os.getpid(), zlib.crc32(buf), flush=True)\n"
+       "    time.sleep(0.05)\n"
+       "sys.exit(7)\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_big_forked_child_streams_away_and_back_into_its_stand_in(cluster):
+    """48 MB (an image of several pieces, streamed to a node as it is dumped): node 1 ->
+    2 -> 1 (put together, then restored into its stand-in) -> master -> 1; its memory is
+    the same at every stop, and sh's wait gets its status."""
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c",
+                   f"{PY} -c \"$0\" 48 & echo child $!; wait $!; echo status=$?", BIG)
+    try:
+        words = read_line(p).split()
+        assert words[0] == "child", words
+        child = int(words[1])
+        crc = read_line(p).split()[3]
+        for target in ("2", "1", "master", "1"):
+            assert write_ctl(cluster, child, f"move {target}\n") == 0, target
+            host = master_name() if target == "master" else hostname_of(int(target))
+            line = until_host(p, host)
+            assert line[1] == host and line[3] == crc, (target, line, crc)
+        os.kill(child, signal.SIGUSR1)          # no handler: it dies of it
+        seen, status = lines_until_status(p)
+        assert status == f"status={128 + signal.SIGUSR1}", (seen, status)
+        assert p.wait(timeout=20) == 0
+        clean(cluster, child)
+    finally:
+        stop(p)
