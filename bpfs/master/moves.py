@@ -36,6 +36,7 @@ import trio
 from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
+from bpfs.master.relayfork import RelayForks
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
 from bpfs.migrate.imagebuf import ImageBuffer, gather, whole
@@ -84,6 +85,7 @@ class Moves:
         self._pieces: dict[int, list[bytes] | ImageBuffer] = {}
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
+        self.relay_forks = RelayForks(relays.environment())    # run by the daemon
         self._home: dict[int, Home] = {}    # master processes back from a node, by pid
         # the exec endpoint's (bpfs/master/exec.py expect_again): a move of `pid` begins
         # (True) or failed (False), so the end of its old links does not end its output
@@ -172,7 +174,8 @@ class Moves:
             m.cmd = _command(image.argv, image.comm)
             if home is None:
                 c = m.caller
-                relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host)
+                relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
+                                           self.relay_forks)
                 m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
                                          "socket")
             else:       # it came back from a node: its links go on from here (no relay)
