@@ -170,15 +170,18 @@ class Moves:
             home = None
         try:
             links = set(home.inodes) if home is not None else ALL_STDIO
-            image = await wait_future(self.tracer.dump_moving(pid, links))
-            m.cmd = _command(image.argv, image.comm)
-            if home is None:
+            stopped = self.tracer.stop_moving(pid)
+            dumped = self.tracer.dump_moving(pid, links)
+            if home is None:    # its relay starts while the tracer dumps it
+                await wait_future(stopped)
                 c = m.caller
                 relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
                                            self.relay_forks)
                 m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
                                          "socket")
-            else:       # it came back from a node: its links go on from here (no relay)
+            image = await wait_future(dumped)
+            m.cmd = _command(image.argv, image.comm)
+            if home is not None:    # back from a node: its links go on from here (no relay)
                 ln = home.links
                 m.req = execreq.ExecMove(ln.port, ln.token, 0, *(
                     spec if fd in home.inodes else "null" for fd, spec in enumerate(ln.io)))

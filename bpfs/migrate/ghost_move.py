@@ -3,6 +3,8 @@ its own ghost, or let go exactly as it was (mixed into `Ghosts`; tracer thread).
 
     seize_running(pid, check)   PTRACE_SEIZE + PTRACE_INTERRUPT, nothing else yet: a process
                                 that asked to move itself stops where its ctl write returns
+    stop_moving(pid)            its stop waited for (the master then copies its stdio for a
+                                relay while the dump goes on)
     dump_moving(pid, links)     once it is stopped: its Image (bpfs.migrate.running); the
                                 signals that came meanwhile were held, and go in the image
     park_moved(pid)             it runs on the node now: this one becomes its ghost
@@ -51,6 +53,17 @@ class Moving:
         except BaseException:
             self.tracees.pop(pid, None)
             running.release(pid)
+            raise
+        fut.set_result(None)
+
+    def stop_moving(self, fut: Future, pid: int) -> None:
+        from bpfs.migrate import running
+        t = self._moving(pid)
+        try:
+            running.stop(pid)
+        except MigrateError as exc:
+            if exc.errno == errno.ESRCH:
+                self._vanished(t)
             raise
         fut.set_result(None)
 

@@ -185,6 +185,11 @@ class Tracer:
         """Seize and interrupt a running process to move it (bpfs/migrate/ghost_move.py)."""
         return self._deferred(self._ghosts.seize_running, pid, check)
 
+    def stop_moving(self, pid: int) -> Future[None]:
+        """Resolved once the seized `pid` is stopped: its fds are those that move (queue
+        dump_moving right behind it: the stop is not waited for twice)."""
+        return self._deferred(self._ghosts.stop_moving, pid)
+
     def dump_moving(self, pid: int, links: set[int]) -> Future[Image]:
         return self._deferred(self._ghosts.dump_moving, pid, set(links))
 
