@@ -170,16 +170,20 @@ class Moves:
             home = None
         try:
             links = set(home.inodes) if home is not None else ALL_STDIO
-            stopped = self.tracer.stop_moving(pid)
-            dumped = self.tracer.dump_moving(pid, links)
-            if home is None:    # its relay starts while the tracer dumps it
-                await wait_future(stopped)
+            dumped: list[Any] = []
+
+            def dump() -> None:
+                dumped.append(self.tracer.dump_moving(pid, links))
+            if home is None:    # stopped, its relay is asked for, and starts while it dumps
+                await wait_future(self.tracer.stop_moving(pid))
                 c = m.caller
                 relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
-                                           self.relay_forks)
+                                           self.relay_forks, on_asked=dump)
                 m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
                                          "socket")
-            image = await wait_future(dumped)
+            else:
+                dump()
+            image = await wait_future(dumped[0])
             m.cmd = _command(image.argv, image.comm)
             if home is not None:    # back from a node: its links go on from here (no relay)
                 ln = home.links

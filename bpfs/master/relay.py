@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import trio
 
@@ -75,8 +76,13 @@ def _stdio_of(pid: int) -> list[int]:
 
 
 async def start(pid: int, uid: int, gid: int, groups: list[int], host: str,
-                forks: RelayForks | None = None) -> Relay:
-    """Start the relay for stopped `pid`; returns once it listens."""
+                forks: RelayForks | None = None, on_asked: Callable[[], None] | None = None
+                ) -> Relay:
+    """Start the relay for stopped `pid`; returns once it listens. `on_asked()` runs once
+    (unless an error comes first) as soon as the relay is on its way: the rest of the
+    wait is for other processes (a move queues its dump then: the tracer's thread does
+    not fight this one for the interpreter while the relay starts)."""
+    asked = on_asked or (lambda: None)
     token = os.urandom(16).hex()
     try:
         fds = _stdio_of(pid)
@@ -89,12 +95,20 @@ async def start(pid: int, uid: int, gid: int, groups: list[int], host: str,
     os.close(token_w)
     try:
         proc: RelayProcess | None = None
+        called: list[bool] = []
+
+        def once() -> None:
+            if not called:
+                called.append(True)
+                asked()
         if forks is not None:
-            proc = await forks.fork(pid, uid, gid, groups, host, [*fds, ready_w, token_r])
+            proc = await forks.fork(pid, uid, gid, groups, host, [*fds, ready_w, token_r],
+                                    once)
         if proc is None:
             proc = _Spawned(await _spawn(pid, uid, gid, groups, host, fds, ready_w, token_r))
             if forks is not None:
                 forks.adopt(proc)
+        once()
     except OSError as exc:
         os.close(ready_r)
         raise BpfsError(exc.errno or errno.EIO, f"cannot start the stdio relay: "

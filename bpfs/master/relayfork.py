@@ -30,7 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import trio
 
@@ -154,11 +154,13 @@ class RelayForks:
     # ---- requests ---------------------------------------------------------------------
 
     async def fork(self, pid: int, uid: int, gid: int, groups: list[int], host: str,
-                   fds: list[int]) -> ForkedRelay | None:
+                   fds: list[int], on_asked: Callable[[], None] = lambda: None
+                   ) -> ForkedRelay | None:
         """A relay forked for `pid` (`fds`: module docstring; the caller still closes its
         own). None if there is no server, or it failed to answer: it is killed (`run`
         starts another), and the caller spawns the relay. OSError with the server's errno
-        if it answered that it could not fork."""
+        if it answered that it could not fork. `on_asked()` runs once the request is
+        sent: work for this thread while the server forks (a move queues its dump)."""
         async with self._lock:
             sock, server = self._sock, self._server
             if sock is None or server is None or server.returncode is not None:
@@ -169,6 +171,7 @@ class RelayForks:
                 with trio.fail_after(REPLY_TIMEOUT):
                     await sock.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                 _fd_array(fds))])
+                    on_asked()
                     data, anc, _, _ = await sock.recvmsg(4096, socket.CMSG_SPACE(4))
             except (OSError, trio.TooSlowError) as exc:
                 log.warning("the relay fork-server (pid %d) did not answer (%s): killing "
