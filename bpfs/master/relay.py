@@ -147,7 +147,7 @@ async def _spawn(pid: int, uid: int, gid: int, groups: list[int], host: str,
     return await trio.lowlevel.open_process(
         argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(ready_w, token_r),
         env=env, cwd="/", start_new_session=True, user=uid, group=gid,
-        extra_groups=[g for g in groups if g != gid] if uid != 0 else None)
+        extra_groups=list(groups) if uid != 0 else None)
 
 
 def environment() -> dict[str, str]:

@@ -49,11 +49,12 @@ REQUEST_FDS = 5
 
 
 def _become(uid: int, gid: int, groups: list[int]) -> None:
-    """Drop to the user: supplementary groups, then gid, then uid; OSError (EPERM) if the
-    ids are not all what was asked. Root keeps its own supplementary groups, as a relay
-    spawned with `user=0` does."""
+    """Drop to the user: the process's supplementary groups (as they are: its primary
+    group among them or not), then gid, then uid; OSError (EPERM) if the ids are not all
+    what was asked. Root keeps its own supplementary groups, as a relay spawned with
+    `user=0` does."""
     if uid != 0:
-        os.setgroups([g for g in groups if g != gid])
+        os.setgroups(groups)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3:
