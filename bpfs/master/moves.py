@@ -148,7 +148,7 @@ class Moves:
         try:
             who = _master_process(pid, caller)
             self.check_ready()                              # type: ignore[attr-defined]
-            await wait_future(self.tracer.seize_running(pid, pin.check))
+            await wait_future(self.tracer.seize_running(pid, pin.check, stop=not own))
         finally:
             if pin is not caller.pin:
                 pin.close()
@@ -175,7 +175,8 @@ class Moves:
             def dump() -> None:
                 dumped.append(self.tracer.dump_moving(pid, links))
             if home is None:    # stopped, its relay is asked for, and starts while it dumps
-                await wait_future(self.tracer.stop_moving(pid))
+                if own:                 # else stopped already (seize_running)
+                    await wait_future(self.tracer.stop_moving(pid))
                 c = m.caller
                 relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
                                            self.relay_forks, on_asked=dump)

@@ -1,8 +1,9 @@
 """A running master process that moves to a node: seized, stopped, dumped, then parked as
 its own ghost, or let go exactly as it was (mixed into `Ghosts`; tracer thread).
 
-    seize_running(pid, check)   PTRACE_SEIZE + PTRACE_INTERRUPT, nothing else yet: a process
-                                that asked to move itself stops where its ctl write returns
+    seize_running(pid, check[, stop])   PTRACE_SEIZE + PTRACE_INTERRUPT (and, with `stop`,
+                                its stop waited for): a process that asked to move itself
+                                stops where its ctl write returns
     stop_moving(pid)            its stop waited for (the master then copies its stdio for a
                                 relay while the dump goes on)
     dump_moving(pid, links)     once it is stopped: its Image (bpfs.migrate.running); the
@@ -37,7 +38,10 @@ class Moving:
 
     tracees: dict[int, Tracee]
 
-    def seize_running(self, fut: Future, pid: int, check: object) -> None:
+    def seize_running(self, fut: Future, pid: int, check: object, stop: bool = False
+                      ) -> None:
+        """`stop`: wait for its stop too (not for a writer of its own move: it stops
+        only once its write has returned); stop_moving is then answered at once."""
         from bpfs.migrate import running
         if pid in self.tracees:
             raise MigrateError(errno.EBUSY, f"process {pid} is already held by the tracer "
@@ -45,14 +49,19 @@ class Moving:
         if check is not None:
             check()                                     # type: ignore[operator]
         running.seize_running(pid)
-        t = self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
+        self.tracees[pid] = Tracee(pid, state=MOVING, held=True)
+        stopping = False
         try:
             running.interrupt(pid)          # now: a writer of its own move stops at its return
             if check is not None:
                 check()                                 # type: ignore[operator]
-        except BaseException:
+            if stop:
+                stopping = True
+                running.stop(pid)
+        except BaseException as exc:
             self.tracees.pop(pid, None)
-            running.release(pid)
+            if not (stopping and getattr(exc, "errno", None) == errno.ESRCH):
+                running.release(pid)        # (one that ended while stopped: nothing to let go)
             raise
         fut.set_result(None)
 
