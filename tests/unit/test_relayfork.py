@@ -122,6 +122,9 @@ def test_a_forked_relay_runs_as_the_user_serves_and_ends_with_its_process(users)
         assert st["Gid"].split() == [str(alice.gid)] * 4, st["Gid"]
         assert sorted(map(int, st["Groups"].split())) == sorted(alice.groups)
         assert seen["sid"] == seen["relay"]        # a session of its own
+        ignored = int(st["SigIgn"], 16)             # as in a spawned Python relay:
+        assert ignored & (1 << (signal.SIGPIPE - 1))                # EPIPE, not death
+        assert not ignored & (1 << (signal.SIGTERM - 1)) and int(st["SigBlk"], 16) == 0
         assert seen["comm"] == f"bprelay {io.target.pid}"
         assert os.read(io.out_r, 100) == b"from the node\n"
         assert not alive(seen["relay"])

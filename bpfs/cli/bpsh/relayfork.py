@@ -66,8 +66,9 @@ def _child(req: dict, fds: list[int], sock: socket.socket) -> NoReturn:
     status = 1
     try:
         sock.close()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)          # dies of them, as a spawned one
+        # SIGPIPE stays ignored, as in any Python program: a closed pipe is EPIPE
         os.setsid()
         relay.name_self(req["pid"])                 # while root: /proc/self/comm is
         _become(req["uid"], req["gid"], req["groups"])  # root's once it is not dumpable
