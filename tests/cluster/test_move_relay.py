@@ -137,6 +137,7 @@ def test_the_relay_is_forked_runs_as_the_user_and_ends_with_its_process(cluster,
         st = status(relay)
         assert st["Uid"].split() == [str(alice.uid)] * 4, st["Uid"]
         assert st["Gid"].split() == [str(alice.gid)] * 4, st["Gid"]
+        assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == 0     # no root left
         assert set(st["Groups"].split()) == set(status(e.pid)["Groups"].split())
         assert int(st["PPid"]) == fork_server(cluster)       # forked, not spawned
         assert os.getsid(relay) == relay

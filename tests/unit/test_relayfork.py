@@ -120,6 +120,7 @@ def test_a_forked_relay_runs_as_the_user_serves_and_ends_with_its_process(users)
         st = seen["status"]
         assert st["Uid"].split() == [str(alice.uid)] * 4, st["Uid"]
         assert st["Gid"].split() == [str(alice.gid)] * 4, st["Gid"]
+        assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == 0     # no root left
         assert sorted(map(int, st["Groups"].split())) == sorted(alice.groups)
         assert seen["sid"] == seen["relay"]        # a session of its own
         ignored = int(st["SigIgn"], 16)             # as in a spawned Python relay:
