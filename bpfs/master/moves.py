@@ -3,8 +3,9 @@
     await procs.move_proc(caller, pid, target, gen)    target: a node, or None (the master)
 
 From the master to a node: the tracer seizes P (pinned, proven the caller's to move),
-interrupts it, dumps it where it stands, and starts a stdio relay holding P's fds 0-2
-(bpfs/master/relay.py); the node restores it with P's PID and links to the relay; at its
+stops it, and dumps it where it stands while a stdio relay holding P's fds 0-2 starts
+(bpfs/master/relay.py, forked by bpfs/master/relayfork.py's server); the node restores
+it with P's PID and links to the relay; at its
 `restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
 From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
 and holds it; to node B: B restores it (`restore` with `again`: its links are made
