@@ -210,3 +210,36 @@ def test_a_bad_request_is_refused_and_the_server_goes_on():
         if server.poll() is None:
             server.kill()
             server.wait(5)
+
+
+@pytest.mark.parametrize("forked", [True, False])
+def test_the_masters_start_takes_the_stdio_of_p_forked_or_spawned(forked):
+    """bpfs/master/relay.start as a move calls it: P's fds 0-2 copied from P itself,
+    `on_asked` once the relay is on its way, the port once it listens."""
+    out_r, out_w = os.pipe()
+    target = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=out_w)
+    os.close(out_w)
+    seen: dict = {"asked": 0}
+
+    async def body(forks: RelayForks) -> None:
+        def asked() -> None:
+            seen["asked"] += 1
+        relay = await relays.start(target.pid, 0, 0, [], "127.0.0.1",
+                                   forks if forked else None, on_asked=asked)
+        seen["kind"] = type(relay.process).__name__
+        with socket.create_connection(("127.0.0.1", relay.port)) as c:
+            c.sendall(render_header(relay.token, target.pid, 1) + b"via the relay\n")
+        target.kill()
+        with trio.fail_after(10):
+            await relays.reap(relay)
+
+    try:
+        run_with_forks(body)
+        assert seen["asked"] == 1
+        assert seen["kind"] == ("ForkedRelay" if forked else "_Spawned")
+        assert os.read(out_r, 100) == b"via the relay\n"
+    finally:
+        if target.poll() is None:
+            target.kill()
+        target.wait(5)
+        os.close(out_r)
