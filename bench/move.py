@@ -8,8 +8,10 @@ in one sitting, for a process holding 1 MB, 100 MB and 1 GB of touched, non-zero
 (a small C program built here with gcc: malloc + a fill with a pattern that has no zero
 byte, so no page of it is the zero page):
 
-  * master -> node (a plain master process, started by this script, becomes a ghost),
-    node -> node, node -> master (runs on the master again), each `--runs` times:
+  * master -> node (a plain master process, started by this script, becomes a ghost: a
+    stdio relay is started for it), node -> node, node -> master (runs on the master
+    again), and master -> node once more (h->n: its links kept, no relay), each `--runs`
+    times, a new process each time:
       write   the ctl write's time (it returns when the move is done)
       runs    from just before the write to the moment the process itself sees it runs on
               the target (it polls its hostname every 0.2 ms and stamps the change with
@@ -238,19 +240,22 @@ def host_of(target: str) -> str:
 
 
 def moves(b: Bench, mb: int, runs: int) -> dict[str, list[tuple[float, float]]]:
-    """master -> 1, 1 -> 2, 2 -> master, `runs` times, one process: (write s, runs s)."""
-    out: dict[str, list[tuple[float, float]]] = {"m->n": [], "n->n": [], "n->m": []}
-    h = Holder(subprocess.Popen([b.holder, str(mb)], stdout=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True), mb)
-    try:
-        for _ in range(runs):
-            for kind, target in (("m->n", "1"), ("n->n", "2"), ("n->m", "master")):
+    """A new process per run: master -> 1 (a relay is started for it), 1 -> 2, 2 -> master,
+    master -> 1 again (h->n: back from a node, its links kept, no relay): (write s, runs s)."""
+    out: dict[str, list[tuple[float, float]]] = {"m->n": [], "n->n": [], "n->m": [],
+                                                 "h->n": []}
+    for _ in range(runs):
+        h = Holder(subprocess.Popen([b.holder, str(mb)], stdout=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True), mb)
+        try:
+            for kind, target in (("m->n", "1"), ("n->n", "2"), ("n->m", "master"),
+                                 ("h->n", "1")):
                 took, t_ns = b.move(h.pid, target)
                 runs_ns = h.arrived(host_of(target)) - t_ns
                 out[kind].append((took, runs_ns / 1e9))
-        h.finish()
-    finally:
-        h.kill()
+            h.finish()
+        finally:
+            h.kill()
     return out
 
 

@@ -185,6 +185,7 @@ async def serve_master(cfg: MasterConfig, *, task_status: Any = trio.TASK_STATUS
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(master.procs.run)
+            await nursery.start(master.procs.relay_forks.run)
             await nursery.start(master.usage.run)
             await nursery.start(master.execs.serve, cfg.listen)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)

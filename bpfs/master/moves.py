@@ -3,8 +3,9 @@
     await procs.move_proc(caller, pid, target, gen)    target: a node, or None (the master)
 
 From the master to a node: the tracer seizes P (pinned, proven the caller's to move),
-interrupts it, dumps it where it stands, and starts a stdio relay holding P's fds 0-2
-(bpfs/master/relay.py); the node restores it with P's PID and links to the relay; at its
+stops it, and dumps it where it stands while a stdio relay holding P's fds 0-2 starts
+(bpfs/master/relay.py, forked by bpfs/master/relayfork.py's server); the node restores
+it with P's PID and links to the relay; at its
 `restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
 From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
 and holds it; to node B: B restores it (`restore` with `again`: its links are made
@@ -36,6 +37,7 @@ import trio
 from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
+from bpfs.master.relayfork import RelayForks
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
 from bpfs.migrate.imagebuf import Incoming
@@ -85,6 +87,7 @@ class Moves:
         self._dumping: set[int] = set()     # moves whose `part`s and `dumped` we take
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
+        self.relay_forks = RelayForks(relays.environment())    # run by the daemon
         self._home: dict[int, Home] = {}    # master processes back from a node, by pid
         # the exec endpoint's (bpfs/master/exec.py expect_again): a move of `pid` begins
         # (True) or failed (False), so the end of its old links does not end its output
@@ -148,7 +151,7 @@ class Moves:
         try:
             who = _master_process(pid, caller)
             self.check_ready()                              # type: ignore[attr-defined]
-            await wait_future(self.tracer.seize_running(pid, pin.check))
+            await wait_future(self.tracer.seize_running(pid, pin.check, stop=not own))
         finally:
             if pin is not caller.pin:
                 pin.close()
@@ -170,15 +173,24 @@ class Moves:
             home = None
         try:
             links = set(home.inodes) if home is not None else ALL_STDIO
-            # its pages are read as they are sent, all before it is parked (at `restored`)
-            image = await wait_future(self.tracer.dump_moving(pid, links, lazy=True))
-            m.cmd = _command(image.argv, image.comm)
-            if home is None:
+            dumped: list[Any] = []
+
+            def dump() -> None:
+                # its pages are read as they are sent, all before it is parked (`restored`)
+                dumped.append(self.tracer.dump_moving(pid, links, lazy=True))
+            if home is None:    # stopped, its relay is asked for, and starts while it dumps
+                if own:                 # else stopped already (seize_running)
+                    await wait_future(self.tracer.stop_moving(pid))
                 c = m.caller
-                relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host)
+                relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
+                                           self.relay_forks, on_asked=dump)
                 m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
                                          "socket")
-            else:       # it came back from a node: its links go on from here (no relay)
+            else:
+                dump()
+            image = await wait_future(dumped[0])
+            m.cmd = _command(image.argv, image.comm)
+            if home is not None:    # back from a node: its links go on from here (no relay)
                 ln = home.links
                 m.req = execreq.ExecMove(ln.port, ln.token, 0, *(
                     spec if fd in home.inodes else "null" for fd, spec in enumerate(ln.io)))

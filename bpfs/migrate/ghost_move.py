@@ -1,8 +1,11 @@
 """A running master process that moves to a node: seized, stopped, dumped, then parked as
 its own ghost, or let go exactly as it was (mixed into `Ghosts`; tracer thread).
 
-    seize_running(pid, check)   PTRACE_SEIZE + PTRACE_INTERRUPT, nothing else yet: a process
-                                that asked to move itself stops where its ctl write returns
+    seize_running(pid, check[, stop])   PTRACE_SEIZE + PTRACE_INTERRUPT (and, with `stop`,
+                                its stop waited for): a process that asked to move itself
+                                stops where its ctl write returns
+    stop_moving(pid)            its stop waited for (the master then copies its stdio for a
+                                relay while the dump goes on)
     dump_moving(pid, links, lazy)  once it is stopped: its Image (bpfs.migrate.running; lazy:
                                 its big runs read when sent, before park_moved); the
                                 signals that came meanwhile were held, and go in the image
@@ -60,7 +63,10 @@ class Moving:
 
     tracees: dict[int, Tracee]
 
-    def seize_running(self, fut: Future, pid: int, check: object) -> None:
+    def seize_running(self, fut: Future, pid: int, check: object, stop: bool = False
+                      ) -> None:
+        """`stop`: wait for its stop too (not for a writer of its own move: it stops
+        only once its write has returned); stop_moving is then answered at once."""
         from bpfs.migrate import running
         if pid in self.tracees:
             raise MigrateError(errno.EBUSY, f"process {pid} is already held by the tracer "
@@ -73,16 +79,34 @@ class Moving:
             if pid in ghost.children and ghost.children[pid] is None and ghost is not t:
                 t.parent = ghost.pid
                 break
+        stopping = False
         try:
             running.interrupt(pid)          # now: a writer of its own move stops at its return
             if check is not None:
                 check()                                 # type: ignore[operator]
-        except BaseException:
+            if stop:
+                stopping = True
+                running.stop(pid)
+        except BaseException as exc:
             self.tracees.pop(pid, None)
             try:
-                running.release(pid)
+                if stopping and getattr(exc, "errno", None) == errno.ESRCH:
+                    _let_go_dead(pid)       # it ended while stopped: its end, if not taken
+                else:
+                    running.release(pid)
             except MigrateError:
                 _let_go_dead(pid)
+            raise
+        fut.set_result(None)
+
+    def stop_moving(self, fut: Future, pid: int) -> None:
+        from bpfs.migrate import running
+        t = self._moving(pid)
+        try:
+            running.stop(pid)
+        except MigrateError as exc:
+            if exc.errno == errno.ESRCH:
+                self._vanished(t)
             raise
         fut.set_result(None)
 

@@ -182,10 +182,16 @@ class Tracer:
                 cwd: bytes) -> Future[None]:
         return self._deferred(self._ghosts.exec_in, pid, path, _copied(argv), _copied(envp), cwd)
 
-    def seize_running(self, pid: int, check: Callable[[], None] | None = None
-                      ) -> Future[None]:
-        """Seize and interrupt a running process to move it (bpfs/migrate/ghost_move.py)."""
-        return self._deferred(self._ghosts.seize_running, pid, check)
+    def seize_running(self, pid: int, check: Callable[[], None] | None = None,
+                      stop: bool = False) -> Future[None]:
+        """Seize and interrupt a running process to move it (bpfs/migrate/ghost_move.py);
+        with `stop`, resolved once it is stopped."""
+        return self._deferred(self._ghosts.seize_running, pid, check, stop)
+
+    def stop_moving(self, pid: int) -> Future[None]:
+        """Resolved once the seized `pid` is stopped: its fds are those that move (queue
+        dump_moving right behind it: the stop is not waited for twice)."""
+        return self._deferred(self._ghosts.stop_moving, pid)
 
     def dump_moving(self, pid: int, links: set[int], lazy: bool = False) -> Future[Image]:
         """`lazy`: its big runs are read when sent (bpfs.migrate.lazyrun): the caller

@@ -382,7 +382,7 @@ def test_a_master_process_goes_out_and_comes_back_many_times_with_one_relay(clus
             got += [child.stdout.readline().decode().split() for _ in range(2)]
             if target is not None:
                 assert write_ctl(cluster, pid, f"move {target}") == 0
-        relays = subprocess.run(["pgrep", "-f", f"bpfs.cli.bpsh.relay --pid {pid} "],
+        relays = subprocess.run(["pgrep", "-x", f"bprelay {pid}"],
                                 capture_output=True, text=True).stdout.split()
         assert len(relays) == 1, relays                 # made once, its links made again
         child.stdin.close()

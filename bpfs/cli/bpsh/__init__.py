@@ -6,7 +6,8 @@ job and the exit status (its docstring tells how one run goes); `stdio` the stdi
 that forwards the children's stdio and reaps them (with `links`, `output`, `stdin` and
 `poller`). `console` is the installed `bpsh`
 command. `relay` is that stdio server for a process bpsh did not start (the master runs
-it when such a process moves to a node: `python -m bpfs.cli.bpsh.relay`).
+it when such a process moves to a node: forked by `relayfork`, the master's relay
+fork-server, or spawned as `python -m bpfs.cli.bpsh.relay`).
 
 Kept light: bpsh imports this at start-up (tests/unit/test_startup.py).
 """

@@ -24,6 +24,9 @@ first links with plain headers, then `again` ones each time P moves.
   through its ghost, as for any process.
 - it has no controlling terminal of its own (start it in a new session): reading P's
   terminal then never stops it with SIGTTIN.
+- its name (/proc/RELAY/comm) is `bprelay P`: `pgrep -x 'bprelay P'` finds it, spawned
+  as here or forked by the master's relay fork-server (bpfs/cli/bpsh/relayfork.py, which
+  runs `run_forked` in a child that is P's user already).
 
 Errors before serving (bad arguments, no such P, an address it cannot bind): a line on
 stderr and exit status 2 (usage) or 1.
@@ -102,10 +105,20 @@ def listen(host: str) -> socket.socket:
     return sock
 
 
+def name_self(pid: int) -> None:
+    """/proc/self/comm = `bprelay P` (15 bytes at most: a PID has 7 digits at most)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(f"bprelay {pid}")
+    except OSError:
+        pass                # a name only (a forked relay named itself while root)
+
+
 def serve(pid: int, token: str, host: str, ready_fd: int, fds: set[int]) -> int:
     """Listen, say the port, serve P's links until P is over; the exit status."""
     if not is_token(token) or pid <= 0:
         raise common.CliError("--token must be 32 hex digits and --pid a PID", common.EXIT_USAGE)
+    name_self(pid)
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
@@ -137,6 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         token = args.token if args.token is not None else _read_token(args.token_fd)
         signal.signal(signal.SIGINT, signal.SIG_DFL)   # die of it, as of SIGTERM
         return serve(args.pid, token, args.host, args.ready_fd, _fds(args.fds))
+    return common.run(PROG, body)
+
+
+def run_forked(pid: int, token_fd: int, host: str, ready_fd: int) -> int:
+    """The relay in a child of the relay fork-server, its user already and P's fds 0-2 its
+    own: as `main` with --token-fd, serving all three fds; the exit status."""
+    def body() -> int:
+        return serve(pid, _read_token(token_fd), host, ready_fd, {0, 1, 2})
     return common.run(PROG, body)
 
 
