@@ -68,7 +68,8 @@ def master_children(m: Master) -> list[str]:
     assert m.proc is not None
     out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "--ppid", str(m.proc.pid)],
                          capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if "doorbell" not in line]
+    return [line for line in out                # the daemon's own helpers aside
+            if "doorbell" not in line and "bpfs-relayfork" not in line]
 
 
 @asynccontextmanager

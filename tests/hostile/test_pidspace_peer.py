@@ -53,7 +53,7 @@ def test_a_node_gets_no_ghost_under_a_process_it_does_not_run(master: Master) ->
     assert master.proc.poll() is None
     new = set(os.listdir("/proc")) - before
     assert not [p for p in new if p.isdigit() and _ppid(int(p)) == master.proc.pid
-                and _comm(int(p)) not in ("", "bpfs-doorbell")]
+                and _comm(int(p)) not in ("", "bpfs-doorbell", "bpfs-relayfork")]
 
 
 def test_kill_for_a_node_is_the_callers_and_never_the_machines(master: Master, users) -> None:

@@ -184,12 +184,20 @@ class Server:
             self._reap(pidfd)
 
 
+SERVER_NAME = "bpfs-relayfork"     # /proc/PID/comm of the server (15 bytes at most)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bpfs.cli.bpsh.relayfork",
                                 description=(__doc__ or "").split("\n")[0])
     p.add_argument("--fd", type=int, required=True, help="the master's SOCK_SEQPACKET socket")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:                            # what `ps` shows beside the master's doorbell
+        with open("/proc/self/comm", "w") as f:
+            f.write(SERVER_NAME)
+    except OSError:
+        pass
     sock = socket.socket(fileno=args.fd)
     os.set_inheritable(args.fd, False)
     server = Server(sock)
