@@ -358,9 +358,8 @@ class Migrations:
                 with trio.fail_after(FINISH_TIMEOUT):
                     await wait_future(self.tracer.finish(m.pid, exit_code=FAILED_EXIT))
             except (BpfsError, trio.TooSlowError) as exc2:
-                log.warning("pid %d: cannot end it with %d (%s); killing it", m.pid,
-                            FAILED_EXIT, exc2 or "timed out")
-                self._kill_ghost(m.pid)
+                self._kill_ghost(m.pid, f"its migration failed, and it cannot end with "
+                                 f"{FAILED_EXIT} ({exc2 or 'timed out'})")
 
     # ---- node messages (bpfs/wire/messages.py's classes, every field checked) --------------
 
@@ -429,7 +428,7 @@ class Migrations:
     def _ghost_gone(self, pid: int, sig: int | None, code: int | None = None) -> None:
         raise NotImplementedError
 
-    def _kill_ghost(self, pid: int) -> None:
+    def _kill_ghost(self, pid: int, why: str) -> None:
         raise NotImplementedError
 
 

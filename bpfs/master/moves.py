@@ -212,7 +212,9 @@ class Moves:
                 relay.kill()
                 self._spawn(relays.reap, relay)             # type: ignore[attr-defined]
             if m.started:       # it runs on the node: the master's copy must not run too
-                self._kill_ghost(pid)                       # type: ignore[attr-defined]
+                self._kill_ghost(                           # type: ignore[attr-defined]
+                    pid, f"move {m.id} to node {m.node} failed after its process ran "
+                    f"there ({exc!r})")
             else:
                 self.cluster.remove_proc(pid, m.gen or None)
                 self._forget(m)     # before it goes on: its next move is not "moving"
@@ -229,8 +231,8 @@ class Moves:
             try:
                 await wait_future(self.tracer.release_moving(pid, err if own else None))
             except BpfsError as exc2:
-                log.warning("pid %d: cannot let it go on (%s): killing it", pid, exc2)
-                self._kill_ghost(pid)                       # type: ignore[attr-defined]
+                self._kill_ghost(                           # type: ignore[attr-defined]
+                    pid, f"it did not move, and cannot go on ({exc2})")
 
     async def _reap_relay(self, relay: relays.Relay) -> None:
         await relays.reap(relay)

@@ -117,6 +117,8 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
                      "ignored", node, pid, mid, p.mid)
             return
         code = msg.code or 0
+        log.debug("node %d: pid %d (move or start %d) ended: code %d, signal %s", node, pid,
+                  p.mid, code, sig)
         self.cluster.exited(pid, code, sig)
         self._finish(pid, code, sig)
 
@@ -186,7 +188,7 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
                 return
             log.warning("pid %d: cannot end the ghost with %s (%s); killing it", pid,
                         f"signal {sig}" if sig else f"exit code {code}", exc)
-            self._kill_ghost(pid)
+            self._kill_ghost(pid, "it could not end as its process did")
         fut.add_done_callback(ended)
 
     def node_lost(self, node: int) -> None:
@@ -198,11 +200,14 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
             if m is not None and not m.started:
                 continue        # its migration fails (above) and says so
             self.cluster.exited(pid, None, _signal.SIGKILL)
-            self._kill_ghost(pid)
+            self._kill_ghost(pid, f"node {node}, where it ran, is lost")
 
-    def _kill_ghost(self, pid: int) -> None:
+    def _kill_ghost(self, pid: int, why: str) -> None:
+        """SIGKILL the ghost of `pid`, saying why: its end (`_ghost_exit`) then ends the
+        real process too, if it still runs somewhere."""
         if self.tracer is None:
             return
+        log.warning("pid %d: killing its ghost: %s", pid, why)
         try:
             self.tracer.kill(pid)
         except BpfsError as exc:

@@ -353,6 +353,7 @@ class Ghosts(Kin, Moving):
         with self._lock:
             self._parked.discard(t.pid)
         if isinstance(exc, MigrateError) and exc.errno == errno.ESRCH:
+            log.warning("tracer: process %d: %s failed (%s): killing it", t.pid, what, exc)
             send_kill(t.pid)
             return
         err = as_error(exc, what, t.pid)

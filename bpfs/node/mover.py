@@ -170,8 +170,7 @@ class Mover:
 
     def _forget_job(self, m: Move) -> None:
         """Before the copy here is killed: nobody reports its end (trio's thread)."""
-        node = m.session.node
-        node.procs.held.pop(m.pid, None)
+        m.session.node.procs.drop(m.pid)
 
     # ---- the move's thread: every ptrace request for the process ---------------------
 

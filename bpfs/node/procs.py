@@ -70,6 +70,7 @@ class Held:
     session: Session
     id: int
     argv0: str
+    kept: bool = False              # a restored job's: its keeper reports its end
 
 
 class ProcessTable:
@@ -84,10 +85,21 @@ class ProcessTable:
     def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
         self.held: dict[int, Held] = {}
+        self.dropped: dict[int, Held] = {}          # copies that moved away, end not seen
         self.jobs_r, self.jobs_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def hold(self, pid: int, held: Held) -> None:
+        self.read_jobs()            # ends written before `pid` was taken again: theirs
         self.held[pid] = held
+
+    def drop(self, pid: int) -> None:
+        """`pid` moved away: its copy here is killed, and its end reported to nobody. A
+        restored job's end comes late (its keeper's record, the keeper's own end), maybe
+        once `pid` is held again for a new copy that moved back here: that end is the
+        dropped copy's (`dropped`), not the new one's."""
+        held = self.held.pop(pid, None)
+        if held is not None and held.kept:
+            self.dropped[pid] = held
 
     def hold_child(self, child: Any) -> None:
         """A process forked here (bpfs.node.supervisor.Child): signals reach it like a
@@ -102,8 +114,11 @@ class ProcessTable:
         if keeper is None:
             self.reaper.adopt(pid, self._exited)
             return
+        held = self.held.get(pid)
+        if held is not None:
+            held.kept = True
         self.reaper.on_exit(pid, self._exited)        # if it becomes ours (keeper killed)
-        self.reaper.adopt(keeper, lambda _k, _st: self._keeper_gone(pid))
+        self.reaper.adopt(keeper, lambda _k, _st: self._keeper_gone(pid, held))
 
     async def watch_jobs(self) -> None:
         """Read the keepers' records as they come; runs until cancelled."""
@@ -128,13 +143,19 @@ class ProcessTable:
                 held.session.report(messages.Stopped(pid=pid, sig=os.WSTOPSIG(status))
                                     if os.WIFSTOPPED(status) else messages.Continued(pid=pid))
             return
+        if self.dropped.pop(pid, None) is not None:
+            log.debug("process %d's dropped copy ended (status %#x)", pid, status)
+            return                  # a copy that moved away, not the one held now
         self.reaper.forget(pid)
         self._exited(pid, status)
 
-    def _keeper_gone(self, pid: int) -> None:
-        """The keeper of `pid` ended: after its last record, or killed (by root)."""
+    def _keeper_gone(self, pid: int, held: Held | None) -> None:
+        """The keeper of `pid` (`held`) ended: after its last record, or killed (by root).
+        Only that copy's: `pid` may name another by now (it moved away and back)."""
         self.read_jobs()
-        if pid not in self.held:
+        if self.dropped.get(pid) is held:       # its record was lost or never written
+            del self.dropped[pid]
+        if held is None or self.held.get(pid) is not held:
             return
         try:
             got, status = os.waitpid(pid, os.WNOHANG)

@@ -297,7 +297,8 @@ class Supervisor(PidfdCalls):
             pass
 
     def _job_over(self, job: Job) -> None:
-        self.jobs.pop(job.leader, None)
+        if self.jobs.get(job.leader) is job:    # not a new job of the same PID (moved back)
+            del self.jobs[job.leader]
         fd, job.listener = job.listener, -1     # answers still on their way find nobody
         if fd >= 0:
             os.close(fd)

@@ -1,0 +1,106 @@
+"""A process that moves away from a node and back under the same PID: the late end of its
+dropped copy (its keeper's record, the keeper's own end) is that copy's, never the new
+one's. Seen once: the new copy was reported killed (SIGKILL, the dropped copy's end), so
+the master killed its ghost, and the process ran on with none."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable
+
+from bpfs.migrate.helper import JOB_RECORD
+from bpfs.node.procs import Held, ProcessTable
+from bpfs.wire import messages
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.reports: list[Any] = []
+
+    def report(self, msg: Any) -> None:
+        self.reports.append(msg)
+
+
+class FakeReaper:
+    """Keeps the callbacks; the test calls them as the reaper would."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[int, Callable[[int, int], None]] = {}
+
+    def on_exit(self, pid: int, callback: Callable[[int, int], None]) -> None:
+        self.callbacks[pid] = callback
+
+    adopt = on_exit
+
+    def forget(self, pid: int) -> None:
+        self.callbacks.pop(pid, None)
+
+
+PID, OLD_KEEPER, NEW_KEEPER = 4242, 999991, 999992      # keepers: no child of ours
+
+
+def _table() -> tuple[ProcessTable, FakeReaper, FakeSession, Held]:
+    reaper, session = FakeReaper(), FakeSession()
+    table = ProcessTable(reaper)                        # type: ignore[arg-type]
+    old = Held(session, 91, "holder")                   # type: ignore[arg-type]
+    table.hold(PID, old)
+    table.adopt(PID, OLD_KEEPER)
+    table.drop(PID)                                     # moved away (`drop`)
+    return table, reaper, session, old
+
+
+def _back(table: ProcessTable, reaper: FakeReaper, session: FakeSession) -> Held:
+    new = Held(session, 95, "holder")                   # type: ignore[arg-type]
+    table.hold(PID, new)                                # moved back: restore 95
+    table.adopt(PID, NEW_KEEPER)
+    return new
+
+
+def _close(table: ProcessTable) -> None:
+    os.close(table.jobs_r)
+    os.close(table.jobs_w)
+
+
+def test_the_dropped_copys_late_record_and_keeper_end_spare_the_new_copy() -> None:
+    table, reaper, session, _ = _table()
+    try:
+        old_keeper_gone = reaper.callbacks[OLD_KEEPER]
+        new = _back(table, reaper, session)
+        os.write(table.jobs_w, JOB_RECORD.pack(PID, signal.SIGKILL))   # the old copy's end
+        old_keeper_gone(OLD_KEEPER, 0)                  # reaped after the new restore
+        assert session.reports == []
+        assert table.held[PID] is new and PID not in table.dropped
+        os.write(table.jobs_w, JOB_RECORD.pack(PID, 3 << 8))       # the new copy's end
+        table.read_jobs()
+        assert session.reports == [messages.Exited(pid=PID, code=3, signal=None, id=95)]
+    finally:
+        _close(table)
+
+
+def test_the_old_keepers_end_alone_does_not_end_the_new_copy() -> None:
+    table, reaper, session, _ = _table()
+    try:
+        old_keeper_gone = reaper.callbacks[OLD_KEEPER]
+        os.write(table.jobs_w, JOB_RECORD.pack(PID, signal.SIGKILL))
+        table.read_jobs()                               # read in time: the dropped copy's
+        assert PID not in table.dropped
+        new = _back(table, reaper, session)
+        old_keeper_gone(OLD_KEEPER, 0)                  # its waitpid would say ECHILD
+        assert session.reports == [] and table.held[PID] is new
+    finally:
+        _close(table)
+
+
+def test_a_record_written_before_the_pid_came_back_is_read_before_it_is_held() -> None:
+    table, reaper, session, _ = _table()
+    try:
+        os.write(table.jobs_w, JOB_RECORD.pack(PID, signal.SIGKILL))
+        new = _back(table, reaper, session)             # hold() reads what is there
+        assert PID not in table.dropped and table.held[PID] is new
+        os.write(table.jobs_w, JOB_RECORD.pack(PID, signal.SIGTERM))
+        table.read_jobs()
+        assert session.reports == [messages.Exited(pid=PID, code=None,
+                                                   signal=signal.SIGTERM, id=95)]
+    finally:
+        _close(table)
