@@ -89,7 +89,6 @@ class ProcessTable:
         self.jobs_r, self.jobs_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def hold(self, pid: int, held: Held) -> None:
-        self.read_jobs()            # ends written before `pid` was taken again: theirs
         self.held[pid] = held
 
     def drop(self, pid: int) -> None:

@@ -92,15 +92,18 @@ def test_the_old_keepers_end_alone_does_not_end_the_new_copy() -> None:
         _close(table)
 
 
-def test_a_record_written_before_the_pid_came_back_is_read_before_it_is_held() -> None:
+def test_a_record_written_before_the_pid_came_back_is_still_the_dropped_copys() -> None:
+    """Records come in order: the old copy's end, read after the new copy is held, is
+    taken for the dropped copy; the new copy's own end, after it, for the new one."""
     table, reaper, session, _ = _table()
     try:
         os.write(table.jobs_w, JOB_RECORD.pack(PID, signal.SIGKILL))
-        new = _back(table, reaper, session)             # hold() reads what is there
-        assert PID not in table.dropped and table.held[PID] is new
+        new = _back(table, reaper, session)
         os.write(table.jobs_w, JOB_RECORD.pack(PID, signal.SIGTERM))
         table.read_jobs()
+        assert PID not in table.dropped and PID not in table.held
         assert session.reports == [messages.Exited(pid=PID, code=None,
                                                    signal=signal.SIGTERM, id=95)]
+        assert new.id == 95
     finally:
         _close(table)
