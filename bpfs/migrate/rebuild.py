@@ -23,8 +23,10 @@ from bpfs.migrate.helper import (
     BOUNCE, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MOVABLE, MREMAP_FIXED,
     MREMAP_MAYMOVE, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NAME, PROT_WRITE, RESERVED)
 from bpfs.migrate.image import Image, Region
+from bpfs.migrate.ptrace import MADV_POPULATE_WRITE
 
 KEEP_EXE = 0xFFFFFFFF   # PR_SET_MM_MAP's exe_fd -1: mm->exe_file stays (needs no capability)
+POPULATE_MIN = 2 << 20  # anonymous page runs from this size are populated before their write
 
 
 def mm_map(a: stub.Batch, image: Image, exe_fd: int) -> None:
@@ -74,10 +76,22 @@ def map_regions(a: stub.Batch, image: Image, fd_of: Sequence[int]) -> list[Regio
             flags = MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | (MAP_GROWSDOWN if r.growsdown
                                                                else 0)
             a.call("mmap", r.start, r.end - r.start, prot, flags, -1, 0)
+            populate(a, r)
         else:
             a.call("mmap", r.start, r.end - r.start, prot, MAP_PRIVATE | MAP_FIXED,
                    fd_of[r.file], r.offset)
     return writable
+
+
+def populate(a: stub.Batch, r: Region) -> None:
+    """The region's big page runs faulted in at once (MADV_POPULATE_WRITE), before the
+    restorer writes them: in one call rather than a fault a page during the write. No THP
+    advice is given (the region keeps the advice it had: none, as the image does not carry
+    it). A populate that fails (ENOMEM, EAGAIN under a memory limit; EINVAL before 5.14)
+    is let go: the write faults the pages in as before, or fails itself."""
+    for addr, data in r.pages:
+        if len(data) >= POPULATE_MIN:
+            a.call("madvise", addr, len(data), MADV_POPULATE_WRITE, may_fail=True)
 
 
 def process_state(a: stub.Batch, image: Image) -> None:
