@@ -22,8 +22,7 @@ The rest comes from the image, rebuilt by the same batches as a node's restore
          area and the ghost sleeps in pause() as before ----
     batch A: munmap the ghost's pages (argument pages, a rename's) but vvar/vdso/scratch;
         PR_SET_MM_MAP (the image's bounds and auxv, exe_fd -1: no capability);
-        mremap vvar/vdso to the image's addresses; mmap every region (its big anonymous
-        page runs populated at once: `rebuild.populate`); close the files;
+        mremap vvar/vdso to the image's addresses; mmap every region; close the files;
         dispositions (the ghost's non-default ones reset first), personality, umask,
         name, robust list, clear-child-tid; the fds placed (`ghost_files.place`: the
         others closed with `close_others`, the open files and the caller's fds dup3'd to
@@ -241,7 +240,7 @@ def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[
             a.call("munmap", m.start, m.end - m.start)
     rebuild.mm_map(a, image, rebuild.KEEP_EXE)
     rebuild.move_special(a, special, image)
-    writable = rebuild.map_regions(a, image, files, populate_runs=True)
+    writable = rebuild.map_regions(a, image, files)
     for fd in files:
         a.call("close", fd)
     _default_dispositions(a, pid)

@@ -23,10 +23,8 @@ from bpfs.migrate.helper import (
     BOUNCE, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MOVABLE, MREMAP_FIXED,
     MREMAP_MAYMOVE, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NAME, PROT_WRITE, RESERVED)
 from bpfs.migrate.image import Image, Region
-from bpfs.migrate.ptrace import MADV_POPULATE_WRITE
 
 KEEP_EXE = 0xFFFFFFFF   # PR_SET_MM_MAP's exe_fd -1: mm->exe_file stays (needs no capability)
-POPULATE_MIN = 2 << 20  # anonymous page runs from this size are populated before their write
 
 
 def mm_map(a: stub.Batch, image: Image, exe_fd: int) -> None:
@@ -63,11 +61,9 @@ def move_special(a: stub.Batch, have: dict[str, tuple[int, int]], image: Image) 
                MREMAP_MAYMOVE | MREMAP_FIXED, dst[0])
 
 
-def map_regions(a: stub.Batch, image: Image, fd_of: Sequence[int],
-                populate_runs: bool = False) -> list[Region]:
+def map_regions(a: stub.Batch, image: Image, fd_of: Sequence[int]) -> list[Region]:
     """mmap every region (file i from the target's fd `fd_of[i]`); those with pages to
-    write get PROT_WRITE until `protect`. With `populate_runs` the big anonymous runs are
-    faulted in at once (`populate`). Returns the regions made writable."""
+    write get PROT_WRITE until `protect`. Returns those."""
     writable = []
     for r in image.regions:
         prot = r.prot
@@ -78,30 +74,10 @@ def map_regions(a: stub.Batch, image: Image, fd_of: Sequence[int],
             flags = MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | (MAP_GROWSDOWN if r.growsdown
                                                                else 0)
             a.call("mmap", r.start, r.end - r.start, prot, flags, -1, 0)
-            if populate_runs:
-                populate(a, r)
         else:
             a.call("mmap", r.start, r.end - r.start, prot, MAP_PRIVATE | MAP_FIXED,
                    fd_of[r.file], r.offset)
     return writable
-
-
-def populate(a: stub.Batch, r: Region) -> None:
-    """The region's big page runs faulted in at once (MADV_POPULATE_WRITE), before the
-    tracer writes them (process_vm_writev), rather than a fault a page during the write.
-
-    Used by the restore into a ghost (`ghost_restore`), where it was measured to help: 1
-    GB into the ghost took 1.7-2.5 s written a fault at a time, 0.9-1.9 s populated then
-    written (0.3 s of it the write; load 3, bench/results-move.md). Not by a node's
-    `Restorer`: there it was slower (engine bench: 0.70 s against 0.55 s at 1 GB, 102
-    against 56 ms at 100 MB), and in a streamed restore it would hold the build before
-    the first piece. No THP advice is given: the region keeps the advice it had (none:
-    the image does not carry it; MADV_HUGEPAGE as well varied 0.3-2 s). A
-    populate that fails (ENOMEM, EAGAIN under a memory limit; EINVAL before 5.14) is let
-    go: the write faults the pages in as before, or fails itself."""
-    for addr, data in r.pages:
-        if len(data) >= POPULATE_MIN:
-            a.call("madvise", addr, len(data), MADV_POPULATE_WRITE, may_fail=True)
 
 
 def process_state(a: stub.Batch, image: Image) -> None:
