@@ -329,7 +329,10 @@ def test_a_thousand_forks_leave_nothing_behind(rig: Rig) -> None:
     print("\nsubmit -> result, median (90th percentile): " + ", ".join(
         f"{name} {statistics.median(ts) * 1e3:.3f} ms ({sorted(ts)[len(ts) * 9 // 10] * 1e3:.3f})"
         for name, ts in times.items()))
-    assert statistics.median(times["fork"]) < 0.001
+    # a bound that only a fault would break (a stuck tracer, a poll in the path), not a
+    # speed target: that one is bench/pidspace.py's. 2.2 ms was seen on a loaded machine,
+    # 0.3-0.5 ms quiet.
+    assert statistics.median(times["fork"]) < 0.05
 
 
 def test_fork_time_from_many_threads(rig: Rig) -> None:
