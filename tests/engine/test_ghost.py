@@ -748,5 +748,5 @@ def test_clone_time(rig: Rig) -> None:
         times.append((n, (time.perf_counter() - t0) / n))
     print("\nTracer.clone, time per copy: " +
           ", ".join(f"{n} at once {dt * 1e6:.0f} us" for n, dt in times))
-    assert times[-1][1] < 0.001
+    assert times[-1][1] < 0.01          # a fault's bound, not a speed target (bench/)
     assert len(rig.tracer.ghosts()) == 1 + 10 + 311
