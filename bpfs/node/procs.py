@@ -89,6 +89,10 @@ class ProcessTable:
         self.jobs_r, self.jobs_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def hold(self, pid: int, held: Held) -> None:
+        # No reading of the keepers' records here: a process quick to end (`true`) has
+        # its end written before it is held, and read now that end would find no one
+        # (lost: its keeper's exit then took it for killed). Records come in order, so an
+        # older copy's late end is still matched to `dropped` when read after this.
         self.held[pid] = held
 
     def drop(self, pid: int) -> None:
