@@ -189,35 +189,20 @@ class Mover:
             parts = dumps_parts(image)     # the runs stay views of the dump: no copy
         except (MigrateError, BpfsError, OSError) as exc:
             err = getattr(exc, "errno", None) or errno.EIO
-            text = getattr(exc, "message", None) or str(exc)
-            self._report(token, m, messages.Failed(id=m.id, errno=err, message=text[:4096]))
-            if seized:
-                self._release(m, None)
-            self._done(token, m)
+            self._fail(token, m, err, getattr(exc, "message", None) or str(exc), seized)
             return
         except BaseException as exc:     # a bug: the process must not stay stopped
             log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
-                                                   message=f"node error: {exc}"[:4096]))
-            if seized:
-                self._release(m, None)
-            self._done(token, m)
+            self._fail(token, m, errno.EIO, f"node error: {exc}", seized)
             return
         try:
             self._send_image(token, m, parts, consumed)
-        except (trio.BrokenResourceError, trio.RunFinishedError, MigrateError) as exc:
-            log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
-            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
-                                                   message=f"node error: {exc}"[:4096]))
-            self._release(m, None)
-            self._done(token, m)
-            return
-        except BaseException as exc:     # a bug: the process must not stay stopped
-            log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
-                                                   message=f"node error: {exc}"[:4096]))
-            self._release(m, None)
-            self._done(token, m)
+        except BaseException as exc:     # a lost link (else a bug): it goes on here
+            if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError)):
+                log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
+            else:
+                log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
+            self._fail(token, m, errno.EIO, f"node error: {exc}", True)
             return
         del parts, image
         try:
@@ -230,6 +215,14 @@ class Mover:
             self._kill(m)
         else:
             self._release(m, err)
+        self._done(token, m)
+
+    def _fail(self, token: trio.lowlevel.TrioToken, m: Move, err: int, text: str,
+              seized: bool) -> None:
+        """`failed` to the master; the process (if it was seized) goes on as it was."""
+        self._report(token, m, messages.Failed(id=m.id, errno=err, message=text[:4096]))
+        if seized:
+            self._release(m, None)
         self._done(token, m)
 
     def _send_image(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
