@@ -43,7 +43,7 @@ from bpfs.master.migrations import Migration, Reply, _command, wait_future
 from bpfs.migrate.imagebuf import Incoming
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
-from bpfs.wire import execreq, messages
+from bpfs.wire import execreq, messages, relaystart
 
 log = logging.getLogger("bpfs.master.procs")
 
@@ -87,7 +87,7 @@ class Moves:
         self._dumping: set[int] = set()     # moves whose `part`s and `dumped` we take
         self.link_host = "127.0.0.1"        # where the master's own links go (a relay)
         self._relays: dict[int, relays.Relay] = {}
-        self.relay_forks = RelayForks(relays.environment())    # run by the daemon
+        self.relay_forks = RelayForks(relaystart.environment())    # run by the daemon
         self._home: dict[int, Home] = {}    # master processes back from a node, by pid
         # the exec endpoint's (bpfs/master/exec.py expect_again): a move of `pid` begins
         # (True) or failed (False), so the end of its old links does not end its output

@@ -24,7 +24,6 @@ import errno
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,11 +32,11 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.master.relayfork import RelayForks, RelayProcess
 from bpfs.migrate import ptrace as pt
+from bpfs.wire import relaystart
 
 log = logging.getLogger("bpfs.master.procs")
 
 READY_TIMEOUT = 10.0
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(eq=False)
@@ -121,14 +120,12 @@ async def start(pid: int, uid: int, gid: int, groups: list[int], host: str,
         with trio.fail_after(READY_TIMEOUT):
             async with trio.lowlevel.FdStream(ready_r) as stream:
                 line = b""
-                while not line.endswith(b"\n") and len(line) < 64:
-                    got = await stream.receive_some(64)
+                while not line.endswith(b"\n") and len(line) < relaystart.READY_MAX:
+                    got = await stream.receive_some(relaystart.READY_MAX)
                     if not got:
                         break
                     line += got
-        relay.port = int(line.strip() or b"0")
-        if not 0 < relay.port < 65536:
-            raise ValueError(line)
+        relay.port = relaystart.port_of(line)
     except (trio.TooSlowError, ValueError, OSError) as exc:
         relay.kill()
         raise BpfsError(errno.EIO, f"the stdio relay for process {pid} did not start "
@@ -141,19 +138,10 @@ async def start(pid: int, uid: int, gid: int, groups: list[int], host: str,
 async def _spawn(pid: int, uid: int, gid: int, groups: list[int], host: str,
                  fds: list[int], ready_w: int, token_r: int) -> trio.Process:
     """`python -m bpfs.cli.bpsh.relay` as the user, P's fds its 0-2; OSError if it cannot."""
-    env = environment()
-    argv = [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(pid), "--token-fd",
-            str(token_r), "--host", host, "--ready-fd", str(ready_w)]
     return await trio.lowlevel.open_process(
-        argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(ready_w, token_r),
-        env=env, cwd="/", start_new_session=True, user=uid, group=gid,
+        relaystart.argv(pid, token_r, host, ready_w), stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(ready_w, token_r),
+        env=relaystart.environment(), cwd="/", start_new_session=True, user=uid, group=gid,
         extra_groups=list(groups) if uid != 0 else None)
-
-
-def environment() -> dict[str, str]:
-    """The environment of a relay, and of the fork-server whose children relays are."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
-            "LANG": "C.UTF-8"}
 
 
 async def reap(relay: Relay) -> None:

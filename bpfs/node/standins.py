@@ -48,7 +48,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import threading
 from typing import Any
 
@@ -57,13 +56,12 @@ import trio
 from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.migrate import ptrace as pt
-from bpfs.wire import messages
+from bpfs.wire import messages, relaystart
 
 log = logging.getLogger("bpslave")
 
 STEP_TIMEOUT = 120.0            # a step of the node's tracer (a big dump takes a while)
 RELAY_TIMEOUT = 10.0            # the relay saying its port
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STDIO = (0, 1, 2)
 
 
@@ -293,7 +291,7 @@ class StandinOps:
         try:
             st = procstatus.read(self.pid)
             uid, gid = int(st["Uid"].split()[0]), int(st["Gid"].split()[0])
-            groups = [int(g) for g in st.get("Groups", "").split() if int(g) != gid]
+            groups = [int(g) for g in st.get("Groups", "").split()]   # as they are
         except (OSError, KeyError, ValueError):
             for fd in fds:
                 os.close(fd)
@@ -323,14 +321,11 @@ class StandinOps:
         token_r, token_w = os.pipe2(os.O_CLOEXEC)
         os.write(token_w, token.encode())       # 32 bytes: the pipe holds them
         os.close(token_w)
-        argv = [sys.executable, "-m", "bpfs.cli.bpsh.relay", "--pid", str(self.pid),
-                "--token-fd", str(token_r), "--host", "0.0.0.0", "--ready-fd", str(ready_w)]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
-               "LANG": "C.UTF-8"}
         try:
             return subprocess.Popen(
-                argv, stdin=fds[0], stdout=fds[1], stderr=fds[2],
-                pass_fds=(ready_w, token_r), env=env, cwd="/", start_new_session=True,
+                relaystart.argv(self.pid, token_r, "0.0.0.0", ready_w), stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                pass_fds=(ready_w, token_r), env=relaystart.environment(), cwd="/",
+                start_new_session=True,
                 user=uid, group=gid, extra_groups=groups if uid != 0 else None)
         except OSError as exc:
             raise BpfsError(exc.errno or errno.EIO, "cannot start the stdio relay: "
@@ -362,16 +357,13 @@ def _links(session: Any, req: messages.Restore, pid: int) -> Any:
 
 def _read_port(fd: int) -> int:
     line = b""
-    while not line.endswith(b"\n") and len(line) < 64:
+    while not line.endswith(b"\n") and len(line) < relaystart.READY_MAX:
         ready, _, _ = select.select([fd], [], [], RELAY_TIMEOUT)
-        got = os.read(fd, 64) if ready else b""
+        got = os.read(fd, relaystart.READY_MAX) if ready else b""
         if not got:
             break
         line += got
     try:
-        port = int(line.strip() or b"0")
+        return relaystart.port_of(line)
     except ValueError:
-        port = 0
-    if not 0 < port < 65536:
-        raise BpfsError(errno.EIO, "the stdio relay did not start")
-    return port
+        raise BpfsError(errno.EIO, "the stdio relay did not start") from None

@@ -19,6 +19,7 @@ import trio
 
 from bpfs.master import relay as relays
 from bpfs.master.relayfork import ForkedRelay, RelayForks
+from bpfs.wire import relaystart
 from bpfs.wire.execreq import render_header
 
 pytestmark = pytest.mark.timeout(30)
@@ -79,7 +80,7 @@ class Stdio:
 def run_with_forks(body) -> None:
     """trio.run `body(forks)` with a fork-server running; stopped after, as the master does."""
     async def main() -> None:
-        forks = RelayForks(relays.environment())
+        forks = RelayForks(relaystart.environment())
         async with trio.open_nursery() as nursery:
             await nursery.start(forks.run)
             try:
@@ -192,7 +193,7 @@ def test_a_bad_request_is_refused_and_the_server_goes_on():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = subprocess.Popen([sys.executable, "-m", "bpfs.cli.bpsh.relayfork", "--fd",
                                str(b.fileno())], pass_fds=(b.fileno(),), cwd="/",
-                              env=relays.environment())
+                              env=relaystart.environment())
     b.close()
     try:
         a.settimeout(10)
