@@ -167,3 +167,32 @@ def test_a_move_home_whose_file_goes_half_way_leaves_a_working_ghost(cluster) ->
         if os.path.exists(path):
             os.unlink(path)
         os.rmdir(d)
+
+
+def test_a_source_that_fails_half_way_ends_the_ghost_as_its_process_ended(cluster) -> None:
+    """P is killed on node 1 while its image streams into the ghost (seen growing): the
+    node's dump fails, the stream is undone, and the ghost ends as P did (by a signal,
+    SIGKILL): bpsh sees that end, nothing is left on the nodes or the master."""
+    mb = 300
+    p = start_bpsh(cluster, 1, PY, "-c", HOLDER, str(mb), stdin=subprocess.PIPE)
+    try:
+        pid = int(read_line(p))
+        (copy,) = node_copies(pid)
+        small = rss_kb(pid)
+        m = mover(cluster, pid, "master")
+        deadline = time.monotonic() + 30
+        while m.poll() is None and time.monotonic() < deadline and rss_kb(pid) < small + 50_000:
+            time.sleep(0.002)
+        half = m.poll() is None
+        os.kill(copy, signal.SIGKILL)
+        code = m.wait(timeout=60)
+        if not half:
+            pytest.skip("the move was over before its stream could be caught")
+        assert code != 0
+        _, err = p.communicate(timeout=30)      # bpsh: its process died of a signal
+        assert p.returncode == 255 and b"exited abnormally" in err, (p.returncode, err)
+        cluster.wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10,
+                         what="the ghost gone")
+        assert not node_copies(pid)
+    finally:
+        stop(p)
