@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ log = logging.getLogger("bpfs.master.procs")
 
 MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
 PART_TIMEOUT = 30.0             # a stream home with no part for so long fails
+WRITES_AHEAD = 2                # parts handed to the tracer, not yet written, at most
 MAX_HOMES = 4096
 
 
@@ -109,21 +111,30 @@ class HomeComing:
     async def _stream(self, d: Migration, image: Incoming, first: messages.Part,
                       deadline: float) -> None:
         """Each part's runs into the ghost as it comes (the first's after its header),
-        up to `dumped`: EFBIG beyond the total, EPROTO short of it."""
+        up to `dumped`: EFBIG beyond the total, EPROTO short of it. The tracer writes one
+        part while the next is taken (WRITES_AHEAD queued at most), so it never waits
+        for this thread between two parts; each part's frame lives until it is written."""
         at = image.header_end
         assert at is not None
         data: Any = memoryview(first.data)[at:]
+        writes: deque[Any] = deque()
         last = False
-        while True:
-            if len(data):
-                await wait_future(self.tracer.write_in(d.pid, image.runs_in(at, data)))
-            if last:
-                break
-            msg = await self._next_of_dump(d, min(deadline,
-                                                  trio.current_time() + PART_TIMEOUT))
-            last = isinstance(msg, messages.Dumped)
-            at, data = image.got, msg.image if last else msg.data  # type: ignore[union-attr]
-            image.take(at, data)                # in order, within the total (EFBIG)
+        try:
+            while True:
+                if len(data):
+                    writes.append(self.tracer.write_in(d.pid, image.runs_in(at, data)))
+                while writes and (last or len(writes) >= WRITES_AHEAD):
+                    await wait_future(writes.popleft())
+                if last:
+                    break
+                msg = await self._next_of_dump(d, min(deadline,
+                                                      trio.current_time() + PART_TIMEOUT))
+                last = isinstance(msg, messages.Dumped)
+                at, data = image.got, msg.image if last else msg.data  # type: ignore[union-attr]
+                image.take(at, data)            # in order, within the total (EFBIG)
+        finally:
+            for fut in writes:  # the abort that follows is queued behind them
+                fut.add_done_callback(lambda f: f.exception())
         if not image.complete:
             raise BpfsError(errno.EPROTO, f"node {d.node} sent {image.got} bytes of an "
                             f"image of {image.total}")
