@@ -9,8 +9,9 @@ it with P's PID and links to the relay; at its
 `restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
 From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
 and holds it; to node B: B restores it (`restore` with `again`: its links are made
-again, stdin from the byte it had read); back to the master: the tracer restores it into
-its ghost (`restore_in`), with links made again from here. Then A drops its copy; if
+again, stdin from the byte it had read); back to the master: its image streams into its
+ghost as the parts come, and the tracer restores the rest (bpfs/master/homecoming.py),
+with links made again from here. Then A drops its copy; if
 anything failed, A lets it go on (`resume`) and nothing else changed.
 
 While a move is under way P is in `_by_pid` as a migration that has not started: signals

@@ -150,3 +150,19 @@ def test_split_by_the_ghosts_own_pages() -> None:
     a, b, c = region(0x1000, 0x3000), region(0x5000, 0x8000), region(0x9000, 0xa000)
     assert split([a, b, c], [(0x3000, 0x5000), (0x7000, 0x7001)]) == ([a, c], [b])
     assert split([a, b, c], []) == ([a, b, c], [])
+
+
+def test_batch_a_unmaps_the_ghosts_own_pages_only() -> None:
+    """What the stream built stays, even inside one line of maps merged with a page of
+    the ghost's own; vvar/vdso and the scratch area stay."""
+    from bpfs.migrate.ghost_restore import own_unmaps
+    from bpfs.migrate.helper import SCRATCH, SCRATCH_SIZE
+    from bpfs.migrate.procfs import Mapping
+
+    def line(lo: int, hi: int, path: str = "") -> Mapping:
+        return Mapping(lo, hi, "rw-p", 0, "00:00", 0, path)
+    built = [Region(0x10000, 0x20000, 3, "anon"), Region(0x30000, 0x40000, 3, "anon")]
+    maps = [line(0x10000, 0x21000), line(0x2f000, 0x40000), line(0x50000, 0x51000),
+            line(SCRATCH, SCRATCH + SCRATCH_SIZE), line(0x7000, 0x9000, "[vdso]")]
+    assert own_unmaps(maps, built) == [(0x20000, 0x21000), (0x2f000, 0x30000),
+                                       (0x50000, 0x51000)]
