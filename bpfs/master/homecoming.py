@@ -47,7 +47,7 @@ log = logging.getLogger("bpfs.master.procs")
 
 MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
 PART_TIMEOUT = 30.0             # a stream home with no part for so long fails
-WRITES_AHEAD = 2                # parts handed to the tracer, not yet written, at most
+WRITES_AHEAD = 3                # a part is taken while fewer are handed to the tracer
 MAX_HOMES = 4096
 
 
@@ -111,9 +111,10 @@ class HomeComing:
     async def _stream(self, d: Migration, image: Incoming, first: messages.Part,
                       deadline: float) -> None:
         """Each part's runs into the ghost as it comes (the first's after its header),
-        up to `dumped`: EFBIG beyond the total, EPROTO short of it. The tracer writes one
-        part while the next is taken (WRITES_AHEAD queued at most), so it never waits
-        for this thread between two parts; each part's frame lives until it is written."""
+        up to `dumped`: EFBIG beyond the total, EPROTO short of it. The next part is
+        taken while the tracer still has up to WRITES_AHEAD - 1 to write, so it goes from
+        one to the next without waiting for this thread (whose wake-ups are slow on a
+        busy machine); each part's frame lives until it is written."""
         at = image.header_end
         assert at is not None
         data: Any = memoryview(first.data)[at:]
