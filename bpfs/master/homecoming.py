@@ -86,7 +86,7 @@ class HomeComing:
         if isinstance(first, messages.Dumped):          # small: all in one message
             await self._into_ghost(d, p, first.image, consumed)
             return
-        image = _incoming(d, first)
+        image = incoming_image(d, first)
         header = image.image()
         if header is None:                              # a huge header: put together
             image.keep_everything(first.data)
@@ -186,7 +186,7 @@ class HomeComing:
             self._home.pop(next(iter(self._home)))
 
 
-def _incoming(d: Migration, first: messages.Part) -> Incoming:
+def incoming_image(d: Migration, first: messages.Part) -> Incoming:
     """Where an image coming in parts is taken (EPROTO: the first part says no total)."""
     if first.total is None:
         raise BpfsError(errno.EPROTO, f"node {d.node}: the first part of move {d.id} says "

@@ -40,7 +40,7 @@ from bpfs.master import relay as relays
 from bpfs.master.relayfork import RelayForks
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
-from bpfs.master.homecoming import Home, HomeComing, _incoming
+from bpfs.master.homecoming import Home, HomeComing, incoming_image
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages, relaystart
@@ -336,7 +336,7 @@ class Moves(HomeComing):
         file contents the target may ask for. The target builds the process as they
         come (bpfs/node/streamin.py); on any failure it discards it (`abort`)."""
         from bpfs.master.migrations import RESTORE_TIMEOUT
-        image = _incoming(d, first)
+        image = incoming_image(d, first)
         try:
             at = await self._send_restore(m, first.data, image.total)  # type: ignore[attr-defined]
             while True:
