@@ -2,7 +2,8 @@
 parts come (bpfs/master/homecoming.py, bpfs/migrate/ghost_stream.py): its memory intact,
 the master's log saying how much was written as it came; a move home that fails once the
 image is in, or half way, leaves the ghost a working ghost (signals reach the process on
-its node, its end is the ghost's) with nothing of the image left in it.
+its node, its end is the ghost's) with nothing of the image left in it; a ghost killed
+meanwhile takes its process along.
 """
 
 from __future__ import annotations
@@ -194,5 +195,30 @@ def test_a_source_that_fails_half_way_ends_the_ghost_as_its_process_ended(cluste
         cluster.wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10,
                          what="the ghost gone")
         assert not node_copies(pid)
+    finally:
+        stop(p)
+
+
+def test_a_ghost_killed_while_its_image_streams_in_takes_its_process_along(cluster) -> None:
+    """SIGKILL of the ghost half way through the stream: the move fails, node 1 drops P,
+    bpsh sees the end by a signal, nothing is left anywhere."""
+    mb = 300
+    p = start_bpsh(cluster, 1, PY, "-c", HOLDER, str(mb), stdin=subprocess.PIPE)
+    try:
+        pid = int(read_line(p))
+        small = rss_kb(pid)
+        m = mover(cluster, pid, "master")
+        deadline = time.monotonic() + 30
+        while m.poll() is None and time.monotonic() < deadline and rss_kb(pid) < small + 50_000:
+            time.sleep(0.002)
+        half = m.poll() is None
+        os.kill(pid, signal.SIGKILL)                    # the ghost
+        code = m.wait(timeout=60)
+        if not half:
+            pytest.skip("the move was over before its stream could be caught")
+        assert code != 0
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 255 and b"exited abnormally" in err, (p.returncode, err)
+        cluster.wait_for(lambda: not node_copies(pid), timeout=10, what="P dropped on node 1")
     finally:
         stop(p)
