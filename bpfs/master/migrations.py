@@ -330,9 +330,14 @@ class Migrations:
                 log.info("abort of restore %d not sent to node %d: %s", m.id, m.node, exc)
 
     async def _negotiate(self, m: Migration, image: Any) -> None:
-        from bpfs.migrate import read_contents
+        """Wait for `restored`, sending the file contents the node asks for. `image`: the
+        Image, or its bytes (a moved process's, passed on unread: loaded only if the node
+        asks, which a node that restored it before never does)."""
+        from bpfs.migrate import loads, read_contents
         async for msg in m.receive:
             if isinstance(msg, messages.Need):
+                if isinstance(image, (bytes, bytearray, memoryview)):
+                    image = await trio.to_thread.run_sync(loads, image)
                 contents = await trio.to_thread.run_sync(read_contents, image, msg.hashes)
                 await self.send_node(m.node, messages.Files(id=m.id, contents=contents))
             elif isinstance(msg, messages.Restored):

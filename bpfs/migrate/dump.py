@@ -443,7 +443,7 @@ def differing(addr: int, chunk: bytes, base: bytes) -> list[tuple[int, memoryvie
     return nonzero(diff, 0, size, addr, chunk)
 
 
-def nonzero(data: mmap.mmap | bytes, lo: int, size: int, addr: int,
+def nonzero(data: mmap.mmap | bytes | bytearray, lo: int, size: int, addr: int,
             source: bytes | None = None) -> list[tuple[int, memoryview]]:
     """What `sparse(addr, data[lo:lo + size], None)` gives, at C speed and as views of `data`
     (of `source` instead, if given: where the caller's bytes are): zero blocks are found with
@@ -471,7 +471,7 @@ def nonzero(data: mmap.mmap | bytes, lo: int, size: int, addr: int,
     return out
 
 
-def _zeros_end(data: mmap.mmap, pos: int, hi: int) -> int:
+def _zeros_end(data: mmap.mmap | bytes | bytearray, pos: int, hi: int) -> int:
     """Where the zero blocks from `pos` (a block boundary) end, by doubling and halving."""
     step = BLOCK
     while pos < hi:
