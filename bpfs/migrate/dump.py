@@ -180,21 +180,23 @@ def kill(pid: int) -> None:
 
 # ---- dumping ----
 
-def dump(pid: int, frozen: AbstractSet[int] = frozenset(), lazy: bool = False) -> Image:
+def dump(pid: int, frozen: AbstractSet[int] = frozenset(), lazy: bool = False,
+         seen: tuple[dict[str, str], list[Mapping]] | None = None) -> Image:
     """Dump a process stopped under our ptrace (at its entry point) into an Image.
 
     `frozen`: start addresses of shared file mappings that can never be written (no
     VM_MAYWRITE: glibc's gconv cache), carried as private mappings of the same file
     (`running`); any other shared mapping is refused. `lazy`: big anonymous runs are
     LazyRuns, read when they are sent (bpfs.migrate.lazyrun): the process must stay
-    stopped until then."""
+    stopped until then. `seen`: its status and maps as the caller read them since it
+    stopped (they cannot have changed), not read again."""
     check_executable(pid)
     regs = pt.getregs(pid)
     xstate = pt.get_xstate(pid)
-    status = procfs.read_status(pid)
+    status = procfs.read_status(pid) if seen is None else seen[0]
     if status.get("Threads", "1") != "1":
         raise MigrateError(errno.EOPNOTSUPP, "multi-threaded processes cannot migrate yet", pid)
-    maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
+    maps = procfs.parse_maps(procfs.read_text(pid, "maps")) if seen is None else seen[1]
     mm = procfs.parse_stat(procfs.read_text(pid, "stat"))
     special = {m.path.strip("[]"): (m.start, m.end) for m in maps if m.path in procfs.SPECIAL}
     gadget = _vdso_gadget(pid, special)
