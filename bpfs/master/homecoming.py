@@ -49,6 +49,7 @@ MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
 PART_TIMEOUT = 30.0             # a stream home with no part for so long fails
 WRITES_AHEAD = 3                # a part is taken while fewer are handed to the tracer
 MAX_HOMES = 4096
+INLINE_LOADS = 8 << 20          # images loaded in trio's thread, not a worker's
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,10 @@ class HomeComing:
     async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
                           consumed: int | None) -> None:
         from bpfs.migrate import loads
-        image = await trio.to_thread.run_sync(loads, data)
+        # a small image's loads (0.3-0.4 ms a MB: its runs are views) costs less than a
+        # hand-over to a worker thread and back
+        image = loads(data) if len(data) <= INLINE_LOADS else \
+            await trio.to_thread.run_sync(loads, data)
         await self._restore_home(d, p, image, consumed)
 
     async def _restore_home(self, d: Migration, p: Proc, image: Any,

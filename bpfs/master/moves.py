@@ -319,9 +319,9 @@ class Moves(HomeComing):
         m.on_started = started
         self._migrations[m.id] = m
         try:
-            if isinstance(first, messages.Dumped):      # small: all in one message
-                from bpfs.migrate import loads
-                await self._restore(m, loads(first.image), first.image)  # type: ignore[attr-defined]
+            if isinstance(first, messages.Dumped):      # small: all in one message, passed
+                # on unread (the target checks it; loaded here only if it asks for files)
+                await self._restore(m, first.image, first.image)  # type: ignore[attr-defined]
             else:
                 await self._pass_on(d, m, first, deadline)
         finally:
