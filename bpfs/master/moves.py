@@ -38,9 +38,9 @@ from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.master.relayfork import RelayForks
+from bpfs.master.tonode import ToNode, _incoming
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
-from bpfs.migrate.imagebuf import Incoming
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages, relaystart
@@ -49,7 +49,6 @@ log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
 DUMP_QUEUE = 8                  # parts (8 MiB) queued for a move's task at most
-MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
 SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
 MAX_HOMES = 4096
@@ -72,7 +71,7 @@ class Home:
             return False
 
 
-class Moves:
+class Moves(ToNode):
     """Mixed into ProcService (which brings the tracer, the tables and the steps)."""
 
     cluster: Cluster
@@ -252,39 +251,56 @@ class Moves:
         self._migrations[d.id] = d
         self._dumping.add(d.id)
         self.on_moving(p.pid, True)
+        m = None
         try:
-            await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None))
+            where: dict[str, Any] = {}
+            if target is not None:      # its restore there, which may take the pages straight
+                m = self._target(d, p, target)
+                where = await self._take(m)
+            await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None,
+                                                       **where))
         except BaseException:
             self.on_moving(p.pid, False)
             self._forget(d)
+            if m is not None:
+                await self._abort(m)                        # type: ignore[attr-defined]
+                self._migrations.pop(m.id, None)
             raise
-        work = self._node_to(d, p, target, own)
+        work = self._node_to(d, p, target, own, m)
         if own:
             self._spawn(self._guard_move, d, work)          # type: ignore[attr-defined]
             return "ok"
         await self._guard_move(d, work, raise_=True)
         return "ok"
 
-    async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
-        """The dump comes in `part`s: to a node they go on as they come (`_pass_on`);
-        home, they are gathered and the tracer restores the whole image into the ghost.
-        Then the source drops its copy; on any failure it lets it go on (`resume`)."""
+    async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool,
+                       m: Migration | None) -> None:
+        """The dump comes in `part`s: to a node (`m`, its restore there) they go on as
+        they come, or straight from the source (bpfs/master/tonode.py); home, they are
+        gathered and the tracer restores the whole image into the ghost. Then the source
+        drops its copy; on any failure it lets it go on (`resume`), and the target
+        discards what it had (`abort`)."""
         source, pid = d.node, d.pid
         deadline = trio.current_time() + DUMP_TIMEOUT
         old_links, relayed = p.links, False
+        way = ""
         try:
             first = await self._next_of_dump(d, deadline)
             relayed = self.take_relay(d.id, p, source)      # type: ignore[attr-defined]
             consumed = p.stdin_base + (first.consumed or 0)   # the link counts from its start
             if relayed:                                 # new links, to a relay that has
                 consumed = 0                            # read nothing for it yet
-            if target is None:
+            if m is None:
                 data = await self._gathered(d, first, deadline)
                 await self._into_ghost(d, p, data, consumed)
             else:
-                await self._to_node(d, p, target, first, consumed, deadline)
+                through, straight = await self._to_node(d, m, first, consumed, deadline)
+                way = (f" ({straight} bytes straight, {through} through the master)"
+                       if straight else f" (all {through} bytes through the master)")
         except BaseException as exc:
             self.on_moving(pid, False)
+            if m is not None:
+                await self._abort(m)                        # type: ignore[attr-defined]
             if d.ghost_gone:
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
@@ -299,27 +315,13 @@ class Moves:
             raise
         finally:
             self._dumping.discard(d.id)
+            if m is not None:
+                self._migrations.pop(m.id, None)
         await self._verdict(messages.Drop(id=d.id, pid=pid), source)
         if target is None:
             self.watch_home(pid)                            # type: ignore[attr-defined]
-        log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
-                 "the master" if target is None else f"node {target}")
-
-    async def _next_of_dump(self, d: Migration, deadline: float
-                            ) -> messages.Part | messages.Dumped:
-        """The source's next `part` or its `dumped`; its `failed` raised; ETIMEDOUT after
-        `deadline` (the source then lets the process go on, at its `resume`)."""
-        try:
-            with trio.fail_at(deadline):
-                msg = await d.receive.receive()
-        except trio.TooSlowError:
-            raise BpfsError(errno.ETIMEDOUT, f"node {d.node} did not dump process {d.pid} "
-                            "in time") from None
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise BpfsError(errno.EIO, "move abandoned") from None
-        if isinstance(msg, messages.Failed):
-            raise BpfsError(msg.errno, msg.message or "the node cannot move it")
-        return msg
+        log.info("move %d: pid %d (%s) from node %d to %s%s", d.id, pid, p.cmd, source,
+                 "the master" if target is None else f"node {target}", way)
 
     async def _gathered(self, d: Migration, first: messages.Part | messages.Dumped,
                         deadline: float) -> bytes | memoryview:
@@ -333,65 +335,6 @@ class Moves:
             image.take(image.got, msg.data if isinstance(msg, messages.Part) else msg.image)
             if isinstance(msg, messages.Dumped):
                 return image.view()             # EINVAL if shorter than announced
-
-    async def _to_node(self, d: Migration, p: Proc, target: int,
-                       first: messages.Part | messages.Dumped, consumed: int,
-                       deadline: float) -> None:
-        ln = p.links or StdioLinks(0, "0" * 32, ("null", "null", "null"))
-        io = tuple(spec if fd in ln.fds else "null" for fd, spec in enumerate(ln.io))
-        send, receive = trio.open_memory_channel[Reply](64)
-        m = Migration(next(self._ids), target, d.pid, d.caller,
-                      execreq.ExecMove(ln.port or 1, ln.token, 0, *io), send, receive,
-                      cmd=p.cmd, host=ln.host, again=consumed)
-
-        def started() -> None:              # at `restored`: it runs on `target` now
-            self.back_home(d.pid, target)                   # type: ignore[attr-defined]
-            self.cluster.proc_moved(d.pid, target, m.id)
-            p.stdin_base = m.again or 0
-            d.started = True
-        m.on_started = started
-        self._migrations[m.id] = m
-        try:
-            if isinstance(first, messages.Dumped):      # small: all in one message
-                from bpfs.migrate import loads
-                await self._restore(m, loads(first.image), first.image)  # type: ignore[attr-defined]
-            else:
-                await self._pass_on(d, m, first, deadline)
-        finally:
-            self._migrations.pop(m.id, None)
-        if d.ghost_gone:
-            raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
-
-    async def _pass_on(self, d: Migration, m: Migration, first: messages.Part,
-                       deadline: float) -> None:
-        """Each `part` from the source goes on to the target as a `piece` as it comes (a
-        view of the frame it came in: no copy); the master keeps only the header, for the
-        file contents the target may ask for. The target builds the process as they
-        come (bpfs/node/streamin.py); on any failure it discards it (`abort`)."""
-        from bpfs.master.migrations import RESTORE_TIMEOUT
-        image = _incoming(d, first)
-        try:
-            at = await self._send_restore(m, first.data, image.total)  # type: ignore[attr-defined]
-            while True:
-                msg = await self._next_of_dump(d, deadline)
-                data = msg.data if isinstance(msg, messages.Part) else msg.image
-                image.take(at, data)            # in order, within the total (EFBIG)
-                if len(data):
-                    at = await self._send_piece(m, at, data)  # type: ignore[attr-defined]
-                if isinstance(msg, messages.Dumped):
-                    break
-            header = image.image()
-            if not image.complete or header is None:
-                raise BpfsError(errno.EPROTO, f"node {d.node} sent {image.got} bytes of an "
-                                f"image of {image.total}")
-            with trio.fail_after(RESTORE_TIMEOUT):
-                await self._negotiate(m, header)            # type: ignore[attr-defined]
-        except trio.TooSlowError:
-            await self._abort(m)                            # type: ignore[attr-defined]
-            raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
-        except BaseException:
-            await self._abort(m)                            # type: ignore[attr-defined]
-            raise
 
     async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
                           consumed: int | None) -> None:
@@ -483,16 +426,6 @@ class Moves:
                         messages.tag(type(msg)), msg.id)
 
     on_dumped = on_part
-
-
-def _incoming(d: Migration, first: messages.Part) -> Incoming:
-    """Where an image coming in parts is taken (EPROTO: the first part says no total)."""
-    if first.total is None:
-        raise BpfsError(errno.EPROTO, f"node {d.node}: the first part of move {d.id} says "
-                        "no total")
-    image = Incoming(first.total, MAX_MOVE_IMAGE)
-    image.take(0, first.data)
-    return image
 
 
 def _master_process(pid: int, caller: Caller) -> tuple[int, int, frozenset[int], int, None]:
