@@ -84,7 +84,7 @@ class ToNode:
                      getattr(reply, "message", type(reply).__name__))
             return {}
         m.direct = True
-        return {"host": host, "port": reply.port, "token": reply.token}
+        return {"host": host, "port": reply.port, "token": reply.token, "to": m.id}
 
     async def _to_node(self, d: Migration, m: Migration, first: messages.Part | messages.Dumped,
                        consumed: int, deadline: float) -> tuple[int, int]:

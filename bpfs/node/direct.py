@@ -2,7 +2,7 @@
 
     master -> B  take     id                   B listens for restore `id`'s pages
     B -> master  taking   id, port, token      (or failed: the master passes them on)
-    master -> A  dump     id, pid, links, host, port, token
+    master -> A  dump     id, pid, links, host, port, token, to (B's restore id)
     A -> B       open     id, token            on a connection of its own (4 KiB frames)
                  chunk    id, at, data ...     the image after its header, in order
     A -> master  part     (the header: total, consumed, direct), then `dumped` (empty)
@@ -223,14 +223,15 @@ class Route:
     """Where a move's pages go: the target's direct stream once `decided` (`fs`), or
     the master (`fs` None)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mid: int) -> None:
+        self.id = mid                   # the target's restore: its chunks' id
         self.fs: wire.FrameStream | None = None
         self.decided = trio.Event()
         self.to = "?"
 
-    async def connect(self, host: str, port: int, mid: int, token: str) -> None:
+    async def connect(self, host: str, port: int, token: str) -> None:
         """Connect and open within CONNECT_TIMEOUT, else leave `fs` None."""
-        self.to = f"{host}:{port}"
+        self.to, mid = f"{host}:{port}", self.id
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -239,8 +240,8 @@ class Route:
                 await fs.send(messages.Open(id=mid, token=token))
             self.fs = fs
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.warning("move %d: cannot reach %s (%s): its pages go through the master",
-                        mid, self.to, _why(exc))
+            log.warning("restore %d: cannot reach %s (%s): its pages go through the "
+                        "master", mid, self.to, _why(exc))
             if stream is not None:
                 await trio.aclose_forcefully(stream)
         finally:

@@ -128,9 +128,9 @@ class Mover:
         self.moves[m.pid] = m
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
-        if msg.host is not None and msg.port is not None and msg.token is not None:
-            m.route = Route()               # connects while the process is dumped
-            session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.id, msg.token)
+        if None not in (msg.host, msg.port, msg.token, msg.to):
+            m.route = Route(msg.to)         # connects while the process is dumped
+            session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
         session.nursery.start_soon(_send_parts, session, outgoing, m.route)
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
@@ -284,10 +284,10 @@ class Mover:
         header = b"".join(map(bytes, parts[:2]))
         self._post(token, m, messages.Part(id=m.id, data=memoryview(header), total=total,
                                            consumed=consumed, direct=True))
-        at = len(header)
+        at, route_id = len(header), m.route.id      # type: ignore[union-attr]
         for piece in pieces(parts[2:], PART):
             data = materialize(piece)
-            self._post(token, m, messages.Chunk(id=m.id, at=at, data=data))  # type: ignore[arg-type]
+            self._post(token, m, messages.Chunk(id=route_id, at=at, data=data))  # type: ignore[arg-type]
             at += len(data)
         self._post(token, m, messages.Dumped(id=m.id, image=b"", consumed=consumed))
 

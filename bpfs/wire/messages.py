@@ -57,8 +57,9 @@ grammar (names in capitals are the bounded types defined below):
     master -> node    take       id: ID     (to a move's target: its pages may come straight)
     node   -> master  taking     id: ID, port: 1..65535, token: TOKEN   (or failed)
     master -> node    dump       id: ID, pid: PID, links: [0..2] (at most 3),
-                                 [host: ADDRESS, port: 1..65535, token: TOKEN]  (a
-                                 `taking`'s: send the pages there, else as below)
+                                 [host: ADDRESS, port: 1..65535, token: TOKEN, to: ID]
+                                 (a `taking`'s, of restore `to`: send the pages there,
+                                 else as below)
     node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES],
                                  [consumed: BYTES], [direct: BOOL]  (image pieces, in
                                  order; the first says the total and the stdin read;

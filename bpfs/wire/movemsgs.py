@@ -31,10 +31,12 @@ class Dump(Msg, tag="dump"):
     pid: PID
     links: Optional[Annotated[tuple[FD, ...], Meta(max_length=3)]] = None
     # where its pages go straight (a move to a node that `taking` answered): connect to
-    # `host`:`port` within a second and open with `token`, else send them as before
+    # `host`:`port` within a second and open with restore `to`'s id and `token`, else
+    # send them as before
     host: Optional[ADDRESS] = None
     port: Optional[_int(1, 65535)] = None
     token: Optional[TOKEN] = None
+    to: Optional[ID] = None
 
 
 class Part(Msg, tag="part"):
