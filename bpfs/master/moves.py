@@ -294,7 +294,7 @@ class Moves(ToNode):
                 data = await self._gathered(d, first, deadline)
                 await self._into_ghost(d, p, data, consumed)
             else:
-                through, straight = await self._to_node(d, m, first, consumed, deadline)
+                through, straight = await self._to_node(d, m, p, first, consumed, deadline)
                 way = (f" ({straight} bytes straight, {through} through the master)"
                        if straight else f" (all {through} bytes through the master)")
         except BaseException as exc:

@@ -48,13 +48,10 @@ class ToNode:
 
     def _target(self, d: Migration, p: Proc, target: int) -> Migration:
         """The restore on `target` of the process `d` dumps (registered: B's answers
-        about it come to it from now on)."""
-        ln = p.links or StdioLinks(0, "0" * 32, ("null", "null", "null"))
-        io = tuple(spec if fd in ln.fds else "null" for fd, spec in enumerate(ln.io))
+        about it come to it from now on; its links are set once the dump is in)."""
         send, receive = trio.open_memory_channel[Reply](64)
-        m = Migration(next(self._ids), target, d.pid, d.caller,
-                      execreq.ExecMove(ln.port or 1, ln.token, 0, *io), send, receive,
-                      cmd=p.cmd, host=ln.host)
+        m = Migration(next(self._ids), target, d.pid, d.caller, _links(p)[0], send, receive,
+                      cmd=p.cmd)
 
         def started() -> None:              # at `restored`: it runs on `target` now
             self.back_home(d.pid, target)                   # type: ignore[attr-defined]
@@ -86,9 +83,12 @@ class ToNode:
         m.direct = True
         return {"host": host, "port": reply.port, "token": reply.token, "to": m.id}
 
-    async def _to_node(self, d: Migration, m: Migration, first: messages.Part | messages.Dumped,
-                       consumed: int, deadline: float) -> tuple[int, int]:
-        """Restore the dump on `m.node`; (bytes through the master, bytes straight)."""
+    async def _to_node(self, d: Migration, m: Migration, p: Proc,
+                       first: messages.Part | messages.Dumped, consumed: int,
+                       deadline: float) -> tuple[int, int]:
+        """Restore the dump on `m.node` with `p`'s links as they are now (a relay's, if
+        the source started one: `relayed`); (bytes through the master, bytes straight)."""
+        m.req, m.host = _links(p)
         m.again = consumed
         if isinstance(first, messages.Dumped):      # small: all in one message
             from bpfs.migrate import loads
@@ -169,6 +169,13 @@ class ToNode:
 
     def on_taking(self, node: int, msg: messages.Taking) -> None:
         self._deliver(node, msg)                            # type: ignore[attr-defined]
+
+
+def _links(p: Proc) -> tuple[execreq.ExecMove, str | None]:
+    """The stdio links a restore of `p` makes again, and where their server is."""
+    ln = p.links or StdioLinks(0, "0" * 32, ("null", "null", "null"))
+    io = tuple(spec if fd in ln.fds else "null" for fd, spec in enumerate(ln.io))
+    return execreq.ExecMove(ln.port or 1, ln.token, 0, *io), ln.host
 
 
 def _incoming(d: Migration, first: messages.Part) -> Incoming:
