@@ -35,13 +35,22 @@ SUM = 0x5a * ((MB << 20) // 4096)
 
 
 def master_log(c: Cluster) -> str:
-    with open(os.path.join(c.state_dir, "logs", "master.log")) as f:
-        return f.read()
+    """The master's log: an embedded cluster's, or a netcluster's."""
+    for path in (os.path.join(c.state_dir, "logs", "master.log"),
+                 os.path.join(c.state_dir, "master.log")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read()
+    raise AssertionError(f"no master log in {c.state_dir}")
 
 
 def node_log(c: Cluster, n: int) -> str:
-    with open(os.path.join(c.state_dir, "logs", f"node-{n}.log")) as f:
-        return f.read()
+    for path in (os.path.join(c.state_dir, "logs", f"node-{n}.log"),
+                 os.path.join(c.state_dir, f"node{n}.log")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read()
+    raise AssertionError(f"no log of node {n} in {c.state_dir}")
 
 
 def way_of(c: Cluster, pid: int, source: int, target: int) -> tuple[int, int]:
