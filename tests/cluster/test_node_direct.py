@@ -10,6 +10,7 @@ runs; `abort` closes the listener.
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
 import pytest
@@ -142,3 +143,38 @@ async def test_abort_closes_the_listener(node):
     await trio.sleep(0.2)
     with pytest.raises(OSError):
         await open_stream(t["port"], 44, t["token"])
+
+
+async def test_a_source_that_cannot_connect_within_a_second_goes_through_the_master():
+    """The source's side (`Route`): a target whose listener takes no more connections (its
+    queue full: the kernel drops the SYNs) is given up after CONNECT_TIMEOUT; one that
+    refuses, at once. Either way the pages go through the master (`fs` None)."""
+    from bpfs.node.direct import CONNECT_TIMEOUT, Route
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    addr = full.getsockname()
+    fillers = []
+    try:
+        for _ in range(4):                      # the queue's room, then dropped SYNs
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(addr)
+            fillers.append(s)
+        route = Route(7)
+        t0 = trio.current_time()
+        await route.connect(*addr, "0" * 64)
+        took = trio.current_time() - t0
+        assert route.fs is None and route.decided.is_set()
+        assert CONNECT_TIMEOUT * 0.9 <= took < CONNECT_TIMEOUT + 2, took
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+    with socket.socket() as s:                  # a port that was free: refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    route = Route(8)
+    t0 = trio.current_time()
+    await route.connect("127.0.0.1", port, "0" * 64)
+    assert route.fs is None and trio.current_time() - t0 < CONNECT_TIMEOUT
