@@ -126,7 +126,9 @@ class Take:
         """Keep `stream` if its first frame is this take's `open`, else close it."""
         self.checking += 1
         peer, kept = _peer(stream), False
-        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT)
+        # each chunk is written into the process (or put in place) before the next is
+        # read: one receive buffer for them all
+        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT, reuse=True)
         try:
             with trio.fail_after(OPEN_TIMEOUT):
                 msg = await fs.receive()
@@ -247,9 +249,10 @@ class Route:
         finally:
             self.decided.set()
 
-    async def send(self, msg: messages.Msg) -> None:
+    async def send(self, msg: messages.Chunk) -> None:
+        """A chunk, its data written from where it is (no copy into a frame)."""
         assert self.fs is not None
-        await self.fs.send(msg, SEND_TIMEOUT)
+        await self.fs.send_split(msg, "data", SEND_TIMEOUT)
 
     async def close(self) -> None:
         fs, self.fs = self.fs, None

@@ -578,3 +578,15 @@ def test_the_rate_log_keys_are_independent_and_a_later_window_tells_the_count(ca
     rl.log("a", RateLog.WINDOW, "a again")
     assert caplog.records[-1].getMessage() == "a again (and 5 more tries of a before this " \
                                                "were not logged)"
+
+
+def test_a_chunk_split_for_sending_is_the_payload_the_decoder_takes() -> None:
+    """encode_split: the head (ending with the data's bin32 header), then the data from
+    where it is; together a payload DIRECT decodes to the same chunk."""
+    for data in (b"z", b"y" * 300, bytes(range(256)) * 4096):
+        msg = m.Chunk(id=9, at=1 << 40, data=memoryview(data))
+        head, tail = m.encode_split(msg, "data")
+        assert tail.obj is data or bytes(tail) == data
+        assert m.DIRECT.decode(head + bytes(tail)) == msg
+    with pytest.raises(ValueError):
+        m.encode_split(m.Part(id=1, data=b"x", total=3), "data")    # not its last field
