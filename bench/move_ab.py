@@ -9,7 +9,9 @@ and one of this checkout (`new`), and for each size makes `--runs` pairs of the 
 (bench/move.py's holder, its moves up to `--kind`), old then new, new then old, turn about:
 both sides of a pair see about the same load. Prints for each side the median and best
 `runs` time (the process's own stamp of its arrival, as bench/move.py), and the median of
-the pairs' new/old ratios. Each holder's memory is checked at the end, as bench/move.py.
+the pairs' new/old ratios; and the CPU time the cluster's daemons (master and nodes, every
+thread) spent from the write to the arrival, a figure the machine's other load changes
+less. Each holder's memory is checked at the end, as bench/move.py.
 """
 
 from __future__ import annotations
@@ -25,19 +27,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from move import KINDS, Bench, Holder, host_of, ms  # noqa: E402
 
 
-def one(b: Bench, mb: int, kind: str) -> float:
-    """A new holder, moved up to `kind`: seconds until it ran on that move's target."""
+def cpu(b: Bench) -> float:
+    """CPU seconds (user + system, every thread) of the daemons of `b`'s cluster: the
+    processes whose command line names its mount."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b.mount.encode() not in f.read():
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+def one(b: Bench, mb: int, kind: str) -> tuple[float, float]:
+    """A new holder, moved up to `kind`: (seconds until it ran on that move's target, CPU
+    seconds of the daemons meanwhile)."""
     last = [k for k, _ in KINDS].index(kind)
     h = Holder(subprocess.Popen([b.holder, str(mb)], stdout=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True), mb)
     try:
         for k, target in KINDS[:last + 1]:
+            c0 = cpu(b)
             _, t_ns = b.move(h.pid, target)
             took = (h.arrived(host_of(target)) - t_ns) / 1e9
+            used = cpu(b) - c0
         h.finish()
     finally:
         h.kill()
-    return took
+    return took, used
 
 
 def main() -> int:
@@ -58,16 +82,20 @@ def main() -> int:
             one(old, mb, args.kind)             # warm-up
             one(new, mb, args.kind)
             got: dict[str, list[float]] = {"old": [], "new": []}
+            used: dict[str, list[float]] = {"old": [], "new": []}
             for k in range(args.runs):
                 order = (("old", old), ("new", new)) if k % 2 == 0 else \
                     (("new", new), ("old", old))
                 for name, b in order:
-                    got[name].append(one(b, mb, args.kind))
+                    took, spent = one(b, mb, args.kind)
+                    got[name].append(took)
+                    used[name].append(spent)
             ratio = statistics.median(n / o for o, n in zip(got["old"], got["new"]))
             for name in ("old", "new"):
                 t = got[name]
                 print(f"{mb:>5} MB {name}: median {ms(statistics.median(t))}, best "
-                      f"{ms(min(t))}, all {' '.join(ms(x) for x in t)}", flush=True)
+                      f"{ms(min(t))}, daemons' CPU {ms(statistics.median(used[name]))}; all "
+                      f"{' '.join(ms(x) for x in t)}", flush=True)
             print(f"{mb:>5} MB new/old, median of {args.runs} pairs: {ratio:.2f}", flush=True)
         print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         return 0
