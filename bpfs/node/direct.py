@@ -229,6 +229,7 @@ class Route:
         self.id = mid                   # the target's restore: its chunks' id
         self.fs: wire.FrameStream | None = None
         self.decided = trio.Event()
+        self.closed = False             # the move is over (or sends through the master)
         self.to = "?"
 
     async def connect(self, host: str, port: int, token: str) -> None:
@@ -240,6 +241,8 @@ class Route:
                 stream = await trio.open_tcp_stream(host, port)
                 fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME)
                 await fs.send(messages.Open(id=mid, token=token))
+            if self.closed:             # its move ended meanwhile
+                raise trio.BrokenResourceError("the move is over")
             self.fs = fs
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.warning("restore %d: cannot reach %s (%s): its pages go through the "
@@ -255,6 +258,7 @@ class Route:
         await self.fs.send_split(msg, "data", SEND_TIMEOUT)
 
     async def close(self) -> None:
+        self.closed = True
         fs, self.fs = self.fs, None
         if fs is not None:
             with trio.CancelScope(shield=True):

@@ -1,6 +1,6 @@
 """The node's side of moving a running process (bproc_move): stop it, dump it, wait.
 
-    master -> node  dump    id, pid, links, [host, port, token]   stop `pid` and dump it
+    master -> node  dump    id, pid, links, [host, port, token, to]   stop `pid`, dump it
     node -> master  part... dumped id, image, consumed   (or failed id, errno, message)
                     (with host: the header alone in `part`, the pages straight to the
                     target as `chunk`s, bpfs/node/direct.py; then an empty `dumped`)

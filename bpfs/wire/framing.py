@@ -32,6 +32,12 @@ Any fault raises ProtocolError (EPROTO) naming the message and the field: the ca
 closes that one connection. No size the peer states is trusted for an allocation:
 the stream reads at most RECEIVE_CHUNK bytes at a time.
 
+A direct stream from node to node (a moving process's pages, bpfs/node/direct.py) has no
+handshake: its first frame, `open` (within HANDSHAKE_MAX_FRAME), carries the one-time
+token the target gave the master for it, and the target decodes every frame with
+messages.DIRECT; `send_split` writes a chunk's data from where it is, and `reuse` reads
+every big frame into one buffer.
+
 Deadlines: the whole handshake must be over within HANDSHAKE_TIMEOUT (a peer that
 trickles one byte a second is cut at that deadline, not at each byte's).
 """
