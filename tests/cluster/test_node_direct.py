@@ -178,3 +178,19 @@ async def test_a_source_that_cannot_connect_within_a_second_goes_through_the_mas
     t0 = trio.current_time()
     await route.connect("127.0.0.1", port, "0" * 64)
     assert route.fs is None and trio.current_time() - t0 < CONNECT_TIMEOUT
+
+
+async def test_after_eight_wrong_openings_the_take_stops_listening(node):
+    """Whoever guesses gets eight tries; then the listener closes, and the source, refused,
+    sends through the master."""
+    t = await take(node, 45)
+    for _ in range(8):
+        fs = await open_stream(t["port"], 45, "f" * 64 if t["token"] != "f" * 64 else "e" * 64)
+        try:
+            assert await closed_by_peer(fs)
+        finally:
+            await fs.aclose()
+    await trio.sleep(0.2)
+    with pytest.raises(OSError):
+        await open_stream(t["port"], 45, t["token"])
+    assert "restore 45: no direct stream opened (8 refused)" in node.log.read_text()
