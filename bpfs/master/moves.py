@@ -9,7 +9,8 @@ it with P's PID and links to the relay; at its
 `restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
 From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
 and holds it; to node B: B restores it (`restore` with `again`: its links are made
-again, stdin from the byte it had read); back to the master: the tracer restores it into
+again, stdin from the byte it had read), its pages straight from A when B takes them
+and A reaches B (bpfs/master/tonode.py); back to the master: the tracer restores it into
 its ghost (`restore_in`), with links made again from here. Then A drops its copy; if
 anything failed, A lets it go on (`resume`) and nothing else changed.
 
