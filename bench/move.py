@@ -239,20 +239,26 @@ def host_of(target: str) -> str:
     return os.uname().nodename if target == "master" else f"n{target}"
 
 
-def moves(b: Bench, mb: int, runs: int) -> dict[str, list[tuple[float, float]]]:
+KINDS = (("m->n", "1"), ("n->n", "2"), ("n->m", "master"), ("h->n", "1"))
+
+
+def moves(b: Bench, mb: int, runs: int, kinds: tuple[str, ...] = ()
+          ) -> dict[str, list[tuple[float, float]]]:
     """A new process per run: master -> 1 (a relay is started for it), 1 -> 2, 2 -> master,
-    master -> 1 again (h->n: back from a node, its links kept, no relay): (write s, runs s)."""
-    out: dict[str, list[tuple[float, float]]] = {"m->n": [], "n->n": [], "n->m": [],
-                                                 "h->n": []}
+    master -> 1 again (h->n: back from a node, its links kept, no relay): (write s, runs s).
+    `kinds`: only those (the moves before the last of them are made, not reported)."""
+    kinds = kinds or tuple(k for k, _ in KINDS)
+    last = max(i for i, (k, _) in enumerate(KINDS) if k in kinds)
+    out: dict[str, list[tuple[float, float]]] = {k: [] for k, _ in KINDS if k in kinds}
     for _ in range(runs):
         h = Holder(subprocess.Popen([b.holder, str(mb)], stdout=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True), mb)
         try:
-            for kind, target in (("m->n", "1"), ("n->n", "2"), ("n->m", "master"),
-                                 ("h->n", "1")):
+            for kind, target in KINDS[:last + 1]:
                 took, t_ns = b.move(h.pid, target)
                 runs_ns = h.arrived(host_of(target)) - t_ns
-                out[kind].append((took, runs_ns / 1e9))
+                if kind in out:
+                    out[kind].append((took, runs_ns / 1e9))
             h.finish()
         finally:
             h.kill()
@@ -317,6 +323,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--pingpong", type=int, default=100)
     ap.add_argument("--keep", action="store_true", help="keep the cluster's logs")
+    ap.add_argument("--kinds", default="", help="only these moves, comma-separated "
+                    "(m->n, n->n, n->m, h->n; default: all)")
     args = ap.parse_args()
     b = Bench(3)
     try:
@@ -326,8 +334,9 @@ def main() -> int:
         print(f"{'MB':>5} {'kind':>5} {'write':>8} {'runs':>8} {'best':>8} {'MB/s':>6} "
               f"{'goal':>6} {'x floor':>8} {'x exec':>7}")
         for mb in (int(s) for s in args.sizes.split(",") if s):
-            moves(b, mb, 1)                         # warm-up: caches, first big buffers
-            got = moves(b, mb, args.runs)
+            kinds = tuple(k for k in args.kinds.split(",") if k)
+            moves(b, mb, 1, kinds)                  # warm-up: caches, first big buffers
+            got = moves(b, mb, args.runs, kinds)
             unix, tcp = floor(mb, "unix", args.runs), floor(mb, "tcp", args.runs)
             first, ready = exec_migration(b, mb, args.runs)
             for kind, rows in got.items():

@@ -27,37 +27,45 @@ class NetCluster(Cluster):
     procs: list[subprocess.Popen] = field(default_factory=list)
     netns: str = ""
     links: list[str] = field(default_factory=list)
+    spaces: list[str] = field(default_factory=list)     # every namespace made, by node
 
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-def make(src: str, nodes: int = 2) -> Iterator[NetCluster]:
-    """A master on a veth address and `nodes` node daemons in one new network namespace."""
+def make(src: str, nodes: int = 2, apart: bool = False) -> Iterator[NetCluster]:
+    """A master on a veth address and `nodes` node daemons in one new network namespace;
+    `apart`: each node in a namespace of its own, on a link of its own, which reaches the
+    master's address and nothing else (the nodes cannot reach each other)."""
     base = tempfile.mkdtemp(prefix="bpfs-net-")
     os.chmod(base, 0o755)
     mount, state = os.path.join(base, "mnt"), os.path.join(base, "state")
     os.mkdir(mount)
     os.mkdir(state)
     tag = secrets.token_hex(3)
-    ns, host_if, ns_if = f"bpfs-{tag}", f"bpv{tag}a", f"bpv{tag}b"
     net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
-    master_ip, node_ip = f"{net}.1", f"{net}.2"
+    master_ip = f"{net}.1"
     port = free_port()
     env = dict(os.environ, PYTHONPATH=src, BPROC_MOUNT=mount, PYTHONDONTWRITEBYTECODE="1")
-    c = NetCluster(mount, state, port, nodes, src, env, netns=ns)
+    c = NetCluster(mount, state, port, nodes, src, env, netns=f"bpfs-{tag}")
     key = os.path.join(state, "cluster.key")
     try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        c.links.append(host_if)
-        _ip("link", "set", ns_if, "netns", ns)
-        _ip("addr", "add", f"{master_ip}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{node_ip}/30", "dev", ns_if)
-        _ip("-n", ns, "link", "set", ns_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
+        for k in range(nodes if apart else 1):      # namespace k: NET.4k+1 <-> NET.4k+2
+            ns, host_if, ns_if = f"bpfs-{tag}" + (str(k) if k else ""), f"bpv{tag}{k}a", \
+                f"bpv{tag}{k}b"
+            _ip("netns", "add", ns)
+            c.spaces.append(ns)
+            _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+            c.links.append(host_if)
+            _ip("link", "set", ns_if, "netns", ns)
+            _ip("addr", "add", f"{net}.{4 * k + 1}/30", "dev", host_if)
+            _ip("link", "set", host_if, "up")
+            _ip("-n", ns, "addr", "add", f"{net}.{4 * k + 2}/30", "dev", ns_if)
+            _ip("-n", ns, "link", "set", ns_if, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            if k:
+                _ip("-n", ns, "route", "add", f"{master_ip}/32", "via", f"{net}.{4 * k + 1}")
         subprocess.run(command("bpfs") + ["keygen", "--key", key], env=env, check=True,
                        capture_output=True)
         log = open(os.path.join(state, "master.log"), "wb")
@@ -71,7 +79,7 @@ def make(src: str, nodes: int = 2) -> Iterator[NetCluster]:
         for n in range(nodes):
             nlog = open(os.path.join(state, f"node{n}.log"), "wb")
             c.procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns] + command("bpslave") +
+                ["ip", "netns", "exec", c.spaces[n % len(c.spaces)]] + command("bpslave") +
                 ["--master", f"{master_ip}:{port}", "--node", str(n), "--key", key,
                  "--hostname", f"n{n}", "--unmount", mount],   # as on a machine of its own
                 env=env, stdout=nlog, stderr=nlog, start_new_session=True))
@@ -92,7 +100,8 @@ def make(src: str, nodes: int = 2) -> Iterator[NetCluster]:
             subprocess.run(["fusermount3", "-u", "-z", mount], check=False)
         for link in c.links:
             subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        for ns in c.spaces:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
 

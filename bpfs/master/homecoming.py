@@ -70,16 +70,15 @@ class Home:
 
 
 class HomeComing:
-    """Mixed into Moves (which brings the tracer, the cluster and `_next_of_dump`)."""
+    """Mixed into Moves (which brings the tracer, the cluster and, from ToNode,
+    `_next_of_dump`)."""
+
+    _next_of_dump: Any
 
     cluster: Cluster
     tracer: Any
     link_host: str
     _home: dict[int, Home]
-
-    async def _next_of_dump(self, d: Migration, deadline: float
-                            ) -> messages.Part | messages.Dumped:
-        raise NotImplementedError
 
     async def _home_from(self, d: Migration, p: Proc, first: messages.Part | messages.Dumped,
                          consumed: int, deadline: float) -> None:

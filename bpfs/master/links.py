@@ -129,7 +129,7 @@ FROM_NODE: dict[type[messages.Msg], NodeHandler] = {
                                        messages.Exited, messages.Stopped, messages.Continued,
                                        messages.Fork, messages.Unforked, messages.Execed,
                                        messages.Kill, messages.Exec, messages.Watch,
-                                       messages.Relayed)},
+                                       messages.Relayed, messages.Taking)},
     messages.Part: _to_moves, messages.Dumped: _to_moves,
 
     **{cls: _to_fs for cls in (*messages.FS_REQUESTS, messages.FsCancel)},

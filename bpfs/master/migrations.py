@@ -42,7 +42,8 @@ INLINE_RUNS = 1024          # and the headers of those with so many runs at most
 FAN_OUT_CHUNKS = (3, 9)     # ghosts cloned per batch before the rest (bench/results-layout.md)
 
 SendNode = Callable[[int, messages.Msg], Awaitable[None]]
-Reply = messages.Need | messages.Restored | messages.Failed     # a node's, about a migration
+Reply = (messages.Need | messages.Restored | messages.Failed     # a node's, about a migration
+         | messages.Taking)
 Image = bytes | memoryview | list[Buffer]   # an image's bytes, or its buffers in order
 
 async def wait_future(fut: "concurrent.futures.Future[Any]") -> Any:
@@ -102,6 +103,7 @@ class Migration:
     on_started: Callable[[], None] | None = None   # a move's: at `restored`, before anything
     again: int | None = None            # a move's: its links are made again (stdin read)
     streamed: bool = False              # its image streams to the node (`abort` if it fails)
+    direct: bool = False                # a move's: its pages may come straight (`taking`)
 
 
 
@@ -343,6 +345,8 @@ class Migrations:
                 await self.send_node(m.node, messages.Files(id=m.id, contents=contents))
             elif isinstance(msg, messages.Restored):
                 return
+            elif isinstance(msg, messages.Taking):     # late, after TAKE_TIMEOUT: not used
+                continue
             else:
                 raise BpfsError(msg.errno, msg.message or "migration failed")
 

@@ -9,7 +9,8 @@ it with P's PID and links to the relay; at its
 `restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
 From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
 and holds it; to node B: B restores it (`restore` with `again`: its links are made
-again, stdin from the byte it had read); back to the master: its image streams into its
+again, stdin from the byte it had read), its pages straight from A when B takes them
+and A reaches B (bpfs/master/tonode.py); back to the master: its image streams into its
 ghost as the parts come, and the tracer restores the rest (bpfs/master/homecoming.py),
 with links made again from here. Then A drops its copy; if
 anything failed, A lets it go on (`resume`) and nothing else changed.
@@ -38,9 +39,10 @@ from bpfs import procstatus
 from bpfs.errors import BpfsError
 from bpfs.master import relay as relays
 from bpfs.master.relayfork import RelayForks
+from bpfs.master.tonode import ToNode
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
-from bpfs.master.homecoming import Home, HomeComing, incoming_image
+from bpfs.master.homecoming import Home, HomeComing
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages, relaystart
@@ -53,7 +55,7 @@ SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its st
 ALL_STDIO = frozenset({0, 1, 2})
 
 
-class Moves(HomeComing):
+class Moves(ToNode, HomeComing):
     """Mixed into ProcService (which brings the tracer, the tables and the steps)."""
 
     cluster: Cluster
@@ -233,38 +235,55 @@ class Moves(HomeComing):
         self._migrations[d.id] = d
         self._dumping.add(d.id)
         self.on_moving(p.pid, True)
+        m = None
         try:
-            await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None))
+            where: dict[str, Any] = {}
+            if target is not None:      # its restore there, which may take the pages straight
+                m = self._target(d, p, target)
+                where = await self._take(m)
+            await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None,
+                                                       **where))
         except BaseException:
             self.on_moving(p.pid, False)
             self._forget(d)
+            if m is not None:
+                await self._abort(m)                        # type: ignore[attr-defined]
+                self._migrations.pop(m.id, None)
             raise
-        work = self._node_to(d, p, target, own)
+        work = self._node_to(d, p, target, own, m)
         if own:
             self._spawn(self._guard_move, d, work)          # type: ignore[attr-defined]
             return "ok"
         await self._guard_move(d, work, raise_=True)
         return "ok"
 
-    async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
-        """The dump comes in `part`s: to a node they go on as they come (`_pass_on`);
-        home, they stream into the ghost (bpfs/master/homecoming.py).
-        Then the source drops its copy; on any failure it lets it go on (`resume`)."""
+    async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool,
+                       m: Migration | None) -> None:
+        """The dump comes in `part`s: to a node (`m`, its restore there) they go on as
+        they come, or straight from the source (bpfs/master/tonode.py); home, they stream
+        into the ghost (bpfs/master/homecoming.py). Then the source drops its copy; on any
+        failure it lets it go on (`resume`), and the target discards what it had
+        (`abort`)."""
         source, pid = d.node, d.pid
         deadline = trio.current_time() + DUMP_TIMEOUT
         old_links, relayed = p.links, False
+        way = ""
         try:
             first = await self._next_of_dump(d, deadline)
             relayed = self.take_relay(d.id, p, source)      # type: ignore[attr-defined]
             consumed = p.stdin_base + (first.consumed or 0)   # the link counts from its start
             if relayed:                                 # new links, to a relay that has
                 consumed = 0                            # read nothing for it yet
-            if target is None:
+            if m is None:
                 await self._home_from(d, p, first, consumed, deadline)
             else:
-                await self._to_node(d, p, target, first, consumed, deadline)
+                through, straight = await self._to_node(d, m, p, first, consumed, deadline)
+                way = (f" ({straight} bytes straight, {through} through the master)"
+                       if straight else f" (all {through} bytes through the master)")
         except BaseException as exc:
             self.on_moving(pid, False)
+            if m is not None:
+                await self._abort(m)                        # type: ignore[attr-defined]
             if d.ghost_gone:
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)
             else:
@@ -279,86 +298,14 @@ class Moves(HomeComing):
             raise
         finally:
             self._dumping.discard(d.id)
+            if m is not None:
+                self._migrations.pop(m.id, None)
         await self._verdict(messages.Drop(id=d.id, pid=pid), source)
         if target is None:
             self.watch_home(pid)                            # type: ignore[attr-defined]
-        log.info("move %d: pid %d (%s) from node %d to %s", d.id, pid, p.cmd, source,
-                 "the master" if target is None else f"node {target}")
+        log.info("move %d: pid %d (%s) from node %d to %s%s", d.id, pid, p.cmd, source,
+                 "the master" if target is None else f"node {target}", way)
 
-    async def _next_of_dump(self, d: Migration, deadline: float
-                            ) -> messages.Part | messages.Dumped:
-        """The source's next `part` or its `dumped`; its `failed` raised; ETIMEDOUT after
-        `deadline` (the source then lets the process go on, at its `resume`)."""
-        try:
-            with trio.fail_at(deadline):
-                msg = await d.receive.receive()
-        except trio.TooSlowError:
-            raise BpfsError(errno.ETIMEDOUT, f"node {d.node} did not dump process {d.pid} "
-                            "in time") from None
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise BpfsError(errno.EIO, "move abandoned") from None
-        if isinstance(msg, messages.Failed):
-            raise BpfsError(msg.errno, msg.message or "the node cannot move it")
-        return msg
-
-    async def _to_node(self, d: Migration, p: Proc, target: int,
-                       first: messages.Part | messages.Dumped, consumed: int,
-                       deadline: float) -> None:
-        ln = p.links or StdioLinks(0, "0" * 32, ("null", "null", "null"))
-        io = tuple(spec if fd in ln.fds else "null" for fd, spec in enumerate(ln.io))
-        send, receive = trio.open_memory_channel[Reply](64)
-        m = Migration(next(self._ids), target, d.pid, d.caller,
-                      execreq.ExecMove(ln.port or 1, ln.token, 0, *io), send, receive,
-                      cmd=p.cmd, host=ln.host, again=consumed)
-
-        def started() -> None:              # at `restored`: it runs on `target` now
-            self.back_home(d.pid, target)                   # type: ignore[attr-defined]
-            self.cluster.proc_moved(d.pid, target, m.id)
-            p.stdin_base = m.again or 0
-            d.started = True
-        m.on_started = started
-        self._migrations[m.id] = m
-        try:
-            if isinstance(first, messages.Dumped):      # small: all in one message, passed
-                # on unread (the target checks it; loaded here only if it asks for files)
-                await self._restore(m, first.image, first.image)  # type: ignore[attr-defined]
-            else:
-                await self._pass_on(d, m, first, deadline)
-        finally:
-            self._migrations.pop(m.id, None)
-        if d.ghost_gone:
-            raise BpfsError(errno.ESRCH, f"process {d.pid} was killed while it moved")
-
-    async def _pass_on(self, d: Migration, m: Migration, first: messages.Part,
-                       deadline: float) -> None:
-        """Each `part` from the source goes on to the target as a `piece` as it comes (a
-        view of the frame it came in: no copy); the master keeps only the header, for the
-        file contents the target may ask for. The target builds the process as they
-        come (bpfs/node/streamin.py); on any failure it discards it (`abort`)."""
-        from bpfs.master.migrations import RESTORE_TIMEOUT
-        image = incoming_image(d, first)
-        try:
-            at = await self._send_restore(m, first.data, image.total)  # type: ignore[attr-defined]
-            while True:
-                msg = await self._next_of_dump(d, deadline)
-                data = msg.data if isinstance(msg, messages.Part) else msg.image
-                image.take(at, data)            # in order, within the total (EFBIG)
-                if len(data):
-                    at = await self._send_piece(m, at, data)  # type: ignore[attr-defined]
-                if isinstance(msg, messages.Dumped):
-                    break
-            header = image.image()
-            if not image.complete or header is None:
-                raise BpfsError(errno.EPROTO, f"node {d.node} sent {image.got} bytes of an "
-                                f"image of {image.total}")
-            with trio.fail_after(RESTORE_TIMEOUT):
-                await self._negotiate(m, header)            # type: ignore[attr-defined]
-        except trio.TooSlowError:
-            await self._abort(m)                            # type: ignore[attr-defined]
-            raise BpfsError(errno.ETIMEDOUT, f"node {m.node} did not restore in time") from None
-        except BaseException:
-            await self._abort(m)                            # type: ignore[attr-defined]
-            raise
 
     async def _verdict(self, msg: messages.Drop | messages.Resume, node: int) -> None:
         with trio.CancelScope(shield=True):

@@ -1,7 +1,9 @@
 """The node's side of moving a running process (bproc_move): stop it, dump it, wait.
 
-    master -> node  dump    id, pid, links      stop `pid` and dump it
+    master -> node  dump    id, pid, links, [host, port, token, to]   stop `pid`, dump it
     node -> master  part... dumped id, image, consumed   (or failed id, errno, message)
+                    (with host: the header alone in `part`, the pages straight to the
+                    target as `chunk`s, bpfs/node/direct.py; then an empty `dumped`)
     master -> node  drop    id, pid             it runs elsewhere now: end this copy, unsaid
                     resume  id, pid, [errno]    it did not move: let it go on as it was
 
@@ -39,6 +41,7 @@ from bpfs.migrate.image import dumps_parts
 from bpfs.migrate.imagebuf import pieces
 from bpfs.migrate.lazyrun import materialize
 from bpfs.migrate.errors import MigrateError
+from bpfs.node.direct import Route
 from bpfs.node.session import Session
 from bpfs.wire import messages
 from bpfs.wire.movemsgs import PART
@@ -63,6 +66,7 @@ class Move:
     error: BaseException | None = None
     ops: Any = None                         # DirectOps, or a stand-in's (node/standins.py)
     outbox: Any = None                      # its parts, to the task that sends them
+    route: Route | None = None              # where its pages go straight, if anywhere
 
 
 class DirectOps:
@@ -124,7 +128,10 @@ class Mover:
         self.moves[m.pid] = m
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
-        session.nursery.start_soon(_send_parts, session, outgoing)
+        if None not in (msg.host, msg.port, msg.token, msg.to):
+            m.route = Route(msg.to)         # connects while the process is dumped
+            session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
+        session.nursery.start_soon(_send_parts, session, outgoing, m.route)
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
                          daemon=True).start()
@@ -229,13 +236,17 @@ class Mover:
                     consumed: int | None) -> None:
         """`part`s (views of the dump: no copy; the first says the total and the stdin
         read), then `dumped`, through the move's outbox: a LazyRun's pages are read here
-        as the parts before them go, at most AHEAD parts ahead of the socket."""
+        as the parts before them go, at most AHEAD parts ahead of the socket. With a
+        route to the target, the first part is the header and the pages go there."""
         total = sum(map(len, parts))
-        cut = list(pieces(parts, PART)) or [b""]
         relayed = getattr(m.ops, "relayed", None)   # a stand-in's relay: ahead of its parts
         try:
             if relayed is not None:
                 self._post(token, m, relayed)
+            if self._direct(token, m, parts):
+                self._send_direct(token, m, parts, total, consumed)
+                return
+            cut = list(pieces(parts, PART)) or [b""]
             for k, piece in enumerate(cut[:-1]):
                 self._post(token, m, messages.Part(
                     id=m.id, data=materialize(piece),  # type: ignore[arg-type]
@@ -251,6 +262,34 @@ class Mover:
                 token.run_sync_soon(m.outbox.close)
             except trio.RunFinishedError:
                 pass
+
+    def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
+        """Whether the pages go straight: a route that connected (waited for: it started
+        with the dump), pages to send, and a header that fits in one part."""
+        route = m.route
+        if route is None:
+            return False
+        trio.from_thread.run(route.decided.wait, trio_token=token)
+        if route.fs is None:
+            return False
+        if len(parts) > 2 and sum(map(len, parts[:2])) <= PART:
+            return True
+        trio.from_thread.run(route.close, trio_token=token)
+        return False
+
+    def _send_direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
+                     total: int, consumed: int | None) -> None:
+        """The header to the master (`part`, `direct`), the pages to the target (`chunk`s
+        at their offsets), then an empty `dumped` once the last one went."""
+        header = b"".join(map(bytes, parts[:2]))
+        self._post(token, m, messages.Part(id=m.id, data=memoryview(header), total=total,
+                                           consumed=consumed, direct=True))
+        at, route_id = len(header), m.route.id      # type: ignore[union-attr]
+        for piece in pieces(parts[2:], PART):
+            data = materialize(piece)
+            self._post(token, m, messages.Chunk(id=route_id, at=at, data=data))  # type: ignore[arg-type]
+            at += len(data)
+        self._post(token, m, messages.Dumped(id=m.id, image=b"", consumed=consumed))
 
     def _post(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg) -> None:
         """Queue `msg` for the move's sender; waits while AHEAD are queued already."""
@@ -286,17 +325,32 @@ class Mover:
             pass
 
 
-async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel) -> None:
-    """Send a move's parts in order as its thread queues them (a task of the session:
-    it ends when the thread closes the outbox, or at the first failure, which the thread
-    then meets as a closed outbox)."""
-    async with outgoing:
-        async for msg in outgoing:
-            try:
-                await session.fs.send(msg)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
-            del msg                     # a sent part holds its pages: let them go
+async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel,
+                      route: Route | None) -> None:
+    """Send a move's parts in order as its thread queues them, its `chunk`s on the
+    route to the target (a task of the session: it ends when the thread closes the
+    outbox, or at the first failure, which the thread then meets as a closed outbox)."""
+    try:
+        async with outgoing:
+            async for msg in outgoing:
+                try:
+                    if isinstance(msg, messages.Chunk):
+                        assert route is not None
+                        await route.send(msg)
+                    else:
+                        if isinstance(msg, messages.Dumped) and route is not None:
+                            await route.close()     # the last chunk went: the stream ends
+                        await session.fs.send(msg)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                        OSError) as exc:
+                    if isinstance(msg, messages.Chunk):
+                        log.warning("move %d: the direct stream to %s broke: %s", msg.id,
+                                    route.to if route else "?", exc or type(exc).__name__)
+                    return
+                del msg                 # a sent part holds its pages: let them go
+    finally:
+        if route is not None:
+            await route.close()
 
 
 def _stdin_consumed(pid: int) -> int | None:

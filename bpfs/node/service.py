@@ -42,7 +42,7 @@ import trio
 from bpfs import heap, hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
-from bpfs.node import mover, procs, streamin, usage
+from bpfs.node import direct, mover, procs, streamin, usage
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.fsclient import FsClient
 from bpfs.node.init import Reaper, kill_namespace
@@ -111,7 +111,7 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Dump: mover.on_dump, messages.Drop: mover.on_drop,
     messages.Resume: mover.on_resume, messages.Again: procs.on_again,
     messages.Streamed: streamin.on_streamed, messages.Piece: streamin.on_piece,
-    messages.Abort: streamin.on_abort,
+    messages.Abort: streamin.on_abort, messages.Take: direct.on_take,
 }
 
 

@@ -71,6 +71,7 @@ class Session:
         self.streams: dict[int, Any] = {}   # restores whose image streams in (streamin.py)
         self.streamed: dict[int, int] = {}  # announced (`streamed`): id -> the image's size
         self.again: dict[int, int] = {}     # moved processes' restores: their stdin read
+        self.takes: dict[int, Any] = {}     # restores whose pages come straight (direct.py)
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
 

@@ -6,6 +6,10 @@
                     abort    id               it will not be finished: discard it
     node -> master  restored id, pid  |  failed id, errno, message
 
+The pieces after the first may also come straight from the node that dumped the process,
+as `chunk`s on a connection of their own (bpfs/node/direct.py): taken here the same way,
+and that stream ends with its restore.
+
 Why: a moved process's image (100 MB, 1 GB) was gathered whole in one buffer and only then
 written into the new process: two fills of fresh memory one after the other, and the
 restore could not start before the last byte came. Now the process is built as soon as
@@ -36,6 +40,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.migrate.imagebuf import Incoming
 from bpfs.node import procs, stdio
+from bpfs.node.direct import end_take
 from bpfs.node.procs import Attempt
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -159,6 +164,7 @@ class Stream:
         if self.over:
             return
         self.over = True
+        end_take(self.session, self.id)
         self._discard_build()
         self.attempt._failed(exc)
 
@@ -181,6 +187,7 @@ class Stream:
             build.abort()
 
     def _forget(self) -> None:
+        end_take(self.session, self.id)
         if self.session.streams.get(self.id) is self:
             del self.session.streams[self.id]
 
@@ -211,6 +218,7 @@ async def on_streamed(session: Session, msg: messages.Streamed) -> None:
 async def on_restore(session: Session, msg: messages.Restore) -> None:
     total = session.streamed.pop(msg.id, None)
     if total is None:
+        end_take(session, msg.id)           # all of its image is here
         await procs.on_restore(session, msg)
         return
     try:
@@ -225,9 +233,13 @@ async def on_restore(session: Session, msg: messages.Restore) -> None:
         stream = Stream(session, msg, total)
     except BpfsError as exc:
         log.warning("restore %d refused: %s", msg.id, exc)
+        end_take(session, msg.id)
         session.report(messages.Failed(id=msg.id, errno=exc.errno, message=exc.message))
         return
     session.streams[msg.id] = stream
+    take = session.takes.get(msg.id)
+    if take is not None:                    # its pages come straight: take them now
+        take.ready.set()
     assert session.nursery is not None
     session.nursery.start_soon(stream.watch)
     try:
@@ -246,6 +258,7 @@ async def on_piece(session: Session, msg: messages.Piece) -> None:
 
 async def on_abort(session: Session, msg: messages.Abort) -> None:
     session.streamed.pop(msg.id, None)
+    end_take(session, msg.id)
     stream = session.streams.pop(msg.id, None)
     if stream is not None:
         stream.discard()

@@ -32,6 +32,12 @@ Any fault raises ProtocolError (EPROTO) naming the message and the field: the ca
 closes that one connection. No size the peer states is trusted for an allocation:
 the stream reads at most RECEIVE_CHUNK bytes at a time.
 
+A direct stream from node to node (a moving process's pages, bpfs/node/direct.py) has no
+handshake: its first frame, `open` (within HANDSHAKE_MAX_FRAME), carries the one-time
+token the target gave the master for it, and the target decodes every frame with
+messages.DIRECT; `send_split` writes a chunk's data from where it is, and `reuse` reads
+every big frame into one buffer.
+
 Deadlines: the whole handshake must be over within HANDSHAKE_TIMEOUT (a peer that
 trickles one byte a second is cut at that deadline, not at each byte's).
 """
@@ -98,10 +104,14 @@ class FrameStream:
     """
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME,
-                 side: messages.Side | None = None) -> None:
+                 side: messages.Side | None = None, reuse: bool = False) -> None:
         self.stream = stream
         self.max_frame = max_frame
         self.side = side
+        # a big frame's body read into one buffer kept for the next big frame: for a
+        # receiver done with a message's views (a chunk's data) before it receives again
+        self.reuse = reuse
+        self._spare: bytearray | None = None
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
@@ -110,6 +120,16 @@ class FrameStream:
     async def send(self, msg: Message | dict[str, Any], timeout: float | None = None) -> None:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
         await self._send(pack(msg), timeout)
+
+    async def send_split(self, msg: Message, name: str, timeout: float | None = None) -> None:
+        """Send `msg` whose last field `name` is big (a chunk's data) from where it is:
+        the frame's head, then those bytes, one write each (no copy into a frame)."""
+        head, data = messages.encode_split(msg, name)
+        prefix = (len(head) + len(data)).to_bytes(4, "big")
+        async with self._send_lock:
+            rest, self._rest = self._rest, b""
+            await self._send_all(rest + prefix + head, timeout)
+            await self._send_all(data, timeout)
 
     async def send_many(self, msgs: list[Message] | list[dict[str, Any]],
                         timeout: float | None = None) -> None:
@@ -209,7 +229,7 @@ class FrameStream:
         if length > self.max_frame:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
         if length > RECEIVE_CHUNK and self._sock is not None:
-            body: bytes | bytearray = await self._receive_big(length)
+            body: bytes | bytearray | memoryview = await self._receive_big(length)
         else:
             if not await self._fill(4 + length):
                 raise ProtocolError("connection closed inside a frame")
@@ -219,11 +239,17 @@ class FrameStream:
             return unpack(body)
         return self.side.decode(body)
 
-    async def _receive_big(self, length: int) -> bytearray:
+    async def _receive_big(self, length: int) -> bytearray | memoryview:
         """A big frame's body (a piece of an image), read from the socket straight into a
         buffer of its size: one copy, where growing the stream's buffer made three. Only
-        the length prefix, checked against the limit, was trusted for it."""
-        body = bytearray(length)
+        the length prefix, checked against the limit, was trusted for it. With `reuse`,
+        the buffer is the last big frame's if it is large enough (no fresh pages)."""
+        if self.reuse:
+            if self._spare is None or len(self._spare) < length:
+                self._spare = bytearray(length)
+            body: bytearray | memoryview = memoryview(self._spare)[:length]
+        else:
+            body = bytearray(length)
         view = memoryview(body)
         got = min(len(self._buf) - 4, length)
         view[:got] = self._buf[4:4 + got]

@@ -53,11 +53,17 @@ grammar (names in capitals are the bounded types defined below):
                                  cwd: bytes          (words at most 128 KiB, 65536 of them)
     master -> node    execd      seq: ID, [errno: ERRNO]
                       ended      pid: PID, status: 0..65535   (its stand-in ends so)
-  moves (bpfs/master/moves.py, bpfs/node/mover.py):
-    master -> node    dump       id: ID, pid: PID, links: [0..2] (at most 3)
+  moves (bpfs/master/moves.py, bpfs/node/mover.py, bpfs/node/direct.py):
+    master -> node    take       id: ID     (to a move's target: its pages may come straight)
+    node   -> master  taking     id: ID, port: 1..65535, token: TOKEN   (or failed)
+    master -> node    dump       id: ID, pid: PID, links: [0..2] (at most 3),
+                                 [host: ADDRESS, port: 1..65535, token: TOKEN, to: ID]
+                                 (a `taking`'s, of restore `to`: send the pages there,
+                                 else as below)
     node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES],
-                                 [consumed: BYTES]  (image pieces, in order; the first says
-                                                  the total and the stdin read)
+                                 [consumed: BYTES], [direct: BOOL]  (image pieces, in
+                                 order; the first says the total and the stdin read;
+                                 `direct`: it is the header, the pages go straight)
                       dumped     id: ID, image: bytes (the last piece), [consumed: BYTES]
                       relayed    id: ID, port: 1..65535, token: WORD   (before
                                  `dumped`: a process forked there, its stdio relay)
@@ -71,6 +77,10 @@ grammar (names in capitals are the bounded types defined below):
                                  process, its links made again; its stdin read so far)
                       drop       id: ID, pid: PID     (moved: end the stopped copy, unreported)
                       resume     id: ID, pid: PID, [errno: ERRNO]   (not moved: go on)
+  the direct stream (node -> node, on the connection a `taking` listens for; DIRECT):
+    node   -> node    open       id: ID, token: TOKEN       (first, in a 4 KiB frame)
+                      chunk      id: ID, at: BYTES, data: bytes (1..8 MiB)   (in order)
+    TOKEN := 64 hex digits (256 random bits, the target's, good for one connection)
   usage (bpfs/node/usage.py, bpfs/master/usage.py):
     master -> node    sample                         report `usage` now
     node   -> master  usage      hz: 1..10^6, at: SECONDS, procs: [PROCUSAGE] (at most
@@ -334,6 +344,17 @@ def encode_after(msg: Msg, room: int) -> bytearray:
     return buf
 
 
+def encode_split(msg: Msg, name: str) -> tuple[bytes, memoryview]:
+    """`msg`'s payload as (head, the bytes of its last field `name`): the head ends with
+    that field's bin32 header, so head + bytes is a payload the decoders take, and a big
+    field (a chunk's 8 MiB) is written from where it is, not copied into a frame."""
+    data = memoryview(getattr(msg, name)).cast("B")
+    head = _encoder.encode(msgspec.structs.replace(msg, **{name: b""}))
+    if msgspec.structs.fields(msg)[-1].name != name or not head.endswith(b"\xc4\x00"):
+        raise ValueError(f"{name} is not the last field of {tag(type(msg))}")
+    return head[:-2] + b"\xc6" + len(data).to_bytes(4, "big"), data
+
+
 class Side:
     """The messages one end sends in one phase, and their decoder."""
 
@@ -438,3 +459,4 @@ def _problem(text: str) -> str:
 HANDSHAKE = Side(None, True)
 FROM_NODE = Side("node", False)
 FROM_MASTER = Side("master", False)
+DIRECT = Side("peer", False)        # a direct stream's frames (bpfs/node/direct.py)

@@ -1,6 +1,7 @@
 """Moving a running process (bpfs/master/moves.py, bpfs/node/mover.py): the node that has
 it dumps it and waits for the verdict; the target restores it (`restore` with `again`).
-Their grammar is in bpfs/wire/messages.py's docstring."""
+Their grammar is in bpfs/wire/messages.py's docstring, with that of the direct stream: a
+moving process's pages sent from node to node (`open`, `chunk`: bpfs/node/direct.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ FD = _int(0, 2)
 # place at once, bpfs/migrate/imagebuf.py); the frame stays alive as long as the view.
 PIECE = Annotated[memoryview, Meta(min_length=1, max_length=PART)]
 IMAGE = Annotated[memoryview, Meta(max_length=PART)]     # a `dumped`'s: a view too
+TOKEN = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]     # 256 random bits, in hex
 
 
 class Dump(Msg, tag="dump"):
@@ -29,6 +31,13 @@ class Dump(Msg, tag="dump"):
     id: ID
     pid: PID
     links: Optional[Annotated[tuple[FD, ...], Meta(max_length=3)]] = None
+    # where its pages go straight (a move to a node that `taking` answered): connect to
+    # `host`:`port` within a second and open with restore `to`'s id and `token`, else
+    # send them as before
+    host: Optional[ADDRESS] = None
+    port: Optional[_int(1, 65535)] = None
+    token: Optional[TOKEN] = None
+    to: Optional[ID] = None
 
 
 class Part(Msg, tag="part"):
@@ -41,6 +50,7 @@ class Part(Msg, tag="part"):
     data: PIECE
     total: Optional[BYTES] = None
     consumed: Optional[BYTES] = None
+    direct: Optional[bool] = None   # (first part) the rest goes straight to the target
 
 
 class Streamed(Msg, tag="streamed"):
@@ -112,3 +122,38 @@ class Again(Msg, tag="again"):
     sender = "master"
     id: ID
     consumed: BYTES
+
+
+class Take(Msg, tag="take"):
+    """Restore `id` (next) may get its image's pages straight from the node that dumps
+    it: listen for it and answer `taking` (or `failed`: the master then sends them)."""
+    sender = "master"
+    id: ID
+
+
+class Taking(Msg, tag="taking"):
+    """Restore `id` takes its pages at this node's address (the one it reaches the master
+    from), `port`, from the first connection that opens with `token`."""
+    sender = "node"
+    id: ID
+    port: _int(1, 65535)
+    token: TOKEN
+
+
+# ---- the direct stream: node -> node, on the connection a `taking` listens for ----------
+
+class Open(Msg, tag="open"):
+    """The first frame of a direct stream: its restore `id`, and the `token` the target
+    gave for it (anything else, or a wrong token, and the target closes the connection)."""
+    sender = "peer"
+    id: ID
+    token: TOKEN
+
+
+class Chunk(Msg, tag="chunk"):
+    """The bytes of restore `id`'s image from offset `at` (the pages after the header the
+    master passed on), in order: taken as a `piece` (EPROTO, EFBIG as for one)."""
+    sender = "peer"
+    id: ID
+    at: BYTES
+    data: PIECE

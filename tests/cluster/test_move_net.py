@@ -5,6 +5,8 @@ the image goes node -> master -> node over it, and a moved process's stdio links
 again over it too (to bpsh, or to the relay the master starts for a process of its own).
 What a user sees: the counter's output goes on in order, nothing lost or twice, from the
 host it runs on; the echo's stdin goes on from the byte it had read; root and a user alike.
+Between nodes that reach each other (one namespace here) the pages go straight; between
+nodes that cannot (each in a namespace that reaches only the master), through the master.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pytest
 from tests import netcluster
 from tests.cluster.test_move import (COUNTER, ECHO, PY, hostname_of, master_name, node_of,
                                      read_line, start_bpsh, stop, write_ctl)
+from tests.cluster.test_move_direct import HOLDER, SUM, MB, node_log, way_of
+from tests.cluster.test_move_stream import ask
 from tests.conftest import as_user, is_root, pid_alive
 
 pytestmark = pytest.mark.timeout(90)
@@ -169,5 +173,44 @@ def test_a_child_forked_on_a_node_moves_over_the_wire(net, users, who) -> None:
         assert line == "status=7", (seen, rest, line)
         assert [int(ln[0]) for ln in seen + rest] == list(range(1, 41))
         assert p.wait(timeout=20) == 0
+    finally:
+        stop(p)
+
+
+def test_a_big_process_moves_node_to_node_straight_over_the_wire(net) -> None:
+    p = start_bpsh(net, 0, PY, "-c", HOLDER, stdin=subprocess.PIPE)
+    try:
+        pid = int(read_line(p))
+        assert ask(p) == (SUM + 1, hostname_of(0))
+        for n, (source, target) in enumerate(((0, 1), (1, 0)), 2):
+            assert write_ctl(net, pid, f"move {target}") == 0
+            assert ask(p) == (SUM + n, hostname_of(target))
+            straight, through = way_of(net, pid, source, target)
+            assert straight >= MB << 20 and through < 1 << 20, (straight, through)
+        assert "its pages straight from 10." in node_log(net, 1)
+    finally:
+        stop(p)
+
+
+@pytest.fixture(scope="module")
+def apart(src_dir: str) -> Iterator[netcluster.NetCluster]:
+    if not is_root():
+        pytest.skip("network namespaces and the master's mount need root")
+    yield from netcluster.make(src_dir, nodes=2, apart=True)
+
+
+def test_nodes_that_cannot_reach_each_other_move_through_the_master(apart) -> None:
+    """Each node in a namespace of its own that reaches only the master: the source
+    cannot connect to the target, and sends the pages through the master."""
+    p = start_bpsh(apart, 0, PY, "-c", HOLDER, stdin=subprocess.PIPE)
+    try:
+        pid = int(read_line(p))
+        assert ask(p) == (SUM + 1, hostname_of(0))
+        for n, (source, target) in enumerate(((0, 1), (1, 0)), 2):
+            assert write_ctl(apart, pid, f"move {target}") == 0
+            assert ask(p) == (SUM + n, hostname_of(target))
+            straight, through = way_of(apart, pid, source, target)
+            assert straight == 0 and through >= MB << 20, (straight, through)
+        assert "cannot reach 10." in node_log(apart, 0)
     finally:
         stop(p)

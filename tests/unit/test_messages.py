@@ -89,6 +89,10 @@ GOOD = [
     m.Part(id=7, data=b"x" * 100), m.Dumped(id=7, image=b"img", consumed=12),
     m.Dumped(id=7, image=b""), m.Piece(id=9, at=0, data=b"y"), m.Abort(id=9), m.Streamed(id=9, total=1 << 33), m.Drop(id=7, pid=4242),
     m.Relayed(id=7, port=4000, token="ab" * 16),
+    m.Take(id=9), m.Taking(id=9, port=4001, token="cd" * 32),
+    m.Dump(id=7, pid=4242, host="10.0.0.2", port=4001, token="cd" * 32, to=9),
+    m.Part(id=7, data=b"h" * 50, total=1 << 30, consumed=0, direct=True),
+    m.Open(id=9, token="cd" * 32), m.Chunk(id=9, at=50, data=b"z" * 10),
     m.Resume(id=7, pid=4242), m.Resume(id=7, pid=4242, errno=errno.EBUSY),
     m.Again(id=9, consumed=0), m.Again(id=9, consumed=1 << 40),
     m.Welcome(node=3, heartbeat=1.0, usage=2.0),
@@ -131,6 +135,8 @@ def side_of(cls: type[m.Msg], sender: str | None = None) -> m.Side:
     sender = sender or cls.sender
     if cls.handshake:
         return m.HANDSHAKE
+    if sender == "peer":
+        return m.DIRECT
     return m.FROM_NODE if sender == "node" else m.FROM_MASTER
 
 
@@ -165,11 +171,12 @@ def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
         "Exited", "Fork", "Unforked", "Execed", "Kill", "Exec", "Watch", "Usage", "FsLookup",
         "FsGetattr", "FsSetattr", "FsAccess", "FsOpendir", "FsReaddir", "FsOpen", "FsRead",
-        "FsWrite", "FsRelease", "FsCancel", "Part", "Dumped", "Relayed"}
+        "FsWrite", "FsRelease", "FsCancel", "Part", "Dumped", "Relayed", "Taking"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
         "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
         "Armed", "Execd", "Ended", "Sample", "FsReply", "Names", "Dump", "Piece", "Drop",
-        "Resume", "Again", "Abort", "Streamed"}
+        "Resume", "Again", "Abort", "Streamed", "Take"}
+    assert {c.__name__ for c in m.DIRECT.classes} == {"Open", "Chunk"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
 
@@ -449,6 +456,8 @@ def valid(t: Any, plain: bool = False) -> st.SearchStrategy[Any]:
         return st.booleans()
     if isinstance(t, i.NoneType):
         return st.none()
+    if isinstance(t, i.StrType) and t.pattern:         # a token's hex digits
+        return st.from_regex(t.pattern, fullmatch=True)
     if isinstance(t, i.StrType):
         return st.text(min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
     if isinstance(t, (i.BytesType, i.MemoryViewType)):   # a view decodes equal to bytes
@@ -582,3 +591,15 @@ def test_an_image_decodes_as_a_view_of_its_frame_not_a_copy() -> None:
         got = side.decode(body)
         assert type(got.image) is memoryview and got.image == image
         assert got.image.obj is body                # the frame itself, no copy of it
+
+
+def test_a_chunk_split_for_sending_is_the_payload_the_decoder_takes() -> None:
+    """encode_split: the head (ending with the data's bin32 header), then the data from
+    where it is; together a payload DIRECT decodes to the same chunk."""
+    for data in (b"z", b"y" * 300, bytes(range(256)) * 4096):
+        msg = m.Chunk(id=9, at=1 << 40, data=memoryview(data))
+        head, tail = m.encode_split(msg, "data")
+        assert tail.obj is data or bytes(tail) == data
+        assert m.DIRECT.decode(head + bytes(tail)) == msg
+    with pytest.raises(ValueError):
+        m.encode_split(m.Part(id=1, data=b"x", total=3), "data")    # not its last field
