@@ -75,7 +75,7 @@ class NodeForks:
             self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
             return
         try:
-            fut = self.tracer.fork(msg.parent)
+            fut = self.tracer.fork(msg.parent, reaped=True)
         except BpfsError as exc:
             self._forked(node, msg, exc)
             return
@@ -135,23 +135,12 @@ class NodeForks:
                 log.info("pid %d: kill: %s", pid, exc)
 
     def forked_gone(self, pid: int) -> None:
-        """The ghost of a forked process ended (tracer thread's report, in trio): its parent
-        ghost reaps it (ECHILD: the parent ended first and the kernel re-parented it)."""
-        parent = self._parents.pop(pid, None)
-        if parent is None or self.tracer is None:
-            return
-        try:
-            fut = self.tracer.reap(parent, pid)
-        except BpfsError as exc:
-            log.debug("pid %d: reap by %d: %s", pid, parent, exc)
-            return
-
-        def done(f: Any) -> None:                       # in the tracer thread
-            exc = None if f.cancelled() else f.exception()
-            if exc is not None and getattr(exc, "errno", None) not in (errno.ECHILD,
-                                                                        errno.ESRCH):
-                log.info("pid %d: reap by its parent %d: %s", pid, parent, exc)
-        fut.add_done_callback(done)
+        """The ghost of a forked process ended (tracer thread's report, in trio). Its
+        parent ghost has reaped it already, or is about to: the tracer does that itself
+        (`fork(reaped=True)`: in the stop of the SIGCHLD its end sends the parent ghost,
+        no halt and no trip out of the tracer thread and back); if the parent ended
+        first, whoever the kernel re-parented it to."""
+        self._parents.pop(pid, None)
 
     # ---- exec ----
 

@@ -47,6 +47,7 @@ class Ghosts(Kin, Moving):
         self.tracees: dict[int, Tracee] = {}
         self.park_rss: dict[int, tuple[int, int]] = {}
         self.bell = 0  # the tracer's doorbell: traced by the thread, no tracee
+        self.to_reap: set[int] = set()  # ghosts to halt to reap their children (Kin)
 
     def ghosts(self) -> list[int]:
         """The parked ghosts (any thread)."""
@@ -79,8 +80,14 @@ class Ghosts(Kin, Moving):
         keyboard = event == 0 and sig in KEYBOARD and from_terminal(t.pid)
         if keyboard:                     # first: told even if it cannot be resumed
             self._call(self._on_keyboard, t.pid, sig)
-        elif event == 0 and not (sig == _signal.SIGCHLD and child_signal(t.pid, t.children)):
-            self._report(t.pid, [sig])   # (a child ghost's end: its real parent has its own)
+        elif event == 0 and sig == _signal.SIGCHLD and child_signal(t.pid, t):
+            # a child ghost's end: not reported (its real parent has its own); the ghost
+            # reaps it now if it is one it reaps itself (a process forked on a node)
+            if t.state == GHOST and not t.killed and t.ended:
+                self.reap_at_stop(t)
+                return
+        elif event == 0:
+            self._report(t.pid, [sig])
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
 
@@ -231,7 +238,7 @@ class Ghosts(Kin, Moving):
         signals: list[int] = []
 
         def drop(sig: int) -> bool:
-            return sig == _signal.SIGCHLD and child_signal(t.pid, t.children)
+            return sig == _signal.SIGCHLD and child_signal(t.pid, t)
         try:
             img = dump_at_exec(t.pid, drop) if at_exec else \
                 wait_exec_and_dump(t.pid, max(t.deadline - time.monotonic(), 1.0), drop)
@@ -299,8 +306,8 @@ class Ghosts(Kin, Moving):
         try:
             if halt:
                 self._halt(t, signals)
-            if code is not None:
-                gp.aim_exit(t.pid, code, signals)
+            if code is not None:     # a HALTING ghost is in its interrupt stop
+                gp.aim_exit(t.pid, code, signals, 0 if halt else t.gadget)
             else:
                 gp.aim_signal(t.pid, sig, signals)
             t.state = FINISHING

@@ -167,8 +167,10 @@ class Tracer:
     def clone(self, pid: int, count: int) -> Future[list[int]]:
         return self._deferred(self._ghosts.clone, pid, count)
 
-    def fork(self, pid: int) -> Future[int]:
-        return self._deferred(self._ghosts.fork, pid)
+    def fork(self, pid: int, reaped: bool = False) -> Future[int]:
+        """`reaped`: the parent ghost reaps the child itself once it has ended (its
+        SIGCHLD's stop: docs/ghosts.md, "Children"); else the caller's `reap` does."""
+        return self._deferred(self._ghosts.fork, pid, reaped)
 
     def reap(self, parent: int, child: int, status: int | None = None) -> Future[int]:
         """`status`: the wait status of a child that ran here untraced (restored into its
@@ -268,6 +270,8 @@ class Tracer:
         try:
             while not self._stopping:
                 self._run_queue()
+                if self._ghosts.to_reap:
+                    self._ghosts.reap_ended()
                 self._ghosts.expire_captures()
                 if self._stopping:
                     break

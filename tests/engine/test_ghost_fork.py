@@ -111,6 +111,48 @@ def test_finish_then_reap_gives_the_status_and_leaves_no_zombie(rig: Rig) -> Non
     assert rig.bpsh.status(pid) == 0
 
 
+def test_a_reaped_child_is_reaped_by_its_parent_ghost_at_its_end(rig: Rig) -> None:
+    """fork(reaped=True), a process forked on a node: once it has ended, however, the
+    parent ghost reaps it by itself (in the stop of the SIGCHLD it gets), with nothing
+    reported; a later reap finds nothing (ECHILD)."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    codes = {}
+    for code in (3, 0, 255):
+        child = rig.tracer.fork(pid, reaped=True).result(5)
+        codes[child] = code << 8
+        rig.tracer.finish(child, exit_code=code).result(5)
+        assert until(lambda: zombies_of(pid) == [])
+    killed = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.finish(killed, signal=signal.SIGTERM).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    assert errno_of(rig.tracer.reap(pid, killed)) == errno.ECHILD
+    assert {c: s for c, s in rig.rec.exits.items() if c != killed} == codes
+    assert os.WTERMSIG(rig.rec.exits[killed]) == signal.SIGTERM
+    # many at once: their SIGCHLDs coalesce, every one is reaped all the same
+    many = [rig.tracer.fork(pid, reaped=True).result(5) for _ in range(20)]
+    for c in many:
+        rig.tracer.finish(c, exit_code=1)
+    assert until(lambda: zombies_of(pid) == [])
+    time.sleep(0.1)
+    assert rig.rec.signals == [] and asleep(pid) and rig.tracer.ghosts() == [pid]
+    assert rig.tracer._ghosts.tracees[pid].children == {}
+
+
+def test_a_reaped_child_of_a_stopped_ghost_is_reaped_and_it_stays_stopped(
+        rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    child = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    rig.tracer.finish(child, exit_code=4).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    time.sleep(0.05)
+    assert proc_state(pid) == "t" and ghost.stopped
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid) and rig.rec.signals == [] and rig.rec.exits == {child: 4 << 8}
+
+
 def test_a_childs_sigchld_is_not_reported_but_a_users_is(rig: Rig) -> None:
     pid, _ = rig.ghost([SLEEP, "100"])
     children = [rig.tracer.fork(pid).result(5) for _ in range(3)]
