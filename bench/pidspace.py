@@ -99,11 +99,11 @@ class Bench:
         subprocess.run(cmd("bpfs") + ["up", "--nodes", str(self.nodes), "--mount", self.mount,
                                       "--state-dir", self.state, "--port", str(port),
                                       "--detach"],
-                       env=self.env, check=True, capture_output=True)
+                       env=self.env, check=True, capture_output=True, cwd="/")
 
     def down(self) -> None:
         subprocess.run(cmd("bpfs") + ["down", "--mount", self.mount, "--state-dir",
-                                      self.state], env=self.env, capture_output=True)
+                                      self.state], env=self.env, capture_output=True, cwd="/")
         shutil.rmtree(self.base, ignore_errors=True)
 
     def bpsh(self, *argv: str, **kw) -> subprocess.CompletedProcess:
