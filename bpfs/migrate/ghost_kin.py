@@ -25,7 +25,7 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.image import Image
 from bpfs.migrate.tracee import (GHOST, SEIZED, Future, Signals, Tracee, as_error, child_signal,
-                                 send_kill, send_signal)
+                                 resolve, send_kill, send_signal)
 
 log = logging.getLogger("bpfs.migrate.ghost")
 
@@ -121,13 +121,23 @@ class Kin:
         """A child of the ghost `pid` (fork(2) injected): its pid. ESRCH if `pid` is not a
         parked ghost of ours or ends meanwhile; the clone's errno (EAGAIN) otherwise.
         A child made when the step then fails is killed: nobody would know of it.
-        `reaped`: `pid` reaps the child itself once it has ended, whatever ended it
-        (`reap_ended`; a process forked on a node: its real parent has reaped it there)."""
+        `reaped` (a process forked on a node, whose real parent reaps it there): `pid`
+        reaps the child itself once it has ended, whatever ended it (`reap_at_stop`); and
+        `fut` resolves as soon as clone returned, before the parent and the child are put
+        to sleep (a node waits for the answer; should that then fail, the child is killed:
+        its `on_exit` follows as for any ghost)."""
         t = self._parked_ghost(pid, errno.ESRCH)
         h = Halted(Signals(t))
         rss = self.park_rss.get(pid)
+
+        def step(h: Halted) -> int:
+            res = self._copy(t, h, gp.FORK_FLAGS)
+            if reaped and res > 0 and res in self.tracees:
+                t.reaps.add(res)
+                fut.set_result(res)
+            return res
         try:
-            res = self._halted(t, "fork", lambda h: self._copy(t, h, gp.FORK_FLAGS), h)
+            res = self._halted(t, "fork", step, h)
         except BaseException:
             for child in h.made:
                 self._disown(child)
@@ -135,9 +145,7 @@ class Kin:
         self._adopt_all(h, rss)
         if res < 0:
             raise MigrateError(-res, f"fork of ghost {pid}: {os.strerror(-res)}", pid)
-        if reaped and res in self.tracees:
-            t.reaps.add(res)
-        fut.set_result(res)
+        resolve(fut, res)
 
     def reap(self, fut: Future, pid: int, child: int, known: int | None = None) -> None:
         """The ghost `pid` reaps its ended child ghost `child` (wait4 injected): the child's
@@ -431,6 +439,7 @@ class Kin:
         parent = self.tracees.get(c.parent)
         if parent is not None:
             parent.children.pop(child, None)
+            parent.reaps.discard(child)
         c.parent, c.killed = 0, True
         send_kill(child)
 

@@ -252,8 +252,10 @@ class Supervisor(PidfdCalls, GroupCalls):
         before: "Cannot fork"); once received, only a fatal signal may interrupt it
         (SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV). The receive is a blocking ioctl made
         without the GIL (seccomp.recv_blocking), so the kernel completes it at once,
-        however busy the event loop is; the answers are made in trio's thread
-        (`_dispatch`). The watcher thread wakes it (SIGUSR2) once the job has ended."""
+        however busy the event loop is. A fork is asked of the master, and an execve let
+        through, from here (`HERE`: no trip through the event loop on a fork's path);
+        the other answers are made in trio's thread (`_dispatch`). The watcher thread
+        wakes it (SIGUSR2) once the job has ended."""
         while not job.done:
             try:
                 n = seccomp.recv_blocking(job.listener)
@@ -262,7 +264,7 @@ class Supervisor(PidfdCalls, GroupCalls):
             except OSError as exc:
                 log.error("job %d: its listener failed: %s", job.leader, exc)
                 break
-            if n is not None:
+            if n is not None and not self._here(job, n):
                 self._post(self._dispatch, job, n)
         with self._lock:
             job.receivers -= 1
@@ -329,6 +331,16 @@ class Supervisor(PidfdCalls, GroupCalls):
             log.debug("pid %d: %s: %s", n.pid, n.name, exc)
             seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
 
+    def _here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) answer `n` here if it is one of HERE's; False: trio's."""
+        handler = HERE.get(n.nr)
+        try:
+            return handler is not None and handler(self, job, n)
+        except OSError as exc:      # the caller died meanwhile, most likely
+            log.debug("pid %d: %s: %s", n.pid, n.name, exc)
+            seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
+            return True
+
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
@@ -353,13 +365,29 @@ class Supervisor(PidfdCalls, GroupCalls):
             return tid
         return procread.tgid(tid)
 
-    def _on_fork(self, job: Job, n: seccomp.Notif) -> None:
+    def _fork_here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) a new process is asked of the master from here; a thread's
+        clone is trio's (it settles the counter first)."""
+        if n.nr in (NR["clone"], NR["clone3"]):
+            flags = n.args[0] if n.nr == NR["clone"] else procread.clone3_flags(n)
+            if flags is None or flags & seccomp.CLONE_THREAD:
+                return False
+        self._on_fork(job, n, self._post)
+        return True
+
+    def _on_fork(self, job: Job, n: seccomp.Notif,
+                 post: Callable[..., None] | None = None) -> None:
+        """Ask the master for the child's PID; `post`: from a receiver thread."""
         parent = self._tgid(n.pid)
         if parent is None:          # the caller is gone
             return
         seq = next(self._seq)
         self._forks[seq] = (job, n, parent)
-        job.session.report(messages.Fork(seq=seq, parent=parent))
+        msg = messages.Fork(seq=seq, parent=parent)
+        if post is None:
+            job.session.report(msg)
+        else:
+            job.session.report_threadsafe(msg, post)
 
     def _forked(self, job: Job, n: seccomp.Notif, parent: int,
                 reply: messages.Forked) -> None:
@@ -368,18 +396,20 @@ class Supervisor(PidfdCalls, GroupCalls):
             seccomp.answer(job.listener, n.id, err=reply.errno or errno.EAGAIN)
             return
         pid, mid = reply.pid, reply.id
-        if procread.exists(pid) or not seccomp.still_waiting(job.listener, n.id):
-            if procread.exists(pid):
+        taken = procread.exists(pid)
+        if taken or not seccomp.still_waiting(job.listener, n.id):
+            if taken:
                 log.warning("the master's PID %d is taken on this node: fork refused", pid)
             seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
             job.session.report(messages.Unforked(pid=pid, id=mid))
             return
-        if not self._directed(job, n, pid):
-            job.session.report(messages.Unforked(pid=pid, id=mid))
-            return
+        # recorded before it may run: its execve may come at once (`_exec_here`)
         child = Child(pid, mid, -1, job)
         self.children[pid] = child
         self.on_child(child)            # the master's signals for it reach it from now on
+        if not self._directed(job, n, pid):
+            self._not_forked(child)
+            return
         deadline = time.perf_counter() + TAKE_SPIN
         while not self._adopt(child, parent):
             if time.perf_counter() > deadline:      # not yet: a task waits for it
@@ -401,11 +431,9 @@ class Supervisor(PidfdCalls, GroupCalls):
     def settle(self) -> None:
         """Before anything else may take a PID here: the last directed fork has taken its
         number (spin for it if not yet, at most TAKE_TIMEOUT), and the counter is parked.
-
-        Why not at once after CONTINUE: the forking process must run to take its number,
-        and on a busy node waiting for that in the answer's path cost more than the rest
-        of the node's part of a fork; the child's watcher settles as soon as it runs, and
-        whatever else numbers a process here (a thread's clone, a restore) settles first."""
+        The answer's path waits TAKE_SPIN at most for the child (`_adopt`), a busy node's
+        may take longer: whatever else numbers a process here (a thread's clone, a
+        restore) settles first."""
         pid, self._pending = self._pending, None
         if pid is None:
             return
@@ -415,12 +443,11 @@ class Supervisor(PidfdCalls, GroupCalls):
         procread.write_last(self._parked)
 
     def _adopt(self, child: Child, parent: int) -> bool:
-        """The child exists: its pidfd, checked and watched (the counter parked again
-        first). False if it does not exist yet. Why at once: a child that never execs
-        may end and be reaped within a fraction of a millisecond, and once it is reaped
-        its end cannot be told any more (its ghost would go as if it never was)."""
+        """The child exists: its pidfd, checked and watched (the counter parked first);
+        False if not yet. Why at once: a child that never execs may end and be reaped
+        within a fraction of a millisecond, and then its end cannot be told any more."""
         try:
-            fd = seccomp.pidfd_open(child.pid)
+            fd = os.pidfd_open(child.pid)
         except OSError:
             return False
         if self._pending == child.pid:
@@ -476,6 +503,18 @@ class Supervisor(PidfdCalls, GroupCalls):
                                                      id=child.id))
 
     # ---- exec ----
+
+    def _exec_here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) an execve here is let through at once; its new name is
+        looked for by trio's thread (`names`). One to run elsewhere is trio's."""
+        pid = self._tgid(n.pid)
+        if pid is None or pid in self.armed:
+            return False
+        before = procread.cmdline(pid)
+        self._go(job, n)
+        if pid in self.children or pid in self.jobs:
+            self._post(self.names.add, job, pid, before)
+        return True
 
     def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
         pid = self._tgid(n.pid)
@@ -542,7 +581,6 @@ class Supervisor(PidfdCalls, GroupCalls):
                                          euid=creds[1]))
 
 
-
 HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
     NR["clone"]: Supervisor._on_clone, NR["clone3"]: Supervisor._on_clone,
     NR["fork"]: Supervisor._on_fork, NR["vfork"]: Supervisor._on_fork,
@@ -553,4 +591,10 @@ HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
     **{NR[k]: Supervisor._on_kill for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                              "rt_tgsigqueueinfo")},
     NR["pidfd_open"]: Supervisor._on_pidfd_open,
+}
+# answered in a receiver thread (`_here`): True if done, False to hand it to HANDLERS
+HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
+    NR["clone"]: Supervisor._fork_here, NR["clone3"]: Supervisor._fork_here,
+    NR["fork"]: Supervisor._fork_here, NR["vfork"]: Supervisor._fork_here,
+    NR["execve"]: Supervisor._exec_here, NR["execveat"]: Supervisor._exec_here,
 }
