@@ -100,6 +100,7 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
 
     async def handler(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
         links.cluster.heartbeat(conn.number, None, now)
+        links.procs.take_fresh()        # children answered from the tracer thread
         getattr(links.procs, name)(conn.number, msg)
     return handler
 
@@ -200,6 +201,19 @@ class NodeLinks:
             trio.lowlevel.spawn_system_task(_flush, conn)
         return True
 
+    def send_threadsafe(self, node: int, msg: messages.Msg) -> bool | None:
+        """`send_now` from any thread (the tracer's): True written whole, None in part
+        (then `flush_soon(node)` from trio's thread), False nothing."""
+        conn = self.conns.get(node)
+        if conn is None:
+            return False
+        return conn.stream.send_threadsafe(msg)
+
+    def flush_soon(self, node: int) -> None:
+        conn = self.conns.get(node)
+        if conn is not None and conn.stream.pending:
+            trio.lowlevel.spawn_system_task(_flush, conn)
+
     def host_of(self, node: int) -> str | None:
         """The address node `node` connected from (where a bpsh running there listens)."""
         conn = self.conns.get(node)
@@ -288,6 +302,7 @@ class NodeLinks:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("node %d (%s): connection lost: %s", n, conn.peer, exc)
         finally:
+            conn.stream.retire()        # the tracer thread writes no more to it
             current = self.conns.get(n)
             if current is conn:
                 del self.conns[n]
