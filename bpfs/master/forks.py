@@ -112,7 +112,9 @@ class NodeForks:
             self.flush_soon(node)
 
     def take_fresh(self) -> None:
-        """The records of the children answered from the tracer thread (trio's thread)."""
+        """The records of the children answered from the tracer thread (trio's thread;
+        before any node message is dispatched: a forked child may write its own move, or
+        end, at once)."""
         while self._fresh:
             child, (node, parent, uid, gid, cmd, mid) = self._fresh.popitem()
             c = self.cluster.start_proc(child, node, uid, gid, cmd, time.time())

@@ -100,7 +100,6 @@ def _to_procs(cls: type[messages.Msg]) -> NodeHandler:
 
     async def handler(links: "NodeLinks", conn: NodeConn, msg: Any, now: float) -> None:
         links.cluster.heartbeat(conn.number, None, now)
-        links.procs.take_fresh()        # children answered from the tracer thread
         getattr(links.procs, name)(conn.number, msg)
     return handler
 
@@ -348,7 +347,8 @@ class NodeLinks:
             if handler is None:
                 raise wire.ProtocolError(f"{messages.tag(type(msg))!r} is not a registered "
                                          "node's message")
-            await handler(self, conn, msg, now)
+            self.procs.take_fresh()     # children answered from the tracer thread: whatever
+            await handler(self, conn, msg, now)     # a node says next may be of them
 
     async def watchdog(self) -> None:
         """Close the connections of nodes silent for longer than ping_timeout (master/liveness.py).

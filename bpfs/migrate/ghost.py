@@ -29,6 +29,7 @@ from bpfs.migrate.ghost_move import Moving
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
                                  STOPPED, HALTING, FINISHING, RELEASING, Signals, Tracee,
                                  send_kill, child_signal, from_terminal, pending, ignores,
+                                 own_signal, END_SIGNAL,
                                  resolve, as_error)
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,19 @@ class Ghosts(Kin, Moving):
         self.park_rss: dict[int, tuple[int, int]] = {}
         self.bell = 0  # the tracer's doorbell: traced by the thread, no tracee
         self.to_reap: set[int] = set()  # ghosts to halt to reap their children (Kin)
+        # finish_soon's requests (any thread writes, the tracer thread takes): pid ->
+        # (exit code, signal, future), done at the ghost's END_SIGNAL stop or when queued
+        self.ends: dict[int, tuple[int | None, int | None, Future]] = {}
 
     def ghosts(self) -> list[int]:
         """The parked ghosts (any thread)."""
         with self._lock:
             return sorted(self._parked)
+
+    def parked(self, pid: int) -> bool:
+        """`pid` is a parked ghost (any thread)."""
+        with self._lock:
+            return pid in self._parked
 
     # ---- stops (tracer thread) ----
 
@@ -74,6 +83,9 @@ class Ghosts(Kin, Moving):
         sig, event = gp.stop_parts(status)
         if t.state == HALTING and event == pt.EVENT_STOP:
             self._aim(t)
+            return
+        if event == 0 and sig == END_SIGNAL and own_signal(t.pid):
+            self._end_at_stop(t)
             return
         if t.state == GHOST and self._job_stop(t, sig, event):
             return
@@ -272,7 +284,7 @@ class Ghosts(Kin, Moving):
         resolve(fut, exc=exc)
 
     def finish(self, fut: Future, pid: int, code: int | None, sig: int | None) -> None:
-        _check_finish(code, sig)
+        check_finish(code, sig)
         t = self._known(pid)
         if sig == _signal.SIGKILL:
             self.kill(fut, pid)
@@ -285,6 +297,32 @@ class Ghosts(Kin, Moving):
             return
         t.aim = (code, sig)
         self._aim(t, halt=True)
+
+    def _end_at_stop(self, t: Tracee) -> None:
+        """The stop of our END_SIGNAL (`Tracer.finish_soon`): a parked ghost is aimed at
+        its end from this stop, no halt; anything else only has the signal suppressed
+        (its finish, queued too, is done as `finish` does)."""
+        entry = self.ends.pop(t.pid, None)
+        if entry is not None and t.state == GHOST and not t.killed and not (
+                t.stopped or t.stopping or t.stop_sent or t.cont_sent):
+            code, sig, fut = entry
+            t.waiters.append(fut)
+            t.state, t.aim = HALTING, (code, sig)
+            self._aim(t)
+            return
+        if entry is not None:
+            self.ends[t.pid] = entry
+        pt.cont(t.pid, 0)
+
+    def finish_queued(self, pid: int) -> None:
+        """finish_soon's request, if its END_SIGNAL stop has not done it: `finish`."""
+        entry = self.ends.pop(pid, None)
+        if entry is not None:
+            code, sig, fut = entry
+            try:
+                self.finish(fut, pid, code, sig)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                resolve(fut, exc=as_error(exc, "finish", pid))
 
     def _interrupt(self, t: Tracee, code: int | None, sig: int | None) -> None:
         """Interrupt the parked ghost `t` and return: its stop comes as an event like any
@@ -419,7 +457,7 @@ class Ghosts(Kin, Moving):
             log.exception("tracer: callback %r failed for process %d", fn, pid)
 
 
-def _check_finish(code: int | None, sig: int | None) -> None:
+def check_finish(code: int | None, sig: int | None) -> None:
     if (code is None) == (sig is None):
         raise MigrateError(errno.EINVAL, "finish needs exactly one of exit_code and signal")
     if code is not None and not 0 <= code <= 255:

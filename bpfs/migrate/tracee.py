@@ -30,6 +30,8 @@ KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl
 SI_KERNEL = 0x80
 CLD_EXITED, CLD_CONTINUED = 1, 6  # si_code of a SIGCHLD the kernel sends for a child
 DISCARD = -1             # Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
+END_SIGNAL = _signal.SIGRTMIN + 6   # ours to a parked ghost: its stop is where it is
+                         # ended (`Tracer.finish_soon`); never reported nor delivered
 LATELY = 64              # Tracee.lately: how many reaped children it remembers
 
 # tracee states
@@ -102,6 +104,8 @@ class Signals(list):
 
     def append(self, sig: int) -> None:
         t = self._t
+        if sig == END_SIGNAL and own_signal(t.pid):
+            return          # its finish, queued too, is done after this step
         if sig == _signal.SIGCHLD and child_signal(t.pid, t):
             self.chld = True
             return
@@ -166,6 +170,18 @@ def from_terminal(pid: int) -> bool:
     except MigrateError:
         return False
     return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
+
+
+def own_signal(pid: int) -> bool:
+    """True if the signal `pid` is stopped with was sent by kill() from this process
+    (si_code SI_USER, si_pid ours): the tracer's END_SIGNAL, not a user's."""
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    code, _, sender = struct.unpack_from("<iii", info.raw, 8)   # si_pid: after a pad
+    return code == 0 and sender == os.getpid()
 
 
 def child_signal(pid: int, t: "Tracee") -> bool:

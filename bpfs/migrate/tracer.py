@@ -24,10 +24,9 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.ghost import Ghosts
-from bpfs.migrate.tracee import (CAPTURING, MOVE_HELD, MOVING, RELEASING, SEIZED, as_error,
-                                 kill_and_reap, resolve,
-                                 send_kill)
+from bpfs.migrate.ghost import Ghosts, check_finish
+from bpfs.migrate.tracee import (CAPTURING, END_SIGNAL, MOVE_HELD, MOVING, RELEASING, SEIZED,
+                                 as_error, kill_and_reap, resolve, send_kill)
 from bpfs.migrate.image import Image
 from bpfs.migrate.spawn import spawn_traced
 
@@ -157,6 +156,32 @@ class Tracer:
                signal: int | None = None) -> Future[None]:
         return self._deferred(self._ghosts.finish, pid, exit_code, signal)
 
+    def finish_soon(self, pid: int, *, exit_code: int | None = None,
+                    signal: int | None = None) -> Future[None]:
+        """`finish` of a parked ghost without the doorbell: the ghost is sent END_SIGNAL,
+        and that signal's stop (an event like any, which wakes this thread) is where it
+        is aimed at its end, with no halt. The request is queued too, without a ring:
+        one that cannot be done at that stop (a ghost in a job-control stop, or in the
+        middle of a step) is done as `finish` does, at the thread's next turn. Anything
+        but a parked ghost: `finish` (a signal to a running process would be its own)."""
+        if not self._ghosts.parked(pid):
+            return self.finish(pid, exit_code=exit_code, signal=signal)
+        fut: Future = Future()
+        try:
+            check_finish(exit_code, signal)
+        except MigrateError as exc:
+            fut.set_exception(exc)
+            return fut
+        self._ghosts.ends[pid] = (exit_code, signal, fut)
+        self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=False)
+        try:
+            os.kill(pid, END_SIGNAL)
+        except ProcessLookupError:
+            pass            # its end wakes the thread
+        except OSError:
+            self._enqueue(lambda: None, None)      # rung: the queue does it
+        return fut
+
     def kill(self, pid: int) -> Future[None]:
         return self._deferred(self._ghosts.kill, pid)
 
@@ -240,7 +265,8 @@ class Tracer:
         self._enqueue(item, fut)
         return fut
 
-    def _enqueue(self, item: Callable[[], None], fut: Future | None, force: bool = False) -> None:
+    def _enqueue(self, item: Callable[[], None], fut: Future | None, force: bool = False,
+                 ring: bool = True) -> None:
         with self._lock:
             if self._closing and not force:
                 if fut is not None:
@@ -249,7 +275,7 @@ class Tracer:
             self._closing = self._closing or force
             self._queue.append((item, fut))
             bell = self._bell
-            ring = (bell is not None and not self._rung and
+            ring = (ring and bell is not None and not self._rung and
                     threading.current_thread() is not self._thread)
             self._rung = self._rung or ring
         self._wake.set()

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.tracee import END_SIGNAL
 from tests.engine.ghostrig import SLEEP, TRUE, Rig, asleep, gone, proc_state, until
 from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
 
@@ -151,6 +152,55 @@ def test_a_reaped_child_of_a_stopped_ghost_is_reaped_and_it_stays_stopped(
     assert proc_state(pid) == "t" and ghost.stopped
     rig.tracer.set_stopped(pid, False).result(5)
     assert asleep(pid) and rig.rec.signals == [] and rig.rec.exits == {child: 4 << 8}
+
+
+def test_finish_soon_ends_a_ghost_at_its_signals_stop(rig: Rig) -> None:
+    """finish_soon (no doorbell): the ghost ends with the exit code or signal asked, the
+    END_SIGNAL that woke it is neither reported nor delivered; a user's END_SIGNAL is
+    reported as any signal."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    a = rig.tracer.fork(pid, reaped=True).result(5)
+    b = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.finish_soon(a, exit_code=9).result(5)
+    rig.tracer.finish_soon(b, signal=signal.SIGTERM).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    assert rig.rec.exits[a] == 9 << 8 and os.WTERMSIG(rig.rec.exits[b]) == signal.SIGTERM
+    c = rig.tracer.fork(pid, reaped=True).result(5)
+    subprocess.run(["kill", f"-{END_SIGNAL}", str(c)], check=True)      # a user's
+    rig.rec.wait(lambda: rig.rec.signals)
+    assert rig.rec.signals == [(c, END_SIGNAL)] and asleep(c)
+    assert errno_of(rig.tracer.finish_soon(c, exit_code=300)) == errno.EINVAL
+    assert asleep(c) and rig.tracer.finish_soon(c, exit_code=0).result(5) is None
+    assert rig.rec.exits[c] == 0 and rig.rec.signals == [(c, END_SIGNAL)]
+
+
+def test_finish_soon_of_a_stopped_or_busy_ghost(rig: Rig) -> None:
+    """A ghost held in a job-control stop cannot take END_SIGNAL's stop: its finish is
+    done from the queue; one halted for a step (a fork of its own) meanwhile, after the
+    step; many at once, each. A pid that is no parked ghost: as finish does."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    child = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.set_stopped(child, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(child) == "t")
+    rig.tracer.finish_soon(child, exit_code=5).result(5)
+    assert rig.rec.exits[child] == 5 << 8
+    for _ in range(20):
+        busy = rig.tracer.fork(pid, reaped=True).result(5)
+        more = rig.tracer.fork(busy, reaped=True)        # busy is halted for it
+        done = rig.tracer.finish_soon(busy, exit_code=6)
+        grandchild = more.result(5)
+        done.result(5)
+        assert rig.rec.exits[busy] == 6 << 8
+        rig.tracer.kill(grandchild).result(5)
+    many = [rig.tracer.fork(pid, reaped=True).result(5) for _ in range(30)]
+    for f in [rig.tracer.finish_soon(c, exit_code=i) for i, c in enumerate(many)]:
+        f.result(5)
+    assert [rig.rec.exits[c] for c in many] == [i << 8 for i in range(30)]
+    assert until(lambda: zombies_of(pid) == [])
+    assert [p for p, sig in rig.rec.signals if p != child or sig == END_SIGNAL] == []
+    assert errno_of(rig.tracer.finish_soon(999999, exit_code=0)) == errno.ESRCH
+    assert asleep(pid) and ghost.children == {}
 
 
 def test_a_childs_sigchld_is_not_reported_but_a_users_is(rig: Rig) -> None:
