@@ -51,6 +51,7 @@ import trio
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
+from bpfs.node.adoption import TAKE_TIMEOUT, Adoption
 from bpfs.node.execnames import ExecNames
 from bpfs.node.groups import GroupCalls
 from bpfs.node.pidproxy import PidfdCalls, Proxies
@@ -64,9 +65,6 @@ PID_MAX_LIMIT = 1 << 22
 MAX_ARMED = 4096             # launches from this node waiting for their exec or end
 WAKE_SIGNAL = signal.SIGUSR2  # ends a receiver's wait once its job is over
 SWEEP = 5.0                  # forget calls whose caller died while the master answered
-TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
-TAKE_SPIN = 0.0003           # ... waited for in the answer's path, then by a task
-TAKE_POLL = 0.0002           # ... which looks this often
 
 
 @dataclass(eq=False)
@@ -92,10 +90,11 @@ class Child:
     id: int
     pidfd: int
     job: Job
+    parent: int = 0                   # its parent's pid, here (and its ghost's parent's)
     cmdline: bytes = b""
 
 
-class Supervisor(PidfdCalls, GroupCalls):
+class Supervisor(PidfdCalls, GroupCalls, Adoption):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
@@ -404,18 +403,13 @@ class Supervisor(PidfdCalls, GroupCalls):
             job.session.report(messages.Unforked(pid=pid, id=mid))
             return
         # recorded before it may run: its execve may come at once (`_exec_here`)
-        child = Child(pid, mid, -1, job)
+        child = Child(pid, mid, -1, job, parent)
         self.children[pid] = child
         self.on_child(child)            # the master's signals for it reach it from now on
         if not self._directed(job, n, pid):
             self._not_forked(child)
             return
-        deadline = time.perf_counter() + TAKE_SPIN
-        while not self._adopt(child, parent):
-            if time.perf_counter() > deadline:      # not yet: a task waits for it
-                self._start(self._watch, child, parent)
-                return
-            os.sched_yield()
+        self.adopt_soon(child)
 
     def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> bool:
         """Let the fork run with the counter just below `pid`; False if its caller is gone.
@@ -442,66 +436,6 @@ class Supervisor(PidfdCalls, GroupCalls):
             os.sched_yield()
         procread.write_last(self._parked)
 
-    def _adopt(self, child: Child, parent: int) -> bool:
-        """The child exists: its pidfd, checked and watched (the counter parked first);
-        False if not yet. Why at once: a child that never execs may end and be reaped
-        within a fraction of a millisecond, and then its end cannot be told any more."""
-        try:
-            fd = os.pidfd_open(child.pid)
-        except OSError:
-            return False
-        if self._pending == child.pid:
-            self.settle()
-        # None: reaped since the open; 1: its parent has ended and we adopted it
-        if seccomp.parent_of(fd) not in (parent, None, 1):
-            os.close(fd)
-            log.warning("fork of %d: PID %d is not its child; it has no ghost", parent,
-                        child.pid)
-            self._not_forked(child)
-        else:
-            child.pidfd = fd
-            self._pidfds[fd] = child
-            self._epoll.register(fd, 0)     # its reaping hangs it up (`_watch_listeners`)
-        return True
-
-    async def _watch(self, child: Child, parent: int) -> None:
-        """A child whose number was not taken in the answer's time (a busy node): look
-        again until it is (at most TAKE_TIMEOUT), then adopt it; if it is not there then
-        (the fork failed, or the child has come and gone already), its ghost goes."""
-        pid = child.pid
-        deadline = time.perf_counter() + TAKE_TIMEOUT
-        while self._pending == pid and procread.read_last() == pid - 1 and \
-                time.perf_counter() < deadline:
-            await trio.sleep(TAKE_POLL)
-        if self.children.get(pid) is child and child.pidfd < 0 and \
-                not self._adopt(child, parent):
-            if self._pending == pid:
-                self.settle()
-            self._not_forked(child)
-
-    def _not_forked(self, child: Child) -> None:
-        self._forget(child)
-        child.job.session.report(messages.Unforked(pid=child.pid, id=child.id))
-
-    def _forget(self, child: Child) -> None:
-        if self.children.get(child.pid) is child:
-            del self.children[child.pid]
-        self.names.drop(child.pid)
-        self.on_end(child.pid)
-
-    def _ended(self, reaped: list[tuple[Child, int | None]]) -> None:
-        """(Trio's thread) children reaped on the node: the master hears of each end."""
-        for child, status in reaped:
-            os.close(child.pidfd)
-            self._forget(child)
-            if status is None:      # no exit information: a kernel without it (< 6.15)
-                log.warning("pid %d: reaped, but its status is unknown", child.pid)
-                status = 0
-            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            child.job.session.report(messages.Exited(pid=child.pid, code=code, signal=sig,
-                                                     id=child.id))
-
     # ---- exec ----
 
     def _exec_here(self, job: Job, n: seccomp.Notif) -> bool:
@@ -511,8 +445,11 @@ class Supervisor(PidfdCalls, GroupCalls):
         if pid is None or pid in self.armed:
             return False
         before = procread.cmdline(pid)
+        child = self.children.get(pid)
+        if child is not None:
+            self.adopt_here(child)      # it waits here: it exists (if not taken yet)
         self._go(job, n)
-        if pid in self.children or pid in self.jobs:
+        if child is not None or pid in self.jobs:
             self._post(self.names.add, job, pid, before)
         return True
 
