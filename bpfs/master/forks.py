@@ -83,7 +83,8 @@ class NodeForks:
             self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
             return
         try:
-            fut = self.tracer.fork(msg.parent, reaped=True)
+            fork = getattr(self.tracer, "fork_soon", self.tracer.fork)
+            fut = fork(msg.parent, reaped=True)    # fork_soon: no doorbell, no halt
         except BpfsError as exc:
             self._forked(node, msg, exc)
             return

@@ -29,7 +29,7 @@ from bpfs.migrate.ghost_move import Moving
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
                                  STOPPED, HALTING, FINISHING, RELEASING, Signals, Tracee,
                                  send_kill, child_signal, from_terminal, pending, ignores,
-                                 own_signal, END_SIGNAL,
+                                 own_signal, STEP_SIGNAL,
                                  resolve, as_error)
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,25 @@ class Ghosts(Kin, Moving):
         self.bell = 0  # the tracer's doorbell: traced by the thread, no tracee
         self.to_reap: set[int] = set()  # ghosts to halt to reap their children (Kin)
         # finish_soon's requests (any thread writes, the tracer thread takes): pid ->
-        # (exit code, signal, future), done at the ghost's END_SIGNAL stop or when queued
+        # (exit code, signal, future), done at the ghost's STEP_SIGNAL stop or when queued
         self.ends: dict[int, tuple[int | None, int | None, Future]] = {}
+        # fork_soon's (under _lock): pid -> [(future, reaped)], done at its STEP_SIGNAL stop
+        self.forks: dict[int, list[tuple[Future, bool]]] = {}
 
     def ghosts(self) -> list[int]:
         """The parked ghosts (any thread)."""
         with self._lock:
             return sorted(self._parked)
 
-    def parked(self, pid: int) -> bool:
-        """`pid` is a parked ghost (any thread)."""
+    def wakeable(self, pid: int) -> bool:
+        """(Any thread) `pid` is a parked ghost that a signal wakes into a stop: none held
+        in a job-control stop (a signal does not wake it: only the doorbell would)."""
         with self._lock:
-            return pid in self._parked
+            if pid not in self._parked:
+                return False
+        t = self.tracees.get(pid)
+        return t is not None and not (t.stopped or t.stopping or t.stop_sent or
+                                      t.cont_sent)
 
     # ---- stops (tracer thread) ----
 
@@ -84,8 +91,8 @@ class Ghosts(Kin, Moving):
         if t.state == HALTING and event == pt.EVENT_STOP:
             self._aim(t)
             return
-        if event == 0 and sig == END_SIGNAL and own_signal(t.pid):
-            self._end_at_stop(t)
+        if event == 0 and sig == STEP_SIGNAL and own_signal(t.pid):
+            self._step_at_stop(t)
             return
         if t.state == GHOST and self._job_stop(t, sig, event):
             return
@@ -298,24 +305,48 @@ class Ghosts(Kin, Moving):
         t.aim = (code, sig)
         self._aim(t, halt=True)
 
-    def _end_at_stop(self, t: Tracee) -> None:
-        """The stop of our END_SIGNAL (`Tracer.finish_soon`): a parked ghost is aimed at
-        its end from this stop, no halt; anything else only has the signal suppressed
-        (its finish, queued too, is done as `finish` does)."""
-        entry = self.ends.pop(t.pid, None)
-        if entry is not None and t.state == GHOST and not t.killed and not (
-                t.stopped or t.stopping or t.stop_sent or t.cont_sent):
+    def _step_at_stop(self, t: Tracee) -> None:
+        """The stop of our STEP_SIGNAL (`Tracer.finish_soon`, `fork_soon`): a parked ghost
+        is aimed at its end, or forks, from this stop, no halt; anything else only has the
+        signal suppressed (the request, queued too, is done as `finish` or `fork` does)."""
+        free = t.state == GHOST and not t.killed and not (
+            t.stopped or t.stopping or t.stop_sent or t.cont_sent)
+        entry = self.ends.pop(t.pid, None) if free else None
+        if entry is not None:
             code, sig, fut = entry
             t.waiters.append(fut)
             t.state, t.aim = HALTING, (code, sig)
             self._aim(t)
             return
-        if entry is not None:
-            self.ends[t.pid] = entry
-        pt.cont(t.pid, 0)
+        with self._lock:
+            waiting = self.forks.get(t.pid) if free else None
+            fork = waiting.pop(0) if waiting else None
+        if fork is None:
+            pt.cont(t.pid, 0)
+            return
+        fut, reaped = fork
+        try:
+            self.fork(fut, t.pid, reaped, halt=False)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            resolve(fut, exc=as_error(exc, "fork", t.pid))
+
+    def fork_queued(self, pid: int, fut: Future) -> None:
+        """fork_soon's request, if its STEP_SIGNAL stop has not done it: `fork`."""
+        with self._lock:
+            waiting = self.forks.get(pid, [])
+            fork = next((f for f in waiting if f[0] is fut), None)
+            if fork is not None:
+                waiting.remove(fork)
+            if not waiting:
+                self.forks.pop(pid, None)
+        if fork is not None:
+            try:
+                self.fork(fut, pid, fork[1])
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                resolve(fut, exc=as_error(exc, "fork", pid))
 
     def finish_queued(self, pid: int) -> None:
-        """finish_soon's request, if its END_SIGNAL stop has not done it: `finish`."""
+        """finish_soon's request, if its STEP_SIGNAL stop has not done it: `finish`."""
         entry = self.ends.pop(pid, None)
         if entry is not None:
             code, sig, fut = entry

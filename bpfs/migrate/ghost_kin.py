@@ -117,7 +117,7 @@ class Kin:
             self._adopt_all(h, rss)
         fut.set_result(pids + [-err] * (count - len(pids)))
 
-    def fork(self, fut: Future, pid: int, reaped: bool = False) -> None:
+    def fork(self, fut: Future, pid: int, reaped: bool = False, halt: bool = True) -> None:
         """A child of the ghost `pid` (fork(2) injected): its pid. ESRCH if `pid` is not a
         parked ghost of ours or ends meanwhile; the clone's errno (EAGAIN) otherwise.
         A child made when the step then fails is killed: nobody would know of it.
@@ -125,7 +125,8 @@ class Kin:
         reaps the child itself once it has ended, whatever ended it (`reap_at_stop`); and
         `fut` resolves as soon as clone returned, before the parent and the child are put
         to sleep (a node waits for the answer; should that then fail, the child is killed:
-        its `on_exit` follows as for any ghost)."""
+        its `on_exit` follows as for any ghost). `halt` False: `pid` is in a signal's
+        delivery stop already (`Tracer.fork_soon`)."""
         t = self._parked_ghost(pid, errno.ESRCH)
         h = Halted(Signals(t))
         rss = self.park_rss.get(pid)
@@ -137,7 +138,7 @@ class Kin:
                 fut.set_result(res)
             return res
         try:
-            res = self._halted(t, "fork", step, h)
+            res = self._halted(t, "fork", step, h, halt=halt)
         except BaseException:
             for child in h.made:
                 self._disown(child)

@@ -30,7 +30,7 @@ KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl
 SI_KERNEL = 0x80
 CLD_EXITED, CLD_CONTINUED = 1, 6  # si_code of a SIGCHLD the kernel sends for a child
 DISCARD = -1             # Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
-END_SIGNAL = _signal.SIGRTMIN + 6   # ours to a parked ghost: its stop is where it is
+STEP_SIGNAL = _signal.SIGRTMIN + 6   # ours to a parked ghost: its stop is where it is
                          # ended (`Tracer.finish_soon`); never reported nor delivered
 LATELY = 64              # Tracee.lately: how many reaped children it remembers
 
@@ -104,7 +104,7 @@ class Signals(list):
 
     def append(self, sig: int) -> None:
         t = self._t
-        if sig == END_SIGNAL and own_signal(t.pid):
+        if sig == STEP_SIGNAL and own_signal(t.pid):
             return          # its finish, queued too, is done after this step
         if sig == _signal.SIGCHLD and child_signal(t.pid, t):
             self.chld = True
@@ -174,7 +174,7 @@ def from_terminal(pid: int) -> bool:
 
 def own_signal(pid: int) -> bool:
     """True if the signal `pid` is stopped with was sent by kill() from this process
-    (si_code SI_USER, si_pid ours): the tracer's END_SIGNAL, not a user's."""
+    (si_code SI_USER, si_pid ours): the tracer's STEP_SIGNAL, not a user's."""
     info = ctypes.create_string_buffer(128)
     try:
         pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))

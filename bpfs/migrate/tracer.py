@@ -25,7 +25,7 @@ from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.ghost import Ghosts, check_finish
-from bpfs.migrate.tracee import (CAPTURING, END_SIGNAL, MOVE_HELD, MOVING, RELEASING, SEIZED,
+from bpfs.migrate.tracee import (CAPTURING, STEP_SIGNAL, MOVE_HELD, MOVING, RELEASING, SEIZED,
                                  as_error, kill_and_reap, resolve, send_kill)
 from bpfs.migrate.image import Image
 from bpfs.migrate.spawn import spawn_traced
@@ -158,13 +158,14 @@ class Tracer:
 
     def finish_soon(self, pid: int, *, exit_code: int | None = None,
                     signal: int | None = None) -> Future[None]:
-        """`finish` of a parked ghost without the doorbell: the ghost is sent END_SIGNAL,
+        """`finish` of a parked ghost without the doorbell: the ghost is sent STEP_SIGNAL,
         and that signal's stop (an event like any, which wakes this thread) is where it
         is aimed at its end, with no halt. The request is queued too, without a ring:
         one that cannot be done at that stop (a ghost in a job-control stop, or in the
         middle of a step) is done as `finish` does, at the thread's next turn. Anything
-        but a parked ghost: `finish` (a signal to a running process would be its own)."""
-        if not self._ghosts.parked(pid):
+        but a parked ghost, or one held in a job-control stop (a signal does not wake
+        it): `finish` (a signal to a running process would be its own)."""
+        if not self._ghosts.wakeable(pid):
             return self.finish(pid, exit_code=exit_code, signal=signal)
         fut: Future = Future()
         try:
@@ -174,13 +175,30 @@ class Tracer:
             return fut
         self._ghosts.ends[pid] = (exit_code, signal, fut)
         self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=False)
+        self._wake_ghost(pid)
+        return fut
+
+    def fork_soon(self, pid: int, reaped: bool = True) -> Future[int]:
+        """`fork` of a parked ghost without the doorbell and without a halt: the ghost is
+        sent STEP_SIGNAL, and the fork is made in that signal's stop (as `finish_soon`;
+        queued too, unrung, for a ghost that cannot take that stop now)."""
+        if not self._ghosts.wakeable(pid):
+            return self.fork(pid, reaped)
+        fut: Future = Future()
+        with self._ghosts._lock:
+            self._ghosts.forks.setdefault(pid, []).append((fut, reaped))
+        self._enqueue(lambda: self._ghosts.fork_queued(pid, fut), fut, ring=False)
+        self._wake_ghost(pid)
+        return fut
+
+    def _wake_ghost(self, pid: int) -> None:
+        """STEP_SIGNAL to the ghost: its stop wakes the thread (else the doorbell does)."""
         try:
-            os.kill(pid, END_SIGNAL)
+            os.kill(pid, STEP_SIGNAL)
         except ProcessLookupError:
             pass            # its end wakes the thread
         except OSError:
             self._enqueue(lambda: None, None)      # rung: the queue does it
-        return fut
 
     def kill(self, pid: int) -> Future[None]:
         return self._deferred(self._ghosts.kill, pid)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.tracee import END_SIGNAL
+from bpfs.migrate.tracee import STEP_SIGNAL
 from tests.engine.ghostrig import SLEEP, TRUE, Rig, asleep, gone, proc_state, until
 from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
 
@@ -156,7 +156,7 @@ def test_a_reaped_child_of_a_stopped_ghost_is_reaped_and_it_stays_stopped(
 
 def test_finish_soon_ends_a_ghost_at_its_signals_stop(rig: Rig) -> None:
     """finish_soon (no doorbell): the ghost ends with the exit code or signal asked, the
-    END_SIGNAL that woke it is neither reported nor delivered; a user's END_SIGNAL is
+    STEP_SIGNAL that woke it is neither reported nor delivered; a user's STEP_SIGNAL is
     reported as any signal."""
     pid, _ = rig.ghost([SLEEP, "100"])
     a = rig.tracer.fork(pid, reaped=True).result(5)
@@ -166,16 +166,16 @@ def test_finish_soon_ends_a_ghost_at_its_signals_stop(rig: Rig) -> None:
     assert until(lambda: zombies_of(pid) == [])
     assert rig.rec.exits[a] == 9 << 8 and os.WTERMSIG(rig.rec.exits[b]) == signal.SIGTERM
     c = rig.tracer.fork(pid, reaped=True).result(5)
-    subprocess.run(["kill", f"-{END_SIGNAL}", str(c)], check=True)      # a user's
+    subprocess.run(["kill", f"-{STEP_SIGNAL}", str(c)], check=True)      # a user's
     rig.rec.wait(lambda: rig.rec.signals)
-    assert rig.rec.signals == [(c, END_SIGNAL)] and asleep(c)
+    assert rig.rec.signals == [(c, STEP_SIGNAL)] and asleep(c)
     assert errno_of(rig.tracer.finish_soon(c, exit_code=300)) == errno.EINVAL
     assert asleep(c) and rig.tracer.finish_soon(c, exit_code=0).result(5) is None
-    assert rig.rec.exits[c] == 0 and rig.rec.signals == [(c, END_SIGNAL)]
+    assert rig.rec.exits[c] == 0 and rig.rec.signals == [(c, STEP_SIGNAL)]
 
 
 def test_finish_soon_of_a_stopped_or_busy_ghost(rig: Rig) -> None:
-    """A ghost held in a job-control stop cannot take END_SIGNAL's stop: its finish is
+    """A ghost held in a job-control stop cannot take STEP_SIGNAL's stop: its finish is
     done from the queue; one halted for a step (a fork of its own) meanwhile, after the
     step; many at once, each. A pid that is no parked ghost: as finish does."""
     pid, _ = rig.ghost([SLEEP, "100"])
@@ -198,9 +198,31 @@ def test_finish_soon_of_a_stopped_or_busy_ghost(rig: Rig) -> None:
         f.result(5)
     assert [rig.rec.exits[c] for c in many] == [i << 8 for i in range(30)]
     assert until(lambda: zombies_of(pid) == [])
-    assert [p for p, sig in rig.rec.signals if p != child or sig == END_SIGNAL] == []
+    assert [p for p, sig in rig.rec.signals if p != child or sig == STEP_SIGNAL] == []
     assert errno_of(rig.tracer.finish_soon(999999, exit_code=0)) == errno.ESRCH
     assert asleep(pid) and ghost.children == {}
+
+
+def test_fork_soon_makes_the_child_in_the_parents_signal_stop(rig: Rig) -> None:
+    """fork_soon (no doorbell, no halt): a child ghost of the parent, asleep, its pid as
+    fork's; many in a row, some while the parent is halted for another step or held in
+    a job-control stop; nothing reported; every child reaped once finished."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    kids = [rig.tracer.fork_soon(pid).result(5) for _ in range(20)]
+    assert all(asleep(k) and ids(k)[0] == str(pid) for k in kids)
+    together = [rig.tracer.fork_soon(pid) for _ in range(10)] + [rig.tracer.fork(pid, True)]
+    kids += [f.result(5) for f in together]
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    kids.append(rig.tracer.fork_soon(pid).result(5))
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid) and len(set(kids)) == len(kids) == 32
+    for f in [rig.tracer.finish_soon(k, exit_code=2) for k in kids]:
+        f.result(5)
+    assert until(lambda: zombies_of(pid) == []) and rig.rec.signals == []
+    assert errno_of(rig.tracer.fork_soon(999999)) == errno.ESRCH
 
 
 def test_a_childs_sigchld_is_not_reported_but_a_users_is(rig: Rig) -> None:
