@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import trio
 
+from bpfs import heap
 from bpfs.errors import BpfsError
 from bpfs.fs import mount as fsmount
 from bpfs.fs.ops import BpfsOperations
@@ -253,6 +254,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def run_master(cfg: MasterConfig) -> int:
     """Run the master until SIGTERM/SIGINT (0) or a fatal error (logged, 1)."""
     setup_logging()
+    heap.keep_buffers()                     # a move's buffers stay warm (bpfs/heap.py)
     try:
         return trio.run(_run, cfg)
     except BaseException as exc:

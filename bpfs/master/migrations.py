@@ -38,6 +38,7 @@ RESTORE_TIMEOUT = 60.0      # from `restore` sent to `restored` (file contents m
 FINISH_TIMEOUT = 2.0        # a failed migration's ghost ends with 255 by then, else SIGKILL
 FAILED_EXIT = 255
 INLINE_IMAGE = 1 << 20      # smaller images are serialized in trio's thread
+INLINE_RUNS = 1024          # and the headers of those with so many runs at most
 FAN_OUT_CHUNKS = (3, 9)     # ghosts cloned per batch before the rest (bench/results-layout.md)
 
 SendNode = Callable[[int, messages.Msg], Awaitable[None]]
@@ -330,9 +331,14 @@ class Migrations:
                 log.info("abort of restore %d not sent to node %d: %s", m.id, m.node, exc)
 
     async def _negotiate(self, m: Migration, image: Any) -> None:
-        from bpfs.migrate import read_contents
+        """Wait for `restored`, sending the file contents the node asks for. `image`: the
+        Image, or its bytes (a moved process's, passed on unread: loaded only if the node
+        asks, which a node that restored it before never does)."""
+        from bpfs.migrate import loads, read_contents
         async for msg in m.receive:
             if isinstance(msg, messages.Need):
+                if isinstance(image, (bytes, bytearray, memoryview)):
+                    image = await trio.to_thread.run_sync(loads, image)
                 contents = await trio.to_thread.run_sync(read_contents, image, msg.hashes)
                 await self.send_node(m.node, messages.Files(id=m.id, contents=contents))
             elif isinstance(msg, messages.Restored):
@@ -446,12 +452,16 @@ def _chunks(items: list[int], sizes: Sequence[int]) -> list[list[int]]:
 
 async def _serialize(image: Any) -> Image:
     """The image's bytes; a big one as its buffers (dumps_parts: its pages are not
-    copied), made in a worker thread so trio keeps serving meanwhile (a thread hand-over
-    costs more than serializing a usual, by-reference image)."""
+    copied). Made in trio's thread when that is quick (a thread hand-over costs more than
+    serializing a usual, by-reference image, or the header of a moved process's few
+    runs: 0.1-0.3 ms), else in a worker thread so trio keeps serving meanwhile."""
     from bpfs.migrate import dumps
     from bpfs.migrate.image import dumps_parts
-    if image.page_bytes() + sum(map(len, image.contents.values())) < INLINE_IMAGE:
-        return dumps(image)
+    if sum(map(len, image.contents.values())) < INLINE_IMAGE:
+        if image.page_bytes() < INLINE_IMAGE:
+            return dumps(image)
+        if sum(len(r.pages) for r in image.regions) <= INLINE_RUNS:
+            return dumps_parts(image)   # its header only: the runs are not copied
     return await trio.to_thread.run_sync(dumps_parts, image)
 
 

@@ -9,8 +9,9 @@ it with P's PID and links to the relay; at its
 `restored` the stopped P is parked as its own ghost (bpfs/migrate/ghost_move.py).
 From a node A: A stops P and dumps it (`dump` -> `part`s, `dumped`, bpfs/node/mover.py)
 and holds it; to node B: B restores it (`restore` with `again`: its links are made
-again, stdin from the byte it had read); back to the master: the tracer restores it into
-its ghost (`restore_in`), with links made again from here. Then A drops its copy; if
+again, stdin from the byte it had read); back to the master: its image streams into its
+ghost as the parts come, and the tracer restores the rest (bpfs/master/homecoming.py),
+with links made again from here. Then A drops its copy; if
 anything failed, A lets it go on (`resume`) and nothing else changed.
 
 While a move is under way P is in `_by_pid` as a migration that has not started: signals
@@ -29,7 +30,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -40,7 +40,7 @@ from bpfs.master import relay as relays
 from bpfs.master.relayfork import RelayForks
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
-from bpfs.migrate.imagebuf import Incoming
+from bpfs.master.homecoming import Home, HomeComing, incoming_image
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages, relaystart
@@ -49,30 +49,11 @@ log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
 DUMP_QUEUE = 8                  # parts (8 MiB) queued for a move's task at most
-MAX_MOVE_IMAGE = 64 << 30       # bytes of one dumped image the master accepts
 SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
-MAX_HOMES = 4096
 
 
-@dataclass(frozen=True)
-class Home:
-    """The stdio links the master made for a process that came back into its ghost: its
-    server, where its stdin link started, and the socket inodes it got (still its fds 0-2
-    if the process has not changed them)."""
-    links: StdioLinks
-    base: int
-    inodes: dict[int, int]
-
-    def still_of(self, pid: int) -> bool:
-        try:
-            return all(os.stat(f"/proc/{pid}/fd/{n}").st_ino == ino
-                       for n, ino in self.inodes.items())
-        except OSError:
-            return False
-
-
-class Moves:
+class Moves(HomeComing):
     """Mixed into ProcService (which brings the tracer, the tables and the steps)."""
 
     cluster: Cluster
@@ -267,7 +248,7 @@ class Moves:
 
     async def _node_to(self, d: Migration, p: Proc, target: int | None, own: bool) -> None:
         """The dump comes in `part`s: to a node they go on as they come (`_pass_on`);
-        home, they are gathered and the tracer restores the whole image into the ghost.
+        home, they stream into the ghost (bpfs/master/homecoming.py).
         Then the source drops its copy; on any failure it lets it go on (`resume`)."""
         source, pid = d.node, d.pid
         deadline = trio.current_time() + DUMP_TIMEOUT
@@ -279,8 +260,7 @@ class Moves:
             if relayed:                                 # new links, to a relay that has
                 consumed = 0                            # read nothing for it yet
             if target is None:
-                data = await self._gathered(d, first, deadline)
-                await self._into_ghost(d, p, data, consumed)
+                await self._home_from(d, p, first, consumed, deadline)
             else:
                 await self._to_node(d, p, target, first, consumed, deadline)
         except BaseException as exc:
@@ -321,19 +301,6 @@ class Moves:
             raise BpfsError(msg.errno, msg.message or "the node cannot move it")
         return msg
 
-    async def _gathered(self, d: Migration, first: messages.Part | messages.Dumped,
-                        deadline: float) -> bytes | memoryview:
-        """The whole image, its parts put in place as they come (within MAX_MOVE_IMAGE)."""
-        if isinstance(first, messages.Dumped):
-            return first.image
-        image = _incoming(d, first)
-        image.keep_everything(first.data)
-        while True:
-            msg = await self._next_of_dump(d, deadline)
-            image.take(image.got, msg.data if isinstance(msg, messages.Part) else msg.image)
-            if isinstance(msg, messages.Dumped):
-                return image.view()             # EINVAL if shorter than announced
-
     async def _to_node(self, d: Migration, p: Proc, target: int,
                        first: messages.Part | messages.Dumped, consumed: int,
                        deadline: float) -> None:
@@ -352,9 +319,9 @@ class Moves:
         m.on_started = started
         self._migrations[m.id] = m
         try:
-            if isinstance(first, messages.Dumped):      # small: all in one message
-                from bpfs.migrate import loads
-                await self._restore(m, loads(first.image), first.image)  # type: ignore[attr-defined]
+            if isinstance(first, messages.Dumped):      # small: all in one message, passed
+                # on unread (the target checks it; loaded here only if it asks for files)
+                await self._restore(m, first.image, first.image)  # type: ignore[attr-defined]
             else:
                 await self._pass_on(d, m, first, deadline)
         finally:
@@ -369,7 +336,7 @@ class Moves:
         file contents the target may ask for. The target builds the process as they
         come (bpfs/node/streamin.py); on any failure it discards it (`abort`)."""
         from bpfs.master.migrations import RESTORE_TIMEOUT
-        image = _incoming(d, first)
+        image = incoming_image(d, first)
         try:
             at = await self._send_restore(m, first.data, image.total)  # type: ignore[attr-defined]
             while True:
@@ -392,36 +359,6 @@ class Moves:
         except BaseException:
             await self._abort(m)                            # type: ignore[attr-defined]
             raise
-
-    async def _into_ghost(self, d: Migration, p: Proc, data: bytes | memoryview,
-                          consumed: int | None) -> None:
-        from bpfs.master.homelinks import connect_links
-        from bpfs.migrate import loads
-        image = await trio.to_thread.run_sync(loads, data)
-        fds = await connect_links(p, self.link_host, consumed or 0)
-        # out of procs/ before it runs here (it may ask where it is at once); back if not
-        self.cluster.proc_moved(d.pid, None)
-        try:
-            try:
-                await wait_future(self.tracer.restore_in(d.pid, image, fds,
-                                                         close_others=True))
-            except BaseException:
-                self.cluster.move_undone(p)
-                raise
-            if p.links is not None and fds:
-                self._remember_home(d.pid, Home(p.links, consumed or 0, {
-                    n: os.fstat(fd).st_ino for n, fd in fds.items()}))
-        finally:
-            for fd in set(fds.values()):
-                os.close(fd)
-        d.started = True
-
-    def _remember_home(self, pid: int, home: "Home") -> None:
-        """A process back on the master keeps its links: its next move out makes them
-        again from where it is (no relay). Bounded: the oldest are forgotten."""
-        self._home[pid] = home
-        while len(self._home) > MAX_HOMES:
-            self._home.pop(next(iter(self._home)))
 
     async def _verdict(self, msg: messages.Drop | messages.Resume, node: int) -> None:
         with trio.CancelScope(shield=True):
@@ -483,16 +420,6 @@ class Moves:
                         messages.tag(type(msg)), msg.id)
 
     on_dumped = on_part
-
-
-def _incoming(d: Migration, first: messages.Part) -> Incoming:
-    """Where an image coming in parts is taken (EPROTO: the first part says no total)."""
-    if first.total is None:
-        raise BpfsError(errno.EPROTO, f"node {d.node}: the first part of move {d.id} says "
-                        "no total")
-    image = Incoming(first.total, MAX_MOVE_IMAGE)
-    image.take(0, first.data)
-    return image
 
 
 def _master_process(pid: int, caller: Caller) -> tuple[int, int, frozenset[int], int, None]:

@@ -180,21 +180,23 @@ def kill(pid: int) -> None:
 
 # ---- dumping ----
 
-def dump(pid: int, frozen: AbstractSet[int] = frozenset(), lazy: bool = False) -> Image:
+def dump(pid: int, frozen: AbstractSet[int] = frozenset(), lazy: bool = False,
+         seen: tuple[dict[str, str], list[Mapping]] | None = None) -> Image:
     """Dump a process stopped under our ptrace (at its entry point) into an Image.
 
     `frozen`: start addresses of shared file mappings that can never be written (no
     VM_MAYWRITE: glibc's gconv cache), carried as private mappings of the same file
     (`running`); any other shared mapping is refused. `lazy`: big anonymous runs are
     LazyRuns, read when they are sent (bpfs.migrate.lazyrun): the process must stay
-    stopped until then."""
+    stopped until then. `seen`: its status and maps as the caller read them since it
+    stopped (they cannot have changed), not read again."""
     check_executable(pid)
     regs = pt.getregs(pid)
     xstate = pt.get_xstate(pid)
-    status = procfs.read_status(pid)
+    status = procfs.read_status(pid) if seen is None else seen[0]
     if status.get("Threads", "1") != "1":
         raise MigrateError(errno.EOPNOTSUPP, "multi-threaded processes cannot migrate yet", pid)
-    maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
+    maps = procfs.parse_maps(procfs.read_text(pid, "maps")) if seen is None else seen[1]
     mm = procfs.parse_stat(procfs.read_text(pid, "stat"))
     special = {m.path.strip("[]"): (m.start, m.end) for m in maps if m.path in procfs.SPECIAL}
     gadget = _vdso_gadget(pid, special)
@@ -443,7 +445,7 @@ def differing(addr: int, chunk: bytes, base: bytes) -> list[tuple[int, memoryvie
     return nonzero(diff, 0, size, addr, chunk)
 
 
-def nonzero(data: mmap.mmap | bytes, lo: int, size: int, addr: int,
+def nonzero(data: mmap.mmap | bytes | bytearray, lo: int, size: int, addr: int,
             source: bytes | None = None) -> list[tuple[int, memoryview]]:
     """What `sparse(addr, data[lo:lo + size], None)` gives, at C speed and as views of `data`
     (of `source` instead, if given: where the caller's bytes are): zero blocks are found with
@@ -471,7 +473,7 @@ def nonzero(data: mmap.mmap | bytes, lo: int, size: int, addr: int,
     return out
 
 
-def _zeros_end(data: mmap.mmap, pos: int, hi: int) -> int:
+def _zeros_end(data: mmap.mmap | bytes | bytearray, pos: int, hi: int) -> int:
     """Where the zero blocks from `pos` (a block boundary) end, by doubling and halving."""
     step = BLOCK
     while pos < hi:

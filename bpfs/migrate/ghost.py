@@ -26,6 +26,7 @@ from bpfs.migrate.dump import dump_at_exec, seize_for_exec, wait_exec_and_dump
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.ghost_kin import Kin
 from bpfs.migrate.ghost_move import Moving
+from bpfs.migrate.ghost_stream import Built, Streaming
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
                                  STOPPED, HALTING, FINISHING, RELEASING, Signals, Tracee,
                                  send_kill, child_signal, from_terminal, pending, ignores,
@@ -35,7 +36,7 @@ from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED
 log = logging.getLogger(__name__)
 
 
-class Ghosts(Kin, Moving):
+class Ghosts(Kin, Moving, Streaming):
     """The tracees of one tracer thread and their states (see the module doc)."""
 
     def __init__(self, on_signal: Callable[[int, int], None],
@@ -47,6 +48,7 @@ class Ghosts(Kin, Moving):
         self._parked: set[int] = set()
         self.tracees: dict[int, Tracee] = {}
         self.park_rss: dict[int, tuple[int, int]] = {}
+        self.building: dict[int, Built] = {}    # images streaming into ghosts
         self.bell = 0  # the tracer's doorbell: traced by the thread, no tracee
         self.to_reap: set[int] = set()  # ghosts to halt to reap their children (Kin)
         # finish_soon's requests (any thread writes, the tracer thread takes): pid ->
@@ -474,6 +476,7 @@ class Ghosts(Kin, Moving):
         self.unlink(t, status)
         self.tracees.pop(t.pid, None)
         self.park_rss.pop(t.pid, None)
+        self.building.pop(t.pid, None)      # (what it built went with it)
         with self._lock:
             self._parked.discard(t.pid)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from bpfs import procstatus
-from bpfs.migrate import ghost_argv, ghost_exec, ghost_restore
+from bpfs.migrate import ghost_argv, ghost_exec, ghost_restore, ghost_stream
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
@@ -66,6 +66,7 @@ class Kin:
     tracees: dict[int, Tracee]
     park_rss: dict[int, tuple[int, int]]
     to_reap: set[int]   # ghosts to halt to reap their ended children (`reap_ended`)
+    building: dict[int, ghost_stream.Built]
     bell: int
     _lock: threading.Lock
     _parked: set[int]
@@ -262,13 +263,17 @@ class Kin:
         t = self._parked_ghost(pid, errno.ESRCH)
         if t.stopped or t.stopping or t.stop_sent or t.cont_sent:
             raise MigrateError(errno.EBUSY, f"ghost {pid} is in a job-control stop", pid)
-        plan = ghost_restore.prepare(pid, image, fds, close_others)
+        built = self.building.get(pid)
+        if built is not None and built.image is not image:
+            raise MigrateError(errno.EINVAL, f"another image streams into ghost {pid}", pid)
+        plan = ghost_restore.prepare(pid, image, fds, close_others, files=built is None)
+        self.building.pop(pid, None)
         h = Halted(Held(t))
         try:
             gp.halt(t.pid, h.signals)
             h.regs = pt.getregs(t.pid)
             h.gadget = t.gadget = gp.sleeping_gadget(t.pid, h.regs)
-            moved = ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan)
+            moved = ghost_restore.restore_in(t.pid, h.regs, h.gadget, h.signals, plan, built)
             ghost_restore.go(t.pid, image, moved, h.signals.for_process())
         except gp.Gone as gone:
             self.gone(t, gone.status)
@@ -279,6 +284,8 @@ class Kin:
             self.fail(t, "restore", exc)
             return
         except Exception as exc:  # noqa: BLE001 - before the point of no return
+            if built is not None and h.regs is not None:
+                _unbuild(t.pid, h, built)     # the ghost as it was before the stream
             err = self._repark(t, h, "restore", exc)
             self._report(t.pid, h.signals)
             raise err from None
@@ -482,3 +489,12 @@ class Kin:
             if c is not None and c.parent == t.pid:
                 c.parent = 0
         t.children = {}
+
+
+def _unbuild(pid: int, h: Halted, built: ghost_stream.Built) -> None:
+    """A streamed restore that failed before its point of no return: what the stream
+    built goes too (a failure of that is logged: the ghost works as a ghost still)."""
+    try:
+        ghost_stream.unbuild(pid, h.regs, h.gadget, h.signals, built)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - the restore's own failure goes up
+        log.warning("tracer: undoing the stream into ghost %d: %s", pid, exc)

@@ -51,6 +51,7 @@ import os
 import signal
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from bpfs.migrate import ghost_files, hostinfo, procfs, rebuild, stub
 from bpfs.migrate import ghost_park as gp
@@ -93,8 +94,10 @@ class Plan:
         self.files = []
 
 
-def prepare(pid: int, image: Image, fds: object, close_others: bool = False) -> Plan:
-    """Every check that needs no change to the halted ghost (module doc); MigrateError."""
+def prepare(pid: int, image: Image, fds: object, close_others: bool = False,
+            files: bool = True) -> Plan:
+    """Every check that needs no change to the halted ghost (module doc); MigrateError.
+    Not `files`: the image's files are in the ghost already (`ghost_stream.begin`)."""
     if not isinstance(image, Image):
         raise MigrateError(errno.EINVAL, "restore_in needs an Image", pid)
     installs = ghost_files.check_installs(fds)
@@ -107,14 +110,15 @@ def prepare(pid: int, image: Image, fds: object, close_others: bool = False) -> 
     limits = {res: (soft, hard) for res, soft, hard in
               procfs.parse_limits(procfs.read_text(pid, "limits"))}
     _check_room(pid, image, limits)
-    files = ghost_files.open_files(image)
+    ours = ghost_files.open_files(image) if files else []
     try:
-        _check_exec_mounts(image, files)
+        if files:
+            _check_exec_mounts(image, ours)
     except BaseException:
-        ghost_files.close_all(files)
+        ghost_files.close_all(ours)
         raise
     reopen = [f for f in image.open_files if f.fd not in installs]
-    return Plan(image, files, installs, limits, reopen, bool(close_others))
+    return Plan(image, ours, installs, limits, reopen, bool(close_others))
 
 
 def _check_room(pid: int, image: Image, limits: dict[int, tuple[int, int]]) -> None:
@@ -138,11 +142,14 @@ def _check_exec_mounts(image: Image, files: list[int]) -> None:
                                "mount here: its code cannot be mapped")
 
 
-def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: Plan) -> int:
+def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: Plan,
+               built: Any = None) -> int:
     """Make the halted ghost `pid` the process of `plan.image` (module doc); it is left
-    stopped, ready to `go`, and the `syscall` of its moved vdso is returned. Before the point of no return a failure leaves the ghost as
-    it was (halted, for the caller to put back to sleep) and raises MigrateError (or
-    gp.Gone); after it, PastReturn."""
+    stopped, ready to `go`, and the `syscall` of its moved vdso is returned. Before the
+    point of no return a failure leaves the ghost as it was (halted, for the caller to
+    put back to sleep; what `built` made is the caller's to undo) and raises MigrateError
+    (or gp.Gone); after it, PastReturn. `built`: a ghost_stream.Built, the image's
+    regions mapped and written already, its files in the ghost, its access checked."""
     xstate = pt.get_xstate(pid)     # (the halted ghost's: what this CPU saves)
     hostinfo.check_compatible(plan.image.host, plan.image.special,
                               hostinfo.host(pt.xstate_xcr0(xstate), len(xstate)))
@@ -154,7 +161,8 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
     got: list[int] = []
     try:
         stub.install(pid, SCRATCH)
-        _check_access(pid, regs, signals, plan.image)
+        if built is None:
+            _check_access(pid, regs, signals, plan.image)
         got = _open_in(pid, regs, gadget, signals, plan.reopen)
         got[:0] = ghost_files.send_into(pid, regs, gadget, signals, SCRATCH + CHANNEL,
                                         plan.files + list(plan.installs.values()))
@@ -167,8 +175,10 @@ def restore_in(pid: int, regs: pt.Regs, gadget: int, signals: list[int], plan: P
         except MigrateError:
             pass    # a stale scratch mapping is no harm to a ghost; the failure goes up
         raise
+    if built is not None:
+        got[:0] = built.inside
     try:
-        _rebuild(pid, regs, signals, plan, got, maps, special)
+        _rebuild(pid, regs, signals, plan, got, maps, special, built)
         moved = gadget - special["vdso"][0] + plan.image.special["vdso"][0]
         _finish(pid, regs, moved, signals, plan.image)
         return moved
@@ -229,18 +239,22 @@ def _results(pid: int, table: int, count: int) -> list[int]:
 
 
 def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[int],
-             maps: list[procfs.Mapping], special: dict[str, tuple[int, int]]) -> None:
-    """Batches A and B (module doc), the page runs written between them."""
+             maps: list[procfs.Mapping], special: dict[str, tuple[int, int]],
+             built: Any = None) -> None:
+    """Batches A and B (module doc), the page runs written between them (with `built`:
+    only the regions it could not map yet mapped, and their runs written)."""
     image = plan.image
     n, m = len(image.files), len(image.files) + len(plan.installs)
     files, temps, opened = got[:n], got[n:m], got[m:]
     a = stub.Batch(SCRATCH)
-    for m in maps:
-        if m.path not in procfs.SPECIAL:
-            a.call("munmap", m.start, m.end - m.start)
+    for lo, hi in own_unmaps(maps, built.mapped if built is not None else []):
+        a.call("munmap", lo, hi - lo)
     rebuild.mm_map(a, image, rebuild.KEEP_EXE)
     rebuild.move_special(a, special, image)
-    writable = rebuild.map_regions(a, image, files)
+    if built is None:
+        writable = rebuild.map_regions(a, image, files)
+    else:
+        writable = built.writable + rebuild.map_regions(a, image, files, built.later)
     for fd in files:
         a.call("close", fd)
     _default_dispositions(a, pid)
@@ -262,9 +276,30 @@ def _rebuild(pid: int, regs: pt.Regs, signals: list[int], plan: Plan, got: list[
     pt.write_memory(pid, a.writes())
     stub.start(pid, regs, SCRATCH, a.count())
     run(pid, a, signals)
-    pt.write_memory(pid, page_runs(image))  # type: ignore[arg-type]
+    pt.write_memory(pid, page_runs(image) if built is None else built.kept)  # type: ignore[arg-type]
     pt.cont(pid)
     run(pid, a, signals)
+
+
+def own_unmaps(maps: list[procfs.Mapping], built: list[Any]) -> list[tuple[int, int]]:
+    """What batch A unmaps: the ghost's own mappings, but vvar/vdso, the scratch area
+    and the regions `built` (a stream mapped them already; a line of /proc/PID/maps
+    may be one of them merged with a neighbour)."""
+    keep = sorted([(r.start, r.end) for r in built] + [(SCRATCH, SCRATCH + SCRATCH_SIZE)])
+    out: list[tuple[int, int]] = []
+    for m in maps:
+        if m.path in procfs.SPECIAL:
+            continue
+        pos = m.start
+        for lo, hi in keep:
+            if hi <= pos or lo >= m.end:
+                continue
+            if lo > pos:
+                out.append((pos, lo))
+            pos = max(pos, hi)
+        if pos < m.end:
+            out.append((pos, m.end))
+    return out
 
 
 def run(pid: int, batch: stub.Batch, signals: list[int]) -> None:

@@ -43,11 +43,11 @@ def collect(pid: int, links: AbstractSet[int] = frozenset()) -> list[OpenFile]:
     """Every fd of the stopped `pid` but `links`, as OpenFiles (fds ascending); EBUSY for the
     first one that cannot move, naming it."""
     try:
-        fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
-        bproc = _bpfs_mounts(pid)
+        fds = sorted(n for n in map(int, os.listdir(f"/proc/{pid}/fd")) if n not in links)
+        bproc = _bpfs_mounts(pid) if fds else frozenset()   # none: its mounts unread
     except OSError as exc:
         raise from_oserror(exc, f"listing the fds of {pid}", pid) from exc
-    files = (_open_file(pid, fd, bproc) for fd in fds if fd not in links)
+    files = (_open_file(pid, fd, bproc) for fd in fds)
     return [f for f in files if f is not None]
 
 

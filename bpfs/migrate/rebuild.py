@@ -20,7 +20,7 @@ from typing import Sequence
 from bpfs.migrate import image as imagefmt, stub
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.helper import (
-    BOUNCE, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MOVABLE, MREMAP_FIXED,
+    BOUNCE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_GROWSDOWN, MAP_PRIVATE, MOVABLE, MREMAP_FIXED,
     MREMAP_MAYMOVE, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NAME, PROT_WRITE, RESERVED)
 from bpfs.migrate.image import Image, Region
 
@@ -61,21 +61,25 @@ def move_special(a: stub.Batch, have: dict[str, tuple[int, int]], image: Image) 
                MREMAP_MAYMOVE | MREMAP_FIXED, dst[0])
 
 
-def map_regions(a: stub.Batch, image: Image, fd_of: Sequence[int]) -> list[Region]:
-    """mmap every region (file i from the target's fd `fd_of[i]`); those with pages to
-    write get PROT_WRITE until `protect`. Returns those."""
+def map_regions(a: stub.Batch, image: Image, fd_of: Sequence[int],
+                regions: Sequence[Region] | None = None, noreplace: bool = False
+                ) -> list[Region]:
+    """mmap every region (or those of `regions`; file i from the target's fd `fd_of[i]`);
+    those with pages to write get PROT_WRITE until `protect`. Returns those. `noreplace`:
+    MAP_FIXED_NOREPLACE, so a mapping already there is never replaced (EEXIST instead)."""
     writable = []
-    for r in image.regions:
+    fixed = MAP_FIXED | (MAP_FIXED_NOREPLACE if noreplace else 0)
+    for r in image.regions if regions is None else regions:
         prot = r.prot
         if r.pages and not prot & PROT_WRITE:
             prot |= PROT_WRITE
             writable.append(r)
         if r.kind == "anon":
-            flags = MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | (MAP_GROWSDOWN if r.growsdown
-                                                               else 0)
+            flags = MAP_PRIVATE | fixed | MAP_ANONYMOUS | (MAP_GROWSDOWN if r.growsdown
+                                                           else 0)
             a.call("mmap", r.start, r.end - r.start, prot, flags, -1, 0)
         else:
-            a.call("mmap", r.start, r.end - r.start, prot, MAP_PRIVATE | MAP_FIXED,
+            a.call("mmap", r.start, r.end - r.start, prot, MAP_PRIVATE | fixed,
                    fd_of[r.file], r.offset)
     return writable
 

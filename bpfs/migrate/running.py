@@ -170,13 +170,14 @@ def dump_running(pid: int, links: AbstractSet[int] = frozenset(), lazy: bool = F
                            f"({signal.Signals(state.job_stop).name}): continue it first", pid)
     maps = procfs.parse_maps(procfs.read_text(pid, "maps"))
     frozen = _never_writable(pid) if any(m.shared for m in maps) else set()
-    _refuse(pid, procfs.read_status(pid), maps, frozen)
+    status = procfs.read_status(pid)
+    _refuse(pid, status, maps, frozen)
     files = openfiles.collect(pid, links)
     regs = pt.getregs(pid)
     mask = pt.get_sigmask(pid)
     pt.set_sigmask(pid, ALL_SIGNALS)   # pending signals stay queued through the injections
     try:
-        img = dump.dump(pid, frozen, lazy)
+        img = dump.dump(pid, frozen, lazy, (status, maps))   # stopped: both as they were
     finally:
         pt.set_sigmask(pid, mask)
         pt.setregs(pid, regs)

@@ -259,6 +259,23 @@ class Tracer:
         return self._deferred(self._ghosts.restore_in, pid, image,
                               dict(fds) if isinstance(fds, dict) else fds, close_others)
 
+    def stream_in(self, pid: int, image: Image) -> Future[tuple[int, int]]:
+        """An image comes back into the parked ghost `pid` in pieces (bpfs/migrate/
+        ghost_stream.py): `image` decoded from its header; its regions mapped beside the
+        ghost's pages, which sleeps on as a ghost. (bytes written as they come, bytes
+        kept for the end). Then `write_in` each piece's runs, and `restore_in` with the
+        same image, or `abort_in`."""
+        return self._deferred(self._ghosts.stream_in, pid, image)
+
+    def write_in(self, pid: int, runs: list[tuple[int, Any]]) -> Future[None]:
+        """(address, bytes) of the image streaming into `pid`; the bytes must stay as
+        they are until the Future resolves."""
+        return self._deferred(self._ghosts.write_in, pid, list(runs))
+
+    def abort_in(self, pid: int) -> Future[None]:
+        """The image streaming into `pid` is not coming: the ghost as it was before."""
+        return self._deferred(self._ghosts.abort_in, pid)
+
     def ghosts(self) -> list[int]:
         return self._ghosts.ghosts()
 

@@ -46,6 +46,7 @@ log = logging.getLogger("bpslave")
 
 FILES_TIMEOUT = 60.0
 MAX_PIECED = 16                     # moved processes' restores announced at once
+DYING_WAIT = 2.0                    # a restore waits for a dropped copy of its PID
 
 
 def check_restore(req: messages.Restore) -> None:
@@ -103,6 +104,19 @@ class ProcessTable:
         held = self.held.pop(pid, None)
         if held is not None and held.kept:
             self.dropped[pid] = held
+
+    def dying(self, pid: int) -> bool:
+        """A copy of `pid` that moved away (`drop`) still holds its number here: killed,
+        not yet reaped by its keeper. A restore of `pid` now (it moved back at once)
+        would find the number taken (clone3: EEXIST), so it waits (`until_gone`)."""
+        return pid in self.dropped and os.path.exists(f"/proc/{pid}")
+
+    async def until_gone(self, pid: int) -> None:
+        """Until no dropped copy holds `pid` (DYING_WAIT at most: then the restore goes
+        on, and fails EEXIST if the number is still taken)."""
+        with trio.move_on_after(DYING_WAIT):
+            while self.dying(pid):
+                await trio.sleep(0.001)
 
     def hold_child(self, child: Any) -> None:
         """A process forked here (bpfs.node.supervisor.Child): signals reach it like a
@@ -297,7 +311,7 @@ class Attempt:
         """True if the restore is over (either way); False: `run` must finish it."""
         req = self.req
         try:
-            if req.pid is None:
+            if req.pid is None or self.session.node.procs.dying(req.pid):
                 return False
             self.links = self._links(req.pid)
             if not self.links.ready():
@@ -337,6 +351,8 @@ class Attempt:
                 await self.links.wait()
             self.fds[:] = self.links.fds()
             self.steps.mark("links")
+        await self.session.node.procs.until_gone(
+            req.pid if self.loaded is None else self.loaded[0].pid)
         image, missing, restored = _restore_job(node, req, self.fds, self.loaded, {})
         if restored is None:
             content = await _fetch(self.session, req.id, missing)

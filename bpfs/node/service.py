@@ -39,7 +39,7 @@ import sys
 
 import trio
 
-from bpfs import hostsfile
+from bpfs import heap, hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
 from bpfs.node import mover, procs, streamin, usage
@@ -303,4 +303,5 @@ def run(cfg: NodeConfig) -> int:
         return EXIT_REFUSED if exc.errno == errno.EACCES else EXIT_LOST
     log.info("node daemon pid %d (host view: see /proc), master %s", os.getpid(), cfg.address)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_ON)   # every thread: read by _watch_signals
+    heap.keep_buffers()                                 # a move's buffers stay warm
     return trio.run(_main, cfg, key)

@@ -106,8 +106,9 @@ class Stream:
         a, node = self.attempt, self.attempt.node
         req = a.req
         image = self.incoming.image()
-        if image is None or req.pid is None or self._standin() is not None:
-            return False
+        if image is None or req.pid is None or self._standin() is not None \
+                or self.session.node.procs.dying(req.pid):
+            return False            # (a dropped copy of it still ends here: Attempt.run waits)
         image, missing = procs.prepared(node, req, image)
         if missing:
             return False

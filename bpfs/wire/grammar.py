@@ -54,6 +54,7 @@ PID = _int(1, 1 << 22)              # PID_MAX_LIMIT
 RANK = _int(0, 10**7 - 1)           # BPROC_RANK has 7 digits
 HASH = _str(128)                    # "sha256:" and 64 hex digits
 BLOB = _bytes(0, MAX_BLOB)
+VIEW = Annotated[memoryview, Meta(max_length=MAX_BLOB)]    # decoded as a view of its frame
 SIGNAL = _int(1, 64)                # 1 .. NSIG-1
 LOAD = _num(0, 1e9)
 BYTES = Annotated[int, Meta(ge=0)]    # 0..2^64-1: msgpack has no larger int

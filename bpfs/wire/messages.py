@@ -239,7 +239,7 @@ class Names(Msg, tag="names"):
 class Restore(Msg, tag="restore"):
     sender = "master"
     id: ID
-    image: BLOB
+    image: VIEW                         # a view of the frame it came in: no copy of a MB
     uid: ID32
     gid: ID32
     groups: Annotated[tuple[ID32, ...], Meta(max_length=NGROUPS)]

@@ -16,6 +16,7 @@ FD = _int(0, 2)
 # A piece decodes as a view of the frame it came in (no copy: the receiver copies it into
 # place at once, bpfs/migrate/imagebuf.py); the frame stays alive as long as the view.
 PIECE = Annotated[memoryview, Meta(min_length=1, max_length=PART)]
+IMAGE = Annotated[memoryview, Meta(max_length=PART)]     # a `dumped`'s: a view too
 
 
 class Dump(Msg, tag="dump"):
@@ -75,7 +76,7 @@ class Dumped(Msg, tag="dumped"):
     first `part`, if any)."""
     sender = "node"
     id: ID
-    image: _bytes(0, PART)
+    image: IMAGE
     consumed: Optional[BYTES] = None
 
 

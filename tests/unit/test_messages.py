@@ -569,3 +569,16 @@ def test_the_rate_log_keys_are_independent_and_a_later_window_tells_the_count(ca
     rl.log("a", RateLog.WINDOW, "a again")
     assert caplog.records[-1].getMessage() == "a again (and 5 more tries of a before this " \
                                                "were not logged)"
+
+
+def test_an_image_decodes_as_a_view_of_its_frame_not_a_copy() -> None:
+    """A small move's image (1 MB) crosses two hops in one message: its `dumped` at the
+    master and its `restore` at the target are views of the frame they came in."""
+    image = bytes(range(256)) * 4096
+    restore = m.Restore(id=1, image=image, uid=0, gid=0, groups=(), io=("null",) * 3,
+                        port=1, token=TOKEN)
+    for msg, side in ((restore, m.FROM_MASTER), (m.Dumped(id=1, image=image), m.FROM_NODE)):
+        body = bytearray(wire.pack(msg)[4:])
+        got = side.decode(body)
+        assert type(got.image) is memoryview and got.image == image
+        assert got.image.obj is body                # the frame itself, no copy of it

@@ -5,12 +5,19 @@ the master killed its ghost, and the process ran on with none."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import Any, Callable
+import subprocess
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+import trio
 
 from bpfs.migrate.helper import JOB_RECORD
-from bpfs.node.procs import Held, ProcessTable
+from bpfs.node import procs
+from bpfs.node.procs import DYING_WAIT, Held, ProcessTable
 from bpfs.wire import messages
 
 
@@ -106,4 +113,64 @@ def test_a_record_written_before_the_pid_came_back_is_still_the_dropped_copys() 
                                                    signal=signal.SIGTERM, id=95)]
         assert new.id == 95
     finally:
+        _close(table)
+
+
+@contextlib.contextmanager
+def short_wait(seconds: float) -> Iterator[None]:
+    """DYING_WAIT made short for one test."""
+    old, procs.DYING_WAIT = procs.DYING_WAIT, seconds
+    try:
+        yield
+    finally:
+        procs.DYING_WAIT = old
+
+
+def _dropped_real(reaper: FakeReaper, session: FakeSession, pid: int) -> ProcessTable:
+    table = ProcessTable(reaper)                        # type: ignore[arg-type]
+    table.hold(pid, Held(session, 91, "sleep"))         # type: ignore[arg-type]
+    table.adopt(pid, OLD_KEEPER)
+    table.drop(pid)
+    return table
+
+
+@pytest.mark.timeout(20)
+def test_a_restore_waits_while_a_dropped_copy_still_holds_the_pid() -> None:
+    """Moved away and straight back: the copy dropped here (killed, not reaped yet) still
+    holds the number, and a restore then failed EEXIST (seen in a ping-pong under load).
+    `dying` says so; `until_gone` returns once its number is free."""
+    child = subprocess.Popen(["sleep", "30"])
+    table = _dropped_real(FakeReaper(), FakeSession(), child.pid)
+    try:
+        assert table.dying(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        assert table.dying(child.pid)                   # a zombie: its number is taken
+
+        async def main() -> float:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, child.wait)   # reaped meanwhile
+                t0 = trio.current_time()
+                await table.until_gone(child.pid)
+                return trio.current_time() - t0
+        assert trio.run(main) < DYING_WAIT
+        assert not table.dying(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+        _close(table)
+
+
+@pytest.mark.timeout(20)
+def test_until_gone_is_bounded_and_ignores_a_pid_not_dropped() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    table = _dropped_real(FakeReaper(), FakeSession(), child.pid)
+    try:
+        assert not table.dying(os.getpid())             # alive, but not a dropped copy
+        with short_wait(0.05):
+            t0 = time.monotonic()
+            trio.run(table.until_gone, child.pid)       # never ends: gives up
+            assert 0.04 < time.monotonic() - t0 < 5
+    finally:
+        child.kill()
+        child.wait()
         _close(table)
