@@ -136,7 +136,9 @@ class Kin:
             res = self._copy(t, h, gp.FORK_FLAGS)
             if reaped and res > 0 and res in self.tracees:
                 t.reaps.add(res)
-                fut.set_result(res)
+                with self._lock:    # a parked ghost to whoever asks from now on (the
+                    self._parked.add(res)   # node's child may act at once): any step
+                fut.set_result(res)         # of it is queued behind its parking
             return res
         try:
             res = self._halted(t, "fork", step, h, halt=halt)
