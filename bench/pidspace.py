@@ -2,13 +2,18 @@
 """The one PID space's costs: forks on a node against the master's, ghosts, kills.
 
     sudo /opt/bpfs/venv/bin/python bench/pidspace.py [--nodes 3] [--loops 1000] [--ghosts 200]
+                                                      [--rounds 3] [--forks-only]
+                                                      [--checkout DIR] [--threads]
 
 Brings up an embedded cluster of this checkout on a temporary mount and measures, in one
 sitting, side by side:
 
   * a fork+exec+wait loop of /bin/true (`--loops` times, timed by the shell itself, so
-    bpsh's start-up is not in it) on a node and on the master: per-iteration cost, and
-    the ratio (goal: node at most 2x the master);
+    bpsh's start-up is not in it) on a node and on the master, taking turns `--rounds`
+    times: per-iteration cost, each round's ratio and their median (goal: node at most 2x
+    the master), the load average, and the CPU time and context switches the master and
+    node daemons spent per fork (/proc/PID/task/*/stat and status: their threads; with
+    `--threads`, thread by thread);
   * os.fork() as a program sees it, median, on a node and on the master (the ghost is made
     before the node's child exists: it is in `ps` on the master when fork returns);
   * the master's memory per extra ghost: `--ghosts` sleeping children forked on a node,
@@ -18,7 +23,8 @@ sitting, side by side:
     the receiver's handler (the machine's one clock), median over 100 (goal: 2 ms); and
     the same between two processes of one node, and from the master to a node.
 
-Not a test: prints figures, exit status 0 unless something failed to run. Always brings
+`--checkout DIR` measures another checkout's cluster with this script (say, main's, to
+compare in one sitting). Not a test: prints figures, exit status 0 unless something failed to run. Always brings
 the cluster down.
 """
 
@@ -77,13 +83,13 @@ def cmd(name: str) -> list[str]:
 
 
 class Bench:
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, root: Path = ROOT) -> None:
         self.base = tempfile.mkdtemp(prefix="bpfs-bench-")
         self.mount = os.path.join(self.base, "mnt")
         self.state = os.path.join(self.base, "state")
         os.mkdir(self.mount)
         os.mkdir(self.state)
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT), BPROC_MOUNT=self.mount)
+        self.env = dict(os.environ, PYTHONPATH=str(root), BPROC_MOUNT=self.mount)
         self.nodes = nodes
 
     def up(self) -> None:
@@ -93,11 +99,11 @@ class Bench:
         subprocess.run(cmd("bpfs") + ["up", "--nodes", str(self.nodes), "--mount", self.mount,
                                       "--state-dir", self.state, "--port", str(port),
                                       "--detach"],
-                       env=self.env, check=True, capture_output=True)
+                       env=self.env, check=True, capture_output=True, cwd="/")
 
     def down(self) -> None:
         subprocess.run(cmd("bpfs") + ["down", "--mount", self.mount, "--state-dir",
-                                      self.state], env=self.env, capture_output=True)
+                                      self.state], env=self.env, capture_output=True, cwd="/")
         shutil.rmtree(self.base, ignore_errors=True)
 
     def bpsh(self, *argv: str, **kw) -> subprocess.CompletedProcess:
@@ -119,6 +125,52 @@ class Bench:
                 if b"master" in args and self.mount.encode() in args:
                     return int(p)
         raise RuntimeError("no master found")
+
+    def node_pid(self, n: int) -> int:
+        """Node n's daemon (its command line is bpslave's)."""
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                try:
+                    with open(f"/proc/{p}/cmdline", "rb") as f:
+                        args = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if args[0] == b"bpslave" and self.mount.encode() in args and \
+                        args[args.index(b"--node") + 1] == str(n).encode():
+                    return int(p)
+        raise RuntimeError(f"no node {n} found")
+
+
+def cpu_ms(pid: int) -> float:
+    """User + system CPU time of `pid` so far (its threads, ended ones too), in ms."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
+def threads(pid: int) -> dict[str, tuple[float, int]]:
+    """Each live thread of `pid` by name and id: (CPU ms, context switches, voluntary and
+    not) so far."""
+    out: dict[str, tuple[float, int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+        switches = sum(int(line.split()[1]) for line in status.splitlines()
+                       if "ctxt_switches:" in line)
+        out[f"{name} {tid}" + (" (main)" if tid == str(pid) else "")] = (cpu, switches)
+    return out
+
+
+def switches(pid: int) -> int:
+    return sum(s for _, s in threads(pid).values())
 
 
 def kb(pid: int, key: bytes, name: str = "status") -> int:
@@ -147,27 +199,60 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--loops", type=int, default=1000)
     ap.add_argument("--ghosts", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="turns of the fork loop")
+    ap.add_argument("--forks-only", action="store_true",
+                    help="only the fork+exec+wait loop and os.fork()")
+    ap.add_argument("--checkout", type=Path, default=ROOT,
+                    help="the checkout whose cluster is measured (default: this one)")
+    ap.add_argument("--threads", action="store_true",
+                    help="the daemons' CPU and context switches per fork, thread by thread")
     args = ap.parse_args()
-    b = Bench(args.nodes)
+    b = Bench(args.nodes, args.checkout.resolve())
     try:
         b.up()
         loop = LOOP.format(n=args.loops)
         rows = []
-        for _ in range(3):      # take turns: the machine's other work comes and goes
-            node_ns = int(b.bpsh("1", "sh", "-c", loop).stdout)
+        daemons = (b.master_pid(), b.node_pid(1))
+        for _ in range(args.rounds):    # take turns: the machine's other work comes and goes
+            load = os.getloadavg()[0]
+            cpu = [cpu_ms(p) for p in daemons]
+            per = [threads(p) for p in daemons]
+            # the job's threads end with it: counted while its shell sleeps a moment
+            job = b.popen("1", "sh", "-c", loop + "; sleep 0.5")
+            assert job.stdout is not None
+            node_ns = int(job.stdout.readline())
+            cpu = [(cpu_ms(p) - c) / args.loops for p, c in zip(daemons, cpu)]
+            after = [threads(p) for p in daemons]
+            job.wait(timeout=60)
+            cs = [sum(s for _, s in a.values()) - sum(s for _, s in p.values())
+                  for a, p in zip(after, per)]
             master_ns = int(subprocess.run(["sh", "-c", loop], capture_output=True,
                                            check=True).stdout)
             rows.append((node_ns, master_ns))
+            print(f"  node {node_ns / 1e6:.2f} ms, master {master_ns / 1e6:.2f} ms: "
+                  f"{node_ns / master_ns:.2f}x (load {load:.1f}; CPU per fork: master "
+                  f"daemon {cpu[0]:.2f} ms, node daemon {cpu[1]:.2f} ms; context switches per "
+                  f"fork: {cs[0] / args.loops:.1f}, {cs[1] / args.loops:.1f})")
+            if args.threads:
+                for which, a, p in zip(("master", "node"), after, per):
+                    for name, (c, s) in sorted(a.items()):
+                        c0, s0 = p.get(name, (0.0, 0))
+                        if s - s0 > args.loops // 10:
+                            print(f"    {which} {name}: {(c - c0) / args.loops:.3f} ms, "
+                                  f"{(s - s0) / args.loops:.1f} switches per fork")
         node_ns = statistics.median(r[0] for r in rows)
         master_ns = statistics.median(r[1] for r in rows)
+        ratio = statistics.median(r[0] / r[1] for r in rows)
         print(f"fork+exec+wait of /bin/true, {args.loops} times: node {node_ns / 1e6:.2f} ms, "
-              f"master {master_ns / 1e6:.2f} ms per iteration: {node_ns / master_ns:.2f}x "
-              "(goal 2x)")
+              f"master {master_ns / 1e6:.2f} ms per iteration (medians); median of the "
+              f"rounds' ratios {ratio:.2f}x (goal 2x)")
         node_fork = float(b.bpsh("1", PY, "-c", FORKS).stdout)
         master_fork = float(subprocess.run([PY, "-c", FORKS], capture_output=True,
                                            check=True).stdout)
         print(f"os.fork() median: node {node_fork / 1e3:.2f} ms, master "
               f"{master_fork / 1e3:.3f} ms (the ghost is in ps before fork returns)")
+        if args.forks_only:
+            return 0
 
         master = b.master_pid()
         before = kb(master, b"VmRSS:")

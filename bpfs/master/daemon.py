@@ -87,6 +87,8 @@ class Master:
         self.links = NodeLinks(cluster, key, self.procs, cfg.heartbeat, cfg.ping_timeout,
                                self.usage, os.path.abspath(cfg.mount))
         self.procs.send_now = self.links.send_now
+        self.procs.send_threadsafe = self.links.send_threadsafe
+        self.procs.flush_soon = self.links.flush_soon
         self.procs.host_of = self.links.host_of
         self.procs.link_host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") \
             else cfg.listen

@@ -60,14 +60,22 @@ class NodeForks:
         super().__init__()
         # write a message now, whole, if the connection takes it (bpfs.master.links)
         self.send_now: Callable[[int, messages.Msg], bool] | None = None
+        # the same from any thread: True whole, None in part (then `flush_soon(node)` in
+        # trio's thread), False nothing (bpfs.master.links)
+        self.send_threadsafe: Callable[[int, messages.Msg], bool | None] | None = None
+        self.flush_soon: Callable[[int], None] = lambda node: None
+        # forked pid -> (node, parent, uid, gid, cmd, id): answered from the tracer thread,
+        # not yet recorded (`take_fresh`)
+        self._fresh: dict[int, tuple[int, int, int, int, str, int]] = {}
         self._parents: dict[int, int] = {}    # forked pid -> its parent's pid (its ghost's)
         self._watched: set[tuple[int, int]] = set()    # (node, pid): a node's pidfd proxies
 
     # ---- fork ----
 
     def on_fork(self, node: int, msg: messages.Fork) -> None:
-        """No task waits: the tracer's future calls `_forked` back in trio's thread (a fork
-        on a node waits for this, so every trip through the event loop counts)."""
+        """No task waits: the tracer thread answers as soon as the ghost is made
+        (`_forked_now`), or trio's thread if it cannot (a fork on a node waits for this,
+        so every trip through the event loop counts)."""
         p = self.cluster.procs.get(msg.parent)
         if p is None or p.node != node or p.state == "exited" or self.tracer is None:
             log.info("node %d: fork under pid %d, which does not run there; refused", node,
@@ -75,11 +83,44 @@ class NodeForks:
             self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
             return
         try:
-            fut = self.tracer.fork(msg.parent)
+            fork = getattr(self.tracer, "fork_soon", self.tracer.fork)
+            fut = fork(msg.parent, reaped=True)    # fork_soon: no doorbell, no halt
         except BpfsError as exc:
             self._forked(node, msg, exc)
             return
-        fut.add_done_callback(lambda f: self._from_tracer(self._forked, node, msg, f))
+        who = (p.uid, p.gid, p.cmd)
+        fut.add_done_callback(lambda f: self._forked_now(node, msg, who, f))
+
+    def _forked_now(self, node: int, msg: messages.Fork, who: tuple[int, int, str],
+                    fut: Any) -> None:
+        """(The tracer thread, mostly) `forked` written from here, the child's records
+        made in trio's thread after (`take_fresh`): kept in `_fresh` before the answer
+        goes, so whatever the node says of the child next finds them (bpfs.master.links
+        takes them before it dispatches a node's message). Anything else: `_forked`."""
+        if fut.exception() is None and self.send_threadsafe is not None:
+            child, mid = fut.result(), next(self._ids)
+            self._fresh[child] = (node, msg.parent, *who, mid)
+            sent = self.send_threadsafe(node, messages.Forked(seq=msg.seq, pid=child, id=mid))
+            if sent is not False:
+                self._from_tracer(self._recorded, node, sent is None)
+                return
+            self._fresh.pop(child, None)
+        self._from_tracer(self._forked, node, msg, fut)
+
+    def _recorded(self, node: int, flush: bool) -> None:
+        self.take_fresh()
+        if flush:
+            self.flush_soon(node)
+
+    def take_fresh(self) -> None:
+        """The records of the children answered from the tracer thread (trio's thread;
+        before any node message is dispatched: a forked child may write its own move, or
+        end, at once)."""
+        while self._fresh:
+            child, (node, parent, uid, gid, cmd, mid) = self._fresh.popitem()
+            c = self.cluster.start_proc(child, node, uid, gid, cmd, time.time())
+            c.mid = mid
+            self._parents[child] = parent
 
     def _forked(self, node: int, msg: messages.Fork, result: Any) -> None:
         exc = result if isinstance(result, BaseException) else result.exception()
@@ -93,12 +134,14 @@ class NodeForks:
             self._tell(node, messages.Forked(
                 seq=msg.seq, errno=err if err in FORK_ERRNOS else errno.EAGAIN))
             return
-        child = result.result()
-        c = self.cluster.start_proc(child, node, p.uid, p.gid, p.cmd, time.time())
-        c.mid = next(self._ids)
-        self._parents[child] = msg.parent
-        self._tell(node, messages.Forked(seq=msg.seq, pid=child, id=c.mid),
+        child, mid = result.result(), next(self._ids)
+        # the answer first, the records after (the node waits; nothing it sends of this
+        # child can be read before this function returns)
+        self._tell(node, messages.Forked(seq=msg.seq, pid=child, id=mid),
                    lambda: self._drop_forked(child))
+        c = self.cluster.start_proc(child, node, p.uid, p.gid, p.cmd, time.time())
+        c.mid = mid
+        self._parents[child] = msg.parent
 
     def _tell(self, node: int, msg: messages.Msg,
               failed: Callable[[], None] | None = None) -> None:
@@ -135,23 +178,12 @@ class NodeForks:
                 log.info("pid %d: kill: %s", pid, exc)
 
     def forked_gone(self, pid: int) -> None:
-        """The ghost of a forked process ended (tracer thread's report, in trio): its parent
-        ghost reaps it (ECHILD: the parent ended first and the kernel re-parented it)."""
-        parent = self._parents.pop(pid, None)
-        if parent is None or self.tracer is None:
-            return
-        try:
-            fut = self.tracer.reap(parent, pid)
-        except BpfsError as exc:
-            log.debug("pid %d: reap by %d: %s", pid, parent, exc)
-            return
-
-        def done(f: Any) -> None:                       # in the tracer thread
-            exc = None if f.cancelled() else f.exception()
-            if exc is not None and getattr(exc, "errno", None) not in (errno.ECHILD,
-                                                                        errno.ESRCH):
-                log.info("pid %d: reap by its parent %d: %s", pid, parent, exc)
-        fut.add_done_callback(done)
+        """The ghost of a forked process ended (tracer thread's report, in trio). Its
+        parent ghost has reaped it already, or is about to: the tracer does that itself
+        (`fork(reaped=True)`: in the stop of the SIGCHLD its end sends the parent ghost,
+        no halt and no trip out of the tracer thread and back); if the parent ended
+        first, whoever the kernel re-parented it to."""
+        self._parents.pop(pid, None)
 
     # ---- exec ----
 

@@ -200,6 +200,19 @@ class NodeLinks:
             trio.lowlevel.spawn_system_task(_flush, conn)
         return True
 
+    def send_threadsafe(self, node: int, msg: messages.Msg) -> bool | None:
+        """`send_now` from any thread (the tracer's): True written whole, None in part
+        (then `flush_soon(node)` from trio's thread), False nothing."""
+        conn = self.conns.get(node)
+        if conn is None:
+            return False
+        return conn.stream.send_threadsafe(msg)
+
+    def flush_soon(self, node: int) -> None:
+        conn = self.conns.get(node)
+        if conn is not None and conn.stream.pending:
+            trio.lowlevel.spawn_system_task(_flush, conn)
+
     def host_of(self, node: int) -> str | None:
         """The address node `node` connected from (where a bpsh running there listens)."""
         conn = self.conns.get(node)
@@ -288,6 +301,7 @@ class NodeLinks:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("node %d (%s): connection lost: %s", n, conn.peer, exc)
         finally:
+            conn.stream.retire()        # the tracer thread writes no more to it
             current = self.conns.get(n)
             if current is conn:
                 del self.conns[n]
@@ -333,7 +347,8 @@ class NodeLinks:
             if handler is None:
                 raise wire.ProtocolError(f"{messages.tag(type(msg))!r} is not a registered "
                                          "node's message")
-            await handler(self, conn, msg, now)
+            self.procs.take_fresh()     # children answered from the tracer thread: whatever
+            await handler(self, conn, msg, now)     # a node says next may be of them
 
     async def watchdog(self) -> None:
         """Close the connections of nodes silent for longer than ping_timeout (master/liveness.py).

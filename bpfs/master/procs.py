@@ -172,9 +172,9 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
         what is gone already is a no-op."""
         if self.tracer is None:
             return
-        try:
-            fut = self.tracer.finish(pid, signal=sig) if sig else \
-                self.tracer.finish(pid, exit_code=code)
+        finish = getattr(self.tracer, "finish_soon", self.tracer.finish)
+        try:       # finish_soon: no doorbell (a shell's loop of short commands: one each)
+            fut = finish(pid, signal=sig) if sig else finish(pid, exit_code=code)
         except BpfsError as exc:
             log.info("pid %d: ending the ghost: %s", pid, exc)
             return

@@ -30,6 +30,7 @@ from bpfs.migrate.ghost_stream import Built, Streaming
 from bpfs.migrate.tracee import (Future, STOP_SIGNALS, KEYBOARD, DISCARD, SEIZED, CAPTURING, GHOST,
                                  STOPPED, HALTING, FINISHING, RELEASING, Signals, Tracee,
                                  send_kill, child_signal, from_terminal, pending, ignores,
+                                 own_signal, STEP_SIGNAL,
                                  resolve, as_error)
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,27 @@ class Ghosts(Kin, Moving, Streaming):
         self.park_rss: dict[int, tuple[int, int]] = {}
         self.building: dict[int, Built] = {}    # images streaming into ghosts
         self.bell = 0  # the tracer's doorbell: traced by the thread, no tracee
+        self.to_reap: set[int] = set()  # ghosts to halt to reap their children (Kin)
+        # finish_soon's requests (any thread writes, the tracer thread takes): pid ->
+        # (exit code, signal, future), done at the ghost's STEP_SIGNAL stop or when queued
+        self.ends: dict[int, tuple[int | None, int | None, Future]] = {}
+        # fork_soon's (under _lock): pid -> [(future, reaped)], done at its STEP_SIGNAL stop
+        self.forks: dict[int, list[tuple[Future, bool]]] = {}
 
     def ghosts(self) -> list[int]:
         """The parked ghosts (any thread)."""
         with self._lock:
             return sorted(self._parked)
+
+    def wakeable(self, pid: int) -> bool:
+        """(Any thread) `pid` is a parked ghost that a signal wakes into a stop: none held
+        in a job-control stop (a signal does not wake it: only the doorbell would)."""
+        with self._lock:
+            if pid not in self._parked:
+                return False
+        t = self.tracees.get(pid)
+        return t is not None and not (t.stopped or t.stopping or t.stop_sent or
+                                      t.cont_sent)
 
     # ---- stops (tracer thread) ----
 
@@ -76,13 +93,22 @@ class Ghosts(Kin, Moving, Streaming):
         if t.state == HALTING and event == pt.EVENT_STOP:
             self._aim(t)
             return
+        if event == 0 and sig == STEP_SIGNAL and own_signal(t.pid):
+            self._step_at_stop(t)
+            return
         if t.state == GHOST and self._job_stop(t, sig, event):
             return
         keyboard = event == 0 and sig in KEYBOARD and from_terminal(t.pid)
         if keyboard:                     # first: told even if it cannot be resumed
             self._call(self._on_keyboard, t.pid, sig)
-        elif event == 0 and not (sig == _signal.SIGCHLD and child_signal(t.pid, t.children)):
-            self._report(t.pid, [sig])   # (a child ghost's end: its real parent has its own)
+        elif event == 0 and sig == _signal.SIGCHLD and child_signal(t.pid, t):
+            # a child ghost's end: not reported (its real parent has its own); the ghost
+            # reaps it now if it is one it reaps itself (a process forked on a node)
+            if t.state == GHOST and not t.killed and t.ended:
+                self.reap_at_stop(t)
+                return
+        elif event == 0:
+            self._report(t.pid, [sig])
         if t.state in (GHOST, FINISHING, HALTING):
             pt.cont(t.pid, 0)
 
@@ -233,7 +259,7 @@ class Ghosts(Kin, Moving, Streaming):
         signals: list[int] = []
 
         def drop(sig: int) -> bool:
-            return sig == _signal.SIGCHLD and child_signal(t.pid, t.children)
+            return sig == _signal.SIGCHLD and child_signal(t.pid, t)
         try:
             img = dump_at_exec(t.pid, drop) if at_exec else \
                 wait_exec_and_dump(t.pid, max(t.deadline - time.monotonic(), 1.0), drop)
@@ -267,7 +293,7 @@ class Ghosts(Kin, Moving, Streaming):
         resolve(fut, exc=exc)
 
     def finish(self, fut: Future, pid: int, code: int | None, sig: int | None) -> None:
-        _check_finish(code, sig)
+        check_finish(code, sig)
         t = self._known(pid)
         if sig == _signal.SIGKILL:
             self.kill(fut, pid)
@@ -280,6 +306,56 @@ class Ghosts(Kin, Moving, Streaming):
             return
         t.aim = (code, sig)
         self._aim(t, halt=True)
+
+    def _step_at_stop(self, t: Tracee) -> None:
+        """The stop of our STEP_SIGNAL (`Tracer.finish_soon`, `fork_soon`): a parked ghost
+        is aimed at its end, or forks, from this stop, no halt; anything else only has the
+        signal suppressed (the request, queued too, is done as `finish` or `fork` does)."""
+        free = t.state == GHOST and not t.killed and not (
+            t.stopped or t.stopping or t.stop_sent or t.cont_sent)
+        entry = self.ends.pop(t.pid, None) if free else None
+        if entry is not None:
+            code, sig, fut = entry
+            t.waiters.append(fut)
+            t.state, t.aim = HALTING, (code, sig)
+            self._aim(t)
+            return
+        with self._lock:
+            waiting = self.forks.get(t.pid) if free else None
+            fork = waiting.pop(0) if waiting else None
+        if fork is None:
+            pt.cont(t.pid, 0)
+            return
+        fut, reaped = fork
+        try:
+            self.fork(fut, t.pid, reaped, halt=False)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            resolve(fut, exc=as_error(exc, "fork", t.pid))
+
+    def fork_queued(self, pid: int, fut: Future) -> None:
+        """fork_soon's request, if its STEP_SIGNAL stop has not done it: `fork`."""
+        with self._lock:
+            waiting = self.forks.get(pid, [])
+            fork = next((f for f in waiting if f[0] is fut), None)
+            if fork is not None:
+                waiting.remove(fork)
+            if not waiting:
+                self.forks.pop(pid, None)
+        if fork is not None:
+            try:
+                self.fork(fut, pid, fork[1])
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                resolve(fut, exc=as_error(exc, "fork", pid))
+
+    def finish_queued(self, pid: int) -> None:
+        """finish_soon's request, if its STEP_SIGNAL stop has not done it: `finish`."""
+        entry = self.ends.pop(pid, None)
+        if entry is not None:
+            code, sig, fut = entry
+            try:
+                self.finish(fut, pid, code, sig)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                resolve(fut, exc=as_error(exc, "finish", pid))
 
     def _interrupt(self, t: Tracee, code: int | None, sig: int | None) -> None:
         """Interrupt the parked ghost `t` and return: its stop comes as an event like any
@@ -301,8 +377,8 @@ class Ghosts(Kin, Moving, Streaming):
         try:
             if halt:
                 self._halt(t, signals)
-            if code is not None:
-                gp.aim_exit(t.pid, code, signals)
+            if code is not None:     # a HALTING ghost is in its interrupt stop
+                gp.aim_exit(t.pid, code, signals, 0 if halt else t.gadget)
             else:
                 gp.aim_signal(t.pid, sig, signals)
             t.state = FINISHING
@@ -415,7 +491,7 @@ class Ghosts(Kin, Moving, Streaming):
             log.exception("tracer: callback %r failed for process %d", fn, pid)
 
 
-def _check_finish(code: int | None, sig: int | None) -> None:
+def check_finish(code: int | None, sig: int | None) -> None:
     if (code is None) == (sig is None):
         raise MigrateError(errno.EINVAL, "finish needs exactly one of exit_code and signal")
     if code is not None and not 0 <= code <= 255:

@@ -25,7 +25,7 @@ from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.image import Image
 from bpfs.migrate.tracee import (GHOST, SEIZED, Future, Signals, Tracee, as_error, child_signal,
-                                 send_kill, send_signal)
+                                 resolve, send_kill, send_signal)
 
 log = logging.getLogger("bpfs.migrate.ghost")
 
@@ -51,7 +51,7 @@ class Held(Signals):
     chld = False
 
     def append(self, sig: int) -> None:
-        if sig == _signal.SIGCHLD and child_signal(self._t.pid, self._t.children):
+        if sig == _signal.SIGCHLD and child_signal(self._t.pid, self._t):
             self.chld = True
             return
         super().append(sig)
@@ -65,6 +65,7 @@ class Kin:
 
     tracees: dict[int, Tracee]
     park_rss: dict[int, tuple[int, int]]
+    to_reap: set[int]   # ghosts to halt to reap their ended children (`reap_ended`)
     building: dict[int, ghost_stream.Built]
     bell: int
     _lock: threading.Lock
@@ -117,15 +118,30 @@ class Kin:
             self._adopt_all(h, rss)
         fut.set_result(pids + [-err] * (count - len(pids)))
 
-    def fork(self, fut: Future, pid: int) -> None:
+    def fork(self, fut: Future, pid: int, reaped: bool = False, halt: bool = True) -> None:
         """A child of the ghost `pid` (fork(2) injected): its pid. ESRCH if `pid` is not a
         parked ghost of ours or ends meanwhile; the clone's errno (EAGAIN) otherwise.
-        A child made when the step then fails is killed: nobody would know of it."""
+        A child made when the step then fails is killed: nobody would know of it.
+        `reaped` (a process forked on a node, whose real parent reaps it there): `pid`
+        reaps the child itself once it has ended, whatever ended it (`reap_at_stop`); and
+        `fut` resolves as soon as clone returned, before the parent and the child are put
+        to sleep (a node waits for the answer; should that then fail, the child is killed:
+        its `on_exit` follows as for any ghost). `halt` False: `pid` is in a signal's
+        delivery stop already (`Tracer.fork_soon`)."""
         t = self._parked_ghost(pid, errno.ESRCH)
         h = Halted(Signals(t))
         rss = self.park_rss.get(pid)
+
+        def step(h: Halted) -> int:
+            res = self._copy(t, h, gp.FORK_FLAGS)
+            if reaped and res > 0 and res in self.tracees:
+                t.reaps.add(res)
+                with self._lock:    # a parked ghost to whoever asks from now on (the
+                    self._parked.add(res)   # node's child may act at once): any step
+                fut.set_result(res)         # of it is queued behind its parking
+            return res
         try:
-            res = self._halted(t, "fork", lambda h: self._copy(t, h, gp.FORK_FLAGS), h)
+            res = self._halted(t, "fork", step, h, halt=halt)
         except BaseException:
             for child in h.made:
                 self._disown(child)
@@ -133,7 +149,7 @@ class Kin:
         self._adopt_all(h, rss)
         if res < 0:
             raise MigrateError(-res, f"fork of ghost {pid}: {os.strerror(-res)}", pid)
-        fut.set_result(res)
+        resolve(fut, res)
 
     def reap(self, fut: Future, pid: int, child: int, known: int | None = None) -> None:
         """The ghost `pid` reaps its ended child ghost `child` (wait4 injected): the child's
@@ -155,11 +171,57 @@ class Kin:
             t.pid, h.regs, h.gadget, h.signals, pt.SYS["wait4"], child, 0,
             WNOHANG | pt.WALL, 0))
         if got in (child, -errno.ECHILD):  # ECHILD: the kernel reaped it (SIGCHLD ignored)
-            del t.children[child]
+            self._reaped(t, child)
         if got != child:
             err = -got if got < 0 else errno.EBUSY
             raise MigrateError(err, f"ghost {pid} reaping {child}: {os.strerror(err)}", pid)
         fut.set_result(status)
+
+    def reap_at_stop(self, t: Tracee) -> None:
+        """The parked ghost `t`, in the delivery stop of a SIGCHLD for one of its children,
+        reaps those it reaps itself that have ended (`t.ended`), in this stop: no halt.
+        (The kernel sends the SIGCHLD when the tracer consumes the child's end, so by
+        then `unlink` has listed it.) A ghost in a job-control stop, or with one of ours
+        on its way, is halted for it later instead (`reap_ended`): in this stop the signal
+        is only suppressed."""
+        if t.stopped or t.stopping or t.stop_sent or t.cont_sent:
+            self.to_reap.add(t.pid)
+            pt.cont(t.pid, 0)
+            return
+        try:
+            self._halted(t, "reap", lambda h: None, halt=False, reap=True)
+        except MigrateError as exc:
+            log.info("tracer: ghost %d reaping its children: %s", t.pid, exc)
+
+    def reap_ended(self) -> None:
+        """Each ghost of `to_reap` reaps its ended children in one halt (those whose
+        SIGCHLD stop could not: see `reap_at_stop`). A ghost that is no parked ghost any
+        more (ended, being finished) leaves them to whoever inherits them."""
+        while self.to_reap:
+            t = self.tracees.get(self.to_reap.pop())
+            if t is None or t.state != GHOST or t.killed or not t.ended:
+                continue
+            try:
+                self._halted(t, "reap", lambda h: None, reap=True)
+            except MigrateError as exc:
+                log.info("tracer: ghost %d reaping its children: %s", t.pid, exc)
+
+    def _reap_ended(self, t: Tracee, h: Halted) -> None:
+        """The halted `t` reaps its ended children (`t.ended`): wait4 of each, WNOHANG."""
+        ended, t.ended = t.ended, []
+        for child in ended:
+            got = gp.inject(t.pid, h.regs, h.gadget, h.signals, pt.SYS["wait4"], child, 0,
+                            WNOHANG | pt.WALL, 0)
+            if got in (child, -errno.ECHILD):
+                self._reaped(t, child)
+            else:
+                log.info("tracer: ghost %d reaping its child %d: %s", t.pid, child,
+                         os.strerror(-got) if got < 0 else "not ended")
+
+    def _reaped(self, t: Tracee, child: int) -> None:
+        t.children.pop(child, None)
+        t.reaps.discard(child)
+        t.lately.append(child)
 
     def rename(self, fut: Future, pid: int, argv: list[bytes]) -> None:
         """The ghost `pid` takes the name and command line of `argv` (`ghost_argv`).
@@ -233,9 +295,12 @@ class Kin:
             plan.close()
         log.debug("ghost %d restored from its image; running, detached", pid)
         parent = self.tracees.get(t.parent) if t.parent else None
+        reaps = parent is not None and pid in parent.reaps
         self.forget(t)
         if parent is not None:      # still its child: its SIGCHLD is not a user's, and
             parent.children[pid] = None     # the parent ghost reaps it (`reap`, `known`)
+            if reaps:               # and, should it be a ghost again (moved out), itself
+                parent.reaps.add(pid)
         fut.set_result(None)
 
     # ---- one step on a halted ghost ----
@@ -249,24 +314,30 @@ class Kin:
         return t
 
     def _halted(self, t: Tracee, what: str, step: Callable[[Halted], R],
-                h: Halted | None = None, stays: Callable[[R], bool] = lambda out: False
-                ) -> R:
-        """Halt the parked ghost `t`, run `step` on it, put it back to sleep in pause()
-        (unless `stays(out)`: it is left in the stop the step ended in, an exec's).
+                h: Halted | None = None, stays: Callable[[R], bool] = lambda out: False,
+                halt: bool = True, reap: bool = False) -> R:
+        """Halt the parked ghost `t` (unless `halt` is False: it is in a signal-delivery
+        stop already), run `step` on it, put it back to sleep in pause() (unless
+        `stays(out)`: it is left in the stop the step ended in, an exec's).
 
-        The signals that came meanwhile are reported. If `t` ends meanwhile: ESRCH (its end
-        is handled as any). If a step fails otherwise, `t` is put back to sleep, or killed if
-        even that fails (`_repark`), and the failure raised as a MigrateError.
+        The signals that came meanwhile are reported. A SIGCHLD for one of its children
+        among them (or `reap`): it reaps those it reaps itself that have ended
+        (`_reap_ended`), in the same halt. If `t` ends meanwhile: ESRCH (its end is handled as any). If a step
+        fails otherwise, `t` is put back to sleep, or killed if even that fails
+        (`_repark`), and the failure raised as a MigrateError.
         """
         h = h or Halted(Signals(t))
         try:
-            gp.halt(t.pid, h.signals)
+            if halt:
+                gp.halt(t.pid, h.signals)
             h.regs = pt.getregs(t.pid)
             if h.regs.rip - t.gadget not in (0, 2):  # not where it slept last time
                 t.gadget = gp.sleeping_gadget(t.pid, h.regs)
             h.gadget = t.gadget
             out = step(h)
             if not stays(out):
+                if t.ended and (h.signals.chld or reap):
+                    self._reap_ended(t, h)
                 self._resume(t, h)
             return out
         except gp.Gone as gone:
@@ -378,6 +449,7 @@ class Kin:
         parent = self.tracees.get(c.parent)
         if parent is not None:
             parent.children.pop(child, None)
+            parent.reaps.discard(child)
         c.parent, c.killed = 0, True
         send_kill(child)
 
@@ -406,8 +478,14 @@ class Kin:
         if parent is not None and t.pid in parent.children:
             if status is None:
                 del parent.children[t.pid]
+                parent.reaps.discard(t.pid)
             else:
                 parent.children[t.pid] = status
+                if t.pid in parent.reaps:       # its SIGCHLD is on its way: reaped then
+                    parent.ended.append(t.pid)  # (`reap_at_stop`), or now if it cannot
+                    if parent.stopped or parent.stopping or parent.stop_sent or \
+                            parent.cont_sent:   # take it (a job-control stop)
+                        self.to_reap.add(parent.pid)
         for child in t.children:
             c = self.tracees.get(child)
             if c is not None and c.parent == t.pid:

@@ -339,11 +339,15 @@ def _gaps(keep: list[tuple[int, int]], bottom: int, top: int) -> list[tuple[int,
 
 # ---- ending ----
 
-def aim_exit(pid: int, code: int, signals: list[int]) -> None:
-    """Make the stopped `pid` call exit_group(code) when resumed, and resume it."""
-    settle(pid, signals)
+def aim_exit(pid: int, code: int, signals: list[int], gadget: int = 0) -> None:
+    """Make the stopped `pid` call exit_group(code) when resumed, and resume it.
+    `gadget`: where the parked ghost sleeps, known, and it is in an interrupt stop (its
+    halt's: not inside an exec), so two requests fewer (`settle`, `sleeping_gadget`)."""
+    if not gadget:
+        settle(pid, signals)
     regs = pt.getregs(pid)
-    gadget = sleeping_gadget(pid, regs)     # a parked ghost: no need to read its maps
+    if regs.rip - gadget not in (0, 2) or not gadget:
+        gadget = sleeping_gadget(pid, regs)     # a parked ghost: no need to read its maps
     regs.rip, regs.rax, regs.orig_rax, regs.rdi = gadget, SYS_EXIT_GROUP, NO_SYSCALL, code
     pt.setregs(pid, regs)
     pt.cont(pid, 0)

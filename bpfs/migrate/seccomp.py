@@ -190,6 +190,21 @@ _PIDFD_INFO = struct.Struct("<QQ11Ii")   # mask, cgroupid, pid..fsgid, exit_code
 PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO.size << 16) | (0xFF << 8) | 11
 
 
+PIDFD_INFO_PID = 1
+
+
+def parent_of(pidfd: int) -> int | None:
+    """The parent's PID (in our namespace) of the process behind `pidfd`, None if it has
+    been reaped: one ioctl, not a read of /proc."""
+    buf = bytearray(_PIDFD_INFO.pack(PIDFD_INFO_PID, 0, *([0] * 11), 0))
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf, True)
+    except OSError:
+        return None
+    fields = _PIDFD_INFO.unpack(buf)
+    return fields[4] if fields[0] & PIDFD_INFO_PID else None
+
+
 def exit_status(pidfd: int) -> int | None:
     """The wait status of the process behind `pidfd` once it has been reaped, else None."""
     buf = bytearray(_PIDFD_INFO.pack(PIDFD_INFO_EXIT, 0, *([0] * 11), 0))

@@ -13,6 +13,7 @@ import logging
 import os
 import signal as _signal
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ KEYBOARD = frozenset({_signal.SIGINT, _signal.SIGQUIT, _signal.SIGTSTP})  # Ctrl
 SI_KERNEL = 0x80
 CLD_EXITED, CLD_CONTINUED = 1, 6  # si_code of a SIGCHLD the kernel sends for a child
 DISCARD = -1             # Tracee.stop_sent: our SIGSTOP, overtaken by a SIGCONT
+STEP_SIGNAL = _signal.SIGRTMIN + 6   # ours to a parked ghost: its stop is where it is
+                         # ended (`Tracer.finish_soon`); never reported nor delivered
+LATELY = 64              # Tracee.lately: how many reaped children it remembers
 
 # tracee states
 SEIZED = "seized"        # running towards its execve
@@ -68,6 +72,17 @@ class Tracee:
                              # they live, their wait status once ended, until reaped
     gadget: int = 0          # the vdso `syscall` where it sleeps, once known (a copy's too)
     argv_map: tuple[int, int] | None = None  # (address, size): where `rename` put its argv
+    reaps: set[int] = field(default_factory=set)   # children it reaps itself once they
+                             # end (`fork(reaped=True)`: a process forked on a node)
+    ended: list[int] = field(default_factory=list)  # ... those that have ended: reaped at
+                             # its SIGCHLD's stop, or in its next halt (`Kin.reap_ended`)
+    lately: deque[int] = field(default_factory=lambda: deque(maxlen=LATELY))
+                             # children reaped lately: a SIGCHLD for one of them may still
+                             # come (coalesced with another's), and is no user's either
+
+    def kin(self, child: int) -> bool:
+        """`child` is (or was lately) one of its children: a SIGCHLD for it is the kernel's."""
+        return child in self.children or child in self.lately
 
 
 
@@ -85,10 +100,14 @@ class Signals(list):
         super().__init__()
         self._t = t
         self.again: list[int] = []
+        self.chld = False       # a SIGCHLD for one of its children was dropped
 
     def append(self, sig: int) -> None:
         t = self._t
-        if sig == _signal.SIGCHLD and child_signal(t.pid, t.children):
+        if sig == STEP_SIGNAL and own_signal(t.pid):
+            return          # its finish, queued too, is done after this step
+        if sig == _signal.SIGCHLD and child_signal(t.pid, t):
+            self.chld = True
             return
         if (sig == _signal.SIGSTOP and t.stop_sent > 0) or (sig == _signal.SIGCONT and
                                                              t.cont_sent):
@@ -153,11 +172,24 @@ def from_terminal(pid: int) -> bool:
     return int.from_bytes(info.raw[8:12], "little", signed=True) == SI_KERNEL
 
 
-def child_signal(pid: int, children: dict[int, int | None]) -> bool:
-    """True if the SIGCHLD `pid` is stopped with was sent by the kernel for one of
-    `children` (si_code CLD_EXITED..CLD_CONTINUED, si_pid among them); False for a user's
-    kill() (SI_USER: a process may not forge a positive si_code for another's signal)."""
-    if not children:
+def own_signal(pid: int) -> bool:
+    """True if the signal `pid` is stopped with was sent by kill() from this process
+    (si_code SI_USER, si_pid ours): the tracer's STEP_SIGNAL, not a user's."""
+    info = ctypes.create_string_buffer(128)
+    try:
+        pt.ptrace(pt.GETSIGINFO, pid, 0, ctypes.addressof(info))
+    except MigrateError:
+        return False
+    code, _, sender = struct.unpack_from("<iii", info.raw, 8)   # si_pid: after a pad
+    return code == 0 and sender == os.getpid()
+
+
+def child_signal(pid: int, t: "Tracee") -> bool:
+    """True if the SIGCHLD `pid` is stopped with was sent by the kernel for one of the
+    children of `t` (si_code CLD_EXITED..CLD_CONTINUED, si_pid among them or reaped
+    lately, `Tracee.kin`); False for a user's kill() (SI_USER: a process may not forge a
+    positive si_code for another's signal)."""
+    if not t.children and not t.lately:
         return False
     info = ctypes.create_string_buffer(128)
     try:
@@ -165,7 +197,7 @@ def child_signal(pid: int, children: dict[int, int | None]) -> bool:
     except MigrateError:
         return False
     code, _, child = struct.unpack_from("<iiI", info.raw, 8)
-    return CLD_EXITED <= code <= CLD_CONTINUED and child in children
+    return CLD_EXITED <= code <= CLD_CONTINUED and t.kin(child)
 
 
 def pending(pid: int, sig: int) -> bool:

@@ -24,10 +24,9 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.errors import MigrateError
-from bpfs.migrate.ghost import Ghosts
-from bpfs.migrate.tracee import (CAPTURING, MOVE_HELD, MOVING, RELEASING, SEIZED, as_error,
-                                 kill_and_reap, resolve,
-                                 send_kill)
+from bpfs.migrate.ghost import Ghosts, check_finish
+from bpfs.migrate.tracee import (CAPTURING, STEP_SIGNAL, MOVE_HELD, MOVING, RELEASING, SEIZED,
+                                 as_error, kill_and_reap, resolve, send_kill)
 from bpfs.migrate.image import Image
 from bpfs.migrate.spawn import spawn_traced
 
@@ -157,6 +156,50 @@ class Tracer:
                signal: int | None = None) -> Future[None]:
         return self._deferred(self._ghosts.finish, pid, exit_code, signal)
 
+    def finish_soon(self, pid: int, *, exit_code: int | None = None,
+                    signal: int | None = None) -> Future[None]:
+        """`finish` of a parked ghost without the doorbell: the ghost is sent STEP_SIGNAL,
+        and that signal's stop (an event like any, which wakes this thread) is where it
+        is aimed at its end, with no halt. The request is queued too, without a ring:
+        one that cannot be done at that stop (a ghost in a job-control stop, or in the
+        middle of a step) is done as `finish` does, at the thread's next turn. Anything
+        but a parked ghost, or one held in a job-control stop (a signal does not wake
+        it): `finish` (a signal to a running process would be its own)."""
+        if not self._ghosts.wakeable(pid):
+            return self.finish(pid, exit_code=exit_code, signal=signal)
+        fut: Future = Future()
+        try:
+            check_finish(exit_code, signal)
+        except MigrateError as exc:
+            fut.set_exception(exc)
+            return fut
+        self._ghosts.ends[pid] = (exit_code, signal, fut)
+        self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=False)
+        self._wake_ghost(pid)
+        return fut
+
+    def fork_soon(self, pid: int, reaped: bool = True) -> Future[int]:
+        """`fork` of a parked ghost without the doorbell and without a halt: the ghost is
+        sent STEP_SIGNAL, and the fork is made in that signal's stop (as `finish_soon`;
+        queued too, unrung, for a ghost that cannot take that stop now)."""
+        if not self._ghosts.wakeable(pid):
+            return self.fork(pid, reaped)
+        fut: Future = Future()
+        with self._ghosts._lock:
+            self._ghosts.forks.setdefault(pid, []).append((fut, reaped))
+        self._enqueue(lambda: self._ghosts.fork_queued(pid, fut), fut, ring=False)
+        self._wake_ghost(pid)
+        return fut
+
+    def _wake_ghost(self, pid: int) -> None:
+        """STEP_SIGNAL to the ghost: its stop wakes the thread (else the doorbell does)."""
+        try:
+            os.kill(pid, STEP_SIGNAL)
+        except ProcessLookupError:
+            pass            # its end wakes the thread
+        except OSError:
+            self._enqueue(lambda: None, None)      # rung: the queue does it
+
     def kill(self, pid: int) -> Future[None]:
         return self._deferred(self._ghosts.kill, pid)
 
@@ -167,8 +210,10 @@ class Tracer:
     def clone(self, pid: int, count: int) -> Future[list[int]]:
         return self._deferred(self._ghosts.clone, pid, count)
 
-    def fork(self, pid: int) -> Future[int]:
-        return self._deferred(self._ghosts.fork, pid)
+    def fork(self, pid: int, reaped: bool = False) -> Future[int]:
+        """`reaped`: the parent ghost reaps the child itself once it has ended (its
+        SIGCHLD's stop: docs/ghosts.md, "Children"); else the caller's `reap` does."""
+        return self._deferred(self._ghosts.fork, pid, reaped)
 
     def reap(self, parent: int, child: int, status: int | None = None) -> Future[int]:
         """`status`: the wait status of a child that ran here untraced (restored into its
@@ -255,7 +300,8 @@ class Tracer:
         self._enqueue(item, fut)
         return fut
 
-    def _enqueue(self, item: Callable[[], None], fut: Future | None, force: bool = False) -> None:
+    def _enqueue(self, item: Callable[[], None], fut: Future | None, force: bool = False,
+                 ring: bool = True) -> None:
         with self._lock:
             if self._closing and not force:
                 if fut is not None:
@@ -264,7 +310,7 @@ class Tracer:
             self._closing = self._closing or force
             self._queue.append((item, fut))
             bell = self._bell
-            ring = (bell is not None and not self._rung and
+            ring = (ring and bell is not None and not self._rung and
                     threading.current_thread() is not self._thread)
             self._rung = self._rung or ring
         self._wake.set()
@@ -285,6 +331,8 @@ class Tracer:
         try:
             while not self._stopping:
                 self._run_queue()
+                if self._ghosts.to_reap:
+                    self._ghosts.reap_ended()
                 self._ghosts.expire_captures()
                 if self._stopping:
                     break

@@ -17,17 +17,23 @@ MAX_EXEC_BYTES = 2 << 20     # and their bytes (E2BIG beyond)
 
 
 
+_last_fd = -1                # ns_last_pid, kept open: a fork reads and writes it often
+
+
+def _last() -> int:
+    global _last_fd
+    if _last_fd < 0:
+        _last_fd = os.open(NS_LAST_PID, os.O_RDWR | os.O_CLOEXEC)
+    return _last_fd
+
+
 def read_last() -> int:
-    with open(NS_LAST_PID, "rb") as f:
-        return int(f.read())
+    """The namespace's counter (the reader's PID namespace: the daemon's)."""
+    return int(os.pread(_last(), 32, 0))
 
 
 def write_last(value: int) -> None:
-    fd = os.open(NS_LAST_PID, os.O_WRONLY)
-    try:
-        os.write(fd, b"%d" % value)
-    finally:
-        os.close(fd)
+    os.pwrite(_last(), b"%d" % value, 0)
 
 
 def pid_arg(raw: int) -> int:

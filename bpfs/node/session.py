@@ -74,6 +74,7 @@ class Session:
         self.takes: dict[int, Any] = {}     # restores whose pages come straight (direct.py)
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
+        self._unsent = 0        # reports queued and not yet written (under fs.thread_lock)
 
     async def send(self, msg: wire.Message) -> None:
         await self.fs.send(msg)
@@ -96,9 +97,21 @@ class Session:
 
     def _queue(self, msg: wire.Message | None) -> None:
         try:
-            self._reports.send_nowait(msg)
+            with self.fs.thread_lock:
+                self._reports.send_nowait(msg)
+                self._unsent += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             log.debug("not reported, the session is over: %s", msg)
+
+    def report_threadsafe(self, msg: wire.Message,
+                          post: Callable[..., None]) -> None:
+        """`report` from another thread: written at once if nothing queued is still to
+        go before it, else handed to trio's thread (`post(fn, *args)`: run there soon)."""
+        sent = self.fs.send_threadsafe(msg, lambda: self._unsent == 0)
+        if sent is False:
+            post(self.report, msg)
+        elif sent is None:                      # the rest of it: from the sending task
+            post(self._queue, None)
 
     async def send_reports(self) -> Outcome:
         """Send what `report` queued; what queued up meanwhile goes in the same write
@@ -115,6 +128,7 @@ class Session:
                 await self.fs.send_many(msgs)
             else:
                 await self.fs.flush()
+            self._unsent -= len(batch)
             del first, batch, msgs      # a sent `part` holds its process's dump: let it go
         return Outcome.LOST
 

@@ -12,10 +12,12 @@ holds each job's listener. The supervisor answers the calls the filter stops:
   master may hand out. The master's refusal is the fork's errno (EAGAIN: process limits).
   Only one directed fork is ever in flight: the critical part has no await in it.
 - **execve**: let through; a moment later, if the command line changed, the ghost takes it
-  (`execed`).
-- the child's **end**: a pidfd per child; once it has been reaped on the node (by its
-  parent, or by us as PID 1 for orphans) its wait status goes to the master (`exited`),
-  which ends the ghost the same way and has the ghost's parent reap it.
+  (`execed`; bpfs/node/execnames.py, one task for all).
+- the child's **end**: a pidfd per child, opened as soon as the child exists (the answer
+  waits a moment for it); once the child has been reaped on the node (by its parent, or
+  by us as PID 1 for orphans) the pidfd hangs up (the watcher thread's epoll, which also
+  watches the listeners), and its wait status goes to the master (`exited`), which ends
+  the ghost the same way and has the ghost's parent reap it.
 - **getppid, getpgid, getpgrp, getsid**: a job's process is the child of its keeper, in
   the keeper's session and a group of its own (bpfs/migrate/restore.py): those numbers
   are the node's alone, so they are answered with the master's (the ghost's parent, group
@@ -49,9 +51,12 @@ import trio
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
+from bpfs.node.adoption import TAKE_TIMEOUT, Adoption
+from bpfs.node.execnames import ExecNames
+from bpfs.node.groups import GroupCalls
 from bpfs.node.pidproxy import PidfdCalls, Proxies
 from bpfs.node.session import Session
-from bpfs.standin import LAUNCHED, WAIT_ARG
+from bpfs.standin import LAUNCHED
 from bpfs.wire import messages
 
 log = logging.getLogger("bpslave")
@@ -60,11 +65,6 @@ PID_MAX_LIMIT = 1 << 22
 MAX_ARMED = 4096             # launches from this node waiting for their exec or end
 WAKE_SIGNAL = signal.SIGUSR2  # ends a receiver's wait once its job is over
 SWEEP = 5.0                  # forget calls whose caller died while the master answered
-TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
-EXEC_CHECKS = (0.005, 0.02, 0.1, 0.5, 2.0, 5.0)   # after an execve: when to look at the
-                                   # cmdline (a program done sooner costs its ghost no rename;
-                                   # a loaded node may take long to load one)
-REAP_POLL = (0.001, 0.1)     # an ended child not reaped yet: look again (first, at most)
 
 
 @dataclass(eq=False)
@@ -90,10 +90,11 @@ class Child:
     id: int
     pidfd: int
     job: Job
+    parent: int = 0                   # its parent's pid, here (and its ghost's parent's)
     cmdline: bytes = b""
 
 
-class Supervisor(PidfdCalls):
+class Supervisor(PidfdCalls, GroupCalls, Adoption):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
@@ -125,6 +126,8 @@ class Supervisor(PidfdCalls):
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
+        self.names = ExecNames(self._renamed)
         self._parked = park_at
         self.park()
 
@@ -149,6 +152,7 @@ class Supervisor(PidfdCalls):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self.names.run)
                 task_status.started()
                 while True:
                     await trio.sleep(SWEEP)
@@ -247,8 +251,10 @@ class Supervisor(PidfdCalls):
         before: "Cannot fork"); once received, only a fatal signal may interrupt it
         (SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV). The receive is a blocking ioctl made
         without the GIL (seccomp.recv_blocking), so the kernel completes it at once,
-        however busy the event loop is; the answers are made in trio's thread
-        (`_dispatch`). The watcher thread wakes it (SIGUSR2) once the job has ended."""
+        however busy the event loop is. A fork is asked of the master, and an execve let
+        through, from here (`HERE`: no trip through the event loop on a fork's path);
+        the other answers are made in trio's thread (`_dispatch`). The watcher thread
+        wakes it (SIGUSR2) once the job has ended."""
         while not job.done:
             try:
                 n = seccomp.recv_blocking(job.listener)
@@ -257,7 +263,7 @@ class Supervisor(PidfdCalls):
             except OSError as exc:
                 log.error("job %d: its listener failed: %s", job.leader, exc)
                 break
-            if n is not None:
+            if n is not None and not self._here(job, n):
                 self._post(self._dispatch, job, n)
         with self._lock:
             job.receivers -= 1
@@ -267,7 +273,9 @@ class Supervisor(PidfdCalls):
 
     def _watch_listeners(self) -> None:
         """The watcher thread: a job's listener hangs up once every process of the job has
-        ended (each is registered for no event: only EPOLLHUP/EPOLLERR come)."""
+        ended, a child's pidfd once the child has been reaped (each is registered for no
+        event: only EPOLLHUP/EPOLLERR come). The children reaped in one round go to trio's
+        thread together (`_ended`): one wake-up of the event loop for a shell's many."""
         while True:
             try:
                 events = self._epoll.poll()
@@ -275,9 +283,15 @@ class Supervisor(PidfdCalls):
                 continue
             except OSError:
                 return
+            reaped = []
             for fd, _mask in events:
                 if fd == self._wake_r:
                     return
+                child = self._pidfds.pop(fd, None)
+                if child is not None:
+                    self._epoll.unregister(fd)
+                    reaped.append((child, seccomp.exit_status(fd)))
+                    continue
                 job = self._by_fd.pop(fd, None)
                 if job is None:
                     continue
@@ -289,6 +303,8 @@ class Supervisor(PidfdCalls):
                             signal.pthread_kill(t.ident, WAKE_SIGNAL)
                         except (ProcessLookupError, OSError):
                             pass
+            if reaped:
+                self._post(self._ended, reaped)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -314,6 +330,16 @@ class Supervisor(PidfdCalls):
             log.debug("pid %d: %s: %s", n.pid, n.name, exc)
             seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
 
+    def _here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) answer `n` here if it is one of HERE's; False: trio's."""
+        handler = HERE.get(n.nr)
+        try:
+            return handler is not None and handler(self, job, n)
+        except OSError as exc:      # the caller died meanwhile, most likely
+            log.debug("pid %d: %s: %s", n.pid, n.name, exc)
+            seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
+            return True
+
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
@@ -331,13 +357,36 @@ class Supervisor(PidfdCalls):
         else:
             self._on_fork(job, n)
 
-    def _on_fork(self, job: Job, n: seccomp.Notif) -> None:
-        parent = procread.tgid(n.pid)
+    def _tgid(self, tid: int) -> int | None:
+        """The caller's process: the calling thread itself when it is a process we hold
+        (no /proc read on a fork's or an exec's path)."""
+        if tid in self.children or tid in self.jobs:
+            return tid
+        return procread.tgid(tid)
+
+    def _fork_here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) a new process is asked of the master from here; a thread's
+        clone is trio's (it settles the counter first)."""
+        if n.nr in (NR["clone"], NR["clone3"]):
+            flags = n.args[0] if n.nr == NR["clone"] else procread.clone3_flags(n)
+            if flags is None or flags & seccomp.CLONE_THREAD:
+                return False
+        self._on_fork(job, n, self._post)
+        return True
+
+    def _on_fork(self, job: Job, n: seccomp.Notif,
+                 post: Callable[..., None] | None = None) -> None:
+        """Ask the master for the child's PID; `post`: from a receiver thread."""
+        parent = self._tgid(n.pid)
         if parent is None:          # the caller is gone
             return
         seq = next(self._seq)
         self._forks[seq] = (job, n, parent)
-        job.session.report(messages.Fork(seq=seq, parent=parent))
+        msg = messages.Fork(seq=seq, parent=parent)
+        if post is None:
+            job.session.report(msg)
+        else:
+            job.session.report_threadsafe(msg, post)
 
     def _forked(self, job: Job, n: seccomp.Notif, parent: int,
                 reply: messages.Forked) -> None:
@@ -346,19 +395,21 @@ class Supervisor(PidfdCalls):
             seccomp.answer(job.listener, n.id, err=reply.errno or errno.EAGAIN)
             return
         pid, mid = reply.pid, reply.id
-        if procread.exists(pid) or not seccomp.still_waiting(job.listener, n.id):
-            if procread.exists(pid):
+        taken = procread.exists(pid)
+        if taken or not seccomp.still_waiting(job.listener, n.id):
+            if taken:
                 log.warning("the master's PID %d is taken on this node: fork refused", pid)
             seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
             job.session.report(messages.Unforked(pid=pid, id=mid))
             return
-        if not self._directed(job, n, pid):
-            job.session.report(messages.Unforked(pid=pid, id=mid))
-            return
-        child = Child(pid, mid, -1, job)
+        # recorded before it may run: its execve may come at once (`_exec_here`)
+        child = Child(pid, mid, -1, job, parent)
         self.children[pid] = child
         self.on_child(child)            # the master's signals for it reach it from now on
-        self._start(self._watch, child, parent)
+        if not self._directed(job, n, pid):
+            self._not_forked(child)
+            return
+        self.adopt_soon(child)
 
     def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> bool:
         """Let the fork run with the counter just below `pid`; False if its caller is gone.
@@ -374,11 +425,9 @@ class Supervisor(PidfdCalls):
     def settle(self) -> None:
         """Before anything else may take a PID here: the last directed fork has taken its
         number (spin for it if not yet, at most TAKE_TIMEOUT), and the counter is parked.
-
-        Why not at once after CONTINUE: the forking process must run to take its number,
-        and on a busy node waiting for that in the answer's path cost more than the rest
-        of the node's part of a fork; the child's watcher settles as soon as it runs, and
-        whatever else numbers a process here (a thread's clone, a restore) settles first."""
+        The answer's path waits TAKE_SPIN at most for the child (`_adopt`), a busy node's
+        may take longer: whatever else numbers a process here (a thread's clone, a
+        restore) settles first."""
         pid, self._pending = self._pending, None
         if pid is None:
             return
@@ -387,82 +436,43 @@ class Supervisor(PidfdCalls):
             os.sched_yield()
         procread.write_last(self._parked)
 
-    async def _watch(self, child: Child, parent: int) -> None:
-        """The child's number taken and checked, then its end and its reaping: tell the
-        master (its ghost goes if the fork did not happen as asked)."""
-        pid = child.pid
-        for _ in range(50):
-            if self._pending != pid or procread.read_last() != pid - 1:
-                break
-            await trio.sleep(0)
-        if self._pending == pid:
-            self.settle()
-        try:
-            child.pidfd = seccomp.pidfd_open(pid)
-        except OSError:           # the fork failed, or the child has come and gone already
-            child.pidfd = -1
-        ppid = procread.ppid(pid) if child.pidfd >= 0 else None
-        # None: reaped since the open; 1: its parent has ended and we adopted it
-        if child.pidfd < 0 or ppid not in (parent, None, 1):
-            self.children.pop(pid, None)
-            self.on_end(pid)
-            if child.pidfd >= 0:
-                os.close(child.pidfd)
-                log.warning("fork of %d: PID %d is not its child; it has no ghost", parent,
-                            pid)
-            child.job.session.report(messages.Unforked(pid=pid, id=child.id))
-            return
-        try:
-            await trio.lowlevel.wait_readable(child.pidfd)
-            delay = REAP_POLL[0]
-            while (status := seccomp.exit_status(child.pidfd)) is None:
-                await trio.sleep(delay)           # a zombie: its parent reaps it soon
-                delay = min(delay * 2, REAP_POLL[1])
-        finally:
-            self.children.pop(pid, None)
-            trio.lowlevel.notify_closing(child.pidfd)
-            os.close(child.pidfd)
-            self.on_end(pid)
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        child.job.session.report(messages.Exited(pid=pid, code=code, signal=sig, id=child.id))
-
     # ---- exec ----
 
+    def _exec_here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) an execve here is let through at once; its new name is
+        looked for by trio's thread (`names`). One to run elsewhere is trio's."""
+        pid = self._tgid(n.pid)
+        if pid is None or pid in self.armed:
+            return False
+        before = procread.cmdline(pid)
+        child = self.children.get(pid)
+        if child is not None:
+            self.adopt_here(child)      # it waits here: it exists (if not taken yet)
+        self._go(job, n)
+        if child is not None or pid in self.jobs:
+            self._post(self.names.add, job, pid, before)
+        return True
+
     def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
-        pid = procread.tgid(n.pid)
+        pid = self._tgid(n.pid)
         if pid is not None and pid in self.armed:
             return self._exec_elsewhere(job, n, pid)
         before = procread.cmdline(pid) if pid is not None else b""
         self._go(job, n)
         if pid is not None and (pid in self.children or pid in self.jobs):
-            self._start(self._execed, job, pid, before)
+            self.names.add(job, pid, before)
 
-    async def _execed(self, job: Job, pid: int, before: bytes) -> None:
-        for delay in EXEC_CHECKS:
-            await trio.sleep(delay)
-            now = procread.cmdline(pid)
-            if not now or procread.state(pid) in (None, "Z"):
-                return              # gone, or ended: its ghost ends too, unrenamed
-            if now != before:
-                child = self.children.get(pid)
-                if child is not None:
-                    child.cmdline = now
-                    mid = child.id
-                else:
-                    mid = job.id
-                job.session.report(messages.Execed(pid=pid, id=mid, cmdline=now))
-                return
-
-    # ---- parentage ----
-
-    def _on_getppid(self, job: Job, n: seccomp.Notif) -> None:
-        tgid = procread.tgid(n.pid)
-        lead = self.jobs.get(tgid) if tgid is not None else None
-        if lead is not None and lead.ppid is not None and procread.ppid(tgid) == lead.keeper:
-            seccomp.answer(job.listener, n.id, val=lead.ppid)
+    def _renamed(self, job: Job, pid: int, cmdline: bytes) -> None:
+        """`pid` exec'd a program with this new command line (`names`): its ghost's."""
+        child = self.children.get(pid)
+        if child is not None:
+            child.cmdline = cmdline
+            mid = child.id
         else:
-            self._go(job, n)
+            mid = job.id
+        job.session.report(messages.Execed(pid=pid, id=mid, cmdline=cmdline))
+
+    # ---- launches from this node (getppid and its kin: bpfs/node/groups.py) ----
 
     def _exec_elsewhere(self, job: Job, n: seccomp.Notif, pid: int) -> None:
         """An armed process's execve: the master runs it in its ghost and migrates it; the
@@ -490,59 +500,6 @@ class Supervisor(PidfdCalls):
         else:
             self._waiting[pid] = (job, n)
 
-    def _on_getpgid(self, job: Job, n: seccomp.Notif) -> None:
-        if n.nr == NR["getpgid"] and procread.pid_arg(n.args[0]) == WAIT_ARG:
-            pid = procread.tgid(n.pid)
-            if pid is not None:
-                return self._stand_in_waits(job, n, pid)
-        target = procread.pid_arg(n.args[0]) if n.nr == NR["getpgid"] else 0
-        self._translate(job, n, os.getpgid, target, self._group_of)
-
-    def _on_getsid(self, job: Job, n: seccomp.Notif) -> None:
-        self._translate(job, n, os.getsid, procread.pid_arg(n.args[0]), self._session_of)
-
-    def _translate(self, job: Job, n: seccomp.Notif, get: Callable[[int], int], target: int,
-                   master: Callable[[int], int | None]) -> None:
-        if target < 0:
-            return self._go(job, n)
-        try:
-            local = get(target or n.pid)
-        except OSError:
-            return self._go(job, n)         # the kernel says ESRCH itself
-        value = master(local)
-        if value is None:
-            self._go(job, n)
-        else:
-            seccomp.answer(job.listener, n.id, val=value)
-
-    def _group_of(self, pgid: int) -> int | None:
-        """The master's group for a job leader's own group on the node."""
-        job = self.jobs.get(pgid)
-        return job.pgid if job is not None and job.pgid is not None else None
-
-    def _session_of(self, sid: int) -> int | None:
-        """The master's session for a keeper's session on the node."""
-        for job in self.jobs.values():
-            if job.keeper == sid and job.sid is not None:
-                return job.sid
-        return None
-
-    def _on_setpgid(self, job: Job, n: seccomp.Notif) -> None:
-        """setpgid to the master's number of a job's group (what getpgid told): the job's
-        group here, which the process may only already be in."""
-        pgid = procread.pid_arg(n.args[1])
-        other = next((j for j in self.jobs.values()
-                      if pgid > 0 and j.pgid == pgid and j.leader != pgid), None)
-        if other is None:
-            self._go(job, n)
-            return
-        try:
-            now_in = os.getpgid(procread.pid_arg(n.args[0]) or n.pid)
-        except OSError:
-            seccomp.answer(job.listener, n.id, err=errno.ESRCH)
-            return
-        seccomp.answer(job.listener, n.id, err=0 if now_in == other.leader else errno.EPERM)
-
     # ---- signals ----
 
     def _on_kill(self, job: Job, n: seccomp.Notif) -> None:
@@ -561,7 +518,6 @@ class Supervisor(PidfdCalls):
                                          euid=creds[1]))
 
 
-
 HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
     NR["clone"]: Supervisor._on_clone, NR["clone3"]: Supervisor._on_clone,
     NR["fork"]: Supervisor._on_fork, NR["vfork"]: Supervisor._on_fork,
@@ -572,4 +528,10 @@ HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
     **{NR[k]: Supervisor._on_kill for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                              "rt_tgsigqueueinfo")},
     NR["pidfd_open"]: Supervisor._on_pidfd_open,
+}
+# answered in a receiver thread (`_here`): True if done, False to hand it to HANDLERS
+HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
+    NR["clone"]: Supervisor._fork_here, NR["clone3"]: Supervisor._fork_here,
+    NR["fork"]: Supervisor._fork_here, NR["vfork"]: Supervisor._fork_here,
+    NR["execve"]: Supervisor._exec_here, NR["execveat"]: Supervisor._exec_here,
 }

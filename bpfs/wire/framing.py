@@ -50,7 +50,8 @@ import hmac
 import os
 import secrets
 import stat
-from typing import Any, TypeVar
+import threading
+from typing import Any, Callable, TypeVar
 
 import msgpack
 import trio
@@ -116,6 +117,11 @@ class FrameStream:
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
         self._rest = b""        # the end of a frame `send_nowait` could not write whole
+        # Writes from another thread (`send_threadsafe`) and trio's own writes take turns
+        # on this lock; `_busy`: trio's send goes on across awaits (no other write then).
+        self.thread_lock = threading.Lock()
+        self._busy = False
+        self._closed = False
 
     async def send(self, msg: Message | dict[str, Any], timeout: float | None = None) -> None:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
@@ -159,10 +165,36 @@ class FrameStream:
         if fd < 0 or self._send_lock.locked() or self._rest:
             return False
         data = pack(msg)
-        sent = self._write(fd, data)
-        if sent:                # none written: the caller sends it, it is not kept here too
-            self._rest = data[sent:]
+        with self.thread_lock:
+            if self._busy or self._rest:
+                return False
+            sent = self._write(fd, data)
+            if sent:            # none written: the caller sends it, it is not kept here too
+                self._rest = data[sent:]
         return sent > 0
+
+    def send_threadsafe(self, msg: Message, ok: Callable[[], bool] | None = None
+                        ) -> bool | None:
+        """Write `msg` now from any thread, if no send is under way and `ok()` (called
+        with the writes held off: the caller's own ordering rule).
+
+        True: written whole. None: written in part, its end kept (`pending`): the caller
+        must have trio's thread `flush`. False: nothing written (busy, full, closed,
+        broken): send it from trio's thread. Why: a node's receiver thread sends `fork`
+        without a trip through the event loop (bpfs/node/supervisor.py)."""
+        data = pack(msg)
+        with self.thread_lock:
+            fd = self._sock.fileno() if self._sock is not None and not self._closed else -1
+            if fd < 0 or self._busy or self._rest or (ok is not None and not ok()):
+                return False
+            try:
+                sent = self._write(fd, data)
+            except trio.BrokenResourceError:
+                return False
+            if not sent:
+                return False
+            self._rest = data[sent:]
+        return True if sent == len(data) else None
 
     @property
     def pending(self) -> bool:
@@ -192,17 +224,30 @@ class FrameStream:
         if fd >= 0 and not self._send_lock.locked():
             self._send_lock.acquire_nowait()
             try:
-                data, self._rest = (self._rest + data if self._rest else data), b""
-                sent = self._write(fd, data) if data else 0
+                with self.thread_lock:
+                    data, self._rest = (self._rest + data if self._rest else data), b""
+                    sent = self._write(fd, data) if data else 0
+                    self._busy = sent < len(data)
                 if sent < len(data):
                     await self._send_all(memoryview(data)[sent:], timeout)
             finally:
+                self._idle()
                 self._send_lock.release()
             return
         async with self._send_lock:
-            data, self._rest = (self._rest + data if self._rest else data), b""
-            if data:
-                await self._send_all(data, timeout)
+            with self.thread_lock:
+                data, self._rest = (self._rest + data if self._rest else data), b""
+                self._busy = bool(data)
+            try:
+                if data:
+                    await self._send_all(data, timeout)
+            finally:
+                self._idle()
+
+    def _idle(self) -> None:
+        if self._busy:
+            with self.thread_lock:
+                self._busy = False
 
     async def _send_all(self, data: bytes | memoryview, timeout: float | None) -> None:
         if timeout is None:
@@ -272,7 +317,14 @@ class FrameStream:
                                 f"{messages.tag(type(msg))!r}")
         return msg
 
+    def retire(self) -> None:
+        """No `send_threadsafe` from now on: the stream is about to be closed (its fd
+        number may be reused at once)."""
+        with self.thread_lock:
+            self._closed = True
+
     async def aclose(self) -> None:
+        self.retire()
         await self.stream.aclose()
 
 

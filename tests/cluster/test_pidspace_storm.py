@@ -105,3 +105,35 @@ def test_the_counter_is_parked_again_after_a_fork_whose_child_execs(cluster) -> 
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+
+
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_each_ghost_ends_as_its_process_did(cluster, users, who) -> None:
+    """Subshells that never exec, programs, and a death by a signal: each one's end on the
+    master (the `exit` event of its ghost) is its own, and the shell's ghost is left with
+    no child (each reaped in its SIGCHLD's stop). (A subshell that ends at once, `(exit
+    3)`, is often reaped on the node before its pidfd could be taken: its ghost goes
+    without an end of its own; docs/pidspace.md, "Costs and limits". These live a
+    moment.)"""
+    user = users["alice"] if who == "alice" else None
+    n = 30
+    script = (f"i=0; while [ $i -lt {n} ]; do (sleep 0.02; exit $((i % 7 + 1))); "
+              "/bin/false; i=$((i+1)); done; sh -c 'kill -TERM $$'; echo $$; exec sleep 30")
+    reader = subprocess.Popen(["cat", os.path.join(cluster.mount, "events")],
+                              stdout=subprocess.PIPE, text=True)
+    p = bpsh_bg(cluster, "1", "sh", "-c", script, user=user)
+    try:
+        sh_pid = int(first_line(p))
+        cluster.wait_for(lambda: children_of(sh_pid) == [], timeout=10,
+                         what="no child ghost left under the shell's ghost")
+        time.sleep(0.3)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        reader.kill()
+        out = reader.communicate()[0]
+    ends = [line.split(" ", 4)[4] for line in out.splitlines()
+            if line.split(" ")[1:4:2] == ["proc", "exit"]]
+    expected = [x for i in range(n) for x in ("0", str(i % 7 + 1), "1")] + ["signal 15"]
+    assert ends[:len(expected)] == expected

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.tracee import STEP_SIGNAL
 from tests.engine.ghostrig import SLEEP, TRUE, Rig, asleep, gone, proc_state, until
 from tests.engine.test_ghost import CAP_SYS_RESOURCE, drop_cap_in_this_thread, status_of
 
@@ -109,6 +110,121 @@ def test_finish_then_reap_gives_the_status_and_leaves_no_zombie(rig: Rig) -> Non
     assert asleep(pid) and rig.tracer.ghosts() == [pid] and rig.rec.signals == []
     rig.tracer.finish(pid, exit_code=0).result(5)
     assert rig.bpsh.status(pid) == 0
+
+
+def test_a_reaped_child_is_reaped_by_its_parent_ghost_at_its_end(rig: Rig) -> None:
+    """fork(reaped=True), a process forked on a node: once it has ended, however, the
+    parent ghost reaps it by itself (in the stop of the SIGCHLD it gets), with nothing
+    reported; a later reap finds nothing (ECHILD)."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    codes = {}
+    for code in (3, 0, 255):
+        child = rig.tracer.fork(pid, reaped=True).result(5)
+        codes[child] = code << 8
+        rig.tracer.finish(child, exit_code=code).result(5)
+        assert until(lambda: zombies_of(pid) == [])
+    killed = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.finish(killed, signal=signal.SIGTERM).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    assert errno_of(rig.tracer.reap(pid, killed)) == errno.ECHILD
+    assert {c: s for c, s in rig.rec.exits.items() if c != killed} == codes
+    assert os.WTERMSIG(rig.rec.exits[killed]) == signal.SIGTERM
+    # many at once: their SIGCHLDs coalesce, every one is reaped all the same
+    many = [rig.tracer.fork(pid, reaped=True).result(5) for _ in range(20)]
+    for c in many:
+        rig.tracer.finish(c, exit_code=1)
+    assert until(lambda: zombies_of(pid) == [])
+    time.sleep(0.1)
+    assert rig.rec.signals == [] and asleep(pid) and rig.tracer.ghosts() == [pid]
+    assert rig.tracer._ghosts.tracees[pid].children == {}
+
+
+def test_a_reaped_child_of_a_stopped_ghost_is_reaped_and_it_stays_stopped(
+        rig: Rig) -> None:
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    child = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    rig.tracer.finish(child, exit_code=4).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    time.sleep(0.05)
+    assert proc_state(pid) == "t" and ghost.stopped
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid) and rig.rec.signals == [] and rig.rec.exits == {child: 4 << 8}
+
+
+def test_finish_soon_ends_a_ghost_at_its_signals_stop(rig: Rig) -> None:
+    """finish_soon (no doorbell): the ghost ends with the exit code or signal asked, the
+    STEP_SIGNAL that woke it is neither reported nor delivered; a user's STEP_SIGNAL is
+    reported as any signal."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    a = rig.tracer.fork(pid, reaped=True).result(5)
+    b = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.finish_soon(a, exit_code=9).result(5)
+    rig.tracer.finish_soon(b, signal=signal.SIGTERM).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    assert rig.rec.exits[a] == 9 << 8 and os.WTERMSIG(rig.rec.exits[b]) == signal.SIGTERM
+    c = rig.tracer.fork(pid, reaped=True).result(5)
+    subprocess.run(["kill", f"-{STEP_SIGNAL}", str(c)], check=True)      # a user's
+    rig.rec.wait(lambda: rig.rec.signals)
+    assert rig.rec.signals == [(c, STEP_SIGNAL)] and asleep(c)
+    assert errno_of(rig.tracer.finish_soon(c, exit_code=300)) == errno.EINVAL
+    assert asleep(c) and rig.tracer.finish_soon(c, exit_code=0).result(5) is None
+    assert rig.rec.exits[c] == 0 and rig.rec.signals == [(c, STEP_SIGNAL)]
+
+
+def test_finish_soon_of_a_stopped_or_busy_ghost(rig: Rig) -> None:
+    """A ghost held in a job-control stop cannot take STEP_SIGNAL's stop: its finish is
+    done from the queue; one halted for a step (a fork of its own) meanwhile, after the
+    step; many at once, each. A pid that is no parked ghost: as finish does."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    child = rig.tracer.fork(pid, reaped=True).result(5)
+    rig.tracer.set_stopped(child, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(child) == "t")
+    rig.tracer.finish_soon(child, exit_code=5).result(5)
+    assert rig.rec.exits[child] == 5 << 8
+    for _ in range(20):
+        busy = rig.tracer.fork(pid, reaped=True).result(5)
+        more = rig.tracer.fork(busy, reaped=True)        # busy is halted for it, or
+        done = rig.tracer.finish_soon(busy, exit_code=6)  # ends first (then ESRCH)
+        done.result(5)
+        assert rig.rec.exits[busy] == 6 << 8
+        if more.exception(5) is None:
+            rig.tracer.kill(more.result()).result(5)
+        else:
+            assert more.exception().errno == errno.ESRCH
+    many = [rig.tracer.fork(pid, reaped=True).result(5) for _ in range(30)]
+    for f in [rig.tracer.finish_soon(c, exit_code=i) for i, c in enumerate(many)]:
+        f.result(5)
+    assert [rig.rec.exits[c] for c in many] == [i << 8 for i in range(30)]
+    assert until(lambda: zombies_of(pid) == [])
+    assert [p for p, sig in rig.rec.signals if p != child or sig == STEP_SIGNAL] == []
+    assert errno_of(rig.tracer.finish_soon(999999, exit_code=0)) == errno.ESRCH
+    assert asleep(pid) and ghost.children == {}
+
+
+def test_fork_soon_makes_the_child_in_the_parents_signal_stop(rig: Rig) -> None:
+    """fork_soon (no doorbell, no halt): a child ghost of the parent, asleep, its pid as
+    fork's; many in a row, some while the parent is halted for another step or held in
+    a job-control stop; nothing reported; every child reaped once finished."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghost = rig.tracer._ghosts.tracees[pid]
+    kids = [rig.tracer.fork_soon(pid).result(5) for _ in range(20)]
+    assert all(asleep(k) and ids(k)[0] == str(pid) for k in kids)
+    together = [rig.tracer.fork_soon(pid) for _ in range(10)] + [rig.tracer.fork(pid, True)]
+    kids += [f.result(5) for f in together]
+    rig.tracer.set_stopped(pid, True, signal.SIGTSTP).result(5)
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    kids.append(rig.tracer.fork_soon(pid).result(5))
+    assert until(lambda: proc_state(pid) == "t" and ghost.stopped)
+    rig.tracer.set_stopped(pid, False).result(5)
+    assert asleep(pid) and len(set(kids)) == len(kids) == 32
+    for f in [rig.tracer.finish_soon(k, exit_code=2) for k in kids]:
+        f.result(5)
+    assert until(lambda: zombies_of(pid) == []) and rig.rec.signals == []
+    assert errno_of(rig.tracer.fork_soon(999999)) == errno.ESRCH
 
 
 def test_a_childs_sigchld_is_not_reported_but_a_users_is(rig: Rig) -> None:

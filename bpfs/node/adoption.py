@@ -1,0 +1,133 @@
+"""A child forked on this node, from its birth to its reaping: its pidfd, taken as soon as
+it exists, and its end, told to the master once it has been reaped. Mixed into
+bpfs.node.supervisor.Supervisor (docs/pidspace.md, "A fork" and "The end").
+
+Why at once: a child that never execs (`(exit 3)`) may end and be reaped within a fraction
+of a millisecond, and a child reaped before its pidfd was opened can no longer tell how it
+ended (its ghost then goes without an end of its own: `unforked`). So the answer's path
+waits for it a moment (`adopt_soon`: TAKE_SPIN), a child's execve takes it while the
+child waits in that call (`adopt_here`, a receiver thread: every child that execs is
+taken so), and a task looks for one not there yet (`_watch`, a busy node). The pidfd is
+then watched by the supervisor's watcher thread (its epoll, for no event: it hangs up once
+the child has been reaped, Linux 6.9), which hands each round of ends to trio's thread
+(`_ended`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from typing import Any, Callable
+
+import trio
+
+from bpfs.migrate import seccomp
+from bpfs.node import procread
+from bpfs.wire import messages
+
+log = logging.getLogger("bpslave")
+
+TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
+TAKE_SPIN = 0.0003           # ... waited for in the answer's path, then by a task
+TAKE_POLL = 0.0002           # ... which looks this often
+
+
+class Adoption:
+    """The children's pidfds and ends for the Supervisor (see the module doc)."""
+
+    children: dict[int, Any]        # by pid: bpfs.node.supervisor.Child
+    names: Any                      # bpfs.node.execnames.ExecNames
+    on_end: Callable[[int], None]
+    _pending: int | None
+    _pidfds: dict[int, Any]         # the children's pidfds, in the watcher's epoll
+    _epoll: select.epoll
+    _lock: threading.Lock
+    settle: Callable[[], None]
+    _start: Callable[..., None]
+
+    def adopt_soon(self, child: Any) -> None:
+        """(Trio's thread, right after the fork's CONTINUE) its pidfd, within TAKE_SPIN
+        (sched_yield between looks: the forking process may be waiting for this CPU),
+        else from a task."""
+        deadline = time.perf_counter() + TAKE_SPIN
+        while not self._adopt(child):
+            if time.perf_counter() > deadline:
+                self._start(self._watch, child)
+                return
+            os.sched_yield()
+
+    def adopt_here(self, child: Any) -> None:
+        """(A receiver thread) the child is in its execve: it exists, take it if not yet.
+        The counter is trio's: it parks it once it sees the child taken."""
+        if child.pidfd < 0:
+            self._adopt(child, settle=False)
+
+    def _adopt(self, child: Any, settle: bool = True) -> bool:
+        """Its pidfd, checked and watched (the counter parked first, with `settle`);
+        False if it does not exist yet. A stranger with its number: its ghost goes."""
+        with self._lock:
+            if child.pidfd >= 0 or self.children.get(child.pid) is not child:
+                fd = -1                             # taken already, or forgotten
+            else:
+                try:
+                    fd = os.pidfd_open(child.pid)
+                except OSError:
+                    return False
+                # None: reaped since the open; 1: its parent ended and we adopted it
+                if seccomp.parent_of(fd) in (child.parent, None, 1):
+                    child.pidfd = fd
+                    self._pidfds[fd] = child
+                    self._epoll.register(fd, 0)     # its reaping hangs it up
+                    fd = -1
+        if settle and self._pending == child.pid:
+            self.settle()
+        if fd >= 0:
+            os.close(fd)
+            if settle:
+                log.warning("fork of %d: PID %d is not its child; it has no ghost",
+                            child.parent, child.pid)
+                self._not_forked(child)
+            else:
+                return False        # trio's to say
+        return True
+
+    async def _watch(self, child: Any) -> None:
+        """A child whose number was not taken in the answer's time (a busy node): look
+        again until it is (at most TAKE_TIMEOUT), then adopt it; if it is not there then
+        (the fork failed, or the child has come and gone already), its ghost goes."""
+        pid = child.pid
+        deadline = time.perf_counter() + TAKE_TIMEOUT
+        while self._pending == pid and procread.read_last() == pid - 1 and \
+                child.pidfd < 0 and time.perf_counter() < deadline:
+            await trio.sleep(TAKE_POLL)
+        if self.children.get(pid) is child and child.pidfd < 0 and \
+                not self._adopt(child):
+            self._not_forked(child)
+        if self._pending == pid:        # (its execve took it meanwhile: parked here)
+            self.settle()
+
+    def _not_forked(self, child: Any) -> None:
+        self._forget(child)
+        child.job.session.report(messages.Unforked(pid=child.pid, id=child.id))
+
+    def _forget(self, child: Any) -> None:
+        if self.children.get(child.pid) is child:
+            del self.children[child.pid]
+        self.names.drop(child.pid)
+        self.on_end(child.pid)
+
+    def _ended(self, reaped: list[tuple[Any, int | None]]) -> None:
+        """(Trio's thread) children reaped on the node: the master hears of each end."""
+        for child, status in reaped:
+            os.close(child.pidfd)
+            self._forget(child)
+            if status is None:      # no exit information: a kernel without it (< 6.15)
+                log.warning("pid %d: reaped, but its status is unknown", child.pid)
+                status = 0
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            child.job.session.report(messages.Exited(pid=child.pid, code=code, signal=sig,
+                                                     id=child.id))
