@@ -89,7 +89,7 @@ async def test_restored_process_files_signals_and_exit_status(master: Master, us
         try:
             msg = await restored(master, node, proc)
             assert (msg["uid"], msg["gid"], msg["io"]) == (0, 0, ["null"] * 3)
-            assert msg["token"] == TOKEN and isinstance(msg["image"], bytes)
+            assert msg["token"] == TOKEN and isinstance(msg["image"], (bytes, memoryview))
             d = master.path(f"procs/{proc.pid}")
             st = formats.parse_proc_status(master.read(f"procs/{proc.pid}/status"))
             assert (st.pid, st.node, st.state, st.cmd, st.exit) == (proc.pid, 0, "running",
