@@ -19,19 +19,13 @@ import pytest
 
 from tests.cluster.test_move import (COUNTER, PY, hostname_of, read_line, start_bpsh, stop,
                                      write_ctl)
-from tests.cluster.test_move_stream import ask
+from tests.cluster.test_move_stream import ask, holder
 from tests.conftest import Cluster, _new_cluster, _teardown, is_root
 
 pytestmark = pytest.mark.timeout(120)
 
 MB = 40
-HOLDER = ("import os, sys\n"
-          f"mem = bytearray(b'\\x5a') * ({MB} << 20)\n"
-          "print(os.getpid(), flush=True)\n"
-          "for line in sys.stdin:\n"
-          "    mem[0] = (mem[0] + 1) % 256\n"
-          "    print(sum(mem[::4096]), os.uname().nodename, flush=True)\n")
-SUM = 0x5a * ((MB << 20) // 4096)
+HOLDER, SUM = holder(MB)
 
 
 def master_log(c: Cluster) -> str:

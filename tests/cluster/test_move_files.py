@@ -14,20 +14,10 @@ import tempfile
 import pytest
 
 from bpfs import formats
+from tests.cluster.test_move import write_ctl
 from tests.conftest import command
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _write_ctl(cluster, pid: int, text: str) -> int:
-    fd = os.open(os.path.join(cluster.mount, "procs", str(pid), "ctl"), os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-        return 0
-    except OSError as exc:
-        return exc.errno or -1
-    finally:
-        os.close(fd)
 
 
 def _line(p: subprocess.Popen) -> str:
@@ -56,7 +46,7 @@ def test_a_node_lacking_the_program_gets_it_from_the_master_during_a_move(
         _say(p, "on one")
         assert _line(p) == "on one"
         (pid,) = formats.parse_pids(c.read("nodes/1/procs"))
-        assert _write_ctl(c, pid, "move 2") == 0
+        assert write_ctl(c, pid, "move 2") == 0
         assert c.read(f"procs/{pid}/node").strip() == "2"
         _say(p, "on two")
         assert _line(p) == "on two"

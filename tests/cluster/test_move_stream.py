@@ -17,14 +17,21 @@ from tests.cluster.test_move import (PY, hostname_of, master_name, node_copies, 
 
 pytestmark = pytest.mark.timeout(120)
 
+
+def holder(mb: int) -> tuple[str, int]:
+    """A program holding `mb` MB that, at each stdin line, changes a byte and prints the
+    sum of one byte a page and its node's name; and that sum before any line."""
+    return (("import os, sys\n"
+             f"mem = bytearray(b'\\x5a') * ({mb} << 20)\n"
+             "print(os.getpid(), flush=True)\n"
+             "for line in sys.stdin:\n"
+             "    mem[0] = (mem[0] + 1) % 256\n"
+             "    print(sum(mem[::4096]), os.uname().nodename, flush=True)\n"),
+            0x5a * ((mb << 20) // 4096))
+
+
 MB = 300
-HOLDER = ("import os, sys\n"
-          f"mem = bytearray(b'\\x5a') * ({MB} << 20)\n"
-          "print(os.getpid(), flush=True)\n"
-          "for line in sys.stdin:\n"
-          "    mem[0] = (mem[0] + 1) % 256\n"
-          "    print(sum(mem[::4096]), os.uname().nodename, flush=True)\n")
-SUM = 0x5a * ((MB << 20) // 4096)
+HOLDER, SUM = holder(MB)
 
 
 def ask(p: subprocess.Popen) -> tuple[int, str]:
