@@ -31,6 +31,7 @@ the cluster down.
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 import os
 import shutil
 import socket
@@ -114,7 +115,8 @@ class Bench:
         return subprocess.Popen(cmd("bpsh") + list(argv), env=self.env, cwd="/",
                                 stdout=subprocess.PIPE, text=True)
 
-    def master_pid(self) -> int:
+    def _daemon(self, what: str, mine: Callable[[list[bytes]], bool]) -> int:
+        """The PID of this cluster's daemon whose command line `mine` says is it."""
         for p in os.listdir("/proc"):
             if p.isdigit():
                 try:
@@ -122,23 +124,17 @@ class Bench:
                         args = f.read().split(b"\0")
                 except OSError:
                     continue
-                if b"master" in args and self.mount.encode() in args:
+                if self.mount.encode() in args and mine(args):
                     return int(p)
-        raise RuntimeError("no master found")
+        raise RuntimeError(f"no {what} found")
+
+    def master_pid(self) -> int:
+        return self._daemon("master", lambda args: b"master" in args)
 
     def node_pid(self, n: int) -> int:
         """Node n's daemon (its command line is bpslave's)."""
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                try:
-                    with open(f"/proc/{p}/cmdline", "rb") as f:
-                        args = f.read().split(b"\0")
-                except OSError:
-                    continue
-                if args[0] == b"bpslave" and self.mount.encode() in args and \
-                        args[args.index(b"--node") + 1] == str(n).encode():
-                    return int(p)
-        raise RuntimeError(f"no node {n} found")
+        return self._daemon(f"node {n}", lambda args: args[0] == b"bpslave" and
+                            args[args.index(b"--node") + 1] == str(n).encode())
 
 
 def cpu_ms(pid: int) -> float:
