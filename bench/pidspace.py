@@ -31,7 +31,6 @@ the cluster down.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
 import os
 import shutil
 import socket
@@ -41,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
