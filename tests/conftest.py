@@ -208,6 +208,19 @@ class Cluster:
         return "\n".join(out)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    """A failed test on a cluster shows the tails of its daemons' logs (they go with the
+    cluster's state directory at teardown, and a failure seen once in a full run is
+    otherwise left with nothing to read)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Cluster) and os.path.isdir(value.state_dir):
+                rep.sections.append((f"cluster logs ({value.state_dir})", value.logs()))
+
+
 def mounted(path: str) -> bool:
     with open("/proc/mounts") as f:
         return any(line.split()[1] == path for line in f)
