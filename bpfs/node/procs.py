@@ -307,17 +307,23 @@ class Attempt:
             n: LinkTarget(host, req.port, req.token, pid, consumed if n == 0 else 0)
             for n, spec in enumerate(req.io) if spec == "socket"})
 
+    def take_links(self, pid: int) -> bool:
+        """Its stdio links, if they are all connected by now (False: not yet)."""
+        self.links = self._links(pid)
+        if not self.links.ready():
+            return False
+        self.fds[:] = self.links.fds()
+        self.steps.mark("links")
+        return True
+
     def at_once(self) -> bool:
         """True if the restore is over (either way); False: `run` must finish it."""
         req = self.req
         try:
             if req.pid is None or self.session.node.procs.dying(req.pid):
                 return False
-            self.links = self._links(req.pid)
-            if not self.links.ready():
+            if not self.take_links(req.pid):
                 return False
-            self.fds[:] = self.links.fds()
-            self.steps.mark("links")
             image, missing, pid = _restore_job(self.node, req, self.fds, None, {})
             if pid is None:
                 self.loaded = (image, missing)

@@ -117,11 +117,8 @@ class Stream:
         image, missing = procs.prepared(node, req, image)
         if missing:
             return False
-        a.links = a._links(req.pid)
-        if not a.links.ready():
+        if not a.take_links(req.pid):
             return False
-        a.fds[:] = a.links.fds()
-        a.steps.mark("links")
         self.image, _, self.build = procs._restore_job(node, req, a.fds, (image, []), {},
                                                       begin=True)
         a.steps.mark("begin")

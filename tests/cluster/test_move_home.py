@@ -66,6 +66,17 @@ def rss_kb(pid: int) -> int:
         return 0
 
 
+def move_home_half_way(cluster, pid: int) -> tuple[subprocess.Popen, bool]:
+    """`move master` of `pid`, started and watched until its ghost has grown by 50 MB:
+    (the mover, True if the move was still under way then)."""
+    small = rss_kb(pid)
+    m = mover(cluster, pid, "master")
+    deadline = time.monotonic() + 30
+    while m.poll() is None and time.monotonic() < deadline and rss_kb(pid) < small + 50_000:
+        time.sleep(0.002)
+    return m, m.poll() is None
+
+
 @pytest.mark.parametrize("who", ["root", "alice"])
 def test_a_big_process_streams_home_into_its_ghost_with_its_memory(cluster, users,
                                                                    who) -> None:
@@ -151,12 +162,7 @@ def test_a_move_home_whose_file_goes_half_way_leaves_a_working_ghost(cluster) ->
     try:
         pid = int(read_line(p))
         assert ask(p) == [str(total(mb) + 1), hostname_of(1)]
-        small = rss_kb(pid)
-        m = mover(cluster, pid, "master")
-        deadline = time.monotonic() + 30
-        while m.poll() is None and time.monotonic() < deadline and rss_kb(pid) < small + 50_000:
-            time.sleep(0.002)
-        half = m.poll() is None
+        m, half = move_home_half_way(cluster, pid)
         os.unlink(path)
         code = m.wait(timeout=60)
         if not half:
@@ -179,12 +185,7 @@ def test_a_source_that_fails_half_way_ends_the_ghost_as_its_process_ended(cluste
     try:
         pid = int(read_line(p))
         (copy,) = node_copies(pid)
-        small = rss_kb(pid)
-        m = mover(cluster, pid, "master")
-        deadline = time.monotonic() + 30
-        while m.poll() is None and time.monotonic() < deadline and rss_kb(pid) < small + 50_000:
-            time.sleep(0.002)
-        half = m.poll() is None
+        m, half = move_home_half_way(cluster, pid)
         os.kill(copy, signal.SIGKILL)
         code = m.wait(timeout=60)
         if not half:
@@ -206,12 +207,7 @@ def test_a_ghost_killed_while_its_image_streams_in_takes_its_process_along(clust
     p = start_bpsh(cluster, 1, PY, "-c", HOLDER, str(mb), stdin=subprocess.PIPE)
     try:
         pid = int(read_line(p))
-        small = rss_kb(pid)
-        m = mover(cluster, pid, "master")
-        deadline = time.monotonic() + 30
-        while m.poll() is None and time.monotonic() < deadline and rss_kb(pid) < small + 50_000:
-            time.sleep(0.002)
-        half = m.poll() is None
+        m, half = move_home_half_way(cluster, pid)
         os.kill(pid, signal.SIGKILL)                    # the ghost
         code = m.wait(timeout=60)
         if not half:
