@@ -51,7 +51,7 @@ log = logging.getLogger("bpfs.master.procs")
 
 DUMP_TIMEOUT = 120.0            # `dump` sent -> `dumped` (a big process takes a while)
 DUMP_QUEUE = 8                  # parts (8 MiB) queued for a move's task at most
-SETTLE_TIMEOUT = 1.0            # a migration that has started, finishing its steps
+SETTLE_TIMEOUT = 10.0           # a start, or a move that has started, finishing its steps
 ALL_STDIO = frozenset({0, 1, 2})
 
 
@@ -107,9 +107,12 @@ class Moves(ToNode, HomeComing):
     async def _settled(self, pid: int) -> None:
         """A migration of `pid` whose process runs already (its `restored` came) is over
         but for its task's last steps: wait for those (a move written right after the
-        process's first output found it "starting"), not for a move or start under way."""
+        process's first output found it "starting"). A start (bpsh's: it has a request) is
+        waited for whole: its process may run, and print, before its `restored` is read
+        here (a busy master; seen in CI: a move written after the first output failed
+        EBUSY). A move under way is not waited for: EBUSY, try again."""
         m = self._by_pid.get(pid)
-        if m is None or not m.started:
+        if m is None or not (m.started or m.req is not None):
             return
         with trio.move_on_after(SETTLE_TIMEOUT):
             while self._by_pid.get(pid) is m:

@@ -7,7 +7,8 @@ of a millisecond, and a child reaped before its pidfd was opened can no longer t
 ended (its ghost then goes without an end of its own: `unforked`). So the answer's path
 waits for it a moment (`adopt_soon`: TAKE_SPIN), a child's execve takes it while the
 child waits in that call (`adopt_here`, a receiver thread: every child that execs is
-taken so), and a task looks for one not there yet (`_watch`, a busy node). The pidfd is
+taken so), and a task looks for one not there yet (`_watch`, a busy node: as long as its
+parent is still on its way through the fork, bpfs/node/pidcounter.py). The pidfd is
 then watched by the supervisor's watcher thread (its epoll, for no event: it hangs up once
 the child has been reaped, Linux 6.9), which hands each round of ends to trio's thread
 (`_ended`).
@@ -25,13 +26,13 @@ from typing import Any, Callable
 import trio
 
 from bpfs.migrate import seccomp
-from bpfs.node import procread
+from bpfs.node.pidcounter import Counter, Pending
 from bpfs.wire import messages
 
 log = logging.getLogger("bpslave")
 
-TAKE_TIMEOUT = 0.05          # the kernel taking the directed PID after CONTINUE
-TAKE_SPIN = 0.0003           # ... waited for in the answer's path, then by a task
+TAKE_SPIN = 0.0003           # the kernel taking the directed PID after CONTINUE, waited
+                             # for in the answer's path, then by a task
 TAKE_POLL = 0.0002           # ... which looks this often
 
 
@@ -41,7 +42,7 @@ class Adoption:
     children: dict[int, Any]        # by pid: bpfs.node.supervisor.Child
     names: Any                      # bpfs.node.execnames.ExecNames
     on_end: Callable[[int], None]
-    _pending: int | None
+    counter: Counter
     _pidfds: dict[int, Any]         # the children's pidfds, in the watcher's epoll
     _epoll: select.epoll
     _lock: threading.Lock
@@ -82,7 +83,7 @@ class Adoption:
                     self._pidfds[fd] = child
                     self._epoll.register(fd, 0)     # its reaping hangs it up
                     fd = -1
-        if settle and self._pending == child.pid:
+        if settle and self._directed_at(child.pid) is not None:
             self.settle()
         if fd >= 0:
             os.close(fd)
@@ -94,19 +95,24 @@ class Adoption:
                 return False        # trio's to say
         return True
 
+    def _directed_at(self, pid: int) -> Pending | None:
+        p = self.counter.pending
+        return p if p is not None and p.pid == pid else None
+
     async def _watch(self, child: Any) -> None:
         """A child whose number was not taken in the answer's time (a busy node): look
-        again until it is (at most TAKE_TIMEOUT), then adopt it; if it is not there then
-        (the fork failed, or the child has come and gone already), its ghost goes."""
+        again until the fork has settled (taken, or its parent out of it without it: not
+        a clock, bpfs/node/pidcounter.py), then adopt it; if it is not there then (the
+        fork failed, or the child has come and gone already), its ghost goes."""
         pid = child.pid
-        deadline = time.perf_counter() + TAKE_TIMEOUT
-        while self._pending == pid and procread.read_last() == pid - 1 and \
-                child.pidfd < 0 and time.perf_counter() < deadline:
+        p = self._directed_at(pid)
+        while p is not None and self.counter.pending is p and child.pidfd < 0 and \
+                self.counter.state(p) is None:
             await trio.sleep(TAKE_POLL)
         if self.children.get(pid) is child and child.pidfd < 0 and \
                 not self._adopt(child):
             self._not_forked(child)
-        if self._pending == pid:        # (its execve took it meanwhile: parked here)
+        if self._directed_at(pid) is not None:  # (its execve took it meanwhile: parked here)
             self.settle()
 
     def _not_forked(self, child: Any) -> None:

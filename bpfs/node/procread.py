@@ -56,6 +56,28 @@ def state(pid: int) -> str | None:
     return fields[0].decode() if fields else None
 
 
+def run_state(tid: int) -> tuple[str, int] | None:
+    """A task's state letter (R, S, D, T...) and the CPU it has used: user and system
+    clock ticks."""
+    fields = stat_fields(tid)
+    if not fields or len(fields) < 13:
+        return None
+    return fields[0].decode(), int(fields[11]) + int(fields[12])
+
+
+def syscall_nr(tid: int) -> int | None:
+    """The system call a blocked task is in (-1: none, a fault or a stop); None if it is
+    runnable (the kernel cannot say) or gone."""
+    try:
+        with open(f"/proc/{tid}/syscall", "rb") as f:
+            word = f.read(24).split(maxsplit=1)
+    except OSError:
+        return None
+    if not word or word[0] == b"running":
+        return None
+    return int(word[0])
+
+
 def ppid(pid: int) -> int | None:
     fields = stat_fields(pid)
     return int(fields[1]) if fields else None

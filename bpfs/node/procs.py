@@ -86,7 +86,10 @@ class ProcessTable:
     def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
         self.held: dict[int, Held] = {}
-        self.dropped: dict[int, Held] = {}          # copies that moved away, end not seen
+        # copies that moved away, their ends not seen yet, oldest first: a process that
+        # moves away, back and away again at once has two (the first one's end may be
+        # read after the second is dropped)
+        self.dropped: dict[int, list[Held]] = {}
         self.jobs_r, self.jobs_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def hold(self, pid: int, held: Held) -> None:
@@ -103,7 +106,17 @@ class ProcessTable:
         dropped copy's (`dropped`), not the new one's."""
         held = self.held.pop(pid, None)
         if held is not None and held.kept:
-            self.dropped[pid] = held
+            self.dropped.setdefault(pid, []).append(held)
+
+    def _end_of_dropped(self, pid: int, held: Held | None = None) -> bool:
+        """Forget the oldest dropped copy of `pid` (or `held`); False if there is none."""
+        copies = self.dropped.get(pid)
+        if not copies or (held is not None and held not in copies):
+            return False
+        copies.remove(copies[0] if held is None else held)
+        if not copies:
+            del self.dropped[pid]
+        return True
 
     def dying(self, pid: int) -> bool:
         """A copy of `pid` that moved away (`drop`) still holds its number here: killed,
@@ -160,7 +173,7 @@ class ProcessTable:
                 held.session.report(messages.Stopped(pid=pid, sig=os.WSTOPSIG(status))
                                     if os.WIFSTOPPED(status) else messages.Continued(pid=pid))
             return
-        if self.dropped.pop(pid, None) is not None:
+        if self._end_of_dropped(pid):
             log.debug("process %d's dropped copy ended (status %#x)", pid, status)
             return                  # a copy that moved away, not the one held now
         self.reaper.forget(pid)
@@ -170,8 +183,8 @@ class ProcessTable:
         """The keeper of `pid` (`held`) ended: after its last record, or killed (by root).
         Only that copy's: `pid` may name another by now (it moved away and back)."""
         self.read_jobs()
-        if self.dropped.get(pid) is held:       # its record was lost or never written
-            del self.dropped[pid]
+        if held is not None:                    # its record was lost or never written
+            self._end_of_dropped(pid, held)
         if held is None or self.held.get(pid) is not held:
             return
         try:

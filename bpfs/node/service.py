@@ -42,7 +42,7 @@ import trio
 from bpfs import heap, hostsfile
 from bpfs.errors import BpfsError
 from bpfs.node import nsutil
-from bpfs.node import direct, mover, procs, streamin, usage
+from bpfs.node import direct, mover, ownpids, procs, streamin, usage
 from bpfs.node.config import EXIT_LOST, EXIT_OK, EXIT_REFUSED, NodeConfig
 from bpfs.node.fsclient import FsClient
 from bpfs.node.init import Reaper, kill_namespace
@@ -151,6 +151,8 @@ class Node:
         self.supervisor = make_supervisor(self.procs)
         if self.supervisor is not None:
             self.restorer.settle = self.supervisor.settle
+            # every thread and process of ours is numbered with the counter parked
+            ownpids.install(self.supervisor.counter)
             # the supervisor's receiver thread takes the GIL at once when a call stops
             # (its caller is interruptible until then): 1 ms, not Python's 5
             sys.setswitchinterval(0.001)

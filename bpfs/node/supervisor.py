@@ -42,7 +42,6 @@ import os
 import select
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,9 +50,10 @@ import trio
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
-from bpfs.node.adoption import TAKE_TIMEOUT, Adoption
+from bpfs.node.adoption import Adoption
 from bpfs.node.execnames import ExecNames
 from bpfs.node.groups import GroupCalls
+from bpfs.node.pidcounter import Counter
 from bpfs.node.pidproxy import PidfdCalls, Proxies
 from bpfs.node.session import Session
 from bpfs.standin import LAUNCHED
@@ -119,7 +119,6 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         self._ends: dict[int, int] = {}
         self._waiting: dict[int, tuple[Job, seccomp.Notif]] = {}
         self._nursery: trio.Nursery | None = None
-        self._pending: int | None = None        # a directed fork's PID, not yet settled
         self._token: trio.lowlevel.TrioToken | None = None
         self._epoll = select.epoll()            # the listeners (the receiver thread's)
         self._by_fd: dict[int, Job] = {}
@@ -128,16 +127,24 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
         self.names = ExecNames(self._renamed)
-        self._parked = park_at
-        self.park()
+        self.counter = Counter(park_at, self._asking)
 
-    # ---- the counter ----
+    # ---- the counter (bpfs/node/pidcounter.py) ----
 
     def park(self) -> None:
         """Point the namespace's counter above every cluster PID (see the docstring)."""
-        self.settle()
-        self._parked = max(self.park_at, procread.read_last())
-        procread.write_last(self._parked)
+        self.counter.park_at = self.park_at
+        self.counter.park()
+
+    def settle(self) -> None:
+        """Before anything else may take a PID here: the last directed fork has settled
+        and the counter is parked."""
+        self.counter.settle()
+
+    def _asking(self, tid: int) -> bool:
+        """(Any thread) `tid` waits for the master's answer to a fork: a fork of its
+        that was let through did not happen (a signal restarted it)."""
+        return any(n.pid == tid for _job, n, _parent in list(self._forks.values()))
 
     # ---- jobs ----
 
@@ -406,35 +413,12 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         child = Child(pid, mid, -1, job, parent)
         self.children[pid] = child
         self.on_child(child)            # the master's signals for it reach it from now on
-        if not self._directed(job, n, pid):
+        # the counter just below `pid` for this fork; parked again once it has settled
+        if not self.counter.direct(pid, n.pid, n.nr,
+                                   lambda: seccomp.answer(job.listener, n.id, cont=True)):
             self._not_forked(child)
             return
         self.adopt_soon(child)
-
-    def _directed(self, job: Job, n: seccomp.Notif, pid: int) -> bool:
-        """Let the fork run with the counter just below `pid`; False if its caller is gone.
-        The counter is parked again once the kernel has taken the number (`settle`)."""
-        self.settle()
-        procread.write_last(pid - 1)
-        if not seccomp.answer(job.listener, n.id, cont=True):
-            procread.write_last(self._parked)
-            return False
-        self._pending = pid
-        return True
-
-    def settle(self) -> None:
-        """Before anything else may take a PID here: the last directed fork has taken its
-        number (spin for it if not yet, at most TAKE_TIMEOUT), and the counter is parked.
-        The answer's path waits TAKE_SPIN at most for the child (`_adopt`), a busy node's
-        may take longer: whatever else numbers a process here (a thread's clone, a
-        restore) settles first."""
-        pid, self._pending = self._pending, None
-        if pid is None:
-            return
-        deadline = time.perf_counter() + TAKE_TIMEOUT
-        while procread.read_last() == pid - 1 and time.perf_counter() < deadline:
-            os.sched_yield()
-        procread.write_last(self._parked)
 
     # ---- exec ----
 

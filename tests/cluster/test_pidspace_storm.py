@@ -75,6 +75,37 @@ def test_a_storm_of_2000_forks_leaves_nothing_behind(cluster) -> None:
     print(f"{2 * n} forks on a node (half of them exec /bin/true): {took:.2f} s")
 
 
+def test_forks_go_on_while_the_nodes_daemon_makes_threads_of_its_own(cluster) -> None:
+    """A node daemon makes threads as it moves processes away (and trio's come and go).
+    Made while a directed fork waited for the kernel, a thread took the child's PID: the
+    child ran with no ghost, and its own forks were refused (seen in CI: "fork: Resource
+    temporarily unavailable"; bpfs/node/pidcounter.py, ownpids.py)."""
+    from tests.cluster.test_move import write_ctl
+    mover = bpsh_bg(cluster, "1", "sh", "-c", "echo $$; exec sleep 300")
+    forks = None
+    try:
+        pid = int(first_line(mover))
+        forks = bpsh_bg(cluster, "1", "sh", "-c",
+                        "i=0; bad=0; while [ $i -lt 400 ]; do sh -c /bin/true || "
+                        "bad=$((bad+1)); i=$((i+1)); done; echo bad $bad")
+        moves, failed = 0, []
+        while forks.poll() is None and moves < 200:
+            for target in ("2", "1"):
+                err = write_ctl(cluster, pid, f"move {target}")
+                if err:
+                    failed.append(err)
+            moves += 2
+        out, err = forks.communicate(timeout=60)
+        assert out.decode().split() == ["bad", "0"], err.decode()
+        assert failed == [] and moves >= 4, (failed, moves)
+        print(f"800 forks on node 1 alongside {moves} moves of a process from it and back")
+    finally:
+        for p in (mover, forks):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 def node_daemon(cluster, n: int) -> int:
     for p in os.listdir("/proc"):
         if p.isdigit():

@@ -174,3 +174,29 @@ def test_until_gone_is_bounded_and_ignores_a_pid_not_dropped() -> None:
         child.kill()
         child.wait()
         _close(table)
+
+
+@pytest.mark.timeout(20)
+def test_two_dropped_copies_the_first_ones_end_leaves_the_second_dying() -> None:
+    """Away, back and away again before the first copy's end was read: that end is the
+    first copy's, and the second (killed, not reaped yet) still holds the number, so a
+    restore coming back now waits for it (it found the number taken: EEXIST, seen in a
+    ping-pong of moves while the node forked)."""
+    child = subprocess.Popen(["sleep", "30"])
+    reaper, session = FakeReaper(), FakeSession()
+    table = _dropped_real(reaper, session, child.pid)             # copy 91, dropped
+    try:
+        second = Held(session, 95, "sleep")                 # type: ignore[arg-type]
+        table.hold(child.pid, second)
+        table.adopt(child.pid, NEW_KEEPER)
+        table.drop(child.pid)                               # moved away again
+        os.write(table.jobs_w, JOB_RECORD.pack(child.pid, signal.SIGKILL))   # 91's end
+        table.read_jobs()
+        assert table.dying(child.pid) and table.dropped[child.pid] == [second]
+        os.write(table.jobs_w, JOB_RECORD.pack(child.pid, signal.SIGKILL))   # 95's end
+        table.read_jobs()
+        assert child.pid not in table.dropped and session.reports == []
+    finally:
+        child.kill()
+        child.wait()
+        _close(table)
