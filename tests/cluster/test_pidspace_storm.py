@@ -104,6 +104,9 @@ def test_forks_go_on_while_the_nodes_daemon_makes_threads_of_its_own(cluster) ->
             if p is not None and p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+    # its ends are in the events stream before the next test reads it
+    cluster.wait_for(lambda: os.listdir(os.path.join(cluster.mount, "procs")) == [],
+                     timeout=10, what="no process left in /bproc/procs")
 
 
 def node_daemon(cluster, n: int) -> int:
