@@ -137,6 +137,14 @@ class FrameStream:
             await self._send_all(rest + prefix + head, timeout)
             await self._send_all(data, timeout)
 
+    @staticmethod
+    def split_head(msg: Message, name: str, size: int) -> bytes:
+        """The frame of `msg` up to its last field `name`'s bytes, `size` of them, which
+        the caller writes itself right after (`send_split`'s two writes, the second one
+        not ours: a moving process's pages, bpfs/node/direct.py)."""
+        head, _ = messages.encode_split(msg, name, size)
+        return (len(head) + size).to_bytes(4, "big") + head
+
     async def send_many(self, msgs: list[Message] | list[dict[str, Any]],
                         timeout: float | None = None) -> None:
         """Several messages in one write, up to BATCH bytes of them; a bigger frame (a
