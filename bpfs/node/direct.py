@@ -39,6 +39,8 @@ import logging
 import os
 import secrets
 import select
+import socket
+import struct
 from typing import Any, Callable
 
 import trio
@@ -275,6 +277,7 @@ class Route:
         if fs is None or self.closed:
             return False
         fd = os.dup(fs.stream.socket.fileno())      # ours: trio's may be closed meanwhile
+        blocking(fd, True)      # one sendto a piece (sendpages.py); trio waits meanwhile
         try:
             try:
                 sender = opener(fd)
@@ -298,7 +301,10 @@ class Route:
             finally:
                 sender.close()
         finally:
-            os.close(fd)
+            try:
+                blocking(fd, False)
+            finally:
+                os.close(fd)
         return True
 
     async def close(self) -> None:
@@ -307,6 +313,15 @@ class Route:
         if fs is not None:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(fs.stream)
+
+
+def blocking(fd: int, on: bool) -> None:
+    """The socket `fd` (its open file: every copy of it) blocking with SO_SNDTIMEO of
+    SEND_TIMEOUT, or back to trio's non-blocking without it."""
+    secs = int(SEND_TIMEOUT) if on else 0
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", secs, 0))
+    os.set_blocking(fd, on)
 
 
 def _write_all(fd: int, data: Buffer) -> None:
