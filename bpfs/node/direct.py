@@ -134,9 +134,9 @@ class Take:
         """Keep `stream` if its first frame is this take's `open`, else close it."""
         self.checking += 1
         peer, kept = _peer(stream), False
-        # each chunk is written into the process (or put in place) before the next is
-        # read: one receive buffer for them all
-        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT, reuse=True)
+        # a chunk's frame is its own (warm heap memory: bpfs/heap.py): the writer thread
+        # holds it while the next is read (streamin.py)
+        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT)
         try:
             with trio.fail_after(OPEN_TIMEOUT):
                 msg = await fs.receive()
@@ -171,6 +171,9 @@ class Take:
             return
         log.info("restore %d: its pages straight from %s", self.id, self.peer)
         while not stream.over:
+            await stream.room()
+            if stream.over:
+                return
             try:
                 msg = await fs.receive()
             except EOFError:
