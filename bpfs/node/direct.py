@@ -63,6 +63,7 @@ MAX_TAKES = 16               # takes open at once
 MAX_REFUSED = 8              # wrong openings of one take before it stops listening
 MAX_CHECKS = 4               # connections in their opening at once
 CHUNK_FRAME = PART + 4096    # a chunk's frame at most
+MAX_WRITES = 2               # pieces in a restore's writer's hands (bpfs/node/streamin.py)
 
 
 class Take:
@@ -134,9 +135,10 @@ class Take:
         """Keep `stream` if its first frame is this take's `open`, else close it."""
         self.checking += 1
         peer, kept = _peer(stream), False
-        # a chunk's frame is its own (warm heap memory: bpfs/heap.py): the writer thread
-        # holds it while the next is read (streamin.py)
-        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT)
+        # chunks are read into MAX_WRITES + 1 buffers in turn: the writer thread holds at
+        # most MAX_WRITES - 1 of them while the next is read (`room` first: streamin.py)
+        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT,
+                              reuse=MAX_WRITES + 1)
         try:
             with trio.fail_after(OPEN_TIMEOUT):
                 msg = await fs.receive()

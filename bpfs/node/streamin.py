@@ -49,7 +49,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.migrate.imagebuf import Incoming
 from bpfs.node import procs, stdio
-from bpfs.node.direct import end_take
+from bpfs.node.direct import MAX_WRITES, end_take
 from bpfs.node.procs import Attempt
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -59,7 +59,6 @@ log = logging.getLogger("bpslave")
 PIECE_TIMEOUT = 30.0                # a stream with no piece for so long fails
 MAX_STREAMS = 16                    # restores streaming in at once
 MAX_STREAM_IMAGE = 64 << 30         # bytes of one streamed image
-MAX_WRITES = 2                      # pieces in hand for the writer (one written at a time)
 
 
 class Stream:
