@@ -105,22 +105,28 @@ class PageSender:
 
     def close(self) -> None:
         """The process as it was: its fd closed, its page unmapped, its mask and registers
-        back. Failures pass (it ended, or an error is on its way up)."""
-        fd, self.fd = self.fd, None
-        scratch, self.scratch = self.scratch, None
+        back, a signal taken in the way sent again (pending, as `running.release` does).
+        Failures pass (it ended, or an error is on its way up)."""
+        calls = []
+        if self.fd is not None:
+            calls.append(("close", self.fd))
+        if self.scratch is not None:
+            calls.append(("munmap", self.scratch, SCRATCH))
+        self.fd = self.scratch = None
         try:
-            if fd is not None:
-                self._call("close", fd)
-            if scratch is not None and scratch > 0:
-                self._call("munmap", scratch, SCRATCH)
+            for name, *args in calls:
+                gp.inject(self.pid, self.regs, self.gadget, self.signals, pt.SYS[name], *args)
         except (MigrateError, gp.Gone):
             pass
         finally:
             try:
                 pt.setregs(self.pid, self.regs)
                 pt.set_sigmask(self.pid, self.mask)
-            except MigrateError:
+                for sig in self.signals:
+                    os.kill(self.pid, sig)
+            except (MigrateError, OSError):
                 pass
+            self.signals = []
 
     def _call(self, name: str, *args: int) -> int:
         res = gp.inject(self.pid, self.regs, self.gadget, self.signals, pt.SYS[name], *args)

@@ -213,7 +213,8 @@ class Mover:
         try:
             self._send_image(token, m, parts, consumed)
         except BaseException as exc:     # a lost link (else a bug): it goes on here
-            if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError)):
+            if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError,
+                                OSError)):
                 log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
             else:
                 log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
