@@ -154,14 +154,17 @@ class Bench:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        # cwd: not a checkout's top (`python -c` puts the cwd first on sys.path, before
+        # PYTHONPATH: bench/move_ab.py run from one checkout ran its code on both sides)
         subprocess.run(cmd("bpfs") + ["up", "--nodes", str(self.nodes), "--mount", self.mount,
                                       "--state-dir", self.state, "--port", str(port),
                                       "--detach"],
-                       env=self.env, check=True, capture_output=True)
+                       env=self.env, check=True, capture_output=True, cwd=self.base)
 
     def down(self, keep: bool = False) -> None:
         subprocess.run(cmd("bpfs") + ["down", "--mount", self.mount, "--state-dir",
-                                      self.state], env=self.env, capture_output=True)
+                                      self.state], env=self.env, capture_output=True,
+                       cwd=self.base)
         if keep:
             print(f"logs kept in {self.state}")
         else:

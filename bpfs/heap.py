@@ -11,9 +11,16 @@ every page in again, a trap a page (0.5-0.9 ms a MB on this machine, a VM; joini
 1 MB image took 0.6-0.9 ms so, 0.14-0.28 ms from warm memory: bench/results-move.md).
 
 With both thresholds fixed, a buffer below MMAP_THRESHOLD comes from the heap, and up to
-TRIM_THRESHOLD of free heap stays mapped for the next. Cost: that much more resident
-memory, at most, in a daemon that moved processes; buffers from MMAP_THRESHOLD up (a big
-image's 8 MiB pieces) are mappings as before, given back as soon as they are freed.
+TRIM_THRESHOLD of free heap stays mapped for the next. That includes a big image's 8 MiB
+pieces (a `part` or `chunk` the source reads with process_vm_readv, a frame the master
+or a node receives): from fresh mappings, each piece's 2048 pages were faulted in and
+zeroed afresh, about 2-3 ms a MB at the source alone (240-320 ms for 96 MB read in 8 MiB
+pieces, against 28-67 ms from warm heap memory, load 4.6), as much as the target's own
+fresh pages. TRIM_THRESHOLD holds the pieces one move has in flight (read ahead, queued,
+being sent: AHEAD + 2 of them) with room to spare. Cost: that much more resident memory,
+at most, per malloc arena of a daemon that moved processes (trio's thread and a move's
+thread, which the next move's thread takes over); buffers from MMAP_THRESHOLD up (an image
+put together whole uses its own mapping anyway) are mappings as before.
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ from __future__ import annotations
 import ctypes
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # mallopt(3) parameters (glibc)
-MMAP_THRESHOLD = 8 << 20
-TRIM_THRESHOLD = 16 << 20
+MMAP_THRESHOLD = 16 << 20      # above a part's frame (8 MiB and its head); glibc's most: 32 MiB
+TRIM_THRESHOLD = 64 << 20
 
 
 def keep_buffers() -> bool:

@@ -248,6 +248,15 @@ def _vdso_gadget(pid: int, special: dict[str, tuple[int, int]]) -> int:
     return start + _gadget_offset
 
 
+def syscall_gadget(pid: int) -> int:
+    """`_vdso_gadget` of a stopped tracee, its vdso found in its maps (injections after
+    the dump: bpfs.migrate.sendpages)."""
+    for m in procfs.parse_maps(procfs.read_text(pid, "maps")):
+        if m.path == "[vdso]":
+            return _vdso_gadget(pid, {"vdso": (m.start, m.end)})
+    raise MigrateError(errno.ENOEXEC, "no vdso to inject calls through", pid)
+
+
 def _brk(pid: int, regs: pt.Regs, gadget: int, maps: list[Mapping], start_brk: int) -> int:
     if not any(m.path == "[heap]" for m in maps):
         return start_brk

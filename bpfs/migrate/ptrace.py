@@ -48,8 +48,8 @@ DEBUGREG_OFFSET = 848
 # syscall numbers (x86_64)
 SYS = dict(
     read=0, write=1, close=3, lseek=8, mmap=9, mprotect=10, munmap=11, brk=12, rt_sigaction=13,
-    rt_sigprocmask=14, access=21, mremap=25, getpid=39, recvmsg=47, socketpair=53, wait4=61,
-    kill=62, fcntl=72, chdir=80, umask=95,
+    rt_sigprocmask=14, access=21, mremap=25, getpid=39, sendto=44, recvmsg=47, socketpair=53,
+    wait4=61, kill=62, fcntl=72, chdir=80, umask=95,
     setpgid=109, setsid=112,
     setgroups=116, setresuid=117, setresgid=119, sigaltstack=131, personality=135, setpriority=141, prctl=157,
     gettid=186, set_tid_address=218, set_robust_list=273, get_robust_list=274, dup3=292,

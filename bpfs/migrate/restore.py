@@ -333,11 +333,17 @@ class Build:
         self.keeper: Keeper | None = None
         self.batch: stub.Batch | None = None
         self.listener: int | None = None
+        # a write from another thread (bpfs/node/streamin.py) against `abort`: a write
+        # never reaches a PID that was freed meanwhile and taken again
+        self._writing = threading.Lock()
 
     def write(self, runs: Sequence[tuple[int, Buffer]]) -> None:
-        """(address, bytes) into its memory (process_vm_writev from where they are)."""
-        assert self.child is not None and self.batch is not None
-        pt.write_memory(self.child, runs)
+        """(address, bytes) into its memory (process_vm_writev from where they are). Any
+        thread; ESRCH once aborted."""
+        with self._writing:
+            if self.child is None or self.batch is None:
+                raise MigrateError(errno.ESRCH, "the process being restored is gone")
+            pt.write_memory(self.child, runs)
 
     def finish(self) -> int:
         """The rest of the restore: its open files, protections, registers; it runs.
@@ -363,10 +369,12 @@ class Build:
         return child
 
     def abort(self) -> None:
-        """Kill what was built (it never ran) and close what it held; again: nothing."""
-        if self.child is not None:
-            kill_reap(self.child)
-            self.child = None
+        """Kill what was built (it never ran) and close what it held; again: nothing. A
+        write under way in another thread ends first."""
+        with self._writing:
+            child, self.child = self.child, None
+        if child is not None:
+            kill_reap(child)
         if self.keeper is not None:
             self.keeper.kill()
             self.keeper = None

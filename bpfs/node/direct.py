@@ -38,9 +38,17 @@ import hmac
 import logging
 import os
 import secrets
+import select
+import socket
+import struct
+from typing import Any, Callable
+
 import trio
 
 from bpfs.errors import BpfsError, ProtocolError
+from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.imageframe import Buffer
+from bpfs.migrate.lazyrun import LazyRun
 from bpfs.node.session import Session
 from bpfs.wire import framing as wire, messages
 from bpfs.wire.movemsgs import PART
@@ -55,6 +63,7 @@ MAX_TAKES = 16               # takes open at once
 MAX_REFUSED = 8              # wrong openings of one take before it stops listening
 MAX_CHECKS = 4               # connections in their opening at once
 CHUNK_FRAME = PART + 4096    # a chunk's frame at most
+MAX_WRITES = 2               # pieces in a restore's writer's hands (bpfs/node/streamin.py)
 
 
 class Take:
@@ -126,9 +135,10 @@ class Take:
         """Keep `stream` if its first frame is this take's `open`, else close it."""
         self.checking += 1
         peer, kept = _peer(stream), False
-        # each chunk is written into the process (or put in place) before the next is
-        # read: one receive buffer for them all
-        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT, reuse=True)
+        # chunks are read into MAX_WRITES + 1 buffers in turn: the writer thread holds at
+        # most MAX_WRITES - 1 of them while the next is read (`room` first: streamin.py)
+        fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME, messages.DIRECT,
+                              reuse=MAX_WRITES + 1)
         try:
             with trio.fail_after(OPEN_TIMEOUT):
                 msg = await fs.receive()
@@ -163,6 +173,9 @@ class Take:
             return
         log.info("restore %d: its pages straight from %s", self.id, self.peer)
         while not stream.over:
+            await stream.room()
+            if stream.over:
+                return
             try:
                 msg = await fs.receive()
             except EOFError:
@@ -257,12 +270,79 @@ class Route:
         assert self.fs is not None
         await self.fs.send_split(msg, "data", SEND_TIMEOUT)
 
+    def write_from(self, opener: Callable[[int], Any], cut: list[Buffer], at: int) -> bool:
+        """Write the chunks `cut` (from offset `at`) from this thread, the move's (its
+        process's tracer): a LazyRun's pages by the process itself (`opener(fd)`, an
+        entered bpfs.migrate.sendpages.PageSender), the rest from here. False: the process
+        cannot send them (nothing written: the caller sends them the usual way). Else
+        every chunk went, or MigrateError/OSError (the stream is then broken: the move
+        fails, and the process goes on here). Nothing else writes to the stream meanwhile:
+        its chunks are all here, and trio's side of it waits for `dumped`."""
+        fs = self.fs
+        if fs is None or self.closed:
+            return False
+        fd = os.dup(fs.stream.socket.fileno())      # ours: trio's may be closed meanwhile
+        blocking(fd, True)      # one sendto a piece (sendpages.py); trio waits meanwhile
+        try:
+            try:
+                sender = opener(fd)
+            except MigrateError as exc:
+                log.info("restore %d: its pages go from here (%s)", self.id, exc.message)
+                return False
+            try:
+                for piece in cut:
+                    if self.closed:
+                        raise MigrateError(errno.ECANCELED, "the move is over")
+                    lazy = isinstance(piece, LazyRun)
+                    head = wire.FrameStream.split_head(
+                        messages.Chunk(id=self.id, at=at, data=memoryview(b"")), "data",
+                        len(piece))
+                    _write_all(fd, head)
+                    if lazy:
+                        sender.send(piece.addr, piece.size)     # type: ignore[union-attr]
+                    else:
+                        _write_all(fd, piece)                   # type: ignore[arg-type]
+                    at += len(piece)
+            finally:
+                sender.close()
+        finally:
+            try:
+                blocking(fd, False)
+            finally:
+                os.close(fd)
+        return True
+
     async def close(self) -> None:
         self.closed = True
         fs, self.fs = self.fs, None
         if fs is not None:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(fs.stream)
+
+
+def blocking(fd: int, on: bool) -> None:
+    """The socket `fd` (its open file: every copy of it) blocking with SO_SNDTIMEO of
+    SEND_TIMEOUT, or back to trio's non-blocking without it."""
+    secs = int(SEND_TIMEOUT) if on else 0
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", secs, 0))
+    os.set_blocking(fd, on)
+
+
+def _write_all(fd: int, data: Buffer) -> None:
+    """All of `data` into the (non-blocking) socket `fd`, waiting for room at most
+    SEND_TIMEOUT at a time (ETIMEDOUT); a broken stream raises its OSError."""
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            continue
+        except BlockingIOError:
+            pass
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not poller.poll(SEND_TIMEOUT * 1000):
+            raise OSError(errno.ETIMEDOUT, f"no room to send for {SEND_TIMEOUT:g} s")
 
 
 def _why(exc: BaseException) -> str:

@@ -39,7 +39,7 @@ from bpfs.errors import BpfsError
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.image import dumps_parts
 from bpfs.migrate.imagebuf import pieces
-from bpfs.migrate.lazyrun import materialize
+from bpfs.migrate.lazyrun import LazyRun, materialize
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.direct import Route
 from bpfs.node.session import Session
@@ -72,8 +72,16 @@ class Move:
 class DirectOps:
     """The ptrace steps of a move of a restored process, made by the move's thread."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, filters: int = 0) -> None:
         self.pid = pid
+        self.filters = filters              # the node's own seccomp filters on it
+
+    def page_sender(self, sock: int) -> Any:
+        """The stopped, dumped process writing its pages into `sock` itself (an entered
+        PageSender: this thread is its tracer); MigrateError if it cannot."""
+        from bpfs.migrate.sendpages import PageSender
+        from bpfs.node.direct import SEND_TIMEOUT
+        return PageSender(self.pid, sock, SEND_TIMEOUT, self.filters).__enter__()
 
     def seize(self) -> None:
         from bpfs.migrate import running
@@ -168,7 +176,7 @@ class Mover:
         """DirectOps for a restored process; a stand-in's for one forked here."""
         sup = session.node.supervisor
         if sup is None or msg.pid in sup.jobs:
-            return DirectOps(msg.pid)
+            return DirectOps(msg.pid, 1 if session.node.restorer.supervised else 0)
         standins = getattr(session.node, "standins", None)
         if standins is None:
             raise BpfsError(errno.EBUSY, f"process {msg.pid} was forked on this node, "
@@ -205,7 +213,8 @@ class Mover:
         try:
             self._send_image(token, m, parts, consumed)
         except BaseException as exc:     # a lost link (else a bug): it goes on here
-            if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError)):
+            if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError,
+                                OSError)):
                 log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
             else:
                 log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
@@ -284,8 +293,16 @@ class Mover:
         header = b"".join(map(bytes, parts[:2]))
         self._post(token, m, messages.Part(id=m.id, data=memoryview(header), total=total,
                                            consumed=consumed, direct=True))
-        at, route_id = len(header), m.route.id      # type: ignore[union-attr]
-        for piece in pieces(parts[2:], PART):
+        at, route = len(header), m.route
+        assert route is not None
+        cut = list(pieces(parts[2:], PART))
+        opener = getattr(m.ops, "page_sender", None)      # not a stand-in's: its tracer
+        if opener is not None and any(isinstance(p, LazyRun) for p in cut) \
+                and route.write_from(opener, cut, at):      # one copy fewer (direct.py)
+            self._post(token, m, messages.Dumped(id=m.id, image=b"", consumed=consumed))
+            return
+        route_id = route.id
+        for piece in cut:
             data = materialize(piece)
             self._post(token, m, messages.Chunk(id=route_id, at=at, data=data))  # type: ignore[arg-type]
             at += len(data)

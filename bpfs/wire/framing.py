@@ -36,7 +36,7 @@ A direct stream from node to node (a moving process's pages, bpfs/node/direct.py
 handshake: its first frame, `open` (within HANDSHAKE_MAX_FRAME), carries the one-time
 token the target gave the master for it, and the target decodes every frame with
 messages.DIRECT; `send_split` writes a chunk's data from where it is, and `reuse` reads
-every big frame into one buffer.
+the big frames into a few buffers, in turn.
 
 Deadlines: the whole handshake must be over within HANDSHAKE_TIMEOUT (a peer that
 trickles one byte a second is cut at that deadline, not at each byte's).
@@ -105,14 +105,15 @@ class FrameStream:
     """
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int = DEFAULT_MAX_FRAME,
-                 side: messages.Side | None = None, reuse: bool = False) -> None:
+                 side: messages.Side | None = None, reuse: int = 0) -> None:
         self.stream = stream
         self.max_frame = max_frame
         self.side = side
-        # a big frame's body read into one buffer kept for the next big frame: for a
-        # receiver done with a message's views (a chunk's data) before it receives again
-        self.reuse = reuse
-        self._spare: bytearray | None = None
+        # big frames' bodies read into `reuse` buffers kept, in turn: for a receiver done
+        # with a message's views (a chunk's data) before it receives `reuse` more
+        self.reuse = int(reuse)
+        self._spares: list[bytearray] = []
+        self._turn = 0
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock = getattr(stream, "socket", None)    # a SocketStream's: written at once
@@ -136,6 +137,14 @@ class FrameStream:
             rest, self._rest = self._rest, b""
             await self._send_all(rest + prefix + head, timeout)
             await self._send_all(data, timeout)
+
+    @staticmethod
+    def split_head(msg: Message, name: str, size: int) -> bytes:
+        """The frame of `msg` up to its last field `name`'s bytes, `size` of them, which
+        the caller writes itself right after (`send_split`'s two writes, the second one
+        not ours: a moving process's pages, bpfs/node/direct.py)."""
+        head, _ = messages.encode_split(msg, name, size)
+        return (len(head) + size).to_bytes(4, "big") + head
 
     async def send_many(self, msgs: list[Message] | list[dict[str, Any]],
                         timeout: float | None = None) -> None:
@@ -290,9 +299,12 @@ class FrameStream:
         the length prefix, checked against the limit, was trusted for it. With `reuse`,
         the buffer is the last big frame's if it is large enough (no fresh pages)."""
         if self.reuse:
-            if self._spare is None or len(self._spare) < length:
-                self._spare = bytearray(length)
-            body: bytearray | memoryview = memoryview(self._spare)[:length]
+            k, self._turn = self._turn % self.reuse, self._turn + 1
+            if k == len(self._spares):
+                self._spares.append(bytearray(length))
+            elif len(self._spares[k]) < length:
+                self._spares[k] = bytearray(length)
+            body: bytearray | memoryview = memoryview(self._spares[k])[:length]
         else:
             body = bytearray(length)
         view = memoryview(body)

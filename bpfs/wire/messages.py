@@ -344,15 +344,17 @@ def encode_after(msg: Msg, room: int) -> bytearray:
     return buf
 
 
-def encode_split(msg: Msg, name: str) -> tuple[bytes, memoryview]:
+def encode_split(msg: Msg, name: str, size: int | None = None) -> tuple[bytes, memoryview]:
     """`msg`'s payload as (head, the bytes of its last field `name`): the head ends with
     that field's bin32 header, so head + bytes is a payload the decoders take, and a big
-    field (a chunk's 8 MiB) is written from where it is, not copied into a frame."""
+    field (a chunk's 8 MiB) is written from where it is, not copied into a frame. `size`:
+    the field's length, for bytes the caller writes itself (a process's own pages)."""
     data = memoryview(getattr(msg, name)).cast("B")
     head = _encoder.encode(msgspec.structs.replace(msg, **{name: b""}))
     if msgspec.structs.fields(msg)[-1].name != name or not head.endswith(b"\xc4\x00"):
         raise ValueError(f"{name} is not the last field of {tag(type(msg))}")
-    return head[:-2] + b"\xc6" + len(data).to_bytes(4, "big"), data
+    size = len(data) if size is None else size
+    return head[:-2] + b"\xc6" + size.to_bytes(4, "big"), data
 
 
 class Side:
