@@ -4,6 +4,7 @@ exec renames its ghost, the node's PID counter parks again. Real nodes, real she
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -88,17 +89,21 @@ def test_forks_go_on_while_the_nodes_daemon_makes_threads_of_its_own(cluster) ->
         forks = bpsh_bg(cluster, "1", "sh", "-c",
                         "i=0; bad=0; while [ $i -lt 400 ]; do sh -c /bin/true || "
                         "bad=$((bad+1)); i=$((i+1)); done; echo bad $bad")
+        # the moves only make the daemon start threads: what they answer is not this
+        # test's (a move refused EBUSY while the last one winds down is made again later)
         moves, failed = 0, []
         while forks.poll() is None and moves < 200:
             for target in ("2", "1"):
                 err = write_ctl(cluster, pid, f"move {target}")
                 if err:
-                    failed.append(err)
-            moves += 2
+                    failed.append(errno.errorcode.get(err, str(err)))
+                else:
+                    moves += 1
         out, err = forks.communicate(timeout=60)
         assert out.decode().split() == ["bad", "0"], err.decode()
-        assert failed == [] and moves >= 4, (failed, moves)
-        print(f"800 forks on node 1 alongside {moves} moves of a process from it and back")
+        assert moves >= 4, (failed, moves)
+        print(f"800 forks on node 1 alongside {moves} moves of a process from it and back"
+              f" (refused: {failed})")
     finally:
         for p in (mover, forks):
             if p is not None and p.poll() is None:
