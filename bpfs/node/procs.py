@@ -119,10 +119,15 @@ class ProcessTable:
         return True
 
     def dying(self, pid: int) -> bool:
-        """A copy of `pid` that moved away (`drop`) still holds its number here: killed,
-        not yet reaped by its keeper. A restore of `pid` now (it moved back at once)
-        would find the number taken (clone3: EEXIST), so it waits (`until_gone`)."""
-        return pid in self.dropped and os.path.exists(f"/proc/{pid}")
+        """A copy of `pid` that moved away (`drop`) may still hold its number here: its
+        end not read yet from its keeper, who writes it once it has reaped it (the number
+        free then). A restore of `pid` now (it moved back at once) would find the number
+        taken (clone3: EEXIST), so it waits (`until_gone`). Not /proc: a reaped process
+        leaves /proc a moment before its number is free (EEXIST once in 800 moves of a
+        ping-pong). The keepers' records are read first (trio's thread)."""
+        if pid in self.dropped:
+            self.read_jobs()
+        return pid in self.dropped
 
     async def until_gone(self, pid: int) -> None:
         """Until no dropped copy holds `pid` (DYING_WAIT at most: then the restore goes

@@ -138,7 +138,8 @@ def _dropped_real(reaper: FakeReaper, session: FakeSession, pid: int) -> Process
 def test_a_restore_waits_while_a_dropped_copy_still_holds_the_pid() -> None:
     """Moved away and straight back: the copy dropped here (killed, not reaped yet) still
     holds the number, and a restore then failed EEXIST (seen in a ping-pong under load).
-    `dying` says so; `until_gone` returns once its number is free."""
+    `dying` says so until its keeper's record of its end is read (gone from /proc is not
+    enough); `until_gone` returns then."""
     child = subprocess.Popen(["sleep", "30"])
     table = _dropped_real(FakeReaper(), FakeSession(), child.pid)
     try:
@@ -146,9 +147,15 @@ def test_a_restore_waits_while_a_dropped_copy_still_holds_the_pid() -> None:
         os.kill(child.pid, signal.SIGKILL)
         assert table.dying(child.pid)                   # a zombie: its number is taken
 
+        def keeper() -> None:           # reaps it, then writes its record
+            status = child.wait()
+            assert not os.path.exists(f"/proc/{child.pid}")
+            assert table.dying(child.pid)               # gone from /proc: not yet its end
+            os.write(table.jobs_w, JOB_RECORD.pack(child.pid, -status))
+
         async def main() -> float:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, child.wait)   # reaped meanwhile
+                nursery.start_soon(trio.to_thread.run_sync, keeper)   # reaped meanwhile
                 t0 = trio.current_time()
                 await table.until_gone(child.pid)
                 return trio.current_time() - t0
