@@ -45,10 +45,8 @@ def install(counter: Counter) -> None:
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        counter = _counter
-        if counter is None:
-            return fn(*args, **kwargs)
-        with counter.guard():
+        assert _counter is not None         # installed only with one
+        with _counter.guard():
             return fn(*args, **kwargs)
     return call
 

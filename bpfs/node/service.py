@@ -203,8 +203,7 @@ class Node:
             # a master that sends its pid_max answers `fork` and `kill`: supervise
             self.restorer.supervised = self.supervisor is not None and session.pid_max is not None
             if self.supervisor is not None and session.pid_max is not None:
-                self.supervisor.park_at = session.pid_max
-                self.supervisor.park()
+                self.supervisor.park(session.pid_max)
             self.backoff.reset()
             if self.nursery is not None:
                 await self.fs_client.mount(session.mount, self.nursery)

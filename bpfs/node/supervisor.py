@@ -99,7 +99,6 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
 
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
                  on_end: Callable[[int], None] | None = None) -> None:
-        self.park_at = park_at        # the master's pid_max: our own PIDs go above it
         self.jobs: dict[int, Job] = {}          # by leader
         self.children: dict[int, Child] = {}    # by pid
         self.on_child = on_child or (lambda c: None)
@@ -131,9 +130,10 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
 
     # ---- the counter (bpfs/node/pidcounter.py) ----
 
-    def park(self) -> None:
-        """Point the namespace's counter above every cluster PID (see the docstring)."""
-        self.counter.park_at = self.park_at
+    def park(self, at: int) -> None:
+        """Point the namespace's counter above every cluster PID, `at` (the master's
+        pid_max) and up (see the docstring)."""
+        self.counter.park_at = at
         self.counter.park()
 
     def settle(self) -> None:
@@ -360,7 +360,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         flags = n.args[0] if n.nr == NR["clone"] else procread.clone3_flags(n)
         if flags is None or flags & seccomp.CLONE_THREAD:
             self.settle()
-            self._go(job, n)        # a thread: numbered above park_at by the kernel
+            self._go(job, n)        # a thread: numbered above the parked counter by the kernel
         else:
             self._on_fork(job, n)
 
