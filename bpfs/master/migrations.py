@@ -104,6 +104,8 @@ class Migration:
     again: int | None = None            # a move's: its links are made again (stdin read)
     streamed: bool = False              # its image streams to the node (`abort` if it fails)
     direct: bool = False                # a move's: its pages may come straight (`taking`)
+    took: trio.Event | None = None      # a move's `take` asked, its `way` sent (tonode.py)
+    taking: trio.CancelScope | None = None      # ... and its task's scope
 
 
 

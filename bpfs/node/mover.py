@@ -51,6 +51,7 @@ log = logging.getLogger("bpslave")
 SEIZE_TIMEOUT = 2.0          # the thread seizing and interrupting the process
 VERDICT_TIMEOUT = 300.0      # dumped, stopped, waiting for `drop` or `resume`
 AHEAD = 2                    # parts read ahead of the one being sent
+DIRECT_MIN = 2 << 20         # pages (beyond the header) from which they go straight
 DROP, RESUME = "drop", "resume"
 
 
@@ -67,6 +68,10 @@ class Move:
     ops: Any = None                         # DirectOps, or a stand-in's (node/standins.py)
     outbox: Any = None                      # its parts, to the task that sends them
     route: Route | None = None              # where its pages go straight, if anywhere
+    way: trio.Event | None = None           # set once the master's `way` came (`dump` said
+    # `way`), or the verdict
+    where: tuple[str, int, str, int] | None = None   # the `way`'s: host, port, token, to
+    routeless: bool = False                 # its sender is over: no route made now
 
 
 class DirectOps:
@@ -137,14 +142,47 @@ class Mover:
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
         if None not in (msg.host, msg.port, msg.token, msg.to):
-            m.route = Route(msg.to)         # connects while the process is dumped
-            session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
-        session.nursery.start_soon(_send_parts, session, outgoing, m.route)
+            self._route(session, m, msg)    # connects while the process is dumped
+        elif msg.way:
+            m.way = trio.Event()            # the target is asked meanwhile (`way`)
+        session.nursery.start_soon(_send_parts, session, outgoing, m)
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
                          daemon=True).start()
         if not m.seized.wait(SEIZE_TIMEOUT):
             log.warning("move %d: pid %d not seized within %g s", m.id, m.pid, SEIZE_TIMEOUT)
+
+    def way(self, session: Session, msg: messages.Way) -> None:
+        """Where the pages of a move whose `dump` said `way` go (trio's thread): kept for
+        its thread, which connects only if its image goes straight (`_routed`)."""
+        m = self.moves.get(msg.pid)
+        if m is None or m.id != msg.id or m.way is None or m.way.is_set():
+            log.debug("way of move %d, which does not wait for one: ignored", msg.id)
+            return
+        if None not in (msg.host, msg.port, msg.token, msg.to):
+            m.where = (msg.host, msg.port, msg.token, msg.to)   # type: ignore[assignment]
+        m.way.set()
+
+    @staticmethod
+    def _route(session: Session, m: Move, msg: messages.Dump) -> None:
+        assert session.nursery is not None and msg.to is not None
+        m.route = Route(msg.to)
+        session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
+
+    @staticmethod
+    async def _routed(m: Move) -> None:
+        """(trio's thread, for the move's) Its route decided: after the master's `way`
+        (then connected now: only an image that goes straight pays for it), if it waits
+        for one."""
+        if m.way is not None:
+            await m.way.wait()
+            if m.route is None and m.where is not None and not m.routeless:
+                host, port, tok, to = m.where
+                m.route = Route(to)
+                assert m.session.nursery is not None
+                m.session.nursery.start_soon(m.route.connect, host, port, tok)
+        if m.route is not None:
+            await m.route.decided.wait()
 
     def verdict(self, pid: int, mid: int, what: str, err: int | None = None) -> None:
         m = self.moves.get(pid)
@@ -154,6 +192,8 @@ class Mover:
         if what == DROP:
             self._forget_job(m)
         m.verdict.put((what, err))
+        if m.way is not None:           # a thread waiting for its `way` waits no more
+            m.way.set()
 
     def session_over(self) -> None:
         """The master is gone: every move lets its process go on (the node kills what the
@@ -273,18 +313,18 @@ class Mover:
                 pass
 
     def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
-        """Whether the pages go straight: a route that connected (waited for: it started
-        with the dump), pages to send, and a header that fits in one part."""
-        route = m.route
-        if route is None:
+        """Whether the pages go straight: DIRECT_MIN bytes of them or more, a header that
+        fits in one part, and a route that connected (waited for: it started with the
+        dump, or at the master's `way`, connecting then). A smaller image goes through
+        the master at once (one message: no wait for the target's answer, no connection;
+        a route the `dump` gave is closed with its sender)."""
+        if len(parts) <= 2 or sum(map(len, parts[:2])) > PART \
+                or sum(map(len, parts[2:])) < DIRECT_MIN:
             return False
-        trio.from_thread.run(route.decided.wait, trio_token=token)
-        if route.fs is None:
+        if m.way is None and m.route is None:
             return False
-        if len(parts) > 2 and sum(map(len, parts[:2])) <= PART:
-            return True
-        trio.from_thread.run(route.close, trio_token=token)
-        return False
+        trio.from_thread.run(self._routed, m, trio_token=token)
+        return m.route is not None and m.route.fs is not None
 
     def _send_direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
                      total: int, consumed: int | None) -> None:
@@ -343,13 +383,14 @@ class Mover:
 
 
 async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel,
-                      route: Route | None) -> None:
+                      m: Move) -> None:
     """Send a move's parts in order as its thread queues them, its `chunk`s on the
     route to the target (a task of the session: it ends when the thread closes the
     outbox, or at the first failure, which the thread then meets as a closed outbox)."""
     try:
         async with outgoing:
             async for msg in outgoing:
+                route = m.route
                 try:
                     if isinstance(msg, messages.Chunk):
                         assert route is not None
@@ -366,8 +407,9 @@ async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel,
                     return
                 del msg                 # a sent part holds its pages: let them go
     finally:
-        if route is not None:
-            await route.close()
+        m.routeless = True                  # no route made after this
+        if m.route is not None:
+            await m.route.close()
 
 
 def _stdin_consumed(pid: int) -> int | None:
@@ -405,6 +447,12 @@ async def on_drop(session: Session, msg: messages.Drop) -> None:
     mover = getattr(session.node, "mover", None)
     if mover is not None:
         mover.verdict(msg.pid, msg.id, DROP)
+
+
+async def on_way(session: Session, msg: messages.Way) -> None:
+    mover = getattr(session.node, "mover", None)
+    if mover is not None:
+        mover.way(session, msg)
 
 
 async def on_resume(session: Session, msg: messages.Resume) -> None:

@@ -60,6 +60,10 @@ grammar (names in capitals are the bounded types defined below):
                                  [host: ADDRESS, port: 1..65535, token: TOKEN, to: ID]
                                  (a `taking`'s, of restore `to`: send the pages there,
                                  else as below)
+                                 [way: BOOL]   (or: they follow in a `way`)
+    master -> node    way        id: ID, pid: PID, [host: ADDRESS, port: 1..65535,
+                                 token: TOKEN, to: ID]   (a `taking`'s, once it came;
+                                 none: through the master)
     node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES],
                                  [consumed: BYTES], [direct: BOOL]  (image pieces, in
                                  order; the first says the total and the stdin read;

@@ -38,6 +38,21 @@ class Dump(Msg, tag="dump"):
     port: Optional[_int(1, 65535)] = None
     token: Optional[TOKEN] = None
     to: Optional[ID] = None
+    # or: a `way` follows with them (asked of the target meanwhile); a small image does
+    # not wait for it, it goes through the master
+    way: Optional[bool] = None
+
+
+class Way(Msg, tag="way"):
+    """Where the pages of move `id` (a `dump` of `pid` that said `way`) go: `host`,
+    `port`, `token`, `to` as a `dump`'s; none of them: through the master."""
+    sender = "master"
+    id: ID
+    pid: PID
+    host: Optional[ADDRESS] = None
+    port: Optional[_int(1, 65535)] = None
+    token: Optional[TOKEN] = None
+    to: Optional[ID] = None
 
 
 class Part(Msg, tag="part"):
