@@ -8,7 +8,7 @@
                     resume  id, pid, [errno]    it did not move: let it go on as it was
 
 One thread per move does every ptrace request for it (the kernel answers only the tracer
-thread): it seizes and interrupts the process, and only then does the handler return, so
+thread; a thread kept from an earlier move, bpfs/node/movethreads.py): it seizes and interrupts the process, and only then does the handler return, so
 a process that asked to move itself (its ctl write, forwarded to the master) is stopped
 right where that write returns, before the session reads the write's answer. The thread
 then dumps it (bpfs.migrate.running), sends the image in pieces and waits for the verdict;
@@ -42,6 +42,7 @@ from bpfs.migrate.imagebuf import pieces
 from bpfs.migrate.lazyrun import LazyRun, materialize
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.direct import Route
+from bpfs.node.movethreads import MoveThreads
 from bpfs.node.session import Session
 from bpfs.wire import messages
 from bpfs.wire.movemsgs import PART
@@ -122,6 +123,7 @@ class Mover:
 
     def __init__(self) -> None:
         self.moves: dict[int, Move] = {}
+        self.threads = MoveThreads()        # each move's, kept for the next
 
     def start(self, session: Session, msg: messages.Dump) -> None:
         """Seize and interrupt `msg.pid` before returning; the rest in the move's thread.
@@ -147,8 +149,7 @@ class Mover:
             m.way = trio.Event()            # the target is asked meanwhile (`way`)
         session.nursery.start_soon(_send_parts, session, outgoing, m)
         token = trio.lowlevel.current_trio_token()
-        threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
-                         daemon=True).start()
+        self.threads.run(self._run, m, token)
         if not m.seized.wait(SEIZE_TIMEOUT):
             log.warning("move %d: pid %d not seized within %g s", m.id, m.pid, SEIZE_TIMEOUT)
 
@@ -304,8 +305,8 @@ class Mover:
                                    consumed=consumed)
             if len(cut) > 1 or relayed is not None:
                 self._post(token, m, last)      # behind its parts
-            else:                               # alone: at once, without the sender's hop
-                self._report(token, m, last)
+            else:                   # alone: at once, from here (no hop to trio's thread)
+                self._report_here(token, m, last)
         finally:
             try:
                 token.run_sync_soon(m.outbox.close)
@@ -370,6 +371,17 @@ class Mover:
             token.run_sync_soon(m.session.report, msg)
         except trio.RunFinishedError:
             pass
+
+    def _report_here(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg
+                     ) -> None:
+        """`msg` written from this thread if nothing queued goes before it, else as
+        `_report` (Session.report_threadsafe)."""
+        def post(fn: Any, *args: Any) -> None:
+            try:
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass
+        m.session.report_threadsafe(msg, post)
 
     def _done(self, token: trio.lowlevel.TrioToken, m: Move) -> None:
         def done() -> None:
