@@ -307,7 +307,9 @@ class Migrations:
         piece is `image`), then the `restore`; how many bytes of the image went."""
         c = m.caller
         if m.again is not None:
-            await self.send_node(m.node, messages.Again(id=m.id, consumed=m.again))
+            await self.send_node(m.node, messages.Again(   # its links connect meanwhile
+                id=m.id, consumed=m.again, port=m.req.port, token=m.req.token,
+                io=tuple(m.req.io), pid=m.pid, host=m.host))
         if total is not None:
             m.streamed = True
             await self.send_node(m.node, messages.Streamed(id=m.id, total=total))

@@ -79,6 +79,8 @@ grammar (names in capitals are the bounded types defined below):
                       abort      id: ID     (that restore will not be finished: discard it)
                       again      id: ID, consumed: BYTES   (ahead of a `restore`: a moved
                                  process, its links made again; its stdin read so far)
+                                 [port: PORT, token: WORD, io: [IO, IO, IO], pid: PID,
+                                 host: WORD]   (the restore's: its links connect now)
                       drop       id: ID, pid: PID     (moved: end the stopped copy, unreported)
                       resume     id: ID, pid: PID, [errno: ERRNO]   (not moved: go on)
   the direct stream (node -> node, on the connection a `taking` listens for; DIRECT):

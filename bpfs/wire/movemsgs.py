@@ -133,10 +133,17 @@ class Resume(Msg, tag="resume"):
 
 class Again(Msg, tag="again"):
     """Restore `id` (next) is of a process that moved: its links are made again
-    (`TOKEN PID FD again CONSUMED`), and it had read `consumed` bytes of its stdin."""
+    (`TOKEN PID FD again CONSUMED`), and it had read `consumed` bytes of its stdin. With
+    the restore's `port`, `token`, `io`, `pid` (and `host`), the node connects them now,
+    while the image comes (bpfs/node/earlylinks.py)."""
     sender = "master"
     id: ID
     consumed: BYTES
+    port: Optional[PORT] = None
+    token: Optional[WORD] = None
+    io: Optional[tuple[IO, IO, IO]] = None
+    pid: Optional[PID] = None
+    host: Optional[WORD] = None
 
 
 class Take(Msg, tag="take"):

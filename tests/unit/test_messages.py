@@ -98,6 +98,8 @@ GOOD = [
     m.Open(id=9, token="cd" * 32), m.Chunk(id=9, at=50, data=b"z" * 10),
     m.Resume(id=7, pid=4242), m.Resume(id=7, pid=4242, errno=errno.EBUSY),
     m.Again(id=9, consumed=0), m.Again(id=9, consumed=1 << 40),
+    m.Again(id=9, consumed=5, port=4000, token="ab" * 16, io=("socket", "socket", "stdout"),
+            pid=300, host="10.0.0.1"),
     m.Welcome(node=3, heartbeat=1.0, usage=2.0),
     m.Sample(),
     m.Usage(hz=100, at=12.5, procs=[]),
