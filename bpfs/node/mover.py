@@ -230,7 +230,9 @@ class Mover:
 
     # ---- the move's thread: every ptrace request for the process ---------------------
 
-    def _run(self, m: Move, token: trio.lowlevel.TrioToken) -> None:
+    def _run(self, m: Move, token: trio.lowlevel.TrioToken) -> bool:
+        """The move; True if this thread traces nothing after it (its process released,
+        or killed and its end consumed): it may serve the next move (movethreads.py)."""
         seized = False
         try:
             try:
@@ -245,12 +247,10 @@ class Mover:
             parts = dumps_parts(image)     # the runs stay views of the dump: no copy
         except (MigrateError, BpfsError, OSError) as exc:
             err = getattr(exc, "errno", None) or errno.EIO
-            self._fail(token, m, err, getattr(exc, "message", None) or str(exc), seized)
-            return
+            return self._fail(token, m, err, getattr(exc, "message", None) or str(exc), seized)
         except BaseException as exc:     # a bug: the process must not stay stopped
             log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._fail(token, m, errno.EIO, f"node error: {exc}", seized)
-            return
+            return self._fail(token, m, errno.EIO, f"node error: {exc}", seized)
         try:
             self._send_image(token, m, parts, consumed)
         except BaseException as exc:     # a lost link (else a bug): it goes on here
@@ -259,8 +259,7 @@ class Mover:
                 log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
             else:
                 log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._fail(token, m, errno.EIO, f"node error: {exc}", True)
-            return
+            return self._fail(token, m, errno.EIO, f"node error: {exc}", True)
         del parts, image
         try:
             what, err = m.verdict.get(timeout=VERDICT_TIMEOUT)
@@ -268,19 +267,17 @@ class Mover:
             log.warning("move %d: no verdict for pid %d in %g s: it goes on here", m.id, m.pid,
                         VERDICT_TIMEOUT)
             what, err = RESUME, None
-        if what == DROP:
-            self._kill(m)
-        else:
-            self._release(m, err)
+        clean = self._kill(m) if what == DROP else self._release(m, err)
         self._done(token, m)
+        return clean
 
     def _fail(self, token: trio.lowlevel.TrioToken, m: Move, err: int, text: str,
-              seized: bool) -> None:
+              seized: bool) -> bool:
         """`failed` to the master; the process (if it was seized) goes on as it was."""
         self._report(token, m, messages.Failed(id=m.id, errno=err, message=text[:4096]))
-        if seized:
-            self._release(m, None)
+        clean = self._release(m, None) if seized else True
         self._done(token, m)
+        return clean
 
     def _send_image(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
                     consumed: int | None) -> None:
@@ -353,18 +350,22 @@ class Mover:
         """Queue `msg` for the move's sender; waits while AHEAD are queued already."""
         trio.from_thread.run(m.outbox.send, msg, trio_token=token)
 
-    def _release(self, m: Move, err: int | None) -> None:
+    def _release(self, m: Move, err: int | None) -> bool:
         try:
             m.ops.release(err)
         except (MigrateError, BpfsError, TimeoutError) as exc:
             log.warning("move %d: releasing pid %d: %s", m.id, m.pid, exc)
+            return False
+        return True
 
-    def _kill(self, m: Move) -> None:
+    def _kill(self, m: Move) -> bool:
         try:
             m.ops.drop()
         except (MigrateError, BpfsError, TimeoutError) as exc:
             log.warning("move %d: dropping pid %d: %s", m.id, m.pid, exc)
+            return False
         log.debug("move %d: pid %d moved away", m.id, m.pid)
+        return True
 
     def _report(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg) -> None:
         try:

@@ -1,18 +1,22 @@
 """The threads that run moves (bpfs/node/mover.py): kept once started, for the next move.
 
     threads = MoveThreads()
-    threads.run(fn, *args)          fn(*args) in an idle thread, or a new one
+    threads.run(fn, *args)          fn(*args) in an idle thread, or a new one; kept
+                                    after only if it returns True
 
 Why: each move's ptrace requests come from one thread, its process's tracer for the
 whole move (seize, dump, then the verdict's kill or release). Started anew for every move,
 that thread cost 0.3-0.5 ms between the `dump` and the seize (bench/results-move.md,
 branch move-small2), and the node's event loop waits through that time (the seize is
-made before `dump`'s handler returns). A kept thread wakes from a queue instead. It
-traces nothing between moves: every move ends with its process released or killed.
+made before `dump`'s handler returns). A kept thread wakes from a queue instead.
 
-A thread idle for IDLE_TIMEOUT ends; at most MAX_IDLE wait. `fn` must not raise (a
-move's thread catches everything itself); if it does, the error is logged and the
-thread goes on.
+A thread is kept only when it traces nothing: `fn` says so (True: its process was
+released, or killed and its end consumed). Else it ends, as every move's thread did
+before, and the kernel lets go of what it still traced: a process that died under it (a
+move that failed half way) is then reaped by its parent and its end reported, where a
+kept tracer would hold its end for ever. A thread idle for IDLE_TIMEOUT ends; at most
+MAX_IDLE wait. `fn` must not raise (a move's thread catches everything itself); if it
+does, the error is logged and the thread ends.
 """
 
 from __future__ import annotations
@@ -55,11 +59,14 @@ class MoveThreads:
                         return
                 continue
             try:
-                fn(*args)
-            except BaseException:           # noqa: BLE001 (the thread must go on)
+                keep = fn(*args) is True
+            except BaseException:           # noqa: BLE001 (logged; the thread ends)
                 log.exception("a move's thread failed")
+                keep = False
             finally:
                 del fn, args
+            if not keep:
+                return
             with self._lock:
                 if len(self._idle) >= MAX_IDLE:
                     return

@@ -12,14 +12,16 @@ from bpfs.node.movethreads import MoveThreads
 pytestmark = pytest.mark.timeout(30)
 
 
-def _in_thread(threads: MoveThreads) -> int:
-    """Run one job; the ident of the thread that ran it."""
+def _in_thread(threads: MoveThreads, clean: bool = True) -> int:
+    """Run one job (that says whether it left its thread `clean`); the ident of the
+    thread that ran it."""
     got: list[int] = []
     done = threading.Event()
 
-    def job(x: int) -> None:
+    def job(x: int) -> bool:
         got.append(threading.get_ident() + 0 * x)
         done.set()
+        return clean
     threads.run(job, 1)
     assert done.wait(10)
     return got[0]
@@ -40,10 +42,11 @@ def test_moves_at_once_get_threads_of_their_own() -> None:
     release, seen = threading.Event(), set()
     started = threading.Barrier(3)
 
-    def job() -> None:
+    def job() -> bool:
         seen.add(threading.get_ident())
         started.wait(10)
         release.wait(10)
+        return True
     for _ in range(2):
         threads.run(job)
     started.wait(10)                        # both run at the same time
@@ -51,17 +54,30 @@ def test_moves_at_once_get_threads_of_their_own() -> None:
     assert len(seen) == 2 and threads.started == 2
 
 
-def test_a_job_that_raises_leaves_its_thread_serving(caplog) -> None:
+def test_a_thread_that_may_still_trace_is_not_kept(caplog) -> None:
+    """A move that did not end clean (its process died under it, a bug that raised): its
+    thread ends, and the kernel lets go of what it traced."""
     threads = MoveThreads()
+    _in_thread(threads, clean=False)
+    done = threading.Event()
 
-    def bad() -> None:
+    def bad() -> bool:
+        done.set()
         raise RuntimeError("bug")
+    for _ in range(100):                    # its thread gone from the pool
+        if not threads._idle:
+            break
+        threading.Event().wait(0.01)
     threads.run(bad)
-    while not threads._idle:
-        threading.Event().wait(0.001)
+    assert done.wait(10)
+    for _ in range(500):                    # logged once it raised
+        if "a move's thread failed" in caplog.text:
+            break
+        threading.Event().wait(0.01)
+    else:
+        raise AssertionError("the error was not logged")
     _in_thread(threads)
-    assert threads.started == 1
-    assert "a move's thread failed" in caplog.text
+    assert threads.started == 3             # neither of the first two served again
 
 
 def test_an_idle_thread_ends_after_its_timeout(monkeypatch) -> None:
