@@ -53,6 +53,7 @@ SEIZE_TIMEOUT = 2.0          # the thread seizing and interrupting the process
 VERDICT_TIMEOUT = 300.0      # dumped, stopped, waiting for `drop` or `resume`
 AHEAD = 2                    # parts read ahead of the one being sent
 DIRECT_MIN = 2 << 20         # pages (beyond the header) from which they go straight
+WAY_TIMEOUT = 10.0           # a big image waits so long for the master's `way`
 DROP, RESUME = "drop", "resume"
 
 
@@ -176,7 +177,8 @@ class Mover:
         (then connected now: only an image that goes straight pays for it), if it waits
         for one."""
         if m.way is not None:
-            await m.way.wait()
+            with trio.move_on_after(WAY_TIMEOUT):   # none: through the master
+                await m.way.wait()
             if m.route is None and m.where is not None and not m.routeless:
                 host, port, tok, to = m.where
                 m.route = Route(to)
@@ -201,6 +203,8 @@ class Mover:
         session held anyway)."""
         for m in list(self.moves.values()):
             m.verdict.put((RESUME, None))
+            if m.way is not None:       # a thread waiting for its `way` waits no more
+                m.way.set()
 
     def _check(self, session: Session, pid: int) -> None:
         node = session.node
