@@ -104,6 +104,8 @@ class Migration:
     again: int | None = None            # a move's: its links are made again (stdin read)
     streamed: bool = False              # its image streams to the node (`abort` if it fails)
     direct: bool = False                # a move's: its pages may come straight (`taking`)
+    took: trio.Event | None = None      # a move's `take` asked, its `way` sent (tonode.py)
+    taking: trio.CancelScope | None = None      # ... and its task's scope
 
 
 
@@ -305,7 +307,9 @@ class Migrations:
         piece is `image`), then the `restore`; how many bytes of the image went."""
         c = m.caller
         if m.again is not None:
-            await self.send_node(m.node, messages.Again(id=m.id, consumed=m.again))
+            await self.send_node(m.node, messages.Again(   # its links connect meanwhile
+                id=m.id, consumed=m.again, port=m.req.port, token=m.req.token,
+                io=tuple(m.req.io), pid=m.pid, host=m.host))
         if total is not None:
             m.streamed = True
             await self.send_node(m.node, messages.Streamed(id=m.id, total=total))

@@ -240,12 +240,14 @@ class Moves(ToNode, HomeComing):
         self.on_moving(p.pid, True)
         m = None
         try:
-            where: dict[str, Any] = {}
+            way = None
             if target is not None:      # its restore there, which may take the pages straight
                 m = self._target(d, p, target)
-                where = await self._take(m)
+                way = self.host_of(target) is not None or None
             await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None,
-                                                       **where))
+                                                       way=way))
+            if m is not None and way:   # the target asked while the source dumps
+                self._ask_way(d, m)
         except BaseException:
             self.on_moving(p.pid, False)
             self._forget(d)
@@ -273,6 +275,8 @@ class Moves(ToNode, HomeComing):
         way = ""
         try:
             first = await self._next_of_dump(d, deadline)
+            if m is not None and m.took is not None:    # `take`'s answer, then m's own
+                await m.took.wait()
             relayed = self.take_relay(d.id, p, source)      # type: ignore[attr-defined]
             consumed = p.stdin_base + (first.consumed or 0)   # the link counts from its start
             if relayed:                                 # new links, to a relay that has
@@ -286,6 +290,8 @@ class Moves(ToNode, HomeComing):
         except BaseException as exc:
             self.on_moving(pid, False)
             if m is not None:
+                if m.taking is not None:
+                    m.taking.cancel()
                 await self._abort(m)                        # type: ignore[attr-defined]
             if d.ghost_gone:
                 await self._verdict(messages.Drop(id=d.id, pid=pid), source)

@@ -1,10 +1,17 @@
 """A running process moving from node A to node B, master side: its image's way.
 
+    master -> A  dump id, pid, links, way   (bpfs/master/moves.py) and at once:
     master -> B  take id                     may its pages come straight from A?
     B -> master  taking id, port, token      (or failed, or nothing in TAKE_TIMEOUT: no)
-    master -> A  dump id, pid, links [, host, port, token]      (bpfs/master/moves.py)
+    master -> A  way id, pid [, host, port, token, to]   (none: through the master)
     A -> master  part (the first: total, consumed[, direct]) ... dumped
     master -> B  again, streamed, restore (the first part), [piece ...], then `restored`
+
+The `take` goes while A dumps (its answer took a round trip before the `dump` went):
+A waits for the `way` only if its image has DIRECT_MIN bytes of pages or more
+(bpfs/node/mover.py); a smaller one comes through the master at once, in one message,
+and B, which took nothing, ends its take at the restore. The master reads B's answers
+to the restore only once the `way` went (`took`).
 
 Straight (A's first part says `direct`): that part is the image's header, which the
 master passes on as the restore's first piece and keeps (for the file contents B may
@@ -61,6 +68,24 @@ class ToNode:
         self._migrations[m.id] = m
         return m
 
+    def _ask_way(self, d: Migration, m: Migration) -> None:
+        """`take` to the target, then `way` to the source with its answer (a task: the
+        source dumps meanwhile; cancelled, `m.taking`, if the move fails first)."""
+        m.took, m.taking = trio.Event(), trio.CancelScope()
+        self._spawn(self._way, d, m)                        # type: ignore[attr-defined]
+
+    async def _way(self, d: Migration, m: Migration) -> None:
+        assert m.took is not None and m.taking is not None
+        try:
+            with m.taking:
+                where = await self._take(m)
+                await self.send_node(d.node, messages.Way(  # type: ignore[attr-defined]
+                    id=d.id, pid=d.pid, **where))
+        except BpfsError as exc:
+            log.info("move %d: no way sent to node %d: %s", d.id, d.node, exc)
+        finally:
+            m.took.set()
+
     async def _take(self, m: Migration) -> dict[str, Any]:
         """Ask the target to take the pages straight: the `dump`'s fields saying where
         ({}: through the master)."""
@@ -68,8 +93,8 @@ class ToNode:
         if host is None:
             return {}
         try:
+            m.streamed = True               # it may hold a stream for it: `abort` ends it
             await self.send_node(m.node, messages.Take(id=m.id))  # type: ignore[attr-defined]
-            m.streamed = True               # it holds a stream for it: `abort` ends it
             with trio.fail_after(TAKE_TIMEOUT):
                 reply = await m.receive.receive()
         except (BpfsError, trio.TooSlowError) as exc:

@@ -8,7 +8,7 @@
                     resume  id, pid, [errno]    it did not move: let it go on as it was
 
 One thread per move does every ptrace request for it (the kernel answers only the tracer
-thread): it seizes and interrupts the process, and only then does the handler return, so
+thread; a thread kept from an earlier move, bpfs/node/movethreads.py): it seizes and interrupts the process, and only then does the handler return, so
 a process that asked to move itself (its ctl write, forwarded to the master) is stopped
 right where that write returns, before the session reads the write's answer. The thread
 then dumps it (bpfs.migrate.running), sends the image in pieces and waits for the verdict;
@@ -42,6 +42,7 @@ from bpfs.migrate.imagebuf import pieces
 from bpfs.migrate.lazyrun import LazyRun, materialize
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.direct import Route
+from bpfs.node.movethreads import MoveThreads
 from bpfs.node.session import Session
 from bpfs.wire import messages
 from bpfs.wire.movemsgs import PART
@@ -51,6 +52,8 @@ log = logging.getLogger("bpslave")
 SEIZE_TIMEOUT = 2.0          # the thread seizing and interrupting the process
 VERDICT_TIMEOUT = 300.0      # dumped, stopped, waiting for `drop` or `resume`
 AHEAD = 2                    # parts read ahead of the one being sent
+DIRECT_MIN = 2 << 20         # pages (beyond the header) from which they go straight
+WAY_TIMEOUT = 10.0           # a big image waits so long for the master's `way`
 DROP, RESUME = "drop", "resume"
 
 
@@ -67,6 +70,10 @@ class Move:
     ops: Any = None                         # DirectOps, or a stand-in's (node/standins.py)
     outbox: Any = None                      # its parts, to the task that sends them
     route: Route | None = None              # where its pages go straight, if anywhere
+    way: trio.Event | None = None           # set once the master's `way` came (`dump` said
+    # `way`), or the verdict
+    where: tuple[str, int, str, int] | None = None   # the `way`'s: host, port, token, to
+    routeless: bool = False                 # its sender is over: no route made now
 
 
 class DirectOps:
@@ -117,6 +124,7 @@ class Mover:
 
     def __init__(self) -> None:
         self.moves: dict[int, Move] = {}
+        self.threads = MoveThreads()        # each move's, kept for the next
 
     def start(self, session: Session, msg: messages.Dump) -> None:
         """Seize and interrupt `msg.pid` before returning; the rest in the move's thread.
@@ -137,14 +145,47 @@ class Mover:
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
         if None not in (msg.host, msg.port, msg.token, msg.to):
-            m.route = Route(msg.to)         # connects while the process is dumped
-            session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
-        session.nursery.start_soon(_send_parts, session, outgoing, m.route)
+            self._route(session, m, msg)    # connects while the process is dumped
+        elif msg.way:
+            m.way = trio.Event()            # the target is asked meanwhile (`way`)
+        session.nursery.start_soon(_send_parts, session, outgoing, m)
         token = trio.lowlevel.current_trio_token()
-        threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
-                         daemon=True).start()
+        self.threads.run(self._run, m, token)
         if not m.seized.wait(SEIZE_TIMEOUT):
             log.warning("move %d: pid %d not seized within %g s", m.id, m.pid, SEIZE_TIMEOUT)
+
+    def way(self, session: Session, msg: messages.Way) -> None:
+        """Where the pages of a move whose `dump` said `way` go (trio's thread): kept for
+        its thread, which connects only if its image goes straight (`_routed`)."""
+        m = self.moves.get(msg.pid)
+        if m is None or m.id != msg.id or m.way is None or m.way.is_set():
+            log.debug("way of move %d, which does not wait for one: ignored", msg.id)
+            return
+        if None not in (msg.host, msg.port, msg.token, msg.to):
+            m.where = (msg.host, msg.port, msg.token, msg.to)   # type: ignore[assignment]
+        m.way.set()
+
+    @staticmethod
+    def _route(session: Session, m: Move, msg: messages.Dump) -> None:
+        assert session.nursery is not None and msg.to is not None
+        m.route = Route(msg.to)
+        session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
+
+    @staticmethod
+    async def _routed(m: Move) -> None:
+        """(trio's thread, for the move's) Its route decided: after the master's `way`
+        (then connected now: only an image that goes straight pays for it), if it waits
+        for one."""
+        if m.way is not None:
+            with trio.move_on_after(WAY_TIMEOUT):   # none: through the master
+                await m.way.wait()
+            if m.route is None and m.where is not None and not m.routeless:
+                host, port, tok, to = m.where
+                m.route = Route(to)
+                assert m.session.nursery is not None
+                m.session.nursery.start_soon(m.route.connect, host, port, tok)
+        if m.route is not None:
+            await m.route.decided.wait()
 
     def verdict(self, pid: int, mid: int, what: str, err: int | None = None) -> None:
         m = self.moves.get(pid)
@@ -154,12 +195,16 @@ class Mover:
         if what == DROP:
             self._forget_job(m)
         m.verdict.put((what, err))
+        if m.way is not None:           # a thread waiting for its `way` waits no more
+            m.way.set()
 
     def session_over(self) -> None:
         """The master is gone: every move lets its process go on (the node kills what the
         session held anyway)."""
         for m in list(self.moves.values()):
             m.verdict.put((RESUME, None))
+            if m.way is not None:       # a thread waiting for its `way` waits no more
+                m.way.set()
 
     def _check(self, session: Session, pid: int) -> None:
         node = session.node
@@ -189,7 +234,9 @@ class Mover:
 
     # ---- the move's thread: every ptrace request for the process ---------------------
 
-    def _run(self, m: Move, token: trio.lowlevel.TrioToken) -> None:
+    def _run(self, m: Move, token: trio.lowlevel.TrioToken) -> bool:
+        """The move; True if this thread traces nothing after it (its process released,
+        or killed and its end consumed): it may serve the next move (movethreads.py)."""
         seized = False
         try:
             try:
@@ -204,12 +251,10 @@ class Mover:
             parts = dumps_parts(image)     # the runs stay views of the dump: no copy
         except (MigrateError, BpfsError, OSError) as exc:
             err = getattr(exc, "errno", None) or errno.EIO
-            self._fail(token, m, err, getattr(exc, "message", None) or str(exc), seized)
-            return
+            return self._fail(token, m, err, getattr(exc, "message", None) or str(exc), seized)
         except BaseException as exc:     # a bug: the process must not stay stopped
             log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._fail(token, m, errno.EIO, f"node error: {exc}", seized)
-            return
+            return self._fail(token, m, errno.EIO, f"node error: {exc}", seized)
         try:
             self._send_image(token, m, parts, consumed)
         except BaseException as exc:     # a lost link (else a bug): it goes on here
@@ -218,8 +263,7 @@ class Mover:
                 log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
             else:
                 log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._fail(token, m, errno.EIO, f"node error: {exc}", True)
-            return
+            return self._fail(token, m, errno.EIO, f"node error: {exc}", True)
         del parts, image
         try:
             what, err = m.verdict.get(timeout=VERDICT_TIMEOUT)
@@ -227,19 +271,17 @@ class Mover:
             log.warning("move %d: no verdict for pid %d in %g s: it goes on here", m.id, m.pid,
                         VERDICT_TIMEOUT)
             what, err = RESUME, None
-        if what == DROP:
-            self._kill(m)
-        else:
-            self._release(m, err)
+        clean = self._kill(m) if what == DROP else self._release(m, err)
         self._done(token, m)
+        return clean
 
     def _fail(self, token: trio.lowlevel.TrioToken, m: Move, err: int, text: str,
-              seized: bool) -> None:
+              seized: bool) -> bool:
         """`failed` to the master; the process (if it was seized) goes on as it was."""
         self._report(token, m, messages.Failed(id=m.id, errno=err, message=text[:4096]))
-        if seized:
-            self._release(m, None)
+        clean = self._release(m, None) if seized else True
         self._done(token, m)
+        return clean
 
     def _send_image(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
                     consumed: int | None) -> None:
@@ -264,8 +306,8 @@ class Mover:
                                    consumed=consumed)
             if len(cut) > 1 or relayed is not None:
                 self._post(token, m, last)      # behind its parts
-            else:                               # alone: at once, without the sender's hop
-                self._report(token, m, last)
+            else:                   # alone: at once, from here (no hop to trio's thread)
+                self._report_here(token, m, last)
         finally:
             try:
                 token.run_sync_soon(m.outbox.close)
@@ -273,18 +315,18 @@ class Mover:
                 pass
 
     def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
-        """Whether the pages go straight: a route that connected (waited for: it started
-        with the dump), pages to send, and a header that fits in one part."""
-        route = m.route
-        if route is None:
+        """Whether the pages go straight: DIRECT_MIN bytes of them or more, a header that
+        fits in one part, and a route that connected (waited for: it started with the
+        dump, or at the master's `way`, connecting then). A smaller image goes through
+        the master at once (one message: no wait for the target's answer, no connection;
+        a route the `dump` gave is closed with its sender)."""
+        if len(parts) <= 2 or sum(map(len, parts[:2])) > PART \
+                or sum(map(len, parts[2:])) < DIRECT_MIN:
             return False
-        trio.from_thread.run(route.decided.wait, trio_token=token)
-        if route.fs is None:
+        if m.way is None and m.route is None:
             return False
-        if len(parts) > 2 and sum(map(len, parts[:2])) <= PART:
-            return True
-        trio.from_thread.run(route.close, trio_token=token)
-        return False
+        trio.from_thread.run(self._routed, m, trio_token=token)
+        return m.route is not None and m.route.fs is not None
 
     def _send_direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list,
                      total: int, consumed: int | None) -> None:
@@ -312,24 +354,39 @@ class Mover:
         """Queue `msg` for the move's sender; waits while AHEAD are queued already."""
         trio.from_thread.run(m.outbox.send, msg, trio_token=token)
 
-    def _release(self, m: Move, err: int | None) -> None:
+    def _release(self, m: Move, err: int | None) -> bool:
         try:
             m.ops.release(err)
         except (MigrateError, BpfsError, TimeoutError) as exc:
             log.warning("move %d: releasing pid %d: %s", m.id, m.pid, exc)
+            return False
+        return True
 
-    def _kill(self, m: Move) -> None:
+    def _kill(self, m: Move) -> bool:
         try:
             m.ops.drop()
         except (MigrateError, BpfsError, TimeoutError) as exc:
             log.warning("move %d: dropping pid %d: %s", m.id, m.pid, exc)
+            return False
         log.debug("move %d: pid %d moved away", m.id, m.pid)
+        return True
 
     def _report(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg) -> None:
         try:
             token.run_sync_soon(m.session.report, msg)
         except trio.RunFinishedError:
             pass
+
+    def _report_here(self, token: trio.lowlevel.TrioToken, m: Move, msg: messages.Msg
+                     ) -> None:
+        """`msg` written from this thread if nothing queued goes before it, else as
+        `_report` (Session.report_threadsafe)."""
+        def post(fn: Any, *args: Any) -> None:
+            try:
+                token.run_sync_soon(fn, *args)
+            except trio.RunFinishedError:
+                pass
+        m.session.report_threadsafe(msg, post)
 
     def _done(self, token: trio.lowlevel.TrioToken, m: Move) -> None:
         def done() -> None:
@@ -343,13 +400,14 @@ class Mover:
 
 
 async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel,
-                      route: Route | None) -> None:
+                      m: Move) -> None:
     """Send a move's parts in order as its thread queues them, its `chunk`s on the
     route to the target (a task of the session: it ends when the thread closes the
     outbox, or at the first failure, which the thread then meets as a closed outbox)."""
     try:
         async with outgoing:
             async for msg in outgoing:
+                route = m.route
                 try:
                     if isinstance(msg, messages.Chunk):
                         assert route is not None
@@ -366,8 +424,9 @@ async def _send_parts(session: Session, outgoing: trio.MemoryReceiveChannel,
                     return
                 del msg                 # a sent part holds its pages: let them go
     finally:
-        if route is not None:
-            await route.close()
+        m.routeless = True                  # no route made after this
+        if m.route is not None:
+            await m.route.close()
 
 
 def _stdin_consumed(pid: int) -> int | None:
@@ -405,6 +464,12 @@ async def on_drop(session: Session, msg: messages.Drop) -> None:
     mover = getattr(session.node, "mover", None)
     if mover is not None:
         mover.verdict(msg.pid, msg.id, DROP)
+
+
+async def on_way(session: Session, msg: messages.Way) -> None:
+    mover = getattr(session.node, "mover", None)
+    if mover is not None:
+        mover.way(session, msg)
 
 
 async def on_resume(session: Session, msg: messages.Resume) -> None:

@@ -35,12 +35,11 @@ import trio
 from bpfs.errors import BpfsError, einval
 from bpfs.migrate import Image, loads, set_rank
 from bpfs.migrate.helper import JOB_RECORD
-from bpfs.node import stdio
+from bpfs.node import earlylinks, stdio
 from bpfs.node.init import Reaper
 from bpfs.node.restorer import NodeRestorer
 from bpfs.node.session import Session
 from bpfs.wire import execreq, messages
-from bpfs.wire.stdiolink import LinkTarget
 
 log = logging.getLogger("bpslave")
 
@@ -242,6 +241,7 @@ async def on_again(session: Session, msg: messages.Again) -> None:
     if len(session.again) >= MAX_PIECED:
         session.again.pop(next(iter(session.again)))
     session.again[msg.id] = msg.consumed
+    earlylinks.on_again(session, msg)       # its links connect while the image comes
 
 
 async def on_restore(session: Session, msg: messages.Restore) -> None:
@@ -316,14 +316,7 @@ class Attempt:
     def _links(self, pid: int) -> stdio.Links:
         """Its stdio links: first ones, or made again for a process that moved here (an
         `again` came for this restore: fd 0 goes on from the stdin byte it had read)."""
-        req = self.req
-        host = req.host or self.session.node.cfg.host
-        consumed = self.session.again.pop(req.id, None)
-        if consumed is None:
-            return stdio.Links(host, req.port, req.token, pid, req.io)
-        return stdio.Links.again(req.io, {
-            n: LinkTarget(host, req.port, req.token, pid, consumed if n == 0 else 0)
-            for n, spec in enumerate(req.io) if spec == "socket"})
+        return earlylinks.links_for(self.session, self.req, pid)
 
     def take_links(self, pid: int) -> bool:
         """Its stdio links, if they are all connected by now (False: not yet)."""

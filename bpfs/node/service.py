@@ -108,7 +108,7 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Ended: procs.on_ended,
     messages.FsReply: _on_fs_reply,
     messages.Names: _on_names,
-    messages.Dump: mover.on_dump, messages.Drop: mover.on_drop,
+    messages.Dump: mover.on_dump, messages.Drop: mover.on_drop, messages.Way: mover.on_way,
     messages.Resume: mover.on_resume, messages.Again: procs.on_again,
     messages.Streamed: streamin.on_streamed, messages.Piece: streamin.on_piece,
     messages.Abort: streamin.on_abort, messages.Take: direct.on_take,

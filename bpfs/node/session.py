@@ -71,6 +71,7 @@ class Session:
         self.streams: dict[int, Any] = {}   # restores whose image streams in (streamin.py)
         self.streamed: dict[int, int] = {}  # announced (`streamed`): id -> the image's size
         self.again: dict[int, int] = {}     # moved processes' restores: their stdin read
+        self.early: dict[int, Any] = {}     # ... and their links, made early (earlylinks.py)
         self.takes: dict[int, Any] = {}     # restores whose pages come straight (direct.py)
         self._reports, self._report_queue = trio.open_memory_channel[wire.Message | None](
             float("inf"))
@@ -174,6 +175,9 @@ class Session:
                                        nursery.cancel_scope)
         finally:
             self._reports.close()
+            for _, links in self.early.values():
+                links.close()
+            self.early.clear()
         return outcomes[0] if outcomes else Outcome.LOST
 
     async def _guard(self, task: Callable[[], Awaitable[Outcome]], outcomes: list[Outcome],

@@ -345,14 +345,8 @@ class StandinOps:
 
 def _links(session: Any, req: messages.Restore, pid: int) -> Any:
     """Its links, made again (`again` came) or first ones, as a restore makes them."""
-    from bpfs.node import stdio
-    host = req.host or session.node.cfg.host
-    consumed = session.again.pop(req.id, None)
-    if consumed is None:
-        return stdio.Links(host, req.port, req.token, pid, req.io)
-    return stdio.Links.again(req.io, {
-        n: stdio.LinkTarget(host, req.port, req.token, pid, consumed if n == 0 else 0)
-        for n, spec in enumerate(req.io) if spec == "socket"})
+    from bpfs.node import earlylinks
+    return earlylinks.links_for(session, req, pid)
 
 
 def _read_port(fd: int) -> int:

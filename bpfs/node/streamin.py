@@ -48,7 +48,7 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.migrate.imagebuf import Incoming
-from bpfs.node import procs, stdio
+from bpfs.node import earlylinks, procs, stdio
 from bpfs.node.direct import MAX_WRITES, end_take
 from bpfs.node.procs import Attempt
 from bpfs.node.session import Session
@@ -307,6 +307,8 @@ async def on_piece(session: Session, msg: messages.Piece) -> None:
 
 async def on_abort(session: Session, msg: messages.Abort) -> None:
     session.streamed.pop(msg.id, None)
+    session.again.pop(msg.id, None)
+    earlylinks.drop(session, msg.id)
     end_take(session, msg.id)
     stream = session.streams.pop(msg.id, None)
     if stream is not None:

@@ -60,6 +60,10 @@ grammar (names in capitals are the bounded types defined below):
                                  [host: ADDRESS, port: 1..65535, token: TOKEN, to: ID]
                                  (a `taking`'s, of restore `to`: send the pages there,
                                  else as below)
+                                 [way: BOOL]   (or: they follow in a `way`)
+    master -> node    way        id: ID, pid: PID, [host: ADDRESS, port: 1..65535,
+                                 token: TOKEN, to: ID]   (a `taking`'s, once it came;
+                                 none: through the master)
     node   -> master  part       id: ID, data: bytes (1..8 MiB), [total: BYTES],
                                  [consumed: BYTES], [direct: BOOL]  (image pieces, in
                                  order; the first says the total and the stdin read;
@@ -75,6 +79,8 @@ grammar (names in capitals are the bounded types defined below):
                       abort      id: ID     (that restore will not be finished: discard it)
                       again      id: ID, consumed: BYTES   (ahead of a `restore`: a moved
                                  process, its links made again; its stdin read so far)
+                                 [port: PORT, token: WORD, io: [IO, IO, IO], pid: PID,
+                                 host: WORD]   (the restore's: its links connect now)
                       drop       id: ID, pid: PID     (moved: end the stopped copy, unreported)
                       resume     id: ID, pid: PID, [errno: ERRNO]   (not moved: go on)
   the direct stream (node -> node, on the connection a `taking` listens for; DIRECT):

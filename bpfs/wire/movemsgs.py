@@ -38,6 +38,21 @@ class Dump(Msg, tag="dump"):
     port: Optional[_int(1, 65535)] = None
     token: Optional[TOKEN] = None
     to: Optional[ID] = None
+    # or: a `way` follows with them (asked of the target meanwhile); a small image does
+    # not wait for it, it goes through the master
+    way: Optional[bool] = None
+
+
+class Way(Msg, tag="way"):
+    """Where the pages of move `id` (a `dump` of `pid` that said `way`) go: `host`,
+    `port`, `token`, `to` as a `dump`'s; none of them: through the master."""
+    sender = "master"
+    id: ID
+    pid: PID
+    host: Optional[ADDRESS] = None
+    port: Optional[_int(1, 65535)] = None
+    token: Optional[TOKEN] = None
+    to: Optional[ID] = None
 
 
 class Part(Msg, tag="part"):
@@ -118,10 +133,17 @@ class Resume(Msg, tag="resume"):
 
 class Again(Msg, tag="again"):
     """Restore `id` (next) is of a process that moved: its links are made again
-    (`TOKEN PID FD again CONSUMED`), and it had read `consumed` bytes of its stdin."""
+    (`TOKEN PID FD again CONSUMED`), and it had read `consumed` bytes of its stdin. With
+    the restore's `port`, `token`, `io`, `pid` (and `host`), the node connects them now,
+    while the image comes (bpfs/node/earlylinks.py)."""
     sender = "master"
     id: ID
     consumed: BYTES
+    port: Optional[PORT] = None
+    token: Optional[WORD] = None
+    io: Optional[tuple[IO, IO, IO]] = None
+    pid: Optional[PID] = None
+    host: Optional[WORD] = None
 
 
 class Take(Msg, tag="take"):

@@ -3,7 +3,8 @@
 A real cluster, real processes: a small one (a counter with 1 MB of ballast) and a big one
 (40 MB of memory) move between nodes; the master's log line for each move says how many
 bytes went straight and how many through it (only the header: a few KiB), and the process
-has all its memory after. A cluster whose nodes name a port nobody listens on
+has all its memory after. A tiny one (`cat`: under DIRECT_MIN of pages) goes through the
+master at once, in one message, not waiting for the target's `taking`. A cluster whose nodes name a port nobody listens on
 (BPFS_DIRECT_PORT) still moves, every byte through the master.
 """
 
@@ -17,8 +18,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.cluster.test_move import (COUNTER, PY, hostname_of, read_line, start_bpsh, stop,
-                                     write_ctl)
+from tests.cluster.test_move import (COUNTER, PY, hostname_of, node_of, read_line,
+                                     start_bpsh, stop, write_ctl)
 from tests.cluster.test_move_stream import ask, holder
 from tests.conftest import Cluster, _new_cluster, _teardown, is_root
 
@@ -86,6 +87,27 @@ def test_a_small_process_moves_node_to_node_straight_and_counts_on(cluster) -> N
         lines = seen + [ln.split() for ln in out.decode().splitlines()]
         assert [int(ln[0]) for ln in lines] == list(range(1, 41))   # nothing lost or twice
         assert p.returncode == 7
+    finally:
+        stop(p)
+
+
+def test_a_tiny_process_moves_node_to_node_through_the_master_in_one_message(cluster
+                                                                          ) -> None:
+    p = start_bpsh(cluster, 1, "/bin/sh", "-c", "echo $$; exec cat", stdin=subprocess.PIPE)
+    assert p.stdin is not None
+    try:
+        pid = int(read_line(p))
+        p.stdin.write(b"one\n")
+        p.stdin.flush()
+        assert read_line(p) == "one"                    # cat runs (no move while sh starts)
+        for source, target in ((1, 2), (2, 1)):
+            assert write_ctl(cluster, pid, f"move {target}") == 0
+            assert node_of(cluster, pid) == str(target)
+            p.stdin.write(f"at {target}\n".encode())
+            p.stdin.flush()
+            assert read_line(p) == f"at {target}"        # it runs there, stdin and out
+            straight, through = way_of(cluster, pid, source, target)
+            assert straight == 0 and 0 < through < 2 << 20, (straight, through)
     finally:
         stop(p)
 

@@ -370,6 +370,8 @@ def test_the_zero_scan_finds_what_the_block_loop_finds(parts, lead_pages: int) -
     try:
         got = [(a, bytes(d)) for a, d in dump.nonzero(buf, 4096, len(data), 0x7000)]
         assert got == dump.sparse(0x7000, data, None)
+        small = bytearray(b"\x01" * 4096 + data)   # a small read's buffer: compared in place
+        assert [(a, bytes(d)) for a, d in dump.nonzero(small, 4096, len(data), 0x7000)] == got
         base = bytes(len(data))[:len(data) // 3] + data[len(data) // 3:]
         assert dump.differing(0x7000, data, base) == dump.sparse(0x7000, data, base)
     finally:

@@ -90,11 +90,16 @@ GOOD = [
     m.Dumped(id=7, image=b""), m.Piece(id=9, at=0, data=b"y"), m.Abort(id=9), m.Streamed(id=9, total=1 << 33), m.Drop(id=7, pid=4242),
     m.Relayed(id=7, port=4000, token="ab" * 16),
     m.Take(id=9), m.Taking(id=9, port=4001, token="cd" * 32),
+    m.Way(id=9, pid=300), m.Way(id=9, pid=300, host="10.0.0.2", port=4001, token="cd" * 32,
+                                to=10),
     m.Dump(id=7, pid=4242, host="10.0.0.2", port=4001, token="cd" * 32, to=9),
+    m.Dump(id=7, pid=4242, way=True),
     m.Part(id=7, data=b"h" * 50, total=1 << 30, consumed=0, direct=True),
     m.Open(id=9, token="cd" * 32), m.Chunk(id=9, at=50, data=b"z" * 10),
     m.Resume(id=7, pid=4242), m.Resume(id=7, pid=4242, errno=errno.EBUSY),
     m.Again(id=9, consumed=0), m.Again(id=9, consumed=1 << 40),
+    m.Again(id=9, consumed=5, port=4000, token="ab" * 16, io=("socket", "socket", "stdout"),
+            pid=300, host="10.0.0.1"),
     m.Welcome(node=3, heartbeat=1.0, usage=2.0),
     m.Sample(),
     m.Usage(hz=100, at=12.5, procs=[]),
@@ -175,7 +180,7 @@ def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
         "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
         "Armed", "Execd", "Ended", "Sample", "FsReply", "Names", "Dump", "Piece", "Drop",
-        "Resume", "Again", "Abort", "Streamed", "Take"}
+        "Resume", "Again", "Abort", "Streamed", "Take", "Way"}
     assert {c.__name__ for c in m.DIRECT.classes} == {"Open", "Chunk"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}
