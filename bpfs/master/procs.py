@@ -227,10 +227,14 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
         self.cluster.signalled(pid, sig)
 
     def _forward(self, pid: int, sig: int, group: bool = False) -> None:
+        """A ghost's signal to its real process: written now if the connection takes it
+        (a kill from node to node waits for this; a task costs one more pass of the loop)."""
         p = self.cluster.procs.get(pid)
         if p is not None:
             self.cluster.signalled(pid, sig)
-            self._spawn(self._send_signal, p.node, pid, sig, p.mid, group)
+            msg = messages.Signal(pid=pid, sig=sig, id=p.mid, group=True if group else None)
+            if self.send_now is None or not self.send_now(p.node, msg):
+                self._spawn(self._send_signal, p.node, pid, sig, p.mid, group)
 
     async def _send_signal(self, node: int, pid: int, sig: int, mid: int,
                            group: bool = False) -> None:

@@ -486,7 +486,16 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
 
     # ---- signals ----
 
-    def _on_kill(self, job: Job, n: seccomp.Notif) -> None:
+    def _kill_here(self, job: Job, n: seccomp.Notif) -> bool:
+        """(A receiver thread) a signal is let through or asked of the master from here:
+        a kill's latency is one trip through the event loop less."""
+        self._on_kill(job, n, self._post)
+        return True
+
+    def _on_kill(self, job: Job, n: seccomp.Notif,
+                 post: Callable[..., None] | None = None) -> None:
+        """A target on this node: the kernel's; else the master's (`post`: from a
+        receiver thread)."""
         pid, sig = procread.pid_arg(n.args[0]), int(n.args[1]) & 0xFFFFFFFF
         if n.nr in (NR["tgkill"], NR["rt_tgsigqueueinfo"]):
             pid, sig = procread.pid_arg(n.args[1]), int(n.args[2]) & 0xFFFFFFFF
@@ -498,8 +507,11 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
             return                  # the caller is gone
         seq = next(self._seq)
         self._kills[seq] = (job, n)
-        job.session.report(messages.Kill(seq=seq, pid=pid, sig=sig, ruid=creds[0],
-                                         euid=creds[1]))
+        msg = messages.Kill(seq=seq, pid=pid, sig=sig, ruid=creds[0], euid=creds[1])
+        if post is None:
+            job.session.report(msg)
+        else:
+            job.session.report_threadsafe(msg, post)
 
 
 HANDLERS: dict[int, Callable[[Supervisor, Job, seccomp.Notif], None]] = {
@@ -518,4 +530,6 @@ HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
     NR["clone"]: Supervisor._fork_here, NR["clone3"]: Supervisor._fork_here,
     NR["fork"]: Supervisor._fork_here, NR["vfork"]: Supervisor._fork_here,
     NR["execve"]: Supervisor._exec_here, NR["execveat"]: Supervisor._exec_here,
+    **{NR[k]: Supervisor._kill_here for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
+                                               "rt_tgsigqueueinfo")},
 }
