@@ -252,6 +252,8 @@ class Moves(ToNode, HomeComing, OutPages):
             if target is not None:      # its restore there, which may take the pages straight
                 m = self._target(d, p, target)
                 where = await self._take(m)
+            else:                       # home: its pages straight to us (homestream.py)
+                where = await self._take_home(d)
             await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None,
                                                        **where))
         except BaseException:
@@ -308,6 +310,7 @@ class Moves(ToNode, HomeComing, OutPages):
                                     source)
             raise
         finally:
+            self._end_take_home(d)
             self._dumping.discard(d.id)
             if m is not None:
                 self._migrations.pop(m.id, None)
@@ -354,6 +357,7 @@ class Moves(ToNode, HomeComing, OutPages):
                     _kill_quietly(m.pid, sig)
 
     def _forget(self, m: Migration) -> None:
+        self._end_take_home(m)
         self._migrations.pop(m.id, None)
         if self._by_pid.get(m.pid) is m:
             del self._by_pid[m.pid]

@@ -67,6 +67,7 @@ class Move:
     ops: Any = None                         # DirectOps, or a stand-in's (node/standins.py)
     outbox: Any = None                      # its parts, to the task that sends them
     route: Route | None = None              # where its pages go straight, if anywhere
+    big_only: bool = False                  # straight only with big runs (a move home)
 
 
 class DirectOps:
@@ -133,6 +134,7 @@ class Mover:
             return
         m = Move(session, msg.id, msg.pid, tuple(msg.links or ()),
                  dict(session.node.restorer.restorer.origin), ops=ops)  # read in its thread
+        m.big_only = bool(msg.big_only)
         self.moves[m.pid] = m
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
@@ -274,14 +276,16 @@ class Mover:
 
     def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
         """Whether the pages go straight: a route that connected (waited for: it started
-        with the dump), pages to send, and a header that fits in one part."""
+        with the dump), pages to send (big runs, for a move home: `big_only`), and a
+        header that fits in one part."""
         route = m.route
         if route is None:
             return False
         trio.from_thread.run(route.decided.wait, trio_token=token)
         if route.fs is None:
             return False
-        if len(parts) > 2 and sum(map(len, parts[:2])) <= PART:
+        if len(parts) > 2 and sum(map(len, parts[:2])) <= PART and (
+                not m.big_only or any(isinstance(p, LazyRun) for p in parts[2:])):
             return True
         trio.from_thread.run(route.close, trio_token=token)
         return False

@@ -38,6 +38,9 @@ class Dump(Msg, tag="dump"):
     port: Optional[_int(1, 65535)] = None
     token: Optional[TOKEN] = None
     to: Optional[ID] = None
+    # straight only for an image with big runs (a move home: a small one comes whole, in
+    # one `dumped`, which the master restores at once)
+    big_only: Optional[bool] = None
 
 
 class Part(Msg, tag="part"):
