@@ -166,20 +166,22 @@ class Moves(ToNode, HomeComing, OutPages):
             def dump() -> None:
                 # its pages are read as they are sent, all before it is parked (`restored`)
                 dumped.append(self.tracer.dump_moving(pid, links, lazy=True))
-            async with trio.open_nursery() as nursery:  # the node asked while it dumps
-                if worth_a_stream(pid):
-                    nursery.start_soon(self._open_route, m, route)
-                if home is None:    # stopped, its relay is asked for, and starts while it dumps
-                    if own:                 # else stopped already (seize_running)
-                        await wait_future(self.tracer.stop_moving(pid))
-                    c = m.caller
-                    relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups),
-                                               self.link_host, self.relay_forks, on_asked=dump)
-                    m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
-                                             "socket")
-                else:
-                    dump()
-                image = await wait_future(dumped[0])
+            if worth_a_stream(pid):     # the node asked, and connected to, while it dumps
+                self._spawn(self._open_route, m, route)     # type: ignore[attr-defined]
+            else:
+                route.decided.set()
+            if home is None:    # stopped, its relay is asked for, and starts while it dumps
+                if own:                 # else stopped already (seize_running)
+                    await wait_future(self.tracer.stop_moving(pid))
+                c = m.caller
+                relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
+                                           self.relay_forks, on_asked=dump)
+                m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
+                                         "socket")
+            else:
+                dump()
+            image = await wait_future(dumped[0])
+            await route.decided.wait()
             m.cmd = _command(image.argv, image.comm)
             if home is not None:    # back from a node: its links go on from here (no relay)
                 ln = home.links

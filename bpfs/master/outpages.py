@@ -63,6 +63,8 @@ class OutRoute:
         self.id = mid
         self.fs: wire.FrameStream | None = None
         self.to = "?"
+        self.decided = trio.Event()     # opened, or never will
+        self.closed = False             # the move is over (or goes on the link)
 
     async def open(self, host: str, port: int, token: str) -> None:
         """Connect and open within CONNECT_TIMEOUT, else leave `fs` None."""
@@ -73,6 +75,8 @@ class OutRoute:
                 stream = await trio.open_tcp_stream(host, port)
                 fs = wire.FrameStream(stream, wire.HANDSHAKE_MAX_FRAME)
                 await fs.send(messages.Open(id=self.id, token=token))
+            if self.closed:             # the move ended meanwhile
+                raise trio.BrokenResourceError("the move is over")
             self.fs = fs
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.warning("restore %d: cannot reach %s (%s): its pages go on the link",
@@ -89,6 +93,7 @@ class OutRoute:
                 pass
 
     async def close(self) -> None:
+        self.closed = True
         fs, self.fs = self.fs, None
         if fs is not None:
             with trio.CancelScope(shield=True):
@@ -109,10 +114,16 @@ class OutPages:
     tracer: Any
 
     async def _open_route(self, m: Migration, route: OutRoute) -> None:
-        """Ask `m.node` to take the pages, and connect (nothing on any failure)."""
-        where = await self._take(m)                         # type: ignore[attr-defined]
-        if where:
-            await route.open(where["host"], where["port"], where["token"])
+        """Ask `m.node` to take the pages, and connect (nothing on any failure); a task
+        of the master's: the move waits for `route.decided`."""
+        try:
+            where = await self._take(m)                     # type: ignore[attr-defined]
+            if where and not route.closed:
+                await route.open(where["host"], where["port"], where["token"])
+        except Exception:           # noqa: BLE001 - a bug: the link's way still works
+            log.exception("move %d: opening a direct stream to node %d", m.id, m.node)
+        finally:
+            route.decided.set()
 
     async def _restore_out(self, m: Migration, image: Any, route: OutRoute) -> str:
         """`_restore`, the pages straight into `route` if it opened; how they went."""

@@ -214,14 +214,17 @@ class Mover:
             return
         try:
             self._send_image(token, m, parts, consumed)
-        except BaseException as exc:     # a lost link (else a bug): it goes on here
+        except BaseException as exc:     # a lost link or stream (else a bug)
             if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError,
                                 OSError)):
                 log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
             else:
                 log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            self._fail(token, m, errno.EIO, f"node error: {exc}", True)
-            return
+            # `failed`, then the master's word as after a dump that went: `resume` (it
+            # goes on here), or `drop` (its ghost was killed meanwhile: a broken direct
+            # stream may be the master's undoing); the session's end resumes it
+            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
+                                                   message=f"node error: {exc}"[:4096]))
         del parts, image
         try:
             what, err = m.verdict.get(timeout=VERDICT_TIMEOUT)
