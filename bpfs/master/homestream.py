@@ -70,6 +70,8 @@ class HomeTake:
                     assert self.listener is not None
                     stream = await self.listener.accept()
                     await self._check(stream)
+        except (OSError, trio.ClosedResourceError) as exc:     # EMFILE...: the link's way
+            log.warning("move %d: no direct stream home: %s", self.id, exc)
         finally:
             self._stop_listening()
             self.decided.set()

@@ -43,7 +43,7 @@ from bpfs.master.tonode import ToNode
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
 from bpfs.master.homecoming import Home, HomeComing
-from bpfs.master.outpages import OutPages, OutRoute, worth_a_stream
+from bpfs.master.outpages import DIRECT_MIN, OutPages, OutRoute, worth_a_stream
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages, relaystart
@@ -254,8 +254,8 @@ class Moves(ToNode, HomeComing, OutPages):
             if target is not None:      # its restore there, which may take the pages straight
                 m = self._target(d, p, target)
                 where = await self._take(m)
-            else:                       # home: its pages straight to us (homestream.py)
-                where = await self._take_home(d)
+            elif p.usage is None or p.usage.rss >= DIRECT_MIN // 2:    # home, not small
+                where = await self._take_home(d)    # (its last report): pages straight to us
             await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None,
                                                        **where))
         except BaseException:

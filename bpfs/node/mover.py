@@ -68,6 +68,7 @@ class Move:
     outbox: Any = None                      # its parts, to the task that sends them
     route: Route | None = None              # where its pages go straight, if anywhere
     big_only: bool = False                  # straight only with big runs (a move home)
+    connect_to: tuple[Any, ...] = ()        # the route's host, port, token
 
 
 class DirectOps:
@@ -139,8 +140,10 @@ class Mover:
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
         if None not in (msg.host, msg.port, msg.token, msg.to):
-            m.route = Route(msg.to)         # connects while the process is dumped
-            session.nursery.start_soon(m.route.connect, msg.host, msg.port, msg.token)
+            m.route = Route(msg.to)         # connects while the process is dumped, or
+            m.connect_to = (msg.host, msg.port, msg.token)  # `big_only`: once it has big runs
+            if not m.big_only:
+                session.nursery.start_soon(m.route.connect, *m.connect_to)
         session.nursery.start_soon(_send_parts, session, outgoing, m.route)
         token = trio.lowlevel.current_trio_token()
         threading.Thread(target=self._run, args=(m, token), name=f"move-{m.pid}",
@@ -279,17 +282,19 @@ class Mover:
 
     def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
         """Whether the pages go straight: a route that connected (waited for: it started
-        with the dump), pages to send (big runs, for a move home: `big_only`), and a
-        header that fits in one part."""
+        with the dump; `big_only`, a move home: connected only now, for big runs, so a
+        small image costs no connection), pages to send, and a header that fits in one
+        part."""
         route = m.route
         if route is None:
             return False
-        trio.from_thread.run(route.decided.wait, trio_token=token)
-        if route.fs is None:
-            return False
         if len(parts) > 2 and sum(map(len, parts[:2])) <= PART and (
                 not m.big_only or any(isinstance(p, LazyRun) for p in parts[2:])):
-            return True
+            if m.big_only:
+                trio.from_thread.run(route.connect, *m.connect_to, trio_token=token)
+            trio.from_thread.run(route.decided.wait, trio_token=token)
+            if route.fs is not None:
+                return True
         trio.from_thread.run(route.close, trio_token=token)
         return False
 
