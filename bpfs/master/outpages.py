@@ -50,7 +50,8 @@ from bpfs.wire.movemsgs import PART
 log = logging.getLogger("bpfs.master.procs")
 
 CONNECT_TIMEOUT = 1.0       # the master connecting to the target's listener
-SEND_TIMEOUT = 30.0         # a piece written to a target that stopped reading
+SEND_TIMEOUT = 5.0          # a piece written to a target that stopped reading (the
+                            # tracer waits in it: short, a live node takes 8 MiB in ms)
 SENDS_AHEAD = 2             # frames queued for the tracer at once
 DIRECT_MIN = 16 << 20       # anonymous memory from which the pages go straight
 
