@@ -90,6 +90,7 @@ class Master:
         self.procs.send_threadsafe = self.links.send_threadsafe
         self.procs.flush_soon = self.links.flush_soon
         self.procs.host_of = self.links.host_of
+        self.procs.local_of = self.links.local_of
         self.procs.link_host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") \
             else cfg.listen
         self.execs = ExecService(cluster, self.procs, cfg.mount)

@@ -38,6 +38,7 @@ from typing import Any
 import trio
 
 from bpfs.errors import BpfsError
+from bpfs.master.homestream import HomeTake
 from bpfs.master.migrations import Migration, wait_future
 from bpfs.migrate.imagebuf import Incoming
 from bpfs.model import Cluster, Proc, StdioLinks
@@ -79,6 +80,33 @@ class HomeComing:
     tracer: Any
     link_host: str
     _home: dict[int, Home]
+    _spawn: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._home_takes: dict[int, HomeTake] = {}     # direct streams home, by move id
+        self.local_of: Any = lambda node: None          # the master's address on a link
+
+    async def _take_home(self, d: Migration) -> dict[str, Any]:
+        """Listen for the pages of move `d` straight from its process (homestream.py):
+        the `dump`'s fields saying where ({}: on the link, as before)."""
+        host = self.local_of(d.node)
+        if host is None:
+            return {}
+        take = HomeTake(d.id, WRITES_AHEAD + 1)
+        try:
+            port = await take.listen(host)
+        except OSError as exc:
+            log.info("move %d: no direct stream home (%s)", d.id, exc)
+            return {}
+        self._home_takes[d.id] = take
+        self._spawn(take.run)
+        return {"host": host, "port": port, "token": take.token, "to": d.id, "big_only": True}
+
+    def _end_take_home(self, d: Migration) -> None:
+        take = self._home_takes.pop(d.id, None)
+        if take is not None:
+            take.close()
 
     async def _home_from(self, d: Migration, p: Proc, first: messages.Part | messages.Dumped,
                          consumed: int, deadline: float) -> None:
@@ -88,6 +116,12 @@ class HomeComing:
             return
         image = incoming_image(d, first)
         header = image.image()
+        take = None
+        if first.direct:                # its pages come straight (homestream.py)
+            take = self._home_takes.get(d.id)
+            if take is None or header is None or image.got != image.header_end:
+                raise BpfsError(errno.EPROTO, f"node {d.node} sends move {d.id}'s pages "
+                                "straight, unasked, or more than its header first")
         if header is None:                              # a huge header: put together
             image.keep_everything(first.data)
             data = await self._gathered(d, image, deadline)
@@ -95,7 +129,7 @@ class HomeComing:
             return
         now, later = await wait_future(self.tracer.stream_in(d.pid, header))
         try:
-            await self._stream(d, image, first, deadline)
+            await self._stream(d, image, first, deadline, take)
             await self._restore_home(d, p, header, consumed)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -105,11 +139,12 @@ class HomeComing:
                     log.warning("move %d: undoing the stream into ghost %d: %s", d.id,
                                 d.pid, exc)
             raise
-        log.info("move %d: %d MB of pid %d written into its ghost as they came, %d kB at "
-                 "the end", d.id, now >> 20, d.pid, later >> 10)
+        log.info("move %d: %d MB of pid %d written into its ghost as they came (%s), %d "
+                 "kB at the end", d.id, now >> 20, d.pid,
+                 "straight from the process" if take else "on the link", later >> 10)
 
     async def _stream(self, d: Migration, image: Incoming, first: messages.Part,
-                      deadline: float) -> None:
+                      deadline: float, take: HomeTake | None = None) -> None:
         """Each part's runs into the ghost as it comes (the first's after its header),
         up to `dumped`: EFBIG beyond the total, EPROTO short of it. The next part is
         taken while the tracer still has up to WRITES_AHEAD - 1 to write, so it goes from
@@ -128,17 +163,33 @@ class HomeComing:
                     await wait_future(writes.popleft())
                 if last:
                     break
-                msg = await self._next_of_dump(d, min(deadline,
-                                                      trio.current_time() + PART_TIMEOUT))
-                last = isinstance(msg, messages.Dumped)
-                at, data = image.got, msg.image if last else msg.data  # type: ignore[union-attr]
-                image.take(at, data)            # in order, within the total (EFBIG)
+                if take is not None:            # straight: chunks, then an empty `dumped`
+                    chunk = await take.chunk(PART_TIMEOUT)
+                    at, data = chunk.at, chunk.data
+                    image.take(at, data)        # in order, within the total (EFBIG)
+                    last = image.complete
+                else:
+                    msg = await self._next_of_dump(d, min(deadline,
+                                                          trio.current_time() + PART_TIMEOUT))
+                    last = isinstance(msg, messages.Dumped)
+                    at, data = image.got, msg.image if last else msg.data  # type: ignore[union-attr]
+                    image.take(at, data)        # in order, within the total (EFBIG)
         finally:
             for fut in writes:  # the abort that follows is queued behind them
                 fut.add_done_callback(lambda f: f.exception())
+        if take is not None:
+            await self._straight_over(d, deadline)
         if not image.complete:
             raise BpfsError(errno.EPROTO, f"node {d.node} sent {image.got} bytes of an "
                             f"image of {image.total}")
+
+    async def _straight_over(self, d: Migration, deadline: float) -> None:
+        """The source's `dumped` after its last chunk: empty (EPROTO: pages on the link
+        too, or another part)."""
+        msg = await self._next_of_dump(d, deadline)
+        if not isinstance(msg, messages.Dumped) or len(msg.image):
+            raise BpfsError(errno.EPROTO, f"node {d.node} sent pages of move {d.id} on "
+                            "its link that went straight")
 
     async def _gathered(self, d: Migration, image: Incoming, deadline: float
                         ) -> bytes | memoryview:

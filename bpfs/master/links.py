@@ -223,6 +223,16 @@ class NodeLinks:
         except (OSError, AttributeError, IndexError):
             return None
 
+    def local_of(self, node: int) -> str | None:
+        """The master's own address on node `node`'s link (where that node reaches it)."""
+        conn = self.conns.get(node)
+        if conn is None:
+            return None
+        try:
+            return conn.stream.stream.socket.getsockname()[0]
+        except (OSError, AttributeError, IndexError):
+            return None
+
     async def send_node(self, node: int, msg: messages.Msg) -> None:
         conn = self.conns.get(node)
         if conn is None:

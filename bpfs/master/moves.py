@@ -43,6 +43,7 @@ from bpfs.master.tonode import ToNode
 from bpfs.migrate import ptrace as pt
 from bpfs.master.migrations import Migration, Reply, _command, wait_future
 from bpfs.master.homecoming import Home, HomeComing
+from bpfs.master.outpages import DIRECT_MIN, OutPages, OutRoute, worth_a_stream
 from bpfs.model import Caller, Cluster, Proc, StdioLinks
 from bpfs.pin import Pin
 from bpfs.wire import execreq, messages, relaystart
@@ -55,7 +56,7 @@ SETTLE_TIMEOUT = 10.0           # a start, or a move that has started, finishing
 ALL_STDIO = frozenset({0, 1, 2})
 
 
-class Moves(ToNode, HomeComing):
+class Moves(ToNode, HomeComing, OutPages):
     """Mixed into ProcService (which brings the tracer, the tables and the steps)."""
 
     cluster: Cluster
@@ -157,6 +158,7 @@ class Moves(ToNode, HomeComing):
         home = self._home.pop(pid, None)
         if home is not None and not home.still_of(pid):
             home = None
+        route = OutRoute(m.id)      # its pages straight to the node (outpages.py)
         try:
             links = set(home.inodes) if home is not None else ALL_STDIO
             dumped: list[Any] = []
@@ -164,6 +166,10 @@ class Moves(ToNode, HomeComing):
             def dump() -> None:
                 # its pages are read as they are sent, all before it is parked (`restored`)
                 dumped.append(self.tracer.dump_moving(pid, links, lazy=True))
+            if worth_a_stream(pid):     # the node asked, and connected to, while it dumps
+                self._spawn(self._open_route, m, route)     # type: ignore[attr-defined]
+            else:
+                route.decided.set()
             if home is None:    # stopped, its relay is asked for, and starts while it dumps
                 if own:                 # else stopped already (seize_running)
                     await wait_future(self.tracer.stop_moving(pid))
@@ -175,6 +181,7 @@ class Moves(ToNode, HomeComing):
             else:
                 dump()
             image = await wait_future(dumped[0])
+            await route.decided.wait()
             m.cmd = _command(image.argv, image.comm)
             if home is not None:    # back from a node: its links go on from here (no relay)
                 ln = home.links
@@ -190,10 +197,12 @@ class Moves(ToNode, HomeComing):
             p.stdin_base = m.again or 0
             if home is not None:
                 p.links = home.links
-            await self._restore(m, image)                   # type: ignore[attr-defined]
+            way = await self._restore_out(m, image, route)
             self.back_home(pid, m.node)                     # type: ignore[attr-defined]
             await wait_future(parked[0])
         except BaseException as exc:
+            await route.close()
+            await self._abort(m)    # a take, or a stream, the node may hold for it
             if relay is not None:
                 relay.kill()
                 self._spawn(relays.reap, relay)             # type: ignore[attr-defined]
@@ -209,7 +218,8 @@ class Moves(ToNode, HomeComing):
         if relay is not None:
             self._relays[pid] = relay
             self._spawn(self._reap_relay, relay)            # type: ignore[attr-defined]
-        log.info("move %d: pid %d (%s) from the master to node %d", m.id, pid, m.cmd, m.node)
+        log.info("move %d: pid %d (%s) from the master to node %d (its pages %s)", m.id, pid,
+                 m.cmd, m.node, way)
 
     async def _let_go(self, pid: int, exc: BaseException, own: bool) -> None:
         err = getattr(exc, "errno", None) or errno.EIO
@@ -240,12 +250,15 @@ class Moves(ToNode, HomeComing):
         self.on_moving(p.pid, True)
         m = None
         try:
-            way = None
+            way: bool | None = None
+            where: dict[str, Any] = {}
             if target is not None:      # its restore there, which may take the pages straight
                 m = self._target(d, p, target)
                 way = self.host_of(target) is not None or None
+            elif p.usage is None or p.usage.rss >= DIRECT_MIN // 2:    # home, not small
+                where = await self._take_home(d)    # (its last report): pages straight to us
             await self.send_node(p.node, messages.Dump(id=d.id, pid=p.pid, links=links or None,
-                                                       way=way))
+                                                       way=way, **where))
             if m is not None and way:   # the target asked while the source dumps
                 self._ask_way(d, m)
         except BaseException:
@@ -306,6 +319,7 @@ class Moves(ToNode, HomeComing):
                                     source)
             raise
         finally:
+            self._end_take_home(d)
             self._dumping.discard(d.id)
             if m is not None:
                 self._migrations.pop(m.id, None)
@@ -352,6 +366,7 @@ class Moves(ToNode, HomeComing):
                     _kill_quietly(m.pid, sig)
 
     def _forget(self, m: Migration) -> None:
+        self._end_take_home(m)
         self._migrations.pop(m.id, None)
         if self._by_pid.get(m.pid) is m:
             del self._by_pid[m.pid]

@@ -33,13 +33,17 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
+import struct
 import time
+from typing import Any
 
 from bpfs.migrate import ghost_files, procfs
 from bpfs.migrate import ghost_park as gp
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.dump import syscall_gadget
 from bpfs.migrate.errors import MigrateError
+from bpfs.migrate.lazyrun import LazyRun
 
 MSG_NOSIGNAL = 0x4000
 PROT_RW, MAP_PRIVATE_ANON = 0x3, 0x22
@@ -95,6 +99,16 @@ class PageSender:
             addr, size, self.sent = addr + n, size - n, self.sent + n
             deadline = time.monotonic() + self.timeout
 
+    def send_frame(self, head: bytes, piece: Any) -> None:
+        """One frame into the socket: its `head` (written from here), then `piece`'s bytes,
+        a LazyRun's by the process itself (`send`), any other buffer from here. For a
+        tracer that does other work between frames (the master's: one frame a request)."""
+        write_all(self.sock, head, self.timeout)
+        if isinstance(piece, LazyRun):              # its pages, by the process
+            self.send(piece.addr, piece.size)
+        else:
+            write_all(self.sock, piece, self.timeout)
+
     def _wait_room(self, deadline: float) -> None:
         left = deadline - time.monotonic()
         poller = select.poll()
@@ -141,3 +155,29 @@ class PageSender:
         if self.signals:
             raise MigrateError(errno.EINTR, f"signal {self.signals[0]} while sending its "
                                "pages", self.pid)
+
+
+def blocking(fd: int, on: bool, timeout: float) -> None:
+    """The socket `fd` (its open file: every copy of it, the process's too) blocking with
+    SO_SNDTIMEO of `timeout` (one injected sendto a piece, the kernel waiting for room
+    inside it), or back to trio's non-blocking without it."""
+    secs = int(timeout) if on else 0
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", secs, 0))
+    os.set_blocking(fd, on)
+
+
+def write_all(fd: int, data: Any, timeout: float) -> None:
+    """All of `data` into the socket `fd` (blocking or not), waiting for room at most
+    `timeout` at a time (ETIMEDOUT); a broken stream raises its OSError."""
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            continue
+        except BlockingIOError:
+            pass
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not poller.poll(timeout * 1000):
+            raise OSError(errno.ETIMEDOUT, f"no room to send for {timeout:g} s")

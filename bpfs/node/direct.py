@@ -38,9 +38,6 @@ import hmac
 import logging
 import os
 import secrets
-import select
-import socket
-import struct
 from typing import Any, Callable
 
 import trio
@@ -48,6 +45,7 @@ import trio
 from bpfs.errors import BpfsError, ProtocolError
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.imageframe import Buffer
+from bpfs.migrate import sendpages
 from bpfs.migrate.lazyrun import LazyRun
 from bpfs.node.session import Session
 from bpfs.wire import framing as wire, messages
@@ -321,28 +319,12 @@ class Route:
 
 
 def blocking(fd: int, on: bool) -> None:
-    """The socket `fd` (its open file: every copy of it) blocking with SO_SNDTIMEO of
-    SEND_TIMEOUT, or back to trio's non-blocking without it."""
-    secs = int(SEND_TIMEOUT) if on else 0
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", secs, 0))
-    os.set_blocking(fd, on)
+    """sendpages.blocking with SEND_TIMEOUT."""
+    sendpages.blocking(fd, on, SEND_TIMEOUT)
 
 
 def _write_all(fd: int, data: Buffer) -> None:
-    """All of `data` into the (non-blocking) socket `fd`, waiting for room at most
-    SEND_TIMEOUT at a time (ETIMEDOUT); a broken stream raises its OSError."""
-    view = memoryview(data).cast("B")
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-            continue
-        except BlockingIOError:
-            pass
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        if not poller.poll(SEND_TIMEOUT * 1000):
-            raise OSError(errno.ETIMEDOUT, f"no room to send for {SEND_TIMEOUT:g} s")
+    sendpages.write_all(fd, data, SEND_TIMEOUT)
 
 
 def _why(exc: BaseException) -> str:

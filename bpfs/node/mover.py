@@ -74,6 +74,7 @@ class Move:
     # `way`), or the verdict
     where: tuple[str, int, str, int] | None = None   # the `way`'s: host, port, token, to
     routeless: bool = False                 # its sender is over: no route made now
+    big_only: bool = False                  # straight only with big runs (a move home)
 
 
 class DirectOps:
@@ -144,7 +145,12 @@ class Mover:
         self.moves[m.pid] = m
         m.outbox, outgoing = trio.open_memory_channel[messages.Msg](AHEAD)
         assert session.nursery is not None
-        if None not in (msg.host, msg.port, msg.token, msg.to):
+        if None not in (msg.host, msg.port, msg.token, msg.to) and msg.big_only:
+            m.where = (msg.host, msg.port, msg.token, msg.to)   # type: ignore[assignment]
+            m.way = trio.Event()            # a move home: connected only for an image with
+            m.way.set()                     # big runs (`_routed`): a small one costs none
+            m.big_only = True
+        elif None not in (msg.host, msg.port, msg.token, msg.to):
             self._route(session, m, msg)    # connects while the process is dumped
         elif msg.way:
             m.way = trio.Event()            # the target is asked meanwhile (`way`)
@@ -257,13 +263,17 @@ class Mover:
             return self._fail(token, m, errno.EIO, f"node error: {exc}", seized)
         try:
             self._send_image(token, m, parts, consumed)
-        except BaseException as exc:     # a lost link (else a bug): it goes on here
+        except BaseException as exc:     # a lost link or stream (else a bug)
             if isinstance(exc, (trio.BrokenResourceError, trio.RunFinishedError, MigrateError,
                                 OSError)):
                 log.warning("move %d of pid %d: the image did not go: %s", m.id, m.pid, exc)
             else:
                 log.error("move %d of pid %d failed", m.id, m.pid, exc_info=exc)
-            return self._fail(token, m, errno.EIO, f"node error: {exc}", True)
+            # `failed`, then the master's word as after a dump that went: `resume` (it
+            # goes on here), or `drop` (its ghost was killed meanwhile: a broken direct
+            # stream may be the master's undoing); the session's end resumes it
+            self._report(token, m, messages.Failed(id=m.id, errno=errno.EIO,
+                                                   message=f"node error: {exc}"[:4096]))
         del parts, image
         try:
             what, err = m.verdict.get(timeout=VERDICT_TIMEOUT)
@@ -317,11 +327,15 @@ class Mover:
     def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
         """Whether the pages go straight: DIRECT_MIN bytes of them or more, a header that
         fits in one part, and a route that connected (waited for: it started with the
-        dump, or at the master's `way`, connecting then). A smaller image goes through
+        dump, or at the master's `way`, connecting then; a move home, only with runs of
+        LAZY_MIN or more, connects only now, to the address its `dump` gave with
+        `big_only`). A smaller image goes through
         the master at once (one message: no wait for the target's answer, no connection;
         a route the `dump` gave is closed with its sender)."""
         if len(parts) <= 2 or sum(map(len, parts[:2])) > PART \
                 or sum(map(len, parts[2:])) < DIRECT_MIN:
+            return False
+        if m.big_only and not any(isinstance(p, LazyRun) for p in parts[2:]):
             return False
         if m.way is None and m.route is None:
             return False

@@ -41,6 +41,9 @@ class Dump(Msg, tag="dump"):
     # or: a `way` follows with them (asked of the target meanwhile); a small image does
     # not wait for it, it goes through the master
     way: Optional[bool] = None
+    # straight only for an image with big runs (a move home: a small one comes whole, in
+    # one `dumped`, which the master restores at once)
+    big_only: Optional[bool] = None
 
 
 class Way(Msg, tag="way"):

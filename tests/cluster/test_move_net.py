@@ -12,6 +12,7 @@ nodes that cannot (each in a namespace that reaches only the master), through th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from typing import Iterator
 
@@ -214,3 +215,23 @@ def test_nodes_that_cannot_reach_each_other_move_through_the_master(apart) -> No
         assert "cannot reach 10." in node_log(apart, 0)
     finally:
         stop(p)
+
+
+def test_a_big_master_process_goes_out_and_home_straight_over_the_wire(net) -> None:
+    """Master -> node 1 -> master -> node 0: the pages go straight each way, on
+    connections between the master's and the nodes' real addresses; every byte kept."""
+    from tests.cluster.test_move_direct import master_log
+    from tests.cluster.test_move_out import ask as ask_digest, finish, start_holder
+    p, pid, digest = start_holder()
+    try:
+        for target in ("1", "master", "0"):
+            assert write_ctl(net, pid, f"move {target}") == 0
+            assert ask_digest(p) == (digest, host_of(target))
+        log = master_log(net)
+        assert re.findall(rf"pid {pid} \(.*\) from the master to node \d \(its pages (.*)\)",
+                          log) == ["straight, by the process"] * 2
+        assert re.findall(rf"MB of pid {pid} written into its ghost as they came "
+                          r"\(([a-z ]+)\)", log) == ["straight from the process"]
+        assert "its pages straight from 10." in node_log(net, 1)    # the master's, veth
+    finally:
+        finish(p)

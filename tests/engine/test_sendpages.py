@@ -121,3 +121,38 @@ def test_the_gadget_is_found_after_the_dump(tmp_path) -> None:
         gadget = dump.syscall_gadget(prog.pid)
         assert pt.read_memory(prog.pid, [(gadget, 2)]) == b"\x0f\x05"
         running.release(prog.pid)
+
+
+def test_frames_one_at_a_time_heads_and_bytes_in_order(tmp_path) -> None:
+    """send_frame (the master's tracer: one frame a request): each head from us, then the
+    piece's bytes, a LazyRun's by the process, any other buffer from us; on a blocking
+    socket (`blocking`), as the master's stream is for the while."""
+    from bpfs.migrate.sendpages import blocking
+    with started([PY, "-S", "-c", HOLDER], str(tmp_path / "out")) as prog:
+        prog.wait_lines(2)
+        running.seize_running(prog.pid)
+        running.stop(prog.pid)
+        run = _big_run(prog.pid)
+        before = _state(prog.pid)
+        ours, theirs = socket.socketpair()
+        frames = [(b"head-1", run.cut(0, 8 << 20)), (b"head-2", b"plain bytes"),
+                  (b"head-3", run.cut(8 << 20, 8 << 20))]
+        size = sum(len(h) + len(p) for h, p in frames)
+        got = bytearray()
+        reader = _received(theirs, size, got)
+        blocking(ours.fileno(), True, 10)
+        try:
+            with PageSender(prog.pid, ours.fileno(), timeout=10) as s:
+                for head, piece in frames:
+                    s.send_frame(head, piece)
+        finally:
+            ours.close()
+            reader.join(timeout=20)
+            theirs.close()
+        want = b"".join(h + (p.read() if isinstance(p, LazyRun) else p) for h, p in frames)
+        assert bytes(got) == want
+        assert _state(prog.pid) == before
+        running.release(prog.pid)
+        n = len(prog.lines())
+        prog.wait_lines(n + 3)
+        assert prog.alive()

@@ -139,3 +139,112 @@ async def test_a_failed_write_or_a_silent_node_is_aborted(monkeypatch) -> None:
     with pytest.raises(trio.TooSlowError):
         await home(tracer, image_and_parts()[1][:3])
     assert tracer.calls[-1] == "abort_in" and "restore_in" not in tracer.calls
+
+
+# ---- its pages straight from the process (bpfs/master/homestream.py) ------------------
+
+class StraightHome(Home):
+    """A Home whose move's pages come on a connection of their own: the test plays the
+    node, opening it with the take's token."""
+
+    def __init__(self, tracer: FakeTracer, parts: list[messages.Msg]) -> None:
+        super().__init__(tracer, parts)
+        self._home_takes: dict = {}
+        self.nursery: Any = None
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        self.nursery.start_soon(fn, *args)
+
+
+def straight_parts() -> tuple[list[tuple[int, bytes]], messages.Part, list[bytes]]:
+    """(runs, the header as a `direct` part, the pages after it in PART-byte chunks)."""
+    from bpfs.migrate import imageframe
+    runs, msgs = image_and_parts()
+    data = b"".join(bytes(m.data if isinstance(m, messages.Part) else m.image) for m in msgs)
+    head_end = len(data) - sum(len(d) for _, d in runs)
+    assert imageframe.split(data) is not None
+    header = messages.Part(id=1, data=memoryview(data[:head_end]), total=len(data),
+                           direct=True)
+    rest = data[head_end:]
+    return runs, header, [rest[at:at + PART] for at in range(0, len(rest), PART)]
+
+
+async def node_side(where: dict, frames: list[Any], token: str | None = None) -> None:
+    """Connect to the master's take and send `frames` (messages), then close."""
+    from bpfs.wire import framing
+    stream = await trio.open_tcp_stream(where["host"], where["port"])
+    fs = framing.FrameStream(stream, framing.HANDSHAKE_MAX_FRAME)
+    await fs.send(messages.Open(id=where["to"], token=token or where["token"]))
+    for msg in frames:
+        await fs.send(msg)
+    await trio.aclose_forcefully(stream)
+
+
+async def straight(tracer: FakeTracer, chunks: list[Any], dumped: Any, header: Any,
+                   wrong_first: bool = False) -> None:
+    h = StraightHome(tracer, [dumped] if dumped is not None else [])
+    d = migration()
+    proc: Any = type("P", (), {"links": None, "pid": 7})()
+    failed: list[BpfsError] = []
+    async with trio.open_nursery() as nursery:
+        h.nursery = nursery
+        h.local_of = lambda node: "127.0.0.1"
+        where = await h._take_home(d)
+        assert where["big_only"] and where["to"] == d.id
+        try:
+            if wrong_first:
+                await node_side(where, [], token="ef" * 32)
+            nursery.start_soon(node_side, where, chunks)
+            await h._home_from(d, proc, header, 0, trio.current_time() + 60)
+        except BpfsError as exc:
+            failed.append(exc)
+        finally:
+            h._end_take_home(d)
+    if failed:
+        raise failed[0]
+
+
+async def test_pages_straight_from_the_process_are_written_where_they_go() -> None:
+    tracer = FakeTracer()
+    runs, header, rest = straight_parts()
+    at = len(header.data)
+    chunks = []
+    for piece in rest:
+        chunks.append(messages.Chunk(id=1, at=at, data=memoryview(piece)))
+        at += len(piece)
+    await straight(tracer, chunks, messages.Dumped(id=1, image=b""), header,
+                   wrong_first=True)
+    assert tracer.calls[0] == "stream_in" and tracer.calls[-1] == "restore_in"
+    got = b"".join(tracer.written[a] for a in sorted(tracer.written))
+    assert got == b"".join(d for _, d in runs)
+
+
+async def test_a_straight_stream_that_ends_early_or_a_link_that_sends_pages_too_aborts(
+        ) -> None:
+    runs, header, rest = straight_parts()
+    at = len(header.data)
+    chunks = [messages.Chunk(id=1, at=at, data=memoryview(rest[0]))]
+    tracer = FakeTracer()
+    with pytest.raises(BpfsError) as exc:          # the connection ends after one chunk
+        await straight(tracer, chunks, None, header)
+    assert exc.value.errno == errno.EPROTO
+    assert tracer.calls[-1] == "abort_in" and "restore_in" not in tracer.calls
+    at = len(header.data)
+    chunks = []
+    for piece in rest:
+        chunks.append(messages.Chunk(id=1, at=at, data=memoryview(piece)))
+        at += len(piece)
+    tracer = FakeTracer()
+    with pytest.raises(BpfsError) as exc:          # all came, then pages on the link too
+        await straight(tracer, chunks, messages.Dumped(id=1, image=b"more"), header)
+    assert exc.value.errno == errno.EPROTO
+    assert tracer.calls[-1] == "abort_in" and "restore_in" not in tracer.calls
+
+
+async def test_chunks_of_another_move_are_refused() -> None:
+    _, header, rest = straight_parts()
+    chunks = [messages.Chunk(id=2, at=len(header.data), data=memoryview(rest[0]))]
+    tracer = FakeTracer()
+    with pytest.raises(BpfsError) as exc:
+        await straight(tracer, chunks, None, header)
+    assert exc.value.errno == errno.EPROTO and tracer.calls[-1] == "abort_in"

@@ -94,6 +94,7 @@ GOOD = [
                                 to=10),
     m.Dump(id=7, pid=4242, host="10.0.0.2", port=4001, token="cd" * 32, to=9),
     m.Dump(id=7, pid=4242, way=True),
+    m.Dump(id=7, pid=4242, host="10.0.0.1", port=4001, token="cd" * 32, to=7, big_only=True),
     m.Part(id=7, data=b"h" * 50, total=1 << 30, consumed=0, direct=True),
     m.Open(id=9, token="cd" * 32), m.Chunk(id=9, at=50, data=b"z" * 10),
     m.Resume(id=7, pid=4242), m.Resume(id=7, pid=4242, errno=errno.EBUSY),
