@@ -238,6 +238,7 @@ class Moves(ToNode, HomeComing):
         self._migrations[d.id] = d
         self._dumping.add(d.id)
         self.on_moving(p.pid, True)
+        self.spares_leaving(p.pid)              # type: ignore[attr-defined]
         m = None
         try:
             where: dict[str, Any] = {}

@@ -48,15 +48,20 @@ class Adoption:
     _lock: threading.Lock
     settle: Callable[[], None]
     _start: Callable[..., None]
+    give_back: Callable[[int], None]
 
-    def adopt_soon(self, child: Any) -> None:
+    def adopt_soon(self, child: Any, post: Callable[..., None] | None = None) -> None:
         """(Trio's thread, right after the fork's CONTINUE) its pidfd, within TAKE_SPIN
         (sched_yield between looks: the forking process may be waiting for this CPU),
-        else from a task."""
+        else from a task. `post`: from a receiver thread (a spare taken), trio's work
+        posted there."""
         deadline = time.perf_counter() + TAKE_SPIN
-        while not self._adopt(child):
+        while not self._adopt(child, post=post):
             if time.perf_counter() > deadline:
-                self._start(self._watch, child)
+                if post is None:
+                    self._start(self._watch, child)
+                else:
+                    post(self._start, self._watch, child)
                 return
             os.sched_yield()
 
@@ -66,7 +71,8 @@ class Adoption:
         if child.pidfd < 0:
             self._adopt(child, settle=False)
 
-    def _adopt(self, child: Any, settle: bool = True) -> bool:
+    def _adopt(self, child: Any, settle: bool = True,
+               post: Callable[..., None] | None = None) -> bool:
         """Its pidfd, checked and watched (the counter parked first, with `settle`);
         False if it does not exist yet. A stranger with its number: its ghost goes."""
         with self._lock:
@@ -90,7 +96,10 @@ class Adoption:
             if settle:
                 log.warning("fork of %d: PID %d is not its child; it has no ghost",
                             child.parent, child.pid)
-                self._not_forked(child)
+                if post is None:
+                    self._not_forked(child)
+                else:
+                    post(self._not_forked, child)
             else:
                 return False        # trio's to say
         return True
@@ -122,6 +131,7 @@ class Adoption:
     def _forget(self, child: Any) -> None:
         if self.children.get(child.pid) is child:
             del self.children[child.pid]
+            self.give_back(child.pid)
         self.names.drop(child.pid)
         self.on_end(child.pid)
 

@@ -105,6 +105,7 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Signal: procs.on_signal, messages.Sample: usage.on_sample,
     messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
     messages.Execd: procs.on_answer, messages.Armed: procs.on_armed,
+    messages.Spare: procs.on_spare, messages.NotTaken: procs.on_nottaken,
     messages.Ended: procs.on_ended,
     messages.FsReply: _on_fs_reply,
     messages.Names: _on_names,

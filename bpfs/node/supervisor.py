@@ -56,6 +56,7 @@ from bpfs.node.groups import GroupCalls
 from bpfs.node.pidcounter import Counter
 from bpfs.node.pidproxy import PidfdCalls, Proxies
 from bpfs.node.session import Session
+from bpfs.node.spares import Spares
 from bpfs.standin import LAUNCHED
 from bpfs.wire import messages
 
@@ -94,8 +95,10 @@ class Child:
     cmdline: bytes = b""
 
 
-class Supervisor(PidfdCalls, GroupCalls, Adoption):
+class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
+
+    _child_class = Child
 
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
                  on_end: Callable[[int], None] | None = None) -> None:
@@ -127,6 +130,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
         self.names = ExecNames(self._renamed)
         self.counter = Counter(park_at, self._asking)
+        Spares.__init__(self)
 
     # ---- the counter (bpfs/node/pidcounter.py) ----
 
@@ -144,7 +148,8 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
     def _asking(self, tid: int) -> bool:
         """(Any thread) `tid` waits for the master's answer to a fork: a fork of its
         that was let through did not happen (a signal restarted it)."""
-        return any(n.pid == tid for _job, n, _parent in list(self._forks.values()))
+        return tid in self._taking or any(n.pid == tid for _job, n, _parent
+                                          in list(self._forks.values()))
 
     # ---- jobs ----
 
@@ -177,6 +182,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
             for seq, (job, n, *_rest) in list(table.items()):
                 if not seccomp.still_waiting(job.listener, n.id):
                     del table[seq]
+        self.give_back_idle()
 
     def add_job(self, session: Session, mid: int, leader: int, listener: int,
                 keeper: int | None, ppid: int | None, pgid: int | None,
@@ -322,6 +328,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
     def _job_over(self, job: Job) -> None:
         if self.jobs.get(job.leader) is job:    # not a new job of the same PID (moved back)
             del self.jobs[job.leader]
+            self.give_back(job.leader)
         fd, job.listener = job.listener, -1     # answers still on their way find nobody
         if fd >= 0:
             os.close(fd)
@@ -387,6 +394,8 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         parent = self._tgid(n.pid)
         if parent is None:          # the caller is gone
             return
+        if post is not None and self.take_spare(job, n, parent):
+            return                  # no round trip (bpfs/node/spares.py)
         seq = next(self._seq)
         self._forks[seq] = (job, n, parent)
         msg = messages.Fork(seq=seq, parent=parent)
@@ -428,6 +437,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         pid = self._tgid(n.pid)
         if pid is None or pid in self.armed:
             return False
+        self.give_back_soon(pid)        # a new program: its spare goes back
         before = procread.cmdline(pid)
         child = self.children.get(pid)
         if child is not None:
@@ -471,6 +481,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
             seccomp.answer(job.listener, n.id, err=errno.E2BIG)
             return
         path, argv, envp = words
+        self.give_back(pid)
         seq = next(self._seq)
         self._execs[seq] = (job, n, pid)
         job.session.report(messages.Exec(seq=seq, pid=pid, path=path, argv=argv, envp=envp,

@@ -1,0 +1,129 @@
+"""Spares on the node: a PID the master gave ahead of a fork, taken with no round trip.
+
+A process here that forks again and again gets a spare from the master (`spare`: a ghost
+child of its ghost, made ahead; bpfs/master/spares.py). Its next fork takes it at once, in
+the receiver thread that got the call: the counter is directed to that PID and the call
+let through as for an answered fork (bpfs/node/supervisor.py), and the master hears of it
+asynchronously (`took`, written before the CONTINUE, so whatever the child does after
+comes after it on the connection). Mixed into bpfs.node.supervisor.Supervisor.
+
+A spare belongs to the node until it is taken or given back (`unforked`): given back when
+its parent execs (a new program), moves away or launches elsewhere, is forgotten here, or
+leaves it unused for SPARE_IDLE; one that comes for a process not (or no longer) ours, or
+that is moving, goes back at once. The master refuses a `took` of anything else
+(`nottaken`): that child has no ghost, and is killed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from bpfs.migrate import seccomp
+from bpfs.node import procread
+from bpfs.wire import messages
+
+log = logging.getLogger("bpslave")
+
+SPARE_IDLE = 2.0             # s: a spare unused so long goes back (at the next sweep)
+
+
+@dataclass(eq=False)
+class NodeSpare:
+    pid: int
+    id: int
+    session: Any                    # bpfs.node.session.Session it came on
+    since: float = field(default_factory=time.monotonic)
+
+
+class Spares:
+    """The spares held, by parent pid (see the module doc)."""
+
+    children: dict[int, Any]
+    jobs: dict[int, Any]
+    counter: Any
+    on_child: Callable[[Any], None]
+    _post: Callable[..., None]
+    _start: Callable[..., None]
+    _not_forked: Callable[[Any], None]
+    adopt_soon: Callable[..., None]
+    _child_class: Any
+
+    def __init__(self) -> None:
+        self.spares: dict[int, NodeSpare] = {}
+        self._taking: set[int] = set()      # threads whose fork takes a spare right now
+        self.spares_taken = 0
+
+    def on_spare(self, session: Any, msg: messages.Spare, moving: bool = False) -> None:
+        """(trio's thread) The master's spare for `parent`'s next fork."""
+        s = NodeSpare(msg.pid, msg.id, session)
+        child, job = self.children.get(msg.parent), self.jobs.get(msg.parent)
+        owner = child.job if child is not None else job
+        if moving or owner is None or owner.session is not session:
+            session.report(messages.Unforked(pid=s.pid, id=s.id))
+            return
+        old, self.spares[msg.parent] = self.spares.get(msg.parent), s
+        if old is not None:
+            old.session.report(messages.Unforked(pid=old.pid, id=old.id))
+
+    def give_back(self, parent: int) -> None:
+        """(trio's thread) `parent`'s spare, if any, goes back unused."""
+        s = self.spares.pop(parent, None)
+        if s is not None:
+            s.session.report(messages.Unforked(pid=s.pid, id=s.id))
+
+    def give_back_soon(self, parent: int) -> None:
+        """(A receiver thread) as `give_back`: taken from the table now, told from trio."""
+        s = self.spares.pop(parent, None)
+        if s is not None:
+            self._post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))
+
+    def give_back_idle(self) -> None:
+        """(trio's thread, the sweep) Spares unused for SPARE_IDLE go back."""
+        now = time.monotonic()
+        for parent, s in list(self.spares.items()):
+            if now - s.since > SPARE_IDLE and self.spares.get(parent) is s:
+                self.give_back(parent)
+
+    def not_taken(self, msg: messages.NotTaken) -> None:
+        """The master refused our `took` of `pid`: it has no ghost; it ends."""
+        child = self.children.get(msg.pid)
+        if child is not None and child.id == msg.id:
+            log.warning("the master refused spare %d: its process is killed", msg.pid)
+            try:
+                os.kill(msg.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def take_spare(self, job: Any, n: seccomp.Notif, parent: int) -> bool:
+        """(A receiver thread) `parent`'s fork takes its spare, if it has one: False if
+        not (the master is asked)."""
+        s = self.spares.pop(parent, None)
+        if s is None:
+            return False
+        if s.session is not job.session or procread.exists(s.pid):
+            if s.session is job.session:
+                log.warning("spare %d is taken on this node: given back", s.pid)
+                self._post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))
+            return False
+        child = self._child_class(s.pid, s.id, -1, job, parent)
+        self.children[s.pid] = child
+        self.on_child(child)
+        job.session.report_threadsafe(messages.Took(parent=parent, pid=s.pid, id=s.id),
+                                      self._post)
+        self._taking.add(n.pid)
+        try:
+            go = self.counter.direct(s.pid, n.pid, n.nr,
+                                     lambda: seccomp.answer(job.listener, n.id, cont=True))
+        finally:
+            self._taking.discard(n.pid)
+        self.spares_taken += 1
+        if not go:
+            self._post(self._not_forked, child)
+            return True
+        self.adopt_soon(child, post=self._post)
+        return True
