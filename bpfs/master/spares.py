@@ -27,6 +27,7 @@ refused and logged, and disturbs nothing else.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -77,6 +78,9 @@ class NodeSpares:
         self._forkers: dict[int, Forker] = {}   # by parent pid
         self._spares: dict[int, Spare] = {}     # made, by pid
         self.fork_counts = [0, 0]               # forks on nodes: [took spares, asked]
+        # a spare made is given from the tracer thread (`_spare_now`) or trio's: its
+        # `gone`, `pid` and its place in `_spares` change under this lock
+        self._spare_lock = threading.Lock()
 
     def asked_fork(self, node: int, parent: int) -> None:
         """`parent` on `node` asked for a fork (its child is being made): a spare too if
@@ -104,7 +108,32 @@ class NodeSpares:
             log.debug("pid %d: no spare: %s", parent, exc)
             f.spare = None
             return
-        fut.add_done_callback(lambda fu: self._from_tracer(self._spare_made, spare, fu))
+        fut.add_done_callback(lambda fu: self._spare_now(spare, fu))
+
+    def _wanted(self, spare: Spare) -> bool:
+        """(Under the lock) its parent still runs on its node, staying there."""
+        p = self.cluster.procs.get(spare.parent)
+        return not spare.gone and p is not None and p.node == spare.node and \
+            p.state != "exited" and spare.parent not in self._by_pid
+
+    def _spare_now(self, spare: Spare, fut: Any) -> None:
+        """(The tracer thread, mostly) The spare made goes to the node from here, as
+        `forked` does (one trip through trio's loop fewer before the node has it), if
+        still wanted and the connection takes it; anything else: `_spare_made`."""
+        send = getattr(self, "send_threadsafe", None)
+        if fut.exception() is None and send is not None:
+            with self._spare_lock:
+                if self._wanted(spare):
+                    spare.pid = fut.result()
+                    self._spares[spare.pid] = spare
+                    sent = send(spare.node, messages.Spare(parent=spare.parent, pid=spare.pid,
+                                                           id=spare.id))
+                    if sent is not False:
+                        if sent is None:
+                            self._from_tracer(self.flush_soon, spare.node)  # type: ignore
+                        return
+                    del self._spares[spare.pid]
+        self._from_tracer(self._spare_made, spare, fut)
 
     def _spare_made(self, spare: Spare, fut: Any) -> None:
         """(trio's thread) Given to the node if still wanted, else killed."""
@@ -115,15 +144,16 @@ class NodeSpares:
             if f is not None and f.spare is spare:
                 f.spare = None
             return
-        spare.pid = fut.result()
-        p = self.cluster.procs.get(spare.parent)
-        if spare.gone or f is None or f.spare is not spare or p is None or \
-                p.node != spare.node or p.state == "exited" or spare.parent in self._by_pid:
+        with self._spare_lock:
+            spare.pid = fut.result()
+            wanted = self._wanted(spare) and f is not None and f.spare is spare
+            if wanted:
+                self._spares[spare.pid] = spare
+        if not wanted:
             self._kill_spare(spare.pid)
             if f is not None and f.spare is spare:
                 f.spare = None
             return
-        self._spares[spare.pid] = spare
         self._tell(spare.node, messages.Spare(parent=spare.parent, pid=spare.pid, id=spare.id),
                    lambda: self._drop_spare(spare))
 
@@ -139,7 +169,8 @@ class NodeSpares:
             self._tell(node, messages.NotTaken(pid=msg.pid, id=msg.id))
             return
         f.spare = None      # type: ignore[union-attr]
-        del self._spares[msg.pid]
+        with self._spare_lock:
+            del self._spares[msg.pid]
         p = self.cluster.procs.get(msg.parent)
         if p is None or p.node != node or p.state == "exited":
             log.info("node %d: a spare taken under pid %d, which does not run there; "
@@ -190,7 +221,9 @@ class NodeSpares:
     def spares_lost(self, node: int) -> None:
         for pid in [pid for pid, f in self._forkers.items() if f.node == node]:
             self.spares_end(node, pid)
-        for spare in [s for s in self._spares.values() if s.node == node]:
+        with self._spare_lock:
+            spares = [s for s in self._spares.values() if s.node == node]
+        for spare in spares:
             self._drop_spare(spare)
 
     def spares_leaving(self, pid: int) -> None:
@@ -203,16 +236,20 @@ class NodeSpares:
     def spare_gone(self, pid: int) -> None:
         """A ghost ended: a spare's (killed by someone: a `took` of it is refused), or a
         parent's (a spare being made for it is not wanted)."""
-        self._spares.pop(pid, None)
+        with self._spare_lock:
+            self._spares.pop(pid, None)
         self.spares_leaving(pid)
 
     def _drop_spare(self, spare: Spare) -> None:
         f = self._forkers.get(spare.parent)
         if f is not None and f.spare is spare:
             f.spare = None
-        spare.gone = True
-        if spare.pid and self._spares.get(spare.pid) is spare:
-            del self._spares[spare.pid]
+        with self._spare_lock:
+            spare.gone = True
+            given = spare.pid and self._spares.get(spare.pid) is spare
+            if given:
+                del self._spares[spare.pid]
+        if given:
             self._kill_spare(spare.pid)
         p = self.cluster.procs.get(spare.parent)
         if f is not None and f.spare is None and (p is None or p.state == "exited"):
