@@ -50,18 +50,14 @@ class Adoption:
     _start: Callable[..., None]
     give_back: Callable[[int], None]
 
-    def adopt_soon(self, child: Any, post: Callable[..., None] | None = None) -> None:
+    def adopt_soon(self, child: Any) -> None:
         """(Trio's thread, right after the fork's CONTINUE) its pidfd, within TAKE_SPIN
         (sched_yield between looks: the forking process may be waiting for this CPU),
-        else from a task. `post`: from a receiver thread (a spare taken), trio's work
-        posted there."""
+        else from a task."""
         deadline = time.perf_counter() + TAKE_SPIN
-        while not self._adopt(child, post=post):
+        while not self._adopt(child):
             if time.perf_counter() > deadline:
-                if post is None:
-                    self._start(self._watch, child)
-                else:
-                    post(self._start, self._watch, child)
+                self._start(self._watch, child)
                 return
             os.sched_yield()
 
@@ -71,8 +67,7 @@ class Adoption:
         if child.pidfd < 0:
             self._adopt(child, settle=False)
 
-    def _adopt(self, child: Any, settle: bool = True,
-               post: Callable[..., None] | None = None) -> bool:
+    def _adopt(self, child: Any, settle: bool = True) -> bool:
         """Its pidfd, checked and watched (the counter parked first, with `settle`);
         False if it does not exist yet. A stranger with its number: its ghost goes."""
         with self._lock:
@@ -96,10 +91,7 @@ class Adoption:
             if settle:
                 log.warning("fork of %d: PID %d is not its child; it has no ghost",
                             child.parent, child.pid)
-                if post is None:
-                    self._not_forked(child)
-                else:
-                    post(self._not_forked, child)
+                self._not_forked(child)
             else:
                 return False        # trio's to say
         return True

@@ -1,11 +1,13 @@
 """Spares on the node: a PID the master gave ahead of a fork, taken with no round trip.
 
 A process here that forks again and again gets a spare from the master (`spare`: a ghost
-child of its ghost, made ahead; bpfs/master/spares.py). Its next fork takes it at once, in
-the receiver thread that got the call: the counter is directed to that PID and the call
-let through as for an answered fork (bpfs/node/supervisor.py), and the master hears of it
-asynchronously (`took`, written before the CONTINUE, so whatever the child does after
-comes after it on the connection). Mixed into bpfs.node.supervisor.Supervisor.
+child of its ghost, made ahead; bpfs/master/spares.py). Its next fork takes it at once:
+the receiver thread that got the call hands it to trio's thread (the one that directs
+forks: a job's thread and a restore's keeper are numbered from there too, so nothing else
+is numbered while the counter points at the spare), which says so to the master (`took`,
+before the CONTINUE, so whatever the child does comes after it on the connection) and lets
+the fork go on as one the master answered (bpfs/node/supervisor.py `_forked`). Mixed into
+bpfs.node.supervisor.Supervisor.
 
 A spare belongs to the node until it is taken or given back (`unforked`): given back when
 its parent execs (a new program), moves away or launches elsewhere, is forgotten here, or
@@ -49,9 +51,8 @@ class Spares:
     on_child: Callable[[Any], None]
     _post: Callable[..., None]
     _start: Callable[..., None]
-    _not_forked: Callable[[Any], None]
-    adopt_soon: Callable[..., None]
-    _child_class: Any
+    _forked: Callable[..., None]
+    _ask: Callable[..., None]
 
     def __init__(self) -> None:
         self.spares: dict[int, NodeSpare] = {}
@@ -101,29 +102,32 @@ class Spares:
 
     def take_spare(self, job: Any, n: seccomp.Notif, parent: int) -> bool:
         """(A receiver thread) `parent`'s fork takes its spare, if it has one: False if
-        not (the master is asked)."""
+        not (the master is asked). The rest is trio's (`_take`): whatever numbers a
+        process or a thread here (a job's thread, a restore's keeper) settles the
+        counter and goes on in trio's thread, so a fork is directed there alone."""
         s = self.spares.pop(parent, None)
         if s is None:
             return False
-        if s.session is not job.session or procread.exists(s.pid):
-            if s.session is job.session:
-                log.warning("spare %d is taken on this node: given back", s.pid)
-                self._post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))
+        if s.session is not job.session:
             return False
-        child = self._child_class(s.pid, s.id, -1, job, parent)
-        self.children[s.pid] = child
-        self.on_child(child)
-        job.session.report_threadsafe(messages.Took(parent=parent, pid=s.pid, id=s.id),
-                                      self._post)
         self._taking.add(n.pid)
+        self._post(self._take, job, n, parent, s)
+        return True
+
+    def _take(self, job: Any, n: seccomp.Notif, parent: int, s: NodeSpare) -> None:
+        """(trio's thread) `took` first (whatever the child does comes after it on the
+        connection), then the fork goes on as one the master answered (`_forked`)."""
         try:
-            go = self.counter.direct(s.pid, n.pid, n.nr,
-                                     lambda: seccomp.answer(job.listener, n.id, cont=True))
+            if procread.exists(s.pid):
+                log.warning("spare %d is taken on this node: given back", s.pid)
+                s.session.report(messages.Unforked(pid=s.pid, id=s.id))
+                self._taking.discard(n.pid)
+                self._ask(job, n, parent)
+                return
+            self.spares_taken += 1
+            job.session.report(messages.Took(parent=parent, pid=s.pid, id=s.id))
+            self._forked(job, n, parent, messages.Forked(seq=0, pid=s.pid, id=s.id))
+        except OSError as exc:      # the caller died meanwhile, most likely
+            log.debug("pid %d: taking spare %d: %s", n.pid, s.pid, exc)
         finally:
             self._taking.discard(n.pid)
-        self.spares_taken += 1
-        if not go:
-            self._post(self._not_forked, child)
-            return True
-        self.adopt_soon(child, post=self._post)
-        return True

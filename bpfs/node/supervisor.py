@@ -98,8 +98,6 @@ class Child:
 class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
-    _child_class = Child
-
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
                  on_end: Callable[[int], None] | None = None) -> None:
         self.jobs: dict[int, Job] = {}          # by leader
@@ -396,6 +394,10 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             return
         if post is not None and self.take_spare(job, n, parent):
             return                  # no round trip (bpfs/node/spares.py)
+        self._ask(job, n, parent, post)
+
+    def _ask(self, job: Job, n: seccomp.Notif, parent: int,
+             post: Callable[..., None] | None = None) -> None:
         seq = next(self._seq)
         self._forks[seq] = (job, n, parent)
         msg = messages.Fork(seq=seq, parent=parent)
