@@ -49,6 +49,8 @@ class Adoption:
     settle: Callable[[], None]
     _start: Callable[..., None]
     give_back: Callable[[int], None]
+    give_back_soon: Callable[[int], None]
+    _post: Callable[..., None]
 
     def adopt_soon(self, child: Any) -> None:
         """(Trio's thread, right after the fork's CONTINUE) its pidfd, within TAKE_SPIN
@@ -120,22 +122,28 @@ class Adoption:
         self._forget(child)
         child.job.session.report(messages.Unforked(pid=child.pid, id=child.id))
 
-    def _forget(self, child: Any) -> None:
+    def _forget(self, child: Any, here: bool = True) -> None:
+        """Forget the child (`here` False: from the watcher thread)."""
         if self.children.get(child.pid) is child:
             del self.children[child.pid]
-            self.give_back(child.pid)
+            if here:
+                self.give_back(child.pid)
+            else:
+                self.give_back_soon(child.pid)
         self.names.drop(child.pid)
         self.on_end(child.pid)
 
     def _ended(self, reaped: list[tuple[Any, int | None]]) -> None:
-        """(Trio's thread) children reaped on the node: the master hears of each end."""
+        """(The watcher thread) children reaped on the node: the master hears of each
+        end from here (`exited` written at once if nothing of trio's is still to go
+        before it, else from trio's thread): no trip through the event loop."""
         for child, status in reaped:
             os.close(child.pidfd)
-            self._forget(child)
+            self._forget(child, here=False)
             if status is None:      # no exit information: a kernel without it (< 6.15)
                 log.warning("pid %d: reaped, but its status is unknown", child.pid)
                 status = 0
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            child.job.session.report(messages.Exited(pid=child.pid, code=code, signal=sig,
-                                                     id=child.id))
+            child.job.session.report_threadsafe(messages.Exited(
+                pid=child.pid, code=code, signal=sig, id=child.id), self._post)

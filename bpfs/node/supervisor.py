@@ -285,8 +285,8 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     def _watch_listeners(self) -> None:
         """The watcher thread: a job's listener hangs up once every process of the job has
         ended, a child's pidfd once the child has been reaped (each is registered for no
-        event: only EPOLLHUP/EPOLLERR come). The children reaped in one round go to trio's
-        thread together (`_ended`): one wake-up of the event loop for a shell's many."""
+        event: only EPOLLHUP/EPOLLERR come). The ends of the children reaped are told to
+        the master from here (`_ended`): no wake-up of the event loop for them."""
         while True:
             try:
                 events = self._epoll.poll()
@@ -315,7 +315,10 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
                         except (ProcessLookupError, OSError):
                             pass
             if reaped:
-                self._post(self._ended, reaped)
+                try:
+                    self._ended(reaped)
+                except Exception:   # noqa: BLE001 - the watcher must go on
+                    log.exception("telling the ends of %s", [c.pid for c, _ in reaped])
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -446,7 +449,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             self.adopt_here(child)      # it waits here: it exists (if not taken yet)
         self._go(job, n)
         if child is not None or pid in self.jobs:
-            self._post(self.names.add, job, pid, before)
+            self.names.add_soon(job, pid, before, self._post)
         return True
 
     def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
