@@ -42,6 +42,7 @@ import os
 import select
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,7 +51,7 @@ import trio
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
-from bpfs.node.adoption import Adoption
+from bpfs.node.adoption import TAKE_POLL, Adoption
 from bpfs.node.execnames import ExecNames
 from bpfs.node.groups import GroupCalls
 from bpfs.node.pidcounter import Counter
@@ -126,6 +127,9 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
+        self._unadopted: list[tuple[Child, Any, int]] = []   # forked, not there yet
+        self._adopt_r, self._adopt_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._epoll.register(self._adopt_r, select.EPOLLIN)
         self.names = ExecNames(self._renamed)
         self.counter = Counter(park_at, self._asking)
         Spares.__init__(self)
@@ -286,10 +290,12 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
         """The watcher thread: a job's listener hangs up once every process of the job has
         ended, a child's pidfd once the child has been reaped (each is registered for no
         event: only EPOLLHUP/EPOLLERR come). The ends of the children reaped are told to
-        the master from here (`_ended`): no wake-up of the event loop for them."""
+        the master from here (`_ended`): no wake-up of the event loop for them. While
+        some forked children are not there yet, it looks for them every TAKE_POLL
+        (`look_for`)."""
         while True:
             try:
-                events = self._epoll.poll()
+                events = self._epoll.poll(0 if self._unadopted else -1)
             except InterruptedError:
                 continue
             except OSError:
@@ -298,6 +304,9 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             for fd, _mask in events:
                 if fd == self._wake_r:
                     return
+                if fd == self._adopt_r:
+                    _drain(fd)
+                    continue
                 child = self._pidfds.pop(fd, None)
                 if child is not None:
                     self._epoll.unregister(fd)
@@ -314,11 +323,15 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
                             signal.pthread_kill(t.ident, WAKE_SIGNAL)
                         except (ProcessLookupError, OSError):
                             pass
-            if reaped:
-                try:
+            try:
+                if reaped:
                     self._ended(reaped)
-                except Exception:   # noqa: BLE001 - the watcher must go on
-                    log.exception("telling the ends of %s", [c.pid for c, _ in reaped])
+                if self._unadopted:
+                    self.look_for()
+            except Exception:   # noqa: BLE001 - the watcher must go on
+                log.exception("the watcher thread")
+            if self._unadopted and not events:
+                time.sleep(TAKE_POLL)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -535,3 +548,11 @@ HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
     NR["fork"]: Supervisor._fork_here, NR["vfork"]: Supervisor._fork_here,
     NR["execve"]: Supervisor._exec_here, NR["execveat"]: Supervisor._exec_here,
 }
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
