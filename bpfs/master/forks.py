@@ -84,13 +84,16 @@ class NodeForks(NodeSpares):
                      msg.parent)
             self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
             return
+        who = (p.uid, p.gid, p.cmd)
+        if self.answer_with_spare(node, msg, who):
+            self.asked_fork(node, msg.parent)   # and the next spare
+            return
         try:
             fork = getattr(self.tracer, "fork_soon", self.tracer.fork)
             fut = fork(msg.parent, reaped=True)    # fork_soon: no doorbell, no halt
         except BpfsError as exc:
             self._forked(node, msg, exc)
             return
-        who = (p.uid, p.gid, p.cmd)
         fut.add_done_callback(lambda f: self._forked_now(node, msg, who, f))
         self.asked_fork(node, msg.parent)       # and a spare, if it forks again and again
 

@@ -49,6 +49,8 @@ class Spare:
     id: int
     pid: int = 0
     gone: bool = False                  # dropped while being made: killed once made
+    made: bool = False                  # its clone returned (`_spare_now` decides)
+    answer: Any = None                  # (fork, who): a fork that asked meanwhile takes it
     argv: list[bytes] | None = None     # the parent's new command line, since it was made
 
 
@@ -77,7 +79,8 @@ class NodeSpares:
         super().__init__()
         self._forkers: dict[int, Forker] = {}   # by parent pid
         self._spares: dict[int, Spare] = {}     # made, by pid
-        self.fork_counts = [0, 0]               # forks on nodes: [took spares, asked]
+        self.fork_counts = [0, 0, 0]    # forks on nodes: [took spares, asked, of which
+                                        # answered with a spare being made]
         # a spare made is given from the tracer thread (`_spare_now`) or trio's: its
         # `gone`, `pid` and its place in `_spares` change under this lock
         self._spare_lock = threading.Lock()
@@ -121,6 +124,14 @@ class NodeSpares:
         `forked` does (one trip through trio's loop fewer before the node has it), if
         still wanted and the connection takes it; anything else: `_spare_made`."""
         send = getattr(self, "send_threadsafe", None)
+        with self._spare_lock:
+            spare.made = True
+            answer = spare.answer
+        if answer is not None:          # the child of a fork that asked: answered so
+            self._forked_now(spare.node, answer[0], answer[1], fut)   # type: ignore
+            if spare.argv is not None and fut.exception() is None:
+                self._from_tracer(self._rename_spare, fut.result(), spare.argv)
+            return
         if fut.exception() is None and send is not None:
             with self._spare_lock:
                 if self._wanted(spare):
@@ -156,6 +167,23 @@ class NodeSpares:
             return
         self._tell(spare.node, messages.Spare(parent=spare.parent, pid=spare.pid, id=spare.id),
                    lambda: self._drop_spare(spare))
+
+    def answer_with_spare(self, node: int, msg: messages.Fork, who: Any) -> bool:
+        """A fork of a parent whose next spare is still being made (it came before the
+        spare was back at the node): that spare is its child, answered as soon as clone
+        returned (`_forked_now`), and the next spare is made: no clone more, no wait
+        for one made from scratch."""
+        f = self._forkers.get(msg.parent)
+        spare = f.spare if f is not None and f.node == node else None
+        if spare is None:
+            return False
+        with self._spare_lock:
+            if spare.made or spare.gone:
+                return False
+            spare.answer = (msg, who)
+        f.spare = None      # type: ignore[union-attr]
+        self.fork_counts[2] += 1
+        return True
 
     def on_took(self, node: int, msg: messages.Took) -> None:
         """The node's fork of `parent` took its spare: the child is recorded as if
@@ -215,8 +243,8 @@ class NodeSpares:
         self._forkers.pop(pid, None)
         if f.took:
             log.info("node %d: pid %d forked %d times on spares, %d times asking; forks "
-                     "on nodes so far: %d on spares, %d asking", f.node, pid, f.took,
-                     f.asked, *self.fork_counts)
+                     "on nodes so far: %d on spares, %d asking (%d of them answered with "
+                     "a spare being made)", f.node, pid, f.took, f.asked, *self.fork_counts)
 
     def spares_lost(self, node: int) -> None:
         for pid in [pid for pid, f in self._forkers.items() if f.node == node]:
