@@ -51,11 +51,12 @@ class Adoption:
     give_back_soon: Callable[[int], None]
     _post: Callable[..., None]
 
-    def adopt_soon(self, child: Any) -> None:
-        """(Trio's thread, right after the fork's CONTINUE) its pidfd now if it exists
-        already, else the watcher thread looks for it (`look_for`): no spinning here,
-        and no task (a busy node's forking process may wait for a CPU a while)."""
-        if self._adopt(child):
+    def adopt_soon(self, child: Any, post: Callable[..., None] | None = None) -> None:
+        """(Right after the fork's CONTINUE: trio's thread, or a receiver thread with
+        `post`) its pidfd now if it exists already, else the watcher thread looks for
+        it (`look_for`): no spinning here, and no task (a busy node's forking process
+        may wait for a CPU a while)."""
+        if self._adopt(child, post=post):
             return
         with self._lock:
             first = not self._unadopted

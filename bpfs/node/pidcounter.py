@@ -77,6 +77,10 @@ class Counter:
         """Let one fork run (`go`: its CONTINUE) with the counter just below `pid`; False
         if its caller is gone (`go` said so), the counter parked again."""
         with self.lock:
+            p = self.pending
+            if p is not None and p.tid == tid:  # its caller forks again: it is out of
+                self.pending = None             # that fork (a fork taking a spare asks
+                procread.write_last(self.parked)    # nobody: `asking` cannot say so)
             self._settle()
             procread.write_last(pid - 1)
             if not go():

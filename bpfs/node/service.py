@@ -152,6 +152,7 @@ class Node:
         self.supervisor = make_supervisor(self.procs)
         if self.supervisor is not None:
             self.restorer.settle = self.supervisor.settle
+            self.restorer.numbering = self.supervisor.counter.guard
             # every thread and process of ours is numbered with the counter parked
             ownpids.install(self.supervisor.counter)
             # the supervisor's receiver thread takes the GIL at once when a call stops

@@ -18,6 +18,7 @@ that is moving, goes back at once. The master refuses a `took` of anything else
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -53,10 +54,12 @@ class Spares:
     _start: Callable[..., None]
     _forked: Callable[..., None]
     _ask: Callable[..., None]
+    _not_forked: Callable[[Any], None]
+    adopt_soon: Callable[..., None]
+    _child_class: Any
 
     def __init__(self) -> None:
         self.spares: dict[int, NodeSpare] = {}
-        self._taking: set[int] = set()      # threads whose fork takes a spare right now
         self.spares_taken = 0
 
     def on_spare(self, session: Any, msg: messages.Spare, moving: bool = False) -> None:
@@ -102,17 +105,44 @@ class Spares:
 
     def take_spare(self, job: Any, n: seccomp.Notif, parent: int) -> bool:
         """(A receiver thread) `parent`'s fork takes its spare, if it has one: False if
-        not (the master is asked). The rest is trio's (`_take`): whatever numbers a
-        process or a thread here (a job's thread, a restore's keeper) settles the
-        counter and goes on in trio's thread, so a fork is directed there alone."""
+        not (the master is asked). `took` is written from here before the CONTINUE (if
+        the connection is busy, the rest goes to trio's thread: `_take`), then the fork
+        is directed from here: the counter's lock orders it with every other number
+        (a job's thread clone is pending until numbered, a restore's keeper is made
+        under the lock, the daemon's own threads and processes too)."""
         s = self.spares.pop(parent, None)
         if s is None:
             return False
         if s.session is not job.session:
             return False
-        self._taking.add(n.pid)
-        self._post(self._take, job, n, parent, s)
+        took = messages.Took(parent=parent, pid=s.pid, id=s.id)
+        if not job.session.write_threadsafe(took, self._post):
+            self._post(self._take, job, n, parent, s)   # busy: all of it from trio's
+            return True
+        self._direct_spare(job, n, parent, s)
         return True
+
+    def _direct_spare(self, job: Any, n: seccomp.Notif, parent: int, s: NodeSpare) -> None:
+        """(A receiver thread) the fork gets the spare's PID, as `_forked` does."""
+        self.spares_taken += 1
+        child = self._child_class(s.pid, s.id, -1, job, parent)
+        self.children[s.pid] = child
+        self.on_child(child)
+        try:
+            if procread.exists(s.pid):
+                log.warning("spare %d is taken on this node: fork refused", s.pid)
+                seccomp.answer(job.listener, n.id, err=errno.EAGAIN)
+                ok = False
+            else:
+                ok = self.counter.direct(s.pid, n.pid, n.nr, lambda: seccomp.answer(
+                    job.listener, n.id, cont=True))
+        except OSError as exc:      # the caller died meanwhile, most likely
+            log.debug("pid %d: taking spare %d: %s", n.pid, s.pid, exc)
+            ok = False
+        if not ok:
+            self._post(self._not_forked, child)
+            return
+        self.adopt_soon(child, post=self._post)
 
     def _take(self, job: Any, n: seccomp.Notif, parent: int, s: NodeSpare) -> None:
         """(trio's thread) `took` first (whatever the child does comes after it on the
@@ -121,7 +151,6 @@ class Spares:
             if procread.exists(s.pid):
                 log.warning("spare %d is taken on this node: given back", s.pid)
                 s.session.report(messages.Unforked(pid=s.pid, id=s.id))
-                self._taking.discard(n.pid)
                 self._ask(job, n, parent)
                 return
             self.spares_taken += 1
@@ -129,5 +158,3 @@ class Spares:
             self._forked(job, n, parent, messages.Forked(seq=0, pid=s.pid, id=s.id))
         except OSError as exc:      # the caller died meanwhile, most likely
             log.debug("pid %d: taking spare %d: %s", n.pid, s.pid, exc)
-        finally:
-            self._taking.discard(n.pid)

@@ -99,6 +99,8 @@ class Child:
 class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
+    _child_class = Child
+
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
                  on_end: Callable[[int], None] | None = None) -> None:
         self.jobs: dict[int, Job] = {}          # by leader
@@ -150,8 +152,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     def _asking(self, tid: int) -> bool:
         """(Any thread) `tid` waits for the master's answer to a fork: a fork of its
         that was let through did not happen (a signal restarted it)."""
-        return tid in self._taking or any(n.pid == tid for _job, n, _parent
-                                          in list(self._forks.values()))
+        return any(n.pid == tid for _job, n, _parent in list(self._forks.values()))
 
     # ---- jobs ----
 
@@ -380,8 +381,11 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     def _on_clone(self, job: Job, n: seccomp.Notif) -> None:
         flags = n.args[0] if n.nr == NR["clone"] else procread.clone3_flags(n)
         if flags is None or flags & seccomp.CLONE_THREAD:
-            self.settle()
-            self._go(job, n)        # a thread: numbered above the parked counter by the kernel
+            # a thread: numbered above the parked counter by the kernel; pending like a
+            # directed fork (the next one waits until it is numbered, or its caller is out
+            # of the clone), since a spare may be directed from a receiver thread
+            self.counter.direct(self.counter.parked + 1, n.pid, n.nr,
+                                lambda: seccomp.answer(job.listener, n.id, cont=True))
         else:
             self._on_fork(job, n)
 
