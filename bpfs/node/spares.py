@@ -1,13 +1,12 @@
 """Spares on the node: a PID the master gave ahead of a fork, taken with no round trip.
 
 A process here that forks again and again gets a spare from the master (`spare`: a ghost
-child of its ghost, made ahead; bpfs/master/spares.py). Its next fork takes it at once:
-the receiver thread that got the call hands it to trio's thread (the one that directs
-forks: a job's thread and a restore's keeper are numbered from there too, so nothing else
-is numbered while the counter points at the spare), which says so to the master (`took`,
-before the CONTINUE, so whatever the child does comes after it on the connection) and lets
-the fork go on as one the master answered (bpfs/node/supervisor.py `_forked`). Mixed into
-bpfs.node.supervisor.Supervisor.
+child of its ghost, made ahead; bpfs/master/spares.py). Its next fork takes it at once, in
+the receiver thread that got the call: `took` is written there before the CONTINUE (so
+whatever the child does comes after it on the connection; if the connection is busy, the
+whole take is done from trio's thread, in order: `_take`), then the fork is directed as
+one the master answered (bpfs/node/pidcounter.py orders it with every other number).
+Mixed into bpfs.node.supervisor.Supervisor.
 
 A spare belongs to the node until it is taken or given back (`unforked`): given back when
 its parent execs (a new program), moves away or launches elsewhere, is forgotten here, or
