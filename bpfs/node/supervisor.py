@@ -10,7 +10,9 @@ holds each job's listener. The supervisor answers the calls the filter stops:
   puts the counter back where it parks: above the master's pid_max, so whatever the kernel
   numbers on its own (threads, keepers, the daemon's helpers) can never take a PID the
   master may hand out. The master's refusal is the fork's errno (EAGAIN: process limits).
-  Only one directed fork is ever in flight: the critical part has no await in it.
+  Only one directed fork is ever in flight (the counter's lock). A process that forks in
+  a burst has a spare PID from the master ahead of its next fork, taken in the receiver
+  thread with no round trip (bpfs/node/spares.py).
 - **execve**: let through; a moment later, if the command line changed, the ghost takes it
   (`execed`; bpfs/node/execnames.py, one task for all).
 - the child's **end**: a pidfd per child, opened as soon as the child exists (the answer
