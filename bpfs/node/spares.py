@@ -21,9 +21,12 @@ import errno
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import trio
 
 from bpfs.migrate import seccomp
 from bpfs.node import procread
@@ -32,6 +35,7 @@ from bpfs.wire import messages
 log = logging.getLogger("bpslave")
 
 SPARE_IDLE = 2.0             # s: a spare unused so long goes back (at the next sweep)
+SPARE_WAIT = 0.02            # s: a fork waits so long for a spare on its way, then asks
 
 
 @dataclass(eq=False)
@@ -59,6 +63,11 @@ class Spares:
 
     def __init__(self) -> None:
         self.spares: dict[int, NodeSpare] = {}
+        # after a `took`, the next spare is on its way: a fork meanwhile waits for it
+        # (SPARE_WAIT at most) rather than asking the master for a child
+        self._coming: dict[int, float] = {}             # parent -> when it took one
+        self._for_spare: dict[int, tuple[Any, Any]] = {}  # parent -> (job, its fork)
+        self._spare_lock = threading.Lock()
         self.spares_taken = 0
 
     def on_spare(self, session: Any, msg: messages.Spare, moving: bool = False) -> None:
@@ -69,12 +78,31 @@ class Spares:
         if moving or owner is None or owner.session is not session:
             session.report(messages.Unforked(pid=s.pid, id=s.id))
             return
-        old, self.spares[msg.parent] = self.spares.get(msg.parent), s
+        with self._spare_lock:
+            self._coming.pop(msg.parent, None)
+            waiting = self._for_spare.pop(msg.parent, None)
+            old = None
+            if waiting is None:
+                old, self.spares[msg.parent] = self.spares.get(msg.parent), s
         if old is not None:
             old.session.report(messages.Unforked(pid=old.pid, id=old.id))
+        if waiting is not None:         # a fork waits for it: it takes it now
+            self._take(waiting[0], waiting[1], msg.parent, s)
+
+    async def _spare_late(self, parent: int, n: Any) -> None:
+        """A fork that waits for its parent's next spare asks the master after
+        SPARE_WAIT (the spare did not come: the master could not make it)."""
+        await trio.sleep(SPARE_WAIT)
+        with self._spare_lock:
+            waiting = self._for_spare.get(parent)
+            if waiting is None or waiting[1] is not n:
+                return
+            del self._for_spare[parent]
+        self._ask(waiting[0], n, parent)
 
     def give_back(self, parent: int) -> None:
         """(trio's thread) `parent`'s spare, if any, goes back unused."""
+        self._coming.pop(parent, None)
         s = self.spares.pop(parent, None)
         if s is not None:
             s.session.report(messages.Unforked(pid=s.pid, id=s.id))
@@ -109,9 +137,17 @@ class Spares:
         is directed from here: the counter's lock orders it with every other number
         (a job's thread clone is pending until numbered, a restore's keeper is made
         under the lock, the daemon's own threads and processes too)."""
-        s = self.spares.pop(parent, None)
+        with self._spare_lock:
+            s = self.spares.pop(parent, None)
+            if s is None:
+                coming = self._coming.pop(parent, None)
+                if coming is None or time.monotonic() - coming > SPARE_WAIT or \
+                        parent in self._for_spare:
+                    return False
+                self._for_spare[parent] = (job, n)    # its spare is on its way: wait
         if s is None:
-            return False
+            self._post(self._start, self._spare_late, parent, n)
+            return True
         if s.session is not job.session:
             return False
         took = messages.Took(parent=parent, pid=s.pid, id=s.id)
@@ -124,6 +160,7 @@ class Spares:
     def _direct_spare(self, job: Any, n: seccomp.Notif, parent: int, s: NodeSpare) -> None:
         """(A receiver thread) the fork gets the spare's PID, as `_forked` does."""
         self.spares_taken += 1
+        self._coming[parent] = time.monotonic()     # the master makes the next one now
         child = self._child_class(s.pid, s.id, -1, job, parent)
         self.children[s.pid] = child
         self.on_child(child)
@@ -153,6 +190,7 @@ class Spares:
                 self._ask(job, n, parent)
                 return
             self.spares_taken += 1
+            self._coming[parent] = time.monotonic()
             job.session.report(messages.Took(parent=parent, pid=s.pid, id=s.id))
             self._forked(job, n, parent, messages.Forked(seq=0, pid=s.pid, id=s.id))
         except OSError as exc:      # the caller died meanwhile, most likely
