@@ -6,7 +6,9 @@ the receiver thread that got the call: `took` is written there before the CONTIN
 whatever the child does comes after it on the connection; if the connection is busy, the
 whole take is done from trio's thread, in order: `_take`), then the fork is directed as
 one the master answered (bpfs/node/pidcounter.py orders it with every other number).
-Mixed into bpfs.node.supervisor.Supervisor.
+A fork that comes while the next spare is on its way (less than SPARE_WAIT after its
+parent took one: the master makes the next one when it reads the `took`) waits for it,
+SPARE_WAIT at most, then asks the master. Mixed into bpfs.node.supervisor.Supervisor.
 
 A spare belongs to the node until it is taken or given back (`unforked`): given back when
 its parent execs (a new program), moves away or launches elsewhere, is forgotten here, or
