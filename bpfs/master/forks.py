@@ -34,6 +34,7 @@ import trio
 
 from bpfs.errors import BpfsError
 from bpfs.master.migrations import SendNode
+from bpfs.master.spares import NodeSpares
 from bpfs.model import Cluster
 from bpfs.wire import messages
 
@@ -46,8 +47,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-class NodeForks:
-    """Mixed into bpfs.master.procs.ProcService: the fork, exec and kill messages."""
+class NodeForks(NodeSpares):
+    """Mixed into bpfs.master.procs.ProcService: the fork, exec and kill messages (and,
+    NodeSpares, the spares given to nodes ahead of forks)."""
 
     cluster: Cluster
     send_node: SendNode
@@ -82,14 +84,18 @@ class NodeForks:
                      msg.parent)
             self._tell(node, messages.Forked(seq=msg.seq, errno=errno.EAGAIN))
             return
+        who = (p.uid, p.gid, p.cmd)
+        if self.answer_with_spare(node, msg, who):
+            self.asked_fork(node, msg.parent)   # and the next spare
+            return
         try:
             fork = getattr(self.tracer, "fork_soon", self.tracer.fork)
             fut = fork(msg.parent, reaped=True)    # fork_soon: no doorbell, no halt
         except BpfsError as exc:
             self._forked(node, msg, exc)
             return
-        who = (p.uid, p.gid, p.cmd)
         fut.add_done_callback(lambda f: self._forked_now(node, msg, who, f))
+        self.asked_fork(node, msg.parent)       # and a spare, if it forks again and again
 
     def _forked_now(self, node: int, msg: messages.Fork, who: tuple[int, int, str],
                     fut: Any) -> None:
@@ -161,6 +167,8 @@ class NodeForks:
                 failed()
 
     def on_unforked(self, node: int, msg: messages.Unforked) -> None:
+        if self.spare_given_back(node, msg.pid, msg.id):
+            return
         p = self.cluster.procs.get(msg.pid)
         if p is None or p.node != node or p.mid != msg.id or msg.pid not in self._parents:
             log.info("node %d: unforked of unknown pid %d; ignored", node, msg.pid)
@@ -195,6 +203,7 @@ class NodeForks:
         argv = msg.cmdline.rstrip(b"\0").split(b"\0") if msg.cmdline else []
         if not argv or not argv[0]:
             return
+        self.spares_renamed(msg.pid, argv)
         p.cmd = " ".join(a.decode("utf-8", "replace") for a in argv)[:4096]
         if self.tracer is None:
             return

@@ -248,6 +248,7 @@ class Moves(ToNode, HomeComing, OutPages):
         self._migrations[d.id] = d
         self._dumping.add(d.id)
         self.on_moving(p.pid, True)
+        self.spares_leaving(p.pid)              # type: ignore[attr-defined]
         m = None
         try:
             way: bool | None = None

@@ -101,6 +101,7 @@ class NodeExec:
         if sum(map(len, (msg.path, msg.cwd, *msg.argv, *msg.envp))) > MAX_EXEC_BYTES:
             self._tell(node, messages.Execd(seq=msg.seq, errno=errno.E2BIG))
             return
+        self.spares_leaving(msg.pid)           # type: ignore[attr-defined]
         self._spawn(self._exec, node, msg, a)
 
     async def _exec(self, node: int, msg: messages.Exec, a: _Armed) -> None:

@@ -117,6 +117,7 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
                      "ignored", node, pid, mid, p.mid)
             return
         code = msg.code or 0
+        self.spares_end(node, pid)
         log.debug("node %d: pid %d (move or start %d) ended: code %d, signal %s", node, pid,
                   p.mid, code, sig)
         self.cluster.exited(pid, code, sig)
@@ -195,6 +196,7 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
         """The node's processes are gone: their ghosts die by SIGKILL, migrations fail."""
         self._fail_on(node)
         self.standins_lost(node)
+        self.spares_lost(node)
         for pid in self.cluster.procs_on(node):
             m = self._by_pid.get(pid)
             if m is not None and not m.started:
@@ -280,6 +282,7 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         self._ghost_gone(pid, sig, code)
         self.forked_gone(pid)
+        self.spare_gone(pid)
         self.launch_gone(pid, status)
         self.standin_over(pid, status)
 

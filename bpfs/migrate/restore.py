@@ -8,11 +8,12 @@ wait for "any child" meanwhile. How and why: docs/engine.md ("Restoring on a nod
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
 import threading
-from typing import Mapping, Sequence
+from typing import Callable, ContextManager, Mapping, Sequence
 
 from bpfs.migrate import hostinfo, image as imagefmt, openfiles, rebuild, seccomp, stub
 from bpfs.migrate import ptrace as pt
@@ -71,6 +72,9 @@ class Restorer:
         self.last_keeper: int | None = None     # the keeper of the last restore (jobs_fd)
         self.last_listener: int | None = None   # its listener (supervised), ours to close
         self._thread = threading.get_ident()
+        # around a clone the kernel numbers (a keeper): a node's PID counter held still
+        # meanwhile (bpfs/node/pidcounter.py `guard`)
+        self.numbering: Callable[[], ContextManager[None]] = contextlib.nullcontext
         self._spare: Keeper | None = None
         self._helper: Helper | None = Helper()
 
@@ -206,6 +210,9 @@ class Restorer:
 
     def _clone(self, pid: int | None) -> int:
         try:
+            if pid is None:         # numbered by the kernel: under the caller's guard
+                with self.numbering():
+                    return self.helper.clone(pid)
             return self.helper.clone(pid)
         except MigrateError as exc:
             if not isinstance(exc, CloneRefused):  # the helper itself is in doubt

@@ -5,10 +5,10 @@ bpfs.node.supervisor.Supervisor (docs/pidspace.md, "A fork" and "The end").
 Why at once: a child that never execs (`(exit 3)`) may end and be reaped within a fraction
 of a millisecond, and a child reaped before its pidfd was opened can no longer tell how it
 ended (its ghost then goes without an end of its own: `unforked`). So the answer's path
-waits for it a moment (`adopt_soon`: TAKE_SPIN), a child's execve takes it while the
-child waits in that call (`adopt_here`, a receiver thread: every child that execs is
-taken so), and a task looks for one not there yet (`_watch`, a busy node: as long as its
-parent is still on its way through the fork, bpfs/node/pidcounter.py). The pidfd is
+takes it if it is there (`adopt_soon`), a child's execve takes it while the child waits
+in that call (`adopt_here`, a receiver thread: every child that execs is taken so), and
+the watcher thread looks for one not there yet every TAKE_POLL (`look_for`: as long as
+its parent is still on its way through the fork, bpfs/node/pidcounter.py). The pidfd is
 then watched by the supervisor's watcher thread (its epoll, for no event: it hangs up once
 the child has been reaped, Linux 6.9), which hands each round of ends to trio's thread
 (`_ended`).
@@ -20,10 +20,7 @@ import logging
 import os
 import select
 import threading
-import time
 from typing import Any, Callable
-
-import trio
 
 from bpfs.migrate import seccomp
 from bpfs.node.pidcounter import Counter, Pending
@@ -31,9 +28,9 @@ from bpfs.wire import messages
 
 log = logging.getLogger("bpslave")
 
-TAKE_SPIN = 0.0003           # the kernel taking the directed PID after CONTINUE, waited
-                             # for in the answer's path, then by a task
-TAKE_POLL = 0.0002           # ... which looks this often
+TAKE_POLL = 0.0002           # the watcher thread looks for children not there yet this
+                             # often,
+LATE_TRIES = 25              # ... and so many times more once their fork has settled
 
 
 class Adoption:
@@ -44,21 +41,56 @@ class Adoption:
     on_end: Callable[[int], None]
     counter: Counter
     _pidfds: dict[int, Any]         # the children's pidfds, in the watcher's epoll
+    _unadopted: list[tuple[Any, Pending | None, int]]   # not there yet (`look_for`)
+    _adopt_w: int                   # wakes the watcher for them
     _epoll: select.epoll
     _lock: threading.Lock
     settle: Callable[[], None]
     _start: Callable[..., None]
+    give_back: Callable[[int], None]
+    give_back_soon: Callable[[int], None]
+    _post: Callable[..., None]
 
-    def adopt_soon(self, child: Any) -> None:
-        """(Trio's thread, right after the fork's CONTINUE) its pidfd, within TAKE_SPIN
-        (sched_yield between looks: the forking process may be waiting for this CPU),
-        else from a task."""
-        deadline = time.perf_counter() + TAKE_SPIN
-        while not self._adopt(child):
-            if time.perf_counter() > deadline:
-                self._start(self._watch, child)
-                return
-            os.sched_yield()
+    def adopt_soon(self, child: Any, post: Callable[..., None] | None = None) -> None:
+        """(Right after the fork's CONTINUE: trio's thread, or a receiver thread with
+        `post`) its pidfd now if it exists already, else the watcher thread looks for
+        it (`look_for`): no spinning here, and no task (a busy node's forking process
+        may wait for a CPU a while)."""
+        if self._adopt(child, post=post):
+            return
+        with self._lock:
+            first = not self._unadopted
+            self._unadopted.append((child, self._directed_at(child.pid), 0))
+        if first:
+            os.write(self._adopt_w, b"x")
+
+    def look_for(self) -> None:
+        """(The watcher thread, every TAKE_POLL while some are not adopted) each child
+        whose parent is still on its way through the fork is looked for again once the
+        fork has settled (its number taken, or its parent out of it without it: not a
+        clock, bpfs/node/pidcounter.py), then for LATE_TRIES more looks (the counter
+        moves when the kernel numbers the child, a moment before the child can be
+        opened); if it is not there then (the fork failed, or the child has come and
+        gone already), its ghost goes."""
+        with self._lock:
+            waiting, self._unadopted = self._unadopted, []
+        later = []
+        for child, p, tries in waiting:
+            if self.children.get(child.pid) is child and child.pidfd < 0:
+                if p is not None and self.counter.pending is p and \
+                        self.counter.state(p) is None:
+                    later.append((child, p, tries))
+                    continue
+                if not self._adopt(child, post=self._post):
+                    if tries < LATE_TRIES:
+                        later.append((child, p, tries + 1))
+                        continue
+                    self._post(self._not_forked, child)
+            if self._directed_at(child.pid) is not None:   # (its execve took it)
+                self.settle()
+        if later:
+            with self._lock:
+                self._unadopted[:0] = later
 
     def adopt_here(self, child: Any) -> None:
         """(A receiver thread) the child is in its execve: it exists, take it if not yet.
@@ -66,7 +98,8 @@ class Adoption:
         if child.pidfd < 0:
             self._adopt(child, settle=False)
 
-    def _adopt(self, child: Any, settle: bool = True) -> bool:
+    def _adopt(self, child: Any, settle: bool = True,
+               post: Callable[..., None] | None = None) -> bool:
         """Its pidfd, checked and watched (the counter parked first, with `settle`);
         False if it does not exist yet. A stranger with its number: its ghost goes."""
         with self._lock:
@@ -90,7 +123,10 @@ class Adoption:
             if settle:
                 log.warning("fork of %d: PID %d is not its child; it has no ghost",
                             child.parent, child.pid)
-                self._not_forked(child)
+                if post is None:
+                    self._not_forked(child)
+                else:
+                    post(self._not_forked, child)
             else:
                 return False        # trio's to say
         return True
@@ -99,41 +135,32 @@ class Adoption:
         p = self.counter.pending
         return p if p is not None and p.pid == pid else None
 
-    async def _watch(self, child: Any) -> None:
-        """A child whose number was not taken in the answer's time (a busy node): look
-        again until the fork has settled (taken, or its parent out of it without it: not
-        a clock, bpfs/node/pidcounter.py), then adopt it; if it is not there then (the
-        fork failed, or the child has come and gone already), its ghost goes."""
-        pid = child.pid
-        p = self._directed_at(pid)
-        while p is not None and self.counter.pending is p and child.pidfd < 0 and \
-                self.counter.state(p) is None:
-            await trio.sleep(TAKE_POLL)
-        if self.children.get(pid) is child and child.pidfd < 0 and \
-                not self._adopt(child):
-            self._not_forked(child)
-        if self._directed_at(pid) is not None:  # (its execve took it meanwhile: parked here)
-            self.settle()
-
     def _not_forked(self, child: Any) -> None:
         self._forget(child)
         child.job.session.report(messages.Unforked(pid=child.pid, id=child.id))
 
-    def _forget(self, child: Any) -> None:
+    def _forget(self, child: Any, here: bool = True) -> None:
+        """Forget the child (`here` False: from the watcher thread)."""
         if self.children.get(child.pid) is child:
             del self.children[child.pid]
+            if here:
+                self.give_back(child.pid)
+            else:
+                self.give_back_soon(child.pid)
         self.names.drop(child.pid)
         self.on_end(child.pid)
 
     def _ended(self, reaped: list[tuple[Any, int | None]]) -> None:
-        """(Trio's thread) children reaped on the node: the master hears of each end."""
+        """(The watcher thread) children reaped on the node: the master hears of each
+        end from here (`exited` written at once if nothing of trio's is still to go
+        before it, else from trio's thread): no trip through the event loop."""
         for child, status in reaped:
             os.close(child.pidfd)
-            self._forget(child)
+            self._forget(child, here=False)
             if status is None:      # no exit information: a kernel without it (< 6.15)
                 log.warning("pid %d: reaped, but its status is unknown", child.pid)
                 status = 0
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            child.job.session.report(messages.Exited(pid=child.pid, code=code, signal=sig,
-                                                     id=child.id))
+            child.job.session.report_threadsafe(messages.Exited(
+                pid=child.pid, code=code, signal=sig, id=child.id), self._post)

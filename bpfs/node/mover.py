@@ -471,6 +471,8 @@ async def on_dump(session: Session, msg: messages.Dump) -> None:
         session.report(messages.Failed(id=msg.id, errno=errno.ENOSYS,
                                        message="this node cannot move processes"))
         return
+    if session.node.supervisor is not None:     # it leaves: its spare goes back
+        session.node.supervisor.give_back(msg.pid)
     mover.start(session, msg)
 
 

@@ -11,11 +11,15 @@ takes the child's, and the child then runs under a number that is not its ghost'
 no ghost at all. So whatever numbers a thread or a process first waits for the directed
 fork to settle (`settle`, `guard`): another job's thread or fork, a restore, and every
 thread and process of the daemon's own (bpfs/node/ownpids.py: trio's worker threads come
-and go, stdio relays and pidfd proxies are started as moves and signals need them).
+and go, stdio relays and pidfd proxies are started as moves and signals need them), and a
+restore's keeper (made under `guard`). A job's thread clone is itself pending like a
+directed fork, to the number above the park point (`direct(parked + 1, ...)`): forks are
+directed from receiver threads too (a spare taken, bpfs/node/spares.py), so the next one
+waits until the kernel has numbered the thread.
 
 A directed fork has settled when its number is taken, or when its caller is seen out of
-the fork without it: gone, stopped, asking again (a fork restarted by a signal), blocked
-in another call, or having used CPU_LIMIT of CPU since (a failed fork, then busy). A
+the fork without it: gone, stopped, asking again (a fork restarted by a signal; or
+directing again, `direct` of the same thread), blocked in another call, or having used CPU_LIMIT of CPU since (a failed fork, then busy). A
 caller that has not had the CPU yet is waited for, however busy the node: a wall-clock
 limit (50 ms) once ended the wait on a loaded machine, and the child that came after it
 took a parked PID and had no ghost. HARD_LIMIT only bounds a caller stuck in the kernel's
@@ -77,6 +81,10 @@ class Counter:
         """Let one fork run (`go`: its CONTINUE) with the counter just below `pid`; False
         if its caller is gone (`go` said so), the counter parked again."""
         with self.lock:
+            p = self.pending
+            if p is not None and p.tid == tid:  # its caller forks again: it is out of
+                self.pending = None             # that fork (a fork taking a spare asks
+                procread.write_last(self.parked)    # nobody: `asking` cannot say so)
             self._settle()
             procread.write_last(pid - 1)
             if not go():

@@ -283,6 +283,22 @@ async def on_answer(session: Session, msg: messages.Forked | messages.Killed
         session.node.supervisor.answered(msg)
 
 
+async def on_spare(session: Session, msg: messages.Spare) -> None:
+    """A spare for `parent`'s next fork (bpfs/node/spares.py); back at once if it
+    cannot be used (no supervisor, a process not ours, or moving)."""
+    sup = session.node.supervisor
+    if sup is None:
+        session.report(messages.Unforked(pid=msg.pid, id=msg.id))
+        return
+    mover = getattr(session.node, "mover", None)
+    sup.on_spare(session, msg, moving=mover is not None and msg.parent in mover.moves)
+
+
+async def on_nottaken(session: Session, msg: messages.NotTaken) -> None:
+    if session.node.supervisor is not None:
+        session.node.supervisor.not_taken(msg)
+
+
 async def on_armed(session: Session, msg: messages.Armed) -> None:
     if session.node.supervisor is not None:
         session.node.supervisor.arm(msg.pid)

@@ -45,13 +45,14 @@ created, every restore fails with that error until one can.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from bpfs.errors import BpfsError
 from bpfs.migrate import Restorer
@@ -92,6 +93,7 @@ class NodeRestorer:
         # called before each use: the supervisor's last directed fork has its PID (a
         # clone here may take a number only once the namespace's counter is parked)
         self.settle: Callable[[], None] = lambda: None
+        self.numbering: Callable[[], Any] = contextlib.nullcontext    # (the counter's guard)
         self.bproc: str | None = None         # /bproc on the node, which this thread serves:
                                               # a restore must not wait on it (no cwd there)
         self.tid: int | None = None           # the owning thread, once started
@@ -129,6 +131,7 @@ class NodeRestorer:
         self.settle()
         if self._restorer is None:
             self._restorer = Restorer(self.cache_dir, self.jobs_fd, self._supervised)
+            self._restorer.numbering = self.numbering
         return self._restorer
 
     def prepare(self) -> None:

@@ -105,6 +105,7 @@ FROM_MASTER: dict[type[messages.Msg], Handler] = {
     messages.Signal: procs.on_signal, messages.Sample: usage.on_sample,
     messages.Forked: procs.on_answer, messages.Killed: procs.on_answer,
     messages.Execd: procs.on_answer, messages.Armed: procs.on_armed,
+    messages.Spare: procs.on_spare, messages.NotTaken: procs.on_nottaken,
     messages.Ended: procs.on_ended,
     messages.FsReply: _on_fs_reply,
     messages.Names: _on_names,
@@ -151,6 +152,7 @@ class Node:
         self.supervisor = make_supervisor(self.procs)
         if self.supervisor is not None:
             self.restorer.settle = self.supervisor.settle
+            self.restorer.numbering = self.supervisor.counter.guard
             # every thread and process of ours is numbered with the counter parked
             ownpids.install(self.supervisor.counter)
             # the supervisor's receiver thread takes the GIL at once when a call stops

@@ -114,6 +114,14 @@ class Session:
         elif sent is None:                      # the rest of it: from the sending task
             post(self._queue, None)
 
+    def write_threadsafe(self, msg: wire.Message, post: Callable[..., None]) -> bool:
+        """`report_threadsafe`, but nothing is handed over if it cannot be written now:
+        False (the caller then does it all from trio's thread, in order)."""
+        sent = self.fs.send_threadsafe(msg, lambda: self._unsent == 0)
+        if sent is None:                        # the rest of it: from the sending task
+            post(self._queue, None)
+        return sent is not False
+
     async def send_reports(self) -> Outcome:
         """Send what `report` queued; what queued up meanwhile goes in the same write
         (None: only the rest of a report written in part)."""

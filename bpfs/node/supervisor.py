@@ -10,7 +10,9 @@ holds each job's listener. The supervisor answers the calls the filter stops:
   puts the counter back where it parks: above the master's pid_max, so whatever the kernel
   numbers on its own (threads, keepers, the daemon's helpers) can never take a PID the
   master may hand out. The master's refusal is the fork's errno (EAGAIN: process limits).
-  Only one directed fork is ever in flight: the critical part has no await in it.
+  Only one directed fork is ever in flight (the counter's lock). A process that forks in
+  a burst has a spare PID from the master ahead of its next fork, taken in the receiver
+  thread with no round trip (bpfs/node/spares.py).
 - **execve**: let through; a moment later, if the command line changed, the ghost takes it
   (`execed`; bpfs/node/execnames.py, one task for all).
 - the child's **end**: a pidfd per child, opened as soon as the child exists (the answer
@@ -42,6 +44,7 @@ import os
 import select
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,12 +53,13 @@ import trio
 from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
-from bpfs.node.adoption import Adoption
+from bpfs.node.adoption import TAKE_POLL, Adoption
 from bpfs.node.execnames import ExecNames
 from bpfs.node.groups import GroupCalls
 from bpfs.node.pidcounter import Counter
 from bpfs.node.pidproxy import PidfdCalls, Proxies
 from bpfs.node.session import Session
+from bpfs.node.spares import Spares
 from bpfs.standin import LAUNCHED
 from bpfs.wire import messages
 
@@ -94,8 +98,10 @@ class Child:
     cmdline: bytes = b""
 
 
-class Supervisor(PidfdCalls, GroupCalls, Adoption):
+class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
+
+    _child_class = Child
 
     def __init__(self, park_at: int, on_child: Callable[[Child], None] | None = None,
                  on_end: Callable[[int], None] | None = None) -> None:
@@ -125,8 +131,12 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
+        self._unadopted: list[tuple[Child, Any, int]] = []   # forked, not there yet
+        self._adopt_r, self._adopt_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._epoll.register(self._adopt_r, select.EPOLLIN)
         self.names = ExecNames(self._renamed)
         self.counter = Counter(park_at, self._asking)
+        Spares.__init__(self)
 
     # ---- the counter (bpfs/node/pidcounter.py) ----
 
@@ -177,6 +187,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
             for seq, (job, n, *_rest) in list(table.items()):
                 if not seccomp.still_waiting(job.listener, n.id):
                     del table[seq]
+        self.give_back_idle()
 
     def add_job(self, session: Session, mid: int, leader: int, listener: int,
                 keeper: int | None, ppid: int | None, pgid: int | None,
@@ -281,11 +292,13 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
     def _watch_listeners(self) -> None:
         """The watcher thread: a job's listener hangs up once every process of the job has
         ended, a child's pidfd once the child has been reaped (each is registered for no
-        event: only EPOLLHUP/EPOLLERR come). The children reaped in one round go to trio's
-        thread together (`_ended`): one wake-up of the event loop for a shell's many."""
+        event: only EPOLLHUP/EPOLLERR come). The ends of the children reaped are told to
+        the master from here (`_ended`): no wake-up of the event loop for them. While
+        some forked children are not there yet, it looks for them every TAKE_POLL
+        (`look_for`)."""
         while True:
             try:
-                events = self._epoll.poll()
+                events = self._epoll.poll(0 if self._unadopted else -1)
             except InterruptedError:
                 continue
             except OSError:
@@ -294,6 +307,9 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
             for fd, _mask in events:
                 if fd == self._wake_r:
                     return
+                if fd == self._adopt_r:
+                    _drain(fd)
+                    continue
                 child = self._pidfds.pop(fd, None)
                 if child is not None:
                     self._epoll.unregister(fd)
@@ -310,8 +326,15 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
                             signal.pthread_kill(t.ident, WAKE_SIGNAL)
                         except (ProcessLookupError, OSError):
                             pass
-            if reaped:
-                self._post(self._ended, reaped)
+            try:
+                if reaped:
+                    self._ended(reaped)
+                if self._unadopted:
+                    self.look_for()
+            except Exception:   # noqa: BLE001 - the watcher must go on
+                log.exception("the watcher thread")
+            if self._unadopted and not events:
+                time.sleep(TAKE_POLL)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -322,6 +345,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
     def _job_over(self, job: Job) -> None:
         if self.jobs.get(job.leader) is job:    # not a new job of the same PID (moved back)
             del self.jobs[job.leader]
+            self.give_back(job.leader)
         fd, job.listener = job.listener, -1     # answers still on their way find nobody
         if fd >= 0:
             os.close(fd)
@@ -359,8 +383,11 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
     def _on_clone(self, job: Job, n: seccomp.Notif) -> None:
         flags = n.args[0] if n.nr == NR["clone"] else procread.clone3_flags(n)
         if flags is None or flags & seccomp.CLONE_THREAD:
-            self.settle()
-            self._go(job, n)        # a thread: numbered above the parked counter by the kernel
+            # a thread: numbered above the parked counter by the kernel; pending like a
+            # directed fork (the next one waits until it is numbered, or its caller is out
+            # of the clone), since a spare may be directed from a receiver thread
+            self.counter.direct(self.counter.parked + 1, n.pid, n.nr,
+                                lambda: seccomp.answer(job.listener, n.id, cont=True))
         else:
             self._on_fork(job, n)
 
@@ -387,6 +414,12 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         parent = self._tgid(n.pid)
         if parent is None:          # the caller is gone
             return
+        if post is not None and self.take_spare(job, n, parent):
+            return                  # no round trip (bpfs/node/spares.py)
+        self._ask(job, n, parent, post)
+
+    def _ask(self, job: Job, n: seccomp.Notif, parent: int,
+             post: Callable[..., None] | None = None) -> None:
         seq = next(self._seq)
         self._forks[seq] = (job, n, parent)
         msg = messages.Fork(seq=seq, parent=parent)
@@ -428,13 +461,14 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
         pid = self._tgid(n.pid)
         if pid is None or pid in self.armed:
             return False
+        self.give_back_soon(pid)        # a new program: its spare goes back
         before = procread.cmdline(pid)
         child = self.children.get(pid)
         if child is not None:
             self.adopt_here(child)      # it waits here: it exists (if not taken yet)
         self._go(job, n)
         if child is not None or pid in self.jobs:
-            self._post(self.names.add, job, pid, before)
+            self.names.add_soon(job, pid, before, self._post)
         return True
 
     def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
@@ -471,6 +505,7 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption):
             seccomp.answer(job.listener, n.id, err=errno.E2BIG)
             return
         path, argv, envp = words
+        self.give_back(pid)
         seq = next(self._seq)
         self._execs[seq] = (job, n, pid)
         job.session.report(messages.Exec(seq=seq, pid=pid, path=path, argv=argv, envp=envp,
@@ -533,3 +568,11 @@ HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
     **{NR[k]: Supervisor._kill_here for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                                "rt_tgsigqueueinfo")},
 }
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass

@@ -43,7 +43,10 @@ grammar (names in capitals are the bounded types defined below):
   one PID space (bpfs/node/supervisor.py, bpfs/master/forks.py):
     node   -> master  fork       seq: ID, parent: PID
     master -> node    forked     seq: ID, [pid: PID], [id: ID], [errno: ERRNO]
-    node   -> master  unforked   pid: PID, id: ID
+    node   -> master  unforked   pid: PID, id: ID     (also a spare given back unused)
+    master -> node    spare      parent: PID, pid: PID, id: ID   (a ghost for its next fork)
+    node   -> master  took       parent: PID, pid: PID, id: ID   (a fork took the spare)
+    master -> node    nottaken   pid: PID, id: ID     (that `took` is refused: end it)
                       execed     pid: PID, id: ID, cmdline: bytes (at most 64 KiB)
                       kill       seq: ID, pid: -PID..PID, sig: 0..64, ruid: ID32, euid: ID32
                       watch      seq: ID, pid: PID, ruid: ID32, euid: ID32  (-> killed, ended)

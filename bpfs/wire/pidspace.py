@@ -31,8 +31,36 @@ class Forked(Msg, tag="forked"):
 
 
 class Unforked(Msg, tag="unforked"):
-    """The fork that `pid` was made for did not happen: its ghost must go, unseen."""
+    """The fork that `pid` was made for did not happen: its ghost must go, unseen. Also
+    a spare the node gives back unused (`spare`): it goes the same way."""
     sender = "node"
+    pid: PID
+    id: ID
+
+
+class Spare(Msg, tag="spare"):
+    """A ghost child of `parent`'s ghost made ahead of its next fork on the node (a
+    parent that forks again and again): the node gives `pid` to that fork at once, with
+    no round trip, and says so (`took`); or gives it back unused (`unforked`)."""
+    sender = "master"
+    parent: PID
+    pid: PID
+    id: ID
+
+
+class Took(Msg, tag="took"):
+    """`parent` forked, and its child took the spare `pid` the master gave for it (its
+    messages carry `id`); the master records it as it records a `forked` child."""
+    sender = "node"
+    parent: PID
+    pid: PID
+    id: ID
+
+
+class NotTaken(Msg, tag="nottaken"):
+    """The answer to a `took` the master refuses (`pid` is not the spare it gave this
+    node for that parent): the child has no ghost; the node ends it."""
+    sender = "master"
     pid: PID
     id: ID
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 import trio
@@ -101,3 +102,50 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def test_a_node_takes_only_the_spare_it_was_given(master: Master) -> None:
+    """A node given a spare for a process (it forked twice in a row) claims it with
+    `took`; a claim of another PID, another id or under another parent is refused
+    (`nottaken`) and logged, and disturbs nothing: the spare it was given is still its
+    own, taken as a child of that process's ghost; the next spare follows. Once the node
+    is gone, no spare is left."""
+    from tests.cluster.test_master_procs import proc_state, request, restored, writer
+    spares: list[int] = []
+
+    async def go() -> None:
+        async with fake_node(master) as node:
+            await wait_for(lambda: master.read("nodes/0/status") == "up\n")
+            proc = writer(master, 0, request())
+            try:
+                await restored(master, node, proc)
+                g = proc.pid
+                for seq in (1, 2):      # twice in a row: the second brings a spare
+                    await node.fs.send({"t": "fork", "seq": seq, "parent": g})
+                await wait_for(lambda: answers(node, "spare"), what="a spare")
+                spare = answers(node, "spare")[0]
+                pid, mid = spare["pid"], spare["id"]
+                assert spare["parent"] == g and _ppid(pid) == g
+                assert str(pid) not in os.listdir(master.path("procs"))
+                forged = [(g, pid + 1, mid), (g, pid, mid + 1), (os.getpid(), pid, mid)]
+                for parent, p, m in forged:
+                    await node.fs.send({"t": "took", "parent": parent, "pid": p, "id": m})
+                await wait_for(lambda: len(answers(node, "nottaken")) == 3)
+                assert master.log().count("claims pid") == 3
+                assert _ppid(pid) == g and not node.closed.is_set()
+                await node.fs.send({"t": "took", "parent": g, "pid": pid, "id": mid})
+                await wait_for(lambda: proc_state(master, pid) == "running")
+                assert master.read(f"procs/{pid}/node").strip() == "0"
+                await wait_for(lambda: len(answers(node, "spare")) == 2, what="the next")
+                assert len(answers(node, "nottaken")) == 3
+                spares.extend(a["pid"] for a in answers(node, "spare"))
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    trio.run(go)
+    deadline = time.monotonic() + 10
+    while any(_comm(p) for p in spares[1:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_comm(p) for p in spares[1:])
+    assert master.proc.poll() is None

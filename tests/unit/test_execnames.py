@@ -43,9 +43,10 @@ async def test_a_new_command_line_is_reported_once_and_a_dropped_one_never() -> 
             assert seen == [("job", late.pid, b"sleep\x005\x00")]
             assert len(names) == 1                  # `same`: looked at again later
             names.drop(same.pid)
-            await trio.sleep(0)
-            assert len(names) == 0 and names._scope is not None
-            assert names._scope.deadline == math.inf    # nothing due: not woken
+            assert len(names) == 0
+            # its due look stays until the task's next wake-up; then nothing is due
+            await until(lambda: names._scope is not None and
+                        names._scope.deadline == math.inf)
             nursery.cancel_scope.cancel()
     finally:
         for p in (late, same, gone):
@@ -69,3 +70,38 @@ async def test_an_ended_process_is_not_renamed() -> None:
     finally:
         p.kill()
         p.wait()
+
+
+async def test_notes_from_another_thread_wake_the_task_once_per_look() -> None:
+    """`add_soon` from a receiver thread: the new name is reported; while a look is due
+    the task is not woken again for more notes (one wake-up per LOOK_EVERY at most)."""
+    import threading
+    seen: list[int] = []
+    posted: list[object] = []
+    names = ExecNames(lambda job, pid, cmdline: seen.append(pid))
+    procs = [spawn("sleep 0.2; exec sleep 5") for _ in range(5)]
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(names.run)
+            await until(lambda: all(procread.cmdline(p.pid).startswith(b"sh\0")
+                                    for p in procs) and names._offset is not None)
+            token = trio.lowlevel.current_trio_token()
+
+            def post(fn, *args):
+                posted.append(fn)
+                token.run_sync_soon(fn, *args)
+            before = {p.pid: procread.cmdline(p.pid) for p in procs}
+            threads = [threading.Thread(target=names.add_soon, args=(None, p.pid,
+                                                                      before[p.pid], post))
+                       for p in procs]
+            for t in threads:
+                t.start()
+                t.join()
+            await until(lambda: len(seen) == len(procs))
+            assert sorted(seen) == sorted(p.pid for p in procs)
+            assert len(posted) == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

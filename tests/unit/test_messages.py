@@ -73,6 +73,9 @@ GOOD = [
     m.Forked(seq=1, pid=4243, id=8),
     m.Forked(seq=2, errno=errno.EAGAIN),
     m.Unforked(pid=4243, id=8),
+    m.Spare(parent=4242, pid=4244, id=9),
+    m.Took(parent=4242, pid=4244, id=9),
+    m.NotTaken(pid=4244, id=9),
     m.Execed(pid=4243, id=8, cmdline=b"sleep\x00100\x00"),
     m.Kill(seq=3, pid=-4000, sig=15, ruid=1000, euid=1000),
     m.Kill(seq=4, pid=4000, sig=0, ruid=0, euid=0),
@@ -175,13 +178,13 @@ def test_every_message_has_an_example_here() -> None:
 def test_each_side_takes_the_messages_of_its_sender_and_phase() -> None:
     assert {c.__name__ for c in m.FROM_NODE.classes} == {
         "Register", "State", "Facts", "Need", "Restored", "Failed", "Stopped", "Continued",
-        "Exited", "Fork", "Unforked", "Execed", "Kill", "Exec", "Watch", "Usage", "FsLookup",
+        "Exited", "Fork", "Unforked", "Took", "Execed", "Kill", "Exec", "Watch", "Usage", "FsLookup",
         "FsGetattr", "FsSetattr", "FsAccess", "FsOpendir", "FsReaddir", "FsOpen", "FsRead",
         "FsWrite", "FsRelease", "FsCancel", "Part", "Dumped", "Relayed", "Taking"}
     assert {c.__name__ for c in m.FROM_MASTER.classes} == {
         "Refused", "Welcome", "Ctl", "Restore", "Files", "Signal", "Forked", "Killed",
-        "Armed", "Execd", "Ended", "Sample", "FsReply", "Names", "Dump", "Piece", "Drop",
-        "Resume", "Again", "Abort", "Streamed", "Take", "Way"}
+        "Spare", "NotTaken", "Armed", "Execd", "Ended", "Sample", "FsReply", "Names", "Dump",
+        "Piece", "Drop", "Resume", "Again", "Abort", "Streamed", "Take", "Way"}
     assert {c.__name__ for c in m.DIRECT.classes} == {"Open", "Chunk"}
     assert {c.__name__ for c in m.HANDSHAKE.classes} == {
         "Hello", "Challenge", "Auth", "Ok", "Refused"}

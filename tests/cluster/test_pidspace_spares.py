@@ -1,0 +1,135 @@
+"""Spare ghosts (docs/pidspace.md, "Spares"): a process on a node that forks again and
+again gets a PID from the master ahead of its next fork, which takes it with no round
+trip. Proved by the master's own count (its log line when the forking process ends),
+not by timing; every child still has its ghost, parent, name and end; and no spare is
+left once its parent is done, moves, or its node reboots. Real nodes, real shells.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.test_pidspace import PY, bpsh_bg, first_line, ps
+from tests.cluster.test_pidspace_storm import children_of
+from tests.conftest import pid_alive
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def spare_counts(cluster, pid: int) -> tuple[int, int] | None:
+    """(forks on spares, forks asking) of `pid`, as the master logged them at its end."""
+    text = Path(cluster.state_dir, "logs", "master.log").read_text(errors="replace")
+    found = re.findall(rf"pid {pid} forked (\d+) times on spares, (\d+) times asking", text)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_a_shells_loop_takes_spares_and_each_child_is_as_before(cluster) -> None:
+    """60 rounds of a program and of `sh -c 'exit 3'`: most forks take spares (the
+    master's count); each child's end on the master (its ghost's `exit` event) is its
+    own; then a background child (a spare too) is a ghost under the shell's, renamed,
+    on node 1, and its end is the shell's `wait`. The unused spare goes back once idle,
+    and is gone with the shell."""
+    n = 60
+    script = (f"i=0; while [ $i -lt {n} ]; do /bin/true; sh -c 'exit 3'; i=$((i+1)); done; "
+              "sleep 30 & echo $$ $!; wait $!; echo status $?")
+    reader = subprocess.Popen(["cat", os.path.join(cluster.mount, "events")],
+                              stdout=subprocess.PIPE, text=True)
+    p = bpsh_bg(cluster, "1", "sh", "-c", script)
+    try:
+        sh_pid, child = (int(x) for x in first_line(p).split())
+        cluster.wait_for(lambda: ps(child).get("args") == "sleep 30", timeout=10,
+                         what="the background child's ghost renamed")
+        seen = ps(child)
+        assert int(seen["ppid"]) == sh_pid and seen["comm"] == "sleep"
+        assert cluster.read(f"procs/{child}/node").strip() == "1"
+        spares = [c for c in children_of(sh_pid) if c != child]
+        assert len(spares) == 1 and comm(spares[0]) == "sh", spares
+        assert str(spares[0]) not in os.listdir(os.path.join(cluster.mount, "procs"))
+        # unused for a while: given back and gone, the child stays
+        cluster.wait_for(lambda: children_of(sh_pid) == [child], timeout=15,
+                         what="the idle spare given back")
+        assert not pid_alive(spares[0])
+        os.kill(child, signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+        assert out.decode().split() == ["status", str(128 + signal.SIGTERM)], err.decode()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        cluster.wait_for(lambda: os.listdir(os.path.join(cluster.mount, "procs")) == [],
+                         timeout=10, what="no process left in /bproc/procs")
+        reader.kill()
+        events = reader.communicate()[0]
+    cluster.wait_for(lambda: spare_counts(cluster, sh_pid) is not None, timeout=10,
+                     what="the master's count of the shell's forks")
+    took, asked = spare_counts(cluster, sh_pid)    # type: ignore[misc]
+    assert took + asked == 2 * n + 1 and took >= n, (took, asked)
+    ends = [line.split(" ", 4)[4] for line in events.splitlines()
+            if line.split(" ")[1:4:2] == ["proc", "exit"]]
+    assert ends[:2 * n] == ["0", "3"] * n
+    print(f"{2 * n + 1} forks of one shell on node 1: {took} on spares, {asked} asking")
+
+
+def test_a_process_with_a_spare_moves_and_leaves_none_behind(cluster) -> None:
+    """A process that forked repeatedly holds a spare; it moves to node 2: node 1 gives
+    the spare back, and the master kills it: no child ghost left under its ghost."""
+    from tests.cluster.test_move import write_ctl
+    script = ("import os, sys, time\n"
+              "for i in range(30):\n"
+              "    pid = os.fork()\n"
+              "    if pid == 0: os._exit(0)\n"
+              "    os.waitpid(pid, 0)\n"
+              "print(os.getpid(), flush=True)\n"
+              "time.sleep(30)\n")
+    p = bpsh_bg(cluster, "1", PY, "-c", script)
+    try:
+        pid = int(first_line(p))
+        cluster.wait_for(lambda: len(children_of(pid)) == 1, timeout=5,
+                         what="its spare under its ghost")
+        (spare,) = children_of(pid)
+        cluster.wait_for(lambda: write_ctl(cluster, pid, "move 2") == 0, timeout=10,
+                         what="the move")
+        assert cluster.read(f"procs/{pid}/node").strip() == "2"
+        cluster.wait_for(lambda: children_of(pid) == [] and not pid_alive(spare), timeout=5,
+                         what="no spare left after the move")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    cluster.wait_for(lambda: os.listdir(os.path.join(cluster.mount, "procs")) == [],
+                     timeout=10, what="no process left in /bproc/procs")
+
+
+def test_a_spare_goes_with_its_node_rebooting(cluster) -> None:
+    """A shell on node 1 holds a spare; node 1 reboots: the spare dies with the rest."""
+    q = bpsh_bg(cluster, "1", "sh", "-c",
+                "/bin/true; /bin/true; /bin/true; echo $$; while :; do sleep 1; done")
+    try:
+        shell = int(first_line(q))
+        cluster.wait_for(lambda: len(children_of(shell)) >= 1, timeout=5,
+                         what="the shell's spare")
+        kids = children_of(shell)
+        with open(os.path.join(cluster.mount, "nodes", "1", "ctl"), "w") as f:
+            f.write("reboot\n")
+        q.wait(timeout=30)
+        cluster.wait_for(lambda: not any(pid_alive(k) for k in kids) and
+                         not pid_alive(shell), timeout=10, what="its ghosts gone")
+    finally:
+        if q.poll() is None:
+            os.killpg(q.pid, signal.SIGKILL)
+            q.wait()
+        cluster.wait_for(lambda: cluster.read("nodes/1/status").strip() == "up",
+                         timeout=40, what="node 1 up again")
