@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 from typing import Any
 
 import trio
@@ -49,7 +50,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.migrate.imagebuf import Incoming
 from bpfs.node import earlylinks, procs, stdio
-from bpfs.node.direct import MAX_WRITES, end_take
+from bpfs.node.direct import MAX_WRITES, WRITERS, end_take
 from bpfs.node.procs import Attempt
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -78,7 +79,8 @@ class Stream:
         self.writes = 0                     # pieces in the writer's hands
         self.wrote = trio.Event()           # set, then replaced, as each write ends
         self.finishing = False              # its last byte is in: finished once written
-        self.writer = trio.CapacityLimiter(1)
+        self.writer = trio.CapacityLimiter(WRITERS)
+        self.in_hand: deque[trio.Event] = deque()   # each write's end, in order
 
     def start(self) -> None:
         """The first piece (the request's image): build now if nothing needs waiting."""
@@ -103,25 +105,34 @@ class Stream:
         self._maybe_done()
 
     def _write_soon(self, runs: Any) -> None:
-        """`runs` (views of their frame, which they keep) written in the writer thread."""
+        """`runs` (views of their frame, which they keep) written in a writer thread."""
         self.writes += 1
+        done = trio.Event()
+        self.in_hand.append(done)
         assert self.session.nursery is not None
-        self.session.nursery.start_soon(self._write, self.build, runs)
+        self.session.nursery.start_soon(self._write, self.build, runs, done)
 
-    async def _write(self, build: Any, runs: Any) -> None:
+    async def _write(self, build: Any, runs: Any, done: trio.Event) -> None:
         try:
             await trio.to_thread.run_sync(build.write, runs, limiter=self.writer)
         except Exception as exc:        # MigrateError (ESRCH once aborted), OSError
             self.fail(exc)
         finally:
+            done.set()
             self.writes -= 1
             self.wrote.set()
             self.wrote = trio.Event()
 
     async def room(self) -> None:
-        """Wait while MAX_WRITES pieces are in the writer's hands (the receiver's pace)."""
-        while self.writes >= MAX_WRITES:
-            await self.wrote.wait()
+        """Wait while MAX_WRITES pieces are in the writers' hands (the receiver's pace),
+        counted from the oldest not written yet: the direct stream reads into its
+        buffers in turn, so a later piece's write ending first frees none of them."""
+        while True:
+            while self.in_hand and self.in_hand[0].is_set():
+                self.in_hand.popleft()
+            if len(self.in_hand) < MAX_WRITES:
+                return
+            await self.in_hand[0].wait()
 
     def _decide(self) -> None:
         """Once the header is in: build the process now (the pages kept so far written
