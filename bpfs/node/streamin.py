@@ -18,11 +18,14 @@ piece is written into it with process_vm_writev straight from the frame it came 
 (`Incoming.runs_in`: big runs as single iovecs, no copy), and when the last byte lands
 only its open files, registers and final steps remain (`Build.finish`).
 
-The writes go in a worker thread, one piece at a time, while the next piece is received
-(at most MAX_WRITES pieces in hand: the receiver waits for room, `room`): a write into
-the new process's fresh pages costs about 1 ms a MB here (a VM), and receiving the next
-piece while it went (node -> node, 100 MB: 93 ms of writes, 57 of receiving, one after
-the other) held the source up as long. The process is finished (`Build.finish`, in the
+The writes go in worker threads, WRITERS pieces at a time, while the next piece is
+received (at most MAX_WRITES pieces in hand, counted from the oldest not written yet:
+the receiver waits for room, `room`): a write into the new process's fresh pages costs
+about 1 ms a MB here (a VM), and receiving the next piece while it went (node -> node,
+100 MB: 93 ms of writes, 57 of receiving, one after the other) held the source up as
+long. Two at a time: some of this VM's fresh memory costs 7 times more to fault in
+(23 ms of CPU for 8 MiB, not 3: bench/results-move.md, branch move-out2), and one writer
+was then the whole move's pace while the other core idled. The process is finished (`Build.finish`, in the
 event loop's thread, its tracer) only once every write is over; a failed write fails the
 restore, and `abort` (or the session's end) meanwhile kills what was built, as before:
 `Build.abort` waits for a write under way, so none reaches a PID freed and taken again.
