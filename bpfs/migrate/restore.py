@@ -340,17 +340,26 @@ class Build:
         self.keeper: Keeper | None = None
         self.batch: stub.Batch | None = None
         self.listener: int | None = None
-        # a write from another thread (bpfs/node/streamin.py) against `abort`: a write
-        # never reaches a PID that was freed meanwhile and taken again
-        self._writing = threading.Lock()
+        # writes from other threads (bpfs/node/streamin.py), several at once, against
+        # `abort`: a write never reaches a PID that was freed meanwhile and taken again
+        self._writing = threading.Condition()
+        self._writes = 0
 
     def write(self, runs: Sequence[tuple[int, Buffer]]) -> None:
         """(address, bytes) into its memory (process_vm_writev from where they are). Any
-        thread; ESRCH once aborted."""
+        thread, several at once (each faults in its own fresh pages: on two cores two
+        writes go nearly twice as fast); ESRCH once aborted."""
         with self._writing:
-            if self.child is None or self.batch is None:
+            child = self.child
+            if child is None or self.batch is None:
                 raise MigrateError(errno.ESRCH, "the process being restored is gone")
-            pt.write_memory(self.child, runs)
+            self._writes += 1
+        try:
+            pt.write_memory(child, runs)
+        finally:
+            with self._writing:
+                self._writes -= 1
+                self._writing.notify_all()
 
     def finish(self) -> int:
         """The rest of the restore: its open files, protections, registers; it runs.
@@ -380,6 +389,7 @@ class Build:
         write under way in another thread ends first."""
         with self._writing:
             child, self.child = self.child, None
+            self._writing.wait_for(lambda: self._writes == 0)
         if child is not None:
             kill_reap(child)
         if self.keeper is not None:

@@ -61,7 +61,8 @@ MAX_TAKES = 16               # takes open at once
 MAX_REFUSED = 8              # wrong openings of one take before it stops listening
 MAX_CHECKS = 4               # connections in their opening at once
 CHUNK_FRAME = PART + 4096    # a chunk's frame at most
-MAX_WRITES = 2               # pieces in a restore's writer's hands (bpfs/node/streamin.py)
+MAX_WRITES = 3               # pieces in a restore's writers' hands (bpfs/node/streamin.py)
+WRITERS = 2                  # of them written at once, each in a thread of its own
 
 
 class Take:

@@ -18,11 +18,14 @@ piece is written into it with process_vm_writev straight from the frame it came 
 (`Incoming.runs_in`: big runs as single iovecs, no copy), and when the last byte lands
 only its open files, registers and final steps remain (`Build.finish`).
 
-The writes go in a worker thread, one piece at a time, while the next piece is received
-(at most MAX_WRITES pieces in hand: the receiver waits for room, `room`): a write into
-the new process's fresh pages costs about 1 ms a MB here (a VM), and receiving the next
-piece while it went (node -> node, 100 MB: 93 ms of writes, 57 of receiving, one after
-the other) held the source up as long. The process is finished (`Build.finish`, in the
+The writes go in worker threads, WRITERS pieces at a time, while the next piece is
+received (at most MAX_WRITES pieces in hand, counted from the oldest not written yet:
+the receiver waits for room, `room`): a write into the new process's fresh pages costs
+about 1 ms a MB here (a VM), and receiving the next piece while it went (node -> node,
+100 MB: 93 ms of writes, 57 of receiving, one after the other) held the source up as
+long. Two at a time: some of this VM's fresh memory costs 7 times more to fault in
+(23 ms of CPU for 8 MiB, not 3: bench/results-move.md, branch move-out2), and one writer
+was then the whole move's pace while the other core idled. The process is finished (`Build.finish`, in the
 event loop's thread, its tracer) only once every write is over; a failed write fails the
 restore, and `abort` (or the session's end) meanwhile kills what was built, as before:
 `Build.abort` waits for a write under way, so none reaches a PID freed and taken again.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 from typing import Any
 
 import trio
@@ -49,7 +53,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.migrate.imagebuf import Incoming
 from bpfs.node import earlylinks, procs, stdio
-from bpfs.node.direct import MAX_WRITES, end_take
+from bpfs.node.direct import MAX_WRITES, WRITERS, end_take
 from bpfs.node.procs import Attempt
 from bpfs.node.session import Session
 from bpfs.wire import messages
@@ -78,7 +82,8 @@ class Stream:
         self.writes = 0                     # pieces in the writer's hands
         self.wrote = trio.Event()           # set, then replaced, as each write ends
         self.finishing = False              # its last byte is in: finished once written
-        self.writer = trio.CapacityLimiter(1)
+        self.writer = trio.CapacityLimiter(WRITERS)
+        self.in_hand: deque[trio.Event] = deque()   # each write's end, in order
 
     def start(self) -> None:
         """The first piece (the request's image): build now if nothing needs waiting."""
@@ -103,25 +108,34 @@ class Stream:
         self._maybe_done()
 
     def _write_soon(self, runs: Any) -> None:
-        """`runs` (views of their frame, which they keep) written in the writer thread."""
+        """`runs` (views of their frame, which they keep) written in a writer thread."""
         self.writes += 1
+        done = trio.Event()
+        self.in_hand.append(done)
         assert self.session.nursery is not None
-        self.session.nursery.start_soon(self._write, self.build, runs)
+        self.session.nursery.start_soon(self._write, self.build, runs, done)
 
-    async def _write(self, build: Any, runs: Any) -> None:
+    async def _write(self, build: Any, runs: Any, done: trio.Event) -> None:
         try:
             await trio.to_thread.run_sync(build.write, runs, limiter=self.writer)
         except Exception as exc:        # MigrateError (ESRCH once aborted), OSError
             self.fail(exc)
         finally:
+            done.set()
             self.writes -= 1
             self.wrote.set()
             self.wrote = trio.Event()
 
     async def room(self) -> None:
-        """Wait while MAX_WRITES pieces are in the writer's hands (the receiver's pace)."""
-        while self.writes >= MAX_WRITES:
-            await self.wrote.wait()
+        """Wait while MAX_WRITES pieces are in the writers' hands (the receiver's pace),
+        counted from the oldest not written yet: the direct stream reads into its
+        buffers in turn, so a later piece's write ending first frees none of them."""
+        while True:
+            while self.in_hand and self.in_hand[0].is_set():
+                self.in_hand.popleft()
+            if len(self.in_hand) < MAX_WRITES:
+                return
+            await self.in_hand[0].wait()
 
     def _decide(self) -> None:
         """Once the header is in: build the process now (the pages kept so far written
