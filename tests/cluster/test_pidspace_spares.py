@@ -29,14 +29,6 @@ def spare_counts(cluster, pid: int) -> tuple[int, int] | None:
     return (int(found[-1][0]), int(found[-1][1])) if found else None
 
 
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def test_a_shells_loop_takes_spares_and_each_child_is_as_before(cluster) -> None:
     """60 rounds of a program and of `sh -c 'exit 3'`: most forks take spares (the
     master's count); each child's end on the master (its ghost's `exit` event) is its
@@ -57,7 +49,7 @@ def test_a_shells_loop_takes_spares_and_each_child_is_as_before(cluster) -> None
         assert int(seen["ppid"]) == sh_pid and seen["comm"] == "sleep"
         assert cluster.read(f"procs/{child}/node").strip() == "1"
         spares = [c for c in children_of(sh_pid) if c != child]
-        assert len(spares) == 1 and comm(spares[0]) == "sh", spares
+        assert len(spares) == 1 and ps(spares[0]).get("comm") == "sh", spares
         assert str(spares[0]) not in os.listdir(os.path.join(cluster.mount, "procs"))
         # unused for a while: given back and gone, the child stays
         cluster.wait_for(lambda: children_of(sh_pid) == [child], timeout=15,

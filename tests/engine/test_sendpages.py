@@ -5,11 +5,13 @@ untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import threading
 import time
+from typing import Any, Iterator
 
 import pytest
 
@@ -63,13 +65,26 @@ def _received(sock: socket.socket, size: int, out: bytearray) -> threading.Threa
     return t
 
 
-def test_a_stopped_process_sends_its_run_and_goes_on_as_it_was(tmp_path) -> None:
+@contextlib.contextmanager
+def _stopped_holder(tmp_path) -> Iterator[tuple[Any, LazyRun]]:
+    """The holder seized and stopped, and its big run; once the body is done, its state
+    is as it was, and released it goes on."""
     with started([PY, "-S", "-c", HOLDER], str(tmp_path / "out")) as prog:
         prog.wait_lines(2)
         running.seize_running(prog.pid)
         running.stop(prog.pid)
         run = _big_run(prog.pid)
         before = _state(prog.pid)
+        yield prog, run
+        assert _state(prog.pid) == before
+        running.release(prog.pid)
+        n = len(prog.lines())
+        prog.wait_lines(n + 3)
+        assert prog.alive()
+
+
+def test_a_stopped_process_sends_its_run_and_goes_on_as_it_was(tmp_path) -> None:
+    with _stopped_holder(tmp_path) as (prog, run):
         ours, theirs = socket.socketpair()
         got = bytearray()
         reader = _received(theirs, len(run), got)
@@ -82,20 +97,10 @@ def test_a_stopped_process_sends_its_run_and_goes_on_as_it_was(tmp_path) -> None
             reader.join(timeout=20)
             theirs.close()
         assert bytes(got) == bytes(run.read())
-        assert _state(prog.pid) == before
-        running.release(prog.pid)
-        n = len(prog.lines())
-        prog.wait_lines(n + 3)
-        assert prog.alive()
 
 
 def test_a_peer_gone_fails_epipe_and_leaves_the_process_as_it_was(tmp_path) -> None:
-    with started([PY, "-S", "-c", HOLDER], str(tmp_path / "out")) as prog:
-        prog.wait_lines(2)
-        running.seize_running(prog.pid)
-        running.stop(prog.pid)
-        run = _big_run(prog.pid)
-        before = _state(prog.pid)
+    with _stopped_holder(tmp_path) as (prog, run):
         ours, theirs = socket.socketpair()
         theirs.close()
         try:
@@ -105,12 +110,7 @@ def test_a_peer_gone_fails_epipe_and_leaves_the_process_as_it_was(tmp_path) -> N
         finally:
             ours.close()
         assert caught.value.errno in (errno.EPIPE, errno.ECONNRESET)
-        assert _state(prog.pid) == before
-        running.release(prog.pid)
-        n = len(prog.lines())
-        prog.wait_lines(n + 3)
-        assert prog.alive()
-        assert "Traceback" not in open(prog.out).read()     # no SIGPIPE, nothing raised
+    assert "Traceback" not in open(prog.out).read()         # no SIGPIPE, nothing raised
 
 
 def test_the_gadget_is_found_after_the_dump(tmp_path) -> None:
@@ -128,12 +128,7 @@ def test_frames_one_at_a_time_heads_and_bytes_in_order(tmp_path) -> None:
     piece's bytes, a LazyRun's by the process, any other buffer from us; on a blocking
     socket (`blocking`), as the master's stream is for the while."""
     from bpfs.migrate.sendpages import blocking
-    with started([PY, "-S", "-c", HOLDER], str(tmp_path / "out")) as prog:
-        prog.wait_lines(2)
-        running.seize_running(prog.pid)
-        running.stop(prog.pid)
-        run = _big_run(prog.pid)
-        before = _state(prog.pid)
+    with _stopped_holder(tmp_path) as (prog, run):
         ours, theirs = socket.socketpair()
         frames = [(b"head-1", run.cut(0, 8 << 20)), (b"head-2", b"plain bytes"),
                   (b"head-3", run.cut(8 << 20, 8 << 20))]
@@ -151,8 +146,3 @@ def test_frames_one_at_a_time_heads_and_bytes_in_order(tmp_path) -> None:
             theirs.close()
         want = b"".join(h + (p.read() if isinstance(p, LazyRun) else p) for h, p in frames)
         assert bytes(got) == want
-        assert _state(prog.pid) == before
-        running.release(prog.pid)
-        n = len(prog.lines())
-        prog.wait_lines(n + 3)
-        assert prog.alive()
