@@ -63,6 +63,12 @@ def test_kill_for_a_node_is_the_callers_and_never_the_machines(master: Master, u
     bobs = subprocess.Popen(["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}",
                              "--clear-groups", "sleep", "30"])
     try:
+        # setpriv drops to bob only after it starts: until then the process is root's,
+        # and the master's kill as bob rightly says EPERM (CI caught that race).
+        deadline = time.monotonic() + 10
+        while _uids(bobs.pid) != [bob.uid] * 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _uids(bobs.pid) == [bob.uid] * 4
         async def go() -> None:
             async with fake_node(master) as node:
                 asks = [(-1, 0, 0), (0, 0, 0), (1, 0, 0), (master.proc.pid, 0, 0),
@@ -86,6 +92,15 @@ def test_kill_for_a_node_is_the_callers_and_never_the_machines(master: Master, u
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def _uids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(x for x in f if x.startswith("Uid:"))
+        return [int(u) for u in line.split()[1:]]
+    except OSError:
+        return []
 
 
 def _ppid(pid: int) -> int:
