@@ -25,6 +25,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
+_libc.kill.restype = ctypes.c_int
+_libc.kill.argtypes = [ctypes.c_int, ctypes.c_int]
 
 # requests
 TRACEME, PEEKDATA, POKEDATA, PEEKUSER, POKEUSER = 0, 2, 5, 3, 6
@@ -134,6 +136,16 @@ def copy_fds(pid: int, numbers: Sequence[int]) -> list[int | None]:
         raise
     finally:
         os.close(pidfd)
+
+
+def kill(pid: int, sig: int) -> None:
+    """kill(2), as os.kill (OSError: ProcessLookupError, PermissionError), but with the GIL
+    released: os.kill holds it, and the signal wakes a tracee whose stop wakes the tracer
+    thread, which then waited for the GIL of the thread still inside kill() (a quarter of
+    the master's GIL held per fork on a node, in os.kill, by py-spy)."""
+    if _libc.kill(pid, sig) == -1:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def traceme() -> None:

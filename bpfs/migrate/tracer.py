@@ -194,7 +194,7 @@ class Tracer:
     def _wake_ghost(self, pid: int) -> None:
         """STEP_SIGNAL to the ghost: its stop wakes the thread (else the doorbell does)."""
         try:
-            os.kill(pid, STEP_SIGNAL)
+            pt.kill(pid, STEP_SIGNAL)     # the GIL released meanwhile (os.kill holds it)
         except ProcessLookupError:
             pass            # its end wakes the thread
         except OSError:
