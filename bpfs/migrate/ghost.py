@@ -311,8 +311,8 @@ class Ghosts(Kin, Moving, Streaming):
         """The stop of our STEP_SIGNAL (`Tracer.finish_soon`, `fork_soon`): a parked ghost
         is aimed at its end, or forks, from this stop, no halt; anything else only has the
         signal suppressed (the request, queued too, is done as `finish` or `fork` does)."""
-        free = t.state == GHOST and not t.killed and not (
-            t.stopped or t.stopping or t.stop_sent or t.cont_sent)
+        t.steps_met += 1
+        free = self._free(t)
         entry = self.ends.pop(t.pid, None) if free else None
         if entry is not None:
             code, sig, fut = entry
@@ -320,20 +320,51 @@ class Ghosts(Kin, Moving, Streaming):
             t.state, t.aim = HALTING, (code, sig)
             self._aim(t)
             return
-        with self._lock:
-            waiting = self.forks.get(t.pid) if free else None
-            fork = waiting.pop(0) if waiting else None
+        fork = self.take_fork(t.pid) if free else None
         if fork is None:
             pt.cont(t.pid, 0)
             return
         fut, reaped = fork
         try:
-            self.fork(fut, t.pid, reaped, halt=False)
+            self.fork(fut, t.pid, reaped, halt=False, reap=True)
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             resolve(fut, exc=as_error(exc, "fork", t.pid))
 
+    @staticmethod
+    def _free(t: Tracee) -> bool:
+        """A parked ghost that our STEP_SIGNAL stops, and that may fork or end in that stop."""
+        return t.state == GHOST and not t.killed and not (
+            t.stopped or t.stopping or t.stop_sent or t.cont_sent)
+
+    def await_step(self, pid: int) -> None:
+        """A request of `finish_soon` or `fork_soon` is queued for `pid`, and its STEP_SIGNAL
+        is on its way (sent, not yet met: the thread was busy when it came, and runs the
+        queue first): its stop is waited for and does it, rather than a halt of the ghost
+        for the request and that stop met on the way (two waits for the ghost, not one).
+        Any stop that comes first is handled as any event; once the ghost is not free any
+        more or no STEP_SIGNAL of ours is on its way, the caller does what is left."""
+        t = self.tracees.get(pid)
+        while t is not None and self.tracees.get(pid) is t and self._free(t) and \
+                t.steps_met < t.steps_sent and (pid in self.ends or self.forks.get(pid)):
+            try:
+                status = pt.wait(pid)
+                if os.WIFSTOPPED(status):
+                    self.ghost_stop(t, status)
+                else:
+                    self.gone(t, status)
+            except gp.Gone as gone:
+                self.gone(t, gone.status)
+            except MigrateError as exc:
+                if exc.errno == errno.ECHILD:
+                    self.lost(pid)
+                else:
+                    self.fail(t, "handling its stop", exc)
+            except Exception as exc:  # noqa: BLE001 - as Tracer._event
+                self.fail(t, "handling its stop", exc)
+
     def fork_queued(self, pid: int, fut: Future) -> None:
         """fork_soon's request, if its STEP_SIGNAL stop has not done it: `fork`."""
+        self.await_step(pid)
         with self._lock:
             waiting = self.forks.get(pid, [])
             fork = next((f for f in waiting if f[0] is fut), None)
@@ -349,6 +380,7 @@ class Ghosts(Kin, Moving, Streaming):
 
     def finish_queued(self, pid: int) -> None:
         """finish_soon's request, if its STEP_SIGNAL stop has not done it: `finish`."""
+        self.await_step(pid)
         entry = self.ends.pop(pid, None)
         if entry is not None:
             code, sig, fut = entry

@@ -66,6 +66,7 @@ class Kin:
     tracees: dict[int, Tracee]
     park_rss: dict[int, tuple[int, int]]
     to_reap: set[int]   # ghosts to halt to reap their ended children (`reap_ended`)
+    forks: dict[int, list[tuple[Future, bool]]]     # fork_soon's requests (Ghosts)
     building: dict[int, ghost_stream.Built]
     bell: int
     _lock: threading.Lock
@@ -118,7 +119,8 @@ class Kin:
             self._adopt_all(h, rss)
         fut.set_result(pids + [-err] * (count - len(pids)))
 
-    def fork(self, fut: Future, pid: int, reaped: bool = False, halt: bool = True) -> None:
+    def fork(self, fut: Future, pid: int, reaped: bool = False, halt: bool = True,
+             reap: bool = False) -> None:
         """A child of the ghost `pid` (fork(2) injected): its pid. ESRCH if `pid` is not a
         parked ghost of ours or ends meanwhile; the clone's errno (EAGAIN) otherwise.
         A child made when the step then fails is killed: nobody would know of it.
@@ -127,7 +129,8 @@ class Kin:
         `fut` resolves as soon as clone returned, before the parent and the child are put
         to sleep (a node waits for the answer; should that then fail, the child is killed:
         its `on_exit` follows as for any ghost). `halt` False: `pid` is in a signal's
-        delivery stop already (`Tracer.fork_soon`)."""
+        delivery stop already (`Tracer.fork_soon`); `reap`: its ended children that it
+        reaps itself are reaped in the same halt (`_halted`)."""
         t = self._parked_ghost(pid, errno.ESRCH)
         h = Halted(Signals(t))
         rss = self.park_rss.get(pid)
@@ -141,7 +144,7 @@ class Kin:
                 fut.set_result(res)         # of it is queued behind its parking
             return res
         try:
-            res = self._halted(t, "fork", step, h, halt=halt)
+            res = self._halted(t, "fork", step, h, halt=halt, reap=reap)
         except BaseException:
             for child in h.made:
                 self._disown(child)
@@ -188,10 +191,24 @@ class Kin:
             self.to_reap.add(t.pid)
             pt.cont(t.pid, 0)
             return
+        fork = self.take_fork(t.pid)
+        if fork is not None:    # a fork_soon whose STEP_SIGNAL has not come yet: made in
+            fut, reaped = fork  # this stop too (that signal, when it comes, finds none)
+            try:
+                self.fork(fut, t.pid, reaped, halt=False, reap=True)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                resolve(fut, exc=as_error(exc, "fork", t.pid))
+            return
         try:
             self._halted(t, "reap", lambda h: None, halt=False, reap=True)
         except MigrateError as exc:
             log.info("tracer: ghost %d reaping its children: %s", t.pid, exc)
+
+    def take_fork(self, pid: int) -> tuple[Future, bool] | None:
+        """The first fork_soon request waiting for `pid` (taken), or None."""
+        with self._lock:
+            waiting = self.forks.get(pid)
+            return waiting.pop(0) if waiting else None
 
     def reap_ended(self) -> None:
         """Each ghost of `to_reap` reaps its ended children in one halt (those whose

@@ -79,6 +79,9 @@ class Tracee:
     lately: deque[int] = field(default_factory=lambda: deque(maxlen=LATELY))
                              # children reaped lately: a SIGCHLD for one of them may still
                              # come (coalesced with another's), and is no user's either
+    steps_sent: int = 0      # our STEP_SIGNALs sent to it (any thread, under Ghosts._lock)
+    steps_met: int = 0       # ... and met since, at their stop or during a step (tracer
+                             # thread): while fewer, one is on its way (`Ghosts.await_step`)
 
     def kin(self, child: int) -> bool:
         """`child` is (or was lately) one of its children: a SIGCHLD for it is the kernel's."""
@@ -105,6 +108,7 @@ class Signals(list):
     def append(self, sig: int) -> None:
         t = self._t
         if sig == STEP_SIGNAL and own_signal(t.pid):
+            t.steps_met += 1
             return          # its finish, queued too, is done after this step
         if sig == _signal.SIGCHLD and child_signal(t.pid, t):
             self.chld = True

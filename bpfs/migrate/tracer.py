@@ -174,8 +174,8 @@ class Tracer:
             fut.set_exception(exc)
             return fut
         self._ghosts.ends[pid] = (exit_code, signal, fut)
-        self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=False)
-        self._wake_ghost(pid)
+        sent = self._wake_ghost(pid)
+        self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=not sent)
         return fut
 
     def fork_soon(self, pid: int, reaped: bool = True) -> Future[int]:
@@ -187,18 +187,27 @@ class Tracer:
         fut: Future = Future()
         with self._ghosts._lock:
             self._ghosts.forks.setdefault(pid, []).append((fut, reaped))
-        self._enqueue(lambda: self._ghosts.fork_queued(pid, fut), fut, ring=False)
-        self._wake_ghost(pid)
+        sent = self._wake_ghost(pid)
+        self._enqueue(lambda: self._ghosts.fork_queued(pid, fut), fut, ring=not sent)
         return fut
 
-    def _wake_ghost(self, pid: int) -> None:
-        """STEP_SIGNAL to the ghost: its stop wakes the thread (else the doorbell does)."""
+    def _wake_ghost(self, pid: int) -> bool:
+        """STEP_SIGNAL to the ghost: its stop wakes the thread. False if it was not sent
+        (the queue, rung, does the request then). Counted as sent before the kill, and
+        the request queued after it: an item that finds one on its way may wait for its
+        stop (`Ghosts.await_step`), and never for one that was not sent."""
+        t = self._ghosts.tracees.get(pid)
+        if t is None:
+            return False
+        with self._ghosts._lock:
+            t.steps_sent += 1
         try:
             pt.kill(pid, STEP_SIGNAL)     # the GIL released meanwhile (os.kill holds it)
-        except ProcessLookupError:
-            pass            # its end wakes the thread
-        except OSError:
-            self._enqueue(lambda: None, None)      # rung: the queue does it
+        except OSError as exc:
+            with self._ghosts._lock:
+                t.steps_sent -= 1
+            return isinstance(exc, ProcessLookupError)      # its end wakes the thread
+        return True
 
     def kill(self, pid: int) -> Future[None]:
         return self._deferred(self._ghosts.kill, pid)
