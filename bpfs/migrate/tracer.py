@@ -165,14 +165,16 @@ class Tracer:
         middle of a step) is done as `finish` does, at the thread's next turn. Anything
         but a parked ghost, or one held in a job-control stop (a signal does not wake
         it): `finish` (a signal to a running process would be its own)."""
-        if not self._ghosts.wakeable(pid):
-            return self.finish(pid, exit_code=exit_code, signal=signal)
         fut: Future = Future()
         try:
             check_finish(exit_code, signal)
         except MigrateError as exc:
             fut.set_exception(exc)
             return fut
+        if self._ghosts.end_quietly(pid, exit_code, signal, fut):
+            return fut          # a child ghost its parent reaps: SIGKILLed, no stop
+        if not self._ghosts.wakeable(pid):
+            return self.finish(pid, exit_code=exit_code, signal=signal)
         self._ghosts.ends[pid] = (exit_code, signal, fut)
         sent = self._wake_ghost(pid)
         self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=not sent)
