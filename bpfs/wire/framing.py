@@ -67,6 +67,7 @@ NONCE_BYTES = 32
 HANDSHAKE_TIMEOUT = 10.0
 RECEIVE_CHUNK = 1 << 20         # bytes read at most at a time, whatever a frame claims
 BATCH = 1 << 20                 # bytes of small frames joined into one write (send_many)
+EAGER = 16                      # reads without a wait in a row, then a checkpoint
 
 Message = messages.Msg
 M = TypeVar("M", bound=messages.Msg)
@@ -123,6 +124,7 @@ class FrameStream:
         self.thread_lock = threading.Lock()
         self._busy = False
         self._closed = False
+        self._eager = 0         # reads in a row that found data (`_receive_some`)
 
     async def send(self, msg: Message | dict[str, Any], timeout: float | None = None) -> None:
         """Send one message; `timeout`: trio.TooSlowError if it cannot all go in time."""
@@ -267,12 +269,38 @@ class FrameStream:
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
-            chunk = await self.stream.receive_some(
-                min(max(65536, n - len(self._buf)), RECEIVE_CHUNK))
+            chunk = await self._receive_some(min(max(65536, n - len(self._buf)),
+                                                 RECEIVE_CHUNK))
             if not chunk:
                 return False
             self._buf += chunk
         return True
+
+    async def _receive_some(self, size: int) -> bytes:
+        """What the socket holds (up to `size` bytes; b"" at its end), read at once if
+        there is any, without trio's two checkpoints around a read (one more pass of the
+        loop per frame: a node's fork loop sends the master two frames a fork); waited
+        for with wait_readable if none. Every EAGER reads that did not wait, a checkpoint
+        all the same (a peer that keeps the socket full does not starve the others)."""
+        if self._sock is None:
+            return await self.stream.receive_some(size)
+        while True:
+            fd = self._sock.fileno()        # -1 once closed (never a reused number)
+            if fd < 0:
+                raise trio.ClosedResourceError("the stream is closed")
+            try:
+                chunk = os.read(fd, size)
+            except BlockingIOError:
+                self._eager = 0
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive: {exc.strerror}") from exc
+            self._eager += 1
+            if self._eager >= EAGER:
+                self._eager = 0
+                await trio.lowlevel.checkpoint()
+            return chunk
 
     async def receive(self) -> Any:
         if not await self._fill(4):
