@@ -193,6 +193,10 @@ class EventLog:
             fn()
         return ev
 
+    def last(self) -> Event | None:
+        """The latest event (None before the first)."""
+        return self._ring[-1] if self._ring else None
+
     def since(self, cursor: int) -> tuple[list[Event], int]:
         """Events from `cursor` on, and the cursor to use next time."""
         first = self._next - len(self._ring)

@@ -55,7 +55,11 @@ class Names:
 
     def update(self) -> None:
         """Called after every event of the model (processes' too): cheap unless a node's
-        address changed."""
+        address changed (which comes with a node's event: a process's is passed over,
+        two of them a fork on a node)."""
+        last = self.cluster.events.last()
+        if last is not None and last.kind == "proc" and self._text is not None:
+            return
         pairs = [(n.number, n.address) for n in self.cluster.nodes() if n.address]
         if pairs == self._pairs and self._text is not None:
             return

@@ -57,8 +57,8 @@ class Ghosts(Kin, Moving, Streaming):
         # fork_soon's (under _lock): pid -> [(future, reaped)], done at its STEP_SIGNAL stop
         self.forks: dict[int, list[tuple[Future, bool]]] = {}
         # finish_soon's ends by SIGKILL (`end_quietly`; under _lock): pid -> (the wait
-        # status asked, future), taken at its end (`gone`)
-        self.quiet: dict[int, tuple[int, Future]] = {}
+        # status asked, future, whether on_exit hears of it), taken at its end (`gone`)
+        self.quiet: dict[int, tuple[int, Future, bool]] = {}
 
     def ghosts(self) -> list[int]:
         """The parked ghosts (any thread)."""
@@ -75,21 +75,22 @@ class Ghosts(Kin, Moving, Streaming):
         return t is not None and not (t.stopped or t.stopping or t.stop_sent or
                                       t.cont_sent)
 
-    def end_quietly(self, pid: int, code: int | None, sig: int | None, fut: Future) -> bool:
+    def end_quietly(self, pid: int, code: int | None, sig: int | None, fut: Future,
+                    report: bool = True) -> bool:
         """(Any thread) `finish_soon` of a parked child ghost that its parent ghost reaps
         itself (a process forked on a node: `fork(reaped=True)`). Its wait status is no
         one's to see (the parent ghost's wait4 discards it; the real parent on the node
         had the real one), so it is SIGKILLed from here: no stop of it, no step, no
-        doorbell. Its end is reported (`on_exit`, the parent's record) as the end asked,
-        and `fut` resolved then (`gone`). False if it is no such ghost, or the kill was
-        refused: the caller ends it as any other."""
+        doorbell. Its end is recorded (the parent's record; `on_exit` unless not
+        `report`) as the end asked, and `fut` resolved then (`gone`). False if it is no
+        such ghost, or the kill was refused: the caller ends it as any other."""
         t = self.tracees.get(pid)
         parent = self.tracees.get(t.parent) if t is not None and t.parent else None
         with self._lock:
             if parent is None or pid not in parent.reaps or pid not in self._parked or \
                     t.state != GHOST or t.killed or pid in self.quiet:   # type: ignore
                 return False
-            self.quiet[pid] = (code << 8 if code is not None else sig or 0, fut)
+            self.quiet[pid] = (code << 8 if code is not None else sig or 0, fut, report)
         try:
             pt.kill(pid, _signal.SIGKILL)
         except ProcessLookupError:
@@ -525,7 +526,8 @@ class Ghosts(Kin, Moving, Streaming):
             resolve(fut)
         for fut in t.failed:
             resolve(fut, exc=t.failure)
-        self._call(self._on_exit, t.pid, status)
+        if quiet is None or quiet[2]:
+            self._call(self._on_exit, t.pid, status)
 
     def lost(self, pid: int) -> None:
         """`pid` is no longer ours to wait for: someone else consumed its end."""

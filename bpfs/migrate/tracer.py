@@ -180,6 +180,20 @@ class Tracer:
         self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=not sent)
         return fut
 
+    def end_reaped(self, pid: int, *, exit_code: int | None = None,
+                   signal: int | None = None) -> Future[None] | None:
+        """`finish_soon` of a child ghost its parent ghost reaps itself (`fork(reaped=
+        True)`), SIGKILLed from here (its status is no one's to see), and NOT reported to
+        `on_exit`: the caller records its end itself, now (one trip from this thread to
+        the caller's fewer per end). None if `pid` is no such ghost (or the arguments
+        are bad): `finish_soon` it then."""
+        fut: Future = Future()
+        try:
+            check_finish(exit_code, signal)
+        except MigrateError:
+            return None
+        return fut if self._ghosts.end_quietly(pid, exit_code, signal, fut, False) else None
+
     def fork_soon(self, pid: int, reaped: bool = True) -> Future[int]:
         """`fork` of a parked ghost without the doorbell and without a halt: the ghost is
         sent STEP_SIGNAL, and the fork is made in that signal's stop (as `finish_soon`;
