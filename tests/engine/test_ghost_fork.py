@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from bpfs.migrate import ghost_park as gp
 from bpfs.migrate.errors import MigrateError
 from bpfs.migrate.tracee import STEP_SIGNAL
 from tests.engine.ghostrig import SLEEP, TRUE, Rig, asleep, gone, proc_state, until
@@ -203,6 +204,71 @@ def test_finish_soon_of_a_stopped_or_busy_ghost(rig: Rig) -> None:
     assert [p for p, sig in rig.rec.signals if p != child or sig == STEP_SIGNAL] == []
     assert errno_of(rig.tracer.finish_soon(999999, exit_code=0)) == errno.ESRCH
     assert asleep(pid) and ghost.children == {}
+
+
+def test_finish_soon_of_a_child_its_parent_reaps_is_a_sigkill_told_as_asked(
+        rig: Rig) -> None:
+    """A child ghost its parent reaps itself: no STEP_SIGNAL, no stop of its own; its end
+    is told as the end asked (its status is no one else's), and its parent reaps it. A
+    bpsh child still ends at its STEP_SIGNAL's stop, with the real status bpsh sees."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghosts = rig.tracer._ghosts
+    a, b = rig.tracer.fork(pid, reaped=True).result(5), rig.tracer.fork(pid, True).result(5)
+    ta, tb = ghosts.tracees[a], ghosts.tracees[b]
+    rig.tracer.finish_soon(a, exit_code=7).result(5)
+    rig.tracer.finish_soon(b, signal=signal.SIGTERM).result(5)
+    assert until(lambda: zombies_of(pid) == [])
+    assert rig.rec.exits[a] == 7 << 8 and rig.rec.exits[b] == signal.SIGTERM
+    assert ta.steps_sent == tb.steps_sent == 0 and ghosts.quiet == {}
+    other, _ = rig.ghost([SLEEP, "100"])     # bpsh's child: bpsh's waitpid sees its end
+    to = ghosts.tracees[other]
+    rig.tracer.finish_soon(other, exit_code=3).result(5)
+    assert os.WEXITSTATUS(rig.bpsh.status(other)) == 3 and to.steps_sent == to.steps_met == 1
+    assert rig.rec.signals == [] and asleep(pid)
+
+
+def test_end_reaped_is_not_reported(rig: Rig) -> None:
+    """end_reaped: the same end, and no on_exit (the master records it itself); None for
+    a ghost whose status someone waits for (bpsh's child, a child reaped by `reap`)."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    kept = rig.tracer.fork(pid).result(5)
+    assert rig.tracer.end_reaped(pid, exit_code=0) is None
+    assert rig.tracer.end_reaped(kept, exit_code=0) is None
+    assert rig.tracer.end_reaped(999999, exit_code=0) is None
+    kids = [rig.tracer.fork_soon(pid).result(5) for _ in range(5)]
+    assert rig.tracer.end_reaped(kids[0], exit_code=300) is None      # EINVAL: not ended
+    for f in [rig.tracer.end_reaped(k, exit_code=1) for k in kids]:
+        assert f is not None and f.result(5) is None
+    assert until(lambda: zombies_of(pid) == [kept])
+    time.sleep(0.05)
+    assert rig.rec.exits == {} and rig.rec.signals == [] and asleep(pid) and asleep(kept)
+    assert end_and_reap(rig, pid, kept, 2) == 2 << 8
+
+
+def test_a_request_queued_behind_a_busy_thread_waits_for_its_stop(rig: Rig,
+                                                                   monkeypatch) -> None:
+    """fork_soon or finish_soon while the thread is busy: its STEP_SIGNAL's stop waits,
+    unseen, and the queue's copy of the request comes first; it waits for that stop and
+    is done there, with no halt of the ghost."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    other, _ = rig.ghost([SLEEP, "100"])
+    halts: list[int] = []
+    real = gp.halt
+    monkeypatch.setattr(gp, "halt", lambda p, sigs: (halts.append(p), real(p, sigs))[1])
+    futs = []
+
+    def busy() -> None:
+        asker = threading.Thread(target=lambda: futs.extend(
+            [rig.tracer.fork_soon(pid), rig.tracer.finish_soon(other, exit_code=4)]))
+        asker.start()
+        asker.join()
+        time.sleep(0.05)        # both ghosts are in their STEP_SIGNAL's stop by now
+    rig.tracer.submit(busy).result(5)
+    child = futs[0].result(5)
+    assert futs[1].result(5) is None and os.WEXITSTATUS(rig.bpsh.status(other)) == 4
+    assert halts == [] and asleep(child) and asleep(pid) and rig.rec.signals == []
+    t = rig.tracer._ghosts.tracees[pid]
+    assert t.steps_sent == t.steps_met == 1
 
 
 def test_fork_soon_makes_the_child_in_the_parents_signal_stop(rig: Rig) -> None:
