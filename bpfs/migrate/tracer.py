@@ -209,20 +209,20 @@ class Tracer:
 
     def _wake_ghost(self, pid: int) -> bool:
         """STEP_SIGNAL to the ghost: its stop wakes the thread. False if it was not sent
-        (the queue, rung, does the request then). Counted as sent before the kill, and
-        the request queued after it: an item that finds one on its way may wait for its
-        stop (`Ghosts.await_step`), and never for one that was not sent."""
+        (the queue, rung, does the request then). Counted once sent, and the request
+        queued after that: an item that finds one on its way may wait for its stop
+        (`Ghosts.await_step`), never for one that was not sent (EPERM, EAGAIN)."""
         t = self._ghosts.tracees.get(pid)
         if t is None:
             return False
-        with self._ghosts._lock:
-            t.steps_sent += 1
         try:
             pt.kill(pid, STEP_SIGNAL)     # the GIL released meanwhile (os.kill holds it)
-        except OSError as exc:
-            with self._ghosts._lock:
-                t.steps_sent -= 1
-            return isinstance(exc, ProcessLookupError)      # its end wakes the thread
+        except ProcessLookupError:
+            return True                 # its end wakes the thread
+        except OSError:
+            return False
+        with self._ghosts._lock:
+            t.steps_sent += 1
         return True
 
     def kill(self, pid: int) -> Future[None]:
