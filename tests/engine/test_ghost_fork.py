@@ -541,3 +541,27 @@ def test_fork_time_from_many_threads(rig: Rig) -> None:
     print(f"\n4 threads x 100 fork+finish+reap: {wall * 1e3:.0f} ms, fork median "
           f"{statistics.median(times) * 1e3:.3f} ms")
     assert len(times) == 400 and rig.tracer.ghosts() == [pid] and zombies_of(pid) == []
+
+def test_a_shells_loop_of_forks_and_ends_leaves_nothing_behind(rig: Rig) -> None:
+    """The master's pattern for a node's loop: fork_soon of the next child, and the end
+    of the last one, asked together, the end often while the tracer thread still parks
+    that child (its SIGKILL lands in the parking); 500 times: no zombie, tracer record,
+    request or fd left, nothing reported, every end told as asked."""
+    pid, _ = rig.ghost([SLEEP, "100"])
+    ghosts = rig.tracer._ghosts
+    fds = fd_count()
+    prev = rig.tracer.fork_soon(pid).result(5)
+    ends = []
+    for i in range(500):
+        nxt = rig.tracer.fork_soon(pid)
+        ends.append((prev, rig.tracer.finish_soon(prev, exit_code=i % 256)))
+        prev = nxt.result(5)
+    ends.append((prev, rig.tracer.finish_soon(prev, exit_code=500 % 256)))
+    for i, (child, f) in enumerate(ends):
+        assert f.result(5) is None
+    rig.rec.wait(lambda: len(rig.rec.exits) == 501)
+    assert [rig.rec.exits[c] for c, _ in ends] == [(i % 256) << 8 for i in range(501)]
+    assert until(lambda: zombies_of(pid) == []) and rig.tracer.ghosts() == [pid]
+    assert list(ghosts.tracees) == [pid] and ghosts.tracees[pid].children == {}
+    assert ghosts.quiet == {} and ghosts.ends == {} and not any(ghosts.forks.values())
+    assert rig.rec.signals == [] and asleep(pid) and fd_count() == fds
