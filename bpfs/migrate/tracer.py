@@ -164,7 +164,9 @@ class Tracer:
         one that cannot be done at that stop (a ghost in a job-control stop, or in the
         middle of a step) is done as `finish` does, at the thread's next turn. Anything
         but a parked ghost, or one held in a job-control stop (a signal does not wake
-        it): `finish` (a signal to a running process would be its own)."""
+        it): `finish` (a signal to a running process would be its own). A child ghost
+        its parent ghost reaps itself: SIGKILLed from here, its end told as the end
+        asked (`Ghosts.end_quietly`: no stop of it at all)."""
         fut: Future = Future()
         try:
             check_finish(exit_code, signal)
