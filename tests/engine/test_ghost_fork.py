@@ -565,4 +565,4 @@ def test_a_shells_loop_of_forks_and_ends_leaves_nothing_behind(rig: Rig) -> None
     assert until(lambda: zombies_of(pid) == [] and ghosts.tracees[pid].children == {})
     assert list(ghosts.tracees) == [pid] and rig.tracer.ghosts() == [pid]
     assert ghosts.quiet == {} and ghosts.ends == {} and not any(ghosts.forks.values())
-    assert rig.rec.signals == [] and asleep(pid) and fd_count() == fds
+    assert rig.rec.signals == [] and asleep(pid) and fd_count() <= fds   # (none of ours)
