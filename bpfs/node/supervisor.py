@@ -83,6 +83,7 @@ class Job:
     pgid: int | None
     sid: int | None
     done: bool = False                # every process of the job has ended
+    cmdline: bytes | None = None      # what the leader's ghost shows (None: not read yet)
     threads: list[threading.Thread] = field(default_factory=list)   # its receivers
     receivers: int = 2
 
@@ -95,7 +96,7 @@ class Child:
     pidfd: int
     job: Job
     parent: int = 0                   # its parent's pid, here (and its ghost's parent's)
-    cmdline: bytes = b""
+    cmdline: bytes | None = None      # what its ghost shows: its parent's at the fork
 
 
 class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
@@ -107,7 +108,12 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
                  on_end: Callable[[int], None] | None = None) -> None:
         self.jobs: dict[int, Job] = {}          # by leader
         self.children: dict[int, Child] = {}    # by pid
-        self.on_child = on_child or (lambda c: None)
+        hold = on_child or (lambda c: None)
+
+        def on_child_made(child: Child) -> None:    # (any thread) every path that makes one
+            child.cmdline = self._shown(child.parent)
+            hold(child)
+        self.on_child = on_child_made
         self.on_end = on_end or (lambda pid: None)
         self._seq = itertools.count(1)
         # Calls waiting for the master (seq -> what to finish them with):
@@ -455,6 +461,26 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
 
     # ---- exec ----
 
+    def _shown(self, pid: int) -> bytes | None:
+        """(Any thread) The command line `pid`'s ghost shows, as far as this node knows:
+        a child's is its parent's at the fork (the master names a spare after its parent
+        too), a job leader's is read once. None: not ours.
+
+        Why not read /proc/PID/cmdline at each execve: the read (open, read, close in
+        Python: ~0.1 ms) was on the execve's path, and a shell's `/bin/true` waits for
+        it (with vfork its parent too). What the ghost shows is also the right thing
+        to compare the new command line with: a failed execve, or one of the same
+        command line, needs no rename."""
+        child = self.children.get(pid)
+        if child is not None:
+            return child.cmdline
+        job = self.jobs.get(pid)
+        if job is None:
+            return None
+        if job.cmdline is None:
+            job.cmdline = procread.cmdline(pid) or None
+        return job.cmdline
+
     def _exec_here(self, job: Job, n: seccomp.Notif) -> bool:
         """(A receiver thread) an execve here is let through at once; its new name is
         looked for by trio's thread (`names`). One to run elsewhere is trio's."""
@@ -462,7 +488,9 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
         if pid is None or pid in self.armed:
             return False
         self.give_back_soon(pid)        # a new program: its spare goes back
-        before = procread.cmdline(pid)
+        before = self._shown(pid)
+        if before is None:
+            before = procread.cmdline(pid)
         child = self.children.get(pid)
         if child is not None:
             self.adopt_here(child)      # it waits here: it exists (if not taken yet)
@@ -475,7 +503,9 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
         pid = self._tgid(n.pid)
         if pid is not None and pid in self.armed:
             return self._exec_elsewhere(job, n, pid)
-        before = procread.cmdline(pid) if pid is not None else b""
+        before = self._shown(pid) if pid is not None else b""
+        if before is None:
+            before = procread.cmdline(pid) if pid is not None else b""
         self._go(job, n)
         if pid is not None and (pid in self.children or pid in self.jobs):
             self.names.add(job, pid, before)
@@ -488,6 +518,8 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             mid = child.id
         else:
             mid = job.id
+            if self.jobs.get(pid) is job:
+                job.cmdline = cmdline
         job.session.report(messages.Execed(pid=pid, id=mid, cmdline=cmdline))
 
     # ---- launches from this node (getppid and its kin: bpfs/node/groups.py) ----
