@@ -54,6 +54,7 @@ from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
 from bpfs.node.adoption import TAKE_POLL, Adoption
+from bpfs.node.execcalls import ExecCalls
 from bpfs.node.execnames import ExecNames
 from bpfs.node.groups import GroupCalls
 from bpfs.node.pidcounter import Counter
@@ -99,7 +100,7 @@ class Child:
     cmdline: bytes | None = None      # what its ghost shows: its parent's at the fork
 
 
-class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
+class Supervisor(PidfdCalls, GroupCalls, ExecCalls, Adoption, Spares):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
     _child_class = Child
@@ -458,98 +459,6 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             self._not_forked(child)
             return
         self.adopt_soon(child)
-
-    # ---- exec ----
-
-    def _shown(self, pid: int) -> bytes | None:
-        """(Any thread) The command line `pid`'s ghost shows, as far as this node knows:
-        a child's is its parent's at the fork (the master names a spare after its parent
-        too), a job leader's is read once. None: not ours.
-
-        Why not read /proc/PID/cmdline at each execve: the read (open, read, close in
-        Python: ~0.1 ms) was on the execve's path, and a shell's `/bin/true` waits for
-        it (with vfork its parent too). What the ghost shows is also the right thing
-        to compare the new command line with: a failed execve, or one of the same
-        command line, needs no rename."""
-        child = self.children.get(pid)
-        if child is not None:
-            return child.cmdline
-        job = self.jobs.get(pid)
-        if job is None:
-            return None
-        if job.cmdline is None:
-            job.cmdline = procread.cmdline(pid) or None
-        return job.cmdline
-
-    def _exec_here(self, job: Job, n: seccomp.Notif) -> bool:
-        """(A receiver thread) an execve here is let through at once; its new name is
-        looked for by trio's thread (`names`). One to run elsewhere is trio's."""
-        pid = self._tgid(n.pid)
-        if pid is None or pid in self.armed:
-            return False
-        self.give_back_soon(pid)        # a new program: its spare goes back
-        before = self._shown(pid)
-        if before is None:
-            before = procread.cmdline(pid)
-        child = self.children.get(pid)
-        if child is not None:
-            self.adopt_here(child)      # it waits here: it exists (if not taken yet)
-        self._go(job, n)
-        if child is not None or pid in self.jobs:
-            self.names.add_soon(job, pid, before, self._post)
-        return True
-
-    def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
-        pid = self._tgid(n.pid)
-        if pid is not None and pid in self.armed:
-            return self._exec_elsewhere(job, n, pid)
-        before = self._shown(pid) if pid is not None else b""
-        if before is None:
-            before = procread.cmdline(pid) if pid is not None else b""
-        self._go(job, n)
-        if pid is not None and (pid in self.children or pid in self.jobs):
-            self.names.add(job, pid, before)
-
-    def _renamed(self, job: Job, pid: int, cmdline: bytes) -> None:
-        """`pid` exec'd a program with this new command line (`names`): its ghost's."""
-        child = self.children.get(pid)
-        if child is not None:
-            child.cmdline = cmdline
-            mid = child.id
-        else:
-            mid = job.id
-            if self.jobs.get(pid) is job:
-                job.cmdline = cmdline
-        job.session.report(messages.Execed(pid=pid, id=mid, cmdline=cmdline))
-
-    # ---- launches from this node (getppid and its kin: bpfs/node/groups.py) ----
-
-    def _exec_elsewhere(self, job: Job, n: seccomp.Notif, pid: int) -> None:
-        """An armed process's execve: the master runs it in its ghost and migrates it; the
-        answer (0, or the execve's errno) waits for the master's `execd`."""
-        try:
-            words = procread.exec_args(n)
-            cwd = os.readlink(f"/proc/{pid}/cwd").encode()
-        except OSError as exc:
-            seccomp.answer(job.listener, n.id, err=exc.errno or errno.EFAULT)
-            return
-        if words is None:
-            seccomp.answer(job.listener, n.id, err=errno.E2BIG)
-            return
-        path, argv, envp = words
-        self.give_back(pid)
-        seq = next(self._seq)
-        self._execs[seq] = (job, n, pid)
-        job.session.report(messages.Exec(seq=seq, pid=pid, path=path, argv=argv, envp=envp,
-                                         cwd=cwd))
-
-    def _stand_in_waits(self, job: Job, n: seccomp.Notif, pid: int) -> None:
-        """A stand-in asks how its program ended (bpfs/standin.py): now, or once known."""
-        status = self._ends.pop(pid, None)
-        if status is not None:
-            seccomp.answer(job.listener, n.id, val=status)
-        else:
-            self._waiting[pid] = (job, n)
 
     # ---- signals ----
 
