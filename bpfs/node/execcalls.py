@@ -31,6 +31,7 @@ class ExecCalls:
     give_back: Callable[[int], None]
     give_back_soon: Callable[[int], None]
     adopt_here: Callable[[Any], None]
+    settled_by: Callable[[Any], None]
 
     def _shown(self, pid: int) -> bytes | None:
         """(Any thread) The command line `pid`'s ghost shows, as far as this node knows:
@@ -66,6 +67,8 @@ class ExecCalls:
         if child is not None:
             self.adopt_here(child)      # it waits here: it exists (if not taken yet)
         self._go(job, n)
+        if child is not None:
+            self.settled_by(child)
         if child is not None or pid in self.jobs:
             self.names.add_soon(job, pid, before, self._post)
         return True

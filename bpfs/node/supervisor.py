@@ -44,7 +44,6 @@ import os
 import select
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -56,6 +55,7 @@ from bpfs.node import procread
 from bpfs.node.adoption import TAKE_POLL, Adoption
 from bpfs.node.execcalls import ExecCalls
 from bpfs.node.execnames import ExecNames
+from bpfs.node.oneshot import OneShot
 from bpfs.node.groups import GroupCalls
 from bpfs.node.pidcounter import Counter
 from bpfs.node.pidproxy import PidfdCalls, Proxies
@@ -139,8 +139,8 @@ class Supervisor(PidfdCalls, GroupCalls, ExecCalls, Adoption, Spares):
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
         self._unadopted: list[tuple[Child, Any, int]] = []   # forked, not there yet
-        self._adopt_r, self._adopt_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._epoll.register(self._adopt_r, select.EPOLLIN)
+        self._adopt_timer = OneShot()           # a look for those, when due
+        self._epoll.register(self._adopt_timer.fd, select.EPOLLIN)
         self.names = ExecNames(self._renamed)
         self.counter = Counter(park_at, self._asking)
         Spares.__init__(self)
@@ -302,20 +302,22 @@ class Supervisor(PidfdCalls, GroupCalls, ExecCalls, Adoption, Spares):
         event: only EPOLLHUP/EPOLLERR come). The ends of the children reaped are told to
         the master from here (`_ended`): no wake-up of the event loop for them. While
         some forked children are not there yet, it looks for them every TAKE_POLL
-        (`look_for`)."""
+        (`look_for`, when the timer says so)."""
         while True:
             try:
-                events = self._epoll.poll(0 if self._unadopted else -1)
+                events = self._epoll.poll()
             except InterruptedError:
                 continue
             except OSError:
                 return
             reaped = []
+            looking = False
             for fd, _mask in events:
                 if fd == self._wake_r:
                     return
-                if fd == self._adopt_r:
-                    _drain(fd)
+                if fd == self._adopt_timer.fd:
+                    self._adopt_timer.drain()
+                    looking = True
                     continue
                 child = self._pidfds.pop(fd, None)
                 if child is not None:
@@ -336,12 +338,14 @@ class Supervisor(PidfdCalls, GroupCalls, ExecCalls, Adoption, Spares):
             try:
                 if reaped:
                     self._ended(reaped)
-                if self._unadopted:
+                if self._unadopted and (looking or reaped):
                     self.look_for()
+                if looking:
+                    with self._lock:
+                        if self._unadopted:
+                            self._adopt_timer.arm(TAKE_POLL)
             except Exception:   # noqa: BLE001 - the watcher must go on
                 log.exception("the watcher thread")
-            if self._unadopted and not events:
-                time.sleep(TAKE_POLL)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -509,11 +513,3 @@ HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
     **{NR[k]: Supervisor._kill_here for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                                "rt_tgsigqueueinfo")},
 }
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
