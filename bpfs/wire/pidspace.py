@@ -50,11 +50,14 @@ class Spare(Msg, tag="spare"):
 
 class Took(Msg, tag="took"):
     """`parent` forked, and its child took the spare `pid` the master gave for it (its
-    messages carry `id`); the master records it as it records a `forked` child."""
+    messages carry `id`); the master records it as it records a `forked` child.
+    `waited`: the fork found no spare in hand and waited for this one on its way (the
+    master counts those: with two spares ahead, a steady loop should have none)."""
     sender = "node"
     parent: PID
     pid: PID
     id: ID
+    waited: Optional[bool] = None
 
 
 class NotTaken(Msg, tag="nottaken"):
