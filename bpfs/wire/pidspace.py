@@ -39,9 +39,10 @@ class Unforked(Msg, tag="unforked"):
 
 
 class Spare(Msg, tag="spare"):
-    """A ghost child of `parent`'s ghost made ahead of its next fork on the node (a
-    parent that forks again and again): the node gives `pid` to that fork at once, with
-    no round trip, and says so (`took`); or gives it back unused (`unforked`)."""
+    """A ghost child of `parent`'s ghost made ahead of one of its next forks on the node
+    (a parent that forks again and again: two are given ahead, the next one after each
+    `took`): the node gives `pid` to a fork at once, with no round trip, and says so
+    (`took`); or gives it back unused (`unforked`)."""
     sender = "master"
     parent: PID
     pid: PID
