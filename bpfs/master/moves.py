@@ -174,9 +174,8 @@ class Moves(ToNode, HomeComing, OutPages):
                 if own:                 # else stopped already (seize_running)
                     await wait_future(self.tracer.stop_moving(pid))
                 c = m.caller
-                dump()              # queued first: the relay's start goes on beside it
                 relay = await relays.start(pid, c.uid, c.gid, sorted(c.groups), self.link_host,
-                                           self.relay_forks)
+                                           self.relay_forks, on_asked=dump)
                 m.req = execreq.ExecMove(relay.port, relay.token, 0, "socket", "socket",
                                          "socket")
             else:

@@ -38,19 +38,6 @@ if TYPE_CHECKING:
     from bpfs.migrate.image import Image
 
 
-HEAD_FIRST_MIN = 256 << 10     # pages from which a small image sends its header ahead
-
-
-def head_first(parts: list[Buffer], size: int) -> bool:
-    """Whether an image of one piece (`dumps_parts`, at most `size` bytes) goes as its
-    header, then its pages: the target builds the process (clone, maps, credentials)
-    while the pages are on the wire, instead of after."""
-    if len(parts) <= 2:
-        return False
-    pages = sum(map(len, parts[2:]))
-    return HEAD_FIRST_MIN <= pages and sum(map(len, parts[:2])) + pages <= size
-
-
 def pieces(parts: Iterable[Buffer], size: int) -> Iterator[Buffer]:
     """The bytes of `parts`, in order, as buffers of at most `size` bytes, none empty: the
     big parts as views of themselves, the small ones gathered into bytes (one copy), a

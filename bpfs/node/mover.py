@@ -38,7 +38,7 @@ import trio
 from bpfs.errors import BpfsError
 from bpfs.migrate import ptrace as pt
 from bpfs.migrate.image import dumps_parts
-from bpfs.migrate.imagebuf import head_first, pieces
+from bpfs.migrate.imagebuf import pieces
 from bpfs.migrate.lazyrun import LazyRun, materialize
 from bpfs.migrate.errors import MigrateError
 from bpfs.node.direct import Route
@@ -307,9 +307,6 @@ class Mover:
             if self._direct(token, m, parts):
                 self._send_direct(token, m, parts, total, consumed)
                 return
-            if relayed is None and not m.big_only and head_first(parts, PART):
-                self._send_ahead(token, m, parts, total, consumed)
-                return
             cut = list(pieces(parts, PART)) or [b""]
             for k, piece in enumerate(cut[:-1]):
                 self._post(token, m, messages.Part(
@@ -326,22 +323,6 @@ class Mover:
                 token.run_sync_soon(m.outbox.close)
             except trio.RunFinishedError:
                 pass
-
-    def _send_ahead(self, token: trio.lowlevel.TrioToken, m: Move, parts: list, total: int,
-                    consumed: int | None) -> None:
-        """An image of one part whose pages are big enough (imagebuf.head_first) to pay for
-        it: its header as the first `part`, then its pages (small runs gathered: usually one
-        more message) in `dumped`, each written from here: the target builds the process
-        from the header while the pages come through the master."""
-        header = b"".join(map(bytes, parts[:2]))
-        self._report_here(token, m, messages.Part(id=m.id, data=memoryview(header),
-                                                  total=total, consumed=consumed))
-        cut = list(pieces(parts[2:], PART))
-        for piece in cut[:-1]:
-            self._report_here(token, m, messages.Part(
-                id=m.id, data=materialize(piece)))  # type: ignore[arg-type]
-        self._report_here(token, m, messages.Dumped(
-            id=m.id, image=materialize(cut[-1]), consumed=consumed))  # type: ignore[arg-type]
 
     def _direct(self, token: trio.lowlevel.TrioToken, m: Move, parts: list) -> bool:
         """Whether the pages go straight: DIRECT_MIN bytes of them or more, a header that

@@ -18,10 +18,7 @@ piece is written into it with process_vm_writev straight from the frame it came 
 (`Incoming.runs_in`: big runs as single iovecs, no copy), and when the last byte lands
 only its open files, registers and final steps remain (`Build.finish`).
 
-A small image's last piece (INLINE_MAX, nothing else being written: a 1 MB process's
-pages, sent behind its header by bpfs/node/mover.py) is written right here and the
-process finished at once: a hand-over to a worker thread and back cost 0.3-0.6 ms.
-Bigger ones go to worker threads, WRITERS pieces at a time, while the next piece is
+The writes go in worker threads, WRITERS pieces at a time, while the next piece is
 received (at most MAX_WRITES pieces in hand, counted from the oldest not written yet:
 the receiver waits for room, `room`): a write into the new process's fresh pages costs
 about 1 ms a MB here (a VM), and receiving the next piece while it went (node -> node,
@@ -66,7 +63,6 @@ log = logging.getLogger("bpslave")
 PIECE_TIMEOUT = 30.0                # a stream with no piece for so long fails
 MAX_STREAMS = 16                    # restores streaming in at once
 MAX_STREAM_IMAGE = 64 << 30         # bytes of one streamed image
-INLINE_MAX = 2 << 20                # a last piece so small is written here, not handed over
 
 
 class Stream:
@@ -101,10 +97,7 @@ class Stream:
             return
         try:
             self.incoming.take(at, data)
-            if self.build is not None and self.incoming.complete and not self.writes \
-                    and len(data) <= INLINE_MAX:    # the last, small: no hand-over
-                self.build.write(self.incoming.runs_in(at, data))
-            elif self.build is not None:
+            if self.build is not None:
                 self._write_soon(self.incoming.runs_in(at, data))
             elif not self.decided:
                 self._decide()
@@ -203,9 +196,6 @@ class Stream:
                 self.session.nursery.start_soon(a.run)
             return
         self.finishing = True
-        if not self.writes:
-            self._finished()
-            return
         assert self.session.nursery is not None
         self.session.nursery.start_soon(self._finish)
 
@@ -220,10 +210,6 @@ class Stream:
             raise
         if not self.finishing:
             return
-        self._finished()
-
-    def _finished(self) -> None:
-        """Every piece written: its open files, registers, final steps; it runs."""
         self.finishing = False
         a = self.attempt
         try:
