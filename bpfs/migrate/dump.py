@@ -419,14 +419,17 @@ def _read_pages(pid: int, wanted: list[tuple[Region, list[tuple[int, int]], bool
 
 
 _originals: dict[tuple[str, int, int], bytes] = {}    # (file hash, offset, size) -> bytes
-ORIGINALS_MAX = 512     # entries (a few pages each: a program's and its libraries' data)
+ORIGINAL_MAX = 1 << 20          # bytes of one kept (a program's data: a few pages)
+ORIGINALS_MAX = 16 << 20        # bytes kept in all (the oldest go first)
+_kept = [0]                     # bytes in _originals
 
 
 def _original(pid: int, region: Region, digest: str, offset: int, size: int) -> bytes:
     """The file's bytes under a private file mapping's written pages, as the node maps
     them: read once per file content (`digest`, what the node maps by) and kept, so a
     process moving again (or another of the same program) costs no open and read of
-    /proc/PID/map_files each region (0.03-0.07 ms each, 6 for a small C program)."""
+    /proc/PID/map_files each region (0.03-0.07 ms each, 6 for a small C program). A
+    bigger run (a private file mapping written all over) is read each time, not kept."""
     key = (digest, offset, size)
     data = _originals.get(key)
     if data is None:
@@ -435,9 +438,11 @@ def _original(pid: int, region: Region, digest: str, offset: int, size: int) -> 
             data = _file_bytes(src, offset, size)
         finally:
             os.close(src)
-        if len(_originals) >= ORIGINALS_MAX:
-            _originals.pop(next(iter(_originals)))
-        _originals[key] = data
+        if size <= ORIGINAL_MAX:
+            while _originals and _kept[0] + size > ORIGINALS_MAX:
+                _kept[0] -= len(_originals.pop(next(iter(_originals))))
+            _originals[key] = data
+            _kept[0] += size
     return data
 
 
