@@ -138,6 +138,17 @@ class Bench:
                             args[args.index(b"--node") + 1] == str(n).encode())
 
 
+def spare_lines(b: Bench) -> list[str]:
+    """The master's log lines that count a forking process's spares (bpfs/master/spares.py:
+    "pid G forked N times on spares, M times asking ..."), what follows "pid"."""
+    try:
+        text = Path(b.state, "logs", "master.log").read_text(errors="replace")
+    except OSError:
+        return []
+    return [line[line.index("pid "):].split(";")[0] for line in text.splitlines()
+            if "times on spares" in line]
+
+
 def cpu_ms(pid: int) -> float:
     """User + system CPU time of `pid` so far (its threads, ended ones too), in ms."""
     with open(f"/proc/{pid}/stat") as f:
@@ -241,6 +252,8 @@ def main() -> int:
                         if s - s0 > args.loops // 10:
                             print(f"    {which} {name}: {(c - c0) / args.loops:.3f} ms, "
                                   f"{(s - s0) / args.loops:.1f} switches per fork")
+        for line in spare_lines(b):     # the master's count of each round's forks
+            print(f"    master: {line}")
         node_ns = statistics.median(r[0] for r in rows)
         master_ns = statistics.median(r[1] for r in rows)
         ratio = statistics.median(r[0] / r[1] for r in rows)

@@ -2,17 +2,19 @@
 
 A process on a node that forks again and again (a shell's loop) waits, at each fork, for
 a round trip to the master and the clone of its ghost there. So once it asks for a fork
-within SPARE_WINDOW of its previous one, the master also makes a spare: one more ghost
-child of its ghost (the tracer's `fork_soon`, as for the child), which is no cluster
-process (not in /bproc/procs, nor in bpstat), and gives it to the node. The node's next
-fork of that parent takes it at once, with no round trip, and says so; the master then
-records it as the child (a process on that node, as `take_fresh` does), gives it the
-parent's new name if the parent exec'd since it was made, and makes the next spare, off
-the fork's path:
+within SPARE_WINDOW of its previous one, the master also makes spares, SPARES_AHEAD of
+them: ghost children of its ghost (the tracer's `fork_soon`, as for the child), which are
+no cluster processes (not in /bproc/procs, nor in bpstat), and gives them to the node.
+The node's next fork of that parent takes the oldest at once, with no round trip, and
+says so; the master then records it as the child (a process on that node, as
+`take_fresh` does), gives it the parent's new name if the parent exec'd since it was
+made, and makes the next spare, off the fork's path. Two ahead, so that in a steady loop
+the fork after is never left waiting while that next one is being made: it takes the
+other, which has been at the node for a whole round already.
 
     master -> node  spare     parent, pid, id
-    node -> master  took      parent, pid, id    (refused: nottaken pid, id; the node
-                                                  ends that child, which has no ghost)
+    node -> master  took      parent, pid, id, [waited]   (refused: nottaken pid, id; the
+                                                  node ends that child, which has no ghost)
     node -> master  unforked  pid, id            a spare given back unused
 
 Ownership, so that nothing races: a spare given belongs to the node. The master kills it
@@ -20,8 +22,8 @@ only when the node gives it back (its parent exec'd, is moving away or launching
 elsewhere, or left it unused a while), when the node's `exited` of its parent comes (after
 any `took` of it on the same connection), when the node is lost, or when the master stops
 (the tracer kills every ghost). A spare still being made when its parent leaves is killed
-once made. A `took` of anything but the spare this node was given for that parent is
-refused and logged, and disturbs nothing else.
+once made. A `took` of anything but a spare this node was given for that parent (and has
+not taken yet) is refused and logged, and disturbs nothing else.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bpfs.errors import BpfsError
@@ -38,7 +40,8 @@ from bpfs.wire import messages
 
 log = logging.getLogger("bpfs.master.forks")
 
-SPARE_WINDOW = 0.1          # s: a fork this soon after the parent's previous one: a spare
+SPARE_WINDOW = 0.1          # s: a fork this soon after the parent's previous one: spares
+SPARES_AHEAD = 2            # spares given or being made per forking parent
 
 
 @dataclass(eq=False)
@@ -56,12 +59,14 @@ class Spare:
 
 @dataclass(eq=False)
 class Forker:
-    """A process on a node that forks: when it last did, its spare, its forks' counts."""
+    """A process on a node that forks: when it last did, its spares (given or being
+    made, oldest first), its forks' counts."""
     node: int
     last: float
-    spare: Spare | None = None
+    spares: list[Spare] = field(default_factory=list)
     took: int = 0                       # forks that took a spare
     asked: int = 0                      # forks that asked the master
+    waited: int = 0                     # of those that took one: waited for it at the node
 
 
 class NodeSpares:
@@ -79,15 +84,16 @@ class NodeSpares:
         super().__init__()
         self._forkers: dict[int, Forker] = {}   # by parent pid
         self._spares: dict[int, Spare] = {}     # made, by pid
-        self.fork_counts = [0, 0, 0]    # forks on nodes: [took spares, asked, of which
-                                        # answered with a spare being made]
+        self.fork_counts = [0, 0, 0, 0]     # forks on nodes: [took spares, asked, of
+                                            # which answered with a spare being made, of
+                                            # the first waited at the node for it]
         # a spare made is given from the tracer thread (`_spare_now`) or trio's: its
         # `gone`, `pid` and its place in `_spares` change under this lock
         self._spare_lock = threading.Lock()
 
     def asked_fork(self, node: int, parent: int) -> None:
-        """`parent` on `node` asked for a fork (its child is being made): a spare too if
-        it forked a moment ago, and none is given or being made."""
+        """`parent` on `node` asked for a fork (its child is being made): spares too if
+        it forked a moment ago, up to SPARES_AHEAD given or being made."""
         now = time.monotonic()
         f = self._forkers.get(parent)
         if f is None or f.node != node:
@@ -97,21 +103,23 @@ class NodeSpares:
         f.asked += 1
         self.fork_counts[1] += 1
         soon, f.last = now - f.last < SPARE_WINDOW, now
-        if soon and f.spare is None:
-            self._make_spare(f, parent)
+        if soon:
+            self._make_spares(f, parent)
 
-    def _make_spare(self, f: Forker, parent: int) -> None:
-        if self.tracer is None:
-            return
-        spare = f.spare = Spare(f.node, parent, next(self._ids))
-        try:
-            fork = getattr(self.tracer, "fork_soon", self.tracer.fork)
-            fut = fork(parent, reaped=True)
-        except BpfsError as exc:
-            log.debug("pid %d: no spare: %s", parent, exc)
-            f.spare = None
-            return
-        fut.add_done_callback(lambda fu: self._spare_now(spare, fu))
+    def _make_spares(self, f: Forker, parent: int) -> None:
+        """Up to SPARES_AHEAD (each its own STEP_SIGNAL stop of the parent ghost: two
+        only when a burst starts, one per fork after)."""
+        while len(f.spares) < SPARES_AHEAD and self.tracer is not None:
+            spare = Spare(f.node, parent, next(self._ids))
+            f.spares.append(spare)
+            try:
+                fork = getattr(self.tracer, "fork_soon", self.tracer.fork)
+                fut = fork(parent, reaped=True)
+            except BpfsError as exc:
+                log.debug("pid %d: no spare: %s", parent, exc)
+                f.spares.remove(spare)
+                return
+            fut.add_done_callback(lambda fu, spare=spare: self._spare_now(spare, fu))
 
     def _wanted(self, spare: Spare) -> bool:
         """(Under the lock) its parent still runs on its node, staying there."""
@@ -152,18 +160,18 @@ class NodeSpares:
         exc = fut.exception()
         if exc is not None:
             log.debug("pid %d: no spare: %s", spare.parent, exc)
-            if f is not None and f.spare is spare:
-                f.spare = None
+            if f is not None and spare in f.spares:
+                f.spares.remove(spare)
             return
         with self._spare_lock:
             spare.pid = fut.result()
-            wanted = self._wanted(spare) and f is not None and f.spare is spare
+            wanted = self._wanted(spare) and f is not None and spare in f.spares
             if wanted:
                 self._spares[spare.pid] = spare
         if not wanted:
             self._kill_spare(spare.pid)
-            if f is not None and f.spare is spare:
-                f.spare = None
+            if f is not None and spare in f.spares:
+                f.spares.remove(spare)
             return
         self._tell(spare.node, messages.Spare(parent=spare.parent, pid=spare.pid, id=spare.id),
                    lambda: self._drop_spare(spare))
@@ -174,29 +182,29 @@ class NodeSpares:
         returned (`_forked_now`), and the next spare is made: no clone more, no wait
         for one made from scratch."""
         f = self._forkers.get(msg.parent)
-        spare = f.spare if f is not None and f.node == node else None
-        if spare is None:
+        if f is None or f.node != node:
             return False
         with self._spare_lock:
-            if spare.made or spare.gone:
+            spare = next((s for s in f.spares if not s.made and not s.gone), None)
+            if spare is None:
                 return False
             spare.answer = (msg, who)
-        f.spare = None      # type: ignore[union-attr]
+        f.spares.remove(spare)
         self.fork_counts[2] += 1
         return True
 
     def on_took(self, node: int, msg: messages.Took) -> None:
-        """The node's fork of `parent` took its spare: the child is recorded as if
-        answered `forked`; the next spare is made. Anything else is refused."""
+        """The node's fork of `parent` took one of its spares: the child is recorded as
+        if answered `forked`; the next spare is made. Anything else is refused."""
         f = self._forkers.get(msg.parent)
-        spare = f.spare if f is not None and f.node == node else None
-        if spare is None or (spare.pid, spare.id) != (msg.pid, msg.id) or \
-                self._spares.get(msg.pid) is not spare:
+        spare = self._spares.get(msg.pid)
+        if f is None or f.node != node or spare is None or spare not in f.spares or \
+                (spare.pid, spare.id) != (msg.pid, msg.id):
             log.warning("node %d claims pid %d as a spare for pid %d, which it was not "
                         "given; refused", node, msg.pid, msg.parent)
             self._tell(node, messages.NotTaken(pid=msg.pid, id=msg.id))
             return
-        f.spare = None      # type: ignore[union-attr]
+        f.spares.remove(spare)
         with self._spare_lock:
             del self._spares[msg.pid]
         p = self.cluster.procs.get(msg.parent)
@@ -209,12 +217,15 @@ class NodeSpares:
         c = self.cluster.start_proc(msg.pid, node, p.uid, p.gid, p.cmd, time.time())
         c.mid = msg.id
         self._parents[msg.pid] = msg.parent
-        f.took += 1         # type: ignore[union-attr]
+        f.took += 1
         self.fork_counts[0] += 1
-        f.last = time.monotonic()      # type: ignore[union-attr]
+        if msg.waited:
+            f.waited += 1
+            self.fork_counts[3] += 1
+        f.last = time.monotonic()
         if spare.argv is not None:
             self._rename_spare(msg.pid, spare.argv)
-        self._make_spare(f, msg.parent)     # type: ignore[arg-type]
+        self._make_spares(f, msg.parent)
 
     def spare_given_back(self, node: int, pid: int, mid: int) -> bool:
         """`unforked` of a spare this node holds (unused): it goes."""
@@ -225,26 +236,28 @@ class NodeSpares:
         return True
 
     def spares_renamed(self, pid: int, argv: list[bytes]) -> None:
-        """`pid` exec'd: its spare, made before, takes the new name once taken."""
+        """`pid` exec'd: its spares, made before, take the new name once taken."""
         f = self._forkers.get(pid)
-        if f is not None and f.spare is not None:
-            f.spare.argv = argv
+        for spare in f.spares if f is not None else ():
+            spare.argv = argv
 
     def spares_end(self, node: int, pid: int) -> None:
-        """The node said `pid` ended: its spare goes, now or once made (its record too,
-        here or, if it forked on another node before it moved, once that one is done)."""
+        """The node said `pid` ended: its spares go, now or once made (its record too,
+        here or, if it forked on another node before it moved, once those are done)."""
         f = self._forkers.get(pid)
         if f is None:
             return
-        if f.node == node and f.spare is not None:
-            self._drop_spare(f.spare)
-        if f.spare is not None:
+        if f.node == node:
+            for spare in list(f.spares):
+                self._drop_spare(spare)
+        if f.spares:
             return
         self._forkers.pop(pid, None)
         if f.took:
-            log.info("node %d: pid %d forked %d times on spares, %d times asking; forks "
-                     "on nodes so far: %d on spares, %d asking (%d of them answered with "
-                     "a spare being made)", f.node, pid, f.took, f.asked, *self.fork_counts)
+            log.info("node %d: pid %d forked %d times on spares, %d times asking (%d "
+                     "waited for their spare); forks on nodes so far: %d on spares, %d "
+                     "asking (%d of them answered with a spare being made), %d waited",
+                     f.node, pid, f.took, f.asked, f.waited, *self.fork_counts)
 
     def spares_lost(self, node: int) -> None:
         for pid in [pid for pid, f in self._forkers.items() if f.node == node]:
@@ -258,8 +271,8 @@ class NodeSpares:
         """`pid` starts to move away from its node, or to launch elsewhere: a spare being
         made for it is killed once made (one given is the node's to give back)."""
         f = self._forkers.get(pid)
-        if f is not None and f.spare is not None and not f.spare.pid:
-            self._drop_spare(f.spare)
+        for spare in [s for s in f.spares if not s.pid] if f is not None else ():
+            self._drop_spare(spare)
 
     def spare_gone(self, pid: int) -> None:
         """A ghost ended: a spare's (killed by someone: a `took` of it is refused), or a
@@ -270,8 +283,8 @@ class NodeSpares:
 
     def _drop_spare(self, spare: Spare) -> None:
         f = self._forkers.get(spare.parent)
-        if f is not None and f.spare is spare:
-            f.spare = None
+        if f is not None and spare in f.spares:
+            f.spares.remove(spare)
         with self._spare_lock:
             spare.gone = True
             given = spare.pid and self._spares.get(spare.pid) is spare
@@ -280,7 +293,7 @@ class NodeSpares:
         if given:
             self._kill_spare(spare.pid)
         p = self.cluster.procs.get(spare.parent)
-        if f is not None and f.spare is None and (p is None or p.state == "exited"):
+        if f is not None and not f.spares and (p is None or p.state == "exited"):
             del self._forkers[spare.parent]
 
     def _kill_spare(self, pid: int) -> None:

@@ -42,7 +42,7 @@ class Adoption:
     counter: Counter
     _pidfds: dict[int, Any]         # the children's pidfds, in the watcher's epoll
     _unadopted: list[tuple[Any, Pending | None, int]]   # not there yet (`look_for`)
-    _adopt_w: int                   # wakes the watcher for them
+    _adopt_timer: Any               # wakes the watcher for them (bpfs/node/oneshot.py)
     _epoll: select.epoll
     _lock: threading.Lock
     settle: Callable[[], None]
@@ -59,10 +59,9 @@ class Adoption:
         if self._adopt(child, post=post):
             return
         with self._lock:
-            first = not self._unadopted
+            if not self._unadopted:
+                self._adopt_timer.arm(TAKE_POLL)
             self._unadopted.append((child, self._directed_at(child.pid), 0))
-        if first:
-            os.write(self._adopt_w, b"x")
 
     def look_for(self) -> None:
         """(The watcher thread, every TAKE_POLL while some are not adopted) each child
@@ -93,10 +92,22 @@ class Adoption:
                 self._unadopted[:0] = later
 
     def adopt_here(self, child: Any) -> None:
-        """(A receiver thread) the child is in its execve: it exists, take it if not yet.
-        The counter is trio's: it parks it once it sees the child taken."""
-        if child.pidfd < 0:
-            self._adopt(child, settle=False)
+        """(A receiver thread) the child is in its execve: it exists, take it if not yet,
+        and the watcher need not look for it (its timer is unset when nobody else is
+        looked for). The counter is parked by `settled_by` once the execve is let go."""
+        if child.pidfd < 0 and self._adopt(child, settle=False) and child.pidfd >= 0:
+            with self._lock:
+                if self._unadopted:
+                    self._unadopted = [e for e in self._unadopted if e[0] is not child]
+                    if not self._unadopted:
+                        self._adopt_timer.disarm()
+
+    def settled_by(self, child: Any) -> None:
+        """(A receiver thread, after the execve's CONTINUE) the fork that made `child` has
+        settled: the counter is parked again now, not at the next number (a process that
+        enters the node's namespace from outside is numbered by the kernel alone)."""
+        if child.pidfd >= 0 and self._directed_at(child.pid) is not None:
+            self.settle()
 
     def _adopt(self, child: Any, settle: bool = True,
                post: Callable[..., None] | None = None) -> bool:

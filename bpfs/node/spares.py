@@ -1,20 +1,22 @@
 """Spares on the node: a PID the master gave ahead of a fork, taken with no round trip.
 
-A process here that forks again and again gets a spare from the master (`spare`: a ghost
-child of its ghost, made ahead; bpfs/master/spares.py). Its next fork takes it at once, in
-the receiver thread that got the call: `took` is written there before the CONTINUE (so
-whatever the child does comes after it on the connection; if the connection is busy, the
-whole take is done from trio's thread, in order: `_take`), then the fork is directed as
-one the master answered (bpfs/node/pidcounter.py orders it with every other number).
-A fork that comes while the next spare is on its way (less than SPARE_WAIT after its
-parent took one: the master makes the next one when it reads the `took`) waits for it,
-SPARE_WAIT at most, then asks the master. Mixed into bpfs.node.supervisor.Supervisor.
+A process here that forks again and again gets spares from the master (`spare`: ghost
+children of its ghost, made ahead; bpfs/master/spares.py), two of them: while the master
+makes the next one after a `took`, the other is in hand. Its next fork takes the oldest
+at once, in the receiver thread that got the call: `took` is written there before the
+CONTINUE (so whatever the child does comes after it on the connection; if the connection
+is busy, the whole take is done from trio's thread, in order: `_take`), then the fork is
+directed as one the master answered (bpfs/node/pidcounter.py orders it with every other
+number). A fork that finds none in hand while the next spare is on its way (less than
+SPARE_WAIT after its parent took one: the master makes the next one when it reads the
+`took`) waits for it, SPARE_WAIT at most, then asks the master; its `took` says it
+waited (the master counts those). Mixed into bpfs.node.supervisor.Supervisor.
 
 A spare belongs to the node until it is taken or given back (`unforked`): given back when
 its parent execs (a new program), moves away or launches elsewhere, is forgotten here, or
 leaves it unused for SPARE_IDLE; one that comes for a process not (or no longer) ours, or
-that is moving, goes back at once. The master refuses a `took` of anything else
-(`nottaken`): that child has no ghost, and is killed here.
+that is moving, or beyond SPARES_HELD, goes back at once. The master refuses a `took` of
+anything else (`nottaken`): that child has no ghost, and is killed here.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger("bpslave")
 
 SPARE_IDLE = 2.0             # s: a spare unused so long goes back (at the next sweep)
 SPARE_WAIT = 0.02            # s: a fork waits so long for a spare on its way, then asks
+SPARES_HELD = 2              # per parent (the master's SPARES_AHEAD); more go back
 
 
 @dataclass(eq=False)
@@ -49,7 +52,7 @@ class NodeSpare:
 
 
 class Spares:
-    """The spares held, by parent pid (see the module doc)."""
+    """The spares held, by parent pid, oldest first (see the module doc)."""
 
     children: dict[int, Any]
     jobs: dict[int, Any]
@@ -64,13 +67,15 @@ class Spares:
     _child_class: Any
 
     def __init__(self) -> None:
-        self.spares: dict[int, NodeSpare] = {}
+        # changed under the lock (a receiver thread takes, trio's thread gives back)
+        self.spares: dict[int, list[NodeSpare]] = {}
         # after a `took`, the next spare is on its way: a fork meanwhile waits for it
         # (SPARE_WAIT at most) rather than asking the master for a child
         self._coming: dict[int, float] = {}             # parent -> when it took one
         self._for_spare: dict[int, tuple[Any, Any]] = {}  # parent -> (job, its fork)
         self._spare_lock = threading.Lock()
         self.spares_taken = 0
+        self.spares_waited = 0          # of those, by forks that waited for theirs
 
     def on_spare(self, session: Any, msg: messages.Spare, moving: bool = False) -> None:
         """(trio's thread) The master's spare for `parent`'s next fork."""
@@ -83,13 +88,16 @@ class Spares:
         with self._spare_lock:
             self._coming.pop(msg.parent, None)
             waiting = self._for_spare.pop(msg.parent, None)
-            old = None
+            extra = None
             if waiting is None:
-                old, self.spares[msg.parent] = self.spares.get(msg.parent), s
-        if old is not None:
-            old.session.report(messages.Unforked(pid=old.pid, id=old.id))
+                held = self.spares.setdefault(msg.parent, [])
+                held.append(s)
+                if len(held) > SPARES_HELD:
+                    extra = held.pop(0)
+        if extra is not None:
+            extra.session.report(messages.Unforked(pid=extra.pid, id=extra.id))
         if waiting is not None:         # a fork waits for it: it takes it now
-            self._take(waiting[0], waiting[1], msg.parent, s)
+            self._take(waiting[0], waiting[1], msg.parent, s, waited=True)
 
     async def _spare_late(self, parent: int, n: Any) -> None:
         """A fork that waits for its parent's next spare asks the master after
@@ -103,24 +111,32 @@ class Spares:
         self._ask(waiting[0], n, parent)
 
     def give_back(self, parent: int) -> None:
-        """(trio's thread) `parent`'s spare, if any, goes back unused."""
-        self._coming.pop(parent, None)
-        s = self.spares.pop(parent, None)
-        if s is not None:
+        """(trio's thread) `parent`'s spares, if any, go back unused."""
+        with self._spare_lock:
+            self._coming.pop(parent, None)
+            held = self.spares.pop(parent, [])
+        for s in held:
             s.session.report(messages.Unforked(pid=s.pid, id=s.id))
 
     def give_back_soon(self, parent: int) -> None:
         """(A receiver thread) as `give_back`: taken from the table now, told from trio."""
-        s = self.spares.pop(parent, None)
-        if s is not None:
+        with self._spare_lock:
+            held = self.spares.pop(parent, [])
+        for s in held:
             self._post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))
 
     def give_back_idle(self) -> None:
         """(trio's thread, the sweep) Spares unused for SPARE_IDLE go back."""
         now = time.monotonic()
-        for parent, s in list(self.spares.items()):
-            if now - s.since > SPARE_IDLE and self.spares.get(parent) is s:
-                self.give_back(parent)
+        idle = []
+        with self._spare_lock:
+            for parent, held in list(self.spares.items()):
+                idle += [s for s in held if now - s.since > SPARE_IDLE]
+                held[:] = [s for s in held if now - s.since <= SPARE_IDLE]
+                if not held:
+                    del self.spares[parent]
+        for s in idle:
+            s.session.report(messages.Unforked(pid=s.pid, id=s.id))
 
     def not_taken(self, msg: messages.NotTaken) -> None:
         """The master refused our `took` of `pid`: it has no ghost; it ends."""
@@ -133,14 +149,17 @@ class Spares:
                 pass
 
     def take_spare(self, job: Any, n: seccomp.Notif, parent: int) -> bool:
-        """(A receiver thread) `parent`'s fork takes its spare, if it has one: False if
-        not (the master is asked). `took` is written from here before the CONTINUE (if
-        the connection is busy, the rest goes to trio's thread: `_take`), then the fork
-        is directed from here: the counter's lock orders it with every other number
+        """(A receiver thread) `parent`'s fork takes its oldest spare, if it has one:
+        False if not (the master is asked). `took` is written from here before the
+        CONTINUE (if the connection is busy, the rest goes to trio's thread: `_take`),
+        then the fork is directed from here: the counter's lock orders it with every other number
         (a job's thread clone is pending until numbered, a restore's keeper is made
         under the lock, the daemon's own threads and processes too)."""
         with self._spare_lock:
-            s = self.spares.pop(parent, None)
+            held = self.spares.get(parent)
+            s = held.pop(0) if held else None
+            if held is not None and not held:
+                del self.spares[parent]
             if s is None:
                 coming = self._coming.pop(parent, None)
                 if coming is None or time.monotonic() - coming > SPARE_WAIT or \
@@ -150,7 +169,8 @@ class Spares:
         if s is None:
             self._post(self._start, self._spare_late, parent, n)
             return True
-        if s.session is not job.session:
+        if s.session is not job.session:    # (a job of another connection): back
+            self._post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))
             return False
         took = messages.Took(parent=parent, pid=s.pid, id=s.id)
         if not job.session.write_threadsafe(took, self._post):
@@ -182,7 +202,8 @@ class Spares:
             return
         self.adopt_soon(child, post=self._post)
 
-    def _take(self, job: Any, n: seccomp.Notif, parent: int, s: NodeSpare) -> None:
+    def _take(self, job: Any, n: seccomp.Notif, parent: int, s: NodeSpare,
+              waited: bool = False) -> None:
         """(trio's thread) `took` first (whatever the child does comes after it on the
         connection), then the fork goes on as one the master answered (`_forked`)."""
         try:
@@ -192,8 +213,10 @@ class Spares:
                 self._ask(job, n, parent)
                 return
             self.spares_taken += 1
+            self.spares_waited += waited
             self._coming[parent] = time.monotonic()
-            job.session.report(messages.Took(parent=parent, pid=s.pid, id=s.id))
+            job.session.report(messages.Took(parent=parent, pid=s.pid, id=s.id,
+                                             waited=waited or None))
             self._forked(job, n, parent, messages.Forked(seq=0, pid=s.pid, id=s.id))
         except OSError as exc:      # the caller died meanwhile, most likely
             log.debug("pid %d: taking spare %d: %s", n.pid, s.pid, exc)

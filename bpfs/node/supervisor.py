@@ -44,7 +44,6 @@ import os
 import select
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,7 +53,9 @@ from bpfs.migrate import seccomp
 from bpfs.migrate.seccomp import SYSCALLS as NR
 from bpfs.node import procread
 from bpfs.node.adoption import TAKE_POLL, Adoption
+from bpfs.node.execcalls import ExecCalls
 from bpfs.node.execnames import ExecNames
+from bpfs.node.oneshot import OneShot
 from bpfs.node.groups import GroupCalls
 from bpfs.node.pidcounter import Counter
 from bpfs.node.pidproxy import PidfdCalls, Proxies
@@ -83,6 +84,7 @@ class Job:
     pgid: int | None
     sid: int | None
     done: bool = False                # every process of the job has ended
+    cmdline: bytes | None = None      # what the leader's ghost shows (None: not read yet)
     threads: list[threading.Thread] = field(default_factory=list)   # its receivers
     receivers: int = 2
 
@@ -95,10 +97,10 @@ class Child:
     pidfd: int
     job: Job
     parent: int = 0                   # its parent's pid, here (and its ghost's parent's)
-    cmdline: bytes = b""
+    cmdline: bytes | None = None      # what its ghost shows: its parent's at the fork
 
 
-class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
+class Supervisor(PidfdCalls, GroupCalls, ExecCalls, Adoption, Spares):
     """The jobs' listeners and the children forked under them (one per node daemon)."""
 
     _child_class = Child
@@ -107,7 +109,12 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
                  on_end: Callable[[int], None] | None = None) -> None:
         self.jobs: dict[int, Job] = {}          # by leader
         self.children: dict[int, Child] = {}    # by pid
-        self.on_child = on_child or (lambda c: None)
+        hold = on_child or (lambda c: None)
+
+        def on_child_made(child: Child) -> None:    # (any thread) every path that makes one
+            child.cmdline = self._shown(child.parent)
+            hold(child)
+        self.on_child = on_child_made
         self.on_end = on_end or (lambda pid: None)
         self._seq = itertools.count(1)
         # Calls waiting for the master (seq -> what to finish them with):
@@ -132,8 +139,8 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._pidfds: dict[int, Child] = {}     # the children's pidfds, in that epoll too
         self._unadopted: list[tuple[Child, Any, int]] = []   # forked, not there yet
-        self._adopt_r, self._adopt_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._epoll.register(self._adopt_r, select.EPOLLIN)
+        self._adopt_timer = OneShot()           # a look for those, when due
+        self._epoll.register(self._adopt_timer.fd, select.EPOLLIN)
         self.names = ExecNames(self._renamed)
         self.counter = Counter(park_at, self._asking)
         Spares.__init__(self)
@@ -295,20 +302,22 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
         event: only EPOLLHUP/EPOLLERR come). The ends of the children reaped are told to
         the master from here (`_ended`): no wake-up of the event loop for them. While
         some forked children are not there yet, it looks for them every TAKE_POLL
-        (`look_for`)."""
+        (`look_for`, when the timer says so)."""
         while True:
             try:
-                events = self._epoll.poll(0 if self._unadopted else -1)
+                events = self._epoll.poll()
             except InterruptedError:
                 continue
             except OSError:
                 return
             reaped = []
+            looking = False
             for fd, _mask in events:
                 if fd == self._wake_r:
                     return
-                if fd == self._adopt_r:
-                    _drain(fd)
+                if fd == self._adopt_timer.fd:
+                    self._adopt_timer.drain()
+                    looking = True
                     continue
                 child = self._pidfds.pop(fd, None)
                 if child is not None:
@@ -329,12 +338,14 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             try:
                 if reaped:
                     self._ended(reaped)
-                if self._unadopted:
+                if self._unadopted and (looking or reaped):
                     self.look_for()
+                if looking:
+                    with self._lock:
+                        if self._unadopted:
+                            self._adopt_timer.arm(TAKE_POLL)
             except Exception:   # noqa: BLE001 - the watcher must go on
                 log.exception("the watcher thread")
-            if self._unadopted and not events:
-                time.sleep(TAKE_POLL)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -453,72 +464,6 @@ class Supervisor(PidfdCalls, GroupCalls, Adoption, Spares):
             return
         self.adopt_soon(child)
 
-    # ---- exec ----
-
-    def _exec_here(self, job: Job, n: seccomp.Notif) -> bool:
-        """(A receiver thread) an execve here is let through at once; its new name is
-        looked for by trio's thread (`names`). One to run elsewhere is trio's."""
-        pid = self._tgid(n.pid)
-        if pid is None or pid in self.armed:
-            return False
-        self.give_back_soon(pid)        # a new program: its spare goes back
-        before = procread.cmdline(pid)
-        child = self.children.get(pid)
-        if child is not None:
-            self.adopt_here(child)      # it waits here: it exists (if not taken yet)
-        self._go(job, n)
-        if child is not None or pid in self.jobs:
-            self.names.add_soon(job, pid, before, self._post)
-        return True
-
-    def _on_exec(self, job: Job, n: seccomp.Notif) -> None:
-        pid = self._tgid(n.pid)
-        if pid is not None and pid in self.armed:
-            return self._exec_elsewhere(job, n, pid)
-        before = procread.cmdline(pid) if pid is not None else b""
-        self._go(job, n)
-        if pid is not None and (pid in self.children or pid in self.jobs):
-            self.names.add(job, pid, before)
-
-    def _renamed(self, job: Job, pid: int, cmdline: bytes) -> None:
-        """`pid` exec'd a program with this new command line (`names`): its ghost's."""
-        child = self.children.get(pid)
-        if child is not None:
-            child.cmdline = cmdline
-            mid = child.id
-        else:
-            mid = job.id
-        job.session.report(messages.Execed(pid=pid, id=mid, cmdline=cmdline))
-
-    # ---- launches from this node (getppid and its kin: bpfs/node/groups.py) ----
-
-    def _exec_elsewhere(self, job: Job, n: seccomp.Notif, pid: int) -> None:
-        """An armed process's execve: the master runs it in its ghost and migrates it; the
-        answer (0, or the execve's errno) waits for the master's `execd`."""
-        try:
-            words = procread.exec_args(n)
-            cwd = os.readlink(f"/proc/{pid}/cwd").encode()
-        except OSError as exc:
-            seccomp.answer(job.listener, n.id, err=exc.errno or errno.EFAULT)
-            return
-        if words is None:
-            seccomp.answer(job.listener, n.id, err=errno.E2BIG)
-            return
-        path, argv, envp = words
-        self.give_back(pid)
-        seq = next(self._seq)
-        self._execs[seq] = (job, n, pid)
-        job.session.report(messages.Exec(seq=seq, pid=pid, path=path, argv=argv, envp=envp,
-                                         cwd=cwd))
-
-    def _stand_in_waits(self, job: Job, n: seccomp.Notif, pid: int) -> None:
-        """A stand-in asks how its program ended (bpfs/standin.py): now, or once known."""
-        status = self._ends.pop(pid, None)
-        if status is not None:
-            seccomp.answer(job.listener, n.id, val=status)
-        else:
-            self._waiting[pid] = (job, n)
-
     # ---- signals ----
 
     def _kill_here(self, job: Job, n: seccomp.Notif) -> bool:
@@ -568,11 +513,3 @@ HERE: dict[int, Callable[[Supervisor, Job, seccomp.Notif], bool]] = {
     **{NR[k]: Supervisor._kill_here for k in ("kill", "tkill", "tgkill", "rt_sigqueueinfo",
                                                "rt_tgsigqueueinfo")},
 }
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass

@@ -44,8 +44,10 @@ grammar (names in capitals are the bounded types defined below):
     node   -> master  fork       seq: ID, parent: PID
     master -> node    forked     seq: ID, [pid: PID], [id: ID], [errno: ERRNO]
     node   -> master  unforked   pid: PID, id: ID     (also a spare given back unused)
-    master -> node    spare      parent: PID, pid: PID, id: ID   (a ghost for its next fork)
-    node   -> master  took       parent: PID, pid: PID, id: ID   (a fork took the spare)
+    master -> node    spare      parent: PID, pid: PID, id: ID   (a ghost for a next fork;
+                                 up to two held per parent)
+    node   -> master  took       parent: PID, pid: PID, id: ID, [waited: BOOL]   (a fork
+                                 took a spare; `waited`: for it, none was in hand)
     master -> node    nottaken   pid: PID, id: ID     (that `took` is refused: end it)
                       execed     pid: PID, id: ID, cmdline: bytes (at most 64 KiB)
                       kill       seq: ID, pid: -PID..PID, sig: 0..64, ruid: ID32, euid: ID32

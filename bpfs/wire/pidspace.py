@@ -39,9 +39,10 @@ class Unforked(Msg, tag="unforked"):
 
 
 class Spare(Msg, tag="spare"):
-    """A ghost child of `parent`'s ghost made ahead of its next fork on the node (a
-    parent that forks again and again): the node gives `pid` to that fork at once, with
-    no round trip, and says so (`took`); or gives it back unused (`unforked`)."""
+    """A ghost child of `parent`'s ghost made ahead of one of its next forks on the node
+    (a parent that forks again and again: two are given ahead, the next one after each
+    `took`): the node gives `pid` to a fork at once, with no round trip, and says so
+    (`took`); or gives it back unused (`unforked`)."""
     sender = "master"
     parent: PID
     pid: PID
@@ -50,11 +51,14 @@ class Spare(Msg, tag="spare"):
 
 class Took(Msg, tag="took"):
     """`parent` forked, and its child took the spare `pid` the master gave for it (its
-    messages carry `id`); the master records it as it records a `forked` child."""
+    messages carry `id`); the master records it as it records a `forked` child.
+    `waited`: the fork found no spare in hand and waited for this one on its way (the
+    master counts those: with two spares ahead, a steady loop should have none)."""
     sender = "node"
     parent: PID
     pid: PID
     id: ID
+    waited: Optional[bool] = None
 
 
 class NotTaken(Msg, tag="nottaken"):

@@ -376,3 +376,27 @@ def test_the_zero_scan_finds_what_the_block_loop_finds(parts, lead_pages: int) -
         assert dump.differing(0x7000, data, base) == dump.sparse(0x7000, data, base)
     finally:
         buf.close()
+
+
+def test_a_second_dump_takes_the_files_original_bytes_kept_from_the_first(node, tmp_path
+                                                                          ) -> None:
+    """The file bytes under a private mapping's written pages are read once per file
+    content (dump._originals): a second dump of the same process sifts against the kept
+    copy, finds the same pages, and its restore goes on counting."""
+    out = str(tmp_path / "out")
+    dump._originals.clear()
+    dump._kept[0] = 0
+    with started(counter(25, 0.02), out) as prog:
+        prog.wait_lines(5)
+        first = dump_stopped(prog.pid)
+        assert dump._originals and dump._kept[0] == sum(map(len, dump._originals.values()))
+        kept = dict(dump._originals)
+        second = running.dump_running(prog.pid, frozenset({0, 1, 2}))
+        assert dump._originals == kept                  # nothing read again
+        running.discard(prog.pid)
+
+    def file_pages(img) -> list:
+        return [(a, bytes(d)) for r in img.regions if r.kind == "file" for a, d in r.pages]
+    assert file_pages(second) == file_pages(first) != []
+    assert restore(node, second, out)["status"] == 0
+    assert counted(open(out).read().splitlines(), 25)

@@ -119,12 +119,13 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def test_a_node_takes_only_the_spare_it_was_given(master: Master) -> None:
-    """A node given a spare for a process (it forked twice in a row) claims it with
-    `took`; a claim of another PID, another id or under another parent is refused
-    (`nottaken`) and logged, and disturbs nothing: the spare it was given is still its
-    own, taken as a child of that process's ghost; the next spare follows. Once the node
-    is gone, no spare is left."""
+def test_a_node_takes_only_the_spares_it_was_given(master: Master) -> None:
+    """A node given two spares for a process (it forked twice in a row) claims them with
+    `took`; a claim of another PID, another id (the other spare's too), under another
+    parent, or of a spare taken already is refused (`nottaken`) and logged, and disturbs
+    nothing: the spares it was given are still its own, taken in order as children of
+    that process's ghost; each `took` brings the next spare, so the pair is refilled.
+    Once the node is gone, no spare is left."""
     from tests.cluster.test_master_procs import proc_state, request, restored, writer
     spares: list[int] = []
 
@@ -135,32 +136,40 @@ def test_a_node_takes_only_the_spare_it_was_given(master: Master) -> None:
             try:
                 await restored(master, node, proc)
                 g = proc.pid
-                for seq in (1, 2):      # twice in a row: the second brings a spare
+                for seq in (1, 2):      # twice in a row: the second brings two spares
                     await node.fs.send({"t": "fork", "seq": seq, "parent": g})
-                await wait_for(lambda: answers(node, "spare"), what="a spare")
-                spare = answers(node, "spare")[0]
-                pid, mid = spare["pid"], spare["id"]
-                assert spare["parent"] == g and _ppid(pid) == g
-                assert str(pid) not in os.listdir(master.path("procs"))
-                forged = [(g, pid + 1, mid), (g, pid, mid + 1), (os.getpid(), pid, mid)]
+                await wait_for(lambda: len(answers(node, "spare")) == 2, what="two spares")
+                (a, b) = [(s["pid"], s["id"]) for s in answers(node, "spare")]
+                for s in answers(node, "spare"):
+                    assert s["parent"] == g and _ppid(s["pid"]) == g
+                    assert str(s["pid"]) not in os.listdir(master.path("procs"))
+                assert a != b and a[0] != b[0]
+                forged = [(g, a[0], b[1]), (g, b[0], a[1]), (g, b[0], b[1] + 1),
+                          (os.getpid(), b[0], b[1]), (g, max(a[0], b[0]) + 1, a[1])]
                 for parent, p, m in forged:
                     await node.fs.send({"t": "took", "parent": parent, "pid": p, "id": m})
-                await wait_for(lambda: len(answers(node, "nottaken")) == 3)
-                assert master.log().count("claims pid") == 3
-                assert _ppid(pid) == g and not node.closed.is_set()
-                await node.fs.send({"t": "took", "parent": g, "pid": pid, "id": mid})
-                await wait_for(lambda: proc_state(master, pid) == "running")
-                assert master.read(f"procs/{pid}/node").strip() == "0"
-                await wait_for(lambda: len(answers(node, "spare")) == 2, what="the next")
-                assert len(answers(node, "nottaken")) == 3
-                spares.extend(a["pid"] for a in answers(node, "spare"))
+                await wait_for(lambda: len(answers(node, "nottaken")) == len(forged))
+                assert master.log().count("claims pid") == len(forged)
+                assert _ppid(a[0]) == g and _ppid(b[0]) == g and not node.closed.is_set()
+                for k, (pid, mid) in enumerate((a, b), 1):
+                    await node.fs.send({"t": "took", "parent": g, "pid": pid, "id": mid})
+                    await wait_for(lambda: proc_state(master, pid) == "running")
+                    assert master.read(f"procs/{pid}/node").strip() == "0"
+                    await wait_for(lambda: len(answers(node, "spare")) == 2 + k,
+                                   what="the next spare")
+                # taken already: no longer a spare
+                await node.fs.send({"t": "took", "parent": g, "pid": a[0], "id": a[1]})
+                await wait_for(lambda: len(answers(node, "nottaken")) == len(forged) + 1)
+                assert proc_state(master, a[0]) == "running"
+                spares.extend(s["pid"] for s in answers(node, "spare"))
+                assert len(set(spares)) == 4 and all(_ppid(p) == g for p in spares[2:])
             finally:
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
     trio.run(go)
     deadline = time.monotonic() + 10
-    while any(_comm(p) for p in spares[1:]) and time.monotonic() < deadline:
+    while any(_comm(p) for p in spares[2:]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_comm(p) for p in spares[1:])
+    assert not any(_comm(p) for p in spares[2:])
     assert master.proc.poll() is None

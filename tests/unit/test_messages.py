@@ -75,6 +75,7 @@ GOOD = [
     m.Unforked(pid=4243, id=8),
     m.Spare(parent=4242, pid=4244, id=9),
     m.Took(parent=4242, pid=4244, id=9),
+    m.Took(parent=4242, pid=4245, id=10, waited=True),
     m.NotTaken(pid=4244, id=9),
     m.Execed(pid=4243, id=8, cmdline=b"sleep\x00100\x00"),
     m.Kill(seq=3, pid=-4000, sig=15, ruid=1000, euid=1000),
