@@ -173,18 +173,12 @@ class ProcService(Moves, NodeStandins, NodeExec, NodeForks, Migrations):
         what is gone already is a no-op."""
         if self.tracer is None:
             return
-        end = getattr(self.tracer, "end_reaped", None)
-        quiet = None if end is None else end(pid, signal=sig) if sig else \
-            end(pid, exit_code=code)
         finish = getattr(self.tracer, "finish_soon", self.tracer.finish)
         try:       # finish_soon: no doorbell (a shell's loop of short commands: one each)
-            fut = quiet if quiet is not None else \
-                finish(pid, signal=sig) if sig else finish(pid, exit_code=code)
+            fut = finish(pid, signal=sig) if sig else finish(pid, exit_code=code)
         except BpfsError as exc:
             log.info("pid %d: ending the ghost: %s", pid, exc)
             return
-        if quiet is not None:   # a child ghost its parent ghost reaps, SIGKILLed: its end
-            self._ghost_exit(pid, sig if sig else code << 8)    # is not reported: now
 
         def ended(f: "concurrent.futures.Future[Any]") -> None:     # in the tracer thread
             exc = None if f.cancelled() else f.exception()

@@ -56,9 +56,6 @@ class Ghosts(Kin, Moving, Streaming):
         self.ends: dict[int, tuple[int | None, int | None, Future]] = {}
         # fork_soon's (under _lock): pid -> [(future, reaped)], done at its STEP_SIGNAL stop
         self.forks: dict[int, list[tuple[Future, bool]]] = {}
-        # finish_soon's ends by SIGKILL (`end_quietly`; under _lock): pid -> (the wait
-        # status asked, future, whether on_exit hears of it), taken at its end (`gone`)
-        self.quiet: dict[int, tuple[int, Future, bool]] = {}
 
     def ghosts(self) -> list[int]:
         """The parked ghosts (any thread)."""
@@ -69,37 +66,11 @@ class Ghosts(Kin, Moving, Streaming):
         """(Any thread) `pid` is a parked ghost that a signal wakes into a stop: none held
         in a job-control stop (a signal does not wake it: only the doorbell would)."""
         with self._lock:
-            if pid not in self._parked or pid in self.quiet:
+            if pid not in self._parked:
                 return False
         t = self.tracees.get(pid)
         return t is not None and not (t.stopped or t.stopping or t.stop_sent or
                                       t.cont_sent)
-
-    def end_quietly(self, pid: int, code: int | None, sig: int | None, fut: Future,
-                    report: bool = True) -> bool:
-        """(Any thread) `finish_soon` of a parked child ghost that its parent ghost reaps
-        itself (a process forked on a node: `fork(reaped=True)`). Its wait status is no
-        one's to see (the parent ghost's wait4 discards it; the real parent on the node
-        had the real one), so it is SIGKILLed from here: no stop of it, no step, no
-        doorbell. Its end is recorded (the parent's record; `on_exit` unless not
-        `report`) as the end asked, and `fut` resolved then (`gone`). False if it is no
-        such ghost, or the kill was refused: the caller ends it as any other."""
-        t = self.tracees.get(pid)
-        parent = self.tracees.get(t.parent) if t is not None and t.parent else None
-        with self._lock:
-            if parent is None or pid not in parent.reaps or pid not in self._parked or \
-                    t.state != GHOST or t.killed or pid in self.quiet:   # type: ignore
-                return False
-            self.quiet[pid] = (code << 8 if code is not None else sig or 0, fut, report)
-        try:
-            pt.kill(pid, _signal.SIGKILL)
-        except ProcessLookupError:
-            pass                        # dying already: its end is on its way
-        except OSError:
-            with self._lock:
-                self.quiet.pop(pid, None)
-            return False
-        return True
 
     # ---- stops (tracer thread) ----
 
@@ -492,9 +463,7 @@ class Ghosts(Kin, Moving, Streaming):
         with self._lock:
             self._parked.discard(t.pid)
         if isinstance(exc, MigrateError) and exc.errno == errno.ESRCH:
-            # (expected of one `end_quietly` killed from another thread meanwhile)
-            log.log(logging.DEBUG if t.pid in self.quiet else logging.WARNING,
-                    "tracer: process %d: %s failed (%s): killing it", t.pid, what, exc)
+            log.warning("tracer: process %d: %s failed (%s): killing it", t.pid, what, exc)
             send_kill(t.pid)
             return
         err = as_error(exc, what, t.pid)
@@ -513,11 +482,6 @@ class Ghosts(Kin, Moving, Streaming):
     # ---- ends ----
 
     def gone(self, t: Tracee, status: int) -> None:
-        with self._lock:
-            quiet = self.quiet.pop(t.pid, None)
-        if quiet is not None:           # killed by `end_quietly`: the end it stands for
-            status = quiet[0]
-            t.waiters.append(quiet[1])
         self.forget(t, status)
         if t.capture is not None:
             resolve(t.capture, exc=MigrateError(errno.ESRCH, f"process {t.pid} ended before "
@@ -526,8 +490,7 @@ class Ghosts(Kin, Moving, Streaming):
             resolve(fut)
         for fut in t.failed:
             resolve(fut, exc=t.failure)
-        if quiet is None or quiet[2]:
-            self._call(self._on_exit, t.pid, status)
+        self._call(self._on_exit, t.pid, status)
 
     def lost(self, pid: int) -> None:
         """`pid` is no longer ours to wait for: someone else consumed its end."""
@@ -548,10 +511,6 @@ class Ghosts(Kin, Moving, Streaming):
         self.building.pop(t.pid, None)      # (what it built went with it)
         with self._lock:
             self._parked.discard(t.pid)
-            quiet = self.quiet.pop(t.pid, None)
-        if quiet is not None:
-            resolve(quiet[1], exc=MigrateError(errno.ESRCH, f"process {t.pid} vanished",
-                                               t.pid))
 
     def _report(self, pid: int, signals: list[int]) -> None:
         for sig in signals:

@@ -164,37 +164,22 @@ class Tracer:
         one that cannot be done at that stop (a ghost in a job-control stop, or in the
         middle of a step) is done as `finish` does, at the thread's next turn. Anything
         but a parked ghost, or one held in a job-control stop (a signal does not wake
-        it): `finish` (a signal to a running process would be its own). A child ghost
-        its parent ghost reaps itself: SIGKILLed from here, its end told as the end
-        asked (`Ghosts.end_quietly`: no stop of it at all)."""
+        it): `finish` (a signal to a running process would be its own). Not a SIGKILL
+        even for a child ghost its parent ghost reaps (cheaper: no stop of it): its
+        end is the process's (exit code or signal), which a pidfd of it, or its zombie
+        in /proc, shows on the master."""
         fut: Future = Future()
         try:
             check_finish(exit_code, signal)
         except MigrateError as exc:
             fut.set_exception(exc)
             return fut
-        if self._ghosts.end_quietly(pid, exit_code, signal, fut):
-            return fut          # a child ghost its parent reaps: SIGKILLed, no stop
         if not self._ghosts.wakeable(pid):
             return self.finish(pid, exit_code=exit_code, signal=signal)
         self._ghosts.ends[pid] = (exit_code, signal, fut)
         sent = self._wake_ghost(pid)
         self._enqueue(lambda: self._ghosts.finish_queued(pid), fut, ring=not sent)
         return fut
-
-    def end_reaped(self, pid: int, *, exit_code: int | None = None,
-                   signal: int | None = None) -> Future[None] | None:
-        """`finish_soon` of a child ghost its parent ghost reaps itself (`fork(reaped=
-        True)`), SIGKILLed from here (its status is no one's to see), and NOT reported to
-        `on_exit`: the caller records its end itself, now (one trip from this thread to
-        the caller's fewer per end). None if `pid` is no such ghost (or the arguments
-        are bad): `finish_soon` it then."""
-        fut: Future = Future()
-        try:
-            check_finish(exit_code, signal)
-        except MigrateError:
-            return None
-        return fut if self._ghosts.end_quietly(pid, exit_code, signal, fut, False) else None
 
     def fork_soon(self, pid: int, reaped: bool = True) -> Future[int]:
         """`fork` of a parked ghost without the doorbell and without a halt: the ghost is
