@@ -42,9 +42,6 @@ class OneShot:
         except BlockingIOError:
             pass
 
-    def close(self) -> None:
-        os.close(self.fd)
-
     def _set(self, sec: int, nsec: int) -> None:
         spec = ctypes.create_string_buffer(_SPEC.pack(0, 0, sec, nsec), _SPEC.size)
         if _libc.timerfd_settime(self.fd, 0, spec, None) < 0:
