@@ -28,8 +28,7 @@ class ExecCalls:
     _tgid: Callable[[int], int | None]
     _go: Callable[..., None]
     _post: Callable[..., None]
-    give_back: Callable[[int], None]
-    give_back_soon: Callable[[int], None]
+    execd: Callable[..., None]
     adopt_here: Callable[[Any], None]
     settled_by: Callable[[Any], None]
 
@@ -59,7 +58,7 @@ class ExecCalls:
         pid = self._tgid(n.pid)
         if pid is None or pid in self.armed:
             return False
-        self.give_back_soon(pid)        # a new program: its spare goes back
+        self.execd(pid, self._post)     # a new program: its spares go back
         before = self._shown(pid)
         if before is None:
             before = procread.cmdline(pid)
@@ -109,7 +108,7 @@ class ExecCalls:
             seccomp.answer(job.listener, n.id, err=errno.E2BIG)
             return
         path, argv, envp = words
-        self.give_back(pid)
+        self.execd(pid)
         seq = next(self._seq)
         self._execs[seq] = (job, n, pid)
         job.session.report(messages.Exec(seq=seq, pid=pid, path=path, argv=argv, envp=envp,

@@ -15,7 +15,8 @@ waited (the master counts those). Mixed into bpfs.node.supervisor.Supervisor.
 A spare belongs to the node until it is taken or given back (`unforked`): given back when
 its parent execs (a new program), moves away or launches elsewhere, is forgotten here, or
 leaves it unused for SPARE_IDLE; one that comes for a process not (or no longer) ours, or
-that is moving, or beyond SPARES_HELD, goes back at once. The master refuses a `took` of
+that is moving, or beyond SPARES_HELD, or whose parent exec'd since it last forked (a
+spare on its way at the execve), goes back at once. The master refuses a `took` of
 anything else (`nottaken`): that child has no ghost, and is killed here.
 """
 
@@ -73,6 +74,10 @@ class Spares:
         # (SPARE_WAIT at most) rather than asking the master for a child
         self._coming: dict[int, float] = {}             # parent -> when it took one
         self._for_spare: dict[int, tuple[Any, Any]] = {}  # parent -> (job, its fork)
+        # parents that exec'd since they last forked: a spare made before the exec (on
+        # its way meanwhile) goes back at once rather than waiting SPARE_IDLE for a fork
+        # that a new program (`exec sleep 30`) may never make
+        self._execd: set[int] = set()
         self._spare_lock = threading.Lock()
         self.spares_taken = 0
         self.spares_waited = 0          # of those, by forks that waited for theirs
@@ -86,10 +91,11 @@ class Spares:
             session.report(messages.Unforked(pid=s.pid, id=s.id))
             return
         with self._spare_lock:
+            late = msg.parent in self._execd
             self._coming.pop(msg.parent, None)
-            waiting = self._for_spare.pop(msg.parent, None)
-            extra = None
-            if waiting is None:
+            waiting = None if late else self._for_spare.pop(msg.parent, None)
+            extra = s if late else None
+            if waiting is None and not late:
                 held = self.spares.setdefault(msg.parent, [])
                 held.append(s)
                 if len(held) > SPARES_HELD:
@@ -110,9 +116,29 @@ class Spares:
             del self._for_spare[parent]
         self._ask(waiting[0], n, parent)
 
+    def forked_again(self, parent: int) -> None:
+        """(Any thread) `parent` forks: spares for it are welcome again."""
+        if parent in self._execd:
+            with self._spare_lock:
+                self._execd.discard(parent)
+
+    def execd(self, parent: int, post: Callable[..., None] | None = None) -> None:
+        """(Any thread; `post` from a receiver) `parent` runs a new program: its spares go
+        back, and so does one still on its way, until it forks again."""
+        with self._spare_lock:
+            self._coming.pop(parent, None)
+            held = self.spares.pop(parent, [])
+            self._execd.add(parent)
+        for s in held:
+            if post is None:
+                s.session.report(messages.Unforked(pid=s.pid, id=s.id))
+            else:
+                post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))
+
     def give_back(self, parent: int) -> None:
         """(trio's thread) `parent`'s spares, if any, go back unused."""
         with self._spare_lock:
+            self._execd.discard(parent)
             self._coming.pop(parent, None)
             held = self.spares.pop(parent, [])
         for s in held:
@@ -121,6 +147,7 @@ class Spares:
     def give_back_soon(self, parent: int) -> None:
         """(A receiver thread) as `give_back`: taken from the table now, told from trio."""
         with self._spare_lock:
+            self._execd.discard(parent)
             held = self.spares.pop(parent, [])
         for s in held:
             self._post(s.session.report, messages.Unforked(pid=s.pid, id=s.id))

@@ -425,6 +425,7 @@ class Supervisor(PidfdCalls, GroupCalls, ExecCalls, Adoption, Spares):
         parent = self._tgid(n.pid)
         if parent is None:          # the caller is gone
             return
+        self.forked_again(parent)
         if post is not None and self.take_spare(job, n, parent):
             return                  # no round trip (bpfs/node/spares.py)
         self._ask(job, n, parent, post)
